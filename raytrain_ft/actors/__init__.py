@@ -1,0 +1,1 @@
+"""Ray actors: thin wrappers around the pure modules."""

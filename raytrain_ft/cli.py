@@ -1,0 +1,109 @@
+"""Command line: ``raytrain-ft train [--config FILE] [--flags] [--output-json PATH]``.
+
+Exit codes: 0 success, 2 bad input (config, flags, data files, cluster
+address), 1 a failure during training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+
+from raytrain_ft import config as config_mod
+from raytrain_ft.errors import ClusterError, ConfigError, DataError, RaytrainFTError
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+
+class ProgressBar:
+    """One status line: redrawn in place on a terminal, a line every ~10% otherwise."""
+
+    def __init__(self, stream=sys.stderr, width: int = 30):
+        self.stream = stream
+        self.width = width
+        self.tty = stream.isatty()
+        self._last_decile = -1
+
+    def __call__(self, p) -> None:
+        frac = p.step / p.total_steps if p.total_steps else 1.0
+        filled = int(frac * self.width)
+        loss = "-" if math.isnan(p.loss) else f"{p.loss:.4f}"
+        line = f"[{'#' * filled}{'.' * (self.width - filled)}] step {p.step}/{p.total_steps} loss {loss} {p.samples_per_sec:,.0f} samples/s {p.elapsed_s:.0f}s"
+        if self.tty:
+            self.stream.write("\r" + line)
+            if p.step >= p.total_steps:
+                self.stream.write("\n")
+        else:
+            decile = int(frac * 10)
+            if decile == self._last_decile:
+                return
+            self._last_decile = decile
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("config (each overrides the YAML file)")
+    for flag, (typ, help_text, default) in config_mod.cli_fields().items():
+        dashed = "--" + flag.replace("_", "-")
+        metavar = {bool: "BOOL", int: "N", float: "X"}.get(typ, "VALUE")
+        # default=SUPPRESS: only flags given on the command line override the file
+        group.add_argument(dashed, dest=flag, default=argparse.SUPPRESS, metavar=metavar, help=f"{help_text} (default: {default})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raytrain-ft", description="Fault-tolerant parameter-server training on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="run a training job (embedded local Ray unless --address is given)")
+    train.add_argument("--config", help="YAML file with model/data/optim/cluster sections")
+    train.add_argument("--output-json", help="write the JSON summary here")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config_flags(train)
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "output_json", "quiet")}
+    cfg = config_mod.load(args.config, overrides)
+    from raytrain_ft.trainer import Trainer
+
+    progress = None if args.quiet else ProgressBar()
+    result = Trainer(cfg, on_progress=progress).fit()
+    summary = result.to_dict()
+    if args.output_json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
+        with open(args.output_json, "w") as fh:
+            json.dump(summary, fh, indent=2)
+    brief = {k: summary[k] for k in ("steps_completed", "samples_per_sec", "train_time_s", "final_loss", "eval_accuracy", "params_sha256", "updates_applied", "updates_acknowledged")}
+    print(
+        f"done: {brief['steps_completed']} steps, eval accuracy {brief['eval_accuracy']:.4f}, "
+        f"final loss {brief['final_loss']:.4f}, {brief['samples_per_sec']:,.0f} samples/s over {brief['train_time_s']:.1f}s"
+    )
+    print(json.dumps(brief))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            return _train(args)
+    except (ConfigError, DataError, ClusterError) as e:
+        print(f"raytrain-ft: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except RaytrainFTError as e:
+        print(f"raytrain-ft: training failed: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    parser.error(f"unknown command {args.command!r}")
+    return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""Typed run configuration: dataclasses, validation, YAML and CLI-flag loading.
+
+Every leaf field of every sub-config is also a CLI flag: ``data.batch_size``
+is ``--batch-size``, ``optim.name`` is ``--optimizer`` (see ``FLAG_ALIASES``).
+Leaf names are unique across sub-configs so a flag maps to one field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args, get_origin
+
+from raytrain_ft.errors import ConfigError
+
+MODELS = ("mlp", "cnn", "resnet18", "resnet50")
+DATASETS = ("digits", "synthetic", "cifar10", "mnist", "parquet")
+OPTIMIZERS = ("sgd", "rmsprop", "adagrad", "adam")
+SCHEDULES = ("constant", "step", "cosine")
+MODES = ("sync",)
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(name, f"must be > 0, got {value!r}")
+
+
+def _non_negative(name: str, value: float) -> None:
+    if value < 0:
+        raise ConfigError(name, f"must be >= 0, got {value!r}")
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(name, f"unknown value {value!r}; choose one of {', '.join(choices)}")
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    name: str = "cnn"
+    """Model architecture: mlp | cnn | resnet18 | resnet50."""
+    small_input_stem: bool = True
+    """ResNets only: 3x3 stride-1 first conv and no max-pool, for 32x32 inputs."""
+
+    def __post_init__(self) -> None:
+        _choice("model.name", self.name, MODELS)
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    dataset: str = "digits"
+    """digits (offline, sklearn) | synthetic | cifar10 | mnist | parquet."""
+    data_path: str | None = None
+    """Root directory for cifar10/mnist (torchvision layout) or a Parquet file/directory."""
+    image_size: int = 16
+    """digits/synthetic: side length the 8x8 digits are upsampled to (synthetic images use it too)."""
+    batch_size: int = 32
+    """Per-worker batch size."""
+    eval_fraction: float = 0.2
+    """Fraction held out for evaluation (digits, synthetic, parquet); cifar10/mnist use their test split."""
+    synthetic_samples: int = 4096
+    """Number of samples the synthetic dataset generates."""
+    image_column: str = "image"
+    """Parquet: column of flattened float images (list<float>)."""
+    label_column: str = "label"
+    """Parquet: column of integer class labels."""
+    image_shape: str | None = None
+    """Parquet: C,H,W of the images when the file's metadata does not record it."""
+    prefetch_batches: int = 2
+    """Batches each worker prepares ahead in a background thread (0 disables)."""
+
+    def __post_init__(self) -> None:
+        _choice("data.dataset", self.dataset, DATASETS)
+        _positive("data.batch_size", self.batch_size)
+        _positive("data.image_size", self.image_size)
+        _positive("data.synthetic_samples", self.synthetic_samples)
+        _non_negative("data.prefetch_batches", self.prefetch_batches)
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ConfigError("data.eval_fraction", f"must be in (0, 1), got {self.eval_fraction!r}")
+        if self.dataset == "parquet" and not self.data_path:
+            raise ConfigError("data.data_path", "dataset 'parquet' needs --data-path FILE_OR_DIR")
+        if self.image_shape is not None:
+            parse_image_shape(self.image_shape)
+
+
+def parse_image_shape(text: str) -> tuple[int, int, int]:
+    try:
+        dims = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        dims = ()
+    if len(dims) != 3 or min(dims) <= 0:
+        raise ConfigError("data.image_shape", f"must be C,H,W with positive integers, got {text!r}")
+    return dims  # type: ignore[return-value]
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    name: str = "sgd"
+    """Server-side optimizer: sgd | rmsprop | adagrad | adam."""
+    lr: float = 0.05
+    """Base learning rate."""
+    momentum: float = 0.9
+    """sgd/rmsprop momentum."""
+    nesterov: bool = False
+    """sgd: Nesterov momentum (needs momentum > 0)."""
+    weight_decay: float = 0.0
+    """L2 penalty added to the gradient (torch.optim semantics)."""
+    beta1: float = 0.9
+    """adam: first-moment decay."""
+    beta2: float = 0.999
+    """adam: second-moment decay."""
+    alpha: float = 0.99
+    """rmsprop: smoothing constant."""
+    eps: float = 1e-8
+    """adam/rmsprop: denominator epsilon (adagrad uses 1e-10 unless set here)."""
+    schedule: str = "constant"
+    """LR schedule: constant | step | cosine."""
+    warmup_steps: int = 0
+    """Linear warm-up from lr/warmup_steps to lr over this many steps."""
+    step_size: int = 30
+    """step schedule: multiply lr by gamma every step_size steps."""
+    gamma: float = 0.1
+    """step schedule factor."""
+    min_lr: float = 0.0
+    """cosine schedule: final lr."""
+
+    def __post_init__(self) -> None:
+        _choice("optim.name", self.name, OPTIMIZERS)
+        _choice("optim.schedule", self.schedule, SCHEDULES)
+        _positive("optim.lr", self.lr)
+        _non_negative("optim.momentum", self.momentum)
+        _non_negative("optim.weight_decay", self.weight_decay)
+        _non_negative("optim.warmup_steps", self.warmup_steps)
+        _positive("optim.step_size", self.step_size)
+        _positive("optim.eps", self.eps)
+        if self.nesterov and (self.momentum <= 0 or self.name != "sgd"):
+            raise ConfigError("optim.nesterov", "needs --optimizer sgd and --momentum > 0")
+        for name, value in (("optim.beta1", self.beta1), ("optim.beta2", self.beta2), ("optim.alpha", self.alpha)):
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(name, f"must be in [0, 1), got {value!r}")
+
+
+@dataclass(kw_only=True, slots=True)
+class ClusterConfig:
+    num_workers: int = 2
+    """Worker actors; each trains on its own data partition."""
+    num_servers: int = 2
+    """Parameter-server shard actors; the flat parameter vector is split into this many key ranges."""
+    cpus_per_worker: int = 1
+    """Ray CPUs (and torch threads) per worker."""
+    use_gpu: str = "auto"
+    """auto (a GPU per worker when the cluster has them) | true | false."""
+    address: str | None = None
+    """Ray cluster address; empty starts an embedded local Ray for the run."""
+
+    def __post_init__(self) -> None:
+        _positive("cluster.num_workers", self.num_workers)
+        _positive("cluster.num_servers", self.num_servers)
+        _positive("cluster.cpus_per_worker", self.cpus_per_worker)
+        _choice("cluster.use_gpu", str(self.use_gpu).lower(), ("auto", "true", "false"))
+        self.use_gpu = str(self.use_gpu).lower()
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    mode: str = "sync"
+    """Consistency mode: sync (BSP; every step aggregates all workers in rank order)."""
+    epochs: int = 5
+    """Passes over each worker's partition (ignored when steps is set)."""
+    steps: int | None = None
+    """Training steps per worker; overrides epochs."""
+    seed: int = 0
+    """Seeds model init, data split, partitions and batch order."""
+    log_every_s: float = 1.0
+    """Seconds between progress updates from the driver."""
+
+    def __post_init__(self) -> None:
+        _choice("mode", self.mode, MODES)
+        _positive("epochs", self.epochs)
+        if self.steps is not None:
+            _positive("steps", self.steps)
+        _positive("log_every_s", self.log_every_s)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --- loading -----------------------------------------------------------------
+
+SUBCONFIGS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "cluster": ClusterConfig,
+}
+
+FLAG_ALIASES: dict[str, str] = {"model.name": "model", "optim.name": "optimizer"}
+"""Dotted field -> flag name where the leaf name alone would be ambiguous or unnatural."""
+
+
+def _leaf_fields() -> dict[str, tuple[str | None, dataclasses.Field]]:
+    """Flag name (underscored) -> (sub-config key or None, field)."""
+    out: dict[str, tuple[str | None, dataclasses.Field]] = {}
+    for sub, cls in SUBCONFIGS.items():
+        for f in dataclasses.fields(cls):
+            name = FLAG_ALIASES.get(f"{sub}.{f.name}", f.name)
+            out[name] = (sub, f)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in SUBCONFIGS:
+            out[f.name] = (None, f)
+    return out
+
+
+def field_docs() -> dict[str, str]:
+    """Flag name -> the docstring under its field (read from source)."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    for cls in (*SUBCONFIGS.values(), TrainConfig):
+        tree = ast.parse(inspect.getsource(cls))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[node.target.id] = str(nxt.value.value)  # type: ignore[attr-defined]
+    out = {}
+    for flag, (sub, f) in _leaf_fields().items():
+        out[flag] = docs.get(f.name, "")
+    return out
+
+
+def field_type(f: dataclasses.Field, owner: type) -> type:
+    hints = typing.get_type_hints(owner)
+    hint = hints[f.name]
+    if get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in get_args(hint) if a is not type(None)]
+        hint = args[0]
+    if get_origin(hint) is Literal:
+        hint = str
+    return hint
+
+
+def coerce(text: Any, typ: type, name: str) -> Any:
+    if text is None or (isinstance(text, str) and text.lower() in ("none", "null", "")):
+        return None
+    if typ is bool:
+        if isinstance(text, bool):
+            return text
+        low = str(text).lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(name, f"expected true/false, got {text!r}")
+    if typ in (int, float):
+        if isinstance(text, bool):
+            raise ConfigError(name, f"expected a number, got {text!r}")
+        try:
+            value = typ(text) if typ is float else int(str(text), 10)
+        except (TypeError, ValueError):
+            raise ConfigError(name, f"expected {'an integer' if typ is int else 'a number'}, got {text!r}") from None
+        return value
+    return str(text)
+
+
+def from_dict(raw: dict[str, Any] | None, source: str = "config") -> TrainConfig:
+    """Build a TrainConfig from nested dicts (as in a YAML file); unknown keys are errors."""
+    raw = dict(raw or {})
+    if not isinstance(raw, dict):
+        raise ConfigError(source, "top level must be a mapping of config sections")
+    kwargs: dict[str, Any] = {}
+    for sub, cls in SUBCONFIGS.items():
+        section = raw.pop(sub, None) or {}
+        if isinstance(section, str) and sub == "model":
+            section = {"name": section}
+        if not isinstance(section, dict):
+            raise ConfigError(sub, f"must be a mapping, got {type(section).__name__}")
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        sub_kwargs = {}
+        for key, value in section.items():
+            if key not in names:
+                raise ConfigError(f"{sub}.{key}", f"unknown key; known keys: {', '.join(names)}")
+            sub_kwargs[key] = coerce(value, field_type(names[key], cls), f"{sub}.{key}")
+        kwargs[sub] = cls(**sub_kwargs)
+    top = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name not in SUBCONFIGS}
+    for key, value in raw.items():
+        if key not in top:
+            raise ConfigError(key, f"unknown key; known keys: {', '.join([*SUBCONFIGS, *top])}")
+        kwargs[key] = coerce(value, field_type(top[key], TrainConfig), key)
+    return TrainConfig(**kwargs)
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ConfigError("--config", f"file {path!r} does not exist")
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError("--config", f"{path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("--config", f"{path} must hold a mapping of config sections, got {type(data).__name__}")
+    return data
+
+
+def merge_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Apply flat flag overrides (flag name -> value) onto nested dicts."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    leaves = _leaf_fields()
+    for flag, value in overrides.items():
+        if flag not in leaves:
+            raise ConfigError(flag, "unknown option")
+        sub, f = leaves[flag]
+        if sub is None:
+            out[f.name] = value
+        else:
+            section = out.setdefault(sub, {})
+            if isinstance(section, str):
+                section = out[sub] = {"name": section}
+            section[f.name] = value
+    return out
+
+
+def load(config_path: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    raw = load_yaml(config_path) if config_path else {}
+    return from_dict(merge_overrides(raw, overrides or {}), source=config_path or "config")
+
+
+def cli_fields() -> dict[str, tuple[type, str, Any]]:
+    """Flag name -> (type, help, default) for every leaf field."""
+    docs = field_docs()
+    out = {}
+    defaults = TrainConfig()
+    for flag, (sub, f) in _leaf_fields().items():
+        owner = SUBCONFIGS[sub] if sub else TrainConfig
+        default = getattr(getattr(defaults, sub) if sub else defaults, f.name)
+        out[flag] = (field_type(f, owner), docs.get(flag, ""), default)
+    return out

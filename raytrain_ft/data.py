@@ -1,0 +1,277 @@
+"""Datasets, per-worker partitions, deterministic batch order and prefetch.
+
+* Every dataset is loaded as ``(images float32 [N, C, H, W], labels int64 [N])``
+  plus a held-out eval split.
+* Worker ``rank`` of ``W`` owns the static partition ``perm[rank::W]`` of the
+  training indices (``perm`` drawn from ``seed``), the way a parameter-server
+  worker reads its own data shard.
+* The batch for ``(seed, epoch, rank, step)`` is a pure function: the
+  partition is shuffled by a generator seeded from ``(seed, epoch, rank)``, and
+  step ``s`` of the epoch takes slice ``s*B:(s+1)*B``. A restarted worker
+  therefore sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from raytrain_ft.config import DataConfig, parse_image_shape
+from raytrain_ft.errors import DataError
+
+IMAGE_SHAPE_METADATA_KEY = b"raytrain_ft.image_shape"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    train_x: torch.Tensor  # [N, C, H, W] float32
+    train_y: torch.Tensor  # [N] int64
+    eval_x: torch.Tensor
+    eval_y: torch.Tensor
+    num_classes: int
+
+    @property
+    def in_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_x.shape[1:])  # type: ignore[return-value]
+
+
+# --- sources -----------------------------------------------------------------
+
+
+def _split(x: np.ndarray, y: np.ndarray, eval_fraction: float, seed: int, num_classes: int | None = None) -> Dataset:
+    rng = np.random.default_rng([seed, 0xE7A1])
+    perm = rng.permutation(len(y))
+    n_eval = max(1, int(round(len(y) * eval_fraction)))
+    ev, tr = perm[:n_eval], perm[n_eval:]
+    num_classes = int(num_classes if num_classes is not None else y.max() + 1)
+    t = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a)).to(dt)  # noqa: E731
+    return Dataset(t(x[tr], torch.float32), t(y[tr], torch.int64), t(x[ev], torch.float32), t(y[ev], torch.int64), num_classes)
+
+
+def _standardize(x: np.ndarray) -> np.ndarray:
+    return ((x - x.mean()) / (x.std() + 1e-8)).astype(np.float32)
+
+
+def load_digits(cfg: DataConfig, seed: int) -> Dataset:
+    """sklearn's 1,797 real 8x8 handwritten digits, upsampled to ``image_size`` (bilinear)."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    raw = sk_digits()
+    x = torch.from_numpy(raw.images.astype(np.float32) / 16.0).unsqueeze(1)  # [N, 1, 8, 8]
+    if cfg.image_size != 8:
+        x = torch.nn.functional.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="bilinear", align_corners=False)
+    return _split(_standardize(x.numpy()), raw.target.astype(np.int64), cfg.eval_fraction, seed, 10)
+
+
+def load_synthetic(cfg: DataConfig, seed: int, num_classes: int = 10) -> Dataset:
+    """Learnable synthetic images: a fixed random prototype per class plus Gaussian noise."""
+    rng = np.random.default_rng([seed, 0x5EED])
+    s = cfg.image_size
+    protos = rng.standard_normal((num_classes, 1, s, s)).astype(np.float32)
+    y = rng.integers(0, num_classes, cfg.synthetic_samples)
+    x = protos[y] + 1.5 * rng.standard_normal((cfg.synthetic_samples, 1, s, s)).astype(np.float32)
+    return _split(x, y.astype(np.int64), cfg.eval_fraction, seed, num_classes)
+
+
+def _torchvision_split(name: str, root: str, train: bool):
+    import torchvision
+
+    cls = {"cifar10": torchvision.datasets.CIFAR10, "mnist": torchvision.datasets.MNIST}[name]
+    try:
+        return cls(root=root, train=train, download=False)
+    except RuntimeError as e:
+        raise DataError(root, f"no {name} data found ({e}); download it there first, e.g. torchvision.datasets.{cls.__name__}(root, download=True)") from None
+
+
+def load_torchvision(cfg: DataConfig) -> Dataset:
+    """CIFAR-10 / MNIST from a local torchvision root (never downloaded at run time)."""
+    root = cfg.data_path or os.path.expanduser("~/.cache/raytrain_ft/data")
+    arrays = []
+    for train in (True, False):
+        ds = _torchvision_split(cfg.dataset, root, train)
+        x = np.asarray(ds.data)
+        x = x[:, None, :, :] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # -> [N, C, H, W]
+        arrays.append((x.astype(np.float32) / 255.0, np.asarray(ds.targets, dtype=np.int64)))
+    (tx, ty), (ex, ey) = arrays
+    mean = tx.mean(axis=(0, 2, 3), keepdims=True)
+    std = tx.std(axis=(0, 2, 3), keepdims=True) + 1e-8
+    f = lambda a: torch.from_numpy(((a - mean) / std).astype(np.float32))  # noqa: E731
+    return Dataset(f(tx), torch.from_numpy(ty), f(ex), torch.from_numpy(ey), 10)
+
+
+def parquet_files(path: str) -> list[str]:
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".parquet"))
+        if not files:
+            raise DataError(path, "directory holds no *.parquet files")
+        return files
+    if not os.path.isfile(path):
+        raise DataError(path, "Parquet file or directory does not exist; check --data-path")
+    return [path]
+
+
+def check_parquet(cfg: DataConfig) -> tuple[int, int, int]:
+    """Validate the Parquet source without reading its rows; returns the image shape."""
+    import pyarrow.parquet as pq
+
+    shape = None
+    for f in parquet_files(cfg.data_path or ""):
+        try:
+            schema = pq.read_schema(f)
+        except Exception as e:  # pyarrow raises several types for corrupt files
+            raise DataError(f, f"not a readable Parquet file ({type(e).__name__}: {e})") from None
+        for col in (cfg.image_column, cfg.label_column):
+            if col not in schema.names:
+                raise DataError(f, f"has no column {col!r} (columns: {', '.join(schema.names)}); set --image-column/--label-column")
+        meta = schema.metadata or {}
+        if cfg.image_shape:
+            shape = parse_image_shape(cfg.image_shape)
+        elif IMAGE_SHAPE_METADATA_KEY in meta:
+            shape = parse_image_shape(meta[IMAGE_SHAPE_METADATA_KEY].decode())
+        else:
+            raise DataError(f, "records no image shape; pass --image-shape C,H,W")
+    assert shape is not None
+    return shape
+
+
+def load_parquet(cfg: DataConfig, seed: int) -> Dataset:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shape = check_parquet(cfg)
+    tables = []
+    for f in parquet_files(cfg.data_path or ""):
+        try:
+            tables.append(pq.read_table(f, columns=[cfg.image_column, cfg.label_column]))
+        except Exception as e:
+            raise DataError(f, f"could not read rows ({type(e).__name__}: {e})") from None
+    table = pa.concat_tables(tables)
+    images = table.column(cfg.image_column).combine_chunks()
+    flat = np.asarray(images.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
+    n = len(table)
+    if flat.size != n * int(np.prod(shape)):
+        raise DataError(cfg.data_path or "", f"image column holds {flat.size} values for {n} rows; expected shape {shape} per row")
+    x = flat.reshape(n, *shape)
+    y = np.asarray(table.column(cfg.label_column).to_numpy(), dtype=np.int64)
+    if y.min() < 0:
+        raise DataError(cfg.data_path or "", "labels must be non-negative class indices")
+    return _split(x, y, cfg.eval_fraction, seed)
+
+
+def write_parquet(path: str, x: np.ndarray, y: np.ndarray, row_group_size: int = 1024) -> None:
+    """Write images [N, C, H, W] and labels [N] in the layout ``load_parquet`` reads."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    x = np.asarray(x, dtype=np.float32)
+    n, c, h, w = x.shape
+    images = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), c * h * w)
+    table = pa.table({"image": images, "label": pa.array(np.asarray(y, dtype=np.int64))})
+    table = table.replace_schema_metadata({IMAGE_SHAPE_METADATA_KEY: f"{c},{h},{w}".encode()})
+    pq.write_table(table, path, row_group_size=row_group_size)
+
+
+def check_source(cfg: DataConfig) -> None:
+    """Cheap checks the driver runs before starting Ray, so bad paths fail fast."""
+    if cfg.dataset == "parquet":
+        check_parquet(cfg)
+    elif cfg.dataset in ("cifar10", "mnist") and cfg.data_path and not os.path.isdir(cfg.data_path):
+        raise DataError(cfg.data_path, f"{cfg.dataset} root directory does not exist; check --data-path")
+
+
+def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
+    if cfg.dataset == "digits":
+        return load_digits(cfg, seed)
+    if cfg.dataset == "synthetic":
+        return load_synthetic(cfg, seed)
+    if cfg.dataset in ("cifar10", "mnist"):
+        return load_torchvision(cfg)
+    if cfg.dataset == "parquet":
+        return load_parquet(cfg, seed)
+    raise DataError(cfg.dataset, "unknown dataset")
+
+
+# --- partitions and batch order ------------------------------------------------
+
+
+def partition(num_samples: int, rank: int, num_workers: int, seed: int) -> np.ndarray:
+    """Training indices owned by ``rank``: a fixed shuffle of all indices, strided by rank."""
+    perm = np.random.default_rng([seed, 0xDA7A]).permutation(num_samples)
+    return perm[rank::num_workers]
+
+
+def steps_per_epoch(num_samples: int, num_workers: int, batch_size: int) -> int:
+    """Steps every worker can take per epoch (the smallest partition decides; last partial batch dropped)."""
+    return (num_samples // num_workers) // batch_size
+
+
+def checked_steps_per_epoch(num_samples: int, num_workers: int, batch_size: int) -> int:
+    spe = steps_per_epoch(num_samples, num_workers, batch_size)
+    if spe == 0:
+        raise DataError(
+            "data.batch_size",
+            f"{num_samples} training samples cannot fill one batch of {batch_size} on each of {num_workers} workers; lower --batch-size",
+        )
+    return spe
+
+
+def batch_indices(part: np.ndarray, seed: int, epoch: int, rank: int, step_in_epoch: int, batch_size: int) -> np.ndarray:
+    """Indices of the batch for ``(seed, epoch, rank, step)``: a pure function."""
+    order = np.random.default_rng([seed, epoch, rank, 0xBA7C]).permutation(len(part))
+    return part[order[step_in_epoch * batch_size : (step_in_epoch + 1) * batch_size]]
+
+
+def global_step_indices(num_samples: int, seed: int, rank: int, num_workers: int, batch_size: int, step: int) -> np.ndarray:
+    """Batch indices of worker ``rank`` at global ``step`` (epochs roll over)."""
+    epoch, s = divmod(step, checked_steps_per_epoch(num_samples, num_workers, batch_size))
+    return batch_indices(partition(num_samples, rank, num_workers, seed), seed, epoch, rank, s, batch_size)
+
+
+class BatchStream:
+    """Batches for one worker from ``start_step``, prepared ahead in a background thread."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, *, seed: int, rank: int, num_workers: int, batch_size: int, start_step: int, end_step: int, prefetch: int = 2):
+        self.x, self.y = x, y
+        self.seed, self.rank, self.num_workers, self.batch_size = seed, rank, num_workers, batch_size
+        self.step, self.end_step = start_step, end_step
+        self._part = partition(len(y), rank, num_workers, seed)
+        self._spe = checked_steps_per_epoch(len(y), num_workers, batch_size)
+        self._queue: queue.Queue | None = None
+        if prefetch > 0:
+            self._queue = queue.Queue(maxsize=prefetch)
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._fill, daemon=True, name=f"prefetch-{rank}")
+            self._thread.start()
+
+    def _make(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, s = divmod(step, self._spe)
+        idx = torch.from_numpy(batch_indices(self._part, self.seed, epoch, self.rank, s, self.batch_size))
+        return self.x.index_select(0, idx), self.y.index_select(0, idx)
+
+    def _fill(self) -> None:
+        step = self.step
+        while step < self.end_step and not self._stop.is_set():
+            item = self._make(step)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)  # type: ignore[union-attr]
+                    break
+                except queue.Full:
+                    continue
+            step += 1
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.step >= self.end_step:
+            raise StopIteration
+        item = self._queue.get() if self._queue is not None else self._make(self.step)
+        self.step += 1
+        return item
+
+    def close(self) -> None:
+        if self._queue is not None:
+            self._stop.set()

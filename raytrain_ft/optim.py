@@ -1,0 +1,177 @@
+"""Server-side optimizers on flat float32 tensors, and learning-rate schedules.
+
+Every optimizer here is element-wise, so a shard applies it to its own key
+range and the result equals the whole-vector update. The formulas follow
+``torch.optim`` (single-tensor, foreach=False) exactly; unit tests compare
+them on identical inputs.
+
+State is a dict of tensors plus a step counter so that a snapshot can carry it
+and ``load_state`` can restore it bit for bit.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass
+
+import torch
+
+from raytrain_ft.config import OptimConfig
+
+
+@dataclass(frozen=True, slots=True)
+class HyperParams:
+    """Hyper-parameters in force for one update (recorded with each command)."""
+
+    lr: float
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    alpha: float = 0.99
+    eps: float = 1e-8
+
+
+class FlatOptimizer(abc.ABC):
+    """Base: ``step(param, grad, hp)`` updates ``param`` in place."""
+
+    name = "base"
+
+    def __init__(self, numel: int):
+        self.numel = numel
+        self.step_count = 0
+        self.state: dict[str, torch.Tensor] = {}
+
+    @abc.abstractmethod
+    def step(self, param: torch.Tensor, grad: torch.Tensor, hp: HyperParams) -> None:
+        """Apply one update to ``param`` (1-D float32) in place."""
+
+    def state_dict(self) -> dict:
+        return {"step_count": self.step_count, "state": {k: v.clone() for k, v in self.state.items()}}
+
+    def load_state(self, state: dict) -> None:
+        self.step_count = int(state["step_count"])
+        self.state = {k: v.clone() for k, v in state["state"].items()}
+
+    def _buf(self, key: str, like: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        if key not in self.state:
+            self.state[key] = torch.full_like(like, fill)
+        return self.state[key]
+
+
+class SGD(FlatOptimizer):
+    name = "sgd"
+
+    def step(self, param, grad, hp):
+        self.step_count += 1
+        d_p = grad
+        if hp.weight_decay != 0:
+            d_p = d_p.add(param, alpha=hp.weight_decay)
+        if hp.momentum != 0:
+            if "momentum_buffer" not in self.state:
+                self.state["momentum_buffer"] = d_p.clone().detach()
+                buf = self.state["momentum_buffer"]
+            else:
+                buf = self.state["momentum_buffer"]
+                buf.mul_(hp.momentum).add_(d_p)
+            d_p = d_p.add(buf, alpha=hp.momentum) if hp.nesterov else buf
+        param.add_(d_p, alpha=-hp.lr)
+
+
+class RMSProp(FlatOptimizer):
+    name = "rmsprop"
+
+    def step(self, param, grad, hp):
+        self.step_count += 1
+        if hp.weight_decay != 0:
+            grad = grad.add(param, alpha=hp.weight_decay)
+        square_avg = self._buf("square_avg", param)
+        square_avg.mul_(hp.alpha).addcmul_(grad, grad, value=1 - hp.alpha)
+        avg = square_avg.sqrt().add_(hp.eps)
+        if hp.momentum > 0:
+            buf = self._buf("momentum_buffer", param)
+            buf.mul_(hp.momentum).addcdiv_(grad, avg)
+            param.add_(buf, alpha=-hp.lr)
+        else:
+            param.addcdiv_(grad, avg, value=-hp.lr)
+
+
+class Adagrad(FlatOptimizer):
+    name = "adagrad"
+
+    def step(self, param, grad, hp):
+        self.step_count += 1
+        if hp.weight_decay != 0:
+            grad = grad.add(param, alpha=hp.weight_decay)
+        state_sum = self._buf("sum", param)
+        state_sum.addcmul_(grad, grad, value=1)
+        std = state_sum.sqrt().add_(hp.eps)
+        param.addcdiv_(grad, std, value=-hp.lr)
+
+
+class Adam(FlatOptimizer):
+    name = "adam"
+
+    def step(self, param, grad, hp):
+        self.step_count += 1
+        step = self.step_count
+        if hp.weight_decay != 0:
+            grad = grad.add(param, alpha=hp.weight_decay)
+        exp_avg = self._buf("exp_avg", param)
+        exp_avg_sq = self._buf("exp_avg_sq", param)
+        exp_avg.lerp_(grad, 1 - hp.beta1)
+        exp_avg_sq.mul_(hp.beta2).addcmul_(grad, grad.conj(), value=1 - hp.beta2)
+        bias_correction1 = 1 - hp.beta1**step
+        bias_correction2 = 1 - hp.beta2**step
+        step_size = hp.lr / bias_correction1
+        bias_correction2_sqrt = math.sqrt(bias_correction2)
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(hp.eps)
+        param.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+OPTIMIZERS: dict[str, type[FlatOptimizer]] = {c.name: c for c in (SGD, RMSProp, Adagrad, Adam)}
+
+ADAGRAD_DEFAULT_EPS = 1e-10
+
+
+def make_optimizer(cfg: OptimConfig, numel: int) -> FlatOptimizer:
+    return OPTIMIZERS[cfg.name](numel)
+
+
+def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
+    """Learning rate in force for update number ``step`` (0-based), a pure function.
+
+    Warm-up (``warmup_steps`` > 0) scales linearly from ``lr / warmup_steps`` up
+    to ``lr``; after it the schedule runs on the steps since warm-up ended.
+    """
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = step - cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "step":
+        return cfg.lr * cfg.gamma ** (t // cfg.step_size)
+    if cfg.schedule == "cosine":
+        span = max(1, total_steps - cfg.warmup_steps)
+        t = min(t, span)
+        return cfg.min_lr + (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t / span)) / 2
+    raise ValueError(f"optim.schedule: unknown schedule {cfg.schedule!r}")
+
+
+def hyper_params(step: int, cfg: OptimConfig, total_steps: int) -> HyperParams:
+    eps = cfg.eps
+    if cfg.name == "adagrad" and cfg.eps == OptimConfig().eps:
+        eps = ADAGRAD_DEFAULT_EPS
+    momentum = cfg.momentum if cfg.name in ("sgd", "rmsprop") else 0.0
+    return HyperParams(
+        lr=lr_at(step, cfg, total_steps),
+        momentum=momentum,
+        nesterov=cfg.nesterov,
+        weight_decay=cfg.weight_decay,
+        beta1=cfg.beta1,
+        beta2=cfg.beta2,
+        alpha=cfg.alpha,
+        eps=eps,
+    )

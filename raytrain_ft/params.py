@@ -1,0 +1,155 @@
+"""Flat parameter layout and key-range sharding.
+
+The model's state that servers hold is one contiguous float32 vector:
+
+    [ parameters in named_parameters() order | float buffers in named_buffers() order ]
+
+Parameters are optimized; float buffers (BatchNorm ``running_mean`` /
+``running_var``) are *reconciled*: in each step every worker pushes its local
+buffer values in the gradient slot, and the server sets the buffer to their
+mean (in worker-rank order), so all workers start the next step with the same
+running statistics. Integer buffers (``num_batches_tracked``) are local
+counters that advance identically on every worker and are not shipped.
+
+Each ``param`` / ``param.grad`` / float buffer of the model is a *view* into
+one flat tensor, so a push or pull of a shard is one memcpy of a slice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from raytrain_ft.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class ShardRange:
+    """Half-open key range ``[start, end)`` of the flat vector owned by one shard."""
+
+    index: int
+    start: int
+    end: int
+    num_params: int
+    """Length of the whole flat vector's parameter prefix (buffers follow it)."""
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    @property
+    def param_slice(self) -> slice:
+        """Positions of this shard (relative to ``start``) that hold parameters."""
+        return slice(0, max(0, min(self.end, self.num_params) - self.start))
+
+    @property
+    def buffer_slice(self) -> slice:
+        """Positions of this shard (relative to ``start``) that hold float buffers."""
+        return slice(max(0, min(self.end, self.num_params) - self.start), self.size)
+
+
+def shard_ranges(total: int, num_shards: int, num_params: int | None = None) -> list[ShardRange]:
+    """Split ``total`` keys into ``num_shards`` contiguous ranges whose sizes differ by at most one."""
+    if num_shards <= 0:
+        raise ConfigError("cluster.num_servers", f"must be > 0, got {num_shards}")
+    if num_shards > total:
+        raise ConfigError(
+            "cluster.num_servers",
+            f"{num_shards} shards for a model with {total} values; use at most {total} servers",
+        )
+    num_params = total if num_params is None else num_params
+    base, extra = divmod(total, num_shards)
+    out, start = [], 0
+    for i in range(num_shards):
+        end = start + base + (1 if i < extra else 0)
+        out.append(ShardRange(i, start, end, num_params))
+        start = end
+    return out
+
+
+class FlatModel:
+    """Rebinds a module's parameters, grads and float buffers onto flat tensors.
+
+    ``flat`` holds parameters then float buffers; ``flat_grad`` has the same
+    layout and holds gradients then (after ``stage_buffers()``) buffer values.
+    """
+
+    def __init__(self, module: nn.Module, device: torch.device | str = "cpu"):
+        self.module = module
+        self.device = torch.device(device)
+        params = [p for _, p in module.named_parameters()]
+        buffers = [(name, b) for name, b in module.named_buffers() if b.is_floating_point()]
+        self.num_params = sum(p.numel() for p in params)
+        self.num_buffer_values = sum(b.numel() for _, b in buffers)
+        self.numel = self.num_params + self.num_buffer_values
+        self.flat = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
+        self.flat_grad = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            self.flat[offset : offset + n].copy_(p.detach().reshape(-1))
+            p.data = self.flat[offset : offset + n].view_as(p)
+            p.grad = self.flat_grad[offset : offset + n].view_as(p)
+            offset += n
+        for name, b in buffers:
+            n = b.numel()
+            self.flat[offset : offset + n].copy_(b.detach().reshape(-1))
+            owner, attr = _owner(module, name)
+            owner._buffers[attr] = self.flat[offset : offset + n].view_as(b)
+            offset += n
+        self._params = params
+
+    @property
+    def buffer_view(self) -> torch.Tensor:
+        return self.flat[self.num_params :]
+
+    def zero_grad(self) -> None:
+        self.flat_grad.zero_()
+        # autograd accumulates in place into an existing .grad; re-attach in case a caller set it to None
+        for p in self._params:
+            if p.grad is None:
+                raise RuntimeError("a parameter's .grad was detached from the flat buffer; do not call zero_grad(set_to_none=True)")
+
+    def stage_buffers(self) -> None:
+        """Copy local float buffer values into the buffer part of ``flat_grad`` for pushing."""
+        self.flat_grad[self.num_params :].copy_(self.buffer_view)
+
+    def load_flat(self, values: torch.Tensor) -> None:
+        self.flat.copy_(values)
+
+
+def _owner(module: nn.Module, dotted: str) -> tuple[nn.Module, str]:
+    *path, attr = dotted.split(".")
+    for part in path:
+        module = getattr(module, part)
+    return module, attr
+
+
+def flatten_state(module: nn.Module) -> torch.Tensor:
+    """Flat float32 vector of a plain module in the same layout as ``FlatModel.flat``."""
+    parts = [p.detach().reshape(-1).float().cpu() for _, p in module.named_parameters()]
+    parts += [b.detach().reshape(-1).float().cpu() for _, b in module.named_buffers() if b.is_floating_point()]
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
+def load_flat_state(module: nn.Module, flat: torch.Tensor) -> None:
+    """Copy a flat vector (``flatten_state`` layout) into a plain module's parameters and float buffers."""
+    offset = 0
+    with torch.no_grad():
+        tensors = [p for _, p in module.named_parameters()]
+        tensors += [b for _, b in module.named_buffers() if b.is_floating_point()]
+        for t in tensors:
+            n = t.numel()
+            t.copy_(flat[offset : offset + n].view_as(t))
+            offset += n
+    if offset != flat.numel():
+        raise ValueError(f"flat vector has {flat.numel()} values, model needs {offset}")
+
+
+def params_sha256(flat: torch.Tensor) -> str:
+    """sha256 of the flat float32 vector's bytes (parameters and float buffers)."""
+    data = flat.detach().to(torch.float32).cpu().contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()

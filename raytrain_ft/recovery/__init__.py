@@ -1,0 +1,1 @@
+"""Recovery: command log, snapshots and replay (pure), fault injection (Ray)."""
