@@ -137,16 +137,17 @@ def flatten_state(module: nn.Module) -> torch.Tensor:
 
 def load_flat_state(module: nn.Module, flat: torch.Tensor) -> None:
     """Copy a flat vector (``flatten_state`` layout) into a plain module's parameters and float buffers."""
+    tensors = [p for _, p in module.named_parameters()]
+    tensors += [b for _, b in module.named_buffers() if b.is_floating_point()]
+    needed = sum(t.numel() for t in tensors)
+    if needed != flat.numel():
+        raise ValueError(f"flat vector has {flat.numel()} values, model needs {needed}")
     offset = 0
     with torch.no_grad():
-        tensors = [p for _, p in module.named_parameters()]
-        tensors += [b for _, b in module.named_buffers() if b.is_floating_point()]
         for t in tensors:
             n = t.numel()
             t.copy_(flat[offset : offset + n].view_as(t))
             offset += n
-    if offset != flat.numel():
-        raise ValueError(f"flat vector has {flat.numel()} values, model needs {offset}")
 
 
 def params_sha256(flat: torch.Tensor) -> str:

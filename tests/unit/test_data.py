@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+import torch
+
+from raytrain_ft.config import DataConfig
+from raytrain_ft.data import (
+    BatchStream,
+    batch_indices,
+    check_source,
+    global_step_indices,
+    load_dataset,
+    partition,
+    steps_per_epoch,
+    write_parquet,
+)
+from raytrain_ft.errors import DataError
+
+
+def test_partitions_are_disjoint_and_cover():
+    parts = [partition(103, r, 4, seed=5) for r in range(4)]
+    allidx = np.concatenate(parts)
+    assert sorted(allidx.tolist()) == list(range(103))
+
+
+def test_batch_order_is_pure_and_varies_by_epoch_and_rank():
+    part = partition(200, 1, 2, seed=0)
+    a = batch_indices(part, 0, epoch=0, rank=1, step_in_epoch=3, batch_size=8)
+    assert np.array_equal(a, batch_indices(part, 0, 0, 1, 3, 8))
+    assert not np.array_equal(a, batch_indices(part, 0, 1, 1, 3, 8))
+    assert set(a) <= set(part)
+    # one epoch of steps visits distinct samples
+    spe = steps_per_epoch(200, 2, 8)
+    seen = np.concatenate([batch_indices(part, 0, 0, 1, s, 8) for s in range(spe)])
+    assert len(set(seen)) == len(seen) == spe * 8
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_batch_stream_matches_pure_function_from_any_start(prefetch):
+    x = torch.arange(100, dtype=torch.float32).view(100, 1, 1, 1)
+    y = torch.arange(100)
+    s = BatchStream(x, y, seed=3, rank=0, num_workers=2, batch_size=5, start_step=7, end_step=25, prefetch=prefetch)
+    for step in range(7, 25):  # crosses epoch boundaries (10 steps per epoch)
+        xb, yb = s.next()
+        assert np.array_equal(yb.numpy(), global_step_indices(100, 3, 0, 2, 5, step))
+        assert torch.equal(xb.view(-1).long(), yb)
+    with pytest.raises(StopIteration):
+        s.next()
+    s.close()
+
+
+def test_batch_too_large_names_the_field():
+    with pytest.raises(DataError, match="batch"):
+        global_step_indices(10, 0, 0, 2, 8, 0)
+
+
+def test_digits_and_synthetic_shapes():
+    d = load_dataset(DataConfig(dataset="digits", image_size=16), seed=0)
+    assert d.in_shape == (1, 16, 16) and d.num_classes == 10
+    assert len(d.train_y) + len(d.eval_y) == 1797
+    assert abs(len(d.eval_y) - 0.2 * 1797) <= 1
+    s = load_dataset(DataConfig(dataset="synthetic", image_size=8, synthetic_samples=500), seed=0)
+    assert s.train_x.shape[1:] == (1, 8, 8) and s.train_x.dtype == torch.float32
+
+
+def test_parquet_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50, 2, 3, 3)).astype(np.float32)
+    y = rng.integers(0, 4, 50)
+    path = tmp_path / "train.parquet"
+    write_parquet(str(path), x, y, row_group_size=16)
+    for source in (str(path), str(tmp_path)):
+        cfg = DataConfig(dataset="parquet", data_path=source, eval_fraction=0.2)
+        check_source(cfg)
+        d = load_dataset(cfg, seed=0)
+        assert d.in_shape == (2, 3, 3) and d.num_classes == int(y.max()) + 1
+        got = torch.cat([d.train_x, d.eval_x]).numpy()
+        assert np.allclose(np.sort(got.reshape(50, -1), axis=0), np.sort(x.reshape(50, -1), axis=0))
+
+
+def test_parquet_errors_name_the_file(tmp_path):
+    missing = DataConfig(dataset="parquet", data_path=str(tmp_path / "nope.parquet"))
+    with pytest.raises(DataError, match="nope.parquet.*does not exist"):
+        check_source(missing)
+    corrupt = tmp_path / "bad.parquet"
+    corrupt.write_bytes(b"this is not parquet")
+    with pytest.raises(DataError, match="bad.parquet.*not a readable Parquet"):
+        check_source(DataConfig(dataset="parquet", data_path=str(corrupt)))
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    with pytest.raises(DataError, match="no \\*.parquet"):
+        check_source(DataConfig(dataset="parquet", data_path=str(empty_dir)))
+    good = tmp_path / "g" / "x.parquet"
+    good.parent.mkdir()
+    write_parquet(str(good), np.zeros((4, 1, 2, 2)), np.zeros(4))
+    with pytest.raises(DataError, match="no column 'pixels'"):
+        check_source(DataConfig(dataset="parquet", data_path=str(good), image_column="pixels"))
+
+
+def test_torchvision_missing_root_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        check_source(DataConfig(dataset="cifar10", data_path=str(tmp_path / "none")))
+    with pytest.raises(DataError, match="no cifar10 data found"):
+        load_dataset(DataConfig(dataset="cifar10", data_path=str(tmp_path)), seed=0)

@@ -1,0 +1,68 @@
+import pytest
+import torch
+from torch import nn
+
+from raytrain_ft.errors import ConfigError
+from raytrain_ft.params import FlatModel, flatten_state, load_flat_state, params_sha256, shard_ranges
+
+
+@pytest.mark.parametrize("total, k", [(10, 1), (10, 3), (7, 7), (1_000_003, 8), (5, 2)])
+def test_shard_ranges_cover_and_balance(total, k):
+    rs = shard_ranges(total, k)
+    assert rs[0].start == 0 and rs[-1].end == total
+    assert all(a.end == b.start for a, b in zip(rs, rs[1:]))
+    sizes = [r.size for r in rs]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_more_shards_than_values_is_a_config_error():
+    with pytest.raises(ConfigError) as e:
+        shard_ranges(3, 4)
+    assert e.value.field == "cluster.num_servers"
+
+
+def test_param_and_buffer_slices():
+    rs = shard_ranges(10, 3, num_params=5)  # sizes 4, 3, 3 -> [0,4) [4,7) [7,10)
+    assert (rs[0].param_slice, rs[0].buffer_slice) == (slice(0, 4), slice(4, 4))
+    assert (rs[1].param_slice, rs[1].buffer_slice) == (slice(0, 1), slice(1, 3))
+    assert (rs[2].param_slice, rs[2].buffer_slice) == (slice(0, 0), slice(0, 3))
+
+
+def _bn_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+
+
+def test_params_and_grads_are_views_into_flat_buffers():
+    model = _bn_model()
+    before = flatten_state(model)
+    fm = FlatModel(model)
+    assert torch.equal(fm.flat, before)
+    assert fm.num_params == sum(p.numel() for p in model.parameters())
+    assert fm.num_buffer_values == 8  # running_mean + running_var of 4 channels
+    lo, hi = fm.flat.data_ptr(), fm.flat.data_ptr() + fm.flat.numel() * 4
+    glo, ghi = fm.flat_grad.data_ptr(), fm.flat_grad.data_ptr() + fm.flat_grad.numel() * 4
+    for _ in range(2):  # the second backward must still land in the same buffer
+        fm.zero_grad()
+        model(torch.randn(5, 1, 6, 6)).sum().backward()
+        for p in model.parameters():
+            assert lo <= p.data_ptr() < hi
+            assert glo <= p.grad.data_ptr() < ghi
+    assert fm.flat_grad[: fm.num_params].abs().sum() > 0
+    # BatchNorm's running stats (updated in place by forward) live in the flat vector
+    bn = model[1]
+    assert lo <= bn.running_mean.data_ptr() < hi
+    assert not torch.equal(fm.buffer_view, before[fm.num_params :])
+    fm.stage_buffers()
+    assert torch.equal(fm.flat_grad[fm.num_params :], fm.buffer_view)
+
+
+def test_flat_state_round_trip_and_hash():
+    a, b = _bn_model(), _bn_model()
+    flat = flatten_state(a) + 1.0
+    load_flat_state(b, flat)
+    assert torch.equal(flatten_state(b), flat)
+    assert params_sha256(flat) == params_sha256(flat.clone())
+    assert params_sha256(flat) != params_sha256(flat + 1e-7)
+    with pytest.raises(ValueError):
+        load_flat_state(b, flat[:-1])

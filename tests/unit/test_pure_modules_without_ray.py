@@ -1,0 +1,42 @@
+"""The pure modules must import and work with Ray unimportable."""
+
+import subprocess
+import sys
+
+PURE_MODULES = [
+    "raytrain_ft",
+    "raytrain_ft.config",
+    "raytrain_ft.errors",
+    "raytrain_ft.params",
+    "raytrain_ft.optim",
+    "raytrain_ft.shard",
+    "raytrain_ft.models",
+    "raytrain_ft.data",
+    "raytrain_ft.cli",
+    "raytrain_ft.recovery",
+]
+
+SCRIPT = """
+import sys
+sys.modules["ray"] = None  # any `import ray` now raises ImportError
+import importlib
+for name in {modules!r}:
+    importlib.import_module(name)
+import torch
+from raytrain_ft.config import TrainConfig
+from raytrain_ft.params import shard_ranges
+from raytrain_ft.optim import make_optimizer, hyper_params
+cfg = TrainConfig()
+opt = make_optimizer(cfg.optim, 4)
+p = torch.zeros(4)
+opt.step(p, torch.ones(4), hyper_params(0, cfg.optim, 10))
+assert len(shard_ranges(10, 3)) == 3
+assert "ray" not in [m for m in sys.modules if sys.modules[m] is not None and m.split(".")[0] == "ray"]
+print("ok")
+"""
+
+
+def test_pure_modules_import_without_ray():
+    out = subprocess.run([sys.executable, "-c", SCRIPT.format(modules=PURE_MODULES)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("ok")
