@@ -106,18 +106,38 @@ def ray_session(config: TrainConfig):
     cc = config.cluster
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
     if cc.address:
+        check_reachable(cc.address)
         kwargs["address"] = cc.address
     else:
         needed = cc.num_workers * cc.cpus_per_worker
         kwargs.update(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False)
     try:
         ray.init(**kwargs)
-    except (ConnectionError, ValueError, RuntimeError) as e:
-        raise ClusterError(f"could not connect to Ray at {cc.address!r}: {e}; check --address (or leave it empty for a local run)") from e
+    except (ConnectionError, ValueError, RuntimeError, OSError) as e:
+        if cc.address:
+            raise ClusterError(f"could not connect to Ray at {cc.address!r}: {e}; check --address (or leave it empty for a local run)") from e
+        raise ClusterError(f"could not start a local Ray: {e}; if the path is too long, set RAY_TMPDIR to a short directory such as /tmp/ray") from e
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast (instead of Ray's minutes of retries) when ``host:port`` accepts no TCP connection."""
+    import socket
+
+    if address == "auto":
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ClusterError(f"cluster.address {address!r} is not HOST:PORT (or ray://HOST:PORT, or auto)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise ClusterError(f"cluster.address {address!r} is unreachable ({e}); start the cluster (`ray up cluster.yaml`) or fix --address") from None
 
 
 def _wait_ready(refs: list, what: str, handles: list) -> list:

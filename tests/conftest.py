@@ -1,0 +1,31 @@
+"""Shared fixtures. Ray instances started here use a private temp dir and are always shut down."""
+
+import os
+import shutil
+import tempfile
+
+import pytest
+
+# Ray 2.60 enables token auth by default; the local test clusters opt out explicitly.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def ray_tmpdir():
+    # short path: Ray's socket paths must stay under the OS limit
+    d = tempfile.mkdtemp(prefix="rtft-", dir="/tmp")
+    os.environ["RAY_TMPDIR"] = d
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_local(ray_tmpdir):
+    """One small local Ray for the integration tests of the session."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=ray_tmpdir, logging_level="WARNING")
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
