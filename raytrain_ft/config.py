@@ -62,6 +62,8 @@ class DataConfig:
     """Fraction held out for evaluation (digits, synthetic, parquet); cifar10/mnist use their test split."""
     synthetic_samples: int = 4096
     """Number of samples the synthetic dataset generates."""
+    synthetic_channels: int = 1
+    """Image channels of the synthetic dataset (3 mimics CIFAR-10 shapes)."""
     image_column: str = "image"
     """Parquet: column of flattened float images (list<float>)."""
     label_column: str = "label"
@@ -76,6 +78,7 @@ class DataConfig:
         _positive("data.batch_size", self.batch_size)
         _positive("data.image_size", self.image_size)
         _positive("data.synthetic_samples", self.synthetic_samples)
+        _positive("data.synthetic_channels", self.synthetic_channels)
         _non_negative("data.prefetch_batches", self.prefetch_batches)
         if not 0.0 < self.eval_fraction < 1.0:
             raise ConfigError("data.eval_fraction", f"must be in (0, 1), got {self.eval_fraction!r}")
@@ -150,6 +153,8 @@ class ClusterConfig:
     """Parameter-server shard actors; the flat parameter vector is split into this many key ranges."""
     cpus_per_worker: int = 1
     """Ray CPUs (and torch threads) per worker."""
+    server_threads: int = 1
+    """torch threads per parameter server for the optimizer step (servers reserve no Ray CPUs: in sync mode they work while workers wait)."""
     use_gpu: str = "auto"
     """auto (a GPU per worker when the cluster has them) | true | false."""
     address: str | None = None
@@ -159,6 +164,7 @@ class ClusterConfig:
         _positive("cluster.num_workers", self.num_workers)
         _positive("cluster.num_servers", self.num_servers)
         _positive("cluster.cpus_per_worker", self.cpus_per_worker)
+        _positive("cluster.server_threads", self.server_threads)
         _choice("cluster.use_gpu", str(self.use_gpu).lower(), ("auto", "true", "false"))
         self.use_gpu = str(self.use_gpu).lower()
 
@@ -222,17 +228,16 @@ def field_docs() -> dict[str, str]:
     import ast
     import inspect
 
-    docs: dict[str, str] = {}
+    docs: dict[tuple[type, str], str] = {}
     for cls in (*SUBCONFIGS.values(), TrainConfig):
-        tree = ast.parse(inspect.getsource(cls))
-        body = tree.body[0].body  # type: ignore[attr-defined]
+        body = ast.parse(inspect.getsource(cls)).body[0].body  # type: ignore[attr-defined]
         for node, nxt in zip(body, body[1:]):
             if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-                docs[node.target.id] = str(nxt.value.value)  # type: ignore[attr-defined]
-    out = {}
-    for flag, (sub, f) in _leaf_fields().items():
-        out[flag] = docs.get(f.name, "")
-    return out
+                docs[(cls, node.target.id)] = str(nxt.value.value)  # type: ignore[attr-defined]
+    return {
+        flag: docs.get((SUBCONFIGS[sub] if sub else TrainConfig, f.name), "")
+        for flag, (sub, f) in _leaf_fields().items()
+    }
 
 
 def field_type(f: dataclasses.Field, owner: type) -> type:
@@ -271,9 +276,9 @@ def coerce(text: Any, typ: type, name: str) -> Any:
 
 def from_dict(raw: dict[str, Any] | None, source: str = "config") -> TrainConfig:
     """Build a TrainConfig from nested dicts (as in a YAML file); unknown keys are errors."""
-    raw = dict(raw or {})
-    if not isinstance(raw, dict):
+    if raw is not None and not isinstance(raw, dict):
         raise ConfigError(source, "top level must be a mapping of config sections")
+    raw = dict(raw or {})
     kwargs: dict[str, Any] = {}
     for sub, cls in SUBCONFIGS.items():
         section = raw.pop(sub, None) or {}

@@ -71,10 +71,10 @@ def load_digits(cfg: DataConfig, seed: int) -> Dataset:
 def load_synthetic(cfg: DataConfig, seed: int, num_classes: int = 10) -> Dataset:
     """Learnable synthetic images: a fixed random prototype per class plus Gaussian noise."""
     rng = np.random.default_rng([seed, 0x5EED])
-    s = cfg.image_size
-    protos = rng.standard_normal((num_classes, 1, s, s)).astype(np.float32)
+    s, c = cfg.image_size, cfg.synthetic_channels
+    protos = rng.standard_normal((num_classes, c, s, s)).astype(np.float32)
     y = rng.integers(0, num_classes, cfg.synthetic_samples)
-    x = protos[y] + 1.5 * rng.standard_normal((cfg.synthetic_samples, 1, s, s)).astype(np.float32)
+    x = protos[y] + 1.5 * rng.standard_normal((cfg.synthetic_samples, c, s, s)).astype(np.float32)
     return _split(x, y.astype(np.int64), cfg.eval_fraction, seed, num_classes)
 
 

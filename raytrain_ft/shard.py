@@ -6,6 +6,7 @@ that decides *what* the parameters become lives here and is tested without Ray.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,12 +28,18 @@ class ShardStats:
 
 
 def aggregate_in_rank_order(grads: dict[int, np.ndarray], num_workers: int) -> np.ndarray:
-    """Mean of the pushes of ranks ``0..num_workers-1``, summed in rank order (bitwise reproducible)."""
+    """Mean of the pushes of ranks ``0..num_workers-1``, summed in rank order (bitwise reproducible).
+
+    With one worker the push itself is returned (it may be a read-only view of
+    the object store: callers only read the result).
+    """
     missing = [r for r in range(num_workers) if r not in grads]
     if missing:
         raise ValueError(f"cannot aggregate: no gradient from ranks {missing}")
-    acc = np.array(grads[0], dtype=np.float32, copy=True)
-    for r in range(1, num_workers):
+    if num_workers == 1:
+        return grads[0]
+    acc = np.add(grads[0], grads[1], dtype=np.float32)
+    for r in range(2, num_workers):
         acc += grads[r]
     acc /= np.float32(num_workers)
     return acc
@@ -64,7 +71,9 @@ class ShardState:
 
     def apply(self, mean_update: np.ndarray, hp: HyperParams) -> None:
         """Apply one aggregated update: optimizer on the parameter part, assignment on the buffer part."""
-        update = torch.from_numpy(mean_update)
+        with warnings.catch_warnings():  # read-only object-store views are only read here
+            warnings.simplefilter("ignore", UserWarning)
+            update = torch.from_numpy(mean_update)
         ps, bs = self.shard.param_slice, self.shard.buffer_slice
         if ps.stop > ps.start:
             self.optimizer.step(self.params[ps], update[ps], hp)

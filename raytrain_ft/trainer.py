@@ -46,6 +46,9 @@ class TrainResult:
     steps_completed: int
     total_steps: int
     samples_per_sec: float
+    steady_samples_per_sec: float
+    """Samples/s after the first ``warmup_steps_excluded`` steps (benchmarks use this)."""
+    warmup_steps_excluded: int
     train_time_s: float
     wall_time_s: float
     final_loss: float
@@ -78,6 +81,17 @@ def total_steps_for(config: TrainConfig, num_train: int) -> int:
 def initial_model(config: TrainConfig, data: Dataset) -> torch.nn.Module:
     torch.manual_seed(config.seed)
     return build_model(config.model, data.in_shape, data.num_classes)
+
+
+def steady_throughput(step_end_times: list[list[float]], batch_size: int, warmup_steps: int) -> float:
+    """Samples/s of all workers together, from the end of step ``warmup_steps`` to the last step."""
+    usable = [t for t in step_end_times if len(t) > warmup_steps + 1]
+    if not usable:
+        return 0.0
+    start = min(t[warmup_steps] for t in usable)
+    end = max(t[-1] for t in usable)
+    samples = sum((len(t) - 1 - warmup_steps) * batch_size for t in usable)
+    return samples / (end - start) if end > start else 0.0
 
 
 @torch.no_grad()
@@ -179,6 +193,7 @@ class Trainer:
             try:
                 run.start()
                 statuses, train_time_s = run.wait(self.on_progress)
+                step_times = run.step_end_times()
                 final = run.final_params()
                 stats = run.server_stats()
             finally:
@@ -187,10 +202,14 @@ class Trainer:
         acc, eval_loss = evaluate(model, data.eval_x, data.eval_y)
         samples = sum(s.samples for s in statuses)
         acked = [min(s.step for s in statuses) for _ in ranges]
+        warmup = min(5, total_steps // 4)
+        steady = steady_throughput(step_times, cfg.data.batch_size, warmup)
         return TrainResult(
             steps_completed=min(s.step for s in statuses),
             total_steps=total_steps,
             samples_per_sec=samples / train_time_s if train_time_s > 0 else 0.0,
+            steady_samples_per_sec=steady,
+            warmup_steps_excluded=warmup,
             train_time_s=train_time_s,
             wall_time_s=time.time() - wall_start,
             final_loss=float(np.mean([s.last_loss for s in statuses])),
@@ -240,7 +259,7 @@ class _Run:
 
         cfg = self.cfg
         server_cls = ray.remote(num_cpus=0, max_restarts=0)(ParameterServer)
-        self.servers = [server_cls.remote(r, cfg.optim, self.total_steps, cfg.cluster.num_workers) for r in self.ranges]
+        self.servers = [server_cls.remote(r, cfg.optim, self.total_steps, cfg.cluster.num_workers, cfg.cluster.server_threads) for r in self.ranges]
         _wait_ready([s.ready.remote() for s in self.servers], f"{len(self.servers)} parameter servers", self.servers)
         ray.get([s.load.remote(self.init_flat[r.start : r.end]) for s, r in zip(self.servers, self.ranges)])
         gpu = self._use_gpu()
@@ -278,6 +297,11 @@ class _Run:
         import ray
 
         return np.concatenate(ray.get([s.pull.remote() for s in self.servers]))
+
+    def step_end_times(self) -> list[list[float]]:
+        import ray
+
+        return ray.get([w.step_end_times.remote() for w in self.workers])
 
     def server_stats(self) -> list:
         import ray

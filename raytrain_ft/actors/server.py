@@ -28,7 +28,10 @@ class ParameterServer:
     state, the partial gradients of the step in progress).
     """
 
-    def __init__(self, shard: ShardRange, optim_cfg: OptimConfig, total_steps: int, num_workers: int):
+    def __init__(self, shard: ShardRange, optim_cfg: OptimConfig, total_steps: int, num_workers: int, threads: int = 1):
+        import torch
+
+        torch.set_num_threads(threads)
         self.state = ShardState(shard, optim_cfg, total_steps)
         self.num_workers = num_workers
         self._pending: dict[int, dict[int, np.ndarray]] = {}

@@ -74,6 +74,7 @@ class Worker:
         self._started_at = time.time()
         self._finished_at: float | None = None
         self._error: str | None = None
+        self._step_end_times: list[float] = []
 
     def ready(self) -> str:
         return str(self.device)
@@ -94,6 +95,10 @@ class Worker:
             self._started_at, self._finished_at, done, self._error, str(self.device),
         )
 
+    def step_end_times(self) -> list[float]:
+        """Wall-clock time at which each step of this run finished (for steady-state throughput)."""
+        return list(self._step_end_times)
+
     # --- training loop ---------------------------------------------------------
 
     def _run_guarded(self) -> None:
@@ -109,6 +114,8 @@ class Worker:
         import ray
 
         cfg = self.config
+        # OpenMP thread counts are per thread: set them in the thread that computes
+        torch.set_num_threads(cfg.cluster.cpus_per_worker)
         self._started_at = time.time()
         self._pull_all()
         stream = BatchStream(
@@ -130,6 +137,7 @@ class Worker:
                 self._last_loss = loss
                 self._samples += len(y)
                 self._step += 1
+                self._step_end_times.append(time.time())
         finally:
             stream.close()
 

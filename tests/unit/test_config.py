@@ -72,3 +72,7 @@ def test_round_trip_through_dict():
     cfg = C.load(None, {"model": "resnet18", "lr": "0.1", "use_gpu": "False"})
     again = C.from_dict(cfg.to_dict())
     assert again == cfg and again.cluster.use_gpu == "false"
+
+
+def test_docs_belong_to_their_own_field():
+    assert C.field_docs()['model'].startswith('Model architecture') and C.field_docs()['optimizer'].startswith('Server-side optimizer')
