@@ -201,7 +201,8 @@ class Trainer:
         load_flat_state(model, torch.from_numpy(final))
         acc, eval_loss = evaluate(model, data.eval_x, data.eval_y)
         samples = sum(s.samples for s in statuses)
-        acked = [min(s.step for s in statuses) for _ in ranges]
+        # an update counts as acknowledged once any worker received the shard's reply for it
+        acked = [max(s.acked_per_shard[i] for s in statuses) for i in range(len(ranges))]
         warmup = min(5, total_steps // 4)
         steady = steady_throughput(step_times, cfg.data.batch_size, warmup)
         return TrainResult(

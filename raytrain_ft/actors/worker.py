@@ -40,6 +40,8 @@ class WorkerStatus:
     done: bool
     error: str | None
     device: str
+    acked_per_shard: tuple[int, ...]
+    """Per shard: how many updates (steps) the shard has acknowledged to this worker."""
 
 
 class Worker:
@@ -75,6 +77,7 @@ class Worker:
         self._finished_at: float | None = None
         self._error: str | None = None
         self._step_end_times: list[float] = []
+        self._acked = [0] * len(shards)
 
     def ready(self) -> str:
         return str(self.device)
@@ -92,7 +95,7 @@ class Worker:
         done = self._finished_at is not None
         return WorkerStatus(
             self.rank, self._step, self._end_step, self._last_loss, self._samples, self._compute_s, self._wait_s,
-            self._started_at, self._finished_at, done, self._error, str(self.device),
+            self._started_at, self._finished_at, done, self._error, str(self.device), tuple(self._acked),
         )
 
     def step_end_times(self) -> list[float]:
@@ -132,6 +135,8 @@ class Worker:
                 t1 = time.perf_counter()
                 replies = ray.get(self._push_pull(self._step))
                 self._install(replies)
+                for i in range(len(replies)):  # each reply acknowledges the shard's update of this step
+                    self._acked[i] = self._step + 1
                 self._wait_s += time.perf_counter() - t1
                 self._compute_s += t1 - t0
                 self._last_loss = loss
