@@ -87,15 +87,19 @@ class FlatModel:
         self.numel = self.num_params + self.num_buffer_values
         self.flat = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
         self.flat_grad = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
+        self.spans: list[tuple[int, int]] = []
+        """[start, end) of every parameter, then every float buffer, in the flat vector."""
         offset = 0
         for p in params:
             n = p.numel()
+            self.spans.append((offset, offset + n))
             self.flat[offset : offset + n].copy_(p.detach().reshape(-1))
             p.data = self.flat[offset : offset + n].view_as(p)
             p.grad = self.flat_grad[offset : offset + n].view_as(p)
             offset += n
         for name, b in buffers:
             n = b.numel()
+            self.spans.append((offset, offset + n))
             self.flat[offset : offset + n].copy_(b.detach().reshape(-1))
             owner, attr = _owner(module, name)
             owner._buffers[attr] = self.flat[offset : offset + n].view_as(b)
@@ -119,6 +123,11 @@ class FlatModel:
 
     def load_flat(self, values: torch.Tensor) -> None:
         self.flat.copy_(values)
+
+
+def overlapping_shards(start: int, end: int, ranges: list[ShardRange]) -> list[int]:
+    """Indices of the shards whose key range intersects ``[start, end)``."""
+    return [r.index for r in ranges if r.start < end and start < r.end]
 
 
 def _owner(module: nn.Module, dotted: str) -> tuple[nn.Module, str]:

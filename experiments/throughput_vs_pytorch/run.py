@@ -24,12 +24,12 @@ from raytrain_ft.data import BatchStream, load_dataset
 from raytrain_ft.trainer import Trainer, initial_model
 
 
-def make_config(model: str, batch_size: int, steps: int, threads: int) -> TrainConfig:
+def make_config(model: str, batch_size: int, steps: int, threads: int, num_servers: int = 1, overlap_comm: bool = True) -> TrainConfig:
     return TrainConfig(
         model=ModelConfig(name=model),
         data=DataConfig(dataset="synthetic", image_size=32, synthetic_channels=3, synthetic_samples=4096, batch_size=batch_size),
         optim=OptimConfig(name="sgd", lr=0.01, momentum=0.9),
-        cluster=ClusterConfig(num_workers=1, num_servers=1, cpus_per_worker=threads, use_gpu="false"),
+        cluster=ClusterConfig(num_workers=1, num_servers=num_servers, cpus_per_worker=threads, use_gpu="false", overlap_comm=overlap_comm),
         steps=steps,
         seed=0,
     )
@@ -62,6 +62,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=None, help="steps per run, one per model (default cnn 300, resnet18 30)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--num-servers", type=int, default=1)
+    ap.add_argument("--overlap-comm", choices=["true", "false"], default="true")
     ap.add_argument("--output", default="experiments/throughput_vs_pytorch/results_x86-2core_202611.json")
     args = ap.parse_args()
     defaults = {"cnn": 300, "mlp": 300, "resnet18": 30, "resnet50": 12}
@@ -74,7 +76,7 @@ def main() -> None:
     results = []
     try:
         for model, n in zip(args.models, steps):
-            cfg = make_config(model, args.batch_size, n, args.threads)
+            cfg = make_config(model, args.batch_size, n, args.threads, args.num_servers, args.overlap_comm == "true")
             warmup = min(5, n // 4)
             plain, ps = [], []
             for r in range(args.repeats):
@@ -84,7 +86,7 @@ def main() -> None:
                 ps.append(res.steady_samples_per_sec)
                 print(f"{model} repeat {r}: plain {plain[-1]:.1f} samples/s, ps {ps[-1]:.1f} samples/s", flush=True)
             row = {
-                "model": model, "batch_size": args.batch_size, "steps": n, "warmup_steps": warmup, "threads": args.threads,
+                "model": model, "num_servers": args.num_servers, "overlap_comm": args.overlap_comm, "batch_size": args.batch_size, "steps": n, "warmup_steps": warmup, "threads": args.threads,
                 "plain_samples_per_sec": plain, "ps_samples_per_sec": ps,
                 "plain_median": statistics.median(plain), "ps_median": statistics.median(ps),
                 "ratio": statistics.median(ps) / statistics.median(plain),

@@ -15,7 +15,7 @@ import torch
 from raytrain_ft.config import TrainConfig
 from raytrain_ft.data import BatchStream, load_dataset
 from raytrain_ft.models import build_model
-from raytrain_ft.params import FlatModel, ShardRange
+from raytrain_ft.params import FlatModel, ShardRange, overlapping_shards
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class Worker:
         self._finished_at: float | None = None
         self._error: str | None = None
         self._step_end_times: list[float] = []
-        self._acked = [0] * len(shards)
+        self.exchange = ShardExchange(rank, self.model, self.flat, shards, server_handles, self._host_grad, config.cluster.overlap_comm)
 
     def ready(self) -> str:
         return str(self.device)
@@ -114,59 +114,151 @@ class Worker:
             self._finished_at = time.time()
 
     def _run(self) -> None:
-        import ray
-
         cfg = self.config
         # OpenMP thread counts are per thread: set them in the thread that computes
         torch.set_num_threads(cfg.cluster.cpus_per_worker)
         self._started_at = time.time()
-        self._pull_all()
         stream = BatchStream(
             self.train_x, self.train_y, seed=cfg.seed, rank=self.rank, num_workers=cfg.cluster.num_workers,
             batch_size=cfg.data.batch_size, start_step=self._step, end_step=self._end_step,
             prefetch=cfg.data.prefetch_batches,
         )
         self.model.train()
+        self.exchange.pull_all()
         try:
             while self._step < self._end_step:
                 t0 = time.perf_counter()
+                wait_before = self.exchange.wait_s
                 x, y = stream.next()
-                loss = self._compute(x, y)
-                t1 = time.perf_counter()
-                replies = ray.get(self._push_pull(self._step))
-                self._install(replies)
-                for i in range(len(replies)):  # each reply acknowledges the shard's update of this step
-                    self._acked[i] = self._step + 1
-                self._wait_s += time.perf_counter() - t1
-                self._compute_s += t1 - t0
+                loss = self._step_once(x, y)
+                if not self.exchange.overlap:
+                    self.exchange.install_all()
+                wait = self.exchange.wait_s - wait_before
+                self._wait_s += wait
+                self._compute_s += time.perf_counter() - t0 - wait
                 self._last_loss = loss
                 self._samples += len(y)
                 self._step += 1
                 self._step_end_times.append(time.time())
+            wait_before = self.exchange.wait_s
+            self.exchange.install_all()
+            self._wait_s += self.exchange.wait_s - wait_before
         finally:
             stream.close()
 
-    def _compute(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """Forward/backward into the flat gradient buffer; stage buffers for the push."""
+    def _step_once(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Forward/backward into the flat gradient buffer, pushing every shard for this step."""
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         self.flat.zero_grad()
-        loss = self.loss_fn(self.model(x), y)  # [N, classes] vs [N]
-        loss.backward()
-        self.flat.stage_buffers()
-        if self._host_grad is not self.flat.flat_grad:
-            self._host_grad.copy_(self.flat.flat_grad)
+        self.exchange.begin_step(self._step)
+        loss = self.loss_fn(self.model(x), y)  # [N, classes] vs [N]; forward installs shards as it needs them
+        self.flat.stage_buffers()  # buffers are final after forward; they travel in the gradient slot
+        loss.backward()  # with overlap, post-accumulate hooks push shards whose gradients are complete
+        self.exchange.push_remaining()
         return float(loss.detach())
 
-    def _push_pull(self, step: int) -> list:
-        """One call per shard, all in flight at once."""
-        g = self._host_grad.numpy()
-        return [h.push_pull.remote(self.rank, step, g[s.start : s.end]) for h, s in zip(self.servers, self.shards)]
+    @property
+    def _acked(self) -> list[int]:
+        return self.exchange.acked
 
-    def _pull_all(self) -> None:
+
+class ShardExchange:
+    """A worker's traffic with the shards: one ``push_pull`` per shard per step.
+
+    With ``overlap`` on, shard ``i`` is pushed from a post-accumulate-grad hook
+    as soon as the last gradient in its key range is final (backward runs from
+    the last layers, which sit in the last shards), and its reply is installed
+    by a forward pre-hook of the first module that reads a tensor in its range.
+    The values every step computes with are the same as without overlap.
+    Modules must read only their own parameters and buffers (true of the
+    built-in models); a model that reads another module's tensors needs
+    ``overlap_comm: false``.
+    """
+
+    def __init__(self, rank: int, model: torch.nn.Module, flat: FlatModel, shards: list[ShardRange], servers: list, host_grad: torch.Tensor, overlap: bool):
+        self.rank, self.flat, self.shards, self.servers = rank, flat, shards, servers
+        self.host_grad = host_grad
+        self.overlap = overlap
+        self.acked = [0] * len(shards)
+        self.wait_s = 0.0
+        self._refs: list = [None] * len(shards)
+        self._ref_steps = [0] * len(shards)
+        self._pushed = [True] * len(shards)
+        self._step = 0
+        params = [p for p in model.parameters()]
+        self._param_shards = [overlapping_shards(a, b, shards) for a, b in flat.spans[: len(params)]]
+        self._grads_per_shard = [0] * len(shards)
+        for p, owners in zip(params, self._param_shards):
+            if p.requires_grad:
+                for i in owners:
+                    self._grads_per_shard[i] += 1
+        self._remaining = list(self._grads_per_shard)
+        if overlap:
+            for k, p in enumerate(params):
+                if p.requires_grad:
+                    p.register_post_accumulate_grad_hook(lambda _p, k=k: self._grad_ready(k))
+            self._hook_modules(model)
+
+    def _hook_modules(self, model: torch.nn.Module) -> None:
+        tensors = [p for p in model.parameters()] + [b for b in model.buffers() if b.is_floating_point()]
+        span_of = {id(t): span for t, span in zip(tensors, self.flat.spans)}
+        for module in model.modules():
+            own = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None and id(t) in span_of]
+            if own:
+                needed = sorted({i for t in own for i in overlapping_shards(*span_of[id(t)], self.shards)})
+                module.register_forward_pre_hook(lambda _m, _inputs, needed=needed: self._install(needed))
+
+    # --- step protocol -----------------------------------------------------------
+
+    def begin_step(self, step: int) -> None:
+        self._step = step
+        self._pushed = [False] * len(self.shards)
+        self._remaining = list(self._grads_per_shard)
+
+    def push_remaining(self) -> None:
+        """Push every shard not yet pushed this step (all of them without overlap)."""
+        for i, done in enumerate(self._pushed):
+            if not done:
+                self._push(i)
+
+    def pull_all(self) -> None:
+        self._refs = [h.pull.remote() for h in self.servers]
+        self._ref_steps = [None] * len(self.shards)
+        if not self.overlap:
+            self.install_all()
+
+    def install_all(self) -> None:
+        self._install(range(len(self.shards)))
+
+    # --- internals -----------------------------------------------------------------
+
+    def _grad_ready(self, k: int) -> None:
+        for i in self._param_shards[k]:
+            self._remaining[i] -= 1
+            if self._remaining[i] == 0 and not self._pushed[i]:
+                self._push(i)
+
+    def _push(self, i: int) -> None:
+        s = self.shards[i]
+        if self.host_grad is not self.flat.flat_grad:  # GPU: stage the slice in pinned host memory
+            self.host_grad[s.start : s.end].copy_(self.flat.flat_grad[s.start : s.end])
+        # .remote() copies the slice into the object store before returning
+        self._refs[i] = self.servers[i].push_pull.remote(self.rank, self._step, self.host_grad.numpy()[s.start : s.end])
+        self._ref_steps[i] = self._step
+        self._pushed[i] = True
+
+    def _install(self, indices) -> None:
         import ray
 
-        self._install(ray.get([h.pull.remote() for h in self.servers]))
-
-    def _install(self, replies: list[np.ndarray]) -> None:
-        for s, values in zip(self.shards, replies):
+        for i in indices:
+            ref = self._refs[i]
+            if ref is None:
+                continue
+            t0 = time.perf_counter()
+            values = ray.get(ref)
+            s = self.shards[i]
             self.flat.flat[s.start : s.end].copy_(torch.from_numpy(values), non_blocking=True)
+            self.wait_s += time.perf_counter() - t0
+            self._refs[i] = None
+            if self._ref_steps[i] is not None:  # a push_pull reply acknowledges the shard's update of that step
+                self.acked[i] = self._ref_steps[i] + 1

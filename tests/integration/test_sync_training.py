@@ -41,8 +41,9 @@ def single_process_reference(cfg: TrainConfig) -> torch.Tensor:
     return flatten_state(model)
 
 
-def test_sync_matches_single_process_pytorch(ray_local):
-    cfg = _config()
+@pytest.mark.parametrize("overlap_comm", [False, True])
+def test_sync_matches_single_process_pytorch(ray_local, overlap_comm):
+    cfg = _config(cluster=ClusterConfig(num_workers=2, num_servers=3, overlap_comm=overlap_comm))
     result = Trainer(cfg).fit()
     assert result.steps_completed == cfg.steps == 24
     reference = single_process_reference(cfg)
@@ -55,12 +56,14 @@ def test_same_seed_same_hash_other_seed_differs(ray_local):
     a = Trainer(_config(steps=12)).fit()
     b = Trainer(_config(steps=12)).fit()
     c = Trainer(_config(steps=12, seed=8)).fit()
-    assert a.params_sha256 == b.params_sha256
+    overlap = Trainer(_config(steps=12, cluster=ClusterConfig(num_workers=2, num_servers=3, overlap_comm=True))).fit()
+    assert a.params_sha256 == b.params_sha256 == overlap.params_sha256
     assert a.params_sha256 != c.params_sha256
 
 
-def test_batchnorm_buffers_are_reconciled_across_workers(ray_local):
-    cfg = _config(model=ModelConfig(name="resnet18"), data=DataConfig(dataset="synthetic", image_size=8, synthetic_samples=256, batch_size=8), steps=3, cluster=ClusterConfig(num_workers=2, num_servers=2))
+@pytest.mark.parametrize("overlap_comm", [False, True])
+def test_batchnorm_buffers_are_reconciled_across_workers(ray_local, overlap_comm):
+    cfg = _config(model=ModelConfig(name="resnet18"), data=DataConfig(dataset="synthetic", image_size=8, synthetic_samples=256, batch_size=8), steps=3, cluster=ClusterConfig(num_workers=2, num_servers=2, overlap_comm=overlap_comm))
     result = Trainer(cfg).fit()
     data = load_dataset(cfg.data, cfg.seed)
     init = flatten_state(initial_model(cfg, data))
