@@ -79,3 +79,13 @@ def test_adam_trains_mlp_and_loss_falls(ray_local):
     result = Trainer(cfg).fit()
     assert result.eval_accuracy > 0.85
     assert result.final_loss < 1.0
+
+
+def test_one_worker_with_batchnorm_matches_pytorch_including_running_stats(ray_local):
+    """With one worker the reconciled buffers are exactly the worker's own running statistics."""
+    cfg = _config(model=ModelConfig(name="resnet18"), data=DataConfig(dataset="synthetic", image_size=8, synthetic_samples=256, batch_size=8), steps=3, cluster=ClusterConfig(num_workers=1, num_servers=2))
+    result = Trainer(cfg).fit()
+    reference = single_process_reference(cfg)
+    final = torch.from_numpy(result.final_params)
+    torch.testing.assert_close(final[result.num_params :], reference[result.num_params :], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(final, reference, rtol=1e-4, atol=1e-4)
