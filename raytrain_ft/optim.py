@@ -61,14 +61,17 @@ class FlatOptimizer(abc.ABC):
         return self.state[key]
 
 
+def _with_weight_decay(grad: torch.Tensor, param: torch.Tensor, weight_decay: float) -> torch.Tensor:
+    """L2 penalty folded into the gradient, as torch.optim does (a new tensor; ``grad`` is only read)."""
+    return grad.add(param, alpha=weight_decay) if weight_decay != 0 else grad
+
+
 class SGD(FlatOptimizer):
     name = "sgd"
 
     def step(self, param, grad, hp):
         self.step_count += 1
-        d_p = grad
-        if hp.weight_decay != 0:
-            d_p = d_p.add(param, alpha=hp.weight_decay)
+        d_p = _with_weight_decay(grad, param, hp.weight_decay)
         if hp.momentum != 0:
             if "momentum_buffer" not in self.state:
                 self.state["momentum_buffer"] = d_p.clone().detach()
@@ -85,8 +88,7 @@ class RMSProp(FlatOptimizer):
 
     def step(self, param, grad, hp):
         self.step_count += 1
-        if hp.weight_decay != 0:
-            grad = grad.add(param, alpha=hp.weight_decay)
+        grad = _with_weight_decay(grad, param, hp.weight_decay)
         square_avg = self._buf("square_avg", param)
         square_avg.mul_(hp.alpha).addcmul_(grad, grad, value=1 - hp.alpha)
         avg = square_avg.sqrt().add_(hp.eps)
@@ -103,8 +105,7 @@ class Adagrad(FlatOptimizer):
 
     def step(self, param, grad, hp):
         self.step_count += 1
-        if hp.weight_decay != 0:
-            grad = grad.add(param, alpha=hp.weight_decay)
+        grad = _with_weight_decay(grad, param, hp.weight_decay)
         state_sum = self._buf("sum", param)
         state_sum.addcmul_(grad, grad, value=1)
         std = state_sum.sqrt().add_(hp.eps)
@@ -117,8 +118,7 @@ class Adam(FlatOptimizer):
     def step(self, param, grad, hp):
         self.step_count += 1
         step = self.step_count
-        if hp.weight_decay != 0:
-            grad = grad.add(param, alpha=hp.weight_decay)
+        grad = _with_weight_decay(grad, param, hp.weight_decay)
         exp_avg = self._buf("exp_avg", param)
         exp_avg_sq = self._buf("exp_avg_sq", param)
         exp_avg.lerp_(grad, 1 - hp.beta1)
