@@ -27,7 +27,7 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 class WorkerStatus:
     rank: int
     step: int
-    """Steps completed (parameters for ``step`` are in place)."""
+    """Steps whose gradients every shard has been sent (the run's position)."""
     end_step: int
     last_loss: float
     samples: int
@@ -55,8 +55,6 @@ class Worker:
         torch.set_num_threads(config.cluster.cpus_per_worker)
         self.rank = rank
         self.config = config
-        self.shards = shards
-        self.servers = server_handles
         self.device = torch.device(device)
         data = load_dataset(config.data, config.seed)
         self.train_x, self.train_y = data.train_x, data.train_y
@@ -95,7 +93,7 @@ class Worker:
         done = self._finished_at is not None
         return WorkerStatus(
             self.rank, self._step, self._end_step, self._last_loss, self._samples, self._compute_s, self._wait_s,
-            self._started_at, self._finished_at, done, self._error, str(self.device), tuple(self._acked),
+            self._started_at, self._finished_at, done, self._error, str(self.device), tuple(self.exchange.acked),
         )
 
     def step_end_times(self) -> list[float]:
@@ -156,10 +154,6 @@ class Worker:
         loss.backward()  # with overlap, post-accumulate hooks push shards whose gradients are complete
         self.exchange.push_remaining()
         return float(loss.detach())
-
-    @property
-    def _acked(self) -> list[int]:
-        return self.exchange.acked
 
 
 class ShardExchange:

@@ -66,3 +66,16 @@ def test_flat_state_round_trip_and_hash():
     assert params_sha256(flat) != params_sha256(flat + 1e-7)
     with pytest.raises(ValueError):
         load_flat_state(b, flat[:-1])
+
+
+@pytest.mark.parametrize("span, expected", [((0, 4), [0]), ((3, 5), [0, 1]), ((4, 7), [1]), ((0, 10), [0, 1, 2]), ((9, 10), [2])])
+def test_overlapping_shards(span, expected):
+    from raytrain_ft.params import overlapping_shards
+
+    assert overlapping_shards(*span, shard_ranges(10, 3)) == expected  # [0,4) [4,7) [7,10)
+
+
+def test_spans_tile_the_flat_vector():
+    fm = FlatModel(_bn_model())
+    assert fm.spans[0][0] == 0 and fm.spans[-1][1] == fm.numel
+    assert all(a[1] == b[0] for a, b in zip(fm.spans, fm.spans[1:]))
