@@ -287,7 +287,16 @@ class _Run:
             if on_progress is not None:
                 samples = sum(s.samples for s in statuses)
                 elapsed = now - min(s.started_at for s in statuses)
-                on_progress(Progress(min(s.step for s in statuses), self.total_steps, float(np.nanmean([s.last_loss for s in statuses])) if any(s.samples for s in statuses) else float("nan"), samples / elapsed if elapsed > 0 else 0.0, now - t_start))
+                losses = [s.last_loss for s in statuses if s.samples]
+                on_progress(
+                    Progress(
+                        step=min(s.step for s in statuses),
+                        total_steps=self.total_steps,
+                        loss=float(np.mean(losses)) if losses else float("nan"),
+                        samples_per_sec=samples / elapsed if elapsed > 0 else 0.0,
+                        elapsed_s=now - t_start,
+                    )
+                )
             if all(s.done for s in statuses):
                 started = min(s.started_at for s in statuses)
                 finished = max(s.finished_at for s in statuses)
