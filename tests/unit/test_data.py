@@ -101,3 +101,24 @@ def test_torchvision_missing_root_is_a_data_error(tmp_path):
         check_source(DataConfig(dataset="cifar10", data_path=str(tmp_path / "none")))
     with pytest.raises(DataError, match="no cifar10 data found"):
         load_dataset(DataConfig(dataset="cifar10", data_path=str(tmp_path)), seed=0)
+
+
+def _write_idx(path, array: np.ndarray, magic: int) -> None:
+    header = np.array([magic, *array.shape], dtype=">i4").tobytes()
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_mnist_loader_reads_a_local_torchvision_root(tmp_path):
+    """The real torchvision MNIST path, on small idx files laid out as torchvision expects."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 40), ("t10k", 12)):
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), 2051)
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n), 2049)
+    cfg = DataConfig(dataset="mnist", data_path=str(tmp_path))
+    check_source(cfg)
+    d = load_dataset(cfg, seed=0)
+    assert d.in_shape == (1, 28, 28) and d.num_classes == 10
+    assert len(d.train_y) == 40 and len(d.eval_y) == 12  # the test split is the eval split
+    assert abs(float(d.train_x.mean())) < 1e-4 and abs(float(d.train_x.std()) - 1) < 1e-2  # standardized
