@@ -112,7 +112,8 @@ class FlatModel:
 
     def zero_grad(self) -> None:
         self.flat_grad.zero_()
-        # autograd accumulates in place into an existing .grad; re-attach in case a caller set it to None
+        # autograd accumulates in place into an existing .grad; a grad set to None would be re-allocated
+        # outside the flat buffer and silently never pushed
         for p in self._params:
             if p.grad is None:
                 raise RuntimeError("a parameter's .grad was detached from the flat buffer; do not call zero_grad(set_to_none=True)")
@@ -120,9 +121,6 @@ class FlatModel:
     def stage_buffers(self) -> None:
         """Copy local float buffer values into the buffer part of ``flat_grad`` for pushing."""
         self.flat_grad[self.num_params :].copy_(self.buffer_view)
-
-    def load_flat(self, values: torch.Tensor) -> None:
-        self.flat.copy_(values)
 
 
 def overlapping_shards(start: int, end: int, ranges: list[ShardRange]) -> list[int]:

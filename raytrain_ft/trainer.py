@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -68,9 +67,6 @@ class TrainResult:
         d = dataclasses.asdict(self)
         d.pop("final_params")
         return d
-
-    def to_json(self, indent: int = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
 
 
 def total_steps_for(config: TrainConfig, num_train: int) -> int:

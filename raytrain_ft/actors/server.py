@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 import numpy as np
 
@@ -84,6 +83,3 @@ class ParameterServer:
     async def stats(self) -> ShardStats:
         s = self.state
         return ShardStats(s.shard.index, s.step, s.updates_applied, self.duplicate_pushes, s.shard.size)
-
-    async def poll_status(self) -> tuple[int, float]:
-        return self.state.step, time.time()
