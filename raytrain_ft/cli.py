@@ -53,7 +53,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         dashed = "--" + flag.replace("_", "-")
         metavar = {bool: "BOOL", int: "N", float: "X"}.get(typ, "VALUE")
         # default=SUPPRESS: only flags given on the command line override the file
-        group.add_argument(dashed, dest=flag, default=argparse.SUPPRESS, metavar=metavar, help=f"{help_text} (default: {default})")
+        extra = {"action": "append"} if flag in config_mod.REPEATABLE_FLAGS else {}
+        group.add_argument(dashed, dest=flag, default=argparse.SUPPRESS, metavar=metavar, help=f"{help_text} (default: {default})", **extra)
 
 
 def build_parser() -> argparse.ArgumentParser:

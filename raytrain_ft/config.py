@@ -161,14 +161,56 @@ class ClusterConfig:
     """auto (a GPU per worker when the cluster has them) | true | false."""
     address: str | None = None
     """Ray cluster address; empty starts an embedded local Ray for the run."""
+    local_nodes: int = 1
+    """Embedded local Ray only: simulate this many nodes on this machine (ray.cluster_utils.Cluster, fast node-death detection) so node kills can be tested."""
 
     def __post_init__(self) -> None:
         _positive("cluster.num_workers", self.num_workers)
         _positive("cluster.num_servers", self.num_servers)
         _positive("cluster.cpus_per_worker", self.cpus_per_worker)
         _positive("cluster.server_threads", self.server_threads)
+        _positive("cluster.local_nodes", self.local_nodes)
+        if self.local_nodes > 1 and self.address:
+            raise ConfigError("cluster.local_nodes", "simulated nodes need the embedded local Ray; drop --address or --local-nodes")
         _choice("cluster.use_gpu", str(self.use_gpu).lower(), ("auto", "true", "false"))
         self.use_gpu = str(self.use_gpu).lower()
+
+
+RECOVERY_MODES = ("replica", "checkpoint")
+
+
+@dataclass(kw_only=True, slots=True)
+class RecoveryConfig:
+    recovery: str = "replica"
+    """replica: rebuild a lost server from its peer's snapshot + command log (no files) | checkpoint: the baseline that restarts the run from the last checkpoint files."""
+    snapshot_interval: int = 50
+    """Updates between the snapshots a primary sends its replica holder (each truncates the command log)."""
+    num_spares: int = 1
+    """Warm spare server actors kept started, so a recovery does not wait for a process start."""
+    health_check_interval_s: float = 0.2
+    """Seconds between the supervisor's liveness probes (failed calls reported by workers are acted on at once)."""
+    max_worker_restarts: int = 3
+    """Restarts allowed per worker rank before the run fails."""
+    max_server_replacements: int = 100
+    """Server replacements allowed per run before it fails."""
+    checkpoint_interval: int = 20
+    """recovery=checkpoint: steps between checkpoint files."""
+    checkpoint_dir: str | None = None
+    """recovery=checkpoint: directory for checkpoint files (a temporary directory when empty)."""
+    kill: str | None = None
+    """Fault injection: ROLE[:INDEX]@step=N or @time=S (also @recovery=N, @snapshot=N); ROLE is server|replica|worker|supervisor|node; repeat the flag or separate by commas."""
+
+    def __post_init__(self) -> None:
+        _choice("recovery.recovery", self.recovery, RECOVERY_MODES)
+        _positive("recovery.snapshot_interval", self.snapshot_interval)
+        _non_negative("recovery.num_spares", self.num_spares)
+        _positive("recovery.health_check_interval_s", self.health_check_interval_s)
+        _non_negative("recovery.max_worker_restarts", self.max_worker_restarts)
+        _non_negative("recovery.max_server_replacements", self.max_server_replacements)
+        _positive("recovery.checkpoint_interval", self.checkpoint_interval)
+        from raytrain_ft.recovery.faults import parse_kills
+
+        parse_kills(self.kill, "recovery.kill")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -177,6 +219,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     mode: str = "sync"
     """Consistency mode: sync (BSP; every step aggregates all workers in rank order)."""
     epochs: int = 5
@@ -206,9 +249,12 @@ SUBCONFIGS: dict[str, type] = {
     "data": DataConfig,
     "optim": OptimConfig,
     "cluster": ClusterConfig,
+    "recovery": RecoveryConfig,
 }
 
 FLAG_ALIASES: dict[str, str] = {"model.name": "model", "optim.name": "optimizer"}
+REPEATABLE_FLAGS = ("kill",)
+"""Flags that may be given several times (joined with commas)."""
 """Dotted field -> flag name where the leaf name alone would be ambiguous or unnatural."""
 
 
@@ -256,6 +302,10 @@ def field_type(f: dataclasses.Field, owner: type) -> type:
 def coerce(text: Any, typ: type, name: str) -> Any:
     if text is None or (isinstance(text, str) and text.lower() in ("none", "null", "")):
         return None
+    if isinstance(text, (list, tuple)):
+        if typ is not str:
+            raise ConfigError(name, f"expected one value, got a list {text!r}")
+        return ",".join(str(t) for t in text) or None
     if typ is bool:
         if isinstance(text, bool):
             return text

@@ -24,6 +24,7 @@ from raytrain_ft.data import Dataset, check_source, checked_steps_per_epoch, loa
 from raytrain_ft.errors import ClusterError, TrainingError
 from raytrain_ft.models import build_model
 from raytrain_ft.params import flatten_state, load_flat_state, params_sha256, shard_ranges
+from raytrain_ft.recovery.faults import KillSpec, check_targets, parse_kills
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,12 @@ class TrainResult:
     workers: list[dict[str, Any]] = field(default_factory=list)
     devices: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    kills: list[dict[str, Any]] = field(default_factory=list)
+    """Faults injected: spec, wall-clock time, step, how (SIGKILL, ray.kill, remove_node)."""
+    replicas_match: list[bool] = field(default_factory=list)
+    """Per shard: its replica (snapshot + log, replayed) equals the primary at the end (I4)."""
+    supervisor_restarts: int = 0
+    run_id: str = ""
     final_params: np.ndarray | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -102,24 +109,51 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
     return correct / len(y), loss_sum / len(y)
 
 
+LOCAL_NODE_SYSTEM_CONFIG = {"health_check_period_ms": 500, "health_check_failure_threshold": 3, "health_check_timeout_ms": 500}
+"""Simulated nodes: notice a removed node in ~2 s instead of Ray's default ~15 s."""
+
+
+@dataclass
+class Session:
+    """The Ray the run uses; ``cluster``/``worker_nodes`` are set for simulated nodes (``--local-nodes``)."""
+
+    cluster: Any = None
+    worker_nodes: list = field(default_factory=list)
+
+
 @contextlib.contextmanager
 def ray_session(config: TrainConfig):
-    """Join the running Ray (tests, jobs), connect to ``cluster.address``, or start an embedded local Ray.
-
-    Only a Ray instance started here is shut down here.
+    """Join the running Ray (tests, jobs), connect to ``cluster.address``, or start an embedded local Ray
+    (``cluster.local_nodes`` simulated nodes). Only a Ray instance started here is shut down here.
     """
     import ray
 
     if ray.is_initialized():
-        yield
+        yield Session()
         return
     cc = config.cluster
+    needed = cc.num_workers * cc.cpus_per_worker
+    if cc.local_nodes > 1:
+        from ray.cluster_utils import Cluster
+
+        try:
+            cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": needed, "_system_config": LOCAL_NODE_SYSTEM_CONFIG})
+            nodes = [cluster.add_node(num_cpus=needed) for _ in range(cc.local_nodes - 1)]
+            cluster.wait_for_nodes()
+            ray.init(address=cluster.address, logging_level=logging.WARNING)
+        except (ConnectionError, ValueError, RuntimeError, OSError) as e:
+            raise ClusterError(f"could not start {cc.local_nodes} simulated nodes: {e}; if the path is too long, set RAY_TMPDIR to a short directory such as /tmp/ray") from e
+        try:
+            yield Session(cluster, nodes)
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+        return
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
     if cc.address:
         check_reachable(cc.address)
         kwargs["address"] = cc.address
     else:
-        needed = cc.num_workers * cc.cpus_per_worker
         kwargs.update(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False)
     try:
         ray.init(**kwargs)
@@ -128,7 +162,7 @@ def ray_session(config: TrainConfig):
             raise ClusterError(f"could not connect to Ray at {cc.address!r}: {e}; check --address (or leave it empty for a local run)") from e
         raise ClusterError(f"could not start a local Ray: {e}; if the path is too long, set RAY_TMPDIR to a short directory such as /tmp/ray") from e
     try:
-        yield
+        yield Session()
     finally:
         ray.shutdown()
 
@@ -150,7 +184,7 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         raise ClusterError(f"cluster.address {address!r} is unreachable ({e}); start the cluster (`ray up cluster.yaml`) or fix --address") from None
 
 
-def _wait_ready(refs: list, what: str, handles: list) -> list:
+def wait_ready(refs: list, what: str, handles: list) -> list:
     import ray
 
     timeout_s = float(os.environ.get(ACTOR_START_TIMEOUT_ENV_VAR, DEFAULT_ACTOR_START_TIMEOUT_S))
@@ -184,16 +218,18 @@ class Trainer:
         num_params = sum(p.numel() for p in model.parameters())
         ranges = shard_ranges(init_flat.numel(), cfg.cluster.num_servers, num_params)
         total_steps = total_steps_for(cfg, len(data.train_y))
-        with ray_session(cfg):
-            run = _Run(cfg, ranges, total_steps, init_flat.numpy())
+        kills = parse_kills(cfg.recovery.kill, "recovery.kill")
+        check_targets(kills, cfg.cluster.num_servers, cfg.cluster.num_workers, cfg.cluster.local_nodes)
+        with ray_session(cfg) as session:
+            run = _Run(cfg, ranges, total_steps, init_flat.numpy(), kills, session)
             try:
                 run.start()
                 statuses, train_time_s = run.wait(self.on_progress)
-                step_times = run.step_end_times()
-                final = run.final_params()
-                stats = run.server_stats()
+                end = run.final()
+                kills_fired = run.kills_fired()
             finally:
                 run.shutdown()
+        final, stats, step_times = end["params"], end["stats"], end["step_end_times"]
         load_flat_state(model, torch.from_numpy(final))
         acc, eval_loss = evaluate(model, data.eval_x, data.eval_y)
         samples = sum(s.samples for s in statuses)
@@ -217,22 +253,32 @@ class Trainer:
             updates_acknowledged=sum(acked),
             num_params=num_params,
             workers=[
-                {"rank": s.rank, "steps": s.step, "samples": s.samples, "compute_s": round(s.compute_s, 3), "wait_s": round(s.wait_s, 3), "device": s.device}
+                {"rank": s.rank, "steps": s.step, "samples": s.samples, "compute_s": round(s.compute_s, 3), "wait_s": round(s.wait_s, 3), "device": s.device, "reroutes": s.reroutes}
                 for s in statuses
             ],
             devices=sorted({s.device for s in statuses}),
             config=cfg.to_dict(),
+            kills=kills_fired,
+            replicas_match=end["replicas_match"],
+            supervisor_restarts=run.status.restarts,
+            recoveries=list(run.status.events),
+            run_id=run.run_id,
             final_params=final,
         )
 
 
 class _Run:
-    """The actors of one training run (driver side)."""
+    """The actors of one training run, seen from the driver: the supervisor and, through it, everything else."""
 
-    def __init__(self, cfg: TrainConfig, ranges, total_steps: int, init_flat: np.ndarray):
+    def __init__(self, cfg: TrainConfig, ranges, total_steps: int, init_flat: np.ndarray, kills: list[KillSpec], session: Session):
+        import uuid
+
         self.cfg, self.ranges, self.total_steps, self.init_flat = cfg, ranges, total_steps, init_flat
-        self.servers: list = []
-        self.workers: list = []
+        self.kills, self.session = kills, session
+        self.run_id = f"run-{uuid.uuid4().hex[:10]}"
+        self.supervisor = None
+        self.chaos = None
+        self.status = None
 
     def _use_gpu(self) -> bool:
         import ray
@@ -248,75 +294,99 @@ class _Run:
             )
         return have >= self.cfg.cluster.num_workers
 
-    def start(self) -> None:
+    def _node_ids(self) -> list[str]:
+        """Alive nodes, the driver's (head) first; empty on a single node (no placement needed)."""
         import ray
 
-        from raytrain_ft.actors.server import ParameterServer
-        from raytrain_ft.actors.worker import Worker
+        head = ray.get_runtime_context().get_node_id()
+        alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+        if len(alive) <= 1:
+            return []
+        return [head] + sorted(n for n in alive if n != head)
+
+    def start(self) -> None:
+        import tempfile
+
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from raytrain_ft.actors.supervisor import NAMESPACE, Supervisor
+        from raytrain_ft.recovery.chaos import ChaosRunner
 
         cfg = self.cfg
-        server_cls = ray.remote(num_cpus=0, max_restarts=0)(ParameterServer)
-        self.servers = [server_cls.remote(r, cfg.optim, self.total_steps, cfg.cluster.num_workers, cfg.cluster.server_threads) for r in self.ranges]
-        _wait_ready([s.ready.remote() for s in self.servers], f"{len(self.servers)} parameter servers", self.servers)
-        ray.get([s.load.remote(self.init_flat[r.start : r.end]) for s, r in zip(self.servers, self.ranges)])
-        gpu = self._use_gpu()
-        worker_cls = ray.remote(num_cpus=cfg.cluster.cpus_per_worker, num_gpus=1 if gpu else 0, max_restarts=0)(Worker)
-        device = "cuda" if gpu else "cpu"
-        self.workers = [worker_cls.remote(rank, cfg, self.ranges, self.servers, device) for rank in range(cfg.cluster.num_workers)]
-        _wait_ready([w.ready.remote() for w in self.workers], f"{len(self.workers)} workers", self.workers + self.servers)
-        ray.get([w.start.remote(0, self.total_steps) for w in self.workers])
+        checkpoint_dir = None
+        if cfg.recovery.recovery == "checkpoint":
+            checkpoint_dir = cfg.recovery.checkpoint_dir or tempfile.mkdtemp(prefix="raytrain_ft_ckpt_")
+        nodes = self._node_ids()
+        device = "cuda" if self._use_gpu() else "cpu"
+        options = dict(name=f"{self.run_id}/supervisor", namespace=NAMESPACE, num_cpus=0, max_restarts=10, max_task_retries=-1, max_concurrency=64)
+        if nodes:
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(nodes[0], soft=False)
+        self.supervisor = ray.remote(Supervisor).options(**options).remote(
+            self.run_id, cfg, self.ranges, self.total_steps, self.init_flat, nodes, tuple(self.kills), device, checkpoint_dir
+        )
+        try:
+            ray.get(self.supervisor.start.remote())
+        except ray.exceptions.RayTaskError as e:
+            cause = e.cause if isinstance(getattr(e, "cause", None), Exception) else e
+            if isinstance(cause, ClusterError):
+                raise cause from None
+            raise ClusterError(f"the run's actors failed to start: {cause}") from e
+        self.chaos = ChaosRunner(self.kills, self.supervisor, self.session.cluster, self.session.worker_nodes)
 
     def wait(self, on_progress) -> tuple[list, float]:
         import ray
 
         cfg = self.cfg
         t_start = time.time()
+        last_progress = 0.0
         while True:
-            try:
-                statuses = ray.get([w.poll_status.remote() for w in self.workers])
-            except ray.exceptions.RayActorError as e:
-                raise TrainingError(f"a worker died: {e}") from e
-            errors = [s.error for s in statuses if s.error]
-            if errors:
-                raise TrainingError(errors[0])
+            self.status = status = ray.get(self.supervisor.status.remote())
+            statuses = [s for s in status.workers if s is not None]
+            step = min((s.step for s in statuses), default=0) if len(statuses) == cfg.cluster.num_workers else 0
+            self.chaos.tick(step)
+            if status.state == "failed":
+                raise TrainingError(status.failure or "the supervisor gave up")
             now = time.time()
-            if on_progress is not None:
+            if on_progress is not None and statuses and now - last_progress >= min(cfg.log_every_s, 0.2 if now - t_start < 2 else cfg.log_every_s):
+                last_progress = now
                 samples = sum(s.samples for s in statuses)
                 elapsed = now - min(s.started_at for s in statuses)
                 losses = [s.last_loss for s in statuses if s.samples]
                 on_progress(
                     Progress(
-                        step=min(s.step for s in statuses),
+                        step=step,
                         total_steps=self.total_steps,
                         loss=float(np.mean(losses)) if losses else float("nan"),
                         samples_per_sec=samples / elapsed if elapsed > 0 else 0.0,
                         elapsed_s=now - t_start,
                     )
                 )
-            if all(s.done for s in statuses):
+            if status.state == "done":
                 started = min(s.started_at for s in statuses)
                 finished = max(s.finished_at for s in statuses)
-                return statuses, finished - started
-            time.sleep(min(cfg.log_every_s, 0.2) if now - t_start < 2 else cfg.log_every_s)
+                return statuses, max(finished - started, finished - t_start)
+            # poll faster while kills wait for their step
+            time.sleep(0.02 if not self.chaos.done else min(cfg.log_every_s, 0.1))
 
-    def final_params(self) -> np.ndarray:
+    def final(self) -> dict:
         import ray
 
-        return np.concatenate(ray.get([s.pull.remote() for s in self.servers]))
+        return ray.get(self.supervisor.final.remote())
 
-    def step_end_times(self) -> list[list[float]]:
+    def kills_fired(self) -> list[dict]:
         import ray
 
-        return ray.get([w.step_end_times.remote() for w in self.workers])
-
-    def server_stats(self) -> list:
-        import ray
-
-        return ray.get([s.stats.remote() for s in self.servers])
+        inside = ray.get(self.supervisor.kills_done.remote()) if self.supervisor is not None else []
+        return sorted(self.chaos.fired + inside, key=lambda k: k["at"]) if self.chaos else inside
 
     def shutdown(self) -> None:
         import ray
 
-        for h in self.workers + self.servers:
+        from raytrain_ft.actors.supervisor import kill_run_actors
+
+        with contextlib.suppress(Exception):
+            kill_run_actors(self.run_id)
+        if self.supervisor is not None:
             with contextlib.suppress(Exception):
-                ray.kill(h)
+                ray.kill(self.supervisor, no_restart=True)

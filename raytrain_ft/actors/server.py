@@ -1,59 +1,199 @@
-"""ParameterServer: the Ray actor that owns one shard (key range) of the flat parameter vector."""
+"""ParameterServer: the Ray actor of one server slot -- a shard's primary and/or replicas of peers' shards."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from raytrain_ft.config import OptimConfig
 from raytrain_ft.errors import TrainingError
 from raytrain_ft.params import ShardRange
+from raytrain_ft.recovery.checkpoint import load_shard_checkpoint, save_shard_checkpoint
+from raytrain_ft.recovery.command_log import Command, CommandLog, Snapshot
+from raytrain_ft.recovery.replay import replay
 from raytrain_ft.shard import ShardState, ShardStats, aggregate_in_rank_order
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class ServerDescription:
+    """What a server holds (the supervisor rebuilds its tables from these after a restart)."""
+
+    slot: int | None
+    shard: int | None
+    epoch: int
+    step: int
+    replica_shards: tuple[int, ...]
+    replica_next_seq: tuple[int, ...]
+    node_id: str
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryStats:
+    replayed: int
+    bytes_moved: int
+    seconds: float
+    step: int
+
+
+def _die() -> None:
+    """A real crash: SIGKILL this process (fault injection only)."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 class ParameterServer:
-    """Shard actor for sync (BSP) training.
-
+    """A server slot. As a shard's *primary* it runs sync (BSP) updates:
     ``push_pull(rank, step, grad)`` parks the call until every worker's gradient
-    for ``step`` has arrived, aggregates them in rank order, applies the
-    optimizer slice, and answers every parked call with the new parameters.
-    A repeated ``(rank, step)`` is answered, never applied twice.
+    for ``step`` has arrived, aggregates them in rank order, sends the command
+    to the shard's replica holder, applies the optimizer slice and -- once the
+    holder has logged the command -- answers every parked call with the new
+    parameters. A repeated ``(rank, step)`` is answered, never applied twice.
+    As a *replica holder* it keeps a ``CommandLog`` per peer shard. A server
+    created without a shard is a warm spare.
 
-    Can lose: everything it holds if its process dies (parameters, optimizer
-    state, the partial gradients of the step in progress).
+    Can lose: everything it holds if its process dies. Nothing acknowledged is
+    lost with it: the shard is rebuilt from the holder's log, and the replicas
+    it held are re-sent by their primaries.
     """
 
-    def __init__(self, shard: ShardRange, optim_cfg: OptimConfig, total_steps: int, num_workers: int, threads: int = 1):
+    def __init__(self, slot: int | None, shard: ShardRange | None, optim_cfg: OptimConfig, total_steps: int, num_workers: int,
+                 threads: int = 1, snapshot_interval: int = 50, checkpoint_dir: str | None = None, checkpoint_interval: int = 0,
+                 faults: tuple = ()):
         import torch
 
         torch.set_num_threads(threads)
-        self.state = ShardState(shard, optim_cfg, total_steps)
-        self.num_workers = num_workers
+        self.slot = slot
+        self.optim_cfg, self.total_steps, self.num_workers = optim_cfg, total_steps, num_workers
+        self.snapshot_interval = snapshot_interval
+        # recovery=checkpoint (the baseline) writes files instead of replicating
+        self.replicate = checkpoint_dir is None
+        self.checkpoint_dir, self.checkpoint_interval = checkpoint_dir, checkpoint_interval
+        self.state = ShardState(shard, optim_cfg, total_steps) if shard is not None else None
+        self.epoch = 0
+        self.replicas: dict[int, CommandLog] = {}
         self._pending: dict[int, dict[int, np.ndarray]] = {}
         self._replies: dict[int, asyncio.Future] = {}
         self._latest: np.ndarray | None = None
+        self._previous: np.ndarray | None = None
+        self._holder = None
+        self._holder_event: asyncio.Event | None = None
         self.duplicate_pushes = 0
-        self._tag = f"[server/{shard.index}"
+        self.replica_bytes_sent = 0
+        self._snapshots_sent = 0
+        self._snapshots_received: dict[int, int] = {}
+        # fault injection: ("snapshot_send", n) dies after sending the n-th snapshot;
+        # ("snapshot_receive", shard, n) dies on receiving shard's n-th snapshot
+        self._faults = set(faults)
+
+    @property
+    def _tag(self) -> str:
+        shard = self.state.shard.index if self.state else "-"
+        return f"[server/{shard} slot={self.slot} step={self.state.step if self.state else '-'}]"
+
+    def _event(self) -> asyncio.Event:
+        if self._holder_event is None:
+            self._holder_event = asyncio.Event()
+        return self._holder_event
 
     async def ready(self) -> int:
-        return self.state.shard.index
+        return os.getpid()
+
+    async def describe(self) -> ServerDescription:
+        import ray
+
+        s = self.state
+        return ServerDescription(
+            self.slot, s.shard.index if s else None, self.epoch, s.step if s else 0,
+            tuple(sorted(self.replicas)), tuple(self.replicas[k].next_seq for k in sorted(self.replicas)),
+            ray.get_runtime_context().get_node_id(), os.getpid(),
+        )
+
+    # --- primary: set-up ---------------------------------------------------------
 
     async def load(self, params: np.ndarray, step: int = 0, optimizer_state: dict | None = None) -> int:
+        self._require_primary()
         self.state.load(params, step, optimizer_state)
         self._latest = self.state.params_copy()
+        self._previous = None
+        if not self.replicate:  # the baseline can always roll back to the start
+            save_shard_checkpoint(self.checkpoint_dir, self.state.shard.index, step, self._latest, self.state.optimizer.state_dict())
         return self.state.step
 
-    async def pull(self) -> np.ndarray:
-        """Current parameters of the shard (no waiting)."""
+    def _snapshot(self) -> Snapshot:
+        s = self.state
+        return Snapshot(s.step, self._latest, s.optimizer.state_dict(), self._previous)
+
+    async def set_replica(self, holder_handle) -> int:
+        """Send a full snapshot to ``holder_handle`` and log every later update there. Returns bytes sent."""
+        self._require_primary()
+        event = self._event()
+        self._holder = None
+        event.clear()
+        snapshot = self._snapshot()
+        await holder_handle.install_replica.remote(self.state.shard.index, snapshot)
+        self._holder = holder_handle
+        event.set()
+        self.replica_bytes_sent += snapshot.nbytes
+        logger.info("%s replica of shard %d installed at seq %d (%d bytes)", self._tag, self.state.shard.index, snapshot.seq, snapshot.nbytes)
+        return snapshot.nbytes
+
+    async def recover_primary(self, slot: int, shard: ShardRange, holder_handle, epoch: int) -> RecoveryStats:
+        """Become shard ``shard``'s primary: fetch its snapshot + log from the holder and replay it."""
+        t0 = time.perf_counter()
+        snapshot, entries = await holder_handle.export_replica.remote(shard.index)
+        result = replay(snapshot, entries, shard, self.optim_cfg, self.total_steps)
+        self.slot, self.state, self.epoch = slot, result.state, epoch
+        self._latest = self.state.params_copy()
+        self._previous = result.previous_params
+        self._holder = holder_handle
+        self._event().set()
+        moved = snapshot.nbytes + sum(c.nbytes for c in entries)
+        logger.info("%s rebuilt from replica: %d commands replayed on snapshot seq %d", self._tag, result.replayed, snapshot.seq)
+        return RecoveryStats(result.replayed, moved, time.perf_counter() - t0, self.state.step)
+
+    async def restore_checkpoint(self, slot: int, shard: ShardRange, path: str, epoch: int) -> RecoveryStats:
+        """recovery=checkpoint baseline: become (or rewind) shard ``shard``'s primary from a checkpoint file."""
+        t0 = time.perf_counter()
+        params, step, opt_state, nbytes = load_shard_checkpoint(path)
+        if self.state is None or self.state.shard.index != shard.index:
+            self.state = ShardState(shard, self.optim_cfg, self.total_steps)
+        for fut in self._replies.values():  # calls parked on a step that is being rolled back
+            if not fut.done():
+                fut.set_exception(TrainingError(f"{self._tag} rolled back to checkpoint step {step}"))
+        self._pending.clear()
+        self._replies.clear()
+        self.state.load(params, step, opt_state)
+        self.state.updates_applied = step
+        self.slot, self.epoch = slot, epoch
+        self._latest, self._previous = self.state.params_copy(), None
+        return RecoveryStats(0, nbytes, time.perf_counter() - t0, step)
+
+    def assign_slot(self, slot: int) -> None:
+        self.slot = slot
+
+    # --- primary: training traffic -------------------------------------------------
+
+    async def pull(self, step: int | None = None) -> np.ndarray:
+        """Parameters as of ``step`` (the current one when None; the one before is kept for restarted workers)."""
+        self._require_primary()
         if self._latest is None:
-            raise TrainingError(f"server {self.state.shard.index} was never loaded with initial parameters")
-        return self._latest
+            raise TrainingError(f"{self._tag} was never loaded with initial parameters")
+        if step is None or step == self.state.step:
+            return self._latest
+        if step == self.state.step - 1 and self._previous is not None:
+            return self._previous
+        raise TrainingError(f"{self._tag} cannot serve parameters of step {step}: it holds step {self.state.step} (and the one before)")
 
     async def push_pull(self, rank: int, step: int, grad: np.ndarray) -> np.ndarray:
+        self._require_primary()
         state = self.state
         if step < state.step:
             # already applied (a retried call): answer with the current parameters
@@ -61,7 +201,7 @@ class ParameterServer:
             return self._latest  # type: ignore[return-value]
         if step > state.step:
             raise TrainingError(
-                f"{self._tag} step={state.step}] worker {rank} pushed step {step} ahead of the shard; "
+                f"{self._tag} worker {rank} pushed step {step} ahead of the shard; "
                 "a worker may only push the step the shard is waiting for in sync mode"
             )
         pushes = self._pending.setdefault(step, {})
@@ -72,14 +212,93 @@ class ParameterServer:
         if reply is None:
             reply = self._replies[step] = asyncio.get_running_loop().create_future()
         if len(pushes) == self.num_workers:
-            mean = aggregate_in_rank_order(pushes, self.num_workers)
-            state.apply(mean, state.hyper_params(step))
-            self._latest = state.params_copy()
             del self._pending[step]
+            await self._commit(step, aggregate_in_rank_order(pushes, self.num_workers))
             del self._replies[step]
             reply.set_result(self._latest)
         return await reply
 
+    async def _commit(self, step: int, mean: np.ndarray) -> None:
+        """Apply one update; with replication, only return once the holder has logged its command."""
+        state = self.state
+        hp = state.hyper_params(step)
+        command = Command(step, mean, hp)
+        snapshot_due = self.replicate and (step + 1) % self.snapshot_interval == 0
+        pending = None
+        if self.replicate and not snapshot_due and self._holder is not None:
+            # .remote() serializes the command now; the holder copies it while we run the optimizer
+            pending = (self._holder, self._holder.append.remote(state.shard.index, command, None))
+        previous = self._latest
+        state.apply(mean, hp)
+        self._latest, self._previous = state.params_copy(), previous
+        if self.replicate:
+            snapshot = self._snapshot() if snapshot_due else None
+            await self._log(command, snapshot, pending)
+        elif state.step % self.checkpoint_interval == 0:
+            save_shard_checkpoint(self.checkpoint_dir, state.shard.index, state.step, self._latest, state.optimizer.state_dict())
+
+    async def _log(self, command: Command, snapshot: Snapshot | None, pending) -> None:
+        import ray
+
+        while True:
+            if pending is None:
+                holder = self._holder
+                if holder is None:  # the holder died: wait for the supervisor to give us a new one
+                    await self._event().wait()
+                    continue
+                pending = (holder, holder.append.remote(self.state.shard.index, command, snapshot))
+                if snapshot is not None:
+                    self._snapshots_sent += 1
+                    if ("snapshot_send", self._snapshots_sent) in self._faults:
+                        logger.warning("%s fault injection: dying while snapshot %d is in flight", self._tag, self._snapshots_sent)
+                        _die()
+            holder, ref = pending
+            try:
+                await ref
+                self.replica_bytes_sent += command.nbytes + (snapshot.nbytes if snapshot else 0)
+                return
+            except ray.exceptions.RayActorError:
+                logger.warning("%s replica holder died while logging seq %d; waiting for a new one", self._tag, command.seq)
+                if self._holder is holder:
+                    self._holder = None
+                    self._event().clear()
+                pending = None
+
+    # --- replica holder ------------------------------------------------------------
+
+    async def install_replica(self, shard: int, snapshot: Snapshot) -> int:
+        self.replicas[shard] = CommandLog.from_snapshot(snapshot)
+        return self.replicas[shard].next_seq
+
+    async def append(self, shard: int, command: Command, snapshot: Snapshot | None = None) -> int:
+        log = self.replicas.get(shard)
+        if log is None:
+            raise TrainingError(f"[replica slot={self.slot}] holds no replica of shard {shard}")
+        log.append(command)
+        if snapshot is not None:
+            n = self._snapshots_received[shard] = self._snapshots_received.get(shard, 0) + 1
+            if ("snapshot_receive", shard, n) in self._faults:
+                logger.warning("[replica slot=%s] fault injection: dying while installing snapshot %d of shard %d", self.slot, n, shard)
+                _die()
+            log.install_snapshot(snapshot)
+        return log.next_seq
+
+    async def export_replica(self, shard: int) -> tuple[Snapshot, list[Command]]:
+        log = self.replicas.get(shard)
+        if log is None:
+            raise TrainingError(f"[replica slot={self.slot}] holds no replica of shard {shard}")
+        return log.snapshot, list(log.entries)
+
+    async def drop_replica(self, shard: int) -> None:
+        self.replicas.pop(shard, None)
+
+    # --- both ------------------------------------------------------------------------
+
+    def _require_primary(self) -> None:
+        if self.state is None:
+            raise TrainingError(f"[server slot={self.slot}] is not a primary (a spare or a dedicated replica holder)")
+
     async def stats(self) -> ShardStats:
+        self._require_primary()
         s = self.state
         return ShardStats(s.shard.index, s.step, s.updates_applied, self.duplicate_pushes, s.shard.size)

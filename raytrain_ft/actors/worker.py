@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import traceback
@@ -18,6 +19,9 @@ from raytrain_ft.models import build_model
 from raytrain_ft.params import FlatModel, ShardRange, overlapping_shards
 
 logger = logging.getLogger(__name__)
+
+MAX_REROUTES = 20
+"""Consecutive failed calls to one shard a worker tolerates (each waits for a rebuilt server)."""
 
 # Arrays from the object store are read-only views; we only ever copy out of them.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -42,16 +46,21 @@ class WorkerStatus:
     device: str
     acked_per_shard: tuple[int, ...]
     """Per shard: how many updates (steps) the shard has acknowledged to this worker."""
+    pid: int
+    reroutes: int
+    """Calls resent to a rebuilt server after the old one died."""
 
 
 class Worker:
     """Trains one rank: forward/backward on its own partition, one push_pull per shard per step.
 
-    Can lose: its model copy and its position; both come back from the
-    servers (parameters) and the pure batch order (data) when restarted.
+    Can lose: its model copy and its position; both come back when the
+    supervisor restarts the rank: parameters as of the shards' step (a shard
+    keeps the step before too, for a worker that died mid-step) and the batch
+    order, a pure function of (seed, epoch, rank, step).
     """
 
-    def __init__(self, rank: int, config: TrainConfig, shards: list[ShardRange], server_handles: list, device: str = "cpu"):
+    def __init__(self, rank: int, config: TrainConfig, shards: list[ShardRange], routing: list[tuple], supervisor_handle=None, device: str = "cpu"):
         torch.set_num_threads(config.cluster.cpus_per_worker)
         self.rank = rank
         self.config = config
@@ -75,10 +84,10 @@ class Worker:
         self._finished_at: float | None = None
         self._error: str | None = None
         self._step_end_times: list[float] = []
-        self.exchange = ShardExchange(rank, self.model, self.flat, shards, server_handles, self._host_grad, config.cluster.overlap_comm)
+        self.exchange = ShardExchange(rank, self.model, self.flat, shards, routing, self._host_grad, config.cluster.overlap_comm, supervisor_handle)
 
-    def ready(self) -> str:
-        return str(self.device)
+    def ready(self) -> int:
+        return os.getpid()
 
     def start(self, start_step: int, end_step: int) -> bool:
         """Begin training steps ``[start_step, end_step)`` in a background thread."""
@@ -94,6 +103,7 @@ class Worker:
         return WorkerStatus(
             self.rank, self._step, self._end_step, self._last_loss, self._samples, self._compute_s, self._wait_s,
             self._started_at, self._finished_at, done, self._error, str(self.device), tuple(self.exchange.acked),
+            os.getpid(), self.exchange.reroutes,
         )
 
     def step_end_times(self) -> list[float]:
@@ -122,7 +132,7 @@ class Worker:
             prefetch=cfg.data.prefetch_batches,
         )
         self.model.train()
-        self.exchange.pull_all()
+        self.exchange.pull_all(self._step)
         try:
             while self._step < self._end_step:
                 t0 = time.perf_counter()
@@ -169,8 +179,15 @@ class ShardExchange:
     ``overlap_comm: false``.
     """
 
-    def __init__(self, rank: int, model: torch.nn.Module, flat: FlatModel, shards: list[ShardRange], servers: list, host_grad: torch.Tensor, overlap: bool):
-        self.rank, self.flat, self.shards, self.servers = rank, flat, shards, servers
+    def __init__(self, rank: int, model: torch.nn.Module, flat: FlatModel, shards: list[ShardRange], routing: list[tuple], host_grad: torch.Tensor,
+                 overlap: bool, supervisor_handle=None):
+        self.rank, self.flat, self.shards = rank, flat, shards
+        self.servers = [h for h, _ in routing]
+        self.epochs = [e for _, e in routing]
+        self.supervisor = supervisor_handle
+        self.reroutes = 0
+        self._push_objs: list = [None] * len(shards)
+        self._pull_step: int | None = None
         self.host_grad = host_grad
         self.overlap = overlap
         self.acked = [0] * len(shards)
@@ -215,8 +232,10 @@ class ShardExchange:
             if not done:
                 self._push(i)
 
-    def pull_all(self) -> None:
-        self._refs = [h.pull.remote() for h in self.servers]
+    def pull_all(self, step: int) -> None:
+        """Fetch every shard's parameters as of ``step`` (a restarted worker resumes there)."""
+        self._pull_step = step
+        self._refs = [h.pull.remote(step) for h in self.servers]
         self._ref_steps = [None] * len(self.shards)
         if not self.overlap:
             self.install_all()
@@ -236,20 +255,46 @@ class ShardExchange:
         s = self.shards[i]
         if self.host_grad is not self.flat.flat_grad:  # GPU: stage the slice in pinned host memory
             self.host_grad[s.start : s.end].copy_(self.flat.flat_grad[s.start : s.end])
-        # .remote() copies the slice into the object store before returning
-        self._refs[i] = self.servers[i].push_pull.remote(self.rank, self._step, self.host_grad.numpy()[s.start : s.end])
-        self._ref_steps[i] = self._step
-        self._pushed[i] = True
-
-    def _install(self, indices) -> None:
         import ray
 
+        # one object-store copy per push, owned by this worker, kept for a retry to a rebuilt shard
+        self._push_objs[i] = ray.put(self.host_grad.numpy()[s.start : s.end])
+        self._ref_steps[i] = self._step
+        self._refs[i] = self._send(i)
+        self._pushed[i] = True
+
+    def _send(self, i: int):
+        step = self._ref_steps[i]
+        if step is None:
+            return self.servers[i].pull.remote(self._pull_step)
+        return self.servers[i].push_pull.remote(self.rank, step, self._push_objs[i])
+
+    def _get(self, i: int) -> np.ndarray:
+        """The reply of shard ``i``; if its server died, wait for the rebuilt one and resend (idempotent)."""
+        import ray
+
+        from raytrain_ft.errors import TrainingError
+
+        for attempt in range(MAX_REROUTES):
+            try:
+                return ray.get(self._refs[i])
+            except ray.exceptions.RayActorError as e:
+                if self.supervisor is None:
+                    raise TrainingError(f"[worker/{self.rank} step={self._step}] server of shard {i} died and no supervisor can rebuild it") from e
+                logger.warning("[worker/%d step=%d] server of shard %d (epoch %d) died; waiting for the new route", self.rank, self._step, i, self.epochs[i])
+                handle, epoch = ray.get(self.supervisor.route_after.remote(i, self.epochs[i]))
+                self.servers[i], self.epochs[i] = handle, epoch
+                self.reroutes += 1
+                self._refs[i] = self._send(i)
+        raise TrainingError(f"[worker/{self.rank} step={self._step}] shard {i} failed {MAX_REROUTES} times in a row; giving up")
+
+    def _install(self, indices) -> None:
         for i in indices:
             ref = self._refs[i]
             if ref is None:
                 continue
             t0 = time.perf_counter()
-            values = ray.get(ref)
+            values = self._get(i)
             s = self.shards[i]
             self.flat.flat[s.start : s.end].copy_(torch.from_numpy(values), non_blocking=True)
             self.wait_s += time.perf_counter() - t0

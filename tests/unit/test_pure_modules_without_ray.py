@@ -14,6 +14,11 @@ PURE_MODULES = [
     "raytrain_ft.data",
     "raytrain_ft.cli",
     "raytrain_ft.recovery",
+    "raytrain_ft.recovery.command_log",
+    "raytrain_ft.recovery.replay",
+    "raytrain_ft.recovery.policy",
+    "raytrain_ft.recovery.faults",
+    "raytrain_ft.recovery.checkpoint",
 ]
 
 SCRIPT = """

@@ -1,0 +1,104 @@
+"""The replica of one shard: a snapshot plus the command log of the updates applied since.
+
+A *command* is everything needed to redo one update: its ``seq`` (in sync mode
+the step), the aggregated update vector and the optimizer hyper-parameters in
+force. The replica holder appends a command before the primary acknowledges
+the update to any worker, so every acknowledged update is in some log.
+
+Arrays are copied on the way in: a command must not depend on memory owned by
+another process (an object-store value dies with the actor that put it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from raytrain_ft.optim import HyperParams
+
+
+class LogGapError(ValueError):
+    """A command arrived with a ``seq`` beyond the next one the log expects (a lost command)."""
+
+
+def _owned(array: np.ndarray) -> np.ndarray:
+    return np.array(array, dtype=np.float32, copy=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    seq: int
+    """Position in the shard's update order (sync mode: the step the update belongs to)."""
+    update: np.ndarray
+    """Aggregated update [shard.size] float32: gradient mean on the parameter part, buffer values after it."""
+    hp: HyperParams
+    """Optimizer hyper-parameters in force for this update."""
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.update.nbytes)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    seq: int
+    """Updates applied before it was taken (the next command's seq)."""
+    params: np.ndarray
+    """Shard values [shard.size] after update ``seq - 1``."""
+    optimizer_state: dict
+    """``FlatOptimizer.state_dict()`` at that point."""
+    previous_params: np.ndarray | None = None
+    """Shard values before update ``seq - 1`` (a worker that restarts mid-step pulls these), if known."""
+
+    @property
+    def nbytes(self) -> int:
+        n = self.params.nbytes + sum(v.numel() * v.element_size() for v in self.optimizer_state.get("state", {}).values())
+        return int(n + (self.previous_params.nbytes if self.previous_params is not None else 0))
+
+    def owned(self) -> "Snapshot":
+        prev = _owned(self.previous_params) if self.previous_params is not None else None
+        state = {"step_count": self.optimizer_state.get("step_count", 0), "state": {k: v.clone() for k, v in self.optimizer_state.get("state", {}).items()}}
+        return Snapshot(self.seq, _owned(self.params), state, prev)
+
+
+@dataclass(slots=True)
+class CommandLog:
+    """Replica of one shard held by a peer: ``snapshot`` + ``entries`` (seq snapshot.seq, snapshot.seq+1, ...)."""
+
+    snapshot: Snapshot
+    entries: list[Command] = field(default_factory=list)
+    duplicates: int = 0
+
+    @classmethod
+    def from_snapshot(cls, snapshot: Snapshot) -> "CommandLog":
+        return cls(snapshot.owned())
+
+    @property
+    def next_seq(self) -> int:
+        return self.snapshot.seq + len(self.entries)
+
+    def append(self, command: Command) -> bool:
+        """Add the next command; a seq already held is ignored (a retried send). Returns True if added."""
+        if command.seq < self.next_seq:
+            self.duplicates += 1
+            return False
+        if command.seq > self.next_seq:
+            raise LogGapError(f"command seq {command.seq} arrived, the log expects {self.next_seq}: a command is missing")
+        self.entries.append(Command(command.seq, _owned(command.update), command.hp))
+        return True
+
+    def install_snapshot(self, snapshot: Snapshot) -> int:
+        """Swap in a newer snapshot and drop the commands it covers. Returns how many were dropped."""
+        if snapshot.seq < self.snapshot.seq:
+            return 0  # stale (re-sent) snapshot
+        if snapshot.seq > self.next_seq:
+            raise LogGapError(f"snapshot at seq {snapshot.seq} is ahead of the log (next seq {self.next_seq})")
+        dropped = snapshot.seq - self.snapshot.seq
+        self.entries = [c for c in self.entries if c.seq >= snapshot.seq]
+        self.snapshot = snapshot.owned()
+        return dropped
+
+    @property
+    def nbytes(self) -> int:
+        return self.snapshot.nbytes + sum(c.nbytes for c in self.entries)

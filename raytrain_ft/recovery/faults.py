@@ -1,0 +1,102 @@
+"""Kill specifications (``ROLE[:INDEX]@step=N | @time=S | @recovery=N | @snapshot=N``) and random schedules.
+
+Pure: parsing, validation and scheduling. ``recovery/chaos.py`` carries the
+kills out against a running run.
+
+Triggers:
+- ``step=N``: once the slowest worker has reached step N;
+- ``time=S``: S seconds after training started;
+- ``recovery=N``: while the supervisor's N-th recovery is in progress (fired by the supervisor);
+- ``snapshot=N``: ``server:i`` dies right after sending its N-th snapshot, ``replica:i`` right after
+  receiving it, before installing it (fired inside the actor).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from raytrain_ft.errors import ConfigError
+
+ROLES = ("server", "replica", "worker", "supervisor", "node")
+TRIGGERS = ("step", "time", "recovery", "snapshot")
+
+
+@dataclass(frozen=True, slots=True)
+class KillSpec:
+    role: str
+    index: int
+    trigger: str
+    value: float
+
+    def __str__(self) -> str:
+        value = int(self.value) if self.trigger != "time" else self.value
+        return f"{self.role}:{self.index}@{self.trigger}={value}"
+
+
+def parse_kill(text: str, field: str = "kill") -> KillSpec:
+    """Parse ``ROLE[:INDEX]@TRIGGER=VALUE`` (e.g. ``server:1@step=40``, ``node:2@time=5``)."""
+    usage = "expected ROLE[:INDEX]@step=N or @time=S (or @recovery=N, @snapshot=N), e.g. server:0@step=20"
+    target, sep, when = text.strip().partition("@")
+    if not sep:
+        raise ConfigError(field, f"{text!r}: {usage}")
+    role, _, index_text = target.partition(":")
+    if role not in ROLES:
+        raise ConfigError(field, f"{text!r}: unknown role {role!r}; choose one of {', '.join(ROLES)}")
+    try:
+        index = int(index_text) if index_text else 0
+    except ValueError:
+        raise ConfigError(field, f"{text!r}: index {index_text!r} is not an integer") from None
+    trigger, eq, value_text = when.partition("=")
+    if not eq or trigger not in TRIGGERS:
+        raise ConfigError(field, f"{text!r}: {usage}")
+    try:
+        value = float(value_text)
+    except ValueError:
+        raise ConfigError(field, f"{text!r}: {value_text!r} is not a number") from None
+    if index < 0 or value < 0:
+        raise ConfigError(field, f"{text!r}: index and value must be >= 0")
+    if trigger == "snapshot" and role not in ("server", "replica"):
+        raise ConfigError(field, f"{text!r}: @snapshot applies to server or replica only")
+    if trigger == "recovery" and role == "supervisor":
+        raise ConfigError(field, f"{text!r}: the supervisor runs the recovery; kill it with @step or @time")
+    if role == "node" and index == 0:
+        raise ConfigError(field, f"{text!r}: node 0 is the head node (it runs the supervisor and Ray's control plane); kill node 1 or higher")
+    return KillSpec(role, index, trigger, value)
+
+
+def parse_kills(texts: str | list[str] | None, field: str = "kill") -> list[KillSpec]:
+    """Several specs, from a list or one comma-separated string."""
+    if not texts:
+        return []
+    if isinstance(texts, str):
+        texts = [t for t in texts.split(",") if t.strip()]
+    return [parse_kill(t, field) for t in texts]
+
+
+def check_targets(kills: list[KillSpec], num_shards: int, num_workers: int, num_nodes: int) -> None:
+    """Each kill names something the run has."""
+    limits = {"server": num_shards, "replica": num_shards, "worker": num_workers, "supervisor": 1, "node": num_nodes}
+    for k in kills:
+        if k.index >= limits[k.role]:
+            extra = " (run with --local-nodes N to simulate nodes)" if k.role == "node" and num_nodes <= 1 else ""
+            raise ConfigError("kill", f"{k}: the run has {limits[k.role]} {k.role}(s), index {k.index} does not exist{extra}")
+
+
+def random_schedule(seed: int, mtbf_s: float, duration_s: float, roles: list[str], sizes: dict[str, int]) -> list[KillSpec]:
+    """Kills at exponential inter-arrival times (mean ``mtbf_s``) over ``duration_s``, roles and indices uniform."""
+    if mtbf_s <= 0:
+        raise ConfigError("mtbf_s", f"must be > 0, got {mtbf_s}")
+    bad = [r for r in roles if r not in ROLES]
+    if bad or not roles:
+        raise ConfigError("roles", f"{bad or roles}: choose from {', '.join(ROLES)}")
+    rng = random.Random(seed)
+    out, t = [], 0.0
+    while True:
+        t += rng.expovariate(1.0 / mtbf_s)
+        if t >= duration_s:
+            return out
+        role = rng.choice(roles)
+        low = 1 if role == "node" else 0
+        index = rng.randrange(low, max(low + 1, sizes.get(role, 1)))
+        out.append(KillSpec(role, index, "time", round(t, 3)))

@@ -1,0 +1,68 @@
+"""Kill specs, random schedules and checkpoint files (pure)."""
+
+import numpy as np
+import pytest
+import torch
+
+from raytrain_ft.errors import ConfigError
+from raytrain_ft.recovery.checkpoint import latest_common_step, load_shard_checkpoint, save_shard_checkpoint
+from raytrain_ft.recovery.faults import KillSpec, check_targets, parse_kill, parse_kills, random_schedule
+
+
+@pytest.mark.parametrize("text, spec", [
+    ("server:1@step=40", KillSpec("server", 1, "step", 40)),
+    ("worker@time=2.5", KillSpec("worker", 0, "time", 2.5)),
+    ("replica:0@snapshot=2", KillSpec("replica", 0, "snapshot", 2)),
+    ("server:2@recovery=1", KillSpec("server", 2, "recovery", 1)),
+    ("node:2@step=10", KillSpec("node", 2, "step", 10)),
+    ("supervisor@step=5", KillSpec("supervisor", 0, "step", 5)),
+])
+def test_parse_kill(text, spec):
+    assert parse_kill(text) == spec
+    assert parse_kill(str(spec)) == spec
+
+
+@pytest.mark.parametrize("text, message", [
+    ("server:1", "expected ROLE"),
+    ("disk:1@step=3", "unknown role 'disk'"),
+    ("server:x@step=3", "not an integer"),
+    ("server@when=3", "expected ROLE"),
+    ("worker@snapshot=1", "server or replica only"),
+    ("supervisor@recovery=1", "kill it with @step"),
+    ("node:0@step=3", "head node"),
+    ("server@step=-1", ">= 0"),
+])
+def test_bad_kill_names_the_problem(text, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_kill(text)
+
+
+def test_kills_from_a_comma_list_and_targets_checked():
+    kills = parse_kills("server:0@step=3, worker:1@time=1")
+    assert len(kills) == 2
+    check_targets(kills, num_shards=2, num_workers=2, num_nodes=1)
+    with pytest.raises(ConfigError, match="index 2 does not exist"):
+        check_targets(parse_kills("server:2@step=1"), 2, 2, 1)
+    with pytest.raises(ConfigError, match="--local-nodes"):
+        check_targets(parse_kills("node:1@step=1"), 2, 2, 1)
+
+
+def test_random_schedule_is_seeded_and_bounded():
+    a = random_schedule(3, mtbf_s=2.0, duration_s=60, roles=["server", "worker", "node"], sizes={"server": 2, "worker": 4, "node": 3})
+    assert a == random_schedule(3, 2.0, 60, ["server", "worker", "node"], {"server": 2, "worker": 4, "node": 3})
+    assert 10 < len(a) < 60 and all(0 < k.value < 60 for k in a)
+    assert all(k.index >= 1 for k in a if k.role == "node") and all(k.index < 2 for k in a if k.role == "server")
+    with pytest.raises(ConfigError, match="choose from"):
+        random_schedule(0, 1.0, 10, ["disk"], {})
+
+
+def test_checkpoint_round_trip_and_newest_common_step(tmp_path):
+    params = np.arange(6, dtype=np.float32)
+    state = {"step_count": 4, "state": {"momentum": torch.ones(6)}}
+    path = save_shard_checkpoint(str(tmp_path), 0, 4, params, state)
+    loaded, step, opt, nbytes = load_shard_checkpoint(path)
+    assert np.array_equal(loaded, params) and step == 4 and torch.equal(opt["state"]["momentum"], torch.ones(6)) and nbytes > 0
+    save_shard_checkpoint(str(tmp_path), 1, 4, params, state)
+    save_shard_checkpoint(str(tmp_path), 0, 8, params, state)  # shard 1 has not written step 8 yet
+    assert latest_common_step(str(tmp_path), 2) == 4
+    assert latest_common_step(str(tmp_path / "missing"), 2) is None
