@@ -295,14 +295,16 @@ class _Run:
         return have >= self.cfg.cluster.num_workers
 
     def _node_ids(self) -> list[str]:
-        """Alive nodes, the driver's (head) first; empty on a single node (no placement needed)."""
+        """Alive nodes: the driver's (head) first, then simulated nodes in the order ``node:N`` kills count them;
+        empty on a single node (no placement needed)."""
         import ray
 
         head = ray.get_runtime_context().get_node_id()
         alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
         if len(alive) <= 1:
             return []
-        return [head] + sorted(n for n in alive if n != head)
+        ordered = [n.node_id for n in self.session.worker_nodes]
+        return [head] + ordered + sorted(n for n in alive if n != head and n not in ordered)
 
     def start(self) -> None:
         import tempfile
@@ -334,19 +336,44 @@ class _Run:
             raise ClusterError(f"the run's actors failed to start: {cause}") from e
         self.chaos = ChaosRunner(self.kills, self.supervisor, self.session.cluster, self.session.worker_nodes)
 
-    def wait(self, on_progress) -> tuple[list, float]:
+    def _poll(self, pending):
+        """The supervisor's status, or -- while it restarts -- the step the live workers report."""
         import ray
 
+        ready, _ = ray.wait([pending], timeout=0.5)
+        if ready:
+            self.status = ray.get(pending)
+            self.chaos.targets = self.status.targets
+            return None, [s for s in self.status.workers if s is not None]
+        if self.chaos.targets is None:
+            return pending, []
+        refs = [h.poll_status.remote() for h, _ in self.chaos.targets.workers if h is not None]
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0.5)
+        statuses = []
+        for ref in done:
+            with contextlib.suppress(ray.exceptions.RayActorError):
+                statuses.append(ray.get(ref))
+        return pending, statuses
+
+    def wait(self, on_progress) -> tuple[list, float]:
         cfg = self.cfg
         t_start = time.time()
         last_progress = 0.0
+        pending = None
         while True:
-            self.status = status = ray.get(self.supervisor.status.remote())
-            statuses = [s for s in status.workers if s is not None]
+            if pending is None:
+                pending = self.supervisor.status.remote()
+            pending, statuses = self._poll(pending)
             step = min((s.step for s in statuses), default=0) if len(statuses) == cfg.cluster.num_workers else 0
+            status = self.status
+            if status is not None and pending is None:
+                if status.state == "failed":
+                    raise TrainingError(status.failure or "the supervisor gave up")
+                if status.state == "done":
+                    started = min(s.started_at for s in statuses)
+                    finished = max(s.finished_at for s in statuses)
+                    return statuses, max(finished - started, finished - t_start)
             self.chaos.tick(step)
-            if status.state == "failed":
-                raise TrainingError(status.failure or "the supervisor gave up")
             now = time.time()
             if on_progress is not None and statuses and now - last_progress >= min(cfg.log_every_s, 0.2 if now - t_start < 2 else cfg.log_every_s):
                 last_progress = now
@@ -362,10 +389,6 @@ class _Run:
                         elapsed_s=now - t_start,
                     )
                 )
-            if status.state == "done":
-                started = min(s.started_at for s in statuses)
-                finished = max(s.finished_at for s in statuses)
-                return statuses, max(finished - started, finished - t_start)
             # poll faster while kills wait for their step
             time.sleep(0.02 if not self.chaos.done else min(cfg.log_every_s, 0.1))
 

@@ -44,8 +44,14 @@ class RecoveryStats:
     step: int
 
 
-def _die() -> None:
-    """A real crash: SIGKILL this process (fault injection only)."""
+def _die(fault_key: str, spec: str) -> None:
+    """A real crash for fault injection: record the kill in Ray's internal KV, then SIGKILL this process."""
+    import json
+
+    from ray.experimental import internal_kv
+
+    record = {"kill": spec, "at": time.time(), "how": "SIGKILL (self, mid-snapshot)"}
+    internal_kv._internal_kv_put(f"{fault_key}{spec}", json.dumps(record).encode(), overwrite=True)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -66,7 +72,7 @@ class ParameterServer:
 
     def __init__(self, slot: int | None, shard: ShardRange | None, optim_cfg: OptimConfig, total_steps: int, num_workers: int,
                  threads: int = 1, snapshot_interval: int = 50, checkpoint_dir: str | None = None, checkpoint_interval: int = 0,
-                 faults: tuple = ()):
+                 faults: dict | None = None, fault_key: str = ""):
         import torch
 
         torch.set_num_threads(threads)
@@ -89,9 +95,10 @@ class ParameterServer:
         self.replica_bytes_sent = 0
         self._snapshots_sent = 0
         self._snapshots_received: dict[int, int] = {}
-        # fault injection: ("snapshot_send", n) dies after sending the n-th snapshot;
+        # fault injection, {trigger: spec}: ("snapshot_send", n) dies after sending the n-th snapshot;
         # ("snapshot_receive", shard, n) dies on receiving shard's n-th snapshot
-        self._faults = set(faults)
+        self._faults = dict(faults or {})
+        self._fault_key = fault_key
 
     @property
     def _tag(self) -> str:
@@ -249,9 +256,10 @@ class ParameterServer:
                 pending = (holder, holder.append.remote(self.state.shard.index, command, snapshot))
                 if snapshot is not None:
                     self._snapshots_sent += 1
-                    if ("snapshot_send", self._snapshots_sent) in self._faults:
+                    spec = self._faults.get(("snapshot_send", self._snapshots_sent))
+                    if spec:
                         logger.warning("%s fault injection: dying while snapshot %d is in flight", self._tag, self._snapshots_sent)
-                        _die()
+                        _die(self._fault_key, spec)
             holder, ref = pending
             try:
                 await ref
@@ -277,9 +285,10 @@ class ParameterServer:
         log.append(command)
         if snapshot is not None:
             n = self._snapshots_received[shard] = self._snapshots_received.get(shard, 0) + 1
-            if ("snapshot_receive", shard, n) in self._faults:
+            spec = self._faults.get(("snapshot_receive", shard, n))
+            if spec:
                 logger.warning("[replica slot=%s] fault injection: dying while installing snapshot %d of shard %d", self.slot, n, shard)
-                _die()
+                _die(self._fault_key, spec)
             log.install_snapshot(snapshot)
         return log.next_seq
 

@@ -59,6 +59,24 @@ PROBE_TIMEOUT_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
+class Targets:
+    """Who plays each role right now: (handle, pid) per server slot and per worker rank."""
+
+    num_shards: int
+    slots: tuple
+    workers: tuple
+
+    def lookup(self, role: str, index: int) -> tuple:
+        if role == "server":
+            return self.slots[index]
+        if role == "replica":
+            return self.slots[replica_slot(index, self.num_shards)]
+        if role == "worker":
+            return self.workers[index]
+        raise ValueError(f"no actor plays role {role!r}")
+
+
+@dataclass(frozen=True, slots=True)
 class SupervisorStatus:
     state: str
     workers: tuple
@@ -69,6 +87,7 @@ class SupervisorStatus:
     """Times the supervisor itself was restarted."""
     epochs: tuple[int, ...]
     shard_steps: tuple[int, ...]
+    targets: Targets
 
 
 def kill_process(handle, pid: int | None) -> str:
@@ -141,10 +160,11 @@ class Supervisor:
 
         opts = dict(name=f"{self.run_id}/{kind}-{uuid.uuid4().hex[:8]}", namespace=NAMESPACE, lifetime="detached", max_restarts=0, **resources)
         if node_id:
-            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=True)
+            # hard affinity: soft affinity does not place zero-CPU actors (measured); the node is alive when chosen
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=False)
         return opts
 
-    def _new_server(self, slot: int | None, shard: int | None, node_id: str | None, faults: tuple = ()):
+    def _new_server(self, slot: int | None, shard: int | None, node_id: str | None, faults: dict | None = None):
         import ray
 
         from raytrain_ft.actors.server import ParameterServer
@@ -153,7 +173,7 @@ class Supervisor:
         cls = ray.remote(ParameterServer).options(**self._options("server", node_id, num_cpus=0))
         return cls.remote(
             slot, self.ranges[shard] if shard is not None else None, self.cfg.optim, self.total_steps, self.w, cc.server_threads,
-            rc.snapshot_interval, None if self.replica_mode else self.checkpoint_dir, rc.checkpoint_interval, faults,
+            rc.snapshot_interval, None if self.replica_mode else self.checkpoint_dir, rc.checkpoint_interval, faults, self._fault_key,
         )
 
     def _new_worker(self, rank: int):
@@ -167,16 +187,21 @@ class Supervisor:
             routing = [(self.slots[i], self.epochs[i]) for i in range(self.k)]
         return cls.remote(rank, self.cfg, self.ranges, routing, self._self_handle, self.device)
 
-    def _server_faults(self, slot: int, kills: tuple[KillSpec, ...]) -> tuple:
-        out = []
+    @property
+    def _fault_key(self) -> str:
+        return f"raytrain_ft/{self.run_id}/kill/"
+
+    def _server_faults(self, slot: int, kills: tuple[KillSpec, ...]) -> dict:
+        """The @snapshot kills a slot's first actor carries out itself (replacements carry none)."""
+        out = {}
         for k in kills:
             if k.trigger != "snapshot":
                 continue
             if k.role == "server" and k.index == primary_shard(slot, self.k):
-                out.append(("snapshot_send", int(k.value)))
+                out[("snapshot_send", int(k.value))] = str(k)
             if k.role == "replica" and replica_slot(k.index, self.k) == slot:
-                out.append(("snapshot_receive", k.index, int(k.value)))
-        return tuple(out)
+                out[("snapshot_receive", k.index, int(k.value))] = str(k)
+        return out
 
     # --- start ---------------------------------------------------------------------
 
@@ -280,7 +305,7 @@ class Supervisor:
             return None
         try:
             return ray.get(ref)
-        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError):
+        except ray.exceptions.RayError:  # died, unschedulable (its node is gone), or its reply was lost
             return False
 
     def _unreplicated(self, slots_alive: list[bool]) -> tuple[int, ...]:
@@ -297,9 +322,15 @@ class Supervisor:
 
     # --- ClusterOps: actions -----------------------------------------------------------------
 
+    def _alive_nodes(self) -> list[str]:
+        import ray
+
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        return [n for n in self.node_ids if n in alive]
+
     def add_spare(self) -> None:
-        nodes = self.node_ids or [None]
-        node = nodes[(len(self.spares) + self.server_replacements + 1) % len(nodes)] if self.node_ids else None
+        nodes = self._alive_nodes()
+        node = nodes[(len(self.spares) + self.server_replacements) % len(nodes)] if nodes else None
         handle = self._new_server(None, None, node)
         self.spares.append((handle, handle.ready.remote(), node))
 
@@ -315,7 +346,7 @@ class Supervisor:
             try:
                 ray.get(spare[1], timeout=PROBE_TIMEOUT_S * 5)
                 return spare[0]
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            except ray.exceptions.RayError:  # RayActorError, GetTimeoutError, unschedulable
                 continue
         handle = self._new_server(None, None, None)
         wait_ready([handle.ready.remote()], "a replacement parameter server", [handle])
@@ -579,21 +610,22 @@ class Supervisor:
     def status(self) -> SupervisorStatus:
         steps = tuple(d.step if d is not None else -1 for d in self.slot_desc[: self.k])
         return SupervisorStatus(self.core.state.value, tuple(self.worker_status), tuple(self.events), self.core.failure,
-                                self.restarts, tuple(self.epochs), steps)
+                                self.restarts, tuple(self.epochs), steps, self.targets())
+
+    def targets(self) -> Targets:
+        workers = tuple((w, s.pid if s is not None else None) for w, s in zip(self.workers, self.worker_status))
+        return Targets(self.k, tuple(zip(self.slots, self.slot_pids)), workers)
 
     def target(self, role: str, index: int) -> tuple:
         """(handle, pid) of what a kill spec names right now."""
-        if role == "server":
-            return self.slots[index], self.slot_pids[index]
-        if role == "replica":
-            j = replica_slot(index, self.k)
-            return self.slots[j], self.slot_pids[j]
-        if role == "worker":
-            return self.workers[index], (self.worker_status[index].pid if self.worker_status[index] else None)
-        raise ValueError(f"the supervisor cannot target role {role!r}")
+        return self.targets().lookup(role, index)
 
     def kills_done(self) -> list[dict]:
-        return list(self.kills_fired)
+        """Kills fired by the supervisor (@recovery) and by servers on themselves (@snapshot)."""
+        from ray.experimental import internal_kv
+
+        inside = [json.loads(internal_kv._internal_kv_get(key)) for key in internal_kv._internal_kv_list(self._fault_key)]
+        return list(self.kills_fired) + inside
 
     def final(self) -> dict:
         """Final parameters, server stats, step times, and an I4 check: each replica replayed equals its primary."""
@@ -624,8 +656,11 @@ class Supervisor:
 
 
 def kill_run_actors(run_id: str) -> int:
+    """Kill every actor of the run but the supervisor, and drop the run's entries in Ray's internal KV."""
     import ray
+    from ray.experimental import internal_kv
 
+    internal_kv._internal_kv_del(f"raytrain_ft/{run_id}/", del_by_prefix=True)
     n = 0
     for a in ray.util.list_named_actors(all_namespaces=True):
         if a["namespace"] == NAMESPACE and a["name"].startswith(f"{run_id}/") and not a["name"].endswith("/supervisor"):

@@ -23,6 +23,8 @@ class ChaosRunner:
     def __init__(self, kills: list[KillSpec], supervisor_handle, cluster=None, worker_nodes: list | None = None):
         self.pending = [k for k in kills if k.trigger in ("step", "time")]
         self.supervisor = supervisor_handle
+        self.targets = None
+        """Latest ``Targets`` from the supervisor (kills work while the supervisor itself restarts)."""
         self.cluster = cluster
         self.worker_nodes = worker_nodes or []
         self.fired: list[dict] = []
@@ -54,7 +56,8 @@ class ChaosRunner:
             self.cluster.remove_node(node, allow_graceful=False)
             how = "cluster.remove_node"
         else:
-            handle, pid = ray.get(self.supervisor.target.remote(k.role, k.index))
+            targets = self.targets or ray.get(self.supervisor.targets.remote())
+            handle, pid = targets.lookup(k.role, k.index)
             how = kill_process(handle, pid)
         record = {"kill": str(k), "at": at, "step": step, "how": how}
         self.fired.append(record)

@@ -1,0 +1,161 @@
+"""Real kills against real runs; every run must complete with I1-I4 holding.
+
+I1 nothing lost: updates acknowledged == updates applied == shards x steps.
+I2 same run: the params hash equals the failure-free run with the same seed.
+I3 no files: the (configured) checkpoint directory is never created in replica mode.
+I4 no open window: every shard's replica, replayed, equals its primary at the end,
+   and every server recovery re-replicated what the dead actor held.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from raytrain_ft.config import ClusterConfig, DataConfig, ModelConfig, OptimConfig, RecoveryConfig, TrainConfig
+from raytrain_ft.recovery.faults import parse_kills
+from raytrain_ft.trainer import Trainer
+
+pytestmark = pytest.mark.chaos
+
+STEPS = 60
+
+
+def _config(num_servers=2, kill=None, checkpoint_dir=None, **recovery):
+    return TrainConfig(
+        model=ModelConfig(name="cnn"),
+        data=DataConfig(dataset="digits", image_size=8, batch_size=16),
+        optim=OptimConfig(name="sgd", lr=0.05, momentum=0.9),
+        cluster=ClusterConfig(num_workers=2, num_servers=num_servers),
+        recovery=RecoveryConfig(snapshot_interval=10, kill=kill, checkpoint_dir=checkpoint_dir, **recovery),
+        steps=STEPS,
+        seed=3,
+    )
+
+
+_baselines: dict[int, str] = {}
+
+
+def baseline_hash(num_servers: int) -> str:
+    if num_servers not in _baselines:
+        result = Trainer(_config(num_servers)).fit()
+        assert result.recoveries == [] and result.kills == []
+        _baselines[num_servers] = result.params_sha256
+    return _baselines[num_servers]
+
+
+def assert_invariants(result, num_servers: int, kills: str, tmp_path, baseline: str):
+    fired = sorted(k["kill"] for k in result.kills)
+    assert fired == sorted(str(k) for k in parse_kills(kills)), "each fault fires exactly once"
+    assert result.steps_completed == STEPS
+    # I1
+    assert result.updates_acknowledged == result.updates_applied == num_servers * STEPS
+    # I2
+    assert result.params_sha256 == baseline
+    # I3
+    assert not os.path.exists(tmp_path / "checkpoints")
+    # I4
+    assert result.replicas_match == [True] * num_servers
+    for event in result.recoveries:
+        assert event["duration_s"] < 30, event
+        if event["role"] in ("server", "replica"):
+            assert event["source"] == "replica"
+
+
+def _run(tmp_path, num_servers, kills):
+    baseline = baseline_hash(num_servers)
+    result = Trainer(_config(num_servers, kill=kills, checkpoint_dir=str(tmp_path / "checkpoints"))).fit()
+    assert_invariants(result, num_servers, kills, tmp_path, baseline)
+    return result
+
+
+def _roles(result):
+    return sorted((e["role"], e["index"]) for e in result.recoveries)
+
+
+def test_kill_a_primary(ray_local, tmp_path):
+    result = _run(tmp_path, 2, "server:0@step=20")
+    assert _roles(result) == [("server", 0)]
+    event = result.recoveries[0]
+    assert event["rereplicated"] == [1] and event["replayed"] >= 0 and event["bytes_moved"] > 0
+    assert sum(w["reroutes"] for w in result.workers) >= 1
+
+
+def test_kill_the_dedicated_replica_holder_of_a_single_shard(ray_local, tmp_path):
+    result = _run(tmp_path, 1, "replica:0@step=20")
+    assert _roles(result) == [("replica", 1)]
+
+
+def test_kill_a_peer_that_holds_a_replica(ray_local, tmp_path):
+    # with 2 shards the replica of shard 1 lives on slot 0 (shard 0's primary)
+    result = _run(tmp_path, 2, "replica:1@step=25")
+    assert _roles(result) == [("server", 0)] and result.recoveries[0]["rereplicated"] == [1]
+
+
+def test_kill_a_worker(ray_local, tmp_path):
+    result = _run(tmp_path, 2, "worker:1@step=20")
+    (event,) = result.recoveries
+    assert event["role"] == "worker" and event["index"] == 1 and 20 <= event["step"] < STEPS
+
+
+def test_kill_the_supervisor(ray_local, tmp_path):
+    result = _run(tmp_path, 2, "supervisor@step=15")
+    assert result.supervisor_restarts == 1 and _roles(result) == [("supervisor", 0)]
+
+
+def test_kill_the_supervisor_then_a_primary(ray_local, tmp_path):
+    # the restarted supervisor rebuilt its routing table and can recover a shard
+    result = _run(tmp_path, 2, "supervisor@step=10,server:1@step=30")
+    assert _roles(result) == [("server", 1), ("supervisor", 0)]
+
+
+def test_kill_two_shards_primaries_at_once(ray_local, tmp_path):
+    # non-adjacent in the ring: each one's replica lives on a survivor
+    result = _run(tmp_path, 4, "server:0@step=20,server:2@step=20")
+    assert _roles(result) == [("server", 0), ("server", 2)]
+
+
+def test_kill_the_replacement_while_its_recovery_is_in_progress(ray_local, tmp_path):
+    result = _run(tmp_path, 2, "server:0@step=20,server:0@recovery=1")
+    assert _roles(result) == [("server", 0)]
+
+
+def test_kill_another_primary_while_a_recovery_is_in_progress(ray_local, tmp_path):
+    result = _run(tmp_path, 4, "server:0@step=20,server:2@recovery=1")
+    assert _roles(result) == [("server", 0), ("server", 2)]
+
+
+def test_kill_a_primary_while_its_snapshot_is_in_flight(ray_local, tmp_path):
+    result = _run(tmp_path, 2, "server:0@snapshot=2")
+    assert _roles(result) == [("server", 0)]
+
+
+def test_kill_a_holder_while_it_installs_a_snapshot(ray_local, tmp_path):
+    result = _run(tmp_path, 2, "replica:1@snapshot=2")
+    assert _roles(result) == [("server", 0)]
+
+
+def test_kill_a_node_of_three(ray_local, tmp_path):
+    """Via the CLI on 3 simulated nodes (its own Ray, in a subprocess): the node's server and workers die together."""
+    baseline = baseline_hash(3)
+    out = tmp_path / "run.json"
+    kills = "node:1@step=20"
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    cmd = [sys.executable, "-m", "raytrain_ft.cli", "train", "--quiet", "--output-json", str(out), "--local-nodes", "3",
+           "--model", "cnn", "--dataset", "digits", "--image-size", "8", "--batch-size", "16", "--optimizer", "sgd", "--lr", "0.05",
+           "--momentum", "0.9", "--num-workers", "2", "--num-servers", "3", "--snapshot-interval", "10", "--steps", str(STEPS),
+           "--seed", "3", "--kill", kills, "--checkpoint-dir", str(tmp_path / "checkpoints")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads(out.read_text())
+
+    class Result:
+        pass
+
+    result = Result()
+    result.__dict__.update(summary)
+    assert_invariants(result, 3, kills, tmp_path, baseline)
+    roles = _roles(result)
+    assert ("server", 1) in roles, roles  # slot 1 lives on node 1
