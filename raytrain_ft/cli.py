@@ -65,6 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output-json", help="write the JSON summary here")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_flags(train)
+    chaos = sub.add_parser("chaos", help="kill actors of a running run on a schedule (fault injection)")
+    chaos.add_argument("--address", default="auto", help="Ray cluster address (default: auto, the cluster this machine is part of)")
+    chaos.add_argument("--run-id", help="the run to attack (default: the only active run)")
+    chaos.add_argument("--kill", action="append", default=[], help="ROLE[:INDEX]@step=N or @time=S, ROLE server|replica|worker|supervisor (repeatable)")
+    chaos.add_argument("--random", action="store_true", help="random kills: exponential gaps with mean --mtbf-s over --duration-s")
+    chaos.add_argument("--mtbf-s", type=float, default=10.0, help="random mode: mean seconds between kills")
+    chaos.add_argument("--duration-s", type=float, default=60.0, help="random mode: length of the schedule")
+    chaos.add_argument("--roles", default="server,replica,worker,supervisor", help="random mode: roles to pick from")
+    chaos.add_argument("--seed", type=int, default=0, help="random mode: schedule seed")
+    chaos.add_argument("--min-gap-s", type=float, default=1.0, help="random mode: least seconds between kills (replicas survive one failure at a time)")
     return parser
 
 
@@ -89,6 +99,36 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chaos(args: argparse.Namespace) -> int:
+    from raytrain_ft.recovery.faults import parse_kills, random_schedule
+
+    kills = parse_kills(args.kill, "--kill")
+    if not args.random and not kills:
+        raise ConfigError("--kill", "give at least one --kill, or --random")
+    import ray
+
+    from raytrain_ft.recovery.chaos import find_supervisor, run_schedule
+    from raytrain_ft.trainer import check_reachable
+
+    check_reachable(args.address)
+    try:
+        ray.init(address=args.address, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError) as e:
+        raise ClusterError(f"could not connect to Ray at {args.address!r}: {e}; check --address") from e
+    try:
+        run_id, supervisor = find_supervisor(args.run_id)
+        if args.random:
+            status = ray.get(supervisor.status.remote())
+            sizes = {"server": len(status.epochs), "replica": len(status.epochs), "worker": len(status.workers), "supervisor": 1}
+            kills += random_schedule(args.seed, args.mtbf_s, args.duration_s, [r.strip() for r in args.roles.split(",")], sizes, args.min_gap_s)
+        print(f"chaos against {run_id}: {len(kills)} kills scheduled", flush=True)
+        fired = run_schedule(supervisor, kills, on_fire=lambda r: print(json.dumps(r), flush=True))
+        print(f"fired {len(fired)} of {len(kills)} kills (the run ended first)" if len(fired) < len(kills) else f"fired {len(fired)} kills")
+    finally:
+        ray.shutdown()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = build_parser()
@@ -96,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "chaos":
+            return _chaos(args)
     except (ConfigError, DataError, ClusterError) as e:
         print(f"raytrain-ft: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -176,13 +176,13 @@ class ClusterConfig:
         self.use_gpu = str(self.use_gpu).lower()
 
 
-RECOVERY_MODES = ("replica", "checkpoint")
+RECOVERY_MODES = ("replica", "checkpoint", "none")
 
 
 @dataclass(kw_only=True, slots=True)
 class RecoveryConfig:
     recovery: str = "replica"
-    """replica: rebuild a lost server from its peer's snapshot + command log (no files) | checkpoint: the baseline that restarts the run from the last checkpoint files."""
+    """replica: rebuild a lost server from its peer's snapshot + command log (no files) | checkpoint: the baseline that restarts the run from the last checkpoint files | none: no replication, a lost server fails the run (measures replication's cost)."""
     snapshot_interval: int = 50
     """Updates between the snapshots a primary sends its replica holder (each truncates the command log)."""
     num_spares: int = 1

@@ -68,11 +68,14 @@ class TrainResult:
     """Per shard: its replica (snapshot + log, replayed) equals the primary at the end (I4)."""
     supervisor_restarts: int = 0
     run_id: str = ""
+    step_times: list[list[tuple[int, float]]] = field(default_factory=list, repr=False)
+    """Per rank: (step, time it finished) from the rank's final worker (not in the JSON summary)."""
     final_params: np.ndarray | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("final_params")
+        d.pop("step_times")
         return d
 
 
@@ -86,9 +89,9 @@ def initial_model(config: TrainConfig, data: Dataset) -> torch.nn.Module:
     return build_model(config.model, data.in_shape, data.num_classes)
 
 
-def steady_throughput(step_end_times: list[list[float]], batch_size: int, warmup_steps: int) -> float:
-    """Samples/s of all workers together, from the end of step ``warmup_steps`` to the last step."""
-    usable = [t for t in step_end_times if len(t) > warmup_steps + 1]
+def steady_throughput(step_end_times: list[list[tuple[int, float]]], batch_size: int, warmup_steps: int) -> float:
+    """Samples/s of all workers together, from the end of their ``warmup_steps``-th step to their last step."""
+    usable = [[t for _, t in times] for times in step_end_times if len(times) > warmup_steps + 1]
     if not usable:
         return 0.0
     start = min(t[warmup_steps] for t in usable)
@@ -263,6 +266,7 @@ class Trainer:
             supervisor_restarts=run.status.restarts,
             recoveries=list(run.status.events),
             run_id=run.run_id,
+            step_times=step_times,
             final_params=final,
         )
 

@@ -71,7 +71,7 @@ class ParameterServer:
     """
 
     def __init__(self, slot: int | None, shard: ShardRange | None, optim_cfg: OptimConfig, total_steps: int, num_workers: int,
-                 threads: int = 1, snapshot_interval: int = 50, checkpoint_dir: str | None = None, checkpoint_interval: int = 0,
+                 threads: int = 1, snapshot_interval: int = 50, durability: str = "replica", checkpoint_dir: str | None = None, checkpoint_interval: int = 0,
                  faults: dict | None = None, fault_key: str = ""):
         import torch
 
@@ -79,8 +79,10 @@ class ParameterServer:
         self.slot = slot
         self.optim_cfg, self.total_steps, self.num_workers = optim_cfg, total_steps, num_workers
         self.snapshot_interval = snapshot_interval
-        # recovery=checkpoint (the baseline) writes files instead of replicating
-        self.replicate = checkpoint_dir is None
+        # durability = the run's recovery mode: replica logs every update at a peer; checkpoint (the
+        # baseline) writes files every checkpoint_interval steps instead; none keeps no copy
+        self.replicate = durability == "replica"
+        self.checkpointing = durability == "checkpoint"
         self.checkpoint_dir, self.checkpoint_interval = checkpoint_dir, checkpoint_interval
         self.state = ShardState(shard, optim_cfg, total_steps) if shard is not None else None
         self.epoch = 0
@@ -130,7 +132,7 @@ class ParameterServer:
         self.state.load(params, step, optimizer_state)
         self._latest = self.state.params_copy()
         self._previous = None
-        if not self.replicate:  # the baseline can always roll back to the start
+        if self.checkpointing:  # the baseline can always roll back to the start
             save_shard_checkpoint(self.checkpoint_dir, self.state.shard.index, step, self._latest, self.state.optimizer.state_dict())
         return self.state.step
 
@@ -241,7 +243,7 @@ class ParameterServer:
         if self.replicate:
             snapshot = self._snapshot() if snapshot_due else None
             await self._log(command, snapshot, pending)
-        elif state.step % self.checkpoint_interval == 0:
+        elif self.checkpointing and state.step % self.checkpoint_interval == 0:
             save_shard_checkpoint(self.checkpoint_dir, state.shard.index, state.step, self._latest, state.optimizer.state_dict())
 
     async def _log(self, command: Command, snapshot: Snapshot | None, pending) -> None:

@@ -138,7 +138,7 @@ class Supervisor:
         self.started_at = time.time()
         self.restarts = 0
         rc = config.recovery
-        self.core = SupervisorCore(self, Limits(rc.num_spares, rc.max_worker_restarts, rc.max_server_replacements))
+        self.core = SupervisorCore(self, Limits(rc.num_spares, rc.max_worker_restarts, rc.max_server_replacements, rc.recovery != "none"))
         self.core.events = self.events
         self._monitor: threading.Thread | None = None
         self._self_handle = ray.get_runtime_context().current_actor
@@ -173,7 +173,7 @@ class Supervisor:
         cls = ray.remote(ParameterServer).options(**self._options("server", node_id, num_cpus=0))
         return cls.remote(
             slot, self.ranges[shard] if shard is not None else None, self.cfg.optim, self.total_steps, self.w, cc.server_threads,
-            rc.snapshot_interval, None if self.replica_mode else self.checkpoint_dir, rc.checkpoint_interval, faults, self._fault_key,
+            rc.snapshot_interval, rc.recovery, self.checkpoint_dir, rc.checkpoint_interval, faults, self._fault_key,
         )
 
     def _new_worker(self, rank: int):
@@ -390,6 +390,7 @@ class Supervisor:
                 self.epochs[shard] += 1
             self.route_changed.notify_all()
         serving_at = time.time()
+        reached = max((st.step for st in self.worker_status if st is not None), default=0)
         rereplicated = []
         for held in replica_shards(slot, self.k):
             try:
@@ -408,6 +409,7 @@ class Supervisor:
             "replayed": stats.replayed if stats else 0, "bytes_moved": stats.bytes_moved if stats else 0,
             "replay_s": round(stats.seconds, 4) if stats else 0.0, "step": stats.step if stats else None,
             "epoch": self.epochs[shard] if shard is not None else None, "rereplicated": rereplicated, "source": "replica",
+            "steps_lost": max(0, reached - stats.step) if stats else 0,
         })
 
     def _answer_blocking(self, handle):

@@ -83,7 +83,7 @@ class Worker:
         self._started_at = time.time()
         self._finished_at: float | None = None
         self._error: str | None = None
-        self._step_end_times: list[float] = []
+        self._step_end_times: list[tuple[int, float]] = []
         self.exchange = ShardExchange(rank, self.model, self.flat, shards, routing, self._host_grad, config.cluster.overlap_comm, supervisor_handle)
 
     def ready(self) -> int:
@@ -106,8 +106,8 @@ class Worker:
             os.getpid(), self.exchange.reroutes,
         )
 
-    def step_end_times(self) -> list[float]:
-        """Wall-clock time at which each step of this run finished (for steady-state throughput)."""
+    def step_end_times(self) -> list[tuple[int, float]]:
+        """(step, wall-clock time it finished) for every step this worker ran (throughput, recovery timelines)."""
         return list(self._step_end_times)
 
     # --- training loop ---------------------------------------------------------
@@ -146,8 +146,8 @@ class Worker:
                 self._compute_s += time.perf_counter() - t0 - wait
                 self._last_loss = loss
                 self._samples += len(y)
+                self._step_end_times.append((self._step, time.time()))
                 self._step += 1
-                self._step_end_times.append(time.time())
             wait_before = self.exchange.wait_s
             self.exchange.install_all()
             self._wait_s += self.exchange.wait_s - wait_before

@@ -63,3 +63,47 @@ class ChaosRunner:
         self.fired.append(record)
         logger.warning("[chaos] killed %s at step %s (%s)", k, step, how)
         return record
+
+
+def find_supervisor(run_id: str | None):
+    """The supervisor of ``run_id`` on the connected cluster (the only running run when None)."""
+    import ray
+
+    from raytrain_ft.actors.supervisor import NAMESPACE
+    from raytrain_ft.errors import ClusterError
+
+    runs = sorted(a["name"].split("/")[0] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["namespace"] == NAMESPACE and a["name"].endswith("/supervisor"))
+    if run_id is None:
+        if len(runs) != 1:
+            raise ClusterError(f"{len(runs)} runs are active ({', '.join(runs) or 'none'}); name one with --run-id")
+        run_id = runs[0]
+    if run_id not in runs:
+        raise ClusterError(f"no active run {run_id!r} on this cluster (active: {', '.join(runs) or 'none'})")
+    return run_id, ray.get_actor(f"{run_id}/supervisor", namespace=NAMESPACE)
+
+
+def run_schedule(supervisor_handle, kills: list[KillSpec], poll_s: float = 0.05, on_fire=None) -> list[dict]:
+    """Fire ``@step``/``@time`` kills against a running run until all fired or the run ended."""
+    import ray
+
+    from raytrain_ft.errors import ConfigError
+
+    unsupported = [str(k) for k in kills if k.trigger not in ("step", "time") or k.role == "node"]
+    if unsupported:
+        raise ConfigError("kill", f"{', '.join(unsupported)}: against a running run only server/replica/worker/supervisor kills "
+                                  "@step or @time work; give node/@recovery/@snapshot kills to `raytrain-ft train --kill`")
+    runner = ChaosRunner(kills, supervisor_handle)
+    while not runner.done:
+        status = ray.get(supervisor_handle.status.remote())
+        if status.state in ("done", "failed"):
+            break
+        runner.targets = status.targets
+        workers = [w for w in status.workers if w is not None]
+        before = len(runner.fired)
+        runner.tick(min((w.step for w in workers), default=0))
+        if on_fire:
+            for record in runner.fired[before:]:
+                on_fire(record)
+        time.sleep(poll_s)
+    return runner.fired

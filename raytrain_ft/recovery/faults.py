@@ -83,17 +83,21 @@ def check_targets(kills: list[KillSpec], num_shards: int, num_workers: int, num_
             raise ConfigError("kill", f"{k}: the run has {limits[k.role]} {k.role}(s), index {k.index} does not exist{extra}")
 
 
-def random_schedule(seed: int, mtbf_s: float, duration_s: float, roles: list[str], sizes: dict[str, int]) -> list[KillSpec]:
-    """Kills at exponential inter-arrival times (mean ``mtbf_s``) over ``duration_s``, roles and indices uniform."""
-    if mtbf_s <= 0:
-        raise ConfigError("mtbf_s", f"must be > 0, got {mtbf_s}")
+def random_schedule(seed: int, mtbf_s: float, duration_s: float, roles: list[str], sizes: dict[str, int], min_gap_s: float = 0.0) -> list[KillSpec]:
+    """Kills over ``duration_s`` with gaps ``min_gap_s + Exp(mean mtbf_s - min_gap_s)`` (mean ``mtbf_s``); roles and indices uniform.
+
+    ``min_gap_s`` keeps kills apart by more than a recovery: the replicas survive any single failure,
+    not a second one that hits a ring neighbour before the first is repaired.
+    """
+    if mtbf_s <= 0 or not 0 <= min_gap_s < mtbf_s:
+        raise ConfigError("mtbf_s", f"need mtbf_s > min_gap_s >= 0, got mtbf_s={mtbf_s}, min_gap_s={min_gap_s}")
     bad = [r for r in roles if r not in ROLES]
     if bad or not roles:
         raise ConfigError("roles", f"{bad or roles}: choose from {', '.join(ROLES)}")
     rng = random.Random(seed)
     out, t = [], 0.0
     while True:
-        t += rng.expovariate(1.0 / mtbf_s)
+        t += min_gap_s + rng.expovariate(1.0 / (mtbf_s - min_gap_s))
         if t >= duration_s:
             return out
         role = rng.choice(roles)

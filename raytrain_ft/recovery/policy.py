@@ -109,12 +109,16 @@ class Limits:
     max_worker_restarts: int = 3
     """Restarts allowed per rank."""
     max_server_replacements: int = 100
+    servers_recoverable: bool = True
+    """False with recovery=none: nothing holds a copy of a server's shard."""
 
 
 def decide(status: ClusterStatus, limits: Limits) -> list[Decision]:
     """What to do now. A RAISE comes alone; otherwise replacements, then restarts, then spares."""
     k = status.num_shards
     dead_slots = [j for j, alive in enumerate(status.slots_alive) if not alive]
+    if dead_slots and not limits.servers_recoverable:
+        return [Decision(Action.RAISE, dead_slots[0], f"server slot {dead_slots[0]} died and recovery=none keeps no copy of it; run with --recovery replica")]
     for j in dead_slots:
         for shard in ([primary_shard(j, k)] if primary_shard(j, k) is not None else []):
             holder = replica_slot(shard, k)

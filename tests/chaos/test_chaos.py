@@ -159,3 +159,70 @@ def test_kill_a_node_of_three(ray_local, tmp_path):
     assert_invariants(result, 3, kills, tmp_path, baseline)
     roles = _roles(result)
     assert ("server", 1) in roles, roles  # slot 1 lives on node 1
+
+
+def test_checkpoint_baseline_rolls_back_and_completes(ray_local, tmp_path):
+    """The comparison baseline: the run restarts from the last checkpoint files and recomputes the lost steps."""
+    checkpoints = tmp_path / "checkpoints"
+    cfg = _config(2, kill="server:0@step=25", checkpoint_dir=str(checkpoints), recovery="checkpoint", checkpoint_interval=10)
+    result = Trainer(cfg).fit()
+    assert result.steps_completed == STEPS and result.params_sha256 == baseline_hash(2)  # sync rollback is deterministic too
+    (server,) = [e for e in result.recoveries if e["role"] == "server"]
+    assert server["source"] == "checkpoint" and server["step"] % 10 == 0 and server["steps_lost"] >= 0
+    assert sorted(e["index"] for e in result.recoveries if e["role"] == "worker") == [0, 1]  # the whole run restarted
+    assert any(p.name.startswith("shard-0-step-") for p in checkpoints.iterdir())
+
+
+def test_without_copies_a_server_death_fails_with_a_clear_message(ray_local, tmp_path):
+    from raytrain_ft.errors import TrainingError
+
+    with pytest.raises(TrainingError, match="recovery=none keeps no copy"):
+        Trainer(_config(2, kill="server:1@step=10", recovery="none")).fit()
+
+
+def test_chaos_against_a_running_run(ray_local, tmp_path):
+    """What `raytrain-ft chaos` does: find the run's supervisor and kill by role while it trains."""
+    import threading
+
+    from raytrain_ft.recovery.chaos import find_supervisor, run_schedule
+    from raytrain_ft.recovery.faults import parse_kills
+    from ray._private.test_utils import wait_for_condition
+
+    box = {}
+    cfg = _config(2)
+    cfg.steps = 400
+    thread = threading.Thread(target=lambda: box.update(result=Trainer(cfg).fit()), daemon=True)
+    thread.start()
+
+    def run_visible():
+        try:
+            box["run"] = find_supervisor(None)
+            return True
+        except Exception:
+            return False
+
+    wait_for_condition(run_visible, timeout=120, retry_interval_ms=100)
+    _, supervisor = box["run"]
+    fired = run_schedule(supervisor, parse_kills("server:1@step=100,worker:0@step=150"))
+    thread.join(timeout=300)
+    result = box["result"]
+    assert [f["kill"] for f in fired] == ["server:1@step=100", "worker:0@step=150"]
+    assert _roles(result) == [("server", 1), ("worker", 0)]
+    assert result.updates_acknowledged == result.updates_applied == 2 * 400 and result.replicas_match == [True, True]
+
+
+@pytest.mark.soak
+def test_soak_thirty_random_kills(ray_local, tmp_path):
+    """>= 30 random kills across roles (one at a time, >= 1 s apart); the run completes and I1 holds."""
+    from raytrain_ft.recovery.faults import random_schedule
+
+    kills = random_schedule(7, mtbf_s=1.8, duration_s=60, roles=["server", "replica", "worker", "supervisor"],
+                            sizes={"server": 2, "replica": 2, "worker": 2}, min_gap_s=1.0)
+    assert len(kills) >= 30
+    cfg = _config(2, kill=",".join(map(str, kills)), max_worker_restarts=100)
+    cfg.steps = 6000
+    result = Trainer(cfg).fit()
+    assert len(result.kills) == len(kills), "the run ended before every kill fired; raise steps"
+    assert result.steps_completed == cfg.steps
+    assert result.updates_acknowledged == result.updates_applied == 2 * cfg.steps
+    assert result.replicas_match == [True, True]

@@ -54,6 +54,11 @@ def test_random_schedule_is_seeded_and_bounded():
     assert all(k.index >= 1 for k in a if k.role == "node") and all(k.index < 2 for k in a if k.role == "server")
     with pytest.raises(ConfigError, match="choose from"):
         random_schedule(0, 1.0, 10, ["disk"], {})
+    spaced = random_schedule(1, 2.0, 100, ["server"], {"server": 2}, min_gap_s=1.0)
+    gaps = [b.value - a.value for a, b in zip(spaced, spaced[1:])]
+    assert min(gaps) >= 1.0 - 1e-3 and 35 < len(spaced) < 65
+    with pytest.raises(ConfigError, match="mtbf_s > min_gap_s"):
+        random_schedule(0, 1.0, 10, ["server"], {}, min_gap_s=1.0)
 
 
 def test_checkpoint_round_trip_and_newest_common_step(tmp_path):

@@ -59,7 +59,15 @@ def test_an_odd_ring_on_two_nodes_cannot_be_spread():
     (_status(unreplicated=(2,)), [Action.REREPLICATE], "shard 2 has no replica"),
 ])
 def test_decide(status, actions, reason):
-    decisions = decide(status, LIMITS)
+    _check(status, actions, reason, LIMITS)
+
+
+def test_without_copies_a_dead_server_fails_the_run():
+    _check(_status(slots=(True, False, True, True)), [Action.RAISE], "recovery=none", Limits(servers_recoverable=False))
+
+
+def _check(status, actions, reason, limits):
+    decisions = decide(status, limits)
     assert [d.action for d in decisions] == actions
     if reason:
         assert any(reason in d.reason for d in decisions)
