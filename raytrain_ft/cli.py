@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("--roles", default="server,replica,worker,supervisor", help="random mode: roles to pick from")
     chaos.add_argument("--seed", type=int, default=0, help="random mode: schedule seed")
     chaos.add_argument("--min-gap-s", type=float, default=1.0, help="random mode: least seconds between kills (replicas survive one failure at a time)")
+    chaos.add_argument("--overlap", action="store_true", help="fire kills when due even if the previous one is not recovered yet (default: wait for its recovery)")
     return parser
 
 
@@ -122,7 +123,7 @@ def _chaos(args: argparse.Namespace) -> int:
             sizes = {"server": len(status.epochs), "replica": len(status.epochs), "worker": len(status.workers), "supervisor": 1}
             kills += random_schedule(args.seed, args.mtbf_s, args.duration_s, [r.strip() for r in args.roles.split(",")], sizes, args.min_gap_s)
         print(f"chaos against {run_id}: {len(kills)} kills scheduled", flush=True)
-        fired = run_schedule(supervisor, kills, on_fire=lambda r: print(json.dumps(r), flush=True))
+        fired = run_schedule(supervisor, kills, on_fire=lambda r: print(json.dumps(r), flush=True), one_at_a_time=not args.overlap)
         print(f"fired {len(fired)} of {len(kills)} kills (the run ended first)" if len(fired) < len(kills) else f"fired {len(fired)} kills")
     finally:
         ray.shutdown()

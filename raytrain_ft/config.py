@@ -197,6 +197,8 @@ class RecoveryConfig:
     """recovery=checkpoint: steps between checkpoint files."""
     checkpoint_dir: str | None = None
     """recovery=checkpoint: directory for checkpoint files (a temporary directory when empty)."""
+    one_kill_at_a_time: bool = False
+    """Hold each @step/@time kill until the previous one has been recovered (random schedules: replicas survive one failure at a time)."""
     kill: str | None = None
     """Fault injection: ROLE[:INDEX]@step=N or @time=S (also @recovery=N, @snapshot=N); ROLE is server|replica|worker|supervisor|node; repeat the flag or separate by commas."""
 

@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 ACTOR_START_TIMEOUT_ENV_VAR = "RAYTRAIN_FT_ACTOR_START_TIMEOUT_S"
 DEFAULT_ACTOR_START_TIMEOUT_S = 180.0
+SUPERVISOR_MAX_RESTARTS = 100
+"""Ray restarts a killed supervisor this many times per run (each restart rebuilds its tables)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,7 +327,7 @@ class _Run:
             checkpoint_dir = cfg.recovery.checkpoint_dir or tempfile.mkdtemp(prefix="raytrain_ft_ckpt_")
         nodes = self._node_ids()
         device = "cuda" if self._use_gpu() else "cpu"
-        options = dict(name=f"{self.run_id}/supervisor", namespace=NAMESPACE, num_cpus=0, max_restarts=10, max_task_retries=-1, max_concurrency=64)
+        options = dict(name=f"{self.run_id}/supervisor", namespace=NAMESPACE, num_cpus=0, max_restarts=SUPERVISOR_MAX_RESTARTS, max_task_retries=-1, max_concurrency=64)
         if nodes:
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(nodes[0], soft=False)
         self.supervisor = ray.remote(Supervisor).options(**options).remote(
@@ -338,7 +340,7 @@ class _Run:
             if isinstance(cause, ClusterError):
                 raise cause from None
             raise ClusterError(f"the run's actors failed to start: {cause}") from e
-        self.chaos = ChaosRunner(self.kills, self.supervisor, self.session.cluster, self.session.worker_nodes)
+        self.chaos = ChaosRunner(self.kills, self.supervisor, self.session.cluster, self.session.worker_nodes, cfg.recovery.one_kill_at_a_time)
 
     def _poll(self, pending):
         """The supervisor's status, or -- while it restarts -- the step the live workers report."""
@@ -377,7 +379,7 @@ class _Run:
                     started = min(s.started_at for s in statuses)
                     finished = max(s.finished_at for s in statuses)
                     return statuses, max(finished - started, finished - t_start)
-            self.chaos.tick(step)
+            self.chaos.tick(step, len(status.events) if status is not None else 0)
             now = time.time()
             if on_progress is not None and statuses and now - last_progress >= min(cfg.log_every_s, 0.2 if now - t_start < 2 else cfg.log_every_s):
                 last_progress = now

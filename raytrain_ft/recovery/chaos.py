@@ -20,8 +20,13 @@ logger = logging.getLogger(__name__)
 class ChaosRunner:
     """Fires due ``@step``/``@time`` kills; ``tick()`` is called from the driver's polling loop."""
 
-    def __init__(self, kills: list[KillSpec], supervisor_handle, cluster=None, worker_nodes: list | None = None):
+    def __init__(self, kills: list[KillSpec], supervisor_handle, cluster=None, worker_nodes: list | None = None,
+                 one_at_a_time: bool = False, heal_timeout_s: float = 60.0):
         self.pending = [k for k in kills if k.trigger in ("step", "time")]
+        self.one_at_a_time = one_at_a_time
+        """Hold a due kill until the previous one shows up as a recovery event (or ``heal_timeout_s`` passed)."""
+        self.heal_timeout_s = heal_timeout_s
+        self._awaiting: tuple[int, float] | None = None  # (events count at the last kill, deadline)
         self.supervisor = supervisor_handle
         self.targets = None
         """Latest ``Targets`` from the supervisor (kills work while the supervisor itself restarts)."""
@@ -34,13 +39,22 @@ class ChaosRunner:
     def done(self) -> bool:
         return not self.pending
 
-    def tick(self, step: int) -> None:
+    def tick(self, step: int, events: int = 0) -> None:
+        """Fire what is due at ``step`` / now; ``events`` is the run's recovery-event count (for one_at_a_time)."""
         elapsed = time.time() - self.started_at
+        if self._awaiting is not None:
+            count, deadline = self._awaiting
+            if events <= count and time.time() < deadline:
+                return
+            self._awaiting = None
         for k in list(self.pending):
             due = step >= k.value if k.trigger == "step" else elapsed >= k.value
             if due:
                 self.pending.remove(k)
                 self.fire(k, step)
+                if self.one_at_a_time:
+                    self._awaiting = (events, time.time() + self.heal_timeout_s)
+                    return
 
     def fire(self, k: KillSpec, step: int | None = None) -> dict:
         import ray
@@ -83,7 +97,7 @@ def find_supervisor(run_id: str | None):
     return run_id, ray.get_actor(f"{run_id}/supervisor", namespace=NAMESPACE)
 
 
-def run_schedule(supervisor_handle, kills: list[KillSpec], poll_s: float = 0.05, on_fire=None) -> list[dict]:
+def run_schedule(supervisor_handle, kills: list[KillSpec], poll_s: float = 0.05, on_fire=None, one_at_a_time: bool = False) -> list[dict]:
     """Fire ``@step``/``@time`` kills against a running run until all fired or the run ended."""
     import ray
 
@@ -93,7 +107,7 @@ def run_schedule(supervisor_handle, kills: list[KillSpec], poll_s: float = 0.05,
     if unsupported:
         raise ConfigError("kill", f"{', '.join(unsupported)}: against a running run only server/replica/worker/supervisor kills "
                                   "@step or @time work; give node/@recovery/@snapshot kills to `raytrain-ft train --kill`")
-    runner = ChaosRunner(kills, supervisor_handle)
+    runner = ChaosRunner(kills, supervisor_handle, one_at_a_time=one_at_a_time)
     while not runner.done:
         status = ray.get(supervisor_handle.status.remote())
         if status.state in ("done", "failed"):
@@ -101,7 +115,7 @@ def run_schedule(supervisor_handle, kills: list[KillSpec], poll_s: float = 0.05,
         runner.targets = status.targets
         workers = [w for w in status.workers if w is not None]
         before = len(runner.fired)
-        runner.tick(min((w.step for w in workers), default=0))
+        runner.tick(min((w.step for w in workers), default=0), len(status.events))
         if on_fire:
             for record in runner.fired[before:]:
                 on_fire(record)

@@ -219,7 +219,7 @@ def test_soak_thirty_random_kills(ray_local, tmp_path):
     kills = random_schedule(7, mtbf_s=1.8, duration_s=60, roles=["server", "replica", "worker", "supervisor"],
                             sizes={"server": 2, "replica": 2, "worker": 2}, min_gap_s=1.0)
     assert len(kills) >= 30
-    cfg = _config(2, kill=",".join(map(str, kills)), max_worker_restarts=100)
+    cfg = _config(2, kill=",".join(map(str, kills)), max_worker_restarts=100, one_kill_at_a_time=True)
     cfg.steps = 6000
     result = Trainer(cfg).fit()
     assert len(result.kills) == len(kills), "the run ended before every kill fired; raise steps"
