@@ -64,6 +64,8 @@ class TrainResult:
     workers: list[dict[str, Any]] = field(default_factory=list)
     devices: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    servers: list[dict[str, Any]] = field(default_factory=list)
+    """Per shard: updates applied, duplicates answered, time waiting for the replica holder, bytes replicated."""
     kills: list[dict[str, Any]] = field(default_factory=list)
     """Faults injected: spec, wall-clock time, step, how (SIGKILL, ray.kill, remove_node)."""
     replicas_match: list[bool] = field(default_factory=list)
@@ -256,6 +258,8 @@ class Trainer:
             params_sha256=params_sha256(torch.from_numpy(final)),
             updates_applied=sum(st.updates_applied for st in stats),
             updates_acknowledged=sum(acked),
+            servers=[{"shard": st.index, "updates_applied": st.updates_applied, "duplicate_pushes": st.duplicate_pushes,
+                      "replica_wait_s": round(st.replica_wait_s, 4), "replica_bytes_sent": st.replica_bytes_sent} for st in stats],
             num_params=num_params,
             workers=[
                 {"rank": s.rank, "steps": s.step, "samples": s.samples, "compute_s": round(s.compute_s, 3), "wait_s": round(s.wait_s, 3), "device": s.device, "reroutes": s.reroutes}

@@ -64,13 +64,15 @@ def measure_kill(result) -> dict:
         serving_at = event["serving_at"]
     g = global_step_times(result)
     after = [t for t in g.values() if t > kill["at"]]
-    # step at the kill: global steps completed before it
-    reached = max((s for s, t in g.items() if t <= kill["at"]), default=-1)
+    # first step not completed by every rank at the kill; the driver's view (kill["step"]) may lag by a poll,
+    # and a checkpoint restart overwrites the history it rolled back over, so take the larger of the two
+    before = [s for s, t in g.items() if t <= kill["at"]]
+    reached = max(kill["step"], max(before) + 1 if before else 0)
     return {
         "kill_to_serving_s": serving_at - kill["at"],
         "detect_to_serving_s": event["duration_s"],
         "first_step_s": min(after) - kill["at"] if after else None,
-        "regained_s": g[reached + 1] - kill["at"] if reached + 1 in g else None,
+        "regained_s": g[reached] - kill["at"] if reached in g else None,
         "steps_lost": event.get("steps_lost", 0),
         "replayed": event["replayed"],
         "bytes_moved": event["bytes_moved"],
@@ -110,8 +112,7 @@ def main() -> None:
                     result = Trainer(make_config(model, method, steps, kill, args.checkpoint_interval, ckpt)).fit()
                     row = measure_kill(result)
                     runs[method].append(row)
-                    print(f"{model} rep {rep} {method}: kill->serving {row['kill_to_serving_s']:.3f}s first step {row['first_step_s']:.3f}s "
-                          f"regained {row['regained_s']:.3f}s steps lost {row['steps_lost']}", flush=True)
+                    print(f"{model} rep {rep} {method}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if k != "sha256"), flush=True)
                 for method in ("replica", "none"):
                     result = Trainer(make_config(model, method, tput_steps, None, args.checkpoint_interval, None)).fit()
                     runs[f"tput_{method}"].append(result.steady_samples_per_sec)

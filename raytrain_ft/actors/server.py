@@ -95,6 +95,7 @@ class ParameterServer:
         self._holder_event: asyncio.Event | None = None
         self.duplicate_pushes = 0
         self.replica_bytes_sent = 0
+        self.replica_wait_s = 0.0
         self._snapshots_sent = 0
         self._snapshots_received: dict[int, int] = {}
         # fault injection, {trigger: spec}: ("snapshot_send", n) dies after sending the n-th snapshot;
@@ -242,7 +243,9 @@ class ParameterServer:
         self._latest, self._previous = state.params_copy(), previous
         if self.replicate:
             snapshot = self._snapshot() if snapshot_due else None
+            t0 = time.perf_counter()
             await self._log(command, snapshot, pending)
+            self.replica_wait_s += time.perf_counter() - t0
         elif self.checkpointing and state.step % self.checkpoint_interval == 0:
             save_shard_checkpoint(self.checkpoint_dir, state.shard.index, state.step, self._latest, state.optimizer.state_dict())
 
@@ -312,4 +315,4 @@ class ParameterServer:
     async def stats(self) -> ShardStats:
         self._require_primary()
         s = self.state
-        return ShardStats(s.shard.index, s.step, s.updates_applied, self.duplicate_pushes, s.shard.size)
+        return ShardStats(s.shard.index, s.step, s.updates_applied, self.duplicate_pushes, s.shard.size, self.replica_wait_s, self.replica_bytes_sent)
