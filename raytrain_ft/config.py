@@ -185,6 +185,8 @@ class RecoveryConfig:
     """replica: rebuild a lost server from its peer's snapshot + command log (no files) | checkpoint: the baseline that restarts the run from the last checkpoint files | none: no replication, a lost server fails the run (measures replication's cost)."""
     snapshot_interval: int = 50
     """Updates between the snapshots a primary sends its replica holder (each truncates the command log)."""
+    fold_log: bool = True
+    """Replica holders apply logged commands once acknowledged (a recovery then moves one state, not the log since the last snapshot)."""
     num_spares: int = 1
     """Warm spare server actors kept started, so a recovery does not wait for a process start."""
     health_check_interval_s: float = 0.2

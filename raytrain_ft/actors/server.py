@@ -72,7 +72,7 @@ class ParameterServer:
 
     def __init__(self, slot: int | None, shard: ShardRange | None, optim_cfg: OptimConfig, total_steps: int, num_workers: int,
                  threads: int = 1, snapshot_interval: int = 50, durability: str = "replica", checkpoint_dir: str | None = None, checkpoint_interval: int = 0,
-                 faults: dict | None = None, fault_key: str = ""):
+                 faults: dict | None = None, fault_key: str = "", fold_replicas: bool = True):
         import torch
 
         torch.set_num_threads(threads)
@@ -87,6 +87,9 @@ class ParameterServer:
         self.state = ShardState(shard, optim_cfg, total_steps) if shard is not None else None
         self.epoch = 0
         self.replicas: dict[int, CommandLog] = {}
+        self._replica_ranges: dict[int, ShardRange] = {}
+        self._folding: set[int] = set()
+        self.fold_replicas = fold_replicas
         self._pending: dict[int, dict[int, np.ndarray]] = {}
         self._replies: dict[int, asyncio.Future] = {}
         self._latest: np.ndarray | None = None
@@ -148,7 +151,7 @@ class ParameterServer:
         self._holder = None
         event.clear()
         snapshot = self._snapshot()
-        await holder_handle.install_replica.remote(self.state.shard.index, snapshot)
+        await holder_handle.install_replica.remote(self.state.shard, snapshot)
         self._holder = holder_handle
         event.set()
         self.replica_bytes_sent += snapshot.nbytes
@@ -279,9 +282,10 @@ class ParameterServer:
 
     # --- replica holder ------------------------------------------------------------
 
-    async def install_replica(self, shard: int, snapshot: Snapshot) -> int:
-        self.replicas[shard] = CommandLog.from_snapshot(snapshot)
-        return self.replicas[shard].next_seq
+    async def install_replica(self, shard: ShardRange, snapshot: Snapshot) -> int:
+        self.replicas[shard.index] = CommandLog.from_snapshot(snapshot)
+        self._replica_ranges[shard.index] = shard
+        return self.replicas[shard.index].next_seq
 
     async def append(self, shard: int, command: Command, snapshot: Snapshot | None = None) -> int:
         log = self.replicas.get(shard)
@@ -295,7 +299,20 @@ class ParameterServer:
                 logger.warning("[replica slot=%s] fault injection: dying while installing snapshot %d of shard %d", self.slot, n, shard)
                 _die(self._fault_key, spec)
             log.install_snapshot(snapshot)
+        if self.fold_replicas and shard not in self._folding:
+            self._folding.add(shard)
+            asyncio.get_running_loop().create_task(self._fold(shard))
         return log.next_seq
+
+    async def _fold(self, shard: int) -> None:
+        """Apply logged commands to the replica once the acknowledgement is on its way (off the critical path)."""
+        try:
+            await asyncio.sleep(0)
+            log = self.replicas.get(shard)
+            if log is not None:
+                log.catch_up(self._replica_ranges[shard], self.optim_cfg, self.total_steps)
+        finally:
+            self._folding.discard(shard)
 
     async def export_replica(self, shard: int) -> tuple[Snapshot, list[Command]]:
         log = self.replicas.get(shard)

@@ -173,7 +173,7 @@ class Supervisor:
         cls = ray.remote(ParameterServer).options(**self._options("server", node_id, num_cpus=0))
         return cls.remote(
             slot, self.ranges[shard] if shard is not None else None, self.cfg.optim, self.total_steps, self.w, cc.server_threads,
-            rc.snapshot_interval, rc.recovery, self.checkpoint_dir, rc.checkpoint_interval, faults, self._fault_key,
+            rc.snapshot_interval, rc.recovery, self.checkpoint_dir, rc.checkpoint_interval, faults, self._fault_key, rc.fold_log,
         )
 
     def _new_worker(self, rank: int):

@@ -64,11 +64,22 @@ class Snapshot:
 
 @dataclass(slots=True)
 class CommandLog:
-    """Replica of one shard held by a peer: ``snapshot`` + ``entries`` (seq snapshot.seq, snapshot.seq+1, ...)."""
+    """Replica of one shard held by a peer: ``snapshot`` + ``entries`` (seq snapshot.seq, snapshot.seq+1, ...).
+
+    ``catch_up()`` folds the entries into the snapshot by applying them to a live
+    shard state the log keeps (the holder calls it after acknowledging), so a
+    recovery moves one state instead of a long history and replays almost
+    nothing. The result is the same as replaying later: the same commands, the
+    same code, in order.
+    """
 
     snapshot: Snapshot
     entries: list[Command] = field(default_factory=list)
     duplicates: int = 0
+    folded: int = 0
+    """Commands applied into the snapshot by ``catch_up``."""
+    _state: object = None
+    _previous: object = None
 
     @classmethod
     def from_snapshot(cls, snapshot: Snapshot) -> "CommandLog":
@@ -97,7 +108,36 @@ class CommandLog:
         dropped = snapshot.seq - self.snapshot.seq
         self.entries = [c for c in self.entries if c.seq >= snapshot.seq]
         self.snapshot = snapshot.owned()
+        self._state = None  # rebuilt from the new snapshot at the next catch_up
         return dropped
+
+    def catch_up(self, shard, optim_cfg, total_steps: int) -> int:
+        """Apply the logged commands to the snapshot in place; returns how many were applied."""
+        import torch
+
+        from raytrain_ft.shard import ShardState
+
+        if not self.entries:
+            return 0
+        if self._state is None:
+            state = ShardState(shard, optim_cfg, total_steps)
+            state.load(self.snapshot.params, self.snapshot.seq, self.snapshot.optimizer_state)
+            self._state = state
+            self._previous = torch.zeros_like(state.params)
+            if self.snapshot.previous_params is not None:
+                self._previous.copy_(torch.from_numpy(self.snapshot.previous_params))
+        state, previous = self._state, self._previous
+        applied = 0
+        for command in self.entries:
+            previous.copy_(state.params)
+            state.apply(command.update, command.hp)
+            applied += 1
+        self.entries = []
+        self.folded += applied
+        # views of the live state: serialized (copied) whenever the snapshot is sent
+        self.snapshot = Snapshot(state.step, state.params.numpy(), {"step_count": state.optimizer.step_count, "state": state.optimizer.state},
+                                 previous.numpy())
+        return applied
 
     @property
     def nbytes(self) -> int:

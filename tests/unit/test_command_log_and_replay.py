@@ -105,3 +105,26 @@ def test_snapshot_truncates_the_log_and_stale_snapshots_are_ignored():
     assert log.snapshot.seq == 3
     with pytest.raises(LogGapError, match="ahead of the log"):
         log.install_snapshot(Snapshot(9, np.zeros(SIZE, np.float32), {"step_count": 9, "state": {}}))
+
+
+@pytest.mark.parametrize("fold_every", [1, 3])
+def test_catch_up_folds_the_log_into_the_same_state_replay_gives(fold_every):
+    optim = OptimConfig(name="adam", lr=0.01)
+    shard = shard_ranges(SIZE, 1, num_params=40)[0]
+    start = _snapshot_of(ShardState(shard, optim, 100))
+    commands = _commands(optim, shard)
+    log = CommandLog.from_snapshot(start)
+    for i, c in enumerate(commands):
+        log.append(c)
+        if (i + 1) % fold_every == 0:
+            log.catch_up(shard, optim, 100)
+    assert log.next_seq == STEPS and log.folded + len(log.entries) == STEPS
+    folded = replay(log.snapshot, log.entries, shard, optim, 100)
+    full = replay(start, commands, shard, optim, 100)
+    assert torch.equal(folded.state.params, full.state.params)
+    assert np.array_equal(folded.previous_params, full.previous_params)
+    for key, value in full.state.optimizer.state.items():
+        assert torch.equal(folded.state.optimizer.state[key], value)
+    # a snapshot from the primary replaces the folded state
+    log.install_snapshot(_snapshot_of(full.state))
+    assert log.entries == [] and log.snapshot.seq == STEPS

@@ -16,11 +16,12 @@ SGD = OptimConfig(name="sgd", lr=1.0, momentum=0.0)
 MOMENTUM = OptimConfig(name="sgd", lr=0.1, momentum=0.9)
 
 
-def _pair(num_workers=2, optim=SGD, snapshot_interval=50, size=4):
-    """A primary (slot 0) and its dedicated replica holder (slot 1), wired in-process."""
+def _pair(num_workers=2, optim=SGD, snapshot_interval=50, size=4, fold=False):
+    """A primary (slot 0) and its dedicated replica holder (slot 1), wired in-process; ``fold``: the holder
+    applies logged commands after acknowledging them."""
     shard = shard_ranges(size, 1)[0]
     primary = ParameterServer(0, shard, optim, total_steps=100, num_workers=num_workers, snapshot_interval=snapshot_interval)
-    holder = ParameterServer(1, None, optim, total_steps=100, num_workers=num_workers)
+    holder = ParameterServer(1, None, optim, total_steps=100, num_workers=num_workers, fold_replicas=fold)
     holder_handle = InProcessHandle(holder)
 
     async def setup():
@@ -102,12 +103,14 @@ def _train(s, steps, start=0):
     return grads
 
 
-def test_a_spare_rebuilt_from_the_replica_equals_the_lost_primary_bitwise():
-    s, holder, holder_handle = _pair(num_workers=1, optim=MOMENTUM, snapshot_interval=4)
+@pytest.mark.parametrize("fold", [False, True])
+def test_a_spare_rebuilt_from_the_replica_equals_the_lost_primary_bitwise(fold):
+    s, holder, holder_handle = _pair(num_workers=1, optim=MOMENTUM, snapshot_interval=4, fold=fold)
     _train(s, 10)
     spare = ParameterServer(None, None, MOMENTUM, total_steps=100, num_workers=1)
     stats = asyncio.run(spare.recover_primary(0, s.state.shard, holder_handle, epoch=1))
-    assert stats.replayed == 2 and stats.step == 10  # snapshot at 8, commands 8 and 9
+    # unfolded: snapshot at 8 + commands 8 and 9; folded: the holder already applied them
+    assert stats.replayed == (0 if fold else 2) and stats.step == 10
     assert np.array_equal(asyncio.run(spare.pull()), asyncio.run(s.pull()))
     assert np.array_equal(asyncio.run(spare.pull(9)), asyncio.run(s.pull(9)))
     for key, value in s.state.optimizer.state.items():
