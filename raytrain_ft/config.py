@@ -196,9 +196,11 @@ class RecoveryConfig:
     max_server_replacements: int = 100
     """Server replacements allowed per run before it fails."""
     checkpoint_interval: int = 20
-    """recovery=checkpoint: steps between checkpoint files."""
+    """Steps between checkpoint files (recovery=checkpoint, or any mode with checkpoint_dir set)."""
     checkpoint_dir: str | None = None
-    """recovery=checkpoint: directory for checkpoint files (a temporary directory when empty)."""
+    """Directory for checkpoint files every checkpoint_interval steps. recovery=checkpoint restarts from them (a temporary directory when empty); with recovery=replica they are only for a whole-cluster loss (see resume_from): recovery never reads them."""
+    resume_from: str | None = None
+    """Start from the newest step every shard has a checkpoint file for in this directory (after losing the whole cluster)."""
     one_kill_at_a_time: bool = False
     """Hold each @step/@time kill until the previous one has been recovered (random schedules: replicas survive one failure at a time)."""
     kill: str | None = None

@@ -28,6 +28,7 @@ class ShardStats:
     replica_wait_s: float = 0.0
     """Seconds the primary waited for its replica holder to log commands (after applying the update)."""
     replica_bytes_sent: int = 0
+    checkpoint_files_read: int = 0
 
 
 def aggregate_in_rank_order(grads: dict[int, np.ndarray], num_workers: int) -> np.ndarray:

@@ -174,6 +174,22 @@ def ray_session(config: TrainConfig):
         ray.shutdown()
 
 
+def check_resumable(directory: str, ranges) -> int:
+    """The step a run resumes at from ``directory``; DataError when it holds no usable complete checkpoint."""
+    from raytrain_ft.errors import DataError
+    from raytrain_ft.recovery.checkpoint import latest_common_step, load_shard_checkpoint, shard_checkpoint_path
+
+    step = latest_common_step(directory, len(ranges))
+    if step is None:
+        raise DataError(directory, f"no step has a checkpoint file for each of the {len(ranges)} shards; check --resume-from and --num-servers")
+    for r in ranges:
+        params, *_ = load_shard_checkpoint(shard_checkpoint_path(directory, r.index, step))
+        if params.size != r.size:
+            raise DataError(directory, f"shard {r.index} holds {params.size} values, this run's shard has {r.size}: "
+                                       "the checkpoint was written for another model or --num-servers")
+    return step
+
+
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Fail fast (instead of Ray's minutes of retries) when ``host:port`` accepts no TCP connection."""
     import socket
@@ -225,6 +241,8 @@ class Trainer:
         num_params = sum(p.numel() for p in model.parameters())
         ranges = shard_ranges(init_flat.numel(), cfg.cluster.num_servers, num_params)
         total_steps = total_steps_for(cfg, len(data.train_y))
+        if cfg.recovery.resume_from:
+            check_resumable(cfg.recovery.resume_from, ranges)
         kills = parse_kills(cfg.recovery.kill, "recovery.kill")
         check_targets(kills, cfg.cluster.num_servers, cfg.cluster.num_workers, cfg.cluster.local_nodes)
         with ray_session(cfg) as session:
@@ -259,7 +277,8 @@ class Trainer:
             updates_applied=sum(st.updates_applied for st in stats),
             updates_acknowledged=sum(acked),
             servers=[{"shard": st.index, "updates_applied": st.updates_applied, "duplicate_pushes": st.duplicate_pushes,
-                      "replica_wait_s": round(st.replica_wait_s, 4), "replica_bytes_sent": st.replica_bytes_sent} for st in stats],
+                      "replica_wait_s": round(st.replica_wait_s, 4), "replica_bytes_sent": st.replica_bytes_sent,
+                      "checkpoint_files_read": st.checkpoint_files_read} for st in stats],
             num_params=num_params,
             workers=[
                 {"rank": s.rank, "steps": s.step, "samples": s.samples, "compute_s": round(s.compute_s, 3), "wait_s": round(s.wait_s, 3), "device": s.device, "reroutes": s.reroutes}
@@ -326,7 +345,7 @@ class _Run:
         from raytrain_ft.recovery.chaos import ChaosRunner
 
         cfg = self.cfg
-        checkpoint_dir = None
+        checkpoint_dir = cfg.recovery.checkpoint_dir
         if cfg.recovery.recovery == "checkpoint":
             checkpoint_dir = cfg.recovery.checkpoint_dir or tempfile.mkdtemp(prefix="raytrain_ft_ckpt_")
         nodes = self._node_ids()

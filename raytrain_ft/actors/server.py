@@ -82,7 +82,8 @@ class ParameterServer:
         # durability = the run's recovery mode: replica logs every update at a peer; checkpoint (the
         # baseline) writes files every checkpoint_interval steps instead; none keeps no copy
         self.replicate = durability == "replica"
-        self.checkpointing = durability == "checkpoint"
+        self.checkpointing = checkpoint_dir is not None
+        self.checkpoint_files_read = 0
         self.checkpoint_dir, self.checkpoint_interval = checkpoint_dir, checkpoint_interval
         self.state = ShardState(shard, optim_cfg, total_steps) if shard is not None else None
         self.epoch = 0
@@ -173,9 +174,11 @@ class ParameterServer:
         return RecoveryStats(result.replayed, moved, time.perf_counter() - t0, self.state.step)
 
     async def restore_checkpoint(self, slot: int, shard: ShardRange, path: str, epoch: int) -> RecoveryStats:
-        """recovery=checkpoint baseline: become (or rewind) shard ``shard``'s primary from a checkpoint file."""
+        """Become (or rewind) shard ``shard``'s primary from a checkpoint file: the recovery=checkpoint
+        baseline, and resuming a run after a whole-cluster loss (never replica recovery)."""
         t0 = time.perf_counter()
         params, step, opt_state, nbytes = load_shard_checkpoint(path)
+        self.checkpoint_files_read += 1
         if self.state is None or self.state.shard.index != shard.index:
             self.state = ShardState(shard, self.optim_cfg, self.total_steps)
         for fut in self._replies.values():  # calls parked on a step that is being rolled back
@@ -332,4 +335,5 @@ class ParameterServer:
     async def stats(self) -> ShardStats:
         self._require_primary()
         s = self.state
-        return ShardStats(s.shard.index, s.step, s.updates_applied, self.duplicate_pushes, s.shard.size, self.replica_wait_s, self.replica_bytes_sent)
+        return ShardStats(s.shard.index, s.step, s.updates_applied, self.duplicate_pushes, s.shard.size, self.replica_wait_s, self.replica_bytes_sent,
+                          self.checkpoint_files_read)

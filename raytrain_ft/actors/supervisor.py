@@ -221,7 +221,14 @@ class Supervisor:
             for j in range(len(self.slots))
         ]
         self.slot_pids = wait_ready([s.ready.remote() for s in self.slots], f"{len(self.slots)} parameter servers", self.slots)
-        ray.get([self.slots[i].load.remote(self.init_flat[r.start : r.end]) for i, r in enumerate(self.ranges)])
+        start_step = 0
+        resume = self.cfg.recovery.resume_from
+        if resume:  # after a whole-cluster loss: the newest step every shard has on disk
+            start_step = latest_common_step(resume, self.k)
+            ray.get([self.slots[i].restore_checkpoint.remote(i, r, shard_checkpoint_path(resume, i, start_step), 0) for i, r in enumerate(self.ranges)])
+            logger.warning("[supervisor] resumed from %s at step %d", resume, start_step)
+        else:
+            ray.get([self.slots[i].load.remote(self.init_flat[r.start : r.end]) for i, r in enumerate(self.ranges)])
         if self.replica_mode:
             ray.get([self.slots[i].set_replica.remote(self.slots[replica_slot(i, self.k)]) for i in range(self.k)])
         self.slot_desc = ray.get([s.describe.remote() for s in self.slots])
@@ -229,7 +236,7 @@ class Supervisor:
             self.add_spare()
         self.workers = [self._new_worker(r) for r in range(self.w)]
         self.worker_pids = wait_ready([w.ready.remote() for w in self.workers], f"{self.w} workers", self.workers + self.slots)
-        ray.get([w.start.remote(0, self.total_steps) for w in self.workers])
+        ray.get([w.start.remote(start_step, self.total_steps) for w in self.workers])
         self.started_at = time.time()
         self._persist()
         self._start_monitor()

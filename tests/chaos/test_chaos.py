@@ -2,7 +2,8 @@
 
 I1 nothing lost: updates acknowledged == updates applied == shards x steps.
 I2 same run: the params hash equals the failure-free run with the same seed.
-I3 no files: the (configured) checkpoint directory is never created in replica mode.
+I3 no files: no server reads a checkpoint file (the runs that also write disaster checkpoints
+   to a directory show recovery still reads none of them).
 I4 no open window: every shard's replica, replayed, equals its primary at the end,
    and every server recovery re-replicated what the dead actor held.
 """
@@ -55,7 +56,7 @@ def assert_invariants(result, num_servers: int, kills: str, tmp_path, baseline: 
     # I2
     assert result.params_sha256 == baseline
     # I3
-    assert not os.path.exists(tmp_path / "checkpoints")
+    assert all(s["checkpoint_files_read"] == 0 for s in result.servers)
     # I4
     assert result.replicas_match == [True] * num_servers
     for event in result.recoveries:
@@ -64,9 +65,9 @@ def assert_invariants(result, num_servers: int, kills: str, tmp_path, baseline: 
             assert event["source"] == "replica"
 
 
-def _run(tmp_path, num_servers, kills):
+def _run(tmp_path, num_servers, kills, checkpoint_dir=None):
     baseline = baseline_hash(num_servers)
-    result = Trainer(_config(num_servers, kill=kills, checkpoint_dir=str(tmp_path / "checkpoints"))).fit()
+    result = Trainer(_config(num_servers, kill=kills, checkpoint_dir=checkpoint_dir)).fit()
     assert_invariants(result, num_servers, kills, tmp_path, baseline)
     return result
 
@@ -76,7 +77,9 @@ def _roles(result):
 
 
 def test_kill_a_primary(ray_local, tmp_path):
-    result = _run(tmp_path, 2, "server:0@step=20")
+    # disaster checkpoints are written to a directory, and recovery reads none of them
+    result = _run(tmp_path, 2, "server:0@step=20", checkpoint_dir=str(tmp_path / "checkpoints"))
+    assert any((tmp_path / "checkpoints").iterdir())
     assert _roles(result) == [("server", 0)]
     event = result.recoveries[0]
     assert event["rereplicated"] == [1] and event["replayed"] >= 0 and event["bytes_moved"] > 0
@@ -146,7 +149,7 @@ def test_kill_a_node_of_three(ray_local, tmp_path):
     cmd = [sys.executable, "-m", "raytrain_ft.cli", "train", "--quiet", "--output-json", str(out), "--local-nodes", "3",
            "--model", "cnn", "--dataset", "digits", "--image-size", "8", "--batch-size", "16", "--optimizer", "sgd", "--lr", "0.05",
            "--momentum", "0.9", "--num-workers", "2", "--num-servers", "3", "--snapshot-interval", "10", "--steps", str(STEPS),
-           "--seed", "3", "--kill", kills, "--checkpoint-dir", str(tmp_path / "checkpoints")]
+           "--seed", "3", "--kill", kills]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads(out.read_text())
@@ -226,3 +229,24 @@ def test_soak_thirty_random_kills(ray_local, tmp_path):
     assert result.steps_completed == cfg.steps
     assert result.updates_acknowledged == result.updates_applied == 2 * cfg.steps
     assert result.replicas_match == [True, True]
+
+
+def test_resume_after_losing_the_whole_cluster(ray_local, tmp_path):
+    """Checkpoint files exist for this: a new run picks up at the newest complete step and ends the same."""
+    checkpoints = tmp_path / "checkpoints"
+    full = Trainer(_config(2, checkpoint_dir=str(checkpoints), checkpoint_interval=10)).fit()
+    assert full.params_sha256 == baseline_hash(2)  # writing files changes nothing
+    for path in checkpoints.iterdir():  # the cluster was lost after step 30
+        if int(path.stem.split("-step-")[1]) > 30:
+            path.unlink()
+    resumed = Trainer(_config(2, checkpoint_dir=str(tmp_path / "after"), resume_from=str(checkpoints))).fit()
+    assert resumed.params_sha256 == full.params_sha256
+    assert resumed.steps_completed == STEPS and resumed.updates_applied == resumed.updates_acknowledged == 2 * STEPS
+    assert sum(w["samples"] for w in resumed.workers) == 2 * (STEPS - 30) * 16  # only steps 30..59 were trained
+
+
+def test_resume_from_a_directory_without_checkpoints_names_it(tmp_path):
+    from raytrain_ft.errors import DataError
+
+    with pytest.raises(DataError, match="no step has a checkpoint file for each of the 2 shards"):
+        Trainer(_config(2, resume_from=str(tmp_path))).fit()
