@@ -252,7 +252,7 @@ class ParameterServer:
             t0 = time.perf_counter()
             await self._log(command, snapshot, pending)
             self.replica_wait_s += time.perf_counter() - t0
-        elif self.checkpointing and state.step % self.checkpoint_interval == 0:
+        if self.checkpointing and state.step % self.checkpoint_interval == 0:
             save_shard_checkpoint(self.checkpoint_dir, state.shard.index, state.step, self._latest, state.optimizer.state_dict())
 
     async def _log(self, command: Command, snapshot: Snapshot | None, pending) -> None:
