@@ -58,6 +58,11 @@ def test_main_job_reaches_accuracy_and_writes_summary(tmp_path, cli_env):
         (["--dataset", "parquet", "--data-path", "/nonexistent/x.parquet"], "/nonexistent/x.parquet: Parquet file or directory does not exist"),
         (["--config", "/nonexistent.yaml"], "--config: file '/nonexistent.yaml' does not exist"),
         (["--lr", "fast"], "optim.lr: expected a number"),
+        (["--kill", "server:0"], "recovery.kill: 'server:0': expected ROLE"),
+        (["--kill", "server:5@step=3"], "server:5@step=3: the run has 2 server(s)"),
+        (["--kill", "node:1@step=3"], "--local-nodes"),
+        (["--recovery", "raid"], "recovery.recovery: unknown value 'raid'"),
+        (["--resume-from", "/nonexistent/ckpt"], "/nonexistent/ckpt: no step has a checkpoint file"),
     ],
 )
 def test_bad_input_exits_2_with_one_message_and_starts_no_ray(args, needle, cli_env):
