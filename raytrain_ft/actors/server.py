@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from raytrain_ft.actors import process_address
 from raytrain_ft.config import OptimConfig
 from raytrain_ft.errors import TrainingError
 from raytrain_ft.params import ShardRange
@@ -33,7 +34,8 @@ class ServerDescription:
     replica_shards: tuple[int, ...]
     replica_next_seq: tuple[int, ...]
     node_id: str
-    pid: int
+    process: str
+    """NODE_IP:PID of the server's process."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,8 +119,8 @@ class ParameterServer:
             self._holder_event = asyncio.Event()
         return self._holder_event
 
-    async def ready(self) -> int:
-        return os.getpid()
+    async def ready(self) -> str:
+        return process_address()
 
     async def describe(self) -> ServerDescription:
         import ray
@@ -127,7 +129,7 @@ class ParameterServer:
         return ServerDescription(
             self.slot, s.shard.index if s else None, self.epoch, s.step if s else 0,
             tuple(sorted(self.replicas)), tuple(self.replicas[k].next_seq for k in sorted(self.replicas)),
-            ray.get_runtime_context().get_node_id(), os.getpid(),
+            ray.get_runtime_context().get_node_id(), process_address(),
         )
 
     # --- primary: set-up ---------------------------------------------------------

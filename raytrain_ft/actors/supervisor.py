@@ -60,7 +60,7 @@ PROBE_TIMEOUT_S = 2.0
 
 @dataclass(frozen=True, slots=True)
 class Targets:
-    """Who plays each role right now: (handle, pid) per server slot and per worker rank."""
+    """Who plays each role right now: (handle, NODE_IP:PID) per server slot and per worker rank."""
 
     num_shards: int
     slots: tuple
@@ -90,17 +90,22 @@ class SupervisorStatus:
     targets: Targets
 
 
-def kill_process(handle, pid: int | None) -> str:
-    """Kill an actor for real: SIGKILL its process when it runs on this machine, else ``ray.kill``."""
+def kill_process(handle, process: str | None) -> str:
+    """Kill an actor for real: SIGKILL its process (``NODE_IP:PID``) when it runs on this host and is a Ray
+    actor process, else ``ray.kill`` (also a forced kill). Never signals a process of another host."""
     import signal
 
     import ray
 
-    if pid:
+    ip, _, pid = (process or "").rpartition(":")
+    if pid.isdigit() and ip == ray.util.get_node_ip_address():
         try:
-            os.kill(pid, signal.SIGKILL)
-            return "SIGKILL"
-        except ProcessLookupError:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                is_actor = fh.read().startswith(b"ray::")
+            if is_actor:
+                os.kill(int(pid), signal.SIGKILL)
+                return "SIGKILL"
+        except (FileNotFoundError, ProcessLookupError):
             pass
     ray.kill(handle, no_restart=True)
     return "ray.kill"
@@ -120,11 +125,11 @@ class Supervisor:
         self.route_changed = threading.Condition(self.lock)
         self.wake = threading.Event()
         self.slots: list = [None] * num_slots(self.k)
-        self.slot_pids: list[int | None] = [None] * len(self.slots)
+        self.slot_pids: list[str | None] = [None] * len(self.slots)
         self.slot_desc: list = [None] * len(self.slots)
         self.epochs = [0] * self.k
         self.workers: list = [None] * self.w
-        self.worker_pids: list[int | None] = [None] * self.w
+        self.worker_pids: list[str | None] = [None] * self.w
         self.worker_status: list = [None] * self.w
         self.worker_restarts = [0] * self.w
         self.pending_workers: dict[int, tuple] = {}
@@ -392,7 +397,7 @@ class Supervisor:
         with self.route_changed:
             self.slots[slot] = new
             self.slot_desc[slot] = ray.get(new.describe.remote())
-            self.slot_pids[slot] = self.slot_desc[slot].pid
+            self.slot_pids[slot] = self.slot_desc[slot].process
             if shard is not None:
                 self.epochs[shard] += 1
             self.route_changed.notify_all()
@@ -479,7 +484,7 @@ class Supervisor:
         lost_at = max((s.step for s in self.worker_status if s is not None), default=step)
         for rank, w in enumerate(self.workers):  # the whole run goes back to `step`
             if w is not None:
-                kill_process(w, self.worker_pids[rank])
+                kill_process(w, self.worker_status[rank].process if self.worker_status[rank] else self.worker_pids[rank])
         new = self._take_spare(set())
         refs, moved = [], 0
         for shard in range(self.k):
@@ -490,7 +495,7 @@ class Supervisor:
         with self.route_changed:
             self.slots[slot] = new
             self.slot_desc[slot] = ray.get(new.describe.remote())
-            self.slot_pids[slot] = self.slot_desc[slot].pid
+            self.slot_pids[slot] = self.slot_desc[slot].process
             self.epochs = [e + 1 for e in self.epochs]
             self.route_changed.notify_all()
         serving_at = time.time()
@@ -519,11 +524,11 @@ class Supervisor:
         for k in [k for k in self.kills if int(k.value) == n]:
             self.kills.remove(k)
             if k.role == "server" and k.index == shard:
-                handle, pid, what = replacement, None, "the replacement being rebuilt"
+                handle, process, what = replacement, None, "the replacement being rebuilt"
             else:
-                handle, pid = self.target(k.role, k.index)
+                handle, process = self.target(k.role, k.index)
                 what = "a peer"
-            how = kill_process(handle, pid)
+            how = kill_process(handle, process)
             self.kills_fired.append({"kill": str(k), "at": time.time(), "how": how, "target": what})
             logger.warning("[supervisor] fault injection: killed %s (%s) during recovery %d", k, what, n)
 
@@ -577,7 +582,7 @@ class Supervisor:
             if desc.slot not in best or epoch > best[desc.slot][1].epoch:
                 best[desc.slot] = (handle, desc)
         for slot, (handle, desc) in best.items():
-            self.slots[slot], self.slot_desc[slot], self.slot_pids[slot] = handle, desc, desc.pid
+            self.slots[slot], self.slot_desc[slot], self.slot_pids[slot] = handle, desc, desc.process
             if desc.shard is not None:
                 self.epochs[desc.shard] = desc.epoch
         statuses = [(rank, h, self._answer_get(h.poll_status.remote())) for rank, h in workers]
@@ -622,11 +627,11 @@ class Supervisor:
                                 self.restarts, tuple(self.epochs), steps, self.targets())
 
     def targets(self) -> Targets:
-        workers = tuple((w, s.pid if s is not None else None) for w, s in zip(self.workers, self.worker_status))
+        workers = tuple((w, s.process if s is not None else None) for w, s in zip(self.workers, self.worker_status))
         return Targets(self.k, tuple(zip(self.slots, self.slot_pids)), workers)
 
     def target(self, role: str, index: int) -> tuple:
-        """(handle, pid) of what a kill spec names right now."""
+        """(handle, NODE_IP:PID) of what a kill spec names right now."""
         return self.targets().lookup(role, index)
 
     def kills_done(self) -> list[dict]:

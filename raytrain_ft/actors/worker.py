@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from raytrain_ft.actors import process_address
 from raytrain_ft.config import TrainConfig
 from raytrain_ft.data import BatchStream, load_dataset
 from raytrain_ft.models import build_model
@@ -46,7 +47,8 @@ class WorkerStatus:
     device: str
     acked_per_shard: tuple[int, ...]
     """Per shard: how many updates (steps) the shard has acknowledged to this worker."""
-    pid: int
+    process: str
+    """NODE_IP:PID of the worker's process."""
     reroutes: int
     """Calls resent to a rebuilt server after the old one died."""
 
@@ -86,8 +88,8 @@ class Worker:
         self._step_end_times: list[tuple[int, float]] = []
         self.exchange = ShardExchange(rank, self.model, self.flat, shards, routing, self._host_grad, config.cluster.overlap_comm, supervisor_handle)
 
-    def ready(self) -> int:
-        return os.getpid()
+    def ready(self) -> str:
+        return process_address()
 
     def start(self, start_step: int, end_step: int) -> bool:
         """Begin training steps ``[start_step, end_step)`` in a background thread."""
@@ -103,7 +105,7 @@ class Worker:
         return WorkerStatus(
             self.rank, self._step, self._end_step, self._last_loss, self._samples, self._compute_s, self._wait_s,
             self._started_at, self._finished_at, done, self._error, str(self.device), tuple(self.exchange.acked),
-            os.getpid(), self.exchange.reroutes,
+            process_address(), self.exchange.reroutes,
         )
 
     def step_end_times(self) -> list[tuple[int, float]]:

@@ -71,8 +71,8 @@ class ChaosRunner:
             how = "cluster.remove_node"
         else:
             targets = self.targets or ray.get(self.supervisor.targets.remote())
-            handle, pid = targets.lookup(k.role, k.index)
-            how = kill_process(handle, pid)
+            handle, process = targets.lookup(k.role, k.index)
+            how = kill_process(handle, process)
         record = {"kill": str(k), "at": at, "step": step, "how": how}
         self.fired.append(record)
         logger.warning("[chaos] killed %s at step %s (%s)", k, step, how)
