@@ -85,7 +85,6 @@ def test_log_appends_in_order_ignores_duplicates_and_refuses_gaps():
 
 def test_log_copies_what_it_is_given():
     optim = OptimConfig()
-    shard = shard_ranges(SIZE, 1)[0]
     update = np.ones(SIZE, np.float32)
     log = CommandLog.from_snapshot(Snapshot(0, np.zeros(SIZE, np.float32), {"step_count": 0, "state": {}}))
     log.append(Command(0, update, hyper_params(0, optim, 10)))
