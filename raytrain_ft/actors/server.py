@@ -32,7 +32,6 @@ class ServerDescription:
     epoch: int
     step: int
     replica_shards: tuple[int, ...]
-    replica_next_seq: tuple[int, ...]
     node_id: str
     process: str
     """NODE_IP:PID of the server's process."""
@@ -128,7 +127,7 @@ class ParameterServer:
         s = self.state
         return ServerDescription(
             self.slot, s.shard.index if s else None, self.epoch, s.step if s else 0,
-            tuple(sorted(self.replicas)), tuple(self.replicas[k].next_seq for k in sorted(self.replicas)),
+            tuple(sorted(self.replicas)),
             ray.get_runtime_context().get_node_id(), process_address(),
         )
 
@@ -324,9 +323,6 @@ class ParameterServer:
         if log is None:
             raise TrainingError(f"[replica slot={self.slot}] holds no replica of shard {shard}")
         return log.snapshot, list(log.entries)
-
-    async def drop_replica(self, shard: int) -> None:
-        self.replicas.pop(shard, None)
 
     # --- both ------------------------------------------------------------------------
 

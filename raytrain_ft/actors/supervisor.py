@@ -125,7 +125,6 @@ class Supervisor:
         self.route_changed = threading.Condition(self.lock)
         self.wake = threading.Event()
         self.slots: list = [None] * num_slots(self.k)
-        self.slot_pids: list[str | None] = [None] * len(self.slots)
         self.slot_desc: list = [None] * len(self.slots)
         self.epochs = [0] * self.k
         self.workers: list = [None] * self.w
@@ -225,7 +224,7 @@ class Supervisor:
             self._new_server(j, primary_shard(j, self.k), nodes[j] if nodes else None, self._server_faults(j, self.all_kills))
             for j in range(len(self.slots))
         ]
-        self.slot_pids = wait_ready([s.ready.remote() for s in self.slots], f"{len(self.slots)} parameter servers", self.slots)
+        wait_ready([s.ready.remote() for s in self.slots], f"{len(self.slots)} parameter servers", self.slots)
         start_step = 0
         resume = self.cfg.recovery.resume_from
         if resume:  # after a whole-cluster loss: the newest step every shard has on disk
@@ -378,8 +377,8 @@ class Supervisor:
         stats, new = None, None
         for _ in range(5):  # the spare itself may die mid-recovery
             new = self._take_spare(avoid)
-            if shard is not None:
-                holder = self.slots[replica_slot(shard, self.k)]
+            holder = self.slots[replica_slot(shard, self.k)] if shard is not None else None
+            if holder is not None:
                 ref = new.recover_primary.remote(slot, self.ranges[shard], holder, self.epochs[shard] + 1)
             else:
                 ref = new.assign_slot.remote(slot)
@@ -388,7 +387,7 @@ class Supervisor:
                 stats = ray.get(ref)
                 break
             except ray.exceptions.RayActorError as e:
-                if shard is not None and self._answer_blocking(self.slots[replica_slot(shard, self.k)]) is False:
+                if holder is not None and self._answer_get(holder.ready.remote(), PROBE_TIMEOUT_S) is None:
                     return None  # the holder died too: the next probe sees the shard is lost
                 logger.warning("[supervisor] replacement for slot %d died during recovery (%s); trying another spare", slot, type(e).__name__)
                 new = None
@@ -397,7 +396,6 @@ class Supervisor:
         with self.route_changed:
             self.slots[slot] = new
             self.slot_desc[slot] = ray.get(new.describe.remote())
-            self.slot_pids[slot] = self.slot_desc[slot].process
             if shard is not None:
                 self.epochs[shard] += 1
             self.route_changed.notify_all()
@@ -410,10 +408,7 @@ class Supervisor:
                 rereplicated.append(held)
             except ray.exceptions.RayActorError:
                 pass  # that primary died as well; its own replacement re-replicates it
-        if shard is not None:
-            rereplicated_at = time.time()
-        else:
-            rereplicated_at = serving_at
+        rereplicated_at = time.time()
         self._persist()
         return self._record({
             "role": "server" if shard is not None else "replica", "index": shard if shard is not None else slot, "slot": slot,
@@ -423,14 +418,6 @@ class Supervisor:
             "epoch": self.epochs[shard] if shard is not None else None, "rereplicated": rereplicated, "source": "replica",
             "steps_lost": max(0, reached - stats.step) if stats else 0,
         })
-
-    def _answer_blocking(self, handle):
-        import ray
-
-        try:
-            return ray.get(handle.ready.remote(), timeout=PROBE_TIMEOUT_S)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            return False
 
     def rereplicate(self, shard: int) -> None:
         import ray
@@ -495,7 +482,6 @@ class Supervisor:
         with self.route_changed:
             self.slots[slot] = new
             self.slot_desc[slot] = ray.get(new.describe.remote())
-            self.slot_pids[slot] = self.slot_desc[slot].process
             self.epochs = [e + 1 for e in self.epochs]
             self.route_changed.notify_all()
         serving_at = time.time()
@@ -510,8 +496,7 @@ class Supervisor:
         event["detected_s"] = round(event["detected_at"] - self.started_at, 4)
         event["serving_s"] = round(event["serving_at"] - self.started_at, 4)
         event["duration_s"] = round(event["serving_at"] - event["detected_at"], 4)
-        if event not in self.events:
-            self.events.append(event)
+        self.events.append(event)
         events_logger.warning(
             "recovered %s %s in %.3fs (%s, replayed %d, %d bytes moved)", event["role"], event["index"], event["duration_s"],
             event["source"], event["replayed"], event["bytes_moved"],
@@ -582,7 +567,7 @@ class Supervisor:
             if desc.slot not in best or epoch > best[desc.slot][1].epoch:
                 best[desc.slot] = (handle, desc)
         for slot, (handle, desc) in best.items():
-            self.slots[slot], self.slot_desc[slot], self.slot_pids[slot] = handle, desc, desc.process
+            self.slots[slot], self.slot_desc[slot] = handle, desc
             if desc.shard is not None:
                 self.epochs[desc.shard] = desc.epoch
         statuses = [(rank, h, self._answer_get(h.poll_status.remote())) for rank, h in workers]
@@ -596,11 +581,12 @@ class Supervisor:
                        sum(s is not None for s in self.slots), sum(s is not None for s in self.worker_status), len(self.spares))
 
     @staticmethod
-    def _answer_get(ref):
+    def _answer_get(ref, timeout_s: float = PROBE_TIMEOUT_S * 5):
+        """The value of ``ref``, or None if its actor is dead or silent for ``timeout_s``."""
         import ray
 
         try:
-            return ray.get(ref, timeout=PROBE_TIMEOUT_S * 5)
+            return ray.get(ref, timeout=timeout_s)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             return None
 
@@ -628,7 +614,8 @@ class Supervisor:
 
     def targets(self) -> Targets:
         workers = tuple((w, s.process if s is not None else None) for w, s in zip(self.workers, self.worker_status))
-        return Targets(self.k, tuple(zip(self.slots, self.slot_pids)), workers)
+        slots = tuple((h, d.process if d is not None else None) for h, d in zip(self.slots, self.slot_desc))
+        return Targets(self.k, slots, workers)
 
     def target(self, role: str, index: int) -> tuple:
         """(handle, NODE_IP:PID) of what a kill spec names right now."""
@@ -664,9 +651,6 @@ class Supervisor:
                 times.append([])
         return {"params": np.concatenate(params), "stats": stats, "step_end_times": times, "replicas_match": replicas_match}
 
-    def shutdown(self) -> int:
-        """Kill every actor of this run (they are detached). Returns how many were killed."""
-        return kill_run_actors(self.run_id)
 
 
 def kill_run_actors(run_id: str) -> int:
