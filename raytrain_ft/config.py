@@ -19,7 +19,6 @@ MODELS = ("mlp", "cnn", "resnet18", "resnet50")
 DATASETS = ("digits", "synthetic", "cifar10", "mnist", "parquet")
 OPTIMIZERS = ("sgd", "rmsprop", "adagrad", "adam")
 SCHEDULES = ("constant", "step", "cosine")
-MODES = ("sync",)
 
 
 def _positive(name: str, value: float) -> None:
@@ -220,14 +219,51 @@ class RecoveryConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class ConsistencyConfig:
+    staleness: int = 2
+    """ssp: steps a worker may run ahead of the slowest worker (0 = lock-step)."""
+    group_size: int = 2
+    """mixed: consecutive ranks that average their gradients synchronously before the group's update (e.g. the workers of one node)."""
+    backup_workers: int = 0
+    """sync: a step closes after the first num_workers - backup_workers gradients; late ones are dropped (stragglers stop holding everyone up)."""
+    n_push: int = 1
+    """async (Downpour): push the gradients accumulated over this many steps."""
+    n_fetch: int = 1
+    """async (Downpour): fetch fresh parameters every this many steps (the model stays fixed in between)."""
+    staleness_lr: str = "none"
+    """async/ssp: none | inverse (divide the learning rate by the update's staleness when it is above 1)."""
+    codec: str = "none"
+    """Push compression, with error feedback on the worker: none | fp16 | topk:RATIO (e.g. topk:0.01) | onebit (sign + scale)."""
+
+    def __post_init__(self) -> None:
+        self.staleness_lr = self.staleness_lr or "none"  # YAML/CLI read "none" as an empty value
+        self.codec = self.codec or "none"
+        _non_negative("consistency.staleness", self.staleness)
+        _positive("consistency.group_size", self.group_size)
+        _non_negative("consistency.backup_workers", self.backup_workers)
+        _positive("consistency.n_push", self.n_push)
+        _positive("consistency.n_fetch", self.n_fetch)
+        from raytrain_ft.consistency import STALENESS_LR
+
+        _choice("consistency.staleness_lr", self.staleness_lr, STALENESS_LR)
+        from raytrain_ft.compression import parse_codec
+
+        try:
+            parse_codec(self.codec)
+        except ValueError as e:
+            raise ConfigError("consistency.codec", str(e)) from None
+
+
+@dataclass(kw_only=True, slots=True)
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
     mode: str = "sync"
-    """Consistency mode: sync (BSP; every step aggregates all workers in rank order)."""
+    """Consistency mode: sync (BSP: every step averages all workers in rank order) | async (Downpour: updates applied on arrival) | ssp (async, at most --staleness steps ahead of the slowest) | mixed (groups of --group-size average synchronously, groups update asynchronously)."""
     epochs: int = 5
     """Passes over each worker's partition (ignored when steps is set)."""
     steps: int | None = None
@@ -238,11 +274,36 @@ class TrainConfig:
     """Seconds between progress updates from the driver."""
 
     def __post_init__(self) -> None:
+        from raytrain_ft.consistency import MODES
+
         _choice("mode", self.mode, MODES)
+        self._check_consistency()
         _positive("epochs", self.epochs)
         if self.steps is not None:
             _positive("steps", self.steps)
         _positive("log_every_s", self.log_every_s)
+
+    def _check_consistency(self) -> None:
+        c, w = self.consistency, self.cluster.num_workers
+        if c.backup_workers and self.mode != "sync":
+            raise ConfigError("consistency.backup_workers", "backup workers apply to --mode sync only")
+        if c.backup_workers >= w:
+            raise ConfigError("consistency.backup_workers", f"must be below --num-workers ({w}): at least one gradient closes a step")
+        if c.backup_workers and self.cluster.overlap_comm:
+            raise ConfigError("cluster.overlap_comm", "a worker late for a step jumps to the shards' step after each step; use --overlap-comm false with backup workers")
+        if (c.n_push > 1 or c.n_fetch > 1) and self.mode != "async":
+            raise ConfigError("consistency.n_push", "n_push / n_fetch above 1 need --mode async (Downpour)")
+        if (c.n_push > 1 or c.n_fetch > 1) and self.cluster.overlap_comm:
+            raise ConfigError("cluster.overlap_comm", "overlap pushes every step from backward; use --overlap-comm false with n_push / n_fetch above 1")
+        if self.mode != "sync" and (self.recovery.recovery == "checkpoint" or self.recovery.resume_from):
+            raise ConfigError("recovery.recovery", "checkpoint restarts and --resume-from need --mode sync (async modes recover from replicas)")
+
+    def rule(self):
+        """The consistency rule servers apply (``raytrain_ft.consistency.Rule``)."""
+        from raytrain_ft.consistency import Rule
+
+        c = self.consistency
+        return Rule(self.mode, self.cluster.num_workers, c.backup_workers, c.group_size, c.staleness, c.staleness_lr)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -256,6 +317,7 @@ SUBCONFIGS: dict[str, type] = {
     "optim": OptimConfig,
     "cluster": ClusterConfig,
     "recovery": RecoveryConfig,
+    "consistency": ConsistencyConfig,
 }
 
 FLAG_ALIASES: dict[str, str] = {"model.name": "model", "optim.name": "optimizer"}

@@ -1,4 +1,4 @@
-"""Pure state of one parameter-server shard: aggregation in rank order and the optimizer step.
+"""Pure state of one parameter-server shard: parameters, optimizer state, per-rank clocks, one update at a time.
 
 The actor in ``actors/server.py`` wraps this with asyncio waiting; everything
 that decides *what* the parameters become lives here and is tested without Ray.
@@ -29,24 +29,14 @@ class ShardStats:
     """Seconds the primary waited for its replica holder to log commands (after applying the update)."""
     replica_bytes_sent: int = 0
     checkpoint_files_read: int = 0
-
-
-def aggregate_in_rank_order(grads: dict[int, np.ndarray], num_workers: int) -> np.ndarray:
-    """Mean of the pushes of ranks ``0..num_workers-1``, summed in rank order (bitwise reproducible).
-
-    With one worker the push itself is returned (it may be a read-only view of
-    the object store: callers only read the result).
-    """
-    missing = [r for r in range(num_workers) if r not in grads]
-    if missing:
-        raise ValueError(f"cannot aggregate: no gradient from ranks {missing}")
-    if num_workers == 1:
-        return grads[0]
-    acc = np.add(grads[0], grads[1], dtype=np.float32)
-    for r in range(2, num_workers):
-        acc += grads[r]
-    acc /= np.float32(num_workers)
-    return acc
+    late_pushes: int = 0
+    """Sync with backup workers: pushes that arrived after their step closed (dropped)."""
+    staleness_histogram: dict | None = None
+    """{staleness: updates}: how many shard updates happened between a gradient's parameters and its application."""
+    clock_lead_max: int = 0
+    """SSP: the most steps any worker was ahead of the slowest when the shard let it go on."""
+    clock_trace: tuple = ()
+    """SSP: (rank, its clock, slowest clock) each time the shard let a worker start its next step."""
 
 
 class ShardState:
@@ -59,9 +49,12 @@ class ShardState:
         self.params = torch.zeros(shard.size, dtype=torch.float32)
         self.optimizer = make_optimizer(optim_cfg, shard.param_slice.stop)
         self.step = 0
+        """Updates applied (the command log's next seq; in sync mode also the step the shard waits for)."""
         self.updates_applied = 0
+        self.clocks: dict[int, int] = {}
+        """Per rank: the next step this shard expects from it (every update's pushes advance it)."""
 
-    def load(self, params: np.ndarray | torch.Tensor, step: int = 0, optimizer_state: dict | None = None) -> None:
+    def load(self, params: np.ndarray | torch.Tensor, step: int = 0, optimizer_state: dict | None = None, clocks: dict | None = None) -> None:
         values = torch.from_numpy(np.array(params, dtype=np.float32, copy=True))
         if values.numel() != self.shard.size:
             raise ValueError(f"shard {self.shard.index}: got {values.numel()} values, expected {self.shard.size}")
@@ -69,12 +62,14 @@ class ShardState:
         self.step = step
         if optimizer_state is not None:
             self.optimizer.load_state(optimizer_state)
+        self.clocks = dict(clocks or {})
 
     def hyper_params(self, step: int) -> HyperParams:
         return hyper_params(step, self.optim_cfg, self.total_steps)
 
-    def apply(self, mean_update: np.ndarray, hp: HyperParams) -> None:
-        """Apply one aggregated update: optimizer on the parameter part, assignment on the buffer part."""
+    def apply(self, mean_update: np.ndarray, hp: HyperParams, pushes: tuple = ()) -> None:
+        """Apply one aggregated update: optimizer on the parameter part, assignment on the buffer part.
+        ``pushes``: the (rank, step) pairs it aggregates (advances those ranks' clocks)."""
         with warnings.catch_warnings():  # read-only object-store views are only read here
             warnings.simplefilter("ignore", UserWarning)
             update = torch.from_numpy(mean_update)
@@ -85,6 +80,9 @@ class ShardState:
             self.params[bs].copy_(update[bs])
         self.step += 1
         self.updates_applied += 1
+        for rank, step in pushes:
+            if step + 1 > self.clocks.get(rank, 0):
+                self.clocks[rank] = step + 1
 
     def params_copy(self) -> np.ndarray:
         return self.params.numpy().copy()

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from raytrain_ft.config import TrainConfig
+from raytrain_ft.consistency import merge_histograms
 from raytrain_ft.data import Dataset, check_source, checked_steps_per_epoch, load_dataset
 from raytrain_ft.errors import ClusterError, TrainingError
 from raytrain_ft.models import build_model
@@ -72,6 +73,15 @@ class TrainResult:
     """Per shard: its replica (snapshot + log, replayed) equals the primary at the end (I4)."""
     supervisor_restarts: int = 0
     run_id: str = ""
+    staleness_histogram: dict[int, int] = field(default_factory=dict)
+    """{staleness: updates} over all shards: shard updates between a gradient's parameters and its application
+    (sync: all 0; the stalest push of an aggregated update counts)."""
+    bytes_pushed: int = 0
+    """Gradient bytes all workers sent (after compression)."""
+    bytes_pulled: int = 0
+    """Parameter bytes all workers received."""
+    clock_traces: list[tuple] = field(default_factory=list, repr=False)
+    """SSP, per shard: (rank, clock, slowest clock) each time the shard let a rank start its next step (not in the JSON summary)."""
     step_times: list[list[tuple[int, float]]] = field(default_factory=list, repr=False)
     """Per rank: (step, time it finished) from the rank's final worker (not in the JSON summary)."""
     final_params: np.ndarray | None = field(default=None, repr=False)
@@ -80,6 +90,7 @@ class TrainResult:
         d = dataclasses.asdict(self)
         d.pop("final_params")
         d.pop("step_times")
+        d.pop("clock_traces")
         return d
 
 
@@ -277,11 +288,17 @@ class Trainer:
             updates_applied=sum(st.updates_applied for st in stats),
             updates_acknowledged=sum(acked),
             servers=[{"shard": st.index, "updates_applied": st.updates_applied, "duplicate_pushes": st.duplicate_pushes,
+                      "late_pushes": st.late_pushes, "clock_lead_max": st.clock_lead_max,
                       "replica_wait_s": round(st.replica_wait_s, 4), "replica_bytes_sent": st.replica_bytes_sent,
                       "checkpoint_files_read": st.checkpoint_files_read} for st in stats],
+            staleness_histogram=merge_histograms(st.staleness_histogram or {} for st in stats),
+            bytes_pushed=sum(s.bytes_pushed for s in statuses),
+            bytes_pulled=sum(s.bytes_pulled for s in statuses),
+            clock_traces=[list(st.clock_trace) for st in stats],
             num_params=num_params,
             workers=[
-                {"rank": s.rank, "steps": s.step, "samples": s.samples, "compute_s": round(s.compute_s, 3), "wait_s": round(s.wait_s, 3), "device": s.device, "reroutes": s.reroutes}
+                {"rank": s.rank, "steps": s.step, "samples": s.samples, "compute_s": round(s.compute_s, 3), "wait_s": round(s.wait_s, 3), "device": s.device,
+                 "reroutes": s.reroutes, "bytes_pushed": s.bytes_pushed, "bytes_pulled": s.bytes_pulled, "skipped_steps": s.skipped_steps}
                 for s in statuses
             ],
             devices=sorted({s.device for s in statuses}),

@@ -177,7 +177,7 @@ class Supervisor:
         cls = ray.remote(ParameterServer).options(**self._options("server", node_id, num_cpus=0))
         return cls.remote(
             slot, self.ranges[shard] if shard is not None else None, self.cfg.optim, self.total_steps, self.w, cc.server_threads,
-            rc.snapshot_interval, rc.recovery, self.checkpoint_dir, rc.checkpoint_interval, faults, self._fault_key, rc.fold_log,
+            rc.snapshot_interval, rc.recovery, self.checkpoint_dir, rc.checkpoint_interval, faults, self._fault_key, rc.fold_log, self.cfg.rule(),
         )
 
     def _new_worker(self, rank: int):
@@ -446,7 +446,7 @@ class Supervisor:
             if answer is False:
                 self.workers[rank] = handle  # died while starting: the next probe restarts it again
                 continue
-            start_step = min(self._shard_steps())
+            start_step = self._resume_step(rank)
             ray.get(handle.start.remote(start_step, self.total_steps))
             with self.lock:
                 self.workers[rank] = handle
@@ -454,10 +454,12 @@ class Supervisor:
             self._record({"role": "worker", "index": rank, "detected_at": detected_at, "serving_at": time.time(), "replayed": 0,
                           "bytes_moved": 0, "step": start_step, "source": "restart"})
 
-    def _shard_steps(self) -> list[int]:
+    def _resume_step(self, rank: int) -> int:
+        """Where a restarted rank goes on: the first step some shard has not applied from it (sync: the shards'
+        step; other modes: the rank's own clock)."""
         import ray
 
-        return [d.step for d in ray.get([self.slots[i].describe.remote() for i in range(self.k)])]
+        return min(d.clocks[rank] for d in ray.get([self.slots[i].describe.remote() for i in range(self.k)]))
 
     def _rollback_to_checkpoint(self, slot: int, now: float) -> dict:
         """Baseline: replace the lost server from its file, rewind every shard to that step, restart all workers."""
@@ -635,7 +637,7 @@ class Supervisor:
         from raytrain_ft.recovery.replay import replay
 
         primaries = self.slots[: self.k]
-        params = ray.get([p.pull.remote() for p in primaries])
+        params = [values for values, _, _ in ray.get([p.pull.remote() for p in primaries])]
         stats = ray.get([p.stats.remote() for p in primaries])
         replicas_match = []
         if self.replica_mode:

@@ -9,10 +9,10 @@ import traceback
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from raytrain_ft.actors import process_address
+from raytrain_ft.compression import Codec, ErrorFeedback, NoCodec, parse_codec
 from raytrain_ft.config import TrainConfig
 from raytrain_ft.data import BatchStream, load_dataset
 from raytrain_ft.models import build_model
@@ -50,10 +50,18 @@ class WorkerStatus:
     """NODE_IP:PID of the worker's process."""
     reroutes: int
     """Calls resent to a rebuilt server after the old one died."""
+    bytes_pushed: int = 0
+    """Bytes of gradients sent (after compression)."""
+    bytes_pulled: int = 0
+    """Bytes of parameters received."""
+    skipped_steps: int = 0
+    """Sync with backup workers: steps this rank skipped because the shards closed them without it."""
 
 
 class Worker:
-    """Trains one rank: forward/backward on its own partition, one push_pull per shard per step.
+    """Trains one rank: forward/backward on its own partition, one push_pull per shard per step
+    (async with ``n_push``/``n_fetch``: gradients accumulate over ``n_push`` steps, parameters are
+    fetched every ``n_fetch`` steps and stay fixed in between, as in Downpour).
 
     Can lose: its model copy and its position; both come back when the
     supervisor restarts the rank: parameters as of the shards' step (a shard
@@ -85,7 +93,10 @@ class Worker:
         self._finished_at: float | None = None
         self._error: str | None = None
         self._step_end_times: list[tuple[int, float]] = []
-        self.exchange = ShardExchange(rank, self.model, self.flat, shards, routing, self._host_grad, config.cluster.overlap_comm, supervisor_handle)
+        self._skipped = 0
+        self.rule = config.rule()
+        self.exchange = ShardExchange(rank, self.model, self.flat, shards, routing, self._host_grad, config.cluster.overlap_comm, supervisor_handle,
+                                      parse_codec(config.consistency.codec))
 
     def ready(self) -> str:
         return process_address()
@@ -104,7 +115,7 @@ class Worker:
         return WorkerStatus(
             self.rank, self._step, self._end_step, self._last_loss, self._samples, self._compute_s, self._wait_s,
             self._started_at, self._finished_at, done, self._error, str(self.device), tuple(self.exchange.acked),
-            process_address(), self.exchange.reroutes,
+            process_address(), self.exchange.reroutes, self.exchange.bytes_pushed, self.exchange.bytes_pulled, self._skipped,
         )
 
     def step_end_times(self) -> list[tuple[int, float]]:
@@ -122,25 +133,37 @@ class Worker:
         finally:
             self._finished_at = time.time()
 
-    def _run(self) -> None:
+    def _stream(self, start_step: int) -> BatchStream:
         cfg = self.config
+        return BatchStream(
+            self.train_x, self.train_y, seed=cfg.seed, rank=self.rank, num_workers=cfg.cluster.num_workers,
+            batch_size=cfg.data.batch_size, start_step=start_step, end_step=self._end_step,
+            prefetch=cfg.data.prefetch_batches,
+        )
+
+    def _run(self) -> None:
+        cfg, c = self.config, self.config.consistency
         # OpenMP thread counts are per thread: set them in the thread that computes
         torch.set_num_threads(cfg.cluster.cpus_per_worker)
         self._started_at = time.time()
-        stream = BatchStream(
-            self.train_x, self.train_y, seed=cfg.seed, rank=self.rank, num_workers=cfg.cluster.num_workers,
-            batch_size=cfg.data.batch_size, start_step=self._step, end_step=self._end_step,
-            prefetch=cfg.data.prefetch_batches,
-        )
+        stream = self._stream(self._step)
         self.model.train()
-        self.exchange.pull_all(self._step)
+        # plain sync resumes on exactly its step's parameters; other modes take the newest
+        self.exchange.pull_all(self._step if self.rule.exact_resume else None)
+        downpour = cfg.mode == "async"
         try:
             while self._step < self._end_step:
                 t0 = time.perf_counter()
                 wait_before = self.exchange.wait_s
+                last = self._step == self._end_step - 1
+                push = not downpour or (self._step + 1) % c.n_push == 0 or last
+                fetch = not downpour or (self._step + 1) % c.n_fetch == 0 or last
                 x, y = stream.next()
-                loss = self._step_once(x, y)
-                if not self.exchange.overlap:
+                loss = self._step_once(x, y, push, fetch)
+                if push and not self.exchange.overlap:
+                    self.exchange.install_all()
+                if fetch and not push:
+                    self.exchange.pull_all(None)
                     self.exchange.install_all()
                 wait = self.exchange.wait_s - wait_before
                 self._wait_s += wait
@@ -149,17 +172,31 @@ class Worker:
                 self._samples += len(y)
                 self._step_end_times.append((self._step, time.time()))
                 self._step += 1
+                behind = self._behind()
+                if behind:  # backup workers closed steps without this rank: go on at the shards' step
+                    self._skipped += behind
+                    self._step += behind
+                    stream.close()
+                    stream = self._stream(self._step)
             wait_before = self.exchange.wait_s
             self.exchange.install_all()
             self._wait_s += self.exchange.wait_s - wait_before
         finally:
             stream.close()
 
-    def _step_once(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """Forward/backward into the flat gradient buffer, pushing every shard for this step."""
+    def _behind(self) -> int:
+        """Sync with backup workers: steps the shards have closed beyond this rank's next step."""
+        if not self.config.consistency.backup_workers or self.exchange.overlap or self._step >= self._end_step:
+            return 0
+        return max(0, min(min(self.exchange.versions), self._end_step) - self._step)
+
+    def _step_once(self, x: torch.Tensor, y: torch.Tensor, push: bool = True, fetch: bool = True) -> float:
+        """Forward/backward into the flat gradient buffer; ``push``: send every shard this step (else the
+        gradient keeps accumulating in the buffer, Downpour's n_push); ``fetch``: ask for parameters back."""
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        self.flat.zero_grad()
-        self.exchange.begin_step(self._step)
+        if self.exchange.pushed_last:
+            self.flat.zero_grad()
+        self.exchange.begin_step(self._step, push, fetch)
         loss = self.loss_fn(self.model(x), y)  # [N, classes] vs [N]; forward installs shards as it needs them
         self.flat.stage_buffers()  # buffers are final after forward; they travel in the gradient slot
         loss.backward()  # with overlap, post-accumulate hooks push shards whose gradients are complete
@@ -181,8 +218,17 @@ class ShardExchange:
     """
 
     def __init__(self, rank: int, model: torch.nn.Module, flat: FlatModel, shards: list[ShardRange], routing: list[tuple], host_grad: torch.Tensor,
-                 overlap: bool, supervisor_handle=None):
+                 overlap: bool, supervisor_handle=None, codec: Codec | None = None):
         self.rank, self.flat, self.shards = rank, flat, shards
+        codec = codec or NoCodec()
+        # error feedback per shard, on the parameter part only (buffers are assigned, never compressed)
+        self.encoders = [ErrorFeedback(codec, s.param_slice.stop) for s in shards] if not codec.lossless else None
+        self.versions = [0] * len(shards)
+        """Per shard: the seq of the parameters installed (the base a gradient is computed on)."""
+        self.bytes_pushed = 0
+        self.bytes_pulled = 0
+        self.pushed_last = True
+        self._want_params = True
         self.servers = [h for h, _ in routing]
         self.epochs = [e for _, e in routing]
         self.supervisor = supervisor_handle
@@ -222,9 +268,11 @@ class ShardExchange:
 
     # --- step protocol -----------------------------------------------------------
 
-    def begin_step(self, step: int) -> None:
+    def begin_step(self, step: int, push: bool = True, want_params: bool = True) -> None:
         self._step = step
-        self._pushed = [False] * len(self.shards)
+        self._want_params = want_params
+        self.pushed_last = push
+        self._pushed = [not push] * len(self.shards)
         self._remaining = list(self._grads_per_shard)
 
     def push_remaining(self) -> None:
@@ -233,8 +281,8 @@ class ShardExchange:
             if not done:
                 self._push(i)
 
-    def pull_all(self, step: int) -> None:
-        """Fetch every shard's parameters as of ``step`` (a restarted worker resumes there)."""
+    def pull_all(self, step: int | None) -> None:
+        """Fetch every shard's parameters as of ``step`` (a restarted worker resumes there), or the newest (None)."""
         self._pull_step = step
         self._refs = [h.pull.remote(step) for h in self.servers]
         self._ref_steps = [None] * len(self.shards)
@@ -258,8 +306,13 @@ class ShardExchange:
             self.host_grad[s.start : s.end].copy_(self.flat.flat_grad[s.start : s.end])
         import ray
 
+        grad = self.host_grad.numpy()[s.start : s.end]
+        if self.encoders is not None:
+            ps, bs = s.param_slice, s.buffer_slice
+            grad = self.encoders[i].encode(grad[ps], grad[bs])
+        self.bytes_pushed += grad.nbytes
         # one object-store copy per push, owned by this worker, kept for a retry to a rebuilt shard
-        self._push_objs[i] = ray.put(self.host_grad.numpy()[s.start : s.end])
+        self._push_objs[i] = ray.put(grad)
         self._ref_steps[i] = self._step
         self._refs[i] = self._send(i)
         self._pushed[i] = True
@@ -268,9 +321,9 @@ class ShardExchange:
         step = self._ref_steps[i]
         if step is None:
             return self.servers[i].pull.remote(self._pull_step)
-        return self.servers[i].push_pull.remote(self.rank, step, self._push_objs[i])
+        return self.servers[i].push_pull.remote(self.rank, step, self._push_objs[i], self.versions[i], self._want_params)
 
-    def _get(self, i: int) -> np.ndarray:
+    def _get(self, i: int) -> tuple:
         """The reply of shard ``i``; if its server died, wait for the rebuilt one and resend (idempotent)."""
         import ray
 
@@ -295,10 +348,13 @@ class ShardExchange:
             if ref is None:
                 continue
             t0 = time.perf_counter()
-            values = self._get(i)
-            s = self.shards[i]
-            self.flat.flat[s.start : s.end].copy_(torch.from_numpy(values), non_blocking=True)
+            values, seq, acked = self._get(i)
+            if values is not None:
+                s = self.shards[i]
+                self.flat.flat[s.start : s.end].copy_(torch.from_numpy(values), non_blocking=True)
+                self.versions[i] = seq
+                self.bytes_pulled += values.nbytes
             self.wait_s += time.perf_counter() - t0
             self._refs[i] = None
-            if self._ref_steps[i] is not None:  # a push_pull reply acknowledges the shard's update of that step
-                self.acked[i] = self._ref_steps[i] + 1
+            # a push_pull reply acknowledges the shard's update that holds the push (its seq + 1)
+            self.acked[i] = max(self.acked[i], acked)

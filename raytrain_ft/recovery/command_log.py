@@ -34,6 +34,9 @@ class Command:
     """Aggregated update [shard.size] float32: gradient mean on the parameter part, buffer values after it."""
     hp: HyperParams
     """Optimizer hyper-parameters in force for this update."""
+    pushes: tuple = ()
+    """(rank, step) of each worker push the update aggregates (empty in sync mode, where seq is the step);
+    replay advances the same per-rank clocks, so a push resent after a recovery is still recognised."""
 
     @property
     def nbytes(self) -> int:
@@ -50,6 +53,8 @@ class Snapshot:
     """``FlatOptimizer.state_dict()`` at that point."""
     previous_params: np.ndarray | None = None
     """Shard values before update ``seq - 1`` (a worker that restarts mid-step pulls these), if known."""
+    clocks: dict | None = None
+    """Per rank: the next step the shard expects from it (``ShardState.clocks``)."""
 
     @property
     def nbytes(self) -> int:
@@ -59,7 +64,7 @@ class Snapshot:
     def owned(self) -> "Snapshot":
         prev = _owned(self.previous_params) if self.previous_params is not None else None
         state = {"step_count": self.optimizer_state.get("step_count", 0), "state": {k: v.clone() for k, v in self.optimizer_state.get("state", {}).items()}}
-        return Snapshot(self.seq, _owned(self.params), state, prev)
+        return Snapshot(self.seq, _owned(self.params), state, prev, dict(self.clocks or {}))
 
 
 @dataclass(slots=True)
@@ -96,7 +101,7 @@ class CommandLog:
             return False
         if command.seq > self.next_seq:
             raise LogGapError(f"command seq {command.seq} arrived, the log expects {self.next_seq}: a command is missing")
-        self.entries.append(Command(command.seq, _owned(command.update), command.hp))
+        self.entries.append(Command(command.seq, _owned(command.update), command.hp, tuple(command.pushes)))
         return True
 
     def install_snapshot(self, snapshot: Snapshot) -> int:
@@ -121,7 +126,7 @@ class CommandLog:
             return 0
         if self._state is None:
             state = ShardState(shard, optim_cfg, total_steps)
-            state.load(self.snapshot.params, self.snapshot.seq, self.snapshot.optimizer_state)
+            state.load(self.snapshot.params, self.snapshot.seq, self.snapshot.optimizer_state, self.snapshot.clocks)
             self._state = state
             self._previous = torch.zeros_like(state.params)
             if self.snapshot.previous_params is not None:
@@ -130,13 +135,13 @@ class CommandLog:
         applied = 0
         for command in self.entries:
             previous.copy_(state.params)
-            state.apply(command.update, command.hp)
+            state.apply(command.update, command.hp, command.pushes)
             applied += 1
         self.entries = []
         self.folded += applied
         # views of the live state: serialized (copied) whenever the snapshot is sent
         self.snapshot = Snapshot(state.step, state.params.numpy(), {"step_count": state.optimizer.step_count, "state": state.optimizer.state},
-                                 previous.numpy())
+                                 previous.numpy(), state.clocks)
         return applied
 
     @property

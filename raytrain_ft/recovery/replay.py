@@ -4,7 +4,10 @@ The primary applied each command with ``ShardState.apply``; replay applies the
 same commands with the same function from the same starting values, so the
 rebuilt parameters and optimizer state are bitwise equal to the lost ones.
 Entries at or below the state's seq are skipped, so replaying an entry twice
-changes nothing.
+changes nothing. Seq is the order in which the primary applied updates (in
+async modes, arrival order), so replay reproduces that order exactly; each
+command's (rank, step) pushes rebuild the per-rank clocks that recognise a
+resent push.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ class Replayed:
 
 def replay(snapshot: Snapshot, entries: list[Command], shard: ShardRange, optim_cfg: OptimConfig, total_steps: int) -> Replayed:
     state = ShardState(shard, optim_cfg, total_steps)
-    state.load(snapshot.params, snapshot.seq, snapshot.optimizer_state)
+    state.load(snapshot.params, snapshot.seq, snapshot.optimizer_state, snapshot.clocks)
     previous = None if snapshot.previous_params is None else np.array(snapshot.previous_params, copy=True)
     replayed = 0
     for command in entries:
@@ -39,7 +42,7 @@ def replay(snapshot: Snapshot, entries: list[Command], shard: ShardRange, optim_
         if command.seq > state.step:
             raise LogGapError(f"shard {shard.index}: replay expected seq {state.step}, found {command.seq}")
         previous = state.params_copy()
-        state.apply(command.update, command.hp)
+        state.apply(command.update, command.hp, command.pushes)
         replayed += 1
     state.updates_applied = state.step
     return Replayed(state, previous, replayed)

@@ -10,6 +10,8 @@ PURE_MODULES = [
     "raytrain_ft.params",
     "raytrain_ft.optim",
     "raytrain_ft.shard",
+    "raytrain_ft.consistency",
+    "raytrain_ft.compression",
     "raytrain_ft.models",
     "raytrain_ft.data",
     "raytrain_ft.cli",

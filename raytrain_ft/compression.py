@@ -1,0 +1,177 @@
+"""Gradient codecs for pushes: none, fp16, top-k and 1-bit (sign + scale), with error feedback.
+
+A worker encodes the *parameter* part of each shard's push; float buffers
+(BatchNorm running statistics) travel as they are in ``Encoded.tail``, because
+the server assigns them rather than optimizing them and a lossy codec would
+corrupt them. Decoding gives back a dense float32 vector of the shard's size,
+so the server's aggregation, optimizer, command log and replay never see a
+codec.
+
+Error feedback (Seide et al. 2014 for 1-bit SGD; Karimireddy et al. 2019 for
+sign/top-k): the encoder keeps what compression dropped -- ``residual =
+corrected - decode(encode(corrected))`` with ``corrected = grad + residual`` --
+and adds it to the next push, so every gradient value reaches the server
+eventually. The residual lives on the worker; a restarted worker starts with
+a zero residual (it loses at most one push's worth of dropped values).
+
+Wire sizes (n values): none 4n bytes; fp16 2n; top-k(r) 8*ceil(r*n) (int32
+index + float32 value); onebit ceil(n/8) + 4 (packed signs + one float scale).
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+CODECS = ("none", "fp16", "topk", "onebit")
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """One compressed push: ``arrays`` hold the codec's payload for ``size`` values, then ``tail`` values as they are."""
+
+    codec: str
+    size: int
+    arrays: tuple[np.ndarray, ...]
+    scale: float = 0.0
+    tail: np.ndarray | None = None
+
+    @property
+    def nbytes(self) -> int:
+        n = sum(int(a.nbytes) for a in self.arrays) + (4 if self.codec == "onebit" else 0)
+        return n + (int(self.tail.nbytes) if self.tail is not None else 0)
+
+
+class Codec(abc.ABC):
+    name = "base"
+    lossless = False
+
+    @abc.abstractmethod
+    def encode(self, x: np.ndarray) -> Encoded:
+        """Compress ``x`` [n] float32 (``tail`` left empty)."""
+
+    def expected_bytes(self, n: int) -> int:
+        """Wire bytes of ``encode`` on n values (no tail)."""
+        return 4 * n
+
+
+class NoCodec(Codec):
+    name = "none"
+    lossless = True
+
+    def encode(self, x: np.ndarray) -> Encoded:
+        return Encoded("none", x.size, (np.asarray(x, dtype=np.float32),))
+
+
+class FP16(Codec):
+    name = "fp16"
+
+    def encode(self, x: np.ndarray) -> Encoded:
+        return Encoded("fp16", x.size, (x.astype(np.float16),))
+
+    def expected_bytes(self, n: int) -> int:
+        return 2 * n
+
+
+class TopK(Codec):
+    """The ``ceil(ratio * n)`` values of largest magnitude, as (int32 index, float32 value) pairs."""
+
+    name = "topk"
+
+    def __init__(self, ratio: float):
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"top-k ratio must be in (0, 1], got {ratio!r}")
+        self.ratio = ratio
+
+    def k(self, n: int) -> int:
+        return max(1, min(n, math.ceil(self.ratio * n)))
+
+    def encode(self, x: np.ndarray) -> Encoded:
+        n = x.size
+        k = self.k(n)
+        if k == n:
+            idx = np.arange(n, dtype=np.int32)
+        else:
+            idx = np.sort(np.argpartition(np.abs(x), n - k)[n - k :]).astype(np.int32)
+        return Encoded("topk", n, (idx, x[idx].astype(np.float32)))
+
+    def expected_bytes(self, n: int) -> int:
+        return 8 * self.k(n)
+
+
+class OneBit(Codec):
+    """Sign of every value, packed 8 per byte, times one scale: the mean magnitude (keeps the L1 norm)."""
+
+    name = "onebit"
+
+    def encode(self, x: np.ndarray) -> Encoded:
+        scale = float(np.abs(x).mean()) if x.size else 0.0
+        return Encoded("onebit", x.size, (np.packbits(x >= 0),), scale)
+
+    def expected_bytes(self, n: int) -> int:
+        return (n + 7) // 8 + 4
+
+
+def decode(e: Encoded) -> np.ndarray:
+    """Dense float32 vector of ``e.size`` values followed by ``e.tail``."""
+    if e.codec == "none":
+        body = np.asarray(e.arrays[0], dtype=np.float32)
+    elif e.codec == "fp16":
+        body = e.arrays[0].astype(np.float32)
+    elif e.codec == "topk":
+        idx, values = e.arrays
+        body = np.zeros(e.size, dtype=np.float32)
+        body[idx] = values
+    elif e.codec == "onebit":
+        signs = np.unpackbits(e.arrays[0], count=e.size).astype(np.float32)
+        body = (signs * np.float32(2.0) - np.float32(1.0)) * np.float32(e.scale)
+    else:
+        raise ValueError(f"unknown codec {e.codec!r}")
+    if e.tail is None or e.tail.size == 0:
+        return body
+    return np.concatenate([body, np.asarray(e.tail, dtype=np.float32)])
+
+
+def parse_codec(spec: str) -> Codec:
+    """``none`` | ``fp16`` | ``topk:RATIO`` (0 < RATIO <= 1) | ``onebit``; ValueError names the problem."""
+    name, _, arg = (spec or "none").strip().partition(":")
+    if name == "topk":
+        try:
+            ratio = float(arg)
+        except ValueError:
+            raise ValueError(f"codec {spec!r}: write topk:RATIO with a RATIO in (0, 1], e.g. topk:0.01") from None
+        return TopK(ratio)
+    if arg:
+        raise ValueError(f"codec {spec!r}: only topk takes an argument")
+    table = {"none": NoCodec, "fp16": FP16, "onebit": OneBit}
+    if name not in table:
+        raise ValueError(f"unknown codec {spec!r}; choose one of none, fp16, topk:RATIO, onebit")
+    return table[name]()
+
+
+class ErrorFeedback:
+    """Encodes successive pushes of one vector, carrying what compression dropped into the next push."""
+
+    def __init__(self, codec: Codec, size: int):
+        self.codec = codec
+        self.residual = np.zeros(size, dtype=np.float32) if not codec.lossless else None
+
+    def encode(self, x: np.ndarray, tail: np.ndarray | None = None) -> Encoded:
+        """Encode ``x`` + residual (``tail`` rides along uncompressed) and keep the new residual."""
+        if self.residual is None:
+            e = self.codec.encode(x)
+        else:
+            corrected = x + self.residual  # [n] float32, a new array
+            e = self.codec.encode(corrected)
+            np.subtract(corrected, decode(e), out=self.residual)
+        if tail is not None and tail.size:
+            e = Encoded(e.codec, e.size, e.arrays, e.scale, np.array(tail, dtype=np.float32, copy=True))
+        return e
+
+
+def decode_push(push) -> np.ndarray:
+    """A server's view of a push: a plain float32 array passes through, an ``Encoded`` is decoded."""
+    return decode(push) if isinstance(push, Encoded) else push

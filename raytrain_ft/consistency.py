@@ -1,0 +1,199 @@
+"""Consistency rules: which pushes form one update, when a push is a repeat, when a worker may go on.
+
+Pure (no Ray): the server actor asks a ``Rule`` what to do with each arriving
+push and keeps the answers' state in a ``PushBuffer`` and in the shard's
+per-rank clocks; everything here is unit-tested in milliseconds.
+
+- ``sync`` (BSP): step ``t`` of the shard is the mean of every rank's step-``t``
+  gradient, summed in rank order. With ``backup_workers = b`` the step closes
+  on the first ``num_workers - b`` pushes to arrive (still summed in rank
+  order); later pushes for a closed step are answered and dropped.
+- ``mixed``: ranks form groups of ``group_size`` consecutive ranks (a group
+  per node when ranks are packed by node); a group's step ``t`` is the mean of
+  its members' gradients (synchronous inside the group), and groups update the
+  shard independently of each other (asynchronous across groups).
+- ``async`` (Downpour): every push is one update, applied on arrival.
+- ``ssp``: async updates, and a worker at clock ``c`` (steps it has pushed)
+  may start its next step only when the slowest worker has reached
+  ``c - staleness``. ``staleness = 0`` is lock-step.
+
+Each update is one command in the shard's log, in the order the primary
+applied it, so replay reproduces the order whatever the mode.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+MODES = ("sync", "async", "ssp", "mixed")
+STALENESS_LR = ("none", "inverse")
+
+
+class Verdict(enum.Enum):
+    """What a server does with a push ``(rank, step)``."""
+
+    ACCEPT = "accept"
+    """New: buffer it (and apply the update it completes)."""
+    REPEAT = "repeat"
+    """Already applied (a resent push): answer, never apply twice."""
+    LATE = "late"
+    """Sync with backup workers: the step closed without it; answer and drop it."""
+    AHEAD = "ahead"
+    """Sync: a step the shard has not reached (a protocol error)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    mode: str = "sync"
+    num_workers: int = 1
+    backup_workers: int = 0
+    """sync: a step closes after ``num_workers - backup_workers`` pushes."""
+    group_size: int = 1
+    """mixed: ranks per synchronous group (the last group may be smaller)."""
+    staleness: int = 0
+    """ssp: how many steps a worker may run ahead of the slowest."""
+    staleness_lr: str = "none"
+    """async/ssp: ``inverse`` divides the learning rate by the update's staleness (when > 1); see ``lr_scale``."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if not 0 <= self.backup_workers < self.num_workers:
+            raise ValueError(f"backup_workers must be in [0, num_workers={self.num_workers}), got {self.backup_workers}")
+        if self.backup_workers and self.mode != "sync":
+            raise ValueError("backup_workers apply to sync mode only")
+        if self.group_size < 1 or self.staleness < 0:
+            raise ValueError("group_size must be >= 1 and staleness >= 0")
+        if self.staleness_lr not in STALENESS_LR:
+            raise ValueError(f"unknown staleness_lr {self.staleness_lr!r}; choose one of {', '.join(STALENESS_LR)}")
+
+    @property
+    def per_rank_clocks(self) -> bool:
+        """Whether a push's repeat-check uses the rank's own clock (every mode but sync)."""
+        return self.mode != "sync"
+
+    @property
+    def exact_resume(self) -> bool:
+        """Whether a restarted worker pulls the parameters of exactly its step (plain sync only)."""
+        return self.mode == "sync" and self.backup_workers == 0
+
+    def group(self, rank: int) -> tuple[int, ...]:
+        """The ranks whose pushes of one step form the update that ``rank``'s push is part of."""
+        if self.mode == "sync":
+            return tuple(range(self.num_workers))
+        if self.mode == "mixed":
+            first = rank - rank % self.group_size
+            return tuple(range(first, min(first + self.group_size, self.num_workers)))
+        return (rank,)
+
+    def key(self, rank: int, step: int) -> tuple[int, int]:
+        """Pushes with equal keys are aggregated into one update: (first rank of the group, step)."""
+        return (self.group(rank)[0], step)
+
+    def needed(self, rank: int) -> int:
+        if self.mode == "sync":
+            return self.num_workers - self.backup_workers
+        return len(self.group(rank))
+
+    def classify(self, rank: int, step: int, shard_step: int, clock: int) -> Verdict:
+        """``shard_step``: updates the shard applied; ``clock``: the next step the shard expects from ``rank``."""
+        if not self.per_rank_clocks:
+            if step < shard_step:
+                return Verdict.LATE if self.backup_workers else Verdict.REPEAT
+            return Verdict.AHEAD if step > shard_step else Verdict.ACCEPT
+        # async pushes may skip steps (n_push > 1 accumulates several); a mixed group moves together
+        return Verdict.REPEAT if step < clock else Verdict.ACCEPT
+
+    def lr_scale(self, pushes: int, staleness: int) -> float:
+        """Learning-rate factor for an update aggregating ``pushes`` gradients computed ``staleness`` updates ago.
+
+        The configured learning rate is per global step, i.e. per mean of
+        ``num_workers`` gradients. An update built from ``pushes`` of them (one
+        in async/ssp, a group in mixed) is that share of a global step, so it
+        uses ``lr * pushes / num_workers``: every mode moves the parameters
+        the same distance per sample, and modes compare at equal settings.
+        ``staleness_lr = inverse`` further divides by the staleness (> 1).
+        """
+        if self.mode == "sync":
+            return 1.0
+        scale = pushes / self.num_workers
+        if self.staleness_lr == "inverse" and self.mode in ("async", "ssp") and staleness > 1:
+            scale /= staleness
+        return scale
+
+
+def mean_in_rank_order(grads: Mapping[int, np.ndarray]) -> np.ndarray:
+    """Mean of the pushes, summed in ascending rank order (bitwise reproducible for a given set of ranks).
+
+    A single push is returned as it is (it may be a read-only view of the
+    object store: callers only read the result).
+    """
+    if not grads:
+        raise ValueError("cannot aggregate an empty set of pushes")
+    ranks = sorted(grads)
+    if len(ranks) == 1:
+        return grads[ranks[0]]
+    acc = np.add(grads[ranks[0]], grads[ranks[1]], dtype=np.float32)
+    for r in ranks[2:]:
+        acc += grads[r]
+    acc /= np.float32(len(ranks))
+    return acc
+
+
+@dataclass(slots=True)
+class Pending:
+    grads: dict[int, np.ndarray] = field(default_factory=dict)
+    base_versions: dict[int, int] = field(default_factory=dict)
+
+
+class PushBuffer:
+    """Pushes waiting for the rest of their update, keyed by ``Rule.key``."""
+
+    def __init__(self, rule: Rule):
+        self.rule = rule
+        self.pending: dict[tuple[int, int], Pending] = {}
+        self.replaced = 0
+        """Pushes that replaced a waiting push of the same (rank, step) (a resend)."""
+
+    def add(self, rank: int, step: int, grad: np.ndarray, base_version: int) -> tuple[tuple[int, int], Pending | None]:
+        """Buffer a push; returns its key and, when it completes the update, the pushes that form it."""
+        key = self.rule.key(rank, step)
+        p = self.pending.setdefault(key, Pending())
+        if rank in p.grads:
+            self.replaced += 1
+        p.grads[rank] = grad
+        p.base_versions[rank] = base_version
+        if len(p.grads) < self.rule.needed(rank):
+            return key, None
+        del self.pending[key]
+        return key, p
+
+    def clear(self) -> None:
+        self.pending.clear()
+
+
+def slowest_clock(clocks: Mapping[int, int], num_workers: int) -> int:
+    return min(clocks.get(r, 0) for r in range(num_workers))
+
+
+def may_proceed(clocks: Mapping[int, int], rank: int, rule: Rule) -> bool:
+    """SSP: ``rank`` at clock ``clocks[rank]`` may start its next step (other modes: always)."""
+    if rule.mode != "ssp":
+        return True
+    return slowest_clock(clocks, rule.num_workers) >= clocks.get(rank, 0) - rule.staleness
+
+
+def add_to_histogram(hist: dict[int, int], value: int) -> None:
+    hist[value] = hist.get(value, 0) + 1
+
+
+def merge_histograms(hists) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for h in hists:
+        for k, v in h.items():
+            out[int(k)] = out.get(int(k), 0) + v
+    return dict(sorted(out.items()))

@@ -1,0 +1,76 @@
+"""Codecs: wire sizes, round trips, and error feedback that gets every value to the server eventually."""
+
+import numpy as np
+import pytest
+
+from raytrain_ft.compression import FP16, ErrorFeedback, NoCodec, OneBit, TopK, decode, decode_push, parse_codec
+
+RNG = np.random.default_rng(0)
+X = RNG.standard_normal(10_000).astype(np.float32)
+
+
+@pytest.mark.parametrize("spec, ratio", [("none", 1.0), ("fp16", 0.5), ("topk:0.01", 0.02), ("topk:0.1", 0.2), ("onebit", 1 / 32)])
+def test_wire_bytes_match_the_expected_ratio(spec, ratio):
+    codec = parse_codec(spec)
+    e = codec.encode(X)
+    assert e.nbytes == codec.expected_bytes(X.size)
+    assert e.nbytes / X.nbytes == pytest.approx(ratio, rel=0.01)
+
+
+def test_none_and_fp16_round_trip():
+    assert np.array_equal(decode(NoCodec().encode(X)), X)
+    assert np.allclose(decode(FP16().encode(X)), X, rtol=1e-3, atol=1e-4)
+
+
+def test_topk_keeps_exactly_the_largest_magnitudes():
+    x = np.array([0.1, -5.0, 0.2, 3.0, -0.3], dtype=np.float32)
+    out = decode(TopK(0.4).encode(x))
+    assert np.array_equal(out, np.array([0, -5.0, 0, 3.0, 0], dtype=np.float32))
+
+
+def test_onebit_keeps_signs_and_the_mean_magnitude():
+    x = np.array([1.0, -3.0, 0.5, -0.5], dtype=np.float32)
+    out = decode(OneBit().encode(x))
+    assert np.array_equal(np.sign(out), np.sign(x)) and np.allclose(np.abs(out), 1.25)
+
+
+def test_tail_values_travel_uncompressed():
+    ef = ErrorFeedback(OneBit(), 3)
+    tail = np.array([7.0, 8.0], dtype=np.float32)
+    out = decode_push(ef.encode(np.array([1.0, -2.0, 3.0], dtype=np.float32), tail))
+    assert out.shape == (5,) and np.array_equal(out[3:], tail)
+
+
+@pytest.mark.parametrize("spec", ["topk:0.01", "onebit", "fp16"])
+def test_error_feedback_delivers_the_sum_of_pushes(spec):
+    """With error feedback, what the server received over many pushes differs from what the worker sent
+    by exactly the residual still held (bounded), so nothing is dropped for good."""
+    ef = ErrorFeedback(parse_codec(spec), 2_000)
+    sent = np.zeros(2_000, np.float64)
+    received = np.zeros(2_000, np.float64)
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        g = rng.standard_normal(2_000).astype(np.float32) + 0.1
+        sent += g
+        received += decode(ef.encode(g))
+    assert np.allclose(sent - received, ef.residual, atol=1e-2)
+    # the error stays the size of the residual while the sent sum keeps growing (top-k without feedback: ~99% lost)
+    assert np.abs(sent - received).mean() < 0.2 * np.abs(sent).mean()
+
+
+def test_without_error_feedback_topk_loses_most_of_the_gradient():
+    codec = TopK(0.01)
+    sent = np.zeros(2_000, np.float64)
+    received = np.zeros(2_000, np.float64)
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        g = rng.standard_normal(2_000).astype(np.float32) + 0.1
+        sent += g
+        received += decode(codec.encode(g))
+    assert np.abs(sent - received).mean() > 0.8 * np.abs(sent).mean()
+
+
+@pytest.mark.parametrize("bad", ["topk", "topk:2", "topk:x", "gzip", "fp16:3"])
+def test_bad_codec_specs_name_the_fix(bad):
+    with pytest.raises(ValueError, match="codec|ratio"):
+        parse_codec(bad)
