@@ -15,7 +15,8 @@ eventually. The residual lives on the worker; a restarted worker starts with
 a zero residual (it loses at most one push's worth of dropped values).
 
 Wire sizes (n values): none 4n bytes; fp16 2n; top-k(r) 8*ceil(r*n) (int32
-index + float32 value); onebit ceil(n/8) + 4 (packed signs + one float scale).
+index + float32 value); onebit ceil(n/8) + 4*ceil(n/512) (packed signs + a
+float32 scale per block of 512 values).
 """
 
 from __future__ import annotations
@@ -36,13 +37,11 @@ class Encoded:
     codec: str
     size: int
     arrays: tuple[np.ndarray, ...]
-    scale: float = 0.0
     tail: np.ndarray | None = None
 
     @property
     def nbytes(self) -> int:
-        n = sum(int(a.nbytes) for a in self.arrays) + (4 if self.codec == "onebit" else 0)
-        return n + (int(self.tail.nbytes) if self.tail is not None else 0)
+        return sum(int(a.nbytes) for a in self.arrays) + (int(self.tail.nbytes) if self.tail is not None else 0)
 
 
 class Codec(abc.ABC):
@@ -102,17 +101,36 @@ class TopK(Codec):
         return 8 * self.k(n)
 
 
+ONEBIT_BLOCK = 512
+"""Values that share one scale in the 1-bit codec: a shard spans layers whose gradients differ by orders of
+magnitude, and one scale per shard would send a bias the magnitude of a weight. Costs 1/512 of the
+uncompressed size on top of the 1/32 for the signs.
+
+Measured on digits (4 workers, 10 epochs): with server momentum 0.5 the codec reaches 0.967 eval accuracy
+vs 0.969 uncompressed; with momentum 0.9 sign compression diverges (0.53), as known for sign methods
+with heavy momentum -- use momentum <= 0.5 with ``onebit``."""
+
+
 class OneBit(Codec):
-    """Sign of every value, packed 8 per byte, times one scale: the mean magnitude (keeps the L1 norm)."""
+    """Sign of every value, packed 8 per byte, times a float32 scale per block of ``ONEBIT_BLOCK`` values:
+    the block's mean magnitude (keeps each block's L1 norm)."""
 
     name = "onebit"
 
     def encode(self, x: np.ndarray) -> Encoded:
-        scale = float(np.abs(x).mean()) if x.size else 0.0
-        return Encoded("onebit", x.size, (np.packbits(x >= 0),), scale)
+        n = x.size
+        if n == 0:
+            return Encoded("onebit", 0, (np.zeros(0, np.uint8), np.zeros(0, np.float32)))
+        blocks = -(-n // ONEBIT_BLOCK)
+        padded = np.zeros(blocks * ONEBIT_BLOCK, dtype=np.float32)
+        padded[:n] = np.abs(x)
+        scales = padded.reshape(blocks, ONEBIT_BLOCK).sum(axis=1)  # [blocks]
+        scales[:-1] /= ONEBIT_BLOCK
+        scales[-1] /= n - (blocks - 1) * ONEBIT_BLOCK
+        return Encoded("onebit", n, (np.packbits(x >= 0), scales.astype(np.float32)))
 
     def expected_bytes(self, n: int) -> int:
-        return (n + 7) // 8 + 4
+        return (n + 7) // 8 + 4 * -(-n // ONEBIT_BLOCK)
 
 
 def decode(e: Encoded) -> np.ndarray:
@@ -127,7 +145,8 @@ def decode(e: Encoded) -> np.ndarray:
         body[idx] = values
     elif e.codec == "onebit":
         signs = np.unpackbits(e.arrays[0], count=e.size).astype(np.float32)
-        body = (signs * np.float32(2.0) - np.float32(1.0)) * np.float32(e.scale)
+        scales = np.repeat(e.arrays[1], ONEBIT_BLOCK)[: e.size]
+        body = (signs * np.float32(2.0) - np.float32(1.0)) * scales
     else:
         raise ValueError(f"unknown codec {e.codec!r}")
     if e.tail is None or e.tail.size == 0:
@@ -168,7 +187,7 @@ class ErrorFeedback:
             e = self.codec.encode(corrected)
             np.subtract(corrected, decode(e), out=self.residual)
         if tail is not None and tail.size:
-            e = Encoded(e.codec, e.size, e.arrays, e.scale, np.array(tail, dtype=np.float32, copy=True))
+            e = Encoded(e.codec, e.size, e.arrays, np.array(tail, dtype=np.float32, copy=True))
         return e
 
 

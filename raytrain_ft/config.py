@@ -202,6 +202,8 @@ class RecoveryConfig:
     """Start from the newest step every shard has a checkpoint file for in this directory (after losing the whole cluster)."""
     one_kill_at_a_time: bool = False
     """Hold each @step/@time kill until the previous one has been recovered (random schedules: replicas survive one failure at a time)."""
+    slow_workers: str | None = None
+    """Fault injection: RANK:MS makes worker RANK a straggler, MS milliseconds slower per step (comma-separated for several)."""
     kill: str | None = None
     """Fault injection: ROLE[:INDEX]@step=N or @time=S (also @recovery=N, @snapshot=N); ROLE is server|replica|worker|supervisor|node; repeat the flag or separate by commas."""
 
@@ -216,6 +218,9 @@ class RecoveryConfig:
         from raytrain_ft.recovery.faults import parse_kills
 
         parse_kills(self.kill, "recovery.kill")
+        from raytrain_ft.recovery.faults import parse_slow
+
+        parse_slow(self.slow_workers)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -285,6 +290,9 @@ class TrainConfig:
 
     def _check_consistency(self) -> None:
         c, w = self.consistency, self.cluster.num_workers
+        from raytrain_ft.recovery.faults import parse_slow
+
+        parse_slow(self.recovery.slow_workers, w)
         if c.backup_workers and self.mode != "sync":
             raise ConfigError("consistency.backup_workers", "backup workers apply to --mode sync only")
         if c.backup_workers >= w:

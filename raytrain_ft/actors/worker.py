@@ -17,6 +17,7 @@ from raytrain_ft.config import TrainConfig
 from raytrain_ft.data import BatchStream, load_dataset
 from raytrain_ft.models import build_model
 from raytrain_ft.params import FlatModel, ShardRange, overlapping_shards
+from raytrain_ft.recovery.faults import parse_slow
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class Worker:
         self._error: str | None = None
         self._step_end_times: list[tuple[int, float]] = []
         self._skipped = 0
+        self._slow_s = parse_slow(config.recovery.slow_workers).get(rank, 0.0)
         self.rule = config.rule()
         self.exchange = ShardExchange(rank, self.model, self.flat, shards, routing, self._host_grad, config.cluster.overlap_comm, supervisor_handle,
                                       parse_codec(config.consistency.codec))
@@ -159,6 +161,8 @@ class Worker:
                 push = not downpour or (self._step + 1) % c.n_push == 0 or last
                 fetch = not downpour or (self._step + 1) % c.n_fetch == 0 or last
                 x, y = stream.next()
+                if self._slow_s:
+                    time.sleep(self._slow_s)  # an injected straggler: extra compute time per step
                 loss = self._step_once(x, y, push, fetch)
                 if push and not self.exchange.overlap:
                     self.exchange.install_all()

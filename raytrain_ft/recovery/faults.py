@@ -9,6 +9,8 @@ Triggers:
 - ``recovery=N``: while the supervisor's N-th recovery is in progress (fired by the supervisor);
 - ``snapshot=N``: ``server:i`` dies right after sending its N-th snapshot, ``replica:i`` right after
   receiving it, before installing it (fired inside the actor).
+
+Stragglers (``RANK:MS``, see ``parse_slow``): a worker that takes MS milliseconds longer per step.
 """
 
 from __future__ import annotations
@@ -104,3 +106,22 @@ def random_schedule(seed: int, mtbf_s: float, duration_s: float, roles: list[str
         low = 1 if role == "node" else 0
         index = rng.randrange(low, max(low + 1, sizes.get(role, 1)))
         out.append(KillSpec(role, index, "time", round(t, 3)))
+
+
+def parse_slow(text: str | None, num_workers: int | None = None, field: str = "recovery.slow_workers") -> dict[int, float]:
+    """``RANK:MS[,RANK:MS...]`` -> {rank: extra seconds per step}."""
+    out: dict[int, float] = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        rank_text, sep, ms_text = part.strip().partition(":")
+        try:
+            rank, ms = int(rank_text), float(ms_text)
+        except ValueError:
+            rank, ms = -1, -1.0
+        if not sep or rank < 0 or ms < 0:
+            raise ConfigError(field, f"{part.strip()!r}: expected RANK:MS with RANK >= 0 and MS >= 0, e.g. 3:200")
+        if num_workers is not None and rank >= num_workers:
+            raise ConfigError(field, f"{part.strip()!r}: rank {rank} does not exist (--num-workers {num_workers})")
+        out[rank] = ms / 1000.0
+    return out

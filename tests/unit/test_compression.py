@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 
-from raytrain_ft.compression import FP16, ErrorFeedback, NoCodec, OneBit, TopK, decode, decode_push, parse_codec
+from raytrain_ft.compression import FP16, ONEBIT_BLOCK, ErrorFeedback, NoCodec, OneBit, TopK, decode, decode_push, parse_codec
 
 RNG = np.random.default_rng(0)
 X = RNG.standard_normal(10_000).astype(np.float32)
 
 
-@pytest.mark.parametrize("spec, ratio", [("none", 1.0), ("fp16", 0.5), ("topk:0.01", 0.02), ("topk:0.1", 0.2), ("onebit", 1 / 32)])
+@pytest.mark.parametrize("spec, ratio", [("none", 1.0), ("fp16", 0.5), ("topk:0.01", 0.02), ("topk:0.1", 0.2), ("onebit", 1 / 32 + 1 / 512)])
 def test_wire_bytes_match_the_expected_ratio(spec, ratio):
     codec = parse_codec(spec)
     e = codec.encode(X)
@@ -28,10 +28,13 @@ def test_topk_keeps_exactly_the_largest_magnitudes():
     assert np.array_equal(out, np.array([0, -5.0, 0, 3.0, 0], dtype=np.float32))
 
 
-def test_onebit_keeps_signs_and_the_mean_magnitude():
+def test_onebit_keeps_signs_and_each_blocks_mean_magnitude():
     x = np.array([1.0, -3.0, 0.5, -0.5], dtype=np.float32)
     out = decode(OneBit().encode(x))
     assert np.array_equal(np.sign(out), np.sign(x)) and np.allclose(np.abs(out), 1.25)
+    big = np.concatenate([np.full(ONEBIT_BLOCK, -2.0, np.float32), np.full(10, 0.01, np.float32)])  # a last, short block
+    out = decode(OneBit().encode(big))
+    assert np.allclose(out[:ONEBIT_BLOCK], -2.0) and np.allclose(out[ONEBIT_BLOCK:], 0.01)
 
 
 def test_tail_values_travel_uncompressed():
