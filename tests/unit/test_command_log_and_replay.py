@@ -127,3 +127,23 @@ def test_catch_up_folds_the_log_into_the_same_state_replay_gives(fold_every):
     # a snapshot from the primary replaces the folded state
     log.install_snapshot(_snapshot_of(full.state))
     assert log.entries == [] and log.snapshot.seq == STEPS
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_per_rank_clocks_survive_the_log_snapshot_fold_and_replay(fold):
+    """Async modes: commands carry their (rank, step) pushes; snapshot, fold and replay rebuild the clocks."""
+    optim = OptimConfig(name="sgd", lr=0.1, momentum=0.9)
+    shard = shard_ranges(SIZE, 1)[0]
+    primary = ShardState(shard, optim, 100)
+    primary.load(np.zeros(SIZE, dtype=np.float32), clocks={0: 4})
+    log = CommandLog.from_snapshot(Snapshot(primary.step, primary.params_copy(), primary.optimizer.state_dict(), clocks=dict(primary.clocks)))
+    arrivals = [(1, 0), (0, 4), (1, 1), (2, 0), (0, 5)]
+    for seq, (rank, step) in enumerate(arrivals):
+        c = Command(seq, np.full(SIZE, seq + 1.0, np.float32), hyper_params(step, optim, 100), ((rank, step),))
+        primary.apply(c.update, c.hp, c.pushes)
+        log.append(c)
+        if fold:
+            log.catch_up(shard, optim, 100)
+    rebuilt = replay(log.snapshot, log.entries, shard, optim, 100)
+    assert rebuilt.state.clocks == primary.clocks == {0: 6, 1: 2, 2: 1}
+    assert torch.equal(rebuilt.state.params, primary.params)

@@ -25,6 +25,16 @@ def test_defaults_validate():
         ({"dataset": "parquet"}, "data.data_path"),
         ({"eval_fraction": "1.5"}, "data.eval_fraction"),
         ({"image_shape": "3,x,4", "dataset": "parquet", "data_path": "a"}, "data.image_shape"),
+        ({"backup_workers": "1", "mode": "async"}, "consistency.backup_workers"),
+        ({"backup_workers": "2", "num_workers": "2"}, "consistency.backup_workers"),
+        ({"n_push": "2"}, "consistency.n_push"),
+        ({"n_fetch": "2", "mode": "async", "overlap_comm": "true"}, "cluster.overlap_comm"),
+        ({"codec": "topk:5"}, "consistency.codec"),
+        ({"staleness": "-1"}, "consistency.staleness"),
+        ({"staleness_lr": "sqrt"}, "consistency.staleness_lr"),
+        ({"mode": "async", "recovery": "checkpoint"}, "recovery.recovery"),
+        ({"slow_workers": "5:100"}, "recovery.slow_workers"),
+        ({"slow_workers": "1"}, "recovery.slow_workers"),
     ],
 )
 def test_bad_values_name_the_field(overrides, field):
