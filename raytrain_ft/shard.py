@@ -35,6 +35,8 @@ class ShardStats:
     """{staleness: updates}: how many shard updates happened between a gradient's parameters and its application."""
     clock_lead_max: int = 0
     """SSP: the most steps any worker was ahead of the slowest when the shard let it go on."""
+    replica_appends: int = 0
+    """Append calls that carried this shard's commands to its holder (group commit: several commands per call)."""
     clock_trace: tuple = ()
     """SSP: (rank, its clock, slowest clock) each time the shard let a worker start its next step."""
 

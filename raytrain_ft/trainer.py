@@ -289,7 +289,7 @@ class Trainer:
             updates_acknowledged=sum(acked),
             servers=[{"shard": st.index, "updates_applied": st.updates_applied, "duplicate_pushes": st.duplicate_pushes,
                       "late_pushes": st.late_pushes, "clock_lead_max": st.clock_lead_max,
-                      "replica_wait_s": round(st.replica_wait_s, 4), "replica_bytes_sent": st.replica_bytes_sent,
+                      "replica_wait_s": round(st.replica_wait_s, 4), "replica_bytes_sent": st.replica_bytes_sent, "replica_appends": st.replica_appends,
                       "checkpoint_files_read": st.checkpoint_files_read} for st in stats],
             staleness_histogram=merge_histograms(st.staleness_histogram or {} for st in stats),
             bytes_pushed=sum(s.bytes_pushed for s in statuses),

@@ -117,6 +117,7 @@ class ParameterServer:
         self.staleness: dict[int, int] = {}
         self.clock_trace: list[tuple[int, int, int]] = []
         self.replica_bytes_sent = 0
+        self.replica_appends = 0
         self.replica_wait_s = 0.0
         self._snapshots_sent = 0
         self._snapshots_received: dict[int, int] = {}
@@ -347,6 +348,7 @@ class ParameterServer:
             try:
                 await ref
                 self.replica_bytes_sent += sum(c.nbytes for c, _, _ in batch) + (snapshot.nbytes if snapshot else 0)
+                self.replica_appends += 1
                 for _, _, fut in batch:
                     if not fut.done():
                         fut.set_result(None)
@@ -418,4 +420,4 @@ class ParameterServer:
         s = self.state
         lead = max((clock - slowest for _, clock, slowest in self.clock_trace), default=0)
         return ShardStats(s.shard.index, s.step, s.updates_applied, self.duplicate_pushes, s.shard.size, self.replica_wait_s, self.replica_bytes_sent,
-                          self.checkpoint_files_read, self.late_pushes, dict(self.staleness), lead, tuple(self.clock_trace))
+                          self.checkpoint_files_read, self.late_pushes, dict(self.staleness), lead, self.replica_appends, tuple(self.clock_trace))

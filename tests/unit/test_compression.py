@@ -44,32 +44,31 @@ def test_tail_values_travel_uncompressed():
     assert out.shape == (5,) and np.array_equal(out[3:], tail)
 
 
+def _sent_and_received(encode, pushes=300, n=2_000):
+    """Totals over many pushes of what a worker sent and what the server decoded."""
+    sent = np.zeros(n, np.float64)
+    received = np.zeros(n, np.float64)
+    rng = np.random.default_rng(1)
+    for _ in range(pushes):
+        g = rng.standard_normal(n).astype(np.float32) + 0.1
+        sent += g
+        received += decode(encode(g))
+    return sent, received
+
+
 @pytest.mark.parametrize("spec", ["topk:0.01", "onebit", "fp16"])
 def test_error_feedback_delivers_the_sum_of_pushes(spec):
     """With error feedback, what the server received over many pushes differs from what the worker sent
     by exactly the residual still held (bounded), so nothing is dropped for good."""
     ef = ErrorFeedback(parse_codec(spec), 2_000)
-    sent = np.zeros(2_000, np.float64)
-    received = np.zeros(2_000, np.float64)
-    rng = np.random.default_rng(1)
-    for _ in range(300):
-        g = rng.standard_normal(2_000).astype(np.float32) + 0.1
-        sent += g
-        received += decode(ef.encode(g))
+    sent, received = _sent_and_received(ef.encode)
     assert np.allclose(sent - received, ef.residual, atol=1e-2)
     # the error stays the size of the residual while the sent sum keeps growing (top-k without feedback: ~99% lost)
     assert np.abs(sent - received).mean() < 0.2 * np.abs(sent).mean()
 
 
 def test_without_error_feedback_topk_loses_most_of_the_gradient():
-    codec = TopK(0.01)
-    sent = np.zeros(2_000, np.float64)
-    received = np.zeros(2_000, np.float64)
-    rng = np.random.default_rng(1)
-    for _ in range(300):
-        g = rng.standard_normal(2_000).astype(np.float32) + 0.1
-        sent += g
-        received += decode(codec.encode(g))
+    sent, received = _sent_and_received(TopK(0.01).encode)
     assert np.abs(sent - received).mean() > 0.8 * np.abs(sent).mean()
 
 
