@@ -150,8 +150,7 @@ class ParameterServer:
     async def load(self, params: np.ndarray, step: int = 0, optimizer_state: dict | None = None) -> int:
         self._require_primary()
         self.state.load(params, step, optimizer_state)
-        self._latest = self.state.params_copy()
-        self._previous = None
+        self._latest, self._previous, self._stale_latest = self.state.params_copy(), None, False
         if self.checkpointing:  # the baseline can always roll back to the start
             save_shard_checkpoint(self.checkpoint_dir, self.state.shard.index, step, self._latest, self.state.optimizer.state_dict())
         return self.state.step
@@ -178,8 +177,7 @@ class ParameterServer:
         snapshot, entries = await holder_handle.export_replica.remote(shard.index)
         result = replay(snapshot, entries, shard, self.optim_cfg, self.total_steps)
         self.slot, self.state, self.epoch = slot, result.state, epoch
-        self._latest = self.state.params_copy()
-        self._previous = result.previous_params
+        self._latest, self._previous, self._stale_latest = self.state.params_copy(), result.previous_params, False
         self._holder = holder_handle
         moved = snapshot.nbytes + sum(c.nbytes for c in entries)
         logger.info("%s rebuilt from replica: %d commands replayed on snapshot seq %d", self._tag, result.replayed, snapshot.seq)
@@ -261,8 +259,8 @@ class ParameterServer:
             await self._clock_gate(rank)
         if not want_params:
             return None, state.step, acked
-        if self.rule.exact_resume:
-            return self._latest, step + 1, acked  # the parameters of exactly step + 1 (sync: no later update yet)
+        # plain sync: no later update can exist yet (step + 1 needs this worker's next push), so these are
+        # exactly the parameters of step + 1
         return self._params_now(), state.step, acked
 
     async def _commit(self, step: int, pending) -> int:
@@ -285,12 +283,10 @@ class ParameterServer:
             self._outbox.append((command, None, done))
             if not snapshot_due:
                 self._flush()  # .remote() serializes the commands now; the holder copies them while we apply
-        previous = self._latest if rule.exact_resume else None
+        if rule.exact_resume:  # a worker restarting mid-step pulls the parameters before this update
+            self._previous = self._params_now()
         state.apply(update, hp, pushes)
-        if rule.exact_resume:
-            self._latest, self._previous = state.params_copy(), previous
-        else:
-            self._stale_latest = True
+        self._stale_latest = True
         if self.replicate:
             if snapshot_due:
                 self._outbox[-1] = (command, self._snapshot(), done)

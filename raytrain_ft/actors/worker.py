@@ -190,7 +190,7 @@ class Worker:
 
     def _behind(self) -> int:
         """Sync with backup workers: steps the shards have closed beyond this rank's next step."""
-        if not self.config.consistency.backup_workers or self.exchange.overlap or self._step >= self._end_step:
+        if not self.config.consistency.backup_workers or self._step >= self._end_step:
             return 0
         return max(0, min(min(self.exchange.versions), self._end_step) - self._step)
 
