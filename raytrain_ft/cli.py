@@ -1,7 +1,13 @@
-"""Command line: ``raytrain-ft train [--config FILE] [--flags] [--output-json PATH]``.
+"""Command line ``raytrain-ft``:
+
+    train   [--config FILE] [--flags] [--output-json PATH]     run here (embedded Ray) or on --address
+    submit  [--address URL] [--config FILE] [--flags] [--follow] run as a Ray job on a running cluster
+    status|logs|stop JOB_ID [--address URL]                     manage a submitted job
+    chaos   --kill ROLE[:INDEX]@step=N ...                       kill actors of a running run
+    report  RUN.json [--output PNG]                              plot a run's summary with its recoveries
 
 Exit codes: 0 success, 2 bad input (config, flags, data files, cluster
-address), 1 a failure during training.
+address, auth), 1 a failure during training or of a job.
 """
 
 from __future__ import annotations
@@ -9,47 +15,54 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
+import signal
 import sys
 
 from raytrain_ft import config as config_mod
-from raytrain_ft.errors import ClusterError, ConfigError, DataError, RaytrainFTError
+from raytrain_ft.errors import ClusterError, ConfigError, DataError, JobError, RaytrainFTError
+from raytrain_ft.jobs import DEFAULT_ADDRESS, SUMMARY_MARKER
+from raytrain_ft.report import progress_line, recovery_line
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 
 
 class ProgressBar:
-    """One status line: redrawn in place on a terminal, a line every ~10% otherwise."""
+    """One status line (redrawn in place on a terminal, a line every ~10% otherwise) and a line per recovery."""
 
     def __init__(self, stream=sys.stderr, width: int = 30):
         self.stream = stream
         self.width = width
         self.tty = stream.isatty()
         self._last_decile = -1
+        self._recoveries_seen = 0
+        self._finished = False
 
     def __call__(self, p) -> None:
-        frac = p.step / p.total_steps if p.total_steps else 1.0
-        filled = int(frac * self.width)
-        loss = "-" if math.isnan(p.loss) else f"{p.loss:.4f}"
-        line = f"[{'#' * filled}{'.' * (self.width - filled)}] step {p.step}/{p.total_steps} loss {loss} {p.samples_per_sec:,.0f} samples/s {p.elapsed_s:.0f}s"
+        if self._finished:
+            return
+        line = progress_line(p.step, p.total_steps, p.loss, p.accuracy, p.samples_per_sec, p.elapsed_s, self.width)
+        for event in p.recoveries[self._recoveries_seen :]:
+            self.stream.write(("\r\033[K" if self.tty else "") + recovery_line(event) + "\n")
+        self._recoveries_seen = len(p.recoveries)
+        finished = p.step >= p.total_steps
         if self.tty:
-            self.stream.write("\r" + line)
-            if p.step >= p.total_steps:
-                self.stream.write("\n")
+            self.stream.write("\r\033[K" + line + ("\n" if finished else ""))
         else:
-            decile = int(frac * 10)
-            if decile == self._last_decile:
-                return
-            self._last_decile = decile
-            self.stream.write(line + "\n")
+            decile = int(p.step / p.total_steps * 10) if p.total_steps else 10
+            if decile != self._last_decile:
+                self._last_decile = decile
+                self.stream.write(line + "\n")
+        self._finished = finished
         self.stream.flush()
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+def _add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
     group = parser.add_argument_group("config (each overrides the YAML file)")
     for flag, (typ, help_text, default) in config_mod.cli_fields().items():
+        if flag in exclude:
+            continue
         dashed = "--" + flag.replace("_", "-")
         metavar = {bool: "BOOL", int: "N", float: "X"}.get(typ, "VALUE")
         # default=SUPPRESS: only flags given on the command line override the file
@@ -57,14 +70,38 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument(dashed, dest=flag, default=argparse.SUPPRESS, metavar=metavar, help=f"{help_text} (default: {default})", **extra)
 
 
+def _add_address(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", help=f"the cluster's dashboard, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS or {DEFAULT_ADDRESS})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raytrain-ft", description="Fault-tolerant parameter-server training on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="run a training job (embedded local Ray unless --address is given)")
     train.add_argument("--config", help="YAML file with model/data/optim/cluster sections")
+    train.add_argument("--config-json", help="the whole config as one JSON object (what `submit` passes to the job)")
     train.add_argument("--output-json", help="write the JSON summary here")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--emit-summary", action="store_true", help=f"print the JSON summary on one line after {SUMMARY_MARKER.strip()} (read back by `submit`)")
     _add_config_flags(train)
+    submit = sub.add_parser("submit", help="submit a training run to a running Ray cluster as a Ray job")
+    _add_address(submit)
+    submit.add_argument("--config", help="YAML file with model/data/optim/cluster sections")
+    submit.add_argument("--runtime-env-json", help="Ray runtime_env as JSON, e.g. '{\"pip\": [\"raytrain-ft\"]}' when the nodes lack this package")
+    submit.add_argument("--job-id", help="submission id (default: Ray picks one)")
+    submit.add_argument("--follow", action="store_true", help="stream the job's logs until it ends, then print its summary; exit 0 only if it succeeded")
+    _add_config_flags(submit, exclude=("address", "local_nodes"))  # a job joins the cluster it is submitted to
+    for name, text in (("status", "show a submitted job's status"), ("logs", "print a submitted job's logs"), ("stop", "stop a submitted job")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("job_id", help="the id `raytrain-ft submit` printed")
+        _add_address(cmd)
+        if name == "logs":
+            cmd.add_argument("--follow", "-f", action="store_true", help="keep streaming until the job ends")
+        if name == "stop":
+            cmd.add_argument("--no-wait", action="store_true", help="return at once instead of waiting until the job has stopped")
+    report = sub.add_parser("report", help="render a run's JSON summary as a PNG (loss/accuracy over time, recoveries marked)")
+    report.add_argument("summary", help="the file written by `train --output-json`")
+    report.add_argument("--output", "-o", help="PNG path (default: the summary's path with .png)")
     chaos = sub.add_parser("chaos", help="kill actors of a running run on a schedule (fault injection)")
     chaos.add_argument("--address", default="auto", help="Ray cluster address (default: auto, the cluster this machine is part of)")
     chaos.add_argument("--run-id", help="the run to attack (default: the only active run)")
@@ -79,9 +116,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config(args: argparse.Namespace, own: tuple[str, ...]):
+    """The run config: the YAML file (or --config-json), then every config flag given on the command line."""
+    overrides = {k: v for k, v in vars(args).items() if k not in own}
+    if getattr(args, "config_json", None):
+        if args.config:
+            raise ConfigError("--config-json", "give --config or --config-json, not both")
+        try:
+            raw = json.loads(args.config_json)
+        except json.JSONDecodeError as e:
+            raise ConfigError("--config-json", f"is not JSON: {e.msg} at column {e.colno}") from None
+        return config_mod.from_dict(config_mod.merge_overrides(raw, overrides), source="--config-json")
+    return config_mod.load(args.config, overrides)
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    # a stopped Ray job gets SIGTERM: unwind so the run's actors are killed and Ray is shut down
+    raise SystemExit(128 + signum)
+
+
 def _train(args: argparse.Namespace) -> int:
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "output_json", "quiet")}
-    cfg = config_mod.load(args.config, overrides)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    cfg = _config(args, ("command", "config", "config_json", "output_json", "quiet", "emit_summary"))
     from raytrain_ft.trainer import Trainer
 
     progress = None if args.quiet else ProgressBar()
@@ -92,11 +148,72 @@ def _train(args: argparse.Namespace) -> int:
         with open(args.output_json, "w") as fh:
             json.dump(summary, fh, indent=2)
     brief = {k: summary[k] for k in ("steps_completed", "samples_per_sec", "train_time_s", "final_loss", "eval_accuracy", "params_sha256", "updates_applied", "updates_acknowledged")}
+    if args.quiet:  # no progress bar showed them
+        for event in summary["recoveries"]:
+            print(recovery_line(event))
     print(
         f"done: {brief['steps_completed']} steps, eval accuracy {brief['eval_accuracy']:.4f}, "
-        f"final loss {brief['final_loss']:.4f}, {brief['samples_per_sec']:,.0f} samples/s over {brief['train_time_s']:.1f}s"
+        f"final loss {brief['final_loss']:.4f}, {brief['samples_per_sec']:,.0f} samples/s over {brief['train_time_s']:.1f}s, "
+        f"{len(summary['recoveries'])} recoveries"
     )
     print(json.dumps(brief))
+    if args.emit_summary:
+        print(SUMMARY_MARKER + json.dumps(summary, separators=(",", ":")), flush=True)
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from raytrain_ft import jobs
+
+    cfg = _config(args, ("command", "config", "address", "runtime_env_json", "job_id", "follow"))
+    runtime_env = None
+    if args.runtime_env_json:
+        try:
+            runtime_env = json.loads(args.runtime_env_json)
+        except json.JSONDecodeError as e:
+            raise ConfigError("--runtime-env-json", f"is not JSON: {e.msg} at column {e.colno}") from None
+    handle = jobs.submit(cfg, address=args.address, runtime_env=runtime_env, job_id=args.job_id)
+    print(f"submitted {handle.job_id} to {handle.address}")
+    if not args.follow:
+        print(f"  follow:  raytrain-ft logs {handle.job_id} --follow --address {handle.address}")
+        print(f"  status:  raytrain-ft status {handle.job_id} --address {handle.address}")
+        print(f"  stop:    raytrain-ft stop {handle.job_id} --address {handle.address}")
+        return 0
+    jobs.print_chunks(handle.tail())
+    status = handle.wait()
+    print(f"job {handle.job_id}: {status}")
+    return 0 if status == "SUCCEEDED" else EXIT_FAILED
+
+
+def _job_command(args: argparse.Namespace) -> int:
+    from raytrain_ft import jobs
+
+    handle = jobs.attach(args.job_id, args.address)
+    if args.command == "status":
+        info = handle.info()
+        print(f"{info['job_id']}: {info['status']}" + (f" ({info['message']})" if info["message"] else ""))
+        return 0
+    if args.command == "logs":
+        if args.follow:
+            jobs.print_chunks(handle.tail())
+        else:
+            sys.stdout.write(handle.logs())
+        return 0
+    stopped = handle.stop()
+    if not stopped:
+        print(f"{handle.job_id} had already ended: {handle.status()}")
+        return 0
+    print(f"{handle.job_id}: stop requested" if args.no_wait else f"{handle.job_id}: {handle.wait(timeout_s=120)}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from raytrain_ft.report import load_summary, render_png
+
+    summary = load_summary(args.summary)
+    out = args.output or os.path.splitext(args.summary)[0] + ".png"
+    render_png(summary, out)
+    print(f"wrote {out}")
     return 0
 
 
@@ -139,9 +256,18 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.command == "chaos":
             return _chaos(args)
+        if args.command == "submit":
+            return _submit(args)
+        if args.command in ("status", "logs", "stop"):
+            return _job_command(args)
+        if args.command == "report":
+            return _report(args)
     except (ConfigError, DataError, ClusterError) as e:
         print(f"raytrain-ft: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except JobError as e:
+        print(f"raytrain-ft: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except RaytrainFTError as e:
         print(f"raytrain-ft: training failed: {e}", file=sys.stderr)
         return EXIT_FAILED

@@ -52,3 +52,10 @@ class TrainingError(RaytrainFTError):
 
     Example: a worker raised inside the model's forward pass.
     """
+
+
+class JobError(RaytrainFTError):
+    """A submitted job failed, timed out, or cannot be found.
+
+    Example: ``raytrain-ft status raysubmit_123`` names a job the cluster does not know.
+    """

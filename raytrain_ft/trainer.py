@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from raytrain_ft.recovery.faults import KillSpec, check_targets, parse_kills
 
 logger = logging.getLogger(__name__)
 
+RAY_ADDRESS_ENV_VAR = "RAY_ADDRESS"
 ACTOR_START_TIMEOUT_ENV_VAR = "RAYTRAIN_FT_ACTOR_START_TIMEOUT_S"
 DEFAULT_ACTOR_START_TIMEOUT_S = 180.0
 SUPERVISOR_MAX_RESTARTS = 100
@@ -42,6 +44,18 @@ class Progress:
     loss: float
     samples_per_sec: float
     elapsed_s: float
+    accuracy: float = float("nan")
+    """Mean accuracy of the workers' last training batches."""
+    recoveries: tuple = ()
+    """Every recovery event so far (the supervisor's records, oldest first)."""
+
+    def point(self) -> dict:
+        """One row of the run's history (JSON)."""
+        def num(x: float):
+            return None if math.isnan(x) else round(x, 5)
+
+        return {"t": round(self.elapsed_s, 3), "step": self.step, "loss": num(self.loss), "accuracy": num(self.accuracy),
+                "samples_per_sec": round(self.samples_per_sec, 1)}
 
 
 @dataclass
@@ -82,6 +96,11 @@ class TrainResult:
     """Parameter bytes all workers received."""
     clock_traces: list[tuple] = field(default_factory=list, repr=False)
     """SSP, per shard: (rank, clock, slowest clock) each time the shard let a rank start its next step (not in the JSON summary)."""
+    started_at: float = 0.0
+    """Wall-clock time (epoch s) the driver started waiting on the workers: t=0 of ``history``."""
+    history: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    """Progress over the run: {t (s since start), step, loss, accuracy (training batches), samples_per_sec}, about every
+    ``log_every_s`` (``raytrain-ft report`` plots it with the recoveries)."""
     step_times: list[list[tuple[int, float]]] = field(default_factory=list, repr=False)
     """Per rank: (step, time it finished) from the rank's final worker (not in the JSON summary)."""
     final_params: np.ndarray | None = field(default=None, repr=False)
@@ -168,16 +187,18 @@ def ray_session(config: TrainConfig):
             cluster.shutdown()
         return
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
-    if cc.address:
-        check_reachable(cc.address)
-        kwargs["address"] = cc.address
+    # a Ray job's driver finds its cluster in RAY_ADDRESS (set by the job supervisor)
+    address = cc.address or os.environ.get(RAY_ADDRESS_ENV_VAR, "")
+    if address:
+        check_reachable(address)
+        kwargs["address"] = address
     else:
         kwargs.update(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False)
     try:
         ray.init(**kwargs)
     except (ConnectionError, ValueError, RuntimeError, OSError) as e:
-        if cc.address:
-            raise ClusterError(f"could not connect to Ray at {cc.address!r}: {e}; check --address (or leave it empty for a local run)") from e
+        if address:
+            raise ClusterError(f"could not connect to Ray at {address!r}: {e}; check --address or {RAY_ADDRESS_ENV_VAR} (or leave both empty for a local run)") from e
         raise ClusterError(f"could not start a local Ray: {e}; if the path is too long, set RAY_TMPDIR to a short directory such as /tmp/ray") from e
     try:
         yield Session()
@@ -298,7 +319,8 @@ class Trainer:
             num_params=num_params,
             workers=[
                 {"rank": s.rank, "steps": s.step, "samples": s.samples, "compute_s": round(s.compute_s, 3), "wait_s": round(s.wait_s, 3), "device": s.device,
-                 "reroutes": s.reroutes, "bytes_pushed": s.bytes_pushed, "bytes_pulled": s.bytes_pulled, "skipped_steps": s.skipped_steps}
+                 "reroutes": s.reroutes, "bytes_pushed": s.bytes_pushed, "bytes_pulled": s.bytes_pulled, "skipped_steps": s.skipped_steps,
+                 "node_id": s.node_id, "gpu_ids": list(s.gpu_ids)}
                 for s in statuses
             ],
             devices=sorted({s.device for s in statuses}),
@@ -308,6 +330,8 @@ class Trainer:
             supervisor_restarts=run.status.restarts,
             recoveries=list(run.status.events),
             run_id=run.run_id,
+            started_at=run.started_at,
+            history=run.history,
             step_times=step_times,
             final_params=final,
         )
@@ -325,6 +349,8 @@ class _Run:
         self.supervisor = None
         self.chaos = None
         self.status = None
+        self.history: list[dict] = []
+        self.started_at = 0.0
 
     def _use_gpu(self) -> bool:
         import ray
@@ -333,11 +359,11 @@ class _Run:
         if mode == "false":
             return False
         have = ray.cluster_resources().get("GPU", 0)
-        if mode == "true" and have < self.cfg.cluster.num_workers:
-            raise ClusterError(
-                f"cluster.use_gpu=true asks for {self.cfg.cluster.num_workers} GPUs, the cluster has {have:g}; "
-                "add GPU nodes or set --use-gpu auto"
-            )
+        if mode == "true":
+            if have < self.cfg.cluster.num_workers:  # an autoscaling cluster adds GPU nodes for the waiting workers
+                logger.warning("cluster.use_gpu=true: the workers ask for %d GPUs, the cluster has %g now; waiting for more "
+                               "(an autoscaler adds GPU nodes; otherwise the start times out)", self.cfg.cluster.num_workers, have)
+            return True
         return have >= self.cfg.cluster.num_workers
 
     def _node_ids(self) -> list[str]:
@@ -403,7 +429,7 @@ class _Run:
 
     def wait(self, on_progress) -> tuple[list, float]:
         cfg = self.cfg
-        t_start = time.time()
+        t_start = self.started_at = time.time()
         last_progress = 0.0
         pending = None
         while True:
@@ -416,27 +442,37 @@ class _Run:
                 if status.state == "failed":
                     raise TrainingError(status.failure or "the supervisor gave up")
                 if status.state == "done":
+                    final = self._progress(statuses, min(s.step for s in statuses), time.time(), t_start)
+                    self.history.append(final.point())
+                    if on_progress is not None:
+                        on_progress(final)
                     started = min(s.started_at for s in statuses)
                     finished = max(s.finished_at for s in statuses)
                     return statuses, max(finished - started, finished - t_start)
             self.chaos.tick(step, len(status.events) if status is not None else 0)
             now = time.time()
-            if on_progress is not None and statuses and now - last_progress >= min(cfg.log_every_s, 0.2 if now - t_start < 2 else cfg.log_every_s):
+            if statuses and now - last_progress >= min(cfg.log_every_s, 0.2 if now - t_start < 2 else cfg.log_every_s):
                 last_progress = now
-                samples = sum(s.samples for s in statuses)
-                elapsed = now - min(s.started_at for s in statuses)
-                losses = [s.last_loss for s in statuses if s.samples]
-                on_progress(
-                    Progress(
-                        step=step,
-                        total_steps=self.total_steps,
-                        loss=float(np.mean(losses)) if losses else float("nan"),
-                        samples_per_sec=samples / elapsed if elapsed > 0 else 0.0,
-                        elapsed_s=now - t_start,
-                    )
-                )
+                progress = self._progress(statuses, step, now, t_start)
+                self.history.append(progress.point())
+                if on_progress is not None:
+                    on_progress(progress)
             # poll faster while kills wait for their step
             time.sleep(0.02 if not self.chaos.done else min(cfg.log_every_s, 0.1))
+
+    def _progress(self, statuses: list, step: int, now: float, t_start: float) -> Progress:
+        samples = sum(s.samples for s in statuses)
+        elapsed = now - min(s.started_at for s in statuses)
+        trained = [s for s in statuses if s.samples]
+        return Progress(
+            step=step,
+            total_steps=self.total_steps,
+            loss=float(np.mean([s.last_loss for s in trained])) if trained else float("nan"),
+            samples_per_sec=samples / elapsed if elapsed > 0 else 0.0,
+            elapsed_s=now - t_start,
+            accuracy=float(np.mean([s.last_accuracy for s in trained])) if trained else float("nan"),
+            recoveries=tuple(self.status.events) if self.status is not None else (),
+        )
 
     def final(self) -> dict:
         import ray

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from raytrain_ft.actors import process_address
+from raytrain_ft.actors import NAMESPACE, process_address, watch_supervisor
 from raytrain_ft.compression import decode_push
 from raytrain_ft.config import OptimConfig
 from raytrain_ft.consistency import PushBuffer, Rule, Verdict, add_to_histogram, may_proceed, mean_in_rank_order, slowest_clock
@@ -83,8 +83,10 @@ class ParameterServer:
 
     def __init__(self, slot: int | None, shard: ShardRange | None, optim_cfg: OptimConfig, total_steps: int, num_workers: int,
                  threads: int = 1, snapshot_interval: int = 50, durability: str = "replica", checkpoint_dir: str | None = None, checkpoint_interval: int = 0,
-                 faults: dict | None = None, fault_key: str = "", fold_replicas: bool = True, rule: Rule | None = None):
+                 faults: dict | None = None, fault_key: str = "", fold_replicas: bool = True, rule: Rule | None = None, run_id: str = ""):
         import torch
+
+        from raytrain_ft.actors.metrics import SERVER_METRICS, Recorder
 
         torch.set_num_threads(threads)
         self.slot = slot
@@ -125,6 +127,13 @@ class ParameterServer:
         # ("snapshot_receive", shard, n) dies on receiving shard's n-th snapshot
         self._faults = dict(faults or {})
         self._fault_key = fault_key
+        self.metrics = Recorder(run_id, SERVER_METRICS)
+        watch_supervisor(run_id, NAMESPACE)
+        self._logged_seq = 0
+        """Updates of this shard the replica holder has logged (replica lag = applied - logged)."""
+
+    def _metric_tags(self) -> dict:
+        return {"shard": str(self.state.shard.index)}
 
     @property
     def _tag(self) -> str:
@@ -151,6 +160,7 @@ class ParameterServer:
         self._require_primary()
         self.state.load(params, step, optimizer_state)
         self._latest, self._previous, self._stale_latest = self.state.params_copy(), None, False
+        self._logged_seq = step
         if self.checkpointing:  # the baseline can always roll back to the start
             save_shard_checkpoint(self.checkpoint_dir, self.state.shard.index, step, self._latest, self.state.optimizer.state_dict())
         return self.state.step
@@ -165,6 +175,7 @@ class ParameterServer:
         self._holder = None  # commands queue up (unacknowledged) until the new holder has the snapshot
         snapshot = self._snapshot()
         await holder_handle.install_replica.remote(self.state.shard, snapshot)
+        self._logged_seq = max(self._logged_seq, snapshot.seq)
         self._holder = holder_handle
         self._flush()  # commands applied while the snapshot travelled (the holder ignores those it covers)
         self.replica_bytes_sent += snapshot.nbytes
@@ -179,6 +190,7 @@ class ParameterServer:
         self.slot, self.state, self.epoch = slot, result.state, epoch
         self._latest, self._previous, self._stale_latest = self.state.params_copy(), result.previous_params, False
         self._holder = holder_handle
+        self._logged_seq = self.state.step  # every replayed update came from the holder's log
         moved = snapshot.nbytes + sum(c.nbytes for c in entries)
         logger.info("%s rebuilt from replica: %d commands replayed on snapshot seq %d", self._tag, result.replayed, snapshot.seq)
         return RecoveryStats(result.replayed, moved, time.perf_counter() - t0, self.state.step)
@@ -200,6 +212,7 @@ class ParameterServer:
         self.state.updates_applied = step
         self.slot, self.epoch = slot, epoch
         self._latest, self._previous, self._stale_latest = self.state.params_copy(), None, False
+        self._logged_seq = step
         return RecoveryStats(0, nbytes, time.perf_counter() - t0, step)
 
     def assign_slot(self, slot: int) -> None:
@@ -287,6 +300,11 @@ class ParameterServer:
             self._previous = self._params_now()
         state.apply(update, hp, pushes)
         self._stale_latest = True
+        if self.metrics.enabled:
+            tags = self._metric_tags()
+            self.metrics.inc("updates", 1, tags)
+            self.metrics.observe("staleness", stalest, tags)
+            self.metrics.set("replica_lag_seq", state.step - self._logged_seq if self.replicate else 0, tags)
         if self.replicate:
             if snapshot_due:
                 self._outbox[-1] = (command, self._snapshot(), done)
@@ -345,6 +363,8 @@ class ParameterServer:
                 await ref
                 self.replica_bytes_sent += sum(c.nbytes for c, _, _ in batch) + (snapshot.nbytes if snapshot else 0)
                 self.replica_appends += 1
+                self._logged_seq = max(self._logged_seq, batch[-1][0].seq + 1)
+                self.metrics.set("replica_lag_seq", self.state.step - self._logged_seq, self._metric_tags())
                 for _, _, fut in batch:
                     if not fut.done():
                         fut.set_result(None)

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from raytrain_ft.actors import NAMESPACE
+from raytrain_ft.actors.metrics import SUPERVISOR_METRICS, Recorder
 from raytrain_ft.config import TrainConfig
 from raytrain_ft.errors import TrainingError
 from raytrain_ft.params import ShardRange
@@ -52,7 +54,6 @@ from raytrain_ft.recovery.policy import (
 logger = logging.getLogger(__name__)
 events_logger = logging.getLogger("raytrain_ft.recovery.events")
 
-NAMESPACE = "raytrain_ft"
 ROUTE_TIMEOUT_ENV_VAR = "RAYTRAIN_FT_ROUTE_TIMEOUT_S"
 DEFAULT_ROUTE_TIMEOUT_S = 300.0
 PROBE_TIMEOUT_S = 2.0
@@ -144,6 +145,7 @@ class Supervisor:
         rc = config.recovery
         self.core = SupervisorCore(self, Limits(rc.num_spares, rc.max_worker_restarts, rc.max_server_replacements, rc.recovery != "none"))
         self.core.events = self.events
+        self.metrics = Recorder(run_id, SUPERVISOR_METRICS)
         self._monitor: threading.Thread | None = None
         self._self_handle = ray.get_runtime_context().current_actor
         with warnings.catch_warnings():  # the property reads a deprecated attribute internally
@@ -178,6 +180,7 @@ class Supervisor:
         return cls.remote(
             slot, self.ranges[shard] if shard is not None else None, self.cfg.optim, self.total_steps, self.w, cc.server_threads,
             rc.snapshot_interval, rc.recovery, self.checkpoint_dir, rc.checkpoint_interval, faults, self._fault_key, rc.fold_log, self.cfg.rule(),
+            self.run_id,
         )
 
     def _new_worker(self, rank: int):
@@ -189,7 +192,7 @@ class Supervisor:
         cls = ray.remote(Worker).options(**self._options(f"worker-{rank}", None, num_cpus=self.cfg.cluster.cpus_per_worker, num_gpus=gpu))
         with self.lock:
             routing = [(self.slots[i], self.epochs[i]) for i in range(self.k)]
-        return cls.remote(rank, self.cfg, self.ranges, routing, self._self_handle, self.device)
+        return cls.remote(rank, self.cfg, self.ranges, routing, self._self_handle, self.device, self.run_id)
 
     @property
     def _fault_key(self) -> str:
@@ -239,7 +242,8 @@ class Supervisor:
         for _ in range(self.cfg.recovery.num_spares):
             self.add_spare()
         self.workers = [self._new_worker(r) for r in range(self.w)]
-        self.worker_pids = wait_ready([w.ready.remote() for w in self.workers], f"{self.w} workers", self.workers + self.slots)
+        asks = f"{self.cfg.cluster.cpus_per_worker} CPU" + (", 1 GPU" if self.device != "cpu" else "")
+        self.worker_pids = wait_ready([w.ready.remote() for w in self.workers], f"{self.w} workers ({asks} each)", self.workers + self.slots)
         ray.get([w.start.remote(start_step, self.total_steps) for w in self.workers])
         self.started_at = time.time()
         self._persist()
@@ -499,6 +503,9 @@ class Supervisor:
         event["serving_s"] = round(event["serving_at"] - self.started_at, 4)
         event["duration_s"] = round(event["serving_at"] - event["detected_at"], 4)
         self.events.append(event)
+        tags = {"role": event["role"], "source": event["source"].split()[0]}
+        self.metrics.inc("recoveries", 1, tags)
+        self.metrics.observe("recovery_duration_seconds", event["duration_s"], tags)
         events_logger.warning(
             "recovered %s %s in %.3fs (%s, replayed %d, %d bytes moved)", event["role"], event["index"], event["duration_s"],
             event["source"], event["replayed"], event["bytes_moved"],

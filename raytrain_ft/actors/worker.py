@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from raytrain_ft.actors import process_address
+from raytrain_ft.actors import NAMESPACE, process_address, watch_supervisor
+from raytrain_ft.actors.metrics import WORKER_METRICS, Recorder
 from raytrain_ft.compression import Codec, ErrorFeedback, NoCodec, parse_codec
 from raytrain_ft.config import TrainConfig
 from raytrain_ft.data import BatchStream, load_dataset
@@ -57,6 +58,38 @@ class WorkerStatus:
     """Bytes of parameters received."""
     skipped_steps: int = 0
     """Sync with backup workers: steps this rank skipped because the shards closed them without it."""
+    last_accuracy: float = float("nan")
+    """Accuracy on the rank's last training batch."""
+    node_id: str = ""
+    gpu_ids: tuple = ()
+    """GPUs Ray assigned to the worker (it trains on them when torch sees CUDA)."""
+
+
+def choose_device(requested: str, use_gpu: str, cuda_available: bool, gpu_ids) -> tuple[str, str | None]:
+    """(device to train on, warning or None) for a worker the supervisor asked to use ``requested``.
+
+    A worker placed on a GPU whose torch cannot use CUDA fails with ``use_gpu: true`` and falls back to the
+    CPU with a warning under ``auto``."""
+    from raytrain_ft.errors import ClusterError
+
+    if requested == "cpu" or cuda_available:
+        return requested, None
+    why = f"Ray assigned GPU {list(gpu_ids)} to this worker but torch {torch.__version__} sees no CUDA device"
+    if use_gpu == "true":
+        raise ClusterError(f"{why}; install a CUDA build of torch on the GPU nodes, or set --use-gpu auto to train on their CPUs")
+    return "cpu", f"{why}; training on the CPU (use_gpu=auto)"
+
+
+def _placement() -> tuple[str, tuple]:
+    """(node id, GPU ids) Ray gave this process; empty outside Ray."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id(), tuple(ray.get_gpu_ids())
+    except ImportError:
+        pass
+    return "", ()
 
 
 class Worker:
@@ -70,11 +103,18 @@ class Worker:
     order, a pure function of (seed, epoch, rank, step).
     """
 
-    def __init__(self, rank: int, config: TrainConfig, shards: list[ShardRange], routing: list[tuple], supervisor_handle=None, device: str = "cpu"):
+    def __init__(self, rank: int, config: TrainConfig, shards: list[ShardRange], routing: list[tuple], supervisor_handle=None, device: str = "cpu",
+                 run_id: str = ""):
         torch.set_num_threads(config.cluster.cpus_per_worker)
         self.rank = rank
         self.config = config
+        self.node_id, self.gpu_ids = _placement()
+        device, warning = choose_device(device, config.cluster.use_gpu, torch.cuda.is_available(), self.gpu_ids)
+        if warning:
+            logger.warning("[worker/%d] %s", rank, warning)
         self.device = torch.device(device)
+        self.metrics = Recorder(run_id, WORKER_METRICS)
+        watch_supervisor(run_id, NAMESPACE)
         data = load_dataset(config.data, config.seed)
         self.train_x, self.train_y = data.train_x, data.train_y
         torch.manual_seed(config.seed)
@@ -87,6 +127,7 @@ class Worker:
         self._step = 0
         self._end_step = 0
         self._last_loss = float("nan")
+        self._last_accuracy = float("nan")
         self._samples = 0
         self._compute_s = 0.0
         self._wait_s = 0.0
@@ -98,7 +139,7 @@ class Worker:
         self._slow_s = parse_slow(config.recovery.slow_workers).get(rank, 0.0)
         self.rule = config.rule()
         self.exchange = ShardExchange(rank, self.model, self.flat, shards, routing, self._host_grad, config.cluster.overlap_comm, supervisor_handle,
-                                      parse_codec(config.consistency.codec))
+                                      parse_codec(config.consistency.codec), self.metrics)
 
     def ready(self) -> str:
         return process_address()
@@ -118,6 +159,7 @@ class Worker:
             self.rank, self._step, self._end_step, self._last_loss, self._samples, self._compute_s, self._wait_s,
             self._started_at, self._finished_at, done, self._error, str(self.device), tuple(self.exchange.acked),
             process_address(), self.exchange.reroutes, self.exchange.bytes_pushed, self.exchange.bytes_pulled, self._skipped,
+            self._last_accuracy, self.node_id, self.gpu_ids,
         )
 
     def step_end_times(self) -> list[tuple[int, float]]:
@@ -175,6 +217,7 @@ class Worker:
                 self._last_loss = loss
                 self._samples += len(y)
                 self._step_end_times.append((self._step, time.time()))
+                self._record_step(len(y))
                 self._step += 1
                 behind = self._behind()
                 if behind:  # backup workers closed steps without this rank: go on at the shards' step
@@ -187,6 +230,15 @@ class Worker:
             self._wait_s += self.exchange.wait_s - wait_before
         finally:
             stream.close()
+
+    def _record_step(self, samples: int, window: int = 20) -> None:
+        if not self.metrics.enabled:
+            return
+        self.metrics.inc("steps")
+        self.metrics.inc("samples", samples)
+        times = self._step_end_times[-window:]
+        if len(times) > 1 and times[-1][1] > times[0][1]:
+            self.metrics.set("samples_per_second", (len(times) - 1) * samples / (times[-1][1] - times[0][1]))
 
     def _behind(self) -> int:
         """Sync with backup workers: steps the shards have closed beyond this rank's next step."""
@@ -201,10 +253,12 @@ class Worker:
         if self.exchange.pushed_last:
             self.flat.zero_grad()
         self.exchange.begin_step(self._step, push, fetch)
-        loss = self.loss_fn(self.model(x), y)  # [N, classes] vs [N]; forward installs shards as it needs them
+        logits = self.model(x)  # [N, classes]; forward installs shards as it needs them
+        loss = self.loss_fn(logits, y)
         self.flat.stage_buffers()  # buffers are final after forward; they travel in the gradient slot
         loss.backward()  # with overlap, post-accumulate hooks push shards whose gradients are complete
         self.exchange.push_remaining()
+        self._last_accuracy = float((logits.detach().argmax(1) == y).float().mean())
         return float(loss.detach())
 
 
@@ -222,8 +276,9 @@ class ShardExchange:
     """
 
     def __init__(self, rank: int, model: torch.nn.Module, flat: FlatModel, shards: list[ShardRange], routing: list[tuple], host_grad: torch.Tensor,
-                 overlap: bool, supervisor_handle=None, codec: Codec | None = None):
+                 overlap: bool, supervisor_handle=None, codec: Codec | None = None, metrics: Recorder | None = None):
         self.rank, self.flat, self.shards = rank, flat, shards
+        self.metrics = metrics
         codec = codec or NoCodec()
         # error feedback per shard, on the parameter part only (buffers are assigned, never compressed)
         self.encoders = [ErrorFeedback(codec, s.param_slice.stop) for s in shards] if not codec.lossless else None
@@ -244,6 +299,7 @@ class ShardExchange:
         self.acked = [0] * len(shards)
         self.wait_s = 0.0
         self._refs: list = [None] * len(shards)
+        self._sent_at = [0.0] * len(shards)
         self._ref_steps = [0] * len(shards)
         self._pushed = [True] * len(shards)
         self._step = 0
@@ -288,8 +344,8 @@ class ShardExchange:
     def pull_all(self, step: int | None) -> None:
         """Fetch every shard's parameters as of ``step`` (a restarted worker resumes there), or the newest (None)."""
         self._pull_step = step
-        self._refs = [h.pull.remote(step) for h in self.servers]
         self._ref_steps = [None] * len(self.shards)
+        self._refs = [self._send(i) for i in range(len(self.shards))]
         if not self.overlap:
             self.install_all()
 
@@ -322,6 +378,7 @@ class ShardExchange:
         self._pushed[i] = True
 
     def _send(self, i: int):
+        self._sent_at[i] = time.perf_counter()
         step = self._ref_steps[i]
         if step is None:
             return self.servers[i].pull.remote(self._pull_step)
@@ -353,6 +410,9 @@ class ShardExchange:
                 continue
             t0 = time.perf_counter()
             values, seq, acked = self._get(i)
+            if self.metrics is not None and self.metrics.enabled:
+                op = "pull" if self._ref_steps[i] is None else "push_pull"
+                self.metrics.observe("exchange_latency_seconds", time.perf_counter() - self._sent_at[i], {"op": op})
             if values is not None:
                 s = self.shards[i]
                 self.flat.flat[s.start : s.end].copy_(torch.from_numpy(values), non_blocking=True)

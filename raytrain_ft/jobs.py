@@ -1,0 +1,244 @@
+"""Submit a training run to a running Ray cluster as a Ray job (Job Submission API).
+
+    handle = submit(TrainConfig(...), address="http://127.0.0.1:8265")
+    handle.wait()                  # SUCCEEDED | FAILED | STOPPED
+    summary = handle.result()      # the run's JSON summary, read from the job's logs
+
+The job's driver runs ``raytrain-ft train`` on the head node with the config
+passed as JSON; it joins the cluster through ``RAY_ADDRESS`` and prints its
+summary on one line that starts with ``SUMMARY_MARKER``.
+
+Authentication: Ray token authentication is read the way Ray reads it --
+``RAY_AUTH_TOKEN``, else the file named by ``RAY_AUTH_TOKEN_PATH``, else
+``~/.ray/auth_token`` -- and sent as a bearer token on every request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from raytrain_ft.config import TrainConfig
+from raytrain_ft.errors import ClusterError, ConfigError, JobError
+
+SUMMARY_MARKER = "RAYTRAIN_FT_SUMMARY "
+"""A job's driver prints its JSON summary on one line after this marker."""
+
+ADDRESS_ENV_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+"""Where the dashboard address is read from when none is given (as Ray's job CLI does)."""
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+"""The dashboard as ``ray dashboard cluster.yaml`` forwards it."""
+TOKEN_ENV_VAR = "RAY_AUTH_TOKEN"
+TOKEN_PATH_ENV_VAR = "RAY_AUTH_TOKEN_PATH"
+TERMINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
+NO_TOKEN_HINT = (
+    f"set {TOKEN_ENV_VAR}, or {TOKEN_PATH_ENV_VAR} to a file holding it, or put it in ~/.ray/auth_token "
+    "(print the cluster's token on the head with `ray get-auth-token`)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    value: str
+    source: str
+    """Where it was found: the env var or the file."""
+
+
+def find_token(environ: Mapping[str, str] | None = None, home: str | os.PathLike | None = None) -> Token | None:
+    """The Ray auth token, in Ray's order: ``RAY_AUTH_TOKEN``, the file ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``.
+
+    A ``RAY_AUTH_TOKEN_PATH`` that cannot be read or is empty is an error (as in Ray), not a silent fallback."""
+    environ = os.environ if environ is None else environ
+    value = environ.get(TOKEN_ENV_VAR, "").strip()
+    if value:
+        return Token(value, TOKEN_ENV_VAR)
+    path = environ.get(TOKEN_PATH_ENV_VAR)
+    if path:
+        try:
+            value = Path(path).expanduser().read_text().strip()
+        except OSError as e:
+            raise ClusterError(f"{TOKEN_PATH_ENV_VAR}={path!r} cannot be read ({e.strerror}); point it at the file holding the cluster's token") from None
+        if not value:
+            raise ClusterError(f"{TOKEN_PATH_ENV_VAR}={path!r} is empty; put the cluster's token in it (`ray get-auth-token` on the head)")
+        return Token(value, path)
+    default = Path(home if home is not None else Path.home()) / ".ray" / "auth_token"
+    if default.is_file():
+        value = default.read_text().strip()
+        if value:
+            return Token(value, str(default))
+    return None
+
+
+def resolve_address(address: str | None, environ: Mapping[str, str] | None = None) -> str:
+    """The dashboard's HTTP address: ``address``, else ``RAY_API_SERVER_ADDRESS``/``RAY_ADDRESS`` (an http one), else the
+    forwarded default."""
+    environ = os.environ if environ is None else environ
+    if not address:
+        for var in ADDRESS_ENV_VARS:
+            if environ.get(var, "").startswith(("http://", "https://")):
+                address = environ[var]
+                break
+        else:
+            address = DEFAULT_ADDRESS
+    if "://" not in address:
+        address = "http://" + address
+    if not address.startswith(("http://", "https://")):
+        raise ConfigError("--address", f"{address!r} is not the dashboard's HTTP address; give http://HEAD:8265 (the job API lives on the dashboard port)")
+    return address.rstrip("/")
+
+
+def job_config(config: TrainConfig) -> dict[str, Any]:
+    """The config a job runs: the same run, joining the cluster it is submitted to."""
+    if config.cluster.local_nodes > 1:
+        raise ConfigError("cluster.local_nodes", "simulated nodes are for local runs; a submitted job trains on the cluster's own nodes (set it to 1)")
+    raw = config.to_dict()
+    raw["cluster"]["address"] = ""  # the driver joins through RAY_ADDRESS, which the job supervisor sets
+    return raw
+
+
+def entrypoint(config: TrainConfig, python: str = "python") -> str:
+    """The shell command the job runs on the head node."""
+    return f"{python} -m raytrain_ft.cli train --emit-summary --config-json {shlex.quote(json.dumps(job_config(config), separators=(',', ':')))}"
+
+
+def parse_summary(logs: str) -> dict[str, Any] | None:
+    """The last summary line in a job's logs, or None."""
+    for line in reversed(logs.splitlines()):
+        at = line.find(SUMMARY_MARKER)
+        if at >= 0:
+            return json.loads(line[at + len(SUMMARY_MARKER):])
+    return None
+
+
+def _client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    token = find_token()
+    headers = {"Authorization": f"Bearer {token.value}"} if token else None
+    try:
+        return JobSubmissionClient(address, headers=headers)
+    except Exception as e:  # noqa: BLE001 -- translated to one message naming what to fix
+        raise _cluster_error(e, address, token) from None
+
+
+def _cluster_error(e: Exception, address: str, token: Token | None) -> ClusterError:
+    from ray.exceptions import AuthenticationError
+
+    if isinstance(e, AuthenticationError):
+        if token is None:
+            return ClusterError(f"the Ray cluster at {address} requires token authentication and no token was found: {NO_TOKEN_HINT}")
+        return ClusterError(f"the Ray cluster at {address} rejected the token from {token.source}; use the cluster's token (`ray get-auth-token` on the head)")
+    if isinstance(e, ConnectionError):
+        return ClusterError(f"no Ray dashboard answers at {address} ({e}); start the cluster (`ray up cluster.yaml`) and forward its dashboard "
+                            "(`ray dashboard cluster.yaml`), or fix --address")
+    return ClusterError(f"the job API at {address} failed: {e}")
+
+
+class JobHandle:
+    """One submitted run: ``status()``, ``logs()``, ``tail()``, ``stop()``, ``wait()``, ``result()``."""
+
+    def __init__(self, job_id: str, address: str, client=None):
+        self.job_id = job_id
+        self.address = address
+        self._client = client or _client(address)
+
+    def __repr__(self) -> str:
+        return f"JobHandle({self.job_id!r}, {self.address!r})"
+
+    def _call(self, method: str, *args):
+        try:
+            return getattr(self._client, method)(self.job_id, *args)
+        except RuntimeError as e:
+            if "does not exist" in str(e) or "404" in str(e):
+                raise JobError(f"no job {self.job_id!r} on the cluster at {self.address}; list them with `ray job list --address {self.address}`") from None
+            raise _cluster_error(e, self.address, find_token()) from None
+        except Exception as e:  # noqa: BLE001
+            raise _cluster_error(e, self.address, find_token()) from None
+
+    def status(self) -> str:
+        """PENDING | RUNNING | STOPPED | SUCCEEDED | FAILED."""
+        return str(self._call("get_job_status").value)
+
+    def info(self) -> dict[str, Any]:
+        info = self._call("get_job_info")
+        return {"job_id": self.job_id, "status": str(info.status.value), "message": info.message, "entrypoint": info.entrypoint,
+                "start_time_ms": info.start_time, "end_time_ms": info.end_time, "driver_exit_code": getattr(info, "driver_exit_code", None)}
+
+    def logs(self) -> str:
+        return self._call("get_job_logs")
+
+    def tail(self) -> Iterator[str]:
+        """Log chunks as the job writes them, until it ends."""
+        import asyncio
+
+        loop = asyncio.new_event_loop()
+        agen = self._client.tail_job_logs(self.job_id)
+        try:
+            while True:
+                try:
+                    yield loop.run_until_complete(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            loop.run_until_complete(agen.aclose())
+            loop.close()
+
+    def stop(self) -> bool:
+        """Ask the job to stop (its driver gets SIGTERM, then SIGKILL); False if it had already ended."""
+        return bool(self._call("stop_job"))
+
+    def wait(self, timeout_s: float | None = None, poll_s: float = 1.0) -> str:
+        """Block until the job ends; its final status. JobError after ``timeout_s``."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            status = self.status()
+            if status in TERMINAL_STATES:
+                return status
+            if deadline is not None and time.monotonic() > deadline:
+                raise JobError(f"job {self.job_id} is still {status} after {timeout_s:.0f}s; wait longer or stop it (`raytrain-ft stop {self.job_id}`)")
+            time.sleep(poll_s)
+
+    def result(self, timeout_s: float | None = None) -> dict[str, Any]:
+        """Wait for the job and return its JSON summary; JobError if it did not succeed."""
+        status = self.wait(timeout_s)
+        logs = self.logs()
+        if status != "SUCCEEDED":
+            tail = "\n".join(logs.strip().splitlines()[-15:])
+            raise JobError(f"job {self.job_id} ended {status}: {self.info()['message']}\n--- last lines of its log ---\n{tail}")
+        summary = parse_summary(logs)
+        if summary is None:
+            raise JobError(f"job {self.job_id} succeeded but printed no {SUMMARY_MARKER.strip()} line; was it submitted by raytrain_ft.jobs?")
+        return summary
+
+
+def submit(config: TrainConfig, address: str | None = None, runtime_env: dict | None = None, *, job_id: str | None = None,
+           metadata: dict[str, str] | None = None, entrypoint_num_cpus: float = 0) -> JobHandle:
+    """Submit ``config`` as a Ray job to the cluster whose dashboard is at ``address`` (default: ``RAY_API_SERVER_ADDRESS``,
+    ``RAY_ADDRESS`` or http://127.0.0.1:8265). ``runtime_env`` is Ray's (e.g. ``{"pip": [...]}`` or ``{"working_dir": "."}``
+    when the cluster's nodes lack this package)."""
+    address = resolve_address(address)
+    client = _client(address)
+    command = entrypoint(config)
+    try:
+        submitted = client.submit_job(entrypoint=command, runtime_env=runtime_env, submission_id=job_id, metadata=metadata,
+                                      entrypoint_num_cpus=entrypoint_num_cpus)
+    except Exception as e:  # noqa: BLE001
+        raise _cluster_error(e, address, find_token()) from None
+    return JobHandle(submitted, address, client)
+
+
+def attach(job_id: str, address: str | None = None) -> JobHandle:
+    """A handle on a job submitted earlier."""
+    return JobHandle(job_id, resolve_address(address))
+
+
+def print_chunks(chunks: Iterator[str], stream=sys.stdout) -> None:
+    for chunk in chunks:
+        stream.write(chunk)
+        stream.flush()

@@ -1,0 +1,122 @@
+"""Job submission against a real head started with `ray start --head` (token auth on), and its Prometheus metrics."""
+
+import uuid
+
+import pytest
+
+from raytrain_ft import jobs
+from raytrain_ft.actors.metrics import prometheus_name
+from raytrain_ft.config import ClusterConfig, DataConfig, RecoveryConfig, TrainConfig
+from raytrain_ft.errors import ClusterError
+from tests.local_head import LocalHead, parse_prometheus, wait_for
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "rtft-test-" + uuid.uuid4().hex
+
+
+@pytest.fixture(scope="module")
+def head():
+    h = LocalHead(num_cpus=4, env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}, system_config={"metrics_report_interval_ms": 1000})
+    try:
+        yield h
+    finally:
+        h.shutdown()
+
+
+@pytest.fixture
+def token_env(monkeypatch, tmp_path):
+    """The client holds the cluster's token in RAY_AUTH_TOKEN (and no ~/.ray/auth_token of the user's is read)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("RAY_AUTH_TOKEN", TOKEN)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+
+
+def _config(epochs: int, kill: tuple[str, ...] = ()) -> TrainConfig:
+    return TrainConfig(data=DataConfig(batch_size=32), cluster=ClusterConfig(num_workers=2, num_servers=2),
+                       recovery=RecoveryConfig(kill=kill), epochs=epochs, log_every_s=0.5)
+
+
+def _value(series, name: str, **labels) -> float:
+    return sum(v for lab, v in series.get(name, []) if all(lab.get(k) == str(x) for k, x in labels.items()))
+
+
+def _metrics_complete(series, run_id: str) -> bool:
+    r = {"run_id": run_id}
+    return (
+        _value(series, prometheus_name("steps"), **r) > 0
+        and _value(series, prometheus_name("samples"), **r) > 0
+        and _value(series, prometheus_name("samples_per_second"), **r) > 0
+        and _value(series, prometheus_name("exchange_latency_seconds") + "_count", op="push_pull", **r) > 0
+        and all(_value(series, prometheus_name("updates"), shard=i, **r) > 0 for i in (0, 1))
+        and _value(series, prometheus_name("staleness") + "_count", **r) > 0
+        and prometheus_name("replica_lag_seq") in series
+        and _value(series, prometheus_name("recoveries"), role="server", source="replica", **r) >= 1
+        and _value(series, prometheus_name("recovery_duration_seconds") + "_count", role="server", **r) >= 1
+    )
+
+
+def test_job_succeeds_with_token_summary_from_logs_and_metrics_on_prometheus(head, token_env):
+    handle = jobs.submit(_config(epochs=10, kill=("server:0@step=40",)), address=head.dashboard_url)
+    wait_for(lambda: handle.status() != "PENDING", 120, "the job to start")
+    seen = {}
+
+    def scraped_all_metrics():
+        series = parse_prometheus(head.scrape())
+        summary_run = jobs.parse_summary(handle.logs())
+        run_ids = {lab.get("run_id") for lab, _ in series.get(prometheus_name("steps"), [])}
+        for run_id in run_ids:
+            if run_id and _metrics_complete(series, run_id):
+                seen["run_id"], seen["series"] = run_id, series
+                return True
+        if summary_run is not None or handle.status() in jobs.TERMINAL_STATES:
+            raise AssertionError(f"the job ended before every metric was scraped; last scrape had {sorted(n for n in series if 'raytrain' in n)}")
+        return False
+
+    wait_for(scraped_all_metrics, 240, "every run metric on the head's Prometheus endpoint", interval_s=1.0)
+    assert handle.wait(timeout_s=240) == "SUCCEEDED", handle.logs()[-3000:]
+    summary = handle.result()
+    assert summary["run_id"] == seen["run_id"]
+    assert summary["steps_completed"] == summary["total_steps"] > 40
+    assert summary["updates_applied"] == summary["updates_acknowledged"] == 2 * summary["total_steps"]
+    assert summary["eval_accuracy"] > 0.85
+    [recovery] = summary["recoveries"]
+    assert recovery["role"] == "server" and recovery["source"] == "replica" and recovery["steps_lost"] == 0
+    logs = handle.logs()
+    assert "recovered: parameter server 0 died; rebuilt from its peer's replica" in logs
+    # the histograms count every exchange and every update
+    series = seen["series"]
+    steps_metric = _value(series, prometheus_name("steps"), run_id=seen["run_id"])
+    assert 0 < steps_metric <= 2 * summary["total_steps"]
+    assert _value(series, prometheus_name("exchange_latency_seconds") + "_count", op="push_pull", run_id=seen["run_id"]) >= steps_metric
+
+
+def test_stop_a_running_job_and_its_actors_go_away(head, token_env):
+    handle = jobs.submit(_config(epochs=500), address=head.dashboard_url)
+    wait_for(lambda: "samples/s" in handle.logs() or handle.status() in jobs.TERMINAL_STATES, 180, "the job to report progress", interval_s=1.0)
+    assert handle.status() == "RUNNING", handle.logs()[-3000:]
+    assert handle.stop()
+    assert handle.wait(timeout_s=120) == "STOPPED"
+    # the run's actors (detached) end with their driver
+    wait_for(lambda: not _alive_run_actors(head), 60, "the stopped run's actors to exit", interval_s=1.0)
+
+
+def _alive_run_actors(head) -> list[str]:
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(head.dashboard_url + "/api/v0/actors?limit=10000", headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        actors = json.loads(r.read())["data"]["result"]["result"]
+    return [a["name"] for a in actors if a.get("state") != "DEAD" and a.get("ray_namespace") == "raytrain_ft"]
+
+
+def test_missing_token_is_one_clear_error(head, monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    with pytest.raises(ClusterError, match="requires token authentication and no token was found: set RAY_AUTH_TOKEN"):
+        jobs.submit(_config(epochs=1), address=head.dashboard_url)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-token")
+    with pytest.raises(ClusterError, match="rejected the token from RAY_AUTH_TOKEN"):
+        jobs.attach("raysubmit_none", head.dashboard_url).status()
