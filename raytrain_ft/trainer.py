@@ -255,7 +255,16 @@ def wait_ready(refs: list, what: str, handles: list) -> list:
     except ray.exceptions.RayActorError as e:
         for h in handles:
             ray.kill(h)
-        raise ClusterError(f"{what} failed to start: {e}") from e
+        raise ClusterError(f"{what} failed to start: {_own_error_line(str(e))}") from e
+
+
+def _own_error_line(text: str) -> str:
+    """The project's own message inside a Ray error's text (an actor's __init__ raised it), else the whole text."""
+    for name in ("ClusterError", "ConfigError", "DataError"):
+        marker = f"{name}: "
+        if marker in text:
+            return text.rsplit(marker, 1)[1].strip().splitlines()[0]
+    return text
 
 
 class Trainer:
