@@ -98,7 +98,7 @@ def job_config(config: TrainConfig) -> dict[str, Any]:
     if config.cluster.local_nodes > 1:
         raise ConfigError("cluster.local_nodes", "simulated nodes are for local runs; a submitted job trains on the cluster's own nodes (set it to 1)")
     raw = config.to_dict()
-    raw["cluster"]["address"] = ""  # the driver joins through RAY_ADDRESS, which the job supervisor sets
+    raw["cluster"]["address"] = None  # the driver joins through RAY_ADDRESS, which the job supervisor sets
     return raw
 
 

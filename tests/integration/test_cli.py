@@ -95,3 +95,45 @@ def test_corrupt_parquet_and_bad_yaml_exit_2(tmp_path, cli_env):
     proc = subprocess.run([*CLI, "train", "--config", str(yml)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "not valid YAML at line" in proc.stderr
     assert not any(p.startswith("session") for p in os.listdir(ray_dir))
+
+
+def test_a_survived_kill_prints_a_recovery_line_and_the_report_marks_it(tmp_path, cli_env):
+    env, _ = cli_env
+    out = tmp_path / "run.json"
+    proc = subprocess.run([*CLI, "train", "--num-workers", "2", "--num-servers", "2", "--epochs", "3", "--kill", "server:1@step=30",
+                           "--output-json", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "recovered: parameter server 1 died; rebuilt from its peer's replica" in proc.stderr
+    assert "acc " in proc.stderr and "1 recoveries" in proc.stdout
+    summary = json.loads(out.read_text())
+    history = summary["history"]
+    assert history[-1]["step"] == summary["total_steps"] and all(a["t"] <= b["t"] for a, b in zip(history, history[1:]))
+    png = tmp_path / "run.png"
+    proc = subprocess.run([*CLI, "report", str(out), "--output", str(png)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["report", "/nonexistent/run.json"], "/nonexistent/run.json: cannot read the run summary"),
+        (["submit", "--address", "http://127.0.0.1:{port}"], "no Ray dashboard answers at http://127.0.0.1:{port}"),
+        (["status", "raysubmit_x", "--address", "http://127.0.0.1:{port}"], "no Ray dashboard answers at http://127.0.0.1:{port}"),
+        (["submit", "--address", "ray://10.0.0.1:10001"], "is not the dashboard's HTTP address"),
+        (["submit", "--model", "vgg"], "model.name: unknown value 'vgg'"),
+    ],
+)
+def test_job_and_report_commands_exit_2_with_one_message(args, needle, cli_env, tmp_path):
+    env, _ = cli_env
+    port = _closed_port()
+    env = {**env, "HOME": str(tmp_path)}
+    proc = subprocess.run([*CLI, *[a.format(port=port) for a in args]], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert needle.format(port=port) in proc.stderr and "Traceback" not in proc.stderr

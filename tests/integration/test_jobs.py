@@ -32,7 +32,7 @@ def token_env(monkeypatch, tmp_path):
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
 
 
-def _config(epochs: int, kill: tuple[str, ...] = ()) -> TrainConfig:
+def _config(epochs: int, kill: str | None = None) -> TrainConfig:
     return TrainConfig(data=DataConfig(batch_size=32), cluster=ClusterConfig(num_workers=2, num_servers=2),
                        recovery=RecoveryConfig(kill=kill), epochs=epochs, log_every_s=0.5)
 
@@ -57,7 +57,7 @@ def _metrics_complete(series, run_id: str) -> bool:
 
 
 def test_job_succeeds_with_token_summary_from_logs_and_metrics_on_prometheus(head, token_env):
-    handle = jobs.submit(_config(epochs=10, kill=("server:0@step=40",)), address=head.dashboard_url)
+    handle = jobs.submit(_config(epochs=10, kill="server:0@step=40"), address=head.dashboard_url)
     wait_for(lambda: handle.status() != "PENDING", 120, "the job to start")
     seen = {}
 
