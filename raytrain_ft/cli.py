@@ -29,10 +29,13 @@ EXIT_FAILED = 1
 
 
 class ProgressBar:
-    """One status line (redrawn in place on a terminal, a line every ~10% otherwise) and a line per recovery."""
+    """One status line (redrawn in place on a terminal; otherwise -- logs, a Ray job -- a line every 10% of the run
+    or every ``every_s``) and a line per recovery."""
 
-    def __init__(self, stream=sys.stderr, width: int = 30):
+    def __init__(self, stream=sys.stderr, width: int = 30, every_s: float = 10.0):
         self.stream = stream
+        self.every_s = every_s
+        self._last_line_s = 0.0
         self.width = width
         self.tty = stream.isatty()
         self._last_decile = -1
@@ -51,8 +54,8 @@ class ProgressBar:
             self.stream.write("\r\033[K" + line + ("\n" if finished else ""))
         else:
             decile = int(p.step / p.total_steps * 10) if p.total_steps else 10
-            if decile != self._last_decile:
-                self._last_decile = decile
+            if decile != self._last_decile or finished or p.elapsed_s - self._last_line_s >= self.every_s:
+                self._last_decile, self._last_line_s = decile, p.elapsed_s
                 self.stream.write(line + "\n")
         self._finished = finished
         self.stream.flush()
@@ -105,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     chaos = sub.add_parser("chaos", help="kill actors of a running run on a schedule (fault injection)")
     chaos.add_argument("--address", default="auto", help="Ray cluster address (default: auto, the cluster this machine is part of)")
     chaos.add_argument("--run-id", help="the run to attack (default: the only active run)")
+    chaos.add_argument("--wait-s", type=float, default=120.0, help="wait this long for the run to appear (a job just submitted is still starting)")
     chaos.add_argument("--kill", action="append", default=[], help="ROLE[:INDEX]@step=N or @time=S, ROLE server|replica|worker|supervisor (repeatable)")
     chaos.add_argument("--random", action="store_true", help="random kills: exponential gaps with mean --mtbf-s over --duration-s")
     chaos.add_argument("--mtbf-s", type=float, default=10.0, help="random mode: mean seconds between kills")
@@ -234,7 +238,7 @@ def _chaos(args: argparse.Namespace) -> int:
     except (ConnectionError, RuntimeError) as e:
         raise ClusterError(f"could not connect to Ray at {args.address!r}: {e}; check --address") from e
     try:
-        run_id, supervisor = find_supervisor(args.run_id)
+        run_id, supervisor = find_supervisor(args.run_id, args.wait_s)
         if args.random:
             status = ray.get(supervisor.status.remote())
             sizes = {"server": len(status.epochs), "replica": len(status.epochs), "worker": len(status.workers), "supervisor": 1}

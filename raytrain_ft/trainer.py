@@ -376,16 +376,14 @@ class _Run:
         return have >= self.cfg.cluster.num_workers
 
     def _node_ids(self) -> list[str]:
-        """Alive nodes: the driver's (head) first, then simulated nodes in the order ``node:N`` kills count them;
-        empty on a single node (no placement needed)."""
+        """Nodes for the server slots (``recovery.policy.server_nodes``); empty on a single node."""
         import ray
 
+        from raytrain_ft.recovery.policy import server_nodes
+
         head = ray.get_runtime_context().get_node_id()
-        alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
-        if len(alive) <= 1:
-            return []
-        ordered = [n.node_id for n in self.session.worker_nodes]
-        return [head] + ordered + sorted(n for n in alive if n != head and n not in ordered)
+        cpus = {n["NodeID"]: n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]}
+        return server_nodes(head, cpus, [n.node_id for n in self.session.worker_nodes])
 
     def start(self) -> None:
         import tempfile
@@ -403,8 +401,8 @@ class _Run:
         nodes = self._node_ids()
         device = "cuda" if self._use_gpu() else "cpu"
         options = dict(name=f"{self.run_id}/supervisor", namespace=NAMESPACE, num_cpus=0, max_restarts=SUPERVISOR_MAX_RESTARTS, max_task_retries=-1, max_concurrency=64)
-        if nodes:
-            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(nodes[0], soft=False)
+        if nodes:  # the supervisor stays beside the driver (the head of a `ray up` cluster)
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.supervisor = ray.remote(Supervisor).options(**options).remote(
             self.run_id, cfg, self.ranges, self.total_steps, self.init_flat, nodes, tuple(self.kills), device, checkpoint_dir
         )

@@ -79,18 +79,26 @@ class ChaosRunner:
         return record
 
 
-def find_supervisor(run_id: str | None):
-    """The supervisor of ``run_id`` on the connected cluster (the only running run when None)."""
+def find_supervisor(run_id: str | None, wait_s: float = 0.0, poll_s: float = 0.5):
+    """The supervisor of ``run_id`` on the connected cluster (the only running run when None), waiting up to
+    ``wait_s`` for it to appear (a job submitted a moment ago is still starting its actors)."""
     import ray
 
     from raytrain_ft.actors.supervisor import NAMESPACE
     from raytrain_ft.errors import ClusterError
 
-    runs = sorted(a["name"].split("/")[0] for a in ray.util.list_named_actors(all_namespaces=True)
-                  if a["namespace"] == NAMESPACE and a["name"].endswith("/supervisor"))
+    deadline = time.monotonic() + wait_s
+    while True:
+        runs = sorted(a["name"].split("/")[0] for a in ray.util.list_named_actors(all_namespaces=True)
+                      if a["namespace"] == NAMESPACE and a["name"].endswith("/supervisor"))
+        found = (len(runs) == 1) if run_id is None else (run_id in runs)
+        if found or (run_id is None and len(runs) > 1) or time.monotonic() >= deadline:
+            break
+        time.sleep(poll_s)
     if run_id is None:
         if len(runs) != 1:
-            raise ClusterError(f"{len(runs)} runs are active ({', '.join(runs) or 'none'}); name one with --run-id")
+            waited = f" after waiting {wait_s:.0f}s" if wait_s else ""
+            raise ClusterError(f"{len(runs)} runs are active{waited} ({', '.join(runs) or 'none'}); name one with --run-id")
         run_id = runs[0]
     if run_id not in runs:
         raise ClusterError(f"no active run {run_id!r} on this cluster (active: {', '.join(runs) or 'none'})")

@@ -36,6 +36,17 @@ def replica_shards(slot: int, num_shards: int) -> tuple[int, ...]:
     return tuple(s for s in range(num_shards) if replica_slot(s, num_shards) == slot)
 
 
+def server_nodes(head: str, cpus: dict[str, float], ordered: list[str] = ()) -> list[str]:
+    """Nodes server slots are spread over: ``head`` first, then ``ordered`` (simulated nodes, in the order ``node:N``
+    kills count them), then the rest by id; nodes that offer no CPUs to tasks (a ``ray up`` head with ``CPU: 0``) are
+    left out while another node offers some. Empty on a single node (no placement needed)."""
+    if len(cpus) <= 1:
+        return []
+    order = [head] + [n for n in ordered if n != head] + sorted(n for n in cpus if n != head and n not in ordered)
+    with_cpus = [n for n in order if cpus.get(n, 0) > 0]
+    return with_cpus or order
+
+
 def slot_nodes(num_slots_: int, nodes: list[str]) -> list[str]:
     """Spread slots round-robin over nodes, so ring neighbours sit on different nodes whenever 2+ nodes exist.
 

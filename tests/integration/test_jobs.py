@@ -1,5 +1,8 @@
 """Job submission against a real head started with `ray start --head` (token auth on), and its Prometheus metrics."""
 
+import os
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -56,9 +59,14 @@ def _metrics_complete(series, run_id: str) -> bool:
     )
 
 
-def test_job_succeeds_with_token_summary_from_logs_and_metrics_on_prometheus(head, token_env):
-    handle = jobs.submit(_config(epochs=10, kill="server:0@step=40"), address=head.dashboard_url)
+def test_job_survives_a_chaos_kill_reports_its_summary_and_metrics(head, token_env):
+    """The README walkthrough: submit, kill a server with the chaos CLI, see the recovery in the job's logs."""
+    handle = jobs.submit(_config(epochs=10), address=head.dashboard_url)
     wait_for(lambda: handle.status() != "PENDING", 120, "the job to start")
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}
+    chaos = subprocess.run([sys.executable, "-m", "raytrain_ft.cli", "chaos", "--address", head.gcs_address, "--kill", "server:0@step=40"],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert chaos.returncode == 0 and "fired 1 kills" in chaos.stdout, chaos.stdout + chaos.stderr[-3000:]
     seen = {}
 
     def scraped_all_metrics():
@@ -120,3 +128,16 @@ def test_missing_token_is_one_clear_error(head, monkeypatch, tmp_path):
     monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-token")
     with pytest.raises(ClusterError, match="rejected the token from RAY_AUTH_TOKEN"):
         jobs.attach("raysubmit_none", head.dashboard_url).status()
+
+
+def test_a_killed_driver_leaves_no_actors_behind(head, tmp_path):
+    """SIGKILL (no cleanup runs): the supervisor dies with its driver and the detached servers/workers notice and exit."""
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}
+    driver = subprocess.Popen([sys.executable, "-m", "raytrain_ft.cli", "train", "--address", head.gcs_address, "--num-workers", "2",
+                               "--num-servers", "2", "--epochs", "500"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: len(_alive_run_actors(head)) >= 5, 180, "the run's actors (supervisor, 3 server slots, workers)", interval_s=1.0)
+    finally:
+        driver.kill()
+        driver.wait()
+    wait_for(lambda: not _alive_run_actors(head), 60, "the orphaned actors to exit", interval_s=1.0)

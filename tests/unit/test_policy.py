@@ -15,6 +15,7 @@ from raytrain_ft.recovery.policy import (
     num_slots,
     replica_shards,
     replica_slot,
+    server_nodes,
     slot_nodes,
 )
 
@@ -126,3 +127,18 @@ def test_state_machine_fails_with_the_reason_and_stops():
     assert core.advance(0.0) == (SupervisorState.STARTING, SupervisorState.FAILED)
     assert "shard 2 is lost" in core.failure and fake.calls == []
     assert core.advance(1.0) == (SupervisorState.FAILED, SupervisorState.FAILED)
+
+
+@pytest.mark.parametrize(
+    "cpus, ordered, expected",
+    [
+        ({"h": 4}, [], []),  # one node: no placement
+        ({"h": 4, "b": 2, "a": 2}, [], ["h", "a", "b"]),
+        ({"h": 4, "b": 2, "a": 2}, ["b", "a"], ["h", "b", "a"]),  # simulated nodes in kill order
+        ({"h": 0, "g2": 4, "g1": 4}, [], ["g1", "g2"]),  # a `ray up` head with CPU 0 holds no servers
+        ({"h": 0, "g1": 4}, [], ["g1"]),
+        ({"h": 0, "x": 0}, [], ["h", "x"]),  # nobody offers CPUs: spread anyway
+    ],
+)
+def test_server_nodes(cpus, ordered, expected):
+    assert server_nodes("h", cpus, ordered) == expected
