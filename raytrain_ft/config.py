@@ -157,7 +157,9 @@ class ClusterConfig:
     overlap_comm: bool = False
     """Push a shard as soon as backward has finished its gradients, and wait for a shard's new parameters only when the forward pass first needs them (same results; off by default: on a 2-core CPU machine it measured 0.88-1.01x, see README)."""
     use_gpu: str = "auto"
-    """auto (a GPU per worker when the cluster has them) | true | false."""
+    """auto (a GPU per worker when the cluster has them; on a GPU torch cannot use, the CPU) | true (wait for GPUs, e.g. from an autoscaler) | false."""
+    metrics: bool = True
+    """Record the run's metrics (steps, samples/s, exchange latency, staleness, recoveries, replica lag) on Ray's Prometheus endpoint."""
     address: str | None = None
     """Ray cluster address; empty starts an embedded local Ray for the run."""
     local_nodes: int = 1

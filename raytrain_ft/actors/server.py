@@ -83,7 +83,8 @@ class ParameterServer:
 
     def __init__(self, slot: int | None, shard: ShardRange | None, optim_cfg: OptimConfig, total_steps: int, num_workers: int,
                  threads: int = 1, snapshot_interval: int = 50, durability: str = "replica", checkpoint_dir: str | None = None, checkpoint_interval: int = 0,
-                 faults: dict | None = None, fault_key: str = "", fold_replicas: bool = True, rule: Rule | None = None, run_id: str = ""):
+                 faults: dict | None = None, fault_key: str = "", fold_replicas: bool = True, rule: Rule | None = None, run_id: str = "",
+                 metrics: bool = True):
         import torch
 
         from raytrain_ft.actors.metrics import SERVER_METRICS, Recorder
@@ -127,7 +128,7 @@ class ParameterServer:
         # ("snapshot_receive", shard, n) dies on receiving shard's n-th snapshot
         self._faults = dict(faults or {})
         self._fault_key = fault_key
-        self.metrics = Recorder(run_id, SERVER_METRICS)
+        self.metrics = Recorder(run_id, SERVER_METRICS if metrics else ())
         watch_supervisor(run_id, NAMESPACE)
         self._logged_seq = 0
         """Updates of this shard the replica holder has logged (replica lag = applied - logged)."""

@@ -145,7 +145,7 @@ class Supervisor:
         rc = config.recovery
         self.core = SupervisorCore(self, Limits(rc.num_spares, rc.max_worker_restarts, rc.max_server_replacements, rc.recovery != "none"))
         self.core.events = self.events
-        self.metrics = Recorder(run_id, SUPERVISOR_METRICS)
+        self.metrics = Recorder(run_id, SUPERVISOR_METRICS if config.cluster.metrics else ())
         self._monitor: threading.Thread | None = None
         self._self_handle = ray.get_runtime_context().current_actor
         with warnings.catch_warnings():  # the property reads a deprecated attribute internally
@@ -180,7 +180,7 @@ class Supervisor:
         return cls.remote(
             slot, self.ranges[shard] if shard is not None else None, self.cfg.optim, self.total_steps, self.w, cc.server_threads,
             rc.snapshot_interval, rc.recovery, self.checkpoint_dir, rc.checkpoint_interval, faults, self._fault_key, rc.fold_log, self.cfg.rule(),
-            self.run_id,
+            self.run_id, self.cfg.cluster.metrics,
         )
 
     def _new_worker(self, rank: int):

@@ -113,7 +113,7 @@ class Worker:
         if warning:
             logger.warning("[worker/%d] %s", rank, warning)
         self.device = torch.device(device)
-        self.metrics = Recorder(run_id, WORKER_METRICS)
+        self.metrics = Recorder(run_id, WORKER_METRICS if config.cluster.metrics else ())
         watch_supervisor(run_id, NAMESPACE)
         data = load_dataset(config.data, config.seed)
         self.train_x, self.train_y = data.train_x, data.train_y

@@ -141,3 +141,19 @@ def test_a_killed_driver_leaves_no_actors_behind(head, tmp_path):
         driver.kill()
         driver.wait()
     wait_for(lambda: not _alive_run_actors(head), 60, "the orphaned actors to exit", interval_s=1.0)
+
+
+def test_cli_submit_follow_streams_the_log_and_status_reports_success(head, token_env):
+    env = {**os.environ, "RAY_API_SERVER_ADDRESS": head.dashboard_url}  # the address as Ray's job CLI reads it
+    cli = [sys.executable, "-m", "raytrain_ft.cli"]
+    proc = subprocess.run([*cli, "submit", "--num-workers", "2", "--num-servers", "1", "--epochs", "1", "--follow"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    job_id = proc.stdout.split()[1]
+    assert proc.stdout.startswith(f"submitted {job_id} to {head.dashboard_url}")
+    assert "done: 22 steps" in proc.stdout and jobs.SUMMARY_MARKER in proc.stdout  # the tailed log
+    assert proc.stdout.rstrip().endswith(f"job {job_id}: SUCCEEDED")
+    status = subprocess.run([*cli, "status", job_id], env=env, capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0 and status.stdout.startswith(f"{job_id}: SUCCEEDED"), status.stdout + status.stderr
+    missing = subprocess.run([*cli, "logs", "raysubmit_nosuchjob"], env=env, capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and "no job 'raysubmit_nosuchjob'" in missing.stderr, missing.stderr
