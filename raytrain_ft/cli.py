@@ -66,11 +66,11 @@ def _add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] 
     for flag, (typ, help_text, default) in config_mod.cli_fields().items():
         if flag in exclude:
             continue
-        dashed = "--" + flag.replace("_", "-")
+        dashed = ["--" + name.replace("_", "-") for name in (flag, config_mod.EXTRA_FLAG_NAMES.get(flag)) if name]
         metavar = {bool: "BOOL", int: "N", float: "X"}.get(typ, "VALUE")
         # default=SUPPRESS: only flags given on the command line override the file
         extra = {"action": "append"} if flag in config_mod.REPEATABLE_FLAGS else {}
-        group.add_argument(dashed, dest=flag, default=argparse.SUPPRESS, metavar=metavar, help=f"{help_text} (default: {default})", **extra)
+        group.add_argument(*dashed, dest=flag, default=argparse.SUPPRESS, metavar=metavar, help=f"{help_text} (default: {default})", **extra)
 
 
 def _add_address(parser: argparse.ArgumentParser) -> None:

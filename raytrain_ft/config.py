@@ -158,6 +158,8 @@ class ClusterConfig:
     """Push a shard as soon as backward has finished its gradients, and wait for a shard's new parameters only when the forward pass first needs them (same results; off by default: on a 2-core CPU machine it measured 0.88-1.01x, see README)."""
     use_gpu: str = "auto"
     """auto (a GPU per worker when the cluster has them; on a GPU torch cannot use, the CPU) | true (wait for GPUs, e.g. from an autoscaler) | false."""
+    simulate_compute_ms: float = 0.0
+    """Benchmarks (flag --simulate-compute MS): workers skip data, forward and backward; each step waits MS milliseconds and pushes a gradient of the model's true size (fixed small values), so scaling to many workers and servers can be studied on a few cores. 0 trains for real."""
     metrics: bool = True
     """Record the run's metrics (steps, samples/s, exchange latency, staleness, recoveries, replica lag) on Ray's Prometheus endpoint."""
     address: str | None = None
@@ -171,6 +173,7 @@ class ClusterConfig:
         _positive("cluster.cpus_per_worker", self.cpus_per_worker)
         _positive("cluster.server_threads", self.server_threads)
         _positive("cluster.local_nodes", self.local_nodes)
+        _non_negative("cluster.simulate_compute_ms", self.simulate_compute_ms)
         if self.local_nodes > 1 and self.address:
             raise ConfigError("cluster.local_nodes", "simulated nodes need the embedded local Ray; drop --address or --local-nodes")
         _choice("cluster.use_gpu", str(self.use_gpu).lower(), ("auto", "true", "false"))
@@ -305,6 +308,8 @@ class TrainConfig:
             raise ConfigError("consistency.n_push", "n_push / n_fetch above 1 need --mode async (Downpour)")
         if (c.n_push > 1 or c.n_fetch > 1) and self.cluster.overlap_comm:
             raise ConfigError("cluster.overlap_comm", "overlap pushes every step from backward; use --overlap-comm false with n_push / n_fetch above 1")
+        if self.cluster.simulate_compute_ms and self.cluster.overlap_comm:
+            raise ConfigError("cluster.overlap_comm", "a simulated step runs no forward/backward to overlap with; use --overlap-comm false with --simulate-compute")
         if self.mode != "sync" and (self.recovery.recovery == "checkpoint" or self.recovery.resume_from):
             raise ConfigError("recovery.recovery", "checkpoint restarts and --resume-from need --mode sync (async modes recover from replicas)")
 
@@ -471,6 +476,10 @@ def merge_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
 def load(config_path: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     raw = load_yaml(config_path) if config_path else {}
     return from_dict(merge_overrides(raw, overrides or {}), source=config_path or "config")
+
+
+EXTRA_FLAG_NAMES = {"simulate_compute_ms": "simulate_compute"}
+"""A second name for a flag: ``--simulate-compute MS`` sets ``cluster.simulate_compute_ms``."""
 
 
 def cli_fields() -> dict[str, tuple[type, str, Any]]:

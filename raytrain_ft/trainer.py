@@ -156,6 +156,8 @@ class Session:
 
     cluster: Any = None
     worker_nodes: list = field(default_factory=list)
+    embedded: bool = False
+    """Ray was started here for this run (no autoscaler can add nodes to it)."""
 
 
 @contextlib.contextmanager
@@ -181,7 +183,7 @@ def ray_session(config: TrainConfig):
         except (ConnectionError, ValueError, RuntimeError, OSError) as e:
             raise ClusterError(f"could not start {cc.local_nodes} simulated nodes: {e}; if the path is too long, set RAY_TMPDIR to a short directory such as /tmp/ray") from e
         try:
-            yield Session(cluster, nodes)
+            yield Session(cluster, nodes, embedded=True)
         finally:
             ray.shutdown()
             cluster.shutdown()
@@ -201,7 +203,7 @@ def ray_session(config: TrainConfig):
             raise ClusterError(f"could not connect to Ray at {address!r}: {e}; check --address or {RAY_ADDRESS_ENV_VAR} (or leave both empty for a local run)") from e
         raise ClusterError(f"could not start a local Ray: {e}; if the path is too long, set RAY_TMPDIR to a short directory such as /tmp/ray") from e
     try:
-        yield Session()
+        yield Session(embedded=not address)
     finally:
         ray.shutdown()
 
@@ -369,6 +371,9 @@ class _Run:
             return False
         have = ray.cluster_resources().get("GPU", 0)
         if mode == "true":
+            if have < self.cfg.cluster.num_workers and self.session.embedded:
+                raise ClusterError(f"cluster.use_gpu=true asks for {self.cfg.cluster.num_workers} GPUs, this machine has {have:g}; "
+                                   "set --use-gpu auto or false, or run on a cluster with GPU nodes (--address)")
             if have < self.cfg.cluster.num_workers:  # an autoscaling cluster adds GPU nodes for the waiting workers
                 logger.warning("cluster.use_gpu=true: the workers ask for %d GPUs, the cluster has %g now; waiting for more "
                                "(an autoscaler adds GPU nodes; otherwise the start times out)", self.cfg.cluster.num_workers, have)

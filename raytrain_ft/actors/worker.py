@@ -22,6 +22,8 @@ from raytrain_ft.recovery.faults import parse_slow
 
 logger = logging.getLogger(__name__)
 
+SIMULATED_GRAD_SCALE = 1e-4
+"""--simulate-compute: size of the fixed gradient values (small, so the parameters stay finite over long runs)."""
 MAX_REROUTES = 20
 """Consecutive failed calls to one shard a worker tolerates (each waits for a rebuilt server)."""
 
@@ -78,6 +80,13 @@ def choose_device(requested: str, use_gpu: str, cuda_available: bool, gpu_ids) -
     if use_gpu == "true":
         raise ClusterError(f"{why}; install a CUDA build of torch on the GPU nodes, or set --use-gpu auto to train on their CPUs")
     return "cpu", f"{why}; training on the CPU (use_gpu=auto)"
+
+
+class _NoBatches:
+    """--simulate-compute: a simulated step reads no data."""
+
+    def close(self) -> None:
+        pass
 
 
 def _placement() -> tuple[str, tuple]:
@@ -137,6 +146,10 @@ class Worker:
         self._step_end_times: list[tuple[int, float]] = []
         self._skipped = 0
         self._slow_s = parse_slow(config.recovery.slow_workers).get(rank, 0.0)
+        self._simulate_s = config.cluster.simulate_compute_ms / 1000.0
+        if self._simulate_s:  # a fixed gradient of the true size stands in for backward
+            gen = torch.Generator().manual_seed(config.seed * 1000 + rank)
+            self.flat.flat_grad.copy_(torch.randn(self.flat.numel, generator=gen) * SIMULATED_GRAD_SCALE)
         self.rule = config.rule()
         self.exchange = ShardExchange(rank, self.model, self.flat, shards, routing, self._host_grad, config.cluster.overlap_comm, supervisor_handle,
                                       parse_codec(config.consistency.codec), self.metrics)
@@ -177,8 +190,10 @@ class Worker:
         finally:
             self._finished_at = time.time()
 
-    def _stream(self, start_step: int) -> BatchStream:
+    def _stream(self, start_step: int) -> BatchStream | _NoBatches:
         cfg = self.config
+        if self._simulate_s:
+            return _NoBatches()
         return BatchStream(
             self.train_x, self.train_y, seed=cfg.seed, rank=self.rank, num_workers=cfg.cluster.num_workers,
             batch_size=cfg.data.batch_size, start_step=start_step, end_step=self._end_step,
@@ -202,10 +217,14 @@ class Worker:
                 last = self._step == self._end_step - 1
                 push = not downpour or (self._step + 1) % c.n_push == 0 or last
                 fetch = not downpour or (self._step + 1) % c.n_fetch == 0 or last
-                x, y = stream.next()
-                if self._slow_s:
-                    time.sleep(self._slow_s)  # an injected straggler: extra compute time per step
-                loss = self._step_once(x, y, push, fetch)
+                if self._simulate_s:
+                    loss, samples = self._simulated_step(push, fetch), cfg.data.batch_size
+                else:
+                    x, y = stream.next()
+                    samples = len(y)
+                    if self._slow_s:
+                        time.sleep(self._slow_s)  # an injected straggler: extra compute time per step
+                    loss = self._step_once(x, y, push, fetch)
                 if push and not self.exchange.overlap:
                     self.exchange.install_all()
                 if fetch and not push:
@@ -215,9 +234,9 @@ class Worker:
                 self._wait_s += wait
                 self._compute_s += time.perf_counter() - t0 - wait
                 self._last_loss = loss
-                self._samples += len(y)
+                self._samples += samples
                 self._step_end_times.append((self._step, time.time()))
-                self._record_step(len(y))
+                self._record_step(samples)
                 self._step += 1
                 behind = self._behind()
                 if behind:  # backup workers closed steps without this rank: go on at the shards' step
@@ -245,6 +264,13 @@ class Worker:
         if not self.config.consistency.backup_workers or self._step >= self._end_step:
             return 0
         return max(0, min(min(self.exchange.versions), self._end_step) - self._step)
+
+    def _simulated_step(self, push: bool, fetch: bool) -> float:
+        """--simulate-compute: the step's compute is a sleep; the fixed gradient in the flat buffer is pushed as is."""
+        self.exchange.begin_step(self._step, push, fetch)
+        time.sleep(self._simulate_s + self._slow_s)
+        self.exchange.push_remaining()
+        return float("nan")
 
     def _step_once(self, x: torch.Tensor, y: torch.Tensor, push: bool = True, fetch: bool = True) -> float:
         """Forward/backward into the flat gradient buffer; ``push``: send every shard this step (else the

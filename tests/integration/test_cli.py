@@ -137,3 +137,15 @@ def test_job_and_report_commands_exit_2_with_one_message(args, needle, cli_env, 
     proc = subprocess.run([*CLI, *[a.format(port=port) for a in args]], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert needle.format(port=port) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_gpus_asked_of_an_embedded_ray_without_them_exit_2_at_once(cli_env):
+    """No autoscaler can add GPUs to the Ray a run starts for itself: fail now instead of waiting for them."""
+    env, _ = cli_env
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = subprocess.run([*CLI, "train", "--use-gpu", "true", "--num-workers", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "cluster.use_gpu=true asks for 2 GPUs, this machine has 0; set --use-gpu auto or false" in proc.stderr

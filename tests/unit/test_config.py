@@ -35,6 +35,8 @@ def test_defaults_validate():
         ({"mode": "async", "recovery": "checkpoint"}, "recovery.recovery"),
         ({"slow_workers": "5:100"}, "recovery.slow_workers"),
         ({"slow_workers": "1"}, "recovery.slow_workers"),
+        ({"simulate_compute_ms": "-5"}, "cluster.simulate_compute_ms"),
+        ({"simulate_compute_ms": "50", "overlap_comm": "true"}, "cluster.overlap_comm"),
     ],
 )
 def test_bad_values_name_the_field(overrides, field):
@@ -86,3 +88,11 @@ def test_round_trip_through_dict():
 
 def test_docs_belong_to_their_own_field():
     assert C.field_docs()['model'].startswith('Model architecture') and C.field_docs()['optimizer'].startswith('Server-side optimizer')
+
+
+def test_simulate_compute_flag_and_its_alias():
+    from raytrain_ft.cli import build_parser
+
+    for flag in ("--simulate-compute", "--simulate-compute-ms"):
+        args = build_parser().parse_args(["train", flag, "25"])
+        assert C.load(None, {k: v for k, v in vars(args).items() if k == "simulate_compute_ms"}).cluster.simulate_compute_ms == 25.0
