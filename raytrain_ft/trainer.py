@@ -114,6 +114,8 @@ class TrainResult:
 
 
 def total_steps_for(config: TrainConfig, num_train: int) -> int:
+    if config.cluster.simulate_compute_ms and config.steps is not None:
+        return config.steps  # simulated steps read no data: any number of workers fits
     spe = checked_steps_per_epoch(num_train, config.cluster.num_workers, config.data.batch_size)
     return config.steps if config.steps is not None else config.epochs * spe
 

@@ -1,7 +1,7 @@
 import pytest
 
 from raytrain_ft import config as C
-from raytrain_ft.errors import ConfigError
+from raytrain_ft.errors import ConfigError, DataError
 
 
 def test_defaults_validate():
@@ -96,3 +96,13 @@ def test_simulate_compute_flag_and_its_alias():
     for flag in ("--simulate-compute", "--simulate-compute-ms"):
         args = build_parser().parse_args(["train", flag, "25"])
         assert C.load(None, {k: v for k, v in vars(args).items() if k == "simulate_compute_ms"}).cluster.simulate_compute_ms == 25.0
+
+
+def test_simulated_steps_need_no_data_per_worker():
+    from raytrain_ft.trainer import total_steps_for
+
+    many = C.TrainConfig(cluster=C.ClusterConfig(num_workers=64), steps=30)
+    with pytest.raises(DataError, match="cannot fill one batch"):
+        total_steps_for(many, num_train=1438)
+    simulated = C.TrainConfig(cluster=C.ClusterConfig(num_workers=64, simulate_compute_ms=100), steps=30)
+    assert total_steps_for(simulated, num_train=1438) == 30
