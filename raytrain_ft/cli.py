@@ -74,7 +74,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] 
 
 
 def _add_address(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--address", help=f"the cluster's dashboard, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS or {DEFAULT_ADDRESS})")
+    parser.add_argument("--address", dest="dashboard", help=f"the cluster's dashboard, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS or {DEFAULT_ADDRESS})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,16 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config(args: argparse.Namespace, own: tuple[str, ...]):
+def _json_flag(flag: str, text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(flag, f"is not JSON: {e.msg} at column {e.colno}") from None
+
+
+def _config(args: argparse.Namespace):
     """The run config: the YAML file (or --config-json), then every config flag given on the command line."""
-    overrides = {k: v for k, v in vars(args).items() if k not in own}
+    fields = config_mod.cli_fields()
+    overrides = {k: v for k, v in vars(args).items() if k in fields}
     if getattr(args, "config_json", None):
         if args.config:
             raise ConfigError("--config-json", "give --config or --config-json, not both")
-        try:
-            raw = json.loads(args.config_json)
-        except json.JSONDecodeError as e:
-            raise ConfigError("--config-json", f"is not JSON: {e.msg} at column {e.colno}") from None
+        raw = _json_flag("--config-json", args.config_json)
         return config_mod.from_dict(config_mod.merge_overrides(raw, overrides), source="--config-json")
     return config_mod.load(args.config, overrides)
 
@@ -141,7 +146,7 @@ def _exit_on_sigterm(signum, frame) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    cfg = _config(args, ("command", "config", "config_json", "output_json", "quiet", "emit_summary"))
+    cfg = _config(args)
     from raytrain_ft.trainer import Trainer
 
     progress = None if args.quiet else ProgressBar()
@@ -169,14 +174,9 @@ def _train(args: argparse.Namespace) -> int:
 def _submit(args: argparse.Namespace) -> int:
     from raytrain_ft import jobs
 
-    cfg = _config(args, ("command", "config", "address", "runtime_env_json", "job_id", "follow"))
-    runtime_env = None
-    if args.runtime_env_json:
-        try:
-            runtime_env = json.loads(args.runtime_env_json)
-        except json.JSONDecodeError as e:
-            raise ConfigError("--runtime-env-json", f"is not JSON: {e.msg} at column {e.colno}") from None
-    handle = jobs.submit(cfg, address=args.address, runtime_env=runtime_env, job_id=args.job_id)
+    cfg = _config(args)
+    runtime_env = _json_flag("--runtime-env-json", args.runtime_env_json) if args.runtime_env_json else None
+    handle = jobs.submit(cfg, address=args.dashboard, runtime_env=runtime_env, job_id=args.job_id)
     print(f"submitted {handle.job_id} to {handle.address}")
     if not args.follow:
         print(f"  follow:  raytrain-ft logs {handle.job_id} --follow --address {handle.address}")
@@ -192,7 +192,7 @@ def _submit(args: argparse.Namespace) -> int:
 def _job_command(args: argparse.Namespace) -> int:
     from raytrain_ft import jobs
 
-    handle = jobs.attach(args.job_id, args.address)
+    handle = jobs.attach(args.job_id, args.dashboard)
     if args.command == "status":
         info = handle.info()
         print(f"{info['job_id']}: {info['status']}" + (f" ({info['message']})" if info["message"] else ""))
