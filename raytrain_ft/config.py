@@ -160,6 +160,8 @@ class ClusterConfig:
     """auto (a GPU per worker when the cluster has them; on a GPU torch cannot use, the CPU) | true (wait for GPUs, e.g. from an autoscaler) | false."""
     simulate_compute_ms: float = 0.0
     """Benchmarks (flag --simulate-compute MS): workers skip data, forward and backward; each step waits MS milliseconds and pushes a gradient of the model's true size (fixed small values), so scaling to many workers and servers can be studied on a few cores. 0 trains for real."""
+    ranks_per_process: int = 1
+    """With --simulate-compute only: host this many worker ranks in one process, each rank with its own training thread, exchange and object-store traffic (64 ranks would need 64 torch processes, ~0.4 GB each). Killing the process kills all its ranks; each is restarted and resumes."""
     metrics: bool = True
     """Record the run's metrics (steps, samples/s, exchange latency, staleness, recoveries, replica lag) on Ray's Prometheus endpoint."""
     address: str | None = None
@@ -174,6 +176,9 @@ class ClusterConfig:
         _positive("cluster.server_threads", self.server_threads)
         _positive("cluster.local_nodes", self.local_nodes)
         _non_negative("cluster.simulate_compute_ms", self.simulate_compute_ms)
+        _positive("cluster.ranks_per_process", self.ranks_per_process)
+        if self.ranks_per_process > 1 and not self.simulate_compute_ms:
+            raise ConfigError("cluster.ranks_per_process", "ranks sharing a process would share its torch threads; use it with --simulate-compute MS, or set it to 1")
         if self.local_nodes > 1 and self.address:
             raise ConfigError("cluster.local_nodes", "simulated nodes need the embedded local Ray; drop --address or --local-nodes")
         _choice("cluster.use_gpu", str(self.use_gpu).lower(), ("auto", "true", "false"))

@@ -246,19 +246,21 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
 def wait_ready(refs: list, what: str, handles: list) -> list:
     import ray
 
+    from raytrain_ft.actors.worker import actor_of
+
     timeout_s = float(os.environ.get(ACTOR_START_TIMEOUT_ENV_VAR, DEFAULT_ACTOR_START_TIMEOUT_S))
     try:
         return ray.get(refs, timeout=timeout_s)
     except ray.exceptions.GetTimeoutError as e:
         for h in handles:
-            ray.kill(h)
+            ray.kill(actor_of(h))
         raise ClusterError(
             f"{what} did not start within {timeout_s:.0f}s; the cluster may lack the resources they ask for "
             f"(see `ray status`), or raise {ACTOR_START_TIMEOUT_ENV_VAR}"
         ) from e
     except ray.exceptions.RayActorError as e:
         for h in handles:
-            ray.kill(h)
+            ray.kill(actor_of(h))
         raise ClusterError(f"{what} failed to start: {_own_error_line(str(e))}") from e
 
 
@@ -333,7 +335,7 @@ class Trainer:
             workers=[
                 {"rank": s.rank, "steps": s.step, "samples": s.samples, "compute_s": round(s.compute_s, 3), "wait_s": round(s.wait_s, 3), "device": s.device,
                  "reroutes": s.reroutes, "bytes_pushed": s.bytes_pushed, "bytes_pulled": s.bytes_pulled, "skipped_steps": s.skipped_steps,
-                 "node_id": s.node_id, "gpu_ids": list(s.gpu_ids)}
+                 "node_id": s.node_id, "gpu_ids": list(s.gpu_ids), "process": s.process}
                 for s in statuses
             ],
             devices=sorted({s.device for s in statuses}),

@@ -108,7 +108,9 @@ def kill_process(handle, process: str | None) -> str:
                 return "SIGKILL"
         except (FileNotFoundError, ProcessLookupError):
             pass
-    ray.kill(handle, no_restart=True)
+    from raytrain_ft.actors.worker import actor_of
+
+    ray.kill(actor_of(handle), no_restart=True)
     return "ray.kill"
 
 
@@ -130,6 +132,8 @@ class Supervisor:
         self.epochs = [0] * self.k
         self.workers: list = [None] * self.w
         self.worker_pids: list[str | None] = [None] * self.w
+        self._hosts: dict[int, tuple] = {}
+        """ranks_per_process > 1: per group of ranks, (its WorkerHost actor, the ranks it was given)."""
         self.worker_status: list = [None] * self.w
         self.worker_restarts = [0] * self.w
         self.pending_workers: dict[int, tuple] = {}
@@ -186,13 +190,24 @@ class Supervisor:
     def _new_worker(self, rank: int):
         import ray
 
-        from raytrain_ft.actors.worker import Worker
+        from raytrain_ft.actors.worker import RankHandle, Worker, WorkerHost
 
         gpu = 1 if self.device != "cpu" else 0
-        cls = ray.remote(Worker).options(**self._options(f"worker-{rank}", None, num_cpus=self.cfg.cluster.cpus_per_worker, num_gpus=gpu))
         with self.lock:
             routing = [(self.slots[i], self.epochs[i]) for i in range(self.k)]
-        return cls.remote(rank, self.cfg, self.ranges, routing, self._self_handle, self.device, self.run_id)
+        args = (self.cfg, self.ranges, routing, self._self_handle, self.device, self.run_id)
+        per_process = self.cfg.cluster.ranks_per_process
+        if per_process == 1:
+            cls = ray.remote(Worker).options(**self._options(f"worker-{rank}", None, num_cpus=self.cfg.cluster.cpus_per_worker, num_gpus=gpu))
+            return cls.remote(rank, *args)
+        group = rank // per_process
+        host, ranks = self._hosts.get(group, (None, set()))
+        if host is None or rank in ranks:  # the group's first rank, or a restart after its process died: a new process
+            host, ranks = ray.remote(WorkerHost).options(**self._options(f"workers-{group}", None, num_cpus=self.cfg.cluster.cpus_per_worker)).remote(), set()
+            self._hosts[group] = (host, ranks)
+        ranks.add(rank)
+        host.add.remote(rank, *args)  # runs before any later call to the rank (one caller, calls in order)
+        return RankHandle(host, rank)
 
     @property
     def _fault_key(self) -> str:

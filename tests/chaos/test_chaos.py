@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from raytrain_ft.config import ClusterConfig, DataConfig, ModelConfig, OptimConfig, RecoveryConfig, TrainConfig
 from raytrain_ft.recovery.faults import parse_kills
@@ -250,3 +251,23 @@ def test_resume_from_a_directory_without_checkpoints_names_it(tmp_path):
 
     with pytest.raises(DataError, match="no step has a checkpoint file for each of the 2 shards"):
         Trainer(_config(2, resume_from=str(tmp_path))).fit()
+
+
+def test_kill_a_process_hosting_two_simulated_ranks(ray_local):
+    """ranks_per_process=2: SIGKILL of rank 1's process takes rank 0 with it; both restart, resume at the
+    shards' step, and plain SGD still ends exactly where the failure-free run does."""
+    from tests.integration.test_sync_training import simulated_sgd_expected
+
+    cfg = TrainConfig(model=ModelConfig(name="cnn"), data=DataConfig(dataset="digits", image_size=8, batch_size=16),
+                      optim=OptimConfig(name="sgd", lr=0.5, momentum=0.0, weight_decay=0.0),
+                      cluster=ClusterConfig(num_workers=3, num_servers=2, simulate_compute_ms=20, ranks_per_process=2),
+                      recovery=RecoveryConfig(snapshot_interval=10, kill="worker:1@step=10"), steps=30, seed=3)
+    result = Trainer(cfg).fit()
+    assert [k["kill"] for k in result.kills] == ["worker:1@step=10"]
+    assert sorted((e["role"], e["index"]) for e in result.recoveries) == [("worker", 0), ("worker", 1)]
+    assert all(10 <= e["step"] < 30 for e in result.recoveries)
+    assert result.updates_acknowledged == result.updates_applied == 2 * 30
+    processes = [w["process"] for w in result.workers]
+    assert processes[0] == processes[1] != processes[2]
+    n = result.num_params
+    torch.testing.assert_close(torch.from_numpy(result.final_params[:n].copy()), simulated_sgd_expected(cfg, result), rtol=0, atol=1e-6)

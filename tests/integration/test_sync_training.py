@@ -91,20 +91,33 @@ def test_one_worker_with_batchnorm_matches_pytorch_including_running_stats(ray_l
     torch.testing.assert_close(final, reference, rtol=1e-4, atol=1e-4)
 
 
-def test_simulated_compute_pushes_fixed_gradients_through_the_real_path(ray_local):
-    """--simulate-compute: no forward/backward, yet every step's gradient crosses the object store, is averaged in rank
-    order and applied: plain SGD ends exactly at init - steps * lr * mean of the ranks' fixed gradients."""
+def simulated_sgd_expected(cfg, result):
+    """Plain SGD with --simulate-compute ends at init - steps * lr * mean of the ranks' fixed gradients."""
     from raytrain_ft.actors.worker import SIMULATED_GRAD_SCALE
 
+    init = flatten_state(initial_model(cfg, load_dataset(cfg.data, cfg.seed)))
+    grads = [torch.randn(init.numel(), generator=torch.Generator().manual_seed(cfg.seed * 1000 + rank)) * SIMULATED_GRAD_SCALE
+             for rank in range(cfg.cluster.num_workers)]
+    n = result.num_params
+    return init[:n] - cfg.steps * cfg.optim.lr * torch.stack(grads).mean(0)[:n]
+
+
+@pytest.mark.parametrize("ranks_per_process", [1, 2])
+def test_simulated_compute_pushes_fixed_gradients_through_the_real_path(ray_local, ranks_per_process):
+    """--simulate-compute: no forward/backward, yet every step's gradient crosses the object store, is averaged in rank
+    order and applied: plain SGD ends exactly at init - steps * lr * mean of the ranks' fixed gradients. With two ranks
+    per process, ranks 0 and 1 share a process and rank 2 has its own; the result is the same."""
     workers, steps, lr = 3, 10, 0.5
     cfg = _config(optim=OptimConfig(name="sgd", lr=lr, momentum=0.0, weight_decay=0.0),
-                  cluster=ClusterConfig(num_workers=workers, num_servers=2, simulate_compute_ms=20), steps=steps)
+                  cluster=ClusterConfig(num_workers=workers, num_servers=2, simulate_compute_ms=20, ranks_per_process=ranks_per_process),
+                  steps=steps)
     r = Trainer(cfg).fit()
-    init = flatten_state(initial_model(cfg, load_dataset(cfg.data, cfg.seed)))
-    grads = [torch.randn(init.numel(), generator=torch.Generator().manual_seed(cfg.seed * 1000 + rank)) * SIMULATED_GRAD_SCALE for rank in range(workers)]
+    processes = [w["process"] for w in r.workers]
+    assert len(set(processes)) == (3 if ranks_per_process == 1 else 2)
+    if ranks_per_process == 2:
+        assert processes[0] == processes[1] != processes[2]
     n = r.num_params
-    expected = init[:n] - steps * lr * torch.stack(grads).mean(0)[:n]
-    torch.testing.assert_close(torch.from_numpy(r.final_params[:n].copy()), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.from_numpy(r.final_params[:n].copy()), simulated_sgd_expected(cfg, r), rtol=0, atol=1e-6)
     assert r.updates_applied == r.updates_acknowledged == steps * 2
     assert [w["samples"] for w in r.workers] == [steps * cfg.data.batch_size] * workers
     assert r.train_time_s >= steps * 0.020  # every step slept its simulated compute
