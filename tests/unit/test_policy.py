@@ -142,3 +142,22 @@ def test_state_machine_fails_with_the_reason_and_stops():
 )
 def test_server_nodes(cpus, ordered, expected):
     assert server_nodes("h", cpus, ordered) == expected
+
+
+def test_snapshot_interval_for_minimises_expected_cost():
+    from raytrain_ft.recovery.policy import snapshot_interval_for
+
+    # 20 ms snapshots, 1 ms per replayed command, one failure per 100,000 updates
+    n = snapshot_interval_for(0.020, 0.001, 1e-5)
+    assert n == 2000
+
+    def cost(k):
+        return 0.020 / k + 1e-5 * 0.001 * k / 2
+
+    assert all(cost(n) <= cost(k) for k in (n // 2, n - 1, n + 1, 2 * n))
+    assert snapshot_interval_for(0.020, 0.0, 1e-5) == 10_000  # folded logs replay nothing: snapshots only cost
+    assert snapshot_interval_for(0.020, 0.001, 0.0) == 10_000
+    assert snapshot_interval_for(0.0, 0.001, 1e-5) == 1
+    assert snapshot_interval_for(10.0, 0.001, 1e-9, hi=500) == 500
+    with pytest.raises(ValueError):
+        snapshot_interval_for(-1, 0.001, 1e-5)
