@@ -23,7 +23,7 @@ import time
 from raytrain_ft.config import ClusterConfig, ConsistencyConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig
 from raytrain_ft.trainer import Trainer
 
-SETTINGS = {"cnn": ("digits", 16, 1, 200), "resnet18": ("synthetic", 32, 3, 16)}  # dataset, image size, channels, steps
+SETTINGS = {"cnn": ("digits", 16, 1, 200), "resnet18": ("synthetic", 32, 3, 10)}  # dataset, image size, channels, steps
 
 
 def make_config(model: str, mode: str, workers: int, servers: int, batch: int) -> TrainConfig:

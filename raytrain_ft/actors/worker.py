@@ -9,6 +9,7 @@ import traceback
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from raytrain_ft.actors import NAMESPACE, process_address, watch_supervisor
@@ -402,7 +403,10 @@ class ShardExchange:
         self.bytes_pushed += grad.nbytes
         # kept until the reply, for a retry to a rebuilt shard: a small push travels inside the call (its own copy,
         # no object-store round trip); a large one is put in the object store once, owned by this worker
-        self._push_objs[i] = grad.copy() if grad.nbytes <= INLINE_PUSH_BYTES else ray.put(grad)
+        if grad.nbytes > INLINE_PUSH_BYTES:
+            self._push_objs[i] = ray.put(grad)
+        else:  # an encoded push is a fresh object; a dense one is a view of the gradient buffer the next step reuses
+            self._push_objs[i] = grad.copy() if isinstance(grad, np.ndarray) else grad
         self._ref_steps[i] = self._step
         self._refs[i] = self._send(i)
         self._pushed[i] = True
