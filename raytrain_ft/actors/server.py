@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from raytrain_ft.actors import NAMESPACE, process_address, watch_supervisor
+from raytrain_ft.actors import NAMESPACE, PARTS_MAX_BYTES, inline_parts, process_address, watch_supervisor
 from raytrain_ft.compression import decode_push
 from raytrain_ft.config import OptimConfig
 from raytrain_ft.consistency import PushBuffer, Rule, Verdict, add_to_histogram, may_proceed, mean_in_rank_order, slowest_clock
@@ -277,6 +277,10 @@ class ParameterServer:
         # exactly the parameters of step + 1
         return self._params_now(), state.step, acked
 
+    async def push_pull_parts(self, rank: int, step: int, base_version: int | None, want_params: bool, *parts: np.ndarray) -> tuple:
+        """``push_pull`` of a dense gradient sent as consecutive parts, each small enough to travel inside the call."""
+        return await self.push_pull(rank, step, np.concatenate(parts), base_version, want_params)
+
     async def _commit(self, step: int, pending) -> int:
         """Apply one update; with replication, only return once the holder has logged its command. Returns seq + 1."""
         state, rule = self.state, self.rule
@@ -350,7 +354,13 @@ class ParameterServer:
         snapshots = [snap for _, snap, _ in batch if snap is not None]
         snapshot = snapshots[-1] if snapshots else None
         holder = self._holder
-        ref = holder.append.remote(self.state.shard.index, [c for c, _, _ in batch], snapshot)
+        commands = [c for c, _, _ in batch]
+        if snapshot is None and sum(c.nbytes for c in commands) <= PARTS_MAX_BYTES:  # inside the call, no object store
+            parts = [inline_parts(c.update) for c in commands]
+            ref = holder.append_parts.remote(self.state.shard.index, [dataclasses.replace(c, update=None) for c in commands],
+                                             [len(p) for p in parts], *[a for p in parts for a in p])
+        else:
+            ref = holder.append.remote(self.state.shard.index, commands, snapshot)
         self._sending = True
         if snapshot is not None:
             self._snapshots_sent += 1
@@ -409,6 +419,12 @@ class ParameterServer:
             self._folding.add(shard)
             asyncio.get_running_loop().create_task(self._fold(shard))
         return log.next_seq
+
+    async def append_parts(self, shard: int, commands: list[Command], counts: list[int], *parts: np.ndarray) -> int:
+        """``append`` of commands sent without their update vectors, which follow as ``counts[i]`` parts each."""
+        it = iter(parts)
+        whole = [dataclasses.replace(c, update=np.concatenate([next(it) for _ in range(n)])) for c, n in zip(commands, counts)]
+        return await self.append(shard, whole)
 
     async def _fold(self, shard: int) -> None:
         """Apply logged commands to the replica once the acknowledgement is on its way (off the critical path)."""

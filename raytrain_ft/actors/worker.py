@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from raytrain_ft.actors import NAMESPACE, process_address, watch_supervisor
+from raytrain_ft.actors import INLINE_BYTES, NAMESPACE, inline_parts, process_address, watch_supervisor
 from raytrain_ft.actors.metrics import WORKER_METRICS, Recorder
 from raytrain_ft.compression import Codec, ErrorFeedback, NoCodec, parse_codec
 from raytrain_ft.config import TrainConfig
@@ -25,9 +25,6 @@ logger = logging.getLogger(__name__)
 
 SIMULATED_GRAD_SCALE = 1e-4
 """--simulate-compute: size of the fixed gradient values (small, so the parameters stay finite over long runs)."""
-INLINE_PUSH_BYTES = 96 * 1024
-"""Pushes up to this size go by value inside the call (Ray inlines arguments under its 100 KiB
-``max_direct_call_object_size``); a ``ray.put`` of each small push cost a worker ~40% of its CPU (py-spy, 16 ranks x 8 shards)."""
 MAX_REROUTES = 20
 """Consecutive failed calls to one shard a worker tolerates (each waits for a rebuilt server)."""
 
@@ -401,12 +398,17 @@ class ShardExchange:
             ps, bs = s.param_slice, s.buffer_slice
             grad = self.encoders[i].encode(grad[ps], grad[bs])
         self.bytes_pushed += grad.nbytes
-        # kept until the reply, for a retry to a rebuilt shard: a small push travels inside the call (its own copy,
-        # no object-store round trip); a large one is put in the object store once, owned by this worker
-        if grad.nbytes > INLINE_PUSH_BYTES:
+        # kept until the reply, for a retry to a rebuilt shard: up to PARTS_MAX_BYTES a push travels inside the call
+        # (owned copies: a dense push views the gradient buffer the next step reuses; an encoded one is a fresh
+        # object); a larger one is put in the object store once, owned by this worker
+        dense = isinstance(grad, np.ndarray)
+        parts = inline_parts(grad) if dense and grad.nbytes > INLINE_BYTES else None
+        if grad.nbytes <= INLINE_BYTES:
+            self._push_objs[i] = grad.copy() if dense else grad
+        elif parts is not None:
+            self._push_objs[i] = parts
+        else:
             self._push_objs[i] = ray.put(grad)
-        else:  # an encoded push is a fresh object; a dense one is a view of the gradient buffer the next step reuses
-            self._push_objs[i] = grad.copy() if isinstance(grad, np.ndarray) else grad
         self._ref_steps[i] = self._step
         self._refs[i] = self._send(i)
         self._pushed[i] = True
@@ -416,7 +418,10 @@ class ShardExchange:
         step = self._ref_steps[i]
         if step is None:
             return self.servers[i].pull.remote(self._pull_step)
-        return self.servers[i].push_pull.remote(self.rank, step, self._push_objs[i], self.versions[i], self._want_params)
+        obj = self._push_objs[i]
+        if isinstance(obj, tuple):
+            return self.servers[i].push_pull_parts.remote(self.rank, step, self.versions[i], self._want_params, *obj)
+        return self.servers[i].push_pull.remote(self.rank, step, obj, self.versions[i], self._want_params)
 
     def _get(self, i: int) -> tuple:
         """The reply of shard ``i``; if its server died, wait for the rebuilt one and resend (idempotent)."""

@@ -52,6 +52,23 @@ def test_calls_park_until_all_ranks_pushed_then_all_get_the_same_update():
     assert st.step == 1 and st.updates_applied == 1
 
 
+def test_a_push_in_parts_is_the_same_push():
+    whole, _, _ = _pair(num_workers=2, size=10)
+    parts, _, _ = _pair(num_workers=2, size=10)
+    g0, g1 = np.arange(10, dtype=np.float32), np.linspace(-1, 1, 10, dtype=np.float32)
+
+    async def scenario(s, split):
+        first = asyncio.create_task(s.push_pull_parts(1, 0, None, True, *np.array_split(g1, 3)) if split else s.push_pull(1, 0, g1))
+        await asyncio.sleep(0)
+        second = await (s.push_pull_parts(0, 0, None, True, *np.array_split(g0, 4)) if split else s.push_pull(0, 0, g0))
+        return await first, second
+
+    (a, seq_a, acked_a), (b, _, _) = asyncio.run(scenario(whole, False))
+    (c, seq_c, acked_c), (d, _, _) = asyncio.run(scenario(parts, True))
+    assert np.array_equal(a, c) and np.array_equal(b, d) and (seq_a, acked_a) == (seq_c, acked_c) == (1, 1)
+    assert np.array_equal(c, -(g0 + g1) / 2)
+
+
 def test_the_holder_has_logged_an_update_before_any_worker_sees_it():
     s, holder, _ = _pair(num_workers=1)
     asyncio.run(s.push_pull(0, 0, np.ones(4, np.float32)))
