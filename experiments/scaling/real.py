@@ -86,6 +86,29 @@ def main() -> None:
     with open(args.output, "w") as fh:
         json.dump({"args": vars(args), "cores": cores, "runs": rows, "table": table, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, fh, indent=2)
     print(f"wrote {args.output}")
+    plot(table, args.output[: -len(".json")] + ".png")
+
+
+def plot(table: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in table})
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for mode in sorted({r["mode"] for r in table}):
+            for s in sorted({r["servers"] for r in table}):
+                pts = sorted((r["workers"], r["speedup"]) for r in table if (r["model"], r["mode"], r["servers"]) == (model, mode, s))
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="-" if mode == "sync" else "--", label=f"{mode}, {s} server(s)")
+        ax.set_xlabel("workers (1 torch thread each; this machine has 2 cores)")
+        ax.set_ylabel("speedup vs 1 worker, 1 server")
+        ax.set_title(model)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
