@@ -105,7 +105,7 @@ def fit(config, storage_path: str, checkpoint_every: int = 0, max_failures: int 
                            "summary": summary},
         torch_config=TorchConfig(backend="gloo"),
         scaling_config=ScalingConfig(num_workers=config.cluster.num_workers, use_gpu=False, resources_per_worker={"CPU": config.cluster.cpus_per_worker}),
-        run_config=RunConfig(name=f"ddp-{time.time_ns()}", storage_path=storage_path, failure_config=FailureConfig(max_failures=max_failures),
+        run_config=RunConfig(name=f"ddp-{tag}", storage_path=storage_path, failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     t0 = time.time()
