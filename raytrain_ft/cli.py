@@ -5,6 +5,8 @@
     status|logs|stop JOB_ID [--address URL]                     manage a submitted job
     chaos   --kill ROLE[:INDEX]@step=N ...                       kill actors of a running run
     report  RUN.json [--output PNG]                              plot a run's summary with its recoveries
+    simulate [--schedules N] [--seed S] [--mode M] [--inject-bug B] [--replay SEED]
+                                                                 explore the recovery protocol without Ray
 
 Exit codes: 0 success, 2 bad input (config, flags, data files, cluster
 address, auth), 1 a failure during training or of a job.
@@ -105,6 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="render a run's JSON summary as a PNG (loss/accuracy over time, recoveries marked)")
     report.add_argument("summary", help="the file written by `train --output-json`")
     report.add_argument("--output", "-o", help="PNG path (default: the summary's path with .png)")
+    sim = sub.add_parser("simulate", help="explore the recovery protocol in a deterministic simulation (no Ray): seeded schedules with "
+                                          "crashes, node loss, false suspicion, supervisor restarts; exit 0 iff no violation")
+    sim.add_argument("--schedules", type=int, default=1000, help="schedules to run (default: 1000; --long: 20000)")
+    sim.add_argument("--seed", type=int, default=0, help="seed of the first schedule's seed sequence")
+    sim.add_argument("--mode", default="all", help="sync | async | ssp | mixed | all (default: all, in turn)")
+    sim.add_argument("--inject-bug", action="append", default=[], metavar="NAME",
+                     help="switch on a known protocol bug the checker must catch: ack-before-log, no-fencing, double-apply, "
+                          "volatile-epochs, lost-pending-start")
+    sim.add_argument("--replay", type=int, metavar="SEED", help="run one schedule (a seed a violation printed) again, with its trace")
+    sim.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="processes to spread schedules over (default: all cores)")
+    sim.add_argument("--long", action="store_true", help="explore longer: 20000 schedules unless --schedules is given")
+    sim.add_argument("--all-violations", action="store_true", help="go on after the first violation (count them all)")
     chaos = sub.add_parser("chaos", help="kill actors of a running run on a schedule (fault injection)")
     chaos.add_argument("--address", default="auto", help="Ray cluster address (default: auto, the cluster this machine is part of)")
     chaos.add_argument("--run-id", help="the run to attack (default: the only active run)")
@@ -221,6 +235,48 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace, argv: list[str] | None) -> int:
+    import dataclasses
+
+    from raytrain_ft.sim import MODES, explore, run_schedule
+    from raytrain_ft.sim.bugs import BUGS
+
+    modes = MODES if args.mode == "all" else (args.mode,)
+    if args.mode != "all" and args.mode not in MODES:
+        raise ConfigError("--mode", f"unknown mode {args.mode!r}; choose one of {', '.join(MODES)} or all")
+    for bug in args.inject_bug:
+        if bug not in BUGS:
+            raise ConfigError("--inject-bug", f"unknown bug {bug!r}; choose from {', '.join(BUGS)}")
+    if args.schedules <= 0 or args.processes <= 0:
+        raise ConfigError("--schedules" if args.schedules <= 0 else "--processes", "must be > 0")
+    if args.replay is not None:
+        if len(modes) != 1:
+            raise ConfigError("--replay", "name the schedule's mode with --mode (the violation line printed it)")
+        r = run_schedule(args.replay, modes[0], tuple(args.inject_bug), trace=True)
+        for line in r.trace:
+            print(line)
+        summary = {"replay": args.replay, "mode": r.mode, "config": dataclasses.asdict(r.config), "faults": r.faults,
+                   "violations": [dataclasses.asdict(v) for v in r.violations]}
+        print(json.dumps(summary))
+        return EXIT_FAILED if r.violations else 0
+    schedules = args.schedules if "--schedules" in (argv or sys.argv) or not args.long else 20000
+    ex = explore(schedules, args.seed, modes, tuple(args.inject_bug), stop_at_first=not args.all_violations, processes=args.processes)
+    summary = {"schedules": ex.schedules, "modes": list(modes), "seed": args.seed, "injected_bugs": args.inject_bug, "faults": ex.faults,
+               "crashes": ex.crashes, "events": ex.events, "violations": ex.violations, "seconds": round(ex.seconds, 2)}
+    if ex.first_violation is not None:
+        v = ex.first_violation
+        replay = run_schedule(v.seed, v.mode, tuple(args.inject_bug), trace=True)
+        summary.update(failing_seed=v.seed, failing_mode=v.mode, config=dataclasses.asdict(v.config), faults_injected=v.faults,
+                       violation=[dataclasses.asdict(x) for x in v.violations[:5]], trace=replay.trace[-200:],
+                       replay=f"raytrain-ft simulate --replay {v.seed} --mode {v.mode}"
+                              + "".join(f" --inject-bug {b}" for b in args.inject_bug))
+        print(f"violation in schedule {v.seed} ({v.mode}): {v.violations[0].kind}: {v.violations[0].detail}", file=sys.stderr)
+    print(f"{ex.schedules} schedules, {ex.faults} faults ({ex.crashes} crashes), {ex.violations} violations, {ex.seconds:.1f}s",
+          file=sys.stderr)
+    print(json.dumps(summary))
+    return EXIT_FAILED if ex.violations else 0
+
+
 def _chaos(args: argparse.Namespace) -> int:
     from raytrain_ft.recovery.faults import parse_kills, random_schedule
 
@@ -266,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
             return _job_command(args)
         if args.command == "report":
             return _report(args)
+        if args.command == "simulate":
+            return _simulate(args, argv)
     except (ConfigError, DataError, ClusterError) as e:
         print(f"raytrain-ft: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -200,6 +200,8 @@ class RecoveryConfig:
     """Warm spare server actors kept started, so a recovery does not wait for a process start."""
     health_check_interval_s: float = 0.2
     """Seconds between the supervisor's liveness probes (failed calls reported by workers are acted on at once)."""
+    suspect_after_s: float = 10.0
+    """Seconds a server may leave probes unanswered (alive but unreachable) before it is replaced as if dead; the replica it is rebuilt from is fenced first, so a suspected server that was alive after all changes nothing."""
     max_worker_restarts: int = 3
     """Restarts allowed per worker rank before the run fails."""
     max_server_replacements: int = 100
@@ -222,6 +224,7 @@ class RecoveryConfig:
         _positive("recovery.snapshot_interval", self.snapshot_interval)
         _non_negative("recovery.num_spares", self.num_spares)
         _positive("recovery.health_check_interval_s", self.health_check_interval_s)
+        _positive("recovery.suspect_after_s", self.suspect_after_s)
         _non_negative("recovery.max_worker_restarts", self.max_worker_restarts)
         _non_negative("recovery.max_server_replacements", self.max_server_replacements)
         _positive("recovery.checkpoint_interval", self.checkpoint_interval)

@@ -20,7 +20,7 @@ from raytrain_ft.params import ShardRange
 @dataclass(frozen=True, slots=True)
 class ShardStats:
     index: int
-    step: int
+    seq: int
     """Updates applied so far (in sync mode: the step the shard waits for next)."""
     updates_applied: int
     duplicate_pushes: int
@@ -50,21 +50,26 @@ class ShardState:
         self.total_steps = total_steps
         self.params = torch.zeros(shard.size, dtype=torch.float32)
         self.optimizer = make_optimizer(optim_cfg, shard.param_slice.stop)
-        self.step = 0
+        self.seq = 0
         """Updates applied (the command log's next seq; in sync mode also the step the shard waits for)."""
         self.updates_applied = 0
         self.clocks: dict[int, int] = {}
         """Per rank: the next step this shard expects from it (every update's pushes advance it)."""
+        self.applied: dict[int, bytearray] = {}
+        """Per rank: how many times each of its steps' pushes went into an update (the record an independent
+        ledger of acknowledged pushes is checked against: every acknowledged push counts exactly 1)."""
 
-    def load(self, params: np.ndarray | torch.Tensor, step: int = 0, optimizer_state: dict | None = None, clocks: dict | None = None) -> None:
+    def load(self, params: np.ndarray | torch.Tensor, seq: int = 0, optimizer_state: dict | None = None, clocks: dict | None = None,
+             applied: dict | None = None) -> None:
         values = torch.from_numpy(np.array(params, dtype=np.float32, copy=True))
         if values.numel() != self.shard.size:
             raise ValueError(f"shard {self.shard.index}: got {values.numel()} values, expected {self.shard.size}")
         self.params.copy_(values)
-        self.step = step
+        self.seq = seq
         if optimizer_state is not None:
             self.optimizer.load_state(optimizer_state)
         self.clocks = dict(clocks or {})
+        self.applied = {int(r): bytearray(c) for r, c in (applied or {}).items()}
 
     def hyper_params(self, step: int) -> HyperParams:
         return hyper_params(step, self.optim_cfg, self.total_steps)
@@ -80,11 +85,22 @@ class ShardState:
             self.optimizer.step(self.params[ps], update[ps], hp)
         if bs.stop > bs.start:
             self.params[bs].copy_(update[bs])
-        self.step += 1
+        self.seq += 1
         self.updates_applied += 1
         for rank, step in pushes:
             if step + 1 > self.clocks.get(rank, 0):
                 self.clocks[rank] = step + 1
+            counts = self.applied.setdefault(rank, bytearray())
+            if step >= len(counts):
+                counts.extend(bytes(step + 1 - len(counts)))
+            counts[step] = min(255, counts[step] + 1)
 
     def params_copy(self) -> np.ndarray:
         return self.params.numpy().copy()
+
+    def was_applied(self, rank: int, step: int) -> bool:
+        counts = self.applied.get(rank)
+        return counts is not None and step < len(counts) and counts[step] > 0
+
+    def applied_copy(self) -> dict[int, bytes]:
+        return {r: bytes(c) for r, c in self.applied.items()}

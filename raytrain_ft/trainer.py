@@ -31,8 +31,6 @@ from raytrain_ft.recovery.faults import KillSpec, check_targets, parse_kills
 logger = logging.getLogger(__name__)
 
 RAY_ADDRESS_ENV_VAR = "RAY_ADDRESS"
-ACTOR_START_TIMEOUT_ENV_VAR = "RAYTRAIN_FT_ACTOR_START_TIMEOUT_S"
-DEFAULT_ACTOR_START_TIMEOUT_S = 180.0
 SUPERVISOR_MAX_RESTARTS = 100
 """Ray restarts a killed supervisor this many times per run (each restart rebuilds its tables)."""
 
@@ -103,6 +101,9 @@ class TrainResult:
     ``log_every_s`` (``raytrain-ft report`` plots it with the recoveries)."""
     step_times: list[list[tuple[int, float]]] = field(default_factory=list, repr=False)
     """Per rank: (step, time it finished) from the rank's final worker (not in the JSON summary)."""
+    applied_counts: list[dict[str, str]] = field(default_factory=list, repr=False)
+    """Per shard, per rank: how many times each step's push went into an update, one digit per step ("1111..."):
+    the shards' own record, which chaos tests check against the workers' ledgers of acknowledged pushes."""
     final_params: np.ndarray | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,9 +121,15 @@ def total_steps_for(config: TrainConfig, num_train: int) -> int:
     return config.steps if config.steps is not None else config.epochs * spe
 
 
-def initial_model(config: TrainConfig, data: Dataset) -> torch.nn.Module:
+def build_initial_model(config: TrainConfig, in_shape: tuple, num_classes: int) -> torch.nn.Module:
+    """The model every copy starts from: built right after seeding, so the driver, the supervisor and every
+    worker get the same values."""
     torch.manual_seed(config.seed)
-    return build_model(config.model, data.in_shape, data.num_classes)
+    return build_model(config.model, in_shape, num_classes)
+
+
+def initial_model(config: TrainConfig, data: Dataset) -> torch.nn.Module:
+    return build_initial_model(config, data.in_shape, data.num_classes)
 
 
 def steady_throughput(step_end_times: list[list[tuple[int, float]]], batch_size: int, warmup_steps: int) -> float:
@@ -243,36 +250,6 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         raise ClusterError(f"cluster.address {address!r} is unreachable ({e}); start the cluster (`ray up cluster.yaml`) or fix --address") from None
 
 
-def wait_ready(refs: list, what: str, handles: list) -> list:
-    import ray
-
-    from raytrain_ft.actors.worker import actor_of
-
-    timeout_s = float(os.environ.get(ACTOR_START_TIMEOUT_ENV_VAR, DEFAULT_ACTOR_START_TIMEOUT_S))
-    try:
-        return ray.get(refs, timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError as e:
-        for h in handles:
-            ray.kill(actor_of(h))
-        raise ClusterError(
-            f"{what} did not start within {timeout_s:.0f}s; the cluster may lack the resources they ask for "
-            f"(see `ray status`), or raise {ACTOR_START_TIMEOUT_ENV_VAR}"
-        ) from e
-    except ray.exceptions.RayActorError as e:
-        for h in handles:
-            ray.kill(actor_of(h))
-        raise ClusterError(f"{what} failed to start: {_own_error_line(str(e))}") from e
-
-
-def _own_error_line(text: str) -> str:
-    """The project's own message inside a Ray error's text (an actor's __init__ raised it), else the whole text."""
-    for name in ("ClusterError", "ConfigError", "DataError"):
-        marker = f"{name}: "
-        if marker in text:
-            return text.rsplit(marker, 1)[1].strip().splitlines()[0]
-    return text
-
-
 class Trainer:
     def __init__(self, config: TrainConfig, on_progress: Callable[[Progress], None] | None = None):
         self.config = config
@@ -288,12 +265,11 @@ class Trainer:
         num_params = sum(p.numel() for p in model.parameters())
         ranges = shard_ranges(init_flat.numel(), cfg.cluster.num_servers, num_params)
         total_steps = total_steps_for(cfg, len(data.train_y))
-        if cfg.recovery.resume_from:
-            check_resumable(cfg.recovery.resume_from, ranges)
         kills = parse_kills(cfg.recovery.kill, "recovery.kill")
-        check_targets(kills, cfg.cluster.num_servers, cfg.cluster.num_workers, cfg.cluster.local_nodes)
+        check_targets(kills, cfg.cluster.num_servers, cfg.cluster.num_workers, cfg.cluster.local_nodes, cfg.recovery.num_spares)
+        start_step = check_resumable(cfg.recovery.resume_from, ranges) if cfg.recovery.resume_from else 0
         with ray_session(cfg) as session:
-            run = _Run(cfg, ranges, total_steps, init_flat.numpy(), kills, session)
+            run = _Run(cfg, ranges, total_steps, (data.in_shape, data.num_classes), kills, session, start_step)
             try:
                 run.start()
                 statuses, train_time_s = run.wait(self.on_progress)
@@ -348,6 +324,7 @@ class Trainer:
             started_at=run.started_at,
             history=run.history,
             step_times=step_times,
+            applied_counts=[{str(rank): "".join(str(min(c, 9)) for c in counts) for rank, counts in sorted(a.items())} for a in end["applied"]],
             final_params=final,
         )
 
@@ -355,17 +332,20 @@ class Trainer:
 class _Run:
     """The actors of one training run, seen from the driver: the supervisor and, through it, everything else."""
 
-    def __init__(self, cfg: TrainConfig, ranges, total_steps: int, init_flat: np.ndarray, kills: list[KillSpec], session: Session):
+    def __init__(self, cfg: TrainConfig, ranges, total_steps: int, model_shape: tuple, kills: list[KillSpec], session: Session, start_step: int = 0):
         import uuid
 
-        self.cfg, self.ranges, self.total_steps, self.init_flat = cfg, ranges, total_steps, init_flat
-        self.kills, self.session = kills, session
+        self.cfg, self.ranges, self.total_steps, self.model_shape = cfg, ranges, total_steps, model_shape
+        self.kills, self.session, self.start_step = kills, session, start_step
         self.run_id = f"run-{uuid.uuid4().hex[:10]}"
         self.supervisor = None
         self.chaos = None
         self.status = None
         self.history: list[dict] = []
         self.started_at = 0.0
+        self._directory = None
+        self._latest: dict[int, object] = {}
+        """Per rank: the newest status seen (a rank's last one stays after it finished)."""
 
     def _use_gpu(self) -> bool:
         import ray
@@ -400,7 +380,8 @@ class _Run:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        from raytrain_ft.actors.supervisor import NAMESPACE, Supervisor
+        from raytrain_ft.actors import NAMESPACE
+        from raytrain_ft.actors.supervisor import Supervisor, SupervisorArgs
         from raytrain_ft.recovery.chaos import ChaosRunner
 
         cfg = self.cfg
@@ -409,37 +390,44 @@ class _Run:
             checkpoint_dir = cfg.recovery.checkpoint_dir or tempfile.mkdtemp(prefix="raytrain_ft_ckpt_")
         nodes = self._node_ids()
         device = "cuda" if self._use_gpu() else "cpu"
-        options = dict(name=f"{self.run_id}/supervisor", namespace=NAMESPACE, num_cpus=0, max_restarts=SUPERVISOR_MAX_RESTARTS, max_task_retries=-1, max_concurrency=64)
+        options = dict(name=f"{self.run_id}/supervisor", namespace=NAMESPACE, num_cpus=0, max_restarts=SUPERVISOR_MAX_RESTARTS, max_task_retries=-1,
+                       max_concurrency=1000)
         if nodes:  # the supervisor stays beside the driver (the head of a `ray up` cluster)
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self.supervisor = ray.remote(Supervisor).options(**options).remote(
-            self.run_id, cfg, self.ranges, self.total_steps, self.init_flat, nodes, tuple(self.kills), device, checkpoint_dir
-        )
-        try:
-            ray.get(self.supervisor.start.remote())
-        except ray.exceptions.RayTaskError as e:
-            cause = e.cause if isinstance(getattr(e, "cause", None), Exception) else e
-            if isinstance(cause, ClusterError):
-                raise cause from None
-            raise ClusterError(f"the run's actors failed to start: {cause}") from e
-        self.chaos = ChaosRunner(self.kills, self.supervisor, self.session.cluster, self.session.worker_nodes, cfg.recovery.one_kill_at_a_time)
+        args = SupervisorArgs(self.run_id, cfg, tuple(self.ranges), self.total_steps, tuple(nodes), tuple(self.kills), device, checkpoint_dir,
+                              self.model_shape, self.start_step)
+        self.supervisor = ray.remote(Supervisor).options(**options).remote(args)
+        phase = ray.get(self.supervisor.start.remote())
+        if phase == "failed":
+            status = ray.get(self.supervisor.status.remote())
+            raise ClusterError(status.failure or "the run's actors failed to start")
+        self.chaos = ChaosRunner(self.kills, self.supervisor, self.session.cluster, self.session.worker_nodes, cfg.recovery.one_kill_at_a_time,
+                                 run_id=self.run_id)
 
     def _poll(self, pending):
         """The supervisor's status, or -- while it restarts -- the step the live workers report."""
         import ray
 
+        from raytrain_ft.actors.transport import Directory
+        from raytrain_ft.protocol.messages import PollStatus
+
         ready, _ = ray.wait([pending], timeout=0.5)
         if ready:
             self.status = ray.get(pending)
             self.chaos.targets = self.status.targets
-            return None, [s for s in self.status.workers if s is not None]
+            for rank, s in enumerate(self.status.workers):
+                if s is not None:
+                    self._latest[rank] = s
+            return None, list(self._latest.values())
         if self.chaos.targets is None:
             return pending, []
-        refs = [h.poll_status.remote() for h, _ in self.chaos.targets.workers if h is not None]
+        self._directory = self._directory or Directory(self.run_id)
+        handles = [self._directory.handle(name) for name, _ in self.chaos.targets.workers if name]
+        refs = [h.deliver.remote(PollStatus()) for h in handles if h is not None]
         done, _ = ray.wait(refs, num_returns=len(refs), timeout=0.5)
         statuses = []
         for ref in done:
-            with contextlib.suppress(ray.exceptions.RayActorError):
+            with contextlib.suppress(ray.exceptions.RayError):
                 statuses.append(ray.get(ref))
         return pending, statuses
 
@@ -496,15 +484,15 @@ class _Run:
         return ray.get(self.supervisor.final.remote())
 
     def kills_fired(self) -> list[dict]:
-        import ray
+        from raytrain_ft.recovery.chaos import kills_recorded
 
-        inside = ray.get(self.supervisor.kills_done.remote()) if self.supervisor is not None else []
+        inside = kills_recorded(self.run_id)
         return sorted(self.chaos.fired + inside, key=lambda k: k["at"]) if self.chaos else inside
 
     def shutdown(self) -> None:
         import ray
 
-        from raytrain_ft.actors.supervisor import kill_run_actors
+        from raytrain_ft.actors.group import kill_run_actors
 
         with contextlib.suppress(Exception):
             kill_run_actors(self.run_id)

@@ -20,7 +20,18 @@ def ray_tmpdir():
 
 
 @pytest.fixture(scope="session")
-def ray_local(ray_tmpdir):
+def ledger_dir(ray_tmpdir):
+    """Where workers write their ledgers of acknowledged pushes (I1 is checked against them)."""
+    from raytrain_ft.actors.worker import LEDGER_DIR_ENV_VAR
+
+    d = os.path.join(ray_tmpdir, "ledgers")
+    os.makedirs(d, exist_ok=True)
+    os.environ[LEDGER_DIR_ENV_VAR] = d  # Ray's workers inherit the driver's environment
+    return d
+
+
+@pytest.fixture(scope="session")
+def ray_local(ray_tmpdir, ledger_dir):
     """One small local Ray for the integration tests of the session."""
     import ray
 

@@ -66,6 +66,8 @@ class WorkerStatus:
     node_id: str = ""
     gpu_ids: tuple = ()
     """GPUs Ray assigned to the worker (it trains on them when torch sees CUDA)."""
+    started: bool = False
+    """It was told where to start (a restarted rank that was not started yet is not training)."""
 
 
 def choose_device(requested: str, use_gpu: str, cuda_available: bool, gpu_ids) -> tuple[str, str | None]:
@@ -113,10 +115,9 @@ class Worker:
     order, a pure function of (seed, epoch, rank, step).
     """
 
-    def __init__(self, rank: int, config: TrainConfig, shards: list[ShardRange], routing: list[tuple], supervisor_handle=None, device: str = "cpu",
-                 run_id: str = ""):
+    def __init__(self, name: str, rank: int, config: TrainConfig, shards: list[ShardRange], routes: tuple, device: str = "cpu", run_id: str = ""):
         torch.set_num_threads(config.cluster.cpus_per_worker)
-        self.rank = rank
+        self.name, self.rank = name, rank
         self.config = config
         self.node_id, self.gpu_ids = _placement()
         device, warning = choose_device(device, config.cluster.use_gpu, torch.cuda.is_available(), self.gpu_ids)
@@ -152,16 +153,27 @@ class Worker:
             gen = torch.Generator().manual_seed(config.seed * 1000 + rank)
             self.flat.flat_grad.copy_(torch.randn(self.flat.numel, generator=gen) * SIMULATED_GRAD_SCALE)
         self.rule = config.rule()
-        self.exchange = ShardExchange(rank, self.model, self.flat, shards, routing, self._host_grad, config.cluster.overlap_comm, supervisor_handle,
+        self.exchange = ShardExchange(rank, name, self.model, self.flat, shards, routes, self._host_grad, config.cluster.overlap_comm, run_id,
                                       parse_codec(config.consistency.codec), self.metrics)
 
     def ready(self) -> str:
         return process_address()
 
-    def start(self, start_step: int, end_step: int) -> bool:
-        """Begin training steps ``[start_step, end_step)`` in a background thread."""
-        if self._thread is not None and self._thread.is_alive():
+    def deliver(self, msg):
+        """The supervisor's messages: ``Start`` (train from a step) and ``PollStatus``."""
+        from raytrain_ft.protocol.messages import PollStatus, Start
+
+        if isinstance(msg, Start):
+            return self.start(msg.step, msg.end_step, msg.routes)
+        if isinstance(msg, PollStatus):
+            return self.poll_status()
+        raise TypeError(f"a worker does not handle {type(msg).__name__}")
+
+    def start(self, start_step: int, end_step: int, routes: tuple = ()) -> bool:
+        """Begin training steps ``[start_step, end_step)`` in a background thread (a second start is ignored)."""
+        if self._thread is not None:
             return False
+        self.exchange.set_routes(routes)
         self._step, self._end_step = start_step, end_step
         self._thread = threading.Thread(target=self._run_guarded, name=f"train-{self.rank}", daemon=True)
         self._thread.start()
@@ -173,7 +185,7 @@ class Worker:
             self.rank, self._step, self._end_step, self._last_loss, self._samples, self._compute_s, self._wait_s,
             self._started_at, self._finished_at, done, self._error, str(self.device), tuple(self.exchange.acked),
             process_address(), self.exchange.reroutes, self.exchange.bytes_pushed, self.exchange.bytes_pulled, self._skipped,
-            self._last_accuracy, self.node_id, self.gpu_ids,
+            self._last_accuracy, self.node_id, self.gpu_ids, self._thread is not None,
         )
 
     def step_end_times(self) -> list[tuple[int, float]]:
@@ -289,8 +301,24 @@ class Worker:
         return float(loss.detach())
 
 
+LEDGER_DIR_ENV_VAR = "RAYTRAIN_FT_LEDGER_DIR"
+"""If set, every worker appends each push the shards acknowledged to ``DIR/RUN_ID.NAME.ledger`` (``shard rank
+step seq late``, one per line): the independent record the chaos tests check exactly-once delivery against."""
+WATCHDOG_S = 5.0
+"""A call to a shard unanswered this long makes the worker ask the supervisor whether the shard moved."""
+
+
+def supervisor_name(run_id: str) -> str:
+    return f"{run_id}/supervisor"
+
+
 class ShardExchange:
-    """A worker's traffic with the shards: one ``push_pull`` per shard per step.
+    """A worker's traffic with the shards: the Ray side of ``protocol.exchange.ExchangeProtocol``.
+
+    One ``push`` per shard per step (parameters come back in its answer). A
+    failed call -- the server died, was deposed, is unreachable, its answer
+    was lost with its node -- is rerouted and resent by the protocol; this
+    class only sends, waits and installs.
 
     With ``overlap`` on, shard ``i`` is pushed from a post-accumulate-grad hook
     as soon as the last gradient in its key range is final (backward runs from
@@ -302,10 +330,17 @@ class ShardExchange:
     ``overlap_comm: false``.
     """
 
-    def __init__(self, rank: int, model: torch.nn.Module, flat: FlatModel, shards: list[ShardRange], routing: list[tuple], host_grad: torch.Tensor,
-                 overlap: bool, supervisor_handle=None, codec: Codec | None = None, metrics: Recorder | None = None):
+    def __init__(self, rank: int, name: str, model: torch.nn.Module, flat: FlatModel, shards: list[ShardRange], routes, host_grad: torch.Tensor,
+                 overlap: bool, run_id: str, codec: Codec | None = None, metrics: Recorder | None = None):
+        import os
+
+        from raytrain_ft.actors.transport import Directory
+        from raytrain_ft.protocol.exchange import ExchangeProtocol
+
         self.rank, self.flat, self.shards = rank, flat, shards
         self.metrics = metrics
+        self.proto = ExchangeProtocol(rank, list(routes), supervisor_name(run_id), watchdog_s=WATCHDOG_S)
+        self.directory = Directory(run_id)
         codec = codec or NoCodec()
         # error feedback per shard, on the parameter part only (buffers are assigned, never compressed)
         self.encoders = [ErrorFeedback(codec, s.param_slice.stop) for s in shards] if not codec.lossless else None
@@ -315,21 +350,22 @@ class ShardExchange:
         self.bytes_pulled = 0
         self.pushed_last = True
         self._want_params = True
-        self.servers = [h for h, _ in routing]
-        self.epochs = [e for _, e in routing]
-        self.supervisor = supervisor_handle
-        self.reroutes = 0
-        self._push_objs: list = [None] * len(shards)
-        self._pull_step: int | None = None
         self.host_grad = host_grad
         self.overlap = overlap
         self.acked = [0] * len(shards)
         self.wait_s = 0.0
-        self._refs: list = [None] * len(shards)
+        self._refs: dict = {}
+        """ObjectRef of each call in flight -> its cid."""
+        self._asked = [False] * len(shards)
+        """Shards with a call whose answer is not installed yet."""
         self._sent_at = [0.0] * len(shards)
-        self._ref_steps = [0] * len(shards)
+        self._is_pull = [False] * len(shards)
         self._pushed = [True] * len(shards)
         self._step = 0
+        self._ticked = time.time()
+        ledger_dir = os.environ.get(LEDGER_DIR_ENV_VAR)
+        self._ledger = open(os.path.join(ledger_dir, f"{run_id}.{name.replace('/', '_')}.ledger"), "a", buffering=1) if ledger_dir else None
+        self._ledger_seen = 0
         params = [p for p in model.parameters()]
         self._param_shards = [overlapping_shards(a, b, shards) for a, b in flat.spans[: len(params)]]
         self._grads_per_shard = [0] * len(shards)
@@ -343,6 +379,13 @@ class ShardExchange:
                 if p.requires_grad:
                     p.register_post_accumulate_grad_hook(lambda _p, k=k: self._grad_ready(k))
             self._hook_modules(model)
+
+    @property
+    def reroutes(self) -> int:
+        return self.proto.reroutes
+
+    def set_routes(self, routes) -> None:
+        self.proto.set_routes(routes)
 
     def _hook_modules(self, model: torch.nn.Module) -> None:
         tensors = [p for p in model.parameters()] + [b for b in model.buffers() if b.is_floating_point()]
@@ -370,9 +413,9 @@ class ShardExchange:
 
     def pull_all(self, step: int | None) -> None:
         """Fetch every shard's parameters as of ``step`` (a restarted worker resumes there), or the newest (None)."""
-        self._pull_step = step
-        self._ref_steps = [None] * len(self.shards)
-        self._refs = [self._send(i) for i in range(len(self.shards))]
+        for i in range(len(self.shards)):
+            self._is_pull[i] = True
+            self._ask(i, self.proto.pull(i, step, time.time()))
         if not self.overlap:
             self.install_all()
 
@@ -391,76 +434,91 @@ class ShardExchange:
         s = self.shards[i]
         if self.host_grad is not self.flat.flat_grad:  # GPU: stage the slice in pinned host memory
             self.host_grad[s.start : s.end].copy_(self.flat.flat_grad[s.start : s.end])
-        import ray
-
         grad = self.host_grad.numpy()[s.start : s.end]
         if self.encoders is not None:
             ps, bs = s.param_slice, s.buffer_slice
             grad = self.encoders[i].encode(grad[ps], grad[bs])
+        elif isinstance(grad, np.ndarray):
+            grad = grad.copy()  # kept for a resend: the gradient buffer is reused by the next step
         self.bytes_pushed += grad.nbytes
-        # kept until the reply, for a retry to a rebuilt shard: up to PARTS_MAX_BYTES a push travels inside the call
-        # (owned copies: a dense push views the gradient buffer the next step reuses; an encoded one is a fresh
-        # object); a larger one is put in the object store once, owned by this worker
-        dense = isinstance(grad, np.ndarray)
-        parts = inline_parts(grad) if dense and grad.nbytes > INLINE_BYTES else None
-        if grad.nbytes <= INLINE_BYTES:
-            self._push_objs[i] = grad.copy() if dense else grad
-        elif parts is not None:
-            self._push_objs[i] = parts
-        else:
-            self._push_objs[i] = ray.put(grad)
-        self._ref_steps[i] = self._step
-        self._refs[i] = self._send(i)
+        self._is_pull[i] = False
+        self._ask(i, self.proto.push(i, self._step, grad, self.versions[i], self._want_params, time.time()))
         self._pushed[i] = True
 
-    def _send(self, i: int):
+    def _ask(self, i: int, effects: list) -> None:
+        self._asked[i] = True
         self._sent_at[i] = time.perf_counter()
-        step = self._ref_steps[i]
-        if step is None:
-            return self.servers[i].pull.remote(self._pull_step)
-        obj = self._push_objs[i]
-        if isinstance(obj, tuple):
-            return self.servers[i].push_pull_parts.remote(self.rank, step, self.versions[i], self._want_params, *obj)
-        return self.servers[i].push_pull.remote(self.rank, step, obj, self.versions[i], self._want_params)
+        self._perform(effects)
 
-    def _get(self, i: int) -> tuple:
-        """The reply of shard ``i``; if its server died, wait for the rebuilt one and resend (idempotent)."""
+    def _perform(self, effects: list) -> None:
+        """Send the protocol's calls (large arrays go through the object store once, owned by this worker)."""
+        from raytrain_ft.actors.transport import send
+        from raytrain_ft.protocol.messages import Failure
+
+        for e in effects:
+            handle = self.directory.handle(e.dst)
+            if handle is None:
+                self._perform(self.proto.on_failure(e.cid, Failure.DEAD, time.time()))
+                continue
+            self._refs[send(handle, e.msg)] = e.cid
+
+    def _pump(self) -> None:
+        """Wait for one answer (or the watchdog's period) and feed it to the protocol."""
         import ray
 
-        from raytrain_ft.errors import TrainingError
+        from raytrain_ft.actors.transport import failure_of
+        from raytrain_ft.protocol.messages import Failure
 
-        for attempt in range(MAX_REROUTES):
+        ready, _ = ray.wait(list(self._refs), num_returns=1, timeout=WATCHDOG_S)
+        now = time.time()
+        if not ready or now - self._ticked >= WATCHDOG_S:
+            self._ticked = now
+            self._perform(self.proto.on_tick(now))
+        for ref in ready:
+            cid = self._refs.pop(ref)
             try:
-                return ray.get(self._refs[i])
-            except ray.exceptions.RayActorError as e:
-                if self.supervisor is None:
-                    raise TrainingError(f"[worker/{self.rank} step={self._step}] server of shard {i} died and no supervisor can rebuild it") from e
-                logger.warning("[worker/%d step=%d] server of shard %d (epoch %d) died; waiting for the new route", self.rank, self._step, i, self.epochs[i])
-                handle, epoch = ray.get(self.supervisor.route_after.remote(i, self.epochs[i]))
-                self.servers[i], self.epochs[i] = handle, epoch
-                self.reroutes += 1
-                self._refs[i] = self._send(i)
-        raise TrainingError(f"[worker/{self.rank} step={self._step}] shard {i} failed {MAX_REROUTES} times in a row; giving up")
+                value = ray.get(ref)
+            except Exception as error:  # noqa: BLE001 -- Ray's errors become the protocol's failures
+                failure = failure_of(error)
+                if failure is None:
+                    raise
+                if not isinstance(failure, Failure):
+                    failure = Failure.DEAD
+                self._perform(self.proto.on_failure(cid, failure, time.time()))
+                continue
+            self._perform(self.proto.on_reply(cid, value, time.time()))
+        self._write_ledger()
+
+    def _write_ledger(self) -> None:
+        ledger = self.proto.ledger
+        for a in ledger[self._ledger_seen :]:
+            self.acked[a.shard] = max(self.acked[a.shard], a.seq)
+            if self._ledger is not None:
+                self._ledger.write(f"{a.shard} {a.rank} {a.step} {a.seq} {int(a.late)}\n")
+        self._ledger_seen = len(ledger)
 
     def _install(self, indices) -> None:
+        from raytrain_ft.errors import TrainingError
+
         for i in indices:
-            ref = self._refs[i]
-            if ref is None:
+            if not self._asked[i]:
                 continue
             t0 = time.perf_counter()
-            values, seq, acked = self._get(i)
+            while self.proto.pending(i) and self.proto.error is None:
+                self._pump()
+            if self.proto.error is not None:
+                raise TrainingError(f"[worker/{self.rank} step={self._step}] {self.proto.error}")
+            reply = self.proto.take(i)
+            self._asked[i] = False
             if self.metrics is not None and self.metrics.enabled:
-                op = "pull" if self._ref_steps[i] is None else "push_pull"
+                op = "pull" if self._is_pull[i] else "push_pull"
                 self.metrics.observe("exchange_latency_seconds", time.perf_counter() - self._sent_at[i], {"op": op})
-            if values is not None:
+            if reply.params is not None:
                 s = self.shards[i]
-                self.flat.flat[s.start : s.end].copy_(torch.from_numpy(values), non_blocking=True)
-                self.versions[i] = seq
-                self.bytes_pulled += values.nbytes
+                self.flat.flat[s.start : s.end].copy_(torch.from_numpy(reply.params), non_blocking=True)
+                self.versions[i] = reply.seq
+                self.bytes_pulled += reply.params.nbytes
             self.wait_s += time.perf_counter() - t0
-            self._refs[i] = None
-            # a push_pull reply acknowledges the shard's update that holds the push (its seq + 1)
-            self.acked[i] = max(self.acked[i], acked)
 
 
 class WorkerHost:
@@ -471,11 +529,16 @@ class WorkerHost:
     def __init__(self) -> None:
         self.ranks: dict[int, Worker] = {}
 
+    def ready(self) -> str:
+        return process_address()
+
     def add(self, rank: int, *args) -> str:
-        self.ranks[rank] = Worker(rank, *args)
+        self.ranks[rank] = Worker(*args)
         return process_address()
 
     def call(self, rank: int, method: str, *args):
+        if rank not in self.ranks:
+            raise RuntimeError(f"this process hosts no rank {rank}")
         return getattr(self.ranks[rank], method)(*args)
 
 

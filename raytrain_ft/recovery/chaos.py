@@ -1,15 +1,22 @@
-"""Fault injection against a running run: kill servers, replica holders, workers, the supervisor or a node.
+"""Fault injection against a running run: kill servers, replica holders, workers, spares, the supervisor or a node.
 
 Kills are real: SIGKILL of the actor's process (``ray.kill`` when it runs on
 another machine), Ray's restart-triggering kill for the supervisor, or
 ``Cluster.remove_node`` for a simulated node. ``@step``/``@time`` kills fire
-from here; ``@recovery`` kills fire inside the supervisor and ``@snapshot``
-kills inside the server (see ``recovery/faults.py``).
+from the driver (``ChaosRunner``) or ``raytrain-ft chaos`` (``run_schedule``);
+the others fire from inside the run through a ``FaultHook`` the actors are
+given, on the protocol's own events (``Note`` effects): ``@snapshot`` when a
+server sends or receives its N-th snapshot, ``@recovery`` while the
+supervisor's N-th server recovery is in progress, ``@rereplication`` while its
+N-th re-replication is. The actors hold no fault-injection code of their own.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import signal
 import time
 
 from raytrain_ft.recovery.faults import KillSpec
@@ -17,23 +24,91 @@ from raytrain_ft.recovery.faults import KillSpec
 logger = logging.getLogger(__name__)
 
 
+def fault_key(run_id: str) -> str:
+    """Internal-KV prefix under which kills fired inside the run are recorded (they survive the killed process)."""
+    return f"raytrain_ft/{run_id}/kill/"
+
+
+def record_kill(run_id: str, spec: str, how: str, target: str = "") -> None:
+    from ray.experimental import internal_kv
+
+    record = {"kill": spec, "at": time.time(), "how": how, "target": target}
+    internal_kv._internal_kv_put(f"{fault_key(run_id)}{spec}", json.dumps(record).encode(), overwrite=True)
+
+
+def kills_recorded(run_id: str) -> list[dict]:
+    from ray.experimental import internal_kv
+
+    return [json.loads(internal_kv._internal_kv_get(key)) for key in internal_kv._internal_kv_list(fault_key(run_id))]
+
+
+class FaultHook:
+    """Kills that fire on protocol events inside the run. A server's hook kills its own process (SIGKILL);
+    the supervisor's calls ``kill(role, index, replacement)`` for the target."""
+
+    def __init__(self, run_id: str, kills: tuple[KillSpec, ...], kill=None):
+        self.run_id = run_id
+        self.pending = list(kills)
+        self.kill = kill
+
+    def on_note(self, note) -> None:
+        f = note.fields
+        for k in list(self.pending):
+            if not self._matches(k, note.event, f):
+                continue
+            self.pending.remove(k)
+            if self.kill is None:  # a server on itself: record first, the process is gone after the signal
+                record_kill(self.run_id, str(k), f"SIGKILL (self, {note.event})")
+                logger.warning("fault injection: %s -- dying at %s %s", k, note.event, f)
+                os.kill(os.getpid(), signal.SIGKILL)
+            how, target = self.kill(k, f)
+            record_kill(self.run_id, str(k), how, target)
+            logger.warning("fault injection: killed %s (%s) at %s %s", k, target, note.event, f)
+
+    @staticmethod
+    def _matches(k: KillSpec, event: str, f: dict) -> bool:
+        n = int(k.value)
+        if k.trigger == "snapshot":
+            return (event == "snapshot_sent" and k.role == "server" and f.get("shard") == k.index and f.get("n") == n) or (
+                event == "snapshot_received" and k.role == "replica" and f.get("shard") == k.index and f.get("n") == n)
+        if k.trigger == "recovery":
+            return event == "recovery_started" and f.get("n") == n
+        if k.trigger == "rereplication":
+            return event == "rereplication_started" and f.get("n") == n
+        return False
+
+
+def server_hooks(run_id: str, kills, num_slots: int, num_shards: int) -> tuple:
+    """Per slot: the hook its first actor carries (@snapshot kills of the shard it serves or holds)."""
+    from raytrain_ft.protocol.supervisor import primary_shard, replica_slot
+
+    out = []
+    for slot in range(num_slots):
+        mine = tuple(k for k in kills if k.trigger == "snapshot" and (
+            (k.role == "server" and primary_shard(slot, num_shards) == k.index) or (k.role == "replica" and replica_slot(k.index, num_shards) == slot)))
+        out.append(FaultHook(run_id, mine) if mine else None)
+    return tuple(out)
+
+
 class ChaosRunner:
     """Fires due ``@step``/``@time`` kills; ``tick()`` is called from the driver's polling loop."""
 
     def __init__(self, kills: list[KillSpec], supervisor_handle, cluster=None, worker_nodes: list | None = None,
-                 one_at_a_time: bool = False, heal_timeout_s: float = 60.0):
+                 one_at_a_time: bool = False, heal_timeout_s: float = 60.0, run_id: str = ""):
         self.pending = [k for k in kills if k.trigger in ("step", "time")]
         self.one_at_a_time = one_at_a_time
         """Hold a due kill until the previous one shows up as a recovery event (or ``heal_timeout_s`` passed)."""
         self.heal_timeout_s = heal_timeout_s
         self._awaiting: tuple[int, float] | None = None  # (events count at the last kill, deadline)
         self.supervisor = supervisor_handle
+        self.run_id = run_id
         self.targets = None
         """Latest ``Targets`` from the supervisor (kills work while the supervisor itself restarts)."""
         self.cluster = cluster
         self.worker_nodes = worker_nodes or []
         self.fired: list[dict] = []
         self.started_at = time.time()
+        self._directory = None
 
     @property
     def done(self) -> bool:
@@ -59,9 +134,11 @@ class ChaosRunner:
     def fire(self, k: KillSpec, step: int | None = None) -> dict:
         import ray
 
-        from raytrain_ft.actors.supervisor import kill_process
+        from raytrain_ft.actors.group import kill_process
+        from raytrain_ft.actors.transport import Directory
 
         at = time.time()
+        target = ""
         if k.role == "supervisor":
             ray.kill(self.supervisor, no_restart=False)  # Ray restarts it (max_restarts)
             how = "ray.kill(no_restart=False)"
@@ -71,11 +148,17 @@ class ChaosRunner:
             how = "cluster.remove_node"
         else:
             targets = self.targets or ray.get(self.supervisor.targets.remote())
-            handle, process = targets.lookup(k.role, k.index)
-            how = kill_process(handle, process)
-        record = {"kill": str(k), "at": at, "step": step, "how": how}
+            name, process = targets.lookup(k.role, k.index)
+            self._directory = self._directory or Directory(targets.run_id)
+            handle = self._directory.handle(name) if name else None
+            if handle is None:
+                how = "already gone"
+            else:
+                how = kill_process(handle, process)
+            target = name or ""
+        record = {"kill": str(k), "at": at, "step": step, "how": how, "target": target}
         self.fired.append(record)
-        logger.warning("[chaos] killed %s at step %s (%s)", k, step, how)
+        logger.warning("[chaos] killed %s (%s) at step %s (%s)", k, target, step, how)
         return record
 
 
@@ -84,7 +167,7 @@ def find_supervisor(run_id: str | None, wait_s: float = 0.0, poll_s: float = 0.5
     ``wait_s`` for it to appear (a job submitted a moment ago is still starting its actors)."""
     import ray
 
-    from raytrain_ft.actors.supervisor import NAMESPACE
+    from raytrain_ft.actors import NAMESPACE
     from raytrain_ft.errors import ClusterError
 
     deadline = time.monotonic() + wait_s
@@ -113,8 +196,8 @@ def run_schedule(supervisor_handle, kills: list[KillSpec], poll_s: float = 0.05,
 
     unsupported = [str(k) for k in kills if k.trigger not in ("step", "time") or k.role == "node"]
     if unsupported:
-        raise ConfigError("kill", f"{', '.join(unsupported)}: against a running run only server/replica/worker/supervisor kills "
-                                  "@step or @time work; give node/@recovery/@snapshot kills to `raytrain-ft train --kill`")
+        raise ConfigError("kill", f"{', '.join(unsupported)}: against a running run only server/replica/worker/spare/supervisor kills "
+                                  "@step or @time work; give node/@recovery/@rereplication/@snapshot kills to `raytrain-ft train --kill`")
     runner = ChaosRunner(kills, supervisor_handle, one_at_a_time=one_at_a_time)
     while not runner.done:
         status = ray.get(supervisor_handle.status.remote())

@@ -55,6 +55,8 @@ class Snapshot:
     """Shard values before update ``seq - 1`` (a worker that restarts mid-step pulls these), if known."""
     clocks: dict | None = None
     """Per rank: the next step the shard expects from it (``ShardState.clocks``)."""
+    applied: dict | None = None
+    """Per rank: times each step's push went into an update (``ShardState.applied``)."""
 
     @property
     def nbytes(self) -> int:
@@ -64,7 +66,8 @@ class Snapshot:
     def owned(self) -> "Snapshot":
         prev = _owned(self.previous_params) if self.previous_params is not None else None
         state = {"step_count": self.optimizer_state.get("step_count", 0), "state": {k: v.clone() for k, v in self.optimizer_state.get("state", {}).items()}}
-        return Snapshot(self.seq, _owned(self.params), state, prev, dict(self.clocks or {}))
+        applied = {r: bytes(c) for r, c in (self.applied or {}).items()}
+        return Snapshot(self.seq, _owned(self.params), state, prev, dict(self.clocks or {}), applied)
 
 
 @dataclass(slots=True)
@@ -126,7 +129,7 @@ class CommandLog:
             return 0
         if self._state is None:
             state = ShardState(shard, optim_cfg, total_steps)
-            state.load(self.snapshot.params, self.snapshot.seq, self.snapshot.optimizer_state, self.snapshot.clocks)
+            state.load(self.snapshot.params, self.snapshot.seq, self.snapshot.optimizer_state, self.snapshot.clocks, self.snapshot.applied)
             self._state = state
             self._previous = torch.zeros_like(state.params)
             if self.snapshot.previous_params is not None:
@@ -140,8 +143,8 @@ class CommandLog:
         self.entries = []
         self.folded += applied
         # views of the live state: serialized (copied) whenever the snapshot is sent
-        self.snapshot = Snapshot(state.step, state.params.numpy(), {"step_count": state.optimizer.step_count, "state": state.optimizer.state},
-                                 previous.numpy(), state.clocks)
+        self.snapshot = Snapshot(state.seq, state.params.numpy(), {"step_count": state.optimizer.step_count, "state": state.optimizer.state},
+                                 previous.numpy(), state.clocks, state.applied)
         return applied
 
     @property

@@ -6,7 +6,9 @@ kills out against a running run.
 Triggers:
 - ``step=N``: once the slowest worker has reached step N;
 - ``time=S``: S seconds after training started;
-- ``recovery=N``: while the supervisor's N-th recovery is in progress (fired by the supervisor);
+- ``recovery=N``: while the supervisor's N-th server recovery is in progress (fired by the supervisor;
+  ``server:i`` names the replacement being rebuilt when i is the shard being recovered);
+- ``rereplication=N``: while the supervisor's N-th re-replication (a snapshot to a new holder) is in progress;
 - ``snapshot=N``: ``server:i`` dies right after sending its N-th snapshot, ``replica:i`` right after
   receiving it, before installing it (fired inside the actor).
 
@@ -20,8 +22,8 @@ from dataclasses import dataclass
 
 from raytrain_ft.errors import ConfigError
 
-ROLES = ("server", "replica", "worker", "supervisor", "node")
-TRIGGERS = ("step", "time", "recovery", "snapshot")
+ROLES = ("server", "replica", "worker", "spare", "supervisor", "node")
+TRIGGERS = ("step", "time", "recovery", "rereplication", "snapshot")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +40,7 @@ class KillSpec:
 
 def parse_kill(text: str, field: str = "kill") -> KillSpec:
     """Parse ``ROLE[:INDEX]@TRIGGER=VALUE`` (e.g. ``server:1@step=40``, ``node:2@time=5``)."""
-    usage = "expected ROLE[:INDEX]@step=N or @time=S (or @recovery=N, @snapshot=N), e.g. server:0@step=20"
+    usage = "expected ROLE[:INDEX]@step=N or @time=S (or @recovery=N, @rereplication=N, @snapshot=N), e.g. server:0@step=20"
     target, sep, when = text.strip().partition("@")
     if not sep:
         raise ConfigError(field, f"{text!r}: {usage}")
@@ -60,7 +62,7 @@ def parse_kill(text: str, field: str = "kill") -> KillSpec:
         raise ConfigError(field, f"{text!r}: index and value must be >= 0")
     if trigger == "snapshot" and role not in ("server", "replica"):
         raise ConfigError(field, f"{text!r}: @snapshot applies to server or replica only")
-    if trigger == "recovery" and role == "supervisor":
+    if trigger in ("recovery", "rereplication") and role == "supervisor":
         raise ConfigError(field, f"{text!r}: the supervisor runs the recovery; kill it with @step or @time")
     if role == "node" and index == 0:
         raise ConfigError(field, f"{text!r}: node 0 is the head node (it runs the supervisor and Ray's control plane); kill node 1 or higher")
@@ -76,9 +78,9 @@ def parse_kills(texts: str | list[str] | None, field: str = "kill") -> list[Kill
     return [parse_kill(t, field) for t in texts]
 
 
-def check_targets(kills: list[KillSpec], num_shards: int, num_workers: int, num_nodes: int) -> None:
+def check_targets(kills: list[KillSpec], num_shards: int, num_workers: int, num_nodes: int, num_spares: int = 1) -> None:
     """Each kill names something the run has."""
-    limits = {"server": num_shards, "replica": num_shards, "worker": num_workers, "supervisor": 1, "node": num_nodes}
+    limits = {"server": num_shards, "replica": num_shards, "worker": num_workers, "spare": num_spares, "supervisor": 1, "node": num_nodes}
     for k in kills:
         if k.index >= limits[k.role]:
             extra = " (run with --local-nodes N to simulate nodes)" if k.role == "node" and num_nodes <= 1 else ""

@@ -1,11 +1,12 @@
 """Real kills against real runs; every run must complete with I1-I4 holding.
 
-I1 nothing lost: updates acknowledged == updates applied == shards x steps.
+I1 nothing lost, nothing twice: every push a worker's ledger records as acknowledged is in its shard's applied
+   record exactly once, and every (rank, step) of the run was applied once (``tests/chaos/ledger.py``).
 I2 same run: the params hash equals the failure-free run with the same seed.
 I3 no files: no server reads a checkpoint file (the runs that also write disaster checkpoints
    to a directory show recovery still reads none of them).
-I4 no open window: every shard's replica, replayed, equals its primary at the end,
-   and every server recovery re-replicated what the dead actor held.
+I4 no open window: every shard's replica, replayed, equals its primary at the end (parameters, optimizer
+   state, per-rank clocks, applied record), and every server recovery re-replicated what the dead actor held.
 """
 
 import json
@@ -16,9 +17,11 @@ import sys
 import pytest
 import torch
 
+from raytrain_ft.actors.worker import LEDGER_DIR_ENV_VAR
 from raytrain_ft.config import ClusterConfig, DataConfig, ModelConfig, OptimConfig, RecoveryConfig, TrainConfig
 from raytrain_ft.recovery.faults import parse_kills
 from raytrain_ft.trainer import Trainer
+from tests.chaos.ledger import assert_exactly_once, read_ledgers
 
 pytestmark = pytest.mark.chaos
 
@@ -51,8 +54,10 @@ def baseline_hash(num_servers: int) -> str:
 def assert_invariants(result, num_servers: int, kills: str, tmp_path, baseline: str):
     fired = sorted(k["kill"] for k in result.kills)
     assert fired == sorted(str(k) for k in parse_kills(kills)), "each fault fires exactly once"
+    assert all(k["how"] != "already gone" for k in result.kills), "each kill hit a live target"
     assert result.steps_completed == STEPS
-    # I1
+    # I1, from the workers' ledgers against the shards' applied records
+    assert_exactly_once(result.applied_counts, read_ledgers(os.environ[LEDGER_DIR_ENV_VAR], result.run_id), 2, STEPS)
     assert result.updates_acknowledged == result.updates_applied == num_servers * STEPS
     # I2
     assert result.params_sha256 == baseline

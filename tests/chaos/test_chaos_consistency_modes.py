@@ -10,9 +10,11 @@ mode), none lost, none doubled.
 
 import pytest
 
+from raytrain_ft.actors.worker import LEDGER_DIR_ENV_VAR
 from raytrain_ft.config import ClusterConfig, ConsistencyConfig, DataConfig, ModelConfig, OptimConfig, RecoveryConfig, TrainConfig
 from raytrain_ft.recovery.faults import parse_kills
 from raytrain_ft.trainer import Trainer
+from tests.chaos.ledger import assert_exactly_once, read_ledgers
 
 pytestmark = pytest.mark.chaos
 
@@ -40,6 +42,7 @@ def test_kills_in_asynchronous_modes_lose_and_double_nothing(ray_local, mode, co
     assert sorted(k["kill"] for k in result.kills) == sorted(str(k) for k in parse_kills(kills)), "each fault fires exactly once"
     assert result.steps_completed == STEPS
     # I1: every push is in exactly one applied update; what was acknowledged is among them
+    assert_exactly_once(result.applied_counts, read_ledgers(os.environ[LEDGER_DIR_ENV_VAR], result.run_id), WORKERS, STEPS)
     assert result.updates_applied == SERVERS * updates_per_step * STEPS
     assert 0 < result.updates_acknowledged <= result.updates_applied
     # I3 and I4

@@ -20,7 +20,7 @@ def _commands(optim, shard, start=0, n=STEPS, seed=0):
 
 
 def _snapshot_of(state: ShardState) -> Snapshot:
-    return Snapshot(state.step, state.params_copy(), state.optimizer.state_dict())
+    return Snapshot(state.seq, state.params_copy(), state.optimizer.state_dict())
 
 
 @pytest.mark.parametrize("optim", [
@@ -42,7 +42,7 @@ def test_replay_from_any_snapshot_equals_the_primary_bitwise(optim):
         snapshots.append(_snapshot_of(primary))
     for cut in (0, 5, STEPS):
         result = replay(snapshots[cut], commands[cut:], shard, optim, 100)
-        assert result.replayed == STEPS - cut and result.state.step == STEPS
+        assert result.replayed == STEPS - cut and result.state.seq == STEPS
         assert torch.equal(result.state.params, primary.params)
         for key, value in primary.optimizer.state.items():
             assert torch.equal(result.state.optimizer.state[key], value)
@@ -136,7 +136,7 @@ def test_per_rank_clocks_survive_the_log_snapshot_fold_and_replay(fold):
     shard = shard_ranges(SIZE, 1)[0]
     primary = ShardState(shard, optim, 100)
     primary.load(np.zeros(SIZE, dtype=np.float32), clocks={0: 4})
-    log = CommandLog.from_snapshot(Snapshot(primary.step, primary.params_copy(), primary.optimizer.state_dict(), clocks=dict(primary.clocks)))
+    log = CommandLog.from_snapshot(Snapshot(primary.seq, primary.params_copy(), primary.optimizer.state_dict(), clocks=dict(primary.clocks)))
     arrivals = [(1, 0), (0, 4), (1, 1), (2, 0), (0, 5)]
     for seq, (rank, step) in enumerate(arrivals):
         c = Command(seq, np.full(SIZE, seq + 1.0, np.float32), hyper_params(step, optim, 100), ((rank, step),))
@@ -147,3 +147,6 @@ def test_per_rank_clocks_survive_the_log_snapshot_fold_and_replay(fold):
     rebuilt = replay(log.snapshot, log.entries, shard, optim, 100)
     assert rebuilt.state.clocks == primary.clocks == {0: 6, 1: 2, 2: 1}
     assert torch.equal(rebuilt.state.params, primary.params)
+    # the applied record (what the independent exactly-once check reads) is rebuilt the same way
+    assert rebuilt.state.applied_copy() == primary.applied_copy()
+    assert rebuilt.state.was_applied(0, 5) and rebuilt.state.was_applied(2, 0) and not rebuilt.state.was_applied(0, 3)

@@ -25,7 +25,7 @@ def test_apply_advances_the_clocks_of_the_pushes_it_aggregates():
     st.load(np.zeros(4, dtype=np.float32))
     st.apply(np.ones(4, dtype=np.float32), st.hyper_params(0), pushes=((2, 5),))
     st.apply(np.ones(4, dtype=np.float32), st.hyper_params(0), pushes=((0, 0), (1, 0)))
-    assert st.clocks == {2: 6, 0: 1, 1: 1} and st.step == 2
+    assert st.clocks == {2: 6, 0: 1, 1: 1} and st.seq == 2
 
 
 def test_apply_optimizes_params_and_assigns_buffers():
@@ -34,6 +34,6 @@ def test_apply_optimizes_params_and_assigns_buffers():
     st.load(np.arange(5, dtype=np.float32))
     st.apply(np.array([1, 1, 7, 8, 9], dtype=np.float32), st.hyper_params(0))
     assert torch.equal(st.params, torch.tensor([-0.5, 0.5, 7, 8, 9], dtype=torch.float32))
-    assert st.step == 1 and st.updates_applied == 1
+    assert st.seq == 1 and st.updates_applied == 1
     with pytest.raises(ValueError, match="expected 5"):
         st.load(np.zeros(4, dtype=np.float32))

@@ -1,0 +1,164 @@
+"""The run's actors as a group: create servers and workers by the names the supervisor's protocol chose, kill them.
+
+The Ray counterpart of the ``Create`` and ``Kill`` effects (as Ray Train's
+``WorkerGroup`` is for its controller): resources, placement, detached
+lifetime, no Ray-level restarts (the supervisor replaces a dead actor with a
+new one under a new name), and ranks that share a process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from dataclasses import dataclass
+
+from raytrain_ft.actors import NAMESPACE
+from raytrain_ft.actors.transport import Directory, host_key
+from raytrain_ft.protocol.messages import Create
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSpec:
+    run_id: str
+    config: object
+    """``TrainConfig``."""
+    ranges: tuple
+    server_spec: object
+    """``protocol.server.ServerSpec``."""
+    server_run: object
+    """``actors.server.ServerRun``."""
+    device: str = "cpu"
+    slot_faults: tuple = ()
+    """Per slot: the ``recovery.chaos.FaultHook`` its first actor carries (None: none)."""
+
+
+class ActorGroup:
+    def __init__(self, spec: GroupSpec, directory: Directory):
+        self.spec = spec
+        self.directory = directory
+        self._hosts: dict[int, tuple] = {}
+        """ranks_per_process > 1: per group of ranks, (its host actor, the ranks it was given)."""
+        self._faulted: set[int] = set()
+
+    def _options(self, name: str, node_id: str | None, **resources) -> dict:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        opts = dict(name=name, namespace=NAMESPACE, lifetime="detached", max_restarts=0, **resources)
+        if node_id:
+            # hard affinity: soft affinity does not place zero-CPU actors (measured); the node is alive when chosen
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=False)
+        return opts
+
+    def create(self, e: Create) -> None:
+        try:
+            if e.kind == "server":
+                self._create_server(e)
+            else:
+                self._create_worker(e)
+        except ValueError as error:  # the name is taken: created before a supervisor restart
+            logger.info("[supervisor] %s exists already (%s)", e.name, error)
+        except Exception as error:  # noqa: BLE001 -- e.g. the node it was placed on is gone: the probe finds it missing
+            logger.warning("[supervisor] could not create %s: %s", e.name, error)
+
+    def _create_server(self, e: Create) -> None:
+        import dataclasses
+
+        import ray
+
+        from raytrain_ft.actors.server import ParameterServer
+
+        run = self.spec.server_run
+        faults = self.spec.slot_faults[e.slot] if e.slot is not None and e.slot < len(self.spec.slot_faults) else None
+        if faults is not None and e.slot not in self._faulted:  # only a slot's first actor carries @snapshot kills
+            self._faulted.add(e.slot)
+            run = dataclasses.replace(run, faults=faults)
+        node = e.node if e.node in self._alive_nodes() else None
+        cls = ray.remote(ParameterServer).options(**self._options(e.name, node, num_cpus=0))
+        self.directory.remember(e.name, cls.remote(e.name, self.spec.server_spec, run))
+
+    def _alive_nodes(self) -> set:
+        import ray
+
+        return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+
+    def _create_worker(self, e: Create) -> None:
+        import uuid
+
+        import ray
+        from ray.experimental import internal_kv
+
+        from raytrain_ft.actors.worker import RankHandle, Worker, WorkerHost
+
+        cfg = self.spec.config
+        gpu = 1 if self.spec.device != "cpu" else 0
+        args = (e.name, e.rank, cfg, list(self.spec.ranges), e.routes, self.spec.device, self.spec.run_id)
+        per_process = cfg.cluster.ranks_per_process
+        if per_process == 1:
+            cls = ray.remote(Worker).options(**self._options(e.name, None, num_cpus=cfg.cluster.cpus_per_worker, num_gpus=gpu))
+            self.directory.remember(e.name, cls.remote(*args))
+            return
+        group = e.rank // per_process
+        host, ranks, host_name = self._hosts.get(group, (None, set(), None))
+        if host is None or e.rank in ranks:  # the group's first rank, or a restart after its process died: a new process
+            host_name = f"{self.spec.run_id}/host{group}-{uuid.uuid4().hex[:8]}"
+            host = ray.remote(WorkerHost).options(**self._options(host_name, None, num_cpus=cfg.cluster.cpus_per_worker)).remote()
+            ranks = set()
+            self._hosts[group] = (host, ranks, host_name)
+        ranks.add(e.rank)
+        internal_kv._internal_kv_put(host_key(self.spec.run_id, e.name), f"{host_name}#{e.rank}".encode(), overwrite=True)
+        host.add.remote(e.rank, *args)  # runs before any later call to the rank (one caller, calls in order)
+        self.directory.remember(e.name, RankHandle(host, e.rank))
+
+    def kill(self, name: str) -> None:
+        import ray
+
+        from raytrain_ft.actors.worker import RankHandle
+
+        handle = self.directory.handle(name)
+        if handle is None or isinstance(handle, RankHandle):
+            return  # gone already; a hosted rank dies with its process (killing it would kill its neighbours)
+        try:
+            ray.kill(handle, no_restart=True)
+        except Exception:  # noqa: BLE001 -- dead already
+            pass
+
+
+def kill_process(handle, process: str | None) -> str:
+    """Kill an actor for real: SIGKILL its process (``NODE_IP:PID``) when it runs on this host and is a Ray
+    actor process, else ``ray.kill`` (also a forced kill). Never signals a process of another host."""
+    import ray
+
+    from raytrain_ft.actors.worker import actor_of
+
+    ip, _, pid = (process or "").rpartition(":")
+    if pid.isdigit() and ip == ray.util.get_node_ip_address():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                is_actor = fh.read().startswith(b"ray::")
+            if is_actor:
+                os.kill(int(pid), signal.SIGKILL)
+                return "SIGKILL"
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    ray.kill(actor_of(handle), no_restart=True)
+    return "ray.kill"
+
+
+def kill_run_actors(run_id: str) -> int:
+    """Kill every actor of the run but the supervisor, and drop the run's entries in Ray's internal KV."""
+    import ray
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_del(f"raytrain_ft/{run_id}/", del_by_prefix=True)
+    n = 0
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        if a["namespace"] == NAMESPACE and a["name"].startswith(f"{run_id}/") and not a["name"].endswith("/supervisor"):
+            try:
+                ray.kill(ray.get_actor(a["name"], namespace=NAMESPACE), no_restart=True)
+                n += 1
+            except ValueError:
+                pass
+    return n

@@ -1,0 +1,125 @@
+"""How protocol messages travel between the run's Ray actors.
+
+- Every actor of a run is a detached named actor; a protocol ``Address`` is its
+  name. ``Directory`` resolves names to handles (cached); a name Ray no longer
+  knows is a dead actor. Ranks that share a process (``ranks_per_process``)
+  are found through Ray's internal KV (name -> the host actor).
+- Every actor takes protocol messages through one method, ``deliver(msg)``;
+  ``send`` puts a dense array of up to ``PARTS_MAX_BYTES`` (a push, a batch of
+  commands) inside the call in parts of at most ``INLINE_BYTES`` instead of
+  the object store (``deliver_parts``), and ``unpack`` reassembles it.
+- ``failure_of`` turns Ray's errors into the protocol's ``Failure``s: a dead
+  actor, an unreachable one, or an answer lost with its node (the object
+  store of a removed node is gone: every ``ray.get`` must expect it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+
+from raytrain_ft.actors import INLINE_BYTES, NAMESPACE, PARTS_MAX_BYTES, inline_parts
+from raytrain_ft.protocol.messages import Append, Failure, Push, StartFailed
+
+logger = logging.getLogger(__name__)
+
+
+def host_key(run_id: str, name: str) -> str:
+    """Internal-KV key of a rank that shares a process; its value is ``HOST_ACTOR_NAME#RANK``."""
+    return f"raytrain_ft/{run_id}/host/{name}"
+
+
+class Directory:
+    """Actor handles by name."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self._handles: dict[str, object] = {}
+
+    def remember(self, name: str, handle) -> None:
+        self._handles[name] = handle
+
+    def forget(self, name: str) -> None:
+        self._handles.pop(name, None)
+
+    def handle(self, name: str):
+        """The handle of ``name``, or None when Ray knows no such actor (it died, or was never created)."""
+        h = self._handles.get(name)
+        if h is not None:
+            return h
+        import ray
+        from ray.experimental import internal_kv
+
+        try:
+            h = ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            host = internal_kv._internal_kv_get(host_key(self.run_id, name))
+            if host is None:
+                return None
+            from raytrain_ft.actors.worker import RankHandle
+
+            host_name, _, rank = host.decode().rpartition("#")
+            try:
+                h = RankHandle(ray.get_actor(host_name, namespace=NAMESPACE), int(rank))
+            except ValueError:
+                return None
+        self._handles[name] = h
+        return h
+
+
+def send(handle, msg):
+    """Call ``handle.deliver(msg)``; dense arrays up to PARTS_MAX_BYTES go inside the call in parts."""
+    if isinstance(msg, Push) and isinstance(msg.payload, np.ndarray) and msg.payload.nbytes > INLINE_BYTES:
+        parts = inline_parts(msg.payload)
+        if parts is not None:
+            return handle.deliver_parts.remote(dataclasses.replace(msg, payload=None), (len(parts),), *parts)
+    if isinstance(msg, Append) and msg.snapshot is None and msg.commands:
+        total = sum(c.update.nbytes for c in msg.commands)
+        if INLINE_BYTES < total <= PARTS_MAX_BYTES:
+            split = [inline_parts(c.update) for c in msg.commands]
+            bare = dataclasses.replace(msg, commands=tuple(dataclasses.replace(c, update=None) for c in msg.commands))
+            return handle.deliver_parts.remote(bare, tuple(len(p) for p in split), *[a for p in split for a in p])
+    return handle.deliver.remote(msg)
+
+
+def unpack(msg, counts: tuple, parts: tuple):
+    """The message ``send`` split: its arrays joined again."""
+    if isinstance(msg, Push):
+        return dataclasses.replace(msg, payload=np.concatenate(parts))
+    it = iter(parts)
+    commands = tuple(dataclasses.replace(c, update=np.concatenate([next(it) for _ in range(n)])) for c, n in zip(msg.commands, counts))
+    return dataclasses.replace(msg, commands=commands)
+
+
+def failure_of(error: BaseException):
+    """The protocol's view of an error from ``ray.get`` of a call: a ``Failure``, a ``StartFailed`` (the
+    actor's constructor raised: a setting to fix, not a crash), or None (a bug: re-raise it)."""
+    import ray
+
+    e = ray.exceptions
+    lost = tuple(getattr(e, n) for n in ("ObjectLostError", "ObjectReconstructionFailedError", "OwnerDiedError",
+                                         "ObjectFetchTimedOutError", "ReferenceCountingAssertionError") if hasattr(e, n))
+    if isinstance(error, lost):
+        return Failure.LOST
+    if isinstance(error, getattr(e, "ActorUnavailableError", ())) or isinstance(error, e.GetTimeoutError):
+        return Failure.UNAVAILABLE
+    if isinstance(error, e.RayActorError):
+        text = str(error)
+        if "creation task" in text:
+            return StartFailed(own_error_line(text))
+        return Failure.DEAD
+    if isinstance(error, e.RayTaskError) and isinstance(getattr(error, "cause", None), e.RayActorError):
+        return failure_of(error.cause)
+    return None
+
+
+def own_error_line(text: str) -> str:
+    """The project's own message inside a Ray error's text (an actor's __init__ raised it), else its last line."""
+    for name in ("ClusterError", "ConfigError", "DataError"):
+        marker = f"{name}: "
+        if marker in text:
+            return text.rsplit(marker, 1)[1].strip().splitlines()[0]
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else text

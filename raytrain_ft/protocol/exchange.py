@@ -1,0 +1,188 @@
+"""A worker's exchange with the shards: one outstanding call per shard, rerouted and resent until answered.
+
+Pure: the worker's training loop asks for a ``push`` or ``pull`` per shard and
+carries out the ``Call`` effects; answers come back through ``on_reply`` /
+``on_failure``; ``on_tick`` runs the watchdog. A call that fails -- the server
+died, was deposed, is unreachable, or its reply was lost with its node --
+makes the client ask the supervisor for the shard's route (``RouteAfter``) and
+send the *same* message again: a push is idempotent by ``(rank, step)``, so a
+resend to a rebuilt primary that already logged it is answered, never applied
+twice. The watchdog asks the supervisor whether a call that is taking long
+went to a primary that has since been replaced (a suspected, still-running
+primary that will never answer), and resends it to the new one.
+
+``ledger`` is the worker's own record of what the shards acknowledged: the
+``(shard, rank, step)`` of every push answered, applied or dropped as late.
+Checkers judge exactly-once delivery from it, never from the servers' counters.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from raytrain_ft.protocol.messages import Address, Call, Failure, Pull, Push, PushReply, Refused, RefusalKind, Route, RouteAfter
+
+DEFAULT_MAX_REROUTES = 20
+"""Consecutive failed calls to one shard a worker tolerates (each waits for a route from the supervisor)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Acked:
+    shard: int
+    rank: int
+    step: int
+    seq: int
+    """seq + 1 of the update that holds the push (0: not reported -- an async repeat, or late)."""
+    late: bool
+
+
+@dataclass(slots=True)
+class _Outstanding:
+    msg: object
+    cid: int | None
+    """The call to the server (None while waiting for a route)."""
+    sent_at: float
+    attempts: int = 0
+    route_cid: int | None = None
+    checking: bool = False
+    """The route request is a watchdog check (the call to the server stays outstanding)."""
+
+
+@dataclass(slots=True)
+class ExchangeProtocol:
+    rank: int
+    routes: list[Route]
+    supervisor: Address
+    max_reroutes: int = DEFAULT_MAX_REROUTES
+    watchdog_s: float = 5.0
+    """Ask whether the route changed when a call has had no answer for this long."""
+    results: dict[int, PushReply] = field(default_factory=dict)
+    """Per shard: the answer to its last call (taken by ``take``)."""
+    ledger: list[Acked] = field(default_factory=list)
+    error: str | None = None
+    """Why the exchange cannot go on (the worker fails with it)."""
+    reroutes: int = 0
+    _out: dict[int, _Outstanding] = field(default_factory=dict)
+    _cids: dict[int, tuple[int, str]] = field(default_factory=dict)
+    _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+
+    # --- what the training loop asks for ----------------------------------------------------------------
+
+    def push(self, shard: int, step: int, payload, base_version: int | None, want_params: bool, now: float = 0.0) -> list:
+        return self._send_new(shard, Push(self.rank, step, payload, base_version, want_params), now)
+
+    def pull(self, shard: int, step: int | None, now: float = 0.0) -> list:
+        return self._send_new(shard, Pull(step), now)
+
+    def pending(self, shard: int) -> bool:
+        return shard in self._out
+
+    def take(self, shard: int) -> PushReply | None:
+        return self.results.pop(shard, None)
+
+    def set_routes(self, routes) -> None:
+        for r in routes:
+            if r.epoch >= self.routes[r.shard].epoch:
+                self.routes[r.shard] = r
+
+    # --- answers -----------------------------------------------------------------------------------------
+
+    def on_reply(self, cid: int, value, now: float = 0.0) -> list:
+        entry = self._cids.pop(cid, None)
+        if entry is None:
+            return []  # an abandoned call (resent elsewhere meanwhile)
+        shard, kind = entry
+        out = self._out.get(shard)
+        if out is None:
+            return []
+        if kind == "route":
+            return self._routed(shard, out, value, now)
+        if isinstance(value, PushReply):
+            del self._out[shard]
+            if out.route_cid is not None:
+                self._cids.pop(out.route_cid, None)
+            self.results[shard] = value
+            if isinstance(out.msg, Push):
+                self.ledger.append(Acked(shard, self.rank, out.msg.step, value.acked, value.late))
+            return []
+        if isinstance(value, Refused) and value.kind in (RefusalKind.NOT_PRIMARY, RefusalKind.FENCED):
+            return self._reroute(shard, out, now, f"{value.kind.value}: {value.reason}")
+        reason = value.reason if isinstance(value, Refused) else repr(value)
+        return self._fail(shard, f"shard {shard} refused {type(out.msg).__name__.lower()}: {reason}")
+
+    def on_failure(self, cid: int, failure: Failure, now: float = 0.0) -> list:
+        entry = self._cids.pop(cid, None)
+        if entry is None:
+            return []
+        shard, kind = entry
+        out = self._out.get(shard)
+        if out is None:
+            return []
+        if kind == "route":
+            return self._fail(shard, f"the supervisor did not answer for the route of shard {shard} ({failure.value})")
+        return self._reroute(shard, out, now, f"server {self.routes[shard].address} {failure.value}")
+
+    def on_tick(self, now: float) -> list:
+        """Watchdog: for calls outstanding longer than ``watchdog_s``, ask whether their primary was replaced."""
+        effects = []
+        for shard, out in self._out.items():
+            if out.cid is not None and out.route_cid is None and now - out.sent_at >= self.watchdog_s:
+                out.checking = True
+                out.sent_at = now
+                effects.append(self._ask_route(shard, out, failed=False))
+        return effects
+
+    # --- internals ---------------------------------------------------------------------------------------
+
+    def _send_new(self, shard: int, msg, now: float) -> list:
+        if shard in self._out:
+            raise RuntimeError(f"shard {shard} already has a call outstanding")
+        self.results.pop(shard, None)
+        out = self._out[shard] = _Outstanding(msg, None, now)
+        return [self._send(shard, out, now)]
+
+    def _send(self, shard: int, out: _Outstanding, now: float) -> Call:
+        cid = next(self._ids)
+        self._cids[cid] = (shard, "server")
+        out.cid, out.sent_at = cid, now
+        return Call(cid, self.routes[shard].address, out.msg)
+
+    def _ask_route(self, shard: int, out: _Outstanding, failed: bool) -> Call:
+        cid = next(self._ids)
+        self._cids[cid] = (shard, "route")
+        out.route_cid = cid
+        return Call(cid, self.supervisor, RouteAfter(shard, self.routes[shard].epoch, failed))
+
+    def _reroute(self, shard: int, out: _Outstanding, now: float, why: str) -> list:
+        out.attempts += 1
+        if out.attempts > self.max_reroutes:
+            return self._fail(shard, f"shard {shard} failed {self.max_reroutes} times in a row (last: {why}); giving up")
+        out.cid = None
+        if out.route_cid is not None:  # a watchdog check in flight becomes the reroute
+            out.checking = False
+            return []
+        return [self._ask_route(shard, out, failed=True)]
+
+    def _routed(self, shard: int, out: _Outstanding, value, now: float) -> list:
+        out.route_cid = None
+        if not isinstance(value, Route):
+            reason = value.reason if isinstance(value, Refused) else repr(value)
+            return self._fail(shard, f"no route to shard {shard}: {reason}")
+        moved = value.epoch != self.routes[shard].epoch or value.address != self.routes[shard].address
+        if value.epoch >= self.routes[shard].epoch:
+            self.routes[shard] = value
+        if out.checking:
+            out.checking = False
+            if not moved:
+                return []  # the primary is the same: keep waiting for its answer
+            if out.cid is not None:
+                self._cids.pop(out.cid, None)  # abandon the call to the replaced primary
+        elif moved:
+            self.reroutes += 1
+        return [self._send(shard, out, now)]
+
+    def _fail(self, shard: int, reason: str) -> list:
+        self.error = self.error or reason
+        self._out.pop(shard, None)
+        return []

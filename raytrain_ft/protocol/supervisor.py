@@ -1,0 +1,943 @@
+"""The supervisor's protocol: a durable registry, a pure ``decide()``, and the state machine around them.
+
+Every ``probe_interval_s`` the supervisor asks every process it knows for its
+state (``Describe`` to servers, ``PollStatus`` to workers). Once the round is
+complete (or timed out), ``decide(registry, view, busy, spec, now)`` -- a
+pure function of the durable registry, what the round saw and which
+operations are in flight -- returns the ``Decision``s to carry out, each with
+a reason. The registry is the desired and known state of the run:
+
+- which actor serves each server *slot* (slot i: shard i's primary, holding
+  the replica of shard i-1; with one shard, slot 1 is a dedicated holder),
+  in which phase, at which epoch; the highest epoch ever handed out per shard;
+- which shards' holders have confirmed their replica (I4);
+- the warm spares; per rank, the worker actor and its phase;
+- recovery events and counters.
+
+**Write-ahead.** Every decision changes the registry, and the registry is
+persisted (a ``Persist`` effect, Ray's internal KV) *before* the effects that
+act on it: an actor's name is recorded before it is created, an epoch is
+reserved before a holder is fenced with it, a worker is recorded as starting
+before ``Start`` is sent. A supervisor killed between any two effects comes
+back (``SupervisorProtocol.restore``) to a registry that names everything it
+may have started, and finishes what was in progress: a slot RECOVERING gets
+its recovery issued again with a newer epoch, a worker CREATING or STARTING is
+looked up and started, a spare it may have created is probed and used or
+dropped. Nothing it forgets can be acted on twice: epochs are never reused,
+and every request it repeats is idempotent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import itertools
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from raytrain_ft.protocol.messages import (
+    Address,
+    Call,
+    Create,
+    Depose,
+    Describe,
+    Failure,
+    Kill,
+    Load,
+    Note,
+    Persist,
+    PollStatus,
+    Recovered,
+    Refused,
+    RefusalKind,
+    RecoverPrimary,
+    Reply,
+    Route,
+    RouteAfter,
+    ServerDescription,
+    SetReplica,
+    Start,
+    StartFailed,
+    Timer,
+)
+
+
+def num_slots(num_shards: int) -> int:
+    return num_shards if num_shards > 1 else 2
+
+
+def replica_slot(shard: int, num_shards: int) -> int:
+    """Slot holding shard ``shard``'s replica: the next peer, or slot 1 (a dedicated replica actor) for one shard."""
+    return (shard + 1) % num_shards if num_shards > 1 else 1
+
+
+def primary_shard(slot: int, num_shards: int) -> int | None:
+    return slot if slot < num_shards else None
+
+
+def replica_shards(slot: int, num_shards: int) -> tuple[int, ...]:
+    return tuple(s for s in range(num_shards) if replica_slot(s, num_shards) == slot)
+
+
+class RunPhase(enum.Enum):
+    """STARTING: creating, loading and replicating servers, then creating and starting workers.
+    RUNNING: every worker was started; failures are being watched and repaired.
+    DONE: every worker finished. FAILED: a loss that cannot be recovered (a shard lost with its replica, a
+    restart budget spent, an error in user code); ``failure`` says which."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class SlotPhase(enum.Enum):
+    """EMPTY: no actor yet. CREATING: an actor is named and being started. LOADING: a primary is being given
+    its values (start, or a checkpoint restore). SERVING: the actor plays the slot. RECOVERING: a spare is
+    rebuilding the slot's shard from its replica at ``epoch``."""
+
+    EMPTY = "empty"
+    CREATING = "creating"
+    LOADING = "loading"
+    SERVING = "serving"
+    RECOVERING = "recovering"
+
+
+class WorkerPhase(enum.Enum):
+    """NONE: to be created. CREATING: named and starting. STARTING: ``Start`` sent. RUNNING: training.
+    DONE: finished its last step."""
+
+    NONE = "none"
+    CREATING = "creating"
+    STARTING = "starting"
+    RUNNING = "running"
+    DONE = "done"
+
+
+class Action(enum.Enum):
+    CREATE_SLOT = "create_slot"
+    LOAD = "load"
+    HOLDER_READY = "holder_ready"
+    REPLICATE = "replicate"
+    RECOVER = "recover"
+    """A spare rebuilds a dead primary's shard from its replica (also re-issued after a supervisor restart)."""
+    ABANDON_RECOVERY = "abandon_recovery"
+    """The holder died mid-recovery, but the primary being replaced was only suspected: it serves on."""
+    REPLACE_HOLDER = "replace_holder"
+    ROLLBACK = "rollback"
+    """The file baseline: every shard back to the newest common checkpoint, every worker restarted."""
+    CREATE_SPARE = "create_spare"
+    DROP_SPARE = "drop_spare"
+    CREATE_WORKER = "create_worker"
+    START_WORKER = "start_worker"
+    MARK_RUNNING = "mark_running"
+    MARK_DONE = "mark_done"
+    FINISH = "finish"
+    FAIL = "fail"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: Action
+    target: Any
+    reason: str
+
+
+@dataclass(slots=True)
+class SlotRecord:
+    actor: Address | None = None
+    phase: SlotPhase = SlotPhase.EMPTY
+    epoch: int = 0
+    load_step: int | None = None
+    """LOADING from a checkpoint file of this step (None: the run's initial values)."""
+    replacing: Address | None = None
+    """RECOVERING: the primary being replaced, killed only once its successor serves (if the recovery cannot
+    finish and it was only suspected, it serves on)."""
+    replacing_epoch: int = 0
+
+
+@dataclass(slots=True)
+class WorkerRecord:
+    actor: Address | None = None
+    phase: WorkerPhase = WorkerPhase.NONE
+    restarts: int = 0
+    start_step: int | None = None
+
+
+@dataclass(slots=True)
+class RecoveryEvent:
+    role: str
+    """server | replica | worker | supervisor."""
+    index: int
+    source: str
+    """replica | checkpoint | restart | rebuilt."""
+    detected_at: float
+    serving_at: float | None = None
+    replayed: int = 0
+    bytes_moved: int = 0
+    epoch: int | None = None
+    step: int | None = None
+    steps_lost: int = 0
+    replicated_at: float | None = None
+    """When the last shard whose replica the lost server held was replicated again (I4)."""
+    rereplicated: list = field(default_factory=list)
+    """Shards whose replica the lost server held, replicated again on its replacement."""
+    actor: str | None = None
+
+
+@dataclass(slots=True)
+class Registry:
+    """What the supervisor must not forget (persisted before it acts)."""
+
+    slots: list[SlotRecord]
+    reserved: list[int]
+    """Per shard: the highest epoch ever handed out (a new one is reserved before it is used)."""
+    replicated: list[bool]
+    """Per shard: its holder slot's actor confirmed holding its replica."""
+    workers: list[WorkerRecord]
+    spares: list[Address] = field(default_factory=list)
+    phase: RunPhase = RunPhase.STARTING
+    failure: str | None = None
+    next_name: int = 0
+    restarts: int = 0
+    server_replacements: int = 0
+    recoveries_started: int = 0
+    rereplications_started: int = 0
+    started_at: float = 0.0
+    """When the run's supervisor first started (recovery event times are reported relative to it)."""
+    training: bool = False
+    """Some worker was sent ``Start`` (before that no update exists, and a lost server is simply started again)."""
+    checkpoint_steps: list = field(default_factory=list)
+    """Per shard: the newest checkpoint file step its primaries reported (the file baseline)."""
+    events: list[RecoveryEvent] = field(default_factory=list)
+
+    @classmethod
+    def new(cls, num_shards: int, num_workers: int) -> "Registry":
+        return cls([SlotRecord() for _ in range(num_slots(num_shards))], [0] * num_shards, [False] * num_shards,
+                   [WorkerRecord() for _ in range(num_workers)], checkpoint_steps=[None] * num_shards)
+
+    def to_json(self) -> str:
+        return json.dumps({name: _plain(getattr(self, name)) for name in _FIELDS[Registry]}, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Registry":
+        d = json.loads(text)
+        d["slots"] = [SlotRecord(**{**s, "phase": SlotPhase(s["phase"])}) for s in d["slots"]]
+        d["workers"] = [WorkerRecord(**{**w, "phase": WorkerPhase(w["phase"])}) for w in d["workers"]]
+        d["phase"] = RunPhase(d["phase"])
+        d["events"] = [RecoveryEvent(**e) for e in d["events"]]
+        return cls(**d)
+
+    def routes(self, num_shards: int) -> tuple[Route, ...]:
+        return tuple(Route(i, self.slots[i].actor or "", self.slots[i].epoch) for i in range(num_shards))
+
+
+_FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in (Registry, SlotRecord, WorkerRecord, RecoveryEvent)}
+
+
+def _plain(value):
+    """``value`` as JSON-able builtins (records as dicts, enums as their values); faster than ``asdict``."""
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, enum.Enum):
+        return value.value
+    fields = _FIELDS.get(type(value))
+    if fields is not None:
+        return {name: _plain(getattr(value, name)) for name in fields}
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class SupervisorSpec:
+    num_shards: int
+    num_workers: int
+    total_steps: int
+    recovery: str = "replica"
+    """replica | checkpoint | none."""
+    start_step: int = 0
+    """Steps the run starts at (a resume from checkpoint files)."""
+    resume_step: int | None = None
+    """--resume-from: every shard loads its checkpoint file of this step at the start."""
+    num_spares: int = 1
+    max_worker_restarts: int = 3
+    max_server_replacements: int = 100
+    probe_interval_s: float = 0.2
+    probe_timeout_s: float = 2.0
+    suspect_after_s: float = 10.0
+    """A server that has not answered a probe for this long is replaced as if dead (it is killed and fenced)."""
+    start_timeout_s: float = 180.0
+    """An actor that does not answer this long after it was created ends the run (too few resources)."""
+    op_timeout_s: float = 60.0
+    """An operation (load, recover, replicate, start) not answered this long is given up and decided again."""
+    node_ids: tuple[str, ...] = ()
+    """Nodes to spread server slots over (empty: one node, no placement)."""
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """What the last probe round saw: per name, a description/status, or a ``Failure``."""
+
+    answers: dict
+    silent_s: dict
+    """Per name: seconds since it last answered a probe (0 if it answered this round)."""
+    age_s: dict
+    """Per name: seconds since this supervisor incarnation first knew it."""
+    answered: frozenset = frozenset()
+    """Names that answered at least one probe of this supervisor incarnation."""
+    gone: frozenset = frozenset()
+    """Names some call found dead (an actor's death is final)."""
+
+    def alive(self, name: str | None) -> bool:
+        return name is not None and name in self.answers and not isinstance(self.answers[name], (Failure, StartFailed))
+
+    def start_failed(self, name: str | None) -> str | None:
+        a = self.answers.get(name) if name else None
+        return a.reason if isinstance(a, StartFailed) else None
+
+    def gone_for_good(self, name: str | None) -> bool:
+        """Some call found it dead (not merely silent)."""
+        return name is None or name in self.gone or self.answers.get(name) is Failure.DEAD
+
+    def dead(self, name: str | None, spec: SupervisorSpec) -> bool:
+        """Gone for good, or silent long enough to be treated so: ``suspect_after_s`` once it has answered,
+        ``start_timeout_s`` before (a process still starting up is slow, not dead)."""
+        if self.gone_for_good(name) or self.start_failed(name):
+            return True
+        if self.alive(name):
+            return False
+        if name in self.answered:
+            return self.silent_s.get(name, 0.0) >= spec.suspect_after_s
+        return self.age_s.get(name, 0.0) >= spec.start_timeout_s
+
+    def describe(self, name: str | None) -> ServerDescription | None:
+        a = self.answers.get(name)
+        return a if isinstance(a, ServerDescription) else None
+
+    def status(self, name: str | None):
+        a = self.answers.get(name) if name else None
+        return None if a is None or isinstance(a, (Failure, ServerDescription, StartFailed)) else a
+
+
+def any_started(reg: Registry) -> bool:
+    """Whether some worker may have pushed: one was ever sent ``Start`` (no update exists before that)."""
+    return reg.training
+
+
+def resume_step(descriptions: list[ServerDescription], rank: int) -> int:
+    """Where a (re)started rank goes on: the first step some shard has not *logged* from it. Only logged
+    updates count: one applied but not yet logged may be lost with its primary, and a rank resumed past it
+    would push a step ahead of the rebuilt shard."""
+    return min(d.durable_clocks[rank] for d in descriptions)
+
+
+def decide(reg: Registry, view: View, busy: frozenset, spec: SupervisorSpec, now: float) -> list[Decision]:
+    """What to do now, with reasons. A FAIL comes alone."""
+    k, out = spec.num_shards, []
+    if reg.phase in (RunPhase.DONE, RunPhase.FAILED):
+        return []
+    roles = [(s.actor, f"server slot {j}") for j, s in enumerate(reg.slots)] + [(n, "a spare server") for n in reg.spares]
+    for (name, what) in roles + [(w.actor, f"worker {rank}") for rank, w in enumerate(reg.workers)]:
+        if view.start_failed(name):  # a constructor raised: starting it again would raise again
+            return [Decision(Action.FAIL, name, f"{what} failed to start: {view.start_failed(name)}")]
+    # --- servers ---
+    dead_primaries = []
+    for j, slot in enumerate(reg.slots):
+        shard = primary_shard(j, k)
+        if slot.phase is SlotPhase.EMPTY:
+            out.append(Decision(Action.CREATE_SLOT, j, f"slot {j} has no actor"))
+        elif slot.phase is SlotPhase.CREATING:
+            if view.alive(slot.actor):
+                if shard is None:
+                    out.append(Decision(Action.HOLDER_READY, j, f"replica holder {slot.actor} is up"))
+                else:
+                    out.append(Decision(Action.LOAD, j, f"server {slot.actor} is up"))
+            elif view.gone_for_good(slot.actor) or (slot.actor in view.answered and view.dead(slot.actor, spec)):
+                out.append(Decision(Action.CREATE_SLOT, j, f"server {slot.actor} of slot {j} died or went silent while starting"))
+            elif view.dead(slot.actor, spec):
+                return [Decision(Action.FAIL, j, f"server slot {j} did not start within {spec.start_timeout_s:.0f}s; the cluster may lack "
+                                                 "the resources it asks for (see `ray status`), or raise RAYTRAIN_FT_ACTOR_START_TIMEOUT_S")]
+        elif slot.phase is SlotPhase.LOADING:
+            if view.dead(slot.actor, spec):
+                out.append(Decision(Action.CREATE_SLOT, j, f"server {slot.actor} of slot {j} died while loading"))
+            elif ("load", j) not in busy and view.alive(slot.actor):
+                out.append(Decision(Action.LOAD, j, f"slot {j} loads"))
+        elif slot.phase is SlotPhase.RECOVERING:
+            if ("recover", j) not in busy:
+                out.append(Decision(Action.RECOVER, j, f"slot {j}'s recovery is not in flight (the spare died, or the supervisor restarted)"))
+        elif slot.phase is SlotPhase.SERVING:
+            desc = view.describe(slot.actor)
+            if view.dead(slot.actor, spec) or (desc is not None and desc.deposed):
+                why = "is dead" if view.answers.get(slot.actor) is Failure.DEAD else (
+                    "was deposed" if desc is not None else f"has not answered for {view.silent_s.get(slot.actor, 0):.1f}s")
+                dead_primaries.append((j, f"server {slot.actor} of slot {j} {why}"))
+    nothing_trained = not any_started(reg)
+
+    def condition(name) -> str:
+        """ok | suspect (silent too long: maybe partitioned, maybe dead) | dead (confirmed, or deposed)."""
+        d = view.describe(name)
+        if view.gone_for_good(name) or (d is not None and d.deposed):
+            return "dead"
+        return "suspect" if view.dead(name, spec) else "ok"
+
+    def replica_copy(shard: int) -> str:
+        """The condition of shard ``shard``'s second copy, at its holder."""
+        holder = reg.slots[replica_slot(shard, k)]
+        if not reg.replicated[shard] or holder.phase not in (SlotPhase.SERVING, SlotPhase.RECOVERING):
+            return "dead"
+        return condition(holder.actor)
+
+    # A suspected server is replaced only when every shard it holds a copy of keeps a healthy other copy: a
+    # suspicion never costs a shard. A loss is declared only when both copies are confirmed gone.
+    for j, why in dead_primaries:
+        shard = primary_shard(j, k)
+        confirmed = condition(reg.slots[j].actor) == "dead"
+        if nothing_trained:  # no worker was started yet: start the slot again from the run's initial values
+            out.append(Decision(Action.CREATE_SLOT, j, f"{why} before training began"))
+            continue
+        if spec.recovery == "none":
+            if confirmed:
+                return [Decision(Action.FAIL, j, f"{why}, and recovery=none keeps no copy of it; run with --recovery replica")]
+            continue
+        if spec.recovery == "checkpoint":
+            return [Decision(Action.ROLLBACK, j, f"{why}: every shard goes back to its newest checkpoint")]
+        if reg.server_replacements + 1 > spec.max_server_replacements:
+            return [Decision(Action.FAIL, j, f"{why}, and server replacements would exceed recovery.max_server_replacements="
+                                             f"{spec.max_server_replacements}")]
+        mine = replica_copy(shard) if shard is not None else "ok"
+        if confirmed and mine == "dead":
+            return [Decision(Action.FAIL, shard, f"shard {shard} is lost: {why}, and its replica holder (slot {replica_slot(shard, k)}) "
+                                                 "is dead or had not received its replica yet")]
+        held = [h for h in replica_shards(j, k) if reg.slots[h].phase is not SlotPhase.SERVING or condition(reg.slots[h].actor) != "ok"]
+        if mine != "ok" or (not confirmed and held):
+            continue  # the other copy is not healthy: wait for this one rather than give a shard up
+        out.append(Decision(Action.REPLACE_HOLDER if shard is None else Action.RECOVER, j, why))
+    for j, slot in enumerate(reg.slots):
+        if slot.phase is SlotPhase.RECOVERING:
+            shard = primary_shard(j, k)
+            if replica_copy(shard) == "dead":
+                if slot.replacing is not None and condition(slot.replacing) != "dead":
+                    out.append(Decision(Action.ABANDON_RECOVERY, j, f"the replica holder of shard {shard} died while {slot.replacing}, only "
+                                                                    "suspected, was being replaced"))
+                    continue
+                return [Decision(Action.FAIL, shard, f"shard {shard} is lost: its primary died, and its replica holder "
+                                                     f"(slot {replica_slot(shard, k)}) died before the shard was rebuilt")]
+    serving = [s.phase is SlotPhase.SERVING and view.alive(s.actor) for s in reg.slots]
+    for shard in range(k):
+        h = replica_slot(shard, k)
+        if spec.recovery == "replica" and not reg.replicated[shard] and serving[shard] and serving[h] and ("replicate", shard) not in busy:
+            out.append(Decision(Action.REPLICATE, shard, f"shard {shard} has no replica on slot {h}"))
+    # --- spares ---
+    spares_alive = 0
+    for name in reg.spares:
+        if view.dead(name, spec):
+            out.append(Decision(Action.DROP_SPARE, name, f"spare {name} is dead"))
+        else:
+            spares_alive += 1
+    if spec.recovery != "none" and spares_alive < spec.num_spares:
+        out.append(Decision(Action.CREATE_SPARE, None, f"{spares_alive} of {spec.num_spares} warm spares"))
+    # --- workers ---
+    all_up = all(serving) and (spec.recovery != "replica" or all(reg.replicated))
+    primaries = [view.describe(reg.slots[i].actor) for i in range(k)]
+    can_start = all(serving[:k]) and all(d is not None and d.shard == i and d.epoch == reg.slots[i].epoch and not d.deposed
+                                         for i, d in enumerate(primaries))
+    for rank, w in enumerate(reg.workers):
+        status = view.status(w.actor)
+        if status is not None and status.error:
+            return [Decision(Action.FAIL, rank, f"worker {rank} failed: {status.error}")]
+        if w.phase is WorkerPhase.NONE:
+            if all_up or reg.phase is RunPhase.RUNNING:
+                out.append(Decision(Action.CREATE_WORKER, rank, f"worker {rank} has no actor"))
+            continue
+        if w.phase is WorkerPhase.DONE:
+            continue
+        if view.dead(w.actor, spec):
+            if w.actor not in view.answered and not view.gone_for_good(w.actor) and reg.phase is not RunPhase.RUNNING:
+                return [Decision(Action.FAIL, rank, f"worker {rank} did not start within {spec.start_timeout_s:.0f}s; the cluster may lack "
+                                                    "the resources it asks for (see `ray status`), or raise RAYTRAIN_FT_ACTOR_START_TIMEOUT_S")]
+            if w.restarts >= spec.max_worker_restarts:
+                return [Decision(Action.FAIL, rank, f"worker {rank} died {w.restarts + 1} times; the limit is "
+                                                    f"recovery.max_worker_restarts={spec.max_worker_restarts}")]
+            out.append(Decision(Action.CREATE_WORKER, rank, f"worker {rank} ({w.actor}) is dead"))
+            continue
+        if status is None:
+            continue
+        if status.done:
+            out.append(Decision(Action.MARK_DONE, rank, f"worker {rank} finished"))
+        elif status.started and w.phase is not WorkerPhase.RUNNING:
+            out.append(Decision(Action.MARK_RUNNING, rank, f"worker {rank} trains"))
+        elif (not status.started and w.phase in (WorkerPhase.CREATING, WorkerPhase.STARTING) and ("start", rank) not in busy and can_start
+              and (all_up or reg.phase is RunPhase.RUNNING)):
+            out.append(Decision(Action.START_WORKER, rank, f"worker {rank} is up and not training"))
+    replicated = spec.recovery != "replica" or all(reg.replicated)
+    if reg.phase is RunPhase.RUNNING and all(w.phase is WorkerPhase.DONE for w in reg.workers) and not out and replicated:
+        return [Decision(Action.FINISH, None, "every worker finished" + (" and every shard is replicated" if spec.recovery == "replica" else ""))]
+    return out
+
+
+class SupervisorProtocol:
+    """The supervisor's state machine. ``params_of(shard)``: the initial values of a shard (start only)."""
+
+    def __init__(self, spec: SupervisorSpec, ranges: list, params_of, registry: Registry | None = None, now: float = 0.0,
+                 key: str = "registry", name_prefix: str = ""):
+        self.spec, self.ranges, self.params_of = spec, ranges, params_of
+        self.key, self.name_prefix = key, name_prefix
+        self.reg = registry or Registry.new(spec.num_shards, spec.num_workers)
+        if registry is None:
+            self.reg.started_at = now
+        self._cids = itertools.count(1)
+        self._ops: dict[int, tuple] = {}
+        """cid -> (kind, target, context) of each operation in flight."""
+        self._round: dict[int, str] | None = None
+        """cid -> name of each probe of the round in flight."""
+        self._answers: dict[str, Any] = {}
+        self._rounds = 0
+        """Probe rounds started by this incarnation."""
+        self._view_round = 0
+        """The number of the probe round ``view`` comes from."""
+        self._last_seen: dict[str, float] = {}
+        self._known_since: dict[str, float] = {}
+        self._answered: set[str] = set()
+        self._gone: set[str] = set()
+        self._late: dict[int, str] = {}
+        """cid -> name of probes answered after their round was over."""
+        self._parked: list[tuple[int, RouteAfter, int]] = []
+        """(rid, request, probe rounds started when it came) of route requests not answered yet."""
+        self._started_at = now
+        self.view: View | None = None
+        self.latest: dict[str, Any] = {}
+        """Per name: its newest probe answer (the round in flight included)."""
+        self.view_started_at = 0.0
+        """When the probe round ``view`` comes from started (what happened after it, the view cannot show)."""
+        self._round_started_at = 0.0
+        self.history: list[tuple[str, str]] = []
+        """(action, reason) of every decision carried out, in order."""
+
+    @classmethod
+    def restore(cls, spec: SupervisorSpec, ranges: list, params_of, saved: str, now: float, **kw) -> "SupervisorProtocol":
+        """A restarted supervisor: the registry as persisted; the next probe round finds out the rest."""
+        reg = Registry.from_json(saved)
+        reg.restarts += 1
+        reg.events.append(RecoveryEvent("supervisor", 0, "rebuilt", detected_at=now, serving_at=now))
+        return cls(spec, ranges, params_of, reg, now, **kw)
+
+    # --- entry points -------------------------------------------------------------------------------
+
+    def on_start(self, now: float) -> list:
+        return [self._persist(), Timer("probe", 0.0)]
+
+    def on_timer(self, token, now: float) -> list:
+        return self._write_ahead(self._on_timer(token, now))
+
+    def on_request(self, rid: int, msg, now: float) -> list:
+        return self._write_ahead(self._on_request(rid, msg, now))
+
+    def on_reply(self, cid: int, value, now: float) -> list:
+        return self._write_ahead(self._on_reply(cid, value, now))
+
+    def on_failure(self, cid: int, failure: Failure, now: float) -> list:
+        return self._write_ahead(self._on_reply(cid, failure, now))
+
+    def _write_ahead(self, effects: list) -> list:
+        """One ``Persist`` of the registry as it ends up, before every other effect of the handler (a decision
+        later in the same handler being recorded early is what a crash right after it would leave anyway)."""
+        if not any(isinstance(e, Persist) for e in effects):
+            return effects
+        return [self._persist()] + [e for e in effects if not isinstance(e, Persist)]
+
+    def _on_timer(self, token, now: float) -> list:
+        if token == "probe":
+            return self._start_round(now) if self._round is None else []
+        if isinstance(token, tuple) and token[0] == "probe_timeout" and token[1] == self._rounds and self._round is not None:
+            return self._finish_round(now)  # the silent ones count as unanswered
+        if isinstance(token, tuple) and token[0] == "op_timeout" and token[1] in self._ops:
+            return self._op_done(self._ops.pop(token[1]), Failure.UNAVAILABLE, now)
+        return []
+
+    def _on_request(self, rid: int, msg, now: float) -> list:
+        if isinstance(msg, RouteAfter):
+            self._parked.append((rid, msg, self._rounds))
+            effects = self._answer_routes(now)
+            if msg.failed and any(p[0] == rid for p in self._parked) and self._round is None:
+                effects += self._start_round(now)  # a worker saw a failure: look now
+            return effects
+        return [Reply(rid, Refused(RefusalKind.FAILED, f"the supervisor does not handle {type(msg).__name__}"))]
+
+    def _on_reply(self, cid: int, value, now: float) -> list:
+        in_round = self._round is not None and cid in self._round
+        name = self._round.pop(cid) if in_round else self._late.pop(cid, None)
+        if name is not None:
+            first = name not in self._answered and not isinstance(value, Failure)
+            self.latest[name] = value
+            if not isinstance(value, Failure):
+                self._last_seen[name] = now
+                self._answered.add(name)
+            elif value is Failure.DEAD:
+                self._gone.add(name)
+            if not in_round:  # a process that was still starting answered: decide about it soon
+                return [Timer("probe", 0.0)] if first or value is Failure.DEAD else []
+            self._answers[name] = value
+            # the round is complete once everyone who ever answered has: one still starting holds no decision up
+            if not any(n in self._answered for n in self._round.values()):
+                return self._finish_round(now)
+            return []
+        op = self._ops.pop(cid, None)
+        if op is None:
+            return []
+        return self._op_done(op, value, now)
+
+    @property
+    def phase(self) -> RunPhase:
+        return self.reg.phase
+
+    # --- probing ------------------------------------------------------------------------------------
+
+    def _known(self) -> list[tuple[str, str]]:
+        names = [(s.actor, "server") for s in self.reg.slots if s.actor] + [(n, "server") for n in self.reg.spares]
+        names += [(w.actor, "worker") for w in self.reg.workers if w.actor]
+        return names
+
+    def _start_round(self, now: float) -> list:
+        if self.reg.phase in (RunPhase.DONE, RunPhase.FAILED):
+            return []
+        self._round, self._answers = {}, {}
+        self._rounds += 1
+        self._round_started_at = now
+        effects = []
+        for name, kind in self._known():
+            self._known_since.setdefault(name, now)
+            self._last_seen.setdefault(name, now)
+            cid = next(self._cids)
+            self._round[cid] = name
+            effects.append(Call(cid, name, Describe() if kind == "server" else PollStatus()))
+        if not self._round:
+            return self._finish_round(now)
+        return effects + [Timer(("probe_timeout", self._rounds), self.spec.probe_timeout_s)]
+
+    def _finish_round(self, now: float) -> list:
+        for cid, name in self._round.items():
+            self._answers.setdefault(name, Failure.UNAVAILABLE)
+            self._late[cid] = name  # its answer, if it comes, still counts
+        self._round = None
+        self._view_round = self._rounds
+        self.view_started_at = self._round_started_at
+        names = {n for n, _ in self._known()}
+        self.view = View(dict(self._answers), {n: now - self._last_seen.get(n, now) for n in names},
+                         {n: now - self._known_since.get(n, now) for n in names}, frozenset(self._answered), frozenset(self._gone))
+        self._learn(self.view)
+        effects = []
+        for d in decide(self.reg, self.view, frozenset((op[0], op[1]) for op in self._ops.values()), self.spec, now):
+            effects += self._carry_out(d, now)
+            if self.reg.phase is RunPhase.FAILED:
+                break
+        effects += self._answer_routes(now)
+        if self.reg.phase not in (RunPhase.DONE, RunPhase.FAILED):
+            effects.append(Timer("probe", self.spec.probe_interval_s))
+        return effects
+
+    def _learn(self, view: View) -> None:
+        """Bookkeeping from descriptions: the newest checkpoint step per shard (the file baseline)."""
+        for i in range(self.spec.num_shards):
+            d = view.describe(self.reg.slots[i].actor)
+            if d is not None and d.checkpoint_step is not None:
+                known = self.reg.checkpoint_steps[i]
+                self.reg.checkpoint_steps[i] = d.checkpoint_step if known is None else max(known, d.checkpoint_step)
+
+    # --- carrying decisions out ----------------------------------------------------------------------
+
+    def _persist(self) -> Persist:
+        return Persist(self.key, self.reg.to_json())
+
+    def _name(self, kind: str) -> str:
+        self.reg.next_name += 1
+        return f"{self.name_prefix}{kind}-{self.reg.next_name}"
+
+    def _op(self, kind: str, target, dst: str, msg, *context) -> list:
+        """Call ``dst`` as operation ``kind`` on ``target``, given up after ``op_timeout_s``."""
+        cid = next(self._cids)
+        self._ops[cid] = (kind, target, *context)
+        return [Call(cid, dst, msg), Timer(("op_timeout", cid), self.spec.op_timeout_s)]
+
+    def _node_for_slot(self, j: int) -> str | None:
+        from raytrain_ft.recovery.policy import slot_nodes
+
+        nodes = slot_nodes(len(self.reg.slots), list(self.spec.node_ids))
+        return nodes[j] if nodes else None
+
+    def _carry_out(self, d: Decision, now: float) -> list:
+        self.history.append((d.action.value, d.reason))
+        reg, k = self.reg, self.spec.num_shards
+        a = d.action
+        if a is Action.FAIL:
+            reg.phase, reg.failure = RunPhase.FAILED, d.reason
+            return [self._persist(), Note("run_failed", {"reason": d.reason})] + self._refuse_routes(d.reason)
+        if a is Action.FINISH:
+            reg.phase = RunPhase.DONE
+            return [self._persist(), Note("run_done", {})]
+        if a is Action.CREATE_SLOT:
+            slot = reg.slots[d.target]
+            old = slot.actor
+            slot.actor, slot.phase = self._name("server"), SlotPhase.CREATING
+            for shard in {primary_shard(d.target, k), *replica_shards(d.target, k)} - {None}:
+                reg.replicated[shard] = False
+            kills = [Kill(old, d.reason)] if old else []
+            return [self._persist()] + kills + [Create(slot.actor, "server", slot=d.target, node=self._node_for_slot(d.target))]
+        if a is Action.HOLDER_READY:
+            reg.slots[d.target].phase = SlotPhase.SERVING
+            return [self._persist()]
+        if a is Action.LOAD:
+            return self._load(d.target)
+        if a is Action.REPLICATE:
+            shard = d.target
+            holder = reg.slots[replica_slot(shard, k)].actor
+            reg.rereplications_started += 1  # the version of the holder named (persisted before it is used)
+            primary = reg.slots[shard].actor
+            calls = self._op("replicate", shard, primary, SetReplica(holder, reg.rereplications_started), holder, primary, reg.slots[shard].epoch)
+            return [self._persist()] + calls + [Note("rereplication_started", {"n": reg.rereplications_started, "shard": shard, "holder": holder})]
+        if a is Action.RECOVER:
+            return self._recover(d.target, d.reason, now)
+        if a is Action.ABANDON_RECOVERY:
+            return self._abandon(d.target, d.reason)
+        if a is Action.REPLACE_HOLDER:
+            return self._replace_holder(d.target, d.reason, now)
+        if a is Action.ROLLBACK:
+            return self._rollback(d.target, d.reason, now)
+        if a is Action.CREATE_SPARE:
+            name = self._name("server")
+            reg.spares.append(name)
+            nodes = list(self.spec.node_ids)
+            node = nodes[(len(reg.spares) + reg.server_replacements) % len(nodes)] if nodes else None
+            return [self._persist(), Create(name, "server", node=node)]
+        if a is Action.DROP_SPARE:
+            reg.spares.remove(d.target)
+            return [self._persist(), Kill(d.target, d.reason)]
+        if a is Action.CREATE_WORKER:
+            w = reg.workers[d.target]
+            old = w.actor
+            if old is not None:
+                w.restarts += 1
+                reg.events.append(RecoveryEvent("worker", d.target, "restart", detected_at=now, actor=old))
+            w.actor, w.phase, w.start_step = self._name(f"worker{d.target}-"), WorkerPhase.CREATING, None
+            kills = [Kill(old, d.reason)] if old else []
+            return [self._persist()] + kills + [Create(w.actor, "worker", rank=d.target, routes=reg.routes(k))]
+        if a is Action.START_WORKER:
+            rank, w = d.target, reg.workers[d.target]
+            descriptions = [self.view.describe(reg.slots[i].actor) for i in range(k)]
+            step = resume_step(descriptions, rank)
+            w.phase, w.start_step, reg.training = WorkerPhase.STARTING, step, True
+            return [self._persist()] + self._op("start", rank, w.actor, Start(step, self.spec.total_steps, reg.routes(k)), w.actor)
+        if a is Action.MARK_RUNNING:
+            w = reg.workers[d.target]
+            w.phase = WorkerPhase.RUNNING
+            for e in reversed(reg.events):  # a restarted rank trains again: its recovery is over
+                if e.role == "worker" and e.index == d.target and e.serving_at is None:
+                    e.serving_at, e.step = now, w.start_step
+                    break
+            if reg.phase is RunPhase.STARTING and all(x.phase in (WorkerPhase.RUNNING, WorkerPhase.DONE) for x in reg.workers):
+                reg.phase = RunPhase.RUNNING
+            return [self._persist()]
+        if a is Action.MARK_DONE:
+            reg.workers[d.target].phase = WorkerPhase.DONE
+            if reg.phase is RunPhase.STARTING and all(x.phase in (WorkerPhase.RUNNING, WorkerPhase.DONE) for x in reg.workers):
+                reg.phase = RunPhase.RUNNING
+            return [self._persist()]
+        raise AssertionError(a)
+
+    def _load(self, j: int) -> list:
+        reg, slot = self.reg, self.reg.slots[j]
+        step = slot.load_step if slot.load_step is not None else self.spec.resume_step
+        reg.reserved[j] += 1
+        slot.phase, slot.epoch = SlotPhase.LOADING, reg.reserved[j]
+        if step is not None:
+            msg = Load(self.ranges[j], slot.epoch, None, step, None, checkpoint_step=step, resume=slot.load_step is None)
+        else:
+            msg = Load(self.ranges[j], slot.epoch, self.params_of(j), self.spec.start_step)
+        return [self._persist()] + self._op("load", j, slot.actor, msg, slot.actor, slot.epoch)
+
+    def _take_spare(self, avoid_nodes: set) -> str | None:
+        view = self.view
+        alive = [n for n in self.reg.spares if view is not None and view.alive(n)]
+        if not alive:
+            return None
+        alive.sort(key=lambda n: (view.describe(n) is not None and getattr(view.describe(n), "node", "") in avoid_nodes))
+        self.reg.spares.remove(alive[0])
+        return alive[0]
+
+    def _peer_nodes(self, j: int) -> set:
+        k, view = self.spec.num_shards, self.view
+        peers = {replica_slot(s, k) for s in (primary_shard(j, k),) if s is not None} | set(replica_shards(j, k))
+        peers |= {replica_slot(s, k) for s in replica_shards(j, k)}
+        return {getattr(view.describe(self.reg.slots[p].actor), "node", None) for p in peers if p != j} - {None, ""}
+
+    def _recover(self, j: int, reason: str, now: float) -> list:
+        """Put a spare in slot ``j`` and rebuild its shard there from the replica; after a supervisor restart
+        (or the spare's death) issue the recovery again, always with a new epoch."""
+        reg, k, view = self.reg, self.spec.num_shards, self.view
+        slot = reg.slots[j]
+        effects = []
+        if slot.phase is SlotPhase.SERVING or view.dead(slot.actor, self.spec):
+            spare = self._take_spare(self._peer_nodes(j))
+            if spare is None:
+                return []  # CREATE_SPARE makes one; the next round uses it
+            if slot.phase is SlotPhase.SERVING:
+                reg.server_replacements += 1
+                reg.recoveries_started += 1
+                for s in replica_shards(j, k):  # the new actor lacks what the old one held (I4: re-replicated later)
+                    reg.replicated[s] = False
+                reg.events.append(RecoveryEvent("server", j, "replica", detected_at=now, actor=slot.actor))
+                slot.replacing, slot.replacing_epoch = slot.actor, slot.epoch
+            slot.actor, slot.phase = spare, SlotPhase.RECOVERING
+        elif not view.alive(slot.actor):
+            return []  # the spare is busy (replaying) or slow: ask again next round
+        reg.reserved[j] += 1  # never reused: a holder refuses an epoch it has seen
+        slot.epoch = reg.reserved[j]
+        holder = reg.slots[replica_slot(j, k)].actor
+        calls = self._op("recover", j, slot.actor, RecoverPrimary(self.ranges[j], slot.epoch, holder), slot.actor, slot.epoch)
+        return [self._persist()] + effects + calls + [Note("recovery_started", {"n": reg.recoveries_started, "shard": j, "spare": slot.actor,
+                                                                               "epoch": slot.epoch})]
+
+    def _abandon(self, j: int, reason: str) -> list:
+        """The recovery of slot ``j`` cannot finish (its holder died) but the primary it replaces was only
+        suspected: that primary serves on, and gets a new holder once the holder's slot is replaced."""
+        slot = self.reg.slots[j]
+        spare = slot.actor
+        slot.actor, slot.epoch, slot.phase, slot.replacing = slot.replacing, slot.replacing_epoch, SlotPhase.SERVING, None
+        self.reg.replicated[j] = False
+        for e in reversed(self.reg.events):
+            if e.role == "server" and e.index == j and e.serving_at is None:
+                self.reg.events.remove(e)
+                break
+        return [self._persist(), Kill(spare, f"recovery of shard {j} abandoned: {reason}"), Note("recovery_abandoned", {"shard": j, "reason": reason}),
+                Timer("probe", 0.0)]
+
+    def _replace_holder(self, j: int, reason: str, now: float) -> list:
+        reg = self.reg
+        spare = self._take_spare(set())
+        if spare is None:
+            return []
+        reg.server_replacements += 1
+        reg.recoveries_started += 1
+        old = reg.slots[j].actor
+        reg.slots[j].actor = spare
+        for s in replica_shards(j, self.spec.num_shards):
+            reg.replicated[s] = False
+        reg.events.append(RecoveryEvent("replica", j, "replica", detected_at=now, serving_at=now, actor=old))
+        return [self._persist(), Kill(old, reason), Note("recovery_started", {"n": reg.recoveries_started, "shard": None, "spare": spare})]
+
+    def _rollback(self, j: int, reason: str, now: float) -> list:
+        """The file baseline: kill every worker, put every shard back to the newest common checkpoint."""
+        reg, k = self.reg, self.spec.num_shards
+        known = [s for s in reg.checkpoint_steps]
+        if any(s is None for s in known):
+            reg.phase, reg.failure = RunPhase.FAILED, f"{reason}, and not every shard has a checkpoint file yet"
+            return [self._persist()]
+        step = min(known)
+        spare = self._take_spare(set())
+        if spare is None:
+            return []
+        reg.server_replacements += 1
+        reg.recoveries_started += 1
+        effects = [Kill(reg.slots[j].actor, reason)]
+        reg.slots[j].actor = spare
+        reached = max((getattr(self.view.status(w.actor), "step", step) for w in reg.workers), default=step)
+        reg.events.append(RecoveryEvent("server", j, "checkpoint", detected_at=now, actor=None, step=step, steps_lost=max(0, reached - step)))
+        for i in range(k):
+            reg.slots[i].phase, reg.slots[i].load_step = SlotPhase.LOADING, step
+        for rank, w in enumerate(reg.workers):
+            if w.actor is not None and w.phase is not WorkerPhase.DONE:
+                effects.append(Kill(w.actor, "the run rolls back to a checkpoint"))
+            reg.events.append(RecoveryEvent("worker", rank, "restart", detected_at=now, actor=w.actor))
+            w.actor, w.phase, w.start_step = None, WorkerPhase.NONE, None
+        reg.phase = RunPhase.STARTING
+        return [self._persist()] + effects + [e for i in range(k) for e in self._load(i)]
+
+    # --- operations finishing --------------------------------------------------------------------------
+
+    def _op_done(self, op: tuple, value, now: float) -> list:
+        kind, target = op[0], op[1]
+        reg = self.reg
+        if kind == "load":
+            actor, epoch = op[2], op[3]
+            slot = reg.slots[target]
+            if slot.actor != actor or slot.epoch != epoch or isinstance(value, (Failure, Refused)):
+                return [Timer("probe", 0.0)]
+            slot.phase, slot.load_step = SlotPhase.SERVING, None
+            for e in reversed(reg.events):
+                if e.source == "checkpoint" and e.serving_at is None:
+                    e.serving_at = now
+            return [self._persist(), Timer("probe", 0.0)]
+        if kind == "recover":
+            actor, epoch = op[2], op[3]
+            slot = reg.slots[target]
+            if slot.actor != actor or slot.epoch != epoch:
+                return []
+            if isinstance(value, Recovered):
+                slot.phase = SlotPhase.SERVING
+                old, slot.replacing = slot.replacing, None
+                for e in reversed(reg.events):
+                    if e.role == "server" and e.index == target and e.serving_at is None:
+                        e.serving_at, e.replayed, e.bytes_moved, e.epoch, e.step = now, value.replayed, value.bytes_moved, epoch, value.seq
+                        break
+                effects = [self._persist(), Note("recovered", {"shard": target, "epoch": epoch, "actor": actor})]
+                if old is not None:  # the predecessor may only have been suspected: make sure it stops
+                    effects += self._op("depose", target, old, Depose(target, epoch)) + [Kill(old, f"shard {target} moved to {actor}")]
+                return effects + self._answer_routes(now) + [Timer("probe", 0.0)]
+            if isinstance(value, Refused) and value.kind is RefusalKind.NO_REPLICA and slot.replacing is not None and not (
+                    self.view is not None and self.view.dead(slot.replacing, self.spec)):
+                return self._abandon(target, value.reason)
+            if isinstance(value, Refused) and value.kind is RefusalKind.NO_REPLICA:
+                reason = f"shard {target} is lost: its primary died and its replica holder cannot give the replica ({value.reason})"
+                reg.phase, reg.failure = RunPhase.FAILED, reason
+                return [self._persist(), Note("run_failed", {"reason": reason})] + self._refuse_routes(reason)
+            return [Timer("probe", 0.0)]  # the spare died or refused: the next round issues it again
+        if kind == "replicate":
+            holder, primary, epoch = op[2], op[3], op[4]
+            current = reg.slots[replica_slot(target, self.spec.num_shards)].actor == holder and reg.slots[target].actor == primary and (
+                reg.slots[target].epoch == epoch)
+            if isinstance(value, int) and not isinstance(value, bool) and current:
+                reg.replicated[target] = True
+                holder_slot = replica_slot(target, self.spec.num_shards)
+                for e in reversed(reg.events):
+                    if e.role in ("server", "replica") and e.index == holder_slot and e.source == "replica":
+                        e.replicated_at = now
+                        if target not in e.rereplicated:
+                            e.rereplicated.append(target)
+                        break
+                return [self._persist(), Note("rereplicated", {"shard": target, "holder": holder})]
+            return []
+        if kind in ("start", "depose"):
+            return [Timer("probe", 0.0)]
+        raise AssertionError(kind)
+
+    # --- routes ----------------------------------------------------------------------------------------
+
+    def _answer_routes(self, now: float) -> list:
+        """Answer route requests: at once for a check; for a failed call, once a newer epoch serves the shard,
+        or once a probe round that started after the request found the same primary answering (the failure was
+        transient: the worker sends again)."""
+        if not self._parked:
+            return []
+        reg, view = self.reg, self.view
+        effects, keep = [], []
+        for rid, m, rounds in self._parked:
+            slot = reg.slots[m.shard]
+            serving = slot.phase is SlotPhase.SERVING
+            desc = view.describe(slot.actor) if view is not None else None
+            healthy = serving and desc is not None and not desc.deposed and self._view_round > rounds
+            if not m.failed or (serving and slot.epoch > m.epoch) or healthy:
+                effects.append(Reply(rid, Route(m.shard, slot.actor or "", slot.epoch)))
+            else:
+                keep.append((rid, m, rounds))
+        self._parked = keep
+        return effects
+
+    def _refuse_routes(self, reason: str) -> list:
+        effects = [Reply(rid, Refused(RefusalKind.FAILED, reason)) for rid, _, _ in self._parked]
+        self._parked = []
+        return effects
+
+    # --- what the driver reads --------------------------------------------------------------------------
+
+    def epochs(self) -> tuple[int, ...]:
+        return tuple(self.reg.slots[i].epoch for i in range(self.spec.num_shards))
+

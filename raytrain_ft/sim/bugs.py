@@ -1,0 +1,83 @@
+"""Known-bad protocol variants (``raytrain-ft simulate --inject-bug NAME``): each must be caught by the checker.
+
+Each is a subclass that undoes one rule the protocol depends on; a checker
+that passes them all would be a checker that cannot fail.
+"""
+
+from __future__ import annotations
+
+from raytrain_ft.consistency import Verdict
+from raytrain_ft.protocol.server import ServerProtocol
+from raytrain_ft.protocol.supervisor import Registry, SupervisorProtocol, WorkerPhase
+
+
+class AckBeforeLog(ServerProtocol):
+    """Answers workers as soon as their update is applied, before the holder has logged it."""
+
+    def _logged(self, p) -> int:
+        return p.state.seq
+
+
+class NoFencing(ServerProtocol):
+    """Holders take appends and installs from any epoch, and an export raises no fence."""
+
+    def _admits(self, held, epoch: int) -> bool:
+        return True
+
+    def _raise_fence(self, held, epoch: int) -> bool:
+        return True
+
+
+class DoubleApply(ServerProtocol):
+    """A resent push is applied again instead of being answered as a repeat."""
+
+    def _classify(self, p, m) -> Verdict:
+        verdict = super()._classify(p, m)
+        return Verdict.ACCEPT if verdict is Verdict.REPEAT else verdict
+
+
+class VolatileEpochs(SupervisorProtocol):
+    """A restarted supervisor forgets the epochs it handed out and numbers them from the start again."""
+
+    @classmethod
+    def restore(cls, spec, ranges, params_of, saved: str, now: float, **kw):
+        reg = Registry.from_json(saved)
+        reg.reserved = [0] * len(reg.reserved)
+        for slot in reg.slots:
+            slot.epoch = 0
+        return super().restore(spec, ranges, params_of, reg.to_json(), now, **kw)
+
+
+class LostPendingStart(SupervisorProtocol):
+    """A restarted supervisor forgets which workers it created but had not started yet."""
+
+    @classmethod
+    def restore(cls, spec, ranges, params_of, saved: str, now: float, **kw):
+        reg = Registry.from_json(saved)
+        for w in reg.workers:
+            if w.phase in (WorkerPhase.CREATING, WorkerPhase.STARTING):
+                w.phase = WorkerPhase.RUNNING
+        return super().restore(spec, ranges, params_of, reg.to_json(), now, **kw)
+
+
+BUGS = {
+    "ack-before-log": ("server", AckBeforeLog),
+    "no-fencing": ("server", NoFencing),
+    "double-apply": ("server", DoubleApply),
+    "volatile-epochs": ("supervisor", VolatileEpochs),
+    "lost-pending-start": ("supervisor", LostPendingStart),
+}
+
+
+def protocol_classes(bugs) -> tuple[type, type]:
+    """(server class, supervisor class) with the named bugs switched on."""
+    server, supervisor = ServerProtocol, SupervisorProtocol
+    for name in bugs:
+        if name not in BUGS:
+            raise ValueError(f"unknown bug {name!r}; choose from {', '.join(BUGS)}")
+        role, cls = BUGS[name]
+        if role == "server":
+            server = cls
+        else:
+            supervisor = cls
+    return server, supervisor

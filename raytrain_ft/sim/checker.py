@@ -1,0 +1,162 @@
+"""The independent checker: judges a finished schedule from its own records, never from the servers' counters.
+
+What it reads: the final parameters of the shards' live primaries, the
+replicas their holders keep, and the *ledger* -- every push a worker saw
+answered, recorded by the simulator as the answer was delivered (so it
+survives the worker). What it checks:
+
+- **I1, exactly once.** Every simulated push carries, besides its model
+  gradient, a provenance value in a slot of its own ``(rank, step)``. The
+  shards run SGD with momentum 0.1 and pushes sized so that one application
+  moves its slot by 1 (plus momentum's echo, < 0.34); twice by 2 or more. Every
+  push answered as applied must have moved its slot exactly once in every
+  shard; none may have moved twice; one answered as dropped (late) not at all.
+  In sync and async runs that finish, every push of every step counts once.
+- **I2, the same run.** In plain sync mode the final parameters' sha256 equals
+  that of the same configuration run without faults.
+- **I4, no window left open.** Every shard's replica, replayed, equals its
+  primary: parameters, optimizer state, per-rank clocks and applied record.
+- **Liveness.** The run finishes. A schedule in which nothing moves any more
+  (no update, no registry change for 5 simulated seconds) is a deadlock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from raytrain_ft.recovery.replay import replay
+from raytrain_ft.sim.world import RunOutcome, SimConfig, Violation, World
+
+
+@dataclass(frozen=True, slots=True)
+class FinalShard:
+    shard: int
+    epoch: int
+    params: np.ndarray
+    server: str
+
+
+def final_primaries(world: World) -> dict[int, FinalShard]:
+    """Per shard, the live, not deposed primary with the newest epoch (found from the processes themselves)."""
+    out: dict[int, FinalShard] = {}
+    for proc in world.procs.values():
+        if proc.kind != "server" or not proc.alive:
+            continue
+        p = proc.obj.primary
+        if p is None or p.deposed:
+            continue
+        i = p.shard.index
+        if i not in out or p.epoch > out[i].epoch:
+            out[i] = FinalShard(i, p.epoch, proc.obj.params().copy(), proc.name)
+    return out
+
+
+def params_hash(shards: dict[int, FinalShard], num_shards: int) -> str:
+    flat = np.concatenate([shards[i].params for i in range(num_shards)])
+    return hashlib.sha256(flat.astype(np.float32).tobytes()).hexdigest()
+
+
+def check(world: World, outcome: RunOutcome, baseline_hash: str | None) -> list[Violation]:
+    cfg = world.cfg
+    if not outcome.finished:
+        why = outcome.failure or f"no progress for 5 simulated seconds at t={outcome.sim_time_s:.3f}s ({stuck(world)})"
+        return [Violation("liveness", f"the run did not finish: {why}")]
+    shards = final_primaries(world)
+    missing = [i for i in range(cfg.num_shards) if i not in shards]
+    if missing:
+        return [Violation("liveness", f"no live primary serves shards {missing} at the end")]
+    out = exactly_once(world, shards)
+    if baseline_hash is not None and cfg.mode == "sync" and not cfg.backup_workers:
+        got = params_hash(shards, cfg.num_shards)
+        if got != baseline_hash:
+            out.append(Violation("I2", f"final params sha256 {got[:16]} differs from the fault-free run's {baseline_hash[:16]}"))
+    out += replicas_match(world, shards)
+    return out
+
+
+def exactly_once(world: World, shards: dict[int, FinalShard]) -> list[Violation]:
+    cfg, out = world.cfg, []
+    applied_acks, late_acks = set(), set()
+    for a in world.ledger:
+        (late_acks if a.late else applied_acks).add((a.shard, a.rank, a.step))
+    for shard in range(cfg.num_shards):
+        params = shards[shard].params
+        initial = cfg.initial(shard)
+        for rank in range(cfg.num_workers):
+            for step in range(cfg.steps):
+                slot = cfg.slot(rank, step)
+                moved = float(initial[slot] - params[slot])
+                times = 0 if moved < 0.5 else (1 if moved < 1.67 else 2)
+                key = (shard, rank, step)
+                if times >= 2:
+                    out.append(Violation("I1", f"shard {shard}: push (rank {rank}, step {step}) was applied more than once (slot moved {moved:.3f})"))
+                elif key in applied_acks and times == 0:
+                    out.append(Violation("I1", f"shard {shard}: push (rank {rank}, step {step}) was acknowledged but is not in the final state"))
+                elif key in late_acks and key not in applied_acks and times:
+                    out.append(Violation("I1", f"shard {shard}: push (rank {rank}, step {step}) was answered as dropped but was applied"))
+                elif not cfg.backup_workers and times == 0:
+                    out.append(Violation("I1", f"shard {shard}: push (rank {rank}, step {step}) never reached the final state"))
+    return out
+
+
+def replicas_match(world: World, shards: dict[int, FinalShard]) -> list[Violation]:
+    """I4. A holder that died after the probe round the run's end was decided on started is not counted: no
+    protocol can see a failure in the instant the run ends."""
+    out = []
+    seen_until = world.procs["supervisor"].obj.view_started_at
+    for shard, final in shards.items():
+        primary = world.procs[final.server].obj.primary
+        holder = world.procs.get(primary.holder) if primary.holder else None
+        if holder is not None and not holder.alive and holder.died_at >= seen_until:
+            continue
+        held = holder.obj.replicas.get(shard) if holder is not None and holder.alive else None
+        if held is None or not primary.holder_ready:
+            out.append(Violation("I4", f"shard {shard}: its primary {final.server} has no live replica at the end"))
+            continue
+        log = held.log
+        rebuilt = replay(log.snapshot.owned(), list(log.entries), held.shard, world.spec.optim, world.spec.total_steps).state
+        state = primary.state
+        same_opt = _same_optimizer(rebuilt.optimizer.state_dict(), state.optimizer.state_dict())
+        if not np.array_equal(rebuilt.params.numpy(), state.params.numpy()):
+            out.append(Violation("I4", f"shard {shard}: replica on {primary.holder}, replayed, has other parameters than the primary"))
+        elif not same_opt:
+            out.append(Violation("I4", f"shard {shard}: replica on {primary.holder}, replayed, has another optimizer state"))
+        elif rebuilt.clocks != state.clocks or rebuilt.applied_copy() != state.applied_copy():
+            out.append(Violation("I4", f"shard {shard}: replica on {primary.holder}, replayed, has other per-rank clocks or applied pushes"))
+    return out
+
+
+def _same_optimizer(a: dict, b: dict) -> bool:
+    if a["step_count"] != b["step_count"] or set(a["state"]) != set(b["state"]):
+        return False
+    return all(np.array_equal(a["state"][k].numpy(), b["state"][k].numpy()) for k in a["state"])
+
+
+def stuck(world: World) -> str:
+    """Who waits on what (for a deadlock report)."""
+    parts = []
+    for proc in world.procs.values():
+        if proc.kind == "worker" and proc.alive and not proc.obj.done:
+            w = proc.obj
+            parts.append(f"{proc.name} step {w.step} {w.phase} started={w.started}")
+    reg = world.procs["supervisor"].obj.reg
+    parts.append("slots " + ", ".join(f"{s.actor}:{s.phase.value}@{s.epoch}" for s in reg.slots))
+    parts.append("workers " + ", ".join(f"{w.actor}:{w.phase.value}" for w in reg.workers))
+    return "; ".join(parts)
+
+
+_baselines: dict[SimConfig, str] = {}
+
+
+def baseline_hash(cfg: SimConfig) -> str:
+    """The fault-free run's final params hash (sync I2)."""
+    if cfg not in _baselines:
+        world = World(cfg, seed=0, faults=False)
+        outcome = world.run()
+        if not outcome.finished:
+            raise AssertionError(f"the fault-free run of {cfg} did not finish: {outcome.failure or stuck(world)}")
+        _baselines[cfg] = params_hash(final_primaries(world), cfg.num_shards)
+    return _baselines[cfg]

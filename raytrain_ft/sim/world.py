@@ -1,0 +1,610 @@
+"""A run's protocol state machines in one process, on a seeded scheduler with every fault.
+
+The processes are the real ``ServerProtocol``s, ``SupervisorProtocol`` and the
+workers' ``ExchangeProtocol``s; only the transport and the clock are
+simulated. Every message is an event with a random delay (so messages
+reorder), and so is every timer, every gradient computation and every fault.
+Faults (``FaultPlan``):
+
+- **crash** of any process at a random time, or between two effects of one
+  handler (a supervisor killed after persisting and before creating, a
+  holder killed after logging and before answering);
+- **node loss**: every process of a node at once; answers in flight from it
+  are lost (``Failure.LOST``);
+- **false suspicion**: a live server stops answering the supervisor's probes
+  for longer than ``suspect_after_s``, so the supervisor replaces it while it
+  keeps serving the workers that still route to it;
+- **transient errors**: a worker's call fails with ``UNAVAILABLE`` although
+  the server received it (and may still apply it);
+- **supervisor restarts** from its persisted registry; calls to it wait for
+  the restarted incarnation, as Ray retries them.
+
+A run is a pure function of ``(SimConfig, seed)``: ``--replay SEED`` runs one
+schedule again event for event.
+
+The fault injector keeps each schedule inside what the design promises to
+survive -- at every moment every shard keeps a live primary or a holder with
+its whole replica -- so any violation the checker finds is a protocol bug,
+not an impossible demand. It reads the registry and process states to choose
+faults; the checker (``sim/checker.py``) never reads them to judge.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from raytrain_ft.config import OptimConfig
+from raytrain_ft.consistency import Rule
+from raytrain_ft.params import ShardRange
+from raytrain_ft.protocol.exchange import ExchangeProtocol
+from raytrain_ft.protocol.messages import (
+    Call,
+    Create,
+    Failure,
+    Fold,
+    Kill,
+    Note,
+    Persist,
+    PollStatus,
+    PushReply,
+    Reply,
+    SaveCheckpoint,
+    Start,
+    Timer,
+)
+from raytrain_ft.protocol.server import ServerProtocol, ServerSpec
+from raytrain_ft.protocol.supervisor import RunPhase, SlotPhase, SupervisorProtocol, SupervisorSpec, any_started, replica_slot
+
+SUPERVISOR = "supervisor"
+REGISTRY_KEY = "registry"
+STARTUP_S = 0.08
+"""About when a simulated run's workers start training (servers created, loaded and replicated first)."""
+MODEL_VALUES = 3
+"""Values per shard that evolve like a model (the provenance slots follow them)."""
+MOMENTUM = 0.1
+"""SGD momentum of the simulated shards. A push applied once moves its provenance slot by 1 plus the momentum's
+echo in later updates, at most ``G * 0.1 / 0.9`` <= 0.34 (G: the largest ratio of two updates' learning rates, the
+group size in mixed mode); twice by >= 2; never by less than 1 -- exactly-once is decodable from the parameters."""
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    mode: str = "sync"
+    num_workers: int = 2
+    num_shards: int = 2
+    steps: int = 5
+    snapshot_interval: int = 3
+    fold: bool = True
+    backup_workers: int = 0
+    group_size: int = 2
+    staleness: int = 1
+    num_nodes: int = 3
+    num_spares: int = 1
+    compute_s: float = 0.01
+    max_faults: int = 3
+
+    @property
+    def shard_size(self) -> int:
+        return MODEL_VALUES + self.num_workers * self.steps
+
+    def rule(self) -> Rule:
+        return Rule(self.mode, self.num_workers, self.backup_workers, self.group_size, self.staleness)
+
+    def ranges(self) -> list[ShardRange]:
+        n = self.shard_size
+        total = n * self.num_shards
+        return [ShardRange(i, i * n, (i + 1) * n, total) for i in range(self.num_shards)]
+
+    def slot(self, rank: int, step: int) -> int:
+        """Position of the provenance value of push ``(rank, step)`` inside every shard."""
+        return MODEL_VALUES + rank * self.steps + step
+
+    def push_value(self) -> float:
+        """Size of a push's provenance value so that one application moves its slot by exactly lr * 1."""
+        rule = self.rule()
+        needed = rule.needed(0)
+        return needed / rule.lr_scale(needed, 0)
+
+    def initial(self, shard: int) -> np.ndarray:
+        rng = np.random.default_rng(1000 + shard)
+        x = np.zeros(self.shard_size, dtype=np.float32)
+        x[:MODEL_VALUES] = rng.standard_normal(MODEL_VALUES).astype(np.float32)
+        x[MODEL_VALUES:] = 100.0  # provenance slots: 100 - (displacement)
+        return x
+
+
+def random_config(rng: random.Random, mode: str) -> SimConfig:
+    w = rng.choice((2, 3, 3, 4))
+    backups = rng.choice((0, 0, 1)) if mode == "sync" and w > 2 else 0
+    return SimConfig(
+        mode=mode, num_workers=w, num_shards=rng.choice((1, 2, 3)), steps=rng.randint(3, 6), snapshot_interval=rng.choice((1, 2, 3, 50)),
+        fold=rng.random() < 0.7, backup_workers=backups, group_size=rng.choice((2, 3)), staleness=rng.choice((0, 1, 2)),
+        num_nodes=rng.choice((1, 3, 4)), num_spares=rng.choice((1, 1, 2)), max_faults=rng.choice((1, 2, 3, 4)),
+    )
+
+
+# --- processes ------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class WorkerStatus:
+    """What a simulated worker answers ``PollStatus`` with (the fields the supervisor reads)."""
+
+    started: bool
+    done: bool
+    error: str | None
+    step: int
+
+
+class SimWorker:
+    """A worker rank: pull, compute (a deterministic function of its parameters, rank and step), push to every
+    shard, install the answers; the same step rules as the real worker (``actors/worker.py``)."""
+
+    def __init__(self, world: "World", name: str, rank: int, routes):
+        self.world, self.name, self.rank = world, name, rank
+        cfg = world.cfg
+        self.exchange = ExchangeProtocol(rank, list(routes), SUPERVISOR, watchdog_s=0.05)
+        self.params = [None] * cfg.num_shards
+        self.versions = [0] * cfg.num_shards
+        self.started = self.done = False
+        self.step = self.end = 0
+        self.phase = "idle"
+        self.error: str | None = None
+        self.seen_acks = 0
+
+    def status(self) -> WorkerStatus:
+        return WorkerStatus(self.started, self.done, self.error or self.exchange.error, self.step)
+
+    def on_request(self, rid: int, msg) -> list:
+        if isinstance(msg, PollStatus):
+            return [Reply(rid, self.status())]
+        if isinstance(msg, Start):
+            if self.started:
+                return [Reply(rid, False)]
+            self.started, self.step, self.end = True, msg.step, msg.end_step
+            self.exchange.set_routes(msg.routes)
+            exact = self.world.cfg.rule().exact_resume
+            effects = [Reply(rid, True)]
+            self.phase = "pull"
+            for i in range(self.world.cfg.num_shards):
+                effects += self.exchange.pull(i, self.step if exact else None, self.world.now)
+            return effects
+        return []
+
+    def on_answer(self, cid: int, value, failure: bool) -> list:
+        ex = self.exchange
+        effects = ex.on_failure(cid, value, self.world.now) if failure else ex.on_reply(cid, value, self.world.now)
+        for acked in ex.ledger[self.seen_acks:]:
+            self.world.ledger.append(acked)  # the checker's record survives the worker
+        self.seen_acks = len(ex.ledger)
+        if ex.error:
+            self.error = ex.error
+            return effects
+        if self.phase in ("pull", "push") and not any(ex.pending(i) for i in range(self.world.cfg.num_shards)):
+            effects += self._installed()
+        return effects
+
+    def on_tick(self) -> list:
+        if self.done:
+            return []
+        checks = self.exchange.on_tick(self.world.now) if self.started else []
+        return checks + [Timer("tick", self.exchange.watchdog_s)]
+
+    def _installed(self) -> list:
+        for i in range(self.world.cfg.num_shards):
+            reply = self.exchange.take(i)
+            if reply is not None and reply.params is not None:
+                self.params[i] = np.array(reply.params, dtype=np.float32, copy=True)
+                self.versions[i] = reply.seq
+        if self.phase == "push":
+            self.step += 1
+            if self.world.cfg.backup_workers:  # the shards closed steps without this rank: go on at their step
+                self.step = max(self.step, min(min(self.versions), self.end))
+        if self.step >= self.end:
+            self.done, self.phase = True, "done"
+            return []
+        self.phase = "compute"
+        return [Timer("computed", self.world.cfg.compute_s * self.world.rng.uniform(0.5, 1.5))]
+
+    def on_timer(self, token) -> list:
+        if token == "tick":
+            return self.on_tick()
+        if token != "computed" or self.phase != "compute":
+            return []
+        cfg, effects = self.world.cfg, []
+        self.phase = "push"
+        for i in range(cfg.num_shards):
+            effects += self.exchange.push(i, self.step, self.gradient(i), self.versions[i], True, self.world.now)
+        return effects
+
+    def gradient(self, shard: int) -> np.ndarray:
+        """A deterministic function of the parameters the worker holds, its rank and step."""
+        cfg = self.world.cfg
+        p = self.params[shard]
+        g = np.zeros(cfg.shard_size, dtype=np.float32)
+        model = p[:MODEL_VALUES]
+        g[:MODEL_VALUES] = np.float32(0.1) * model * model - np.float32(0.01 * (self.rank + 1) * (self.step + 1))
+        g[cfg.slot(self.rank, self.step)] = np.float32(cfg.push_value())
+        return g
+
+
+@dataclass(slots=True)
+class Proc:
+    name: str
+    kind: str
+    """server | worker | supervisor."""
+    node: str
+    obj: object
+    alive: bool = True
+    incarnation: int = 0
+    deaf_until: float = 0.0
+    """False suspicion: calls from the supervisor are held up until then."""
+    died_at: float | None = None
+
+
+@dataclass(slots=True)
+class Violation:
+    kind: str
+    detail: str
+
+
+@dataclass(slots=True)
+class RunOutcome:
+    finished: bool
+    failure: str | None
+    faults: list[str]
+    events: int
+    sim_time_s: float
+    trace: list[str]
+
+
+class World:
+    """One schedule: processes, the network, the clock, the KV, the faults."""
+
+    def __init__(self, cfg: SimConfig, seed: int, faults: bool = True, bugs=None, trace: bool = False, max_time_s: float = 60.0):
+        from raytrain_ft.sim.bugs import protocol_classes
+
+        self.cfg, self.seed = cfg, seed
+        self.rng = random.Random(seed)
+        self.now = 0.0
+        self._queue: list = []
+        self._seq = itertools.count()
+        self.procs: dict[str, Proc] = {}
+        self.kv: dict[str, str] = {}
+        self.ledger: list = []
+        self.faults_on = faults
+        self.faults: list[str] = []
+        self.trace_on = trace
+        self.trace: list[str] = []
+        self.max_time_s = max_time_s
+        self.events = 0
+        self._pending: dict[str, dict[int, tuple]] = {}
+        """Per process: rid -> (caller, caller incarnation, cid, message) of requests it has not answered."""
+        self._rids = itertools.count(1)
+        self._creating: set[str] = set()
+        """Processes created but not up yet: calls to them wait (as Ray queues calls to a pending actor)."""
+        self.server_cls, self.supervisor_cls = protocol_classes(bugs or ())
+        self.nodes = [f"node{i}" for i in range(cfg.num_nodes)]
+        self.ranges = cfg.ranges()
+        self.spec = ServerSpec(OptimConfig(name="sgd", lr=1.0, momentum=MOMENTUM), cfg.steps, cfg.num_workers, cfg.rule(),
+                               cfg.snapshot_interval, replicate=True, fold=cfg.fold)
+        self.sup_spec = SupervisorSpec(
+            cfg.num_shards, cfg.num_workers, cfg.steps, "replica", num_spares=cfg.num_spares, probe_interval_s=0.04, probe_timeout_s=0.01,
+            suspect_after_s=0.1, start_timeout_s=5.0, op_timeout_s=0.5, max_worker_restarts=100, node_ids=tuple(self.nodes) if cfg.num_nodes > 1 else (),
+        )
+        self._fault_budget = cfg.max_faults if faults else 0
+        self._progress = 0
+
+    # --- scheduling ----------------------------------------------------------------------------------
+
+    def at(self, delay: float, *event) -> None:
+        heapq.heappush(self._queue, (self.now + max(0.0, delay), next(self._seq), event))
+
+    def delay(self) -> float:
+        return self.rng.uniform(0.0001, 0.002) * (10 if self.rng.random() < 0.03 else 1)
+
+    def log(self, text: str) -> None:
+        if self.trace_on:
+            self.trace.append(f"{self.now * 1000:9.3f}ms {text}")
+
+    # --- processes -------------------------------------------------------------------------------------
+
+    def _new_supervisor(self, restore: bool) -> SupervisorProtocol:
+        params_of = self.cfg.initial
+        if restore:
+            return self.supervisor_cls.restore(self.sup_spec, self.ranges, params_of, self.kv[REGISTRY_KEY], self.now, key=REGISTRY_KEY)
+        return self.supervisor_cls(self.sup_spec, self.ranges, params_of, now=self.now, key=REGISTRY_KEY)
+
+    def start(self) -> None:
+        sup = self.procs[SUPERVISOR] = Proc(SUPERVISOR, "supervisor", self.nodes[0], self._new_supervisor(False))
+        self.perform(sup, sup.obj.on_start(self.now))
+        if self.faults_on:  # most faults land while the workers train, some while the run starts
+            for _ in range(self._fault_budget):
+                if self.rng.random() < 0.2:
+                    self.at(self.rng.uniform(0.0, STARTUP_S), "fault", "now")
+                else:
+                    self.at(0.0, "fault", "training")
+
+    def create(self, eff: Create) -> None:
+        node = eff.node if eff.node in self.nodes else self.rng.choice(self.nodes)
+        if self.cfg.num_nodes > 1 and eff.kind == "worker":
+            node = self.nodes[(eff.rank or 0) % len(self.nodes)]
+        if eff.kind == "server":
+            obj = self.server_cls(eff.name, self.spec, clock=lambda: self.now, node=node)
+        else:
+            obj = SimWorker(self, eff.name, eff.rank, eff.routes)
+        self._creating.add(eff.name)
+        self.at(self.rng.uniform(0.005, 0.03), "created", Proc(eff.name, eff.kind, node, obj))
+
+    def kill(self, name: str, why: str) -> None:
+        proc = self.procs.get(name)
+        if proc is None or not proc.alive:
+            return
+        proc.alive, proc.died_at = False, self.now
+        self.log(f"CRASH {name} ({why})")
+        for caller, inc, cid, msg in self._pending.pop(name, {}).values():
+            if proc.kind == "supervisor":  # Ray runs the call again on the restarted supervisor
+                self.at(self.delay(), "request", caller, inc, cid, name, msg)
+            else:
+                self.at(self.delay() * 5, "failure", caller, inc, cid, Failure.DEAD)
+        if proc.kind == "supervisor":
+            self.at(self.rng.uniform(0.005, 0.03), "restart_supervisor")
+
+    # --- carrying out effects ------------------------------------------------------------------------
+
+    def perform(self, proc: Proc, effects: list, crash_at: int | None = None) -> None:
+        for n, eff in enumerate(effects):
+            if not proc.alive:
+                return
+            if crash_at is not None and n == crash_at:
+                self.faults.append(f"{proc.name} crashed between two effects ({type(eff).__name__} not carried out)")
+                self.kill(proc.name, "mid-handler")
+                return
+            if isinstance(eff, Call):
+                self.at(self.delay(), "request", proc.name, proc.incarnation, eff.cid, eff.dst, eff.msg)
+            elif isinstance(eff, Reply):
+                caller = self._pending.get(proc.name, {}).pop(eff.rid, None)
+                if caller is not None:
+                    self.at(self.delay(), "reply", caller[0], caller[1], caller[2], eff.value, proc.name)
+            elif isinstance(eff, Timer):
+                self.at(eff.delay_s, "timer", proc.name, proc.incarnation, eff.token)
+            elif isinstance(eff, Persist):
+                self.kv[eff.key] = eff.value
+                self._progress += 1
+            elif isinstance(eff, Create):
+                self.create(eff)
+            elif isinstance(eff, Kill):
+                victim = self.procs.get(eff.name)
+                if victim is not None and victim.alive:
+                    self.at(self.rng.uniform(0.0, 0.05), "killed", eff.name, eff.reason)
+            elif isinstance(eff, Fold):
+                self.at(0.0, "fold", proc.name, proc.incarnation, eff.shard)
+            elif isinstance(eff, Note):
+                if eff.event in ("update", "recovered", "rereplicated"):
+                    self._progress += 1
+            elif isinstance(eff, SaveCheckpoint):
+                raise AssertionError("the simulator runs replica recovery only")
+
+    # --- the event loop --------------------------------------------------------------------------------
+
+    def run(self) -> RunOutcome:
+        self.start()
+        last_progress, last_progress_at = -1, 0.0
+        while self._queue:
+            t, _, event = heapq.heappop(self._queue)
+            self.now = t
+            if t > self.max_time_s:
+                break
+            self.events += 1
+            self.dispatch(event)
+            sup = self.procs[SUPERVISOR].obj
+            if self._progress != last_progress:
+                last_progress, last_progress_at = self._progress, t
+            elif t - last_progress_at > 5.0:
+                break  # nothing changed for 5 simulated seconds: no one can make progress
+            if self.procs[SUPERVISOR].alive and sup.phase in (RunPhase.DONE, RunPhase.FAILED):
+                break
+        sup = self.procs[SUPERVISOR].obj
+        finished = self.procs[SUPERVISOR].alive and sup.phase is RunPhase.DONE
+        return RunOutcome(finished, sup.reg.failure, list(self.faults), self.events, self.now, self.trace)
+
+    def dispatch(self, event: tuple) -> None:
+        kind = event[0]
+        if kind == "request":
+            _, src, src_inc, cid, dst, msg = event
+            proc = self.procs.get(dst)
+            if (dst == SUPERVISOR and (proc is None or not proc.alive)) or dst in self._creating:
+                self.at(0.002, *event)  # Ray retries calls to a restarting supervisor, queues calls to a starting actor
+                return
+            if proc is None or not proc.alive:
+                self.at(self.delay() * 5, "failure", src, src_inc, cid, Failure.DEAD)
+                return
+            if proc.deaf_until > self.now and src == SUPERVISOR:
+                if self.trace_on:
+                    self.log(f"{dst} cut off from the supervisor: {type(msg).__name__} delayed")
+                self.at(proc.deaf_until - self.now + self.delay(), *event)  # it arrives once the partition heals
+                return
+            rid = next(self._rids)
+            self._pending.setdefault(dst, {})[rid] = (src, src_inc, cid, msg)
+            if self.trace_on:
+                self.log(f"{src} -> {dst}: {type(msg).__name__}")
+            if src != SUPERVISOR and dst != SUPERVISOR and self._fault_budget and self.rng.random() < 0.01:
+                self._fault_budget -= 1
+                self.faults.append(f"{src}'s call to {dst} reported unavailable (the server still got it)")
+                self._pending[dst].pop(rid)
+                self.at(self.delay(), "failure", src, src_inc, cid, Failure.UNAVAILABLE)
+                self._handle(proc, "request", rid, msg)  # answered into the void
+                return
+            self._handle(proc, "request", rid, msg)
+        elif kind == "reply":
+            _, dst, inc, cid, value, src = event
+            proc = self.procs.get(dst)
+            if proc is None or not proc.alive or proc.incarnation != inc:
+                return
+            self._handle(proc, "reply", cid, value)
+        elif kind == "failure":
+            _, dst, inc, cid, failure = event
+            proc = self.procs.get(dst)
+            if proc is None or not proc.alive or proc.incarnation != inc:
+                return
+            self._handle(proc, "failure", cid, failure)
+        elif kind == "timer":
+            _, name, inc, token = event
+            proc = self.procs.get(name)
+            if proc is None or not proc.alive or proc.incarnation != inc:
+                return
+            self._handle(proc, "timer", token, None)
+        elif kind == "fold":
+            _, name, inc, shard = event
+            proc = self.procs.get(name)
+            if proc is not None and proc.alive and proc.incarnation == inc:
+                proc.obj.fold(shard)
+        elif kind == "created":
+            proc = event[1]
+            self._creating.discard(proc.name)
+            if proc.name in self.procs:
+                return
+            self.procs[proc.name] = proc
+            self.log(f"created {proc.name} on {proc.node}")
+            if proc.kind == "worker":
+                self.perform(proc, [Timer("tick", self.cfg.compute_s)])
+        elif kind == "killed":
+            self.kill(event[1], f"killed by the supervisor: {event[2]}")
+        elif kind == "restart_supervisor":
+            proc = self.procs[SUPERVISOR]
+            proc.obj = self._new_supervisor(True)
+            proc.alive, proc.incarnation = True, proc.incarnation + 1
+            self.log("supervisor restarted from the registry")
+            self.perform(proc, proc.obj.on_start(self.now))
+        elif kind == "fault":
+            if event[1] == "training":  # once a worker trains, at a random moment of its steps
+                if not any_started(self._registry()):
+                    self.at(0.005, *event)
+                else:
+                    self.at(self.rng.uniform(0.0, self.cfg.steps * self.cfg.compute_s * 1.2), "fault", "now")
+                return
+            self.inject()
+        else:
+            raise AssertionError(kind)
+
+    def _handle(self, proc: Proc, what: str, key, value) -> None:
+        obj = proc.obj
+        if proc.kind == "supervisor":
+            if what == "request":
+                effects = obj.on_request(key, value, self.now)
+            elif what == "reply":
+                effects = obj.on_reply(key, value, self.now)
+            elif what == "failure":
+                effects = obj.on_failure(key, value, self.now)
+            else:
+                effects = obj.on_timer(key, self.now)
+        elif proc.kind == "worker":
+            if what == "request":
+                effects = obj.on_request(key, value)
+            elif what == "timer":
+                effects = obj.on_timer(key)
+            else:
+                effects = obj.on_answer(key, value, what == "failure")
+        else:
+            if what == "request":
+                effects = obj.on_request(key, value)
+            elif what == "reply":
+                effects = obj.on_reply(key, value)
+            elif what == "failure":
+                effects = obj.on_failure(key, value)
+            else:
+                effects = obj.on_timer(key)
+        crash_at = None
+        if self._fault_budget and len(effects) > 1 and self.rng.random() < 0.02 and self._may_crash({proc.name}):
+            self._fault_budget -= 1
+            crash_at = self.rng.randrange(1, len(effects))
+        self.perform(proc, effects, crash_at)
+
+    # --- faults --------------------------------------------------------------------------------------------
+
+    def _registry(self):
+        sup = self.procs[SUPERVISOR].obj
+        return sup.reg
+
+    def _may_crash(self, victims: set[str]) -> bool:
+        """Whether losing ``victims`` together leaves every shard a live primary or a holder with its replica."""
+        reg, k = self._registry(), self.cfg.num_shards
+        if all(w.actor is None for w in reg.workers):
+            return True  # no worker yet (none can start before a probe sees the loss): servers are created again
+
+        def gone(name):
+            p = self.procs.get(name)
+            return name is None or name in victims or p is None or not p.alive
+
+        for shard in range(k):
+            slot = reg.slots[shard]
+            holder = reg.slots[replica_slot(shard, k)]
+            primary_ok = slot.phase is SlotPhase.SERVING and not gone(slot.actor)
+            holder_ok = reg.replicated[shard] and holder.phase in (SlotPhase.SERVING, SlotPhase.RECOVERING) and not gone(holder.actor)
+            if not primary_ok and not holder_ok:
+                return False
+            if slot.phase is SlotPhase.RECOVERING and not holder_ok:
+                return False
+        return True
+
+    def inject(self) -> None:
+        if self._fault_budget <= 0:
+            return
+        live = [p for p in self.procs.values() if p.alive]
+        choice = self.rng.random()
+        if choice < 0.12:
+            victims = {SUPERVISOR}
+            what = "supervisor crash"
+        elif choice < 0.27 and self.cfg.num_nodes > 1:
+            node = self.rng.choice(self.nodes[1:])
+            victims = {p.name for p in live if p.node == node and p.kind != "supervisor"}
+            what = f"loss of {node}"
+        elif choice < 0.4:
+            servers = [p for p in live if p.kind == "server"]
+            if not servers:
+                return
+            p = self.rng.choice(servers)
+            if not self._may_crash({p.name}):
+                self.at(0.005, "fault", "now")
+                return
+            self._fault_budget -= 1
+            p.deaf_until = self.now + self.rng.uniform(0.15, 0.4)
+            self.faults.append(f"false suspicion of {p.name} for {(p.deaf_until - self.now) * 1000:.0f}ms")
+            self.log(f"FAULT {self.faults[-1]}")
+            return
+        else:  # a slot's server half the time (a primary, holder of a peer's replica), else a worker or a spare
+            reg = self._registry()
+            slots = {s.actor for s in reg.slots}
+            servers = [p for p in live if p.name in slots]
+            others = [p for p in live if p.kind != "supervisor" and p.name not in slots]
+            pool = servers if servers and (self.rng.random() < 0.5 or not others) else others
+            if not pool:
+                return
+            victims = {self.rng.choice(pool).name}
+            what = f"crash of {next(iter(victims))}"
+        if not victims or not self._may_crash(victims):
+            self.at(0.005, "fault", "now")  # not now: try again a little later
+            return
+        self._fault_budget -= 1
+        self.faults.append(what)
+        self.log(f"FAULT {what}")
+        for name in victims:
+            self.kill(name, what)
+        if what.startswith("loss of"):
+            self._lose_replies_from(victims)
+
+    def _lose_replies_from(self, victims: set[str]) -> None:
+        """Answers still travelling from a lost node's processes are lost with it (its object store is gone)."""
+        kept = []
+        for t, s, event in self._queue:
+            if event[0] == "reply" and event[5] in victims and self.rng.random() < 0.5:
+                kept.append((t, s, ("failure", event[1], event[2], event[3], Failure.LOST)))
+            else:
+                kept.append((t, s, event))
+        heapq.heapify(kept)
+        self._queue = kept
