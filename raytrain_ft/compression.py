@@ -11,8 +11,11 @@ Error feedback (Seide et al. 2014 for 1-bit SGD; Karimireddy et al. 2019 for
 sign/top-k): the encoder keeps what compression dropped -- ``residual =
 corrected - decode(encode(corrected))`` with ``corrected = grad + residual`` --
 and adds it to the next push, so every gradient value reaches the server
-eventually. The residual lives on the worker; a restarted worker starts with
-a zero residual (it loses at most one push's worth of dropped values).
+eventually. The residual lives on the worker, and a copy travels with each
+push to the shard (and so to its replica): a restarted worker resumes with
+exactly the residual it had, and a sync run with worker kills ends bitwise
+equal to the run without -- at the price of the residual's bytes on the wire
+(a dense float32 copy of the parameter part per push).
 
 Wire sizes (n values): none 4n bytes; fp16 2n; top-k(r) 8*ceil(r*n) (int32
 index + float32 value); onebit ceil(n/8) + 4*ceil(n/512) (packed signs + a

@@ -148,6 +148,8 @@ def mean_in_rank_order(grads: Mapping[int, np.ndarray]) -> np.ndarray:
 class Pending:
     grads: dict[int, np.ndarray] = field(default_factory=dict)
     base_versions: dict[int, int] = field(default_factory=dict)
+    residuals: dict[int, np.ndarray] = field(default_factory=dict)
+    """Per rank: its codec's error-feedback residual after this push (lossy codecs; kept with the shard)."""
 
 
 class PushBuffer:
@@ -159,7 +161,7 @@ class PushBuffer:
         self.replaced = 0
         """Pushes that replaced a waiting push of the same (rank, step) (a resend)."""
 
-    def add(self, rank: int, step: int, grad: np.ndarray, base_version: int) -> tuple[tuple[int, int], Pending | None]:
+    def add(self, rank: int, step: int, grad: np.ndarray, base_version: int, residual: np.ndarray | None = None) -> tuple[tuple[int, int], Pending | None]:
         """Buffer a push; returns its key and, when it completes the update, the pushes that form it."""
         key = self.rule.key(rank, step)
         p = self.pending.setdefault(key, Pending())
@@ -167,6 +169,8 @@ class PushBuffer:
             self.replaced += 1
         p.grads[rank] = grad
         p.base_versions[rank] = base_version
+        if residual is not None:
+            p.residuals[rank] = residual
         if len(p.grads) < self.rule.needed(rank):
             return key, None
         del self.pending[key]

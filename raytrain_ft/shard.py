@@ -58,9 +58,11 @@ class ShardState:
         self.applied: dict[int, bytearray] = {}
         """Per rank: how many times each of its steps' pushes went into an update (the record an independent
         ledger of acknowledged pushes is checked against: every acknowledged push counts exactly 1)."""
+        self.residuals: dict[int, list] = {}
+        """Per rank: [(step, error-feedback residual after that step's push)], the newest two (lossy codecs)."""
 
     def load(self, params: np.ndarray | torch.Tensor, seq: int = 0, optimizer_state: dict | None = None, clocks: dict | None = None,
-             applied: dict | None = None) -> None:
+             applied: dict | None = None, residuals: dict | None = None) -> None:
         values = torch.from_numpy(np.array(params, dtype=np.float32, copy=True))
         if values.numel() != self.shard.size:
             raise ValueError(f"shard {self.shard.index}: got {values.numel()} values, expected {self.shard.size}")
@@ -70,13 +72,15 @@ class ShardState:
             self.optimizer.load_state(optimizer_state)
         self.clocks = dict(clocks or {})
         self.applied = {int(r): bytearray(c) for r, c in (applied or {}).items()}
+        self.residuals = {int(r): [(s, np.array(a, dtype=np.float32, copy=True)) for s, a in items] for r, items in (residuals or {}).items()}
 
     def hyper_params(self, step: int) -> HyperParams:
         return hyper_params(step, self.optim_cfg, self.total_steps)
 
-    def apply(self, mean_update: np.ndarray, hp: HyperParams, pushes: tuple = ()) -> None:
+    def apply(self, mean_update: np.ndarray, hp: HyperParams, pushes: tuple = (), residuals: tuple = ()) -> None:
         """Apply one aggregated update: optimizer on the parameter part, assignment on the buffer part.
-        ``pushes``: the (rank, step) pairs it aggregates (advances those ranks' clocks)."""
+        ``pushes``: the (rank, step) pairs it aggregates (advances those ranks' clocks); ``residuals``: (rank,
+        step, array) of the pushing workers' error-feedback residuals."""
         with warnings.catch_warnings():  # read-only object-store views are only read here
             warnings.simplefilter("ignore", UserWarning)
             update = torch.from_numpy(mean_update)
@@ -94,9 +98,19 @@ class ShardState:
             if step >= len(counts):
                 counts.extend(bytes(step + 1 - len(counts)))
             counts[step] = min(255, counts[step] + 1)
+        for rank, step, residual in residuals:
+            self.residuals[rank] = (self.residuals.get(rank, []) + [(step, residual)])[-2:]
 
     def params_copy(self) -> np.ndarray:
         return self.params.numpy().copy()
+
+    def residual_before(self, rank: int, step: int) -> np.ndarray | None:
+        """The residual ``rank`` had after its last push before ``step`` (what it resumes ``step`` with)."""
+        earlier = [(s, a) for s, a in self.residuals.get(rank, []) if s < step]
+        return max(earlier, key=lambda sa: sa[0])[1] if earlier else None
+
+    def residuals_copy(self) -> dict:
+        return {r: [(s, a.copy()) for s, a in items] for r, items in self.residuals.items()}
 
     def was_applied(self, rank: int, step: int) -> bool:
         counts = self.applied.get(rank)

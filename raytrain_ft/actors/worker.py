@@ -68,6 +68,8 @@ class WorkerStatus:
     """GPUs Ray assigned to the worker (it trains on them when torch sees CUDA)."""
     started: bool = False
     """It was told where to start (a restarted rank that was not started yet is not training)."""
+    residual_bytes: int = 0
+    """Bytes of error-feedback residuals sent with the pushes (lossy codecs keep them with the shards)."""
 
 
 def choose_device(requested: str, use_gpu: str, cuda_available: bool, gpu_ids) -> tuple[str, str | None]:
@@ -185,7 +187,7 @@ class Worker:
             self.rank, self._step, self._end_step, self._last_loss, self._samples, self._compute_s, self._wait_s,
             self._started_at, self._finished_at, done, self._error, str(self.device), tuple(self.exchange.acked),
             process_address(), self.exchange.reroutes, self.exchange.bytes_pushed, self.exchange.bytes_pulled, self._skipped,
-            self._last_accuracy, self.node_id, self.gpu_ids, self._thread is not None,
+            self._last_accuracy, self.node_id, self.gpu_ids, self._thread is not None, self.exchange.residual_bytes,
         )
 
     def step_end_times(self) -> list[tuple[int, float]]:
@@ -221,7 +223,7 @@ class Worker:
         stream = self._stream(self._step)
         self.model.train()
         # plain sync resumes on exactly its step's parameters; other modes take the newest
-        self.exchange.pull_all(self._step if self.rule.exact_resume else None)
+        self.exchange.pull_all(self._step if self.rule.exact_resume else None, resume_step=self._step)
         downpour = cfg.mode == "async"
         try:
             while self._step < self._end_step:
@@ -348,6 +350,8 @@ class ShardExchange:
         """Per shard: the seq of the parameters installed (the base a gradient is computed on)."""
         self.bytes_pushed = 0
         self.bytes_pulled = 0
+        self.residual_bytes = 0
+        """Bytes of error-feedback residuals sent with the pushes (lossy codecs)."""
         self.pushed_last = True
         self._want_params = True
         self.host_grad = host_grad
@@ -411,11 +415,13 @@ class ShardExchange:
             if not done:
                 self._push(i)
 
-    def pull_all(self, step: int | None) -> None:
-        """Fetch every shard's parameters as of ``step`` (a restarted worker resumes there), or the newest (None)."""
+    def pull_all(self, step: int | None, resume_step: int | None = None) -> None:
+        """Fetch every shard's parameters as of ``step`` (a restarted worker resumes there), or the newest (None);
+        with ``resume_step`` and a lossy codec, also the error-feedback residual this rank had before it."""
+        resume = resume_step if self.encoders is not None else None
         for i in range(len(self.shards)):
             self._is_pull[i] = True
-            self._ask(i, self.proto.pull(i, step, time.time()))
+            self._ask(i, self.proto.pull(i, step, time.time(), resume))
         if not self.overlap:
             self.install_all()
 
@@ -435,14 +441,17 @@ class ShardExchange:
         if self.host_grad is not self.flat.flat_grad:  # GPU: stage the slice in pinned host memory
             self.host_grad[s.start : s.end].copy_(self.flat.flat_grad[s.start : s.end])
         grad = self.host_grad.numpy()[s.start : s.end]
+        residual = None
         if self.encoders is not None:
             ps, bs = s.param_slice, s.buffer_slice
             grad = self.encoders[i].encode(grad[ps], grad[bs])
+            residual = self.encoders[i].residual.copy()  # kept with the shard: a restarted rank resumes with it
+            self.residual_bytes += residual.nbytes
         elif isinstance(grad, np.ndarray):
             grad = grad.copy()  # kept for a resend: the gradient buffer is reused by the next step
         self.bytes_pushed += grad.nbytes
         self._is_pull[i] = False
-        self._ask(i, self.proto.push(i, self._step, grad, self.versions[i], self._want_params, time.time()))
+        self._ask(i, self.proto.push(i, self._step, grad, self.versions[i], self._want_params, time.time(), residual))
         self._pushed[i] = True
 
     def _ask(self, i: int, effects: list) -> None:
@@ -513,6 +522,8 @@ class ShardExchange:
             if self.metrics is not None and self.metrics.enabled:
                 op = "pull" if self._is_pull[i] else "push_pull"
                 self.metrics.observe("exchange_latency_seconds", time.perf_counter() - self._sent_at[i], {"op": op})
+            if reply.residual is not None and self.encoders is not None:
+                self.encoders[i].residual[:] = reply.residual
             if reply.params is not None:
                 s = self.shards[i]
                 self.flat.flat[s.start : s.end].copy_(torch.from_numpy(reply.params), non_blocking=True)

@@ -69,11 +69,12 @@ class ExchangeProtocol:
 
     # --- what the training loop asks for ----------------------------------------------------------------
 
-    def push(self, shard: int, step: int, payload, base_version: int | None, want_params: bool, now: float = 0.0) -> list:
-        return self._send_new(shard, Push(self.rank, step, payload, base_version, want_params), now)
+    def push(self, shard: int, step: int, payload, base_version: int | None, want_params: bool, now: float = 0.0, residual=None) -> list:
+        return self._send_new(shard, Push(self.rank, step, payload, base_version, want_params, residual), now)
 
-    def pull(self, shard: int, step: int | None, now: float = 0.0) -> list:
-        return self._send_new(shard, Pull(step), now)
+    def pull(self, shard: int, step: int | None, now: float = 0.0, resume_step: int | None = None) -> list:
+        """Parameters as of ``step`` (None: the newest); with ``resume_step`` also this rank's residual to resume with."""
+        return self._send_new(shard, Pull(step, self.rank if resume_step is not None else None, resume_step), now)
 
     def pending(self, shard: int) -> bool:
         return shard in self._out

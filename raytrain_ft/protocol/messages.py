@@ -149,12 +149,18 @@ class Push:
     base_version: int | None = None
     """The seq of the parameters the gradient was computed on."""
     want_params: bool = True
+    residual: Any = None
+    """Lossy codecs: the sender's error-feedback residual after this push, kept with the shard so that a
+    restarted worker goes on with exactly the residual it had."""
 
 
 @dataclass(frozen=True, slots=True)
 class Pull:
     step: int | None = None
     """Parameters as of this step (sync restarts), or the newest (None)."""
+    rank: int | None = None
+    resume_step: int | None = None
+    """With ``rank``: also answer the error-feedback residual ``rank`` had before this step."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +188,8 @@ class PushReply:
     """seq + 1 of the update that holds the push (0 when it carries none: an async repeat, a late push)."""
     late: bool = False
     """Sync with backup workers: the step closed without this push; it was dropped."""
+    residual: Any = None
+    """Pulls with a rank: its error-feedback residual to resume with (None: none kept)."""
 
 
 @dataclass(frozen=True, slots=True)

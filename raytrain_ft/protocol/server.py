@@ -109,6 +109,7 @@ class _Held:
     """Pulls of exactly one step (sync restarts)."""
     gate: bool = False
     """ssp: a push's reply also waits until its rank is at most ``staleness`` steps ahead of the slowest."""
+    pull: Pull | None = None
 
 
 @dataclass(slots=True)
@@ -378,7 +379,7 @@ class ServerProtocol:
 
     def _accept(self, p: _Primary, rid: int, m: Push) -> list:
         base = p.state.seq if m.base_version is None else m.base_version
-        key, complete = p.buffer.add(m.rank, m.step, decode_push(m.payload), base)
+        key, complete = p.buffer.add(m.rank, m.step, decode_push(m.payload), base, m.residual)
         p.waiting.setdefault(key, []).append((rid, m.want_params, m.rank))
         if complete is None:
             return []
@@ -400,12 +401,13 @@ class ServerProtocol:
         if scale != 1.0:
             hp = dataclasses.replace(hp, lr=hp.lr * scale)
         pushes = tuple((r, step) for r in sorted(pending.grads))
+        residuals = tuple((r, step, pending.residuals[r]) for r in sorted(pending.residuals))
         if rule.exact_resume:  # a worker restarting mid-step pulls the parameters before this update
             p.previous = self._params_now(p)
-        command = Command(seq, update, hp, pushes)
+        command = Command(seq, update, hp, pushes, residuals)
         if self.spec.replicate:  # the command is queued before the update is applied: never an ack without it
             p.outbox.append([command, None])
-        state.apply(update, hp, pushes)
+        state.apply(update, hp, pushes, residuals)
         p.stale = True
         effects = [Note("update", {"shard": p.shard.index, "seq": seq, "staleness": stalest})]
         if self.spec.replicate:
@@ -428,10 +430,10 @@ class ServerProtocol:
             return [Reply(rid, self._not_primary())]
         seq = p.state.seq
         if m.step is None or m.step == seq:
-            p.held.append(_Held(rid, seq, 0, True, step=m.step))
+            p.held.append(_Held(rid, seq, 0, True, step=m.step, pull=m))
             return self._release()
         if m.step == seq - 1 and p.previous is not None:
-            return [Reply(rid, PushReply(p.previous, m.step, 0))]
+            return [Reply(rid, PushReply(p.previous, m.step, 0, residual=self._residual(p, m)))]
         return [Reply(rid, Refused(RefusalKind.CANNOT_SERVE, f"shard {p.shard.index} cannot serve parameters of step {m.step}: "
                                                              f"it holds step {seq} (and the one before)"))]
 
@@ -461,12 +463,19 @@ class ServerProtocol:
                 if h.gate:
                     self.clock_trace.append((h.rank, state.clocks.get(h.rank, 0), slowest_clock(state.clocks, self.spec.num_workers)))
                 if h.step is not None and h.step != state.seq:  # an exact pull overtaken by an update
-                    out.append(self._on_pull(h.rid, Pull(h.step))[0])
+                    out.append(self._on_pull(h.rid, h.pull)[0])
                     continue
                 params = self._params_now(p) if h.want_params else None
-                out.append(Reply(h.rid, PushReply(params, state.seq, h.acked, h.late)))
+                residual = self._residual(p, h.pull) if h.pull is not None else None
+                out.append(Reply(h.rid, PushReply(params, state.seq, h.acked, h.late, residual)))
         p.held = keep
         return out
+
+    def _residual(self, p: _Primary, m: Pull):
+        if m.rank is None:
+            return None
+        step = m.resume_step if m.resume_step is not None else m.step
+        return p.state.residual_before(m.rank, step) if step is not None else None
 
     def _logged(self, p: _Primary) -> int:
         """Updates the holder has logged: what a reply may depend on."""
@@ -476,7 +485,7 @@ class ServerProtocol:
 
     def _snapshot(self, p: _Primary) -> Snapshot:
         s = p.state
-        return Snapshot(s.seq, self._params_now(p), s.optimizer.state_dict(), p.previous, dict(s.clocks), s.applied_copy())
+        return Snapshot(s.seq, self._params_now(p), s.optimizer.state_dict(), p.previous, dict(s.clocks), s.applied_copy(), s.residuals_copy())
 
     def _flush(self) -> list:
         """Send every queued command to the holder in one Append, unless one is on its way already."""

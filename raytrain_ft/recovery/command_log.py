@@ -35,12 +35,15 @@ class Command:
     hp: HyperParams
     """Optimizer hyper-parameters in force for this update."""
     pushes: tuple = ()
-    """(rank, step) of each worker push the update aggregates (empty in sync mode, where seq is the step);
-    replay advances the same per-rank clocks, so a push resent after a recovery is still recognised."""
+    """(rank, step) of each worker push the update aggregates; replay advances the same per-rank clocks and
+    applied record, so a push resent after a recovery is still recognised."""
+    residuals: tuple = ()
+    """(rank, step, array): the pushing workers' error-feedback residuals after these pushes (lossy codecs), so a
+    restarted worker resumes with exactly the residual it had."""
 
     @property
     def nbytes(self) -> int:
-        return int(self.update.nbytes)
+        return int(self.update.nbytes) + sum(int(a.nbytes) for _, _, a in self.residuals)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,17 +60,21 @@ class Snapshot:
     """Per rank: the next step the shard expects from it (``ShardState.clocks``)."""
     applied: dict | None = None
     """Per rank: times each step's push went into an update (``ShardState.applied``)."""
+    residuals: dict | None = None
+    """Per rank: its newest error-feedback residuals as [(step, array)] (``ShardState.residuals``)."""
 
     @property
     def nbytes(self) -> int:
         n = self.params.nbytes + sum(v.numel() * v.element_size() for v in self.optimizer_state.get("state", {}).values())
+        n += sum(a.nbytes for items in (self.residuals or {}).values() for _, a in items)
         return int(n + (self.previous_params.nbytes if self.previous_params is not None else 0))
 
     def owned(self) -> "Snapshot":
         prev = _owned(self.previous_params) if self.previous_params is not None else None
         state = {"step_count": self.optimizer_state.get("step_count", 0), "state": {k: v.clone() for k, v in self.optimizer_state.get("state", {}).items()}}
         applied = {r: bytes(c) for r, c in (self.applied or {}).items()}
-        return Snapshot(self.seq, _owned(self.params), state, prev, dict(self.clocks or {}), applied)
+        residuals = {r: [(s, _owned(a)) for s, a in items] for r, items in (self.residuals or {}).items()}
+        return Snapshot(self.seq, _owned(self.params), state, prev, dict(self.clocks or {}), applied, residuals)
 
 
 @dataclass(slots=True)
@@ -104,7 +111,8 @@ class CommandLog:
             return False
         if command.seq > self.next_seq:
             raise LogGapError(f"command seq {command.seq} arrived, the log expects {self.next_seq}: a command is missing")
-        self.entries.append(Command(command.seq, _owned(command.update), command.hp, tuple(command.pushes)))
+        residuals = tuple((r, s, _owned(a)) for r, s, a in command.residuals)
+        self.entries.append(Command(command.seq, _owned(command.update), command.hp, tuple(command.pushes), residuals))
         return True
 
     def install_snapshot(self, snapshot: Snapshot) -> int:
@@ -129,7 +137,8 @@ class CommandLog:
             return 0
         if self._state is None:
             state = ShardState(shard, optim_cfg, total_steps)
-            state.load(self.snapshot.params, self.snapshot.seq, self.snapshot.optimizer_state, self.snapshot.clocks, self.snapshot.applied)
+            state.load(self.snapshot.params, self.snapshot.seq, self.snapshot.optimizer_state, self.snapshot.clocks, self.snapshot.applied,
+                       self.snapshot.residuals)
             self._state = state
             self._previous = torch.zeros_like(state.params)
             if self.snapshot.previous_params is not None:
@@ -138,13 +147,13 @@ class CommandLog:
         applied = 0
         for command in self.entries:
             previous.copy_(state.params)
-            state.apply(command.update, command.hp, command.pushes)
+            state.apply(command.update, command.hp, command.pushes, command.residuals)
             applied += 1
         self.entries = []
         self.folded += applied
         # views of the live state: serialized (copied) whenever the snapshot is sent
         self.snapshot = Snapshot(state.seq, state.params.numpy(), {"step_count": state.optimizer.step_count, "state": state.optimizer.state},
-                                 previous.numpy(), state.clocks, state.applied)
+                                 previous.numpy(), state.clocks, state.applied, state.residuals)
         return applied
 
     @property

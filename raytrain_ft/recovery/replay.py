@@ -33,7 +33,7 @@ class Replayed:
 
 def replay(snapshot: Snapshot, entries: list[Command], shard: ShardRange, optim_cfg: OptimConfig, total_steps: int) -> Replayed:
     state = ShardState(shard, optim_cfg, total_steps)
-    state.load(snapshot.params, snapshot.seq, snapshot.optimizer_state, snapshot.clocks, snapshot.applied)
+    state.load(snapshot.params, snapshot.seq, snapshot.optimizer_state, snapshot.clocks, snapshot.applied, snapshot.residuals)
     previous = None if snapshot.previous_params is None else np.array(snapshot.previous_params, copy=True)
     replayed = 0
     for command in entries:
@@ -42,7 +42,7 @@ def replay(snapshot: Snapshot, entries: list[Command], shard: ShardRange, optim_
         if command.seq > state.seq:
             raise LogGapError(f"shard {shard.index}: replay expected seq {state.seq}, found {command.seq}")
         previous = state.params_copy()
-        state.apply(command.update, command.hp, command.pushes)
+        state.apply(command.update, command.hp, command.pushes, command.residuals)
         replayed += 1
     state.updates_applied = state.seq
     return Replayed(state, previous, replayed)

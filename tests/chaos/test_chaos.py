@@ -276,3 +276,19 @@ def test_kill_a_process_hosting_two_simulated_ranks(ray_local):
     assert processes[0] == processes[1] != processes[2]
     n = result.num_params
     torch.testing.assert_close(torch.from_numpy(result.final_params[:n].copy()), simulated_sgd_expected(cfg, result), rtol=0, atol=1e-6)
+
+
+def test_a_lossy_codec_restarted_worker_resumes_with_its_residual(ray_local, tmp_path):
+    """Error feedback survives a worker kill: the restarted rank gets its residual back from the shards, so a
+    top-k run with a kill ends with the same hash as without (a reset residual would change the pushes)."""
+    def config(kill=None):
+        cfg = _config(2, kill=kill)
+        cfg.consistency.codec = "topk:0.05"
+        return cfg
+
+    clean = Trainer(config()).fit()
+    killed = Trainer(config("worker:1@step=20")).fit()
+    assert [k["kill"] for k in killed.kills] == ["worker:1@step=20"]
+    assert [e["role"] for e in killed.recoveries] == ["worker"]
+    assert killed.params_sha256 == clean.params_sha256
+    assert all(w["residual_bytes"] > 0 for w in killed.workers)

@@ -8,6 +8,8 @@ the tests check the exact number of updates: one per push (per group in mixed
 mode), none lost, none doubled.
 """
 
+import os
+
 import pytest
 
 from raytrain_ft.actors.worker import LEDGER_DIR_ENV_VAR
