@@ -203,7 +203,10 @@ class Registry:
     restarts: int = 0
     server_replacements: int = 0
     recoveries_started: int = 0
+    replica_version: int = 0
+    """Holders named so far (``SetReplica.version``: a primary ignores an older, delayed one)."""
     rereplications_started: int = 0
+    """Replicas rebuilt after a server was lost (the first replication of each shard at the start not counted)."""
     started_at: float = 0.0
     """When the run's supervisor first started (recovery event times are reported relative to it)."""
     training: bool = False
@@ -690,9 +693,12 @@ class SupervisorProtocol:
         if a is Action.REPLICATE:
             shard = d.target
             holder = reg.slots[replica_slot(shard, k)].actor
-            reg.rereplications_started += 1  # the version of the holder named (persisted before it is used)
+            reg.replica_version += 1  # persisted before the holder is named with it
             primary = reg.slots[shard].actor
-            calls = self._op("replicate", shard, primary, SetReplica(holder, reg.rereplications_started), holder, primary, reg.slots[shard].epoch)
+            calls = self._op("replicate", shard, primary, SetReplica(holder, reg.replica_version), holder, primary, reg.slots[shard].epoch)
+            if not reg.training:
+                return [self._persist()] + calls
+            reg.rereplications_started += 1
             return [self._persist()] + calls + [Note("rereplication_started", {"n": reg.rereplications_started, "shard": shard, "holder": holder})]
         if a is Action.RECOVER:
             return self._recover(d.target, d.reason, now)

@@ -57,7 +57,7 @@ class FaultHook:
             if not self._matches(k, note.event, f):
                 continue
             self.pending.remove(k)
-            if self.kill is None:  # a server on itself: record first, the process is gone after the signal
+            if self.kill is None or k.role == "supervisor":  # on itself: record first, the process is gone after the signal
                 record_kill(self.run_id, str(k), f"SIGKILL (self, {note.event})")
                 logger.warning("fault injection: %s -- dying at %s %s", k, note.event, f)
                 os.kill(os.getpid(), signal.SIGKILL)

@@ -8,7 +8,8 @@ Triggers:
 - ``time=S``: S seconds after training started;
 - ``recovery=N``: while the supervisor's N-th server recovery is in progress (fired by the supervisor;
   ``server:i`` names the replacement being rebuilt when i is the shard being recovered);
-- ``rereplication=N``: while the supervisor's N-th re-replication (a snapshot to a new holder) is in progress;
+- ``rereplication=N``: while the supervisor's N-th re-replication (a snapshot to a new holder) is in progress
+  (``supervisor@recovery=N`` / ``@rereplication=N``: the supervisor dies right after it started them);
 - ``snapshot=N``: ``server:i`` dies right after sending its N-th snapshot, ``replica:i`` right after
   receiving it, before installing it (fired inside the actor).
 
@@ -62,8 +63,6 @@ def parse_kill(text: str, field: str = "kill") -> KillSpec:
         raise ConfigError(field, f"{text!r}: index and value must be >= 0")
     if trigger == "snapshot" and role not in ("server", "replica"):
         raise ConfigError(field, f"{text!r}: @snapshot applies to server or replica only")
-    if trigger in ("recovery", "rereplication") and role == "supervisor":
-        raise ConfigError(field, f"{text!r}: the supervisor runs the recovery; kill it with @step or @time")
     if role == "node" and index == 0:
         raise ConfigError(field, f"{text!r}: node 0 is the head node (it runs the supervisor and Ray's control plane); kill node 1 or higher")
     return KillSpec(role, index, trigger, value)

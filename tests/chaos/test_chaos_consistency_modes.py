@@ -16,7 +16,7 @@ from raytrain_ft.actors.worker import LEDGER_DIR_ENV_VAR
 from raytrain_ft.config import ClusterConfig, ConsistencyConfig, DataConfig, ModelConfig, OptimConfig, RecoveryConfig, TrainConfig
 from raytrain_ft.recovery.faults import parse_kills
 from raytrain_ft.trainer import Trainer
-from tests.chaos.ledger import assert_exactly_once, read_ledgers
+from raytrain_ft.recovery.ledger import assert_exactly_once, read_ledgers
 
 pytestmark = pytest.mark.chaos
 

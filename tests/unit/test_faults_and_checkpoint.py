@@ -16,6 +16,8 @@ from raytrain_ft.recovery.faults import KillSpec, check_targets, parse_kill, par
     ("server:2@recovery=1", KillSpec("server", 2, "recovery", 1)),
     ("node:2@step=10", KillSpec("node", 2, "step", 10)),
     ("supervisor@step=5", KillSpec("supervisor", 0, "step", 5)),
+    ("supervisor@recovery=1", KillSpec("supervisor", 0, "recovery", 1)),
+    ("spare:0@rereplication=2", KillSpec("spare", 0, "rereplication", 2)),
 ])
 def test_parse_kill(text, spec):
     assert parse_kill(text) == spec
@@ -28,7 +30,7 @@ def test_parse_kill(text, spec):
     ("server:x@step=3", "not an integer"),
     ("server@when=3", "expected ROLE"),
     ("worker@snapshot=1", "server or replica only"),
-    ("supervisor@recovery=1", "kill it with @step"),
+    ("worker@snapshot=1", "server or replica only"),
     ("node:0@step=3", "head node"),
     ("server@step=-1", ">= 0"),
 ])

@@ -453,7 +453,7 @@ def _check_write_ahead(effects: list) -> None:
             j, s = slots[e.dst]
             assert s.phase is SlotPhase.RECOVERING and s.epoch == e.msg.epoch == reg.reserved[j] and slots[e.msg.holder][0] == replica_slot(j, 1)
         elif isinstance(e.msg, SetReplica):
-            assert e.msg.version == reg.rereplications_started and slots[e.msg.holder][0] == 1
+            assert e.msg.version == reg.replica_version and slots[e.msg.holder][0] == 1
         elif isinstance(e.msg, Start):
             w = workers[e.dst]
             assert w.phase is WorkerPhase.STARTING and w.start_step == e.msg.step

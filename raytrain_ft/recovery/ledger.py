@@ -1,5 +1,7 @@
 """I1 judged from the workers' own records: every push a worker saw acknowledged is in the final state once.
 
+Pure (no Ray): the chaos tests and ``experiments/chaos_matrix`` read the ledgers after a run.
+
 Workers append each acknowledged push to a ledger file (``RAYTRAIN_FT_LEDGER_DIR``) as the answer arrives, so
 the record outlives a killed worker. The shards' side is their applied record (``TrainResult.applied_counts``:
 per shard and rank, how many times each step's push went into an update), replayed from the replica like the
@@ -22,6 +24,16 @@ def read_ledgers(directory: str, run_id: str) -> list[tuple[int, int, int, int, 
                     shard, rank, step, seq, late = map(int, parts)
                     entries.append((shard, rank, step, seq, bool(late)))
     return entries
+
+
+def exactly_once_violations(applied_counts: list[dict], ledger: list, num_workers: int, steps: int, every_step: bool = True) -> list[str]:
+    """What breaks I1, if anything. ``every_step``: every (rank, step) must be applied once (all modes but
+    backup workers, which may drop pushes)."""
+    try:
+        assert_exactly_once(applied_counts, ledger, num_workers, steps, every_step)
+    except AssertionError as e:
+        return [str(e)]
+    return []
 
 
 def assert_exactly_once(applied_counts: list[dict], ledger: list, num_workers: int, steps: int, every_step: bool = True) -> None:
