@@ -254,8 +254,6 @@ class ConsistencyConfig:
     """Push compression, with error feedback on the worker: none | fp16 | topk:RATIO (e.g. topk:0.01) | onebit (sign + scale)."""
 
     def __post_init__(self) -> None:
-        self.staleness_lr = self.staleness_lr or "none"  # YAML/CLI read "none" as an empty value
-        self.codec = self.codec or "none"
         _non_negative("consistency.staleness", self.staleness)
         _positive("consistency.group_size", self.group_size)
         _non_negative("consistency.backup_workers", self.backup_workers)
@@ -380,8 +378,7 @@ def field_docs() -> dict[str, str]:
 
 
 def field_type(f: dataclasses.Field, owner: type) -> type:
-    hints = typing.get_type_hints(owner)
-    hint = hints[f.name]
+    hint = typing.get_type_hints(owner)[f.name]
     if get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         args = [a for a in get_args(hint) if a is not type(None)]
         hint = args[0]
@@ -390,9 +387,22 @@ def field_type(f: dataclasses.Field, owner: type) -> type:
     return hint
 
 
-def coerce(text: Any, typ: type, name: str) -> Any:
-    if text is None or (isinstance(text, str) and text.lower() in ("none", "null", "")):
+def is_optional(f: dataclasses.Field, owner: type) -> bool:
+    """Whether the field may be unset (``X | None``): only those take an empty value, ``none`` or ``null`` as unset."""
+    hint = typing.get_type_hints(owner)[f.name]
+    return get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in get_args(hint)
+
+
+def coerce(text: Any, typ: type, name: str, optional: bool = True) -> Any:
+    """A YAML or flag value as the field's type. A value that means "unset" (empty, ``none``, ``null``, YAML ``~``)
+    unsets an optional field; a string field that is not optional keeps the word the user typed (``--recovery none``)."""
+    unset = text is None or (isinstance(text, str) and text.strip().lower() in ("none", "null", ""))
+    if unset and optional:
         return None
+    if unset and typ is not str:
+        raise ConfigError(name, f"needs a value, got {text!r}")
+    if text is None:
+        raise ConfigError(name, "needs a value")
     if isinstance(text, (list, tuple)):
         if typ is not str:
             raise ConfigError(name, f"expected one value, got a list {text!r}")
@@ -434,13 +444,13 @@ def from_dict(raw: dict[str, Any] | None, source: str = "config") -> TrainConfig
         for key, value in section.items():
             if key not in names:
                 raise ConfigError(f"{sub}.{key}", f"unknown key; known keys: {', '.join(names)}")
-            sub_kwargs[key] = coerce(value, field_type(names[key], cls), f"{sub}.{key}")
+            sub_kwargs[key] = coerce(value, field_type(names[key], cls), f"{sub}.{key}", is_optional(names[key], cls))
         kwargs[sub] = cls(**sub_kwargs)
     top = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name not in SUBCONFIGS}
     for key, value in raw.items():
         if key not in top:
             raise ConfigError(key, f"unknown key; known keys: {', '.join([*SUBCONFIGS, *top])}")
-        kwargs[key] = coerce(value, field_type(top[key], TrainConfig), key)
+        kwargs[key] = coerce(value, field_type(top[key], TrainConfig), key, is_optional(top[key], TrainConfig))
     return TrainConfig(**kwargs)
 
 
