@@ -239,16 +239,20 @@ class Registry:
 _FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in (Registry, SlotRecord, WorkerRecord, RecoveryEvent)}
 
 
+def _record(obj) -> dict:
+    """A flat record (its fields hold scalars, enums or lists of scalars) as JSON-able builtins."""
+    out = {}
+    for name in _FIELDS[type(obj)]:
+        v = getattr(obj, name)
+        out[name] = v.value if isinstance(v, enum.Enum) else v
+    return out
+
+
 def _plain(value):
     """``value`` as JSON-able builtins (records as dicts, enums as their values); faster than ``asdict``."""
     if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, enum.Enum):
-        return value.value
-    fields = _FIELDS.get(type(value))
-    if fields is not None:
-        return {name: _plain(getattr(value, name)) for name in fields}
-    return value
+        return [_record(v) if type(v) in _FIELDS else v for v in value]
+    return value.value if isinstance(value, enum.Enum) else value
 
 
 @dataclass(frozen=True, slots=True)
@@ -472,7 +476,8 @@ def decide(reg: Registry, view: View, busy: frozenset, spec: SupervisorSpec, now
         elif (not status.started and w.phase in (WorkerPhase.CREATING, WorkerPhase.STARTING) and ("start", rank) not in busy and can_start
               and (all_up or reg.phase is RunPhase.RUNNING)):
             out.append(Decision(Action.START_WORKER, rank, f"worker {rank} is up and not training"))
-    replicated = spec.recovery != "replica" or all(reg.replicated)
+    # the end is declared only on a round every server answered: a holder silent for a moment may be dead
+    replicated = spec.recovery != "replica" or (all(reg.replicated) and all(view.alive(s.actor) for s in reg.slots))
     if reg.phase is RunPhase.RUNNING and all(w.phase is WorkerPhase.DONE for w in reg.workers) and not out and replicated:
         return [Decision(Action.FINISH, None, "every worker finished" + (" and every shard is replicated" if spec.recovery == "replica" else ""))]
     return out
@@ -504,6 +509,8 @@ class SupervisorProtocol:
         self._gone: set[str] = set()
         self._late: dict[int, str] = {}
         """cid -> name of probes answered after their round was over."""
+        self._soon_pending = False
+        self._again = False
         self._parked: list[tuple[int, RouteAfter, int]] = []
         """(rid, request, probe rounds started when it came) of route requests not answered yet."""
         self._started_at = now
@@ -527,7 +534,18 @@ class SupervisorProtocol:
     # --- entry points -------------------------------------------------------------------------------
 
     def on_start(self, now: float) -> list:
-        return [self._persist(), Timer("probe", 0.0)]
+        return [self._persist(), *self._soon()]
+
+    def _soon(self) -> list:
+        """Look again as soon as possible (something changed): at once if no round is in flight, else right
+        after it; one such request stands for any number made meanwhile."""
+        if self._round is not None:
+            self._again = True
+            return []
+        if self._soon_pending:
+            return []
+        self._soon_pending = True
+        return [Timer("probe", 0.0)]
 
     def on_timer(self, token, now: float) -> list:
         return self._write_ahead(self._on_timer(token, now))
@@ -550,6 +568,7 @@ class SupervisorProtocol:
 
     def _on_timer(self, token, now: float) -> list:
         if token == "probe":
+            self._soon_pending = False
             return self._start_round(now) if self._round is None else []
         if isinstance(token, tuple) and token[0] == "probe_timeout" and token[1] == self._rounds and self._round is not None:
             return self._finish_round(now)  # the silent ones count as unanswered
@@ -578,7 +597,7 @@ class SupervisorProtocol:
             elif value is Failure.DEAD:
                 self._gone.add(name)
             if not in_round:  # a process that was still starting answered: decide about it soon
-                return [Timer("probe", 0.0)] if first or value is Failure.DEAD else []
+                return self._soon() if first or value is Failure.DEAD else []
             self._answers[name] = value
             # the round is complete once everyone who ever answered has: one still starting holds no decision up
             if not any(n in self._answered for n in self._round.values()):
@@ -635,7 +654,8 @@ class SupervisorProtocol:
                 break
         effects += self._answer_routes(now)
         if self.reg.phase not in (RunPhase.DONE, RunPhase.FAILED):
-            effects.append(Timer("probe", self.spec.probe_interval_s))
+            again, self._again = self._again, False
+            effects.append(Timer("probe", 0.0 if again else self.spec.probe_interval_s))
         return effects
 
     def _learn(self, view: View) -> None:
@@ -685,9 +705,9 @@ class SupervisorProtocol:
                 reg.replicated[shard] = False
             kills = [Kill(old, d.reason)] if old else []
             return [self._persist()] + kills + [Create(slot.actor, "server", slot=d.target, node=self._node_for_slot(d.target))]
-        if a is Action.HOLDER_READY:
+        if a is Action.HOLDER_READY:  # bookkeeping a probe re-derives: written with the next change, not on its own
             reg.slots[d.target].phase = SlotPhase.SERVING
-            return [self._persist()]
+            return []
         if a is Action.LOAD:
             return self._load(d.target)
         if a is Action.REPLICATE:
@@ -715,7 +735,8 @@ class SupervisorProtocol:
             node = nodes[(len(reg.spares) + reg.server_replacements) % len(nodes)] if nodes else None
             return [self._persist(), Create(name, "server", node=node)]
         if a is Action.DROP_SPARE:
-            reg.spares.remove(d.target)
+            if d.target in reg.spares:  # (a recovery decided earlier this round may have taken it)
+                reg.spares.remove(d.target)
             return [self._persist(), Kill(d.target, d.reason)]
         if a is Action.CREATE_WORKER:
             w = reg.workers[d.target]
@@ -729,6 +750,8 @@ class SupervisorProtocol:
         if a is Action.START_WORKER:
             rank, w = d.target, reg.workers[d.target]
             descriptions = [self.view.describe(reg.slots[i].actor) for i in range(k)]
+            if not all(d is not None and d.shard == i and d.epoch == reg.slots[i].epoch for i, d in enumerate(descriptions)):
+                return []  # a decision carried out before it this round moved a shard: decide again next round
             step = resume_step(descriptions, rank)
             w.phase, w.start_step, reg.training = WorkerPhase.STARTING, step, True
             return [self._persist()] + self._op("start", rank, w.actor, Start(step, self.spec.total_steps, reg.routes(k)), w.actor)
@@ -741,12 +764,12 @@ class SupervisorProtocol:
                     break
             if reg.phase is RunPhase.STARTING and all(x.phase in (WorkerPhase.RUNNING, WorkerPhase.DONE) for x in reg.workers):
                 reg.phase = RunPhase.RUNNING
-            return [self._persist()]
+            return []  # re-derived from the next probe if lost
         if a is Action.MARK_DONE:
             reg.workers[d.target].phase = WorkerPhase.DONE
             if reg.phase is RunPhase.STARTING and all(x.phase in (WorkerPhase.RUNNING, WorkerPhase.DONE) for x in reg.workers):
                 reg.phase = RunPhase.RUNNING
-            return [self._persist()]
+            return []  # re-derived from the next probe if lost
         raise AssertionError(a)
 
     def _load(self, j: int) -> list:
@@ -762,7 +785,7 @@ class SupervisorProtocol:
 
     def _take_spare(self, avoid_nodes: set) -> str | None:
         view = self.view
-        alive = [n for n in self.reg.spares if view is not None and view.alive(n)]
+        alive = [n for n in self.reg.spares if view is not None and view.alive(n) and not view.dead(n, self.spec)]
         if not alive:
             return None
         alive.sort(key=lambda n: (view.describe(n) is not None and getattr(view.describe(n), "node", "") in avoid_nodes))
@@ -814,7 +837,7 @@ class SupervisorProtocol:
                 self.reg.events.remove(e)
                 break
         return [self._persist(), Kill(spare, f"recovery of shard {j} abandoned: {reason}"), Note("recovery_abandoned", {"shard": j, "reason": reason}),
-                Timer("probe", 0.0)]
+                *self._soon()]
 
     def _replace_holder(self, j: int, reason: str, now: float) -> list:
         reg = self.reg
@@ -866,12 +889,12 @@ class SupervisorProtocol:
             actor, epoch = op[2], op[3]
             slot = reg.slots[target]
             if slot.actor != actor or slot.epoch != epoch or isinstance(value, (Failure, Refused)):
-                return [Timer("probe", 0.0)]
+                return self._soon()
             slot.phase, slot.load_step = SlotPhase.SERVING, None
             for e in reversed(reg.events):
                 if e.source == "checkpoint" and e.serving_at is None:
                     e.serving_at = now
-            return [self._persist(), Timer("probe", 0.0)]
+            return [self._persist(), *self._soon()]
         if kind == "recover":
             actor, epoch = op[2], op[3]
             slot = reg.slots[target]
@@ -887,7 +910,7 @@ class SupervisorProtocol:
                 effects = [self._persist(), Note("recovered", {"shard": target, "epoch": epoch, "actor": actor})]
                 if old is not None:  # the predecessor may only have been suspected: make sure it stops
                     effects += self._op("depose", target, old, Depose(target, epoch)) + [Kill(old, f"shard {target} moved to {actor}")]
-                return effects + self._answer_routes(now) + [Timer("probe", 0.0)]
+                return effects + self._answer_routes(now) + self._soon()
             if isinstance(value, Refused) and value.kind is RefusalKind.NO_REPLICA and slot.replacing is not None and not (
                     self.view is not None and self.view.dead(slot.replacing, self.spec)):
                 return self._abandon(target, value.reason)
@@ -895,7 +918,7 @@ class SupervisorProtocol:
                 reason = f"shard {target} is lost: its primary died and its replica holder cannot give the replica ({value.reason})"
                 reg.phase, reg.failure = RunPhase.FAILED, reason
                 return [self._persist(), Note("run_failed", {"reason": reason})] + self._refuse_routes(reason)
-            return [Timer("probe", 0.0)]  # the spare died or refused: the next round issues it again
+            return self._soon()  # the spare died or refused: the next round issues it again
         if kind == "replicate":
             holder, primary, epoch = op[2], op[3], op[4]
             current = reg.slots[replica_slot(target, self.spec.num_shards)].actor == holder and reg.slots[target].actor == primary and (
@@ -912,7 +935,7 @@ class SupervisorProtocol:
                 return [self._persist(), Note("rereplicated", {"shard": target, "holder": holder})]
             return []
         if kind in ("start", "depose"):
-            return [Timer("probe", 0.0)]
+            return self._soon()
         raise AssertionError(kind)
 
     # --- routes ----------------------------------------------------------------------------------------

@@ -294,7 +294,7 @@ class World:
         self.spec = ServerSpec(OptimConfig(name="sgd", lr=1.0, momentum=MOMENTUM), cfg.steps, cfg.num_workers, cfg.rule(),
                                cfg.snapshot_interval, replicate=True, fold=cfg.fold)
         self.sup_spec = SupervisorSpec(
-            cfg.num_shards, cfg.num_workers, cfg.steps, "replica", num_spares=cfg.num_spares, probe_interval_s=0.04, probe_timeout_s=0.01,
+            cfg.num_shards, cfg.num_workers, cfg.steps, "replica", num_spares=cfg.num_spares, probe_interval_s=0.08, probe_timeout_s=0.01,
             suspect_after_s=0.1, start_timeout_s=5.0, op_timeout_s=0.5, max_worker_restarts=100, node_ids=tuple(self.nodes) if cfg.num_nodes > 1 else (),
         )
         self._fault_budget = cfg.max_faults if faults else 0
@@ -484,7 +484,7 @@ class World:
         elif kind == "fault":
             if event[1] == "training":  # once a worker trains, at a random moment of its steps
                 if not any_started(self._registry()):
-                    self.at(0.005, *event)
+                    self.at(0.02, *event)
                 else:
                     self.at(self.rng.uniform(0.0, self.cfg.steps * self.cfg.compute_s * 1.2), "fault", "now")
                 return
@@ -570,7 +570,7 @@ class World:
                 return
             p = self.rng.choice(servers)
             if not self._may_crash({p.name}):
-                self.at(0.005, "fault", "now")
+                self.at(0.02, "fault", "now")
                 return
             self._fault_budget -= 1
             p.deaf_until = self.now + self.rng.uniform(0.15, 0.4)
@@ -588,7 +588,7 @@ class World:
             victims = {self.rng.choice(pool).name}
             what = f"crash of {next(iter(victims))}"
         if not victims or not self._may_crash(victims):
-            self.at(0.005, "fault", "now")  # not now: try again a little later
+            self.at(0.02, "fault", "now")  # not now: try again a little later
             return
         self._fault_budget -= 1
         self.faults.append(what)
