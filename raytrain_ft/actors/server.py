@@ -98,7 +98,7 @@ class ParameterServer:
             elif isinstance(e, Call):
                 loop.create_task(self._call(e))
             elif isinstance(e, Timer):
-                loop.call_later(e.delay_s, lambda token=e.token: self._perform(self.proto.on_timer(token)))
+                loop.call_later(e.delay_s, self._guarded, self.proto.on_timer, e.token)
             elif isinstance(e, Fold):
                 loop.call_soon(self.proto.fold, e.shard)  # after the reply is on its way
             elif isinstance(e, SaveCheckpoint):
@@ -108,10 +108,18 @@ class ParameterServer:
             elif isinstance(e, Note):
                 self._note(e)
 
+    def _guarded(self, handler, *args) -> None:
+        """Run a protocol handler outside a method call (a timer, an answer) and carry out its effects; a bug is
+        logged with its traceback rather than lost in the event loop."""
+        try:
+            self._perform(handler(*args))
+        except Exception:  # noqa: BLE001
+            logger.exception("[server %s] protocol bug", self.name)
+
     async def _call(self, e: Call) -> None:
         handle = self.directory.handle(e.dst)
         if handle is None:
-            self._perform(self.proto.on_failure(e.cid, Failure.DEAD))
+            self._guarded(self.proto.on_failure, e.cid, Failure.DEAD)
             return
         try:
             value = await send(handle, e.msg)
@@ -122,9 +130,9 @@ class ParameterServer:
             else:
                 if failure is Failure.DEAD:
                     self.directory.forget(e.dst)
-                self._perform(self.proto.on_failure(e.cid, failure if isinstance(failure, Failure) else Failure.DEAD))
+                self._guarded(self.proto.on_failure, e.cid, failure if isinstance(failure, Failure) else Failure.DEAD)
                 return
-        self._perform(self.proto.on_reply(e.cid, value))
+        self._guarded(self.proto.on_reply, e.cid, value)
 
     def _note(self, e: Note) -> None:
         f = e.fields

@@ -154,6 +154,14 @@ class Supervisor:
         self._running = True
         self._changed = asyncio.Event()
         self._perform(self.proto.on_start(time.time()))
+        asyncio.get_running_loop().create_task(self._heartbeat())
+
+    async def _heartbeat(self) -> None:
+        """A probe round at least every few intervals, whatever happened to the protocol's own timers (a round
+        already in flight makes this a no-op)."""
+        while self.proto.phase not in (RunPhase.DONE, RunPhase.FAILED):
+            await asyncio.sleep(self.spec.probe_interval_s * 5)
+            self._guarded(self.proto.on_timer, "probe")
 
     async def start(self) -> str:
         """Wait until every worker trains (or the run failed while starting). Returns the phase."""
@@ -185,7 +193,7 @@ class Supervisor:
             elif isinstance(e, Call):
                 loop.create_task(self._call(e))
             elif isinstance(e, Timer):
-                loop.call_later(e.delay_s, lambda token=e.token: self._perform(self.proto.on_timer(token, time.time())))
+                loop.call_later(e.delay_s, self._guarded, self.proto.on_timer, e.token)
             elif isinstance(e, Create):
                 self.group.create(e)
             elif isinstance(e, Kill):
@@ -197,10 +205,24 @@ class Supervisor:
         if self._changed is not None:
             self._changed.set()
 
+    def _guarded(self, handler, *args) -> None:
+        """Run a protocol handler outside a method call (a timer, an answer) and carry out its effects; a bug in
+        either ends the run with its traceback instead of leaving the loop silently without its next step."""
+        try:
+            self._perform(handler(*args, time.time()))
+        except Exception:  # noqa: BLE001 -- reported as the run's failure
+            import traceback
+
+            reason = f"supervisor bug: {traceback.format_exc()}"
+            logger.error("[supervisor] %s", reason)
+            self.proto.reg.phase, self.proto.reg.failure = RunPhase.FAILED, reason
+            if self._changed is not None:
+                self._changed.set()
+
     async def _call(self, e: Call) -> None:
         handle = self.directory.handle(e.dst)
         if handle is None:
-            self._perform(self.proto.on_failure(e.cid, Failure.DEAD, time.time()))
+            self._guarded(self.proto.on_failure, e.cid, Failure.DEAD)
             return
         try:
             value = await send(handle, e.msg)
@@ -212,9 +234,9 @@ class Supervisor:
                 self.directory.forget(e.dst)
             value = failure
         if isinstance(value, Failure):
-            self._perform(self.proto.on_failure(e.cid, value, time.time()))
+            self._guarded(self.proto.on_failure, e.cid, value)
         else:
-            self._perform(self.proto.on_reply(e.cid, value, time.time()))
+            self._guarded(self.proto.on_reply, e.cid, value)
 
     def _note(self, e: Note) -> None:
         if e.event in ("run_failed", "run_done", "recovered", "rereplicated", "recovery_started", "recovery_abandoned"):
