@@ -452,9 +452,8 @@ def decide(reg: Registry, view: View, busy: frozenset, spec: SupervisorSpec, now
         status = view.status(w.actor)
         if status is not None and status.error:
             return [Decision(Action.FAIL, rank, f"worker {rank} failed: {status.error}")]
-        if w.phase is WorkerPhase.NONE:
-            if all_up or reg.phase is RunPhase.RUNNING:
-                out.append(Decision(Action.CREATE_WORKER, rank, f"worker {rank} has no actor"))
+        if w.phase is WorkerPhase.NONE:  # created while the servers start (a worker process starts slowest)
+            out.append(Decision(Action.CREATE_WORKER, rank, f"worker {rank} has no actor"))
             continue
         if w.phase is WorkerPhase.DONE:
             continue

@@ -534,8 +534,6 @@ class World:
     def _may_crash(self, victims: set[str]) -> bool:
         """Whether losing ``victims`` together leaves every shard a live primary or a holder with its replica."""
         reg, k = self._registry(), self.cfg.num_shards
-        if all(w.actor is None for w in reg.workers):
-            return True  # no worker yet (none can start before a probe sees the loss): servers are created again
 
         def gone(name):
             p = self.procs.get(name)
@@ -546,7 +544,9 @@ class World:
             holder = reg.slots[replica_slot(shard, k)]
             primary_ok = slot.phase is SlotPhase.SERVING and not gone(slot.actor)
             holder_ok = reg.replicated[shard] and holder.phase in (SlotPhase.SERVING, SlotPhase.RECOVERING) and not gone(holder.actor)
-            if not primary_ok and not holder_ok:
+            if not primary_ok and not holder_ok and (reg.training or reg.replicated[shard]):
+                # (before training, a shard not replicated yet is simply loaded again from the initial values:
+                # no worker can start before its replication is confirmed)
                 return False
             if slot.phase is SlotPhase.RECOVERING and not holder_ok:
                 return False

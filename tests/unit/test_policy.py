@@ -195,15 +195,15 @@ def _recovering(k=2):
 DECIDE = [
     # id, spec, registry, view, busy, expected (action, target), reason substring
     ("startup: empty slots", _spec(), _new2, _view(_new2), (),
-     [(A.CREATE_SLOT, 0), (A.CREATE_SLOT, 1), (A.CREATE_SPARE, None)], "slot 0 has no actor"),
-    ("startup: created servers load", _spec(), _creating, _view(_creating), (), [(A.LOAD, 0), (A.LOAD, 1)], "server a is up"),
+     [(A.CREATE_SLOT, 0), (A.CREATE_SLOT, 1), (A.CREATE_SPARE, None), (A.CREATE_WORKER, 0), (A.CREATE_WORKER, 1)], "slot 0 has no actor"),
+    ("startup: created servers load", _spec(), _creating, _view(_creating), (), [(A.LOAD, 0), (A.LOAD, 1), (A.CREATE_WORKER, 0), (A.CREATE_WORKER, 1)], "server a is up"),
     ("startup: one shard, dedicated holder", _spec(1), _creating1, _view(_creating1, k=1), (),
-     [(A.LOAD, 0), (A.HOLDER_READY, 1)], "replica holder b is up"),
+     [(A.LOAD, 0), (A.HOLDER_READY, 1), (A.CREATE_WORKER, 0), (A.CREATE_WORKER, 1)], "replica holder b is up"),
     ("startup: a created server died", _spec(), _creating, _view(_creating, answers={"b": DEAD}), (),
-     [(A.LOAD, 0), (A.CREATE_SLOT, 1)], "server b of slot 1 died"),
-    ("startup: replicate", _spec(), _unreplicated, _view(_unreplicated), (), [(A.REPLICATE, 0)], "shard 0 has no replica on slot 1"),
-    ("startup: replicate in flight", _spec(), _unreplicated, _view(_unreplicated), (("replicate", 0),), [], None),
-    ("startup: workers once all serve and are replicated", _spec(), _servers_up, _view(_servers_up), (),
+     [(A.LOAD, 0), (A.CREATE_SLOT, 1), (A.CREATE_WORKER, 0), (A.CREATE_WORKER, 1)], "server b of slot 1 died"),
+    ("startup: replicate", _spec(), _unreplicated, _view(_unreplicated), (), [(A.REPLICATE, 0), (A.CREATE_WORKER, 0), (A.CREATE_WORKER, 1)], "shard 0 has no replica on slot 1"),
+    ("startup: replicate in flight", _spec(), _unreplicated, _view(_unreplicated), (("replicate", 0),), [(A.CREATE_WORKER, 0), (A.CREATE_WORKER, 1)], None),
+    ("startup: workers are created while the servers start", _spec(), _servers_up, _view(_servers_up), (),
      [(A.CREATE_WORKER, 0), (A.CREATE_WORKER, 1)], "worker 0 has no actor"),
     ("startup: start workers that are up", _spec(), _workers_up, _view(_workers_up), (),
      [(A.START_WORKER, 0), (A.START_WORKER, 1)], "worker 1 is up and not training"),
@@ -221,7 +221,7 @@ DECIDE = [
      "has not answered for 11.0s"),
     ("primary silent less than suspect_after_s: wait", _spec(), _running, _view(_running, silent={"a": 9.0}), (), [], None),
     ("dead primary before training: start it again", _spec(), _untrained, _view(_untrained, answers={"a": DEAD}), (),
-     [(A.CREATE_SLOT, 0)], "before training began"),
+     [(A.CREATE_SLOT, 0), (A.CREATE_WORKER, 0), (A.CREATE_WORKER, 1)], "before training began"),
     ("dead primary and dead holder: lost", _spec(), _running, _view(_running, answers={"a": DEAD, "b": DEAD}), (), [(A.FAIL, 0)],
      "shard 0 is lost"),
     ("suspected primary, dead holder: wait", _spec(), _running, _view(_running, answers={"b": DEAD}, silent={"a": 11.0}), (), [], None),
@@ -512,8 +512,8 @@ def test_a_worker_recorded_creating_is_started_by_the_restored_supervisor():
     run.bus.kill(SUP)  # the supervisor dies before it starts the worker
     run.restore()
     assert run.reg.workers[0].actor == name and run.reg.restarts == 1
-    # PollStatus: up, not started (a restored supervisor's first round ends with its first answer: one more)
-    run.until(lambda: run.calls(Start), rounds=2)
+    # PollStatus: up, not started; it is started once the servers (which start beside it) serve and are replicated
+    run.until(lambda: run.calls(Start), rounds=10)
     assert [(c.dst, c.msg.step) for c in run.calls(Start)] == [(name, 0)]
     assert len(run.workers[name].starts) == 1 and run.reg.workers[0].phase is WorkerPhase.STARTING
     run.round()
