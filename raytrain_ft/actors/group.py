@@ -21,6 +21,19 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
+class ServerRun:
+    """What a server needs to know of its run besides the protocol's ``ServerSpec``."""
+
+    run_id: str
+    checkpoint_dir: str | None = None
+    resume_dir: str | None = None
+    """--resume-from: where the checkpoint files the run starts from are."""
+    metrics: bool = True
+    faults: object = None
+    """A ``recovery.chaos.FaultHook`` (fault injection), or None."""
+
+
+@dataclass(frozen=True, slots=True)
 class GroupSpec:
     run_id: str
     config: object

@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from raytrain_ft.actors import NAMESPACE, process_address, watch_supervisor
+from raytrain_ft.actors.group import ServerRun
 from raytrain_ft.actors.transport import Directory, failure_of, send, unpack
 from raytrain_ft.protocol.messages import (
     Call,
@@ -31,19 +32,6 @@ from raytrain_ft.protocol.messages import (
 from raytrain_ft.protocol.server import ServerProtocol, ServerSpec
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ServerRun:
-    """What a server needs to know of its run besides the protocol's ``ServerSpec``."""
-
-    run_id: str
-    checkpoint_dir: str | None = None
-    resume_dir: str | None = None
-    """--resume-from: where the checkpoint files the run starts from are."""
-    metrics: bool = True
-    faults: object = None
-    """A ``recovery.chaos.FaultHook`` (fault injection), or None."""
 
 
 class ParameterServer:

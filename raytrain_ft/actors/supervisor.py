@@ -102,8 +102,8 @@ class Supervisor:
         import ray
         from ray.experimental import internal_kv
 
-        from raytrain_ft.actors.server import ServerRun
-        from raytrain_ft.protocol.server import ServerSpec
+        from raytrain_ft.actors.group import ServerRun
+        from raytrain_ft.protocol.spec import ServerSpec
         from raytrain_ft.recovery.chaos import server_hooks
 
         self.args = args

@@ -41,6 +41,7 @@ from raytrain_ft.compression import decode_push
 from raytrain_ft.config import OptimConfig
 from raytrain_ft.consistency import PushBuffer, Rule, Verdict, add_to_histogram, may_proceed, mean_in_rank_order, slowest_clock
 from raytrain_ft.params import ShardRange
+from raytrain_ft.protocol.spec import ServerSpec
 from raytrain_ft.protocol.messages import (
     Address,
     Append,
@@ -76,23 +77,6 @@ from raytrain_ft.shard import ShardState, ShardStats
 
 RETRY_APPEND_S = 0.05
 """Seconds before an append that got no answer (holder unreachable) is sent again."""
-
-
-@dataclass(frozen=True, slots=True)
-class ServerSpec:
-    """What every server of a run shares."""
-
-    optim: OptimConfig
-    total_steps: int
-    num_workers: int
-    rule: Rule
-    snapshot_interval: int = 50
-    replicate: bool = True
-    """False with recovery=none or checkpoint: no holder; updates count as logged once applied."""
-    fold: bool = True
-    """Holders fold acknowledged commands into their snapshot (a recovery then moves one state)."""
-    checkpoint_interval: int = 0
-    """Write a checkpoint file every this many updates (0: never)."""
 
 
 @dataclass(slots=True)

@@ -1,0 +1,25 @@
+"""What every server of a run shares (light: the supervisor builds it without importing torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from raytrain_ft.config import OptimConfig
+from raytrain_ft.consistency import Rule
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSpec:
+    """What every server of a run shares."""
+
+    optim: OptimConfig
+    total_steps: int
+    num_workers: int
+    rule: Rule
+    snapshot_interval: int = 50
+    replicate: bool = True
+    """False with recovery=none or checkpoint: no holder; updates count as logged once applied."""
+    fold: bool = True
+    """Holders fold acknowledged commands into their snapshot (a recovery then moves one state)."""
+    checkpoint_interval: int = 0
+    """Write a checkpoint file every this many updates (0: never)."""
