@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -134,11 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _json_flag(flag: str, text: str):
+def _json_flag(flag: str, text: str, what: str = "a JSON object") -> dict:
+    """The JSON object a flag holds; ConfigError naming the flag for anything else."""
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(flag, f"is not JSON: {e.msg} at column {e.colno}") from None
+    if not isinstance(value, dict):
+        shown = "null" if value is None else type(value).__name__
+        raise ConfigError(flag, f"must be {what} {{...}}, got {shown}")
+    return value
 
 
 def _config(args: argparse.Namespace):
@@ -148,8 +154,8 @@ def _config(args: argparse.Namespace):
     if getattr(args, "config_json", None):
         if args.config:
             raise ConfigError("--config-json", "give --config or --config-json, not both")
-        raw = _json_flag("--config-json", args.config_json)
-        return config_mod.from_dict(config_mod.merge_overrides(raw, overrides), source="--config-json")
+        raw = _json_flag("--config-json", args.config_json, "a JSON object of config sections")
+        return config_mod.from_dict(config_mod.merge_overrides(raw, overrides, "--config-json"), source="--config-json")
     return config_mod.load(args.config, overrides)
 
 
@@ -158,18 +164,32 @@ def _exit_on_sigterm(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+def _write_summary(summary: dict, path: str) -> None:
+    """Write the JSON summary; if that fails after all (checked before training), print it so the run's result is not lost."""
+    try:
+        with open(path, "w") as fh:
+            json.dump(summary, fh, indent=2)
+    except OSError as e:
+        print(json.dumps(summary))
+        raise ConfigError("--output-json", f"could not write {path!r} ({e.strerror or e}); the summary is printed above instead") from None
+
+
 def _train(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     cfg = _config(args)
+    if args.output_json is not None:  # before training, not after it
+        config_mod.check_writable_file(args.output_json, "--output-json")
+    if cfg.cluster.address:  # before torch is imported and the data loaded (the run checks it again right before ray.init)
+        from raytrain_ft.jobs import check_ray_address
+
+        check_ray_address(cfg.cluster.address, "cluster.address")
     from raytrain_ft.trainer import Trainer
 
     progress = None if args.quiet else ProgressBar()
     result = Trainer(cfg, on_progress=progress).fit()
     summary = result.to_dict()
     if args.output_json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-        with open(args.output_json, "w") as fh:
-            json.dump(summary, fh, indent=2)
+        _write_summary(summary, args.output_json)
     brief = {k: summary[k] for k in ("steps_completed", "samples_per_sec", "train_time_s", "final_loss", "eval_accuracy", "params_sha256", "updates_applied", "updates_acknowledged")}
     if args.quiet:  # no progress bar showed them
         for event in summary["recoveries"]:
@@ -189,7 +209,7 @@ def _submit(args: argparse.Namespace) -> int:
     from raytrain_ft import jobs
 
     cfg = _config(args)
-    runtime_env = _json_flag("--runtime-env-json", args.runtime_env_json) if args.runtime_env_json else None
+    runtime_env = _json_flag("--runtime-env-json", args.runtime_env_json, "a JSON object (a Ray runtime_env)") if args.runtime_env_json else None
     handle = jobs.submit(cfg, address=args.dashboard, runtime_env=runtime_env, job_id=args.job_id)
     print(f"submitted {handle.job_id} to {handle.address}")
     if not args.follow:
@@ -230,7 +250,9 @@ def _report(args: argparse.Namespace) -> int:
 
     summary = load_summary(args.summary)
     out = args.output or os.path.splitext(args.summary)[0] + ".png"
-    render_png(summary, out)
+    flag = "--output" if args.output else f"--output (default {out!r})"
+    config_mod.check_writable_file(out, flag, create_parent=False)
+    render_png(summary, out, flag)
     print(f"wrote {out}")
     return 0
 
@@ -283,16 +305,23 @@ def _chaos(args: argparse.Namespace) -> int:
     kills = parse_kills(args.kill, "--kill")
     if not args.random and not kills:
         raise ConfigError("--kill", "give at least one --kill, or --random")
+    for flag, value, low in (("--wait-s", args.wait_s, 0.0), ("--mtbf-s", args.mtbf_s, 0.0), ("--duration-s", args.duration_s, 0.0),
+                             ("--min-gap-s", args.min_gap_s, 0.0)):
+        if not math.isfinite(value) or value < low:
+            raise ConfigError(flag, f"must be a finite number >= {low:g}, got {value!r}")
+    if args.random:  # the schedule's parameters, checked before connecting
+        random_schedule(args.seed, args.mtbf_s, 0.0, [r.strip() for r in args.roles.split(",")], {}, args.min_gap_s)
+    from raytrain_ft.jobs import check_ray_address, ray_init_error
+
+    address = check_ray_address(args.address, "--address")
     import ray
 
     from raytrain_ft.recovery.chaos import find_supervisor, run_schedule
-    from raytrain_ft.trainer import check_reachable
 
-    check_reachable(args.address)
     try:
-        ray.init(address=args.address, logging_level=logging.WARNING)
-    except (ConnectionError, RuntimeError) as e:
-        raise ClusterError(f"could not connect to Ray at {args.address!r}: {e}; check --address") from e
+        ray.init(address=address, logging_level=logging.WARNING)
+    except Exception as e:  # noqa: BLE001 -- one line naming what to fix
+        raise ray_init_error(e, address, "--address") from None
     try:
         run_id, supervisor = find_supervisor(args.run_id, args.wait_s)
         if args.random:

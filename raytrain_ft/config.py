@@ -8,7 +8,10 @@ Leaf names are unique across sub-configs so a flag maps to one field.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin
@@ -36,6 +39,77 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(name, f"unknown value {value!r}; choose one of {', '.join(choices)}")
 
 
+def _at_most(name: str, value: float, limit: float, why: str) -> None:
+    if value > limit:
+        shown = f"{int(limit):,}" if float(limit).is_integer() else f"{limit:g}"
+        raise ConfigError(name, f"must be at most {shown}, got {value!r}: {why}")
+
+
+_UNION_TYPES = (typing.Union, types.UnionType)
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
+
+
+def _typed(value: Any, hint: Any, name: str) -> Any:
+    """``value`` as the annotated type ``hint`` (ints and floats normalised), or ConfigError naming the field."""
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(name, f"expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
+        if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and float(value).is_integer():
+            return int(value)
+        raise ConfigError(name, f"expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            value = float(value)
+            if not math.isfinite(value):
+                raise ConfigError(name, f"must be a finite number, got {value!r}")
+            return value
+        raise ConfigError(name, f"expected a number, got {value!r}")
+    if hint is str or get_origin(hint) is Literal:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(name, f"expected a string, got {value!r}")
+    if isinstance(hint, type):
+        if isinstance(value, hint):
+            return value
+        raise ConfigError(name, f"expected a {hint.__name__}, got {value!r}")
+    return value
+
+
+def check_field_types(obj: Any, section: str | None = None) -> None:
+    """Check (and normalise) every field of the dataclass ``obj`` against its annotation, naming a bad one as
+    ``section.field``: int fields take integers (not bools, not fractions), float fields finite numbers, bool fields
+    bools, str fields strings; ``X | None`` also takes None."""
+    cls = type(obj)
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        name = f"{section}.{f.name}" if section else f.name
+        hint = hints[f.name]
+        optional = False
+        if get_origin(hint) in _UNION_TYPES:
+            args = get_args(hint)
+            optional = type(None) in args
+            hint = next(a for a in args if a is not type(None))
+        value = getattr(obj, f.name)
+        if value is None:
+            if optional:
+                continue
+            raise ConfigError(name, "needs a value, got None")
+        typed = _typed(value, hint, name)
+        if typed is not value:
+            setattr(obj, f.name, typed)
+
+
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
     name: str = "cnn"
@@ -44,6 +118,7 @@ class ModelConfig:
     """ResNets only: 3x3 stride-1 first conv and no max-pool, for 32x32 inputs."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, "model")
         _choice("model.name", self.name, MODELS)
 
 
@@ -52,7 +127,7 @@ class DataConfig:
     dataset: str = "digits"
     """digits (offline, sklearn) | synthetic | cifar10 | mnist | parquet."""
     data_path: str | None = None
-    """Root directory for cifar10/mnist (torchvision layout) or a Parquet file/directory."""
+    """Root directory for cifar10/mnist (torchvision layout) or a Parquet file/directory (digits and synthetic read no files: an error there)."""
     image_size: int = 16
     """digits/synthetic: side length the 8x8 digits are upsampled to (synthetic images use it too)."""
     batch_size: int = 32
@@ -68,11 +143,12 @@ class DataConfig:
     label_column: str = "label"
     """Parquet: column of integer class labels."""
     image_shape: str | None = None
-    """Parquet: C,H,W of the images when the file's metadata does not record it."""
+    """Parquet only: C,H,W of the images when the file's metadata does not record it."""
     prefetch_batches: int = 2
     """Batches each worker prepares ahead in a background thread (0 disables)."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, "data")
         _choice("data.dataset", self.dataset, DATASETS)
         _positive("data.batch_size", self.batch_size)
         _positive("data.image_size", self.image_size)
@@ -83,7 +159,13 @@ class DataConfig:
             raise ConfigError("data.eval_fraction", f"must be in (0, 1), got {self.eval_fraction!r}")
         if self.dataset == "parquet" and not self.data_path:
             raise ConfigError("data.data_path", "dataset 'parquet' needs --data-path FILE_OR_DIR")
+        if self.data_path and self.dataset in ("digits", "synthetic"):
+            raise ConfigError("data.data_path", f"dataset {self.dataset!r} reads no files, so {self.data_path!r} would be ignored; "
+                                                "drop --data-path, or choose --dataset parquet, cifar10 or mnist")
         if self.image_shape is not None:
+            if self.dataset != "parquet":
+                raise ConfigError("data.image_shape", f"only Parquet data takes an image shape (dataset {self.dataset!r} knows its own); "
+                                                      "drop --image-shape or use --dataset parquet")
             parse_image_shape(self.image_shape)
 
 
@@ -104,7 +186,7 @@ class OptimConfig:
     lr: float = 0.05
     """Base learning rate."""
     momentum: float = 0.9
-    """sgd/rmsprop momentum."""
+    """sgd/rmsprop momentum, in [0, 1)."""
     nesterov: bool = False
     """sgd: Nesterov momentum (needs momentum > 0)."""
     weight_decay: float = 0.0
@@ -126,17 +208,23 @@ class OptimConfig:
     gamma: float = 0.1
     """step schedule factor."""
     min_lr: float = 0.0
-    """cosine schedule: final lr."""
+    """cosine schedule: final lr (at most lr)."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, "optim")
         _choice("optim.name", self.name, OPTIMIZERS)
         _choice("optim.schedule", self.schedule, SCHEDULES)
         _positive("optim.lr", self.lr)
-        _non_negative("optim.momentum", self.momentum)
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError("optim.momentum", f"must be in [0, 1), got {self.momentum!r}")
         _non_negative("optim.weight_decay", self.weight_decay)
         _non_negative("optim.warmup_steps", self.warmup_steps)
         _positive("optim.step_size", self.step_size)
         _positive("optim.eps", self.eps)
+        _positive("optim.gamma", self.gamma)
+        _non_negative("optim.min_lr", self.min_lr)
+        if self.schedule == "cosine" and self.min_lr > self.lr:
+            raise ConfigError("optim.min_lr", f"the cosine schedule anneals from --lr {self.lr!r} down to --min-lr; got {self.min_lr!r}, above it")
         if self.nesterov and (self.momentum <= 0 or self.name != "sgd"):
             raise ConfigError("optim.nesterov", "needs --optimizer sgd and --momentum > 0")
         for name, value in (("optim.beta1", self.beta1), ("optim.beta2", self.beta2), ("optim.alpha", self.alpha)):
@@ -159,23 +247,27 @@ class ClusterConfig:
     use_gpu: str = "auto"
     """auto (a GPU per worker when the cluster has them; on a GPU torch cannot use, the CPU) | true (wait for GPUs, e.g. from an autoscaler) | false."""
     simulate_compute_ms: float = 0.0
-    """Benchmarks (flag --simulate-compute MS): workers skip data, forward and backward; each step waits MS milliseconds and pushes a gradient of the model's true size (fixed small values), so scaling to many workers and servers can be studied on a few cores. 0 trains for real."""
+    """Benchmarks (flag --simulate-compute MS): workers skip data, forward and backward; each step waits MS milliseconds (at most 3,600,000, an hour) and pushes a gradient of the model's true size (fixed small values), so scaling to many workers and servers can be studied on a few cores. 0 trains for real."""
     ranks_per_process: int = 1
     """With --simulate-compute only: host this many worker ranks in one process, each rank with its own training thread, exchange and object-store traffic (64 ranks would need 64 torch processes, ~0.3 GB each). Killing the process kills all its ranks; each is restarted and resumes."""
     metrics: bool = True
     """Record the run's metrics (steps, samples/s, exchange latency, staleness, recoveries, replica lag) on Ray's Prometheus endpoint."""
     address: str | None = None
-    """Ray cluster address; empty starts an embedded local Ray for the run."""
+    """Ray cluster address: HOST:PORT of the head's GCS (6379 by default), ray://HOST:10001 (Ray Client), or auto (the one Ray instance on this machine); checked before ray.init (reachable, Ray, takes the token). Empty starts an embedded local Ray for the run."""
     local_nodes: int = 1
     """Embedded local Ray only: simulate this many nodes on this machine (ray.cluster_utils.Cluster, fast node-death detection) so node kills can be tested."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.use_gpu, bool):  # ClusterConfig(use_gpu=True) means "true"
+            self.use_gpu = str(self.use_gpu).lower()
+        check_field_types(self, "cluster")
         _positive("cluster.num_workers", self.num_workers)
         _positive("cluster.num_servers", self.num_servers)
         _positive("cluster.cpus_per_worker", self.cpus_per_worker)
         _positive("cluster.server_threads", self.server_threads)
         _positive("cluster.local_nodes", self.local_nodes)
         _non_negative("cluster.simulate_compute_ms", self.simulate_compute_ms)
+        _at_most("cluster.simulate_compute_ms", self.simulate_compute_ms, MAX_SIMULATED_STEP_MS, "a simulated step waits at most an hour")
         _positive("cluster.ranks_per_process", self.ranks_per_process)
         if self.ranks_per_process > 1 and not self.simulate_compute_ms:
             raise ConfigError("cluster.ranks_per_process", "ranks sharing a process would share its torch threads; use it with --simulate-compute MS, or set it to 1")
@@ -186,6 +278,10 @@ class ClusterConfig:
 
 
 RECOVERY_MODES = ("replica", "checkpoint", "none")
+MAX_SIMULATED_STEP_MS = 3_600_000.0
+"""Longest simulated step (``--simulate-compute``) and straggler delay (``--slow-workers``): one hour."""
+MAX_SPARES = 16
+"""Most warm spare servers a run keeps (``--num-spares``)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -197,7 +293,7 @@ class RecoveryConfig:
     fold_log: bool = True
     """Replica holders apply logged commands once acknowledged (a recovery then moves one state, not the log since the last snapshot)."""
     num_spares: int = 1
-    """Warm spare server actors kept started, so a recovery does not wait for a process start."""
+    """Warm spare server actors kept started, so a recovery does not wait for a process start (at most 16)."""
     health_check_interval_s: float = 0.2
     """Seconds between the supervisor's liveness probes (failed calls reported by workers are acted on at once)."""
     suspect_after_s: float = 10.0
@@ -209,20 +305,24 @@ class RecoveryConfig:
     checkpoint_interval: int = 20
     """Steps between checkpoint files (recovery=checkpoint, or any mode with checkpoint_dir set)."""
     checkpoint_dir: str | None = None
-    """Directory for checkpoint files every checkpoint_interval steps. recovery=checkpoint restarts from them (a temporary directory when empty); with recovery=replica they are only for a whole-cluster loss (see resume_from): recovery never reads them."""
+    """Directory for checkpoint files every checkpoint_interval steps (created, and checked writable before Ray starts, for a local run). recovery=checkpoint restarts from them (a temporary directory when empty); with recovery=replica they are only for a whole-cluster loss (see resume_from): recovery never reads them."""
     resume_from: str | None = None
     """Start from the newest step every shard has a checkpoint file for in this directory (after losing the whole cluster)."""
     one_kill_at_a_time: bool = False
     """Hold each @step/@time kill until the previous one has been recovered (random schedules: replicas survive one failure at a time)."""
     slow_workers: str | None = None
-    """Fault injection: RANK:MS makes worker RANK a straggler, MS milliseconds slower per step (comma-separated for several)."""
+    """Fault injection: RANK:MS makes worker RANK a straggler, MS milliseconds (at most an hour) slower per step (comma-separated for several, each rank once)."""
     kill: str | None = None
-    """Fault injection: ROLE[:INDEX]@step=N or @time=S (also @recovery=N, @snapshot=N); ROLE is server|replica|worker|supervisor|node; repeat the flag or separate by commas."""
+    """Fault injection: ROLE[:INDEX]@step=N or @time=S (also @recovery=N, @snapshot=N, counted from 1); ROLE is server|replica|worker|supervisor|node; repeat the flag or separate by commas (each kill once; a step below the run's last)."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, "recovery")
         _choice("recovery.recovery", self.recovery, RECOVERY_MODES)
         _positive("recovery.snapshot_interval", self.snapshot_interval)
         _non_negative("recovery.num_spares", self.num_spares)
+        _at_most("recovery.num_spares", self.num_spares, MAX_SPARES,
+                 "each spare is a server process kept running for the whole run, a recovery takes one and a new one is started "
+                 "after it, so more spares only hold memory")
         _positive("recovery.health_check_interval_s", self.health_check_interval_s)
         _positive("recovery.suspect_after_s", self.suspect_after_s)
         _non_negative("recovery.max_worker_restarts", self.max_worker_restarts)
@@ -241,7 +341,7 @@ class ConsistencyConfig:
     staleness: int = 2
     """ssp: steps a worker may run ahead of the slowest worker (0 = lock-step)."""
     group_size: int = 2
-    """mixed: consecutive ranks that average their gradients synchronously before the group's update (e.g. the workers of one node)."""
+    """mixed: consecutive ranks that average their gradients synchronously before the group's update (e.g. the workers of one node); num_workers must be a multiple of it."""
     backup_workers: int = 0
     """sync: a step closes after the first num_workers - backup_workers gradients; late ones are dropped (stragglers stop holding everyone up)."""
     n_push: int = 1
@@ -254,6 +354,7 @@ class ConsistencyConfig:
     """Push compression, with error feedback on the worker: none | fp16 | topk:RATIO (e.g. topk:0.01) | onebit (sign + scale)."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, "consistency")
         _non_negative("consistency.staleness", self.staleness)
         _positive("consistency.group_size", self.group_size)
         _non_negative("consistency.backup_workers", self.backup_workers)
@@ -285,18 +386,21 @@ class TrainConfig:
     steps: int | None = None
     """Training steps per worker; overrides epochs."""
     seed: int = 0
-    """Seeds model init, data split, partitions and batch order."""
+    """Seeds model init, data split, partitions and batch order (0 <= seed < 2**64)."""
     log_every_s: float = 1.0
     """Seconds between progress updates from the driver."""
 
     def __post_init__(self) -> None:
         from raytrain_ft.consistency import MODES
 
+        check_field_types(self)
         _choice("mode", self.mode, MODES)
         self._check_consistency()
         _positive("epochs", self.epochs)
         if self.steps is not None:
             _positive("steps", self.steps)
+        if not 0 <= self.seed < 2**64:
+            raise ConfigError("seed", f"must be in [0, 2**64), got {self.seed!r}")
         _positive("log_every_s", self.log_every_s)
 
     def _check_consistency(self) -> None:
@@ -318,6 +422,10 @@ class TrainConfig:
             raise ConfigError("cluster.overlap_comm", "a simulated step runs no forward/backward to overlap with; use --overlap-comm false with --simulate-compute")
         if self.mode != "sync" and (self.recovery.recovery == "checkpoint" or self.recovery.resume_from):
             raise ConfigError("recovery.recovery", "checkpoint restarts and --resume-from need --mode sync (async modes recover from replicas)")
+        if self.mode == "mixed" and w % c.group_size:
+            sizes = [min(c.group_size, w - first) for first in range(0, w, c.group_size)]
+            raise ConfigError("consistency.group_size", f"{w} workers in groups of {c.group_size} would make groups of {', '.join(map(str, sizes))} "
+                                                        "(the last one smaller, its gradients weighing more); make --num-workers a multiple of --group-size")
 
     def rule(self):
         """The consistency rule servers apply (``raytrain_ft.consistency.Rule``)."""
@@ -419,6 +527,8 @@ def coerce(text: Any, typ: type, name: str, optional: bool = True) -> Any:
     if typ in (int, float):
         if isinstance(text, bool):
             raise ConfigError(name, f"expected a number, got {text!r}")
+        if isinstance(text, (int, float)):
+            return text  # a YAML/JSON number: the config's own checks judge it, as for the Python API
         try:
             value = typ(text) if typ is float else int(str(text), 10)
         except (TypeError, ValueError):
@@ -457,11 +567,19 @@ def from_dict(raw: dict[str, Any] | None, source: str = "config") -> TrainConfig
 def load_yaml(path: str) -> dict[str, Any]:
     import yaml
 
-    if not os.path.isfile(path):
+    if os.path.isdir(path):
+        raise ConfigError("--config", f"{path!r} is a directory; give the YAML file in it")
+    if not os.path.exists(path):
         raise ConfigError("--config", f"file {path!r} does not exist")
     try:
-        with open(path) as fh:
-            data = yaml.safe_load(fh)
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except UnicodeDecodeError as e:
+        raise ConfigError("--config", f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError("--config", f"cannot read {path!r} ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -473,8 +591,10 @@ def load_yaml(path: str) -> dict[str, Any]:
     return data
 
 
-def merge_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+def merge_overrides(raw: dict[str, Any], overrides: dict[str, Any], source: str = "config") -> dict[str, Any]:
     """Apply flat flag overrides (flag name -> value) onto nested dicts."""
+    if not isinstance(raw, dict):
+        raise ConfigError(source, f"must be a mapping of config sections, got {type(raw).__name__}")
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     leaves = _leaf_fields()
     for flag, value in overrides.items():
@@ -494,6 +614,45 @@ def merge_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
 def load(config_path: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     raw = load_yaml(config_path) if config_path else {}
     return from_dict(merge_overrides(raw, overrides or {}), source=config_path or "config")
+
+
+# --- output paths ----------------------------------------------------------------
+
+
+def check_writable_dir(path: str, name: str, flag: str | None = None) -> None:
+    """Create directory ``path`` if needed and write (and remove) a probe file in it; ConfigError naming ``name`` (a field or
+    flag; ``flag``: the flag to fix, when ``name`` is a field) when that fails -- checked before a run starts, not when its
+    first file is due."""
+    import tempfile
+
+    fix = f"give a writable directory as {flag or name}"
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(name, f"{path!r} is a file, not a directory; {fix}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".raytrain-ft-write-test-", dir=path)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(name, f"cannot write to {path!r} ({e.strerror or e}); {fix}") from None
+
+
+def check_writable_file(path: str, name: str, create_parent: bool = True) -> None:
+    """``path`` can be written (its directory created when ``create_parent``), without creating or changing the file."""
+    if not path:
+        raise ConfigError(name, "needs a file path")
+    if os.path.isdir(path):
+        raise ConfigError(name, f"{path!r} is a directory; give a file path")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not create_parent and not os.path.isdir(parent):
+        what = "is a file, not a directory" if os.path.exists(parent) else "does not exist"
+        raise ConfigError(name, f"directory {parent!r} {what}; create it or give a path in an existing directory")
+    try:
+        check_writable_dir(parent, name)
+    except ConfigError as e:
+        raise ConfigError(name, f"cannot write {path!r}: {e.message.split('; ')[0]}; give a path in a writable directory") from None
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise ConfigError(name, f"{path!r} exists and is not writable; give another path")
 
 
 EXTRA_FLAG_NAMES = {"simulate_compute_ms": "simulate_compute"}

@@ -25,6 +25,9 @@ from raytrain_ft.config import DataConfig, parse_image_shape
 from raytrain_ft.errors import DataError
 
 IMAGE_SHAPE_METADATA_KEY = b"raytrain_ft.image_shape"
+MAX_CLASSES = 10_000
+"""Largest number of classes a Parquet label column may imply (labels 0..MAX_CLASSES-1): a label of 100000 is a
+mistake (a wrong column, ids instead of classes), not a 100,000-way classifier."""
 
 
 @dataclass(frozen=True)
@@ -115,51 +118,125 @@ def parquet_files(path: str) -> list[str]:
     return [path]
 
 
+def _shape_from_metadata(f: str, meta: dict) -> tuple[int, int, int]:
+    key = IMAGE_SHAPE_METADATA_KEY.decode()
+    try:
+        text = meta[IMAGE_SHAPE_METADATA_KEY].decode()
+        return parse_image_shape(text)
+    except (UnicodeDecodeError, ValueError):  # (ConfigError is a ValueError) -- the file's fault, not a flag's
+        raw = meta[IMAGE_SHAPE_METADATA_KEY]
+        raise DataError(f, f"the file's metadata {key!r} is {raw.decode(errors='replace')!r}, not C,H,W with positive integers; "
+                           "rewrite the file with write_parquet, or pass --image-shape C,H,W") from None
+
+
+def _check_columns(f: str, schema, cfg: DataConfig) -> None:
+    import pyarrow as pa
+
+    for col in (cfg.image_column, cfg.label_column):
+        if col not in schema.names:
+            raise DataError(f, f"has no column {col!r} (columns: {', '.join(schema.names)}); set --image-column/--label-column")
+    image_type = schema.field(cfg.image_column).type
+    is_list = pa.types.is_list(image_type) or pa.types.is_large_list(image_type) or pa.types.is_fixed_size_list(image_type)
+    if not is_list or not (pa.types.is_integer(image_type.value_type) or pa.types.is_floating(image_type.value_type)):
+        raise DataError(f, f"image column {cfg.image_column!r} has type {image_type}; it must hold each image as a flat list of numbers "
+                           "(see write_parquet), or set --image-column")
+    label_type = schema.field(cfg.label_column).type
+    if not (pa.types.is_integer(label_type) or pa.types.is_floating(label_type)):
+        raise DataError(f, f"label column {cfg.label_column!r} has type {label_type}; it must hold integer class indices 0..K-1 "
+                           "(map class names to indices first), or set --label-column")
+
+
 def check_parquet(cfg: DataConfig) -> tuple[int, int, int]:
-    """Validate the Parquet source without reading its rows; returns the image shape."""
+    """Validate the Parquet source without reading its rows (schema, shape metadata, row counts); returns the image shape."""
     import pyarrow.parquet as pq
 
-    shape = None
-    for f in parquet_files(cfg.data_path or ""):
+    shape, shape_from, rows = None, None, 0
+    files = parquet_files(cfg.data_path or "")
+    for f in files:
         try:
-            schema = pq.read_schema(f)
+            pf = pq.ParquetFile(f)
+            schema, num_rows = pf.schema_arrow, pf.metadata.num_rows
         except Exception as e:  # pyarrow raises several types for corrupt files
             raise DataError(f, f"not a readable Parquet file ({type(e).__name__}: {e})") from None
-        for col in (cfg.image_column, cfg.label_column):
-            if col not in schema.names:
-                raise DataError(f, f"has no column {col!r} (columns: {', '.join(schema.names)}); set --image-column/--label-column")
+        _check_columns(f, schema, cfg)
         meta = schema.metadata or {}
         if cfg.image_shape:
-            shape = parse_image_shape(cfg.image_shape)
+            file_shape = parse_image_shape(cfg.image_shape)
         elif IMAGE_SHAPE_METADATA_KEY in meta:
-            shape = parse_image_shape(meta[IMAGE_SHAPE_METADATA_KEY].decode())
+            file_shape = _shape_from_metadata(f, meta)
         else:
             raise DataError(f, "records no image shape; pass --image-shape C,H,W")
+        if shape is not None and file_shape != shape:
+            raise DataError(f, f"records image shape {file_shape}, but {shape_from} records {shape}; give files of one shape")
+        shape, shape_from = file_shape, f
+        image_type = schema.field(cfg.image_column).type
+        size = int(np.prod(file_shape))
+        if getattr(image_type, "list_size", size) != size:
+            raise DataError(f, f"image column {cfg.image_column!r} holds {image_type.list_size} values per row; shape {file_shape} needs {size}")
+        rows += num_rows
+    if rows == 0:
+        raise DataError(cfg.data_path or "", "holds no rows; give Parquet data with images in it")
     assert shape is not None
     return shape
 
 
+def _checked_table(f: str, table, cfg: DataConfig, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """One file's images [N, C, H, W] and labels [N], every row checked: one value per pixel, finite values, labels
+    that are class indices."""
+    import pyarrow.compute as pc
+
+    size = int(np.prod(shape))
+    n = len(table)
+    images = table.column(cfg.image_column).combine_chunks()
+    if images.null_count:
+        row = int(np.flatnonzero(images.is_null().to_numpy(zero_copy_only=False))[0])
+        raise DataError(f, f"image row {row} is null; every row needs an image")
+    lengths = np.asarray(pc.list_value_length(images).to_numpy(zero_copy_only=False), dtype=np.int64)
+    bad = np.flatnonzero(lengths != size)
+    if bad.size:
+        row = int(bad[0])
+        raise DataError(f, f"image row {row} holds {lengths[row]} values; shape {shape} needs {size} in every row "
+                           f"({bad.size} of {n} rows differ)")
+    flat = np.asarray(images.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
+    if flat.size != n * size:
+        raise DataError(f, f"image column holds {flat.size} values for {n} rows; expected shape {shape} per row")
+    if not np.isfinite(flat).all():
+        row = int(np.flatnonzero(~np.isfinite(flat))[0]) // size
+        raise DataError(f, f"image row {row} holds a NaN, infinite or null value; images must be finite numbers")
+    labels = table.column(cfg.label_column).combine_chunks()
+    col = cfg.label_column
+    if labels.null_count:
+        row = int(np.flatnonzero(labels.is_null().to_numpy(zero_copy_only=False))[0])
+        raise DataError(f, f"label column {col!r} is null in row {row}; every row needs a class index")
+    raw = np.asarray(labels.to_numpy(zero_copy_only=False))
+    if raw.dtype.kind == "f":
+        bad = np.flatnonzero(~np.isfinite(raw) | (raw != np.round(raw)))
+        if bad.size:
+            row = int(bad[0])
+            raise DataError(f, f"label column {col!r} holds {raw[row]:g} in row {row}; labels must be whole class indices 0..K-1")
+    if raw.size and (raw.min() < 0 or raw.max() >= MAX_CLASSES):
+        row = int(np.argmin(raw)) if raw.min() < 0 else int(np.argmax(raw))
+        raise DataError(f, f"label column {col!r} holds {raw[row]:g} in row {row}; labels must be class indices from 0 to "
+                           f"{MAX_CLASSES - 1} (at most {MAX_CLASSES:,} classes): is --label-column the class column?")
+    return flat.reshape(n, *shape), raw.astype(np.int64)
+
+
 def load_parquet(cfg: DataConfig, seed: int) -> Dataset:
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     shape = check_parquet(cfg)
-    tables = []
+    xs, ys = [], []
     for f in parquet_files(cfg.data_path or ""):
         try:
-            tables.append(pq.read_table(f, columns=[cfg.image_column, cfg.label_column]))
+            table = pq.read_table(f, columns=[cfg.image_column, cfg.label_column])
         except Exception as e:
             raise DataError(f, f"could not read rows ({type(e).__name__}: {e})") from None
-    table = pa.concat_tables(tables)
-    images = table.column(cfg.image_column).combine_chunks()
-    flat = np.asarray(images.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
-    n = len(table)
-    if flat.size != n * int(np.prod(shape)):
-        raise DataError(cfg.data_path or "", f"image column holds {flat.size} values for {n} rows; expected shape {shape} per row")
-    x = flat.reshape(n, *shape)
-    y = np.asarray(table.column(cfg.label_column).to_numpy(), dtype=np.int64)
-    if y.min() < 0:
-        raise DataError(cfg.data_path or "", "labels must be non-negative class indices")
+        x, y = _checked_table(f, table, cfg, shape)
+        xs.append(x)
+        ys.append(y)
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    if len(y) == 0:
+        raise DataError(cfg.data_path or "", "holds no rows; give Parquet data with images in it")
     return _split(x, y, cfg.eval_fraction, seed)
 
 
@@ -213,10 +290,15 @@ def steps_per_epoch(num_samples: int, num_workers: int, batch_size: int) -> int:
 def checked_steps_per_epoch(num_samples: int, num_workers: int, batch_size: int) -> int:
     spe = steps_per_epoch(num_samples, num_workers, batch_size)
     if spe == 0:
-        raise DataError(
-            "data.batch_size",
-            f"{num_samples} training samples cannot fill one batch of {batch_size} on each of {num_workers} workers; lower --batch-size",
-        )
+        n, w, b = num_samples, num_workers, batch_size
+        if n == 0:
+            raise DataError("data.eval_fraction", "no training samples are left after the eval split; give more data or a smaller --eval-fraction")
+        if w > n:  # no batch size helps: the worker count is what to change
+            hint = f"use at most {n // b} --num-workers at --batch-size {b}" if n >= b else f"use fewer --num-workers and a --batch-size of at most {n}"
+            raise DataError("cluster.num_workers", f"{n} training samples cannot fill one batch on each of {w:,} workers; {hint}")
+        more = f", or use at most {n // b} --num-workers" if n >= b else ""
+        raise DataError("data.batch_size", f"{n} training samples cannot fill one batch of {b} on each of {w} workers "
+                                           f"({n // w} samples each); lower --batch-size to at most {n // w}{more}")
     return spe
 
 

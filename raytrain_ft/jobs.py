@@ -11,6 +11,12 @@ summary on one line that starts with ``SUMMARY_MARKER``.
 Authentication: Ray token authentication is read the way Ray reads it --
 ``RAY_AUTH_TOKEN``, else the file named by ``RAY_AUTH_TOKEN_PATH``, else
 ``~/.ray/auth_token`` -- and sent as a bearer token on every request.
+
+The same token code checks a Ray (GCS) address before ``train --address`` and
+``chaos`` call ``ray.init``: ``check_ray_address`` resolves ``auto`` (refusing
+to pick one of several local instances) and asks the address one cheap gRPC
+question with the token ``ray.init`` would send, so a port that is not Ray, a
+silent one, or a cluster that refuses the token ends in one line, in seconds.
 """
 
 from __future__ import annotations
@@ -36,6 +42,10 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 """The dashboard as ``ray dashboard cluster.yaml`` forwards it."""
 TOKEN_ENV_VAR = "RAY_AUTH_TOKEN"
 TOKEN_PATH_ENV_VAR = "RAY_AUTH_TOKEN_PATH"
+AUTH_MODE_ENV_VAR = "RAY_AUTH_MODE"
+RAY_ADDRESS_ENV_VAR = "RAY_ADDRESS"
+GCS_PROBE_METHOD = "/ray.rpc.NodeInfoGcsService/GetClusterId"
+"""The first call a Ray driver makes to the GCS (an empty request): the probe of ``check_ray_address``."""
 TERMINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
 NO_TOKEN_HINT = (
     f"set {TOKEN_ENV_VAR}, or {TOKEN_PATH_ENV_VAR} to a file holding it, or put it in ~/.ray/auth_token "
@@ -93,6 +103,150 @@ def resolve_address(address: str | None, environ: Mapping[str, str] | None = Non
     return address.rstrip("/")
 
 
+# --- a Ray (GCS) address, for ray.init: train --address, chaos --------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RayAuth:
+    """What ``ray.init`` sends a cluster, decided as Ray 2.60 decides it."""
+
+    mode: str | None
+    """``RAY_AUTH_MODE`` as set (lower case), None when unset."""
+    sent: Token | None
+    """The token ``ray.init`` sends: with ``RAY_AUTH_MODE=token``, or with it unset for ``auto`` (never for an explicit
+    address); never with ``disabled``."""
+    found: Token | None
+    """The token found where Ray looks (``find_token``), sent or not."""
+    auto: bool = False
+    """The address is ``auto`` (Ray then sends a token it finds even with ``RAY_AUTH_MODE`` unset)."""
+
+    @property
+    def needs_mode(self) -> bool:
+        """A token put in place now would be sent only once ``RAY_AUTH_MODE=token`` is set."""
+        return self.mode == "disabled" or (self.mode is None and not self.auto)
+
+
+def ray_auth(address: str | None, environ: Mapping[str, str] | None = None, home: str | os.PathLike | None = None) -> RayAuth:
+    """What ``ray.init(address=address)`` will send; ClusterError (saying where to put it) when ``RAY_AUTH_MODE=token`` and
+    no token is found, as ``ray.init`` would fail then."""
+    environ = os.environ if environ is None else environ
+    mode = environ.get(AUTH_MODE_ENV_VAR, "").strip().lower() or None
+    try:
+        found = find_token(environ, home)
+    except ClusterError:
+        if mode == "disabled":  # Ray does not look then
+            found = None
+        else:
+            raise
+    if mode == "token" and found is None:
+        raise ClusterError(f"{AUTH_MODE_ENV_VAR}=token and no token was found: {NO_TOKEN_HINT}")
+    auto = address in (None, "", "auto")
+    sends = mode == "token" or (mode is None and auto)
+    return RayAuth(mode, found if sends else None, found, auto)
+
+
+def resolve_ray_address(address: str, field: str = "--address", environ: Mapping[str, str] | None = None, candidates=None) -> str:
+    """``address``, with ``auto`` read as ``ray.init`` reads it (``RAY_ADDRESS``, else the Ray instance running on this machine) --
+    except that several local instances are an error listing them instead of a silent pick. ``candidates``: the local GCS
+    addresses (default: Ray's own scan of this machine's raylet processes)."""
+    if address != "auto":
+        return address
+    environ = os.environ if environ is None else environ
+    env = environ.get(RAY_ADDRESS_ENV_VAR, "").strip()
+    if env and env != "auto":
+        return env
+    from ray._private import services
+
+    found = sorted(services.find_gcs_addresses() if candidates is None else candidates)
+    if len(found) > 1:
+        raise ClusterError(f"{field} auto: {len(found)} Ray instances run on this machine ({', '.join(found)}); "
+                           f"give the one to use as {_flag(field)} HOST:PORT")
+    if found:
+        return found[0]
+    latest = services.find_bootstrap_address(None) if candidates is None else None
+    if latest:
+        return latest
+    raise ClusterError(f"{field} auto: no Ray instance runs on this machine; start one (`ray start --head`) or give {_flag(field)} HOST:PORT")
+
+
+def probe_ray(address: str, field: str = "--address", timeout_s: float = 5.0, auth: RayAuth | None = None,
+              environ: Mapping[str, str] | None = None) -> None:
+    """Ask ``host:port`` (or ``ray://host:port``) one cheap gRPC question with the token ``ray.init`` would send (``auth``,
+    default: for this explicit address); ClusterError with one line when it is not Ray (an HTTP server such as the
+    dashboard, a silent port) or the cluster refuses the token. A listening port is assumed (``check_ray_address``
+    tests that first)."""
+    import grpc
+
+    environ = os.environ if environ is None else environ
+    if environ.get("RAY_USE_TLS", "0").strip().lower() in ("1", "true"):
+        return  # a TLS cluster: ray.init's own handshake (with the TLS files) decides
+    auth = auth if auth is not None else ray_auth(address, environ)
+    client = address.startswith("ray://")
+    target = address.split("://", 1)[-1].rstrip("/")
+    metadata = [("authorization", f"Bearer {auth.sent.value}")] if auth.sent else None
+    channel = grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)])  # straight to the port, as Ray connects
+    try:
+        call = channel.unary_unary(GCS_PROBE_METHOD, request_serializer=lambda _: b"", response_deserializer=lambda b: b)
+        call(None, timeout=timeout_s, metadata=metadata)
+    except grpc.RpcError as e:
+        code, details = e.code(), " ".join((e.details() or "").split())
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            raise token_error(target, auth.sent, auth) from None
+        if code == grpc.StatusCode.UNIMPLEMENTED and client:
+            return  # the Ray Client server speaks gRPC but serves no GCS calls: it is there
+        which = "the Ray Client server, ray://HEAD:10001 by default" if client else "Ray's GCS, HEAD:6379 by default (`ray status` on the head shows it)"
+        if "http1" in details.lower() or "Failed parsing HTTP/2" in details:
+            raise ClusterError(f"{field} {address!r} is not Ray: it answers like an HTTP server (the dashboard?), not gRPC; give the address "
+                               f"of {which}; only `submit`, `status`, `logs` and `stop` take the dashboard's http://HEAD:8265") from None
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise ClusterError(f"{field} {address!r} accepts connections but nothing answered like Ray within {timeout_s:g}s; "
+                               f"give the address of {which}") from None
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            raise ClusterError(f"{field} {address!r} speaks gRPC but is not Ray's GCS (another Ray port?); give the address of {which}") from None
+        raise ClusterError(f"{field} {address!r} does not answer like Ray ({details[:160] or code.name}); give the address of {which}") from None
+    finally:
+        channel.close()
+
+
+def _flag(field: str) -> str:
+    return "--address" if field == "cluster.address" else field
+
+
+def check_ray_address(address: str, field: str = "--address", timeout_s: float = 5.0) -> str:
+    """Check -- in seconds, not Ray's minutes of retries and warnings -- that ``address`` (``HOST:PORT``, ``ray://HOST:PORT`` or
+    ``auto``, resolved as ``ray.init`` resolves it but refusing several local instances) accepts a TCP connection, answers
+    like Ray and takes the token ``ray.init`` will send; returns ``address`` for ``ray.init``."""
+    import socket
+
+    target = resolve_ray_address(address, field)
+    hostport = target.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not host or not port.isdigit() or ("://" in target and not target.startswith("ray://")):
+        raise ClusterError(f"{field} {target!r} is not HOST:PORT (or ray://HOST:PORT, or auto)")
+    shown = target if target == address else f"{address} ({target})"
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise ClusterError(f"{field} {shown!r} is unreachable ({e}); start the cluster (`ray up cluster.yaml`) or fix {_flag(field)}") from None
+    probe_ray(target, field, timeout_s, ray_auth(address))
+    return address
+
+
+def ray_init_error(e: Exception, address: str, hint: str) -> ClusterError:
+    """One line for a failed ``ray.init(address=...)``: the token message when Ray refused the token, else Ray's reason."""
+    from ray.exceptions import AuthenticationError
+
+    if isinstance(e, AuthenticationError):
+        try:
+            auth = ray_auth(address)
+        except ClusterError as no_token:
+            return no_token
+        return token_error(address, auth.sent, auth)
+    reason = " ".join(str(e).split())
+    return ClusterError(f"could not connect to Ray at {address!r}: {reason[:300]}; check {hint}")
+
+
 def job_config(config: TrainConfig) -> dict[str, Any]:
     """The config a job runs: the same run, joining the cluster it is submitted to."""
     if config.cluster.local_nodes > 1:
@@ -127,13 +281,23 @@ def _client(address: str):
         raise _cluster_error(e, address, token) from None
 
 
+def token_error(address: str, token: Token | None, auth: RayAuth | None = None) -> ClusterError:
+    """The one line for a cluster that refused the client: no token, or not the cluster's (job commands, train, chaos).
+    ``auth``: what ``ray.init`` sends (``ray_auth``), when it is Ray itself that connects."""
+    if token is not None:
+        return ClusterError(f"the Ray cluster at {address} rejected the token from {token.source}; use the cluster's token (`ray get-auth-token` on the head)")
+    if auth is not None and auth.found is not None:
+        return ClusterError(f"the Ray cluster at {address} requires token authentication, and Ray sends the token from {auth.found.source} "
+                            f"only with {AUTH_MODE_ENV_VAR}=token ({AUTH_MODE_ENV_VAR} is {auth.mode or 'unset'}): set {AUTH_MODE_ENV_VAR}=token")
+    also = f", and set {AUTH_MODE_ENV_VAR}=token" if auth is not None and auth.needs_mode else ""
+    return ClusterError(f"the Ray cluster at {address} requires token authentication and no token was found: {NO_TOKEN_HINT}{also}")
+
+
 def _cluster_error(e: Exception, address: str, token: Token | None) -> ClusterError:
     from ray.exceptions import AuthenticationError
 
     if isinstance(e, AuthenticationError):
-        if token is None:
-            return ClusterError(f"the Ray cluster at {address} requires token authentication and no token was found: {NO_TOKEN_HINT}")
-        return ClusterError(f"the Ray cluster at {address} rejected the token from {token.source}; use the cluster's token (`ray get-auth-token` on the head)")
+        return token_error(address, token)
     if isinstance(e, ConnectionError):
         return ClusterError(f"no Ray dashboard answers at {address} ({e}); start the cluster (`ray up cluster.yaml`) and forward its dashboard "
                             "(`ray dashboard cluster.yaml`), or fix --address")

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
-from raytrain_ft.errors import DataError
+from raytrain_ft.errors import ConfigError, DataError
 
 
 def _num(x: float | None, fmt: str) -> str:
@@ -68,21 +69,71 @@ def markers(summary: dict[str, Any]) -> list[Marker]:
     return sorted(out, key=lambda m: m.t_s)
 
 
-def load_summary(path: str) -> dict[str, Any]:
-    try:
-        with open(path) as fh:
-            summary = json.load(fh)
-    except OSError as e:
-        raise DataError(path, f"cannot read the run summary ({e.strerror}); pass the file written by --output-json") from None
-    except json.JSONDecodeError as e:
-        raise DataError(path, f"is not JSON ({e.msg} at line {e.lineno}); pass the file written by --output-json") from None
+WRITE_IT = "write it with `raytrain-ft train --output-json` (this version or later)"
+
+
+def _is_num(x: Any, optional: bool = False) -> bool:
+    if x is None:
+        return optional
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _entries(path: str, summary: dict, key: str, what: str) -> list:
+    entries = summary.get(key, [])
+    if entries is None:
+        return []
+    if not isinstance(entries, list):
+        raise DataError(path, f"'{key}' is {json.dumps(entries)[:60]}, not a list of {what}; {WRITE_IT}")
+    return entries
+
+
+def _bad(path: str, where: str, entry: Any, need: str) -> DataError:
+    return DataError(path, f"{where} is {json.dumps(entry)[:80]}: {need}; {WRITE_IT}")
+
+
+def check_summary(path: str, summary: Any) -> dict[str, Any]:
+    """The parts of a run summary the report reads, checked: one DataError naming the file and the first bad entry."""
     if not isinstance(summary, dict) or not summary.get("history"):
-        raise DataError(path, "holds no 'history' of the run; write it with `raytrain-ft train --output-json` (this version or later)")
+        raise DataError(path, f"holds no 'history' of the run; {WRITE_IT}")
+    for i, h in enumerate(_entries(path, summary, "history", "points")):
+        if not (isinstance(h, dict) and _is_num(h.get("t")) and all(k in h and _is_num(h[k], optional=True) for k in ("loss", "accuracy"))):
+            raise _bad(path, f"history[{i}]", h, "each point needs t (a number), loss and accuracy (numbers or null)")
+    for i, k in enumerate(_entries(path, summary, "kills", "kills")):
+        if not (isinstance(k, dict) and _is_num(k.get("at"), optional=True)):
+            raise _bad(path, f"kills[{i}]", k, "each kill needs at (a time in seconds, or null)")
+    for i, e in enumerate(_entries(path, summary, "recoveries", "recoveries")):
+        ok = isinstance(e, dict) and _is_num(e.get("duration_s", 0.0))
+        if ok and ("detected_at" in e or "serving_at" in e):
+            ok = _is_num(e.get("detected_at")) and _is_num(e.get("serving_at")) and "role" in e and "index" in e
+        if not ok:
+            raise _bad(path, f"recoveries[{i}]", e, "each recovery needs role, index, detected_at and serving_at (times in seconds)")
+    for key in ("started_at", "eval_accuracy"):
+        if not _is_num(summary.get(key), optional=True):
+            raise _bad(path, f"'{key}'", summary[key], "it must be a number")
+    cfg = summary.get("config", {})
+    if not isinstance(cfg, dict) or not all(isinstance(cfg.get(k, {}), dict) for k in ("model", "cluster")):
+        raise _bad(path, "'config'", cfg, "it must be the run's config (an object with model and cluster sections)")
     return summary
 
 
-def render_png(summary: dict[str, Any], path: str) -> None:
-    """Loss and training accuracy over time, with kills (red lines) and recoveries (shaded, from noticed to serving)."""
+def load_summary(path: str) -> dict[str, Any]:
+    if os.path.isdir(path):
+        raise DataError(path, "is a directory; pass the file written by --output-json")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            summary = json.load(fh)
+    except OSError as e:
+        raise DataError(path, f"cannot read the run summary ({e.strerror}); pass the file written by --output-json") from None
+    except UnicodeDecodeError:
+        raise DataError(path, "is not UTF-8 text; pass the JSON file written by --output-json") from None
+    except json.JSONDecodeError as e:
+        raise DataError(path, f"is not JSON ({e.msg} at line {e.lineno}); pass the file written by --output-json") from None
+    return check_summary(path, summary)
+
+
+def render_png(summary: dict[str, Any], path: str, flag: str = "--output") -> None:
+    """Loss and training accuracy over time, with kills (red lines) and recoveries (shaded, from noticed to serving).
+    ``flag`` names where ``path`` came from in an error."""
     try:
         import matplotlib
 
@@ -114,5 +165,9 @@ def render_png(summary: dict[str, Any], path: str) -> None:
                  f"{cluster.get('num_servers', '?')} servers; eval accuracy {_num(acc, '.4f')}; "
                  f"{len(summary.get('recoveries', []))} recoveries (shaded), kills dashed", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=110, format="png")
+    except OSError as e:
+        raise ConfigError(flag, f"cannot write {path!r} ({e.strerror or e}); give a writable path") from None
+    finally:
+        plt.close(fig)

@@ -26,7 +26,7 @@ from raytrain_ft.data import Dataset, check_source, checked_steps_per_epoch, loa
 from raytrain_ft.errors import ClusterError, TrainingError
 from raytrain_ft.models import build_model
 from raytrain_ft.params import flatten_state, load_flat_state, params_sha256, shard_ranges
-from raytrain_ft.recovery.faults import KillSpec, check_targets, parse_kills
+from raytrain_ft.recovery.faults import KillSpec, check_steps, check_targets, parse_kills
 
 logger = logging.getLogger(__name__)
 
@@ -176,10 +176,16 @@ def ray_session(config: TrainConfig):
     """
     import ray
 
+    from raytrain_ft.config import check_writable_dir
+    from raytrain_ft.jobs import ray_init_error
+
+    cc = config.cluster
+    # a run's own files are written on this machine unless it joins a cluster elsewhere: check them before Ray starts
+    if config.recovery.checkpoint_dir and not (cc.address or os.environ.get(RAY_ADDRESS_ENV_VAR)):
+        check_writable_dir(config.recovery.checkpoint_dir, "recovery.checkpoint_dir", "--checkpoint-dir")
     if ray.is_initialized():
         yield Session()
         return
-    cc = config.cluster
     needed = cc.num_workers * cc.cpus_per_worker
     if cc.local_nodes > 1:
         from ray.cluster_utils import Cluster
@@ -201,15 +207,15 @@ def ray_session(config: TrainConfig):
     # a Ray job's driver finds its cluster in RAY_ADDRESS (set by the job supervisor)
     address = cc.address or os.environ.get(RAY_ADDRESS_ENV_VAR, "")
     if address:
-        check_reachable(address)
+        address = check_reachable(address, field="cluster.address" if cc.address else RAY_ADDRESS_ENV_VAR)
         kwargs["address"] = address
     else:
         kwargs.update(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False)
     try:
         ray.init(**kwargs)
-    except (ConnectionError, ValueError, RuntimeError, OSError) as e:
+    except Exception as e:  # one line naming what to fix, not Ray's traceback
         if address:
-            raise ClusterError(f"could not connect to Ray at {address!r}: {e}; check --address or {RAY_ADDRESS_ENV_VAR} (or leave both empty for a local run)") from e
+            raise ray_init_error(e, address, f"--address or {RAY_ADDRESS_ENV_VAR} (or leave both empty for a local run)") from None
         raise ClusterError(f"could not start a local Ray: {e}; if the path is too long, set RAY_TMPDIR to a short directory such as /tmp/ray") from e
     try:
         yield Session(embedded=not address)
@@ -222,32 +228,32 @@ def check_resumable(directory: str, ranges) -> int:
     from raytrain_ft.errors import DataError
     from raytrain_ft.recovery.checkpoint import latest_common_step, load_shard_checkpoint, shard_checkpoint_path
 
+    if not os.path.exists(directory):
+        raise DataError(directory, "does not exist; --resume-from takes the --checkpoint-dir of the run to resume")
+    if not os.path.isdir(directory):
+        raise DataError(directory, "is not a directory; --resume-from takes the --checkpoint-dir of the run to resume")
     step = latest_common_step(directory, len(ranges))
     if step is None:
         raise DataError(directory, f"no step has a checkpoint file for each of the {len(ranges)} shards; check --resume-from and --num-servers")
     for r in ranges:
-        params, *_ = load_shard_checkpoint(shard_checkpoint_path(directory, r.index, step))
+        path = shard_checkpoint_path(directory, r.index, step)
+        try:
+            params, *_ = load_shard_checkpoint(path)
+        except Exception as e:  # noqa: BLE001 -- torch raises several types for a damaged file
+            raise DataError(path, f"is not a readable checkpoint ({type(e).__name__}); delete it to resume from an earlier step") from None
         if params.size != r.size:
             raise DataError(directory, f"shard {r.index} holds {params.size} values, this run's shard has {r.size}: "
                                        "the checkpoint was written for another model or --num-servers")
     return step
 
 
-def check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Fail fast (instead of Ray's minutes of retries) when ``host:port`` accepts no TCP connection."""
-    import socket
+def check_reachable(address: str, timeout_s: float = 5.0, field: str = "cluster.address") -> str:
+    """The address to give ``ray.init`` (``auto`` resolved, refusing several local instances), after failing fast -- instead
+    of Ray's minutes of retries and warnings -- when ``host:port`` accepts no TCP connection, is not Ray (the dashboard's
+    HTTP port, a silent port) or refuses our token (``raytrain_ft.jobs.check_ray_address``)."""
+    from raytrain_ft.jobs import check_ray_address
 
-    if address == "auto":
-        return
-    hostport = address.split("://", 1)[-1].rstrip("/")
-    host, sep, port = hostport.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ClusterError(f"cluster.address {address!r} is not HOST:PORT (or ray://HOST:PORT, or auto)")
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
-            pass
-    except OSError as e:
-        raise ClusterError(f"cluster.address {address!r} is unreachable ({e}); start the cluster (`ray up cluster.yaml`) or fix --address") from None
+    return check_ray_address(address, field, timeout_s)
 
 
 class Trainer:
@@ -267,6 +273,7 @@ class Trainer:
         total_steps = total_steps_for(cfg, len(data.train_y))
         kills = parse_kills(cfg.recovery.kill, "recovery.kill")
         check_targets(kills, cfg.cluster.num_servers, cfg.cluster.num_workers, cfg.cluster.local_nodes, cfg.recovery.num_spares)
+        check_steps(kills, total_steps)
         start_step = check_resumable(cfg.recovery.resume_from, ranges) if cfg.recovery.resume_from else 0
         with ray_session(cfg) as session:
             run = _Run(cfg, ranges, total_steps, (data.in_shape, data.num_classes), kills, session, start_step)

@@ -18,6 +18,7 @@ Stragglers (``RANK:MS``, see ``parse_slow``): a worker that takes MS millisecond
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -25,6 +26,12 @@ from raytrain_ft.errors import ConfigError
 
 ROLES = ("server", "replica", "worker", "spare", "supervisor", "node")
 TRIGGERS = ("step", "time", "recovery", "rereplication", "snapshot")
+COUNTED_TRIGGERS = ("recovery", "rereplication", "snapshot")
+"""Triggers that count events from 1 (the first recovery, re-replication, snapshot)."""
+FIELD = "recovery.kill"
+"""The config field kills are given in (``--kill``)."""
+MAX_SLOW_MS = 3_600_000.0
+"""Longest straggler delay per step (``--slow-workers RANK:MS``): one hour."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +46,7 @@ class KillSpec:
         return f"{self.role}:{self.index}@{self.trigger}={value}"
 
 
-def parse_kill(text: str, field: str = "kill") -> KillSpec:
+def parse_kill(text: str, field: str = FIELD) -> KillSpec:
     """Parse ``ROLE[:INDEX]@TRIGGER=VALUE`` (e.g. ``server:1@step=40``, ``node:2@time=5``)."""
     usage = "expected ROLE[:INDEX]@step=N or @time=S (or @recovery=N, @rereplication=N, @snapshot=N), e.g. server:0@step=20"
     target, sep, when = text.strip().partition("@")
@@ -59,8 +66,14 @@ def parse_kill(text: str, field: str = "kill") -> KillSpec:
         value = float(value_text)
     except ValueError:
         raise ConfigError(field, f"{text!r}: {value_text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ConfigError(field, f"{text!r}: {value_text!r} is not a finite number")
     if index < 0 or value < 0:
         raise ConfigError(field, f"{text!r}: index and value must be >= 0")
+    if trigger != "time" and not value.is_integer():
+        raise ConfigError(field, f"{text!r}: @{trigger} takes a whole number, got {value_text!r}")
+    if trigger in COUNTED_TRIGGERS and value < 1:
+        raise ConfigError(field, f"{text!r}: @{trigger} counts from 1 (the first {trigger} is {trigger}=1)")
     if trigger == "snapshot" and role not in ("server", "replica"):
         raise ConfigError(field, f"{text!r}: @snapshot applies to server or replica only")
     if role == "node" and index == 0:
@@ -68,22 +81,39 @@ def parse_kill(text: str, field: str = "kill") -> KillSpec:
     return KillSpec(role, index, trigger, value)
 
 
-def parse_kills(texts: str | list[str] | None, field: str = "kill") -> list[KillSpec]:
-    """Several specs, from a list or one comma-separated string."""
+def parse_kills(texts: str | list[str] | None, field: str = FIELD) -> list[KillSpec]:
+    """Several specs, from a list or one comma-separated string; the same kill twice is an error."""
     if not texts:
         return []
     if isinstance(texts, str):
-        texts = [t for t in texts.split(",") if t.strip()]
-    return [parse_kill(t, field) for t in texts]
+        texts = [texts]
+    kills: list[KillSpec] = []
+    for text in texts:
+        for part in str(text).split(","):
+            if not part.strip():
+                continue
+            k = parse_kill(part, field)
+            if k in kills:
+                raise ConfigError(field, f"{part.strip()!r}: the same kill is given twice ({k}); give each kill once")
+            kills.append(k)
+    return kills
 
 
-def check_targets(kills: list[KillSpec], num_shards: int, num_workers: int, num_nodes: int, num_spares: int = 1) -> None:
+def check_targets(kills: list[KillSpec], num_shards: int, num_workers: int, num_nodes: int, num_spares: int = 1, field: str = FIELD) -> None:
     """Each kill names something the run has."""
     limits = {"server": num_shards, "replica": num_shards, "worker": num_workers, "spare": num_spares, "supervisor": 1, "node": num_nodes}
     for k in kills:
         if k.index >= limits[k.role]:
             extra = " (run with --local-nodes N to simulate nodes)" if k.role == "node" and num_nodes <= 1 else ""
-            raise ConfigError("kill", f"{k}: the run has {limits[k.role]} {k.role}(s), index {k.index} does not exist{extra}")
+            raise ConfigError(field, f"{k}: the run has {limits[k.role]} {k.role}(s), index {k.index} does not exist{extra}")
+
+
+def check_steps(kills: list[KillSpec], total_steps: int, field: str = FIELD) -> None:
+    """Each ``@step`` kill falls inside the run: once ``total_steps`` are done the run is over and the kill would never fire."""
+    for k in kills:
+        if k.trigger == "step" and k.value >= total_steps:
+            raise ConfigError(field, f"{k}: the run ends after step {total_steps}, so this kill would never fire; "
+                                     f"kill at a step below {total_steps}, or train longer (--epochs / --steps)")
 
 
 def random_schedule(seed: int, mtbf_s: float, duration_s: float, roles: list[str], sizes: dict[str, int], min_gap_s: float = 0.0) -> list[KillSpec]:
@@ -92,11 +122,14 @@ def random_schedule(seed: int, mtbf_s: float, duration_s: float, roles: list[str
     ``min_gap_s`` keeps kills apart by more than a recovery: the replicas survive any single failure,
     not a second one that hits a ring neighbour before the first is repaired.
     """
+    for name, value in (("--mtbf-s", mtbf_s), ("--duration-s", duration_s), ("--min-gap-s", min_gap_s)):
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(name, f"must be a finite number >= 0, got {value!r}")
     if mtbf_s <= 0 or not 0 <= min_gap_s < mtbf_s:
-        raise ConfigError("mtbf_s", f"need mtbf_s > min_gap_s >= 0, got mtbf_s={mtbf_s}, min_gap_s={min_gap_s}")
+        raise ConfigError("--mtbf-s", f"need --mtbf-s > --min-gap-s >= 0, got --mtbf-s {mtbf_s}, --min-gap-s {min_gap_s}")
     bad = [r for r in roles if r not in ROLES]
     if bad or not roles:
-        raise ConfigError("roles", f"{bad or roles}: choose from {', '.join(ROLES)}")
+        raise ConfigError("--roles", f"{bad or roles}: choose from {', '.join(ROLES)}")
     rng = random.Random(seed)
     out, t = [], 0.0
     while True:
@@ -120,9 +153,12 @@ def parse_slow(text: str | None, num_workers: int | None = None, field: str = "r
             rank, ms = int(rank_text), float(ms_text)
         except ValueError:
             rank, ms = -1, -1.0
-        if not sep or rank < 0 or ms < 0:
-            raise ConfigError(field, f"{part.strip()!r}: expected RANK:MS with RANK >= 0 and MS >= 0, e.g. 3:200")
+        if not sep or rank < 0 or not 0 <= ms <= MAX_SLOW_MS:  # (NaN fails the comparison too)
+            raise ConfigError(field, f"{part.strip()!r}: expected RANK:MS with RANK >= 0 and MS a number from 0 to {int(MAX_SLOW_MS):,} "
+                                     "(an hour), e.g. 3:200")
         if num_workers is not None and rank >= num_workers:
             raise ConfigError(field, f"{part.strip()!r}: rank {rank} does not exist (--num-workers {num_workers})")
+        if rank in out:
+            raise ConfigError(field, f"{part.strip()!r}: rank {rank} is given twice; give each rank once")
         out[rank] = ms / 1000.0
     return out

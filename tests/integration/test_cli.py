@@ -1,5 +1,6 @@
 """The CLI as a user runs it: the main job, the JSON summary, and bad input."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -62,15 +63,110 @@ def test_main_job_reaches_accuracy_and_writes_summary(tmp_path, cli_env):
         (["--kill", "server:5@step=3"], "server:5@step=3: the run has 2 server(s)"),
         (["--kill", "node:1@step=3"], "--local-nodes"),
         (["--recovery", "raid"], "recovery.recovery: unknown value 'raid'"),
-        (["--resume-from", "/nonexistent/ckpt"], "/nonexistent/ckpt: no step has a checkpoint file"),
+        (["--resume-from", "/nonexistent/ckpt"], "/nonexistent/ckpt: does not exist; --resume-from takes the --checkpoint-dir"),
+        # config sources
+        (["--config", "/tmp"], "--config: '/tmp' is a directory; give the YAML file in it"),
+        (["--config-json", "[]"], "--config-json: must be a JSON object of config sections {...}, got list"),
+        (["--config-json", "null"], "--config-json: must be a JSON object of config sections {...}, got null"),
+        # every float finite and in range
+        (["--lr", "nan"], "optim.lr: must be a finite number, got nan"),
+        (["--lr", "inf"], "optim.lr: must be a finite number, got inf"),
+        (["--momentum", "nan"], "optim.momentum: must be a finite number, got nan"),
+        (["--momentum", "5"], "optim.momentum: must be in [0, 1), got 5.0"),
+        (["--weight-decay", "nan"], "optim.weight_decay: must be a finite number, got nan"),
+        (["--log-every-s", "nan"], "log_every_s: must be a finite number, got nan"),
+        (["--health-check-interval-s", "inf"], "recovery.health_check_interval_s: must be a finite number, got inf"),
+        (["--simulate-compute", "inf"], "cluster.simulate_compute_ms: must be a finite number, got inf"),
+        (["--simulate-compute", "1e12"], "cluster.simulate_compute_ms: must be at most 3,600,000"),
+        (["--seed", "-1"], "seed: must be in [0, 2**64), got -1"),
+        # kills and stragglers
+        (["--kill", "server:0@step=nan"], "recovery.kill: 'server:0@step=nan': 'nan' is not a finite number"),
+        (["--kill", "server:0@step=inf"], "recovery.kill: 'server:0@step=inf': 'inf' is not a finite number"),
+        (["--kill", "server:0@step=100000"], "recovery.kill: server:0@step=100000: the run ends after step 110, so this kill would never fire"),
+        (["--kill", "server:0@step=3", "--kill", "server:0@step=3"], "recovery.kill: 'server:0@step=3': the same kill is given twice"),
+        (["--slow-workers", "0:nan"], "recovery.slow_workers: '0:nan': expected RANK:MS"),
+        (["--slow-workers", "0:inf"], "recovery.slow_workers: '0:inf': expected RANK:MS"),
+        (["--slow-workers", "0:100,0:200"], "recovery.slow_workers: '0:200': rank 0 is given twice"),
+        # settings that would be ignored or make a lopsided run
+        (["--data-path", "/tmp"], "data.data_path: dataset 'digits' reads no files, so '/tmp' would be ignored"),
+        (["--num-spares", "1000"], "recovery.num_spares: must be at most 16, got 1000: each spare is a server process"),
+        (["--mode", "mixed", "--num-workers", "4", "--group-size", "3"], "consistency.group_size: 4 workers in groups of 3 would make groups of 3, 1"),
+        (["--num-workers", "99999999"], "cluster.num_workers: 1438 training samples cannot fill one batch on each of 99,999,999 workers; use at most 44"),
+        # outputs that could not be written, checked before training
+        (["--output-json", "/dev/null/run.json"], "--output-json: cannot write '/dev/null/run.json': '/dev/null' is a file, not a directory"),
+        (["--output-json", "/tmp"], "--output-json: '/tmp' is a directory; give a file path"),
+        (["--recovery", "checkpoint", "--checkpoint-dir", "/dev/null/ckpt"],
+         "recovery.checkpoint_dir: cannot write to '/dev/null/ckpt' (Not a directory); give a writable directory as --checkpoint-dir"),
     ],
 )
 def test_bad_input_exits_2_with_one_message_and_starts_no_ray(args, needle, cli_env):
     env, ray_dir = cli_env
     proc = subprocess.run([*CLI, "train", *args], env=env, capture_output=True, text=True, timeout=300)
+    assert_one_error_line(proc, needle)
+    assert not any(p.startswith("session") for p in os.listdir(ray_dir)), "a Ray session was started"
+
+
+def assert_one_error_line(proc, needle: str) -> None:
+    """Exit 2 and exactly one line on stderr, ``raytrain-ft: error: ...``, holding ``needle`` (the field, flag or file)."""
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert needle in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("raytrain-ft: error: ") and needle in lines[0], lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def _non_utf8_config(d):
+    path = d / "latin1.yaml"
+    path.write_bytes("optim: {name: sgd}  # caf\xe9\n".encode("latin-1"))
+    return ["train", "--config", str(path)], f"--config: {path} is not UTF-8 text (byte 0xe9"
+
+
+def _parquet(kind):
+    def build(d):
+        from tests.unit.test_data import _bad_parquet
+
+        path = _bad_parquet(kind, d)
+        return ["train", "--dataset", "parquet", "--data-path", path], f"{path}: "
+    return build
+
+
+def _report(history):
+    def build(d):
+        path = d / "run.json"
+        path.write_text(json.dumps({"history": history}))
+        return ["report", str(path)], f"{path}: "
+    return build
+
+
+def _report_into_a_missing_directory(d):
+    path = d / "run.json"
+    path.write_text(json.dumps({"history": [{"t": 0, "loss": 1.0, "accuracy": None}]}))
+    return ["report", str(path), "--output", str(d / "missing" / "run.png")], f"--output: directory '{d / 'missing'}' does not exist"
+
+
+@pytest.mark.parametrize(
+    "build, detail",
+    [
+        (_non_utf8_config, ""),
+        (_parquet("zero rows"), "holds no rows"),
+        (_parquet("string labels"), "label column 'label' has type string"),
+        (_parquet("huge label"), "label column 'label' holds 100000 in row 3"),
+        (_parquet("ragged rows"), "image row 0 holds 3 values"),
+        (_parquet("bad shape metadata"), "the file's metadata 'raytrain_ft.image_shape' is '1,x,2'"),
+        (_report([1, 2]), "history[0] is 1"),
+        (_report("abc"), "'history' is \"abc\""),
+        (_report([{"t": 1}]), "history[0] is {\"t\": 1}: each point needs t (a number), loss and accuracy"),
+        (_report_into_a_missing_directory, ""),
+    ],
+    ids=["non-utf8-config", "parquet-zero-rows", "parquet-string-labels", "parquet-huge-label", "parquet-ragged", "parquet-bad-metadata",
+         "report-history-list", "report-history-string", "report-history-missing-keys", "report-output-missing-dir"],
+)
+def test_bad_files_exit_2_with_one_line_naming_the_file(build, detail, cli_env, tmp_path):
+    env, ray_dir = cli_env
+    args, needle = build(tmp_path)
+    proc = subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert_one_error_line(proc, needle + detail)
+    assert "data.image_shape" not in proc.stderr
     assert not any(p.startswith("session") for p in os.listdir(ray_dir)), "a Ray session was started"
 
 
@@ -149,3 +245,114 @@ def test_gpus_asked_of_an_embedded_ray_without_them_exit_2_at_once(cli_env):
     proc = subprocess.run([*CLI, "train", "--use-gpu", "true", "--num-workers", "2"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "cluster.use_gpu=true asks for 2 GPUs, this machine has 0; set --use-gpu auto or false" in proc.stderr
+
+
+# --- --address of train and chaos: not Ray, a token problem, several local instances -- one line, in seconds ---
+
+
+@pytest.fixture
+def client_env(cli_env, tmp_path):
+    """The CLI's environment with no token anywhere and RAY_AUTH_MODE unset (cases set what they need)."""
+    env, ray_dir = cli_env
+    env = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")}
+    env["HOME"] = str(tmp_path)
+    return env, ray_dir
+
+
+ADDRESS_CASES = [
+    ("http", {}, "{field} '{address}' is not Ray: it answers like an HTTP server (the dashboard?), not gRPC"),
+    ("token-head", {}, "the Ray cluster at {address} requires token authentication and no token was found: set RAY_AUTH_TOKEN"),
+    ("token-head", {"RAY_AUTH_MODE": "disabled"}, "requires token authentication and no token was found: set RAY_AUTH_TOKEN"),
+    ("token-head", {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "wrong"},
+     "the Ray cluster at {address} rejected the token from RAY_AUTH_TOKEN; use the cluster's token"),
+    ("token-head", {"RAY_AUTH_TOKEN": "right"}, "Ray sends the token from RAY_AUTH_TOKEN only with RAY_AUTH_MODE=token"),
+    ("token-head", {"RAY_AUTH_MODE": "token"}, "RAY_AUTH_MODE=token and no token was found: set RAY_AUTH_TOKEN"),
+    ("closed", {}, "{field} 'ray://{address}' is unreachable"),
+]
+
+
+@pytest.mark.parametrize("command, field", [(["train"], "cluster.address"), (["chaos", "--kill", "server:0@step=1", "--wait-s", "0"], "--address")],
+                         ids=["train", "chaos"])
+@pytest.mark.parametrize("server, extra_env, needle", ADDRESS_CASES, ids=[f"{c[0]}-{'-'.join(c[1]) or 'none'}" for c in ADDRESS_CASES])
+def test_an_address_that_is_no_usable_ray_exits_2_with_one_line(command, field, server, extra_env, needle, client_env):
+    from tests.unit.fake_servers import fake_gcs, http_server
+
+    env, ray_dir = client_env
+    if server == "closed":
+        context = contextlib.nullcontext(f"127.0.0.1:{_closed_port()}")
+    else:
+        context = http_server() if server == "http" else fake_gcs(token="right")
+    with context as address:
+        target = f"ray://{address}" if server == "closed" else address
+        t0 = time.monotonic()
+        proc = subprocess.run([*CLI, *command, "--address", target], env={**env, **extra_env}, capture_output=True, text=True, timeout=120)
+        took = time.monotonic() - t0
+    assert_one_error_line(proc, needle.format(field=field, address=address))
+    assert took < 30, f"took {took:.0f}s"
+    assert not any(p.startswith("session") for p in os.listdir(ray_dir)), "a Ray session was started"
+
+
+def test_a_silent_ray_client_address_fails_in_seconds_with_the_useful_line_only(client_env):
+    from tests.unit.fake_servers import silent_port
+
+    env, _ = client_env
+    with silent_port() as address:
+        t0 = time.monotonic()
+        proc = subprocess.run([*CLI, "train", "--address", f"ray://{address}"], env=env, capture_output=True, text=True, timeout=120)
+        took = time.monotonic() - t0
+    assert_one_error_line(proc, f"cluster.address 'ray://{address}' accepts connections but nothing answered like Ray within 5s")
+    assert took < 20, f"took {took:.0f}s (Ray's own client gives up after 30 s)"
+
+
+@contextlib.contextmanager
+def _fake_raylets(*gcs_addresses: str):
+    """Processes that look like raylets of local Ray instances to Ray's own scan (``--address auto``): the name ``raylet`` and a
+    ``--gcs-address=`` argument."""
+    procs = [subprocess.Popen(["fake-raylet", "-c", "import time; time.sleep(120)", f"--gcs-address={a}"], executable=sys.executable)
+             for a in gcs_addresses]
+    try:
+        time.sleep(0.3)
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def test_address_auto_with_several_local_instances_is_refused_listing_them(client_env):
+    env, ray_dir = client_env
+    fakes = ("127.0.0.1:1", "127.0.0.1:2")
+    with _fake_raylets(*fakes):
+        # (the kill beyond the run stops the run before Ray, should auto ever pick an instance of this machine)
+        proc = subprocess.run([*CLI, "train", "--address", "auto", "--kill", "server:0@step=999999"], env=env, capture_output=True, text=True,
+                              timeout=120)
+    assert_one_error_line(proc, "cluster.address auto: ")
+    assert "Ray instances run on this machine (" in proc.stderr and all(a in proc.stderr for a in fakes)
+    assert "give the one to use as --address HOST:PORT" in proc.stderr
+    assert not any(p.startswith("session") for p in os.listdir(ray_dir))
+
+
+def test_train_and_chaos_against_a_real_token_head_say_what_submit_says(tmp_path):
+    """The fake GCS above stands for this: a real `ray start --head` with token auth refuses a missing or wrong token, and
+    both commands say so in one line, in seconds, as `submit` does (tests/integration/test_jobs.py)."""
+    from raytrain_ft import jobs
+    from tests.local_head import LocalHead
+
+    token = "rtft-cli-test-token"
+    head = LocalHead(num_cpus=1, env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        env["HOME"] = str(tmp_path)
+        for extra, needle in (({}, "requires token authentication and no token was found: set RAY_AUTH_TOKEN"),
+                              ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "wrong"}, "rejected the token from RAY_AUTH_TOKEN")):
+            for command in (["train"], ["chaos", "--kill", "server:0@step=1", "--wait-s", "0"]):
+                t0 = time.monotonic()
+                proc = subprocess.run([*CLI, *command, "--address", head.gcs_address], env={**env, **extra}, capture_output=True, text=True,
+                                      timeout=120)
+                assert_one_error_line(proc, f"the Ray cluster at {head.gcs_address} {needle}")
+                assert time.monotonic() - t0 < 30
+        # the cluster's own token passes the check (ray.init then connects: tests/integration/test_jobs.py trains through it)
+        auth = jobs.ray_auth(head.gcs_address, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
+        jobs.probe_ray(head.gcs_address, "cluster.address", auth=auth, environ={})
+    finally:
+        head.shutdown()

@@ -108,3 +108,127 @@ def test_simulated_steps_need_no_data_per_worker():
         total_steps_for(many, num_train=1438)
     simulated = C.TrainConfig(cluster=C.ClusterConfig(num_workers=64, simulate_compute_ms=100), steps=30)
     assert total_steps_for(simulated, num_train=1438) == 30
+
+
+# --- every field checked on construction: types (Python API), finiteness and ranges (CLI, YAML, Python alike) ---
+
+
+@pytest.mark.parametrize(
+    "build, field",
+    [
+        (lambda: C.TrainConfig(model="cnn"), "model"),
+        (lambda: C.TrainConfig(cluster={"num_workers": 2}), "cluster"),
+        (lambda: C.ClusterConfig(num_workers=2.5), "cluster.num_workers"),
+        (lambda: C.ClusterConfig(num_workers="4"), "cluster.num_workers"),
+        (lambda: C.ClusterConfig(num_workers=None), "cluster.num_workers"),
+        (lambda: C.DataConfig(batch_size=True), "data.batch_size"),
+        (lambda: C.DataConfig(eval_fraction="0.2"), "data.eval_fraction"),
+        (lambda: C.DataConfig(data_path=3), "data.data_path"),
+        (lambda: C.OptimConfig(lr=True), "optim.lr"),
+        (lambda: C.OptimConfig(nesterov=1), "optim.nesterov"),
+        (lambda: C.ModelConfig(name=None), "model.name"),
+        (lambda: C.RecoveryConfig(fold_log="yes"), "recovery.fold_log"),
+        (lambda: C.ConsistencyConfig(staleness=1.5), "consistency.staleness"),
+        (lambda: C.TrainConfig(steps="10"), "steps"),
+        (lambda: C.TrainConfig(seed=0.5), "seed"),
+    ],
+)
+def test_python_api_checks_types_on_construction(build, field):
+    with pytest.raises(ConfigError) as e:
+        build()
+    assert e.value.field == field and str(e.value).startswith(f"{field}: ")
+
+
+def test_python_api_normalises_numbers_it_accepts():
+    import numpy as np
+
+    c = C.ClusterConfig(num_workers=np.int64(3), num_servers=4.0, simulate_compute_ms=5)
+    assert type(c.num_workers) is int and c.num_servers == 4 and type(c.num_servers) is int
+    assert type(c.simulate_compute_ms) is float and c.simulate_compute_ms == 5.0
+    assert C.OptimConfig(lr=1).lr == 1.0 and C.TrainConfig(steps=None).steps is None
+    assert C.ClusterConfig(use_gpu=False).use_gpu == "false"
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"lr": "nan"}, "optim.lr"),
+        ({"lr": "inf"}, "optim.lr"),
+        ({"momentum": "nan"}, "optim.momentum"),
+        ({"momentum": "5"}, "optim.momentum"),
+        ({"momentum": "1"}, "optim.momentum"),
+        ({"weight_decay": "nan"}, "optim.weight_decay"),
+        ({"weight_decay": "-0.1"}, "optim.weight_decay"),
+        ({"gamma": "0"}, "optim.gamma"),
+        ({"min_lr": "-1"}, "optim.min_lr"),
+        ({"schedule": "cosine", "lr": "0.01", "min_lr": "0.1"}, "optim.min_lr"),
+        ({"eps": "inf"}, "optim.eps"),
+        ({"log_every_s": "nan"}, "log_every_s"),
+        ({"health_check_interval_s": "inf"}, "recovery.health_check_interval_s"),
+        ({"suspect_after_s": "nan"}, "recovery.suspect_after_s"),
+        ({"eval_fraction": "nan"}, "data.eval_fraction"),
+        ({"simulate_compute_ms": "inf"}, "cluster.simulate_compute_ms"),
+        ({"simulate_compute_ms": "3600001"}, "cluster.simulate_compute_ms"),
+        ({"num_spares": "1000"}, "recovery.num_spares"),
+        ({"seed": "-1"}, "seed"),
+        ({"dataset": "digits", "data_path": "/data"}, "data.data_path"),
+        ({"dataset": "synthetic", "data_path": "/data"}, "data.data_path"),
+        ({"dataset": "digits", "image_shape": "1,8,8"}, "data.image_shape"),
+        ({"mode": "mixed", "num_workers": "4", "group_size": "3"}, "consistency.group_size"),
+        ({"mode": "mixed", "num_workers": "2", "group_size": "4"}, "consistency.group_size"),
+    ],
+)
+def test_floats_are_finite_and_in_range_and_settings_consistent(overrides, field):
+    with pytest.raises(ConfigError) as e:
+        C.load(None, overrides)
+    assert e.value.field == field
+
+
+def test_the_same_check_answers_yaml_flags_and_python(tmp_path):
+    yml = tmp_path / "run.yaml"
+    yml.write_text("optim: {lr: .nan}\n")
+    errors = []
+    for build in (lambda: C.load(str(yml)), lambda: C.load(None, {"lr": "nan"}), lambda: C.OptimConfig(lr=float("nan"))):
+        with pytest.raises(ConfigError) as e:
+            build()
+        errors.append(str(e.value))
+    assert errors == ["optim.lr: must be a finite number, got nan"] * 3
+
+
+def test_messages_say_why_and_what_to_change():
+    with pytest.raises(ConfigError, match=r"recovery.num_spares: must be at most 16, got 1000: each spare is a server process"):
+        C.RecoveryConfig(num_spares=1000)
+    with pytest.raises(ConfigError, match=r"4 workers in groups of 3 would make groups of 3, 1"):
+        C.load(None, {"mode": "mixed", "num_workers": "4", "group_size": "3"})
+    assert C.load(None, {"mode": "mixed", "num_workers": "6", "group_size": "3"}).consistency.group_size == 3
+    assert C.load(None, {"num_workers": "3"}).mode == "sync"  # group_size only matters in mixed mode
+
+
+def test_config_files_that_are_not_yaml_text(tmp_path):
+    binary = tmp_path / "latin1.yaml"
+    binary.write_bytes("optim: {name: sgd}  # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"--config: .*latin1.yaml is not UTF-8 text \(byte 0xe9"):
+        C.load(str(binary))
+    with pytest.raises(ConfigError, match=r"--config: .* is a directory; give the YAML file in it"):
+        C.load(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"--config: file .* does not exist"):
+        C.load(str(tmp_path / "missing.yaml"))
+
+
+def test_writable_paths_are_checked_before_a_run(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    C.check_writable_dir(str(tmp_path / "new" / "ckpt"), "recovery.checkpoint_dir", "--checkpoint-dir")
+    assert (tmp_path / "new" / "ckpt").is_dir() and not list((tmp_path / "new" / "ckpt").iterdir())  # the probe file is gone
+    with pytest.raises(ConfigError, match=r"recovery.checkpoint_dir: .* is a file, not a directory; give a writable directory as --checkpoint-dir"):
+        C.check_writable_dir(str(a_file), "recovery.checkpoint_dir", "--checkpoint-dir")
+    with pytest.raises(ConfigError, match=r"recovery.checkpoint_dir: cannot write to .*\(Not a directory\)"):
+        C.check_writable_dir(str(a_file / "ckpt"), "recovery.checkpoint_dir", "--checkpoint-dir")
+    C.check_writable_file(str(tmp_path / "out" / "run.json"), "--output-json")
+    assert not (tmp_path / "out" / "run.json").exists()
+    with pytest.raises(ConfigError, match=r"--output-json: cannot write"):
+        C.check_writable_file(str(a_file / "run.json"), "--output-json")
+    with pytest.raises(ConfigError, match=r"--output-json: .* is a directory"):
+        C.check_writable_file(str(tmp_path), "--output-json")
+    with pytest.raises(ConfigError, match=r"--output: directory .* does not exist"):
+        C.check_writable_file(str(tmp_path / "missing" / "run.png"), "--output", create_parent=False)

@@ -59,7 +59,7 @@ def test_random_schedule_is_seeded_and_bounded():
     spaced = random_schedule(1, 2.0, 100, ["server"], {"server": 2}, min_gap_s=1.0)
     gaps = [b.value - a.value for a, b in zip(spaced, spaced[1:])]
     assert min(gaps) >= 1.0 - 1e-3 and 35 < len(spaced) < 65
-    with pytest.raises(ConfigError, match="mtbf_s > min_gap_s"):
+    with pytest.raises(ConfigError, match="--mtbf-s > --min-gap-s"):
         random_schedule(0, 1.0, 10, ["server"], {}, min_gap_s=1.0)
 
 
@@ -73,3 +73,87 @@ def test_checkpoint_round_trip_and_newest_common_step(tmp_path):
     save_shard_checkpoint(str(tmp_path), 0, 8, params, state)  # shard 1 has not written step 8 yet
     assert latest_common_step(str(tmp_path), 2) == 4
     assert latest_common_step(str(tmp_path / "missing"), 2) is None
+
+
+@pytest.mark.parametrize("text, message", [
+    ("server:0@step=nan", "'nan' is not a finite number"),
+    ("server:0@step=inf", "'inf' is not a finite number"),
+    ("worker:1@time=inf", "'inf' is not a finite number"),
+    ("server:0@step=2.5", "@step takes a whole number"),
+    ("server:0@recovery=0", "@recovery counts from 1"),
+    ("replica:0@snapshot=0", "@snapshot counts from 1"),
+])
+def test_kill_values_are_finite_whole_and_counted_from_one(text, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        parse_kill(text)
+    assert e.value.field == "recovery.kill"
+
+
+def test_a_kill_given_twice_or_after_the_run_is_an_error():
+    from raytrain_ft.recovery.faults import check_steps
+
+    for twice in ("server:0@step=3,server:0@step=3", ["server@step=3", "server:0@step=3"]):
+        with pytest.raises(ConfigError, match="the same kill is given twice") as e:
+            parse_kills(twice)
+        assert e.value.field == "recovery.kill"
+    assert len(parse_kills(["server:0@step=3", "server:0@step=4,worker:1@step=3"])) == 3  # repeated flag, comma lists
+    kills = parse_kills("server:0@step=9,worker:0@time=500,server:1@recovery=7")
+    check_steps(kills, total_steps=10)  # @time and event counts cannot be known ahead
+    with pytest.raises(ConfigError, match=r"recovery.kill: server:0@step=10: the run ends after step 10, so this kill would never fire"):
+        check_steps(parse_kills("server:0@step=10"), total_steps=10)
+
+
+def test_kill_errors_use_the_dotted_field_name():
+    for bad in (lambda: parse_kill("server:1"), lambda: check_targets(parse_kills("server:2@step=1"), 2, 2, 1)):
+        with pytest.raises(ConfigError) as e:
+            bad()
+        assert e.value.field == "recovery.kill" and str(e.value).startswith("recovery.kill: ")
+    with pytest.raises(ConfigError) as e:
+        parse_kills("server:1", "--kill")  # the chaos command's own flag
+    assert e.value.field == "--kill"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("0:nan", "MS a number from 0 to 3,600,000"),
+    ("0:inf", "MS a number from 0 to 3,600,000"),
+    ("0:-5", "MS a number from 0"),
+    ("0:100,0:200", "rank 0 is given twice"),
+])
+def test_bad_slow_workers_name_the_field(text, message):
+    from raytrain_ft.recovery.faults import parse_slow
+
+    with pytest.raises(ConfigError, match=message) as e:
+        parse_slow(text, 2)
+    assert e.value.field == "recovery.slow_workers"
+
+
+@pytest.mark.parametrize("kwargs, flag", [
+    ({"mtbf_s": float("nan")}, "--mtbf-s"),
+    ({"mtbf_s": float("inf")}, "--mtbf-s"),
+    ({"duration_s": float("inf")}, "--duration-s"),
+    ({"min_gap_s": float("nan")}, "--min-gap-s"),
+])
+def test_random_schedules_need_finite_times(kwargs, flag):
+    args = {"seed": 0, "mtbf_s": 2.0, "duration_s": 10.0, "roles": ["server"], "sizes": {"server": 2}, "min_gap_s": 0.0} | kwargs
+    with pytest.raises(ConfigError) as e:
+        random_schedule(**args)
+    assert e.value.field == flag
+
+
+def test_resume_from_says_what_is_wrong_with_the_directory(tmp_path):
+    from raytrain_ft.errors import DataError
+    from raytrain_ft.params import shard_ranges
+    from raytrain_ft.trainer import check_resumable
+
+    ranges = shard_ranges(12, 2, 12)
+    with pytest.raises(DataError, match=r"missing: does not exist; --resume-from takes the --checkpoint-dir"):
+        check_resumable(str(tmp_path / "missing"), ranges)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match=r"file: is not a directory"):
+        check_resumable(str(tmp_path / "file"), ranges)
+    with pytest.raises(DataError, match=r"no step has a checkpoint file for each of the 2 shards"):
+        check_resumable(str(tmp_path), ranges)
+    (tmp_path / "shard-0-step-4.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "shard-1-step-4.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(DataError, match=r"shard-0-step-4.pt: is not a readable checkpoint"):
+        check_resumable(str(tmp_path), ranges)

@@ -4,6 +4,7 @@ import io
 import json
 import math
 import shlex
+import time
 
 import pytest
 
@@ -12,9 +13,10 @@ from raytrain_ft.actors.metrics import CATALOGUE, prometheus_name
 from raytrain_ft.actors.worker import choose_device
 from raytrain_ft.cli import ProgressBar
 from raytrain_ft.config import ClusterConfig, RecoveryConfig, TrainConfig, from_dict
-from raytrain_ft.errors import ClusterError, ConfigError
-from raytrain_ft.report import markers, progress_line, recovery_line
+from raytrain_ft.errors import ClusterError, ConfigError, DataError
+from raytrain_ft.report import check_summary, load_summary, markers, progress_line, recovery_line
 from raytrain_ft.trainer import Progress
+from tests.unit.fake_servers import fake_gcs, http_server, silent_port
 
 
 def test_token_precedence_is_rays(tmp_path):
@@ -128,3 +130,102 @@ def test_device_choice_on_a_gpu_torch_cannot_use():
     assert device == "cpu" and "Ray assigned GPU [0]" in warning
     with pytest.raises(ClusterError, match="set --use-gpu auto"):
         choose_device("cuda", "true", False, (0,))
+
+
+# --- a Ray address for ray.init (train --address, chaos): checked in seconds, with the job commands' token code ---
+
+
+@pytest.fixture
+def auth_env(monkeypatch, tmp_path):
+    """A clean client environment: no token, RAY_AUTH_MODE unset; tests set what they need."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "RAY_ADDRESS", "RAY_USE_TLS"):
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+def test_what_ray_init_sends_is_decided_as_ray_decides(tmp_path):
+    tok = {"RAY_AUTH_TOKEN": "t"}
+    assert jobs.ray_auth("h:1", {"HOME": str(tmp_path)}, tmp_path).sent is None
+    assert jobs.ray_auth("h:1", tok, tmp_path).sent is None  # an explicit address: only RAY_AUTH_MODE=token sends it
+    assert jobs.ray_auth("auto", tok, tmp_path).sent == jobs.Token("t", "RAY_AUTH_TOKEN")  # a found local cluster: sent
+    assert jobs.ray_auth("h:1", {**tok, "RAY_AUTH_MODE": "token"}, tmp_path).sent.value == "t"
+    assert jobs.ray_auth("auto", {**tok, "RAY_AUTH_MODE": "disabled"}, tmp_path).sent is None
+    with pytest.raises(ClusterError, match="RAY_AUTH_MODE=token and no token was found: set RAY_AUTH_TOKEN"):
+        jobs.ray_auth("h:1", {"RAY_AUTH_MODE": "token"}, tmp_path)
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({}, "requires token authentication and no token was found: set RAY_AUTH_TOKEN, .*, and set RAY_AUTH_MODE=token"),
+    ({"RAY_AUTH_MODE": "disabled"}, "requires token authentication and no token was found: .*and set RAY_AUTH_MODE=token"),
+    ({"RAY_AUTH_TOKEN": "right"}, "Ray sends the token from RAY_AUTH_TOKEN only with RAY_AUTH_MODE=token \\(RAY_AUTH_MODE is unset\\)"),
+    ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "wrong"}, "rejected the token from RAY_AUTH_TOKEN; use the cluster's token"),
+    ({"RAY_AUTH_MODE": "token"}, "RAY_AUTH_MODE=token and no token was found"),
+])
+def test_a_head_that_wants_a_token_is_one_line_like_submit(auth_env, env, needle):
+    for k, v in env.items():
+        auth_env.setenv(k, v)
+    with fake_gcs(token="right") as address, pytest.raises(ClusterError, match=needle):
+        jobs.check_ray_address(address, "cluster.address", timeout_s=2)
+
+
+def test_the_right_token_passes_and_a_head_without_auth_takes_anyone(auth_env):
+    with fake_gcs(token=None) as address:
+        assert jobs.check_ray_address(address, "cluster.address", timeout_s=2) == address
+    auth_env.setenv("RAY_AUTH_MODE", "token")
+    auth_env.setenv("RAY_AUTH_TOKEN", "right")
+    with fake_gcs(token="right") as address:
+        assert jobs.check_ray_address(address, "cluster.address", timeout_s=2) == address
+
+
+def test_an_open_port_that_is_not_ray_is_named(auth_env):
+    with http_server() as address:
+        with pytest.raises(ClusterError, match=rf"cluster.address '{address}' is not Ray: it answers like an HTTP server \(the dashboard\?\)"):
+            jobs.check_ray_address(address, "cluster.address", timeout_s=2)
+        with pytest.raises(ClusterError, match=r"--address 'ray://.*' is not Ray: .*the Ray Client server, ray://HEAD:10001"):
+            jobs.check_ray_address("ray://" + address, "--address", timeout_s=2)
+    with silent_port() as address:
+        t0 = time.monotonic()
+        with pytest.raises(ClusterError, match=r"--address 'ray://.*' accepts connections but nothing answered like Ray within 0.5s"):
+            jobs.check_ray_address("ray://" + address, "--address", timeout_s=0.5)
+        assert time.monotonic() - t0 < 5
+
+
+def test_address_auto_refuses_to_pick_one_of_several_instances():
+    with pytest.raises(ClusterError, match=r"--address auto: 2 Ray instances run on this machine \(10.0.0.1:6379, 10.0.0.2:6380\); "
+                                           r"give the one to use as --address HOST:PORT"):
+        jobs.resolve_ray_address("auto", "--address", {}, candidates={"10.0.0.2:6380", "10.0.0.1:6379"})
+    assert jobs.resolve_ray_address("auto", "--address", {}, candidates={"10.0.0.1:6379"}) == "10.0.0.1:6379"
+    assert jobs.resolve_ray_address("auto", "--address", {"RAY_ADDRESS": "h:1"}, candidates={"a:1", "b:2"}) == "h:1"  # as ray.init reads it
+    with pytest.raises(ClusterError, match="--address auto: no Ray instance runs on this machine"):
+        jobs.resolve_ray_address("auto", "--address", {}, candidates=set())
+    assert jobs.resolve_ray_address("h:1", "--address", {}, candidates={"a:1", "b:2"}) == "h:1"
+
+
+@pytest.mark.parametrize("history, needle", [
+    ([1, 2], r"history\[0\] is 1: each point needs t"),
+    ("abc", r"'history' is \"abc\", not a list of points"),
+    ([{"t": 1}], r"history\[0\] is \{\"t\": 1\}: each point needs t \(a number\), loss and accuracy"),
+    ([{"t": 0, "loss": 1, "accuracy": 0.5}, {"t": "x", "loss": 1, "accuracy": 0.5}], r"history\[1\]"),
+    ([{"t": 0, "loss": "low", "accuracy": None}], r"history\[0\]"),
+])
+def test_a_malformed_history_is_one_data_error_naming_the_file(tmp_path, history, needle):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"history": history}))
+    with pytest.raises(DataError, match=needle) as e:
+        load_summary(str(path))
+    assert e.value.path == str(path) and "raytrain-ft train --output-json" in str(e.value)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    ({"kills": [5]}, r"kills\[0\] is 5"),
+    ({"kills": "server"}, r"'kills' is \"server\", not a list"),
+    ({"recoveries": [{"detected_at": 1.0}]}, r"recoveries\[0\]"),
+    ({"started_at": "noon"}, r"'started_at' is \"noon\""),
+    ({"config": []}, r"'config' is \[\]"),
+])
+def test_the_other_parts_the_report_reads_are_checked_too(extra, needle):
+    summary = {"history": [{"t": 0, "loss": 1.0, "accuracy": None}], **extra}
+    with pytest.raises(DataError, match=needle):
+        check_summary("run.json", summary)
+    assert check_summary("run.json", {"history": summary["history"]})
