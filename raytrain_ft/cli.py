@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML file with model/data/optim/cluster sections")
     train.add_argument("--config-json", help="the whole config as one JSON object (what `submit` passes to the job)")
     train.add_argument("--output-json", help="write the JSON summary here")
+    train.add_argument("--save-model", metavar="PATH", help="torch.save the trained model's state dict here (load it into a fresh instance of the model)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.add_argument("--emit-summary", action="store_true", help=f"print the JSON summary on one line after {SUMMARY_MARKER.strip()} (read back by `submit`)")
     _add_config_flags(train)
@@ -164,6 +165,19 @@ def _exit_on_sigterm(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+def json_safe(value):
+    """The summary as strict JSON: NaN and infinities (an accuracy a regression has none of) become null."""
+    import math
+
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def _write_summary(summary: dict, path: str) -> None:
     """Write the JSON summary; if that fails after all (checked before training), print it so the run's result is not lost."""
     try:
@@ -179,6 +193,8 @@ def _train(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if args.output_json is not None:  # before training, not after it
         config_mod.check_writable_file(args.output_json, "--output-json")
+    if args.save_model is not None:
+        config_mod.check_writable_file(args.save_model, "--save-model")
     if cfg.cluster.address:  # before torch is imported and the data loaded (the run checks it again right before ray.init)
         from raytrain_ft.jobs import check_ray_address
 
@@ -187,16 +203,22 @@ def _train(args: argparse.Namespace) -> int:
 
     progress = None if args.quiet else ProgressBar()
     result = Trainer(cfg, on_progress=progress).fit()
-    summary = result.to_dict()
+    summary = json_safe(result.to_dict())
     if args.output_json:
         _write_summary(summary, args.output_json)
+    if args.save_model:
+        import torch
+
+        torch.save(result.state_dict(), args.save_model)
     brief = {k: summary[k] for k in ("steps_completed", "samples_per_sec", "train_time_s", "final_loss", "eval_accuracy", "params_sha256", "updates_applied", "updates_acknowledged")}
     if args.quiet:  # no progress bar showed them
         for event in summary["recoveries"]:
             print(recovery_line(event))
+    accuracy = f"eval accuracy {brief['eval_accuracy']:.4f}" if brief["eval_accuracy"] is not None else f"eval loss {summary['eval_loss']:.4f}"
     print(
-        f"done: {brief['steps_completed']} steps, eval accuracy {brief['eval_accuracy']:.4f}, "
-        f"final loss {brief['final_loss']:.4f}, {brief['samples_per_sec']:,.0f} samples/s over {brief['train_time_s']:.1f}s, "
+        f"done: {brief['steps_completed']} steps, {accuracy}, "
+        f"final loss {brief['final_loss'] if brief['final_loss'] is None else format(brief['final_loss'], '.4f')}, "
+        f"{brief['samples_per_sec']:,.0f} samples/s over {brief['train_time_s']:.1f}s, "
         f"{len(summary['recoveries'])} recoveries"
     )
     print(json.dumps(brief))

@@ -19,6 +19,8 @@ from typing import Any, Literal, get_args, get_origin
 from raytrain_ft.errors import ConfigError
 
 MODELS = ("mlp", "cnn", "resnet18", "resnet50")
+LOSSES = ("cross_entropy", "mse")
+PRECISIONS = ("fp32", "bf16")
 DATASETS = ("digits", "synthetic", "cifar10", "mnist", "parquet")
 OPTIMIZERS = ("sgd", "rmsprop", "adagrad", "adam")
 SCHEDULES = ("constant", "step", "cosine")
@@ -113,13 +115,27 @@ def check_field_types(obj: Any, section: str | None = None) -> None:
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
     name: str = "cnn"
-    """Model architecture: mlp | cnn | resnet18 | resnet50."""
+    """Model: mlp | cnn | resnet18 | resnet50, or your own as MODULE:ATTR (a zero-argument function or class returning an nn.Module, importable from the working directory or PYTHONPATH)."""
+    kwargs: str | None = None
+    """With MODULE:ATTR: keyword arguments for it, as a JSON object (flag --model-kwargs)."""
+    loss: str = "cross_entropy"
+    """cross_entropy (class logits [N, C] against integer targets; eval_accuracy is reported) | mse | MODULE:ATTR (a function (output, target) -> scalar tensor)."""
+    precision: str = "fp32"
+    """fp32 | bf16: workers compute forward and backward under bf16 autocast (CPU or GPU); the shards keep float32 parameters and optimizer state."""
     small_input_stem: bool = True
     """ResNets only: 3x3 stride-1 first conv and no max-pool, for 32x32 inputs."""
 
     def __post_init__(self) -> None:
         check_field_types(self, "model")
-        _choice("model.name", self.name, MODELS)
+        if ":" not in self.name:
+            _choice("model.name", self.name, MODELS)
+        if self.kwargs is not None and ":" not in self.name:
+            raise ConfigError("model.kwargs", f"keyword arguments are for your own model (--model MODULE:ATTR), not the built-in {self.name!r}")
+        if ":" not in self.loss:
+            _choice("model.loss", self.loss, LOSSES)
+        if self.precision == "fp16":
+            raise ConfigError("model.precision", "fp16 needs loss scaling, which is not supported yet; use bf16 (it runs on the CPU too)")
+        _choice("model.precision", self.precision, PRECISIONS)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -149,7 +165,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self, "data")
-        _choice("data.dataset", self.dataset, DATASETS)
+        if ":" not in self.dataset:
+            _choice("data.dataset", self.dataset, DATASETS)
         _positive("data.batch_size", self.batch_size)
         _positive("data.image_size", self.image_size)
         _positive("data.synthetic_samples", self.synthetic_samples)
@@ -449,7 +466,7 @@ SUBCONFIGS: dict[str, type] = {
     "consistency": ConsistencyConfig,
 }
 
-FLAG_ALIASES: dict[str, str] = {"model.name": "model", "optim.name": "optimizer"}
+FLAG_ALIASES: dict[str, str] = {"model.name": "model", "model.kwargs": "model_kwargs", "optim.name": "optimizer"}
 REPEATABLE_FLAGS = ("kill",)
 """Flags that may be given several times (joined with commas)."""
 """Dotted field -> flag name where the leaf name alone would be ambiguous or unnatural."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.utils.data import TensorDataset, default_collate
 
 from raytrain_ft.config import DataConfig, parse_image_shape
 from raytrain_ft.errors import DataError
@@ -315,14 +316,15 @@ def global_step_indices(num_samples: int, seed: int, rank: int, num_workers: int
 
 
 class BatchStream:
-    """Batches for one worker from ``start_step``, prepared ahead in a background thread."""
+    """Batches of one worker from ``start_step``: the batch of ``(seed, epoch, rank, step)`` over the rank's
+    partition ``perm[rank::W]`` of ``dataset`` (a pure function of them), prepared ahead in a background thread."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, *, seed: int, rank: int, num_workers: int, batch_size: int, start_step: int, end_step: int, prefetch: int = 2):
-        self.x, self.y = x, y
+    def __init__(self, dataset, *, seed: int, rank: int, num_workers: int, batch_size: int, start_step: int, end_step: int, prefetch: int = 2):
+        self.dataset = dataset
         self.seed, self.rank, self.num_workers, self.batch_size = seed, rank, num_workers, batch_size
         self.step, self.end_step = start_step, end_step
-        self._part = partition(len(y), rank, num_workers, seed)
-        self._spe = checked_steps_per_epoch(len(y), num_workers, batch_size)
+        self._part = partition(len(dataset), rank, num_workers, seed)
+        self._spe = checked_steps_per_epoch(len(dataset), num_workers, batch_size)
         self._queue: queue.Queue | None = None
         if prefetch > 0:
             self._queue = queue.Queue(maxsize=prefetch)
@@ -330,10 +332,9 @@ class BatchStream:
             self._thread = threading.Thread(target=self._fill, daemon=True, name=f"prefetch-{rank}")
             self._thread.start()
 
-    def _make(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _make(self, step: int) -> tuple:
         epoch, s = divmod(step, self._spe)
-        idx = torch.from_numpy(batch_indices(self._part, self.seed, epoch, self.rank, s, self.batch_size))
-        return self.x.index_select(0, idx), self.y.index_select(0, idx)
+        return batch_of(self.dataset, batch_indices(self._part, self.seed, epoch, self.rank, s, self.batch_size))
 
     def _fill(self) -> None:
         step = self.step
@@ -357,3 +358,15 @@ class BatchStream:
     def close(self) -> None:
         if self._queue is not None:
             self._stop.set()
+
+
+def batch_of(ds, indices) -> tuple:
+    """The (x, y) batch of ``indices``: tensors indexed at once for a ``TensorDataset``, else PyTorch's default
+    collate of the samples (x may be a tensor or a dict of tensors)."""
+    if isinstance(ds, TensorDataset):
+        idx = torch.as_tensor(indices)
+        x, y = (t.index_select(0, idx) for t in ds.tensors[:2])
+        return x, y
+    samples = [ds[int(i)] for i in indices]
+    x, y = default_collate(samples)
+    return x, y

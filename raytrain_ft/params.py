@@ -32,17 +32,23 @@ from raytrain_ft.sharding import ShardRange, shard_ranges  # noqa: E402,F401  (t
 class FlatModel:
     """Rebinds a module's parameters, grads and float buffers onto flat tensors.
 
-    ``flat`` holds parameters then float buffers; ``flat_grad`` has the same
-    layout and holds gradients then (after ``stage_buffers()``) buffer values.
+    ``flat`` holds parameters, then float buffers, then integer buffers (as
+    float32 copies: exact below 2**24); ``flat_grad`` has the same layout and
+    holds gradients then (after ``stage_buffers()``) buffer values. Integer
+    buffers (``num_batches_tracked``) cannot be views of a float vector: they
+    are copied in before a step is pushed and out (``sync_int_buffers``) once
+    parameters are installed, so a restarted worker and the exported model get
+    the counters the shards hold.
     """
 
     def __init__(self, module: nn.Module, device: torch.device | str = "cpu"):
         self.module = module
         self.device = torch.device(device)
-        params = [p for _, p in module.named_parameters()]
+        params = trainable(module)
         buffers = [(name, b) for name, b in module.named_buffers() if b.is_floating_point()]
+        int_buffers = [b for _, b in module.named_buffers() if not b.is_floating_point()]
         self.num_params = sum(p.numel() for p in params)
-        self.num_buffer_values = sum(b.numel() for _, b in buffers)
+        self.num_buffer_values = sum(b.numel() for _, b in buffers) + sum(b.numel() for b in int_buffers)
         self.numel = self.num_params + self.num_buffer_values
         self.flat = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
         self.flat_grad = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
@@ -63,7 +69,19 @@ class FlatModel:
             owner, attr = _owner(module, name)
             owner._buffers[attr] = self.flat[offset : offset + n].view_as(b)
             offset += n
+        self.int_buffers = []
+        """(integer buffer, [start, end) of its float32 copy in the flat vector)."""
+        for b in int_buffers:
+            n = b.numel()
+            self.spans.append((offset, offset + n))
+            self.flat[offset : offset + n].copy_(b.detach().reshape(-1))
+            self.int_buffers.append((b, (offset, offset + n)))
+            offset += n
         self._params = params
+        self.params = params
+        """The parameters in the flat vector, in its order (those with ``requires_grad``)."""
+        self.buffers = [b for _, b in buffers]
+        """The float buffers in the flat vector, in its order (as they were at construction)."""
 
     @property
     def buffer_view(self) -> torch.Tensor:
@@ -78,8 +96,15 @@ class FlatModel:
                 raise RuntimeError("a parameter's .grad was detached from the flat buffer; do not call zero_grad(set_to_none=True)")
 
     def stage_buffers(self) -> None:
-        """Copy local float buffer values into the buffer part of ``flat_grad`` for pushing."""
+        """Copy local buffer values (integer ones as float32) into the buffer part of ``flat_grad`` for pushing."""
         self.flat_grad[self.num_params :].copy_(self.buffer_view)
+        for b, (start, end) in self.int_buffers:  # (not into ``flat``: its parameters are saved for backward)
+            self.flat_grad[start:end].copy_(b.detach().reshape(-1))
+
+    def sync_int_buffers(self) -> None:
+        """Set integer buffers from their float32 copies in ``flat`` (after parameters were installed)."""
+        for b, (start, end) in self.int_buffers:
+            b.copy_(self.flat[start:end].round().view_as(b).to(b.dtype))
 
 
 def overlapping_shards(start: int, end: int, ranges: list[ShardRange]) -> list[int]:
@@ -94,17 +119,32 @@ def _owner(module: nn.Module, dotted: str) -> tuple[nn.Module, str]:
     return module, attr
 
 
+def trainable(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters the servers hold and optimize: those with ``requires_grad``. A frozen parameter stays where
+    the seeded model put it, the same on every worker, and is not shipped."""
+    return [p for _, p in module.named_parameters() if p.requires_grad]
+
+
+def num_trainable(module: nn.Module) -> int:
+    return sum(p.numel() for p in trainable(module))
+
+
+def _buffers_in_order(module: nn.Module) -> list[torch.Tensor]:
+    """Float buffers, then integer buffers: the flat vector's order after the parameters."""
+    named = [b for _, b in module.named_buffers()]
+    return [b for b in named if b.is_floating_point()] + [b for b in named if not b.is_floating_point()]
+
+
 def flatten_state(module: nn.Module) -> torch.Tensor:
     """Flat float32 vector of a plain module in the same layout as ``FlatModel.flat``."""
-    parts = [p.detach().reshape(-1).float().cpu() for _, p in module.named_parameters()]
-    parts += [b.detach().reshape(-1).float().cpu() for _, b in module.named_buffers() if b.is_floating_point()]
+    parts = [p.detach().reshape(-1).float().cpu() for p in trainable(module)]
+    parts += [b.detach().reshape(-1).float().cpu() for b in _buffers_in_order(module)]
     return torch.cat(parts) if parts else torch.zeros(0)
 
 
 def load_flat_state(module: nn.Module, flat: torch.Tensor) -> None:
-    """Copy a flat vector (``flatten_state`` layout) into a plain module's parameters and float buffers."""
-    tensors = [p for _, p in module.named_parameters()]
-    tensors += [b for _, b in module.named_buffers() if b.is_floating_point()]
+    """Copy a flat vector (``flatten_state`` layout) into a plain module's parameters and buffers."""
+    tensors = list(trainable(module)) + _buffers_in_order(module)
     needed = sum(t.numel() for t in tensors)
     if needed != flat.numel():
         raise ValueError(f"flat vector has {flat.numel()} values, model needs {needed}")
@@ -112,7 +152,8 @@ def load_flat_state(module: nn.Module, flat: torch.Tensor) -> None:
     with torch.no_grad():
         for t in tensors:
             n = t.numel()
-            t.copy_(flat[offset : offset + n].view_as(t))
+            values = flat[offset : offset + n].view_as(t)
+            t.copy_(values if t.is_floating_point() else values.round().to(t.dtype))
             offset += n
 
 

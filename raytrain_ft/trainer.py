@@ -25,7 +25,7 @@ from raytrain_ft.consistency import merge_histograms
 from raytrain_ft.data import Dataset, check_source, checked_steps_per_epoch, load_dataset
 from raytrain_ft.errors import ClusterError, TrainingError
 from raytrain_ft.models import build_model
-from raytrain_ft.params import flatten_state, load_flat_state, params_sha256, shard_ranges
+from raytrain_ft.params import flatten_state, load_flat_state, num_trainable, params_sha256, shard_ranges
 from raytrain_ft.recovery.faults import KillSpec, check_steps, check_targets, parse_kills
 
 logger = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ class TrainResult:
     wall_time_s: float
     final_loss: float
     eval_accuracy: float
+    """Classification runs (cross_entropy) only; NaN otherwise."""
     eval_loss: float
     params_sha256: str
     updates_applied: int
@@ -104,10 +105,24 @@ class TrainResult:
     applied_counts: list[dict[str, str]] = field(default_factory=list, repr=False)
     """Per shard, per rank: how many times each step's push went into an update, one digit per step ("1111..."):
     the shards' own record, which chaos tests check against the workers' ledgers of acknowledged pushes."""
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    """The user's ``metrics`` on the eval set (each a mean over samples)."""
     final_params: np.ndarray | None = field(default=None, repr=False)
+    model: Any = field(default=None, repr=False)
+    """The trained ``nn.Module`` (the run's model with the final parameters), on the CPU."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The trained module's state dict under its own parameter names: ``torch.save`` it and load it into a
+        fresh instance of the model (``model.load_state_dict``)."""
+        return self.model.state_dict()
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        model, self.model = self.model, None
+        try:
+            d = dataclasses.asdict(self)
+        finally:
+            self.model = model
+        d.pop("model")
         d.pop("final_params")
         d.pop("step_times")
         d.pop("clock_traces")
@@ -194,7 +209,7 @@ def ray_session(config: TrainConfig):
             cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": needed, "_system_config": LOCAL_NODE_SYSTEM_CONFIG})
             nodes = [cluster.add_node(num_cpus=needed) for _ in range(cc.local_nodes - 1)]
             cluster.wait_for_nodes()
-            ray.init(address=cluster.address, logging_level=logging.WARNING)
+            ray.init(address=cluster.address, logging_level=logging.WARNING, runtime_env=local_runtime_env())
         except (ConnectionError, ValueError, RuntimeError, OSError) as e:
             raise ClusterError(f"could not start {cc.local_nodes} simulated nodes: {e}; if the path is too long, set RAY_TMPDIR to a short directory such as /tmp/ray") from e
         try:
@@ -210,7 +225,7 @@ def ray_session(config: TrainConfig):
         address = check_reachable(address, field="cluster.address" if cc.address else RAY_ADDRESS_ENV_VAR)
         kwargs["address"] = address
     else:
-        kwargs.update(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False)
+        kwargs.update(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False, runtime_env=local_runtime_env())
     try:
         ray.init(**kwargs)
     except Exception as e:  # one line naming what to fix, not Ray's traceback
@@ -221,6 +236,13 @@ def ray_session(config: TrainConfig):
         yield Session(embedded=not address)
     finally:
         ray.shutdown()
+
+
+def local_runtime_env() -> dict:
+    """A Ray started here runs its workers with the working directory importable, as the driver has it: a
+    ``--model mymodule:build`` found here is found by the workers too."""
+    path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
+    return {"env_vars": {"PYTHONPATH": path}}
 
 
 def check_resumable(directory: str, ranges) -> int:
@@ -257,26 +279,40 @@ def check_reachable(address: str, timeout_s: float = 5.0, field: str = "cluster.
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, on_progress: Callable[[Progress], None] | None = None):
+    """Train ``config``'s model on a Ray cluster. The built-in model, loss and data come from the config's names;
+    the Python API may pass its own:
+
+    - ``model``: a zero-argument callable returning an ``nn.Module`` (called on every process after seeding);
+    - ``loss``: a callable ``(output, target) -> scalar tensor`` (default: the config's, cross_entropy);
+    - ``train_data`` / ``eval_data``: map-style torch Datasets of ``(x, y)`` (x a tensor or a dict of tensors);
+    - ``metrics``: a callable ``(output, target) -> dict[str, float]`` evaluated on ``eval_data``.
+    """
+
+    def __init__(self, config: TrainConfig, on_progress: Callable[[Progress], None] | None = None, *, model=None, loss=None,
+                 train_data=None, eval_data=None, metrics=None):
         self.config = config
         self.on_progress = on_progress
+        self.parts = dict(model=model, loss=loss, train_data=train_data, eval_data=eval_data, metrics=metrics)
 
     def fit(self) -> TrainResult:
         cfg = self.config
         wall_start = time.time()
-        check_source(cfg.data)
-        data = load_dataset(cfg.data, cfg.seed)
-        model = initial_model(cfg, data)
+        from raytrain_ft.task import Task, evaluate
+
+        if self.parts["train_data"] is None and ":" not in cfg.data.dataset:
+            check_source(cfg.data)
+        task, _, eval_data = Task.build(cfg, **self.parts)
+        model = task.build_model(cfg.seed)
         init_flat = flatten_state(model)
-        num_params = sum(p.numel() for p in model.parameters())
+        num_params = num_trainable(model)
         ranges = shard_ranges(init_flat.numel(), cfg.cluster.num_servers, num_params)
-        total_steps = total_steps_for(cfg, len(data.train_y))
+        total_steps = total_steps_for(cfg, task.num_train)
         kills = parse_kills(cfg.recovery.kill, "recovery.kill")
         check_targets(kills, cfg.cluster.num_servers, cfg.cluster.num_workers, cfg.cluster.local_nodes, cfg.recovery.num_spares)
         check_steps(kills, total_steps)
         start_step = check_resumable(cfg.recovery.resume_from, ranges) if cfg.recovery.resume_from else 0
         with ray_session(cfg) as session:
-            run = _Run(cfg, ranges, total_steps, (data.in_shape, data.num_classes), kills, session, start_step)
+            run = _Run(cfg, ranges, total_steps, task.placed(), kills, session, start_step)
             try:
                 run.start()
                 statuses, train_time_s = run.wait(self.on_progress)
@@ -285,8 +321,9 @@ class Trainer:
             finally:
                 run.shutdown()
         final, stats, step_times = end["params"], end["stats"], end["step_end_times"]
-        load_flat_state(model, torch.from_numpy(final))
-        acc, eval_loss = evaluate(model, data.eval_x, data.eval_y)
+        load_flat_state(model, torch.from_numpy(final.copy()))
+        scores = evaluate(task, model, eval_data)
+        acc, eval_loss = scores.pop("eval_accuracy", float("nan")), scores.pop("eval_loss", float("nan"))
         samples = sum(s.samples for s in statuses)
         # an update counts as acknowledged once any worker received the shard's reply for it
         acked = [max(s.acked_per_shard[i] for s in statuses) for i in range(len(ranges))]
@@ -333,16 +370,18 @@ class Trainer:
             step_times=step_times,
             applied_counts=[{str(rank): "".join(str(min(c, 9)) for c in counts) for rank, counts in sorted(a.items())} for a in end["applied"]],
             final_params=final,
+            eval_metrics=scores,
+            model=model,
         )
 
 
 class _Run:
     """The actors of one training run, seen from the driver: the supervisor and, through it, everything else."""
 
-    def __init__(self, cfg: TrainConfig, ranges, total_steps: int, model_shape: tuple, kills: list[KillSpec], session: Session, start_step: int = 0):
+    def __init__(self, cfg: TrainConfig, ranges, total_steps: int, task, kills: list[KillSpec], session: Session, start_step: int = 0):
         import uuid
 
-        self.cfg, self.ranges, self.total_steps, self.model_shape = cfg, ranges, total_steps, model_shape
+        self.cfg, self.ranges, self.total_steps, self.task = cfg, ranges, total_steps, task
         self.kills, self.session, self.start_step = kills, session, start_step
         self.run_id = f"run-{uuid.uuid4().hex[:10]}"
         self.supervisor = None
@@ -402,7 +441,7 @@ class _Run:
         if nodes:  # the supervisor stays beside the driver (the head of a `ray up` cluster)
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         args = SupervisorArgs(self.run_id, cfg, tuple(self.ranges), self.total_steps, tuple(nodes), tuple(self.kills), device, checkpoint_dir,
-                              self.model_shape, self.start_step)
+                              self.task, self.start_step)
         self.supervisor = ray.remote(Supervisor).options(**options).remote(args)
         phase = ray.get(self.supervisor.start.remote())
         if phase == "failed":

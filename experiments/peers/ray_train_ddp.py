@@ -26,6 +26,8 @@ def train_loop(loop_config: dict) -> None:
     import torch
 
     from raytrain_ft.config import from_dict
+    from torch.utils.data import TensorDataset
+
     from raytrain_ft.data import BatchStream, load_dataset
     from raytrain_ft.trainer import evaluate, initial_model
 
@@ -45,7 +47,7 @@ def train_loop(loop_config: dict) -> None:
         model.module.load_state_dict(state["model"])
         opt.load_state_dict(state["optim"])
         start = state["step"]
-    stream = BatchStream(data.train_x, data.train_y, seed=cfg.seed, rank=rank, num_workers=world, batch_size=cfg.data.batch_size,
+    stream = BatchStream(TensorDataset(data.train_x, data.train_y), seed=cfg.seed, rank=rank, num_workers=world, batch_size=cfg.data.batch_size,
                          start_step=start, end_step=cfg.steps, prefetch=cfg.data.prefetch_batches)
     every, times = loop_config.get("checkpoint_every") or 0, []
     kill_rank, kill_step, marker = loop_config.get("kill_rank"), loop_config.get("kill_step"), loop_config.get("kill_marker")

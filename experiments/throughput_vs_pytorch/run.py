@@ -20,6 +20,8 @@ import time
 import torch
 
 from raytrain_ft.config import ClusterConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from torch.utils.data import TensorDataset
+
 from raytrain_ft.data import BatchStream, load_dataset
 from raytrain_ft.trainer import Trainer, initial_model
 
@@ -42,7 +44,7 @@ def plain_pytorch(cfg: TrainConfig, warmup: int) -> float:
     model = initial_model(cfg, data)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
-    stream = BatchStream(data.train_x, data.train_y, seed=cfg.seed, rank=0, num_workers=1, batch_size=cfg.data.batch_size, start_step=0, end_step=cfg.steps, prefetch=cfg.data.prefetch_batches)
+    stream = BatchStream(TensorDataset(data.train_x, data.train_y), seed=cfg.seed, rank=0, num_workers=1, batch_size=cfg.data.batch_size, start_step=0, end_step=cfg.steps, prefetch=cfg.data.prefetch_batches)
     t_warm = None
     for step in range(cfg.steps):
         x, y = stream.next()

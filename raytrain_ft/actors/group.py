@@ -38,6 +38,8 @@ class GroupSpec:
     run_id: str
     config: object
     """``TrainConfig``."""
+    task: object
+    """``task.Task``: what the workers train."""
     ranges: tuple
     server_spec: object
     """``protocol.server.ServerSpec``."""
@@ -107,7 +109,7 @@ class ActorGroup:
 
         cfg = self.spec.config
         gpu = 1 if self.spec.device != "cpu" else 0
-        args = (e.name, e.rank, cfg, list(self.spec.ranges), e.routes, self.spec.device, self.spec.run_id)
+        args = (e.name, e.rank, cfg, self.spec.task, list(self.spec.ranges), e.routes, self.spec.device, self.spec.run_id)
         per_process = cfg.cluster.ranks_per_process
         if per_process == 1:
             cls = ray.remote(Worker).options(**self._options(e.name, None, num_cpus=cfg.cluster.cpus_per_worker, num_gpus=gpu))

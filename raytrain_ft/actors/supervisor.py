@@ -92,8 +92,9 @@ class SupervisorArgs:
     kills: tuple
     device: str
     checkpoint_dir: str | None
-    model_shape: tuple
-    """(input shape, classes): the supervisor builds the initial model itself (same seed, same values)."""
+    task: object
+    """``task.Task``: the supervisor builds the initial model from it itself (same seed, same values) and hands it
+    to the workers."""
     start_step: int = 0
 
 
@@ -121,7 +122,7 @@ class Supervisor:
         server_run = ServerRun(self.run_id, args.checkpoint_dir, rc.resume_from, cfg.cluster.metrics)
         self.directory = Directory(self.run_id)
         hooks = server_hooks(self.run_id, args.kills, len(args.ranges) if k > 1 else 2, k)
-        self.group = ActorGroup(GroupSpec(self.run_id, cfg, args.ranges, server_spec, server_run, args.device, hooks), self.directory)
+        self.group = ActorGroup(GroupSpec(self.run_id, cfg, args.task, args.ranges, server_spec, server_run, args.device, hooks), self.directory)
         self.faults = FaultHook(self.run_id, tuple(x for x in args.kills if x.trigger in ("recovery", "rereplication")), kill=self._fault_kill)
         self.metrics = Recorder(self.run_id, SUPERVISOR_METRICS if cfg.cluster.metrics else ())
         self._initial: np.ndarray | None = None
@@ -273,9 +274,8 @@ class Supervisor:
     def _params_of(self, shard: int) -> np.ndarray:
         if self._initial is None:
             from raytrain_ft.params import flatten_state
-            from raytrain_ft.trainer import build_initial_model
 
-            self._initial = flatten_state(build_initial_model(self.args.config, *self.args.model_shape)).numpy()
+            self._initial = flatten_state(self.args.task.build_model(self.args.config.seed)).numpy()
         r = self.args.ranges[shard]
         return self._initial[r.start : r.end]
 

@@ -16,8 +16,8 @@ from raytrain_ft.actors import INLINE_BYTES, NAMESPACE, inline_parts, process_ad
 from raytrain_ft.actors.metrics import WORKER_METRICS, Recorder
 from raytrain_ft.compression import Codec, ErrorFeedback, NoCodec, parse_codec
 from raytrain_ft.config import TrainConfig
-from raytrain_ft.data import BatchStream, load_dataset
-from raytrain_ft.models import build_model
+from raytrain_ft.data import BatchStream
+from raytrain_ft.task import Task, to_device
 from raytrain_ft.params import FlatModel, ShardRange, overlapping_shards
 from raytrain_ft.recovery.faults import parse_slow
 
@@ -117,7 +117,8 @@ class Worker:
     order, a pure function of (seed, epoch, rank, step).
     """
 
-    def __init__(self, name: str, rank: int, config: TrainConfig, shards: list[ShardRange], routes: tuple, device: str = "cpu", run_id: str = ""):
+    def __init__(self, name: str, rank: int, config: TrainConfig, task: Task, shards: list[ShardRange], routes: tuple, device: str = "cpu",
+                 run_id: str = ""):
         torch.set_num_threads(config.cluster.cpus_per_worker)
         self.name, self.rank = name, rank
         self.config = config
@@ -128,12 +129,13 @@ class Worker:
         self.device = torch.device(device)
         self.metrics = Recorder(run_id, WORKER_METRICS if config.cluster.metrics else ())
         watch_supervisor(run_id, NAMESPACE)
-        data = load_dataset(config.data, config.seed)
-        self.train_x, self.train_y = data.train_x, data.train_y
-        torch.manual_seed(config.seed)
-        self.model = build_model(config.model, data.in_shape, data.num_classes).to(self.device)
+        self.task = task
+        self._simulate_s = config.cluster.simulate_compute_ms / 1000.0
+        self.train = task.data.get()[0] if not self._simulate_s else None  # a simulated step reads no data
+        self.model = task.build_model(config.seed).to(self.device)
         self.flat = FlatModel(self.model, self.device)
-        self.loss_fn = torch.nn.CrossEntropyLoss()
+        self.loss_fn = task.loss
+        self._autocast = config.model.precision == "bf16"
         # host staging buffer for pushes (the object store lives in host memory)
         self._host_grad = self.flat.flat_grad if self.device.type == "cpu" else torch.zeros(self.flat.numel, pin_memory=True)
         self._thread: threading.Thread | None = None
@@ -150,7 +152,6 @@ class Worker:
         self._step_end_times: list[tuple[int, float]] = []
         self._skipped = 0
         self._slow_s = parse_slow(config.recovery.slow_workers).get(rank, 0.0)
-        self._simulate_s = config.cluster.simulate_compute_ms / 1000.0
         if self._simulate_s:  # a fixed gradient of the true size stands in for backward
             gen = torch.Generator().manual_seed(config.seed * 1000 + rank)
             self.flat.flat_grad.copy_(torch.randn(self.flat.numel, generator=gen) * SIMULATED_GRAD_SCALE)
@@ -210,7 +211,7 @@ class Worker:
         if self._simulate_s:
             return _NoBatches()
         return BatchStream(
-            self.train_x, self.train_y, seed=cfg.seed, rank=self.rank, num_workers=cfg.cluster.num_workers,
+            self.train, seed=cfg.seed, rank=self.rank, num_workers=cfg.cluster.num_workers,
             batch_size=cfg.data.batch_size, start_step=start_step, end_step=self._end_step,
             prefetch=cfg.data.prefetch_batches,
         )
@@ -290,16 +291,19 @@ class Worker:
     def _step_once(self, x: torch.Tensor, y: torch.Tensor, push: bool = True, fetch: bool = True) -> float:
         """Forward/backward into the flat gradient buffer; ``push``: send every shard this step (else the
         gradient keeps accumulating in the buffer, Downpour's n_push); ``fetch``: ask for parameters back."""
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        x, y = to_device(x, self.device), to_device(y, self.device)
         if self.exchange.pushed_last:
             self.flat.zero_grad()
         self.exchange.begin_step(self._step, push, fetch)
-        logits = self.model(x)  # [N, classes]; forward installs shards as it needs them
-        loss = self.loss_fn(logits, y)
+        # forward installs shards as it needs them; bf16 computes under autocast, parameters and gradients stay float32
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
+            out = self.model(x)
+            loss = self.loss_fn(out, y)
         self.flat.stage_buffers()  # buffers are final after forward; they travel in the gradient slot
         loss.backward()  # with overlap, post-accumulate hooks push shards whose gradients are complete
         self.exchange.push_remaining()
-        self._last_accuracy = float((logits.detach().argmax(1) == y).float().mean())
+        if self.task.classification:
+            self._last_accuracy = float((out.detach().argmax(1) == y).float().mean())
         return float(loss.detach())
 
 
@@ -370,7 +374,7 @@ class ShardExchange:
         ledger_dir = os.environ.get(LEDGER_DIR_ENV_VAR)
         self._ledger = open(os.path.join(ledger_dir, f"{run_id}.{name.replace('/', '_')}.ledger"), "a", buffering=1) if ledger_dir else None
         self._ledger_seen = 0
-        params = [p for p in model.parameters()]
+        params = flat.params
         self._param_shards = [overlapping_shards(a, b, shards) for a, b in flat.spans[: len(params)]]
         self._grads_per_shard = [0] * len(shards)
         for p, owners in zip(params, self._param_shards):
@@ -392,8 +396,9 @@ class ShardExchange:
         self.proto.set_routes(routes)
 
     def _hook_modules(self, model: torch.nn.Module) -> None:
-        tensors = [p for p in model.parameters()] + [b for b in model.buffers() if b.is_floating_point()]
+        tensors = self.flat.params + [b for b in model.buffers() if b.is_floating_point()]
         span_of = {id(t): span for t, span in zip(tensors, self.flat.spans)}
+        span_of.update({id(b): span for b, span in self.flat.int_buffers})
         for module in model.modules():
             own = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None and id(t) in span_of]
             if own:
@@ -527,6 +532,8 @@ class ShardExchange:
             if reply.params is not None:
                 s = self.shards[i]
                 self.flat.flat[s.start : s.end].copy_(torch.from_numpy(reply.params), non_blocking=True)
+                if self.flat.int_buffers:
+                    self.flat.sync_int_buffers()
                 self.versions[i] = reply.seq
                 self.bytes_pulled += reply.params.nbytes
             self.wait_s += time.perf_counter() - t0

@@ -89,7 +89,7 @@ def test_round_trip_through_dict():
 
 
 def test_docs_belong_to_their_own_field():
-    assert C.field_docs()['model'].startswith('Model architecture') and C.field_docs()['optimizer'].startswith('Server-side optimizer')
+    assert C.field_docs()['model'].startswith('Model: mlp') and C.field_docs()['optimizer'].startswith('Server-side optimizer')
 
 
 def test_simulate_compute_flag_and_its_alias():

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import TensorDataset
 
 from raytrain_ft.config import DataConfig
 from raytrain_ft.data import (
@@ -38,7 +39,7 @@ def test_batch_order_is_pure_and_varies_by_epoch_and_rank():
 def test_batch_stream_matches_pure_function_from_any_start(prefetch):
     x = torch.arange(100, dtype=torch.float32).view(100, 1, 1, 1)
     y = torch.arange(100)
-    s = BatchStream(x, y, seed=3, rank=0, num_workers=2, batch_size=5, start_step=7, end_step=25, prefetch=prefetch)
+    s = BatchStream(TensorDataset(x, y), seed=3, rank=0, num_workers=2, batch_size=5, start_step=7, end_step=25, prefetch=prefetch)
     for step in range(7, 25):  # crosses epoch boundaries (10 steps per epoch)
         xb, yb = s.next()
         assert np.array_equal(yb.numpy(), global_step_indices(100, 3, 0, 2, 5, step))

@@ -1,0 +1,137 @@
+"""Your own model, loss and data: resolved and checked on the driver before anything starts (no Ray)."""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from raytrain_ft.config import DataConfig, ModelConfig, TrainConfig
+from raytrain_ft.errors import ConfigError
+from raytrain_ft.params import FlatModel, flatten_state, load_flat_state
+from raytrain_ft.task import Task, batch_of, resolve
+
+
+def linear():
+    return nn.Linear(4, 3)
+
+
+def regressor():
+    return nn.Linear(4, 1)
+
+
+def data(n=16):
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)), None
+
+
+def raising_data():
+    raise RuntimeError("no such bucket")
+
+
+def cfg(**model):
+    return TrainConfig(model=ModelConfig(**model), data=DataConfig(dataset="tests.unit.test_task:data"))
+
+
+def test_an_import_string_names_a_factory_and_its_kwargs_are_applied():
+    task, train, _ = Task.build(cfg(name="torch.nn:Linear", kwargs='{"in_features": 4, "out_features": 3}'))
+    model = task.build_model(seed=1)
+    assert isinstance(model, nn.Linear) and model.out_features == 3 and len(train) == 16
+    assert torch.equal(task.build_model(seed=1).weight, model.weight)  # seeded: every copy starts the same
+
+
+@pytest.mark.parametrize("spec, field, needle", [
+    ("nosuchmodule_xyz:f", "model.name", "cannot import module 'nosuchmodule_xyz'"),
+    ("torch.nn:NoSuchThing", "model.name", "has no attribute 'NoSuchThing'"),
+    (":f", "model.name", "is not MODULE:ATTR"),
+    ("torch:pi", "model.name", "is not callable"),
+])
+def test_bad_model_import_strings_name_the_flag(spec, field, needle):
+    with pytest.raises(ConfigError, match=needle) as e:
+        Task.build(cfg(name=spec))
+    assert e.value.field == field
+
+
+def test_a_dataset_factory_that_raises_names_the_flag():
+    c = TrainConfig(model=ModelConfig(name="tests.unit.test_task:linear"), data=DataConfig(dataset="tests.unit.test_task:raising_data"))
+    with pytest.raises(ConfigError, match="raised RuntimeError: no such bucket") as e:
+        Task.build(c)
+    assert e.value.field == "data.dataset"
+
+
+def test_a_model_whose_output_does_not_fit_the_loss_fails_before_training():
+    with pytest.raises(ConfigError, match="cross_entropy needs class logits|cannot take the model's output") as e:
+        Task.build(TrainConfig(model=ModelConfig(name="tests.unit.test_task:linear", loss="mse"),
+                               data=DataConfig(dataset="tests.unit.test_task:data")))
+    assert e.value.field == "model.loss"
+    with pytest.raises(ConfigError, match="must return a scalar tensor"):
+        Task.build(cfg(name="tests.unit.test_task:linear"), loss=lambda out, y: out)
+
+
+def test_builtin_models_are_for_builtin_data():
+    with pytest.raises(ConfigError, match="sized for the built-in datasets") as e:
+        Task.build(TrainConfig(model=ModelConfig(name="cnn"), data=DataConfig(dataset="tests.unit.test_task:data")))
+    assert e.value.field == "model.name"
+
+
+def test_python_api_objects_win_and_are_checked():
+    train, _ = data()
+    task, _, _ = Task.build(TrainConfig(), model=linear, train_data=train)
+    assert task.data.objects[0] is train and task.classification
+    with pytest.raises(ConfigError, match="map-style torch Dataset") as e:
+        Task.build(TrainConfig(), model=linear, train_data=[1, 2, 3][0])
+    assert e.value.field == "train_data"
+
+
+def test_dict_inputs_batch_with_the_default_collate():
+    class Dicts(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return {"a": torch.full((2,), float(i)), "b": torch.tensor(i)}, i % 2
+
+    x, y = batch_of(Dicts(), [3, 1])
+    assert x["a"].shape == (2, 2) and x["b"].tolist() == [3, 1] and y.tolist() == [1, 1]
+
+
+class Odd(nn.Module):
+    """A frozen parameter, an integer buffer, a float buffer and a parameter the forward never uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.used = nn.Linear(4, 3)
+        self.frozen = nn.Parameter(torch.ones(3), requires_grad=False)
+        self.unused = nn.Parameter(torch.zeros(5))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("scale", torch.ones(3))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.used(x) * self.frozen * self.scale
+
+
+def test_frozen_parameters_stay_out_of_the_flat_vector_integer_buffers_travel_as_floats():
+    m = Odd()
+    flat = flatten_state(m)
+    assert flat.numel() == 4 * 3 + 3 + 5 + 3 + 1  # used weight and bias, unused, the float buffer, calls; not frozen
+    flat_model = FlatModel(Odd())
+    assert flat_model.numel == flat.numel() and all(p.requires_grad for p in flat_model.params)
+    out = flat_model.module(torch.randn(2, 4)).sum()
+    out.backward()
+    unused = next(i for i, p in enumerate(flat_model.params) if p.numel() == 5)
+    a, b = flat_model.spans[unused]
+    assert flat_model.flat_grad[a:b].abs().sum() == 0 and flat_model.flat_grad.abs().sum() > 0  # unused: a zero gradient
+    assert int(flat_model.module.calls) == 1
+    flat_model.stage_buffers()  # the integer buffer's value rides in the gradient slot, as a float
+    assert flat_model.flat_grad[-1] == 1.0
+    flat_model.flat[-1] = 7.0  # parameters installed from the shards
+    flat_model.sync_int_buffers()
+    assert int(flat_model.module.calls) == 7 and flat_model.module.calls.dtype == torch.long
+    load_flat_state(m, flat + 1)
+    assert torch.equal(m.frozen, torch.ones(3)) and int(m.calls) == 1 and torch.equal(m.scale, torch.full((3,), 2.0))
+
+
+def test_resolve_finds_modules_in_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "my_model_mod.py").write_text("def build():\n    return 7\n")
+    monkeypatch.chdir(tmp_path)
+    assert resolve("my_model_mod:build", "model.name")() == 7
