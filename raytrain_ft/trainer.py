@@ -202,6 +202,9 @@ def ray_session(config: TrainConfig):
         yield Session()
         return
     needed = cc.num_workers * cc.cpus_per_worker
+    # an embedded Ray keeps Ray's default, token authentication (a token is generated once if none exists); the
+    # line Ray prints about that default on every start is not the run's output (the README says it)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if cc.local_nodes > 1:
         from ray.cluster_utils import Cluster
 

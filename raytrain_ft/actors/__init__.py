@@ -73,3 +73,4 @@ def watch_supervisor(run_id: str, namespace: str, misses_to_exit: int = 2) -> No
                 pass
 
     threading.Thread(target=loop, name="orphan-watch", daemon=True).start()
+

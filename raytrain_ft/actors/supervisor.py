@@ -254,7 +254,7 @@ class Supervisor:
             tags = {"role": d["role"], "source": d["source"]}
             self.metrics.inc("recoveries", 1, tags)
             self.metrics.observe("recovery_duration_seconds", d["duration_s"], tags)
-            events_logger.warning("recovered %s %s in %.3fs (%s, replayed %d, %d bytes moved)", d["role"], d["index"], d["duration_s"],
+            events_logger.info("recovered %s %s in %.3fs (%s, replayed %d, %d bytes moved)", d["role"], d["index"], d["duration_s"],
                                   d["source"], d["replayed"], d["bytes_moved"],
                                   extra={"run_id": self.run_id, "shard": d["index"], "step": d.get("step"), "decision": d["source"]})
 
