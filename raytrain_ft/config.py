@@ -267,6 +267,8 @@ class ClusterConfig:
     """Benchmarks (flag --simulate-compute MS): workers skip data, forward and backward; each step waits MS milliseconds (at most 3,600,000, an hour) and pushes a gradient of the model's true size (fixed small values), so scaling to many workers and servers can be studied on a few cores. 0 trains for real."""
     ranks_per_process: int = 1
     """With --simulate-compute only: host this many worker ranks in one process, each rank with its own training thread, exchange and object-store traffic (64 ranks would need 64 torch processes, ~0.3 GB each). Killing the process kills all its ranks; each is restarted and resumes."""
+    tf32: bool = False
+    """GPU workers: let convolutions and matmuls use TF32 (faster on Ampere/Hopper, other bits than the CPU; off keeps runs bitwise reproducible, see raytrain_ft/device.py)."""
     metrics: bool = True
     """Record the run's metrics (steps, samples/s, exchange latency, staleness, recoveries, replica lag) on Ray's Prometheus endpoint."""
     address: str | None = None

@@ -356,7 +356,7 @@ class Trainer:
             clock_traces=[list(st.clock_trace) for st in stats],
             num_params=num_params,
             workers=[
-                {"rank": s.rank, "steps": s.step, "samples": s.samples, "compute_s": round(s.compute_s, 3), "wait_s": round(s.wait_s, 3), "device": s.device,
+                {"rank": s.rank, "steps": s.step, "samples": s.samples, "compute_s": round(s.compute_s, 3), "wait_s": round(s.wait_s, 3), "device": s.device, "device_name": s.device_name,
                  "reroutes": s.reroutes, "bytes_pushed": s.bytes_pushed, "residual_bytes": s.residual_bytes, "bytes_pulled": s.bytes_pulled, "skipped_steps": s.skipped_steps,
                  "node_id": s.node_id, "gpu_ids": list(s.gpu_ids), "process": s.process}
                 for s in statuses

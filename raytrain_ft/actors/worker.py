@@ -17,6 +17,7 @@ from raytrain_ft.actors.metrics import WORKER_METRICS, Recorder
 from raytrain_ft.compression import Codec, ErrorFeedback, NoCodec, parse_codec
 from raytrain_ft.config import TrainConfig
 from raytrain_ft.data import BatchStream
+from raytrain_ft.device import choose_device, deterministic, device_name
 from raytrain_ft.task import Task, to_device
 from raytrain_ft.params import FlatModel, ShardRange, overlapping_shards
 from raytrain_ft.recovery.faults import parse_slow
@@ -70,21 +71,8 @@ class WorkerStatus:
     """It was told where to start (a restarted rank that was not started yet is not training)."""
     residual_bytes: int = 0
     """Bytes of error-feedback residuals sent with the pushes (lossy codecs keep them with the shards)."""
-
-
-def choose_device(requested: str, use_gpu: str, cuda_available: bool, gpu_ids) -> tuple[str, str | None]:
-    """(device to train on, warning or None) for a worker the supervisor asked to use ``requested``.
-
-    A worker placed on a GPU whose torch cannot use CUDA fails with ``use_gpu: true`` and falls back to the
-    CPU with a warning under ``auto``."""
-    from raytrain_ft.errors import ClusterError
-
-    if requested == "cpu" or cuda_available:
-        return requested, None
-    why = f"Ray assigned GPU {list(gpu_ids)} to this worker but torch {torch.__version__} sees no CUDA device"
-    if use_gpu == "true":
-        raise ClusterError(f"{why}; install a CUDA build of torch on the GPU nodes, or set --use-gpu auto to train on their CPUs")
-    return "cpu", f"{why}; training on the CPU (use_gpu=auto)"
+    device_name: str = "cpu"
+    """The device kind (GPU model): I2 needs every incarnation of a rank on the same kind."""
 
 
 class _NoBatches:
@@ -126,7 +114,10 @@ class Worker:
         device, warning = choose_device(device, config.cluster.use_gpu, torch.cuda.is_available(), self.gpu_ids)
         if warning:
             logger.warning("[worker/%d] %s", rank, warning)
+        if device != "cpu":  # before the first CUDA call of the process
+            deterministic(tf32=config.cluster.tf32)
         self.device = torch.device(device)
+        self.device_name = device_name(device)
         self.metrics = Recorder(run_id, WORKER_METRICS if config.cluster.metrics else ())
         watch_supervisor(run_id, NAMESPACE)
         self.task = task
@@ -188,7 +179,7 @@ class Worker:
             self.rank, self._step, self._end_step, self._last_loss, self._samples, self._compute_s, self._wait_s,
             self._started_at, self._finished_at, done, self._error, str(self.device), tuple(self.exchange.acked),
             process_address(), self.exchange.reroutes, self.exchange.bytes_pushed, self.exchange.bytes_pulled, self._skipped,
-            self._last_accuracy, self.node_id, self.gpu_ids, self._thread is not None, self.exchange.residual_bytes,
+            self._last_accuracy, self.node_id, self.gpu_ids, self._thread is not None, self.exchange.residual_bytes, self.device_name,
         )
 
     def step_end_times(self) -> list[tuple[int, float]]:

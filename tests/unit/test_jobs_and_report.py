@@ -10,7 +10,7 @@ import pytest
 
 from raytrain_ft import jobs
 from raytrain_ft.actors.metrics import CATALOGUE, prometheus_name
-from raytrain_ft.actors.worker import choose_device
+from raytrain_ft.device import choose_device
 from raytrain_ft.cli import ProgressBar
 from raytrain_ft.config import ClusterConfig, RecoveryConfig, TrainConfig, from_dict
 from raytrain_ft.errors import ClusterError, ConfigError, DataError
@@ -125,7 +125,10 @@ def test_metric_names_as_prometheus_shows_them():
 
 def test_device_choice_on_a_gpu_torch_cannot_use():
     assert choose_device("cpu", "auto", False, ()) == ("cpu", None)
-    assert choose_device("cuda", "true", True, (0,)) == ("cuda", None)
+    assert choose_device("cuda", "true", True, (0,), noset_visible=False) == ("cuda:0", None)
+    assert choose_device("cuda", "true", True, (3,), noset_visible=True) == ("cuda:3", None)  # every GPU visible: the id
+    device, warning = choose_device("cuda", "auto", True, ())  # a process hosting simulated ranks asks for no GPU
+    assert device == "cpu" and "no GPU was assigned" in warning
     device, warning = choose_device("cuda", "auto", False, (0,))
     assert device == "cpu" and "Ray assigned GPU [0]" in warning
     with pytest.raises(ClusterError, match="set --use-gpu auto"):
@@ -229,3 +232,25 @@ def test_the_other_parts_the_report_reads_are_checked_too(extra, needle):
     with pytest.raises(DataError, match=needle):
         check_summary("run.json", summary)
     assert check_summary("run.json", {"history": summary["history"]})
+
+
+def test_deterministic_flags_are_set_for_a_gpu_process(monkeypatch):
+    import os
+
+    import torch
+
+    from raytrain_ft.device import CUBLAS_WORKSPACE_ENV_VAR, deterministic
+
+    monkeypatch.delenv(CUBLAS_WORKSPACE_ENV_VAR, raising=False)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+              torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        got = deterministic(tf32=False)
+        assert os.environ[CUBLAS_WORKSPACE_ENV_VAR] == ":4096:8" and got["tf32"] is False
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert not torch.backends.cudnn.benchmark and not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert deterministic(tf32=True)["tf32"] and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.allow_tf32) = before[1:]
