@@ -293,9 +293,11 @@ class Worker:
         self.flat.stage_buffers()  # buffers are final after forward; they travel in the gradient slot
         loss.backward()  # with overlap, post-accumulate hooks push shards whose gradients are complete
         self.exchange.push_remaining()
-        if self.task.classification:
-            self._last_accuracy = float((out.detach().argmax(1) == y).float().mean())
-        return float(loss.detach())
+        if not self.task.classification:
+            return float(loss.detach())
+        # one device-to-host copy for both numbers (each float() of a GPU tensor waits for the device)
+        loss_value, self._last_accuracy = torch.stack([loss.detach().float(), (out.detach().argmax(1) == y).float().mean()]).tolist()
+        return loss_value
 
 
 LEDGER_DIR_ENV_VAR = "RAYTRAIN_FT_LEDGER_DIR"
