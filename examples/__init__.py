@@ -1,1 +1,2 @@
-"""Your own model, loss and data with raytrain-ft: runnable examples (each also runs in the test suite)."""
+"""Your own model, loss and data with raytrain-ft: runnable examples (each also runs in the test
+suite)."""

@@ -1,11 +1,13 @@
-"""Regression on scikit-learn's bundled diabetes data (442 patients, 10 features): a small MLP trained with MSE.
+"""Regression on scikit-learn's bundled diabetes data (442 patients, 10 features): a small MLP
+trained with MSE.
 
 From the repository's root:
 
     raytrain-ft train --model examples.diabetes:model --dataset examples.diabetes:data --loss mse \\
         --steps 300 --batch-size 16 --lr 0.02 --num-workers 2 --num-servers 1
 
-``eval_loss`` is the mean squared error on held-out patients, in units of the target's variance: predicting
+``eval_loss`` is the mean squared error on held-out patients, in units of the target's variance:
+predicting
 the mean scores 1.0. The summary also reports ``eval_r2`` (``metrics`` below).
 """
 
@@ -28,7 +30,9 @@ def data(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
     cut = int(0.8 * len(y))
 
     def part(idx):
-        return TensorDataset(torch.tensor(x[idx], dtype=torch.float32), torch.tensor(y[idx], dtype=torch.float32))
+        return TensorDataset(
+            torch.tensor(x[idx], dtype=torch.float32), torch.tensor(y[idx], dtype=torch.float32)
+        )
 
     return part(order[:cut]), part(order[cut:])
 
@@ -40,4 +44,6 @@ def model(hidden: int = 32) -> nn.Module:
 def metrics(output: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
     """R^2 of the batch (1 - residual variance / target variance)."""
     pred = output.reshape(target.shape)
-    return {"eval_r2": float(1 - ((pred - target) ** 2).sum() / ((target - target.mean()) ** 2).sum())}
+    return {
+        "eval_r2": float(1 - ((pred - target) ** 2).sum() / ((target - target.mean()) ** 2).sum())
+    }

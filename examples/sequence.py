@@ -1,6 +1,8 @@
-"""A small transformer (``nn.TransformerEncoder``) on a sequence task: name the largest token of a sequence.
+"""A small transformer (``nn.TransformerEncoder``) on a sequence task: name the largest token of a
+sequence.
 
-Sequences of 10 tokens from a vocabulary of 16, generated from a seed (no download); the label is the largest
+Sequences of 10 tokens from a vocabulary of 16, generated from a seed (no download); the label is
+the largest
 token, so the model must attend over the whole sequence. From the repository's root:
 
     raytrain-ft train --model examples.sequence:model --dataset examples.sequence:data \\
@@ -40,7 +42,9 @@ class TinyTransformer(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(VOCAB, dim)
         self.position = nn.Parameter(torch.zeros(LENGTH, dim))
-        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=0.0, batch_first=True)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, dim_feedforward=2 * dim, dropout=0.0, batch_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.head = nn.Linear(dim, VOCAB)
 

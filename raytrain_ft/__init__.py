@@ -4,11 +4,31 @@ Importing the package does not import Ray; ``Trainer`` and ``TrainResult``
 load the Ray-facing driver on first use.
 """
 
-from raytrain_ft.config import ClusterConfig, DataConfig, ModelConfig, OptimConfig, RecoveryConfig, TrainConfig
+from raytrain_ft.config import (
+    ChaosConfig,
+    ClusterConfig,
+    ConsistencyConfig,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    RecoveryConfig,
+    TrainConfig,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["ClusterConfig", "DataConfig", "ModelConfig", "OptimConfig", "RecoveryConfig", "TrainConfig", "Trainer", "TrainResult"]
+__all__ = [
+    "ChaosConfig",
+    "ClusterConfig",
+    "ConsistencyConfig",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RecoveryConfig",
+    "TrainConfig",
+    "Trainer",
+    "TrainResult",
+]
 
 
 def __getattr__(name):

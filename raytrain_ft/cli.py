@@ -1,12 +1,16 @@
 """Command line ``raytrain-ft``:
 
-    train   [--config FILE] [--flags] [--output-json PATH]     run here (embedded Ray) or on --address
-    submit  [--address URL] [--config FILE] [--flags] [--follow] run as a Ray job on a running cluster
+    train   [--config FILE] [--flags] [--output-json PATH]     run here (embedded Ray) or on
+    --address
+    submit  [--address URL] [--config FILE] [--flags] [--follow] run as a Ray job on a running
+    cluster
     status|logs|stop JOB_ID [--address URL]                     manage a submitted job
     chaos   --kill ROLE[:INDEX]@step=N ...                       kill actors of a running run
-    report  RUN.json [--output PNG]                              plot a run's summary with its recoveries
+    report  RUN.json [--output PNG]                              plot a run's summary with its
+    recoveries
     simulate [--schedules N] [--seed S] [--mode M] [--inject-bug B] [--replay SEED]
-                                                                 explore the recovery protocol without Ray
+                                                                 explore the recovery protocol
+                                                                 without Ray
 
 Exit codes: 0 success, 2 bad input (config, flags, data files, cluster
 address, auth), 1 a failure during training or of a job.
@@ -32,7 +36,8 @@ EXIT_FAILED = 1
 
 
 class ProgressBar:
-    """One status line (redrawn in place on a terminal; otherwise -- logs, a Ray job -- a line every 10% of the run
+    """One status line (redrawn in place on a terminal; otherwise -- logs, a Ray job -- a line every
+    10% of the run
     or every ``every_s``) and a line per recovery."""
 
     def __init__(self, stream=sys.stderr, width: int = 30, every_s: float = 10.0):
@@ -48,7 +53,9 @@ class ProgressBar:
     def __call__(self, p) -> None:
         if self._finished:
             return
-        line = progress_line(p.step, p.total_steps, p.loss, p.accuracy, p.samples_per_sec, p.elapsed_s, self.width)
+        line = progress_line(
+            p.step, p.total_steps, p.loss, p.accuracy, p.samples_per_sec, p.elapsed_s, self.width
+        )
         for event in p.recoveries[self._recoveries_seen :]:
             self.stream.write(("\r\033[K" if self.tty else "") + recovery_line(event) + "\n")
         self._recoveries_seen = len(p.recoveries)
@@ -57,7 +64,11 @@ class ProgressBar:
             self.stream.write("\r\033[K" + line + ("\n" if finished else ""))
         else:
             decile = int(p.step / p.total_steps * 10) if p.total_steps else 10
-            if decile != self._last_decile or finished or p.elapsed_s - self._last_line_s >= self.every_s:
+            if (
+                decile != self._last_decile
+                or finished
+                or p.elapsed_s - self._last_line_s >= self.every_s
+            ):
                 self._last_decile, self._last_line_s = decile, p.elapsed_s
                 self.stream.write(line + "\n")
         self._finished = finished
@@ -69,70 +80,204 @@ def _add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] 
     for flag, (typ, help_text, default) in config_mod.cli_fields().items():
         if flag in exclude:
             continue
-        dashed = ["--" + name.replace("_", "-") for name in (flag, config_mod.EXTRA_FLAG_NAMES.get(flag)) if name]
+        dashed = [
+            "--" + name.replace("_", "-")
+            for name in (flag, config_mod.EXTRA_FLAG_NAMES.get(flag))
+            if name
+        ]
         metavar = {bool: "BOOL", int: "N", float: "X"}.get(typ, "VALUE")
         # default=SUPPRESS: only flags given on the command line override the file
         extra = {"action": "append"} if flag in config_mod.REPEATABLE_FLAGS else {}
-        group.add_argument(*dashed, dest=flag, default=argparse.SUPPRESS, metavar=metavar, help=f"{help_text} (default: {default})", **extra)
+        group.add_argument(
+            *dashed,
+            dest=flag,
+            default=argparse.SUPPRESS,
+            metavar=metavar,
+            help=f"{help_text} (default: {default})",
+            **extra,
+        )
 
 
 def _add_address(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--address", dest="dashboard", help=f"the cluster's dashboard, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS or {DEFAULT_ADDRESS})")
+    parser.add_argument(
+        "--address",
+        dest="dashboard",
+        help="the cluster's dashboard, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, "
+        f"RAY_ADDRESS or {DEFAULT_ADDRESS})",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raytrain-ft", description="Fault-tolerant parameter-server training on Ray.")
+    parser = argparse.ArgumentParser(
+        prog="raytrain-ft", description="Fault-tolerant parameter-server training on Ray."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="run a training job (embedded local Ray unless --address is given)")
+    train = sub.add_parser(
+        "train", help="run a training job (embedded local Ray unless --address is given)"
+    )
     train.add_argument("--config", help="YAML file with model/data/optim/cluster sections")
-    train.add_argument("--config-json", help="the whole config as one JSON object (what `submit` passes to the job)")
+    train.add_argument(
+        "--config-json",
+        help="the whole config as one JSON object (what `submit` passes to the job)",
+    )
     train.add_argument("--output-json", help="write the JSON summary here")
-    train.add_argument("--save-model", metavar="PATH", help="torch.save the trained model's state dict here (load it into a fresh instance of the model)")
+    train.add_argument(
+        "--save-model",
+        metavar="PATH",
+        help="torch.save the trained model's state dict here (load it into a fresh instance of the "
+        "model)",
+    )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
-    train.add_argument("--emit-summary", action="store_true", help=f"print the JSON summary on one line after {SUMMARY_MARKER.strip()} (read back by `submit`)")
+    train.add_argument(
+        "--emit-summary",
+        action="store_true",
+        help=f"print the JSON summary on one line after {SUMMARY_MARKER.strip()} (read back by "
+        "`submit`)",
+    )
     _add_config_flags(train)
-    submit = sub.add_parser("submit", help="submit a training run to a running Ray cluster as a Ray job")
+    submit = sub.add_parser(
+        "submit", help="submit a training run to a running Ray cluster as a Ray job"
+    )
     _add_address(submit)
     submit.add_argument("--config", help="YAML file with model/data/optim/cluster sections")
-    submit.add_argument("--runtime-env-json", help="Ray runtime_env as JSON, e.g. '{\"pip\": [\"raytrain-ft\"]}' when the nodes lack this package")
+    submit.add_argument(
+        "--runtime-env-json",
+        help='Ray runtime_env as JSON, e.g. \'{"pip": ["raytrain-ft"]}\' when the nodes lack this '
+        "package",
+    )
     submit.add_argument("--job-id", help="submission id (default: Ray picks one)")
-    submit.add_argument("--follow", action="store_true", help="stream the job's logs until it ends, then print its summary; exit 0 only if it succeeded")
-    _add_config_flags(submit, exclude=("address", "local_nodes"))  # a job joins the cluster it is submitted to
-    for name, text in (("status", "show a submitted job's status"), ("logs", "print a submitted job's logs"), ("stop", "stop a submitted job")):
+    submit.add_argument(
+        "--follow",
+        action="store_true",
+        help="stream the job's logs until it ends, then print its summary; exit 0 only if it "
+        "succeeded",
+    )
+    _add_config_flags(
+        submit, exclude=("address", "local_nodes")
+    )  # a job joins the cluster it is submitted to
+    for name, text in (
+        ("status", "show a submitted job's status"),
+        ("logs", "print a submitted job's logs"),
+        ("stop", "stop a submitted job"),
+    ):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("job_id", help="the id `raytrain-ft submit` printed")
         _add_address(cmd)
         if name == "logs":
-            cmd.add_argument("--follow", "-f", action="store_true", help="keep streaming until the job ends")
+            cmd.add_argument(
+                "--follow", "-f", action="store_true", help="keep streaming until the job ends"
+            )
         if name == "stop":
-            cmd.add_argument("--no-wait", action="store_true", help="return at once instead of waiting until the job has stopped")
-    report = sub.add_parser("report", help="render a run's JSON summary as a PNG (loss/accuracy over time, recoveries marked)")
+            cmd.add_argument(
+                "--no-wait",
+                action="store_true",
+                help="return at once instead of waiting until the job has stopped",
+            )
+    report = sub.add_parser(
+        "report",
+        help="render a run's JSON summary as a PNG (loss/accuracy over time, recoveries marked)",
+    )
     report.add_argument("summary", help="the file written by `train --output-json`")
     report.add_argument("--output", "-o", help="PNG path (default: the summary's path with .png)")
-    sim = sub.add_parser("simulate", help="explore the recovery protocol in a deterministic simulation (no Ray): seeded schedules with "
-                                          "crashes, node loss, false suspicion, supervisor restarts; exit 0 iff no violation")
-    sim.add_argument("--schedules", type=int, default=1000, help="schedules to run (default: 1000; --long: 20000)")
-    sim.add_argument("--seed", type=int, default=0, help="seed of the first schedule's seed sequence")
-    sim.add_argument("--mode", default="all", help="sync | async | ssp | mixed | all (default: all, in turn)")
-    sim.add_argument("--inject-bug", action="append", default=[], metavar="NAME",
-                     help="switch on a known protocol bug the checker must catch: ack-before-log, no-fencing, double-apply, "
-                          "volatile-epochs, lost-pending-start")
-    sim.add_argument("--replay", type=int, metavar="SEED", help="run one schedule (a seed a violation printed) again, with its trace")
-    sim.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="processes to spread schedules over (default: all cores)")
-    sim.add_argument("--long", action="store_true", help="explore longer: 20000 schedules unless --schedules is given")
-    sim.add_argument("--all-violations", action="store_true", help="go on after the first violation (count them all)")
-    chaos = sub.add_parser("chaos", help="kill actors of a running run on a schedule (fault injection)")
-    chaos.add_argument("--address", default="auto", help="Ray cluster address (default: auto, the cluster this machine is part of)")
+    sim = sub.add_parser(
+        "simulate",
+        help="explore the recovery protocol in a deterministic simulation (no Ray): seeded "
+        "schedules with "
+        "crashes, node loss, false suspicion, supervisor restarts; exit 0 iff no violation",
+    )
+    sim.add_argument(
+        "--schedules",
+        type=int,
+        default=1000,
+        help="schedules to run (default: 1000; --long: 20000)",
+    )
+    sim.add_argument(
+        "--seed", type=int, default=0, help="seed of the first schedule's seed sequence"
+    )
+    sim.add_argument(
+        "--mode", default="all", help="sync | async | ssp | mixed | all (default: all, in turn)"
+    )
+    sim.add_argument(
+        "--inject-bug",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="switch on a known protocol bug the checker must catch: ack-before-log, no-fencing, "
+        "double-apply, "
+        "volatile-epochs, lost-pending-start",
+    )
+    sim.add_argument(
+        "--replay",
+        type=int,
+        metavar="SEED",
+        help="run one schedule (a seed a violation printed) again, with its trace",
+    )
+    sim.add_argument(
+        "--processes",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes to spread schedules over (default: all cores)",
+    )
+    sim.add_argument(
+        "--long",
+        action="store_true",
+        help="explore longer: 20000 schedules unless --schedules is given",
+    )
+    sim.add_argument(
+        "--all-violations",
+        action="store_true",
+        help="go on after the first violation (count them all)",
+    )
+    chaos = sub.add_parser(
+        "chaos", help="kill actors of a running run on a schedule (fault injection)"
+    )
+    chaos.add_argument(
+        "--address",
+        default="auto",
+        help="Ray cluster address (default: auto, the cluster this machine is part of)",
+    )
     chaos.add_argument("--run-id", help="the run to attack (default: the only active run)")
-    chaos.add_argument("--wait-s", type=float, default=120.0, help="wait this long for the run to appear (a job just submitted is still starting)")
-    chaos.add_argument("--kill", action="append", default=[], help="ROLE[:INDEX]@step=N or @time=S, ROLE server|replica|worker|supervisor (repeatable)")
-    chaos.add_argument("--random", action="store_true", help="random kills: exponential gaps with mean --mtbf-s over --duration-s")
-    chaos.add_argument("--mtbf-s", type=float, default=10.0, help="random mode: mean seconds between kills")
-    chaos.add_argument("--duration-s", type=float, default=60.0, help="random mode: length of the schedule")
-    chaos.add_argument("--roles", default="server,replica,worker,supervisor", help="random mode: roles to pick from")
+    chaos.add_argument(
+        "--wait-s",
+        type=float,
+        default=120.0,
+        help="wait this long for the run to appear (a job just submitted is still starting)",
+    )
+    chaos.add_argument(
+        "--kill",
+        action="append",
+        default=[],
+        help="ROLE[:INDEX]@step=N or @time=S, ROLE server|replica|worker|supervisor (repeatable)",
+    )
+    chaos.add_argument(
+        "--random",
+        action="store_true",
+        help="random kills: exponential gaps with mean --mtbf-s over --duration-s",
+    )
+    chaos.add_argument(
+        "--mtbf-s", type=float, default=10.0, help="random mode: mean seconds between kills"
+    )
+    chaos.add_argument(
+        "--duration-s", type=float, default=60.0, help="random mode: length of the schedule"
+    )
+    chaos.add_argument(
+        "--roles",
+        default="server,replica,worker,supervisor",
+        help="random mode: roles to pick from",
+    )
     chaos.add_argument("--seed", type=int, default=0, help="random mode: schedule seed")
-    chaos.add_argument("--min-gap-s", type=float, default=1.0, help="random mode: least seconds between kills (replicas survive one failure at a time)")
-    chaos.add_argument("--overlap", action="store_true", help="fire kills when due even if the previous one is not recovered yet (default: wait for its recovery)")
+    chaos.add_argument(
+        "--min-gap-s",
+        type=float,
+        default=1.0,
+        help="random mode: least seconds between kills (replicas survive one failure at a time)",
+    )
+    chaos.add_argument(
+        "--overlap",
+        action="store_true",
+        help="fire kills when due even if the previous one is not recovered yet (default: wait for "
+        "its recovery)",
+    )
     return parser
 
 
@@ -149,14 +294,17 @@ def _json_flag(flag: str, text: str, what: str = "a JSON object") -> dict:
 
 
 def _config(args: argparse.Namespace):
-    """The run config: the YAML file (or --config-json), then every config flag given on the command line."""
+    """The run config: the YAML file (or --config-json), then every config flag given on the command
+    line."""
     fields = config_mod.cli_fields()
     overrides = {k: v for k, v in vars(args).items() if k in fields}
     if getattr(args, "config_json", None):
         if args.config:
             raise ConfigError("--config-json", "give --config or --config-json, not both")
         raw = _json_flag("--config-json", args.config_json, "a JSON object of config sections")
-        return config_mod.from_dict(config_mod.merge_overrides(raw, overrides, "--config-json"), source="--config-json")
+        return config_mod.from_dict(
+            config_mod.merge_overrides(raw, overrides, "--config-json"), source="--config-json"
+        )
     return config_mod.load(args.config, overrides)
 
 
@@ -166,7 +314,8 @@ def _exit_on_sigterm(signum, frame) -> None:
 
 
 def json_safe(value):
-    """The summary as strict JSON: NaN and infinities (an accuracy a regression has none of) become null."""
+    """The summary as strict JSON: NaN and infinities (an accuracy a regression has none of) become
+    null."""
     import math
 
     if isinstance(value, float) and not math.isfinite(value):
@@ -179,13 +328,17 @@ def json_safe(value):
 
 
 def _write_summary(summary: dict, path: str) -> None:
-    """Write the JSON summary; if that fails after all (checked before training), print it so the run's result is not lost."""
+    """Write the JSON summary; if that fails after all (checked before training), print it so the
+    run's result is not lost."""
     try:
         with open(path, "w") as fh:
             json.dump(summary, fh, indent=2)
     except OSError as e:
         print(json.dumps(summary))
-        raise ConfigError("--output-json", f"could not write {path!r} ({e.strerror or e}); the summary is printed above instead") from None
+        raise ConfigError(
+            "--output-json",
+            f"could not write {path!r} ({e.strerror or e}); the summary is printed above instead",
+        ) from None
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -195,7 +348,8 @@ def _train(args: argparse.Namespace) -> int:
         config_mod.check_writable_file(args.output_json, "--output-json")
     if args.save_model is not None:
         config_mod.check_writable_file(args.save_model, "--save-model")
-    if cfg.cluster.address:  # before torch is imported and the data loaded (the run checks it again right before ray.init)
+    # Before torch is imported and the data loaded (the run checks it again right before ray.init).
+    if cfg.cluster.address:
         from raytrain_ft.jobs import check_ray_address
 
         check_ray_address(cfg.cluster.address, "cluster.address")
@@ -210,14 +364,32 @@ def _train(args: argparse.Namespace) -> int:
         import torch
 
         torch.save(result.state_dict(), args.save_model)
-    brief = {k: summary[k] for k in ("steps_completed", "samples_per_sec", "train_time_s", "final_loss", "eval_accuracy", "params_sha256", "updates_applied", "updates_acknowledged")}
+    brief = {
+        k: summary[k]
+        for k in (
+            "steps_completed",
+            "samples_per_sec",
+            "train_time_s",
+            "final_loss",
+            "eval_accuracy",
+            "params_sha256",
+            "updates_applied",
+            "updates_acknowledged",
+        )
+    }
     if args.quiet:  # no progress bar showed them
         for event in summary["recoveries"]:
             print(recovery_line(event))
-    accuracy = f"eval accuracy {brief['eval_accuracy']:.4f}" if brief["eval_accuracy"] is not None else f"eval loss {summary['eval_loss']:.4f}"
+    accuracy = (
+        f"eval accuracy {brief['eval_accuracy']:.4f}"
+        if brief["eval_accuracy"] is not None
+        else f"eval loss {summary['eval_loss']:.4f}"
+    )
+    final_loss = brief["final_loss"]
+    final_loss = final_loss if final_loss is None else format(final_loss, ".4f")
     print(
         f"done: {brief['steps_completed']} steps, {accuracy}, "
-        f"final loss {brief['final_loss'] if brief['final_loss'] is None else format(brief['final_loss'], '.4f')}, "
+        f"final loss {final_loss}, "
         f"{brief['samples_per_sec']:,.0f} samples/s over {brief['train_time_s']:.1f}s, "
         f"{len(summary['recoveries'])} recoveries"
     )
@@ -231,7 +403,11 @@ def _submit(args: argparse.Namespace) -> int:
     from raytrain_ft import jobs
 
     cfg = _config(args)
-    runtime_env = _json_flag("--runtime-env-json", args.runtime_env_json, "a JSON object (a Ray runtime_env)") if args.runtime_env_json else None
+    runtime_env = (
+        _json_flag("--runtime-env-json", args.runtime_env_json, "a JSON object (a Ray runtime_env)")
+        if args.runtime_env_json
+        else None
+    )
     handle = jobs.submit(cfg, address=args.dashboard, runtime_env=runtime_env, job_id=args.job_id)
     print(f"submitted {handle.job_id} to {handle.address}")
     if not args.follow:
@@ -251,7 +427,10 @@ def _job_command(args: argparse.Namespace) -> int:
     handle = jobs.attach(args.job_id, args.dashboard)
     if args.command == "status":
         info = handle.info()
-        print(f"{info['job_id']}: {info['status']}" + (f" ({info['message']})" if info["message"] else ""))
+        print(
+            f"{info['job_id']}: {info['status']}"
+            + (f" ({info['message']})" if info["message"] else "")
+        )
         return 0
     if args.command == "logs":
         if args.follow:
@@ -263,7 +442,11 @@ def _job_command(args: argparse.Namespace) -> int:
     if not stopped:
         print(f"{handle.job_id} had already ended: {handle.status()}")
         return 0
-    print(f"{handle.job_id}: stop requested" if args.no_wait else f"{handle.job_id}: {handle.wait(timeout_s=120)}")
+    print(
+        f"{handle.job_id}: stop requested"
+        if args.no_wait
+        else f"{handle.job_id}: {handle.wait(timeout_s=120)}"
+    )
     return 0
 
 
@@ -287,7 +470,9 @@ def _simulate(args: argparse.Namespace, argv: list[str] | None) -> int:
 
     modes = MODES if args.mode == "all" else (args.mode,)
     if args.mode != "all" and args.mode not in MODES:
-        raise ConfigError("--mode", f"unknown mode {args.mode!r}; choose one of {', '.join(MODES)} or all")
+        raise ConfigError(
+            "--mode", f"unknown mode {args.mode!r}; choose one of {', '.join(MODES)} or all"
+        )
     for bug in args.inject_bug:
         if bug not in BUGS:
             raise ConfigError("--inject-bug", f"unknown bug {bug!r}; choose from {', '.join(BUGS)}")
@@ -295,28 +480,64 @@ def _simulate(args: argparse.Namespace, argv: list[str] | None) -> int:
         raise ConfigError("--schedules" if args.schedules <= 0 else "--processes", "must be > 0")
     if args.replay is not None:
         if len(modes) != 1:
-            raise ConfigError("--replay", "name the schedule's mode with --mode (the violation line printed it)")
+            raise ConfigError(
+                "--replay", "name the schedule's mode with --mode (the violation line printed it)"
+            )
         r = run_schedule(args.replay, modes[0], tuple(args.inject_bug), trace=True)
         for line in r.trace:
             print(line)
-        summary = {"replay": args.replay, "mode": r.mode, "config": dataclasses.asdict(r.config), "faults": r.faults,
-                   "violations": [dataclasses.asdict(v) for v in r.violations]}
+        summary = {
+            "replay": args.replay,
+            "mode": r.mode,
+            "config": dataclasses.asdict(r.config),
+            "faults": r.faults,
+            "violations": [dataclasses.asdict(v) for v in r.violations],
+        }
         print(json.dumps(summary))
         return EXIT_FAILED if r.violations else 0
     schedules = args.schedules if "--schedules" in (argv or sys.argv) or not args.long else 20000
-    ex = explore(schedules, args.seed, modes, tuple(args.inject_bug), stop_at_first=not args.all_violations, processes=args.processes)
-    summary = {"schedules": ex.schedules, "modes": list(modes), "seed": args.seed, "injected_bugs": args.inject_bug, "faults": ex.faults,
-               "crashes": ex.crashes, "events": ex.events, "violations": ex.violations, "seconds": round(ex.seconds, 2)}
+    ex = explore(
+        schedules,
+        args.seed,
+        modes,
+        tuple(args.inject_bug),
+        stop_at_first=not args.all_violations,
+        processes=args.processes,
+    )
+    summary = {
+        "schedules": ex.schedules,
+        "modes": list(modes),
+        "seed": args.seed,
+        "injected_bugs": args.inject_bug,
+        "faults": ex.faults,
+        "crashes": ex.crashes,
+        "events": ex.events,
+        "violations": ex.violations,
+        "seconds": round(ex.seconds, 2),
+    }
     if ex.first_violation is not None:
         v = ex.first_violation
         replay = run_schedule(v.seed, v.mode, tuple(args.inject_bug), trace=True)
-        summary.update(failing_seed=v.seed, failing_mode=v.mode, config=dataclasses.asdict(v.config), faults_injected=v.faults,
-                       violation=[dataclasses.asdict(x) for x in v.violations[:5]], trace=replay.trace[-200:],
-                       replay=f"raytrain-ft simulate --replay {v.seed} --mode {v.mode}"
-                              + "".join(f" --inject-bug {b}" for b in args.inject_bug))
-        print(f"violation in schedule {v.seed} ({v.mode}): {v.violations[0].kind}: {v.violations[0].detail}", file=sys.stderr)
-    print(f"{ex.schedules} schedules, {ex.faults} faults ({ex.crashes} crashes), {ex.violations} violations, {ex.seconds:.1f}s",
-          file=sys.stderr)
+        summary.update(
+            failing_seed=v.seed,
+            failing_mode=v.mode,
+            config=dataclasses.asdict(v.config),
+            faults_injected=v.faults,
+            violation=[dataclasses.asdict(x) for x in v.violations[:5]],
+            trace=replay.trace[-200:],
+            replay=f"raytrain-ft simulate --replay {v.seed} --mode {v.mode}"
+            + "".join(f" --inject-bug {b}" for b in args.inject_bug),
+        )
+        print(
+            f"violation in schedule {v.seed} ({v.mode}): {v.violations[0].kind}: "
+            f"{v.violations[0].detail}",
+            file=sys.stderr,
+        )
+    print(
+        f"{ex.schedules} schedules, {ex.faults} faults ({ex.crashes} crashes), {ex.violations} "
+        f"violations, {ex.seconds:.1f}s",
+        file=sys.stderr,
+    )
     print(json.dumps(summary))
     return EXIT_FAILED if ex.violations else 0
 
@@ -327,12 +548,23 @@ def _chaos(args: argparse.Namespace) -> int:
     kills = parse_kills(args.kill, "--kill")
     if not args.random and not kills:
         raise ConfigError("--kill", "give at least one --kill, or --random")
-    for flag, value, low in (("--wait-s", args.wait_s, 0.0), ("--mtbf-s", args.mtbf_s, 0.0), ("--duration-s", args.duration_s, 0.0),
-                             ("--min-gap-s", args.min_gap_s, 0.0)):
+    for flag, value, low in (
+        ("--wait-s", args.wait_s, 0.0),
+        ("--mtbf-s", args.mtbf_s, 0.0),
+        ("--duration-s", args.duration_s, 0.0),
+        ("--min-gap-s", args.min_gap_s, 0.0),
+    ):
         if not math.isfinite(value) or value < low:
             raise ConfigError(flag, f"must be a finite number >= {low:g}, got {value!r}")
     if args.random:  # the schedule's parameters, checked before connecting
-        random_schedule(args.seed, args.mtbf_s, 0.0, [r.strip() for r in args.roles.split(",")], {}, args.min_gap_s)
+        random_schedule(
+            args.seed,
+            args.mtbf_s,
+            0.0,
+            [r.strip() for r in args.roles.split(",")],
+            {},
+            args.min_gap_s,
+        )
     from raytrain_ft.jobs import check_ray_address, ray_init_error
 
     address = check_ray_address(args.address, "--address")
@@ -348,18 +580,41 @@ def _chaos(args: argparse.Namespace) -> int:
         run_id, supervisor = find_supervisor(args.run_id, args.wait_s)
         if args.random:
             status = ray.get(supervisor.status.remote())
-            sizes = {"server": len(status.epochs), "replica": len(status.epochs), "worker": len(status.workers), "supervisor": 1}
-            kills += random_schedule(args.seed, args.mtbf_s, args.duration_s, [r.strip() for r in args.roles.split(",")], sizes, args.min_gap_s)
+            sizes = {
+                "server": len(status.epochs),
+                "replica": len(status.epochs),
+                "worker": len(status.workers),
+                "supervisor": 1,
+            }
+            kills += random_schedule(
+                args.seed,
+                args.mtbf_s,
+                args.duration_s,
+                [r.strip() for r in args.roles.split(",")],
+                sizes,
+                args.min_gap_s,
+            )
         print(f"chaos against {run_id}: {len(kills)} kills scheduled", flush=True)
-        fired = run_schedule(supervisor, kills, on_fire=lambda r: print(json.dumps(r), flush=True), one_at_a_time=not args.overlap)
-        print(f"fired {len(fired)} of {len(kills)} kills (the run ended first)" if len(fired) < len(kills) else f"fired {len(fired)} kills")
+        fired = run_schedule(
+            supervisor,
+            kills,
+            on_fire=lambda r: print(json.dumps(r), flush=True),
+            one_at_a_time=not args.overlap,
+        )
+        print(
+            f"fired {len(fired)} of {len(kills)} kills (the run ended first)"
+            if len(fired) < len(kills)
+            else f"fired {len(fired)} kills"
+        )
     finally:
         ray.shutdown()
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

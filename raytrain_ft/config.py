@@ -16,14 +16,21 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin
 
+from raytrain_ft.consistency import Mode, StalenessLr
 from raytrain_ft.errors import ConfigError
 
+# Closed choices are Literal types: check_field_types refuses any other value, listing these.
+Precision = Literal["fp32", "bf16"]
+Optimizer = Literal["sgd", "rmsprop", "adagrad", "adam"]
+Schedule = Literal["constant", "step", "cosine"]
+UseGpu = Literal["auto", "true", "false"]
+RecoveryMode = Literal["replica", "checkpoint", "none"]
+RECOVERY_MODES: tuple[str, ...] = get_args(RecoveryMode)
+
+# Open choices: a built-in name, or the user's own as MODULE:ATTR.
 MODELS = ("mlp", "cnn", "resnet18", "resnet50")
 LOSSES = ("cross_entropy", "mse")
-PRECISIONS = ("fp32", "bf16")
 DATASETS = ("digits", "synthetic", "cifar10", "mnist", "parquet")
-OPTIMIZERS = ("sgd", "rmsprop", "adagrad", "adam")
-SCHEDULES = ("constant", "step", "cosine")
 
 
 def _positive(name: str, value: float) -> None:
@@ -59,7 +66,8 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def _typed(value: Any, hint: Any, name: str) -> Any:
-    """``value`` as the annotated type ``hint`` (ints and floats normalised), or ConfigError naming the field."""
+    """``value`` as the annotated type ``hint`` (ints and floats normalised), or ConfigError naming
+    the field."""
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -67,7 +75,12 @@ def _typed(value: Any, hint: Any, name: str) -> Any:
     if hint is int:
         if isinstance(value, numbers.Integral) and not isinstance(value, bool):
             return int(value)
-        if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and float(value).is_integer():
+        if (
+            isinstance(value, numbers.Real)
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and float(value).is_integer()
+        ):
             return int(value)
         raise ConfigError(name, f"expected an integer, got {value!r}")
     if hint is float:
@@ -77,7 +90,14 @@ def _typed(value: Any, hint: Any, name: str) -> Any:
                 raise ConfigError(name, f"must be a finite number, got {value!r}")
             return value
         raise ConfigError(name, f"expected a number, got {value!r}")
-    if hint is str or get_origin(hint) is Literal:
+    if get_origin(hint) is Literal:
+        choices = get_args(hint)
+        if value in choices:
+            return value
+        raise ConfigError(
+            name, f"unknown value {value!r}; choose one of {', '.join(map(str, choices))}"
+        )
+    if hint is str:
         if isinstance(value, str):
             return value
         raise ConfigError(name, f"expected a string, got {value!r}")
@@ -89,8 +109,10 @@ def _typed(value: Any, hint: Any, name: str) -> Any:
 
 
 def check_field_types(obj: Any, section: str | None = None) -> None:
-    """Check (and normalise) every field of the dataclass ``obj`` against its annotation, naming a bad one as
-    ``section.field``: int fields take integers (not bools, not fractions), float fields finite numbers, bool fields
+    """Check (and normalise) every field of the dataclass ``obj`` against its annotation, naming a
+    bad one as
+    ``section.field``: int fields take integers (not bools, not fractions), float fields finite
+    numbers, bool fields
     bools, str fields strings; ``X | None`` also takes None."""
     cls = type(obj)
     hints = _hints(cls)
@@ -115,27 +137,37 @@ def check_field_types(obj: Any, section: str | None = None) -> None:
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
     name: str = "cnn"
-    """Model: mlp | cnn | resnet18 | resnet50, or your own as MODULE:ATTR (a zero-argument function or class returning an nn.Module, importable from the working directory or PYTHONPATH)."""
+    """Model: mlp | cnn | resnet18 | resnet50, or your own as MODULE:ATTR (a zero-argument function
+    or class returning an nn.Module, importable from the working directory or PYTHONPATH)."""
     kwargs: str | None = None
     """With MODULE:ATTR: keyword arguments for it, as a JSON object (flag --model-kwargs)."""
     loss: str = "cross_entropy"
-    """cross_entropy (class logits [N, C] against integer targets; eval_accuracy is reported) | mse | MODULE:ATTR (a function (output, target) -> scalar tensor)."""
-    precision: str = "fp32"
-    """fp32 | bf16: workers compute forward and backward under bf16 autocast (CPU or GPU); the shards keep float32 parameters and optimizer state."""
+    """cross_entropy (class logits [N, C] against integer targets; eval_accuracy is reported) | mse
+    | MODULE:ATTR (a function (output, target) -> scalar tensor)."""
+    precision: Precision = "fp32"
+    """fp32 | bf16: workers compute forward and backward under bf16 autocast (CPU or GPU); the
+    shards keep float32 parameters and optimizer state."""
     small_input_stem: bool = True
     """ResNets only: 3x3 stride-1 first conv and no max-pool, for 32x32 inputs."""
 
     def __post_init__(self) -> None:
+        if self.precision == "fp16":
+            raise ConfigError(
+                "model.precision",
+                "fp16 needs loss scaling, which is not supported yet; use bf16 (it runs on the CPU "
+                "too)",
+            )
         check_field_types(self, "model")
         if ":" not in self.name:
             _choice("model.name", self.name, MODELS)
         if self.kwargs is not None and ":" not in self.name:
-            raise ConfigError("model.kwargs", f"keyword arguments are for your own model (--model MODULE:ATTR), not the built-in {self.name!r}")
+            raise ConfigError(
+                "model.kwargs",
+                "keyword arguments are for your own model (--model MODULE:ATTR), not the built-in "
+                f"{self.name!r}",
+            )
         if ":" not in self.loss:
             _choice("model.loss", self.loss, LOSSES)
-        if self.precision == "fp16":
-            raise ConfigError("model.precision", "fp16 needs loss scaling, which is not supported yet; use bf16 (it runs on the CPU too)")
-        _choice("model.precision", self.precision, PRECISIONS)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -143,13 +175,16 @@ class DataConfig:
     dataset: str = "digits"
     """digits (offline, sklearn) | synthetic | cifar10 | mnist | parquet."""
     data_path: str | None = None
-    """Root directory for cifar10/mnist (torchvision layout) or a Parquet file/directory (digits and synthetic read no files: an error there)."""
+    """Root directory for cifar10/mnist (torchvision layout) or a Parquet file/directory (digits and
+    synthetic read no files: an error there)."""
     image_size: int = 16
-    """digits/synthetic: side length the 8x8 digits are upsampled to (synthetic images use it too)."""
+    """digits/synthetic: side length the 8x8 digits are upsampled to (synthetic images use it
+    too)."""
     batch_size: int = 32
     """Per-worker batch size."""
     eval_fraction: float = 0.2
-    """Fraction held out for evaluation (digits, synthetic, parquet); cifar10/mnist use their test split."""
+    """Fraction held out for evaluation (digits, synthetic, parquet); cifar10/mnist use their test
+    split."""
     synthetic_samples: int = 4096
     """Number of samples the synthetic dataset generates."""
     synthetic_channels: int = 1
@@ -173,16 +208,25 @@ class DataConfig:
         _positive("data.synthetic_channels", self.synthetic_channels)
         _non_negative("data.prefetch_batches", self.prefetch_batches)
         if not 0.0 < self.eval_fraction < 1.0:
-            raise ConfigError("data.eval_fraction", f"must be in (0, 1), got {self.eval_fraction!r}")
+            raise ConfigError(
+                "data.eval_fraction", f"must be in (0, 1), got {self.eval_fraction!r}"
+            )
         if self.dataset == "parquet" and not self.data_path:
             raise ConfigError("data.data_path", "dataset 'parquet' needs --data-path FILE_OR_DIR")
         if self.data_path and self.dataset in ("digits", "synthetic"):
-            raise ConfigError("data.data_path", f"dataset {self.dataset!r} reads no files, so {self.data_path!r} would be ignored; "
-                                                "drop --data-path, or choose --dataset parquet, cifar10 or mnist")
+            raise ConfigError(
+                "data.data_path",
+                f"dataset {self.dataset!r} reads no files, so {self.data_path!r} would be ignored; "
+                "drop --data-path, or choose --dataset parquet, cifar10 or mnist",
+            )
         if self.image_shape is not None:
             if self.dataset != "parquet":
-                raise ConfigError("data.image_shape", f"only Parquet data takes an image shape (dataset {self.dataset!r} knows its own); "
-                                                      "drop --image-shape or use --dataset parquet")
+                raise ConfigError(
+                    "data.image_shape",
+                    f"only Parquet data takes an image shape (dataset {self.dataset!r} knows its "
+                    "own); "
+                    "drop --image-shape or use --dataset parquet",
+                )
             parse_image_shape(self.image_shape)
 
 
@@ -198,7 +242,7 @@ def parse_image_shape(text: str) -> tuple[int, int, int]:
 
 @dataclass(kw_only=True, slots=True)
 class OptimConfig:
-    name: str = "sgd"
+    name: Optimizer = "sgd"
     """Server-side optimizer: sgd | rmsprop | adagrad | adam."""
     lr: float = 0.05
     """Base learning rate."""
@@ -216,7 +260,7 @@ class OptimConfig:
     """rmsprop: smoothing constant."""
     eps: float = 1e-8
     """adam/rmsprop: denominator epsilon (adagrad uses 1e-10 unless set here)."""
-    schedule: str = "constant"
+    schedule: Schedule = "constant"
     """LR schedule: constant | step | cosine."""
     warmup_steps: int = 0
     """Linear warm-up from lr/warmup_steps to lr over this many steps."""
@@ -229,8 +273,6 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self, "optim")
-        _choice("optim.name", self.name, OPTIMIZERS)
-        _choice("optim.schedule", self.schedule, SCHEDULES)
         _positive("optim.lr", self.lr)
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError("optim.momentum", f"must be in [0, 1), got {self.momentum!r}")
@@ -241,10 +283,18 @@ class OptimConfig:
         _positive("optim.gamma", self.gamma)
         _non_negative("optim.min_lr", self.min_lr)
         if self.schedule == "cosine" and self.min_lr > self.lr:
-            raise ConfigError("optim.min_lr", f"the cosine schedule anneals from --lr {self.lr!r} down to --min-lr; got {self.min_lr!r}, above it")
+            raise ConfigError(
+                "optim.min_lr",
+                f"the cosine schedule anneals from --lr {self.lr!r} down to --min-lr; got "
+                f"{self.min_lr!r}, above it",
+            )
         if self.nesterov and (self.momentum <= 0 or self.name != "sgd"):
             raise ConfigError("optim.nesterov", "needs --optimizer sgd and --momentum > 0")
-        for name, value in (("optim.beta1", self.beta1), ("optim.beta2", self.beta2), ("optim.alpha", self.alpha)):
+        for name, value in (
+            ("optim.beta1", self.beta1),
+            ("optim.beta2", self.beta2),
+            ("optim.alpha", self.alpha),
+        ):
             if not 0.0 <= value < 1.0:
                 raise ConfigError(name, f"must be in [0, 1), got {value!r}")
 
@@ -254,31 +304,48 @@ class ClusterConfig:
     num_workers: int = 2
     """Worker actors; each trains on its own data partition."""
     num_servers: int = 2
-    """Parameter-server shard actors; the flat parameter vector is split into this many key ranges."""
+    """Parameter-server shard actors; the flat parameter vector is split into this many key
+    ranges."""
     cpus_per_worker: int = 1
     """Ray CPUs (and torch threads) per worker."""
     server_threads: int = 1
-    """torch threads per parameter server for the optimizer step (servers reserve no Ray CPUs: in sync mode they work while workers wait)."""
+    """torch threads per parameter server for the optimizer step (servers reserve no Ray CPUs: in
+    sync mode they work while workers wait)."""
     overlap_comm: bool = False
-    """Push a shard as soon as backward has finished its gradients, and wait for a shard's new parameters only when the forward pass first needs them (same results; off by default: on a 2-core CPU machine it measured 0.88-1.01x, see README)."""
-    use_gpu: str = "auto"
-    """auto (a GPU per worker when the cluster has them; on a GPU torch cannot use, the CPU) | true (wait for GPUs, e.g. from an autoscaler) | false."""
+    """Push a shard as soon as backward has finished its gradients, and wait for a shard's new
+    parameters only when the forward pass first needs them (same results; off by default: on a
+    2-core CPU machine it measured 0.88-1.01x, see README)."""
+    use_gpu: UseGpu = "auto"
+    """auto (a GPU per worker when the cluster has them; on a GPU torch cannot use, the CPU) | true
+    (wait for GPUs, e.g. from an autoscaler) | false."""
     simulate_compute_ms: float = 0.0
-    """Benchmarks (flag --simulate-compute MS): workers skip data, forward and backward; each step waits MS milliseconds (at most 3,600,000, an hour) and pushes a gradient of the model's true size (fixed small values), so scaling to many workers and servers can be studied on a few cores. 0 trains for real."""
+    """Benchmarks (flag --simulate-compute MS): workers skip data, forward and backward; each step
+    waits MS milliseconds (at most 3,600,000, an hour) and pushes a gradient of the model's true
+    size (fixed small values), so scaling to many workers and servers can be studied on a few cores.
+    0 trains for real."""
     ranks_per_process: int = 1
-    """With --simulate-compute only: host this many worker ranks in one process, each rank with its own training thread, exchange and object-store traffic (64 ranks would need 64 torch processes, ~0.3 GB each). Killing the process kills all its ranks; each is restarted and resumes."""
+    """With --simulate-compute only: host this many worker ranks in one process, each rank with its
+    own training thread, exchange and object-store traffic (64 ranks would need 64 torch processes,
+    ~0.3 GB each). Killing the process kills all its ranks; each is restarted and resumes."""
     tf32: bool = False
-    """GPU workers: let convolutions and matmuls use TF32 (faster on Ampere/Hopper, other bits than the CPU; off keeps runs bitwise reproducible, see raytrain_ft/device.py)."""
+    """GPU workers: let convolutions and matmuls use TF32 (faster on Ampere/Hopper, other bits than
+    the CPU; off keeps runs bitwise reproducible, see raytrain_ft/device.py)."""
     metrics: bool = True
-    """Record the run's metrics (steps, samples/s, exchange latency, staleness, recoveries, replica lag) on Ray's Prometheus endpoint."""
+    """Record the run's metrics (steps, samples/s, exchange latency, staleness, recoveries, replica
+    lag) on Ray's Prometheus endpoint."""
     address: str | None = None
-    """Ray cluster address: HOST:PORT of the head's GCS (6379 by default), ray://HOST:10001 (Ray Client), or auto (the one Ray instance on this machine); checked before ray.init (reachable, Ray, takes the token). Empty starts an embedded local Ray for the run."""
+    """Ray cluster address: HOST:PORT of the head's GCS (6379 by default), ray://HOST:10001 (Ray
+    Client), or auto (the one Ray instance on this machine); checked before ray.init (reachable,
+    Ray, takes the token). Empty starts an embedded local Ray for the run."""
     local_nodes: int = 1
-    """Embedded local Ray only: simulate this many nodes on this machine (ray.cluster_utils.Cluster, fast node-death detection) so node kills can be tested."""
+    """Embedded local Ray only: simulate this many nodes on this machine (ray.cluster_utils.Cluster,
+    fast node-death detection) so node kills can be tested."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.use_gpu, bool):  # ClusterConfig(use_gpu=True) means "true"
-            self.use_gpu = str(self.use_gpu).lower()
+        if isinstance(
+            self.use_gpu, (bool, str)
+        ):  # ClusterConfig(use_gpu=True) means "true"; any case
+            self.use_gpu = str(self.use_gpu).lower()  # type: ignore[assignment]
         check_field_types(self, "cluster")
         _positive("cluster.num_workers", self.num_workers)
         _positive("cluster.num_servers", self.num_servers)
@@ -286,37 +353,56 @@ class ClusterConfig:
         _positive("cluster.server_threads", self.server_threads)
         _positive("cluster.local_nodes", self.local_nodes)
         _non_negative("cluster.simulate_compute_ms", self.simulate_compute_ms)
-        _at_most("cluster.simulate_compute_ms", self.simulate_compute_ms, MAX_SIMULATED_STEP_MS, "a simulated step waits at most an hour")
+        _at_most(
+            "cluster.simulate_compute_ms",
+            self.simulate_compute_ms,
+            MAX_SIMULATED_STEP_MS,
+            "a simulated step waits at most an hour",
+        )
         _positive("cluster.ranks_per_process", self.ranks_per_process)
         if self.ranks_per_process > 1 and not self.simulate_compute_ms:
-            raise ConfigError("cluster.ranks_per_process", "ranks sharing a process would share its torch threads; use it with --simulate-compute MS, or set it to 1")
+            raise ConfigError(
+                "cluster.ranks_per_process",
+                "ranks sharing a process would share its torch threads; use it with "
+                "--simulate-compute MS, or set it to 1",
+            )
         if self.local_nodes > 1 and self.address:
-            raise ConfigError("cluster.local_nodes", "simulated nodes need the embedded local Ray; drop --address or --local-nodes")
-        _choice("cluster.use_gpu", str(self.use_gpu).lower(), ("auto", "true", "false"))
-        self.use_gpu = str(self.use_gpu).lower()
+            raise ConfigError(
+                "cluster.local_nodes",
+                "simulated nodes need the embedded local Ray; drop --address or --local-nodes",
+            )
 
 
 RECOVERY_MODES = ("replica", "checkpoint", "none")
 MAX_SIMULATED_STEP_MS = 3_600_000.0
-"""Longest simulated step (``--simulate-compute``) and straggler delay (``--slow-workers``): one hour."""
+"""Longest simulated step (``--simulate-compute``) and straggler delay (``--slow-workers``): one
+hour."""
 MAX_SPARES = 16
 """Most warm spare servers a run keeps (``--num-spares``)."""
 
 
 @dataclass(kw_only=True, slots=True)
 class RecoveryConfig:
-    recovery: str = "replica"
-    """replica: rebuild a lost server from its peer's snapshot + command log (no files) | checkpoint: the baseline that restarts the run from the last checkpoint files | none: no replication, a lost server fails the run (measures replication's cost)."""
+    mode: RecoveryMode = "replica"
+    """replica: rebuild a lost server from its peer's snapshot + command log (no files) |
+    checkpoint: the baseline that restarts the run from the last checkpoint files | none: no
+    replication, a lost server fails the run (measures replication's cost)."""
     snapshot_interval: int = 50
-    """Updates between the snapshots a primary sends its replica holder (each truncates the command log)."""
+    """Updates between the snapshots a primary sends its replica holder (each truncates the command
+    log)."""
     fold_log: bool = True
-    """Replica holders apply logged commands once acknowledged (a recovery then moves one state, not the log since the last snapshot)."""
+    """Replica holders apply logged commands once acknowledged (a recovery then moves one state, not
+    the log since the last snapshot)."""
     num_spares: int = 1
-    """Warm spare server actors kept started, so a recovery does not wait for a process start (at most 16)."""
+    """Warm spare server actors kept started, so a recovery does not wait for a process start (at
+    most 16)."""
     health_check_interval_s: float = 0.2
-    """Seconds between the supervisor's liveness probes (failed calls reported by workers are acted on at once)."""
+    """Seconds between the supervisor's liveness probes (failed calls reported by workers are acted
+    on at once)."""
     suspect_after_s: float = 10.0
-    """Seconds a server may leave probes unanswered (alive but unreachable) before it is replaced as if dead; the replica it is rebuilt from is fenced first, so a suspected server that was alive after all changes nothing."""
+    """Seconds a server may leave probes unanswered (alive but unreachable) before it is replaced as
+    if dead; the replica it is rebuilt from is fenced first, so a suspected server that was alive
+    after all changes nothing."""
     max_worker_restarts: int = 3
     """Restarts allowed per worker rank before the run fails."""
     max_server_replacements: int = 100
@@ -324,34 +410,53 @@ class RecoveryConfig:
     checkpoint_interval: int = 20
     """Steps between checkpoint files (recovery=checkpoint, or any mode with checkpoint_dir set)."""
     checkpoint_dir: str | None = None
-    """Directory for checkpoint files every checkpoint_interval steps (created, and checked writable before Ray starts, for a local run). recovery=checkpoint restarts from them (a temporary directory when empty); with recovery=replica they are only for a whole-cluster loss (see resume_from): recovery never reads them."""
+    """Directory for checkpoint files every checkpoint_interval steps (created, and checked writable
+    before Ray starts, for a local run). recovery=checkpoint restarts from them (a temporary
+    directory when empty); with recovery=replica they are only for a whole-cluster loss (see
+    resume_from): recovery never reads them."""
     resume_from: str | None = None
-    """Start from the newest step every shard has a checkpoint file for in this directory (after losing the whole cluster)."""
-    one_kill_at_a_time: bool = False
-    """Hold each @step/@time kill until the previous one has been recovered (random schedules: replicas survive one failure at a time)."""
-    slow_workers: str | None = None
-    """Fault injection: RANK:MS makes worker RANK a straggler, MS milliseconds (at most an hour) slower per step (comma-separated for several, each rank once)."""
-    kill: str | None = None
-    """Fault injection: ROLE[:INDEX]@step=N or @time=S (also @recovery=N, @snapshot=N, counted from 1); ROLE is server|replica|worker|supervisor|node; repeat the flag or separate by commas (each kill once; a step below the run's last)."""
+    """Start from the newest step every shard has a checkpoint file for in this directory (after
+    losing the whole cluster)."""
 
     def __post_init__(self) -> None:
         check_field_types(self, "recovery")
-        _choice("recovery.recovery", self.recovery, RECOVERY_MODES)
         _positive("recovery.snapshot_interval", self.snapshot_interval)
         _non_negative("recovery.num_spares", self.num_spares)
-        _at_most("recovery.num_spares", self.num_spares, MAX_SPARES,
-                 "each spare is a server process kept running for the whole run, a recovery takes one and a new one is started "
-                 "after it, so more spares only hold memory")
+        _at_most(
+            "recovery.num_spares",
+            self.num_spares,
+            MAX_SPARES,
+            "each spare is a server process kept running for the whole run, a recovery takes one "
+            "and a new one is started "
+            "after it, so more spares only hold memory",
+        )
         _positive("recovery.health_check_interval_s", self.health_check_interval_s)
         _positive("recovery.suspect_after_s", self.suspect_after_s)
         _non_negative("recovery.max_worker_restarts", self.max_worker_restarts)
         _non_negative("recovery.max_server_replacements", self.max_server_replacements)
         _positive("recovery.checkpoint_interval", self.checkpoint_interval)
-        from raytrain_ft.recovery.faults import parse_kills
 
-        parse_kills(self.kill, "recovery.kill")
-        from raytrain_ft.recovery.faults import parse_slow
 
+@dataclass(kw_only=True, slots=True)
+class ChaosConfig:
+    """Fault injection: real kills and stragglers, for chaos tests and recovery studies."""
+
+    kill: str | None = None
+    """ROLE[:INDEX]@step=N or @time=S (also @recovery=N, @snapshot=N, counted from 1); ROLE is
+    server|replica|worker|supervisor|node; repeat the flag or separate by commas (each kill once; a
+    step below the run's last)."""
+    one_kill_at_a_time: bool = False
+    """Hold each @step/@time kill until the previous one has been recovered (random schedules:
+    replicas survive one failure at a time)."""
+    slow_workers: str | None = None
+    """RANK:MS makes worker RANK a straggler, MS milliseconds (at most an hour) slower per step
+    (comma-separated for several, each rank once)."""
+
+    def __post_init__(self) -> None:
+        from raytrain_ft.recovery.faults import parse_kills, parse_slow
+
+        check_field_types(self, "chaos")
+        parse_kills(self.kill)
         parse_slow(self.slow_workers)
 
 
@@ -360,17 +465,22 @@ class ConsistencyConfig:
     staleness: int = 2
     """ssp: steps a worker may run ahead of the slowest worker (0 = lock-step)."""
     group_size: int = 2
-    """mixed: consecutive ranks that average their gradients synchronously before the group's update (e.g. the workers of one node); num_workers must be a multiple of it."""
+    """mixed: consecutive ranks that average their gradients synchronously before the group's update
+    (e.g. the workers of one node); num_workers must be a multiple of it."""
     backup_workers: int = 0
-    """sync: a step closes after the first num_workers - backup_workers gradients; late ones are dropped (stragglers stop holding everyone up)."""
+    """sync: a step closes after the first num_workers - backup_workers gradients; late ones are
+    dropped (stragglers stop holding everyone up)."""
     n_push: int = 1
     """async (Downpour): push the gradients accumulated over this many steps."""
     n_fetch: int = 1
-    """async (Downpour): fetch fresh parameters every this many steps (the model stays fixed in between)."""
-    staleness_lr: str = "none"
-    """async/ssp: none | inverse (divide the learning rate by the update's staleness when it is above 1)."""
+    """async (Downpour): fetch fresh parameters every this many steps (the model stays fixed in
+    between)."""
+    staleness_lr: StalenessLr = "none"
+    """async/ssp: none | inverse (divide the learning rate by the update's staleness when it is
+    above 1)."""
     codec: str = "none"
-    """Push compression, with error feedback on the worker: none | fp16 | topk:RATIO (e.g. topk:0.01) | onebit (sign + scale)."""
+    """Push compression, with error feedback on the worker: none | fp16 | topk:RATIO (e.g.
+    topk:0.01) | onebit (sign + scale)."""
 
     def __post_init__(self) -> None:
         check_field_types(self, "consistency")
@@ -379,9 +489,6 @@ class ConsistencyConfig:
         _non_negative("consistency.backup_workers", self.backup_workers)
         _positive("consistency.n_push", self.n_push)
         _positive("consistency.n_fetch", self.n_fetch)
-        from raytrain_ft.consistency import STALENESS_LR
-
-        _choice("consistency.staleness_lr", self.staleness_lr, STALENESS_LR)
         from raytrain_ft.compression import parse_codec
 
         try:
@@ -398,8 +505,12 @@ class TrainConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
-    mode: str = "sync"
-    """Consistency mode: sync (BSP: every step averages all workers in rank order) | async (Downpour: updates applied on arrival) | ssp (async, at most --staleness steps ahead of the slowest) | mixed (groups of --group-size average synchronously, groups update asynchronously)."""
+    chaos: ChaosConfig = field(default_factory=ChaosConfig)
+    mode: Mode = "sync"
+    """Consistency mode: sync (BSP: every step averages all workers in rank order) | async
+    (Downpour: updates applied on arrival) | ssp (async, at most --staleness steps ahead of the
+    slowest) | mixed (groups of --group-size average synchronously, groups update asynchronously).
+    """
     epochs: int = 5
     """Passes over each worker's partition (ignored when steps is set)."""
     steps: int | None = None
@@ -410,10 +521,7 @@ class TrainConfig:
     """Seconds between progress updates from the driver."""
 
     def __post_init__(self) -> None:
-        from raytrain_ft.consistency import MODES
-
         check_field_types(self)
-        _choice("mode", self.mode, MODES)
         self._check_consistency()
         _positive("epochs", self.epochs)
         if self.steps is not None:
@@ -426,32 +534,69 @@ class TrainConfig:
         c, w = self.consistency, self.cluster.num_workers
         from raytrain_ft.recovery.faults import parse_slow
 
-        parse_slow(self.recovery.slow_workers, w)
+        parse_slow(self.chaos.slow_workers, w)
         if c.backup_workers and self.mode != "sync":
-            raise ConfigError("consistency.backup_workers", "backup workers apply to --mode sync only")
+            raise ConfigError(
+                "consistency.backup_workers", "backup workers apply to --mode sync only"
+            )
         if c.backup_workers >= w:
-            raise ConfigError("consistency.backup_workers", f"must be below --num-workers ({w}): at least one gradient closes a step")
+            raise ConfigError(
+                "consistency.backup_workers",
+                f"must be below --num-workers ({w}): at least one gradient closes a step",
+            )
         if c.backup_workers and self.cluster.overlap_comm:
-            raise ConfigError("cluster.overlap_comm", "a worker late for a step jumps to the shards' step after each step; use --overlap-comm false with backup workers")
+            raise ConfigError(
+                "cluster.overlap_comm",
+                "a worker late for a step jumps to the shards' step after each step; use "
+                "--overlap-comm false with backup workers",
+            )
         if (c.n_push > 1 or c.n_fetch > 1) and self.mode != "async":
-            raise ConfigError("consistency.n_push", "n_push / n_fetch above 1 need --mode async (Downpour)")
+            raise ConfigError(
+                "consistency.n_push", "n_push / n_fetch above 1 need --mode async (Downpour)"
+            )
         if (c.n_push > 1 or c.n_fetch > 1) and self.cluster.overlap_comm:
-            raise ConfigError("cluster.overlap_comm", "overlap pushes every step from backward; use --overlap-comm false with n_push / n_fetch above 1")
+            raise ConfigError(
+                "cluster.overlap_comm",
+                "overlap pushes every step from backward; use --overlap-comm false with n_push / "
+                "n_fetch above 1",
+            )
         if self.cluster.simulate_compute_ms and self.cluster.overlap_comm:
-            raise ConfigError("cluster.overlap_comm", "a simulated step runs no forward/backward to overlap with; use --overlap-comm false with --simulate-compute")
-        if self.mode != "sync" and (self.recovery.recovery == "checkpoint" or self.recovery.resume_from):
-            raise ConfigError("recovery.recovery", "checkpoint restarts and --resume-from need --mode sync (async modes recover from replicas)")
+            raise ConfigError(
+                "cluster.overlap_comm",
+                "a simulated step runs no forward/backward to overlap with; use --overlap-comm "
+                "false with --simulate-compute",
+            )
+        if self.mode != "sync" and (
+            self.recovery.mode == "checkpoint" or self.recovery.resume_from
+        ):
+            raise ConfigError(
+                "recovery.mode",
+                "checkpoint restarts and --resume-from need --mode sync (async modes recover from "
+                "replicas)",
+            )
         if self.mode == "mixed" and w % c.group_size:
             sizes = [min(c.group_size, w - first) for first in range(0, w, c.group_size)]
-            raise ConfigError("consistency.group_size", f"{w} workers in groups of {c.group_size} would make groups of {', '.join(map(str, sizes))} "
-                                                        "(the last one smaller, its gradients weighing more); make --num-workers a multiple of --group-size")
+            raise ConfigError(
+                "consistency.group_size",
+                f"{w} workers in groups of {c.group_size} would make groups of "
+                f"{', '.join(map(str, sizes))} "
+                "(the last one smaller, its gradients weighing more); make --num-workers a "
+                "multiple of --group-size",
+            )
 
     def rule(self):
         """The consistency rule servers apply (``raytrain_ft.consistency.Rule``)."""
         from raytrain_ft.consistency import Rule
 
         c = self.consistency
-        return Rule(self.mode, self.cluster.num_workers, c.backup_workers, c.group_size, c.staleness, c.staleness_lr)
+        return Rule(
+            self.mode,
+            self.cluster.num_workers,
+            c.backup_workers,
+            c.group_size,
+            c.staleness,
+            c.staleness_lr,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -466,12 +611,27 @@ SUBCONFIGS: dict[str, type] = {
     "cluster": ClusterConfig,
     "recovery": RecoveryConfig,
     "consistency": ConsistencyConfig,
+    "chaos": ChaosConfig,
 }
 
-FLAG_ALIASES: dict[str, str] = {"model.name": "model", "model.kwargs": "model_kwargs", "optim.name": "optimizer"}
+FLAG_ALIASES: dict[str, str] = {
+    "model.name": "model",
+    "model.kwargs": "model_kwargs",
+    "optim.name": "optimizer",
+    "recovery.mode": "recovery",
+}
+"""Dotted field -> flag name where the leaf name alone would be ambiguous or unnatural."""
 REPEATABLE_FLAGS = ("kill",)
 """Flags that may be given several times (joined with commas)."""
-"""Dotted field -> flag name where the leaf name alone would be ambiguous or unnatural."""
+RENAMED: dict[str, str] = {
+    "recovery.recovery": "recovery.mode",
+    "recovery.kill": "chaos.kill",
+    "recovery.slow_workers": "chaos.slow_workers",
+    "recovery.one_kill_at_a_time": "chaos.one_kill_at_a_time",
+}
+"""Config-file keys of earlier releases -> where the setting lives now (named in the error)."""
+SHORTHANDS: dict[str, str] = {"model": "name", "recovery": "mode"}
+"""Sections a config file may give as one word: ``model: cnn`` is ``model: {name: cnn}``."""
 
 
 def _leaf_fields() -> dict[str, tuple[str | None, dataclasses.Field]]:
@@ -496,8 +656,12 @@ def field_docs() -> dict[str, str]:
     for cls in (*SUBCONFIGS.values(), TrainConfig):
         body = ast.parse(inspect.getsource(cls)).body[0].body  # type: ignore[attr-defined]
         for node, nxt in zip(body, body[1:]):
-            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-                docs[(cls, node.target.id)] = str(nxt.value.value)  # type: ignore[attr-defined]
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+            ):
+                docs[(cls, node.target.id)] = " ".join(str(nxt.value.value).split())  # type: ignore[attr-defined]
     return {
         flag: docs.get((SUBCONFIGS[sub] if sub else TrainConfig, f.name), "")
         for flag, (sub, f) in _leaf_fields().items()
@@ -515,14 +679,20 @@ def field_type(f: dataclasses.Field, owner: type) -> type:
 
 
 def is_optional(f: dataclasses.Field, owner: type) -> bool:
-    """Whether the field may be unset (``X | None``): only those take an empty value, ``none`` or ``null`` as unset."""
+    """Whether the field may be unset (``X | None``): only those take an empty value, ``none`` or
+    ``null`` as unset."""
     hint = typing.get_type_hints(owner)[f.name]
-    return get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in get_args(hint)
+    return get_origin(hint) in (
+        typing.Union,
+        getattr(__import__("types"), "UnionType", None),
+    ) and type(None) in get_args(hint)
 
 
 def coerce(text: Any, typ: type, name: str, optional: bool = True) -> Any:
-    """A YAML or flag value as the field's type. A value that means "unset" (empty, ``none``, ``null``, YAML ``~``)
-    unsets an optional field; a string field that is not optional keeps the word the user typed (``--recovery none``)."""
+    """A YAML or flag value as the field's type. A value that means "unset" (empty, ``none``,
+    ``null``, YAML ``~``)
+    unsets an optional field; a string field that is not optional keeps the word the user typed
+    (``--recovery none``)."""
     unset = text is None or (isinstance(text, str) and text.strip().lower() in ("none", "null", ""))
     if unset and optional:
         return None
@@ -547,11 +717,15 @@ def coerce(text: Any, typ: type, name: str, optional: bool = True) -> Any:
         if isinstance(text, bool):
             raise ConfigError(name, f"expected a number, got {text!r}")
         if isinstance(text, (int, float)):
-            return text  # a YAML/JSON number: the config's own checks judge it, as for the Python API
+            return (
+                text  # a YAML/JSON number: the config's own checks judge it, as for the Python API
+            )
         try:
             value = typ(text) if typ is float else int(str(text), 10)
         except (TypeError, ValueError):
-            raise ConfigError(name, f"expected {'an integer' if typ is int else 'a number'}, got {text!r}") from None
+            raise ConfigError(
+                name, f"expected {'an integer' if typ is int else 'a number'}, got {text!r}"
+            ) from None
         return value
     return str(text)
 
@@ -564,22 +738,30 @@ def from_dict(raw: dict[str, Any] | None, source: str = "config") -> TrainConfig
     kwargs: dict[str, Any] = {}
     for sub, cls in SUBCONFIGS.items():
         section = raw.pop(sub, None) or {}
-        if isinstance(section, str) and sub == "model":
-            section = {"name": section}
+        if isinstance(section, str) and sub in SHORTHANDS:  # model: cnn, recovery: none
+            section = {SHORTHANDS[sub]: section}
         if not isinstance(section, dict):
             raise ConfigError(sub, f"must be a mapping, got {type(section).__name__}")
         names = {f.name: f for f in dataclasses.fields(cls)}
         sub_kwargs = {}
         for key, value in section.items():
             if key not in names:
+                if f"{sub}.{key}" in RENAMED:
+                    raise ConfigError(
+                        f"{sub}.{key}", f"renamed: write it as {RENAMED[f'{sub}.{key}']}"
+                    )
                 raise ConfigError(f"{sub}.{key}", f"unknown key; known keys: {', '.join(names)}")
-            sub_kwargs[key] = coerce(value, field_type(names[key], cls), f"{sub}.{key}", is_optional(names[key], cls))
+            sub_kwargs[key] = coerce(
+                value, field_type(names[key], cls), f"{sub}.{key}", is_optional(names[key], cls)
+            )
         kwargs[sub] = cls(**sub_kwargs)
     top = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name not in SUBCONFIGS}
     for key, value in raw.items():
         if key not in top:
             raise ConfigError(key, f"unknown key; known keys: {', '.join([*SUBCONFIGS, *top])}")
-        kwargs[key] = coerce(value, field_type(top[key], TrainConfig), key, is_optional(top[key], TrainConfig))
+        kwargs[key] = coerce(
+            value, field_type(top[key], TrainConfig), key, is_optional(top[key], TrainConfig)
+        )
     return TrainConfig(**kwargs)
 
 
@@ -594,7 +776,11 @@ def load_yaml(path: str) -> dict[str, Any]:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
     except UnicodeDecodeError as e:
-        raise ConfigError("--config", f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it as UTF-8") from None
+        raise ConfigError(
+            "--config",
+            f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save "
+            "it as UTF-8",
+        ) from None
     except OSError as e:
         raise ConfigError("--config", f"cannot read {path!r} ({e.strerror})") from None
     try:
@@ -602,15 +788,21 @@ def load_yaml(path: str) -> dict[str, Any]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError("--config", f"{path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        raise ConfigError(
+            "--config", f"{path} is not valid YAML{where}: {getattr(e, 'problem', e)}"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError("--config", f"{path} must hold a mapping of config sections, got {type(data).__name__}")
+        raise ConfigError(
+            "--config", f"{path} must hold a mapping of config sections, got {type(data).__name__}"
+        )
     return data
 
 
-def merge_overrides(raw: dict[str, Any], overrides: dict[str, Any], source: str = "config") -> dict[str, Any]:
+def merge_overrides(
+    raw: dict[str, Any], overrides: dict[str, Any], source: str = "config"
+) -> dict[str, Any]:
     """Apply flat flag overrides (flag name -> value) onto nested dicts."""
     if not isinstance(raw, dict):
         raise ConfigError(source, f"must be a mapping of config sections, got {type(raw).__name__}")
@@ -624,8 +816,12 @@ def merge_overrides(raw: dict[str, Any], overrides: dict[str, Any], source: str 
             out[f.name] = value
         else:
             section = out.setdefault(sub, {})
-            if isinstance(section, str):
-                section = out[sub] = {"name": section}
+            if isinstance(section, str) and sub in SHORTHANDS:
+                section = out[sub] = {SHORTHANDS[sub]: section}
+            if not isinstance(section, dict):
+                raise ConfigError(
+                    f"{source}: {sub}", f"must be a mapping, got {type(section).__name__}"
+                )
             section[f.name] = value
     return out
 
@@ -639,8 +835,10 @@ def load(config_path: str | None = None, overrides: dict[str, Any] | None = None
 
 
 def check_writable_dir(path: str, name: str, flag: str | None = None) -> None:
-    """Create directory ``path`` if needed and write (and remove) a probe file in it; ConfigError naming ``name`` (a field or
-    flag; ``flag``: the flag to fix, when ``name`` is a field) when that fails -- checked before a run starts, not when its
+    """Create directory ``path`` if needed and write (and remove) a probe file in it; ConfigError
+    naming ``name`` (a field or
+    flag; ``flag``: the flag to fix, when ``name`` is a field) when that fails -- checked before a
+    run starts, not when its
     first file is due."""
     import tempfile
 
@@ -657,7 +855,8 @@ def check_writable_dir(path: str, name: str, flag: str | None = None) -> None:
 
 
 def check_writable_file(path: str, name: str, create_parent: bool = True) -> None:
-    """``path`` can be written (its directory created when ``create_parent``), without creating or changing the file."""
+    """``path`` can be written (its directory created when ``create_parent``), without creating or
+    changing the file."""
     if not path:
         raise ConfigError(name, "needs a file path")
     if os.path.isdir(path):
@@ -665,11 +864,17 @@ def check_writable_file(path: str, name: str, create_parent: bool = True) -> Non
     parent = os.path.dirname(os.path.abspath(path))
     if not create_parent and not os.path.isdir(parent):
         what = "is a file, not a directory" if os.path.exists(parent) else "does not exist"
-        raise ConfigError(name, f"directory {parent!r} {what}; create it or give a path in an existing directory")
+        raise ConfigError(
+            name, f"directory {parent!r} {what}; create it or give a path in an existing directory"
+        )
     try:
         check_writable_dir(parent, name)
     except ConfigError as e:
-        raise ConfigError(name, f"cannot write {path!r}: {e.message.split('; ')[0]}; give a path in a writable directory") from None
+        raise ConfigError(
+            name,
+            f"cannot write {path!r}: {e.message.split('; ')[0]}; give a path in a writable "
+            "directory",
+        ) from None
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise ConfigError(name, f"{path!r} exists and is not writable; give another path")
 

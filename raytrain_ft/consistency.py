@@ -1,4 +1,5 @@
-"""Consistency rules: which pushes form one update, when a push is a repeat, when a worker may go on.
+"""Consistency rules: which pushes form one update, when a push is a repeat, when a worker may go
+on.
 
 Pure (no Ray): the server actor asks a ``Rule`` what to do with each arriving
 push and keeps the answers' state in a ``PushBuffer`` and in the shard's
@@ -26,11 +27,14 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import numpy as np
 
-MODES = ("sync", "async", "ssp", "mixed")
-STALENESS_LR = ("none", "inverse")
+Mode = Literal["sync", "async", "ssp", "mixed"]
+MODES: tuple[str, ...] = get_args(Mode)
+StalenessLr = Literal["none", "inverse"]
+STALENESS_LR: tuple[str, ...] = get_args(StalenessLr)
 
 
 class Verdict(enum.Enum):
@@ -57,19 +61,26 @@ class Rule:
     staleness: int = 0
     """ssp: how many steps a worker may run ahead of the slowest."""
     staleness_lr: str = "none"
-    """async/ssp: ``inverse`` divides the learning rate by the update's staleness (when > 1); see ``lr_scale``."""
+    """async/ssp: ``inverse`` divides the learning rate by the update's staleness (when > 1); see
+    ``lr_scale``."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if not 0 <= self.backup_workers < self.num_workers:
-            raise ValueError(f"backup_workers must be in [0, num_workers={self.num_workers}), got {self.backup_workers}")
+            raise ValueError(
+                f"backup_workers must be in [0, num_workers={self.num_workers}), got "
+                f"{self.backup_workers}"
+            )
         if self.backup_workers and self.mode != "sync":
             raise ValueError("backup_workers apply to sync mode only")
         if self.group_size < 1 or self.staleness < 0:
             raise ValueError("group_size must be >= 1 and staleness >= 0")
         if self.staleness_lr not in STALENESS_LR:
-            raise ValueError(f"unknown staleness_lr {self.staleness_lr!r}; choose one of {', '.join(STALENESS_LR)}")
+            raise ValueError(
+                f"unknown staleness_lr {self.staleness_lr!r}; choose one of "
+                f"{', '.join(STALENESS_LR)}"
+            )
 
     @property
     def per_rank_clocks(self) -> bool:
@@ -91,7 +102,8 @@ class Rule:
         return (rank,)
 
     def key(self, rank: int, step: int) -> tuple[int, int]:
-        """Pushes with equal keys are aggregated into one update: (first rank of the group, step)."""
+        """Pushes with equal keys are aggregated into one update: (first rank of the group,
+        step)."""
         return (self.group(rank)[0], step)
 
     def needed(self, rank: int) -> int:
@@ -100,7 +112,8 @@ class Rule:
         return len(self.group(rank))
 
     def classify(self, rank: int, step: int, shard_step: int, clock: int) -> Verdict:
-        """``shard_step``: updates the shard applied; ``clock``: the next step the shard expects from ``rank``."""
+        """``shard_step``: updates the shard applied; ``clock``: the next step the shard expects
+        from ``rank``."""
         if not self.per_rank_clocks:
             if step < shard_step:
                 return Verdict.LATE if self.backup_workers else Verdict.REPEAT
@@ -109,7 +122,8 @@ class Rule:
         return Verdict.REPEAT if step < clock else Verdict.ACCEPT
 
     def lr_scale(self, pushes: int, staleness: int) -> float:
-        """Learning-rate factor for an update aggregating ``pushes`` gradients computed ``staleness`` updates ago.
+        """Learning-rate factor for an update aggregating ``pushes`` gradients computed
+        ``staleness`` updates ago.
 
         The configured learning rate is per global step, i.e. per mean of
         ``num_workers`` gradients. An update built from ``pushes`` of them (one
@@ -127,7 +141,8 @@ class Rule:
 
 
 def mean_in_rank_order(grads: Mapping[int, np.ndarray]) -> np.ndarray:
-    """Mean of the pushes, summed in ascending rank order (bitwise reproducible for a given set of ranks).
+    """Mean of the pushes, summed in ascending rank order (bitwise reproducible for a given set of
+    ranks).
 
     A single push is returned as it is (it may be a read-only view of the
     object store: callers only read the result).
@@ -149,7 +164,8 @@ class Pending:
     grads: dict[int, np.ndarray] = field(default_factory=dict)
     base_versions: dict[int, int] = field(default_factory=dict)
     residuals: dict[int, np.ndarray] = field(default_factory=dict)
-    """Per rank: its codec's error-feedback residual after this push (lossy codecs; kept with the shard)."""
+    """Per rank: its codec's error-feedback residual after this push (lossy codecs; kept with the
+    shard)."""
 
 
 class PushBuffer:
@@ -161,8 +177,16 @@ class PushBuffer:
         self.replaced = 0
         """Pushes that replaced a waiting push of the same (rank, step) (a resend)."""
 
-    def add(self, rank: int, step: int, grad: np.ndarray, base_version: int, residual: np.ndarray | None = None) -> tuple[tuple[int, int], Pending | None]:
-        """Buffer a push; returns its key and, when it completes the update, the pushes that form it."""
+    def add(
+        self,
+        rank: int,
+        step: int,
+        grad: np.ndarray,
+        base_version: int,
+        residual: np.ndarray | None = None,
+    ) -> tuple[tuple[int, int], Pending | None]:
+        """Buffer a push; returns its key and, when it completes the update, the pushes that form
+        it."""
         key = self.rule.key(rank, step)
         p = self.pending.setdefault(key, Pending())
         if rank in p.grads:

@@ -27,7 +27,8 @@ from raytrain_ft.errors import DataError
 
 IMAGE_SHAPE_METADATA_KEY = b"raytrain_ft.image_shape"
 MAX_CLASSES = 10_000
-"""Largest number of classes a Parquet label column may imply (labels 0..MAX_CLASSES-1): a label of 100000 is a
+"""Largest number of classes a Parquet label column may imply (labels 0..MAX_CLASSES-1): a label of
+100000 is a
 mistake (a wrong column, ids instead of classes), not a 100,000-way classifier."""
 
 
@@ -47,14 +48,22 @@ class Dataset:
 # --- sources -----------------------------------------------------------------
 
 
-def _split(x: np.ndarray, y: np.ndarray, eval_fraction: float, seed: int, num_classes: int | None = None) -> Dataset:
+def _split(
+    x: np.ndarray, y: np.ndarray, eval_fraction: float, seed: int, num_classes: int | None = None
+) -> Dataset:
     rng = np.random.default_rng([seed, 0xE7A1])
     perm = rng.permutation(len(y))
     n_eval = max(1, int(round(len(y) * eval_fraction)))
     ev, tr = perm[:n_eval], perm[n_eval:]
     num_classes = int(num_classes if num_classes is not None else y.max() + 1)
     t = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a)).to(dt)  # noqa: E731
-    return Dataset(t(x[tr], torch.float32), t(y[tr], torch.int64), t(x[ev], torch.float32), t(y[ev], torch.int64), num_classes)
+    return Dataset(
+        t(x[tr], torch.float32),
+        t(y[tr], torch.int64),
+        t(x[ev], torch.float32),
+        t(y[ev], torch.int64),
+        num_classes,
+    )
 
 
 def _standardize(x: np.ndarray) -> np.ndarray:
@@ -68,7 +77,9 @@ def load_digits(cfg: DataConfig, seed: int) -> Dataset:
     raw = sk_digits()
     x = torch.from_numpy(raw.images.astype(np.float32) / 16.0).unsqueeze(1)  # [N, 1, 8, 8]
     if cfg.image_size != 8:
-        x = torch.nn.functional.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="bilinear", align_corners=False)
+        x = torch.nn.functional.interpolate(
+            x, size=(cfg.image_size, cfg.image_size), mode="bilinear", align_corners=False
+        )
     return _split(_standardize(x.numpy()), raw.target.astype(np.int64), cfg.eval_fraction, seed, 10)
 
 
@@ -89,7 +100,11 @@ def _torchvision_split(name: str, root: str, train: bool):
     try:
         return cls(root=root, train=train, download=False)
     except RuntimeError as e:
-        raise DataError(root, f"no {name} data found ({e}); download it there first, e.g. torchvision.datasets.{cls.__name__}(root, download=True)") from None
+        raise DataError(
+            root,
+            f"no {name} data found ({e}); download it there first, e.g. "
+            f"torchvision.datasets.{cls.__name__}(root, download=True)",
+        ) from None
 
 
 def load_torchvision(cfg: DataConfig) -> Dataset:
@@ -124,10 +139,17 @@ def _shape_from_metadata(f: str, meta: dict) -> tuple[int, int, int]:
     try:
         text = meta[IMAGE_SHAPE_METADATA_KEY].decode()
         return parse_image_shape(text)
-    except (UnicodeDecodeError, ValueError):  # (ConfigError is a ValueError) -- the file's fault, not a flag's
+    except (
+        UnicodeDecodeError,
+        ValueError,
+    ):  # (ConfigError is a ValueError) -- the file's fault, not a flag's
         raw = meta[IMAGE_SHAPE_METADATA_KEY]
-        raise DataError(f, f"the file's metadata {key!r} is {raw.decode(errors='replace')!r}, not C,H,W with positive integers; "
-                           "rewrite the file with write_parquet, or pass --image-shape C,H,W") from None
+        raise DataError(
+            f,
+            f"the file's metadata {key!r} is {raw.decode(errors='replace')!r}, not C,H,W with "
+            "positive integers; "
+            "rewrite the file with write_parquet, or pass --image-shape C,H,W",
+        ) from None
 
 
 def _check_columns(f: str, schema, cfg: DataConfig) -> None:
@@ -135,20 +157,39 @@ def _check_columns(f: str, schema, cfg: DataConfig) -> None:
 
     for col in (cfg.image_column, cfg.label_column):
         if col not in schema.names:
-            raise DataError(f, f"has no column {col!r} (columns: {', '.join(schema.names)}); set --image-column/--label-column")
+            raise DataError(
+                f,
+                f"has no column {col!r} (columns: {', '.join(schema.names)}); set "
+                "--image-column/--label-column",
+            )
     image_type = schema.field(cfg.image_column).type
-    is_list = pa.types.is_list(image_type) or pa.types.is_large_list(image_type) or pa.types.is_fixed_size_list(image_type)
-    if not is_list or not (pa.types.is_integer(image_type.value_type) or pa.types.is_floating(image_type.value_type)):
-        raise DataError(f, f"image column {cfg.image_column!r} has type {image_type}; it must hold each image as a flat list of numbers "
-                           "(see write_parquet), or set --image-column")
+    is_list = (
+        pa.types.is_list(image_type)
+        or pa.types.is_large_list(image_type)
+        or pa.types.is_fixed_size_list(image_type)
+    )
+    if not is_list or not (
+        pa.types.is_integer(image_type.value_type) or pa.types.is_floating(image_type.value_type)
+    ):
+        raise DataError(
+            f,
+            f"image column {cfg.image_column!r} has type {image_type}; it must hold each image as "
+            "a flat list of numbers "
+            "(see write_parquet), or set --image-column",
+        )
     label_type = schema.field(cfg.label_column).type
     if not (pa.types.is_integer(label_type) or pa.types.is_floating(label_type)):
-        raise DataError(f, f"label column {cfg.label_column!r} has type {label_type}; it must hold integer class indices 0..K-1 "
-                           "(map class names to indices first), or set --label-column")
+        raise DataError(
+            f,
+            f"label column {cfg.label_column!r} has type {label_type}; it must hold integer class "
+            "indices 0..K-1 "
+            "(map class names to indices first), or set --label-column",
+        )
 
 
 def check_parquet(cfg: DataConfig) -> tuple[int, int, int]:
-    """Validate the Parquet source without reading its rows (schema, shape metadata, row counts); returns the image shape."""
+    """Validate the Parquet source without reading its rows (schema, shape metadata, row counts);
+    returns the image shape."""
     import pyarrow.parquet as pq
 
     shape, shape_from, rows = None, None, 0
@@ -168,12 +209,20 @@ def check_parquet(cfg: DataConfig) -> tuple[int, int, int]:
         else:
             raise DataError(f, "records no image shape; pass --image-shape C,H,W")
         if shape is not None and file_shape != shape:
-            raise DataError(f, f"records image shape {file_shape}, but {shape_from} records {shape}; give files of one shape")
+            raise DataError(
+                f,
+                f"records image shape {file_shape}, but {shape_from} records {shape}; give files "
+                "of one shape",
+            )
         shape, shape_from = file_shape, f
         image_type = schema.field(cfg.image_column).type
         size = int(np.prod(file_shape))
         if getattr(image_type, "list_size", size) != size:
-            raise DataError(f, f"image column {cfg.image_column!r} holds {image_type.list_size} values per row; shape {file_shape} needs {size}")
+            raise DataError(
+                f,
+                f"image column {cfg.image_column!r} holds {image_type.list_size} values per row; "
+                f"shape {file_shape} needs {size}",
+            )
         rows += num_rows
     if rows == 0:
         raise DataError(cfg.data_path or "", "holds no rows; give Parquet data with images in it")
@@ -181,8 +230,11 @@ def check_parquet(cfg: DataConfig) -> tuple[int, int, int]:
     return shape
 
 
-def _checked_table(f: str, table, cfg: DataConfig, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """One file's images [N, C, H, W] and labels [N], every row checked: one value per pixel, finite values, labels
+def _checked_table(
+    f: str, table, cfg: DataConfig, shape: tuple[int, int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """One file's images [N, C, H, W] and labels [N], every row checked: one value per pixel, finite
+    values, labels
     that are class indices."""
     import pyarrow.compute as pc
 
@@ -192,33 +244,53 @@ def _checked_table(f: str, table, cfg: DataConfig, shape: tuple[int, int, int]) 
     if images.null_count:
         row = int(np.flatnonzero(images.is_null().to_numpy(zero_copy_only=False))[0])
         raise DataError(f, f"image row {row} is null; every row needs an image")
-    lengths = np.asarray(pc.list_value_length(images).to_numpy(zero_copy_only=False), dtype=np.int64)
+    lengths = np.asarray(
+        pc.list_value_length(images).to_numpy(zero_copy_only=False), dtype=np.int64
+    )
     bad = np.flatnonzero(lengths != size)
     if bad.size:
         row = int(bad[0])
-        raise DataError(f, f"image row {row} holds {lengths[row]} values; shape {shape} needs {size} in every row "
-                           f"({bad.size} of {n} rows differ)")
+        raise DataError(
+            f,
+            f"image row {row} holds {lengths[row]} values; shape {shape} needs {size} in every row "
+            f"({bad.size} of {n} rows differ)",
+        )
     flat = np.asarray(images.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
     if flat.size != n * size:
-        raise DataError(f, f"image column holds {flat.size} values for {n} rows; expected shape {shape} per row")
+        raise DataError(
+            f, f"image column holds {flat.size} values for {n} rows; expected shape {shape} per row"
+        )
     if not np.isfinite(flat).all():
         row = int(np.flatnonzero(~np.isfinite(flat))[0]) // size
-        raise DataError(f, f"image row {row} holds a NaN, infinite or null value; images must be finite numbers")
+        raise DataError(
+            f, f"image row {row} holds a NaN, infinite or null value; images must be finite numbers"
+        )
     labels = table.column(cfg.label_column).combine_chunks()
     col = cfg.label_column
     if labels.null_count:
         row = int(np.flatnonzero(labels.is_null().to_numpy(zero_copy_only=False))[0])
-        raise DataError(f, f"label column {col!r} is null in row {row}; every row needs a class index")
+        raise DataError(
+            f, f"label column {col!r} is null in row {row}; every row needs a class index"
+        )
     raw = np.asarray(labels.to_numpy(zero_copy_only=False))
     if raw.dtype.kind == "f":
         bad = np.flatnonzero(~np.isfinite(raw) | (raw != np.round(raw)))
         if bad.size:
             row = int(bad[0])
-            raise DataError(f, f"label column {col!r} holds {raw[row]:g} in row {row}; labels must be whole class indices 0..K-1")
+            raise DataError(
+                f,
+                f"label column {col!r} holds {raw[row]:g} in row {row}; labels must be whole class "
+                "indices 0..K-1",
+            )
     if raw.size and (raw.min() < 0 or raw.max() >= MAX_CLASSES):
         row = int(np.argmin(raw)) if raw.min() < 0 else int(np.argmax(raw))
-        raise DataError(f, f"label column {col!r} holds {raw[row]:g} in row {row}; labels must be class indices from 0 to "
-                           f"{MAX_CLASSES - 1} (at most {MAX_CLASSES:,} classes): is --label-column the class column?")
+        raise DataError(
+            f,
+            f"label column {col!r} holds {raw[row]:g} in row {row}; labels must be class indices "
+            "from 0 to "
+            f"{MAX_CLASSES - 1} (at most {MAX_CLASSES:,} classes): is --label-column the class "
+            "column?",
+        )
     return flat.reshape(n, *shape), raw.astype(np.int64)
 
 
@@ -259,7 +331,9 @@ def check_source(cfg: DataConfig) -> None:
     if cfg.dataset == "parquet":
         check_parquet(cfg)
     elif cfg.dataset in ("cifar10", "mnist") and cfg.data_path and not os.path.isdir(cfg.data_path):
-        raise DataError(cfg.data_path, f"{cfg.dataset} root directory does not exist; check --data-path")
+        raise DataError(
+            cfg.data_path, f"{cfg.dataset} root directory does not exist; check --data-path"
+        )
 
 
 def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
@@ -284,7 +358,8 @@ def partition(num_samples: int, rank: int, num_workers: int, seed: int) -> np.nd
 
 
 def steps_per_epoch(num_samples: int, num_workers: int, batch_size: int) -> int:
-    """Steps every worker can take per epoch (the smallest partition decides; last partial batch dropped)."""
+    """Steps every worker can take per epoch (the smallest partition decides; last partial batch
+    dropped)."""
     return (num_samples // num_workers) // batch_size
 
 
@@ -293,35 +368,73 @@ def checked_steps_per_epoch(num_samples: int, num_workers: int, batch_size: int)
     if spe == 0:
         n, w, b = num_samples, num_workers, batch_size
         if n == 0:
-            raise DataError("data.eval_fraction", "no training samples are left after the eval split; give more data or a smaller --eval-fraction")
+            raise DataError(
+                "data.eval_fraction",
+                "no training samples are left after the eval split; give more data or a smaller "
+                "--eval-fraction",
+            )
         if w > n:  # no batch size helps: the worker count is what to change
-            hint = f"use at most {n // b} --num-workers at --batch-size {b}" if n >= b else f"use fewer --num-workers and a --batch-size of at most {n}"
-            raise DataError("cluster.num_workers", f"{n} training samples cannot fill one batch on each of {w:,} workers; {hint}")
+            hint = (
+                f"use at most {n // b} --num-workers at --batch-size {b}"
+                if n >= b
+                else f"use fewer --num-workers and a --batch-size of at most {n}"
+            )
+            raise DataError(
+                "cluster.num_workers",
+                f"{n} training samples cannot fill one batch on each of {w:,} workers; {hint}",
+            )
         more = f", or use at most {n // b} --num-workers" if n >= b else ""
-        raise DataError("data.batch_size", f"{n} training samples cannot fill one batch of {b} on each of {w} workers "
-                                           f"({n // w} samples each); lower --batch-size to at most {n // w}{more}")
+        raise DataError(
+            "data.batch_size",
+            f"{n} training samples cannot fill one batch of {b} on each of {w} workers "
+            f"({n // w} samples each); lower --batch-size to at most {n // w}{more}",
+        )
     return spe
 
 
-def batch_indices(part: np.ndarray, seed: int, epoch: int, rank: int, step_in_epoch: int, batch_size: int) -> np.ndarray:
+def batch_indices(
+    part: np.ndarray, seed: int, epoch: int, rank: int, step_in_epoch: int, batch_size: int
+) -> np.ndarray:
     """Indices of the batch for ``(seed, epoch, rank, step)``: a pure function."""
     order = np.random.default_rng([seed, epoch, rank, 0xBA7C]).permutation(len(part))
     return part[order[step_in_epoch * batch_size : (step_in_epoch + 1) * batch_size]]
 
 
-def global_step_indices(num_samples: int, seed: int, rank: int, num_workers: int, batch_size: int, step: int) -> np.ndarray:
+def global_step_indices(
+    num_samples: int, seed: int, rank: int, num_workers: int, batch_size: int, step: int
+) -> np.ndarray:
     """Batch indices of worker ``rank`` at global ``step`` (epochs roll over)."""
     epoch, s = divmod(step, checked_steps_per_epoch(num_samples, num_workers, batch_size))
-    return batch_indices(partition(num_samples, rank, num_workers, seed), seed, epoch, rank, s, batch_size)
+    return batch_indices(
+        partition(num_samples, rank, num_workers, seed), seed, epoch, rank, s, batch_size
+    )
 
 
 class BatchStream:
-    """Batches of one worker from ``start_step``: the batch of ``(seed, epoch, rank, step)`` over the rank's
-    partition ``perm[rank::W]`` of ``dataset`` (a pure function of them), prepared ahead in a background thread."""
+    """Batches of one worker from ``start_step``: the batch of ``(seed, epoch, rank, step)`` over
+    the rank's
+    partition ``perm[rank::W]`` of ``dataset`` (a pure function of them), prepared ahead in a
+    background thread."""
 
-    def __init__(self, dataset, *, seed: int, rank: int, num_workers: int, batch_size: int, start_step: int, end_step: int, prefetch: int = 2):
+    def __init__(
+        self,
+        dataset,
+        *,
+        seed: int,
+        rank: int,
+        num_workers: int,
+        batch_size: int,
+        start_step: int,
+        end_step: int,
+        prefetch: int = 2,
+    ):
         self.dataset = dataset
-        self.seed, self.rank, self.num_workers, self.batch_size = seed, rank, num_workers, batch_size
+        self.seed, self.rank, self.num_workers, self.batch_size = (
+            seed,
+            rank,
+            num_workers,
+            batch_size,
+        )
         self.step, self.end_step = start_step, end_step
         self._part = partition(len(dataset), rank, num_workers, seed)
         self._spe = checked_steps_per_epoch(len(dataset), num_workers, batch_size)
@@ -334,7 +447,9 @@ class BatchStream:
 
     def _make(self, step: int) -> tuple:
         epoch, s = divmod(step, self._spe)
-        return batch_of(self.dataset, batch_indices(self._part, self.seed, epoch, self.rank, s, self.batch_size))
+        return batch_of(
+            self.dataset, batch_indices(self._part, self.seed, epoch, self.rank, s, self.batch_size)
+        )
 
     def _fill(self) -> None:
         step = self.step
@@ -361,7 +476,8 @@ class BatchStream:
 
 
 def batch_of(ds, indices) -> tuple:
-    """The (x, y) batch of ``indices``: tensors indexed at once for a ``TensorDataset``, else PyTorch's default
+    """The (x, y) batch of ``indices``: tensors indexed at once for a ``TensorDataset``, else
+    PyTorch's default
     collate of the samples (x may be a tensor or a dict of tensors)."""
     if isinstance(ds, TensorDataset):
         idx = torch.as_tensor(indices)

@@ -26,9 +26,10 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from raytrain_ft.config import TrainConfig
 from raytrain_ft.errors import ClusterError, ConfigError, JobError
@@ -45,10 +46,12 @@ TOKEN_PATH_ENV_VAR = "RAY_AUTH_TOKEN_PATH"
 AUTH_MODE_ENV_VAR = "RAY_AUTH_MODE"
 RAY_ADDRESS_ENV_VAR = "RAY_ADDRESS"
 GCS_PROBE_METHOD = "/ray.rpc.NodeInfoGcsService/GetClusterId"
-"""The first call a Ray driver makes to the GCS (an empty request): the probe of ``check_ray_address``."""
+"""The first call a Ray driver makes to the GCS (an empty request): the probe of
+``check_ray_address``."""
 TERMINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
 NO_TOKEN_HINT = (
-    f"set {TOKEN_ENV_VAR}, or {TOKEN_PATH_ENV_VAR} to a file holding it, or put it in ~/.ray/auth_token "
+    f"set {TOKEN_ENV_VAR}, or {TOKEN_PATH_ENV_VAR} to a file holding it, or put it in "
+    "~/.ray/auth_token "
     "(print the cluster's token on the head with `ray get-auth-token`)"
 )
 
@@ -60,10 +63,14 @@ class Token:
     """Where it was found: the env var or the file."""
 
 
-def find_token(environ: Mapping[str, str] | None = None, home: str | os.PathLike | None = None) -> Token | None:
-    """The Ray auth token, in Ray's order: ``RAY_AUTH_TOKEN``, the file ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``.
+def find_token(
+    environ: Mapping[str, str] | None = None, home: str | os.PathLike | None = None
+) -> Token | None:
+    """The Ray auth token, in Ray's order: ``RAY_AUTH_TOKEN``, the file ``RAY_AUTH_TOKEN_PATH``,
+    ``~/.ray/auth_token``.
 
-    A ``RAY_AUTH_TOKEN_PATH`` that cannot be read or is empty is an error (as in Ray), not a silent fallback."""
+    A ``RAY_AUTH_TOKEN_PATH`` that cannot be read or is empty is an error (as in Ray), not a silent
+    fallback."""
     environ = os.environ if environ is None else environ
     value = environ.get(TOKEN_ENV_VAR, "").strip()
     if value:
@@ -73,9 +80,15 @@ def find_token(environ: Mapping[str, str] | None = None, home: str | os.PathLike
         try:
             value = Path(path).expanduser().read_text().strip()
         except OSError as e:
-            raise ClusterError(f"{TOKEN_PATH_ENV_VAR}={path!r} cannot be read ({e.strerror}); point it at the file holding the cluster's token") from None
+            raise ClusterError(
+                f"{TOKEN_PATH_ENV_VAR}={path!r} cannot be read ({e.strerror}); point it at the "
+                "file holding the cluster's token"
+            ) from None
         if not value:
-            raise ClusterError(f"{TOKEN_PATH_ENV_VAR}={path!r} is empty; put the cluster's token in it (`ray get-auth-token` on the head)")
+            raise ClusterError(
+                f"{TOKEN_PATH_ENV_VAR}={path!r} is empty; put the cluster's token in it (`ray "
+                "get-auth-token` on the head)"
+            )
         return Token(value, path)
     default = Path(home if home is not None else Path.home()) / ".ray" / "auth_token"
     if default.is_file():
@@ -86,7 +99,8 @@ def find_token(environ: Mapping[str, str] | None = None, home: str | os.PathLike
 
 
 def resolve_address(address: str | None, environ: Mapping[str, str] | None = None) -> str:
-    """The dashboard's HTTP address: ``address``, else ``RAY_API_SERVER_ADDRESS``/``RAY_ADDRESS`` (an http one), else the
+    """The dashboard's HTTP address: ``address``, else ``RAY_API_SERVER_ADDRESS``/``RAY_ADDRESS``
+    (an http one), else the
     forwarded default."""
     environ = os.environ if environ is None else environ
     if not address:
@@ -99,7 +113,11 @@ def resolve_address(address: str | None, environ: Mapping[str, str] | None = Non
     if "://" not in address:
         address = "http://" + address
     if not address.startswith(("http://", "https://")):
-        raise ConfigError("--address", f"{address!r} is not the dashboard's HTTP address; give http://HEAD:8265 (the job API lives on the dashboard port)")
+        raise ConfigError(
+            "--address",
+            f"{address!r} is not the dashboard's HTTP address; give http://HEAD:8265 (the job API "
+            "lives on the dashboard port)",
+        )
     return address.rstrip("/")
 
 
@@ -113,12 +131,14 @@ class RayAuth:
     mode: str | None
     """``RAY_AUTH_MODE`` as set (lower case), None when unset."""
     sent: Token | None
-    """The token ``ray.init`` sends: with ``RAY_AUTH_MODE=token``, or with it unset for ``auto`` (never for an explicit
+    """The token ``ray.init`` sends: with ``RAY_AUTH_MODE=token``, or with it unset for ``auto``
+    (never for an explicit
     address); never with ``disabled``."""
     found: Token | None
     """The token found where Ray looks (``find_token``), sent or not."""
     auto: bool = False
-    """The address is ``auto`` (Ray then sends a token it finds even with ``RAY_AUTH_MODE`` unset)."""
+    """The address is ``auto`` (Ray then sends a token it finds even with ``RAY_AUTH_MODE``
+    unset)."""
 
     @property
     def needs_mode(self) -> bool:
@@ -126,8 +146,13 @@ class RayAuth:
         return self.mode == "disabled" or (self.mode is None and not self.auto)
 
 
-def ray_auth(address: str | None, environ: Mapping[str, str] | None = None, home: str | os.PathLike | None = None) -> RayAuth:
-    """What ``ray.init(address=address)`` will send; ClusterError (saying where to put it) when ``RAY_AUTH_MODE=token`` and
+def ray_auth(
+    address: str | None,
+    environ: Mapping[str, str] | None = None,
+    home: str | os.PathLike | None = None,
+) -> RayAuth:
+    """What ``ray.init(address=address)`` will send; ClusterError (saying where to put it) when
+    ``RAY_AUTH_MODE=token`` and
     no token is found, as ``ray.init`` would fail then."""
     environ = os.environ if environ is None else environ
     mode = environ.get(AUTH_MODE_ENV_VAR, "").strip().lower() or None
@@ -145,9 +170,16 @@ def ray_auth(address: str | None, environ: Mapping[str, str] | None = None, home
     return RayAuth(mode, found if sends else None, found, auto)
 
 
-def resolve_ray_address(address: str, field: str = "--address", environ: Mapping[str, str] | None = None, candidates=None) -> str:
-    """``address``, with ``auto`` read as ``ray.init`` reads it (``RAY_ADDRESS``, else the Ray instance running on this machine) --
-    except that several local instances are an error listing them instead of a silent pick. ``candidates``: the local GCS
+def resolve_ray_address(
+    address: str,
+    field: str = "--address",
+    environ: Mapping[str, str] | None = None,
+    candidates=None,
+) -> str:
+    """``address``, with ``auto`` read as ``ray.init`` reads it (``RAY_ADDRESS``, else the Ray
+    instance running on this machine) --
+    except that several local instances are an error listing them instead of a silent pick.
+    ``candidates``: the local GCS
     addresses (default: Ray's own scan of this machine's raylet processes)."""
     if address != "auto":
         return address
@@ -159,21 +191,34 @@ def resolve_ray_address(address: str, field: str = "--address", environ: Mapping
 
     found = sorted(services.find_gcs_addresses() if candidates is None else candidates)
     if len(found) > 1:
-        raise ClusterError(f"{field} auto: {len(found)} Ray instances run on this machine ({', '.join(found)}); "
-                           f"give the one to use as {_flag(field)} HOST:PORT")
+        raise ClusterError(
+            f"{field} auto: {len(found)} Ray instances run on this machine ({', '.join(found)}); "
+            f"give the one to use as {_flag(field)} HOST:PORT"
+        )
     if found:
         return found[0]
     latest = services.find_bootstrap_address(None) if candidates is None else None
     if latest:
         return latest
-    raise ClusterError(f"{field} auto: no Ray instance runs on this machine; start one (`ray start --head`) or give {_flag(field)} HOST:PORT")
+    raise ClusterError(
+        f"{field} auto: no Ray instance runs on this machine; start one (`ray start --head`) or "
+        f"give {_flag(field)} HOST:PORT"
+    )
 
 
-def probe_ray(address: str, field: str = "--address", timeout_s: float = 5.0, auth: RayAuth | None = None,
-              environ: Mapping[str, str] | None = None) -> None:
-    """Ask ``host:port`` (or ``ray://host:port``) one cheap gRPC question with the token ``ray.init`` would send (``auth``,
-    default: for this explicit address); ClusterError with one line when it is not Ray (an HTTP server such as the
-    dashboard, a silent port) or the cluster refuses the token. A listening port is assumed (``check_ray_address``
+def probe_ray(
+    address: str,
+    field: str = "--address",
+    timeout_s: float = 5.0,
+    auth: RayAuth | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> None:
+    """Ask ``host:port`` (or ``ray://host:port``) one cheap gRPC question with the token
+    ``ray.init`` would send (``auth``,
+    default: for this explicit address); ClusterError with one line when it is not Ray (an HTTP
+    server such as the
+    dashboard, a silent port) or the cluster refuses the token. A listening port is assumed
+    (``check_ray_address``
     tests that first)."""
     import grpc
 
@@ -184,9 +229,13 @@ def probe_ray(address: str, field: str = "--address", timeout_s: float = 5.0, au
     client = address.startswith("ray://")
     target = address.split("://", 1)[-1].rstrip("/")
     metadata = [("authorization", f"Bearer {auth.sent.value}")] if auth.sent else None
-    channel = grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)])  # straight to the port, as Ray connects
+    channel = grpc.insecure_channel(
+        target, options=[("grpc.enable_http_proxy", 0)]
+    )  # straight to the port, as Ray connects
     try:
-        call = channel.unary_unary(GCS_PROBE_METHOD, request_serializer=lambda _: b"", response_deserializer=lambda b: b)
+        call = channel.unary_unary(
+            GCS_PROBE_METHOD, request_serializer=lambda _: b"", response_deserializer=lambda b: b
+        )
         call(None, timeout=timeout_s, metadata=metadata)
     except grpc.RpcError as e:
         code, details = e.code(), " ".join((e.details() or "").split())
@@ -194,16 +243,32 @@ def probe_ray(address: str, field: str = "--address", timeout_s: float = 5.0, au
             raise token_error(target, auth.sent, auth) from None
         if code == grpc.StatusCode.UNIMPLEMENTED and client:
             return  # the Ray Client server speaks gRPC but serves no GCS calls: it is there
-        which = "the Ray Client server, ray://HEAD:10001 by default" if client else "Ray's GCS, HEAD:6379 by default (`ray status` on the head shows it)"
+        which = (
+            "the Ray Client server, ray://HEAD:10001 by default"
+            if client
+            else "Ray's GCS, HEAD:6379 by default (`ray status` on the head shows it)"
+        )
         if "http1" in details.lower() or "Failed parsing HTTP/2" in details:
-            raise ClusterError(f"{field} {address!r} is not Ray: it answers like an HTTP server (the dashboard?), not gRPC; give the address "
-                               f"of {which}; only `submit`, `status`, `logs` and `stop` take the dashboard's http://HEAD:8265") from None
+            raise ClusterError(
+                f"{field} {address!r} is not Ray: it answers like an HTTP server (the dashboard?), "
+                "not gRPC; give the address "
+                f"of {which}; only `submit`, `status`, `logs` and `stop` take the dashboard's http://HEAD:8265"
+            ) from None
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            raise ClusterError(f"{field} {address!r} accepts connections but nothing answered like Ray within {timeout_s:g}s; "
-                               f"give the address of {which}") from None
+            raise ClusterError(
+                f"{field} {address!r} accepts connections but nothing answered like Ray within "
+                f"{timeout_s:g}s; "
+                f"give the address of {which}"
+            ) from None
         if code == grpc.StatusCode.UNIMPLEMENTED:
-            raise ClusterError(f"{field} {address!r} speaks gRPC but is not Ray's GCS (another Ray port?); give the address of {which}") from None
-        raise ClusterError(f"{field} {address!r} does not answer like Ray ({details[:160] or code.name}); give the address of {which}") from None
+            raise ClusterError(
+                f"{field} {address!r} speaks gRPC but is not Ray's GCS (another Ray port?); give "
+                f"the address of {which}"
+            ) from None
+        raise ClusterError(
+            f"{field} {address!r} does not answer like Ray ({details[:160] or code.name}); give "
+            f"the address of {which}"
+        ) from None
     finally:
         channel.close()
 
@@ -213,28 +278,39 @@ def _flag(field: str) -> str:
 
 
 def check_ray_address(address: str, field: str = "--address", timeout_s: float = 5.0) -> str:
-    """Check -- in seconds, not Ray's minutes of retries and warnings -- that ``address`` (``HOST:PORT``, ``ray://HOST:PORT`` or
-    ``auto``, resolved as ``ray.init`` resolves it but refusing several local instances) accepts a TCP connection, answers
+    """Check -- in seconds, not Ray's minutes of retries and warnings -- that ``address``
+    (``HOST:PORT``, ``ray://HOST:PORT`` or
+    ``auto``, resolved as ``ray.init`` resolves it but refusing several local instances) accepts a
+    TCP connection, answers
     like Ray and takes the token ``ray.init`` will send; returns ``address`` for ``ray.init``."""
     import socket
 
     target = resolve_ray_address(address, field)
     hostport = target.split("://", 1)[-1].rstrip("/")
     host, sep, port = hostport.rpartition(":")
-    if not sep or not host or not port.isdigit() or ("://" in target and not target.startswith("ray://")):
+    if (
+        not sep
+        or not host
+        or not port.isdigit()
+        or ("://" in target and not target.startswith("ray://"))
+    ):
         raise ClusterError(f"{field} {target!r} is not HOST:PORT (or ray://HOST:PORT, or auto)")
     shown = target if target == address else f"{address} ({target})"
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
             pass
     except OSError as e:
-        raise ClusterError(f"{field} {shown!r} is unreachable ({e}); start the cluster (`ray up cluster.yaml`) or fix {_flag(field)}") from None
+        raise ClusterError(
+            f"{field} {shown!r} is unreachable ({e}); start the cluster (`ray up cluster.yaml`) or "
+            f"fix {_flag(field)}"
+        ) from None
     probe_ray(target, field, timeout_s, ray_auth(address))
     return address
 
 
 def ray_init_error(e: Exception, address: str, hint: str) -> ClusterError:
-    """One line for a failed ``ray.init(address=...)``: the token message when Ray refused the token, else Ray's reason."""
+    """One line for a failed ``ray.init(address=...)``: the token message when Ray refused the
+    token, else Ray's reason."""
     from ray.exceptions import AuthenticationError
 
     if isinstance(e, AuthenticationError):
@@ -250,15 +326,24 @@ def ray_init_error(e: Exception, address: str, hint: str) -> ClusterError:
 def job_config(config: TrainConfig) -> dict[str, Any]:
     """The config a job runs: the same run, joining the cluster it is submitted to."""
     if config.cluster.local_nodes > 1:
-        raise ConfigError("cluster.local_nodes", "simulated nodes are for local runs; a submitted job trains on the cluster's own nodes (set it to 1)")
+        raise ConfigError(
+            "cluster.local_nodes",
+            "simulated nodes are for local runs; a submitted job trains on the cluster's own nodes "
+            "(set it to 1)",
+        )
     raw = config.to_dict()
-    raw["cluster"]["address"] = None  # the driver joins through RAY_ADDRESS, which the job supervisor sets
+    raw["cluster"]["address"] = (
+        None  # the driver joins through RAY_ADDRESS, which the job supervisor sets
+    )
     return raw
 
 
 def entrypoint(config: TrainConfig, python: str = "python") -> str:
     """The shell command the job runs on the head node."""
-    return f"{python} -m raytrain_ft.cli train --emit-summary --config-json {shlex.quote(json.dumps(job_config(config), separators=(',', ':')))}"
+    config_json = json.dumps(job_config(config), separators=(",", ":"))
+    return (
+        f"{python} -m raytrain_ft.cli train --emit-summary --config-json {shlex.quote(config_json)}"
+    )
 
 
 def parse_summary(logs: str) -> dict[str, Any] | None:
@@ -266,7 +351,7 @@ def parse_summary(logs: str) -> dict[str, Any] | None:
     for line in reversed(logs.splitlines()):
         at = line.find(SUMMARY_MARKER)
         if at >= 0:
-            return json.loads(line[at + len(SUMMARY_MARKER):])
+            return json.loads(line[at + len(SUMMARY_MARKER) :])
     return None
 
 
@@ -282,15 +367,26 @@ def _client(address: str):
 
 
 def token_error(address: str, token: Token | None, auth: RayAuth | None = None) -> ClusterError:
-    """The one line for a cluster that refused the client: no token, or not the cluster's (job commands, train, chaos).
+    """The one line for a cluster that refused the client: no token, or not the cluster's (job
+    commands, train, chaos).
     ``auth``: what ``ray.init`` sends (``ray_auth``), when it is Ray itself that connects."""
     if token is not None:
-        return ClusterError(f"the Ray cluster at {address} rejected the token from {token.source}; use the cluster's token (`ray get-auth-token` on the head)")
+        return ClusterError(
+            f"the Ray cluster at {address} rejected the token from {token.source}; use the "
+            "cluster's token (`ray get-auth-token` on the head)"
+        )
     if auth is not None and auth.found is not None:
-        return ClusterError(f"the Ray cluster at {address} requires token authentication, and Ray sends the token from {auth.found.source} "
-                            f"only with {AUTH_MODE_ENV_VAR}=token ({AUTH_MODE_ENV_VAR} is {auth.mode or 'unset'}): set {AUTH_MODE_ENV_VAR}=token")
+        return ClusterError(
+            f"the Ray cluster at {address} requires token authentication, and Ray sends the token "
+            f"from {auth.found.source} "
+            f"only with {AUTH_MODE_ENV_VAR}=token ({AUTH_MODE_ENV_VAR} is {auth.mode or 'unset'}): "
+            f"set {AUTH_MODE_ENV_VAR}=token"
+        )
     also = f", and set {AUTH_MODE_ENV_VAR}=token" if auth is not None and auth.needs_mode else ""
-    return ClusterError(f"the Ray cluster at {address} requires token authentication and no token was found: {NO_TOKEN_HINT}{also}")
+    return ClusterError(
+        f"the Ray cluster at {address} requires token authentication and no token was found: "
+        f"{NO_TOKEN_HINT}{also}"
+    )
 
 
 def _cluster_error(e: Exception, address: str, token: Token | None) -> ClusterError:
@@ -299,13 +395,17 @@ def _cluster_error(e: Exception, address: str, token: Token | None) -> ClusterEr
     if isinstance(e, AuthenticationError):
         return token_error(address, token)
     if isinstance(e, ConnectionError):
-        return ClusterError(f"no Ray dashboard answers at {address} ({e}); start the cluster (`ray up cluster.yaml`) and forward its dashboard "
-                            "(`ray dashboard cluster.yaml`), or fix --address")
+        return ClusterError(
+            f"no Ray dashboard answers at {address} ({e}); start the cluster (`ray up "
+            "cluster.yaml`) and forward its dashboard "
+            "(`ray dashboard cluster.yaml`), or fix --address"
+        )
     return ClusterError(f"the job API at {address} failed: {e}")
 
 
 class JobHandle:
-    """One submitted run: ``status()``, ``logs()``, ``tail()``, ``stop()``, ``wait()``, ``result()``."""
+    """One submitted run: ``status()``, ``logs()``, ``tail()``, ``stop()``, ``wait()``,
+    ``result()``."""
 
     def __init__(self, job_id: str, address: str, client=None):
         self.job_id = job_id
@@ -320,7 +420,10 @@ class JobHandle:
             return getattr(self._client, method)(self.job_id, *args)
         except RuntimeError as e:
             if "does not exist" in str(e) or "404" in str(e):
-                raise JobError(f"no job {self.job_id!r} on the cluster at {self.address}; list them with `ray job list --address {self.address}`") from None
+                raise JobError(
+                    f"no job {self.job_id!r} on the cluster at {self.address}; list them with `ray "
+                    f"job list --address {self.address}`"
+                ) from None
             raise _cluster_error(e, self.address, find_token()) from None
         except Exception as e:  # noqa: BLE001
             raise _cluster_error(e, self.address, find_token()) from None
@@ -331,8 +434,15 @@ class JobHandle:
 
     def info(self) -> dict[str, Any]:
         info = self._call("get_job_info")
-        return {"job_id": self.job_id, "status": str(info.status.value), "message": info.message, "entrypoint": info.entrypoint,
-                "start_time_ms": info.start_time, "end_time_ms": info.end_time, "driver_exit_code": getattr(info, "driver_exit_code", None)}
+        return {
+            "job_id": self.job_id,
+            "status": str(info.status.value),
+            "message": info.message,
+            "entrypoint": info.entrypoint,
+            "start_time_ms": info.start_time,
+            "end_time_ms": info.end_time,
+            "driver_exit_code": getattr(info, "driver_exit_code", None),
+        }
 
     def logs(self) -> str:
         return self._call("get_job_logs")
@@ -354,7 +464,8 @@ class JobHandle:
             loop.close()
 
     def stop(self) -> bool:
-        """Ask the job to stop (its driver gets SIGTERM, then SIGKILL); False if it had already ended."""
+        """Ask the job to stop (its driver gets SIGTERM, then SIGKILL); False if it had already
+        ended."""
         return bool(self._call("stop_job"))
 
     def wait(self, timeout_s: float | None = None, poll_s: float = 1.0) -> str:
@@ -365,7 +476,10 @@ class JobHandle:
             if status in TERMINAL_STATES:
                 return status
             if deadline is not None and time.monotonic() > deadline:
-                raise JobError(f"job {self.job_id} is still {status} after {timeout_s:.0f}s; wait longer or stop it (`raytrain-ft stop {self.job_id}`)")
+                raise JobError(
+                    f"job {self.job_id} is still {status} after {timeout_s:.0f}s; wait longer or "
+                    f"stop it (`raytrain-ft stop {self.job_id}`)"
+                )
             time.sleep(poll_s)
 
     def result(self, timeout_s: float | None = None) -> dict[str, Any]:
@@ -374,24 +488,44 @@ class JobHandle:
         logs = self.logs()
         if status != "SUCCEEDED":
             tail = "\n".join(logs.strip().splitlines()[-15:])
-            raise JobError(f"job {self.job_id} ended {status}: {self.info()['message']}\n--- last lines of its log ---\n{tail}")
+            raise JobError(
+                f"job {self.job_id} ended {status}: {self.info()['message']}\n--- last lines of "
+                f"its log ---\n{tail}"
+            )
         summary = parse_summary(logs)
         if summary is None:
-            raise JobError(f"job {self.job_id} succeeded but printed no {SUMMARY_MARKER.strip()} line; was it submitted by raytrain_ft.jobs?")
+            raise JobError(
+                f"job {self.job_id} succeeded but printed no {SUMMARY_MARKER.strip()} line; was it "
+                "submitted by raytrain_ft.jobs?"
+            )
         return summary
 
 
-def submit(config: TrainConfig, address: str | None = None, runtime_env: dict | None = None, *, job_id: str | None = None,
-           metadata: dict[str, str] | None = None, entrypoint_num_cpus: float = 0) -> JobHandle:
-    """Submit ``config`` as a Ray job to the cluster whose dashboard is at ``address`` (default: ``RAY_API_SERVER_ADDRESS``,
-    ``RAY_ADDRESS`` or http://127.0.0.1:8265). ``runtime_env`` is Ray's (e.g. ``{"pip": [...]}`` or ``{"working_dir": "."}``
+def submit(
+    config: TrainConfig,
+    address: str | None = None,
+    runtime_env: dict | None = None,
+    *,
+    job_id: str | None = None,
+    metadata: dict[str, str] | None = None,
+    entrypoint_num_cpus: float = 0,
+) -> JobHandle:
+    """Submit ``config`` as a Ray job to the cluster whose dashboard is at ``address`` (default:
+    ``RAY_API_SERVER_ADDRESS``,
+    ``RAY_ADDRESS`` or http://127.0.0.1:8265). ``runtime_env`` is Ray's (e.g. ``{"pip": [...]}`` or
+    ``{"working_dir": "."}``
     when the cluster's nodes lack this package)."""
     address = resolve_address(address)
     client = _client(address)
     command = entrypoint(config)
     try:
-        submitted = client.submit_job(entrypoint=command, runtime_env=runtime_env, submission_id=job_id, metadata=metadata,
-                                      entrypoint_num_cpus=entrypoint_num_cpus)
+        submitted = client.submit_job(
+            entrypoint=command,
+            runtime_env=runtime_env,
+            submission_id=job_id,
+            metadata=metadata,
+            entrypoint_num_cpus=entrypoint_num_cpus,
+        )
     except Exception as e:  # noqa: BLE001
         raise _cluster_error(e, address, find_token()) from None
     return JobHandle(submitted, address, client)

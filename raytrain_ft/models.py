@@ -40,13 +40,17 @@ class SmallCNN(nn.Module):
             nn.MaxPool2d(2),
         )
         flat = 2 * width * (h // 4) * (w // 4)
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(flat, 128), nn.ReLU(), nn.Linear(128, num_classes))
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(flat, 128), nn.ReLU(), nn.Linear(128, num_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [N, C, H, W] -> [N, classes]
         return self.head(self.features(x))
 
 
-def _resnet(name: str, in_shape: tuple[int, int, int], num_classes: int, small_input_stem: bool) -> nn.Module:
+def _resnet(
+    name: str, in_shape: tuple[int, int, int], num_classes: int, small_input_stem: bool
+) -> nn.Module:
     import torchvision
 
     model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)

@@ -49,7 +49,10 @@ class FlatOptimizer(abc.ABC):
         """Apply one update to ``param`` (1-D float32) in place."""
 
     def state_dict(self) -> dict:
-        return {"step_count": self.step_count, "state": {k: v.clone() for k, v in self.state.items()}}
+        return {
+            "step_count": self.step_count,
+            "state": {k: v.clone() for k, v in self.state.items()},
+        }
 
     def load_state(self, state: dict) -> None:
         self.step_count = int(state["step_count"])
@@ -61,8 +64,11 @@ class FlatOptimizer(abc.ABC):
         return self.state[key]
 
 
-def _with_weight_decay(grad: torch.Tensor, param: torch.Tensor, weight_decay: float) -> torch.Tensor:
-    """L2 penalty folded into the gradient, as torch.optim does (a new tensor; ``grad`` is only read)."""
+def _with_weight_decay(
+    grad: torch.Tensor, param: torch.Tensor, weight_decay: float
+) -> torch.Tensor:
+    """L2 penalty folded into the gradient, as torch.optim does (a new tensor; ``grad`` is only
+    read)."""
     return grad.add(param, alpha=weight_decay) if weight_decay != 0 else grad
 
 

@@ -18,13 +18,9 @@ one flat tensor, so a push or pull of a shard is one memcpy of a slice.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 
 import torch
 from torch import nn
-
-from raytrain_ft.errors import ConfigError
-
 
 from raytrain_ft.sharding import ShardRange, shard_ranges  # noqa: E402,F401  (the layout's pure half)
 
@@ -48,7 +44,9 @@ class FlatModel:
         buffers = [(name, b) for name, b in module.named_buffers() if b.is_floating_point()]
         int_buffers = [b for _, b in module.named_buffers() if not b.is_floating_point()]
         self.num_params = sum(p.numel() for p in params)
-        self.num_buffer_values = sum(b.numel() for _, b in buffers) + sum(b.numel() for b in int_buffers)
+        self.num_buffer_values = sum(b.numel() for _, b in buffers) + sum(
+            b.numel() for b in int_buffers
+        )
         self.numel = self.num_params + self.num_buffer_values
         self.flat = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
         self.flat_grad = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
@@ -89,20 +87,29 @@ class FlatModel:
 
     def zero_grad(self) -> None:
         self.flat_grad.zero_()
-        # autograd accumulates in place into an existing .grad; a grad set to None would be re-allocated
+        # autograd accumulates in place into an existing .grad; a grad set to None would be
+        # re-allocated
         # outside the flat buffer and silently never pushed
         for p in self._params:
             if p.grad is None:
-                raise RuntimeError("a parameter's .grad was detached from the flat buffer; do not call zero_grad(set_to_none=True)")
+                raise RuntimeError(
+                    "a parameter's .grad was detached from the flat buffer; do not call "
+                    "zero_grad(set_to_none=True)"
+                )
 
     def stage_buffers(self) -> None:
-        """Copy local buffer values (integer ones as float32) into the buffer part of ``flat_grad`` for pushing."""
+        """Copy local buffer values (integer ones as float32) into the buffer part of ``flat_grad``
+        for pushing."""
         self.flat_grad[self.num_params :].copy_(self.buffer_view)
-        for b, (start, end) in self.int_buffers:  # (not into ``flat``: its parameters are saved for backward)
+        for b, (
+            start,
+            end,
+        ) in self.int_buffers:  # (not into ``flat``: its parameters are saved for backward)
             self.flat_grad[start:end].copy_(b.detach().reshape(-1))
 
     def sync_int_buffers(self) -> None:
-        """Set integer buffers from their float32 copies in ``flat`` (after parameters were installed)."""
+        """Set integer buffers from their float32 copies in ``flat`` (after parameters were
+        installed)."""
         for b, (start, end) in self.int_buffers:
             b.copy_(self.flat[start:end].round().view_as(b).to(b.dtype))
 
@@ -120,7 +127,8 @@ def _owner(module: nn.Module, dotted: str) -> tuple[nn.Module, str]:
 
 
 def trainable(module: nn.Module) -> list[nn.Parameter]:
-    """The parameters the servers hold and optimize: those with ``requires_grad``. A frozen parameter stays where
+    """The parameters the servers hold and optimize: those with ``requires_grad``. A frozen
+    parameter stays where
     the seeded model put it, the same on every worker, and is not shipped."""
     return [p for _, p in module.named_parameters() if p.requires_grad]
 
@@ -132,7 +140,9 @@ def num_trainable(module: nn.Module) -> int:
 def _buffers_in_order(module: nn.Module) -> list[torch.Tensor]:
     """Float buffers, then integer buffers: the flat vector's order after the parameters."""
     named = [b for _, b in module.named_buffers()]
-    return [b for b in named if b.is_floating_point()] + [b for b in named if not b.is_floating_point()]
+    return [b for b in named if b.is_floating_point()] + [
+        b for b in named if not b.is_floating_point()
+    ]
 
 
 def flatten_state(module: nn.Module) -> torch.Tensor:
@@ -143,7 +153,8 @@ def flatten_state(module: nn.Module) -> torch.Tensor:
 
 
 def load_flat_state(module: nn.Module, flat: torch.Tensor) -> None:
-    """Copy a flat vector (``flatten_state`` layout) into a plain module's parameters and buffers."""
+    """Copy a flat vector (``flatten_state`` layout) into a plain module's parameters and
+    buffers."""
     tensors = list(trainable(module)) + _buffers_in_order(module)
     needed = sum(t.numel() for t in tensors)
     if needed != flat.numel():

@@ -1,4 +1,5 @@
-"""Human-facing output of a run: the progress line, the recovery line, and the PNG report of a JSON summary.
+"""Human-facing output of a run: the progress line, the recovery line, and the PNG report of a JSON
+summary.
 
 Pure (no Ray); matplotlib is needed only by ``render_png`` (``pip install 'raytrain-ft[plot]'``).
 """
@@ -18,11 +19,22 @@ def _num(x: float | None, fmt: str) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
-def progress_line(step: int, total_steps: int, loss: float, accuracy: float, samples_per_sec: float, elapsed_s: float, width: int = 30) -> str:
+def progress_line(
+    step: int,
+    total_steps: int,
+    loss: float,
+    accuracy: float,
+    samples_per_sec: float,
+    elapsed_s: float,
+    width: int = 30,
+) -> str:
     frac = step / total_steps if total_steps else 1.0
     filled = min(width, int(frac * width))
-    return (f"[{'#' * filled}{'.' * (width - filled)}] step {step}/{total_steps} loss {_num(loss, '.4f')} "
-            f"acc {_num(accuracy, '.3f')} {samples_per_sec:,.0f} samples/s {elapsed_s:.0f}s")
+    return (
+        f"[{'#' * filled}{'.' * (width - filled)}] step {step}/{total_steps} loss "
+        f"{_num(loss, '.4f')} "
+        f"acc {_num(accuracy, '.3f')} {samples_per_sec:,.0f} samples/s {elapsed_s:.0f}s"
+    )
 
 
 def recovery_line(event: dict[str, Any]) -> str:
@@ -36,10 +48,14 @@ def recovery_line(event: dict[str, Any]) -> str:
             detail += f", {event.get('steps_lost', 0)} steps lost"
         return f"recovered: {what} {index} died; {detail}; serving again after {took:.3f}s"
     if source == "checkpoint":
-        return (f"recovered: parameter server {index} died; all shards rolled back to the checkpoint of step {event.get('step')} "
-                f"({event.get('steps_lost', 0)} steps lost); serving again after {took:.3f}s")
+        return (
+            f"recovered: parameter server {index} died; all shards rolled back to the checkpoint "
+            f"of step {event.get('step')} "
+            f"({event.get('steps_lost', 0)} steps lost); serving again after {took:.3f}s"
+        )
     if role == "worker":
-        return f"recovered: worker {index} died; restarted at step {event.get('step')} after {took:.3f}s"
+        step = event.get("step")
+        return f"recovered: worker {index} died; restarted at step {step} after {took:.3f}s"
     return f"recovered: {role} {index} ({source}) after {took:.3f}s"
 
 
@@ -64,8 +80,15 @@ def markers(summary: dict[str, Any]) -> list[Marker]:
             out.append(Marker(at - t0, at - t0, "kill", str(k.get("kill", "kill"))))
     for e in summary.get("recoveries", []):
         if "detected_at" in e and "serving_at" in e:
-            out.append(Marker(e["detected_at"] - t0, e["serving_at"] - t0, "recovery",
-                              f"{e['role']} {e['index']} ({e.get('source', '')}, {e.get('duration_s', 0):.2f}s)"))
+            out.append(
+                Marker(
+                    e["detected_at"] - t0,
+                    e["serving_at"] - t0,
+                    "recovery",
+                    f"{e['role']} {e['index']} ({e.get('source', '')}, "
+                    f"{e.get('duration_s', 0):.2f}s)",
+                )
+            )
     return sorted(out, key=lambda m: m.t_s)
 
 
@@ -83,7 +106,9 @@ def _entries(path: str, summary: dict, key: str, what: str) -> list:
     if entries is None:
         return []
     if not isinstance(entries, list):
-        raise DataError(path, f"'{key}' is {json.dumps(entries)[:60]}, not a list of {what}; {WRITE_IT}")
+        raise DataError(
+            path, f"'{key}' is {json.dumps(entries)[:60]}, not a list of {what}; {WRITE_IT}"
+        )
     return entries
 
 
@@ -92,27 +117,54 @@ def _bad(path: str, where: str, entry: Any, need: str) -> DataError:
 
 
 def check_summary(path: str, summary: Any) -> dict[str, Any]:
-    """The parts of a run summary the report reads, checked: one DataError naming the file and the first bad entry."""
+    """The parts of a run summary the report reads, checked: one DataError naming the file and the
+    first bad entry."""
     if not isinstance(summary, dict) or not summary.get("history"):
         raise DataError(path, f"holds no 'history' of the run; {WRITE_IT}")
     for i, h in enumerate(_entries(path, summary, "history", "points")):
-        if not (isinstance(h, dict) and _is_num(h.get("t")) and all(k in h and _is_num(h[k], optional=True) for k in ("loss", "accuracy"))):
-            raise _bad(path, f"history[{i}]", h, "each point needs t (a number), loss and accuracy (numbers or null)")
+        if not (
+            isinstance(h, dict)
+            and _is_num(h.get("t"))
+            and all(k in h and _is_num(h[k], optional=True) for k in ("loss", "accuracy"))
+        ):
+            raise _bad(
+                path,
+                f"history[{i}]",
+                h,
+                "each point needs t (a number), loss and accuracy (numbers or null)",
+            )
     for i, k in enumerate(_entries(path, summary, "kills", "kills")):
         if not (isinstance(k, dict) and _is_num(k.get("at"), optional=True)):
             raise _bad(path, f"kills[{i}]", k, "each kill needs at (a time in seconds, or null)")
     for i, e in enumerate(_entries(path, summary, "recoveries", "recoveries")):
         ok = isinstance(e, dict) and _is_num(e.get("duration_s", 0.0))
         if ok and ("detected_at" in e or "serving_at" in e):
-            ok = _is_num(e.get("detected_at")) and _is_num(e.get("serving_at")) and "role" in e and "index" in e
+            ok = (
+                _is_num(e.get("detected_at"))
+                and _is_num(e.get("serving_at"))
+                and "role" in e
+                and "index" in e
+            )
         if not ok:
-            raise _bad(path, f"recoveries[{i}]", e, "each recovery needs role, index, detected_at and serving_at (times in seconds)")
+            raise _bad(
+                path,
+                f"recoveries[{i}]",
+                e,
+                "each recovery needs role, index, detected_at and serving_at (times in seconds)",
+            )
     for key in ("started_at", "eval_accuracy"):
         if not _is_num(summary.get(key), optional=True):
             raise _bad(path, f"'{key}'", summary[key], "it must be a number")
     cfg = summary.get("config", {})
-    if not isinstance(cfg, dict) or not all(isinstance(cfg.get(k, {}), dict) for k in ("model", "cluster")):
-        raise _bad(path, "'config'", cfg, "it must be the run's config (an object with model and cluster sections)")
+    if not isinstance(cfg, dict) or not all(
+        isinstance(cfg.get(k, {}), dict) for k in ("model", "cluster")
+    ):
+        raise _bad(
+            path,
+            "'config'",
+            cfg,
+            "it must be the run's config (an object with model and cluster sections)",
+        )
     return summary
 
 
@@ -123,16 +175,25 @@ def load_summary(path: str) -> dict[str, Any]:
         with open(path, encoding="utf-8") as fh:
             summary = json.load(fh)
     except OSError as e:
-        raise DataError(path, f"cannot read the run summary ({e.strerror}); pass the file written by --output-json") from None
+        raise DataError(
+            path,
+            f"cannot read the run summary ({e.strerror}); pass the file written by --output-json",
+        ) from None
     except UnicodeDecodeError:
-        raise DataError(path, "is not UTF-8 text; pass the JSON file written by --output-json") from None
+        raise DataError(
+            path, "is not UTF-8 text; pass the JSON file written by --output-json"
+        ) from None
     except json.JSONDecodeError as e:
-        raise DataError(path, f"is not JSON ({e.msg} at line {e.lineno}); pass the file written by --output-json") from None
+        raise DataError(
+            path,
+            f"is not JSON ({e.msg} at line {e.lineno}); pass the file written by --output-json",
+        ) from None
     return check_summary(path, summary)
 
 
 def render_png(summary: dict[str, Any], path: str, flag: str = "--output") -> None:
-    """Loss and training accuracy over time, with kills (red lines) and recoveries (shaded, from noticed to serving).
+    """Loss and training accuracy over time, with kills (red lines) and recoveries (shaded, from
+    noticed to serving).
     ``flag`` names where ``path`` came from in an error."""
     try:
         import matplotlib
@@ -140,13 +201,17 @@ def render_png(summary: dict[str, Any], path: str, flag: str = "--output") -> No
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise DataError(path, "rendering needs matplotlib: pip install 'raytrain-ft[plot]'") from None
+        raise DataError(
+            path, "rendering needs matplotlib: pip install 'raytrain-ft[plot]'"
+        ) from None
     hist = summary["history"]
     t = [h["t"] for h in hist]
     fig, (ax_loss, ax_acc) = plt.subplots(2, 1, sharex=True, figsize=(9, 6))
     ax_loss.plot(t, [math.nan if h["loss"] is None else h["loss"] for h in hist], color="tab:blue")
     ax_loss.set_ylabel("training loss")
-    ax_acc.plot(t, [math.nan if h["accuracy"] is None else h["accuracy"] for h in hist], color="tab:green")
+    ax_acc.plot(
+        t, [math.nan if h["accuracy"] is None else h["accuracy"] for h in hist], color="tab:green"
+    )
     ax_acc.set_ylabel("training accuracy")
     ax_acc.set_xlabel("seconds since the workers started")
     for m in markers(summary):
@@ -156,18 +221,32 @@ def render_png(summary: dict[str, Any], path: str, flag: str = "--output") -> No
             else:
                 ax.axvspan(m.t_s, max(m.end_s, m.t_s + 0.02), color="tab:orange", alpha=0.35)
         if m.kind == "recovery":
-            ax_loss.annotate(m.label, (m.end_s, 1.0), xycoords=("data", "axes fraction"), fontsize=7, rotation=90, va="top", ha="left")
+            ax_loss.annotate(
+                m.label,
+                (m.end_s, 1.0),
+                xycoords=("data", "axes fraction"),
+                fontsize=7,
+                rotation=90,
+                va="top",
+                ha="left",
+            )
     cfg = summary.get("config", {})
     mode = cfg.get("mode", "?")
     cluster = cfg.get("cluster", {})
     acc = summary.get("eval_accuracy")
-    fig.suptitle(f"{summary.get('run_id', '')}: {cfg.get('model', {}).get('name', '?')}, {mode}, {cluster.get('num_workers', '?')} workers x "
-                 f"{cluster.get('num_servers', '?')} servers; eval accuracy {_num(acc, '.4f')}; "
-                 f"{len(summary.get('recoveries', []))} recoveries (shaded), kills dashed", fontsize=9)
+    fig.suptitle(
+        f"{summary.get('run_id', '')}: {cfg.get('model', {}).get('name', '?')}, {mode}, "
+        f"{cluster.get('num_workers', '?')} workers x "
+        f"{cluster.get('num_servers', '?')} servers; eval accuracy {_num(acc, '.4f')}; "
+        f"{len(summary.get('recoveries', []))} recoveries (shaded), kills dashed",
+        fontsize=9,
+    )
     fig.tight_layout()
     try:
         fig.savefig(path, dpi=110, format="png")
     except OSError as e:
-        raise ConfigError(flag, f"cannot write {path!r} ({e.strerror or e}); give a writable path") from None
+        raise ConfigError(
+            flag, f"cannot write {path!r} ({e.strerror or e}); give a writable path"
+        ) from None
     finally:
         plt.close(fig)

@@ -1,4 +1,5 @@
-"""Pure state of one parameter-server shard: parameters, optimizer state, per-rank clocks, one update at a time.
+"""Pure state of one parameter-server shard: parameters, optimizer state, per-rank clocks, one
+update at a time.
 
 The actor in ``actors/server.py`` wraps this with asyncio waiting; everything
 that decides *what* the parameters become lives here and is tested without Ray.
@@ -26,19 +27,23 @@ class ShardStats:
     duplicate_pushes: int
     numel: int
     replica_wait_s: float = 0.0
-    """Seconds the primary waited for its replica holder to log commands (after applying the update)."""
+    """Seconds the primary waited for its replica holder to log commands (after applying the
+    update)."""
     replica_bytes_sent: int = 0
     checkpoint_files_read: int = 0
     late_pushes: int = 0
     """Sync with backup workers: pushes that arrived after their step closed (dropped)."""
     staleness_histogram: dict | None = None
-    """{staleness: updates}: how many shard updates happened between a gradient's parameters and its application."""
+    """{staleness: updates}: how many shard updates happened between a gradient's parameters and its
+    application."""
     clock_lead_max: int = 0
     """SSP: the most steps any worker was ahead of the slowest when the shard let it go on."""
     replica_appends: int = 0
-    """Append calls that carried this shard's commands to its holder (group commit: several commands per call)."""
+    """Append calls that carried this shard's commands to its holder (group commit: several commands
+    per call)."""
     clock_trace: tuple = ()
-    """SSP: (rank, its clock, slowest clock) each time the shard let a worker start its next step."""
+    """SSP: (rank, its clock, slowest clock) each time the shard let a worker start its next
+    step."""
 
 
 class ShardState:
@@ -51,35 +56,55 @@ class ShardState:
         self.params = torch.zeros(shard.size, dtype=torch.float32)
         self.optimizer = make_optimizer(optim_cfg, shard.param_slice.stop)
         self.seq = 0
-        """Updates applied (the command log's next seq; in sync mode also the step the shard waits for)."""
+        """Updates applied (the command log's next seq; in sync mode also the step the shard waits
+        for)."""
         self.updates_applied = 0
         self.clocks: dict[int, int] = {}
         """Per rank: the next step this shard expects from it (every update's pushes advance it)."""
         self.applied: dict[int, bytearray] = {}
-        """Per rank: how many times each of its steps' pushes went into an update (the record an independent
-        ledger of acknowledged pushes is checked against: every acknowledged push counts exactly 1)."""
+        """Per rank: how many times each of its steps' pushes went into an update (the record an
+        independent
+        ledger of acknowledged pushes is checked against: every acknowledged push counts exactly
+        1)."""
         self.residuals: dict[int, list] = {}
-        """Per rank: [(step, error-feedback residual after that step's push)], the newest two (lossy codecs)."""
+        """Per rank: [(step, error-feedback residual after that step's push)], the newest two (lossy
+        codecs)."""
 
-    def load(self, params: np.ndarray | torch.Tensor, seq: int = 0, optimizer_state: dict | None = None, clocks: dict | None = None,
-             applied: dict | None = None, residuals: dict | None = None) -> None:
+    def load(
+        self,
+        params: np.ndarray | torch.Tensor,
+        seq: int = 0,
+        optimizer_state: dict | None = None,
+        clocks: dict | None = None,
+        applied: dict | None = None,
+        residuals: dict | None = None,
+    ) -> None:
         values = torch.from_numpy(np.array(params, dtype=np.float32, copy=True))
         if values.numel() != self.shard.size:
-            raise ValueError(f"shard {self.shard.index}: got {values.numel()} values, expected {self.shard.size}")
+            raise ValueError(
+                f"shard {self.shard.index}: got {values.numel()} values, expected {self.shard.size}"
+            )
         self.params.copy_(values)
         self.seq = seq
         if optimizer_state is not None:
             self.optimizer.load_state(optimizer_state)
         self.clocks = dict(clocks or {})
         self.applied = {int(r): bytearray(c) for r, c in (applied or {}).items()}
-        self.residuals = {int(r): [(s, np.array(a, dtype=np.float32, copy=True)) for s, a in items] for r, items in (residuals or {}).items()}
+        self.residuals = {
+            int(r): [(s, np.array(a, dtype=np.float32, copy=True)) for s, a in items]
+            for r, items in (residuals or {}).items()
+        }
 
     def hyper_params(self, step: int) -> HyperParams:
         return hyper_params(step, self.optim_cfg, self.total_steps)
 
-    def apply(self, mean_update: np.ndarray, hp: HyperParams, pushes: tuple = (), residuals: tuple = ()) -> None:
-        """Apply one aggregated update: optimizer on the parameter part, assignment on the buffer part.
-        ``pushes``: the (rank, step) pairs it aggregates (advances those ranks' clocks); ``residuals``: (rank,
+    def apply(
+        self, mean_update: np.ndarray, hp: HyperParams, pushes: tuple = (), residuals: tuple = ()
+    ) -> None:
+        """Apply one aggregated update: optimizer on the parameter part, assignment on the buffer
+        part.
+        ``pushes``: the (rank, step) pairs it aggregates (advances those ranks' clocks);
+        ``residuals``: (rank,
         step, array) of the pushing workers' error-feedback residuals."""
         with warnings.catch_warnings():  # read-only object-store views are only read here
             warnings.simplefilter("ignore", UserWarning)
@@ -105,7 +130,8 @@ class ShardState:
         return self.params.numpy().copy()
 
     def residual_before(self, rank: int, step: int) -> np.ndarray | None:
-        """The residual ``rank`` had after its last push before ``step`` (what it resumes ``step`` with)."""
+        """The residual ``rank`` had after its last push before ``step`` (what it resumes ``step``
+        with)."""
         earlier = [(s, a) for s, a in self.residuals.get(rank, []) if s < step]
         return max(earlier, key=lambda sa: sa[0])[1] if earlier else None
 

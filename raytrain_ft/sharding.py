@@ -1,4 +1,5 @@
-"""Key-range sharding of the flat parameter vector (no torch: the supervisor and the protocol use it)."""
+"""Key-range sharding of the flat parameter vector (no torch: the supervisor and the protocol use
+it)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ class ShardRange:
 
 
 def shard_ranges(total: int, num_shards: int, num_params: int | None = None) -> list[ShardRange]:
-    """Split ``total`` keys into ``num_shards`` contiguous ranges whose sizes differ by at most one."""
+    """Split ``total`` keys into ``num_shards`` contiguous ranges whose sizes differ by at most
+    one."""
     if num_shards <= 0:
         raise ConfigError("cluster.num_servers", f"must be > 0, got {num_shards}")
     if num_shards > total:

@@ -1,4 +1,5 @@
-"""What a run trains: the model, the loss, the data and the metrics -- the built-in ones or the user's own.
+"""What a run trains: the model, the loss, the data and the metrics -- the built-in ones or the
+user's own.
 
 A ``Task`` is built once on the driver (``Task.build``) from the config and
 whatever the Python API was given, checked there with one forward pass and
@@ -24,15 +25,15 @@ import importlib
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 from raytrain_ft.data import batch_of
-
 from raytrain_ft.errors import ConfigError
 
 BUILTIN_LOSSES = ("cross_entropy", "mse")
@@ -43,7 +44,8 @@ def is_import_string(text: str | None) -> bool:
 
 
 def resolve(spec: str, flag: str) -> Any:
-    """``MODULE:ATTR`` (ATTR may be dotted) -> the object; the working directory is importable, as for uvicorn."""
+    """``MODULE:ATTR`` (ATTR may be dotted) -> the object; the working directory is importable, as
+    for uvicorn."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ConfigError(flag, f"{spec!r} is not MODULE:ATTR (e.g. mypackage.models:build)")
@@ -52,10 +54,16 @@ def resolve(spec: str, flag: str) -> Any:
     try:
         obj = importlib.import_module(module_name)
     except ImportError as e:
-        raise ConfigError(flag, f"cannot import module {module_name!r} of {spec!r} ({e}); run from the directory that holds it, or add it to "
-                                "PYTHONPATH") from None
+        raise ConfigError(
+            flag,
+            f"cannot import module {module_name!r} of {spec!r} ({e}); run from the directory that "
+            "holds it, or add it to "
+            "PYTHONPATH",
+        ) from None
     except Exception as e:  # noqa: BLE001 -- the user's module raised while it was imported
-        raise ConfigError(flag, f"importing {module_name!r} raised {type(e).__name__}: {e}") from None
+        raise ConfigError(
+            flag, f"importing {module_name!r} raised {type(e).__name__}: {e}"
+        ) from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ConfigError(flag, f"module {module_name!r} has no attribute {attr!r}")
@@ -73,7 +81,9 @@ def loss_function(spec: str | Callable, flag: str = "model.loss") -> Callable:
     if is_import_string(spec):
         fn = resolve(spec, flag)
         if not callable(fn):
-            raise ConfigError(flag, f"{spec!r} is not callable; give a function (output, target) -> scalar tensor")
+            raise ConfigError(
+                flag, f"{spec!r} is not callable; give a function (output, target) -> scalar tensor"
+            )
         return fn
     raise ConfigError(flag, f"unknown loss {spec!r}; choose cross_entropy, mse, or MODULE:ATTR")
 
@@ -82,14 +92,18 @@ def mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error, with a [N, 1] output taken against a [N] target."""
     if output.shape != target.shape:
         if output.numel() != target.numel():
-            raise ValueError(f"output {list(output.shape)} and target {list(target.shape)} hold different numbers of values")
+            raise ValueError(
+                f"output {list(output.shape)} and target {list(target.shape)} hold different "
+                "numbers of values"
+            )
         output = output.reshape(target.shape)
     return F.mse_loss(output, target.to(output.dtype))
 
 
 @dataclass(frozen=True)
 class DataSource:
-    """Where a process gets the (train, eval) datasets: by calling ``factory``, or from Ray's object store
+    """Where a process gets the (train, eval) datasets: by calling ``factory``, or from Ray's object
+    store
     (``ref``: Dataset objects the driver put there once; ``objects`` until Ray has started)."""
 
     factory: Callable[[], tuple] | None = None
@@ -109,18 +123,21 @@ class DataSource:
 
 @dataclass(frozen=True)
 class Task:
-    """The model factory, loss, data and metrics of a run (picklable: it is sent to every worker)."""
+    """The model factory, loss, data and metrics of a run (picklable: it is sent to every
+    worker)."""
 
     model: Callable[[], torch.nn.Module]
     loss: Callable
     data: DataSource
     metrics: Callable | None = None
     classification: bool = True
-    """Whether the output is class logits [N, C] for integer targets (eval_accuracy is reported then)."""
+    """Whether the output is class logits [N, C] for integer targets (eval_accuracy is reported
+    then)."""
     num_train: int = 0
 
-    def placed(self) -> "Task":
-        """The task as the workers get it: Dataset objects of the Python API put into Ray's object store once."""
+    def placed(self) -> Task:
+        """The task as the workers get it: Dataset objects of the Python API put into Ray's object
+        store once."""
         if self.data.objects is None:
             return self
         import dataclasses
@@ -130,39 +147,61 @@ class Task:
         return dataclasses.replace(self, data=DataSource(ref=ray.put(self.data.objects)))
 
     def build_model(self, seed: int) -> torch.nn.Module:
-        """The model every copy starts from: built right after seeding, so every process gets the same values."""
+        """The model every copy starts from: built right after seeding, so every process gets the
+        same values."""
         torch.manual_seed(seed)
         model = self.model()
         if not isinstance(model, torch.nn.Module):
-            raise ConfigError("model.name", f"the model factory returned {type(model).__name__}, not a torch.nn.Module")
+            raise ConfigError(
+                "model.name",
+                f"the model factory returned {type(model).__name__}, not a torch.nn.Module",
+            )
         return model
 
     @classmethod
-    def build(cls, config, model=None, loss=None, train_data=None, eval_data=None, metrics=None) -> tuple["Task", Dataset, Dataset | None]:
-        """(task, train, eval) from the config's names (built-in or ``MODULE:ATTR``) and the Python API's objects,
+    def build(
+        cls, config, model=None, loss=None, train_data=None, eval_data=None, metrics=None
+    ) -> tuple[Task, Dataset, Dataset | None]:
+        """(task, train, eval) from the config's names (built-in or ``MODULE:ATTR``) and the Python
+        API's objects,
         which win; checked with one forward pass and one loss."""
         from raytrain_ft.data import load_dataset
 
         mc, dc = config.model, config.data
         if train_data is not None:
             if not hasattr(train_data, "__len__") or not hasattr(train_data, "__getitem__"):
-                raise ConfigError("train_data", f"got {type(train_data).__name__}; give a map-style torch Dataset of (x, y) pairs")
+                raise ConfigError(
+                    "train_data",
+                    f"got {type(train_data).__name__}; give a map-style torch Dataset of (x, y) "
+                    "pairs",
+                )
             data = DataSource(objects=(train_data, eval_data))
             train, evaluation = train_data, eval_data
         elif is_import_string(dc.dataset):
             factory = resolve(dc.dataset, "data.dataset")
             if not callable(factory):
-                raise ConfigError("data.dataset", f"{dc.dataset!r} is not callable; give a zero-argument function returning (train, eval)")
+                raise ConfigError(
+                    "data.dataset",
+                    f"{dc.dataset!r} is not callable; give a zero-argument function returning "
+                    "(train, eval)",
+                )
             data = DataSource(factory=factory)
             train, evaluation = _call_factory(data, "data.dataset", dc.dataset)
         else:
             builtin = load_dataset(dc, config.seed)
             data = DataSource(factory=functools.partial(_builtin_data, dc, config.seed))
-            train, evaluation = TensorDataset(builtin.train_x, builtin.train_y), TensorDataset(builtin.eval_x, builtin.eval_y)
+            train, evaluation = (
+                TensorDataset(builtin.train_x, builtin.train_y),
+                TensorDataset(builtin.eval_x, builtin.eval_y),
+            )
         if model is None and is_import_string(mc.name):
             model = resolve(mc.name, "model.name")
             if not callable(model):
-                raise ConfigError("model.name", f"{mc.name!r} is not callable; give a zero-argument function or class returning an nn.Module")
+                raise ConfigError(
+                    "model.name",
+                    f"{mc.name!r} is not callable; give a zero-argument function or class "
+                    "returning an nn.Module",
+                )
         if model is not None and mc.kwargs:
             try:
                 kwargs = json.loads(mc.kwargs)
@@ -173,43 +212,79 @@ class Task:
             model = functools.partial(model, **kwargs)
         if model is None:  # a built-in model sized by the built-in data
             if train_data is not None or is_import_string(dc.dataset):
-                raise ConfigError("model.name", f"the built-in {mc.name!r} is sized for the built-in datasets; give your own model with your data")
+                raise ConfigError(
+                    "model.name",
+                    f"the built-in {mc.name!r} is sized for the built-in datasets; give your own "
+                    "model with your data",
+                )
             model = functools.partial(_builtin_model, mc, builtin.in_shape, builtin.num_classes)
         loss_fn = loss_function(loss if loss is not None else mc.loss)
         if metrics is not None and not callable(metrics):
-            raise ConfigError("metrics", f"got {type(metrics).__name__}; give a function (output, target) -> dict[str, float]")
-        task = cls(model, loss_fn, data, metrics, classification=loss_fn is F.cross_entropy, num_train=len(train))
+            raise ConfigError(
+                "metrics",
+                f"got {type(metrics).__name__}; give a function (output, target) -> dict[str, "
+                "float]",
+            )
+        task = cls(
+            model,
+            loss_fn,
+            data,
+            metrics,
+            classification=loss_fn is F.cross_entropy,
+            num_train=len(train),
+        )
         task.check(train, config.seed)
         return task, train, evaluation
 
     def check(self, train: Dataset, seed: int) -> None:
-        """One forward and one loss on two training samples: a model, loss or dataset that do not fit each other
+        """One forward and one loss on two training samples: a model, loss or dataset that do not
+        fit each other
         fails here, on the driver, with the flag to fix."""
         if len(train) < 2:
             raise ConfigError("data.dataset", f"the training set has {len(train)} samples")
         try:
             x, y = batch_of(train, [0, 1])
         except Exception as e:  # noqa: BLE001 -- the user's dataset raised
-            raise ConfigError("data.dataset", f"reading samples 0 and 1 raised {type(e).__name__}: {e}; a sample must be an (x, y) pair") from None
+            raise ConfigError(
+                "data.dataset",
+                f"reading samples 0 and 1 raised {type(e).__name__}: {e}; a sample must be an (x, "
+                "y) pair",
+            ) from None
         try:
             model = self.build_model(seed)
         except ConfigError:
             raise
         except Exception as e:  # noqa: BLE001
-            raise ConfigError("model.name", f"building the model raised {type(e).__name__}: {e}") from None
+            raise ConfigError(
+                "model.name", f"building the model raised {type(e).__name__}: {e}"
+            ) from None
         try:
             out = model(x)
         except Exception as e:  # noqa: BLE001
-            raise ConfigError("model.name", f"the model cannot take a batch of the dataset ({describe(x)}): {type(e).__name__}: {e}") from None
+            raise ConfigError(
+                "model.name",
+                f"the model cannot take a batch of the dataset ({describe(x)}): "
+                f"{type(e).__name__}: {e}",
+            ) from None
         try:
             value = self.loss(out, y)
         except Exception as e:  # noqa: BLE001
-            raise ConfigError("model.loss", f"the loss cannot take the model's output {describe(out)} and the targets {describe(y)}: "
-                                            f"{type(e).__name__}: {e}") from None
+            raise ConfigError(
+                "model.loss",
+                f"the loss cannot take the model's output {describe(out)} and the targets "
+                f"{describe(y)}: "
+                f"{type(e).__name__}: {e}",
+            ) from None
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
-            raise ConfigError("model.loss", f"the loss must return a scalar tensor, got {describe(value)}")
+            raise ConfigError(
+                "model.loss", f"the loss must return a scalar tensor, got {describe(value)}"
+            )
         if self.classification and (not isinstance(out, torch.Tensor) or out.dim() != 2):
-            raise ConfigError("model.loss", f"cross_entropy needs class logits [N, C], the model gives {describe(out)}; use --loss mse or your own")
+            raise ConfigError(
+                "model.loss",
+                f"cross_entropy needs class logits [N, C], the model gives {describe(out)}; use "
+                "--loss mse or your own",
+            )
 
 
 def describe(x) -> str:
@@ -231,8 +306,11 @@ def to_device(x, device):
 
 
 @torch.no_grad()
-def evaluate(task: Task, model: torch.nn.Module, dataset: Dataset | None, batch_size: int = 512) -> dict[str, float]:
-    """eval_loss (mean over samples), eval_accuracy where the task is classification, and the user's metrics
+def evaluate(
+    task: Task, model: torch.nn.Module, dataset: Dataset | None, batch_size: int = 512
+) -> dict[str, float]:
+    """eval_loss (mean over samples), eval_accuracy where the task is classification, and the user's
+    metrics
     (each a mean over samples of the per-batch values, weighted by batch size)."""
     if dataset is None or len(dataset) == 0:
         return {}
@@ -246,7 +324,9 @@ def evaluate(task: Task, model: torch.nn.Module, dataset: Dataset | None, batch_
         k = len(idx)
         totals["eval_loss"] = totals.get("eval_loss", 0.0) + float(task.loss(out, y)) * k
         if task.classification:
-            totals["eval_accuracy"] = totals.get("eval_accuracy", 0.0) + float((out.argmax(1) == y).sum())
+            totals["eval_accuracy"] = totals.get("eval_accuracy", 0.0) + float(
+                (out.argmax(1) == y).sum()
+            )
         if task.metrics is not None:
             for name, value in task.metrics(out, y).items():
                 totals[name] = totals.get(name, 0.0) + float(value) * k
@@ -261,7 +341,11 @@ def _call_factory(data: DataSource, flag: str, spec: str) -> tuple:
     except Exception as e:  # noqa: BLE001 -- the user's factory raised
         raise ConfigError(flag, f"{spec!r} raised {type(e).__name__}: {e}") from None
     if not hasattr(train, "__len__") or not hasattr(train, "__getitem__"):
-        raise ConfigError(flag, f"{spec!r} returned {type(train).__name__} as the training set; give a map-style torch Dataset of (x, y)")
+        raise ConfigError(
+            flag,
+            f"{spec!r} returned {type(train).__name__} as the training set; give a map-style torch "
+            "Dataset of (x, y)",
+        )
     return train, evaluation
 
 

@@ -14,18 +14,25 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from raytrain_ft.config import TrainConfig
 from raytrain_ft.consistency import merge_histograms
-from raytrain_ft.data import Dataset, check_source, checked_steps_per_epoch, load_dataset
+from raytrain_ft.data import Dataset, check_source, checked_steps_per_epoch
 from raytrain_ft.errors import ClusterError, TrainingError
 from raytrain_ft.models import build_model
-from raytrain_ft.params import flatten_state, load_flat_state, num_trainable, params_sha256, shard_ranges
+from raytrain_ft.params import (
+    flatten_state,
+    load_flat_state,
+    num_trainable,
+    params_sha256,
+    shard_ranges,
+)
 from raytrain_ft.recovery.faults import KillSpec, check_steps, check_targets, parse_kills
 
 logger = logging.getLogger(__name__)
@@ -49,11 +56,17 @@ class Progress:
 
     def point(self) -> dict:
         """One row of the run's history (JSON)."""
+
         def num(x: float):
             return None if math.isnan(x) else round(x, 5)
 
-        return {"t": round(self.elapsed_s, 3), "step": self.step, "loss": num(self.loss), "accuracy": num(self.accuracy),
-                "samples_per_sec": round(self.samples_per_sec, 1)}
+        return {
+            "t": round(self.elapsed_s, 3),
+            "step": self.step,
+            "loss": num(self.loss),
+            "accuracy": num(self.accuracy),
+            "samples_per_sec": round(self.samples_per_sec, 1),
+        }
 
 
 @dataclass
@@ -79,7 +92,8 @@ class TrainResult:
     devices: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     servers: list[dict[str, Any]] = field(default_factory=list)
-    """Per shard: updates applied, duplicates answered, time waiting for the replica holder, bytes replicated."""
+    """Per shard: updates applied, duplicates answered, time waiting for the replica holder, bytes
+    replicated."""
     kills: list[dict[str, Any]] = field(default_factory=list)
     """Faults injected: spec, wall-clock time, step, how (SIGKILL, ray.kill, remove_node)."""
     replicas_match: list[bool] = field(default_factory=list)
@@ -87,24 +101,29 @@ class TrainResult:
     supervisor_restarts: int = 0
     run_id: str = ""
     staleness_histogram: dict[int, int] = field(default_factory=dict)
-    """{staleness: updates} over all shards: shard updates between a gradient's parameters and its application
+    """{staleness: updates} over all shards: shard updates between a gradient's parameters and its
+    application
     (sync: all 0; the stalest push of an aggregated update counts)."""
     bytes_pushed: int = 0
     """Gradient bytes all workers sent (after compression)."""
     bytes_pulled: int = 0
     """Parameter bytes all workers received."""
     clock_traces: list[tuple] = field(default_factory=list, repr=False)
-    """SSP, per shard: (rank, clock, slowest clock) each time the shard let a rank start its next step (not in the JSON summary)."""
+    """SSP, per shard: (rank, clock, slowest clock) each time the shard let a rank start its next
+    step (not in the JSON summary)."""
     started_at: float = 0.0
     """Wall-clock time (epoch s) the driver started waiting on the workers: t=0 of ``history``."""
     history: list[dict[str, Any]] = field(default_factory=list, repr=False)
-    """Progress over the run: {t (s since start), step, loss, accuracy (training batches), samples_per_sec}, about every
+    """Progress over the run: {t (s since start), step, loss, accuracy (training batches),
+    samples_per_sec}, about every
     ``log_every_s`` (``raytrain-ft report`` plots it with the recoveries)."""
     step_times: list[list[tuple[int, float]]] = field(default_factory=list, repr=False)
     """Per rank: (step, time it finished) from the rank's final worker (not in the JSON summary)."""
     applied_counts: list[dict[str, str]] = field(default_factory=list, repr=False)
-    """Per shard, per rank: how many times each step's push went into an update, one digit per step ("1111..."):
-    the shards' own record, which chaos tests check against the workers' ledgers of acknowledged pushes."""
+    """Per shard, per rank: how many times each step's push went into an update, one digit per step
+    ("1111..."):
+    the shards' own record, which chaos tests check against the workers' ledgers of acknowledged
+    pushes."""
     eval_metrics: dict[str, float] = field(default_factory=dict)
     """The user's ``metrics`` on the eval set (each a mean over samples)."""
     final_params: np.ndarray | None = field(default=None, repr=False)
@@ -112,7 +131,8 @@ class TrainResult:
     """The trained ``nn.Module`` (the run's model with the final parameters), on the CPU."""
 
     def state_dict(self) -> dict[str, Any]:
-        """The trained module's state dict under its own parameter names: ``torch.save`` it and load it into a
+        """The trained module's state dict under its own parameter names: ``torch.save`` it and load
+        it into a
         fresh instance of the model (``model.load_state_dict``)."""
         return self.model.state_dict()
 
@@ -137,7 +157,8 @@ def total_steps_for(config: TrainConfig, num_train: int) -> int:
 
 
 def build_initial_model(config: TrainConfig, in_shape: tuple, num_classes: int) -> torch.nn.Module:
-    """The model every copy starts from: built right after seeding, so the driver, the supervisor and every
+    """The model every copy starts from: built right after seeding, so the driver, the supervisor
+    and every
     worker get the same values."""
     torch.manual_seed(config.seed)
     return build_model(config.model, in_shape, num_classes)
@@ -147,8 +168,11 @@ def initial_model(config: TrainConfig, data: Dataset) -> torch.nn.Module:
     return build_initial_model(config, data.in_shape, data.num_classes)
 
 
-def steady_throughput(step_end_times: list[list[tuple[int, float]]], batch_size: int, warmup_steps: int) -> float:
-    """Samples/s of all workers together, from the end of their ``warmup_steps``-th step to their last step."""
+def steady_throughput(
+    step_end_times: list[list[tuple[int, float]]], batch_size: int, warmup_steps: int
+) -> float:
+    """Samples/s of all workers together, from the end of their ``warmup_steps``-th step to their
+    last step."""
     usable = [[t for _, t in times] for times in step_end_times if len(times) > warmup_steps + 1]
     if not usable:
         return 0.0
@@ -159,24 +183,33 @@ def steady_throughput(step_end_times: list[list[tuple[int, float]]], batch_size:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> tuple[float, float]:
+def evaluate(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512
+) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of ``model`` on ``x`` [N, C, H, W] / ``y`` [N]."""
     model.eval()
     correct, loss_sum = 0, 0.0
     for i in range(0, len(y), batch_size):
         logits = model(x[i : i + batch_size])
-        loss_sum += float(torch.nn.functional.cross_entropy(logits, y[i : i + batch_size], reduction="sum"))
+        loss_sum += float(
+            torch.nn.functional.cross_entropy(logits, y[i : i + batch_size], reduction="sum")
+        )
         correct += int((logits.argmax(1) == y[i : i + batch_size]).sum())
     return correct / len(y), loss_sum / len(y)
 
 
-LOCAL_NODE_SYSTEM_CONFIG = {"health_check_period_ms": 500, "health_check_failure_threshold": 3, "health_check_timeout_ms": 500}
+LOCAL_NODE_SYSTEM_CONFIG = {
+    "health_check_period_ms": 500,
+    "health_check_failure_threshold": 3,
+    "health_check_timeout_ms": 500,
+}
 """Simulated nodes: notice a removed node in ~2 s instead of Ray's default ~15 s."""
 
 
 @dataclass
 class Session:
-    """The Ray the run uses; ``cluster``/``worker_nodes`` are set for simulated nodes (``--local-nodes``)."""
+    """The Ray the run uses; ``cluster``/``worker_nodes`` are set for simulated nodes
+    (``--local-nodes``)."""
 
     cluster: Any = None
     worker_nodes: list = field(default_factory=list)
@@ -186,7 +219,8 @@ class Session:
 
 @contextlib.contextmanager
 def ray_session(config: TrainConfig):
-    """Join the running Ray (tests, jobs), connect to ``cluster.address``, or start an embedded local Ray
+    """Join the running Ray (tests, jobs), connect to ``cluster.address``, or start an embedded
+    local Ray
     (``cluster.local_nodes`` simulated nodes). Only a Ray instance started here is shut down here.
     """
     import ray
@@ -195,26 +229,42 @@ def ray_session(config: TrainConfig):
     from raytrain_ft.jobs import ray_init_error
 
     cc = config.cluster
-    # a run's own files are written on this machine unless it joins a cluster elsewhere: check them before Ray starts
+    # a run's own files are written on this machine unless it joins a cluster elsewhere: check them
+    # before Ray starts
     if config.recovery.checkpoint_dir and not (cc.address or os.environ.get(RAY_ADDRESS_ENV_VAR)):
-        check_writable_dir(config.recovery.checkpoint_dir, "recovery.checkpoint_dir", "--checkpoint-dir")
+        check_writable_dir(
+            config.recovery.checkpoint_dir, "recovery.checkpoint_dir", "--checkpoint-dir"
+        )
     if ray.is_initialized():
         yield Session()
         return
     needed = cc.num_workers * cc.cpus_per_worker
-    # an embedded Ray keeps Ray's default, token authentication (a token is generated once if none exists); the
+    # an embedded Ray keeps Ray's default, token authentication (a token is generated once if none
+    # exists); the
     # line Ray prints about that default on every start is not the run's output (the README says it)
-    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.ERROR
+    )
     if cc.local_nodes > 1:
         from ray.cluster_utils import Cluster
 
         try:
-            cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": needed, "_system_config": LOCAL_NODE_SYSTEM_CONFIG})
+            cluster = Cluster(
+                initialize_head=True,
+                head_node_args={"num_cpus": needed, "_system_config": LOCAL_NODE_SYSTEM_CONFIG},
+            )
             nodes = [cluster.add_node(num_cpus=needed) for _ in range(cc.local_nodes - 1)]
             cluster.wait_for_nodes()
-            ray.init(address=cluster.address, logging_level=logging.WARNING, runtime_env=local_runtime_env())
+            ray.init(
+                address=cluster.address,
+                logging_level=logging.WARNING,
+                runtime_env=local_runtime_env(),
+            )
         except (ConnectionError, ValueError, RuntimeError, OSError) as e:
-            raise ClusterError(f"could not start {cc.local_nodes} simulated nodes: {e}; if the path is too long, set RAY_TMPDIR to a short directory such as /tmp/ray") from e
+            raise ClusterError(
+                f"could not start {cc.local_nodes} simulated nodes: {e}; if the path is too long, "
+                "set RAY_TMPDIR to a short directory such as /tmp/ray"
+            ) from e
         try:
             yield Session(cluster, nodes, embedded=True)
         finally:
@@ -225,16 +275,29 @@ def ray_session(config: TrainConfig):
     # a Ray job's driver finds its cluster in RAY_ADDRESS (set by the job supervisor)
     address = cc.address or os.environ.get(RAY_ADDRESS_ENV_VAR, "")
     if address:
-        address = check_reachable(address, field="cluster.address" if cc.address else RAY_ADDRESS_ENV_VAR)
+        address = check_reachable(
+            address, field="cluster.address" if cc.address else RAY_ADDRESS_ENV_VAR
+        )
         kwargs["address"] = address
     else:
-        kwargs.update(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False, runtime_env=local_runtime_env())
+        kwargs.update(
+            num_cpus=max(os.cpu_count() or 1, needed),
+            include_dashboard=False,
+            runtime_env=local_runtime_env(),
+        )
     try:
         ray.init(**kwargs)
     except Exception as e:  # one line naming what to fix, not Ray's traceback
         if address:
-            raise ray_init_error(e, address, f"--address or {RAY_ADDRESS_ENV_VAR} (or leave both empty for a local run)") from None
-        raise ClusterError(f"could not start a local Ray: {e}; if the path is too long, set RAY_TMPDIR to a short directory such as /tmp/ray") from e
+            raise ray_init_error(
+                e,
+                address,
+                f"--address or {RAY_ADDRESS_ENV_VAR} (or leave both empty for a local run)",
+            ) from None
+        raise ClusterError(
+            f"could not start a local Ray: {e}; if the path is too long, set RAY_TMPDIR to a short "
+            "directory such as /tmp/ray"
+        ) from e
     try:
         yield Session(embedded=not address)
     finally:
@@ -242,39 +305,64 @@ def ray_session(config: TrainConfig):
 
 
 def local_runtime_env() -> dict:
-    """A Ray started here runs its workers with the working directory importable, as the driver has it: a
+    """A Ray started here runs its workers with the working directory importable, as the driver has
+    it: a
     ``--model mymodule:build`` found here is found by the workers too."""
     path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
     return {"env_vars": {"PYTHONPATH": path}}
 
 
 def check_resumable(directory: str, ranges) -> int:
-    """The step a run resumes at from ``directory``; DataError when it holds no usable complete checkpoint."""
+    """The step a run resumes at from ``directory``; DataError when it holds no usable complete
+    checkpoint."""
     from raytrain_ft.errors import DataError
-    from raytrain_ft.recovery.checkpoint import latest_common_step, load_shard_checkpoint, shard_checkpoint_path
+    from raytrain_ft.recovery.checkpoint import (
+        latest_common_step,
+        load_shard_checkpoint,
+        shard_checkpoint_path,
+    )
 
     if not os.path.exists(directory):
-        raise DataError(directory, "does not exist; --resume-from takes the --checkpoint-dir of the run to resume")
+        raise DataError(
+            directory,
+            "does not exist; --resume-from takes the --checkpoint-dir of the run to resume",
+        )
     if not os.path.isdir(directory):
-        raise DataError(directory, "is not a directory; --resume-from takes the --checkpoint-dir of the run to resume")
+        raise DataError(
+            directory,
+            "is not a directory; --resume-from takes the --checkpoint-dir of the run to resume",
+        )
     step = latest_common_step(directory, len(ranges))
     if step is None:
-        raise DataError(directory, f"no step has a checkpoint file for each of the {len(ranges)} shards; check --resume-from and --num-servers")
+        raise DataError(
+            directory,
+            f"no step has a checkpoint file for each of the {len(ranges)} shards; check "
+            "--resume-from and --num-servers",
+        )
     for r in ranges:
         path = shard_checkpoint_path(directory, r.index, step)
         try:
             params, *_ = load_shard_checkpoint(path)
         except Exception as e:  # noqa: BLE001 -- torch raises several types for a damaged file
-            raise DataError(path, f"is not a readable checkpoint ({type(e).__name__}); delete it to resume from an earlier step") from None
+            raise DataError(
+                path,
+                f"is not a readable checkpoint ({type(e).__name__}); delete it to resume from an "
+                "earlier step",
+            ) from None
         if params.size != r.size:
-            raise DataError(directory, f"shard {r.index} holds {params.size} values, this run's shard has {r.size}: "
-                                       "the checkpoint was written for another model or --num-servers")
+            raise DataError(
+                directory,
+                f"shard {r.index} holds {params.size} values, this run's shard has {r.size}: "
+                "the checkpoint was written for another model or --num-servers",
+            )
     return step
 
 
 def check_reachable(address: str, timeout_s: float = 5.0, field: str = "cluster.address") -> str:
-    """The address to give ``ray.init`` (``auto`` resolved, refusing several local instances), after failing fast -- instead
-    of Ray's minutes of retries and warnings -- when ``host:port`` accepts no TCP connection, is not Ray (the dashboard's
+    """The address to give ``ray.init`` (``auto`` resolved, refusing several local instances), after
+    failing fast -- instead
+    of Ray's minutes of retries and warnings -- when ``host:port`` accepts no TCP connection, is not
+    Ray (the dashboard's
     HTTP port, a silent port) or refuses our token (``raytrain_ft.jobs.check_ray_address``)."""
     from raytrain_ft.jobs import check_ray_address
 
@@ -282,20 +370,35 @@ def check_reachable(address: str, timeout_s: float = 5.0, field: str = "cluster.
 
 
 class Trainer:
-    """Train ``config``'s model on a Ray cluster. The built-in model, loss and data come from the config's names;
+    """Train ``config``'s model on a Ray cluster. The built-in model, loss and data come from the
+    config's names;
     the Python API may pass its own:
 
-    - ``model``: a zero-argument callable returning an ``nn.Module`` (called on every process after seeding);
-    - ``loss``: a callable ``(output, target) -> scalar tensor`` (default: the config's, cross_entropy);
-    - ``train_data`` / ``eval_data``: map-style torch Datasets of ``(x, y)`` (x a tensor or a dict of tensors);
+    - ``model``: a zero-argument callable returning an ``nn.Module`` (called on every process after
+    seeding);
+    - ``loss``: a callable ``(output, target) -> scalar tensor`` (default: the config's,
+    cross_entropy);
+    - ``train_data`` / ``eval_data``: map-style torch Datasets of ``(x, y)`` (x a tensor or a dict
+    of tensors);
     - ``metrics``: a callable ``(output, target) -> dict[str, float]`` evaluated on ``eval_data``.
     """
 
-    def __init__(self, config: TrainConfig, on_progress: Callable[[Progress], None] | None = None, *, model=None, loss=None,
-                 train_data=None, eval_data=None, metrics=None):
+    def __init__(
+        self,
+        config: TrainConfig,
+        on_progress: Callable[[Progress], None] | None = None,
+        *,
+        model=None,
+        loss=None,
+        train_data=None,
+        eval_data=None,
+        metrics=None,
+    ):
         self.config = config
         self.on_progress = on_progress
-        self.parts = dict(model=model, loss=loss, train_data=train_data, eval_data=eval_data, metrics=metrics)
+        self.parts = dict(
+            model=model, loss=loss, train_data=train_data, eval_data=eval_data, metrics=metrics
+        )
 
     def fit(self) -> TrainResult:
         cfg = self.config
@@ -310,10 +413,18 @@ class Trainer:
         num_params = num_trainable(model)
         ranges = shard_ranges(init_flat.numel(), cfg.cluster.num_servers, num_params)
         total_steps = total_steps_for(cfg, task.num_train)
-        kills = parse_kills(cfg.recovery.kill, "recovery.kill")
-        check_targets(kills, cfg.cluster.num_servers, cfg.cluster.num_workers, cfg.cluster.local_nodes, cfg.recovery.num_spares)
+        kills = parse_kills(cfg.chaos.kill)
+        check_targets(
+            kills,
+            cfg.cluster.num_servers,
+            cfg.cluster.num_workers,
+            cfg.cluster.local_nodes,
+            cfg.recovery.num_spares,
+        )
         check_steps(kills, total_steps)
-        start_step = check_resumable(cfg.recovery.resume_from, ranges) if cfg.recovery.resume_from else 0
+        start_step = (
+            check_resumable(cfg.recovery.resume_from, ranges) if cfg.recovery.resume_from else 0
+        )
         with ray_session(cfg) as session:
             run = _Run(cfg, ranges, total_steps, task.placed(), kills, session, start_step)
             try:
@@ -326,7 +437,10 @@ class Trainer:
         final, stats, step_times = end["params"], end["stats"], end["step_end_times"]
         load_flat_state(model, torch.from_numpy(final.copy()))
         scores = evaluate(task, model, eval_data)
-        acc, eval_loss = scores.pop("eval_accuracy", float("nan")), scores.pop("eval_loss", float("nan"))
+        acc, eval_loss = (
+            scores.pop("eval_accuracy", float("nan")),
+            scores.pop("eval_loss", float("nan")),
+        )
         samples = sum(s.samples for s in statuses)
         # an update counts as acknowledged once any worker received the shard's reply for it
         acked = [max(s.acked_per_shard[i] for s in statuses) for i in range(len(ranges))]
@@ -346,19 +460,43 @@ class Trainer:
             params_sha256=params_sha256(torch.from_numpy(final)),
             updates_applied=sum(st.updates_applied for st in stats),
             updates_acknowledged=sum(acked),
-            servers=[{"shard": st.index, "updates_applied": st.updates_applied, "duplicate_pushes": st.duplicate_pushes,
-                      "late_pushes": st.late_pushes, "clock_lead_max": st.clock_lead_max,
-                      "replica_wait_s": round(st.replica_wait_s, 4), "replica_bytes_sent": st.replica_bytes_sent, "replica_appends": st.replica_appends,
-                      "checkpoint_files_read": st.checkpoint_files_read} for st in stats],
+            servers=[
+                {
+                    "shard": st.index,
+                    "updates_applied": st.updates_applied,
+                    "duplicate_pushes": st.duplicate_pushes,
+                    "late_pushes": st.late_pushes,
+                    "clock_lead_max": st.clock_lead_max,
+                    "replica_wait_s": round(st.replica_wait_s, 4),
+                    "replica_bytes_sent": st.replica_bytes_sent,
+                    "replica_appends": st.replica_appends,
+                    "checkpoint_files_read": st.checkpoint_files_read,
+                }
+                for st in stats
+            ],
             staleness_histogram=merge_histograms(st.staleness_histogram or {} for st in stats),
             bytes_pushed=sum(s.bytes_pushed for s in statuses),
             bytes_pulled=sum(s.bytes_pulled for s in statuses),
             clock_traces=[list(st.clock_trace) for st in stats],
             num_params=num_params,
             workers=[
-                {"rank": s.rank, "steps": s.step, "samples": s.samples, "compute_s": round(s.compute_s, 3), "wait_s": round(s.wait_s, 3), "device": s.device, "device_name": s.device_name,
-                 "reroutes": s.reroutes, "bytes_pushed": s.bytes_pushed, "residual_bytes": s.residual_bytes, "bytes_pulled": s.bytes_pulled, "skipped_steps": s.skipped_steps,
-                 "node_id": s.node_id, "gpu_ids": list(s.gpu_ids), "process": s.process}
+                {
+                    "rank": s.rank,
+                    "steps": s.step,
+                    "samples": s.samples,
+                    "compute_s": round(s.compute_s, 3),
+                    "wait_s": round(s.wait_s, 3),
+                    "device": s.device,
+                    "device_name": s.device_name,
+                    "reroutes": s.reroutes,
+                    "bytes_pushed": s.bytes_pushed,
+                    "residual_bytes": s.residual_bytes,
+                    "bytes_pulled": s.bytes_pulled,
+                    "skipped_steps": s.skipped_steps,
+                    "node_id": s.node_id,
+                    "gpu_ids": list(s.gpu_ids),
+                    "process": s.process,
+                }
                 for s in statuses
             ],
             devices=sorted({s.device for s in statuses}),
@@ -371,7 +509,13 @@ class Trainer:
             started_at=run.started_at,
             history=run.history,
             step_times=step_times,
-            applied_counts=[{str(rank): "".join(str(min(c, 9)) for c in counts) for rank, counts in sorted(a.items())} for a in end["applied"]],
+            applied_counts=[
+                {
+                    str(rank): "".join(str(min(c, 9)) for c in counts)
+                    for rank, counts in sorted(a.items())
+                }
+                for a in end["applied"]
+            ],
             final_params=final,
             eval_metrics=scores,
             model=model,
@@ -379,9 +523,19 @@ class Trainer:
 
 
 class _Run:
-    """The actors of one training run, seen from the driver: the supervisor and, through it, everything else."""
+    """The actors of one training run, seen from the driver: the supervisor and, through it,
+    everything else."""
 
-    def __init__(self, cfg: TrainConfig, ranges, total_steps: int, task, kills: list[KillSpec], session: Session, start_step: int = 0):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        ranges,
+        total_steps: int,
+        task,
+        kills: list[KillSpec],
+        session: Session,
+        start_step: int = 0,
+    ):
         import uuid
 
         self.cfg, self.ranges, self.total_steps, self.task = cfg, ranges, total_steps, task
@@ -405,11 +559,21 @@ class _Run:
         have = ray.cluster_resources().get("GPU", 0)
         if mode == "true":
             if have < self.cfg.cluster.num_workers and self.session.embedded:
-                raise ClusterError(f"cluster.use_gpu=true asks for {self.cfg.cluster.num_workers} GPUs, this machine has {have:g}; "
-                                   "set --use-gpu auto or false, or run on a cluster with GPU nodes (--address)")
-            if have < self.cfg.cluster.num_workers:  # an autoscaling cluster adds GPU nodes for the waiting workers
-                logger.warning("cluster.use_gpu=true: the workers ask for %d GPUs, the cluster has %g now; waiting for more "
-                               "(an autoscaler adds GPU nodes; otherwise the start times out)", self.cfg.cluster.num_workers, have)
+                raise ClusterError(
+                    f"cluster.use_gpu=true asks for {self.cfg.cluster.num_workers} GPUs, this "
+                    f"machine has {have:g}; "
+                    "set --use-gpu auto or false, or run on a cluster with GPU nodes (--address)"
+                )
+            if (
+                have < self.cfg.cluster.num_workers
+            ):  # an autoscaling cluster adds GPU nodes for the waiting workers
+                logger.warning(
+                    "cluster.use_gpu=true: the workers ask for %d GPUs, the cluster has %g now; "
+                    "waiting for more "
+                    "(an autoscaler adds GPU nodes; otherwise the start times out)",
+                    self.cfg.cluster.num_workers,
+                    have,
+                )
             return True
         return have >= self.cfg.cluster.num_workers
 
@@ -435,23 +599,49 @@ class _Run:
 
         cfg = self.cfg
         checkpoint_dir = cfg.recovery.checkpoint_dir
-        if cfg.recovery.recovery == "checkpoint":
-            checkpoint_dir = cfg.recovery.checkpoint_dir or tempfile.mkdtemp(prefix="raytrain_ft_ckpt_")
+        if cfg.recovery.mode == "checkpoint":
+            checkpoint_dir = cfg.recovery.checkpoint_dir or tempfile.mkdtemp(
+                prefix="raytrain_ft_ckpt_"
+            )
         nodes = self._node_ids()
         device = "cuda" if self._use_gpu() else "cpu"
-        options = dict(name=f"{self.run_id}/supervisor", namespace=NAMESPACE, num_cpus=0, max_restarts=SUPERVISOR_MAX_RESTARTS, max_task_retries=-1,
-                       max_concurrency=1000)
+        options = dict(
+            name=f"{self.run_id}/supervisor",
+            namespace=NAMESPACE,
+            num_cpus=0,
+            max_restarts=SUPERVISOR_MAX_RESTARTS,
+            max_task_retries=-1,
+            max_concurrency=1000,
+        )
         if nodes:  # the supervisor stays beside the driver (the head of a `ray up` cluster)
-            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        args = SupervisorArgs(self.run_id, cfg, tuple(self.ranges), self.total_steps, tuple(nodes), tuple(self.kills), device, checkpoint_dir,
-                              self.task, self.start_step)
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+                ray.get_runtime_context().get_node_id(), soft=False
+            )
+        args = SupervisorArgs(
+            self.run_id,
+            cfg,
+            tuple(self.ranges),
+            self.total_steps,
+            tuple(nodes),
+            tuple(self.kills),
+            device,
+            checkpoint_dir,
+            self.task,
+            self.start_step,
+        )
         self.supervisor = ray.remote(Supervisor).options(**options).remote(args)
         phase = ray.get(self.supervisor.start.remote())
         if phase == "failed":
             status = ray.get(self.supervisor.status.remote())
             raise ClusterError(status.failure or "the run's actors failed to start")
-        self.chaos = ChaosRunner(self.kills, self.supervisor, self.session.cluster, self.session.worker_nodes, cfg.recovery.one_kill_at_a_time,
-                                 run_id=self.run_id)
+        self.chaos = ChaosRunner(
+            self.kills,
+            self.supervisor,
+            self.session.cluster,
+            self.session.worker_nodes,
+            cfg.chaos.one_kill_at_a_time,
+            run_id=self.run_id,
+        )
 
     def _poll(self, pending):
         """The supervisor's status, or -- while it restarts -- the step the live workers report."""
@@ -489,13 +679,19 @@ class _Run:
             if pending is None:
                 pending = self.supervisor.status.remote()
             pending, statuses = self._poll(pending)
-            step = min((s.step for s in statuses), default=0) if len(statuses) == cfg.cluster.num_workers else 0
+            step = (
+                min((s.step for s in statuses), default=0)
+                if len(statuses) == cfg.cluster.num_workers
+                else 0
+            )
             status = self.status
             if status is not None and pending is None:
                 if status.state == "failed":
                     raise TrainingError(status.failure or "the supervisor gave up")
                 if status.state == "done":
-                    final = self._progress(statuses, min(s.step for s in statuses), time.time(), t_start)
+                    final = self._progress(
+                        statuses, min(s.step for s in statuses), time.time(), t_start
+                    )
                     self.history.append(final.point())
                     if on_progress is not None:
                         on_progress(final)
@@ -504,7 +700,9 @@ class _Run:
                     return statuses, max(finished - started, finished - t_start)
             self.chaos.tick(step, len(status.events) if status is not None else 0)
             now = time.time()
-            if statuses and now - last_progress >= min(cfg.log_every_s, 0.2 if now - t_start < 2 else cfg.log_every_s):
+            if statuses and now - last_progress >= min(
+                cfg.log_every_s, 0.2 if now - t_start < 2 else cfg.log_every_s
+            ):
                 last_progress = now
                 progress = self._progress(statuses, step, now, t_start)
                 self.history.append(progress.point())
@@ -523,7 +721,9 @@ class _Run:
             loss=float(np.mean([s.last_loss for s in trained])) if trained else float("nan"),
             samples_per_sec=samples / elapsed if elapsed > 0 else 0.0,
             elapsed_s=now - t_start,
-            accuracy=float(np.mean([s.last_accuracy for s in trained])) if trained else float("nan"),
+            accuracy=float(np.mean([s.last_accuracy for s in trained]))
+            if trained
+            else float("nan"),
             recoveries=tuple(self.status.events) if self.status is not None else (),
         )
 

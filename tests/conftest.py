@@ -35,8 +35,15 @@ def ray_local(ray_tmpdir, ledger_dir):
     """One small local Ray for the integration tests of the session."""
     import ray
 
-    # num_gpus=0: the CPU tests compare with CPU references; on a machine with GPUs, use_gpu=auto would take them
-    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, _temp_dir=ray_tmpdir, logging_level="WARNING")
+    # num_gpus=0: the CPU tests compare with CPU references; on a machine with GPUs, use_gpu=auto
+    # would take them
+    ray.init(
+        num_cpus=4,
+        num_gpus=0,
+        include_dashboard=False,
+        _temp_dir=ray_tmpdir,
+        logging_level="WARNING",
+    )
     try:
         yield ray
     finally:

@@ -1,4 +1,5 @@
-"""A real Ray head started with ``ray start --head`` for tests: free ports, a private temp dir, and a shutdown that
+"""A real Ray head started with ``ray start --head`` for tests: free ports, a private temp dir, and
+a shutdown that
 stops only the processes it started (never a global ``ray stop``)."""
 
 from __future__ import annotations
@@ -53,11 +54,20 @@ def _pids_with(marker: str) -> list[int]:
 
 
 class LocalHead:
-    """``ray start --head --block`` in its own session, with the dashboard (job API) and a metrics port."""
+    """``ray start --head --block`` in its own session, with the dashboard (job API) and a metrics
+    port."""
 
-    def __init__(self, num_cpus: int = 4, env: dict | None = None, system_config: dict | None = None, autoscaling_config: str | None = None,
-                 gcs_port: int | None = None):
-        self.temp_dir = tempfile.mkdtemp(prefix="rth-", dir="/tmp")  # short: socket paths have a length limit
+    def __init__(
+        self,
+        num_cpus: int = 4,
+        env: dict | None = None,
+        system_config: dict | None = None,
+        autoscaling_config: str | None = None,
+        gcs_port: int | None = None,
+    ):
+        self.temp_dir = tempfile.mkdtemp(
+            prefix="rth-", dir="/tmp"
+        )  # short: socket paths have a length limit
         self.gcs_port = gcs_port or free_port()
         self.dashboard_port = free_port()
         self.metrics_port = free_port()
@@ -65,21 +75,41 @@ class LocalHead:
         self.gcs_address = f"127.0.0.1:{self.gcs_port}"
         env = {**os.environ, **(env or {})}
         env["RAY_TMPDIR"] = self.temp_dir
-        env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")  # the job's `python` is this venv's
+        env["PATH"] = (
+            str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+        )  # the job's `python` is this venv's
         env.pop("RAY_ADDRESS", None)
         self.env = env
-        cmd = [RAY_BIN, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}", f"--num-cpus={num_cpus}",
-               "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-               f"--metrics-export-port={self.metrics_port}", f"--dashboard-agent-listen-port={free_port()}",
-               f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}", f"--ray-client-server-port={free_port()}",
-               f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}", f"--temp-dir={self.temp_dir}", "--disable-usage-stats"]
+        cmd = [
+            RAY_BIN,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={self.gcs_port}",
+            f"--num-cpus={num_cpus}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--metrics-export-port={self.metrics_port}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
+            f"--node-manager-port={free_port()}",
+            f"--object-manager-port={free_port()}",
+            f"--temp-dir={self.temp_dir}",
+            "--disable-usage-stats",
+        ]
         if system_config:
             cmd.append("--system-config=" + json.dumps(system_config, separators=(",", ":")))
         if autoscaling_config:
             cmd.append(f"--autoscaling-config={autoscaling_config}")
         self.log_path = os.path.join(self.temp_dir, "ray-start.log")
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            cmd, env=env, start_new_session=True, stdout=self._log, stderr=subprocess.STDOUT
+        )
         try:
             wait_for(self._dashboard_answers, 120, "the head's dashboard")
         except BaseException:
@@ -88,7 +118,10 @@ class LocalHead:
 
     def _dashboard_answers(self) -> bool:
         if self.proc.poll() is not None:
-            raise RuntimeError(f"`ray start --head` exited with {self.proc.returncode}:\n{Path(self.log_path).read_text()[-3000:]}")
+            raise RuntimeError(
+                "`ray start --head` exited with "
+                f"{self.proc.returncode}:\n{Path(self.log_path).read_text()[-3000:]}"
+            )
         try:
             urllib.request.urlopen(self.dashboard_url + "/api/version", timeout=2)
             return True
@@ -99,11 +132,14 @@ class LocalHead:
 
     def scrape(self) -> str:
         """The head's Prometheus endpoint (what the node's metrics agent exports)."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5
+        ) as r:
             return r.read().decode()
 
     def shutdown(self) -> None:
-        """SIGTERM to the head's session (`ray start --block` tears its node down), then SIGKILL what is left of it."""
+        """SIGTERM to the head's session (`ray start --block` tears its node down), then SIGKILL
+        what is left of it."""
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):

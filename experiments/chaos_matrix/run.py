@@ -1,22 +1,31 @@
-"""Chaos matrix: real kills of every role, at every kind of moment, in every consistency mode, repeated.
+"""Chaos matrix: real kills of every role, at every kind of moment, in every consistency mode,
+repeated.
 
 Cells are (what is killed, when, mode):
   when = step      the role is killed once the slowest worker reaches step 20
          recovery  server:0 dies at step 20; the role is killed while that recovery is in progress
-         rereplication  server:1 dies at step 20; the role is killed while the replica it held is rebuilt
+         rereplication  server:1 dies at step 20; the role is killed while the replica it held is
+         rebuilt
          snapshot  a primary right after sending / a holder right after receiving its 2nd snapshot
-  plus the double failures that once broke the run (a worker restart under a supervisor kill, a shard
+  plus the double failures that once broke the run (a worker restart under a supervisor kill, a
+  shard
   recovered twice around a supervisor restart).
-Roles: server (a primary), replica (the holder of shard 0's replica), worker, supervisor, spare, node (one of
-three simulated nodes: its servers and workers die together). Modes: sync, async, ssp, mixed, sync with a
+Roles: server (a primary), replica (the holder of shard 0's replica), worker, supervisor, spare,
+node (one of
+three simulated nodes: its servers and workers die together). Modes: sync, async, ssp, mixed, sync
+with a
 backup worker, sync with a top-k codec.
 
-Every run is judged on its own records: it finishes; every kill fired once on a live target; I1 from the
-workers' ledgers against the shards' applied records (every (rank, step) applied exactly once); I2 the
-failure-free run's params_sha256 (sync modes without backup workers); I3 no checkpoint file read; I4 every
+Every run is judged on its own records: it finishes; every kill fired once on a live target; I1 from
+the
+workers' ledgers against the shards' applied records (every (rank, step) applied exactly once); I2
+the
+failure-free run's params_sha256 (sync modes without backup workers); I3 no checkpoint file read; I4
+every
 replica, replayed, equals its primary. A cell passes a repeat only if all hold.
 
-    python experiments/chaos_matrix/run.py --repeats 5                # the whole matrix (~2 h on 2 cores)
+    python experiments/chaos_matrix/run.py --repeats 5                # the whole matrix (~2 h on 2
+    cores)
     python experiments/chaos_matrix/run.py --repeats 1 --when step --modes sync
 """
 
@@ -31,7 +40,16 @@ import tempfile
 import time
 
 from raytrain_ft.actors.worker import LEDGER_DIR_ENV_VAR
-from raytrain_ft.config import ClusterConfig, ConsistencyConfig, DataConfig, ModelConfig, OptimConfig, RecoveryConfig, TrainConfig
+from raytrain_ft.config import (
+    ChaosConfig,
+    ClusterConfig,
+    ConsistencyConfig,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    RecoveryConfig,
+    TrainConfig,
+)
 from raytrain_ft.recovery.faults import parse_kills
 from raytrain_ft.recovery.ledger import exactly_once_violations, read_ledgers
 
@@ -72,11 +90,22 @@ def config(mode: str, kill: str | None) -> TrainConfig:
         model=ModelConfig(name="cnn"),
         data=DataConfig(dataset="digits", image_size=8, batch_size=16),
         optim=OptimConfig(name="sgd", lr=0.05, momentum=0.9),
-        cluster=ClusterConfig(num_workers=WORKERS, num_servers=SERVERS, local_nodes=3 if kill and "node" in kill else 1),
-        recovery=RecoveryConfig(snapshot_interval=10, num_spares=2, kill=kill),
-        consistency=ConsistencyConfig(staleness=m.get("staleness", 2), group_size=m.get("group_size", 2),
-                                      backup_workers=m.get("backup_workers", 0), codec=m.get("codec", "none")),
-        mode=m["mode"], steps=STEPS, seed=3,
+        cluster=ClusterConfig(
+            num_workers=WORKERS,
+            num_servers=SERVERS,
+            local_nodes=3 if kill and "node" in kill else 1,
+        ),
+        recovery=RecoveryConfig(snapshot_interval=10, num_spares=2),
+        chaos=ChaosConfig(kill=kill),
+        consistency=ConsistencyConfig(
+            staleness=m.get("staleness", 2),
+            group_size=m.get("group_size", 2),
+            backup_workers=m.get("backup_workers", 0),
+            codec=m.get("codec", "none"),
+        ),
+        mode=m["mode"],
+        steps=STEPS,
+        seed=3,
     )
 
 
@@ -87,15 +116,31 @@ def run_one(cfg: TrainConfig, subprocess_run: bool, workdir: str) -> dict:
 
         return Trainer(cfg).fit().to_dict()
     out = os.path.join(workdir, f"run-{time.time_ns()}.json")
-    cmd = [sys.executable, "-m", "raytrain_ft.cli", "train", "--quiet", "--config-json", json.dumps(cfg.to_dict()), "--output-json", out]
+    cmd = [
+        sys.executable,
+        "-m",
+        "raytrain_ft.cli",
+        "train",
+        "--quiet",
+        "--config-json",
+        json.dumps(cfg.to_dict()),
+        "--output-json",
+        out,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
-        raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
+        raise RuntimeError(
+            proc.stderr.strip().splitlines()[-1]
+            if proc.stderr.strip()
+            else f"exit {proc.returncode}"
+        )
     with open(out) as fh:
         return json.load(fh)
 
 
-def judge(summary: dict, kills: str, baseline: str | None, every_step: bool, ledger_dir: str) -> list[str]:
+def judge(
+    summary: dict, kills: str, baseline: str | None, every_step: bool, ledger_dir: str
+) -> list[str]:
     problems = []
     fired = sorted(k["kill"] for k in summary["kills"])
     if fired != sorted(str(k) for k in parse_kills(kills)):
@@ -104,7 +149,13 @@ def judge(summary: dict, kills: str, baseline: str | None, every_step: bool, led
         problems.append("a kill found its target gone")
     if summary["steps_completed"] != STEPS:
         problems.append(f"{summary['steps_completed']} steps")
-    problems += exactly_once_violations(summary["applied_counts"], read_ledgers(ledger_dir, summary["run_id"]), WORKERS, STEPS, every_step)
+    problems += exactly_once_violations(
+        summary["applied_counts"],
+        read_ledgers(ledger_dir, summary["run_id"]),
+        WORKERS,
+        STEPS,
+        every_step,
+    )
     if baseline is not None and summary["params_sha256"] != baseline:
         problems.append("params_sha256 differs from the failure-free run")
     if any(s["checkpoint_files_read"] for s in summary["servers"]):
@@ -115,11 +166,15 @@ def judge(summary: dict, kills: str, baseline: str | None, every_step: bool, led
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--when", default="step,recovery,rereplication,snapshot,double")
-    ap.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results_x86-2core_202611.json"))
+    ap.add_argument(
+        "--output", default=os.path.join(os.path.dirname(__file__), "results_x86-2core_202611.json")
+    )
     args = ap.parse_args()
     import ray
 
@@ -143,15 +198,38 @@ def main() -> None:
                     t0 = time.time()
                     try:
                         summary = run_one(config(mode, kills), role == "node", workdir)
-                        problems = judge(summary, kills, baselines.get(mode), not MODES[mode].get("backup_workers"), ledger_dir)
+                        problems = judge(
+                            summary,
+                            kills,
+                            baselines.get(mode),
+                            not MODES[mode].get("backup_workers"),
+                            ledger_dir,
+                        )
                     except Exception as e:  # noqa: BLE001 -- a failed run is a failed repeat, with its reason
                         problems = [f"run failed: {e}"[:400]]
-                    row = {"mode": mode, "when": when, "role": role, "kills": kills, "repeat": repeat, "ok": not problems,
-                           "problems": problems, "seconds": round(time.time() - t0, 1)}
+                    row = {
+                        "mode": mode,
+                        "when": when,
+                        "role": role,
+                        "kills": kills,
+                        "repeat": repeat,
+                        "ok": not problems,
+                        "problems": problems,
+                        "seconds": round(time.time() - t0, 1),
+                    }
                     results.append(row)
                     print(json.dumps(row), flush=True)
                     with open(args.output, "w") as fh:
-                        json.dump({"steps": STEPS, "workers": WORKERS, "servers": SERVERS, "runs": results}, fh, indent=1)
+                        json.dump(
+                            {
+                                "steps": STEPS,
+                                "workers": WORKERS,
+                                "servers": SERVERS,
+                                "runs": results,
+                            },
+                            fh,
+                            indent=1,
+                        )
     finally:
         ray.shutdown()
     print(table(results))

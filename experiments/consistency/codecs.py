@@ -1,4 +1,5 @@
-"""Push codecs: bytes on the wire and eval accuracy vs uncompressed, sync mode, 4 workers, digits CNN.
+"""Push codecs: bytes on the wire and eval accuracy vs uncompressed, sync mode, 4 workers, digits
+CNN.
 
 Each codec runs with error feedback (the worker keeps the residual). Two server
 momentum settings show where sign compression holds and where it breaks.
@@ -13,7 +14,14 @@ import json
 import os
 import time
 
-from raytrain_ft.config import ClusterConfig, ConsistencyConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from raytrain_ft.config import (
+    ClusterConfig,
+    ConsistencyConfig,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+)
 from raytrain_ft.trainer import Trainer
 
 CODECS = ("none", "fp16", "topk:0.1", "topk:0.01", "onebit")
@@ -47,18 +55,38 @@ def main() -> None:
             for codec in CODECS:
                 r = Trainer(make_config(codec, momentum, args.epochs)).fit()
                 base = base or r
-                row = {"codec": codec, "momentum": momentum, "lr": make_config(codec, momentum, 1).optim.lr, "eval_accuracy": r.eval_accuracy,
-                       "accuracy_vs_none": r.eval_accuracy - base.eval_accuracy, "bytes_pushed": r.bytes_pushed,
-                       "bytes_ratio": r.bytes_pushed / base.bytes_pushed, "samples_per_sec": r.samples_per_sec}
+                row = {
+                    "codec": codec,
+                    "momentum": momentum,
+                    "lr": make_config(codec, momentum, 1).optim.lr,
+                    "eval_accuracy": r.eval_accuracy,
+                    "accuracy_vs_none": r.eval_accuracy - base.eval_accuracy,
+                    "bytes_pushed": r.bytes_pushed,
+                    "bytes_ratio": r.bytes_pushed / base.bytes_pushed,
+                    "samples_per_sec": r.samples_per_sec,
+                }
                 rows.append(row)
-                print(f"momentum={momentum} {codec:10s} acc={r.eval_accuracy:.4f} ({row['accuracy_vs_none']:+.4f}) "
-                      f"bytes={r.bytes_pushed:,} ({row['bytes_ratio']:.4f}x)", flush=True)
+                print(
+                    f"momentum={momentum} {codec:10s} acc={r.eval_accuracy:.4f} "
+                    f"({row['accuracy_vs_none']:+.4f}) "
+                    f"bytes={r.bytes_pushed:,} ({row['bytes_ratio']:.4f}x)",
+                    flush=True,
+                )
     finally:
         ray.shutdown()
     here = os.path.dirname(os.path.abspath(__file__))
     path = os.path.join(here, f"results_codecs_{args.hardware}_{time.strftime('%Y%m')}.json")
     with open(path, "w") as fh:
-        json.dump({"machine": args.hardware, "epochs": args.epochs, "created": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}, fh, indent=1)
+        json.dump(
+            {
+                "machine": args.hardware,
+                "epochs": args.epochs,
+                "created": time.strftime("%Y-%m-%d %H:%M"),
+                "rows": rows,
+            },
+            fh,
+            indent=1,
+        )
     print(f"wrote {path}")
 
 

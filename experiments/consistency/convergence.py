@@ -21,7 +21,14 @@ import os
 import statistics
 import time
 
-from raytrain_ft.config import ClusterConfig, ConsistencyConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from raytrain_ft.config import (
+    ClusterConfig,
+    ConsistencyConfig,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+)
 from raytrain_ft.trainer import Trainer
 
 MODES = {
@@ -34,7 +41,9 @@ MODES = {
 }
 
 
-def make_config(mode: str, consistency: ConsistencyConfig, steps: int, workers: int, seed: int) -> TrainConfig:
+def make_config(
+    mode: str, consistency: ConsistencyConfig, steps: int, workers: int, seed: int
+) -> TrainConfig:
     return TrainConfig(
         model=ModelConfig(name="cnn"),
         data=DataConfig(dataset="digits", batch_size=32),
@@ -60,19 +69,37 @@ def main() -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     steps_grid = [int(s) for s in args.steps.split(",")]
     labels = args.modes.split(",")
-    ray.init(num_cpus=max(os.cpu_count() or 1, args.workers), include_dashboard=False, logging_level="WARNING")
+    ray.init(
+        num_cpus=max(os.cpu_count() or 1, args.workers),
+        include_dashboard=False,
+        logging_level="WARNING",
+    )
     runs = []
     try:
         for repeat in range(args.repeats):
             for steps in steps_grid:
                 for label in labels:  # modes alternate, so drift on the machine hits them alike
                     mode, consistency = MODES[label]
-                    r = Trainer(make_config(mode, consistency, steps, args.workers, seed=repeat)).fit()
-                    row = {"mode": label, "steps": steps, "repeat": repeat, "eval_accuracy": r.eval_accuracy, "eval_loss": r.eval_loss,
-                           "train_time_s": r.train_time_s, "updates_applied": r.updates_applied, "staleness_histogram": r.staleness_histogram,
-                           "wait_s": [w["wait_s"] for w in r.workers]}
+                    r = Trainer(
+                        make_config(mode, consistency, steps, args.workers, seed=repeat)
+                    ).fit()
+                    row = {
+                        "mode": label,
+                        "steps": steps,
+                        "repeat": repeat,
+                        "eval_accuracy": r.eval_accuracy,
+                        "eval_loss": r.eval_loss,
+                        "train_time_s": r.train_time_s,
+                        "updates_applied": r.updates_applied,
+                        "staleness_histogram": r.staleness_histogram,
+                        "wait_s": [w["wait_s"] for w in r.workers],
+                    }
                     runs.append(row)
-                    print(f"{label:10s} steps={steps:4d} repeat={repeat} acc={r.eval_accuracy:.4f} time={r.train_time_s:.1f}s", flush=True)
+                    print(
+                        f"{label:10s} steps={steps:4d} repeat={repeat} acc={r.eval_accuracy:.4f} "
+                        f"time={r.train_time_s:.1f}s",
+                        flush=True,
+                    )
     finally:
         ray.shutdown()
     table = {}
@@ -86,15 +113,25 @@ def main() -> None:
                 "accuracy_max": max(r["eval_accuracy"] for r in rows),
                 "train_time_s_median": statistics.median(r["train_time_s"] for r in rows),
             }
-    out = {"machine": args.hardware, "workers": args.workers, "repeats": args.repeats, "steps": steps_grid,
-           "created": time.strftime("%Y-%m-%d %H:%M"), "table": table, "runs": runs}
+    out = {
+        "machine": args.hardware,
+        "workers": args.workers,
+        "repeats": args.repeats,
+        "steps": steps_grid,
+        "created": time.strftime("%Y-%m-%d %H:%M"),
+        "table": table,
+        "runs": runs,
+    }
     path = os.path.join(here, f"results_{args.hardware}_{time.strftime('%Y%m')}.json")
     with open(path, "w") as fh:
         json.dump(out, fh, indent=1)
     print(f"wrote {path}")
     print(f"{'mode':10s} " + " ".join(f"{s:>7d}" for s in steps_grid))
     for label in labels:
-        print(f"{label:10s} " + " ".join(f"{table[label][s]['accuracy_mean']:7.3f}" for s in steps_grid))
+        print(
+            f"{label:10s} "
+            + " ".join(f"{table[label][s]['accuracy_mean']:7.3f}" for s in steps_grid)
+        )
     plot(table, labels, steps_grid, here)
 
 
@@ -111,9 +148,24 @@ def plot(table: dict, labels: list[str], steps_grid: list[int], here: str) -> No
         hi = [table[label][s]["accuracy_max"] for s in steps_grid]
         axes[0].plot(steps_grid, acc, marker="o", label=label)
         axes[0].fill_between(steps_grid, lo, hi, alpha=0.15)
-        axes[1].plot([table[label][s]["train_time_s_median"] for s in steps_grid], acc, marker="o", label=label)
-    axes[0].set(xlabel="steps (per worker)", ylabel="eval accuracy (digits)", xscale="log", title="accuracy vs step")
-    axes[1].set(xlabel="training wall time (s)", ylabel="eval accuracy", xscale="log", title="accuracy vs wall time")
+        axes[1].plot(
+            [table[label][s]["train_time_s_median"] for s in steps_grid],
+            acc,
+            marker="o",
+            label=label,
+        )
+    axes[0].set(
+        xlabel="steps (per worker)",
+        ylabel="eval accuracy (digits)",
+        xscale="log",
+        title="accuracy vs step",
+    )
+    axes[1].set(
+        xlabel="training wall time (s)",
+        ylabel="eval accuracy",
+        xscale="log",
+        title="accuracy vs wall time",
+    )
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()

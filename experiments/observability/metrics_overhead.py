@@ -1,4 +1,5 @@
-"""What recording the run's Prometheus metrics costs: the same run with ``cluster.metrics`` on and off, side by side.
+"""What recording the run's Prometheus metrics costs: the same run with ``cluster.metrics`` on and
+off, side by side.
 
 One local Ray with its metrics agent exporting on a private port; runs alternate
 on/off; each repeat's ratio (on / off) of steady samples/s, then the median. At
@@ -30,8 +31,11 @@ def _time_calls_impl(n: int = 20000) -> dict[str, float]:
     rec = Recorder("bench", WORKER_METRICS)
     assert rec.enabled
     out = {}
-    for name, call in (("inc", lambda: rec.inc("steps")), ("set", lambda: rec.set("samples_per_second", 1.0)),
-                       ("observe", lambda: rec.observe("exchange_latency_seconds", 0.003, {"op": "push_pull"}))):
+    for name, call in (
+        ("inc", lambda: rec.inc("steps")),
+        ("set", lambda: rec.set("samples_per_second", 1.0)),
+        ("observe", lambda: rec.observe("exchange_latency_seconds", 0.003, {"op": "push_pull"})),
+    ):
         t0 = time.perf_counter()
         for _ in range(n):
             call()
@@ -40,8 +44,13 @@ def _time_calls_impl(n: int = 20000) -> dict[str, float]:
 
 
 def make_config(metrics: bool, workers: int, steps: int) -> TrainConfig:
-    return TrainConfig(model=ModelConfig(name="cnn"), data=DataConfig(dataset="digits", batch_size=32),
-                       cluster=ClusterConfig(num_workers=workers, num_servers=2, use_gpu="false", metrics=metrics), steps=steps, seed=0)
+    return TrainConfig(
+        model=ModelConfig(name="cnn"),
+        data=DataConfig(dataset="digits", batch_size=32),
+        cluster=ClusterConfig(num_workers=workers, num_servers=2, use_gpu="false", metrics=metrics),
+        steps=steps,
+        seed=0,
+    )
 
 
 def main() -> None:
@@ -58,19 +67,37 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ray.init(num_cpus=max(os.cpu_count() or 1, args.workers), include_dashboard=True, _metrics_export_port=port, logging_level="WARNING",
-             _system_config={"metrics_report_interval_ms": 1000})
+    ray.init(
+        num_cpus=max(os.cpu_count() or 1, args.workers),
+        include_dashboard=True,
+        _metrics_export_port=port,
+        logging_level="WARNING",
+        _system_config={"metrics_report_interval_ms": 1000},
+    )
     runs = []
     try:
         for repeat in range(args.repeats):
-            for metrics in ((True, False) if repeat % 2 == 0 else (False, True)):
+            for metrics in (True, False) if repeat % 2 == 0 else (False, True):
                 r = Trainer(make_config(metrics, args.workers, args.steps)).fit()
-                runs.append({"metrics": metrics, "repeat": repeat, "steady_samples_per_sec": r.steady_samples_per_sec, "run_id": r.run_id,
-                             "params_sha256": r.params_sha256})
-                print(f"metrics={'on ' if metrics else 'off'} repeat={repeat} {r.steady_samples_per_sec:,.0f} samples/s", flush=True)
+                runs.append(
+                    {
+                        "metrics": metrics,
+                        "repeat": repeat,
+                        "steady_samples_per_sec": r.steady_samples_per_sec,
+                        "run_id": r.run_id,
+                        "params_sha256": r.params_sha256,
+                    }
+                )
+                print(
+                    f"metrics={'on ' if metrics else 'off'} repeat={repeat} "
+                    f"{r.steady_samples_per_sec:,.0f} samples/s",
+                    flush=True,
+                )
         per_call_us = ray.get(_time_calls.remote())
         time.sleep(3)  # one more export interval, so the last run's values are on the endpoint
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        text = (
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        )
     finally:
         ray.shutdown()
     on_ids = {r["run_id"] for r in runs if r["metrics"]}
@@ -80,7 +107,12 @@ def main() -> None:
     leaked = {rid for rid in off_ids if any(f'run_id="{rid}"' in line for line in steps_lines)}
     on = [r for r in runs if r["metrics"]]
     off = [r for r in runs if not r["metrics"]]
-    ratios = [a["steady_samples_per_sec"] / b["steady_samples_per_sec"] for a, b in zip(sorted(on, key=lambda r: r["repeat"]), sorted(off, key=lambda r: r["repeat"]))]
+    ratios = [
+        a["steady_samples_per_sec"] / b["steady_samples_per_sec"]
+        for a, b in zip(
+            sorted(on, key=lambda r: r["repeat"]), sorted(off, key=lambda r: r["repeat"])
+        )
+    ]
     summary = {
         "steady_samples_per_sec_on": statistics.median(r["steady_samples_per_sec"] for r in on),
         "steady_samples_per_sec_off": statistics.median(r["steady_samples_per_sec"] for r in off),
@@ -88,13 +120,17 @@ def main() -> None:
         "ratio_on_vs_off_median": statistics.median(ratios),
         "same_params_on_and_off": len({r["params_sha256"] for r in runs}) == 1,
         "per_call_us": per_call_us,
-        "per_worker_step_us_2_shards": 2 * per_call_us["inc"] + per_call_us["set"] + 2 * per_call_us["observe"],
+        "per_worker_step_us_2_shards": 2 * per_call_us["inc"]
+        + per_call_us["set"]
+        + 2 * per_call_us["observe"],
         "runs_with_metrics_on_the_endpoint": f"{len(exported)}/{len(on_ids)}",
         "runs_without_metrics_on_the_endpoint": f"{len(leaked)}/{len(off_ids)}",
     }
     print(json.dumps(summary, indent=2))
     here = os.path.dirname(os.path.abspath(__file__))
-    path = os.path.join(here, f"results_metrics_overhead_{args.hardware}_{time.strftime('%Y%m')}.json")
+    path = os.path.join(
+        here, f"results_metrics_overhead_{args.hardware}_{time.strftime('%Y%m')}.json"
+    )
     with open(path, "w") as fh:
         json.dump({"args": vars(args), "runs": runs, "summary": summary}, fh, indent=2)
     print(f"wrote {path}")

@@ -1,4 +1,5 @@
-"""Ray Train's way to train the same model: ``TorchTrainer`` + DDP over gloo, checkpoints, ``FailureConfig``.
+"""Ray Train's way to train the same model: ``TorchTrainer`` + DDP over gloo, checkpoints,
+``FailureConfig``.
 
 Used side by side with this project by ``experiments/peers/run.py`` (throughput) and
 ``experiments/recovery/study.py`` (restart after a killed worker). The loop is the one Ray
@@ -24,10 +25,9 @@ def train_loop(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
     import torch
-
-    from raytrain_ft.config import from_dict
     from torch.utils.data import TensorDataset
 
+    from raytrain_ft.config import from_dict
     from raytrain_ft.data import BatchStream, load_dataset
     from raytrain_ft.trainer import evaluate, initial_model
 
@@ -37,7 +37,12 @@ def train_loop(loop_config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     data = load_dataset(cfg.data, cfg.seed)
     model = ray.train.torch.prepare_model(initial_model(cfg, data))
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+    opt = torch.optim.SGD(
+        model.parameters(),
+        lr=cfg.optim.lr,
+        momentum=cfg.optim.momentum,
+        weight_decay=cfg.optim.weight_decay,
+    )
     start = 0
     checkpoint = ray.train.get_checkpoint()
     restored_at = time.time()
@@ -47,11 +52,25 @@ def train_loop(loop_config: dict) -> None:
         model.module.load_state_dict(state["model"])
         opt.load_state_dict(state["optim"])
         start = state["step"]
-    stream = BatchStream(TensorDataset(data.train_x, data.train_y), seed=cfg.seed, rank=rank, num_workers=world, batch_size=cfg.data.batch_size,
-                         start_step=start, end_step=cfg.steps, prefetch=cfg.data.prefetch_batches)
+    stream = BatchStream(
+        TensorDataset(data.train_x, data.train_y),
+        seed=cfg.seed,
+        rank=rank,
+        num_workers=world,
+        batch_size=cfg.data.batch_size,
+        start_step=start,
+        end_step=cfg.steps,
+        prefetch=cfg.data.prefetch_batches,
+    )
     every, times = loop_config.get("checkpoint_every") or 0, []
-    kill_rank, kill_step, marker = loop_config.get("kill_rank"), loop_config.get("kill_step"), loop_config.get("kill_marker")
-    timeline = open(loop_config["timeline"], "a") if rank == 0 and loop_config.get("timeline") else None  # every attempt's steps
+    kill_rank, kill_step, marker = (
+        loop_config.get("kill_rank"),
+        loop_config.get("kill_step"),
+        loop_config.get("kill_marker"),
+    )
+    timeline = (
+        open(loop_config["timeline"], "a") if rank == 0 and loop_config.get("timeline") else None
+    )  # every attempt's steps
     model.train()
     for step in range(start, cfg.steps):
         if rank == kill_rank and step == kill_step and marker and not os.path.exists(marker):
@@ -69,8 +88,17 @@ def train_loop(loop_config: dict) -> None:
         if every and (step + 1) % every == 0 and step + 1 < cfg.steps:
             if rank == 0:
                 with tempfile.TemporaryDirectory() as d:
-                    torch.save({"model": model.module.state_dict(), "optim": opt.state_dict(), "step": step + 1}, os.path.join(d, "state.pt"))
-                    ray.train.report({"step": step + 1}, checkpoint=ray.train.Checkpoint.from_directory(d))
+                    torch.save(
+                        {
+                            "model": model.module.state_dict(),
+                            "optim": opt.state_dict(),
+                            "step": step + 1,
+                        },
+                        os.path.join(d, "state.pt"),
+                    )
+                    ray.train.report(
+                        {"step": step + 1}, checkpoint=ray.train.Checkpoint.from_directory(d)
+                    )
             else:
                 ray.train.report({"step": step + 1})
     stream.close()
@@ -78,14 +106,34 @@ def train_loop(loop_config: dict) -> None:
         timeline.close()
     # evaluation on the held-out split, as the project's trainer does at the end
     acc, _ = evaluate(model.module, data.eval_x, data.eval_y)
-    if rank == 0:  # Ray Train keeps metrics only with checkpoints: the driver reads rank 0's summary from a file
+    if (
+        rank == 0
+    ):  # Ray Train keeps metrics only with checkpoints: the driver reads rank 0's summary file
         with open(loop_config["summary"], "w") as fh:
-            json.dump({"step": cfg.steps, "times": times, "start": start, "restored_at": restored_at if checkpoint else None, "eval_accuracy": acc}, fh)
+            json.dump(
+                {
+                    "step": cfg.steps,
+                    "times": times,
+                    "start": start,
+                    "restored_at": restored_at if checkpoint else None,
+                    "eval_accuracy": acc,
+                },
+                fh,
+            )
 
 
-def fit(config, storage_path: str, checkpoint_every: int = 0, max_failures: int = 0, kill_rank: int | None = None, kill_step: int | None = None) -> dict:
-    """Run ``config`` (a ``TrainConfig``: model, data, optimizer, steps, workers, threads) under Ray Train.
-    Returns rank 0's step end times of the last attempt (``times``) and of every attempt (``timeline``), where the
+def fit(
+    config,
+    storage_path: str,
+    checkpoint_every: int = 0,
+    max_failures: int = 0,
+    kill_rank: int | None = None,
+    kill_step: int | None = None,
+) -> dict:
+    """Run ``config`` (a ``TrainConfig``: model, data, optimizer, steps, workers, threads) under Ray
+    Train.
+    Returns rank 0's step end times of the last attempt (``times``) and of every attempt
+    (``timeline``), where the
     last attempt started, the kill record, the evaluation accuracy and the wall time."""
     import sys
 
@@ -93,7 +141,9 @@ def fit(config, storage_path: str, checkpoint_every: int = 0, max_failures: int 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray Train's workers need not find this script's module
+    cloudpickle.register_pickle_by_value(
+        sys.modules[__name__]
+    )  # Ray Train's workers need not find this script's module
 
     os.makedirs(storage_path, exist_ok=True)
     tag = time.time_ns()
@@ -102,13 +152,27 @@ def fit(config, storage_path: str, checkpoint_every: int = 0, max_failures: int 
     summary = os.path.join(storage_path, f"summary-{tag}.json")
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": config.to_dict(), "checkpoint_every": checkpoint_every, "kill_rank": kill_rank, "kill_step": kill_step,
-                           "kill_marker": marker, "timeline": timeline,
-                           "summary": summary},
+        train_loop_config={
+            "config": config.to_dict(),
+            "checkpoint_every": checkpoint_every,
+            "kill_rank": kill_rank,
+            "kill_step": kill_step,
+            "kill_marker": marker,
+            "timeline": timeline,
+            "summary": summary,
+        },
         torch_config=TorchConfig(backend="gloo"),
-        scaling_config=ScalingConfig(num_workers=config.cluster.num_workers, use_gpu=False, resources_per_worker={"CPU": config.cluster.cpus_per_worker}),
-        run_config=RunConfig(name=f"ddp-{tag}", storage_path=storage_path, failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        scaling_config=ScalingConfig(
+            num_workers=config.cluster.num_workers,
+            use_gpu=False,
+            resources_per_worker={"CPU": config.cluster.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=f"ddp-{tag}",
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
     )
     t0 = time.time()
     trainer.fit()

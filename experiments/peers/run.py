@@ -39,13 +39,23 @@ SETTINGS = {  # model: (dataset, image size, channels, steps)
 }
 
 
-def make_config(model: str, workers: int, batch: int, threads: int, servers: int, steps: int | None = None) -> TrainConfig:
+def make_config(
+    model: str, workers: int, batch: int, threads: int, servers: int, steps: int | None = None
+) -> TrainConfig:
     dataset, size, channels, default_steps = SETTINGS[model]
     return TrainConfig(
         model=ModelConfig(name=model),
-        data=DataConfig(dataset=dataset, image_size=size, synthetic_channels=channels, synthetic_samples=4096, batch_size=batch),
+        data=DataConfig(
+            dataset=dataset,
+            image_size=size,
+            synthetic_channels=channels,
+            synthetic_samples=4096,
+            batch_size=batch,
+        ),
         optim=OptimConfig(name="sgd", lr=0.01, momentum=0.9, weight_decay=0.0),
-        cluster=ClusterConfig(num_workers=workers, num_servers=servers, cpus_per_worker=threads, use_gpu="false"),
+        cluster=ClusterConfig(
+            num_workers=workers, num_servers=servers, cpus_per_worker=threads, use_gpu="false"
+        ),
         steps=steps or default_steps,
         seed=0,
     )
@@ -58,7 +68,9 @@ def steady(times: list, warmup: int, global_batch: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--models", nargs="+", default=["cnn", "resnet18"])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=32, help="per worker")
@@ -71,14 +83,25 @@ def main() -> None:
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=max(args.workers * args.threads, os.cpu_count() or 1), include_dashboard=False, logging_level="WARNING")
+    ray.init(
+        num_cpus=max(args.workers * args.threads, os.cpu_count() or 1),
+        include_dashboard=False,
+        logging_level="WARNING",
+    )
     storage = tempfile.mkdtemp(prefix="ddp-")
     results = []
     try:
         for model in args.models:
-            cfg = make_config(model, args.workers, args.batch_size, args.threads, args.num_servers, args.steps)
-            plain_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=args.batch_size * args.workers),
-                                            cluster=dataclasses.replace(cfg.cluster, num_workers=1, cpus_per_worker=args.threads * args.workers))
+            cfg = make_config(
+                model, args.workers, args.batch_size, args.threads, args.num_servers, args.steps
+            )
+            plain_cfg = dataclasses.replace(
+                cfg,
+                data=dataclasses.replace(cfg.data, batch_size=args.batch_size * args.workers),
+                cluster=dataclasses.replace(
+                    cfg.cluster, num_workers=1, cpus_per_worker=args.threads * args.workers
+                ),
+            )
             warmup = min(5, cfg.steps // 4)
             runs = {"plain": [], "ddp": [], "ps": []}
             acc = {"ddp": [], "ps": []}
@@ -91,20 +114,52 @@ def main() -> None:
                 assert res.warmup_steps_excluded == warmup
                 runs["ps"].append(res.steady_samples_per_sec)
                 acc["ps"].append(res.eval_accuracy)
-                print(f"{model} repeat {r}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items()) + " samples/s", flush=True)
+                print(
+                    f"{model} repeat {r}: "
+                    + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items())
+                    + " samples/s",
+                    flush=True,
+                )
             med = {k: statistics.median(v) for k, v in runs.items()}
-            row = {"model": model, "workers": args.workers, "batch_per_worker": args.batch_size, "threads_per_worker": args.threads,
-                   "num_servers": args.num_servers, "steps": cfg.steps, "warmup_steps": warmup, "samples_per_sec": runs, "median": med,
-                   "ps_over_ddp": med["ps"] / med["ddp"], "ps_over_plain": med["ps"] / med["plain"], "ddp_over_plain": med["ddp"] / med["plain"],
-                   "ps_over_ddp_per_repeat": [p / d for p, d in zip(runs["ps"], runs["ddp"])], "eval_accuracy": acc}
+            row = {
+                "model": model,
+                "workers": args.workers,
+                "batch_per_worker": args.batch_size,
+                "threads_per_worker": args.threads,
+                "num_servers": args.num_servers,
+                "steps": cfg.steps,
+                "warmup_steps": warmup,
+                "samples_per_sec": runs,
+                "median": med,
+                "ps_over_ddp": med["ps"] / med["ddp"],
+                "ps_over_plain": med["ps"] / med["plain"],
+                "ddp_over_plain": med["ddp"] / med["plain"],
+                "ps_over_ddp_per_repeat": [p / d for p, d in zip(runs["ps"], runs["ddp"])],
+                "eval_accuracy": acc,
+            }
             results.append(row)
-            print(f"{model}: ps/ddp {row['ps_over_ddp']:.3f}, ps/plain {row['ps_over_plain']:.3f}, ddp/plain {row['ddp_over_plain']:.3f} "
-                  f"(medians: plain {med['plain']:.1f}, ddp {med['ddp']:.1f}, ps {med['ps']:.1f} samples/s)", flush=True)
+            print(
+                f"{model}: ps/ddp {row['ps_over_ddp']:.3f}, ps/plain {row['ps_over_plain']:.3f}, "
+                f"ddp/plain {row['ddp_over_plain']:.3f} "
+                f"(medians: plain {med['plain']:.1f}, ddp {med['ddp']:.1f}, ps {med['ps']:.1f} "
+                "samples/s)",
+                flush=True,
+            )
     finally:
         ray.shutdown()
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as fh:
-        json.dump({"machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}", "args": vars(args), "results": results}, fh, indent=2)
+        json.dump(
+            {
+                "machine": (
+                    f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}"
+                ),
+                "args": vars(args),
+                "results": results,
+            },
+            fh,
+            indent=2,
+        )
     print(f"wrote {args.output}")
     plot(results, args.output[: -len(".json")] + ".png")
 
@@ -118,10 +173,20 @@ def plot(results: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.8), squeeze=False)
     for ax, row in zip(axes[0], results):
         names = ["plain", "ddp", "ps"]
-        labels = ["plain PyTorch\n(1 process)", "Ray Train\nDDP (gloo)", f"raytrain-ft\nsync, {row['num_servers']} servers"]
+        labels = [
+            "plain PyTorch\n(1 process)",
+            "Ray Train\nDDP (gloo)",
+            f"raytrain-ft\nsync, {row['num_servers']} servers",
+        ]
         ax.bar(labels, [row["median"][n] for n in names], color=["grey", "tab:orange", "tab:blue"])
         for i, n in enumerate(names):
-            ax.scatter([i] * len(row["samples_per_sec"][n]), row["samples_per_sec"][n], color="black", s=10, zorder=3)
+            ax.scatter(
+                [i] * len(row["samples_per_sec"][n]),
+                row["samples_per_sec"][n],
+                color="black",
+                s=10,
+                zorder=3,
+            )
         ax.set_ylabel("samples/s (steady)")
         ax.set_title(f"{row['model']}, {row['workers']} workers x batch {row['batch_per_worker']}")
     fig.tight_layout()

@@ -1,5 +1,7 @@
-"""bf16 against fp32: eval accuracy and throughput of the main job (CNN on digits 16x16, 2 workers x 2 shards, 5
-epochs), runs alternating, medians over repeats. Workers compute forward and backward under bf16 autocast; the
+"""bf16 against fp32: eval accuracy and throughput of the main job (CNN on digits 16x16, 2 workers x
+2 shards, 5
+epochs), runs alternating, medians over repeats. Workers compute forward and backward under bf16
+autocast; the
 shards keep float32 parameters and optimizer state.
 
     python experiments/precision/run.py --repeats 3
@@ -17,10 +19,14 @@ from raytrain_ft.trainer import Trainer
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results_x86-2core_202611.json"))
+    ap.add_argument(
+        "--output", default=os.path.join(os.path.dirname(__file__), "results_x86-2core_202611.json")
+    )
     args = ap.parse_args()
     import ray
 
@@ -30,11 +36,21 @@ def main() -> None:
     try:
         for repeat in range(args.repeats):
             for precision in ("fp32", "bf16"):
-                cfg = TrainConfig(model=ModelConfig(name="cnn", precision=precision), data=DataConfig(dataset="digits", batch_size=32),
-                                  cluster=ClusterConfig(num_workers=2, num_servers=2), epochs=args.epochs, seed=repeat)
+                cfg = TrainConfig(
+                    model=ModelConfig(name="cnn", precision=precision),
+                    data=DataConfig(dataset="digits", batch_size=32),
+                    cluster=ClusterConfig(num_workers=2, num_servers=2),
+                    epochs=args.epochs,
+                    seed=repeat,
+                )
                 r = Trainer(cfg).fit()
-                row = {"precision": precision, "repeat": repeat, "eval_accuracy": r.eval_accuracy, "eval_loss": r.eval_loss,
-                       "steady_samples_per_sec": r.steady_samples_per_sec}
+                row = {
+                    "precision": precision,
+                    "repeat": repeat,
+                    "eval_accuracy": r.eval_accuracy,
+                    "eval_loss": r.eval_loss,
+                    "steady_samples_per_sec": r.steady_samples_per_sec,
+                }
                 runs.append(row)
                 print(json.dumps(row), flush=True)
     finally:
@@ -42,10 +58,18 @@ def main() -> None:
     summary = {}
     for p in ("fp32", "bf16"):
         rs = [r for r in runs if r["precision"] == p]
-        summary[p] = {k: statistics.median(r[k] for r in rs) for k in ("eval_accuracy", "eval_loss", "steady_samples_per_sec")}
-    ratios = [b["steady_samples_per_sec"] / a["steady_samples_per_sec"] for a, b in zip(runs[0::2], runs[1::2])]
+        summary[p] = {
+            k: statistics.median(r[k] for r in rs)
+            for k in ("eval_accuracy", "eval_loss", "steady_samples_per_sec")
+        }
+    ratios = [
+        b["steady_samples_per_sec"] / a["steady_samples_per_sec"]
+        for a, b in zip(runs[0::2], runs[1::2])
+    ]
     summary["bf16_over_fp32_throughput_median"] = statistics.median(ratios)
-    summary["accuracy_points_bf16_minus_fp32"] = 100 * (summary["bf16"]["eval_accuracy"] - summary["fp32"]["eval_accuracy"])
+    summary["accuracy_points_bf16_minus_fp32"] = 100 * (
+        summary["bf16"]["eval_accuracy"] - summary["fp32"]["eval_accuracy"]
+    )
     with open(args.output, "w") as fh:
         json.dump({"runs": runs, "summary": summary}, fh, indent=1)
     print(json.dumps(summary, indent=1))

@@ -20,11 +20,23 @@ import numpy as np
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--numel", type=int, default=80_000, help="shard values (80,000 = 320 KB, one shard of the small CNN with 2 shards)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--numel",
+        type=int,
+        default=80_000,
+        help="shard values (80,000 = 320 KB, one shard of the small CNN with 2 shards)",
+    )
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results_replication_cost_x86-2core_202611.json"))
+    ap.add_argument(
+        "--output",
+        default=os.path.join(
+            os.path.dirname(__file__), "results_replication_cost_x86-2core_202611.json"
+        ),
+    )
     args = ap.parse_args()
 
     import ray
@@ -78,13 +90,19 @@ def main() -> None:
                     ray.get(primary.push_pull.remote(0, step, ray.put(grad)))
                     times.append(time.perf_counter() - t0)
                 stats = ray.get(primary.stats.remote())
-                rows["push_pull_ms"].append({"mode": mode, "median": statistics.median(times[args.calls // 6 :]) * 1e3})
-                rows["replica_wait_ms"].append({"mode": mode, "per_update": stats.replica_wait_s / args.calls * 1e3})
+                rows["push_pull_ms"].append(
+                    {"mode": mode, "median": statistics.median(times[args.calls // 6 :]) * 1e3}
+                )
+                rows["replica_wait_ms"].append(
+                    {"mode": mode, "per_update": stats.replica_wait_s / args.calls * 1e3}
+                )
                 ray.kill(primary)
                 ray.kill(holder)
             sender = Sender.remote(Holder.remote())
             for how in ("one_argument", "inline_chunks"):
-                rows["transport_ms"].append({"how": how, "median": ray.get(sender.run.remote(how, args.numel, args.calls))})
+                rows["transport_ms"].append(
+                    {"how": how, "median": ray.get(sender.run.remote(how, args.numel, args.calls))}
+                )
     finally:
         ray.shutdown()
 
@@ -94,7 +112,9 @@ def main() -> None:
     summary = {
         "push_pull_replica_ms": med("push_pull_ms", "mode", "replica"),
         "push_pull_none_ms": med("push_pull_ms", "mode", "none"),
-        "replica_wait_per_update_ms": statistics.median(r["per_update"] for r in rows["replica_wait_ms"] if r["mode"] == "replica"),
+        "replica_wait_per_update_ms": statistics.median(
+            r["per_update"] for r in rows["replica_wait_ms"] if r["mode"] == "replica"
+        ),
         "transport_one_argument_ms": med("transport_ms", "how", "one_argument"),
         "transport_inline_chunks_ms": med("transport_ms", "how", "inline_chunks"),
     }

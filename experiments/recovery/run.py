@@ -1,9 +1,11 @@
-"""Recovery from a killed parameter server: peer replica vs checkpoint restart, side by side; and the
+"""Recovery from a killed parameter server: peer replica vs checkpoint restart, side by side; and
+the
 throughput cost of replication (replica vs recovery=none, no kills).
 
 For each model and repeat (runs alternate between methods):
   replica     -- kill server:0 at --kill-step; rebuilt from its peer's snapshot + command log
-  checkpoint  -- same kill; baseline restarts from the last checkpoint (every --checkpoint-interval steps)
+  checkpoint  -- same kill; baseline restarts from the last checkpoint (every --checkpoint-interval
+  steps)
   none / replica without kills -- steady samples/s, for the replication overhead ratio
 
 Reported per method (medians over repeats):
@@ -24,7 +26,15 @@ import os
 import statistics
 import time
 
-from raytrain_ft.config import ClusterConfig, DataConfig, ModelConfig, OptimConfig, RecoveryConfig, TrainConfig
+from raytrain_ft.config import (
+    ChaosConfig,
+    ClusterConfig,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    RecoveryConfig,
+    TrainConfig,
+)
 from raytrain_ft.trainer import Trainer
 
 SETTINGS = {
@@ -34,21 +44,38 @@ SETTINGS = {
 }
 
 
-def make_config(model: str, recovery: str, steps: int, kill: str | None, checkpoint_interval: int, checkpoint_dir: str | None) -> TrainConfig:
+def make_config(
+    model: str,
+    recovery: str,
+    steps: int,
+    kill: str | None,
+    checkpoint_interval: int,
+    checkpoint_dir: str | None,
+) -> TrainConfig:
     size, channels, batch, *_ = SETTINGS[model]
     return TrainConfig(
         model=ModelConfig(name=model),
-        data=DataConfig(dataset="synthetic" if channels == 3 else "digits", image_size=size, synthetic_channels=channels, synthetic_samples=2048, batch_size=batch),
+        data=DataConfig(
+            dataset="synthetic" if channels == 3 else "digits",
+            image_size=size,
+            synthetic_channels=channels,
+            synthetic_samples=2048,
+            batch_size=batch,
+        ),
         optim=OptimConfig(name="sgd", lr=0.01, momentum=0.9),
         cluster=ClusterConfig(num_workers=2, num_servers=2, use_gpu="false"),
-        recovery=RecoveryConfig(recovery=recovery, kill=kill, checkpoint_interval=checkpoint_interval, checkpoint_dir=checkpoint_dir),
+        recovery=RecoveryConfig(
+            mode=recovery, checkpoint_interval=checkpoint_interval, checkpoint_dir=checkpoint_dir
+        ),
+        chaos=ChaosConfig(kill=kill),
         steps=steps,
         seed=0,
     )
 
 
 def global_step_times(result) -> dict[int, float]:
-    """Step -> time every rank had finished it (a restarted rank's redo overwrites the lost attempt)."""
+    """Step -> time every rank had finished it (a restarted rank's redo overwrites the lost
+    attempt)."""
     per_rank = [dict(times) for times in result.step_times]
     steps = set.intersection(*(set(d) for d in per_rank)) if per_rank else set()
     return {s: max(d[s] for d in per_rank) for s in sorted(steps)}
@@ -64,8 +91,10 @@ def measure_kill(result) -> dict:
         serving_at = event["serving_at"]
     g = global_step_times(result)
     after = [t for t in g.values() if t > kill["at"]]
-    # first step not completed by every rank at the kill; the driver's view (kill["step"]) may lag by a poll,
-    # and a checkpoint restart overwrites the history it rolled back over, so take the larger of the two
+    # first step not completed by every rank at the kill; the driver's view (kill["step"]) may lag
+    # by a poll,
+    # and a checkpoint restart overwrites the history it rolled back over, so take the larger of the
+    # two
     before = [s for s, t in g.items() if t <= kill["at"]]
     reached = max(kill["step"], max(before) + 1 if before else 0)
     return {
@@ -87,11 +116,15 @@ def median(rows: list[dict], key: str) -> float | None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--models", default="cnn,resnet18")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--checkpoint-interval", type=int, default=20)
-    ap.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results_x86-2core_202611.json"))
+    ap.add_argument(
+        "--output", default=os.path.join(os.path.dirname(__file__), "results_x86-2core_202611.json")
+    )
     args = ap.parse_args()
 
     import tempfile
@@ -105,25 +138,63 @@ def main() -> None:
         for model in args.models.split(","):
             _, _, _, steps, kill_step, tput_steps = SETTINGS[model]
             kill = f"server:0@step={kill_step}"
-            runs: dict[str, list] = {"replica": [], "checkpoint": [], "tput_replica": [], "tput_none": []}
+            runs: dict[str, list] = {
+                "replica": [],
+                "checkpoint": [],
+                "tput_replica": [],
+                "tput_none": [],
+            }
             for rep in range(args.repeats):
                 for method in ("replica", "checkpoint"):
                     ckpt = tempfile.mkdtemp(prefix="rtft-ckpt-") if method == "checkpoint" else None
-                    result = Trainer(make_config(model, method, steps, kill, args.checkpoint_interval, ckpt)).fit()
+                    result = Trainer(
+                        make_config(model, method, steps, kill, args.checkpoint_interval, ckpt)
+                    ).fit()
                     row = measure_kill(result)
                     runs[method].append(row)
-                    print(f"{model} rep {rep} {method}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if k != "sha256"), flush=True)
+                    print(
+                        f"{model} rep {rep} {method}: "
+                        + ", ".join(
+                            f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                            for k, v in row.items()
+                            if k != "sha256"
+                        ),
+                        flush=True,
+                    )
                 for method in ("replica", "none"):
-                    result = Trainer(make_config(model, method, tput_steps, None, args.checkpoint_interval, None)).fit()
+                    result = Trainer(
+                        make_config(model, method, tput_steps, None, args.checkpoint_interval, None)
+                    ).fit()
                     runs[f"tput_{method}"].append(result.steady_samples_per_sec)
-                    print(f"{model} rep {rep} throughput {method}: {result.steady_samples_per_sec:.1f} samples/s", flush=True)
+                    print(
+                        f"{model} rep {rep} throughput {method}: "
+                        f"{result.steady_samples_per_sec:.1f} samples/s",
+                        flush=True,
+                    )
             summary = {}
             for method in ("replica", "checkpoint"):
-                summary[method] = {k: median(runs[method], k) for k in ("kill_to_serving_s", "detect_to_serving_s", "first_step_s", "regained_s", "steps_lost")}
-            summary["speedup_kill_to_serving"] = summary["checkpoint"]["kill_to_serving_s"] / summary["replica"]["kill_to_serving_s"]
-            summary["speedup_regained"] = summary["checkpoint"]["regained_s"] / summary["replica"]["regained_s"]
-            summary["throughput_replica_over_none"] = statistics.median(runs["tput_replica"]) / statistics.median(runs["tput_none"])
-            summary["same_hash_all_kill_runs"] = len({r["sha256"] for r in runs["replica"] + runs["checkpoint"]}) == 1
+                summary[method] = {
+                    k: median(runs[method], k)
+                    for k in (
+                        "kill_to_serving_s",
+                        "detect_to_serving_s",
+                        "first_step_s",
+                        "regained_s",
+                        "steps_lost",
+                    )
+                }
+            summary["speedup_kill_to_serving"] = (
+                summary["checkpoint"]["kill_to_serving_s"] / summary["replica"]["kill_to_serving_s"]
+            )
+            summary["speedup_regained"] = (
+                summary["checkpoint"]["regained_s"] / summary["replica"]["regained_s"]
+            )
+            summary["throughput_replica_over_none"] = statistics.median(
+                runs["tput_replica"]
+            ) / statistics.median(runs["tput_none"])
+            summary["same_hash_all_kill_runs"] = (
+                len({r["sha256"] for r in runs["replica"] + runs["checkpoint"]}) == 1
+            )
             out["models"][model] = {"summary": summary, "runs": runs}
             print(json.dumps({model: summary}, indent=2), flush=True)
     finally:

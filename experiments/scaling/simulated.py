@@ -21,7 +21,8 @@ For each (workers W, servers S):
   efficiency     speedup / W                      (the seed's Table 1 shape)
   vs_ideal       throughput / (W * batch / MS)    (compute-bound ideal: communication free)
 
-    python experiments/scaling/simulated.py --model cnn --workers 1,4,16,64 --servers 1,2,4,8 --simulate-ms 100,1000
+    python experiments/scaling/simulated.py --model cnn --workers 1,4,16,64 --servers 1,2,4,8
+    --simulate-ms 100,1000
 """
 
 from __future__ import annotations
@@ -37,13 +38,37 @@ from raytrain_ft.config import ClusterConfig, DataConfig, ModelConfig, TrainConf
 from raytrain_ft.trainer import Trainer
 
 
-def make_config(model: str, workers: int, servers: int, simulate_ms: float, steps: int, batch: int, mode: str, max_processes: int) -> TrainConfig:
-    data = DataConfig(dataset="synthetic", batch_size=batch, synthetic_samples=max(4096, workers * batch * 2)) if model.startswith("resnet") \
+def make_config(
+    model: str,
+    workers: int,
+    servers: int,
+    simulate_ms: float,
+    steps: int,
+    batch: int,
+    mode: str,
+    max_processes: int,
+) -> TrainConfig:
+    data = (
+        DataConfig(
+            dataset="synthetic", batch_size=batch, synthetic_samples=max(4096, workers * batch * 2)
+        )
+        if model.startswith("resnet")
         else DataConfig(dataset="digits", batch_size=batch)
-    return TrainConfig(model=ModelConfig(name=model), data=data,
-                       cluster=ClusterConfig(num_workers=workers, num_servers=servers, use_gpu="false", simulate_compute_ms=simulate_ms,
-                                             ranks_per_process=math.ceil(workers / max_processes)),
-                       mode=mode, steps=steps, seed=0)
+    )
+    return TrainConfig(
+        model=ModelConfig(name=model),
+        data=data,
+        cluster=ClusterConfig(
+            num_workers=workers,
+            num_servers=servers,
+            use_gpu="false",
+            simulate_compute_ms=simulate_ms,
+            ranks_per_process=math.ceil(workers / max_processes),
+        ),
+        mode=mode,
+        steps=steps,
+        seed=0,
+    )
 
 
 def main() -> None:
@@ -51,8 +76,15 @@ def main() -> None:
     ap.add_argument("--model", default="cnn")
     ap.add_argument("--workers", default="1,4,16,64")
     ap.add_argument("--servers", default="1,2,4,8")
-    ap.add_argument("--simulate-ms", default="100", help="comma-separated compute times per step (ms)")
-    ap.add_argument("--max-processes", type=int, default=8, help="worker processes at most (ranks share them beyond)")
+    ap.add_argument(
+        "--simulate-ms", default="100", help="comma-separated compute times per step (ms)"
+    )
+    ap.add_argument(
+        "--max-processes",
+        type=int,
+        default=8,
+        help="worker processes at most (ranks share them beyond)",
+    )
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--mode", default="sync")
@@ -65,7 +97,11 @@ def main() -> None:
     workers = [int(w) for w in args.workers.split(",")]
     servers = [int(s) for s in args.servers.split(",")]
     computes = [float(m) for m in args.simulate_ms.split(",")]
-    ray.init(num_cpus=max(max(workers), os.cpu_count() or 1), include_dashboard=False, logging_level="WARNING")
+    ray.init(
+        num_cpus=max(max(workers), os.cpu_count() or 1),
+        include_dashboard=False,
+        logging_level="WARNING",
+    )
     rows = []
     try:
         for repeat in range(args.repeats):
@@ -73,37 +109,87 @@ def main() -> None:
                 for s in servers:
                     for w in workers:
                         t0 = time.time()
-                        cfg = make_config(args.model, w, s, ms, args.steps, args.batch_size, args.mode, args.max_processes)
+                        cfg = make_config(
+                            args.model,
+                            w,
+                            s,
+                            ms,
+                            args.steps,
+                            args.batch_size,
+                            args.mode,
+                            args.max_processes,
+                        )
                         r = Trainer(cfg).fit()
                         step_s = w * args.batch_size / r.steady_samples_per_sec
-                        rows.append({"simulate_ms": ms, "workers": w, "servers": s, "repeat": repeat, "samples_per_sec": r.steady_samples_per_sec,
-                                     "ranks_per_process": cfg.cluster.ranks_per_process, "step_s": step_s,
-                                     "updates_applied": r.updates_applied, "wall_s": time.time() - t0, "num_params": r.num_params,
-                                     "wait_s_mean": statistics.mean(x["wait_s"] for x in r.workers)})
-                        print(f"compute {ms:.0f}ms W={w:3d} S={s} ({cfg.cluster.ranks_per_process}/process) {r.steady_samples_per_sec:9,.0f} samples/s  "
-                              f"step {step_s * 1000:6.0f} ms  wall {time.time() - t0:5.1f}s", flush=True)
+                        rows.append(
+                            {
+                                "simulate_ms": ms,
+                                "workers": w,
+                                "servers": s,
+                                "repeat": repeat,
+                                "samples_per_sec": r.steady_samples_per_sec,
+                                "ranks_per_process": cfg.cluster.ranks_per_process,
+                                "step_s": step_s,
+                                "updates_applied": r.updates_applied,
+                                "wall_s": time.time() - t0,
+                                "num_params": r.num_params,
+                                "wait_s_mean": statistics.mean(x["wait_s"] for x in r.workers),
+                            }
+                        )
+                        print(
+                            f"compute {ms:.0f}ms W={w:3d} S={s} "
+                            f"({cfg.cluster.ranks_per_process}/process) "
+                            f"{r.steady_samples_per_sec:9,.0f} samples/s  "
+                            f"step {step_s * 1000:6.0f} ms  wall {time.time() - t0:5.1f}s",
+                            flush=True,
+                        )
     finally:
         ray.shutdown()
     table = []
     for ms in computes:
         ideal_per_worker = args.batch_size / (ms / 1000.0)
         for s in servers:
-            def median(w, key="samples_per_sec"):
-                return statistics.median(r[key] for r in rows if r["simulate_ms"] == ms and r["servers"] == s and r["workers"] == w)
+
+            def median(w, key="samples_per_sec", ms=ms, s=s):
+                return statistics.median(
+                    r[key]
+                    for r in rows
+                    if r["simulate_ms"] == ms and r["servers"] == s and r["workers"] == w
+                )
 
             base = median(min(workers))
             for w in workers:
                 thr = median(w)
                 speedup = thr / base * min(workers)
-                table.append({"simulate_ms": ms, "workers": w, "servers": s, "samples_per_sec": round(thr, 1), "speedup": round(speedup, 3),
-                              "efficiency": round(speedup / w, 3), "vs_ideal": round(thr / (w * ideal_per_worker), 3),
-                              "overhead_ms_per_step": round(median(w, "step_s") * 1000 - ms, 1)})
+                table.append(
+                    {
+                        "simulate_ms": ms,
+                        "workers": w,
+                        "servers": s,
+                        "samples_per_sec": round(thr, 1),
+                        "speedup": round(speedup, 3),
+                        "efficiency": round(speedup / w, 3),
+                        "vs_ideal": round(thr / (w * ideal_per_worker), 3),
+                        "overhead_ms_per_step": round(median(w, "step_s") * 1000 - ms, 1),
+                    }
+                )
     for row in table:
         print(json.dumps(row))
     here = os.path.dirname(os.path.abspath(__file__))
-    path = args.output or os.path.join(here, f"results_{args.model}_{args.mode}_{args.hardware}_{time.strftime('%Y%m')}.json")
+    path = args.output or os.path.join(
+        here, f"results_{args.model}_{args.mode}_{args.hardware}_{time.strftime('%Y%m')}.json"
+    )
     with open(path, "w") as fh:
-        json.dump({"args": vars(args), "num_params": rows[0]["num_params"] if rows else None, "runs": rows, "table": table}, fh, indent=2)
+        json.dump(
+            {
+                "args": vars(args),
+                "num_params": rows[0]["num_params"] if rows else None,
+                "runs": rows,
+                "table": table,
+            },
+            fh,
+            indent=2,
+        )
     print(f"wrote {path}")
     plot(table, path[: -len(".json")] + ".png")
 
@@ -118,8 +204,17 @@ def plot(table: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, len(computes), figsize=(5 * len(computes), 4), squeeze=False)
     for ax, ms in zip(axes[0], computes):
         for s in sorted({r["servers"] for r in table}):
-            pts = sorted((r["workers"], r["efficiency"]) for r in table if r["simulate_ms"] == ms and r["servers"] == s)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{s} server{'s' if s > 1 else ''}")
+            pts = sorted(
+                (r["workers"], r["efficiency"])
+                for r in table
+                if r["simulate_ms"] == ms and r["servers"] == s
+            )
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                marker="o",
+                label=f"{s} server{'s' if s > 1 else ''}",
+            )
         ax.axhline(0.8, color="grey", linestyle=":", linewidth=1)
         ax.set_xscale("log", base=2)
         ax.set_ylim(0, 1.1)

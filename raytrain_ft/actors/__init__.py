@@ -5,22 +5,28 @@ NAMESPACE = "raytrain_ft"
 
 INLINE_BYTES = 96 * 1024
 """Arrays up to this size travel inside a call: Ray inlines arguments under its 100 KiB
-``max_direct_call_object_size`` instead of a round trip to the object store (py-spy: ``ray.put`` of each ~76 KB
+``max_direct_call_object_size`` instead of a round trip to the object store (py-spy: ``ray.put`` of
+each ~76 KB
 push was ~40% of a worker's CPU with 16 ranks x 8 shards)."""
 PARTS_MAX_BYTES = 512 * 1024
-"""Arrays up to this size go inside the call as several parts of at most INLINE_BYTES (a 320 KB array measured
-1.9 ms in parts vs 2.3 ms through the object store; at 1.1 MB parts were slower, 3.9 vs 2.2 ms); larger ones go
+"""Arrays up to this size go inside the call as several parts of at most INLINE_BYTES (a 320 KB
+array measured
+1.9 ms in parts vs 2.3 ms through the object store; at 1.1 MB parts were slower, 3.9 vs 2.2 ms);
+larger ones go
 through the object store."""
 
 
 def inline_parts(array):
-    """``array`` as consecutive owned copies of at most INLINE_BYTES each, to pass as separate call arguments;
+    """``array`` as consecutive owned copies of at most INLINE_BYTES each, to pass as separate call
+    arguments;
     None when it is above PARTS_MAX_BYTES."""
     import numpy as np
 
     if array.nbytes > PARTS_MAX_BYTES:
         return None
-    return tuple(part.copy() for part in np.array_split(array, max(1, -(-array.nbytes // INLINE_BYTES))))
+    return tuple(
+        part.copy() for part in np.array_split(array, max(1, -(-array.nbytes // INLINE_BYTES)))
+    )
 
 
 def process_address() -> str:
@@ -67,10 +73,11 @@ def watch_supervisor(run_id: str, namespace: str, misses_to_exit: int = 2) -> No
             except ValueError:
                 misses += 1
                 if misses >= misses_to_exit:
-                    logging.getLogger(__name__).warning("[%s] the run's supervisor is gone (its driver ended); exiting", run_id)
+                    logging.getLogger(__name__).warning(
+                        "[%s] the run's supervisor is gone (its driver ended); exiting", run_id
+                    )
                     os._exit(0)
             except Exception:  # noqa: BLE001 -- the GCS unreachable for a moment: ask again next time
                 pass
 
     threading.Thread(target=loop, name="orphan-watch", daemon=True).start()
-

@@ -1,4 +1,5 @@
-"""The run's actors as a group: create servers and workers by the names the supervisor's protocol chose, kill them.
+"""The run's actors as a group: create servers and workers by the names the supervisor's protocol
+chose, kill them.
 
 The Ray counterpart of the ``Create`` and ``Kill`` effects (as Ray Train's
 ``WorkerGroup`` is for its controller): resources, placement, detached
@@ -61,9 +62,12 @@ class ActorGroup:
     def _options(self, name: str, node_id: str | None, **resources) -> dict:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        opts = dict(name=name, namespace=NAMESPACE, lifetime="detached", max_restarts=0, **resources)
+        opts = dict(
+            name=name, namespace=NAMESPACE, lifetime="detached", max_restarts=0, **resources
+        )
         if node_id:
-            # hard affinity: soft affinity does not place zero-CPU actors (measured); the node is alive when chosen
+            # hard affinity: soft affinity does not place zero-CPU actors (measured); the node is
+            # alive when chosen
             opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=False)
         return opts
 
@@ -86,8 +90,14 @@ class ActorGroup:
         from raytrain_ft.actors.server import ParameterServer
 
         run = self.spec.server_run
-        faults = self.spec.slot_faults[e.slot] if e.slot is not None and e.slot < len(self.spec.slot_faults) else None
-        if faults is not None and e.slot not in self._faulted:  # only a slot's first actor carries @snapshot kills
+        faults = (
+            self.spec.slot_faults[e.slot]
+            if e.slot is not None and e.slot < len(self.spec.slot_faults)
+            else None
+        )
+        if (
+            faults is not None and e.slot not in self._faulted
+        ):  # only a slot's first actor carries @snapshot kills
             self._faulted.add(e.slot)
             run = dataclasses.replace(run, faults=faults)
         node = e.node if e.node in self._alive_nodes() else None
@@ -109,22 +119,43 @@ class ActorGroup:
 
         cfg = self.spec.config
         gpu = 1 if self.spec.device != "cpu" else 0
-        args = (e.name, e.rank, cfg, self.spec.task, list(self.spec.ranges), e.routes, self.spec.device, self.spec.run_id)
+        args = (
+            e.name,
+            e.rank,
+            cfg,
+            self.spec.task,
+            list(self.spec.ranges),
+            e.routes,
+            self.spec.device,
+            self.spec.run_id,
+        )
         per_process = cfg.cluster.ranks_per_process
         if per_process == 1:
-            cls = ray.remote(Worker).options(**self._options(e.name, None, num_cpus=cfg.cluster.cpus_per_worker, num_gpus=gpu))
+            cls = ray.remote(Worker).options(
+                **self._options(e.name, None, num_cpus=cfg.cluster.cpus_per_worker, num_gpus=gpu)
+            )
             self.directory.remember(e.name, cls.remote(*args))
             return
         group = e.rank // per_process
         host, ranks, host_name = self._hosts.get(group, (None, set(), None))
-        if host is None or e.rank in ranks:  # the group's first rank, or a restart after its process died: a new process
+        if (
+            host is None or e.rank in ranks
+        ):  # the group's first rank, or a restart after its process died: a new process
             host_name = f"{self.spec.run_id}/host{group}-{uuid.uuid4().hex[:8]}"
-            host = ray.remote(WorkerHost).options(**self._options(host_name, None, num_cpus=cfg.cluster.cpus_per_worker)).remote()
+            host = (
+                ray.remote(WorkerHost)
+                .options(**self._options(host_name, None, num_cpus=cfg.cluster.cpus_per_worker))
+                .remote()
+            )
             ranks = set()
             self._hosts[group] = (host, ranks, host_name)
         ranks.add(e.rank)
-        internal_kv._internal_kv_put(host_key(self.spec.run_id, e.name), f"{host_name}#{e.rank}".encode(), overwrite=True)
-        host.add.remote(e.rank, *args)  # runs before any later call to the rank (one caller, calls in order)
+        internal_kv._internal_kv_put(
+            host_key(self.spec.run_id, e.name), f"{host_name}#{e.rank}".encode(), overwrite=True
+        )
+        host.add.remote(
+            e.rank, *args
+        )  # runs before any later call to the rank (one caller, calls in order)
         self.directory.remember(e.name, RankHandle(host, e.rank))
 
     def kill(self, name: str) -> None:
@@ -134,7 +165,8 @@ class ActorGroup:
 
         handle = self.directory.handle(name)
         if handle is None or isinstance(handle, RankHandle):
-            return  # gone already; a hosted rank dies with its process (killing it would kill its neighbours)
+            # gone already; a hosted rank dies with its process (a kill would take its neighbours)
+            return
         try:
             ray.kill(handle, no_restart=True)
         except Exception:  # noqa: BLE001 -- dead already
@@ -142,8 +174,10 @@ class ActorGroup:
 
 
 def kill_process(handle, process: str | None) -> str:
-    """Kill an actor for real: SIGKILL its process (``NODE_IP:PID``) when it runs on this host and is a Ray
-    actor process, else ``ray.kill`` (also a forced kill). Never signals a process of another host."""
+    """Kill an actor for real: SIGKILL its process (``NODE_IP:PID``) when it runs on this host and
+    is a Ray
+    actor process, else ``ray.kill`` (also a forced kill). Never signals a process of another
+    host."""
     import ray
 
     from raytrain_ft.actors.worker import actor_of
@@ -163,14 +197,19 @@ def kill_process(handle, process: str | None) -> str:
 
 
 def kill_run_actors(run_id: str) -> int:
-    """Kill every actor of the run but the supervisor, and drop the run's entries in Ray's internal KV."""
+    """Kill every actor of the run but the supervisor, and drop the run's entries in Ray's internal
+    KV."""
     import ray
     from ray.experimental import internal_kv
 
     internal_kv._internal_kv_del(f"raytrain_ft/{run_id}/", del_by_prefix=True)
     n = 0
     for a in ray.util.list_named_actors(all_namespaces=True):
-        if a["namespace"] == NAMESPACE and a["name"].startswith(f"{run_id}/") and not a["name"].endswith("/supervisor"):
+        if (
+            a["namespace"] == NAMESPACE
+            and a["name"].startswith(f"{run_id}/")
+            and not a["name"].endswith("/supervisor")
+        ):
             try:
                 ray.kill(ray.get_actor(a["name"], namespace=NAMESPACE), no_restart=True)
                 n += 1

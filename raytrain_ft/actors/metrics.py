@@ -35,26 +35,56 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     # workers
     MetricSpec("steps", "counter", "Training steps finished by all workers"),
     MetricSpec("samples", "counter", "Training samples processed by all workers"),
-    MetricSpec("samples_per_second", "gauge", "Samples/s of one worker over its last steps (sum over workers for the run)"),
-    MetricSpec("exchange_latency_seconds", "histogram", "Round trip of one worker-shard exchange: op=push_pull (push a gradient, get parameters) or op=pull",
-               ("run_id", "op"), LATENCY_BOUNDARIES_S),
+    MetricSpec(
+        "samples_per_second",
+        "gauge",
+        "Samples/s of one worker over its last steps (sum over workers for the run)",
+    ),
+    MetricSpec(
+        "exchange_latency_seconds",
+        "histogram",
+        "Round trip of one worker-shard exchange: op=push_pull (push a gradient, get parameters) "
+        "or op=pull",
+        ("run_id", "op"),
+        LATENCY_BOUNDARIES_S,
+    ),
     # servers
     MetricSpec("updates", "counter", "Updates a shard applied", ("run_id", "shard")),
-    MetricSpec("staleness", "histogram", "Shard updates between the parameters a gradient was computed on and its application",
-               ("run_id", "shard"), STALENESS_BOUNDARIES),
-    MetricSpec("replica_lag_seq", "gauge", "Updates a shard applied that its replica holder has not logged yet", ("run_id", "shard")),
+    MetricSpec(
+        "staleness",
+        "histogram",
+        "Shard updates between the parameters a gradient was computed on and its application",
+        ("run_id", "shard"),
+        STALENESS_BOUNDARIES,
+    ),
+    MetricSpec(
+        "replica_lag_seq",
+        "gauge",
+        "Updates a shard applied that its replica holder has not logged yet",
+        ("run_id", "shard"),
+    ),
     # supervisor
-    MetricSpec("recoveries", "counter", "Failures survived, by role (server, worker) and source (replica, checkpoint, restart)",
-               ("run_id", "role", "source")),
-    MetricSpec("recovery_duration_seconds", "histogram", "From a failure noticed to the role serving again", ("run_id", "role", "source"),
-               RECOVERY_BOUNDARIES_S),
+    MetricSpec(
+        "recoveries",
+        "counter",
+        "Failures survived, by role (server, worker) and source (replica, checkpoint, restart)",
+        ("run_id", "role", "source"),
+    ),
+    MetricSpec(
+        "recovery_duration_seconds",
+        "histogram",
+        "From a failure noticed to the role serving again",
+        ("run_id", "role", "source"),
+        RECOVERY_BOUNDARIES_S,
+    ),
 )
 
 SPECS = {s.name: s for s in CATALOGUE}
 
 
 def prometheus_name(name: str) -> str:
-    """The series name a scrape shows for catalogue metric ``name`` (histograms add _bucket/_sum/_count)."""
+    """The series name a scrape shows for catalogue metric ``name`` (histograms add
+    _bucket/_sum/_count)."""
     spec = SPECS[name]
     full = "ray_" + PREFIX + name
     return full + "_total" if spec.kind == "counter" and not full.endswith("_total") else full
@@ -73,11 +103,17 @@ class Recorder:
             return
         if not ray.is_initialized():
             return
-        kinds = {"counter": ray_metrics.Counter, "gauge": ray_metrics.Gauge, "histogram": ray_metrics.Histogram}
+        kinds = {
+            "counter": ray_metrics.Counter,
+            "gauge": ray_metrics.Gauge,
+            "histogram": ray_metrics.Histogram,
+        }
         for name in names:
             spec = SPECS[name]
             kwargs = {"boundaries": list(spec.boundaries)} if spec.kind == "histogram" else {}
-            metric = kinds[spec.kind](PREFIX + name, description=spec.description, tag_keys=spec.tag_keys, **kwargs)
+            metric = kinds[spec.kind](
+                PREFIX + name, description=spec.description, tag_keys=spec.tag_keys, **kwargs
+            )
             metric.set_default_tags({"run_id": run_id})
             self._metrics[name] = metric
 

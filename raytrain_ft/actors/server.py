@@ -1,4 +1,5 @@
-"""ParameterServer: the Ray actor hosting one ``ServerProtocol`` (a shard's primary, replica holder, or spare).
+"""ParameterServer: the Ray actor hosting one ``ServerProtocol`` (a shard's primary, replica holder,
+or spare).
 
 It only delivers messages and carries out effects; what a server decides
 lives in ``protocol/server.py`` and is explored by the simulator.
@@ -23,8 +24,8 @@ from raytrain_ft.protocol.messages import (
     Fold,
     Load,
     Note,
-    Refused,
     RefusalKind,
+    Refused,
     Reply,
     SaveCheckpoint,
     Timer,
@@ -52,7 +53,9 @@ class ParameterServer:
         torch.set_num_threads(1)
         self.name, self.run = name, run
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
-        self.proto = ServerProtocol(name, spec, clock=time.perf_counter, node=node, process=process_address())
+        self.proto = ServerProtocol(
+            name, spec, clock=time.perf_counter, node=node, process=process_address()
+        )
         self.directory = Directory(run.run_id)
         self.metrics = Recorder(run.run_id, SERVER_METRICS if run.metrics else ())
         self._rids = itertools.count(1)
@@ -74,7 +77,8 @@ class ParameterServer:
     async def deliver_parts(self, msg, counts: tuple, *parts: np.ndarray):
         return await self.deliver(unpack(msg, counts, parts))
 
-    # --- carrying out effects ------------------------------------------------------------------------
+    # --- carrying out effects
+    # ------------------------------------------------------------------------
 
     def _perform(self, effects: list) -> None:
         loop = asyncio.get_running_loop()
@@ -92,12 +96,15 @@ class ParameterServer:
             elif isinstance(e, SaveCheckpoint):
                 from raytrain_ft.recovery.checkpoint import save_shard_checkpoint
 
-                save_shard_checkpoint(self.run.checkpoint_dir, e.shard, e.step, e.params, e.optimizer_state)
+                save_shard_checkpoint(
+                    self.run.checkpoint_dir, e.shard, e.step, e.params, e.optimizer_state
+                )
             elif isinstance(e, Note):
                 self._note(e)
 
     def _guarded(self, handler, *args) -> None:
-        """Run a protocol handler outside a method call (a timer, an answer) and carry out its effects; a bug is
+        """Run a protocol handler outside a method call (a timer, an answer) and carry out its
+        effects; a bug is
         logged with its traceback rather than lost in the event loop."""
         try:
             self._perform(handler(*args))
@@ -118,7 +125,11 @@ class ParameterServer:
             else:
                 if failure is Failure.DEAD:
                     self.directory.forget(e.dst)
-                self._guarded(self.proto.on_failure, e.cid, failure if isinstance(failure, Failure) else Failure.DEAD)
+                self._guarded(
+                    self.proto.on_failure,
+                    e.cid,
+                    failure if isinstance(failure, Failure) else Failure.DEAD,
+                )
                 return
         self._guarded(self.proto.on_reply, e.cid, value)
 
@@ -140,14 +151,24 @@ class ParameterServer:
         from raytrain_ft.recovery.checkpoint import load_shard_checkpoint, shard_checkpoint_path
 
         directory = self.run.resume_dir if m.resume else self.run.checkpoint_dir
-        params, step, opt_state, _ = load_shard_checkpoint(shard_checkpoint_path(directory, m.shard.index, m.checkpoint_step))
+        params, step, opt_state, _ = load_shard_checkpoint(
+            shard_checkpoint_path(directory, m.shard.index, m.checkpoint_step)
+        )
         return dataclasses.replace(m, params=params, seq=step, optimizer_state=opt_state)
 
-    # --- what the driver reads at the end --------------------------------------------------------------
+    # --- what the driver reads at the end
+    # --------------------------------------------------------------
 
     async def final(self) -> tuple:
-        """(parameters, ShardStats, applied record, per-rank clocks, optimizer state) of the primary this server is."""
+        """(parameters, ShardStats, applied record, per-rank clocks, optimizer state) of the primary
+        this server is."""
         p = self.proto.primary
         if p is None:
             raise RuntimeError(f"{self.name} is not a primary")
-        return self.proto.params(), self.proto.stats(), p.state.applied_copy(), dict(p.state.clocks), p.state.optimizer.state_dict()
+        return (
+            self.proto.params(),
+            self.proto.stats(),
+            p.state.applied_copy(),
+            dict(p.state.clocks),
+            p.state.optimizer.state_dict(),
+        )

@@ -29,8 +29,24 @@ import numpy as np
 from raytrain_ft.actors.group import ActorGroup, GroupSpec
 from raytrain_ft.actors.metrics import SUPERVISOR_METRICS, Recorder
 from raytrain_ft.actors.transport import Directory, failure_of, send
-from raytrain_ft.protocol.messages import Call, Create, Exported, Failure, InspectReplica, Kill, Note, Persist, Reply, Timer
-from raytrain_ft.protocol.supervisor import RunPhase, SupervisorProtocol, SupervisorSpec, replica_slot
+from raytrain_ft.protocol.messages import (
+    Call,
+    Create,
+    Exported,
+    Failure,
+    InspectReplica,
+    Kill,
+    Note,
+    Persist,
+    Reply,
+    Timer,
+)
+from raytrain_ft.protocol.supervisor import (
+    RunPhase,
+    SupervisorProtocol,
+    SupervisorSpec,
+    replica_slot,
+)
 from raytrain_ft.recovery.chaos import FaultHook, kills_recorded
 
 logger = logging.getLogger(__name__)
@@ -81,7 +97,8 @@ class SupervisorStatus:
 
 @dataclass(frozen=True, slots=True)
 class SupervisorArgs:
-    """Everything a supervisor (and a restarted one) is built from: small values only, so Ray keeps them in the
+    """Everything a supervisor (and a restarted one) is built from: small values only, so Ray keeps
+    them in the
     actor's creation task instead of the object store."""
 
     run_id: str
@@ -93,7 +110,8 @@ class SupervisorArgs:
     device: str
     checkpoint_dir: str | None
     task: object
-    """``task.Task``: the supervisor builds the initial model from it itself (same seed, same values) and hands it
+    """``task.Task``: the supervisor builds the initial model from it itself (same seed, same
+    values) and hands it
     to the workers."""
     start_step: int = 0
 
@@ -112,18 +130,55 @@ class Supervisor:
         self.run_id = args.run_id
         k, w = len(args.ranges), cfg.cluster.num_workers
         self.spec = SupervisorSpec(
-            k, w, args.total_steps, rc.recovery, start_step=args.start_step, resume_step=args.start_step if rc.resume_from else None,
-            num_spares=rc.num_spares if rc.recovery != "none" else 0, max_worker_restarts=rc.max_worker_restarts,
-            max_server_replacements=rc.max_server_replacements, probe_interval_s=rc.health_check_interval_s, probe_timeout_s=PROBE_TIMEOUT_S,
-            suspect_after_s=rc.suspect_after_s, start_timeout_s=actor_start_timeout_s(), op_timeout_s=rc.suspect_after_s * 6, node_ids=args.node_ids,
+            k,
+            w,
+            args.total_steps,
+            rc.mode,
+            start_step=args.start_step,
+            resume_step=args.start_step if rc.resume_from else None,
+            num_spares=rc.num_spares if rc.mode != "none" else 0,
+            max_worker_restarts=rc.max_worker_restarts,
+            max_server_replacements=rc.max_server_replacements,
+            probe_interval_s=rc.health_check_interval_s,
+            probe_timeout_s=PROBE_TIMEOUT_S,
+            suspect_after_s=rc.suspect_after_s,
+            start_timeout_s=actor_start_timeout_s(),
+            op_timeout_s=rc.suspect_after_s * 6,
+            node_ids=args.node_ids,
         )
-        server_spec = ServerSpec(cfg.optim, args.total_steps, w, cfg.rule(), rc.snapshot_interval, replicate=rc.recovery == "replica",
-                                 fold=rc.fold_log, checkpoint_interval=rc.checkpoint_interval if args.checkpoint_dir else 0)
-        server_run = ServerRun(self.run_id, args.checkpoint_dir, rc.resume_from, cfg.cluster.metrics)
+        server_spec = ServerSpec(
+            cfg.optim,
+            args.total_steps,
+            w,
+            cfg.rule(),
+            rc.snapshot_interval,
+            replicate=rc.mode == "replica",
+            fold=rc.fold_log,
+            checkpoint_interval=rc.checkpoint_interval if args.checkpoint_dir else 0,
+        )
+        server_run = ServerRun(
+            self.run_id, args.checkpoint_dir, rc.resume_from, cfg.cluster.metrics
+        )
         self.directory = Directory(self.run_id)
         hooks = server_hooks(self.run_id, args.kills, len(args.ranges) if k > 1 else 2, k)
-        self.group = ActorGroup(GroupSpec(self.run_id, cfg, args.task, args.ranges, server_spec, server_run, args.device, hooks), self.directory)
-        self.faults = FaultHook(self.run_id, tuple(x for x in args.kills if x.trigger in ("recovery", "rereplication")), kill=self._fault_kill)
+        self.group = ActorGroup(
+            GroupSpec(
+                self.run_id,
+                cfg,
+                args.task,
+                args.ranges,
+                server_spec,
+                server_run,
+                args.device,
+                hooks,
+            ),
+            self.directory,
+        )
+        self.faults = FaultHook(
+            self.run_id,
+            tuple(x for x in args.kills if x.trigger in ("recovery", "rereplication")),
+            kill=self._fault_kill,
+        )
         self.metrics = Recorder(self.run_id, SUPERVISOR_METRICS if cfg.cluster.metrics else ())
         self._initial: np.ndarray | None = None
         with warnings.catch_warnings():  # the property reads a deprecated attribute internally
@@ -132,14 +187,31 @@ class Supervisor:
         saved = internal_kv._internal_kv_get(registry_key(self.run_id))
         name_prefix = f"{self.run_id}/"
         if reconstructed and saved is not None:
-            self.proto = SupervisorProtocol.restore(self.spec, list(args.ranges), self._params_of, saved.decode(), time.time(),
-                                                    key=registry_key(self.run_id), name_prefix=name_prefix)
+            self.proto = SupervisorProtocol.restore(
+                self.spec,
+                list(args.ranges),
+                self._params_of,
+                saved.decode(),
+                time.time(),
+                key=registry_key(self.run_id),
+                name_prefix=name_prefix,
+            )
             fired = {r["kill"] for r in kills_recorded(self.run_id)}
             self.faults.pending = [x for x in self.faults.pending if str(x) not in fired]
-            logger.warning("[supervisor] restarted: registry read back (%d slots, %d workers)", len(self.proto.reg.slots), w)
+            logger.warning(
+                "[supervisor] restarted: registry read back (%d slots, %d workers)",
+                len(self.proto.reg.slots),
+                w,
+            )
         else:
-            self.proto = SupervisorProtocol(self.spec, list(args.ranges), self._params_of, now=time.time(), key=registry_key(self.run_id),
-                                            name_prefix=name_prefix)
+            self.proto = SupervisorProtocol(
+                self.spec,
+                list(args.ranges),
+                self._params_of,
+                now=time.time(),
+                key=registry_key(self.run_id),
+                name_prefix=name_prefix,
+            )
         self.started_at = self.proto.reg.started_at
         self._rids = itertools.count(1)
         self._answers: dict[int, asyncio.Future] = {}
@@ -147,7 +219,8 @@ class Supervisor:
         self._changed: asyncio.Event | None = None
         self._events_seen = len(self.proto.reg.events)
 
-    # --- the loop ----------------------------------------------------------------------------------------
+    # --- the loop
+    # ----------------------------------------------------------------------------------------
 
     def _ensure_running(self) -> None:
         if self._running:
@@ -158,7 +231,8 @@ class Supervisor:
         asyncio.get_running_loop().create_task(self._heartbeat())
 
     async def _heartbeat(self) -> None:
-        """A probe round at least every few intervals, whatever happened to the protocol's own timers (a round
+        """A probe round at least every few intervals, whatever happened to the protocol's own
+        timers (a round
         already in flight makes this a no-op)."""
         while self.proto.phase not in (RunPhase.DONE, RunPhase.FAILED):
             await asyncio.sleep(self.spec.probe_interval_s * 5)
@@ -207,8 +281,10 @@ class Supervisor:
             self._changed.set()
 
     def _guarded(self, handler, *args) -> None:
-        """Run a protocol handler outside a method call (a timer, an answer) and carry out its effects; a bug in
-        either ends the run with its traceback instead of leaving the loop silently without its next step."""
+        """Run a protocol handler outside a method call (a timer, an answer) and carry out its
+        effects; a bug in
+        either ends the run with its traceback instead of leaving the loop silently without its next
+        step."""
         try:
             self._perform(handler(*args, time.time()))
         except Exception:  # noqa: BLE001 -- reported as the run's failure
@@ -230,7 +306,9 @@ class Supervisor:
         except Exception as error:  # noqa: BLE001 -- Ray's errors become the protocol's failures
             failure = failure_of(error)
             if failure is None:
-                failure = Failure.UNAVAILABLE  # the callee raised (e.g. a hosted rank not added yet): ask again later
+                failure = (
+                    Failure.UNAVAILABLE
+                )  # the callee raised (e.g. a hosted rank not added yet): ask again later
             if failure is Failure.DEAD:
                 self.directory.forget(e.dst)
             value = failure
@@ -240,7 +318,14 @@ class Supervisor:
             self._guarded(self.proto.on_reply, e.cid, value)
 
     def _note(self, e: Note) -> None:
-        if e.event in ("run_failed", "run_done", "recovered", "rereplicated", "recovery_started", "recovery_abandoned"):
+        if e.event in (
+            "run_failed",
+            "run_done",
+            "recovered",
+            "rereplicated",
+            "recovery_started",
+            "recovery_abandoned",
+        ):
             logger.info("[supervisor] %s %s", e.event, e.fields)
         self.faults.on_note(e)
 
@@ -254,12 +339,25 @@ class Supervisor:
             tags = {"role": d["role"], "source": d["source"]}
             self.metrics.inc("recoveries", 1, tags)
             self.metrics.observe("recovery_duration_seconds", d["duration_s"], tags)
-            events_logger.info("recovered %s %s in %.3fs (%s, replayed %d, %d bytes moved)", d["role"], d["index"], d["duration_s"],
-                                  d["source"], d["replayed"], d["bytes_moved"],
-                                  extra={"run_id": self.run_id, "shard": d["index"], "step": d.get("step"), "decision": d["source"]})
+            events_logger.info(
+                "recovered %s %s in %.3fs (%s, replayed %d, %d bytes moved)",
+                d["role"],
+                d["index"],
+                d["duration_s"],
+                d["source"],
+                d["replayed"],
+                d["bytes_moved"],
+                extra={
+                    "run_id": self.run_id,
+                    "shard": d["index"],
+                    "step": d.get("step"),
+                    "decision": d["source"],
+                },
+            )
 
     def _fault_kill(self, k, fields: dict) -> tuple[str, str]:
-        """@recovery / @rereplication kills: ``server:i`` for the shard being rebuilt names its replacement."""
+        """@recovery / @rereplication kills: ``server:i`` for the shard being rebuilt names its
+        replacement."""
         from raytrain_ft.actors.group import kill_process
 
         if k.role == "server" and fields.get("shard") == k.index and "spare" in fields:
@@ -279,16 +377,34 @@ class Supervisor:
         r = self.args.ranges[shard]
         return self._initial[r.start : r.end]
 
-    # --- what the driver reads ---------------------------------------------------------------------------
+    # --- what the driver reads
+    # ---------------------------------------------------------------------------
 
     async def status(self) -> SupervisorStatus:
         self._ensure_running()
         reg, view = self.proto.reg, self.proto.view
-        workers = tuple(_status(self.proto.latest.get(w.actor)) if w.actor else None for w in reg.workers)
-        steps = tuple((view.describe(reg.slots[i].actor).seq if view is not None and view.describe(reg.slots[i].actor) else -1)
-                      for i in range(self.spec.num_shards))
+        workers = tuple(
+            _status(self.proto.latest.get(w.actor)) if w.actor else None for w in reg.workers
+        )
+        steps = tuple(
+            (
+                view.describe(reg.slots[i].actor).seq
+                if view is not None and view.describe(reg.slots[i].actor)
+                else -1
+            )
+            for i in range(self.spec.num_shards)
+        )
         done = [event_dict(e, self.started_at) for e in reg.events if e.serving_at is not None]
-        return SupervisorStatus(reg.phase.value, workers, tuple(done), reg.failure, reg.restarts, self.proto.epochs(), steps, self.targets())
+        return SupervisorStatus(
+            reg.phase.value,
+            workers,
+            tuple(done),
+            reg.failure,
+            reg.restarts,
+            self.proto.epochs(),
+            steps,
+            self.targets(),
+        )
 
     def targets(self) -> Targets:
         reg, view = self.proto.reg, self.proto.view
@@ -297,38 +413,71 @@ class Supervisor:
             a = view.answers.get(name) if view is not None and name else None
             return getattr(a, "process", None)
 
-        return Targets(self.run_id, self.spec.num_shards, tuple((s.actor, process(s.actor)) for s in reg.slots),
-                       tuple((w.actor, process(w.actor)) for w in reg.workers), tuple((n, process(n)) for n in reg.spares))
+        return Targets(
+            self.run_id,
+            self.spec.num_shards,
+            tuple((s.actor, process(s.actor)) for s in reg.slots),
+            tuple((w.actor, process(w.actor)) for w in reg.workers),
+            tuple((n, process(n)) for n in reg.spares),
+        )
 
     async def kills_done(self) -> list[dict]:
         return kills_recorded(self.run_id)
 
     async def final(self) -> dict:
-        """Final parameters, server stats, step times, the applied records, and I4: each replica replayed equals its primary."""
+        """Final parameters, server stats, step times, the applied records, and I4: each replica
+        replayed equals its primary."""
         from raytrain_ft.recovery.replay import replay
 
         reg, k = self.proto.reg, self.spec.num_shards
-        finals = await asyncio.gather(*[self.directory.handle(reg.slots[i].actor).final.remote() for i in range(k)])
+        finals = await asyncio.gather(
+            *[self.directory.handle(reg.slots[i].actor).final.remote() for i in range(k)]
+        )
         params = [f[0] for f in finals]
         replicas_match = []
         if self.spec.recovery == "replica":
-            exports = await asyncio.gather(*[send(self.directory.handle(reg.slots[replica_slot(i, k)].actor), InspectReplica(i)) for i in range(k)])
+            exports = await asyncio.gather(
+                *[
+                    send(
+                        self.directory.handle(reg.slots[replica_slot(i, k)].actor),
+                        InspectReplica(i),
+                    )
+                    for i in range(k)
+                ]
+            )
             for i, (ex, f) in enumerate(zip(exports, finals)):
                 if not isinstance(ex, Exported):
                     replicas_match.append(False)
                     continue
-                rebuilt = replay(ex.snapshot, list(ex.entries), self.args.ranges[i], self.args.config.optim, self.spec.total_steps).state
-                replicas_match.append(bool(np.array_equal(rebuilt.params_copy(), params[i])) and rebuilt.applied_copy() == f[2]
-                                      and rebuilt.clocks == f[3] and _same_state(rebuilt.optimizer.state_dict(), f[4]))
+                rebuilt = replay(
+                    ex.snapshot,
+                    list(ex.entries),
+                    self.args.ranges[i],
+                    self.args.config.optim,
+                    self.spec.total_steps,
+                ).state
+                replicas_match.append(
+                    bool(np.array_equal(rebuilt.params_copy(), params[i]))
+                    and rebuilt.applied_copy() == f[2]
+                    and rebuilt.clocks == f[3]
+                    and _same_state(rebuilt.optimizer.state_dict(), f[4])
+                )
         times = []
         for w in reg.workers:
             handle = self.directory.handle(w.actor) if w.actor else None
             try:
-                times.append(await asyncio.wait_for(handle.step_end_times.remote(), PROBE_TIMEOUT_S * 5))
+                times.append(
+                    await asyncio.wait_for(handle.step_end_times.remote(), PROBE_TIMEOUT_S * 5)
+                )
             except Exception:  # noqa: BLE001 -- a worker gone at the very end: no step times from it
                 times.append([])
-        return {"params": np.concatenate(params), "stats": [f[1] for f in finals], "applied": [f[2] for f in finals],
-                "step_end_times": times, "replicas_match": replicas_match}
+        return {
+            "params": np.concatenate(params),
+            "stats": [f[1] for f in finals],
+            "applied": [f[2] for f in finals],
+            "step_end_times": times,
+            "replicas_match": replicas_match,
+        }
 
 
 def _status(answer):
@@ -346,8 +495,11 @@ def event_dict(e, started_at: float) -> dict:
     """A recovery event as the JSON summary reports it (times relative to the run's start)."""
     d = dataclasses.asdict(e)
     serving = e.serving_at if e.serving_at is not None else e.detected_at
-    d.update(detected_s=round(e.detected_at - started_at, 4), serving_s=round(serving - started_at, 4),
-             duration_s=round(serving - e.detected_at, 4))
+    d.update(
+        detected_s=round(e.detected_at - started_at, 4),
+        serving_s=round(serving - started_at, 4),
+        duration_s=round(serving - e.detected_at, 4),
+    )
     return d
 
 

@@ -45,7 +45,8 @@ class Directory:
         self._handles.pop(name, None)
 
     def handle(self, name: str):
-        """The handle of ``name``, or None when Ray knows no such actor (it died, or was never created)."""
+        """The handle of ``name``, or None when Ray knows no such actor (it died, or was never
+        created)."""
         h = self._handles.get(name)
         if h is not None:
             return h
@@ -70,17 +71,28 @@ class Directory:
 
 
 def send(handle, msg):
-    """Call ``handle.deliver(msg)``; dense arrays up to PARTS_MAX_BYTES go inside the call in parts."""
-    if isinstance(msg, Push) and isinstance(msg.payload, np.ndarray) and msg.payload.nbytes > INLINE_BYTES:
+    """Call ``handle.deliver(msg)``; dense arrays up to PARTS_MAX_BYTES go inside the call in
+    parts."""
+    if (
+        isinstance(msg, Push)
+        and isinstance(msg.payload, np.ndarray)
+        and msg.payload.nbytes > INLINE_BYTES
+    ):
         parts = inline_parts(msg.payload)
         if parts is not None:
-            return handle.deliver_parts.remote(dataclasses.replace(msg, payload=None), (len(parts),), *parts)
+            return handle.deliver_parts.remote(
+                dataclasses.replace(msg, payload=None), (len(parts),), *parts
+            )
     if isinstance(msg, Append) and msg.snapshot is None and msg.commands:
         total = sum(c.update.nbytes for c in msg.commands)
         if INLINE_BYTES < total <= PARTS_MAX_BYTES:
             split = [inline_parts(c.update) for c in msg.commands]
-            bare = dataclasses.replace(msg, commands=tuple(dataclasses.replace(c, update=None) for c in msg.commands))
-            return handle.deliver_parts.remote(bare, tuple(len(p) for p in split), *[a for p in split for a in p])
+            bare = dataclasses.replace(
+                msg, commands=tuple(dataclasses.replace(c, update=None) for c in msg.commands)
+            )
+            return handle.deliver_parts.remote(
+                bare, tuple(len(p) for p in split), *[a for p in split for a in p]
+            )
     return handle.deliver.remote(msg)
 
 
@@ -89,34 +101,52 @@ def unpack(msg, counts: tuple, parts: tuple):
     if isinstance(msg, Push):
         return dataclasses.replace(msg, payload=np.concatenate(parts))
     it = iter(parts)
-    commands = tuple(dataclasses.replace(c, update=np.concatenate([next(it) for _ in range(n)])) for c, n in zip(msg.commands, counts))
+    commands = tuple(
+        dataclasses.replace(c, update=np.concatenate([next(it) for _ in range(n)]))
+        for c, n in zip(msg.commands, counts)
+    )
     return dataclasses.replace(msg, commands=commands)
 
 
 def failure_of(error: BaseException):
-    """The protocol's view of an error from ``ray.get`` of a call: a ``Failure``, a ``StartFailed`` (the
+    """The protocol's view of an error from ``ray.get`` of a call: a ``Failure``, a ``StartFailed``
+    (the
     actor's constructor raised: a setting to fix, not a crash), or None (a bug: re-raise it)."""
     import ray
 
     e = ray.exceptions
-    lost = tuple(getattr(e, n) for n in ("ObjectLostError", "ObjectReconstructionFailedError", "OwnerDiedError",
-                                         "ObjectFetchTimedOutError", "ReferenceCountingAssertionError") if hasattr(e, n))
+    lost = tuple(
+        getattr(e, n)
+        for n in (
+            "ObjectLostError",
+            "ObjectReconstructionFailedError",
+            "OwnerDiedError",
+            "ObjectFetchTimedOutError",
+            "ReferenceCountingAssertionError",
+        )
+        if hasattr(e, n)
+    )
     if isinstance(error, lost):
         return Failure.LOST
-    if isinstance(error, getattr(e, "ActorUnavailableError", ())) or isinstance(error, e.GetTimeoutError):
+    if isinstance(error, getattr(e, "ActorUnavailableError", ())) or isinstance(
+        error, e.GetTimeoutError
+    ):
         return Failure.UNAVAILABLE
     if isinstance(error, e.RayActorError):
         text = str(error)
         if "creation task" in text:
             return StartFailed(own_error_line(text))
         return Failure.DEAD
-    if isinstance(error, e.RayTaskError) and isinstance(getattr(error, "cause", None), e.RayActorError):
+    if isinstance(error, e.RayTaskError) and isinstance(
+        getattr(error, "cause", None), e.RayActorError
+    ):
         return failure_of(error.cause)
     return None
 
 
 def own_error_line(text: str) -> str:
-    """The project's own message inside a Ray error's text (an actor's __init__ raised it), else its last line."""
+    """The project's own message inside a Ray error's text (an actor's __init__ raised it), else its
+    last line."""
     for name in ("ClusterError", "ConfigError", "DataError"):
         marker = f"{name}: "
         if marker in text:

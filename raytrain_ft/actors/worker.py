@@ -12,20 +12,25 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from raytrain_ft.actors import INLINE_BYTES, NAMESPACE, inline_parts, process_address, watch_supervisor
+from raytrain_ft.actors import (
+    NAMESPACE,
+    process_address,
+    watch_supervisor,
+)
 from raytrain_ft.actors.metrics import WORKER_METRICS, Recorder
 from raytrain_ft.compression import Codec, ErrorFeedback, NoCodec, parse_codec
 from raytrain_ft.config import TrainConfig
 from raytrain_ft.data import BatchStream
 from raytrain_ft.device import choose_device, deterministic, device_name
-from raytrain_ft.task import Task, to_device
 from raytrain_ft.params import FlatModel, ShardRange, overlapping_shards
 from raytrain_ft.recovery.faults import parse_slow
+from raytrain_ft.task import Task, to_device
 
 logger = logging.getLogger(__name__)
 
 SIMULATED_GRAD_SCALE = 1e-4
-"""--simulate-compute: size of the fixed gradient values (small, so the parameters stay finite over long runs)."""
+"""--simulate-compute: size of the fixed gradient values (small, so the parameters stay finite over
+long runs)."""
 MAX_REROUTES = 20
 """Consecutive failed calls to one shard a worker tolerates (each waits for a rebuilt server)."""
 
@@ -61,7 +66,8 @@ class WorkerStatus:
     bytes_pulled: int = 0
     """Bytes of parameters received."""
     skipped_steps: int = 0
-    """Sync with backup workers: steps this rank skipped because the shards closed them without it."""
+    """Sync with backup workers: steps this rank skipped because the shards closed them without
+    it."""
     last_accuracy: float = float("nan")
     """Accuracy on the rank's last training batch."""
     node_id: str = ""
@@ -70,7 +76,8 @@ class WorkerStatus:
     started: bool = False
     """It was told where to start (a restarted rank that was not started yet is not training)."""
     residual_bytes: int = 0
-    """Bytes of error-feedback residuals sent with the pushes (lossy codecs keep them with the shards)."""
+    """Bytes of error-feedback residuals sent with the pushes (lossy codecs keep them with the
+    shards)."""
     device_name: str = "cpu"
     """The device kind (GPU model): I2 needs every incarnation of a rank on the same kind."""
 
@@ -105,13 +112,24 @@ class Worker:
     order, a pure function of (seed, epoch, rank, step).
     """
 
-    def __init__(self, name: str, rank: int, config: TrainConfig, task: Task, shards: list[ShardRange], routes: tuple, device: str = "cpu",
-                 run_id: str = ""):
+    def __init__(
+        self,
+        name: str,
+        rank: int,
+        config: TrainConfig,
+        task: Task,
+        shards: list[ShardRange],
+        routes: tuple,
+        device: str = "cpu",
+        run_id: str = "",
+    ):
         torch.set_num_threads(config.cluster.cpus_per_worker)
         self.name, self.rank = name, rank
         self.config = config
         self.node_id, self.gpu_ids = _placement()
-        device, warning = choose_device(device, config.cluster.use_gpu, torch.cuda.is_available(), self.gpu_ids)
+        device, warning = choose_device(
+            device, config.cluster.use_gpu, torch.cuda.is_available(), self.gpu_ids
+        )
         if warning:
             logger.warning("[worker/%d] %s", rank, warning)
         if device != "cpu":  # before the first CUDA call of the process
@@ -122,13 +140,19 @@ class Worker:
         watch_supervisor(run_id, NAMESPACE)
         self.task = task
         self._simulate_s = config.cluster.simulate_compute_ms / 1000.0
-        self.train = task.data.get()[0] if not self._simulate_s else None  # a simulated step reads no data
+        self.train = (
+            task.data.get()[0] if not self._simulate_s else None
+        )  # a simulated step reads no data
         self.model = task.build_model(config.seed).to(self.device)
         self.flat = FlatModel(self.model, self.device)
         self.loss_fn = task.loss
         self._autocast = config.model.precision == "bf16"
         # host staging buffer for pushes (the object store lives in host memory)
-        self._host_grad = self.flat.flat_grad if self.device.type == "cpu" else torch.zeros(self.flat.numel, pin_memory=True)
+        self._host_grad = (
+            self.flat.flat_grad
+            if self.device.type == "cpu"
+            else torch.zeros(self.flat.numel, pin_memory=True)
+        )
         self._thread: threading.Thread | None = None
         self._step = 0
         self._end_step = 0
@@ -142,13 +166,26 @@ class Worker:
         self._error: str | None = None
         self._step_end_times: list[tuple[int, float]] = []
         self._skipped = 0
-        self._slow_s = parse_slow(config.recovery.slow_workers).get(rank, 0.0)
+        self._slow_s = parse_slow(config.chaos.slow_workers).get(rank, 0.0)
         if self._simulate_s:  # a fixed gradient of the true size stands in for backward
             gen = torch.Generator().manual_seed(config.seed * 1000 + rank)
-            self.flat.flat_grad.copy_(torch.randn(self.flat.numel, generator=gen) * SIMULATED_GRAD_SCALE)
+            self.flat.flat_grad.copy_(
+                torch.randn(self.flat.numel, generator=gen) * SIMULATED_GRAD_SCALE
+            )
         self.rule = config.rule()
-        self.exchange = ShardExchange(rank, name, self.model, self.flat, shards, routes, self._host_grad, config.cluster.overlap_comm, run_id,
-                                      parse_codec(config.consistency.codec), self.metrics)
+        self.exchange = ShardExchange(
+            rank,
+            name,
+            self.model,
+            self.flat,
+            shards,
+            routes,
+            self._host_grad,
+            config.cluster.overlap_comm,
+            run_id,
+            parse_codec(config.consistency.codec),
+            self.metrics,
+        )
 
     def ready(self) -> str:
         return process_address()
@@ -164,26 +201,50 @@ class Worker:
         raise TypeError(f"a worker does not handle {type(msg).__name__}")
 
     def start(self, start_step: int, end_step: int, routes: tuple = ()) -> bool:
-        """Begin training steps ``[start_step, end_step)`` in a background thread (a second start is ignored)."""
+        """Begin training steps ``[start_step, end_step)`` in a background thread (a second start is
+        ignored)."""
         if self._thread is not None:
             return False
         self.exchange.set_routes(routes)
         self._step, self._end_step = start_step, end_step
-        self._thread = threading.Thread(target=self._run_guarded, name=f"train-{self.rank}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run_guarded, name=f"train-{self.rank}", daemon=True
+        )
         self._thread.start()
         return True
 
     def poll_status(self) -> WorkerStatus:
         done = self._finished_at is not None
         return WorkerStatus(
-            self.rank, self._step, self._end_step, self._last_loss, self._samples, self._compute_s, self._wait_s,
-            self._started_at, self._finished_at, done, self._error, str(self.device), tuple(self.exchange.acked),
-            process_address(), self.exchange.reroutes, self.exchange.bytes_pushed, self.exchange.bytes_pulled, self._skipped,
-            self._last_accuracy, self.node_id, self.gpu_ids, self._thread is not None, self.exchange.residual_bytes, self.device_name,
+            self.rank,
+            self._step,
+            self._end_step,
+            self._last_loss,
+            self._samples,
+            self._compute_s,
+            self._wait_s,
+            self._started_at,
+            self._finished_at,
+            done,
+            self._error,
+            str(self.device),
+            tuple(self.exchange.acked),
+            process_address(),
+            self.exchange.reroutes,
+            self.exchange.bytes_pushed,
+            self.exchange.bytes_pulled,
+            self._skipped,
+            self._last_accuracy,
+            self.node_id,
+            self.gpu_ids,
+            self._thread is not None,
+            self.exchange.residual_bytes,
+            self.device_name,
         )
 
     def step_end_times(self) -> list[tuple[int, float]]:
-        """(step, wall-clock time it finished) for every step this worker ran (throughput, recovery timelines)."""
+        """(step, wall-clock time it finished) for every step this worker ran (throughput, recovery
+        timelines)."""
         return list(self._step_end_times)
 
     # --- training loop ---------------------------------------------------------
@@ -192,7 +253,9 @@ class Worker:
         try:
             self._run()
         except Exception:
-            self._error = f"worker {self.rank} failed at step {self._step}:\n{traceback.format_exc()}"
+            self._error = (
+                f"worker {self.rank} failed at step {self._step}:\n{traceback.format_exc()}"
+            )
             logger.error("[worker/%d step=%d] %s", self.rank, self._step, self._error)
         finally:
             self._finished_at = time.time()
@@ -202,8 +265,13 @@ class Worker:
         if self._simulate_s:
             return _NoBatches()
         return BatchStream(
-            self.train, seed=cfg.seed, rank=self.rank, num_workers=cfg.cluster.num_workers,
-            batch_size=cfg.data.batch_size, start_step=start_step, end_step=self._end_step,
+            self.train,
+            seed=cfg.seed,
+            rank=self.rank,
+            num_workers=cfg.cluster.num_workers,
+            batch_size=cfg.data.batch_size,
+            start_step=start_step,
+            end_step=self._end_step,
             prefetch=cfg.data.prefetch_batches,
         )
 
@@ -215,7 +283,9 @@ class Worker:
         stream = self._stream(self._step)
         self.model.train()
         # plain sync resumes on exactly its step's parameters; other modes take the newest
-        self.exchange.pull_all(self._step if self.rule.exact_resume else None, resume_step=self._step)
+        self.exchange.pull_all(
+            self._step if self.rule.exact_resume else None, resume_step=self._step
+        )
         downpour = cfg.mode == "async"
         try:
             while self._step < self._end_step:
@@ -230,7 +300,9 @@ class Worker:
                     x, y = stream.next()
                     samples = len(y)
                     if self._slow_s:
-                        time.sleep(self._slow_s)  # an injected straggler: extra compute time per step
+                        time.sleep(
+                            self._slow_s
+                        )  # an injected straggler: extra compute time per step
                     loss = self._step_once(x, y, push, fetch)
                 if push and not self.exchange.overlap:
                     self.exchange.install_all()
@@ -246,7 +318,9 @@ class Worker:
                 self._record_step(samples)
                 self._step += 1
                 behind = self._behind()
-                if behind:  # backup workers closed steps without this rank: go on at the shards' step
+                if (
+                    behind
+                ):  # backup workers closed steps without this rank: go on at the shards' step
                     self._skipped += behind
                     self._step += behind
                     stream.close()
@@ -264,7 +338,9 @@ class Worker:
         self.metrics.inc("samples", samples)
         times = self._step_end_times[-window:]
         if len(times) > 1 and times[-1][1] > times[0][1]:
-            self.metrics.set("samples_per_second", (len(times) - 1) * samples / (times[-1][1] - times[0][1]))
+            self.metrics.set(
+                "samples_per_second", (len(times) - 1) * samples / (times[-1][1] - times[0][1])
+            )
 
     def _behind(self) -> int:
         """Sync with backup workers: steps the shards have closed beyond this rank's next step."""
@@ -273,38 +349,52 @@ class Worker:
         return max(0, min(min(self.exchange.versions), self._end_step) - self._step)
 
     def _simulated_step(self, push: bool, fetch: bool) -> float:
-        """--simulate-compute: the step's compute is a sleep; the fixed gradient in the flat buffer is pushed as is."""
+        """--simulate-compute: the step's compute is a sleep; the fixed gradient in the flat buffer
+        is pushed as is."""
         self.exchange.begin_step(self._step, push, fetch)
         time.sleep(self._simulate_s + self._slow_s)
         self.exchange.push_remaining()
         return float("nan")
 
-    def _step_once(self, x: torch.Tensor, y: torch.Tensor, push: bool = True, fetch: bool = True) -> float:
-        """Forward/backward into the flat gradient buffer; ``push``: send every shard this step (else the
-        gradient keeps accumulating in the buffer, Downpour's n_push); ``fetch``: ask for parameters back."""
+    def _step_once(
+        self, x: torch.Tensor, y: torch.Tensor, push: bool = True, fetch: bool = True
+    ) -> float:
+        """Forward/backward into the flat gradient buffer; ``push``: send every shard this step
+        (else the
+        gradient keeps accumulating in the buffer, Downpour's n_push); ``fetch``: ask for parameters
+        back."""
         x, y = to_device(x, self.device), to_device(y, self.device)
         if self.exchange.pushed_last:
             self.flat.zero_grad()
         self.exchange.begin_step(self._step, push, fetch)
-        # forward installs shards as it needs them; bf16 computes under autocast, parameters and gradients stay float32
+        # forward installs shards as it needs them; bf16 computes under autocast, parameters and
+        # gradients stay float32
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
             out = self.model(x)
             loss = self.loss_fn(out, y)
-        self.flat.stage_buffers()  # buffers are final after forward; they travel in the gradient slot
-        loss.backward()  # with overlap, post-accumulate hooks push shards whose gradients are complete
+        # Buffers are final after forward; they travel in the gradient slot. With overlap,
+        # post-accumulate hooks push the shards whose gradients are complete during backward.
+        self.flat.stage_buffers()
+        loss.backward()
         self.exchange.push_remaining()
         if not self.task.classification:
             return float(loss.detach())
-        # one device-to-host copy for both numbers (each float() of a GPU tensor waits for the device)
-        loss_value, self._last_accuracy = torch.stack([loss.detach().float(), (out.detach().argmax(1) == y).float().mean()]).tolist()
+        # one device-to-host copy for both numbers (each float() of a GPU tensor waits for the
+        # device)
+        loss_value, self._last_accuracy = torch.stack(
+            [loss.detach().float(), (out.detach().argmax(1) == y).float().mean()]
+        ).tolist()
         return loss_value
 
 
 LEDGER_DIR_ENV_VAR = "RAYTRAIN_FT_LEDGER_DIR"
-"""If set, every worker appends each push the shards acknowledged to ``DIR/RUN_ID.NAME.ledger`` (``shard rank
-step seq late``, one per line): the independent record the chaos tests check exactly-once delivery against."""
+"""If set, every worker appends each push the shards acknowledged to ``DIR/RUN_ID.NAME.ledger``
+(``shard rank
+step seq late``, one per line): the independent record the chaos tests check exactly-once delivery
+against."""
 WATCHDOG_S = 5.0
-"""A call to a shard unanswered this long makes the worker ask the supervisor whether the shard moved."""
+"""A call to a shard unanswered this long makes the worker ask the supervisor whether the shard
+moved."""
 
 
 def supervisor_name(run_id: str) -> str:
@@ -329,8 +419,20 @@ class ShardExchange:
     ``overlap_comm: false``.
     """
 
-    def __init__(self, rank: int, name: str, model: torch.nn.Module, flat: FlatModel, shards: list[ShardRange], routes, host_grad: torch.Tensor,
-                 overlap: bool, run_id: str, codec: Codec | None = None, metrics: Recorder | None = None):
+    def __init__(
+        self,
+        rank: int,
+        name: str,
+        model: torch.nn.Module,
+        flat: FlatModel,
+        shards: list[ShardRange],
+        routes,
+        host_grad: torch.Tensor,
+        overlap: bool,
+        run_id: str,
+        codec: Codec | None = None,
+        metrics: Recorder | None = None,
+    ):
         import os
 
         from raytrain_ft.actors.transport import Directory
@@ -338,11 +440,18 @@ class ShardExchange:
 
         self.rank, self.flat, self.shards = rank, flat, shards
         self.metrics = metrics
-        self.proto = ExchangeProtocol(rank, list(routes), supervisor_name(run_id), watchdog_s=WATCHDOG_S)
+        self.proto = ExchangeProtocol(
+            rank, list(routes), supervisor_name(run_id), watchdog_s=WATCHDOG_S
+        )
         self.directory = Directory(run_id)
         codec = codec or NoCodec()
-        # error feedback per shard, on the parameter part only (buffers are assigned, never compressed)
-        self.encoders = [ErrorFeedback(codec, s.param_slice.stop) for s in shards] if not codec.lossless else None
+        # error feedback per shard, on the parameter part only (buffers are assigned, never
+        # compressed)
+        self.encoders = (
+            [ErrorFeedback(codec, s.param_slice.stop) for s in shards]
+            if not codec.lossless
+            else None
+        )
         self.versions = [0] * len(shards)
         """Per shard: the seq of the parameters installed (the base a gradient is computed on)."""
         self.bytes_pushed = 0
@@ -365,10 +474,20 @@ class ShardExchange:
         self._step = 0
         self._ticked = time.time()
         ledger_dir = os.environ.get(LEDGER_DIR_ENV_VAR)
-        self._ledger = open(os.path.join(ledger_dir, f"{run_id}.{name.replace('/', '_')}.ledger"), "a", buffering=1) if ledger_dir else None
+        self._ledger = (
+            open(
+                os.path.join(ledger_dir, f"{run_id}.{name.replace('/', '_')}.ledger"),
+                "a",
+                buffering=1,
+            )
+            if ledger_dir
+            else None
+        )
         self._ledger_seen = 0
         params = flat.params
-        self._param_shards = [overlapping_shards(a, b, shards) for a, b in flat.spans[: len(params)]]
+        self._param_shards = [
+            overlapping_shards(a, b, shards) for a, b in flat.spans[: len(params)]
+        ]
         self._grads_per_shard = [0] * len(shards)
         for p, owners in zip(params, self._param_shards):
             if p.requires_grad:
@@ -393,10 +512,18 @@ class ShardExchange:
         span_of = {id(t): span for t, span in zip(tensors, self.flat.spans)}
         span_of.update({id(b): span for b, span in self.flat.int_buffers})
         for module in model.modules():
-            own = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None and id(t) in span_of]
+            own = [
+                t
+                for t in (*module._parameters.values(), *module._buffers.values())
+                if t is not None and id(t) in span_of
+            ]
             if own:
-                needed = sorted({i for t in own for i in overlapping_shards(*span_of[id(t)], self.shards)})
-                module.register_forward_pre_hook(lambda _m, _inputs, needed=needed: self._install(needed))
+                needed = sorted(
+                    {i for t in own for i in overlapping_shards(*span_of[id(t)], self.shards)}
+                )
+                module.register_forward_pre_hook(
+                    lambda _m, _inputs, needed=needed: self._install(needed)
+                )
 
     # --- step protocol -----------------------------------------------------------
 
@@ -414,8 +541,10 @@ class ShardExchange:
                 self._push(i)
 
     def pull_all(self, step: int | None, resume_step: int | None = None) -> None:
-        """Fetch every shard's parameters as of ``step`` (a restarted worker resumes there), or the newest (None);
-        with ``resume_step`` and a lossy codec, also the error-feedback residual this rank had before it."""
+        """Fetch every shard's parameters as of ``step`` (a restarted worker resumes there), or the
+        newest (None);
+        with ``resume_step`` and a lossy codec, also the error-feedback residual this rank had
+        before it."""
         resume = resume_step if self.encoders is not None else None
         for i in range(len(self.shards)):
             self._is_pull[i] = True
@@ -443,13 +572,20 @@ class ShardExchange:
         if self.encoders is not None:
             ps, bs = s.param_slice, s.buffer_slice
             grad = self.encoders[i].encode(grad[ps], grad[bs])
-            residual = self.encoders[i].residual.copy()  # kept with the shard: a restarted rank resumes with it
+            residual = self.encoders[
+                i
+            ].residual.copy()  # kept with the shard: a restarted rank resumes with it
             self.residual_bytes += residual.nbytes
         elif isinstance(grad, np.ndarray):
             grad = grad.copy()  # kept for a resend: the gradient buffer is reused by the next step
         self.bytes_pushed += grad.nbytes
         self._is_pull[i] = False
-        self._ask(i, self.proto.push(i, self._step, grad, self.versions[i], self._want_params, time.time(), residual))
+        self._ask(
+            i,
+            self.proto.push(
+                i, self._step, grad, self.versions[i], self._want_params, time.time(), residual
+            ),
+        )
         self._pushed[i] = True
 
     def _ask(self, i: int, effects: list) -> None:
@@ -458,7 +594,8 @@ class ShardExchange:
         self._perform(effects)
 
     def _perform(self, effects: list) -> None:
-        """Send the protocol's calls (large arrays go through the object store once, owned by this worker)."""
+        """Send the protocol's calls (large arrays go through the object store once, owned by this
+        worker)."""
         from raytrain_ft.actors.transport import send
         from raytrain_ft.protocol.messages import Failure
 
@@ -519,12 +656,16 @@ class ShardExchange:
             self._asked[i] = False
             if self.metrics is not None and self.metrics.enabled:
                 op = "pull" if self._is_pull[i] else "push_pull"
-                self.metrics.observe("exchange_latency_seconds", time.perf_counter() - self._sent_at[i], {"op": op})
+                self.metrics.observe(
+                    "exchange_latency_seconds", time.perf_counter() - self._sent_at[i], {"op": op}
+                )
             if reply.residual is not None and self.encoders is not None:
                 self.encoders[i].residual[:] = reply.residual
             if reply.params is not None:
                 s = self.shards[i]
-                self.flat.flat[s.start : s.end].copy_(torch.from_numpy(reply.params), non_blocking=True)
+                self.flat.flat[s.start : s.end].copy_(
+                    torch.from_numpy(reply.params), non_blocking=True
+                )
                 if self.flat.int_buffers:
                     self.flat.sync_int_buffers()
                 self.versions[i] = reply.seq
@@ -533,9 +674,12 @@ class ShardExchange:
 
 
 class WorkerHost:
-    """One process hosting several simulated ranks (``cluster.ranks_per_process``): each rank is a full
-    ``Worker`` with its own training thread, shard exchange and object-store traffic; only the process
-    (interpreter, torch, Ray core worker) is shared. Calls are executed one at a time, in the order sent."""
+    """One process hosting several simulated ranks (``cluster.ranks_per_process``): each rank is a
+    full
+    ``Worker`` with its own training thread, shard exchange and object-store traffic; only the
+    process
+    (interpreter, torch, Ray core worker) is shared. Calls are executed one at a time, in the order
+    sent."""
 
     def __init__(self) -> None:
         self.ranks: dict[int, Worker] = {}

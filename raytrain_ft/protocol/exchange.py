@@ -1,4 +1,5 @@
-"""A worker's exchange with the shards: one outstanding call per shard, rerouted and resent until answered.
+"""A worker's exchange with the shards: one outstanding call per shard, rerouted and resent until
+answered.
 
 Pure: the worker's training loop asks for a ``push`` or ``pull`` per shard and
 carries out the ``Call`` effects; answers come back through ``on_reply`` /
@@ -21,10 +22,22 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from raytrain_ft.protocol.messages import Address, Call, Failure, Pull, Push, PushReply, Refused, RefusalKind, Route, RouteAfter
+from raytrain_ft.protocol.messages import (
+    Address,
+    Call,
+    Failure,
+    Pull,
+    Push,
+    PushReply,
+    RefusalKind,
+    Refused,
+    Route,
+    RouteAfter,
+)
 
 DEFAULT_MAX_REROUTES = 20
-"""Consecutive failed calls to one shard a worker tolerates (each waits for a route from the supervisor)."""
+"""Consecutive failed calls to one shard a worker tolerates (each waits for a route from the
+supervisor)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,14 +80,31 @@ class ExchangeProtocol:
     _cids: dict[int, tuple[int, str]] = field(default_factory=dict)
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
 
-    # --- what the training loop asks for ----------------------------------------------------------------
+    # --- what the training loop asks for
+    # ----------------------------------------------------------------
 
-    def push(self, shard: int, step: int, payload, base_version: int | None, want_params: bool, now: float = 0.0, residual=None) -> list:
-        return self._send_new(shard, Push(self.rank, step, payload, base_version, want_params, residual), now)
+    def push(
+        self,
+        shard: int,
+        step: int,
+        payload,
+        base_version: int | None,
+        want_params: bool,
+        now: float = 0.0,
+        residual=None,
+    ) -> list:
+        return self._send_new(
+            shard, Push(self.rank, step, payload, base_version, want_params, residual), now
+        )
 
-    def pull(self, shard: int, step: int | None, now: float = 0.0, resume_step: int | None = None) -> list:
-        """Parameters as of ``step`` (None: the newest); with ``resume_step`` also this rank's residual to resume with."""
-        return self._send_new(shard, Pull(step, self.rank if resume_step is not None else None, resume_step), now)
+    def pull(
+        self, shard: int, step: int | None, now: float = 0.0, resume_step: int | None = None
+    ) -> list:
+        """Parameters as of ``step`` (None: the newest); with ``resume_step`` also this rank's
+        residual to resume with."""
+        return self._send_new(
+            shard, Pull(step, self.rank if resume_step is not None else None, resume_step), now
+        )
 
     def pending(self, shard: int) -> bool:
         return shard in self._out
@@ -87,7 +117,8 @@ class ExchangeProtocol:
             if r.epoch >= self.routes[r.shard].epoch:
                 self.routes[r.shard] = r
 
-    # --- answers -----------------------------------------------------------------------------------------
+    # --- answers
+    # -----------------------------------------------------------------------------------------
 
     def on_reply(self, cid: int, value, now: float = 0.0) -> list:
         entry = self._cids.pop(cid, None)
@@ -107,10 +138,15 @@ class ExchangeProtocol:
             if isinstance(out.msg, Push):
                 self.ledger.append(Acked(shard, self.rank, out.msg.step, value.acked, value.late))
             return []
-        if isinstance(value, Refused) and value.kind in (RefusalKind.NOT_PRIMARY, RefusalKind.FENCED):
+        if isinstance(value, Refused) and value.kind in (
+            RefusalKind.NOT_PRIMARY,
+            RefusalKind.FENCED,
+        ):
             return self._reroute(shard, out, now, f"{value.kind.value}: {value.reason}")
         reason = value.reason if isinstance(value, Refused) else repr(value)
-        return self._fail(shard, f"shard {shard} refused {type(out.msg).__name__.lower()}: {reason}")
+        return self._fail(
+            shard, f"shard {shard} refused {type(out.msg).__name__.lower()}: {reason}"
+        )
 
     def on_failure(self, cid: int, failure: Failure, now: float = 0.0) -> list:
         entry = self._cids.pop(cid, None)
@@ -121,20 +157,31 @@ class ExchangeProtocol:
         if out is None:
             return []
         if kind == "route":
-            return self._fail(shard, f"the supervisor did not answer for the route of shard {shard} ({failure.value})")
-        return self._reroute(shard, out, now, f"server {self.routes[shard].address} {failure.value}")
+            return self._fail(
+                shard,
+                f"the supervisor did not answer for the route of shard {shard} ({failure.value})",
+            )
+        return self._reroute(
+            shard, out, now, f"server {self.routes[shard].address} {failure.value}"
+        )
 
     def on_tick(self, now: float) -> list:
-        """Watchdog: for calls outstanding longer than ``watchdog_s``, ask whether their primary was replaced."""
+        """Watchdog: for calls outstanding longer than ``watchdog_s``, ask whether their primary was
+        replaced."""
         effects = []
         for shard, out in self._out.items():
-            if out.cid is not None and out.route_cid is None and now - out.sent_at >= self.watchdog_s:
+            if (
+                out.cid is not None
+                and out.route_cid is None
+                and now - out.sent_at >= self.watchdog_s
+            ):
                 out.checking = True
                 out.sent_at = now
                 effects.append(self._ask_route(shard, out, failed=False))
         return effects
 
-    # --- internals ---------------------------------------------------------------------------------------
+    # --- internals
+    # ---------------------------------------------------------------------------------------
 
     def _send_new(self, shard: int, msg, now: float) -> list:
         if shard in self._out:
@@ -158,7 +205,10 @@ class ExchangeProtocol:
     def _reroute(self, shard: int, out: _Outstanding, now: float, why: str) -> list:
         out.attempts += 1
         if out.attempts > self.max_reroutes:
-            return self._fail(shard, f"shard {shard} failed {self.max_reroutes} times in a row (last: {why}); giving up")
+            return self._fail(
+                shard,
+                f"shard {shard} failed {self.max_reroutes} times in a row (last: {why}); giving up",
+            )
         out.cid = None
         if out.route_cid is not None:  # a watchdog check in flight becomes the reroute
             out.checking = False
@@ -170,7 +220,9 @@ class ExchangeProtocol:
         if not isinstance(value, Route):
             reason = value.reason if isinstance(value, Refused) else repr(value)
             return self._fail(shard, f"no route to shard {shard}: {reason}")
-        moved = value.epoch != self.routes[shard].epoch or value.address != self.routes[shard].address
+        moved = (
+            value.epoch != self.routes[shard].epoch or value.address != self.routes[shard].address
+        )
         if value.epoch >= self.routes[shard].epoch:
             self.routes[shard] = value
         if out.checking:

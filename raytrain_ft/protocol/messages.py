@@ -1,4 +1,5 @@
-"""Messages between the run's processes, and the effects a protocol state machine asks its host to carry out.
+"""Messages between the run's processes, and the effects a protocol state machine asks its host to
+carry out.
 
 Every process of a run -- parameter server, worker, supervisor -- is addressed
 by its actor *name* (unique per incarnation: a restarted rank or a replacement
@@ -37,11 +38,14 @@ class Failure(enum.Enum):
     """Why a call got no answer (the host translates its transport's errors into these)."""
 
     DEAD = "dead"
-    """The callee is gone for good; the call may or may not have been carried out (Ray: ActorDiedError)."""
+    """The callee is gone for good; the call may or may not have been carried out (Ray:
+    ActorDiedError)."""
     UNAVAILABLE = "unavailable"
-    """No answer in time; the callee may be alive and may still carry the call out (ActorUnavailableError)."""
+    """No answer in time; the callee may be alive and may still carry the call out
+    (ActorUnavailableError)."""
     LOST = "lost"
-    """The answer was lost with the node that held it; the call may have been carried out (ObjectLostError)."""
+    """The answer was lost with the node that held it; the call may have been carried out
+    (ObjectLostError)."""
 
 
 class RefusalKind(enum.Enum):
@@ -67,12 +71,14 @@ class Refused:
     reason: str
 
 
-# --- requests to a parameter server -----------------------------------------------------------------------
+# --- requests to a parameter server
+# -----------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class Load:
-    """Become ``shard``'s primary at ``epoch`` with these values (a run's start, or a checkpoint restore)."""
+    """Become ``shard``'s primary at ``epoch`` with these values (a run's start, or a checkpoint
+    restore)."""
 
     shard: Any
     """``ShardRange``."""
@@ -83,7 +89,8 @@ class Load:
     checkpoint_step: int | None = None
     """Set when the values come from a checkpoint file (the host reads the file into ``params``)."""
     resume: bool = False
-    """The file is in the directory the run resumes from (else: the run's own checkpoint directory)."""
+    """The file is in the directory the run resumes from (else: the run's own checkpoint
+    directory)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +99,8 @@ class SetReplica:
 
     holder: Address
     version: int = 0
-    """Increases with every holder the supervisor names: a delayed, older ``SetReplica`` is ignored."""
+    """Increases with every holder the supervisor names: a delayed, older ``SetReplica`` is
+    ignored."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +124,8 @@ class Append:
 
 @dataclass(frozen=True, slots=True)
 class ExportReplica:
-    """Holder: hand over the replica and refuse appends of every epoch below ``epoch`` from now on."""
+    """Holder: hand over the replica and refuse appends of every epoch below ``epoch`` from now
+    on."""
 
     shard: int
     epoch: int
@@ -134,7 +143,8 @@ class RecoverPrimary:
 
 @dataclass(frozen=True, slots=True)
 class Depose:
-    """Primary of ``shard`` below ``epoch``: a successor serves it; refuse every push from now on."""
+    """Primary of ``shard`` below ``epoch``: a successor serves it; refuse every push from now
+    on."""
 
     shard: int
     epoch: int
@@ -150,7 +160,8 @@ class Push:
     """The seq of the parameters the gradient was computed on."""
     want_params: bool = True
     residual: Any = None
-    """Lossy codecs: the sender's error-feedback residual after this push, kept with the shard so that a
+    """Lossy codecs: the sender's error-feedback residual after this push, kept with the shard so
+    that a
     restarted worker goes on with exactly the residual it had."""
 
 
@@ -175,7 +186,8 @@ class InspectReplica:
     shard: int
 
 
-# --- replies of a parameter server ----------------------------------------------------------------------
+# --- replies of a parameter server
+# ----------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +197,8 @@ class PushReply:
     seq: int
     """Updates the shard had applied when ``params`` were taken (the version of ``params``)."""
     acked: int
-    """seq + 1 of the update that holds the push (0 when it carries none: an async repeat, a late push)."""
+    """seq + 1 of the update that holds the push (0 when it carries none: an async repeat, a late
+    push)."""
     late: bool = False
     """Sync with backup workers: the step closed without this push; it was dropped."""
     residual: Any = None
@@ -219,7 +232,8 @@ class ReplicaInfo:
 
 @dataclass(frozen=True, slots=True)
 class ServerDescription:
-    """What a server holds: the supervisor's probe, and how a restarted supervisor learns the live state."""
+    """What a server holds: the supervisor's probe, and how a restarted supervisor learns the live
+    state."""
 
     name: Address
     shard: int | None
@@ -230,7 +244,8 @@ class ServerDescription:
     logged: int
     """Updates its replica holder has logged (all of them when the run keeps no replica)."""
     durable_clocks: tuple[int, ...]
-    """Per rank: the next step the shard expects from it, counting only logged updates (a restarted rank
+    """Per rank: the next step the shard expects from it, counting only logged updates (a restarted
+    rank
     resumes there)."""
     replicas: tuple[ReplicaInfo, ...]
     deposed: bool
@@ -243,7 +258,8 @@ class ServerDescription:
     """NODE_IP:PID of the server's process (fault injection)."""
 
 
-# --- worker and supervisor messages ---------------------------------------------------------------------
+# --- worker and supervisor messages
+# ---------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,8 +271,10 @@ class Route:
 
 @dataclass(frozen=True, slots=True)
 class RouteAfter:
-    """Worker -> supervisor: the route of ``shard`` now. ``failed``: a call to the epoch-``epoch`` primary
-    failed, answer once a newer epoch serves (or the old one is found healthy); otherwise answer at once."""
+    """Worker -> supervisor: the route of ``shard`` now. ``failed``: a call to the epoch-``epoch``
+    primary
+    failed, answer once a newer epoch serves (or the old one is found healthy); otherwise answer at
+    once."""
 
     shard: int
     epoch: int
@@ -279,13 +297,15 @@ class PollStatus:
 
 @dataclass(frozen=True, slots=True)
 class StartFailed:
-    """A probe's answer when the process could not be started at all (its constructor raised): not a crash to
+    """A probe's answer when the process could not be started at all (its constructor raised): not a
+    crash to
     repair but a setting to fix."""
 
     reason: str
 
 
-# --- effects ----------------------------------------------------------------------------------------------
+# --- effects
+# ----------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,5 @@
-"""The parameter server's protocol: a shard's primary, replica holder of peers' shards, or a warm spare.
+"""The parameter server's protocol: a shard's primary, replica holder of peers' shards, or a warm
+spare.
 
 Pure: requests, replies, failures and timers in; effects out (``messages``).
 The Ray actor (``actors/server.py``) and the simulator (``sim/``) both only
@@ -32,16 +33,21 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
 from raytrain_ft.compression import decode_push
-from raytrain_ft.config import OptimConfig
-from raytrain_ft.consistency import PushBuffer, Rule, Verdict, add_to_histogram, may_proceed, mean_in_rank_order, slowest_clock
+from raytrain_ft.consistency import (
+    PushBuffer,
+    Verdict,
+    add_to_histogram,
+    may_proceed,
+    mean_in_rank_order,
+    slowest_clock,
+)
 from raytrain_ft.params import ShardRange
-from raytrain_ft.protocol.spec import ServerSpec
 from raytrain_ft.protocol.messages import (
     Address,
     Append,
@@ -60,10 +66,10 @@ from raytrain_ft.protocol.messages import (
     Pull,
     Push,
     PushReply,
-    RecoverPrimary,
     Recovered,
-    Refused,
+    RecoverPrimary,
     RefusalKind,
+    Refused,
     ReplicaInfo,
     Reply,
     SaveCheckpoint,
@@ -71,6 +77,7 @@ from raytrain_ft.protocol.messages import (
     SetReplica,
     Timer,
 )
+from raytrain_ft.protocol.spec import ServerSpec
 from raytrain_ft.recovery.command_log import Command, CommandLog, LogGapError, Snapshot
 from raytrain_ft.recovery.replay import replay
 from raytrain_ft.shard import ShardState, ShardStats
@@ -81,7 +88,8 @@ RETRY_APPEND_S = 0.05
 
 @dataclass(slots=True)
 class _Held:
-    """A reply waiting until the holder has logged ``need`` updates (and, in ssp, the rank may go on)."""
+    """A reply waiting until the holder has logged ``need`` updates (and, in ssp, the rank may go
+    on)."""
 
     rid: int
     need: int
@@ -92,7 +100,8 @@ class _Held:
     step: int | None = None
     """Pulls of exactly one step (sync restarts)."""
     gate: bool = False
-    """ssp: a push's reply also waits until its rank is at most ``staleness`` steps ahead of the slowest."""
+    """ssp: a push's reply also waits until its rank is at most ``staleness`` steps ahead of the
+    slowest."""
     pull: Pull | None = None
 
 
@@ -132,9 +141,17 @@ class _Replica:
 
 
 class ServerProtocol:
-    """One server process's protocol state. ``clock`` gives seconds (only for the stats it keeps)."""
+    """One server process's protocol state. ``clock`` gives seconds (only for the stats it
+    keeps)."""
 
-    def __init__(self, name: Address, spec: ServerSpec, clock: Callable[[], float] = lambda: 0.0, node: str = "", process: str = ""):
+    def __init__(
+        self,
+        name: Address,
+        spec: ServerSpec,
+        clock: Callable[[], float] = lambda: 0.0,
+        node: str = "",
+        process: str = "",
+    ):
         self.name = name
         self.node, self.process = node, process
         self.spec = spec
@@ -158,12 +175,21 @@ class ServerProtocol:
         self.snapshots_received: dict[int, int] = {}
         self.checkpoint_files_read = 0
 
-    # --- entry points -------------------------------------------------------------------------------
+    # --- entry points
+    # -------------------------------------------------------------------------------
 
     def on_request(self, rid: int, msg) -> list:
         handler = _REQUESTS.get(type(msg))
         if handler is None:
-            return [Reply(rid, Refused(RefusalKind.FAILED, f"server {self.name} does not handle {type(msg).__name__}"))]
+            return [
+                Reply(
+                    rid,
+                    Refused(
+                        RefusalKind.FAILED,
+                        f"server {self.name} does not handle {type(msg).__name__}",
+                    ),
+                )
+            ]
         return handler(self, rid, msg)
 
     def on_reply(self, cid: int, value) -> list:
@@ -184,28 +210,43 @@ class ServerProtocol:
             return []
         if token == "retry_append":
             return self._flush()
-        if token == "retry_install" and not p.holder_ready and p.install is None and p.holder is not None:
+        if (
+            token == "retry_install"
+            and not p.holder_ready
+            and p.install is None
+            and p.holder is not None
+        ):
             return [self._install(p, None)]
         return []
 
     def fold(self, shard: int) -> int:
-        """Fold shard ``shard``'s logged commands into its snapshot (the ``Fold`` effect). Returns commands folded."""
+        """Fold shard ``shard``'s logged commands into its snapshot (the ``Fold`` effect). Returns
+        commands folded."""
         r = self.replicas.get(shard)
         if r is None:
             return 0
         return r.log.catch_up(r.shard, self.spec.optim, self.spec.total_steps)
 
-    # --- calls it makes -----------------------------------------------------------------------------
+    # --- calls it makes
+    # -----------------------------------------------------------------------------
 
     def _call(self, kind: str, dst: Address, msg, *context) -> Call:
         cid = next(self._cids)
         self._calls[cid] = (kind, *context)
         return Call(cid, dst, msg)
 
-    # --- primary: set-up ---------------------------------------------------------------------------
+    # --- primary: set-up
+    # ---------------------------------------------------------------------------
 
     def _new_primary(self, shard: ShardRange, epoch: int, state: ShardState) -> _Primary:
-        return _Primary(shard, epoch, state, PushBuffer(self.spec.rule), logged=state.seq, durable_clocks=dict(state.clocks))
+        return _Primary(
+            shard,
+            epoch,
+            state,
+            PushBuffer(self.spec.rule),
+            logged=state.seq,
+            durable_clocks=dict(state.clocks),
+        )
 
     def _on_load(self, rid: int, m: Load) -> list:
         stale = self._stale(m.shard.index, m.epoch)
@@ -224,13 +265,17 @@ class ServerProtocol:
         return effects + [Reply(rid, state.seq)]
 
     def _stale(self, shard: int, epoch: int) -> Refused | int | None:
-        """A command for an epoch this server has already served past (a delayed message) is refused; the same
+        """A command for an epoch this server has already served past (a delayed message) is
+        refused; the same
         epoch again is answered as done (a repeated command); None: carry it out."""
         p = self.primary
         if p is None or p.shard.index != shard:
             return None
         if epoch < p.epoch:
-            return Refused(RefusalKind.FENCED, f"{self.name} serves shard {shard} at epoch {p.epoch}, newer than {epoch}")
+            return Refused(
+                RefusalKind.FENCED,
+                f"{self.name} serves shard {shard} at epoch {p.epoch}, newer than {epoch}",
+            )
         return p.state.seq if epoch == p.epoch else None
 
     def _on_set_replica(self, rid: int, m: SetReplica) -> list:
@@ -238,14 +283,23 @@ class ServerProtocol:
         if p is None or p.deposed:
             return [Reply(rid, self._not_primary())]
         if m.version < p.replica_version:
-            return [Reply(rid, Refused(RefusalKind.FENCED, f"holder {m.holder} was named before the holder in use"))]
+            return [
+                Reply(
+                    rid,
+                    Refused(
+                        RefusalKind.FENCED, f"holder {m.holder} was named before the holder in use"
+                    ),
+                )
+            ]
         p.holder, p.holder_ready, p.replica_version = m.holder, False, m.version
         return [self._install(p, rid)]
 
     def _install(self, p: _Primary, rid: int | None) -> Call:
         snapshot = self._snapshot(p)
         p.install = (p.holder, snapshot)
-        return self._call("install", p.holder, InstallReplica(p.shard, p.epoch, snapshot), p.holder, snapshot, rid)
+        return self._call(
+            "install", p.holder, InstallReplica(p.shard, p.epoch, snapshot), p.holder, snapshot, rid
+        )
 
     def _installed(self, call: tuple, value) -> list:
         _, holder, snapshot, rid = call
@@ -255,36 +309,84 @@ class ServerProtocol:
             return [Reply(rid, v)] if rid is not None else []
 
         if p is None or p.deposed or p.install is None or p.install[1] is not snapshot:
-            return answer(Refused(RefusalKind.NO_REPLICA, f"the install of a replica on {holder} was superseded"))
+            return answer(
+                Refused(
+                    RefusalKind.NO_REPLICA, f"the install of a replica on {holder} was superseded"
+                )
+            )
         p.install = None
         if isinstance(value, Refused) and value.kind is RefusalKind.FENCED:
             return answer(value) + self._step_down(value.reason)
         if isinstance(value, (Refused, Failure)):
             why = value.reason if isinstance(value, Refused) else f"holder {holder}: {value.value}"
-            retry = [Timer("retry_install", RETRY_APPEND_S)] if rid is None and value in (Failure.UNAVAILABLE, Failure.LOST) else []
-            return answer(Refused(RefusalKind.NO_REPLICA, f"replica of shard {p.shard.index} not installed: {why}")) + retry
+            retry = (
+                [Timer("retry_install", RETRY_APPEND_S)]
+                if rid is None and value in (Failure.UNAVAILABLE, Failure.LOST)
+                else []
+            )
+            return (
+                answer(
+                    Refused(
+                        RefusalKind.NO_REPLICA,
+                        f"replica of shard {p.shard.index} not installed: {why}",
+                    )
+                )
+                + retry
+            )
         p.holder_ready = True
         self.replica_bytes_sent += snapshot.nbytes
         self._advance_logged(p, snapshot.seq, snapshot.clocks or {})
-        effects = [Note("replica_installed", {"shard": p.shard.index, "holder": holder, "seq": snapshot.seq, "bytes": snapshot.nbytes})]
+        effects = [
+            Note(
+                "replica_installed",
+                {
+                    "shard": p.shard.index,
+                    "holder": holder,
+                    "seq": snapshot.seq,
+                    "bytes": snapshot.nbytes,
+                },
+            )
+        ]
         return effects + answer(snapshot.nbytes) + self._flush() + self._release()
 
     def _on_recover_primary(self, rid: int, m: RecoverPrimary) -> list:
         p = self.primary
         if p is not None and p.shard.index != m.shard.index:
-            return [Reply(rid, Refused(RefusalKind.FAILED, f"{self.name} is already the primary of shard {p.shard.index}"))]
+            return [
+                Reply(
+                    rid,
+                    Refused(
+                        RefusalKind.FAILED,
+                        f"{self.name} is already the primary of shard {p.shard.index}",
+                    ),
+                )
+            ]
         stale = self._stale(m.shard.index, m.epoch)
         if isinstance(stale, Refused):
             return [Reply(rid, stale)]
         if stale is not None:
             return [Reply(rid, Recovered(p.state.seq, 0, 0))]
         if self._recovery is not None and self._recovery[1].epoch > m.epoch:
-            return [Reply(rid, Refused(RefusalKind.FENCED, f"{self.name} is recovering shard {m.shard.index} at a newer epoch"))]
-        # a recovery the supervisor repeats with a newer epoch (it restarted meanwhile): the state it has, if any,
+            return [
+                Reply(
+                    rid,
+                    Refused(
+                        RefusalKind.FENCED,
+                        f"{self.name} is recovering shard {m.shard.index} at a newer epoch",
+                    ),
+                )
+            ]
+        # a recovery the supervisor repeats with a newer epoch (it restarted meanwhile): the state
+        # it has, if any,
         # is replaced once the new export arrives
         superseded = []
         if self._recovery is not None:
-            superseded = [Reply(self._recovery[0], Refused(RefusalKind.FENCED, f"recovery at epoch {m.epoch} supersedes it"))]
+            superseded = [
+                Reply(
+                    self._recovery[0],
+                    Refused(RefusalKind.FENCED, f"recovery at epoch {m.epoch} supersedes it"),
+                )
+            ]
         call = self._call("export", m.holder, ExportReplica(m.shard.index, m.epoch), rid, m)
         self._recovery = (rid, m, call.cid)
         return superseded + [call]
@@ -296,17 +398,34 @@ class ServerProtocol:
         self._recovery = None
         if isinstance(value, Failure):
             kind = RefusalKind.NO_REPLICA if value is Failure.DEAD else RefusalKind.RETRY
-            return [Reply(rid, Refused(kind, f"holder {m.holder} of shard {m.shard.index}: {value.value}"))]
+            return [
+                Reply(
+                    rid, Refused(kind, f"holder {m.holder} of shard {m.shard.index}: {value.value}")
+                )
+            ]
         if isinstance(value, Refused):
             return [Reply(rid, value)]
-        result = replay(value.snapshot, list(value.entries), m.shard, self.spec.optim, self.spec.total_steps)
+        result = replay(
+            value.snapshot, list(value.entries), m.shard, self.spec.optim, self.spec.total_steps
+        )
         effects = self._step_down(f"rebuilt at epoch {m.epoch}") if self.primary is not None else []
         p = self.primary = self._new_primary(m.shard, m.epoch, result.state)
         p.previous = result.previous_params
-        p.holder, p.holder_ready = m.holder, True  # the holder keeps the log it exported, fenced at our epoch
+        p.holder, p.holder_ready = (
+            m.holder,
+            True,
+        )  # the holder keeps the log it exported, fenced at our epoch
         moved = value.snapshot.nbytes + sum(c.nbytes for c in value.entries)
         return effects + [
-            Note("primary_recovered", {"shard": m.shard.index, "epoch": m.epoch, "seq": p.state.seq, "replayed": result.replayed}),
+            Note(
+                "primary_recovered",
+                {
+                    "shard": m.shard.index,
+                    "epoch": m.epoch,
+                    "seq": p.state.seq,
+                    "replayed": result.replayed,
+                },
+            ),
             Reply(rid, Recovered(p.state.seq, result.replayed, moved)),
         ]
 
@@ -320,19 +439,29 @@ class ServerProtocol:
         """Stop serving: every waiting call is refused (its worker asks for the new route)."""
         p = self.primary
         p.deposed = True
-        refusal = Refused(RefusalKind.FENCED, f"shard {p.shard.index} epoch {p.epoch} on {self.name}: {reason}")
+        refusal = Refused(
+            RefusalKind.FENCED, f"shard {p.shard.index} epoch {p.epoch} on {self.name}: {reason}"
+        )
         rids = [h.rid for h in p.held] + [w[0] for waiting in p.waiting.values() for w in waiting]
         p.held, p.waiting = [], {}
         p.buffer.clear()
         p.outbox = []
-        return [Note("deposed", {"shard": p.shard.index, "epoch": p.epoch, "reason": reason})] + [Reply(rid, refusal) for rid in rids]
+        return [Note("deposed", {"shard": p.shard.index, "epoch": p.epoch, "reason": reason})] + [
+            Reply(rid, refusal) for rid in rids
+        ]
 
-    # --- primary: training traffic -----------------------------------------------------------------
+    # --- primary: training traffic
+    # -----------------------------------------------------------------
 
     def _not_primary(self) -> Refused:
         if self.primary is not None and self.primary.deposed:
-            return Refused(RefusalKind.FENCED, f"{self.name} was deposed as primary of shard {self.primary.shard.index}")
-        return Refused(RefusalKind.NOT_PRIMARY, f"{self.name} is not a primary (a spare or a replica holder)")
+            return Refused(
+                RefusalKind.FENCED,
+                f"{self.name} was deposed as primary of shard {self.primary.shard.index}",
+            )
+        return Refused(
+            RefusalKind.NOT_PRIMARY, f"{self.name} is not a primary (a spare or a replica holder)"
+        )
 
     def _on_push(self, rid: int, m: Push) -> list:
         p = self.primary
@@ -341,8 +470,18 @@ class ServerProtocol:
         state, rule = p.state, self.spec.rule
         verdict = self._classify(p, m)
         if verdict is Verdict.AHEAD:
-            return [Reply(rid, Refused(RefusalKind.FAILED, f"shard {p.shard.index}: worker {m.rank} pushed step {m.step}, ahead of the "
-                                                           f"shard's step {state.seq}; in sync mode a worker may only push the step the shard waits for"))]
+            return [
+                Reply(
+                    rid,
+                    Refused(
+                        RefusalKind.FAILED,
+                        f"shard {p.shard.index}: worker {m.rank} pushed step {m.step}, ahead of "
+                        "the "
+                        f"shard's step {state.seq}; in sync mode a worker may only push the step "
+                        "the shard waits for",
+                    ),
+                )
+            ]
         if verdict is Verdict.ACCEPT:
             return self._accept(p, rid, m)
         if verdict is Verdict.LATE:
@@ -350,15 +489,22 @@ class ServerProtocol:
             p.held.append(_Held(rid, state.seq, 0, m.want_params, m.rank, late=True))
         else:
             self.duplicate_pushes += 1
-            # a sync repeat was applied as update `step`; async repeats carry no seq (the first answer did)
+            # a sync repeat was applied as update `step`; async repeats carry no seq (the first
+            # answer did)
             acked = m.step + 1 if not rule.per_rank_clocks else 0
-            p.held.append(_Held(rid, state.seq, acked, m.want_params, m.rank, gate=rule.mode == "ssp"))
+            p.held.append(
+                _Held(rid, state.seq, acked, m.want_params, m.rank, gate=rule.mode == "ssp")
+            )
         return self._release()
 
     def _classify(self, p: _Primary, m: Push) -> Verdict:
-        verdict = self.spec.rule.classify(m.rank, m.step, p.state.seq, p.state.clocks.get(m.rank, 0))
+        verdict = self.spec.rule.classify(
+            m.rank, m.step, p.state.seq, p.state.clocks.get(m.rank, 0)
+        )
         if verdict is Verdict.LATE and p.state.was_applied(m.rank, m.step):
-            return Verdict.REPEAT  # backup workers: the step closed *with* this push (its answer was lost)
+            return (
+                Verdict.REPEAT
+            )  # backup workers: the step closed *with* this push (its answer was lost)
         return verdict
 
     def _accept(self, p: _Primary, rid: int, m: Push) -> list:
@@ -386,10 +532,14 @@ class ServerProtocol:
             hp = dataclasses.replace(hp, lr=hp.lr * scale)
         pushes = tuple((r, step) for r in sorted(pending.grads))
         residuals = tuple((r, step, pending.residuals[r]) for r in sorted(pending.residuals))
-        if rule.exact_resume:  # a worker restarting mid-step pulls the parameters before this update
+        if (
+            rule.exact_resume
+        ):  # a worker restarting mid-step pulls the parameters before this update
             p.previous = self._params_now(p)
         command = Command(seq, update, hp, pushes, residuals)
-        if self.spec.replicate:  # the command is queued before the update is applied: never an ack without it
+        if (
+            self.spec.replicate
+        ):  # the command is queued before the update is applied: never an ack without it
             p.outbox.append([command, None])
         state.apply(update, hp, pushes, residuals)
         p.stale = True
@@ -406,7 +556,9 @@ class ServerProtocol:
 
     def _checkpoint(self, p: _Primary) -> SaveCheckpoint:
         p.checkpoint_step = p.state.seq
-        return SaveCheckpoint(p.shard.index, p.state.seq, self._params_now(p), p.state.optimizer.state_dict())
+        return SaveCheckpoint(
+            p.shard.index, p.state.seq, self._params_now(p), p.state.optimizer.state_dict()
+        )
 
     def _on_pull(self, rid: int, m: Pull) -> list:
         p = self.primary
@@ -418,11 +570,20 @@ class ServerProtocol:
             return self._release()
         if m.step == seq - 1 and p.previous is not None:
             return [Reply(rid, PushReply(p.previous, m.step, 0, residual=self._residual(p, m)))]
-        return [Reply(rid, Refused(RefusalKind.CANNOT_SERVE, f"shard {p.shard.index} cannot serve parameters of step {m.step}: "
-                                                             f"it holds step {seq} (and the one before)"))]
+        return [
+            Reply(
+                rid,
+                Refused(
+                    RefusalKind.CANNOT_SERVE,
+                    f"shard {p.shard.index} cannot serve parameters of step {m.step}: "
+                    f"it holds step {seq} (and the one before)",
+                ),
+            )
+        ]
 
     def _params_now(self, p: _Primary) -> np.ndarray:
-        """The current parameters as an array no later update changes (copied at most once per update)."""
+        """The current parameters as an array no later update changes (copied at most once per
+        update)."""
         if p.stale:
             p.latest, p.stale = p.state.params_copy(), False
         return p.latest
@@ -433,7 +594,8 @@ class ServerProtocol:
         if p is None or not p.held:
             return []
         rule, state = self.spec.rule, p.state
-        # sync modes answer with parameters no later than the log: a worker never computes on an update a
+        # sync modes answer with parameters no later than the log: a worker never computes on an
+        # update a
         # rebuilt primary would not have (it would push a step ahead of it)
         floor = state.seq if not rule.per_rank_clocks else 0
         logged = self._logged(p)
@@ -445,8 +607,16 @@ class ServerProtocol:
                 keep.append(h)
             else:
                 if h.gate:
-                    self.clock_trace.append((h.rank, state.clocks.get(h.rank, 0), slowest_clock(state.clocks, self.spec.num_workers)))
-                if h.step is not None and h.step != state.seq:  # an exact pull overtaken by an update
+                    self.clock_trace.append(
+                        (
+                            h.rank,
+                            state.clocks.get(h.rank, 0),
+                            slowest_clock(state.clocks, self.spec.num_workers),
+                        )
+                    )
+                if (
+                    h.step is not None and h.step != state.seq
+                ):  # an exact pull overtaken by an update
                     out.append(self._on_pull(h.rid, h.pull)[0])
                     continue
                 params = self._params_now(p) if h.want_params else None
@@ -465,32 +635,65 @@ class ServerProtocol:
         """Updates the holder has logged: what a reply may depend on."""
         return p.logged
 
-    # --- primary: the log at the holder ------------------------------------------------------------
+    # --- primary: the log at the holder
+    # ------------------------------------------------------------
 
     def _snapshot(self, p: _Primary) -> Snapshot:
         s = p.state
-        return Snapshot(s.seq, self._params_now(p), s.optimizer.state_dict(), p.previous, dict(s.clocks), s.applied_copy(), s.residuals_copy())
+        return Snapshot(
+            s.seq,
+            self._params_now(p),
+            s.optimizer.state_dict(),
+            p.previous,
+            dict(s.clocks),
+            s.applied_copy(),
+            s.residuals_copy(),
+        )
 
     def _flush(self) -> list:
-        """Send every queued command to the holder in one Append, unless one is on its way already."""
+        """Send every queued command to the holder in one Append, unless one is on its way
+        already."""
         p = self.primary
-        if p is None or p.deposed or p.in_flight is not None or not p.outbox or not p.holder_ready or not self.spec.replicate:
+        if (
+            p is None
+            or p.deposed
+            or p.in_flight is not None
+            or not p.outbox
+            or not p.holder_ready
+            or not self.spec.replicate
+        ):
             return []
         batch, p.outbox = p.outbox, []
         snapshots = [snap for _, snap in batch if snap is not None]
         snapshot = snapshots[-1] if snapshots else None
-        call = self._call("append", p.holder, Append(p.shard.index, p.epoch, tuple(c for c, _ in batch), snapshot), p.holder, batch)
+        call = self._call(
+            "append",
+            p.holder,
+            Append(p.shard.index, p.epoch, tuple(c for c, _ in batch), snapshot),
+            p.holder,
+            batch,
+        )
         p.in_flight = (call.cid, p.holder, batch)
         effects = [call]
         if snapshot is not None:
             self.snapshots_sent += 1
-            effects.append(Note("snapshot_sent", {"shard": p.shard.index, "n": self.snapshots_sent, "seq": snapshot.seq}))
+            effects.append(
+                Note(
+                    "snapshot_sent",
+                    {"shard": p.shard.index, "n": self.snapshots_sent, "seq": snapshot.seq},
+                )
+            )
         return effects
 
     def _appended(self, call: tuple, value) -> list:
         _, holder, batch = call
         p = self.primary
-        if p is None or p.in_flight is None or p.in_flight[1] != holder or p.in_flight[2] is not batch:
+        if (
+            p is None
+            or p.in_flight is None
+            or p.in_flight[1] != holder
+            or p.in_flight[2] is not batch
+        ):
             return []
         p.in_flight = None
         if isinstance(value, AppendAck) and holder == p.holder:
@@ -501,7 +704,9 @@ class ServerProtocol:
                     clocks[rank] = max(clocks.get(rank, 0), step + 1)
             self._advance_logged(p, last.seq + 1, clocks)
             self.replica_appends += 1
-            self.replica_bytes_sent += sum(c.nbytes for c, _ in batch) + sum(s.nbytes for _, s in batch if s is not None)
+            self.replica_bytes_sent += sum(c.nbytes for c, _ in batch) + sum(
+                s.nbytes for _, s in batch if s is not None
+            )
             now = self.clock()
             for command, _ in batch:
                 self.replica_wait_s += now - self._commit_times.pop(command.seq, now)
@@ -512,7 +717,8 @@ class ServerProtocol:
         if holder != p.holder:  # the supervisor named a new holder meanwhile
             return self._flush()
         if isinstance(value, Refused) or value is Failure.DEAD:
-            # the holder lost the replica, has a gap, or died: a snapshot to it (or, if dead, to the holder the
+            # the holder lost the replica, has a gap, or died: a snapshot to it (or, if dead, to the
+            # holder the
             # supervisor names next) restores it
             p.holder_ready = False
             if value is Failure.DEAD:
@@ -527,24 +733,49 @@ class ServerProtocol:
             if clock > p.durable_clocks.get(rank, 0):
                 p.durable_clocks[rank] = clock
 
-    # --- replica holder ----------------------------------------------------------------------------
+    # --- replica holder
+    # ----------------------------------------------------------------------------
 
     def _on_install_replica(self, rid: int, m: InstallReplica) -> list:
         shard = m.shard.index
         held = self.replicas.get(shard)
         if held is not None and not self._admits(held, m.epoch):
-            return [Reply(rid, Refused(RefusalKind.FENCED, f"replica of shard {shard} on {self.name} is fenced at epoch {held.fence}, "
-                                                           f"install came from epoch {m.epoch}"))]
+            return [
+                Reply(
+                    rid,
+                    Refused(
+                        RefusalKind.FENCED,
+                        f"replica of shard {shard} on {self.name} is fenced at epoch {held.fence}, "
+                        f"install came from epoch {m.epoch}",
+                    ),
+                )
+            ]
         self.replicas[shard] = _Replica(m.shard, CommandLog.from_snapshot(m.snapshot), m.epoch)
         return [Reply(rid, self.replicas[shard].log.next_seq)]
 
     def _on_append(self, rid: int, m: Append) -> list:
         held = self.replicas.get(m.shard)
         if held is None:
-            return [Reply(rid, Refused(RefusalKind.NO_REPLICA, f"{self.name} holds no replica of shard {m.shard}"))]
+            return [
+                Reply(
+                    rid,
+                    Refused(
+                        RefusalKind.NO_REPLICA, f"{self.name} holds no replica of shard {m.shard}"
+                    ),
+                )
+            ]
         if not self._admits(held, m.epoch):
-            return [Reply(rid, Refused(RefusalKind.FENCED, f"replica of shard {m.shard} on {self.name} is fenced at epoch {held.fence}, "
-                                                           f"append came from epoch {m.epoch}"))]
+            return [
+                Reply(
+                    rid,
+                    Refused(
+                        RefusalKind.FENCED,
+                        f"replica of shard {m.shard} on {self.name} is fenced at epoch "
+                        f"{held.fence}, "
+                        f"append came from epoch {m.epoch}",
+                    ),
+                )
+            ]
         held.fence = max(held.fence, m.epoch)
         effects = []
         try:
@@ -552,7 +783,9 @@ class ServerProtocol:
                 held.log.append(command)
             if m.snapshot is not None:
                 n = self.snapshots_received[m.shard] = self.snapshots_received.get(m.shard, 0) + 1
-                effects.append(Note("snapshot_received", {"shard": m.shard, "n": n, "seq": m.snapshot.seq}))
+                effects.append(
+                    Note("snapshot_received", {"shard": m.shard, "n": n, "seq": m.snapshot.seq})
+                )
                 held.log.install_snapshot(m.snapshot)
         except LogGapError as e:
             return effects + [Reply(rid, Refused(RefusalKind.GAP, str(e)))]
@@ -564,10 +797,25 @@ class ServerProtocol:
     def _on_export_replica(self, rid: int, m: ExportReplica) -> list:
         held = self.replicas.get(m.shard)
         if held is None:
-            return [Reply(rid, Refused(RefusalKind.NO_REPLICA, f"{self.name} holds no replica of shard {m.shard}"))]
+            return [
+                Reply(
+                    rid,
+                    Refused(
+                        RefusalKind.NO_REPLICA, f"{self.name} holds no replica of shard {m.shard}"
+                    ),
+                )
+            ]
         if not self._raise_fence(held, m.epoch):
-            return [Reply(rid, Refused(RefusalKind.FENCED, f"replica of shard {m.shard} on {self.name} is already fenced at epoch "
-                                                           f"{held.fence}; a recovery needs a newer epoch than {m.epoch}"))]
+            return [
+                Reply(
+                    rid,
+                    Refused(
+                        RefusalKind.FENCED,
+                        f"replica of shard {m.shard} on {self.name} is already fenced at epoch "
+                        f"{held.fence}; a recovery needs a newer epoch than {m.epoch}",
+                    ),
+                )
+            ]
         return [Reply(rid, Exported(held.log.snapshot.owned(), tuple(held.log.entries)))]
 
     def _admits(self, held: _Replica, epoch: int) -> bool:
@@ -575,14 +823,16 @@ class ServerProtocol:
         return epoch >= held.fence
 
     def _raise_fence(self, held: _Replica, epoch: int) -> bool:
-        """An export for a successor at ``epoch``: from now on refuse every older primary. False if the epoch is
+        """An export for a successor at ``epoch``: from now on refuse every older primary. False if
+        the epoch is
         not newer than the fence (an epoch is never handed out twice)."""
         if epoch <= held.fence:
             return False
         held.fence = epoch
         return True
 
-    # --- both ----------------------------------------------------------------------------------------
+    # --- both
+    # ----------------------------------------------------------------------------------------
 
     def _on_describe(self, rid: int, m: Describe) -> list:
         return [Reply(rid, self.describe())]
@@ -590,27 +840,74 @@ class ServerProtocol:
     def _on_inspect_replica(self, rid: int, m: InspectReplica) -> list:
         held = self.replicas.get(m.shard)
         if held is None:
-            return [Reply(rid, Refused(RefusalKind.NO_REPLICA, f"{self.name} holds no replica of shard {m.shard}"))]
+            return [
+                Reply(
+                    rid,
+                    Refused(
+                        RefusalKind.NO_REPLICA, f"{self.name} holds no replica of shard {m.shard}"
+                    ),
+                )
+            ]
         return [Reply(rid, Exported(held.log.snapshot.owned(), tuple(held.log.entries)))]
 
     def describe(self) -> ServerDescription:
         p, w = self.primary, self.spec.num_workers
-        replicas = tuple(ReplicaInfo(s, r.fence, r.log.next_seq) for s, r in sorted(self.replicas.items()))
+        replicas = tuple(
+            ReplicaInfo(s, r.fence, r.log.next_seq) for s, r in sorted(self.replicas.items())
+        )
         if p is None:
-            return ServerDescription(self.name, None, 0, 0, 0, (), replicas, False, None, self._recovery is not None, self.node, self.process)
+            return ServerDescription(
+                self.name,
+                None,
+                0,
+                0,
+                0,
+                (),
+                replicas,
+                False,
+                None,
+                self._recovery is not None,
+                self.node,
+                self.process,
+            )
         if self.spec.rule.per_rank_clocks:
             clocks = tuple(p.durable_clocks.get(r, 0) for r in range(w))
         else:
             clocks = (p.logged,) * w
-        return ServerDescription(self.name, p.shard.index, p.epoch, p.state.seq, p.logged, clocks, replicas, p.deposed, p.checkpoint_step,
-                                 self._recovery is not None, self.node, self.process)
+        return ServerDescription(
+            self.name,
+            p.shard.index,
+            p.epoch,
+            p.state.seq,
+            p.logged,
+            clocks,
+            replicas,
+            p.deposed,
+            p.checkpoint_step,
+            self._recovery is not None,
+            self.node,
+            self.process,
+        )
 
     def stats(self) -> ShardStats:
         p = self.primary
         s = p.state
         lead = max((clock - slowest for _, clock, slowest in self.clock_trace), default=0)
-        return ShardStats(s.shard.index, s.seq, s.updates_applied, self.duplicate_pushes, s.shard.size, self.replica_wait_s, self.replica_bytes_sent,
-                          self.checkpoint_files_read, self.late_pushes, dict(self.staleness), lead, self.replica_appends, tuple(self.clock_trace))
+        return ShardStats(
+            s.shard.index,
+            s.seq,
+            s.updates_applied,
+            self.duplicate_pushes,
+            s.shard.size,
+            self.replica_wait_s,
+            self.replica_bytes_sent,
+            self.checkpoint_files_read,
+            self.late_pushes,
+            dict(self.staleness),
+            lead,
+            self.replica_appends,
+            tuple(self.clock_trace),
+        )
 
     def params(self) -> np.ndarray:
         return self._params_now(self.primary)

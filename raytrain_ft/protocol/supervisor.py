@@ -1,4 +1,5 @@
-"""The supervisor's protocol: a durable registry, a pure ``decide()``, and the state machine around them.
+"""The supervisor's protocol: a durable registry, a pure ``decide()``, and the state machine around
+them.
 
 Every ``probe_interval_s`` the supervisor asks every process it knows for its
 state (``Describe`` to servers, ``PollStatus`` to workers). Once the round is
@@ -49,9 +50,9 @@ from raytrain_ft.protocol.messages import (
     Persist,
     PollStatus,
     Recovered,
-    Refused,
-    RefusalKind,
     RecoverPrimary,
+    RefusalKind,
+    Refused,
     Reply,
     Route,
     RouteAfter,
@@ -68,7 +69,8 @@ def num_slots(num_shards: int) -> int:
 
 
 def replica_slot(shard: int, num_shards: int) -> int:
-    """Slot holding shard ``shard``'s replica: the next peer, or slot 1 (a dedicated replica actor) for one shard."""
+    """Slot holding shard ``shard``'s replica: the next peer, or slot 1 (a dedicated replica actor)
+    for one shard."""
     return (shard + 1) % num_shards if num_shards > 1 else 1
 
 
@@ -83,7 +85,8 @@ def replica_shards(slot: int, num_shards: int) -> tuple[int, ...]:
 class RunPhase(enum.Enum):
     """STARTING: creating, loading and replicating servers, then creating and starting workers.
     RUNNING: every worker was started; failures are being watched and repaired.
-    DONE: every worker finished. FAILED: a loss that cannot be recovered (a shard lost with its replica, a
+    DONE: every worker finished. FAILED: a loss that cannot be recovered (a shard lost with its
+    replica, a
     restart budget spent, an error in user code); ``failure`` says which."""
 
     STARTING = "starting"
@@ -93,8 +96,10 @@ class RunPhase(enum.Enum):
 
 
 class SlotPhase(enum.Enum):
-    """EMPTY: no actor yet. CREATING: an actor is named and being started. LOADING: a primary is being given
-    its values (start, or a checkpoint restore). SERVING: the actor plays the slot. RECOVERING: a spare is
+    """EMPTY: no actor yet. CREATING: an actor is named and being started. LOADING: a primary is
+    being given
+    its values (start, or a checkpoint restore). SERVING: the actor plays the slot. RECOVERING: a
+    spare is
     rebuilding the slot's shard from its replica at ``epoch``."""
 
     EMPTY = "empty"
@@ -105,7 +110,8 @@ class SlotPhase(enum.Enum):
 
 
 class WorkerPhase(enum.Enum):
-    """NONE: to be created. CREATING: named and starting. STARTING: ``Start`` sent. RUNNING: training.
+    """NONE: to be created. CREATING: named and starting. STARTING: ``Start`` sent. RUNNING:
+    training.
     DONE: finished its last step."""
 
     NONE = "none"
@@ -121,12 +127,15 @@ class Action(enum.Enum):
     HOLDER_READY = "holder_ready"
     REPLICATE = "replicate"
     RECOVER = "recover"
-    """A spare rebuilds a dead primary's shard from its replica (also re-issued after a supervisor restart)."""
+    """A spare rebuilds a dead primary's shard from its replica (also re-issued after a supervisor
+    restart)."""
     ABANDON_RECOVERY = "abandon_recovery"
-    """The holder died mid-recovery, but the primary being replaced was only suspected: it serves on."""
+    """The holder died mid-recovery, but the primary being replaced was only suspected: it serves
+    on."""
     REPLACE_HOLDER = "replace_holder"
     ROLLBACK = "rollback"
-    """The file baseline: every shard back to the newest common checkpoint, every worker restarted."""
+    """The file baseline: every shard back to the newest common checkpoint, every worker
+    restarted."""
     CREATE_SPARE = "create_spare"
     DROP_SPARE = "drop_spare"
     CREATE_WORKER = "create_worker"
@@ -152,7 +161,8 @@ class SlotRecord:
     load_step: int | None = None
     """LOADING from a checkpoint file of this step (None: the run's initial values)."""
     replacing: Address | None = None
-    """RECOVERING: the primary being replaced, killed only once its successor serves (if the recovery cannot
+    """RECOVERING: the primary being replaced, killed only once its successor serves (if the
+    recovery cannot
     finish and it was only suspected, it serves on)."""
     replacing_epoch: int = 0
 
@@ -206,37 +216,54 @@ class Registry:
     replica_version: int = 0
     """Holders named so far (``SetReplica.version``: a primary ignores an older, delayed one)."""
     rereplications_started: int = 0
-    """Replicas rebuilt after a server was lost (the first replication of each shard at the start not counted)."""
+    """Replicas rebuilt after a server was lost (the first replication of each shard at the start
+    not counted)."""
     started_at: float = 0.0
-    """When the run's supervisor first started (recovery event times are reported relative to it)."""
+    """When the run's supervisor first started (recovery event times are reported relative to
+    it)."""
     training: bool = False
-    """Some worker was sent ``Start`` (before that no update exists, and a lost server is simply started again)."""
+    """Some worker was sent ``Start`` (before that no update exists, and a lost server is simply
+    started again)."""
     checkpoint_steps: list = field(default_factory=list)
     """Per shard: the newest checkpoint file step its primaries reported (the file baseline)."""
     events: list[RecoveryEvent] = field(default_factory=list)
 
     @classmethod
-    def new(cls, num_shards: int, num_workers: int) -> "Registry":
-        return cls([SlotRecord() for _ in range(num_slots(num_shards))], [0] * num_shards, [False] * num_shards,
-                   [WorkerRecord() for _ in range(num_workers)], checkpoint_steps=[None] * num_shards)
+    def new(cls, num_shards: int, num_workers: int) -> Registry:
+        return cls(
+            [SlotRecord() for _ in range(num_slots(num_shards))],
+            [0] * num_shards,
+            [False] * num_shards,
+            [WorkerRecord() for _ in range(num_workers)],
+            checkpoint_steps=[None] * num_shards,
+        )
 
     def to_json(self) -> str:
-        return json.dumps({name: _plain(getattr(self, name)) for name in _FIELDS[Registry]}, separators=(",", ":"))
+        return json.dumps(
+            {name: _plain(getattr(self, name)) for name in _FIELDS[Registry]}, separators=(",", ":")
+        )
 
     @classmethod
-    def from_json(cls, text: str) -> "Registry":
+    def from_json(cls, text: str) -> Registry:
         d = json.loads(text)
         d["slots"] = [SlotRecord(**{**s, "phase": SlotPhase(s["phase"])}) for s in d["slots"]]
-        d["workers"] = [WorkerRecord(**{**w, "phase": WorkerPhase(w["phase"])}) for w in d["workers"]]
+        d["workers"] = [
+            WorkerRecord(**{**w, "phase": WorkerPhase(w["phase"])}) for w in d["workers"]
+        ]
         d["phase"] = RunPhase(d["phase"])
         d["events"] = [RecoveryEvent(**e) for e in d["events"]]
         return cls(**d)
 
     def routes(self, num_shards: int) -> tuple[Route, ...]:
-        return tuple(Route(i, self.slots[i].actor or "", self.slots[i].epoch) for i in range(num_shards))
+        return tuple(
+            Route(i, self.slots[i].actor or "", self.slots[i].epoch) for i in range(num_shards)
+        )
 
 
-_FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in (Registry, SlotRecord, WorkerRecord, RecoveryEvent)}
+_FIELDS = {
+    cls: tuple(f.name for f in dataclasses.fields(cls))
+    for cls in (Registry, SlotRecord, WorkerRecord, RecoveryEvent)
+}
 
 
 def _record(obj) -> dict:
@@ -249,7 +276,8 @@ def _record(obj) -> dict:
 
 
 def _plain(value):
-    """``value`` as JSON-able builtins (records as dicts, enums as their values); faster than ``asdict``."""
+    """``value`` as JSON-able builtins (records as dicts, enums as their values); faster than
+    ``asdict``."""
     if isinstance(value, list):
         return [_record(v) if type(v) in _FIELDS else v for v in value]
     return value.value if isinstance(value, enum.Enum) else value
@@ -272,11 +300,14 @@ class SupervisorSpec:
     probe_interval_s: float = 0.2
     probe_timeout_s: float = 2.0
     suspect_after_s: float = 10.0
-    """A server that has not answered a probe for this long is replaced as if dead (it is killed and fenced)."""
+    """A server that has not answered a probe for this long is replaced as if dead (it is killed and
+    fenced)."""
     start_timeout_s: float = 180.0
-    """An actor that does not answer this long after it was created ends the run (too few resources)."""
+    """An actor that does not answer this long after it was created ends the run (too few
+    resources)."""
     op_timeout_s: float = 60.0
-    """An operation (load, recover, replicate, start) not answered this long is given up and decided again."""
+    """An operation (load, recover, replicate, start) not answered this long is given up and decided
+    again."""
     node_ids: tuple[str, ...] = ()
     """Nodes to spread server slots over (empty: one node, no placement)."""
 
@@ -296,7 +327,11 @@ class View:
     """Names some call found dead (an actor's death is final)."""
 
     def alive(self, name: str | None) -> bool:
-        return name is not None and name in self.answers and not isinstance(self.answers[name], (Failure, StartFailed))
+        return (
+            name is not None
+            and name in self.answers
+            and not isinstance(self.answers[name], (Failure, StartFailed))
+        )
 
     def start_failed(self, name: str | None) -> str | None:
         a = self.answers.get(name) if name else None
@@ -307,7 +342,8 @@ class View:
         return name is None or name in self.gone or self.answers.get(name) is Failure.DEAD
 
     def dead(self, name: str | None, spec: SupervisorSpec) -> bool:
-        """Gone for good, or silent long enough to be treated so: ``suspect_after_s`` once it has answered,
+        """Gone for good, or silent long enough to be treated so: ``suspect_after_s`` once it has
+        answered,
         ``start_timeout_s`` before (a process still starting up is slow, not dead)."""
         if self.gone_for_good(name) or self.start_failed(name):
             return True
@@ -327,26 +363,35 @@ class View:
 
 
 def any_started(reg: Registry) -> bool:
-    """Whether some worker may have pushed: one was ever sent ``Start`` (no update exists before that)."""
+    """Whether some worker may have pushed: one was ever sent ``Start`` (no update exists before
+    that)."""
     return reg.training
 
 
 def resume_step(descriptions: list[ServerDescription], rank: int) -> int:
-    """Where a (re)started rank goes on: the first step some shard has not *logged* from it. Only logged
-    updates count: one applied but not yet logged may be lost with its primary, and a rank resumed past it
+    """Where a (re)started rank goes on: the first step some shard has not *logged* from it. Only
+    logged
+    updates count: one applied but not yet logged may be lost with its primary, and a rank resumed
+    past it
     would push a step ahead of the rebuilt shard."""
     return min(d.durable_clocks[rank] for d in descriptions)
 
 
-def decide(reg: Registry, view: View, busy: frozenset, spec: SupervisorSpec, now: float) -> list[Decision]:
+def decide(
+    reg: Registry, view: View, busy: frozenset, spec: SupervisorSpec, now: float
+) -> list[Decision]:
     """What to do now, with reasons. A FAIL comes alone."""
     k, out = spec.num_shards, []
     if reg.phase in (RunPhase.DONE, RunPhase.FAILED):
         return []
-    roles = [(s.actor, f"server slot {j}") for j, s in enumerate(reg.slots)] + [(n, "a spare server") for n in reg.spares]
-    for (name, what) in roles + [(w.actor, f"worker {rank}") for rank, w in enumerate(reg.workers)]:
+    roles = [(s.actor, f"server slot {j}") for j, s in enumerate(reg.slots)] + [
+        (n, "a spare server") for n in reg.spares
+    ]
+    for name, what in roles + [(w.actor, f"worker {rank}") for rank, w in enumerate(reg.workers)]:
         if view.start_failed(name):  # a constructor raised: starting it again would raise again
-            return [Decision(Action.FAIL, name, f"{what} failed to start: {view.start_failed(name)}")]
+            return [
+                Decision(Action.FAIL, name, f"{what} failed to start: {view.start_failed(name)}")
+            ]
     # --- servers ---
     dead_primaries = []
     for j, slot in enumerate(reg.slots):
@@ -356,32 +401,69 @@ def decide(reg: Registry, view: View, busy: frozenset, spec: SupervisorSpec, now
         elif slot.phase is SlotPhase.CREATING:
             if view.alive(slot.actor):
                 if shard is None:
-                    out.append(Decision(Action.HOLDER_READY, j, f"replica holder {slot.actor} is up"))
+                    out.append(
+                        Decision(Action.HOLDER_READY, j, f"replica holder {slot.actor} is up")
+                    )
                 else:
                     out.append(Decision(Action.LOAD, j, f"server {slot.actor} is up"))
-            elif view.gone_for_good(slot.actor) or (slot.actor in view.answered and view.dead(slot.actor, spec)):
-                out.append(Decision(Action.CREATE_SLOT, j, f"server {slot.actor} of slot {j} died or went silent while starting"))
+            elif view.gone_for_good(slot.actor) or (
+                slot.actor in view.answered and view.dead(slot.actor, spec)
+            ):
+                out.append(
+                    Decision(
+                        Action.CREATE_SLOT,
+                        j,
+                        f"server {slot.actor} of slot {j} died or went silent while starting",
+                    )
+                )
             elif view.dead(slot.actor, spec):
-                return [Decision(Action.FAIL, j, f"server slot {j} did not start within {spec.start_timeout_s:.0f}s; the cluster may lack "
-                                                 "the resources it asks for (see `ray status`), or raise RAYTRAIN_FT_ACTOR_START_TIMEOUT_S")]
+                return [
+                    Decision(
+                        Action.FAIL,
+                        j,
+                        f"server slot {j} did not start within {spec.start_timeout_s:.0f}s; the "
+                        "cluster may lack "
+                        "the resources it asks for (see `ray status`), or raise "
+                        "RAYTRAIN_FT_ACTOR_START_TIMEOUT_S",
+                    )
+                ]
         elif slot.phase is SlotPhase.LOADING:
             if view.dead(slot.actor, spec):
-                out.append(Decision(Action.CREATE_SLOT, j, f"server {slot.actor} of slot {j} died while loading"))
+                out.append(
+                    Decision(
+                        Action.CREATE_SLOT, j, f"server {slot.actor} of slot {j} died while loading"
+                    )
+                )
             elif ("load", j) not in busy and view.alive(slot.actor):
                 out.append(Decision(Action.LOAD, j, f"slot {j} loads"))
         elif slot.phase is SlotPhase.RECOVERING:
             if ("recover", j) not in busy:
-                out.append(Decision(Action.RECOVER, j, f"slot {j}'s recovery is not in flight (the spare died, or the supervisor restarted)"))
+                out.append(
+                    Decision(
+                        Action.RECOVER,
+                        j,
+                        f"slot {j}'s recovery is not in flight (the spare died, or the supervisor "
+                        "restarted)",
+                    )
+                )
         elif slot.phase is SlotPhase.SERVING:
             desc = view.describe(slot.actor)
             if view.dead(slot.actor, spec) or (desc is not None and desc.deposed):
-                why = "is dead" if view.answers.get(slot.actor) is Failure.DEAD else (
-                    "was deposed" if desc is not None else f"has not answered for {view.silent_s.get(slot.actor, 0):.1f}s")
+                why = (
+                    "is dead"
+                    if view.answers.get(slot.actor) is Failure.DEAD
+                    else (
+                        "was deposed"
+                        if desc is not None
+                        else f"has not answered for {view.silent_s.get(slot.actor, 0):.1f}s"
+                    )
+                )
                 dead_primaries.append((j, f"server {slot.actor} of slot {j} {why}"))
     nothing_trained = not any_started(reg)
 
     def condition(name) -> str:
-        """ok | suspect (silent too long: maybe partitioned, maybe dead) | dead (confirmed, or deposed)."""
+        """ok | suspect (silent too long: maybe partitioned, maybe dead) | dead (confirmed, or
+        deposed)."""
         d = view.describe(name)
         if view.gone_for_good(name) or (d is not None and d.deposed):
             return "dead"
@@ -390,32 +472,66 @@ def decide(reg: Registry, view: View, busy: frozenset, spec: SupervisorSpec, now
     def replica_copy(shard: int) -> str:
         """The condition of shard ``shard``'s second copy, at its holder."""
         holder = reg.slots[replica_slot(shard, k)]
-        if not reg.replicated[shard] or holder.phase not in (SlotPhase.SERVING, SlotPhase.RECOVERING):
+        if not reg.replicated[shard] or holder.phase not in (
+            SlotPhase.SERVING,
+            SlotPhase.RECOVERING,
+        ):
             return "dead"
         return condition(holder.actor)
 
-    # A suspected server is replaced only when every shard it holds a copy of keeps a healthy other copy: a
+    # A suspected server is replaced only when every shard it holds a copy of keeps a healthy other
+    # copy: a
     # suspicion never costs a shard. A loss is declared only when both copies are confirmed gone.
     for j, why in dead_primaries:
         shard = primary_shard(j, k)
         confirmed = condition(reg.slots[j].actor) == "dead"
-        if nothing_trained:  # no worker was started yet: start the slot again from the run's initial values
+        if (
+            nothing_trained
+        ):  # no worker was started yet: start the slot again from the run's initial values
             out.append(Decision(Action.CREATE_SLOT, j, f"{why} before training began"))
             continue
         if spec.recovery == "none":
             if confirmed:
-                return [Decision(Action.FAIL, j, f"{why}, and recovery=none keeps no copy of it; run with --recovery replica")]
+                return [
+                    Decision(
+                        Action.FAIL,
+                        j,
+                        f"{why}, and recovery=none keeps no copy of it; "
+                        "run with --recovery replica",
+                    )
+                ]
             continue
         if spec.recovery == "checkpoint":
-            return [Decision(Action.ROLLBACK, j, f"{why}: every shard goes back to its newest checkpoint")]
+            return [
+                Decision(
+                    Action.ROLLBACK, j, f"{why}: every shard goes back to its newest checkpoint"
+                )
+            ]
         if reg.server_replacements + 1 > spec.max_server_replacements:
-            return [Decision(Action.FAIL, j, f"{why}, and server replacements would exceed recovery.max_server_replacements="
-                                             f"{spec.max_server_replacements}")]
+            return [
+                Decision(
+                    Action.FAIL,
+                    j,
+                    f"{why}, and server replacements would exceed recovery.max_server_replacements="
+                    f"{spec.max_server_replacements}",
+                )
+            ]
         mine = replica_copy(shard) if shard is not None else "ok"
         if confirmed and mine == "dead":
-            return [Decision(Action.FAIL, shard, f"shard {shard} is lost: {why}, and its replica holder (slot {replica_slot(shard, k)}) "
-                                                 "is dead or had not received its replica yet")]
-        held = [h for h in replica_shards(j, k) if reg.slots[h].phase is not SlotPhase.SERVING or condition(reg.slots[h].actor) != "ok"]
+            return [
+                Decision(
+                    Action.FAIL,
+                    shard,
+                    f"shard {shard} is lost: {why}, and its replica holder (slot "
+                    f"{replica_slot(shard, k)}) "
+                    "is dead or had not received its replica yet",
+                )
+            ]
+        held = [
+            h
+            for h in replica_shards(j, k)
+            if reg.slots[h].phase is not SlotPhase.SERVING or condition(reg.slots[h].actor) != "ok"
+        ]
         if mine != "ok" or (not confirmed and held):
             continue  # the other copy is not healthy: wait for this one rather than give a shard up
         out.append(Decision(Action.REPLACE_HOLDER if shard is None else Action.RECOVER, j, why))
@@ -424,16 +540,37 @@ def decide(reg: Registry, view: View, busy: frozenset, spec: SupervisorSpec, now
             shard = primary_shard(j, k)
             if replica_copy(shard) == "dead":
                 if slot.replacing is not None and condition(slot.replacing) != "dead":
-                    out.append(Decision(Action.ABANDON_RECOVERY, j, f"the replica holder of shard {shard} died while {slot.replacing}, only "
-                                                                    "suspected, was being replaced"))
+                    out.append(
+                        Decision(
+                            Action.ABANDON_RECOVERY,
+                            j,
+                            f"the replica holder of shard {shard} died while {slot.replacing}, "
+                            "only "
+                            "suspected, was being replaced",
+                        )
+                    )
                     continue
-                return [Decision(Action.FAIL, shard, f"shard {shard} is lost: its primary died, and its replica holder "
-                                                     f"(slot {replica_slot(shard, k)}) died before the shard was rebuilt")]
+                return [
+                    Decision(
+                        Action.FAIL,
+                        shard,
+                        f"shard {shard} is lost: its primary died, and its replica holder "
+                        f"(slot {replica_slot(shard, k)}) died before the shard was rebuilt",
+                    )
+                ]
     serving = [s.phase is SlotPhase.SERVING and view.alive(s.actor) for s in reg.slots]
     for shard in range(k):
         h = replica_slot(shard, k)
-        if spec.recovery == "replica" and not reg.replicated[shard] and serving[shard] and serving[h] and ("replicate", shard) not in busy:
-            out.append(Decision(Action.REPLICATE, shard, f"shard {shard} has no replica on slot {h}"))
+        if (
+            spec.recovery == "replica"
+            and not reg.replicated[shard]
+            and serving[shard]
+            and serving[h]
+            and ("replicate", shard) not in busy
+        ):
+            out.append(
+                Decision(Action.REPLICATE, shard, f"shard {shard} has no replica on slot {h}")
+            )
     # --- spares ---
     spares_alive = 0
     for name in reg.spares:
@@ -442,28 +579,52 @@ def decide(reg: Registry, view: View, busy: frozenset, spec: SupervisorSpec, now
         else:
             spares_alive += 1
     if spec.recovery != "none" and spares_alive < spec.num_spares:
-        out.append(Decision(Action.CREATE_SPARE, None, f"{spares_alive} of {spec.num_spares} warm spares"))
+        out.append(
+            Decision(Action.CREATE_SPARE, None, f"{spares_alive} of {spec.num_spares} warm spares")
+        )
     # --- workers ---
     all_up = all(serving) and (spec.recovery != "replica" or all(reg.replicated))
     primaries = [view.describe(reg.slots[i].actor) for i in range(k)]
-    can_start = all(serving[:k]) and all(d is not None and d.shard == i and d.epoch == reg.slots[i].epoch and not d.deposed
-                                         for i, d in enumerate(primaries))
+    can_start = all(serving[:k]) and all(
+        d is not None and d.shard == i and d.epoch == reg.slots[i].epoch and not d.deposed
+        for i, d in enumerate(primaries)
+    )
     for rank, w in enumerate(reg.workers):
         status = view.status(w.actor)
         if status is not None and status.error:
             return [Decision(Action.FAIL, rank, f"worker {rank} failed: {status.error}")]
-        if w.phase is WorkerPhase.NONE:  # created while the servers start (a worker process starts slowest)
+        if (
+            w.phase is WorkerPhase.NONE
+        ):  # created while the servers start (a worker process starts slowest)
             out.append(Decision(Action.CREATE_WORKER, rank, f"worker {rank} has no actor"))
             continue
         if w.phase is WorkerPhase.DONE:
             continue
         if view.dead(w.actor, spec):
-            if w.actor not in view.answered and not view.gone_for_good(w.actor) and reg.phase is not RunPhase.RUNNING:
-                return [Decision(Action.FAIL, rank, f"worker {rank} did not start within {spec.start_timeout_s:.0f}s; the cluster may lack "
-                                                    "the resources it asks for (see `ray status`), or raise RAYTRAIN_FT_ACTOR_START_TIMEOUT_S")]
+            if (
+                w.actor not in view.answered
+                and not view.gone_for_good(w.actor)
+                and reg.phase is not RunPhase.RUNNING
+            ):
+                return [
+                    Decision(
+                        Action.FAIL,
+                        rank,
+                        f"worker {rank} did not start within {spec.start_timeout_s:.0f}s; the "
+                        "cluster may lack "
+                        "the resources it asks for (see `ray status`), or raise "
+                        "RAYTRAIN_FT_ACTOR_START_TIMEOUT_S",
+                    )
+                ]
             if w.restarts >= spec.max_worker_restarts:
-                return [Decision(Action.FAIL, rank, f"worker {rank} died {w.restarts + 1} times; the limit is "
-                                                    f"recovery.max_worker_restarts={spec.max_worker_restarts}")]
+                return [
+                    Decision(
+                        Action.FAIL,
+                        rank,
+                        f"worker {rank} died {w.restarts + 1} times; the limit is "
+                        f"recovery.max_worker_restarts={spec.max_worker_restarts}",
+                    )
+                ]
             out.append(Decision(Action.CREATE_WORKER, rank, f"worker {rank} ({w.actor}) is dead"))
             continue
         if status is None:
@@ -472,21 +633,50 @@ def decide(reg: Registry, view: View, busy: frozenset, spec: SupervisorSpec, now
             out.append(Decision(Action.MARK_DONE, rank, f"worker {rank} finished"))
         elif status.started and w.phase is not WorkerPhase.RUNNING:
             out.append(Decision(Action.MARK_RUNNING, rank, f"worker {rank} trains"))
-        elif (not status.started and w.phase in (WorkerPhase.CREATING, WorkerPhase.STARTING) and ("start", rank) not in busy and can_start
-              and (all_up or reg.phase is RunPhase.RUNNING)):
+        elif (
+            not status.started
+            and w.phase in (WorkerPhase.CREATING, WorkerPhase.STARTING)
+            and ("start", rank) not in busy
+            and can_start
+            and (all_up or reg.phase is RunPhase.RUNNING)
+        ):
             out.append(Decision(Action.START_WORKER, rank, f"worker {rank} is up and not training"))
-    # the end is declared only on a round every server answered: a holder silent for a moment may be dead
-    replicated = spec.recovery != "replica" or (all(reg.replicated) and all(view.alive(s.actor) for s in reg.slots))
-    if reg.phase is RunPhase.RUNNING and all(w.phase is WorkerPhase.DONE for w in reg.workers) and not out and replicated:
-        return [Decision(Action.FINISH, None, "every worker finished" + (" and every shard is replicated" if spec.recovery == "replica" else ""))]
+    # the end is declared only on a round every server answered: a holder silent for a moment may be
+    # dead
+    replicated = spec.recovery != "replica" or (
+        all(reg.replicated) and all(view.alive(s.actor) for s in reg.slots)
+    )
+    if (
+        reg.phase is RunPhase.RUNNING
+        and all(w.phase is WorkerPhase.DONE for w in reg.workers)
+        and not out
+        and replicated
+    ):
+        return [
+            Decision(
+                Action.FINISH,
+                None,
+                "every worker finished"
+                + (" and every shard is replicated" if spec.recovery == "replica" else ""),
+            )
+        ]
     return out
 
 
 class SupervisorProtocol:
-    """The supervisor's state machine. ``params_of(shard)``: the initial values of a shard (start only)."""
+    """The supervisor's state machine. ``params_of(shard)``: the initial values of a shard (start
+    only)."""
 
-    def __init__(self, spec: SupervisorSpec, ranges: list, params_of, registry: Registry | None = None, now: float = 0.0,
-                 key: str = "registry", name_prefix: str = ""):
+    def __init__(
+        self,
+        spec: SupervisorSpec,
+        ranges: list,
+        params_of,
+        registry: Registry | None = None,
+        now: float = 0.0,
+        key: str = "registry",
+        name_prefix: str = "",
+    ):
         self.spec, self.ranges, self.params_of = spec, ranges, params_of
         self.key, self.name_prefix = key, name_prefix
         self.reg = registry or Registry.new(spec.num_shards, spec.num_workers)
@@ -517,26 +707,34 @@ class SupervisorProtocol:
         self.latest: dict[str, Any] = {}
         """Per name: its newest probe answer (the round in flight included)."""
         self.view_started_at = 0.0
-        """When the probe round ``view`` comes from started (what happened after it, the view cannot show)."""
+        """When the probe round ``view`` comes from started (what happened after it, the view cannot
+        show)."""
         self._round_started_at = 0.0
         self.history: list[tuple[str, str]] = []
         """(action, reason) of every decision carried out, in order."""
 
     @classmethod
-    def restore(cls, spec: SupervisorSpec, ranges: list, params_of, saved: str, now: float, **kw) -> "SupervisorProtocol":
-        """A restarted supervisor: the registry as persisted; the next probe round finds out the rest."""
+    def restore(
+        cls, spec: SupervisorSpec, ranges: list, params_of, saved: str, now: float, **kw
+    ) -> SupervisorProtocol:
+        """A restarted supervisor: the registry as persisted; the next probe round finds out the
+        rest."""
         reg = Registry.from_json(saved)
         reg.restarts += 1
-        reg.events.append(RecoveryEvent("supervisor", 0, "rebuilt", detected_at=now, serving_at=now))
+        reg.events.append(
+            RecoveryEvent("supervisor", 0, "rebuilt", detected_at=now, serving_at=now)
+        )
         return cls(spec, ranges, params_of, reg, now, **kw)
 
-    # --- entry points -------------------------------------------------------------------------------
+    # --- entry points
+    # -------------------------------------------------------------------------------
 
     def on_start(self, now: float) -> list:
         return [self._persist(), *self._soon()]
 
     def _soon(self) -> list:
-        """Look again as soon as possible (something changed): at once if no round is in flight, else right
+        """Look again as soon as possible (something changed): at once if no round is in flight,
+        else right
         after it; one such request stands for any number made meanwhile."""
         if self._round is not None:
             self._again = True
@@ -559,8 +757,10 @@ class SupervisorProtocol:
         return self._write_ahead(self._on_reply(cid, failure, now))
 
     def _write_ahead(self, effects: list) -> list:
-        """One ``Persist`` of the registry as it ends up, before every other effect of the handler (a decision
-        later in the same handler being recorded early is what a crash right after it would leave anyway)."""
+        """One ``Persist`` of the registry as it ends up, before every other effect of the handler
+        (a decision
+        later in the same handler being recorded early is what a crash right after it would leave
+        anyway)."""
         if not any(isinstance(e, Persist) for e in effects):
             return effects
         return [self._persist()] + [e for e in effects if not isinstance(e, Persist)]
@@ -569,7 +769,12 @@ class SupervisorProtocol:
         if token == "probe":
             self._soon_pending = False
             return self._start_round(now) if self._round is None else []
-        if isinstance(token, tuple) and token[0] == "probe_timeout" and token[1] == self._rounds and self._round is not None:
+        if (
+            isinstance(token, tuple)
+            and token[0] == "probe_timeout"
+            and token[1] == self._rounds
+            and self._round is not None
+        ):
             return self._finish_round(now)  # the silent ones count as unanswered
         if isinstance(token, tuple) and token[0] == "op_timeout" and token[1] in self._ops:
             return self._op_done(self._ops.pop(token[1]), Failure.UNAVAILABLE, now)
@@ -582,7 +787,12 @@ class SupervisorProtocol:
             if msg.failed and any(p[0] == rid for p in self._parked) and self._round is None:
                 effects += self._start_round(now)  # a worker saw a failure: look now
             return effects
-        return [Reply(rid, Refused(RefusalKind.FAILED, f"the supervisor does not handle {type(msg).__name__}"))]
+        return [
+            Reply(
+                rid,
+                Refused(RefusalKind.FAILED, f"the supervisor does not handle {type(msg).__name__}"),
+            )
+        ]
 
     def _on_reply(self, cid: int, value, now: float) -> list:
         in_round = self._round is not None and cid in self._round
@@ -598,7 +808,8 @@ class SupervisorProtocol:
             if not in_round:  # a process that was still starting answered: decide about it soon
                 return self._soon() if first or value is Failure.DEAD else []
             self._answers[name] = value
-            # the round is complete once everyone who ever answered has: one still starting holds no decision up
+            # the round is complete once everyone who ever answered has: one still starting holds no
+            # decision up
             if not any(n in self._answered for n in self._round.values()):
                 return self._finish_round(now)
             return []
@@ -611,10 +822,13 @@ class SupervisorProtocol:
     def phase(self) -> RunPhase:
         return self.reg.phase
 
-    # --- probing ------------------------------------------------------------------------------------
+    # --- probing
+    # ------------------------------------------------------------------------------------
 
     def _known(self) -> list[tuple[str, str]]:
-        names = [(s.actor, "server") for s in self.reg.slots if s.actor] + [(n, "server") for n in self.reg.spares]
+        names = [(s.actor, "server") for s in self.reg.slots if s.actor] + [
+            (n, "server") for n in self.reg.spares
+        ]
         names += [(w.actor, "worker") for w in self.reg.workers if w.actor]
         return names
 
@@ -643,11 +857,22 @@ class SupervisorProtocol:
         self._view_round = self._rounds
         self.view_started_at = self._round_started_at
         names = {n for n, _ in self._known()}
-        self.view = View(dict(self._answers), {n: now - self._last_seen.get(n, now) for n in names},
-                         {n: now - self._known_since.get(n, now) for n in names}, frozenset(self._answered), frozenset(self._gone))
+        self.view = View(
+            dict(self._answers),
+            {n: now - self._last_seen.get(n, now) for n in names},
+            {n: now - self._known_since.get(n, now) for n in names},
+            frozenset(self._answered),
+            frozenset(self._gone),
+        )
         self._learn(self.view)
         effects = []
-        for d in decide(self.reg, self.view, frozenset((op[0], op[1]) for op in self._ops.values()), self.spec, now):
+        for d in decide(
+            self.reg,
+            self.view,
+            frozenset((op[0], op[1]) for op in self._ops.values()),
+            self.spec,
+            now,
+        ):
             effects += self._carry_out(d, now)
             if self.reg.phase is RunPhase.FAILED:
                 break
@@ -658,14 +883,18 @@ class SupervisorProtocol:
         return effects
 
     def _learn(self, view: View) -> None:
-        """Bookkeeping from descriptions: the newest checkpoint step per shard (the file baseline)."""
+        """Bookkeeping from descriptions: the newest checkpoint step per shard (the file
+        baseline)."""
         for i in range(self.spec.num_shards):
             d = view.describe(self.reg.slots[i].actor)
             if d is not None and d.checkpoint_step is not None:
                 known = self.reg.checkpoint_steps[i]
-                self.reg.checkpoint_steps[i] = d.checkpoint_step if known is None else max(known, d.checkpoint_step)
+                self.reg.checkpoint_steps[i] = (
+                    d.checkpoint_step if known is None else max(known, d.checkpoint_step)
+                )
 
-    # --- carrying decisions out ----------------------------------------------------------------------
+    # --- carrying decisions out
+    # ----------------------------------------------------------------------
 
     def _persist(self) -> Persist:
         return Persist(self.key, self.reg.to_json())
@@ -692,7 +921,10 @@ class SupervisorProtocol:
         a = d.action
         if a is Action.FAIL:
             reg.phase, reg.failure = RunPhase.FAILED, d.reason
-            return [self._persist(), Note("run_failed", {"reason": d.reason})] + self._refuse_routes(d.reason)
+            return [
+                self._persist(),
+                Note("run_failed", {"reason": d.reason}),
+            ] + self._refuse_routes(d.reason)
         if a is Action.FINISH:
             reg.phase = RunPhase.DONE
             return [self._persist(), Note("run_done", {})]
@@ -703,8 +935,14 @@ class SupervisorProtocol:
             for shard in {primary_shard(d.target, k), *replica_shards(d.target, k)} - {None}:
                 reg.replicated[shard] = False
             kills = [Kill(old, d.reason)] if old else []
-            return [self._persist()] + kills + [Create(slot.actor, "server", slot=d.target, node=self._node_for_slot(d.target))]
-        if a is Action.HOLDER_READY:  # bookkeeping a probe re-derives: written with the next change, not on its own
+            return (
+                [self._persist()]
+                + kills
+                + [Create(slot.actor, "server", slot=d.target, node=self._node_for_slot(d.target))]
+            )
+        if (
+            a is Action.HOLDER_READY
+        ):  # bookkeeping a probe re-derives: written with the next change, not on its own
             reg.slots[d.target].phase = SlotPhase.SERVING
             return []
         if a is Action.LOAD:
@@ -714,11 +952,28 @@ class SupervisorProtocol:
             holder = reg.slots[replica_slot(shard, k)].actor
             reg.replica_version += 1  # persisted before the holder is named with it
             primary = reg.slots[shard].actor
-            calls = self._op("replicate", shard, primary, SetReplica(holder, reg.replica_version), holder, primary, reg.slots[shard].epoch)
+            calls = self._op(
+                "replicate",
+                shard,
+                primary,
+                SetReplica(holder, reg.replica_version),
+                holder,
+                primary,
+                reg.slots[shard].epoch,
+            )
             if not reg.training:
                 return [self._persist()] + calls
             reg.rereplications_started += 1
-            return [self._persist()] + calls + [Note("rereplication_started", {"n": reg.rereplications_started, "shard": shard, "holder": holder})]
+            return (
+                [self._persist()]
+                + calls
+                + [
+                    Note(
+                        "rereplication_started",
+                        {"n": reg.rereplications_started, "shard": shard, "holder": holder},
+                    )
+                ]
+            )
         if a is Action.RECOVER:
             return self._recover(d.target, d.reason, now)
         if a is Action.ABANDON_RECOVERY:
@@ -731,7 +986,9 @@ class SupervisorProtocol:
             name = self._name("server")
             reg.spares.append(name)
             nodes = list(self.spec.node_ids)
-            node = nodes[(len(reg.spares) + reg.server_replacements) % len(nodes)] if nodes else None
+            node = (
+                nodes[(len(reg.spares) + reg.server_replacements) % len(nodes)] if nodes else None
+            )
             return [self._persist(), Create(name, "server", node=node)]
         if a is Action.DROP_SPARE:
             if d.target in reg.spares:  # (a recovery decided earlier this round may have taken it)
@@ -742,18 +999,34 @@ class SupervisorProtocol:
             old = w.actor
             if old is not None:
                 w.restarts += 1
-                reg.events.append(RecoveryEvent("worker", d.target, "restart", detected_at=now, actor=old))
-            w.actor, w.phase, w.start_step = self._name(f"worker{d.target}-"), WorkerPhase.CREATING, None
+                reg.events.append(
+                    RecoveryEvent("worker", d.target, "restart", detected_at=now, actor=old)
+                )
+            w.actor, w.phase, w.start_step = (
+                self._name(f"worker{d.target}-"),
+                WorkerPhase.CREATING,
+                None,
+            )
             kills = [Kill(old, d.reason)] if old else []
-            return [self._persist()] + kills + [Create(w.actor, "worker", rank=d.target, routes=reg.routes(k))]
+            return (
+                [self._persist()]
+                + kills
+                + [Create(w.actor, "worker", rank=d.target, routes=reg.routes(k))]
+            )
         if a is Action.START_WORKER:
             rank, w = d.target, reg.workers[d.target]
             descriptions = [self.view.describe(reg.slots[i].actor) for i in range(k)]
-            if not all(d is not None and d.shard == i and d.epoch == reg.slots[i].epoch for i, d in enumerate(descriptions)):
-                return []  # a decision carried out before it this round moved a shard: decide again next round
+            if not all(
+                d is not None and d.shard == i and d.epoch == reg.slots[i].epoch
+                for i, d in enumerate(descriptions)
+            ):
+                # A decision carried out earlier this round moved a shard: decide again next round.
+                return []
             step = resume_step(descriptions, rank)
             w.phase, w.start_step, reg.training = WorkerPhase.STARTING, step, True
-            return [self._persist()] + self._op("start", rank, w.actor, Start(step, self.spec.total_steps, reg.routes(k)), w.actor)
+            return [self._persist()] + self._op(
+                "start", rank, w.actor, Start(step, self.spec.total_steps, reg.routes(k)), w.actor
+            )
         if a is Action.MARK_RUNNING:
             w = reg.workers[d.target]
             w.phase = WorkerPhase.RUNNING
@@ -761,12 +1034,16 @@ class SupervisorProtocol:
                 if e.role == "worker" and e.index == d.target and e.serving_at is None:
                     e.serving_at, e.step = now, w.start_step
                     break
-            if reg.phase is RunPhase.STARTING and all(x.phase in (WorkerPhase.RUNNING, WorkerPhase.DONE) for x in reg.workers):
+            if reg.phase is RunPhase.STARTING and all(
+                x.phase in (WorkerPhase.RUNNING, WorkerPhase.DONE) for x in reg.workers
+            ):
                 reg.phase = RunPhase.RUNNING
             return []  # re-derived from the next probe if lost
         if a is Action.MARK_DONE:
             reg.workers[d.target].phase = WorkerPhase.DONE
-            if reg.phase is RunPhase.STARTING and all(x.phase in (WorkerPhase.RUNNING, WorkerPhase.DONE) for x in reg.workers):
+            if reg.phase is RunPhase.STARTING and all(
+                x.phase in (WorkerPhase.RUNNING, WorkerPhase.DONE) for x in reg.workers
+            ):
                 reg.phase = RunPhase.RUNNING
             return []  # re-derived from the next probe if lost
         raise AssertionError(a)
@@ -777,28 +1054,50 @@ class SupervisorProtocol:
         reg.reserved[j] += 1
         slot.phase, slot.epoch = SlotPhase.LOADING, reg.reserved[j]
         if step is not None:
-            msg = Load(self.ranges[j], slot.epoch, None, step, None, checkpoint_step=step, resume=slot.load_step is None)
+            msg = Load(
+                self.ranges[j],
+                slot.epoch,
+                None,
+                step,
+                None,
+                checkpoint_step=step,
+                resume=slot.load_step is None,
+            )
         else:
             msg = Load(self.ranges[j], slot.epoch, self.params_of(j), self.spec.start_step)
         return [self._persist()] + self._op("load", j, slot.actor, msg, slot.actor, slot.epoch)
 
     def _take_spare(self, avoid_nodes: set) -> str | None:
         view = self.view
-        alive = [n for n in self.reg.spares if view is not None and view.alive(n) and not view.dead(n, self.spec)]
+        alive = [
+            n
+            for n in self.reg.spares
+            if view is not None and view.alive(n) and not view.dead(n, self.spec)
+        ]
         if not alive:
             return None
-        alive.sort(key=lambda n: (view.describe(n) is not None and getattr(view.describe(n), "node", "") in avoid_nodes))
+        alive.sort(
+            key=lambda n: (
+                view.describe(n) is not None
+                and getattr(view.describe(n), "node", "") in avoid_nodes
+            )
+        )
         self.reg.spares.remove(alive[0])
         return alive[0]
 
     def _peer_nodes(self, j: int) -> set:
         k, view = self.spec.num_shards, self.view
-        peers = {replica_slot(s, k) for s in (primary_shard(j, k),) if s is not None} | set(replica_shards(j, k))
+        peers = {replica_slot(s, k) for s in (primary_shard(j, k),) if s is not None} | set(
+            replica_shards(j, k)
+        )
         peers |= {replica_slot(s, k) for s in replica_shards(j, k)}
-        return {getattr(view.describe(self.reg.slots[p].actor), "node", None) for p in peers if p != j} - {None, ""}
+        return {
+            getattr(view.describe(self.reg.slots[p].actor), "node", None) for p in peers if p != j
+        } - {None, ""}
 
     def _recover(self, j: int, reason: str, now: float) -> list:
-        """Put a spare in slot ``j`` and rebuild its shard there from the replica; after a supervisor restart
+        """Put a spare in slot ``j`` and rebuild its shard there from the replica; after a
+        supervisor restart
         (or the spare's death) issue the recovery again, always with a new epoch."""
         reg, k, view = self.reg, self.spec.num_shards, self.view
         slot = reg.slots[j]
@@ -810,9 +1109,13 @@ class SupervisorProtocol:
             if slot.phase is SlotPhase.SERVING:
                 reg.server_replacements += 1
                 reg.recoveries_started += 1
-                for s in replica_shards(j, k):  # the new actor lacks what the old one held (I4: re-replicated later)
+                for s in replica_shards(
+                    j, k
+                ):  # the new actor lacks what the old one held (I4: re-replicated later)
                     reg.replicated[s] = False
-                reg.events.append(RecoveryEvent("server", j, "replica", detected_at=now, actor=slot.actor))
+                reg.events.append(
+                    RecoveryEvent("server", j, "replica", detected_at=now, actor=slot.actor)
+                )
                 slot.replacing, slot.replacing_epoch = slot.actor, slot.epoch
             slot.actor, slot.phase = spare, SlotPhase.RECOVERING
         elif not view.alive(slot.actor):
@@ -820,23 +1123,55 @@ class SupervisorProtocol:
         reg.reserved[j] += 1  # never reused: a holder refuses an epoch it has seen
         slot.epoch = reg.reserved[j]
         holder = reg.slots[replica_slot(j, k)].actor
-        calls = self._op("recover", j, slot.actor, RecoverPrimary(self.ranges[j], slot.epoch, holder), slot.actor, slot.epoch)
-        return [self._persist()] + effects + calls + [Note("recovery_started", {"n": reg.recoveries_started, "shard": j, "spare": slot.actor,
-                                                                               "epoch": slot.epoch})]
+        calls = self._op(
+            "recover",
+            j,
+            slot.actor,
+            RecoverPrimary(self.ranges[j], slot.epoch, holder),
+            slot.actor,
+            slot.epoch,
+        )
+        return (
+            [self._persist()]
+            + effects
+            + calls
+            + [
+                Note(
+                    "recovery_started",
+                    {
+                        "n": reg.recoveries_started,
+                        "shard": j,
+                        "spare": slot.actor,
+                        "epoch": slot.epoch,
+                    },
+                )
+            ]
+        )
 
     def _abandon(self, j: int, reason: str) -> list:
-        """The recovery of slot ``j`` cannot finish (its holder died) but the primary it replaces was only
-        suspected: that primary serves on, and gets a new holder once the holder's slot is replaced."""
+        """The recovery of slot ``j`` cannot finish (its holder died) but the primary it replaces
+        was only
+        suspected: that primary serves on, and gets a new holder once the holder's slot is
+        replaced."""
         slot = self.reg.slots[j]
         spare = slot.actor
-        slot.actor, slot.epoch, slot.phase, slot.replacing = slot.replacing, slot.replacing_epoch, SlotPhase.SERVING, None
+        slot.actor, slot.epoch, slot.phase, slot.replacing = (
+            slot.replacing,
+            slot.replacing_epoch,
+            SlotPhase.SERVING,
+            None,
+        )
         self.reg.replicated[j] = False
         for e in reversed(self.reg.events):
             if e.role == "server" and e.index == j and e.serving_at is None:
                 self.reg.events.remove(e)
                 break
-        return [self._persist(), Kill(spare, f"recovery of shard {j} abandoned: {reason}"), Note("recovery_abandoned", {"shard": j, "reason": reason}),
-                *self._soon()]
+        return [
+            self._persist(),
+            Kill(spare, f"recovery of shard {j} abandoned: {reason}"),
+            Note("recovery_abandoned", {"shard": j, "reason": reason}),
+            *self._soon(),
+        ]
 
     def _replace_holder(self, j: int, reason: str, now: float) -> list:
         reg = self.reg
@@ -849,15 +1184,25 @@ class SupervisorProtocol:
         reg.slots[j].actor = spare
         for s in replica_shards(j, self.spec.num_shards):
             reg.replicated[s] = False
-        reg.events.append(RecoveryEvent("replica", j, "replica", detected_at=now, serving_at=now, actor=old))
-        return [self._persist(), Kill(old, reason), Note("recovery_started", {"n": reg.recoveries_started, "shard": None, "spare": spare})]
+        reg.events.append(
+            RecoveryEvent("replica", j, "replica", detected_at=now, serving_at=now, actor=old)
+        )
+        return [
+            self._persist(),
+            Kill(old, reason),
+            Note("recovery_started", {"n": reg.recoveries_started, "shard": None, "spare": spare}),
+        ]
 
     def _rollback(self, j: int, reason: str, now: float) -> list:
-        """The file baseline: kill every worker, put every shard back to the newest common checkpoint."""
+        """The file baseline: kill every worker, put every shard back to the newest common
+        checkpoint."""
         reg, k = self.reg, self.spec.num_shards
         known = [s for s in reg.checkpoint_steps]
         if any(s is None for s in known):
-            reg.phase, reg.failure = RunPhase.FAILED, f"{reason}, and not every shard has a checkpoint file yet"
+            reg.phase, reg.failure = (
+                RunPhase.FAILED,
+                f"{reason}, and not every shard has a checkpoint file yet",
+            )
             return [self._persist()]
         step = min(known)
         spare = self._take_spare(set())
@@ -867,19 +1212,34 @@ class SupervisorProtocol:
         reg.recoveries_started += 1
         effects = [Kill(reg.slots[j].actor, reason)]
         reg.slots[j].actor = spare
-        reached = max((getattr(self.view.status(w.actor), "step", step) for w in reg.workers), default=step)
-        reg.events.append(RecoveryEvent("server", j, "checkpoint", detected_at=now, actor=None, step=step, steps_lost=max(0, reached - step)))
+        reached = max(
+            (getattr(self.view.status(w.actor), "step", step) for w in reg.workers), default=step
+        )
+        reg.events.append(
+            RecoveryEvent(
+                "server",
+                j,
+                "checkpoint",
+                detected_at=now,
+                actor=None,
+                step=step,
+                steps_lost=max(0, reached - step),
+            )
+        )
         for i in range(k):
             reg.slots[i].phase, reg.slots[i].load_step = SlotPhase.LOADING, step
         for rank, w in enumerate(reg.workers):
             if w.actor is not None and w.phase is not WorkerPhase.DONE:
                 effects.append(Kill(w.actor, "the run rolls back to a checkpoint"))
-            reg.events.append(RecoveryEvent("worker", rank, "restart", detected_at=now, actor=w.actor))
+            reg.events.append(
+                RecoveryEvent("worker", rank, "restart", detected_at=now, actor=w.actor)
+            )
             w.actor, w.phase, w.start_step = None, WorkerPhase.NONE, None
         reg.phase = RunPhase.STARTING
         return [self._persist()] + effects + [e for i in range(k) for e in self._load(i)]
 
-    # --- operations finishing --------------------------------------------------------------------------
+    # --- operations finishing
+    # --------------------------------------------------------------------------
 
     def _op_done(self, op: tuple, value, now: float) -> list:
         kind, target = op[0], op[1]
@@ -904,29 +1264,59 @@ class SupervisorProtocol:
                 old, slot.replacing = slot.replacing, None
                 for e in reversed(reg.events):
                     if e.role == "server" and e.index == target and e.serving_at is None:
-                        e.serving_at, e.replayed, e.bytes_moved, e.epoch, e.step = now, value.replayed, value.bytes_moved, epoch, value.seq
+                        e.serving_at, e.replayed, e.bytes_moved, e.epoch, e.step = (
+                            now,
+                            value.replayed,
+                            value.bytes_moved,
+                            epoch,
+                            value.seq,
+                        )
                         break
-                effects = [self._persist(), Note("recovered", {"shard": target, "epoch": epoch, "actor": actor})]
-                if old is not None:  # the predecessor may only have been suspected: make sure it stops
-                    effects += self._op("depose", target, old, Depose(target, epoch)) + [Kill(old, f"shard {target} moved to {actor}")]
+                effects = [
+                    self._persist(),
+                    Note("recovered", {"shard": target, "epoch": epoch, "actor": actor}),
+                ]
+                if (
+                    old is not None
+                ):  # the predecessor may only have been suspected: make sure it stops
+                    effects += self._op("depose", target, old, Depose(target, epoch)) + [
+                        Kill(old, f"shard {target} moved to {actor}")
+                    ]
                 return effects + self._answer_routes(now) + self._soon()
-            if isinstance(value, Refused) and value.kind is RefusalKind.NO_REPLICA and slot.replacing is not None and not (
-                    self.view is not None and self.view.dead(slot.replacing, self.spec)):
+            if (
+                isinstance(value, Refused)
+                and value.kind is RefusalKind.NO_REPLICA
+                and slot.replacing is not None
+                and not (self.view is not None and self.view.dead(slot.replacing, self.spec))
+            ):
                 return self._abandon(target, value.reason)
             if isinstance(value, Refused) and value.kind is RefusalKind.NO_REPLICA:
-                reason = f"shard {target} is lost: its primary died and its replica holder cannot give the replica ({value.reason})"
+                reason = (
+                    f"shard {target} is lost: its primary died and its replica holder "
+                    f"cannot give the replica ({value.reason})"
+                )
                 reg.phase, reg.failure = RunPhase.FAILED, reason
-                return [self._persist(), Note("run_failed", {"reason": reason})] + self._refuse_routes(reason)
+                return [
+                    self._persist(),
+                    Note("run_failed", {"reason": reason}),
+                ] + self._refuse_routes(reason)
             return self._soon()  # the spare died or refused: the next round issues it again
         if kind == "replicate":
             holder, primary, epoch = op[2], op[3], op[4]
-            current = reg.slots[replica_slot(target, self.spec.num_shards)].actor == holder and reg.slots[target].actor == primary and (
-                reg.slots[target].epoch == epoch)
+            current = (
+                reg.slots[replica_slot(target, self.spec.num_shards)].actor == holder
+                and reg.slots[target].actor == primary
+                and (reg.slots[target].epoch == epoch)
+            )
             if isinstance(value, int) and not isinstance(value, bool) and current:
                 reg.replicated[target] = True
                 holder_slot = replica_slot(target, self.spec.num_shards)
                 for e in reversed(reg.events):
-                    if e.role in ("server", "replica") and e.index == holder_slot and e.source == "replica":
+                    if (
+                        e.role in ("server", "replica")
+                        and e.index == holder_slot
+                        and e.source == "replica"
+                    ):
                         e.replicated_at = now
                         if target not in e.rereplicated:
                             e.rereplicated.append(target)
@@ -937,11 +1327,14 @@ class SupervisorProtocol:
             return self._soon()
         raise AssertionError(kind)
 
-    # --- routes ----------------------------------------------------------------------------------------
+    # --- routes
+    # ----------------------------------------------------------------------------------------
 
     def _answer_routes(self, now: float) -> list:
-        """Answer route requests: at once for a check; for a failed call, once a newer epoch serves the shard,
-        or once a probe round that started after the request found the same primary answering (the failure was
+        """Answer route requests: at once for a check; for a failed call, once a newer epoch serves
+        the shard,
+        or once a probe round that started after the request found the same primary answering (the
+        failure was
         transient: the worker sends again)."""
         if not self._parked:
             return []
@@ -951,7 +1344,9 @@ class SupervisorProtocol:
             slot = reg.slots[m.shard]
             serving = slot.phase is SlotPhase.SERVING
             desc = view.describe(slot.actor) if view is not None else None
-            healthy = serving and desc is not None and not desc.deposed and self._view_round > rounds
+            healthy = (
+                serving and desc is not None and not desc.deposed and self._view_round > rounds
+            )
             if not m.failed or (serving and slot.epoch > m.epoch) or healthy:
                 effects.append(Reply(rid, Route(m.shard, slot.actor or "", slot.epoch)))
             else:
@@ -964,8 +1359,8 @@ class SupervisorProtocol:
         self._parked = []
         return effects
 
-    # --- what the driver reads --------------------------------------------------------------------------
+    # --- what the driver reads
+    # --------------------------------------------------------------------------
 
     def epochs(self) -> tuple[int, ...]:
         return tuple(self.reg.slots[i].epoch for i in range(self.spec.num_shards))
-

@@ -1,4 +1,5 @@
-"""Fault injection against a running run: kill servers, replica holders, workers, spares, the supervisor or a node.
+"""Fault injection against a running run: kill servers, replica holders, workers, spares, the
+supervisor or a node.
 
 Kills are real: SIGKILL of the actor's process (``ray.kill`` when it runs on
 another machine), Ray's restart-triggering kill for the supervisor, or
@@ -25,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 
 def fault_key(run_id: str) -> str:
-    """Internal-KV prefix under which kills fired inside the run are recorded (they survive the killed process)."""
+    """Internal-KV prefix under which kills fired inside the run are recorded (they survive the
+    killed process)."""
     return f"raytrain_ft/{run_id}/kill/"
 
 
@@ -33,17 +35,23 @@ def record_kill(run_id: str, spec: str, how: str, target: str = "") -> None:
     from ray.experimental import internal_kv
 
     record = {"kill": spec, "at": time.time(), "how": how, "target": target}
-    internal_kv._internal_kv_put(f"{fault_key(run_id)}{spec}", json.dumps(record).encode(), overwrite=True)
+    internal_kv._internal_kv_put(
+        f"{fault_key(run_id)}{spec}", json.dumps(record).encode(), overwrite=True
+    )
 
 
 def kills_recorded(run_id: str) -> list[dict]:
     from ray.experimental import internal_kv
 
-    return [json.loads(internal_kv._internal_kv_get(key)) for key in internal_kv._internal_kv_list(fault_key(run_id))]
+    return [
+        json.loads(internal_kv._internal_kv_get(key))
+        for key in internal_kv._internal_kv_list(fault_key(run_id))
+    ]
 
 
 class FaultHook:
-    """Kills that fire on protocol events inside the run. A server's hook kills its own process (SIGKILL);
+    """Kills that fire on protocol events inside the run. A server's hook kills its own process
+    (SIGKILL);
     the supervisor's calls ``kill(role, index, replacement)`` for the target."""
 
     def __init__(self, run_id: str, kills: tuple[KillSpec, ...], kill=None):
@@ -57,7 +65,9 @@ class FaultHook:
             if not self._matches(k, note.event, f):
                 continue
             self.pending.remove(k)
-            if self.kill is None or k.role == "supervisor":  # on itself: record first, the process is gone after the signal
+            if (
+                self.kill is None or k.role == "supervisor"
+            ):  # on itself: record first, the process is gone after the signal
                 record_kill(self.run_id, str(k), f"SIGKILL (self, {note.event})")
                 logger.warning("fault injection: %s -- dying at %s %s", k, note.event, f)
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -69,8 +79,17 @@ class FaultHook:
     def _matches(k: KillSpec, event: str, f: dict) -> bool:
         n = int(k.value)
         if k.trigger == "snapshot":
-            return (event == "snapshot_sent" and k.role == "server" and f.get("shard") == k.index and f.get("n") == n) or (
-                event == "snapshot_received" and k.role == "replica" and f.get("shard") == k.index and f.get("n") == n)
+            return (
+                event == "snapshot_sent"
+                and k.role == "server"
+                and f.get("shard") == k.index
+                and f.get("n") == n
+            ) or (
+                event == "snapshot_received"
+                and k.role == "replica"
+                and f.get("shard") == k.index
+                and f.get("n") == n
+            )
         if k.trigger == "recovery":
             return event == "recovery_started" and f.get("n") == n
         if k.trigger == "rereplication":
@@ -79,13 +98,21 @@ class FaultHook:
 
 
 def server_hooks(run_id: str, kills, num_slots: int, num_shards: int) -> tuple:
-    """Per slot: the hook its first actor carries (@snapshot kills of the shard it serves or holds)."""
+    """Per slot: the hook its first actor carries (@snapshot kills of the shard it serves or
+    holds)."""
     from raytrain_ft.protocol.supervisor import primary_shard, replica_slot
 
     out = []
     for slot in range(num_slots):
-        mine = tuple(k for k in kills if k.trigger == "snapshot" and (
-            (k.role == "server" and primary_shard(slot, num_shards) == k.index) or (k.role == "replica" and replica_slot(k.index, num_shards) == slot)))
+        mine = tuple(
+            k
+            for k in kills
+            if k.trigger == "snapshot"
+            and (
+                (k.role == "server" and primary_shard(slot, num_shards) == k.index)
+                or (k.role == "replica" and replica_slot(k.index, num_shards) == slot)
+            )
+        )
         out.append(FaultHook(run_id, mine) if mine else None)
     return tuple(out)
 
@@ -93,17 +120,27 @@ def server_hooks(run_id: str, kills, num_slots: int, num_shards: int) -> tuple:
 class ChaosRunner:
     """Fires due ``@step``/``@time`` kills; ``tick()`` is called from the driver's polling loop."""
 
-    def __init__(self, kills: list[KillSpec], supervisor_handle, cluster=None, worker_nodes: list | None = None,
-                 one_at_a_time: bool = False, heal_timeout_s: float = 60.0, run_id: str = ""):
+    def __init__(
+        self,
+        kills: list[KillSpec],
+        supervisor_handle,
+        cluster=None,
+        worker_nodes: list | None = None,
+        one_at_a_time: bool = False,
+        heal_timeout_s: float = 60.0,
+        run_id: str = "",
+    ):
         self.pending = [k for k in kills if k.trigger in ("step", "time")]
         self.one_at_a_time = one_at_a_time
-        """Hold a due kill until the previous one shows up as a recovery event (or ``heal_timeout_s`` passed)."""
+        """Hold a due kill until the previous one shows up as a recovery event (or
+        ``heal_timeout_s`` passed)."""
         self.heal_timeout_s = heal_timeout_s
         self._awaiting: tuple[int, float] | None = None  # (events count at the last kill, deadline)
         self.supervisor = supervisor_handle
         self.run_id = run_id
         self.targets = None
-        """Latest ``Targets`` from the supervisor (kills work while the supervisor itself restarts)."""
+        """Latest ``Targets`` from the supervisor (kills work while the supervisor itself
+        restarts)."""
         self.cluster = cluster
         self.worker_nodes = worker_nodes or []
         self.fired: list[dict] = []
@@ -115,7 +152,8 @@ class ChaosRunner:
         return not self.pending
 
     def tick(self, step: int, events: int = 0) -> None:
-        """Fire what is due at ``step`` / now; ``events`` is the run's recovery-event count (for one_at_a_time)."""
+        """Fire what is due at ``step`` / now; ``events`` is the run's recovery-event count (for
+        one_at_a_time)."""
         elapsed = time.time() - self.started_at
         if self._awaiting is not None:
             count, deadline = self._awaiting
@@ -163,7 +201,8 @@ class ChaosRunner:
 
 
 def find_supervisor(run_id: str | None, wait_s: float = 0.0, poll_s: float = 0.5):
-    """The supervisor of ``run_id`` on the connected cluster (the only running run when None), waiting up to
+    """The supervisor of ``run_id`` on the connected cluster (the only running run when None),
+    waiting up to
     ``wait_s`` for it to appear (a job submitted a moment ago is still starting its actors)."""
     import ray
 
@@ -172,8 +211,11 @@ def find_supervisor(run_id: str | None, wait_s: float = 0.0, poll_s: float = 0.5
 
     deadline = time.monotonic() + wait_s
     while True:
-        runs = sorted(a["name"].split("/")[0] for a in ray.util.list_named_actors(all_namespaces=True)
-                      if a["namespace"] == NAMESPACE and a["name"].endswith("/supervisor"))
+        runs = sorted(
+            a["name"].split("/")[0]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == NAMESPACE and a["name"].endswith("/supervisor")
+        )
         found = (len(runs) == 1) if run_id is None else (run_id in runs)
         if found or (run_id is None and len(runs) > 1) or time.monotonic() >= deadline:
             break
@@ -181,14 +223,25 @@ def find_supervisor(run_id: str | None, wait_s: float = 0.0, poll_s: float = 0.5
     if run_id is None:
         if len(runs) != 1:
             waited = f" after waiting {wait_s:.0f}s" if wait_s else ""
-            raise ClusterError(f"{len(runs)} runs are active{waited} ({', '.join(runs) or 'none'}); name one with --run-id")
+            raise ClusterError(
+                f"{len(runs)} runs are active{waited} ({', '.join(runs) or 'none'}); name one with "
+                "--run-id"
+            )
         run_id = runs[0]
     if run_id not in runs:
-        raise ClusterError(f"no active run {run_id!r} on this cluster (active: {', '.join(runs) or 'none'})")
+        raise ClusterError(
+            f"no active run {run_id!r} on this cluster (active: {', '.join(runs) or 'none'})"
+        )
     return run_id, ray.get_actor(f"{run_id}/supervisor", namespace=NAMESPACE)
 
 
-def run_schedule(supervisor_handle, kills: list[KillSpec], poll_s: float = 0.05, on_fire=None, one_at_a_time: bool = False) -> list[dict]:
+def run_schedule(
+    supervisor_handle,
+    kills: list[KillSpec],
+    poll_s: float = 0.05,
+    on_fire=None,
+    one_at_a_time: bool = False,
+) -> list[dict]:
     """Fire ``@step``/``@time`` kills against a running run until all fired or the run ended."""
     import ray
 
@@ -196,8 +249,13 @@ def run_schedule(supervisor_handle, kills: list[KillSpec], poll_s: float = 0.05,
 
     unsupported = [str(k) for k in kills if k.trigger not in ("step", "time") or k.role == "node"]
     if unsupported:
-        raise ConfigError("kill", f"{', '.join(unsupported)}: against a running run only server/replica/worker/spare/supervisor kills "
-                                  "@step or @time work; give node/@recovery/@rereplication/@snapshot kills to `raytrain-ft train --kill`")
+        raise ConfigError(
+            "kill",
+            f"{', '.join(unsupported)}: against a running run only "
+            "server/replica/worker/spare/supervisor kills "
+            "@step or @time work; give node/@recovery/@rereplication/@snapshot kills to "
+            "`raytrain-ft train --kill`",
+        )
     runner = ChaosRunner(kills, supervisor_handle, one_at_a_time=one_at_a_time)
     while not runner.done:
         status = ray.get(supervisor_handle.status.remote())

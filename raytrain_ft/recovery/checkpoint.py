@@ -1,4 +1,5 @@
-"""Shard checkpoint files: the baseline ``recovery=checkpoint`` restarts from them (replica recovery never reads them).
+"""Shard checkpoint files: the baseline ``recovery=checkpoint`` restarts from them (replica recovery
+never reads them).
 
 Checkpoints are coordinated by step: every shard writes ``shard-{i}-step-{s}.pt``
 at the same steps, so the run can roll back to the newest step every shard
@@ -21,11 +22,21 @@ def shard_checkpoint_path(directory: str, shard: int, step: int) -> str:
     return os.path.join(directory, f"shard-{shard}-step-{step}.pt")
 
 
-def save_shard_checkpoint(directory: str, shard: int, step: int, params: np.ndarray, optimizer_state: dict) -> str:
+def save_shard_checkpoint(
+    directory: str, shard: int, step: int, params: np.ndarray, optimizer_state: dict
+) -> str:
     os.makedirs(directory, exist_ok=True)
     path = shard_checkpoint_path(directory, shard, step)
     tmp = path + ".tmp"
-    torch.save({"shard": shard, "step": step, "params": torch.from_numpy(np.array(params, copy=True)), "optimizer_state": optimizer_state}, tmp)
+    torch.save(
+        {
+            "shard": shard,
+            "step": step,
+            "params": torch.from_numpy(np.array(params, copy=True)),
+            "optimizer_state": optimizer_state,
+        },
+        tmp,
+    )
     os.replace(tmp, path)
     return path
 

@@ -31,14 +31,17 @@ class Command:
     seq: int
     """Position in the shard's update order (sync mode: the step the update belongs to)."""
     update: np.ndarray
-    """Aggregated update [shard.size] float32: gradient mean on the parameter part, buffer values after it."""
+    """Aggregated update [shard.size] float32: gradient mean on the parameter part, buffer values
+    after it."""
     hp: HyperParams
     """Optimizer hyper-parameters in force for this update."""
     pushes: tuple = ()
-    """(rank, step) of each worker push the update aggregates; replay advances the same per-rank clocks and
+    """(rank, step) of each worker push the update aggregates; replay advances the same per-rank
+    clocks and
     applied record, so a push resent after a recovery is still recognised."""
     residuals: tuple = ()
-    """(rank, step, array): the pushing workers' error-feedback residuals after these pushes (lossy codecs), so a
+    """(rank, step, array): the pushing workers' error-feedback residuals after these pushes (lossy
+    codecs), so a
     restarted worker resumes with exactly the residual it had."""
 
     @property
@@ -55,31 +58,43 @@ class Snapshot:
     optimizer_state: dict
     """``FlatOptimizer.state_dict()`` at that point."""
     previous_params: np.ndarray | None = None
-    """Shard values before update ``seq - 1`` (a worker that restarts mid-step pulls these), if known."""
+    """Shard values before update ``seq - 1`` (a worker that restarts mid-step pulls these), if
+    known."""
     clocks: dict | None = None
     """Per rank: the next step the shard expects from it (``ShardState.clocks``)."""
     applied: dict | None = None
     """Per rank: times each step's push went into an update (``ShardState.applied``)."""
     residuals: dict | None = None
-    """Per rank: its newest error-feedback residuals as [(step, array)] (``ShardState.residuals``)."""
+    """Per rank: its newest error-feedback residuals as [(step, array)]
+    (``ShardState.residuals``)."""
 
     @property
     def nbytes(self) -> int:
-        n = self.params.nbytes + sum(v.numel() * v.element_size() for v in self.optimizer_state.get("state", {}).values())
+        n = self.params.nbytes + sum(
+            v.numel() * v.element_size() for v in self.optimizer_state.get("state", {}).values()
+        )
         n += sum(a.nbytes for items in (self.residuals or {}).values() for _, a in items)
         return int(n + (self.previous_params.nbytes if self.previous_params is not None else 0))
 
-    def owned(self) -> "Snapshot":
+    def owned(self) -> Snapshot:
         prev = _owned(self.previous_params) if self.previous_params is not None else None
-        state = {"step_count": self.optimizer_state.get("step_count", 0), "state": {k: v.clone() for k, v in self.optimizer_state.get("state", {}).items()}}
+        state = {
+            "step_count": self.optimizer_state.get("step_count", 0),
+            "state": {k: v.clone() for k, v in self.optimizer_state.get("state", {}).items()},
+        }
         applied = {r: bytes(c) for r, c in (self.applied or {}).items()}
-        residuals = {r: [(s, _owned(a)) for s, a in items] for r, items in (self.residuals or {}).items()}
-        return Snapshot(self.seq, _owned(self.params), state, prev, dict(self.clocks or {}), applied, residuals)
+        residuals = {
+            r: [(s, _owned(a)) for s, a in items] for r, items in (self.residuals or {}).items()
+        }
+        return Snapshot(
+            self.seq, _owned(self.params), state, prev, dict(self.clocks or {}), applied, residuals
+        )
 
 
 @dataclass(slots=True)
 class CommandLog:
-    """Replica of one shard held by a peer: ``snapshot`` + ``entries`` (seq snapshot.seq, snapshot.seq+1, ...).
+    """Replica of one shard held by a peer: ``snapshot`` + ``entries`` (seq snapshot.seq,
+    snapshot.seq+1, ...).
 
     ``catch_up()`` folds the entries into the snapshot by applying them to a live
     shard state the log keeps (the holder calls it after acknowledging), so a
@@ -97,7 +112,7 @@ class CommandLog:
     _previous: object = None
 
     @classmethod
-    def from_snapshot(cls, snapshot: Snapshot) -> "CommandLog":
+    def from_snapshot(cls, snapshot: Snapshot) -> CommandLog:
         return cls(snapshot.owned())
 
     @property
@@ -105,22 +120,33 @@ class CommandLog:
         return self.snapshot.seq + len(self.entries)
 
     def append(self, command: Command) -> bool:
-        """Add the next command; a seq already held is ignored (a retried send). Returns True if added."""
+        """Add the next command; a seq already held is ignored (a retried send). Returns True if
+        added."""
         if command.seq < self.next_seq:
             self.duplicates += 1
             return False
         if command.seq > self.next_seq:
-            raise LogGapError(f"command seq {command.seq} arrived, the log expects {self.next_seq}: a command is missing")
+            raise LogGapError(
+                f"command seq {command.seq} arrived, the log expects {self.next_seq}: a command is "
+                "missing"
+            )
         residuals = tuple((r, s, _owned(a)) for r, s, a in command.residuals)
-        self.entries.append(Command(command.seq, _owned(command.update), command.hp, tuple(command.pushes), residuals))
+        self.entries.append(
+            Command(
+                command.seq, _owned(command.update), command.hp, tuple(command.pushes), residuals
+            )
+        )
         return True
 
     def install_snapshot(self, snapshot: Snapshot) -> int:
-        """Swap in a newer snapshot and drop the commands it covers. Returns how many were dropped."""
+        """Swap in a newer snapshot and drop the commands it covers. Returns how many were
+        dropped."""
         if snapshot.seq < self.snapshot.seq:
             return 0  # stale (re-sent) snapshot
         if snapshot.seq > self.next_seq:
-            raise LogGapError(f"snapshot at seq {snapshot.seq} is ahead of the log (next seq {self.next_seq})")
+            raise LogGapError(
+                f"snapshot at seq {snapshot.seq} is ahead of the log (next seq {self.next_seq})"
+            )
         dropped = snapshot.seq - self.snapshot.seq
         self.entries = [c for c in self.entries if c.seq >= snapshot.seq]
         self.snapshot = snapshot.owned()
@@ -137,8 +163,14 @@ class CommandLog:
             return 0
         if self._state is None:
             state = ShardState(shard, optim_cfg, total_steps)
-            state.load(self.snapshot.params, self.snapshot.seq, self.snapshot.optimizer_state, self.snapshot.clocks, self.snapshot.applied,
-                       self.snapshot.residuals)
+            state.load(
+                self.snapshot.params,
+                self.snapshot.seq,
+                self.snapshot.optimizer_state,
+                self.snapshot.clocks,
+                self.snapshot.applied,
+                self.snapshot.residuals,
+            )
             self._state = state
             self._previous = torch.zeros_like(state.params)
             if self.snapshot.previous_params is not None:
@@ -152,8 +184,15 @@ class CommandLog:
         self.entries = []
         self.folded += applied
         # views of the live state: serialized (copied) whenever the snapshot is sent
-        self.snapshot = Snapshot(state.seq, state.params.numpy(), {"step_count": state.optimizer.step_count, "state": state.optimizer.state},
-                                 previous.numpy(), state.clocks, state.applied, state.residuals)
+        self.snapshot = Snapshot(
+            state.seq,
+            state.params.numpy(),
+            {"step_count": state.optimizer.step_count, "state": state.optimizer.state},
+            previous.numpy(),
+            state.clocks,
+            state.applied,
+            state.residuals,
+        )
         return applied
 
     @property

@@ -1,4 +1,5 @@
-"""Kill specifications (``ROLE[:INDEX]@step=N | @time=S | @recovery=N | @snapshot=N``) and random schedules.
+"""Kill specifications (``ROLE[:INDEX]@step=N | @time=S | @recovery=N | @snapshot=N``) and random
+schedules.
 
 Pure: parsing, validation and scheduling. ``recovery/chaos.py`` carries the
 kills out against a running run.
@@ -6,10 +7,13 @@ kills out against a running run.
 Triggers:
 - ``step=N``: once the slowest worker has reached step N;
 - ``time=S``: S seconds after training started;
-- ``recovery=N``: while the supervisor's N-th server recovery is in progress (fired by the supervisor;
+- ``recovery=N``: while the supervisor's N-th server recovery is in progress (fired by the
+supervisor;
   ``server:i`` names the replacement being rebuilt when i is the shard being recovered);
-- ``rereplication=N``: while the supervisor's N-th re-replication (a snapshot to a new holder) is in progress
-  (``supervisor@recovery=N`` / ``@rereplication=N``: the supervisor dies right after it started them);
+- ``rereplication=N``: while the supervisor's N-th re-replication (a snapshot to a new holder) is in
+progress
+  (``supervisor@recovery=N`` / ``@rereplication=N``: the supervisor dies right after it started
+  them);
 - ``snapshot=N``: ``server:i`` dies right after sending its N-th snapshot, ``replica:i`` right after
   receiving it, before installing it (fired inside the actor).
 
@@ -28,7 +32,7 @@ ROLES = ("server", "replica", "worker", "spare", "supervisor", "node")
 TRIGGERS = ("step", "time", "recovery", "rereplication", "snapshot")
 COUNTED_TRIGGERS = ("recovery", "rereplication", "snapshot")
 """Triggers that count events from 1 (the first recovery, re-replication, snapshot)."""
-FIELD = "recovery.kill"
+FIELD = "chaos.kill"
 """The config field kills are given in (``--kill``)."""
 MAX_SLOW_MS = 3_600_000.0
 """Longest straggler delay per step (``--slow-workers RANK:MS``): one hour."""
@@ -48,13 +52,18 @@ class KillSpec:
 
 def parse_kill(text: str, field: str = FIELD) -> KillSpec:
     """Parse ``ROLE[:INDEX]@TRIGGER=VALUE`` (e.g. ``server:1@step=40``, ``node:2@time=5``)."""
-    usage = "expected ROLE[:INDEX]@step=N or @time=S (or @recovery=N, @rereplication=N, @snapshot=N), e.g. server:0@step=20"
+    usage = (
+        "expected ROLE[:INDEX]@step=N or @time=S "
+        "(or @recovery=N, @rereplication=N, @snapshot=N), e.g. server:0@step=20"
+    )
     target, sep, when = text.strip().partition("@")
     if not sep:
         raise ConfigError(field, f"{text!r}: {usage}")
     role, _, index_text = target.partition(":")
     if role not in ROLES:
-        raise ConfigError(field, f"{text!r}: unknown role {role!r}; choose one of {', '.join(ROLES)}")
+        raise ConfigError(
+            field, f"{text!r}: unknown role {role!r}; choose one of {', '.join(ROLES)}"
+        )
     try:
         index = int(index_text) if index_text else 0
     except ValueError:
@@ -73,11 +82,17 @@ def parse_kill(text: str, field: str = FIELD) -> KillSpec:
     if trigger != "time" and not value.is_integer():
         raise ConfigError(field, f"{text!r}: @{trigger} takes a whole number, got {value_text!r}")
     if trigger in COUNTED_TRIGGERS and value < 1:
-        raise ConfigError(field, f"{text!r}: @{trigger} counts from 1 (the first {trigger} is {trigger}=1)")
+        raise ConfigError(
+            field, f"{text!r}: @{trigger} counts from 1 (the first {trigger} is {trigger}=1)"
+        )
     if trigger == "snapshot" and role not in ("server", "replica"):
         raise ConfigError(field, f"{text!r}: @snapshot applies to server or replica only")
     if role == "node" and index == 0:
-        raise ConfigError(field, f"{text!r}: node 0 is the head node (it runs the supervisor and Ray's control plane); kill node 1 or higher")
+        raise ConfigError(
+            field,
+            f"{text!r}: node 0 is the head node (it runs the supervisor and Ray's control plane); "
+            "kill node 1 or higher",
+        )
     return KillSpec(role, index, trigger, value)
 
 
@@ -94,39 +109,84 @@ def parse_kills(texts: str | list[str] | None, field: str = FIELD) -> list[KillS
                 continue
             k = parse_kill(part, field)
             if k in kills:
-                raise ConfigError(field, f"{part.strip()!r}: the same kill is given twice ({k}); give each kill once")
+                raise ConfigError(
+                    field,
+                    f"{part.strip()!r}: the same kill is given twice ({k}); give each kill once",
+                )
             kills.append(k)
     return kills
 
 
-def check_targets(kills: list[KillSpec], num_shards: int, num_workers: int, num_nodes: int, num_spares: int = 1, field: str = FIELD) -> None:
+def check_targets(
+    kills: list[KillSpec],
+    num_shards: int,
+    num_workers: int,
+    num_nodes: int,
+    num_spares: int = 1,
+    field: str = FIELD,
+) -> None:
     """Each kill names something the run has."""
-    limits = {"server": num_shards, "replica": num_shards, "worker": num_workers, "spare": num_spares, "supervisor": 1, "node": num_nodes}
+    limits = {
+        "server": num_shards,
+        "replica": num_shards,
+        "worker": num_workers,
+        "spare": num_spares,
+        "supervisor": 1,
+        "node": num_nodes,
+    }
     for k in kills:
         if k.index >= limits[k.role]:
-            extra = " (run with --local-nodes N to simulate nodes)" if k.role == "node" and num_nodes <= 1 else ""
-            raise ConfigError(field, f"{k}: the run has {limits[k.role]} {k.role}(s), index {k.index} does not exist{extra}")
+            extra = (
+                " (run with --local-nodes N to simulate nodes)"
+                if k.role == "node" and num_nodes <= 1
+                else ""
+            )
+            raise ConfigError(
+                field,
+                f"{k}: the run has {limits[k.role]} {k.role}(s), index {k.index} does not "
+                f"exist{extra}",
+            )
 
 
 def check_steps(kills: list[KillSpec], total_steps: int, field: str = FIELD) -> None:
-    """Each ``@step`` kill falls inside the run: once ``total_steps`` are done the run is over and the kill would never fire."""
+    """Each ``@step`` kill falls inside the run: once ``total_steps`` are done the run is over and
+    the kill would never fire."""
     for k in kills:
         if k.trigger == "step" and k.value >= total_steps:
-            raise ConfigError(field, f"{k}: the run ends after step {total_steps}, so this kill would never fire; "
-                                     f"kill at a step below {total_steps}, or train longer (--epochs / --steps)")
+            raise ConfigError(
+                field,
+                f"{k}: the run ends after step {total_steps}, so this kill would never fire; "
+                f"kill at a step below {total_steps}, or train longer (--epochs / --steps)",
+            )
 
 
-def random_schedule(seed: int, mtbf_s: float, duration_s: float, roles: list[str], sizes: dict[str, int], min_gap_s: float = 0.0) -> list[KillSpec]:
-    """Kills over ``duration_s`` with gaps ``min_gap_s + Exp(mean mtbf_s - min_gap_s)`` (mean ``mtbf_s``); roles and indices uniform.
+def random_schedule(
+    seed: int,
+    mtbf_s: float,
+    duration_s: float,
+    roles: list[str],
+    sizes: dict[str, int],
+    min_gap_s: float = 0.0,
+) -> list[KillSpec]:
+    """Kills over ``duration_s`` with gaps ``min_gap_s + Exp(mean mtbf_s - min_gap_s)`` (mean
+    ``mtbf_s``); roles and indices uniform.
 
-    ``min_gap_s`` keeps kills apart by more than a recovery: the replicas survive any single failure,
+    ``min_gap_s`` keeps kills apart by more than a recovery: the replicas survive any single
+    failure,
     not a second one that hits a ring neighbour before the first is repaired.
     """
-    for name, value in (("--mtbf-s", mtbf_s), ("--duration-s", duration_s), ("--min-gap-s", min_gap_s)):
+    for name, value in (
+        ("--mtbf-s", mtbf_s),
+        ("--duration-s", duration_s),
+        ("--min-gap-s", min_gap_s),
+    ):
         if not math.isfinite(value) or value < 0:
             raise ConfigError(name, f"must be a finite number >= 0, got {value!r}")
     if mtbf_s <= 0 or not 0 <= min_gap_s < mtbf_s:
-        raise ConfigError("--mtbf-s", f"need --mtbf-s > --min-gap-s >= 0, got --mtbf-s {mtbf_s}, --min-gap-s {min_gap_s}")
+        raise ConfigError(
+            "--mtbf-s",
+            f"need --mtbf-s > --min-gap-s >= 0, got --mtbf-s {mtbf_s}, --min-gap-s {min_gap_s}",
+        )
     bad = [r for r in roles if r not in ROLES]
     if bad or not roles:
         raise ConfigError("--roles", f"{bad or roles}: choose from {', '.join(ROLES)}")
@@ -142,7 +202,9 @@ def random_schedule(seed: int, mtbf_s: float, duration_s: float, roles: list[str
         out.append(KillSpec(role, index, "time", round(t, 3)))
 
 
-def parse_slow(text: str | None, num_workers: int | None = None, field: str = "recovery.slow_workers") -> dict[int, float]:
+def parse_slow(
+    text: str | None, num_workers: int | None = None, field: str = "chaos.slow_workers"
+) -> dict[int, float]:
     """``RANK:MS[,RANK:MS...]`` -> {rank: extra seconds per step}."""
     out: dict[int, float] = {}
     for part in (text or "").split(","):
@@ -154,11 +216,19 @@ def parse_slow(text: str | None, num_workers: int | None = None, field: str = "r
         except ValueError:
             rank, ms = -1, -1.0
         if not sep or rank < 0 or not 0 <= ms <= MAX_SLOW_MS:  # (NaN fails the comparison too)
-            raise ConfigError(field, f"{part.strip()!r}: expected RANK:MS with RANK >= 0 and MS a number from 0 to {int(MAX_SLOW_MS):,} "
-                                     "(an hour), e.g. 3:200")
+            raise ConfigError(
+                field,
+                f"{part.strip()!r}: expected RANK:MS with RANK >= 0 and MS a number from 0 to "
+                f"{int(MAX_SLOW_MS):,} "
+                "(an hour), e.g. 3:200",
+            )
         if num_workers is not None and rank >= num_workers:
-            raise ConfigError(field, f"{part.strip()!r}: rank {rank} does not exist (--num-workers {num_workers})")
+            raise ConfigError(
+                field, f"{part.strip()!r}: rank {rank} does not exist (--num-workers {num_workers})"
+            )
         if rank in out:
-            raise ConfigError(field, f"{part.strip()!r}: rank {rank} is given twice; give each rank once")
+            raise ConfigError(
+                field, f"{part.strip()!r}: rank {rank} is given twice; give each rank once"
+            )
         out[rank] = ms / 1000.0
     return out

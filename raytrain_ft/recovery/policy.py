@@ -9,18 +9,25 @@ from __future__ import annotations
 
 
 def server_nodes(head: str, cpus: dict[str, float], ordered: list[str] = ()) -> list[str]:
-    """Nodes server slots are spread over: ``head`` first, then ``ordered`` (simulated nodes, in the order ``node:N``
-    kills count them), then the rest by id; nodes that offer no CPUs to tasks (a ``ray up`` head with ``CPU: 0``) are
+    """Nodes server slots are spread over: ``head`` first, then ``ordered`` (simulated nodes, in the
+    order ``node:N``
+    kills count them), then the rest by id; nodes that offer no CPUs to tasks (a ``ray up`` head
+    with ``CPU: 0``) are
     left out while another node offers some. Empty on a single node (no placement needed)."""
     if len(cpus) <= 1:
         return []
-    order = [head] + [n for n in ordered if n != head] + sorted(n for n in cpus if n != head and n not in ordered)
+    order = (
+        [head]
+        + [n for n in ordered if n != head]
+        + sorted(n for n in cpus if n != head and n not in ordered)
+    )
     with_cpus = [n for n in order if cpus.get(n, 0) > 0]
     return with_cpus or order
 
 
 def slot_nodes(num_slots_: int, nodes: list[str]) -> list[str]:
-    """Spread slots round-robin over nodes, so ring neighbours sit on different nodes whenever 2+ nodes exist.
+    """Spread slots round-robin over nodes, so ring neighbours sit on different nodes whenever 2+
+    nodes exist.
 
     With an odd number of slots on an even number of nodes the last and first
     slot would share a node; the next node is skipped for the last slot then.
@@ -36,14 +43,24 @@ def slot_nodes(num_slots_: int, nodes: list[str]) -> list[str]:
     return out
 
 
-def snapshot_interval_for(snapshot_cost_s: float, replay_cost_s: float, failures_per_update: float, lo: int = 1, hi: int = 10_000) -> int:
-    """The snapshot interval that minimises expected time lost per update (Young's rule for checkpoint intervals).
+def snapshot_interval_for(
+    snapshot_cost_s: float,
+    replay_cost_s: float,
+    failures_per_update: float,
+    lo: int = 1,
+    hi: int = 10_000,
+) -> int:
+    """The snapshot interval that minimises expected time lost per update (Young's rule for
+    checkpoint intervals).
 
-    Every ``N`` updates a snapshot costs ``snapshot_cost_s``; a failure, ``failures_per_update`` per update,
+    Every ``N`` updates a snapshot costs ``snapshot_cost_s``; a failure, ``failures_per_update`` per
+    update,
     replays on average ``N / 2`` logged commands at ``replay_cost_s`` each. Expected cost per update
     ``snapshot_cost_s / N + failures_per_update * replay_cost_s * N / 2`` is least at
-    ``N* = sqrt(2 * snapshot_cost_s / (failures_per_update * replay_cost_s))``, clamped to ``[lo, hi]``.
-    With folded logs a recovery replays nothing (``replay_cost_s == 0``): the longest interval, ``hi``.
+    ``N* = sqrt(2 * snapshot_cost_s / (failures_per_update * replay_cost_s))``, clamped to ``[lo,
+    hi]``.
+    With folded logs a recovery replays nothing (``replay_cost_s == 0``): the longest interval,
+    ``hi``.
     """
     import math
 
@@ -53,4 +70,6 @@ def snapshot_interval_for(snapshot_cost_s: float, replay_cost_s: float, failures
         return hi
     if snapshot_cost_s == 0:
         return lo
-    return max(lo, min(hi, round(math.sqrt(2 * snapshot_cost_s / (failures_per_update * replay_cost_s)))))
+    return max(
+        lo, min(hi, round(math.sqrt(2 * snapshot_cost_s / (failures_per_update * replay_cost_s))))
+    )

@@ -26,21 +26,39 @@ from raytrain_ft.shard import ShardState
 class Replayed:
     state: ShardState
     previous_params: np.ndarray | None
-    """Values before the last update (None when nothing was replayed and the snapshot lacks them)."""
+    """Values before the last update (None when nothing was replayed and the snapshot lacks
+    them)."""
     replayed: int
     """Commands applied on top of the snapshot."""
 
 
-def replay(snapshot: Snapshot, entries: list[Command], shard: ShardRange, optim_cfg: OptimConfig, total_steps: int) -> Replayed:
+def replay(
+    snapshot: Snapshot,
+    entries: list[Command],
+    shard: ShardRange,
+    optim_cfg: OptimConfig,
+    total_steps: int,
+) -> Replayed:
     state = ShardState(shard, optim_cfg, total_steps)
-    state.load(snapshot.params, snapshot.seq, snapshot.optimizer_state, snapshot.clocks, snapshot.applied, snapshot.residuals)
-    previous = None if snapshot.previous_params is None else np.array(snapshot.previous_params, copy=True)
+    state.load(
+        snapshot.params,
+        snapshot.seq,
+        snapshot.optimizer_state,
+        snapshot.clocks,
+        snapshot.applied,
+        snapshot.residuals,
+    )
+    previous = (
+        None if snapshot.previous_params is None else np.array(snapshot.previous_params, copy=True)
+    )
     replayed = 0
     for command in entries:
         if command.seq < state.seq:
             continue  # already in the state (duplicate entry)
         if command.seq > state.seq:
-            raise LogGapError(f"shard {shard.index}: replay expected seq {state.seq}, found {command.seq}")
+            raise LogGapError(
+                f"shard {shard.index}: replay expected seq {state.seq}, found {command.seq}"
+            )
         previous = state.params_copy()
         state.apply(command.update, command.hp, command.pushes, command.residuals)
         replayed += 1

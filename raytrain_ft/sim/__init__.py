@@ -1,4 +1,5 @@
-"""Deterministic simulation of the recovery protocol (no Ray): seeded schedules, every fault, an independent checker.
+"""Deterministic simulation of the recovery protocol (no Ray): seeded schedules, every fault, an
+independent checker.
 
 ``explore(schedules, seed, modes)`` runs schedule after schedule, each a
 ``World`` built from ``schedule_seed(seed, i)``: a random configuration
@@ -16,10 +17,9 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
+from raytrain_ft.consistency import MODES
 from raytrain_ft.sim.checker import baseline_hash, check
 from raytrain_ft.sim.world import Violation, World, random_config
-
-MODES = ("sync", "async", "ssp", "mixed")
 
 
 def schedule_seed(seed: int, index: int) -> int:
@@ -60,13 +60,15 @@ class Exploration:
     first_index: int | None = None
     seconds: float = 0.0
 
-    def add(self, other: "Exploration") -> None:
+    def add(self, other: Exploration) -> None:
         self.schedules += other.schedules
         self.faults += other.faults
         self.crashes += other.crashes
         self.events += other.events
         self.violations += other.violations
-        if other.first_violation is not None and (self.first_index is None or other.first_index < self.first_index):
+        if other.first_violation is not None and (
+            self.first_index is None or other.first_index < self.first_index
+        ):
             self.first_violation, self.first_index = other.first_violation, other.first_index
 
 
@@ -89,8 +91,11 @@ def _explore_slice(args) -> Exploration:
     return out
 
 
-def explore(schedules: int, seed: int, modes=MODES, bugs=(), stop_at_first: bool = True, processes: int = 1) -> Exploration:
-    """Run ``schedules`` schedules (mode ``modes[i % len(modes)]`` for the i-th). With ``stop_at_first`` each
+def explore(
+    schedules: int, seed: int, modes=MODES, bugs=(), stop_at_first: bool = True, processes: int = 1
+) -> Exploration:
+    """Run ``schedules`` schedules (mode ``modes[i % len(modes)]`` for the i-th). With
+    ``stop_at_first`` each
     process stops at its first violation (the lowest-numbered violation found is reported)."""
     t0 = time.perf_counter()
     modes = tuple(modes)
@@ -99,7 +104,10 @@ def explore(schedules: int, seed: int, modes=MODES, bugs=(), stop_at_first: bool
     else:
         import multiprocessing
 
-        slices = [(range(p, schedules, processes), seed, modes, tuple(bugs), stop_at_first) for p in range(processes)]
+        slices = [
+            (range(p, schedules, processes), seed, modes, tuple(bugs), stop_at_first)
+            for p in range(processes)
+        ]
         with multiprocessing.get_context("fork").Pool(processes) as pool:
             parts = pool.map(_explore_slice, slices)
         out = Exploration()

@@ -1,4 +1,5 @@
-"""Known-bad protocol variants (``raytrain-ft simulate --inject-bug NAME``): each must be caught by the checker.
+"""Known-bad protocol variants (``raytrain-ft simulate --inject-bug NAME``): each must be caught by
+the checker.
 
 Each is a subclass that undoes one rule the protocol depends on; a checker
 that passes them all would be a checker that cannot fail.
@@ -37,7 +38,8 @@ class DoubleApply(ServerProtocol):
 
 
 class VolatileEpochs(SupervisorProtocol):
-    """A restarted supervisor forgets the epochs it handed out and numbers them from the start again."""
+    """A restarted supervisor forgets the epochs it handed out and numbers them from the start
+    again."""
 
     @classmethod
     def restore(cls, spec, ranges, params_of, saved: str, now: float, **kw):

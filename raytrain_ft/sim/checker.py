@@ -1,4 +1,5 @@
-"""The independent checker: judges a finished schedule from its own records, never from the servers' counters.
+"""The independent checker: judges a finished schedule from its own records, never from the servers'
+counters.
 
 What it reads: the final parameters of the shards' live primaries, the
 replicas their holders keep, and the *ledger* -- every push a worker saw
@@ -40,8 +41,10 @@ class FinalShard:
 
 
 def final_primaries(world: World) -> dict[int, FinalShard]:
-    """Per shard, the live, not deposed primary with the newest epoch (found from the processes themselves). A
-    server that died after the probe round the run's end was decided on started is read as it was: no protocol
+    """Per shard, the live, not deposed primary with the newest epoch (found from the processes
+    themselves). A
+    server that died after the probe round the run's end was decided on started is read as it was:
+    no protocol
     can see a failure in the instant the run ends."""
     seen_until = world.procs["supervisor"].obj.view_started_at
     out: dict[int, FinalShard] = {}
@@ -65,7 +68,11 @@ def params_hash(shards: dict[int, FinalShard], num_shards: int) -> str:
 def check(world: World, outcome: RunOutcome, baseline_hash: str | None) -> list[Violation]:
     cfg = world.cfg
     if not outcome.finished:
-        why = outcome.failure or f"no progress for 5 simulated seconds at t={outcome.sim_time_s:.3f}s ({stuck(world)})"
+        why = (
+            outcome.failure
+            or f"no progress for 5 simulated seconds at t={outcome.sim_time_s:.3f}s "
+            f"({stuck(world)})"
+        )
         return [Violation("liveness", f"the run did not finish: {why}")]
     shards = final_primaries(world)
     missing = [i for i in range(cfg.num_shards) if i not in shards]
@@ -75,7 +82,13 @@ def check(world: World, outcome: RunOutcome, baseline_hash: str | None) -> list[
     if baseline_hash is not None and cfg.mode == "sync" and not cfg.backup_workers:
         got = params_hash(shards, cfg.num_shards)
         if got != baseline_hash:
-            out.append(Violation("I2", f"final params sha256 {got[:16]} differs from the fault-free run's {baseline_hash[:16]}"))
+            out.append(
+                Violation(
+                    "I2",
+                    f"final params sha256 {got[:16]} differs from the fault-free run's "
+                    f"{baseline_hash[:16]}",
+                )
+            )
     out += replicas_match(world, shards)
     return out
 
@@ -95,18 +108,43 @@ def exactly_once(world: World, shards: dict[int, FinalShard]) -> list[Violation]
                 times = 0 if moved < 0.5 else (1 if moved < 1.67 else 2)
                 key = (shard, rank, step)
                 if times >= 2:
-                    out.append(Violation("I1", f"shard {shard}: push (rank {rank}, step {step}) was applied more than once (slot moved {moved:.3f})"))
+                    out.append(
+                        Violation(
+                            "I1",
+                            f"shard {shard}: push (rank {rank}, step {step}) was applied more than "
+                            f"once (slot moved {moved:.3f})",
+                        )
+                    )
                 elif key in applied_acks and times == 0:
-                    out.append(Violation("I1", f"shard {shard}: push (rank {rank}, step {step}) was acknowledged but is not in the final state"))
+                    out.append(
+                        Violation(
+                            "I1",
+                            f"shard {shard}: push (rank {rank}, step {step}) was acknowledged but "
+                            "is not in the final state",
+                        )
+                    )
                 elif key in late_acks and key not in applied_acks and times:
-                    out.append(Violation("I1", f"shard {shard}: push (rank {rank}, step {step}) was answered as dropped but was applied"))
+                    out.append(
+                        Violation(
+                            "I1",
+                            f"shard {shard}: push (rank {rank}, step {step}) was answered as "
+                            "dropped but was applied",
+                        )
+                    )
                 elif not cfg.backup_workers and times == 0:
-                    out.append(Violation("I1", f"shard {shard}: push (rank {rank}, step {step}) never reached the final state"))
+                    out.append(
+                        Violation(
+                            "I1",
+                            f"shard {shard}: push (rank {rank}, step {step}) never reached the "
+                            "final state",
+                        )
+                    )
     return out
 
 
 def replicas_match(world: World, shards: dict[int, FinalShard]) -> list[Violation]:
-    """I4. A holder that died after the probe round the run's end was decided on started is not counted: no
+    """I4. A holder that died after the probe round the run's end was decided on started is not
+    counted: no
     protocol can see a failure in the instant the run ends."""
     out = []
     seen_until = world.procs["supervisor"].obj.view_started_at
@@ -117,18 +155,47 @@ def replicas_match(world: World, shards: dict[int, FinalShard]) -> list[Violatio
             continue
         held = holder.obj.replicas.get(shard) if holder is not None and holder.alive else None
         if held is None or not primary.holder_ready:
-            out.append(Violation("I4", f"shard {shard}: its primary {final.server} has no live replica at the end"))
+            out.append(
+                Violation(
+                    "I4",
+                    f"shard {shard}: its primary {final.server} has no live replica at the end",
+                )
+            )
             continue
         log = held.log
-        rebuilt = replay(log.snapshot.owned(), list(log.entries), held.shard, world.spec.optim, world.spec.total_steps).state
+        rebuilt = replay(
+            log.snapshot.owned(),
+            list(log.entries),
+            held.shard,
+            world.spec.optim,
+            world.spec.total_steps,
+        ).state
         state = primary.state
         same_opt = _same_optimizer(rebuilt.optimizer.state_dict(), state.optimizer.state_dict())
         if not np.array_equal(rebuilt.params.numpy(), state.params.numpy()):
-            out.append(Violation("I4", f"shard {shard}: replica on {primary.holder}, replayed, has other parameters than the primary"))
+            out.append(
+                Violation(
+                    "I4",
+                    f"shard {shard}: replica on {primary.holder}, replayed, has other parameters "
+                    "than the primary",
+                )
+            )
         elif not same_opt:
-            out.append(Violation("I4", f"shard {shard}: replica on {primary.holder}, replayed, has another optimizer state"))
+            out.append(
+                Violation(
+                    "I4",
+                    f"shard {shard}: replica on {primary.holder}, replayed, has another optimizer "
+                    "state",
+                )
+            )
         elif rebuilt.clocks != state.clocks or rebuilt.applied_copy() != state.applied_copy():
-            out.append(Violation("I4", f"shard {shard}: replica on {primary.holder}, replayed, has other per-rank clocks or applied pushes"))
+            out.append(
+                Violation(
+                    "I4",
+                    f"shard {shard}: replica on {primary.holder}, replayed, has other per-rank "
+                    "clocks or applied pushes",
+                )
+            )
     return out
 
 
@@ -155,14 +222,21 @@ _baselines: dict[tuple, str] = {}
 
 
 def baseline_hash(cfg: SimConfig) -> str:
-    """The fault-free run's final params hash (sync I2). Plain sync results depend only on the workers, shards
-    and steps (not on snapshots, folding, placement or spares), so one fault-free run serves every such config."""
+    """The fault-free run's final params hash (sync I2). Plain sync results depend only on the
+    workers, shards
+    and steps (not on snapshots, folding, placement or spares), so one fault-free run serves every
+    such config."""
     key = (cfg.num_workers, cfg.num_shards, cfg.steps)
     if key not in _baselines:
-        canonical = SimConfig(mode="sync", num_workers=cfg.num_workers, num_shards=cfg.num_shards, steps=cfg.steps)
+        canonical = SimConfig(
+            mode="sync", num_workers=cfg.num_workers, num_shards=cfg.num_shards, steps=cfg.steps
+        )
         world = World(canonical, seed=0, faults=False)
         outcome = world.run()
         if not outcome.finished:
-            raise AssertionError(f"the fault-free run of {canonical} did not finish: {outcome.failure or stuck(world)}")
+            raise AssertionError(
+                f"the fault-free run of {canonical} did not finish: "
+                f"{outcome.failure or stuck(world)}"
+            )
         _baselines[key] = params_hash(final_primaries(world), cfg.num_shards)
     return _baselines[key]

@@ -34,7 +34,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -51,25 +51,35 @@ from raytrain_ft.protocol.messages import (
     Note,
     Persist,
     PollStatus,
-    PushReply,
     Reply,
     SaveCheckpoint,
     Start,
     Timer,
 )
-from raytrain_ft.protocol.server import ServerProtocol, ServerSpec
-from raytrain_ft.protocol.supervisor import RunPhase, SlotPhase, SupervisorProtocol, SupervisorSpec, any_started, replica_slot
+from raytrain_ft.protocol.server import ServerSpec
+from raytrain_ft.protocol.supervisor import (
+    RunPhase,
+    SlotPhase,
+    SupervisorProtocol,
+    SupervisorSpec,
+    any_started,
+    replica_slot,
+)
 
 SUPERVISOR = "supervisor"
 REGISTRY_KEY = "registry"
 STARTUP_S = 0.08
-"""About when a simulated run's workers start training (servers created, loaded and replicated first)."""
+"""About when a simulated run's workers start training (servers created, loaded and replicated
+first)."""
 MODEL_VALUES = 3
 """Values per shard that evolve like a model (the provenance slots follow them)."""
 MOMENTUM = 0.1
-"""SGD momentum of the simulated shards. A push applied once moves its provenance slot by 1 plus the momentum's
-echo in later updates, at most ``G * 0.1 / 0.9`` <= 0.34 (G: the largest ratio of two updates' learning rates, the
-group size in mixed mode); twice by >= 2; never by less than 1 -- exactly-once is decodable from the parameters."""
+"""SGD momentum of the simulated shards. A push applied once moves its provenance slot by 1 plus the
+momentum's
+echo in later updates, at most ``G * 0.1 / 0.9`` <= 0.34 (G: the largest ratio of two updates'
+learning rates, the
+group size in mixed mode); twice by >= 2; never by less than 1 -- exactly-once is decodable from the
+parameters."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +103,9 @@ class SimConfig:
         return MODEL_VALUES + self.num_workers * self.steps
 
     def rule(self) -> Rule:
-        return Rule(self.mode, self.num_workers, self.backup_workers, self.group_size, self.staleness)
+        return Rule(
+            self.mode, self.num_workers, self.backup_workers, self.group_size, self.staleness
+        )
 
     def ranges(self) -> list[ShardRange]:
         n = self.shard_size
@@ -105,7 +117,8 @@ class SimConfig:
         return MODEL_VALUES + rank * self.steps + step
 
     def push_value(self) -> float:
-        """Size of a push's provenance value so that one application moves its slot by exactly lr * 1."""
+        """Size of a push's provenance value so that one application moves its slot by exactly lr *
+        1."""
         rule = self.rule()
         needed = rule.needed(0)
         return needed / rule.lr_scale(needed, 0)
@@ -122,13 +135,23 @@ def random_config(rng: random.Random, mode: str) -> SimConfig:
     w = rng.choice((2, 3, 3, 4))
     backups = rng.choice((0, 0, 1)) if mode == "sync" and w > 2 else 0
     return SimConfig(
-        mode=mode, num_workers=w, num_shards=rng.choice((1, 2, 3)), steps=rng.randint(3, 6), snapshot_interval=rng.choice((1, 2, 3, 50)),
-        fold=rng.random() < 0.7, backup_workers=backups, group_size=rng.choice((2, 3)), staleness=rng.choice((0, 1, 2)),
-        num_nodes=rng.choice((1, 3, 4)), num_spares=rng.choice((1, 1, 2)), max_faults=rng.choice((1, 2, 3, 4)),
+        mode=mode,
+        num_workers=w,
+        num_shards=rng.choice((1, 2, 3)),
+        steps=rng.randint(3, 6),
+        snapshot_interval=rng.choice((1, 2, 3, 50)),
+        fold=rng.random() < 0.7,
+        backup_workers=backups,
+        group_size=rng.choice((2, 3)),
+        staleness=rng.choice((0, 1, 2)),
+        num_nodes=rng.choice((1, 3, 4)),
+        num_spares=rng.choice((1, 1, 2)),
+        max_faults=rng.choice((1, 2, 3, 4)),
     )
 
 
-# --- processes ------------------------------------------------------------------------------------------
+# --- processes
+# ------------------------------------------------------------------------------------------
 
 
 @dataclass(slots=True)
@@ -142,10 +165,11 @@ class WorkerStatus:
 
 
 class SimWorker:
-    """A worker rank: pull, compute (a deterministic function of its parameters, rank and step), push to every
+    """A worker rank: pull, compute (a deterministic function of its parameters, rank and step),
+    push to every
     shard, install the answers; the same step rules as the real worker (``actors/worker.py``)."""
 
-    def __init__(self, world: "World", name: str, rank: int, routes):
+    def __init__(self, world: World, name: str, rank: int, routes):
         self.world, self.name, self.rank = world, name, rank
         cfg = world.cfg
         self.exchange = ExchangeProtocol(rank, list(routes), SUPERVISOR, watchdog_s=0.05)
@@ -178,14 +202,20 @@ class SimWorker:
 
     def on_answer(self, cid: int, value, failure: bool) -> list:
         ex = self.exchange
-        effects = ex.on_failure(cid, value, self.world.now) if failure else ex.on_reply(cid, value, self.world.now)
-        for acked in ex.ledger[self.seen_acks:]:
+        effects = (
+            ex.on_failure(cid, value, self.world.now)
+            if failure
+            else ex.on_reply(cid, value, self.world.now)
+        )
+        for acked in ex.ledger[self.seen_acks :]:
             self.world.ledger.append(acked)  # the checker's record survives the worker
         self.seen_acks = len(ex.ledger)
         if ex.error:
             self.error = ex.error
             return effects
-        if self.phase in ("pull", "push") and not any(ex.pending(i) for i in range(self.world.cfg.num_shards)):
+        if self.phase in ("pull", "push") and not any(
+            ex.pending(i) for i in range(self.world.cfg.num_shards)
+        ):
             effects += self._installed()
         return effects
 
@@ -203,7 +233,9 @@ class SimWorker:
                 self.versions[i] = reply.seq
         if self.phase == "push":
             self.step += 1
-            if self.world.cfg.backup_workers:  # the shards closed steps without this rank: go on at their step
+            if (
+                self.world.cfg.backup_workers
+            ):  # the shards closed steps without this rank: go on at their step
                 self.step = max(self.step, min(min(self.versions), self.end))
         if self.step >= self.end:
             self.done, self.phase = True, "done"
@@ -219,7 +251,9 @@ class SimWorker:
         cfg, effects = self.world.cfg, []
         self.phase = "push"
         for i in range(cfg.num_shards):
-            effects += self.exchange.push(i, self.step, self.gradient(i), self.versions[i], True, self.world.now)
+            effects += self.exchange.push(
+                i, self.step, self.gradient(i), self.versions[i], True, self.world.now
+            )
         return effects
 
     def gradient(self, shard: int) -> np.ndarray:
@@ -228,7 +262,9 @@ class SimWorker:
         p = self.params[shard]
         g = np.zeros(cfg.shard_size, dtype=np.float32)
         model = p[:MODEL_VALUES]
-        g[:MODEL_VALUES] = np.float32(0.1) * model * model - np.float32(0.01 * (self.rank + 1) * (self.step + 1))
+        g[:MODEL_VALUES] = np.float32(0.1) * model * model - np.float32(
+            0.01 * (self.rank + 1) * (self.step + 1)
+        )
         g[cfg.slot(self.rank, self.step)] = np.float32(cfg.push_value())
         return g
 
@@ -266,7 +302,15 @@ class RunOutcome:
 class World:
     """One schedule: processes, the network, the clock, the KV, the faults."""
 
-    def __init__(self, cfg: SimConfig, seed: int, faults: bool = True, bugs=None, trace: bool = False, max_time_s: float = 60.0):
+    def __init__(
+        self,
+        cfg: SimConfig,
+        seed: int,
+        faults: bool = True,
+        bugs=None,
+        trace: bool = False,
+        max_time_s: float = 60.0,
+    ):
         from raytrain_ft.sim.bugs import protocol_classes
 
         self.cfg, self.seed = cfg, seed
@@ -284,23 +328,43 @@ class World:
         self.max_time_s = max_time_s
         self.events = 0
         self._pending: dict[str, dict[int, tuple]] = {}
-        """Per process: rid -> (caller, caller incarnation, cid, message) of requests it has not answered."""
+        """Per process: rid -> (caller, caller incarnation, cid, message) of requests it has not
+        answered."""
         self._rids = itertools.count(1)
         self._creating: set[str] = set()
-        """Processes created but not up yet: calls to them wait (as Ray queues calls to a pending actor)."""
+        """Processes created but not up yet: calls to them wait (as Ray queues calls to a pending
+        actor)."""
         self.server_cls, self.supervisor_cls = protocol_classes(bugs or ())
         self.nodes = [f"node{i}" for i in range(cfg.num_nodes)]
         self.ranges = cfg.ranges()
-        self.spec = ServerSpec(OptimConfig(name="sgd", lr=1.0, momentum=MOMENTUM), cfg.steps, cfg.num_workers, cfg.rule(),
-                               cfg.snapshot_interval, replicate=True, fold=cfg.fold)
+        self.spec = ServerSpec(
+            OptimConfig(name="sgd", lr=1.0, momentum=MOMENTUM),
+            cfg.steps,
+            cfg.num_workers,
+            cfg.rule(),
+            cfg.snapshot_interval,
+            replicate=True,
+            fold=cfg.fold,
+        )
         self.sup_spec = SupervisorSpec(
-            cfg.num_shards, cfg.num_workers, cfg.steps, "replica", num_spares=cfg.num_spares, probe_interval_s=0.08, probe_timeout_s=0.01,
-            suspect_after_s=0.1, start_timeout_s=5.0, op_timeout_s=0.5, max_worker_restarts=100, node_ids=tuple(self.nodes) if cfg.num_nodes > 1 else (),
+            cfg.num_shards,
+            cfg.num_workers,
+            cfg.steps,
+            "replica",
+            num_spares=cfg.num_spares,
+            probe_interval_s=0.08,
+            probe_timeout_s=0.01,
+            suspect_after_s=0.1,
+            start_timeout_s=5.0,
+            op_timeout_s=0.5,
+            max_worker_restarts=100,
+            node_ids=tuple(self.nodes) if cfg.num_nodes > 1 else (),
         )
         self._fault_budget = cfg.max_faults if faults else 0
         self._progress = 0
 
-    # --- scheduling ----------------------------------------------------------------------------------
+    # --- scheduling
+    # ----------------------------------------------------------------------------------
 
     def at(self, delay: float, *event) -> None:
         heapq.heappush(self._queue, (self.now + max(0.0, delay), next(self._seq), event))
@@ -312,16 +376,28 @@ class World:
         if self.trace_on:
             self.trace.append(f"{self.now * 1000:9.3f}ms {text}")
 
-    # --- processes -------------------------------------------------------------------------------------
+    # --- processes
+    # -------------------------------------------------------------------------------------
 
     def _new_supervisor(self, restore: bool) -> SupervisorProtocol:
         params_of = self.cfg.initial
         if restore:
-            return self.supervisor_cls.restore(self.sup_spec, self.ranges, params_of, self.kv[REGISTRY_KEY], self.now, key=REGISTRY_KEY)
-        return self.supervisor_cls(self.sup_spec, self.ranges, params_of, now=self.now, key=REGISTRY_KEY)
+            return self.supervisor_cls.restore(
+                self.sup_spec,
+                self.ranges,
+                params_of,
+                self.kv[REGISTRY_KEY],
+                self.now,
+                key=REGISTRY_KEY,
+            )
+        return self.supervisor_cls(
+            self.sup_spec, self.ranges, params_of, now=self.now, key=REGISTRY_KEY
+        )
 
     def start(self) -> None:
-        sup = self.procs[SUPERVISOR] = Proc(SUPERVISOR, "supervisor", self.nodes[0], self._new_supervisor(False))
+        sup = self.procs[SUPERVISOR] = Proc(
+            SUPERVISOR, "supervisor", self.nodes[0], self._new_supervisor(False)
+        )
         self.perform(sup, sup.obj.on_start(self.now))
         if self.faults_on:  # most faults land while the workers train, some while the run starts
             for _ in range(self._fault_budget):
@@ -355,22 +431,30 @@ class World:
         if proc.kind == "supervisor":
             self.at(self.rng.uniform(0.005, 0.03), "restart_supervisor")
 
-    # --- carrying out effects ------------------------------------------------------------------------
+    # --- carrying out effects
+    # ------------------------------------------------------------------------
 
     def perform(self, proc: Proc, effects: list, crash_at: int | None = None) -> None:
         for n, eff in enumerate(effects):
             if not proc.alive:
                 return
             if crash_at is not None and n == crash_at:
-                self.faults.append(f"{proc.name} crashed between two effects ({type(eff).__name__} not carried out)")
+                self.faults.append(
+                    f"{proc.name} crashed between two effects ({type(eff).__name__} not carried "
+                    "out)"
+                )
                 self.kill(proc.name, "mid-handler")
                 return
             if isinstance(eff, Call):
-                self.at(self.delay(), "request", proc.name, proc.incarnation, eff.cid, eff.dst, eff.msg)
+                self.at(
+                    self.delay(), "request", proc.name, proc.incarnation, eff.cid, eff.dst, eff.msg
+                )
             elif isinstance(eff, Reply):
                 caller = self._pending.get(proc.name, {}).pop(eff.rid, None)
                 if caller is not None:
-                    self.at(self.delay(), "reply", caller[0], caller[1], caller[2], eff.value, proc.name)
+                    self.at(
+                        self.delay(), "reply", caller[0], caller[1], caller[2], eff.value, proc.name
+                    )
             elif isinstance(eff, Timer):
                 self.at(eff.delay_s, "timer", proc.name, proc.incarnation, eff.token)
             elif isinstance(eff, Persist):
@@ -390,7 +474,8 @@ class World:
             elif isinstance(eff, SaveCheckpoint):
                 raise AssertionError("the simulator runs replica recovery only")
 
-    # --- the event loop --------------------------------------------------------------------------------
+    # --- the event loop
+    # --------------------------------------------------------------------------------
 
     def run(self) -> RunOutcome:
         self.start()
@@ -411,7 +496,9 @@ class World:
                 break
         sup = self.procs[SUPERVISOR].obj
         finished = self.procs[SUPERVISOR].alive and sup.phase is RunPhase.DONE
-        return RunOutcome(finished, sup.reg.failure, list(self.faults), self.events, self.now, self.trace)
+        return RunOutcome(
+            finished, sup.reg.failure, list(self.faults), self.events, self.now, self.trace
+        )
 
     def dispatch(self, event: tuple) -> None:
         kind = event[0]
@@ -419,7 +506,9 @@ class World:
             _, src, src_inc, cid, dst, msg = event
             proc = self.procs.get(dst)
             if (dst == SUPERVISOR and (proc is None or not proc.alive)) or dst in self._creating:
-                self.at(0.002, *event)  # Ray retries calls to a restarting supervisor, queues calls to a starting actor
+                self.at(
+                    0.002, *event
+                )  # Ray retries calls to a restarting supervisor, queues calls to a starting actor
                 return
             if proc is None or not proc.alive:
                 self.at(self.delay() * 5, "failure", src, src_inc, cid, Failure.DEAD)
@@ -427,15 +516,24 @@ class World:
             if proc.deaf_until > self.now and src == SUPERVISOR:
                 if self.trace_on:
                     self.log(f"{dst} cut off from the supervisor: {type(msg).__name__} delayed")
-                self.at(proc.deaf_until - self.now + self.delay(), *event)  # it arrives once the partition heals
+                self.at(
+                    proc.deaf_until - self.now + self.delay(), *event
+                )  # it arrives once the partition heals
                 return
             rid = next(self._rids)
             self._pending.setdefault(dst, {})[rid] = (src, src_inc, cid, msg)
             if self.trace_on:
                 self.log(f"{src} -> {dst}: {type(msg).__name__}")
-            if src != SUPERVISOR and dst != SUPERVISOR and self._fault_budget and self.rng.random() < 0.01:
+            if (
+                src != SUPERVISOR
+                and dst != SUPERVISOR
+                and self._fault_budget
+                and self.rng.random() < 0.01
+            ):
                 self._fault_budget -= 1
-                self.faults.append(f"{src}'s call to {dst} reported unavailable (the server still got it)")
+                self.faults.append(
+                    f"{src}'s call to {dst} reported unavailable (the server still got it)"
+                )
                 self._pending[dst].pop(rid)
                 self.at(self.delay(), "failure", src, src_inc, cid, Failure.UNAVAILABLE)
                 self._handle(proc, "request", rid, msg)  # answered into the void
@@ -486,7 +584,11 @@ class World:
                 if not any_started(self._registry()):
                     self.at(0.02, *event)
                 else:
-                    self.at(self.rng.uniform(0.0, self.cfg.steps * self.cfg.compute_s * 1.2), "fault", "now")
+                    self.at(
+                        self.rng.uniform(0.0, self.cfg.steps * self.cfg.compute_s * 1.2),
+                        "fault",
+                        "now",
+                    )
                 return
             self.inject()
         else:
@@ -520,19 +622,26 @@ class World:
             else:
                 effects = obj.on_timer(key)
         crash_at = None
-        if self._fault_budget and len(effects) > 1 and self.rng.random() < 0.02 and self._may_crash({proc.name}):
+        if (
+            self._fault_budget
+            and len(effects) > 1
+            and self.rng.random() < 0.02
+            and self._may_crash({proc.name})
+        ):
             self._fault_budget -= 1
             crash_at = self.rng.randrange(1, len(effects))
         self.perform(proc, effects, crash_at)
 
-    # --- faults --------------------------------------------------------------------------------------------
+    # --- faults
+    # --------------------------------------------------------------------------------------------
 
     def _registry(self):
         sup = self.procs[SUPERVISOR].obj
         return sup.reg
 
     def _may_crash(self, victims: set[str]) -> bool:
-        """Whether losing ``victims`` together leaves every shard a live primary or a holder with its replica."""
+        """Whether losing ``victims`` together leaves every shard a live primary or a holder with
+        its replica."""
         reg, k = self._registry(), self.cfg.num_shards
 
         def gone(name):
@@ -543,9 +652,14 @@ class World:
             slot = reg.slots[shard]
             holder = reg.slots[replica_slot(shard, k)]
             primary_ok = slot.phase is SlotPhase.SERVING and not gone(slot.actor)
-            holder_ok = reg.replicated[shard] and holder.phase in (SlotPhase.SERVING, SlotPhase.RECOVERING) and not gone(holder.actor)
+            holder_ok = (
+                reg.replicated[shard]
+                and holder.phase in (SlotPhase.SERVING, SlotPhase.RECOVERING)
+                and not gone(holder.actor)
+            )
             if not primary_ok and not holder_ok and (reg.training or reg.replicated[shard]):
-                # (before training, a shard not replicated yet is simply loaded again from the initial values:
+                # (before training, a shard not replicated yet is simply loaded again from the
+                # initial values:
                 # no worker can start before its replication is confirmed)
                 return False
             if slot.phase is SlotPhase.RECOVERING and not holder_ok:
@@ -574,10 +688,12 @@ class World:
                 return
             self._fault_budget -= 1
             p.deaf_until = self.now + self.rng.uniform(0.15, 0.4)
-            self.faults.append(f"false suspicion of {p.name} for {(p.deaf_until - self.now) * 1000:.0f}ms")
+            self.faults.append(
+                f"false suspicion of {p.name} for {(p.deaf_until - self.now) * 1000:.0f}ms"
+            )
             self.log(f"FAULT {self.faults[-1]}")
             return
-        else:  # a slot's server half the time (a primary, holder of a peer's replica), else a worker or a spare
+        else:  # a slot's server half the time (primary or replica holder), else a worker or spare
             reg = self._registry()
             slots = {s.actor for s in reg.slots}
             servers = [p for p in live if p.name in slots]
@@ -599,7 +715,8 @@ class World:
             self._lose_replies_from(victims)
 
     def _lose_replies_from(self, victims: set[str]) -> None:
-        """Answers still travelling from a lost node's processes are lost with it (its object store is gone)."""
+        """Answers still travelling from a lost node's processes are lost with it (its object store
+        is gone)."""
         kept = []
         for t, s, event in self._queue:
             if event[0] == "reply" and event[5] in victims and self.rng.random() < 0.5:

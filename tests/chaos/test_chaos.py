@@ -1,12 +1,16 @@
 """Real kills against real runs; every run must complete with I1-I4 holding.
 
-I1 nothing lost, nothing twice: every push a worker's ledger records as acknowledged is in its shard's applied
-   record exactly once, and every (rank, step) of the run was applied once (``tests/chaos/ledger.py``).
+I1 nothing lost, nothing twice: every push a worker's ledger records as acknowledged is in its
+shard's applied
+   record exactly once, and every (rank, step) of the run was applied once
+   (``tests/chaos/ledger.py``).
 I2 same run: the params hash equals the failure-free run with the same seed.
 I3 no files: no server reads a checkpoint file (the runs that also write disaster checkpoints
    to a directory show recovery still reads none of them).
-I4 no open window: every shard's replica, replayed, equals its primary at the end (parameters, optimizer
-   state, per-rank clocks, applied record), and every server recovery re-replicated what the dead actor held.
+I4 no open window: every shard's replica, replayed, equals its primary at the end (parameters,
+optimizer
+   state, per-rank clocks, applied record), and every server recovery re-replicated what the dead
+   actor held.
 """
 
 import json
@@ -18,23 +22,32 @@ import pytest
 import torch
 
 from raytrain_ft.actors.worker import LEDGER_DIR_ENV_VAR
-from raytrain_ft.config import ClusterConfig, DataConfig, ModelConfig, OptimConfig, RecoveryConfig, TrainConfig
+from raytrain_ft.config import (
+    ChaosConfig,
+    ClusterConfig,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    RecoveryConfig,
+    TrainConfig,
+)
 from raytrain_ft.recovery.faults import parse_kills
-from raytrain_ft.trainer import Trainer
 from raytrain_ft.recovery.ledger import assert_exactly_once, read_ledgers
+from raytrain_ft.trainer import Trainer
 
 pytestmark = pytest.mark.chaos
 
 STEPS = 60
 
 
-def _config(num_servers=2, kill=None, checkpoint_dir=None, **recovery):
+def _config(num_servers=2, kill=None, checkpoint_dir=None, one_kill_at_a_time=False, **recovery):
     return TrainConfig(
         model=ModelConfig(name="cnn"),
         data=DataConfig(dataset="digits", image_size=8, batch_size=16),
         optim=OptimConfig(name="sgd", lr=0.05, momentum=0.9),
         cluster=ClusterConfig(num_workers=2, num_servers=num_servers),
-        recovery=RecoveryConfig(snapshot_interval=10, kill=kill, checkpoint_dir=checkpoint_dir, **recovery),
+        recovery=RecoveryConfig(snapshot_interval=10, checkpoint_dir=checkpoint_dir, **recovery),
+        chaos=ChaosConfig(kill=kill, one_kill_at_a_time=one_kill_at_a_time),
         steps=STEPS,
         seed=3,
     )
@@ -57,7 +70,9 @@ def assert_invariants(result, num_servers: int, kills: str, tmp_path, baseline: 
     assert all(k["how"] != "already gone" for k in result.kills), "each kill hit a live target"
     assert result.steps_completed == STEPS
     # I1, from the workers' ledgers against the shards' applied records
-    assert_exactly_once(result.applied_counts, read_ledgers(os.environ[LEDGER_DIR_ENV_VAR], result.run_id), 2, STEPS)
+    assert_exactly_once(
+        result.applied_counts, read_ledgers(os.environ[LEDGER_DIR_ENV_VAR], result.run_id), 2, STEPS
+    )
     assert result.updates_acknowledged == result.updates_applied == num_servers * STEPS
     # I2
     assert result.params_sha256 == baseline
@@ -82,25 +97,38 @@ def _roles(result):
     return sorted((e["role"], e["index"]) for e in result.recoveries)
 
 
-def test_a_primary_its_replacement_a_worker_the_supervisor_a_holder_and_a_spare_die_in_turn(ray_local, tmp_path):
-    """Two shards on a ring: slot i is shard i's primary and holds shard i-1's replica. In turn: a primary; the
-    spare rebuilding it, mid-recovery; a worker; the supervisor; the peer holding shard 1's replica (slot 0 again,
-    so after a supervisor restart a recovery runs on the rebuilt registry); a spare. Disaster checkpoint files
+def test_a_primary_its_replacement_a_worker_the_supervisor_a_holder_and_a_spare_die_in_turn(
+    ray_local, tmp_path
+):
+    """Two shards on a ring: slot i is shard i's primary and holds shard i-1's replica. In turn: a
+    primary; the
+    spare rebuilding it, mid-recovery; a worker; the supervisor; the peer holding shard 1's replica
+    (slot 0 again,
+    so after a supervisor restart a recovery runs on the rebuilt registry); a spare. Disaster
+    checkpoint files
     are written all along, and recovery reads none of them."""
-    kills = "server:0@step=10,server:0@recovery=1,worker:1@step=22,supervisor@step=32,replica:1@step=42,spare:0@step=50"
+    kills = (
+        "server:0@step=10,server:0@recovery=1,worker:1@step=22,"
+        "supervisor@step=32,replica:1@step=42,spare:0@step=50"
+    )
     result = _run(tmp_path, 2, kills, checkpoint_dir=str(tmp_path / "checkpoints"))
     assert any((tmp_path / "checkpoints").iterdir())
     assert _roles(result) == [("server", 0), ("server", 0), ("supervisor", 0), ("worker", 1)]
     servers = [e for e in result.recoveries if e["role"] == "server"]
-    assert all(e["rereplicated"] == [1] and e["bytes_moved"] > 0 for e in servers)  # I4: what slot 0 held is rebuilt
-    assert servers[1]["epoch"] > servers[0]["epoch"] >= 2  # epochs never reused, across the supervisor's restart
+    assert all(
+        e["rereplicated"] == [1] and e["bytes_moved"] > 0 for e in servers
+    )  # I4: what slot 0 held is rebuilt
+    assert (
+        servers[1]["epoch"] > servers[0]["epoch"] >= 2
+    )  # epochs never reused, across the supervisor's restart
     worker = next(e for e in result.recoveries if e["role"] == "worker")
     assert 22 <= worker["step"] < STEPS and result.supervisor_restarts == 1
     assert sum(w["reroutes"] for w in result.workers) >= 1
 
 
 def test_two_primaries_at_once_then_a_third_and_a_fourth_during_its_recovery(ray_local, tmp_path):
-    # four shards: 0 and 2 are not neighbours (each one's replica lives on a survivor); then 3 dies, and 1 (which
+    # four shards: 0 and 2 are not neighbours (each one's replica lives on a survivor); then 3 dies,
+    # and 1 (which
     # holds shard 0's replica) dies while 3 is being rebuilt from slot 0
     kills = "server:0@step=15,server:2@step=15,server:3@step=35,server:1@recovery=3"
     result = _run(tmp_path, 4, kills)
@@ -108,7 +136,8 @@ def test_two_primaries_at_once_then_a_third_and_a_fourth_during_its_recovery(ray
 
 
 def test_the_dedicated_holder_of_a_single_shard_then_the_primary_mid_snapshot(ray_local, tmp_path):
-    # one shard: slot 1 is a dedicated replica holder; the primary dies right after sending its 3rd snapshot
+    # one shard: slot 1 is a dedicated replica holder; the primary dies right after sending its 3rd
+    # snapshot
     result = _run(tmp_path, 1, "replica:0@step=15,server:0@snapshot=3")
     assert _roles(result) == [("replica", 1), ("server", 0)]
 
@@ -119,15 +148,49 @@ def test_a_primary_mid_snapshot_and_a_holder_while_it_installs_one(ray_local, tm
 
 
 def test_kill_a_node_of_three(ray_local, tmp_path):
-    """Via the CLI on 3 simulated nodes (its own Ray, in a subprocess): the node's server and workers die together."""
+    """Via the CLI on 3 simulated nodes (its own Ray, in a subprocess): the node's server and
+    workers die together."""
     baseline = baseline_hash(3)
     out = tmp_path / "run.json"
     kills = "node:1@step=20"
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    cmd = [sys.executable, "-m", "raytrain_ft.cli", "train", "--quiet", "--output-json", str(out), "--local-nodes", "3",
-           "--model", "cnn", "--dataset", "digits", "--image-size", "8", "--batch-size", "16", "--optimizer", "sgd", "--lr", "0.05",
-           "--momentum", "0.9", "--num-workers", "2", "--num-servers", "3", "--snapshot-interval", "10", "--steps", str(STEPS),
-           "--seed", "3", "--kill", kills]
+    cmd = [
+        sys.executable,
+        "-m",
+        "raytrain_ft.cli",
+        "train",
+        "--quiet",
+        "--output-json",
+        str(out),
+        "--local-nodes",
+        "3",
+        "--model",
+        "cnn",
+        "--dataset",
+        "digits",
+        "--image-size",
+        "8",
+        "--batch-size",
+        "16",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.05",
+        "--momentum",
+        "0.9",
+        "--num-workers",
+        "2",
+        "--num-servers",
+        "3",
+        "--snapshot-interval",
+        "10",
+        "--steps",
+        str(STEPS),
+        "--seed",
+        "3",
+        "--kill",
+        kills,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads(out.read_text())
@@ -143,14 +206,28 @@ def test_kill_a_node_of_three(ray_local, tmp_path):
 
 
 def test_checkpoint_baseline_rolls_back_and_completes(ray_local, tmp_path):
-    """The comparison baseline: the run restarts from the last checkpoint files and recomputes the lost steps."""
+    """The comparison baseline: the run restarts from the last checkpoint files and recomputes the
+    lost steps."""
     checkpoints = tmp_path / "checkpoints"
-    cfg = _config(2, kill="server:0@step=25", checkpoint_dir=str(checkpoints), recovery="checkpoint", checkpoint_interval=10)
+    cfg = _config(
+        2,
+        kill="server:0@step=25",
+        checkpoint_dir=str(checkpoints),
+        recovery="checkpoint",
+        checkpoint_interval=10,
+    )
     result = Trainer(cfg).fit()
-    assert result.steps_completed == STEPS and result.params_sha256 == baseline_hash(2)  # sync rollback is deterministic too
+    assert result.steps_completed == STEPS and result.params_sha256 == baseline_hash(
+        2
+    )  # sync rollback is deterministic too
     (server,) = [e for e in result.recoveries if e["role"] == "server"]
-    assert server["source"] == "checkpoint" and server["step"] % 10 == 0 and server["steps_lost"] >= 0
-    assert sorted(e["index"] for e in result.recoveries if e["role"] == "worker") == [0, 1]  # the whole run restarted
+    assert (
+        server["source"] == "checkpoint" and server["step"] % 10 == 0 and server["steps_lost"] >= 0
+    )
+    assert sorted(e["index"] for e in result.recoveries if e["role"] == "worker") == [
+        0,
+        1,
+    ]  # the whole run restarted
     assert any(p.name.startswith("shard-0-step-") for p in checkpoints.iterdir())
 
 
@@ -165,9 +242,10 @@ def test_chaos_against_a_running_run(ray_local, tmp_path):
     """What `raytrain-ft chaos` does: find the run's supervisor and kill by role while it trains."""
     import threading
 
+    from ray._private.test_utils import wait_for_condition
+
     from raytrain_ft.recovery.chaos import find_supervisor, run_schedule
     from raytrain_ft.recovery.faults import parse_kills
-    from ray._private.test_utils import wait_for_condition
 
     box = {}
     cfg = _config(2)
@@ -189,18 +267,30 @@ def test_chaos_against_a_running_run(ray_local, tmp_path):
     result = box["result"]
     assert [f["kill"] for f in fired] == ["server:1@step=60", "worker:0@step=100"]
     assert _roles(result) == [("server", 1), ("worker", 0)]
-    assert result.updates_acknowledged == result.updates_applied == 2 * 200 and result.replicas_match == [True, True]
+    assert (
+        result.updates_acknowledged == result.updates_applied == 2 * 200
+        and result.replicas_match == [True, True]
+    )
 
 
 @pytest.mark.soak
 def test_soak_thirty_random_kills(ray_local, tmp_path):
-    """>= 30 random kills across roles (one at a time, >= 1 s apart); the run completes and I1 holds."""
+    """>= 30 random kills across roles (one at a time, >= 1 s apart); the run completes and I1
+    holds."""
     from raytrain_ft.recovery.faults import random_schedule
 
-    kills = random_schedule(7, mtbf_s=1.8, duration_s=60, roles=["server", "replica", "worker", "supervisor"],
-                            sizes={"server": 2, "replica": 2, "worker": 2}, min_gap_s=1.0)
+    kills = random_schedule(
+        7,
+        mtbf_s=1.8,
+        duration_s=60,
+        roles=["server", "replica", "worker", "supervisor"],
+        sizes={"server": 2, "replica": 2, "worker": 2},
+        min_gap_s=1.0,
+    )
     assert len(kills) >= 30
-    cfg = _config(2, kill=",".join(map(str, kills)), max_worker_restarts=100, one_kill_at_a_time=True)
+    cfg = _config(
+        2, kill=",".join(map(str, kills)), max_worker_restarts=100, one_kill_at_a_time=True
+    )
     cfg.steps = 6000
     result = Trainer(cfg).fit()
     assert len(result.kills) == len(kills), "the run ended before every kill fired; raise steps"
@@ -210,17 +300,25 @@ def test_soak_thirty_random_kills(ray_local, tmp_path):
 
 
 def test_resume_after_losing_the_whole_cluster(ray_local, tmp_path):
-    """Checkpoint files exist for this: a new run picks up at the newest complete step and ends the same."""
+    """Checkpoint files exist for this: a new run picks up at the newest complete step and ends the
+    same."""
     checkpoints = tmp_path / "checkpoints"
     full = Trainer(_config(2, checkpoint_dir=str(checkpoints), checkpoint_interval=10)).fit()
     assert full.params_sha256 == baseline_hash(2)  # writing files changes nothing
     for path in checkpoints.iterdir():  # the cluster was lost after step 30
         if int(path.stem.split("-step-")[1]) > 30:
             path.unlink()
-    resumed = Trainer(_config(2, checkpoint_dir=str(tmp_path / "after"), resume_from=str(checkpoints))).fit()
+    resumed = Trainer(
+        _config(2, checkpoint_dir=str(tmp_path / "after"), resume_from=str(checkpoints))
+    ).fit()
     assert resumed.params_sha256 == full.params_sha256
-    assert resumed.steps_completed == STEPS and resumed.updates_applied == resumed.updates_acknowledged == 2 * STEPS
-    assert sum(w["samples"] for w in resumed.workers) == 2 * (STEPS - 30) * 16  # only steps 30..59 were trained
+    assert (
+        resumed.steps_completed == STEPS
+        and resumed.updates_applied == resumed.updates_acknowledged == 2 * STEPS
+    )
+    assert (
+        sum(w["samples"] for w in resumed.workers) == 2 * (STEPS - 30) * 16
+    )  # only steps 30..59 were trained
 
 
 def test_resume_from_a_directory_without_checkpoints_names_it(tmp_path):
@@ -231,28 +329,48 @@ def test_resume_from_a_directory_without_checkpoints_names_it(tmp_path):
 
 
 def test_kill_a_process_hosting_two_simulated_ranks(ray_local):
-    """ranks_per_process=2: SIGKILL of rank 1's process takes rank 0 with it; both restart, resume at the
+    """ranks_per_process=2: SIGKILL of rank 1's process takes rank 0 with it; both restart, resume
+    at the
     shards' step, and plain SGD still ends exactly where the failure-free run does."""
     from tests.integration.test_sync_training import simulated_sgd_expected
 
-    cfg = TrainConfig(model=ModelConfig(name="cnn"), data=DataConfig(dataset="digits", image_size=8, batch_size=16),
-                      optim=OptimConfig(name="sgd", lr=0.5, momentum=0.0, weight_decay=0.0),
-                      cluster=ClusterConfig(num_workers=3, num_servers=2, simulate_compute_ms=20, ranks_per_process=2),
-                      recovery=RecoveryConfig(snapshot_interval=10, kill="worker:1@step=10"), steps=30, seed=3)
+    cfg = TrainConfig(
+        model=ModelConfig(name="cnn"),
+        data=DataConfig(dataset="digits", image_size=8, batch_size=16),
+        optim=OptimConfig(name="sgd", lr=0.5, momentum=0.0, weight_decay=0.0),
+        cluster=ClusterConfig(
+            num_workers=3, num_servers=2, simulate_compute_ms=20, ranks_per_process=2
+        ),
+        recovery=RecoveryConfig(snapshot_interval=10),
+        chaos=ChaosConfig(kill="worker:1@step=10"),
+        steps=30,
+        seed=3,
+    )
     result = Trainer(cfg).fit()
     assert [k["kill"] for k in result.kills] == ["worker:1@step=10"]
-    assert sorted((e["role"], e["index"]) for e in result.recoveries) == [("worker", 0), ("worker", 1)]
+    assert sorted((e["role"], e["index"]) for e in result.recoveries) == [
+        ("worker", 0),
+        ("worker", 1),
+    ]
     assert all(10 <= e["step"] < 30 for e in result.recoveries)
     assert result.updates_acknowledged == result.updates_applied == 2 * 30
     processes = [w["process"] for w in result.workers]
     assert processes[0] == processes[1] != processes[2]
     n = result.num_params
-    torch.testing.assert_close(torch.from_numpy(result.final_params[:n].copy()), simulated_sgd_expected(cfg, result), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        torch.from_numpy(result.final_params[:n].copy()),
+        simulated_sgd_expected(cfg, result),
+        rtol=0,
+        atol=1e-6,
+    )
 
 
 def test_a_lossy_codec_restarted_worker_resumes_with_its_residual(ray_local, tmp_path):
-    """Error feedback survives a worker kill: the restarted rank gets its residual back from the shards, so a
-    top-k run with a kill ends with the same hash as without (a reset residual would change the pushes)."""
+    """Error feedback survives a worker kill: the restarted rank gets its residual back from the
+    shards, so a
+    top-k run with a kill ends with the same hash as without (a reset residual would change the
+    pushes)."""
+
     def config(kill=None):
         cfg = _config(2, kill=kill)
         cfg.consistency.codec = "topk:0.05"

@@ -1,4 +1,5 @@
-"""Real kills in the asynchronous modes: replication and replay keep every push applied exactly once.
+"""Real kills in the asynchronous modes: replication and replay keep every push applied exactly
+once.
 
 In async, ssp and mixed modes the primary applies updates in arrival order;
 the command log records that order (seq) and the pushes each update holds, so
@@ -13,45 +14,80 @@ import os
 import pytest
 
 from raytrain_ft.actors.worker import LEDGER_DIR_ENV_VAR
-from raytrain_ft.config import ClusterConfig, ConsistencyConfig, DataConfig, ModelConfig, OptimConfig, RecoveryConfig, TrainConfig
+from raytrain_ft.config import (
+    ChaosConfig,
+    ClusterConfig,
+    ConsistencyConfig,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    RecoveryConfig,
+    TrainConfig,
+)
 from raytrain_ft.recovery.faults import parse_kills
-from raytrain_ft.trainer import Trainer
 from raytrain_ft.recovery.ledger import assert_exactly_once, read_ledgers
+from raytrain_ft.trainer import Trainer
 
 pytestmark = pytest.mark.chaos
 
 STEPS, WORKERS, SERVERS = 50, 4, 2
 
 
-@pytest.mark.parametrize("mode, consistency, updates_per_step, kills", [
-    ("async", ConsistencyConfig(), WORKERS, "server:0@step=15,worker:2@step=30"),
-    ("ssp", ConsistencyConfig(staleness=1), WORKERS, "replica:1@step=10,server:1@step=25,worker:0@step=35"),
-    ("mixed", ConsistencyConfig(group_size=2), WORKERS // 2, "server:1@step=15,worker:3@step=30"),
-], ids=["async", "ssp1", "mixed2"])
-def test_kills_in_asynchronous_modes_lose_and_double_nothing(ray_local, mode, consistency, updates_per_step, kills):
+@pytest.mark.parametrize(
+    "mode, consistency, updates_per_step, kills",
+    [
+        ("async", ConsistencyConfig(), WORKERS, "server:0@step=15,worker:2@step=30"),
+        (
+            "ssp",
+            ConsistencyConfig(staleness=1),
+            WORKERS,
+            "replica:1@step=10,server:1@step=25,worker:0@step=35",
+        ),
+        (
+            "mixed",
+            ConsistencyConfig(group_size=2),
+            WORKERS // 2,
+            "server:1@step=15,worker:3@step=30",
+        ),
+    ],
+    ids=["async", "ssp1", "mixed2"],
+)
+def test_kills_in_asynchronous_modes_lose_and_double_nothing(
+    ray_local, mode, consistency, updates_per_step, kills
+):
     cfg = TrainConfig(
         model=ModelConfig(name="cnn"),
         data=DataConfig(dataset="digits", image_size=8, batch_size=16),
         optim=OptimConfig(name="sgd", lr=0.05, momentum=0.9),
         cluster=ClusterConfig(num_workers=WORKERS, num_servers=SERVERS),
-        recovery=RecoveryConfig(snapshot_interval=10, kill=kills),
+        recovery=RecoveryConfig(snapshot_interval=10),
+        chaos=ChaosConfig(kill=kills),
         consistency=consistency,
         mode=mode,
         steps=STEPS,
         seed=3,
     )
     result = Trainer(cfg).fit()
-    assert sorted(k["kill"] for k in result.kills) == sorted(str(k) for k in parse_kills(kills)), "each fault fires exactly once"
+    assert sorted(k["kill"] for k in result.kills) == sorted(str(k) for k in parse_kills(kills)), (
+        "each fault fires exactly once"
+    )
     assert result.steps_completed == STEPS
     # I1: every push is in exactly one applied update; what was acknowledged is among them
-    assert_exactly_once(result.applied_counts, read_ledgers(os.environ[LEDGER_DIR_ENV_VAR], result.run_id), WORKERS, STEPS)
+    assert_exactly_once(
+        result.applied_counts,
+        read_ledgers(os.environ[LEDGER_DIR_ENV_VAR], result.run_id),
+        WORKERS,
+        STEPS,
+    )
     assert result.updates_applied == SERVERS * updates_per_step * STEPS
     assert 0 < result.updates_acknowledged <= result.updates_applied
     # I3 and I4
     assert all(s["checkpoint_files_read"] == 0 for s in result.servers)
     assert result.replicas_match == [True] * SERVERS
     roles = sorted(e["role"] for e in result.recoveries)
-    assert roles == sorted(k.role if k.role != "replica" else "server" for k in parse_kills(kills)), result.recoveries
+    assert roles == sorted(
+        k.role if k.role != "replica" else "server" for k in parse_kills(kills)
+    ), result.recoveries
     for event in result.recoveries:
         if event["role"] == "server":
             assert event["source"] == "replica" and event["rereplicated"]

@@ -1,6 +1,8 @@
-"""GPU workers (skipped without CUDA): the deterministic flags make a GPU run reproducible, and kills change nothing.
+"""GPU workers (skipped without CUDA): the deterministic flags make a GPU run reproducible, and
+kills change nothing.
 
-Each run is the CLI in its own process (its own embedded Ray, which sees the machine's GPUs; the CPU tests' Ray
+Each run is the CLI in its own process (its own embedded Ray, which sees the machine's GPUs; the CPU
+tests' Ray
 is started with num_gpus=0). Run alone with ``python -m pytest tests/gpu -m gpu -q``.
 """
 
@@ -12,17 +14,55 @@ import sys
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
 
-BASE = ["--model", "cnn", "--dataset", "digits", "--image-size", "16", "--batch-size", "32", "--steps", "60", "--seed", "3",
-        "--num-workers", "1", "--num-servers", "2", "--use-gpu", "true", "--snapshot-interval", "10"]
+BASE = [
+    "--model",
+    "cnn",
+    "--dataset",
+    "digits",
+    "--image-size",
+    "16",
+    "--batch-size",
+    "32",
+    "--steps",
+    "60",
+    "--seed",
+    "3",
+    "--num-workers",
+    "1",
+    "--num-servers",
+    "2",
+    "--use-gpu",
+    "true",
+    "--snapshot-interval",
+    "10",
+]
 
 
 def _train(tmp_path, *extra) -> dict:
     out = tmp_path / f"run-{len(list(tmp_path.iterdir()))}.json"
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    proc = subprocess.run([sys.executable, "-m", "raytrain_ft.cli", "train", "--quiet", "--output-json", str(out), *BASE, *extra],
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "raytrain_ft.cli",
+            "train",
+            "--quiet",
+            "--output-json",
+            str(out),
+            *BASE,
+            *extra,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -31,7 +71,9 @@ def test_a_gpu_run_is_reproducible_and_records_its_device(tmp_path):
     a, b = _train(tmp_path), _train(tmp_path)
     assert a["params_sha256"] == b["params_sha256"]
     (worker,) = a["workers"]
-    assert worker["device"].startswith("cuda") and worker["device_name"] != "cpu" and worker["gpu_ids"]
+    assert (
+        worker["device"].startswith("cuda") and worker["device_name"] != "cpu" and worker["gpu_ids"]
+    )
     assert a["config"]["cluster"]["tf32"] is False
 
 
@@ -44,7 +86,8 @@ def test_a_worker_and_a_server_kill_on_a_gpu_leave_the_hash_unchanged(tmp_path):
 
 
 def test_gpu_sync_matches_a_single_process_gpu_reference(tmp_path):
-    """One GPU worker with the deterministic flags equals plain PyTorch on the same GPU with the same flags (the
+    """One GPU worker with the deterministic flags equals plain PyTorch on the same GPU with the
+    same flags (the
     shards apply SGD on the CPU: equal to float tolerance, not bitwise)."""
     from raytrain_ft.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
     from raytrain_ft.data import global_step_indices, load_dataset
@@ -55,16 +98,25 @@ def test_gpu_sync_matches_a_single_process_gpu_reference(tmp_path):
     saved = tmp_path / "model.pt"
     _train(tmp_path, "--steps", "20", "--save-model", str(saved))
     deterministic(tf32=False)
-    cfg = TrainConfig(model=ModelConfig(name="cnn"), data=DataConfig(dataset="digits", image_size=16, batch_size=32),
-                      optim=OptimConfig(name="sgd", lr=0.05, momentum=0.9), steps=20, seed=3)
+    cfg = TrainConfig(
+        model=ModelConfig(name="cnn"),
+        data=DataConfig(dataset="digits", image_size=16, batch_size=32),
+        optim=OptimConfig(name="sgd", lr=0.05, momentum=0.9),
+        steps=20,
+        seed=3,
+    )
     data = load_dataset(cfg.data, cfg.seed)
     model = initial_model(cfg, data).cuda()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, foreach=False)
     for step in range(20):
         idx = torch.from_numpy(global_step_indices(len(data.train_y), cfg.seed, 0, 1, 32, step))
         opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(data.train_x[idx].cuda()), data.train_y[idx].cuda()).backward()
+        torch.nn.functional.cross_entropy(
+            model(data.train_x[idx].cuda()), data.train_y[idx].cuda()
+        ).backward()
         opt.step()
     trained = initial_model(cfg, data)
     trained.load_state_dict(torch.load(saved, weights_only=True))
-    torch.testing.assert_close(flatten_state(trained), flatten_state(model.cpu()), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        flatten_state(trained), flatten_state(model.cpu()), rtol=1e-4, atol=1e-5
+    )

@@ -32,16 +32,51 @@ def test_main_job_reaches_accuracy_and_writes_summary(tmp_path, cli_env):
     out = tmp_path / "run.json"
     t0 = time.time()
     proc = subprocess.run(
-        [*CLI, "train", "--model", "cnn", "--dataset", "digits", "--num-workers", "2", "--num-servers", "2", "--mode", "sync", "--output-json", str(out)],
-        env=env, capture_output=True, text=True, timeout=600,
+        [
+            *CLI,
+            "train",
+            "--model",
+            "cnn",
+            "--dataset",
+            "digits",
+            "--num-workers",
+            "2",
+            "--num-servers",
+            "2",
+            "--mode",
+            "sync",
+            "--output-json",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(out.read_text())
-    print(f"main job: {time.time() - t0:.1f}s wall, {summary['train_time_s']:.1f}s training, accuracy {summary['eval_accuracy']:.4f}")
+    print(
+        f"main job: {time.time() - t0:.1f}s wall, {summary['train_time_s']:.1f}s training, "
+        f"accuracy {summary['eval_accuracy']:.4f}"
+    )
     assert summary["eval_accuracy"] >= 0.93
-    for key in ("steps_completed", "samples_per_sec", "final_loss", "eval_accuracy", "params_sha256", "updates_applied", "updates_acknowledged", "recoveries", "config"):
+    for key in (
+        "steps_completed",
+        "samples_per_sec",
+        "final_loss",
+        "eval_accuracy",
+        "params_sha256",
+        "updates_applied",
+        "updates_acknowledged",
+        "recoveries",
+        "config",
+    ):
         assert key in summary
-    assert summary["updates_applied"] == summary["updates_acknowledged"] == summary["steps_completed"] * 2
+    assert (
+        summary["updates_applied"]
+        == summary["updates_acknowledged"]
+        == summary["steps_completed"] * 2
+    )
     assert summary["recoveries"] == []
     assert summary["config"]["cluster"]["num_servers"] == 2
     assert "step " in proc.stderr and "samples/s" in proc.stderr  # progress lines
@@ -56,18 +91,30 @@ def test_main_job_reaches_accuracy_and_writes_summary(tmp_path, cli_env):
         (["--batch-size", "0"], "data.batch_size: must be > 0"),
         (["--num-servers", "-2"], "cluster.num_servers: must be > 0"),
         (["--model", "mlp", "--num-servers", "100000000"], "cluster.num_servers: 100000000 shards"),
-        (["--dataset", "parquet", "--data-path", "/nonexistent/x.parquet"], "/nonexistent/x.parquet: Parquet file or directory does not exist"),
+        (
+            ["--dataset", "parquet", "--data-path", "/nonexistent/x.parquet"],
+            "/nonexistent/x.parquet: Parquet file or directory does not exist",
+        ),
         (["--config", "/nonexistent.yaml"], "--config: file '/nonexistent.yaml' does not exist"),
         (["--lr", "fast"], "optim.lr: expected a number"),
-        (["--kill", "server:0"], "recovery.kill: 'server:0': expected ROLE"),
+        (["--kill", "server:0"], "chaos.kill: 'server:0': expected ROLE"),
         (["--kill", "server:5@step=3"], "server:5@step=3: the run has 2 server(s)"),
         (["--kill", "node:1@step=3"], "--local-nodes"),
-        (["--recovery", "raid"], "recovery.recovery: unknown value 'raid'"),
-        (["--resume-from", "/nonexistent/ckpt"], "/nonexistent/ckpt: does not exist; --resume-from takes the --checkpoint-dir"),
+        (["--recovery", "raid"], "recovery.mode: unknown value 'raid'"),
+        (
+            ["--resume-from", "/nonexistent/ckpt"],
+            "/nonexistent/ckpt: does not exist; --resume-from takes the --checkpoint-dir",
+        ),
         # config sources
         (["--config", "/tmp"], "--config: '/tmp' is a directory; give the YAML file in it"),
-        (["--config-json", "[]"], "--config-json: must be a JSON object of config sections {...}, got list"),
-        (["--config-json", "null"], "--config-json: must be a JSON object of config sections {...}, got null"),
+        (
+            ["--config-json", "[]"],
+            "--config-json: must be a JSON object of config sections {...}, got list",
+        ),
+        (
+            ["--config-json", "null"],
+            "--config-json: must be a JSON object of config sections {...}, got null",
+        ),
         # every float finite and in range
         (["--lr", "nan"], "optim.lr: must be a finite number, got nan"),
         (["--lr", "inf"], "optim.lr: must be a finite number, got inf"),
@@ -75,39 +122,83 @@ def test_main_job_reaches_accuracy_and_writes_summary(tmp_path, cli_env):
         (["--momentum", "5"], "optim.momentum: must be in [0, 1), got 5.0"),
         (["--weight-decay", "nan"], "optim.weight_decay: must be a finite number, got nan"),
         (["--log-every-s", "nan"], "log_every_s: must be a finite number, got nan"),
-        (["--health-check-interval-s", "inf"], "recovery.health_check_interval_s: must be a finite number, got inf"),
-        (["--simulate-compute", "inf"], "cluster.simulate_compute_ms: must be a finite number, got inf"),
+        (
+            ["--health-check-interval-s", "inf"],
+            "recovery.health_check_interval_s: must be a finite number, got inf",
+        ),
+        (
+            ["--simulate-compute", "inf"],
+            "cluster.simulate_compute_ms: must be a finite number, got inf",
+        ),
         (["--simulate-compute", "1e12"], "cluster.simulate_compute_ms: must be at most 3,600,000"),
         (["--seed", "-1"], "seed: must be in [0, 2**64), got -1"),
         # kills and stragglers
-        (["--kill", "server:0@step=nan"], "recovery.kill: 'server:0@step=nan': 'nan' is not a finite number"),
-        (["--kill", "server:0@step=inf"], "recovery.kill: 'server:0@step=inf': 'inf' is not a finite number"),
-        (["--kill", "server:0@step=100000"], "recovery.kill: server:0@step=100000: the run ends after step 110, so this kill would never fire"),
-        (["--kill", "server:0@step=3", "--kill", "server:0@step=3"], "recovery.kill: 'server:0@step=3': the same kill is given twice"),
-        (["--slow-workers", "0:nan"], "recovery.slow_workers: '0:nan': expected RANK:MS"),
-        (["--slow-workers", "0:inf"], "recovery.slow_workers: '0:inf': expected RANK:MS"),
-        (["--slow-workers", "0:100,0:200"], "recovery.slow_workers: '0:200': rank 0 is given twice"),
+        (
+            ["--kill", "server:0@step=nan"],
+            "chaos.kill: 'server:0@step=nan': 'nan' is not a finite number",
+        ),
+        (
+            ["--kill", "server:0@step=inf"],
+            "chaos.kill: 'server:0@step=inf': 'inf' is not a finite number",
+        ),
+        (
+            ["--kill", "server:0@step=100000"],
+            "chaos.kill: server:0@step=100000: the run ends after step 110, so this kill would "
+            "never fire",
+        ),
+        (
+            ["--kill", "server:0@step=3", "--kill", "server:0@step=3"],
+            "chaos.kill: 'server:0@step=3': the same kill is given twice",
+        ),
+        (["--slow-workers", "0:nan"], "chaos.slow_workers: '0:nan': expected RANK:MS"),
+        (["--slow-workers", "0:inf"], "chaos.slow_workers: '0:inf': expected RANK:MS"),
+        (["--slow-workers", "0:100,0:200"], "chaos.slow_workers: '0:200': rank 0 is given twice"),
         # settings that would be ignored or make a lopsided run
-        (["--data-path", "/tmp"], "data.data_path: dataset 'digits' reads no files, so '/tmp' would be ignored"),
-        (["--num-spares", "1000"], "recovery.num_spares: must be at most 16, got 1000: each spare is a server process"),
-        (["--mode", "mixed", "--num-workers", "4", "--group-size", "3"], "consistency.group_size: 4 workers in groups of 3 would make groups of 3, 1"),
-        (["--num-workers", "99999999"], "cluster.num_workers: 1438 training samples cannot fill one batch on each of 99,999,999 workers; use at most 44"),
+        (
+            ["--data-path", "/tmp"],
+            "data.data_path: dataset 'digits' reads no files, so '/tmp' would be ignored",
+        ),
+        (
+            ["--num-spares", "1000"],
+            "recovery.num_spares: must be at most 16, got 1000: each spare is a server process",
+        ),
+        (
+            ["--mode", "mixed", "--num-workers", "4", "--group-size", "3"],
+            "consistency.group_size: 4 workers in groups of 3 would make groups of 3, 1",
+        ),
+        (
+            ["--num-workers", "99999999"],
+            "cluster.num_workers: 1438 training samples cannot fill one batch on each of "
+            "99,999,999 workers; use at most 44",
+        ),
         # outputs that could not be written, checked before training
-        (["--output-json", "/dev/null/run.json"], "--output-json: cannot write '/dev/null/run.json': '/dev/null' is a file, not a directory"),
+        (
+            ["--output-json", "/dev/null/run.json"],
+            "--output-json: cannot write '/dev/null/run.json': '/dev/null' is a file, not a "
+            "directory",
+        ),
         (["--output-json", "/tmp"], "--output-json: '/tmp' is a directory; give a file path"),
-        (["--recovery", "checkpoint", "--checkpoint-dir", "/dev/null/ckpt"],
-         "recovery.checkpoint_dir: cannot write to '/dev/null/ckpt' (Not a directory); give a writable directory as --checkpoint-dir"),
+        (
+            ["--recovery", "checkpoint", "--checkpoint-dir", "/dev/null/ckpt"],
+            "recovery.checkpoint_dir: cannot write to '/dev/null/ckpt' (Not a directory); give a "
+            "writable directory as --checkpoint-dir",
+        ),
     ],
 )
 def test_bad_input_exits_2_with_one_message_and_starts_no_ray(args, needle, cli_env):
     env, ray_dir = cli_env
-    proc = subprocess.run([*CLI, "train", *args], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [*CLI, "train", *args], env=env, capture_output=True, text=True, timeout=300
+    )
     assert_one_error_line(proc, needle)
-    assert not any(p.startswith("session") for p in os.listdir(ray_dir)), "a Ray session was started"
+    assert not any(p.startswith("session") for p in os.listdir(ray_dir)), (
+        "a Ray session was started"
+    )
 
 
 def assert_one_error_line(proc, needle: str) -> None:
-    """Exit 2 and exactly one line on stderr, ``raytrain-ft: error: ...``, holding ``needle`` (the field, flag or file)."""
+    """Exit 2 and exactly one line on stderr, ``raytrain-ft: error: ...``, holding ``needle`` (the
+    field, flag or file)."""
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, proc.stderr[-2000:]
@@ -127,6 +218,7 @@ def _parquet(kind):
 
         path = _bad_parquet(kind, d)
         return ["train", "--dataset", "parquet", "--data-path", path], f"{path}: "
+
     return build
 
 
@@ -135,13 +227,19 @@ def _report(history):
         path = d / "run.json"
         path.write_text(json.dumps({"history": history}))
         return ["report", str(path)], f"{path}: "
+
     return build
 
 
 def _report_into_a_missing_directory(d):
     path = d / "run.json"
     path.write_text(json.dumps({"history": [{"t": 0, "loss": 1.0, "accuracy": None}]}))
-    return ["report", str(path), "--output", str(d / "missing" / "run.png")], f"--output: directory '{d / 'missing'}' does not exist"
+    return [
+        "report",
+        str(path),
+        "--output",
+        str(d / "missing" / "run.png"),
+    ], f"--output: directory '{d / 'missing'}' does not exist"
 
 
 @pytest.mark.parametrize(
@@ -152,14 +250,30 @@ def _report_into_a_missing_directory(d):
         (_parquet("string labels"), "label column 'label' has type string"),
         (_parquet("huge label"), "label column 'label' holds 100000 in row 3"),
         (_parquet("ragged rows"), "image row 0 holds 3 values"),
-        (_parquet("bad shape metadata"), "the file's metadata 'raytrain_ft.image_shape' is '1,x,2'"),
+        (
+            _parquet("bad shape metadata"),
+            "the file's metadata 'raytrain_ft.image_shape' is '1,x,2'",
+        ),
         (_report([1, 2]), "history[0] is 1"),
         (_report("abc"), "'history' is \"abc\""),
-        (_report([{"t": 1}]), "history[0] is {\"t\": 1}: each point needs t (a number), loss and accuracy"),
+        (
+            _report([{"t": 1}]),
+            'history[0] is {"t": 1}: each point needs t (a number), loss and accuracy',
+        ),
         (_report_into_a_missing_directory, ""),
     ],
-    ids=["non-utf8-config", "parquet-zero-rows", "parquet-string-labels", "parquet-huge-label", "parquet-ragged", "parquet-bad-metadata",
-         "report-history-list", "report-history-string", "report-history-missing-keys", "report-output-missing-dir"],
+    ids=[
+        "non-utf8-config",
+        "parquet-zero-rows",
+        "parquet-string-labels",
+        "parquet-huge-label",
+        "parquet-ragged",
+        "parquet-bad-metadata",
+        "report-history-list",
+        "report-history-string",
+        "report-history-missing-keys",
+        "report-output-missing-dir",
+    ],
 )
 def test_bad_files_exit_2_with_one_line_naming_the_file(build, detail, cli_env, tmp_path):
     env, ray_dir = cli_env
@@ -167,7 +281,9 @@ def test_bad_files_exit_2_with_one_line_naming_the_file(build, detail, cli_env, 
     proc = subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=300)
     assert_one_error_line(proc, needle + detail)
     assert "data.image_shape" not in proc.stderr
-    assert not any(p.startswith("session") for p in os.listdir(ray_dir)), "a Ray session was started"
+    assert not any(p.startswith("session") for p in os.listdir(ray_dir)), (
+        "a Ray session was started"
+    )
 
 
 def test_unreachable_address_exits_2_fast(cli_env):
@@ -175,7 +291,13 @@ def test_unreachable_address_exits_2_fast(cli_env):
     with socket.socket() as s:  # a local port with nothing listening
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.run([*CLI, "train", "--address", f"127.0.0.1:{port}"], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [*CLI, "train", "--address", f"127.0.0.1:{port}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert f"cluster.address '127.0.0.1:{port}' is unreachable" in proc.stderr
 
@@ -184,11 +306,23 @@ def test_corrupt_parquet_and_bad_yaml_exit_2(tmp_path, cli_env):
     env, ray_dir = cli_env
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(b"PAR1 garbage")
-    proc = subprocess.run([*CLI, "train", "--dataset", "parquet", "--data-path", str(bad)], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "not a readable Parquet file" in proc.stderr and str(bad) in proc.stderr
+    proc = subprocess.run(
+        [*CLI, "train", "--dataset", "parquet", "--data-path", str(bad)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (
+        proc.returncode == 2
+        and "not a readable Parquet file" in proc.stderr
+        and str(bad) in proc.stderr
+    )
     yml = tmp_path / "run.yaml"
     yml.write_text("optim:\n  lr: [1,\n")
-    proc = subprocess.run([*CLI, "train", "--config", str(yml)], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [*CLI, "train", "--config", str(yml)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 2 and "not valid YAML at line" in proc.stderr
     assert not any(p.startswith("session") for p in os.listdir(ray_dir))
 
@@ -196,16 +330,42 @@ def test_corrupt_parquet_and_bad_yaml_exit_2(tmp_path, cli_env):
 def test_a_survived_kill_prints_a_recovery_line_and_the_report_marks_it(tmp_path, cli_env):
     env, _ = cli_env
     out = tmp_path / "run.json"
-    proc = subprocess.run([*CLI, "train", "--num-workers", "2", "--num-servers", "2", "--epochs", "3", "--kill", "server:1@step=30",
-                           "--output-json", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            *CLI,
+            "train",
+            "--num-workers",
+            "2",
+            "--num-servers",
+            "2",
+            "--epochs",
+            "3",
+            "--kill",
+            "server:1@step=30",
+            "--output-json",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "recovered: parameter server 1 died; rebuilt from its peer's replica" in proc.stderr
     assert "acc " in proc.stderr and "1 recoveries" in proc.stdout
     summary = json.loads(out.read_text())
     history = summary["history"]
-    assert history[-1]["step"] == summary["total_steps"] and all(a["t"] <= b["t"] for a, b in zip(history, history[1:]))
+    assert history[-1]["step"] == summary["total_steps"] and all(
+        a["t"] <= b["t"] for a, b in zip(history, history[1:])
+    )
     png = tmp_path / "run.png"
-    proc = subprocess.run([*CLI, "report", str(out), "--output", str(png)], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [*CLI, "report", str(out), "--output", str(png)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
 
@@ -220,8 +380,14 @@ def _closed_port() -> int:
     "args, needle",
     [
         (["report", "/nonexistent/run.json"], "/nonexistent/run.json: cannot read the run summary"),
-        (["submit", "--address", "http://127.0.0.1:{port}"], "no Ray dashboard answers at http://127.0.0.1:{port}"),
-        (["status", "raysubmit_x", "--address", "http://127.0.0.1:{port}"], "no Ray dashboard answers at http://127.0.0.1:{port}"),
+        (
+            ["submit", "--address", "http://127.0.0.1:{port}"],
+            "no Ray dashboard answers at http://127.0.0.1:{port}",
+        ),
+        (
+            ["status", "raysubmit_x", "--address", "http://127.0.0.1:{port}"],
+            "no Ray dashboard answers at http://127.0.0.1:{port}",
+        ),
         (["submit", "--address", "ray://10.0.0.1:10001"], "is not the dashboard's HTTP address"),
         (["submit", "--model", "vgg"], "model.name: unknown value 'vgg'"),
     ],
@@ -230,51 +396,110 @@ def test_job_and_report_commands_exit_2_with_one_message(args, needle, cli_env, 
     env, _ = cli_env
     port = _closed_port()
     env = {**env, "HOME": str(tmp_path)}
-    proc = subprocess.run([*CLI, *[a.format(port=port) for a in args]], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [*CLI, *[a.format(port=port) for a in args]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert needle.format(port=port) in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_gpus_asked_of_an_embedded_ray_without_them_exit_2_at_once(cli_env):
-    """No autoscaler can add GPUs to the Ray a run starts for itself: fail now instead of waiting for them."""
+    """No autoscaler can add GPUs to the Ray a run starts for itself: fail now instead of waiting
+    for them."""
     env, _ = cli_env
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    proc = subprocess.run([*CLI, "train", "--use-gpu", "true", "--num-workers", "2"], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [*CLI, "train", "--use-gpu", "true", "--num-workers", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "cluster.use_gpu=true asks for 2 GPUs, this machine has 0; set --use-gpu auto or false" in proc.stderr
+    assert (
+        "cluster.use_gpu=true asks for 2 GPUs, this machine has 0; set --use-gpu auto or false"
+        in proc.stderr
+    )
 
 
-# --- --address of train and chaos: not Ray, a token problem, several local instances -- one line, in seconds ---
+# --- --address of train and chaos: not Ray, a token problem, several local instances -- one line,
+# in seconds ---
 
 
 @pytest.fixture
 def client_env(cli_env, tmp_path):
-    """The CLI's environment with no token anywhere and RAY_AUTH_MODE unset (cases set what they need)."""
+    """The CLI's environment with no token anywhere and RAY_AUTH_MODE unset (cases set what they
+    need)."""
     env, ray_dir = cli_env
-    env = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")}
+    env = {
+        k: v
+        for k, v in env.items()
+        if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")
+    }
     env["HOME"] = str(tmp_path)
     return env, ray_dir
 
 
 ADDRESS_CASES = [
-    ("http", {}, "{field} '{address}' is not Ray: it answers like an HTTP server (the dashboard?), not gRPC"),
-    ("token-head", {}, "the Ray cluster at {address} requires token authentication and no token was found: set RAY_AUTH_TOKEN"),
-    ("token-head", {"RAY_AUTH_MODE": "disabled"}, "requires token authentication and no token was found: set RAY_AUTH_TOKEN"),
-    ("token-head", {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "wrong"},
-     "the Ray cluster at {address} rejected the token from RAY_AUTH_TOKEN; use the cluster's token"),
-    ("token-head", {"RAY_AUTH_TOKEN": "right"}, "Ray sends the token from RAY_AUTH_TOKEN only with RAY_AUTH_MODE=token"),
-    ("token-head", {"RAY_AUTH_MODE": "token"}, "RAY_AUTH_MODE=token and no token was found: set RAY_AUTH_TOKEN"),
+    (
+        "http",
+        {},
+        "{field} '{address}' is not Ray: it answers like an HTTP server (the dashboard?), not gRPC",
+    ),
+    (
+        "token-head",
+        {},
+        "the Ray cluster at {address} requires token authentication and no token was found: set "
+        "RAY_AUTH_TOKEN",
+    ),
+    (
+        "token-head",
+        {"RAY_AUTH_MODE": "disabled"},
+        "requires token authentication and no token was found: set RAY_AUTH_TOKEN",
+    ),
+    (
+        "token-head",
+        {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "wrong"},
+        "the Ray cluster at {address} rejected the token from RAY_AUTH_TOKEN; use the cluster's "
+        "token",
+    ),
+    (
+        "token-head",
+        {"RAY_AUTH_TOKEN": "right"},
+        "Ray sends the token from RAY_AUTH_TOKEN only with RAY_AUTH_MODE=token",
+    ),
+    (
+        "token-head",
+        {"RAY_AUTH_MODE": "token"},
+        "RAY_AUTH_MODE=token and no token was found: set RAY_AUTH_TOKEN",
+    ),
     ("closed", {}, "{field} 'ray://{address}' is unreachable"),
 ]
 
 
-@pytest.mark.parametrize("command, field", [(["train"], "cluster.address"), (["chaos", "--kill", "server:0@step=1", "--wait-s", "0"], "--address")],
-                         ids=["train", "chaos"])
-@pytest.mark.parametrize("server, extra_env, needle", ADDRESS_CASES, ids=[f"{c[0]}-{'-'.join(c[1]) or 'none'}" for c in ADDRESS_CASES])
-def test_an_address_that_is_no_usable_ray_exits_2_with_one_line(command, field, server, extra_env, needle, client_env):
+@pytest.mark.parametrize(
+    "command, field",
+    [
+        (["train"], "cluster.address"),
+        (["chaos", "--kill", "server:0@step=1", "--wait-s", "0"], "--address"),
+    ],
+    ids=["train", "chaos"],
+)
+@pytest.mark.parametrize(
+    "server, extra_env, needle",
+    ADDRESS_CASES,
+    ids=[f"{c[0]}-{'-'.join(c[1]) or 'none'}" for c in ADDRESS_CASES],
+)
+def test_an_address_that_is_no_usable_ray_exits_2_with_one_line(
+    command, field, server, extra_env, needle, client_env
+):
     from tests.unit.fake_servers import fake_gcs, http_server
 
     env, ray_dir = client_env
@@ -285,11 +510,19 @@ def test_an_address_that_is_no_usable_ray_exits_2_with_one_line(command, field, 
     with context as address:
         target = f"ray://{address}" if server == "closed" else address
         t0 = time.monotonic()
-        proc = subprocess.run([*CLI, *command, "--address", target], env={**env, **extra_env}, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [*CLI, *command, "--address", target],
+            env={**env, **extra_env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         took = time.monotonic() - t0
     assert_one_error_line(proc, needle.format(field=field, address=address))
     assert took < 30, f"took {took:.0f}s"
-    assert not any(p.startswith("session") for p in os.listdir(ray_dir)), "a Ray session was started"
+    assert not any(p.startswith("session") for p in os.listdir(ray_dir)), (
+        "a Ray session was started"
+    )
 
 
 def test_a_silent_ray_client_address_fails_in_seconds_with_the_useful_line_only(client_env):
@@ -298,18 +531,34 @@ def test_a_silent_ray_client_address_fails_in_seconds_with_the_useful_line_only(
     env, _ = client_env
     with silent_port() as address:
         t0 = time.monotonic()
-        proc = subprocess.run([*CLI, "train", "--address", f"ray://{address}"], env=env, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [*CLI, "train", "--address", f"ray://{address}"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         took = time.monotonic() - t0
-    assert_one_error_line(proc, f"cluster.address 'ray://{address}' accepts connections but nothing answered like Ray within 5s")
+    assert_one_error_line(
+        proc,
+        f"cluster.address 'ray://{address}' accepts connections but nothing answered like Ray "
+        "within 5s",
+    )
     assert took < 20, f"took {took:.0f}s (Ray's own client gives up after 30 s)"
 
 
 @contextlib.contextmanager
 def _fake_raylets(*gcs_addresses: str):
-    """Processes that look like raylets of local Ray instances to Ray's own scan (``--address auto``): the name ``raylet`` and a
+    """Processes that look like raylets of local Ray instances to Ray's own scan (``--address
+    auto``): the name ``raylet`` and a
     ``--gcs-address=`` argument."""
-    procs = [subprocess.Popen(["fake-raylet", "-c", "import time; time.sleep(120)", f"--gcs-address={a}"], executable=sys.executable)
-             for a in gcs_addresses]
+    procs = [
+        subprocess.Popen(
+            ["fake-raylet", "-c", "import time; time.sleep(120)", f"--gcs-address={a}"],
+            executable=sys.executable,
+        )
+        for a in gcs_addresses
+    ]
     try:
         time.sleep(0.3)
         yield
@@ -323,18 +572,28 @@ def test_address_auto_with_several_local_instances_is_refused_listing_them(clien
     env, ray_dir = client_env
     fakes = ("127.0.0.1:1", "127.0.0.1:2")
     with _fake_raylets(*fakes):
-        # (the kill beyond the run stops the run before Ray, should auto ever pick an instance of this machine)
-        proc = subprocess.run([*CLI, "train", "--address", "auto", "--kill", "server:0@step=999999"], env=env, capture_output=True, text=True,
-                              timeout=120)
+        # (the kill beyond the run stops the run before Ray, should auto ever pick an instance of
+        # this machine)
+        proc = subprocess.run(
+            [*CLI, "train", "--address", "auto", "--kill", "server:0@step=999999"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert_one_error_line(proc, "cluster.address auto: ")
-    assert "Ray instances run on this machine (" in proc.stderr and all(a in proc.stderr for a in fakes)
+    assert "Ray instances run on this machine (" in proc.stderr and all(
+        a in proc.stderr for a in fakes
+    )
     assert "give the one to use as --address HOST:PORT" in proc.stderr
     assert not any(p.startswith("session") for p in os.listdir(ray_dir))
 
 
 def test_train_and_chaos_against_a_real_token_head_say_what_submit_says(tmp_path):
-    """The fake GCS above stands for this: a real `ray start --head` with token auth refuses a missing or wrong token, and
-    both commands say so in one line, in seconds, as `submit` does (tests/integration/test_jobs.py)."""
+    """The fake GCS above stands for this: a real `ray start --head` with token auth refuses a
+    missing or wrong token, and
+    both commands say so in one line, in seconds, as `submit` does
+    (tests/integration/test_jobs.py)."""
     from raytrain_ft import jobs
     from tests.local_head import LocalHead
 
@@ -343,15 +602,26 @@ def test_train_and_chaos_against_a_real_token_head_say_what_submit_says(tmp_path
     try:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         env["HOME"] = str(tmp_path)
-        for extra, needle in (({}, "requires token authentication and no token was found: set RAY_AUTH_TOKEN"),
-                              ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "wrong"}, "rejected the token from RAY_AUTH_TOKEN")):
+        for extra, needle in (
+            ({}, "requires token authentication and no token was found: set RAY_AUTH_TOKEN"),
+            (
+                {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "wrong"},
+                "rejected the token from RAY_AUTH_TOKEN",
+            ),
+        ):
             for command in (["train"], ["chaos", "--kill", "server:0@step=1", "--wait-s", "0"]):
                 t0 = time.monotonic()
-                proc = subprocess.run([*CLI, *command, "--address", head.gcs_address], env={**env, **extra}, capture_output=True, text=True,
-                                      timeout=120)
+                proc = subprocess.run(
+                    [*CLI, *command, "--address", head.gcs_address],
+                    env={**env, **extra},
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                )
                 assert_one_error_line(proc, f"the Ray cluster at {head.gcs_address} {needle}")
                 assert time.monotonic() - t0 < 30
-        # the cluster's own token passes the check (ray.init then connects: tests/integration/test_jobs.py trains through it)
+        # the cluster's own token passes the check (ray.init then connects:
+        # tests/integration/test_jobs.py trains through it)
         auth = jobs.ray_auth(head.gcs_address, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
         jobs.probe_ray(head.gcs_address, "cluster.address", auth=auth, environ={})
     finally:

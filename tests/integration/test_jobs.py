@@ -1,4 +1,5 @@
-"""Job submission against a real head started with `ray start --head` (token auth on), and its Prometheus metrics."""
+"""Job submission against a real head started with `ray start --head` (token auth on), and its
+Prometheus metrics."""
 
 import os
 import subprocess
@@ -9,7 +10,7 @@ import pytest
 
 from raytrain_ft import jobs
 from raytrain_ft.actors.metrics import prometheus_name
-from raytrain_ft.config import ClusterConfig, DataConfig, RecoveryConfig, TrainConfig
+from raytrain_ft.config import ChaosConfig, ClusterConfig, DataConfig, RecoveryConfig, TrainConfig
 from raytrain_ft.errors import ClusterError
 from tests.local_head import LocalHead, parse_prometheus, wait_for
 
@@ -20,7 +21,11 @@ TOKEN = "rtft-test-" + uuid.uuid4().hex
 
 @pytest.fixture(scope="module")
 def head():
-    h = LocalHead(num_cpus=4, env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}, system_config={"metrics_report_interval_ms": 1000})
+    h = LocalHead(
+        num_cpus=4,
+        env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN},
+        system_config={"metrics_report_interval_ms": 1000},
+    )
     try:
         yield h
     finally:
@@ -29,19 +34,27 @@ def head():
 
 @pytest.fixture
 def token_env(monkeypatch, tmp_path):
-    """The client holds the cluster's token in RAY_AUTH_TOKEN (and no ~/.ray/auth_token of the user's is read)."""
+    """The client holds the cluster's token in RAY_AUTH_TOKEN (and no ~/.ray/auth_token of the
+    user's is read)."""
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("RAY_AUTH_TOKEN", TOKEN)
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
 
 
 def _config(epochs: int, kill: str | None = None) -> TrainConfig:
-    return TrainConfig(data=DataConfig(batch_size=32), cluster=ClusterConfig(num_workers=2, num_servers=2),
-                       recovery=RecoveryConfig(kill=kill), epochs=epochs, log_every_s=0.5)
+    return TrainConfig(
+        data=DataConfig(batch_size=32),
+        cluster=ClusterConfig(num_workers=2, num_servers=2),
+        chaos=ChaosConfig(kill=kill),
+        epochs=epochs,
+        log_every_s=0.5,
+    )
 
 
 def _value(series, name: str, **labels) -> float:
-    return sum(v for lab, v in series.get(name, []) if all(lab.get(k) == str(x) for k, x in labels.items()))
+    return sum(
+        v for lab, v in series.get(name, []) if all(lab.get(k) == str(x) for k, x in labels.items())
+    )
 
 
 def _metrics_complete(series, run_id: str) -> bool:
@@ -50,23 +63,46 @@ def _metrics_complete(series, run_id: str) -> bool:
         _value(series, prometheus_name("steps"), **r) > 0
         and _value(series, prometheus_name("samples"), **r) > 0
         and _value(series, prometheus_name("samples_per_second"), **r) > 0
-        and _value(series, prometheus_name("exchange_latency_seconds") + "_count", op="push_pull", **r) > 0
+        and _value(
+            series, prometheus_name("exchange_latency_seconds") + "_count", op="push_pull", **r
+        )
+        > 0
         and all(_value(series, prometheus_name("updates"), shard=i, **r) > 0 for i in (0, 1))
         and _value(series, prometheus_name("staleness") + "_count", **r) > 0
         and prometheus_name("replica_lag_seq") in series
         and _value(series, prometheus_name("recoveries"), role="server", source="replica", **r) >= 1
-        and _value(series, prometheus_name("recovery_duration_seconds") + "_count", role="server", **r) >= 1
+        and _value(
+            series, prometheus_name("recovery_duration_seconds") + "_count", role="server", **r
+        )
+        >= 1
     )
 
 
 def test_job_survives_a_chaos_kill_reports_its_summary_and_metrics(head, token_env):
-    """The README walkthrough: submit, kill a server with the chaos CLI, see the recovery in the job's logs."""
+    """The README walkthrough: submit, kill a server with the chaos CLI, see the recovery in the
+    job's logs."""
     handle = jobs.submit(_config(epochs=10), address=head.dashboard_url)
     wait_for(lambda: handle.status() != "PENDING", 120, "the job to start")
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}
-    chaos = subprocess.run([sys.executable, "-m", "raytrain_ft.cli", "chaos", "--address", head.gcs_address, "--kill", "server:0@step=40"],
-                           env=env, capture_output=True, text=True, timeout=300)
-    assert chaos.returncode == 0 and "fired 1 kills" in chaos.stdout, chaos.stdout + chaos.stderr[-3000:]
+    chaos = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "raytrain_ft.cli",
+            "chaos",
+            "--address",
+            head.gcs_address,
+            "--kill",
+            "server:0@step=40",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert chaos.returncode == 0 and "fired 1 kills" in chaos.stdout, (
+        chaos.stdout + chaos.stderr[-3000:]
+    )
     seen = {}
 
     def scraped_all_metrics():
@@ -78,52 +114,91 @@ def test_job_survives_a_chaos_kill_reports_its_summary_and_metrics(head, token_e
                 seen["run_id"], seen["series"] = run_id, series
                 return True
         if summary_run is not None or handle.status() in jobs.TERMINAL_STATES:
-            raise AssertionError(f"the job ended before every metric was scraped; last scrape had {sorted(n for n in series if 'raytrain' in n)}")
+            raise AssertionError(
+                "the job ended before every metric was scraped; last scrape had "
+                f"{sorted(n for n in series if 'raytrain' in n)}"
+            )
         return False
 
-    wait_for(scraped_all_metrics, 240, "every run metric on the head's Prometheus endpoint", interval_s=1.0)
+    wait_for(
+        scraped_all_metrics,
+        240,
+        "every run metric on the head's Prometheus endpoint",
+        interval_s=1.0,
+    )
     assert handle.wait(timeout_s=240) == "SUCCEEDED", handle.logs()[-3000:]
     summary = handle.result()
     assert summary["run_id"] == seen["run_id"]
     assert summary["steps_completed"] == summary["total_steps"] > 40
-    assert summary["updates_applied"] == summary["updates_acknowledged"] == 2 * summary["total_steps"]
+    assert (
+        summary["updates_applied"] == summary["updates_acknowledged"] == 2 * summary["total_steps"]
+    )
     assert summary["eval_accuracy"] > 0.85
     [recovery] = summary["recoveries"]
-    assert recovery["role"] == "server" and recovery["source"] == "replica" and recovery["steps_lost"] == 0
+    assert (
+        recovery["role"] == "server"
+        and recovery["source"] == "replica"
+        and recovery["steps_lost"] == 0
+    )
     logs = handle.logs()
     assert "recovered: parameter server 0 died; rebuilt from its peer's replica" in logs
     # the histograms count every exchange and every update
     series = seen["series"]
     steps_metric = _value(series, prometheus_name("steps"), run_id=seen["run_id"])
     assert 0 < steps_metric <= 2 * summary["total_steps"]
-    assert _value(series, prometheus_name("exchange_latency_seconds") + "_count", op="push_pull", run_id=seen["run_id"]) >= steps_metric
+    assert (
+        _value(
+            series,
+            prometheus_name("exchange_latency_seconds") + "_count",
+            op="push_pull",
+            run_id=seen["run_id"],
+        )
+        >= steps_metric
+    )
 
 
 def test_stop_a_running_job_and_its_actors_go_away(head, token_env):
     handle = jobs.submit(_config(epochs=500), address=head.dashboard_url)
-    wait_for(lambda: "samples/s" in handle.logs() or handle.status() in jobs.TERMINAL_STATES, 180, "the job to report progress", interval_s=1.0)
+    wait_for(
+        lambda: "samples/s" in handle.logs() or handle.status() in jobs.TERMINAL_STATES,
+        180,
+        "the job to report progress",
+        interval_s=1.0,
+    )
     assert handle.status() == "RUNNING", handle.logs()[-3000:]
     assert handle.stop()
     assert handle.wait(timeout_s=120) == "STOPPED"
     # the run's actors (detached) end with their driver
-    wait_for(lambda: not _alive_run_actors(head), 60, "the stopped run's actors to exit", interval_s=1.0)
+    wait_for(
+        lambda: not _alive_run_actors(head), 60, "the stopped run's actors to exit", interval_s=1.0
+    )
 
 
 def _alive_run_actors(head) -> list[str]:
     import json
     import urllib.request
 
-    req = urllib.request.Request(head.dashboard_url + "/api/v0/actors?limit=10000", headers={"Authorization": f"Bearer {TOKEN}"})
+    req = urllib.request.Request(
+        head.dashboard_url + "/api/v0/actors?limit=10000",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
     with urllib.request.urlopen(req, timeout=10) as r:
         actors = json.loads(r.read())["data"]["result"]["result"]
-    return [a["name"] for a in actors if a.get("state") != "DEAD" and a.get("ray_namespace") == "raytrain_ft"]
+    return [
+        a["name"]
+        for a in actors
+        if a.get("state") != "DEAD" and a.get("ray_namespace") == "raytrain_ft"
+    ]
 
 
 def test_missing_token_is_one_clear_error(head, monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
-    with pytest.raises(ClusterError, match="requires token authentication and no token was found: set RAY_AUTH_TOKEN"):
+    with pytest.raises(
+        ClusterError,
+        match="requires token authentication and no token was found: set RAY_AUTH_TOKEN",
+    ):
         jobs.submit(_config(epochs=1), address=head.dashboard_url)
     monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-token")
     with pytest.raises(ClusterError, match="rejected the token from RAY_AUTH_TOKEN"):
@@ -131,12 +206,36 @@ def test_missing_token_is_one_clear_error(head, monkeypatch, tmp_path):
 
 
 def test_a_killed_driver_leaves_no_actors_behind(head, tmp_path):
-    """SIGKILL (no cleanup runs): the supervisor dies with its driver and the detached servers/workers notice and exit."""
+    """SIGKILL (no cleanup runs): the supervisor dies with its driver and the detached
+    servers/workers notice and exit."""
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}
-    driver = subprocess.Popen([sys.executable, "-m", "raytrain_ft.cli", "train", "--address", head.gcs_address, "--num-workers", "2",
-                               "--num-servers", "2", "--epochs", "500"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    driver = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "raytrain_ft.cli",
+            "train",
+            "--address",
+            head.gcs_address,
+            "--num-workers",
+            "2",
+            "--num-servers",
+            "2",
+            "--epochs",
+            "500",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        wait_for(lambda: len(_alive_run_actors(head)) >= 5, 180, "the run's actors (supervisor, 3 server slots, workers)", interval_s=1.0)
+        wait_for(
+            lambda: len(_alive_run_actors(head)) >= 5,
+            180,
+            "the run's actors (supervisor, 3 server slots, workers)",
+            interval_s=1.0,
+        )
     finally:
         driver.kill()
         driver.wait()
@@ -144,35 +243,67 @@ def test_a_killed_driver_leaves_no_actors_behind(head, tmp_path):
 
 
 def test_cli_submit_follow_streams_the_log_and_status_reports_success(head, token_env):
-    env = {**os.environ, "RAY_API_SERVER_ADDRESS": head.dashboard_url}  # the address as Ray's job CLI reads it
+    env = {
+        **os.environ,
+        "RAY_API_SERVER_ADDRESS": head.dashboard_url,
+    }  # the address as Ray's job CLI reads it
     cli = [sys.executable, "-m", "raytrain_ft.cli"]
-    proc = subprocess.run([*cli, "submit", "--num-workers", "2", "--num-servers", "1", "--epochs", "1", "--follow"],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [*cli, "submit", "--num-workers", "2", "--num-servers", "1", "--epochs", "1", "--follow"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     job_id = proc.stdout.split()[1]
     assert proc.stdout.startswith(f"submitted {job_id} to {head.dashboard_url}")
     assert "done: 22 steps" in proc.stdout and jobs.SUMMARY_MARKER in proc.stdout  # the tailed log
     assert proc.stdout.rstrip().endswith(f"job {job_id}: SUCCEEDED")
-    status = subprocess.run([*cli, "status", job_id], env=env, capture_output=True, text=True, timeout=60)
-    assert status.returncode == 0 and status.stdout.startswith(f"{job_id}: SUCCEEDED"), status.stdout + status.stderr
-    missing = subprocess.run([*cli, "logs", "raysubmit_nosuchjob"], env=env, capture_output=True, text=True, timeout=60)
-    assert missing.returncode == 1 and "no job 'raysubmit_nosuchjob'" in missing.stderr, missing.stderr
+    status = subprocess.run(
+        [*cli, "status", job_id], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert status.returncode == 0 and status.stdout.startswith(f"{job_id}: SUCCEEDED"), (
+        status.stdout + status.stderr
+    )
+    missing = subprocess.run(
+        [*cli, "logs", "raysubmit_nosuchjob"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert missing.returncode == 1 and "no job 'raysubmit_nosuchjob'" in missing.stderr, (
+        missing.stderr
+    )
 
 
-def test_a_submitted_job_trains_your_own_model_shipped_in_its_working_dir(head, token_env, tmp_path):
-    """The model, loss and data named by import strings live in a directory of the user's; the job's working_dir
+def test_a_submitted_job_trains_your_own_model_shipped_in_its_working_dir(
+    head, token_env, tmp_path
+):
+    """The model, loss and data named by import strings live in a directory of the user's; the job's
+    working_dir
     carries it to the cluster, where the driver and every worker import it."""
     import shutil
 
     from raytrain_ft.config import ModelConfig, OptimConfig
 
     workdir = tmp_path / "project"
-    shutil.copytree(os.path.join(os.path.dirname(__file__), "..", "..", "examples"), workdir / "examples",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    cfg = TrainConfig(model=ModelConfig(name="examples.diabetes:model", loss="mse"), data=DataConfig(dataset="examples.diabetes:data", batch_size=16),
-                      optim=OptimConfig(lr=0.02), cluster=ClusterConfig(num_workers=2, num_servers=1), recovery=RecoveryConfig(num_spares=0),
-                      steps=150, seed=3)
+    shutil.copytree(
+        os.path.join(os.path.dirname(__file__), "..", "..", "examples"),
+        workdir / "examples",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    cfg = TrainConfig(
+        model=ModelConfig(name="examples.diabetes:model", loss="mse"),
+        data=DataConfig(dataset="examples.diabetes:data", batch_size=16),
+        optim=OptimConfig(lr=0.02),
+        cluster=ClusterConfig(num_workers=2, num_servers=1),
+        recovery=RecoveryConfig(num_spares=0),
+        steps=150,
+        seed=3,
+    )
     handle = jobs.submit(cfg, address=head.dashboard_url, runtime_env={"working_dir": str(workdir)})
     assert handle.wait(timeout_s=240) == "SUCCEEDED", handle.logs()[-3000:]
     summary = handle.result()
-    assert summary["steps_completed"] == 150 and summary["eval_loss"] < 0.8 and summary["eval_accuracy"] is None
+    assert (
+        summary["steps_completed"] == 150
+        and summary["eval_loss"] < 0.8
+        and summary["eval_accuracy"] is None
+    )

@@ -8,7 +8,7 @@ README = os.path.join(os.path.dirname(__file__), "..", "..", "README.md")
 
 def test_the_bring_your_own_model_example_runs(ray_local, tmp_path, monkeypatch):
     text = open(README).read()
-    section = text[text.index("## Python API"):]
+    section = text[text.index("## Python API") :]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     assert "Trainer(cfg, model=model" in code
     monkeypatch.chdir(tmp_path)

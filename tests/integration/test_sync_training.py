@@ -1,4 +1,5 @@
-"""Sync mode on a real (small) Ray: equivalence with single-process PyTorch, determinism, BatchNorm."""
+"""Sync mode on a real (small) Ray: equivalence with single-process PyTorch, determinism,
+BatchNorm."""
 
 import numpy as np
 import pytest
@@ -29,7 +30,13 @@ def single_process_reference(cfg: TrainConfig) -> torch.Tensor:
     """Plain PyTorch: one model, batch = the concatenation of every worker's batch of the step."""
     data = load_dataset(cfg.data, cfg.seed)
     model = initial_model(cfg, data)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay, foreach=False)
+    opt = torch.optim.SGD(
+        model.parameters(),
+        lr=cfg.optim.lr,
+        momentum=cfg.optim.momentum,
+        weight_decay=cfg.optim.weight_decay,
+        foreach=False,
+    )
     W, B = cfg.cluster.num_workers, cfg.data.batch_size
     n = len(data.train_y)
     for step in range(cfg.steps):
@@ -42,7 +49,8 @@ def single_process_reference(cfg: TrainConfig) -> torch.Tensor:
 
 
 def test_sync_matches_single_process_pytorch_with_and_without_overlap(ray_local):
-    """Both runs equal plain PyTorch with the global batch, and each other bitwise: overlapping communication
+    """Both runs equal plain PyTorch with the global batch, and each other bitwise: overlapping
+    communication
     with compute changes no value, and the same seed gives the same hash."""
     results = {}
     for overlap in (False, True):
@@ -52,13 +60,19 @@ def test_sync_matches_single_process_pytorch_with_and_without_overlap(ray_local)
         # every shard applied every step once, and every applied update was acknowledged
         assert result.updates_applied == result.updates_acknowledged == 24 * 3
     reference = single_process_reference(cfg)
-    torch.testing.assert_close(torch.from_numpy(results[False].final_params), reference, rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close(
+        torch.from_numpy(results[False].final_params), reference, rtol=1e-4, atol=2e-5
+    )
     assert results[True].params_sha256 == results[False].params_sha256
 
 
 def test_batchnorm_buffers_are_reconciled_across_workers(ray_local):
-    cfg = _config(model=ModelConfig(name="resnet18"), data=DataConfig(dataset="synthetic", image_size=8, synthetic_samples=256, batch_size=8), steps=3,
-                  cluster=ClusterConfig(num_workers=2, num_servers=2, overlap_comm=True))
+    cfg = _config(
+        model=ModelConfig(name="resnet18"),
+        data=DataConfig(dataset="synthetic", image_size=8, synthetic_samples=256, batch_size=8),
+        steps=3,
+        cluster=ClusterConfig(num_workers=2, num_servers=2, overlap_comm=True),
+    )
     result = Trainer(cfg).fit()
     data = load_dataset(cfg.data, cfg.seed)
     init = flatten_state(initial_model(cfg, data))
@@ -70,8 +84,13 @@ def test_batchnorm_buffers_are_reconciled_across_workers(ray_local):
 
 
 def test_adam_trains_mlp_and_loss_falls(ray_local):
-    cfg = _config(model=ModelConfig(name="mlp"), optim=OptimConfig(name="adam", lr=3e-3, schedule="cosine", warmup_steps=5), steps=None, epochs=2,
-                  cluster=ClusterConfig(num_workers=2, num_servers=2))
+    cfg = _config(
+        model=ModelConfig(name="mlp"),
+        optim=OptimConfig(name="adam", lr=3e-3, schedule="cosine", warmup_steps=5),
+        steps=None,
+        epochs=2,
+        cluster=ClusterConfig(num_workers=2, num_servers=2),
+    )
     result = Trainer(cfg).fit()
     assert result.eval_accuracy > 0.8
     assert result.final_loss < 1.0
@@ -79,38 +98,65 @@ def test_adam_trains_mlp_and_loss_falls(ray_local):
 
 def test_one_worker_with_batchnorm_matches_pytorch_including_running_stats(ray_local):
     """With one worker the reconciled buffers are exactly the worker's own running statistics."""
-    cfg = _config(model=ModelConfig(name="resnet18"), data=DataConfig(dataset="synthetic", image_size=8, synthetic_samples=256, batch_size=8), steps=3, cluster=ClusterConfig(num_workers=1, num_servers=2))
+    cfg = _config(
+        model=ModelConfig(name="resnet18"),
+        data=DataConfig(dataset="synthetic", image_size=8, synthetic_samples=256, batch_size=8),
+        steps=3,
+        cluster=ClusterConfig(num_workers=1, num_servers=2),
+    )
     result = Trainer(cfg).fit()
     reference = single_process_reference(cfg)
     final = torch.from_numpy(result.final_params)
-    torch.testing.assert_close(final[result.num_params :], reference[result.num_params :], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        final[result.num_params :], reference[result.num_params :], rtol=1e-4, atol=1e-5
+    )
     torch.testing.assert_close(final, reference, rtol=1e-4, atol=1e-4)
 
 
 def simulated_sgd_expected(cfg, result):
-    """Plain SGD with --simulate-compute ends at init - steps * lr * mean of the ranks' fixed gradients."""
+    """Plain SGD with --simulate-compute ends at init - steps * lr * mean of the ranks' fixed
+    gradients."""
     from raytrain_ft.actors.worker import SIMULATED_GRAD_SCALE
 
     init = flatten_state(initial_model(cfg, load_dataset(cfg.data, cfg.seed)))
-    grads = [torch.randn(init.numel(), generator=torch.Generator().manual_seed(cfg.seed * 1000 + rank)) * SIMULATED_GRAD_SCALE
-             for rank in range(cfg.cluster.num_workers)]
+    grads = [
+        torch.randn(init.numel(), generator=torch.Generator().manual_seed(cfg.seed * 1000 + rank))
+        * SIMULATED_GRAD_SCALE
+        for rank in range(cfg.cluster.num_workers)
+    ]
     n = result.num_params
     return init[:n] - cfg.steps * cfg.optim.lr * torch.stack(grads).mean(0)[:n]
 
 
-def test_simulated_compute_pushes_fixed_gradients_through_the_real_path(ray_local, ranks_per_process=2):
-    """--simulate-compute: no forward/backward, yet every step's gradient crosses the object store, is averaged in rank
-    order and applied: plain SGD ends exactly at init - steps * lr * mean of the ranks' fixed gradients. With two ranks
+def test_simulated_compute_pushes_fixed_gradients_through_the_real_path(
+    ray_local, ranks_per_process=2
+):
+    """--simulate-compute: no forward/backward, yet every step's gradient crosses the object store,
+    is averaged in rank
+    order and applied: plain SGD ends exactly at init - steps * lr * mean of the ranks' fixed
+    gradients. With two ranks
     per process, ranks 0 and 1 share a process and rank 2 has its own; the result is the same."""
     workers, steps, lr = 3, 10, 0.5
-    cfg = _config(optim=OptimConfig(name="sgd", lr=lr, momentum=0.0, weight_decay=0.0),
-                  cluster=ClusterConfig(num_workers=workers, num_servers=2, simulate_compute_ms=20, ranks_per_process=ranks_per_process),
-                  steps=steps)
+    cfg = _config(
+        optim=OptimConfig(name="sgd", lr=lr, momentum=0.0, weight_decay=0.0),
+        cluster=ClusterConfig(
+            num_workers=workers,
+            num_servers=2,
+            simulate_compute_ms=20,
+            ranks_per_process=ranks_per_process,
+        ),
+        steps=steps,
+    )
     r = Trainer(cfg).fit()
     processes = [w["process"] for w in r.workers]
     assert len(set(processes)) == 2 and processes[0] == processes[1] != processes[2]
     n = r.num_params
-    torch.testing.assert_close(torch.from_numpy(r.final_params[:n].copy()), simulated_sgd_expected(cfg, r), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        torch.from_numpy(r.final_params[:n].copy()),
+        simulated_sgd_expected(cfg, r),
+        rtol=0,
+        atol=1e-6,
+    )
     assert r.updates_applied == r.updates_acknowledged == steps * 2
     assert [w["samples"] for w in r.workers] == [steps * cfg.data.batch_size] * workers
     assert r.train_time_s >= steps * 0.020  # every step slept its simulated compute

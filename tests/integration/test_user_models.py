@@ -1,5 +1,7 @@
-"""Your own model, loss, data and metrics: through the Python API and the CLI, with the guarantees the built-in
-models have (same seed, same hash; a kill changes nothing), BatchNorm-style float buffers, an integer buffer, a
+"""Your own model, loss, data and metrics: through the Python API and the CLI, with the guarantees
+the built-in
+models have (same seed, same hash; a kill changes nothing), BatchNorm-style float buffers, an
+integer buffer, a
 frozen parameter and one the forward never uses."""
 
 import json
@@ -7,53 +9,108 @@ import json
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from examples import diabetes, sequence
 from raytrain_ft import cli
-from raytrain_ft.config import ClusterConfig, DataConfig, ModelConfig, OptimConfig, RecoveryConfig, TrainConfig
+from raytrain_ft.config import (
+    ClusterConfig,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    RecoveryConfig,
+    TrainConfig,
+)
 from raytrain_ft.task import Task, evaluate
 from raytrain_ft.trainer import Trainer
 
 
 def _cfg(steps, **kw):
-    return TrainConfig(data=DataConfig(batch_size=16), cluster=ClusterConfig(num_workers=2, num_servers=1),
-                       recovery=RecoveryConfig(snapshot_interval=10, num_spares=0), steps=steps, seed=3, **kw)
+    return TrainConfig(
+        data=DataConfig(batch_size=16),
+        cluster=ClusterConfig(num_workers=2, num_servers=1),
+        recovery=RecoveryConfig(snapshot_interval=10, num_spares=0),
+        steps=steps,
+        seed=3,
+        **kw,
+    )
 
 
 def test_diabetes_regression_through_the_python_api_beats_the_mean_and_exports(ray_local, tmp_path):
     train, held_out = diabetes.data()
     cfg = _cfg(300, optim=OptimConfig(lr=0.02, momentum=0.9))
-    result = Trainer(cfg, model=diabetes.model, loss="mse", train_data=train, eval_data=held_out, metrics=diabetes.metrics).fit()
-    mean_mse = float(((held_out.tensors[1] - train.tensors[1].mean()) ** 2).mean())  # predicting the training mean
+    result = Trainer(
+        cfg,
+        model=diabetes.model,
+        loss="mse",
+        train_data=train,
+        eval_data=held_out,
+        metrics=diabetes.metrics,
+    ).fit()
+    mean_mse = float(
+        ((held_out.tensors[1] - train.tensors[1].mean()) ** 2).mean()
+    )  # predicting the training mean
     assert result.eval_loss < 0.75 * mean_mse, (result.eval_loss, mean_mse)
-    assert result.eval_metrics["eval_r2"] > 0.25 and result.eval_accuracy != result.eval_accuracy  # NaN: not a classifier
-    # the exported state dict, loaded into a fresh instance of the user's model, scores the reported eval_loss
+    assert (
+        result.eval_metrics["eval_r2"] > 0.25 and result.eval_accuracy != result.eval_accuracy
+    )  # NaN: not a classifier
+    # the exported state dict, loaded into a fresh instance of the user's model, scores the reported
+    # eval_loss
     path = tmp_path / "model.pt"
     torch.save(result.state_dict(), path)
     fresh = diabetes.model()
     fresh.load_state_dict(torch.load(path, weights_only=True))
-    task, _, _ = Task.build(cfg, model=diabetes.model, loss="mse", train_data=train, eval_data=held_out)
+    task, _, _ = Task.build(
+        cfg, model=diabetes.model, loss="mse", train_data=train, eval_data=held_out
+    )
     assert evaluate(task, fresh, held_out)["eval_loss"] == pytest.approx(result.eval_loss, rel=1e-6)
 
 
 def test_a_transformer_through_the_cli_with_import_strings(ray_local, tmp_path, capsys):
     out = tmp_path / "run.json"
-    rc = cli.main(["train", "--quiet", "--model", "examples.sequence:model", "--dataset", "examples.sequence:data", "--steps", "150",
-                   "--batch-size", "32", "--optimizer", "adam", "--lr", "0.003", "--num-workers", "2", "--num-servers", "2",
-                   "--num-spares", "0", "--output-json", str(out)])
+    rc = cli.main(
+        [
+            "train",
+            "--quiet",
+            "--model",
+            "examples.sequence:model",
+            "--dataset",
+            "examples.sequence:data",
+            "--steps",
+            "150",
+            "--batch-size",
+            "32",
+            "--optimizer",
+            "adam",
+            "--lr",
+            "0.003",
+            "--num-workers",
+            "2",
+            "--num-servers",
+            "2",
+            "--num-spares",
+            "0",
+            "--output-json",
+            str(out),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err[-2000:]
     summary = json.loads(out.read_text())
-    assert summary["eval_accuracy"] > 0.9 and summary["config"]["model"]["name"] == "examples.sequence:model"
+    assert (
+        summary["eval_accuracy"] > 0.9
+        and summary["config"]["model"]["name"] == "examples.sequence:model"
+    )
     assert isinstance(sequence.model(), nn.TransformerEncoder.__mro__[1])  # an nn.Module
 
 
 class Odd(nn.Module):
-    """BatchNorm (float buffers + an integer one), a frozen parameter, and a parameter the forward never uses."""
+    """BatchNorm (float buffers + an integer one), a frozen parameter, and a parameter the forward
+    never uses."""
 
     def __init__(self):
         super().__init__()
-        self.body = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 1))
+        self.body = nn.Sequential(
+            nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 1)
+        )
         self.frozen = nn.Parameter(torch.full((1,), 0.5), requires_grad=False)
         self.unused = nn.Parameter(torch.zeros(4))
 
@@ -68,21 +125,36 @@ def odd_data():
 
 @pytest.mark.chaos
 def test_odd_user_model_same_seed_same_hash_and_kills_change_nothing(ray_local):
-    cfg = TrainConfig(model=ModelConfig(name="tests.integration.test_user_models:Odd", loss="mse"),
-                      data=DataConfig(dataset="tests.integration.test_user_models:odd_data", batch_size=16),
-                      cluster=ClusterConfig(num_workers=2, num_servers=2), recovery=RecoveryConfig(snapshot_interval=5, num_spares=1),
-                      optim=OptimConfig(lr=0.02, momentum=0.9, weight_decay=1e-4), steps=30, seed=5)
+    cfg = TrainConfig(
+        model=ModelConfig(name="tests.integration.test_user_models:Odd", loss="mse"),
+        data=DataConfig(dataset="tests.integration.test_user_models:odd_data", batch_size=16),
+        cluster=ClusterConfig(num_workers=2, num_servers=2),
+        recovery=RecoveryConfig(snapshot_interval=5, num_spares=1),
+        optim=OptimConfig(lr=0.02, momentum=0.9, weight_decay=1e-4),
+        steps=30,
+        seed=5,
+    )
     clean = Trainer(cfg).fit()
-    cfg.recovery.kill = "server:0@step=8,worker:1@step=16"
+    cfg.chaos.kill = "server:0@step=8,worker:1@step=16"
     killed = Trainer(cfg).fit()
     assert sorted(e["role"] for e in killed.recoveries) == ["server", "worker"]
     assert killed.params_sha256 == clean.params_sha256
-    assert int(killed.model.body[1].num_batches_tracked) == 30  # the integer buffer travels with the shards (as a float)
-    assert float(killed.model.frozen) == 0.5 and torch.count_nonzero(killed.model.unused) == 0  # weight decay of 0 stays 0
+    assert (
+        int(killed.model.body[1].num_batches_tracked) == 30
+    )  # the integer buffer travels with the shards (as a float)
+    assert (
+        float(killed.model.frozen) == 0.5 and torch.count_nonzero(killed.model.unused) == 0
+    )  # weight decay of 0 stays 0
 
 
 def test_bf16_trains_the_main_job(ray_local):
-    cfg = TrainConfig(model=ModelConfig(name="cnn", precision="bf16"), data=DataConfig(image_size=8, batch_size=16),
-                      cluster=ClusterConfig(num_workers=2, num_servers=2), recovery=RecoveryConfig(num_spares=0), steps=120, seed=3)
+    cfg = TrainConfig(
+        model=ModelConfig(name="cnn", precision="bf16"),
+        data=DataConfig(image_size=8, batch_size=16),
+        cluster=ClusterConfig(num_workers=2, num_servers=2),
+        recovery=RecoveryConfig(num_spares=0),
+        steps=120,
+        seed=3,
+    )
     result = Trainer(cfg).fit()
     assert result.eval_accuracy > 0.85 and result.final_loss == result.final_loss

@@ -1,4 +1,5 @@
-"""The recovery protocol explored without Ray: seeded schedules with every fault, judged by the independent checker."""
+"""The recovery protocol explored without Ray: seeded schedules with every fault, judged by the
+independent checker."""
 
 import os
 
@@ -14,7 +15,10 @@ PROCESSES = os.cpu_count() or 1
 def test_no_schedule_violates_an_invariant_in_any_mode():
     ex = explore(SCHEDULES_PER_MODE * len(MODES), seed=2026, modes=MODES, processes=PROCESSES)
     v = ex.first_violation
-    assert ex.violations == 0, f"schedule {v.seed} ({v.mode}): {v.violations[0]} -- replay: raytrain-ft simulate --replay {v.seed} --mode {v.mode}"
+    assert ex.violations == 0, (
+        f"schedule {v.seed} ({v.mode}): {v.violations[0]} -- replay: raytrain-ft simulate --replay "
+        f"{v.seed} --mode {v.mode}"
+    )
     assert ex.schedules == SCHEDULES_PER_MODE * len(MODES)
     assert ex.crashes >= ex.schedules  # the schedules did crash things (about two faults each)
 

@@ -2,8 +2,10 @@
 
 ``send`` puts a test's request on the bus and runs to quiescence. A ``Call`` reaches its callee as
 ``on_request`` with a fresh rid; the callee's ``Reply`` goes back to the incarnation that called as
-``on_reply(cid, value)``; a call to a name not on the bus, or dead, gets ``on_failure(cid, Failure.DEAD)``.
-``Fold`` runs ``fold(shard)`` at once; ``Timer`` and ``Note`` are collected (``fire`` a timer); ``Persist``
+``on_reply(cid, value)``; a call to a name not on the bus, or dead, gets ``on_failure(cid,
+Failure.DEAD)``.
+``Fold`` runs ``fold(shard)`` at once; ``Timer`` and ``Note`` are collected (``fire`` a timer);
+``Persist``
 goes to ``kv``; ``Create`` adds ``create(effect)`` when a factory is given; ``Kill`` kills.
 """
 
@@ -34,7 +36,8 @@ class Bus:
         self.kv: dict = {}
         self.handled: list = []  # (name, effects) of every handler call, in order
         self._queue, self._rids = deque(), itertools.count(1)
-        self._asked: dict = {}  # rid -> (callee, caller name, caller object, cid); caller None: the test
+        # rid -> (callee, caller name, caller object, cid); caller None: the test
+        self._asked: dict = {}
         # === Test methods ===
         self.dead: set = set()
         self.held: dict = {}  # name -> messages kept from it
@@ -64,12 +67,14 @@ class Bus:
                 self._deliver(*item)
 
     def perform(self, name: str, effects: list) -> None:
-        """Carry out ``effects`` as if ``name`` had returned them (e.g. ``on_start``'s), then run."""
+        """Carry out ``effects`` as if ``name`` had returned them (e.g. ``on_start``'s), then
+        run."""
         self._perform(name, self.procs[name], effects)
         self.run()
 
     def fire(self, name: str, token) -> bool:
-        """Deliver timer ``token`` to ``name`` once, dropping every copy collected; False if none was set."""
+        """Deliver timer ``token`` to ``name`` once, dropping every copy collected; False if none
+        was set."""
         found = (name, token) in self.timers
         self.timers = [t for t in self.timers if t != (name, token)]
         if found and name not in self.dead:
@@ -85,7 +90,11 @@ class Bus:
             else:
                 self._answer(key, Failure.DEAD)
         elif alive and p is obj:
-            self._perform(dst, p, p.on_failure(key, value) if isinstance(value, Failure) else p.on_reply(key, value))
+            self._perform(
+                dst,
+                p,
+                p.on_failure(key, value) if isinstance(value, Failure) else p.on_reply(key, value),
+            )
 
     def _answer(self, rid: int, value) -> None:
         callee, caller, obj, cid = self._asked.pop(rid, (None,) * 4)
@@ -130,7 +139,8 @@ class Bus:
         self.held.setdefault(name, [])
 
     def release(self, name: str, n: int | None = None) -> None:
-        """Deliver the first ``n`` messages held for ``name`` and keep holding; or all of them, and stop."""
+        """Deliver the first ``n`` messages held for ``name`` and keep holding; or all of them, and
+        stop."""
         items = self.held.pop(name) if n is None else self.held[name][:n]
         if n is not None:
             del self.held[name][:n]

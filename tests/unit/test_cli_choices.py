@@ -8,14 +8,21 @@ import pytest
 from raytrain_ft import cli
 
 README = os.path.join(os.path.dirname(__file__), "..", "..", "README.md")
-VALUE_LESS = {"--kill", "--slow-workers", "--data-path", "--address", "--checkpoint-dir", "--resume-from"}
+VALUE_LESS = {
+    "--kill",
+    "--slow-workers",
+    "--data-path",
+    "--address",
+    "--checkpoint-dir",
+    "--resume-from",
+}
 """Rows whose backticked words are not values of the flag (roles, paths, forms)."""
 
 
 def documented_choices() -> list[tuple[str, str]]:
     with open(README) as fh:
         text = fh.read()
-    table = text[text.index("| flag | meaning | default |"):]
+    table = text[text.index("| flag | meaning | default |") :]
     table = table[: table.index("\n\n")]
     out = []
     for row in table.splitlines()[2:]:
@@ -36,7 +43,15 @@ def config_of(*argv: str):
 
 def test_the_table_documents_choices():
     flags = {f for f, _ in documented_choices()}
-    assert {"--model", "--dataset", "--mode", "--recovery", "--codec", "--use-gpu", "--staleness-lr"} <= flags
+    assert {
+        "--model",
+        "--dataset",
+        "--mode",
+        "--recovery",
+        "--codec",
+        "--use-gpu",
+        "--staleness-lr",
+    } <= flags
 
 
 @pytest.mark.parametrize("flag, value", documented_choices())
@@ -47,12 +62,25 @@ def test_every_documented_choice_is_accepted(flag, value):
 
 
 def test_recovery_none_keeps_the_word():
-    assert config_of("--recovery", "none").recovery.recovery == "none"
+    assert config_of("--recovery", "none").recovery.mode == "none"
     assert config_of("--codec", "none").consistency.codec == "none"
-    assert config_of("--checkpoint-dir", "none").recovery.checkpoint_dir is None  # optional: "none" unsets it
+    assert (
+        config_of("--checkpoint-dir", "none").recovery.checkpoint_dir is None
+    )  # optional: "none" unsets it
 
 
-@pytest.mark.parametrize("kill", ["server:0@step=3", "replica:1@time=2.5", "worker:1@recovery=1", "spare:0@rereplication=1",
-                                  "supervisor@recovery=1", "node:1@step=4", "server:0@snapshot=2", "replica:0@snapshot=1"])
+@pytest.mark.parametrize(
+    "kill",
+    [
+        "server:0@step=3",
+        "replica:1@time=2.5",
+        "worker:1@recovery=1",
+        "spare:0@rereplication=1",
+        "supervisor@recovery=1",
+        "node:1@step=4",
+        "server:0@snapshot=2",
+        "replica:0@snapshot=1",
+    ],
+)
 def test_every_documented_kill_form_is_accepted(kill):
-    assert config_of("--kill", kill).recovery.kill == kill
+    assert config_of("--kill", kill).chaos.kill == kill

@@ -1,15 +1,35 @@
-"""Codecs: wire sizes, round trips, and error feedback that gets every value to the server eventually."""
+"""Codecs: wire sizes, round trips, and error feedback that gets every value to the server
+eventually."""
 
 import numpy as np
 import pytest
 
-from raytrain_ft.compression import FP16, ONEBIT_BLOCK, ErrorFeedback, NoCodec, OneBit, TopK, decode, decode_push, parse_codec
+from raytrain_ft.compression import (
+    FP16,
+    ONEBIT_BLOCK,
+    ErrorFeedback,
+    NoCodec,
+    OneBit,
+    TopK,
+    decode,
+    decode_push,
+    parse_codec,
+)
 
 RNG = np.random.default_rng(0)
 X = RNG.standard_normal(10_000).astype(np.float32)
 
 
-@pytest.mark.parametrize("spec, ratio", [("none", 1.0), ("fp16", 0.5), ("topk:0.01", 0.02), ("topk:0.1", 0.2), ("onebit", 1 / 32 + 1 / 512)])
+@pytest.mark.parametrize(
+    "spec, ratio",
+    [
+        ("none", 1.0),
+        ("fp16", 0.5),
+        ("topk:0.01", 0.02),
+        ("topk:0.1", 0.2),
+        ("onebit", 1 / 32 + 1 / 512),
+    ],
+)
 def test_wire_bytes_match_the_expected_ratio(spec, ratio):
     codec = parse_codec(spec)
     e = codec.encode(X)
@@ -32,7 +52,9 @@ def test_onebit_keeps_signs_and_each_blocks_mean_magnitude():
     x = np.array([1.0, -3.0, 0.5, -0.5], dtype=np.float32)
     out = decode(OneBit().encode(x))
     assert np.array_equal(np.sign(out), np.sign(x)) and np.allclose(np.abs(out), 1.25)
-    big = np.concatenate([np.full(ONEBIT_BLOCK, -2.0, np.float32), np.full(10, 0.01, np.float32)])  # a last, short block
+    big = np.concatenate(
+        [np.full(ONEBIT_BLOCK, -2.0, np.float32), np.full(10, 0.01, np.float32)]
+    )  # a last, short block
     out = decode(OneBit().encode(big))
     assert np.allclose(out[:ONEBIT_BLOCK], -2.0) and np.allclose(out[ONEBIT_BLOCK:], 0.01)
 
@@ -58,12 +80,14 @@ def _sent_and_received(encode, pushes=300, n=2_000):
 
 @pytest.mark.parametrize("spec", ["topk:0.01", "onebit", "fp16"])
 def test_error_feedback_delivers_the_sum_of_pushes(spec):
-    """With error feedback, what the server received over many pushes differs from what the worker sent
+    """With error feedback, what the server received over many pushes differs from what the worker
+    sent
     by exactly the residual still held (bounded), so nothing is dropped for good."""
     ef = ErrorFeedback(parse_codec(spec), 2_000)
     sent, received = _sent_and_received(ef.encode)
     assert np.allclose(sent - received, ef.residual, atol=1e-2)
-    # the error stays the size of the residual while the sent sum keeps growing (top-k without feedback: ~99% lost)
+    # the error stays the size of the residual while the sent sum keeps growing (top-k without
+    # feedback: ~99% lost)
     assert np.abs(sent - received).mean() < 0.2 * np.abs(sent).mean()
 
 

@@ -32,9 +32,9 @@ def test_defaults_validate():
         ({"codec": "topk:5"}, "consistency.codec"),
         ({"staleness": "-1"}, "consistency.staleness"),
         ({"staleness_lr": "sqrt"}, "consistency.staleness_lr"),
-        ({"mode": "async", "recovery": "checkpoint"}, "recovery.recovery"),
-        ({"slow_workers": "5:100"}, "recovery.slow_workers"),
-        ({"slow_workers": "1"}, "recovery.slow_workers"),
+        ({"mode": "async", "recovery": "checkpoint"}, "recovery.mode"),
+        ({"slow_workers": "5:100"}, "chaos.slow_workers"),
+        ({"slow_workers": "1"}, "chaos.slow_workers"),
         ({"simulate_compute_ms": "-5"}, "cluster.simulate_compute_ms"),
         ({"simulate_compute_ms": "50", "overlap_comm": "true"}, "cluster.overlap_comm"),
         ({"ranks_per_process": "4"}, "cluster.ranks_per_process"),
@@ -50,7 +50,9 @@ def test_bad_values_name_the_field(overrides, field):
 
 def test_yaml_and_flag_override(tmp_path):
     p = tmp_path / "run.yaml"
-    p.write_text("model: {name: mlp}\noptim: {name: adam, lr: 0.001}\ncluster: {num_workers: 3}\nsteps: 7\n")
+    p.write_text(
+        "model: {name: mlp}\noptim: {name: adam, lr: 0.001}\ncluster: {num_workers: 3}\nsteps: 7\n"
+    )
     cfg = C.load(str(p), {"num_workers": "4", "seed": "9"})
     assert cfg.model.name == "mlp"
     assert cfg.optim.name == "adam" and cfg.optim.lr == 0.001
@@ -77,7 +79,18 @@ def test_yaml_errors(tmp_path):
 
 def test_every_leaf_field_has_a_flag_and_doc():
     fields = C.cli_fields()
-    for name in ("model", "optimizer", "num_workers", "num_servers", "batch_size", "lr", "mode", "seed", "steps", "data_path"):
+    for name in (
+        "model",
+        "optimizer",
+        "num_workers",
+        "num_servers",
+        "batch_size",
+        "lr",
+        "mode",
+        "seed",
+        "steps",
+        "data_path",
+    ):
         assert name in fields
     assert all(help_text for _, help_text, _ in fields.values())
 
@@ -89,7 +102,9 @@ def test_round_trip_through_dict():
 
 
 def test_docs_belong_to_their_own_field():
-    assert C.field_docs()['model'].startswith('Model: mlp') and C.field_docs()['optimizer'].startswith('Server-side optimizer')
+    assert C.field_docs()["model"].startswith("Model: mlp") and C.field_docs()[
+        "optimizer"
+    ].startswith("Server-side optimizer")
 
 
 def test_simulate_compute_flag_and_its_alias():
@@ -97,7 +112,12 @@ def test_simulate_compute_flag_and_its_alias():
 
     for flag in ("--simulate-compute", "--simulate-compute-ms"):
         args = build_parser().parse_args(["train", flag, "25"])
-        assert C.load(None, {k: v for k, v in vars(args).items() if k == "simulate_compute_ms"}).cluster.simulate_compute_ms == 25.0
+        assert (
+            C.load(
+                None, {k: v for k, v in vars(args).items() if k == "simulate_compute_ms"}
+            ).cluster.simulate_compute_ms
+            == 25.0
+        )
 
 
 def test_simulated_steps_need_no_data_per_worker():
@@ -106,11 +126,14 @@ def test_simulated_steps_need_no_data_per_worker():
     many = C.TrainConfig(cluster=C.ClusterConfig(num_workers=64), steps=30)
     with pytest.raises(DataError, match="cannot fill one batch"):
         total_steps_for(many, num_train=1438)
-    simulated = C.TrainConfig(cluster=C.ClusterConfig(num_workers=64, simulate_compute_ms=100), steps=30)
+    simulated = C.TrainConfig(
+        cluster=C.ClusterConfig(num_workers=64, simulate_compute_ms=100), steps=30
+    )
     assert total_steps_for(simulated, num_train=1438) == 30
 
 
-# --- every field checked on construction: types (Python API), finiteness and ranges (CLI, YAML, Python alike) ---
+# --- every field checked on construction: types (Python API), finiteness and ranges (CLI, YAML,
+# Python alike) ---
 
 
 @pytest.mark.parametrize(
@@ -188,7 +211,11 @@ def test_the_same_check_answers_yaml_flags_and_python(tmp_path):
     yml = tmp_path / "run.yaml"
     yml.write_text("optim: {lr: .nan}\n")
     errors = []
-    for build in (lambda: C.load(str(yml)), lambda: C.load(None, {"lr": "nan"}), lambda: C.OptimConfig(lr=float("nan"))):
+    for build in (
+        lambda: C.load(str(yml)),
+        lambda: C.load(None, {"lr": "nan"}),
+        lambda: C.OptimConfig(lr=float("nan")),
+    ):
         with pytest.raises(ConfigError) as e:
             build()
         errors.append(str(e.value))
@@ -196,12 +223,22 @@ def test_the_same_check_answers_yaml_flags_and_python(tmp_path):
 
 
 def test_messages_say_why_and_what_to_change():
-    with pytest.raises(ConfigError, match=r"recovery.num_spares: must be at most 16, got 1000: each spare is a server process"):
+    with pytest.raises(
+        ConfigError,
+        match=r"recovery.num_spares: must be at most 16, got 1000: each spare is a server process",
+    ):
         C.RecoveryConfig(num_spares=1000)
     with pytest.raises(ConfigError, match=r"4 workers in groups of 3 would make groups of 3, 1"):
         C.load(None, {"mode": "mixed", "num_workers": "4", "group_size": "3"})
-    assert C.load(None, {"mode": "mixed", "num_workers": "6", "group_size": "3"}).consistency.group_size == 3
-    assert C.load(None, {"num_workers": "3"}).mode == "sync"  # group_size only matters in mixed mode
+    assert (
+        C.load(
+            None, {"mode": "mixed", "num_workers": "6", "group_size": "3"}
+        ).consistency.group_size
+        == 3
+    )
+    assert (
+        C.load(None, {"num_workers": "3"}).mode == "sync"
+    )  # group_size only matters in mixed mode
 
 
 def test_config_files_that_are_not_yaml_text(tmp_path):
@@ -218,11 +255,21 @@ def test_config_files_that_are_not_yaml_text(tmp_path):
 def test_writable_paths_are_checked_before_a_run(tmp_path):
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    C.check_writable_dir(str(tmp_path / "new" / "ckpt"), "recovery.checkpoint_dir", "--checkpoint-dir")
-    assert (tmp_path / "new" / "ckpt").is_dir() and not list((tmp_path / "new" / "ckpt").iterdir())  # the probe file is gone
-    with pytest.raises(ConfigError, match=r"recovery.checkpoint_dir: .* is a file, not a directory; give a writable directory as --checkpoint-dir"):
+    C.check_writable_dir(
+        str(tmp_path / "new" / "ckpt"), "recovery.checkpoint_dir", "--checkpoint-dir"
+    )
+    assert (tmp_path / "new" / "ckpt").is_dir() and not list(
+        (tmp_path / "new" / "ckpt").iterdir()
+    )  # the probe file is gone
+    with pytest.raises(
+        ConfigError,
+        match=r"recovery.checkpoint_dir: .* is a file, not a directory; give a writable directory "
+        r"as --checkpoint-dir",
+    ):
         C.check_writable_dir(str(a_file), "recovery.checkpoint_dir", "--checkpoint-dir")
-    with pytest.raises(ConfigError, match=r"recovery.checkpoint_dir: cannot write to .*\(Not a directory\)"):
+    with pytest.raises(
+        ConfigError, match=r"recovery.checkpoint_dir: cannot write to .*\(Not a directory\)"
+    ):
         C.check_writable_dir(str(a_file / "ckpt"), "recovery.checkpoint_dir", "--checkpoint-dir")
     C.check_writable_file(str(tmp_path / "out" / "run.json"), "--output-json")
     assert not (tmp_path / "out" / "run.json").exists()
@@ -231,4 +278,76 @@ def test_writable_paths_are_checked_before_a_run(tmp_path):
     with pytest.raises(ConfigError, match=r"--output-json: .* is a directory"):
         C.check_writable_file(str(tmp_path), "--output-json")
     with pytest.raises(ConfigError, match=r"--output: directory .* does not exist"):
-        C.check_writable_file(str(tmp_path / "missing" / "run.png"), "--output", create_parent=False)
+        C.check_writable_file(
+            str(tmp_path / "missing" / "run.png"), "--output", create_parent=False
+        )
+
+
+@pytest.mark.parametrize(
+    "build, field, choices",
+    [
+        (lambda: C.OptimConfig(name="sgdm"), "optim.name", "sgd, rmsprop, adagrad, adam"),
+        (lambda: C.OptimConfig(schedule="linear"), "optim.schedule", "constant, step, cosine"),
+        (lambda: C.RecoveryConfig(mode="raid"), "recovery.mode", "replica, checkpoint, none"),
+        (
+            lambda: C.ConsistencyConfig(staleness_lr="sqrt"),
+            "consistency.staleness_lr",
+            "none, inverse",
+        ),
+        (lambda: C.TrainConfig(mode="bsp"), "mode", "sync, async, ssp, mixed"),
+        (lambda: C.ModelConfig(precision="fp8"), "model.precision", "fp32, bf16"),
+        (lambda: C.ClusterConfig(use_gpu="maybe"), "cluster.use_gpu", "auto, true, false"),
+        (lambda: C.TrainConfig(mode=1), "mode", "sync, async, ssp, mixed"),
+    ],
+)
+def test_closed_choices_are_literal_types_checked_on_construction(build, field, choices):
+    with pytest.raises(ConfigError) as e:
+        build()
+    assert e.value.field == field and str(e.value).endswith(f"choose one of {choices}")
+
+
+def test_literal_choices_are_the_annotations():
+    import typing
+
+    from raytrain_ft.consistency import MODES
+
+    assert typing.get_args(typing.get_type_hints(C.TrainConfig)["mode"]) == MODES
+    assert typing.get_args(typing.get_type_hints(C.RecoveryConfig)["mode"]) == C.RECOVERY_MODES
+
+
+def test_fault_injection_lives_in_its_own_section(tmp_path):
+    cfg = C.load(
+        None,
+        {
+            "kill": "server:0@step=3",
+            "slow_workers": "1:50",
+            "one_kill_at_a_time": "true",
+            "recovery": "none",
+        },
+    )
+    assert (cfg.chaos.kill, cfg.chaos.slow_workers, cfg.chaos.one_kill_at_a_time) == (
+        "server:0@step=3",
+        "1:50",
+        True,
+    )
+    assert cfg.recovery.mode == "none"
+    path = tmp_path / "c.yaml"
+    path.write_text("recovery: checkpoint\nchaos: {kill: 'worker:1@step=4'}\n")
+    cfg = C.load(str(path))
+    assert cfg.recovery.mode == "checkpoint" and cfg.chaos.kill == "worker:1@step=4"
+
+
+@pytest.mark.parametrize(
+    "text, field, now",
+    [
+        ("recovery: {recovery: none}", "recovery.recovery", "recovery.mode"),
+        ("recovery: {kill: 'server:0@step=3'}", "recovery.kill", "chaos.kill"),
+        ("recovery: {slow_workers: '0:10'}", "recovery.slow_workers", "chaos.slow_workers"),
+    ],
+)
+def test_renamed_keys_say_where_they_went(tmp_path, text, field, now):
+    path = tmp_path / "c.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError) as e:
+        C.load(str(path))
+    assert e.value.field == field and f"renamed: write it as {now}" in str(e.value)

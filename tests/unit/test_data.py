@@ -39,7 +39,16 @@ def test_batch_order_is_pure_and_varies_by_epoch_and_rank():
 def test_batch_stream_matches_pure_function_from_any_start(prefetch):
     x = torch.arange(100, dtype=torch.float32).view(100, 1, 1, 1)
     y = torch.arange(100)
-    s = BatchStream(TensorDataset(x, y), seed=3, rank=0, num_workers=2, batch_size=5, start_step=7, end_step=25, prefetch=prefetch)
+    s = BatchStream(
+        TensorDataset(x, y),
+        seed=3,
+        rank=0,
+        num_workers=2,
+        batch_size=5,
+        start_step=7,
+        end_step=25,
+        prefetch=prefetch,
+    )
     for step in range(7, 25):  # crosses epoch boundaries (10 steps per epoch)
         xb, yb = s.next()
         assert np.array_equal(yb.numpy(), global_step_indices(100, 3, 0, 2, 5, step))
@@ -122,7 +131,9 @@ def test_mnist_loader_reads_a_local_torchvision_root(tmp_path):
     d = load_dataset(cfg, seed=0)
     assert d.in_shape == (1, 28, 28) and d.num_classes == 10
     assert len(d.train_y) == 40 and len(d.eval_y) == 12  # the test split is the eval split
-    assert abs(float(d.train_x.mean())) < 1e-4 and abs(float(d.train_x.std()) - 1) < 1e-2  # standardized
+    assert (
+        abs(float(d.train_x.mean())) < 1e-4 and abs(float(d.train_x.std()) - 1) < 1e-2
+    )  # standardized
 
 
 def _table_file(path, images, labels, shape: bytes | None = b"1,2,2"):
@@ -159,30 +170,64 @@ def _bad_parquet(kind: str, d) -> str:
         write_parquet(path, np.zeros((4, 1, 2, 2)), np.array([0, -1, 2, 1]))
         return path
     if kind == "ragged rows":  # 3 + 5 + 4 + 4 values: the total is 4 rows x 4, the rows are not
-        return _table_file(d / "ragged.parquet", pa.array([[0.0] * 3, [0.0] * 5, [0.0] * 4, [0.0] * 4]), pa.array([0, 1, 0, 1]))
+        return _table_file(
+            d / "ragged.parquet",
+            pa.array([[0.0] * 3, [0.0] * 5, [0.0] * 4, [0.0] * 4]),
+            pa.array([0, 1, 0, 1]),
+        )
     if kind == "null image":
-        return _table_file(d / "null.parquet", pa.array([[0.0] * 4, None, [0.0] * 4, [0.0] * 4]), pa.array([0, 1, 0, 1]))
+        return _table_file(
+            d / "null.parquet",
+            pa.array([[0.0] * 4, None, [0.0] * 4, [0.0] * 4]),
+            pa.array([0, 1, 0, 1]),
+        )
     if kind == "nan pixel":
-        return _table_file(d / "nan.parquet", pa.array([[0.0] * 4, [float("nan")] * 4, [0.0] * 4, [0.0] * 4]), pa.array([0, 1, 0, 1]))
+        return _table_file(
+            d / "nan.parquet",
+            pa.array([[0.0] * 4, [float("nan")] * 4, [0.0] * 4, [0.0] * 4]),
+            pa.array([0, 1, 0, 1]),
+        )
     if kind == "scalar image column":
-        return _table_file(d / "scalar.parquet", pa.array([1.0, 2.0, 3.0, 4.0]), pa.array([0, 1, 0, 1]))
+        return _table_file(
+            d / "scalar.parquet", pa.array([1.0, 2.0, 3.0, 4.0]), pa.array([0, 1, 0, 1])
+        )
     if kind == "bad shape metadata":
         return _table_file(d / "meta.parquet", ok_images, pa.array([0, 1, 0, 1]), shape=b"1,x,2")
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind, message", [
-    ("zero rows", "holds no rows"),
-    ("string labels", "label column 'label' has type string; it must hold integer class indices"),
-    ("fractional labels", "label column 'label' holds 1.5 in row 1; labels must be whole class indices"),
-    ("huge label", "label column 'label' holds 100000 in row 3; labels must be class indices from 0 to 9999"),
-    ("negative label", "label column 'label' holds -1 in row 1"),
-    ("ragged rows", r"image row 0 holds 3 values; shape \(1, 2, 2\) needs 4 in every row \(2 of 4 rows differ\)"),
-    ("null image", "image row 1 is null"),
-    ("nan pixel", "image row 1 holds a NaN"),
-    ("scalar image column", "image column 'image' has type double"),
-    ("bad shape metadata", "the file's metadata 'raytrain_ft.image_shape' is '1,x,2', not C,H,W"),
-])
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("zero rows", "holds no rows"),
+        (
+            "string labels",
+            "label column 'label' has type string; it must hold integer class indices",
+        ),
+        (
+            "fractional labels",
+            "label column 'label' holds 1.5 in row 1; labels must be whole class indices",
+        ),
+        (
+            "huge label",
+            "label column 'label' holds 100000 in row 3; labels must be class indices from 0 to "
+            "9999",
+        ),
+        ("negative label", "label column 'label' holds -1 in row 1"),
+        (
+            "ragged rows",
+            r"image row 0 holds 3 values; shape \(1, 2, 2\) needs 4 in every row \(2 of 4 rows "
+            r"differ\)",
+        ),
+        ("null image", "image row 1 is null"),
+        ("nan pixel", "image row 1 holds a NaN"),
+        ("scalar image column", "image column 'image' has type double"),
+        (
+            "bad shape metadata",
+            "the file's metadata 'raytrain_ft.image_shape' is '1,x,2', not C,H,W",
+        ),
+    ],
+)
 def test_bad_parquet_contents_name_the_file(tmp_path, kind, message):
     path = _bad_parquet(kind, tmp_path)
     cfg = DataConfig(dataset="parquet", data_path=path)
@@ -195,16 +240,27 @@ def test_bad_parquet_contents_name_the_file(tmp_path, kind, message):
 def test_files_of_different_shapes_are_refused(tmp_path):
     write_parquet(str(tmp_path / "a.parquet"), np.zeros((4, 1, 2, 2)), np.zeros(4))
     write_parquet(str(tmp_path / "b.parquet"), np.zeros((4, 1, 3, 3)), np.zeros(4))
-    with pytest.raises(DataError, match=r"b.parquet: records image shape \(1, 3, 3\), but .*a.parquet records \(1, 2, 2\)"):
+    with pytest.raises(
+        DataError,
+        match=r"b.parquet: records image shape \(1, 3, 3\), but .*a.parquet records \(1, 2, 2\)",
+    ):
         check_source(DataConfig(dataset="parquet", data_path=str(tmp_path)))
 
 
 def test_too_many_workers_is_blamed_on_the_worker_count():
     from raytrain_ft.data import checked_steps_per_epoch
 
-    with pytest.raises(DataError, match=r"cluster.num_workers: 1438 training samples cannot fill one batch on each of 99,999,999 workers; "
-                                        r"use at most 44 --num-workers at --batch-size 32"):
+    with pytest.raises(
+        DataError,
+        match=r"cluster.num_workers: 1438 training samples cannot fill one batch on each of "
+        r"99,999,999 workers; "
+        r"use at most 44 --num-workers at --batch-size 32",
+    ):
         checked_steps_per_epoch(1438, 99_999_999, 32)
-    with pytest.raises(DataError, match=r"data.batch_size: 1438 training samples cannot fill one batch of 512 on each of 4 workers "
-                                        r"\(359 samples each\); lower --batch-size to at most 359, or use at most 2 --num-workers"):
+    with pytest.raises(
+        DataError,
+        match=r"data.batch_size: 1438 training samples cannot fill one batch of 512 on each of 4 "
+        r"workers "
+        r"\(359 samples each\); lower --batch-size to at most 359, or use at most 2 --num-workers",
+    ):
         checked_steps_per_epoch(1438, 4, 512)

@@ -5,35 +5,51 @@ import pytest
 import torch
 
 from raytrain_ft.errors import ConfigError
-from raytrain_ft.recovery.checkpoint import latest_common_step, load_shard_checkpoint, save_shard_checkpoint
-from raytrain_ft.recovery.faults import KillSpec, check_targets, parse_kill, parse_kills, random_schedule
+from raytrain_ft.recovery.checkpoint import (
+    latest_common_step,
+    load_shard_checkpoint,
+    save_shard_checkpoint,
+)
+from raytrain_ft.recovery.faults import (
+    KillSpec,
+    check_targets,
+    parse_kill,
+    parse_kills,
+    random_schedule,
+)
 
 
-@pytest.mark.parametrize("text, spec", [
-    ("server:1@step=40", KillSpec("server", 1, "step", 40)),
-    ("worker@time=2.5", KillSpec("worker", 0, "time", 2.5)),
-    ("replica:0@snapshot=2", KillSpec("replica", 0, "snapshot", 2)),
-    ("server:2@recovery=1", KillSpec("server", 2, "recovery", 1)),
-    ("node:2@step=10", KillSpec("node", 2, "step", 10)),
-    ("supervisor@step=5", KillSpec("supervisor", 0, "step", 5)),
-    ("supervisor@recovery=1", KillSpec("supervisor", 0, "recovery", 1)),
-    ("spare:0@rereplication=2", KillSpec("spare", 0, "rereplication", 2)),
-])
+@pytest.mark.parametrize(
+    "text, spec",
+    [
+        ("server:1@step=40", KillSpec("server", 1, "step", 40)),
+        ("worker@time=2.5", KillSpec("worker", 0, "time", 2.5)),
+        ("replica:0@snapshot=2", KillSpec("replica", 0, "snapshot", 2)),
+        ("server:2@recovery=1", KillSpec("server", 2, "recovery", 1)),
+        ("node:2@step=10", KillSpec("node", 2, "step", 10)),
+        ("supervisor@step=5", KillSpec("supervisor", 0, "step", 5)),
+        ("supervisor@recovery=1", KillSpec("supervisor", 0, "recovery", 1)),
+        ("spare:0@rereplication=2", KillSpec("spare", 0, "rereplication", 2)),
+    ],
+)
 def test_parse_kill(text, spec):
     assert parse_kill(text) == spec
     assert parse_kill(str(spec)) == spec
 
 
-@pytest.mark.parametrize("text, message", [
-    ("server:1", "expected ROLE"),
-    ("disk:1@step=3", "unknown role 'disk'"),
-    ("server:x@step=3", "not an integer"),
-    ("server@when=3", "expected ROLE"),
-    ("worker@snapshot=1", "server or replica only"),
-    ("worker@snapshot=1", "server or replica only"),
-    ("node:0@step=3", "head node"),
-    ("server@step=-1", ">= 0"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("server:1", "expected ROLE"),
+        ("disk:1@step=3", "unknown role 'disk'"),
+        ("server:x@step=3", "not an integer"),
+        ("server@when=3", "expected ROLE"),
+        ("worker@snapshot=1", "server or replica only"),
+        ("worker@snapshot=1", "server or replica only"),
+        ("node:0@step=3", "head node"),
+        ("server@step=-1", ">= 0"),
+    ],
+)
 def test_bad_kill_names_the_problem(text, message):
     with pytest.raises(ConfigError, match=message):
         parse_kill(text)
@@ -50,10 +66,20 @@ def test_kills_from_a_comma_list_and_targets_checked():
 
 
 def test_random_schedule_is_seeded_and_bounded():
-    a = random_schedule(3, mtbf_s=2.0, duration_s=60, roles=["server", "worker", "node"], sizes={"server": 2, "worker": 4, "node": 3})
-    assert a == random_schedule(3, 2.0, 60, ["server", "worker", "node"], {"server": 2, "worker": 4, "node": 3})
+    a = random_schedule(
+        3,
+        mtbf_s=2.0,
+        duration_s=60,
+        roles=["server", "worker", "node"],
+        sizes={"server": 2, "worker": 4, "node": 3},
+    )
+    assert a == random_schedule(
+        3, 2.0, 60, ["server", "worker", "node"], {"server": 2, "worker": 4, "node": 3}
+    )
     assert 10 < len(a) < 60 and all(0 < k.value < 60 for k in a)
-    assert all(k.index >= 1 for k in a if k.role == "node") and all(k.index < 2 for k in a if k.role == "server")
+    assert all(k.index >= 1 for k in a if k.role == "node") and all(
+        k.index < 2 for k in a if k.role == "server"
+    )
     with pytest.raises(ConfigError, match="choose from"):
         random_schedule(0, 1.0, 10, ["disk"], {})
     spaced = random_schedule(1, 2.0, 100, ["server"], {"server": 2}, min_gap_s=1.0)
@@ -68,25 +94,33 @@ def test_checkpoint_round_trip_and_newest_common_step(tmp_path):
     state = {"step_count": 4, "state": {"momentum": torch.ones(6)}}
     path = save_shard_checkpoint(str(tmp_path), 0, 4, params, state)
     loaded, step, opt, nbytes = load_shard_checkpoint(path)
-    assert np.array_equal(loaded, params) and step == 4 and torch.equal(opt["state"]["momentum"], torch.ones(6)) and nbytes > 0
+    assert (
+        np.array_equal(loaded, params)
+        and step == 4
+        and torch.equal(opt["state"]["momentum"], torch.ones(6))
+        and nbytes > 0
+    )
     save_shard_checkpoint(str(tmp_path), 1, 4, params, state)
     save_shard_checkpoint(str(tmp_path), 0, 8, params, state)  # shard 1 has not written step 8 yet
     assert latest_common_step(str(tmp_path), 2) == 4
     assert latest_common_step(str(tmp_path / "missing"), 2) is None
 
 
-@pytest.mark.parametrize("text, message", [
-    ("server:0@step=nan", "'nan' is not a finite number"),
-    ("server:0@step=inf", "'inf' is not a finite number"),
-    ("worker:1@time=inf", "'inf' is not a finite number"),
-    ("server:0@step=2.5", "@step takes a whole number"),
-    ("server:0@recovery=0", "@recovery counts from 1"),
-    ("replica:0@snapshot=0", "@snapshot counts from 1"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("server:0@step=nan", "'nan' is not a finite number"),
+        ("server:0@step=inf", "'inf' is not a finite number"),
+        ("worker:1@time=inf", "'inf' is not a finite number"),
+        ("server:0@step=2.5", "@step takes a whole number"),
+        ("server:0@recovery=0", "@recovery counts from 1"),
+        ("replica:0@snapshot=0", "@snapshot counts from 1"),
+    ],
+)
 def test_kill_values_are_finite_whole_and_counted_from_one(text, message):
     with pytest.raises(ConfigError, match=message) as e:
         parse_kill(text)
-    assert e.value.field == "recovery.kill"
+    assert e.value.field == "chaos.kill"
 
 
 def test_a_kill_given_twice_or_after_the_run_is_an_error():
@@ -95,46 +129,68 @@ def test_a_kill_given_twice_or_after_the_run_is_an_error():
     for twice in ("server:0@step=3,server:0@step=3", ["server@step=3", "server:0@step=3"]):
         with pytest.raises(ConfigError, match="the same kill is given twice") as e:
             parse_kills(twice)
-        assert e.value.field == "recovery.kill"
-    assert len(parse_kills(["server:0@step=3", "server:0@step=4,worker:1@step=3"])) == 3  # repeated flag, comma lists
+        assert e.value.field == "chaos.kill"
+    assert (
+        len(parse_kills(["server:0@step=3", "server:0@step=4,worker:1@step=3"])) == 3
+    )  # repeated flag, comma lists
     kills = parse_kills("server:0@step=9,worker:0@time=500,server:1@recovery=7")
     check_steps(kills, total_steps=10)  # @time and event counts cannot be known ahead
-    with pytest.raises(ConfigError, match=r"recovery.kill: server:0@step=10: the run ends after step 10, so this kill would never fire"):
+    with pytest.raises(
+        ConfigError,
+        match=r"chaos.kill: server:0@step=10: the run ends after step 10, so this kill would never "
+        r"fire",
+    ):
         check_steps(parse_kills("server:0@step=10"), total_steps=10)
 
 
 def test_kill_errors_use_the_dotted_field_name():
-    for bad in (lambda: parse_kill("server:1"), lambda: check_targets(parse_kills("server:2@step=1"), 2, 2, 1)):
+    for bad in (
+        lambda: parse_kill("server:1"),
+        lambda: check_targets(parse_kills("server:2@step=1"), 2, 2, 1),
+    ):
         with pytest.raises(ConfigError) as e:
             bad()
-        assert e.value.field == "recovery.kill" and str(e.value).startswith("recovery.kill: ")
+        assert e.value.field == "chaos.kill" and str(e.value).startswith("chaos.kill: ")
     with pytest.raises(ConfigError) as e:
         parse_kills("server:1", "--kill")  # the chaos command's own flag
     assert e.value.field == "--kill"
 
 
-@pytest.mark.parametrize("text, message", [
-    ("0:nan", "MS a number from 0 to 3,600,000"),
-    ("0:inf", "MS a number from 0 to 3,600,000"),
-    ("0:-5", "MS a number from 0"),
-    ("0:100,0:200", "rank 0 is given twice"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("0:nan", "MS a number from 0 to 3,600,000"),
+        ("0:inf", "MS a number from 0 to 3,600,000"),
+        ("0:-5", "MS a number from 0"),
+        ("0:100,0:200", "rank 0 is given twice"),
+    ],
+)
 def test_bad_slow_workers_name_the_field(text, message):
     from raytrain_ft.recovery.faults import parse_slow
 
     with pytest.raises(ConfigError, match=message) as e:
         parse_slow(text, 2)
-    assert e.value.field == "recovery.slow_workers"
+    assert e.value.field == "chaos.slow_workers"
 
 
-@pytest.mark.parametrize("kwargs, flag", [
-    ({"mtbf_s": float("nan")}, "--mtbf-s"),
-    ({"mtbf_s": float("inf")}, "--mtbf-s"),
-    ({"duration_s": float("inf")}, "--duration-s"),
-    ({"min_gap_s": float("nan")}, "--min-gap-s"),
-])
+@pytest.mark.parametrize(
+    "kwargs, flag",
+    [
+        ({"mtbf_s": float("nan")}, "--mtbf-s"),
+        ({"mtbf_s": float("inf")}, "--mtbf-s"),
+        ({"duration_s": float("inf")}, "--duration-s"),
+        ({"min_gap_s": float("nan")}, "--min-gap-s"),
+    ],
+)
 def test_random_schedules_need_finite_times(kwargs, flag):
-    args = {"seed": 0, "mtbf_s": 2.0, "duration_s": 10.0, "roles": ["server"], "sizes": {"server": 2}, "min_gap_s": 0.0} | kwargs
+    args = {
+        "seed": 0,
+        "mtbf_s": 2.0,
+        "duration_s": 10.0,
+        "roles": ["server"],
+        "sizes": {"server": 2},
+        "min_gap_s": 0.0,
+    } | kwargs
     with pytest.raises(ConfigError) as e:
         random_schedule(**args)
     assert e.value.field == flag
@@ -146,7 +202,9 @@ def test_resume_from_says_what_is_wrong_with_the_directory(tmp_path):
     from raytrain_ft.trainer import check_resumable
 
     ranges = shard_ranges(12, 2, 12)
-    with pytest.raises(DataError, match=r"missing: does not exist; --resume-from takes the --checkpoint-dir"):
+    with pytest.raises(
+        DataError, match=r"missing: does not exist; --resume-from takes the --checkpoint-dir"
+    ):
         check_resumable(str(tmp_path / "missing"), ranges)
     (tmp_path / "file").write_text("x")
     with pytest.raises(DataError, match=r"file: is not a directory"):

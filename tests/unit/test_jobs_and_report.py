@@ -10,9 +10,9 @@ import pytest
 
 from raytrain_ft import jobs
 from raytrain_ft.actors.metrics import CATALOGUE, prometheus_name
-from raytrain_ft.device import choose_device
 from raytrain_ft.cli import ProgressBar
-from raytrain_ft.config import ClusterConfig, RecoveryConfig, TrainConfig, from_dict
+from raytrain_ft.config import ChaosConfig, ClusterConfig, TrainConfig, from_dict
+from raytrain_ft.device import choose_device
 from raytrain_ft.errors import ClusterError, ConfigError, DataError
 from raytrain_ft.report import check_summary, load_summary, markers, progress_line, recovery_line
 from raytrain_ft.trainer import Progress
@@ -25,9 +25,15 @@ def test_token_precedence_is_rays(tmp_path):
     (home / ".ray" / "auth_token").write_text("from-default\n")
     path = tmp_path / "tok"
     path.write_text("from-path")
-    assert jobs.find_token({"RAY_AUTH_TOKEN": "from-env", "RAY_AUTH_TOKEN_PATH": str(path)}, home) == jobs.Token("from-env", "RAY_AUTH_TOKEN")
-    assert jobs.find_token({"RAY_AUTH_TOKEN_PATH": str(path)}, home) == jobs.Token("from-path", str(path))
-    assert jobs.find_token({}, home) == jobs.Token("from-default", str(home / ".ray" / "auth_token"))
+    assert jobs.find_token(
+        {"RAY_AUTH_TOKEN": "from-env", "RAY_AUTH_TOKEN_PATH": str(path)}, home
+    ) == jobs.Token("from-env", "RAY_AUTH_TOKEN")
+    assert jobs.find_token({"RAY_AUTH_TOKEN_PATH": str(path)}, home) == jobs.Token(
+        "from-path", str(path)
+    )
+    assert jobs.find_token({}, home) == jobs.Token(
+        "from-default", str(home / ".ray" / "auth_token")
+    )
     assert jobs.find_token({}, tmp_path / "nobody") is None
 
 
@@ -44,7 +50,11 @@ def test_unusable_token_path_is_an_error_not_a_fallback(tmp_path, content, needl
     "address, environ, expected",
     [
         (None, {}, "http://127.0.0.1:8265"),
-        (None, {"RAY_ADDRESS": "10.0.0.5:6379"}, "http://127.0.0.1:8265"),  # a GCS address, not the job API
+        (
+            None,
+            {"RAY_ADDRESS": "10.0.0.5:6379"},
+            "http://127.0.0.1:8265",
+        ),  # a GCS address, not the job API
         (None, {"RAY_ADDRESS": "http://10.0.0.5:8265/"}, "http://10.0.0.5:8265"),
         (None, {"RAY_API_SERVER_ADDRESS": "http://a:1", "RAY_ADDRESS": "http://b:2"}, "http://a:1"),
         ("10.0.0.7:8265", {}, "http://10.0.0.7:8265"),
@@ -55,18 +65,24 @@ def test_dashboard_address(address, environ, expected):
 
 
 def test_a_ray_client_address_is_refused():
-    with pytest.raises(ConfigError, match="--address: 'ray://h:10001' is not the dashboard's HTTP address"):
+    with pytest.raises(
+        ConfigError, match="--address: 'ray://h:10001' is not the dashboard's HTTP address"
+    ):
         jobs.resolve_address("ray://h:10001", {})
 
 
 def test_entrypoint_carries_the_config_and_joins_the_cluster():
-    cfg = TrainConfig(cluster=ClusterConfig(num_workers=3, address="10.1.1.1:6379"), epochs=7, recovery=RecoveryConfig(kill="server:0@step=5"))
+    cfg = TrainConfig(
+        cluster=ClusterConfig(num_workers=3, address="10.1.1.1:6379"),
+        epochs=7,
+        chaos=ChaosConfig(kill="server:0@step=5"),
+    )
     argv = shlex.split(jobs.entrypoint(cfg))
     assert argv[:5] == ["python", "-m", "raytrain_ft.cli", "train", "--emit-summary"]
     raw = json.loads(argv[argv.index("--config-json") + 1])
     back = from_dict(raw)
     assert back.cluster.num_workers == 3 and back.epochs == 7 and back.cluster.address is None
-    assert back.recovery.kill == "server:0@step=5"
+    assert back.chaos.kill == "server:0@step=5"
 
 
 def test_simulated_nodes_cannot_be_submitted():
@@ -75,25 +91,53 @@ def test_simulated_nodes_cannot_be_submitted():
 
 
 def test_summary_is_the_last_marked_line():
-    logs = "noise\n" + jobs.SUMMARY_MARKER + '{"a": 1}\n(Worker) stuff ' + jobs.SUMMARY_MARKER + '{"a": 2}\ntrailing\n'
+    logs = (
+        "noise\n"
+        + jobs.SUMMARY_MARKER
+        + '{"a": 1}\n(Worker) stuff '
+        + jobs.SUMMARY_MARKER
+        + '{"a": 2}\ntrailing\n'
+    )
     assert jobs.parse_summary(logs) == {"a": 2}
     assert jobs.parse_summary("no summary here") is None
 
 
 def test_recovery_lines_say_what_died_and_how_it_came_back():
-    replica = {"role": "server", "index": 1, "source": "replica", "replayed": 3, "steps_lost": 0, "duration_s": 0.071}
-    assert recovery_line(replica) == ("recovered: parameter server 1 died; rebuilt from its peer's replica, 3 commands replayed, 0 steps lost; "
-                                      "serving again after 0.071s")
+    replica = {
+        "role": "server",
+        "index": 1,
+        "source": "replica",
+        "replayed": 3,
+        "steps_lost": 0,
+        "duration_s": 0.071,
+    }
+    assert recovery_line(replica) == (
+        "recovered: parameter server 1 died; rebuilt from its peer's replica, 3 commands replayed, "
+        "0 steps lost; "
+        "serving again after 0.071s"
+    )
     holder = {**replica, "role": "replica", "index": 2}
-    assert recovery_line(holder).startswith("recovered: replica holder 2 died; rebuilt from its peer's replica, 3 commands replayed;")
-    ckpt = {"role": "server", "index": 0, "source": "checkpoint", "step": 20, "steps_lost": 7, "duration_s": 3.2}
+    assert recovery_line(holder).startswith(
+        "recovered: replica holder 2 died; rebuilt from its peer's replica, 3 commands replayed;"
+    )
+    ckpt = {
+        "role": "server",
+        "index": 0,
+        "source": "checkpoint",
+        "step": 20,
+        "steps_lost": 7,
+        "duration_s": 3.2,
+    }
     assert "rolled back to the checkpoint of step 20 (7 steps lost)" in recovery_line(ckpt)
     worker = {"role": "worker", "index": 3, "source": "restart", "step": 41, "duration_s": 1.5}
     assert recovery_line(worker) == "recovered: worker 3 died; restarted at step 41 after 1.500s"
 
 
 def test_progress_line_and_bar_print_each_recovery_once():
-    assert progress_line(5, 10, 0.5, 0.75, 1234.0, 3.2, width=10) == "[#####.....] step 5/10 loss 0.5000 acc 0.750 1,234 samples/s 3s"
+    assert (
+        progress_line(5, 10, 0.5, 0.75, 1234.0, 3.2, width=10)
+        == "[#####.....] step 5/10 loss 0.5000 acc 0.750 1,234 samples/s 3s"
+    )
     assert "loss - acc -" in progress_line(0, 10, math.nan, math.nan, 0.0, 0.0)
     out = io.StringIO()
     bar = ProgressBar(out)
@@ -106,11 +150,25 @@ def test_progress_line_and_bar_print_each_recovery_once():
 
 
 def test_markers_put_kills_and_recoveries_on_the_history_clock():
-    summary = {"started_at": 100.0, "kills": [{"kill": "server:0@step=20", "at": 103.0}],
-               "recoveries": [{"role": "server", "index": 0, "source": "replica", "detected_at": 103.5, "serving_at": 103.6, "duration_s": 0.1}]}
+    summary = {
+        "started_at": 100.0,
+        "kills": [{"kill": "server:0@step=20", "at": 103.0}],
+        "recoveries": [
+            {
+                "role": "server",
+                "index": 0,
+                "source": "replica",
+                "detected_at": 103.5,
+                "serving_at": 103.6,
+                "duration_s": 0.1,
+            }
+        ],
+    }
     kill, rec = markers(summary)
     assert (kill.kind, kill.t_s) == ("kill", 3.0)
-    assert rec.kind == "recovery" and rec.t_s == pytest.approx(3.5) and rec.end_s == pytest.approx(3.6)
+    assert (
+        rec.kind == "recovery" and rec.t_s == pytest.approx(3.5) and rec.end_s == pytest.approx(3.6)
+    )
 
 
 def test_metric_names_as_prometheus_shows_them():
@@ -126,8 +184,13 @@ def test_metric_names_as_prometheus_shows_them():
 def test_device_choice_on_a_gpu_torch_cannot_use():
     assert choose_device("cpu", "auto", False, ()) == ("cpu", None)
     assert choose_device("cuda", "true", True, (0,), noset_visible=False) == ("cuda:0", None)
-    assert choose_device("cuda", "true", True, (3,), noset_visible=True) == ("cuda:3", None)  # every GPU visible: the id
-    device, warning = choose_device("cuda", "auto", True, ())  # a process hosting simulated ranks asks for no GPU
+    assert choose_device("cuda", "true", True, (3,), noset_visible=True) == (
+        "cuda:3",
+        None,
+    )  # every GPU visible: the id
+    device, warning = choose_device(
+        "cuda", "auto", True, ()
+    )  # a process hosting simulated ranks asks for no GPU
     assert device == "cpu" and "no GPU was assigned" in warning
     device, warning = choose_device("cuda", "auto", False, (0,))
     assert device == "cpu" and "Ray assigned GPU [0]" in warning
@@ -135,14 +198,21 @@ def test_device_choice_on_a_gpu_torch_cannot_use():
         choose_device("cuda", "true", False, (0,))
 
 
-# --- a Ray address for ray.init (train --address, chaos): checked in seconds, with the job commands' token code ---
+# --- a Ray address for ray.init (train --address, chaos): checked in seconds, with the job
+# commands' token code ---
 
 
 @pytest.fixture
 def auth_env(monkeypatch, tmp_path):
     """A clean client environment: no token, RAY_AUTH_MODE unset; tests set what they need."""
     monkeypatch.setenv("HOME", str(tmp_path))
-    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "RAY_ADDRESS", "RAY_USE_TLS"):
+    for var in (
+        "RAY_AUTH_TOKEN",
+        "RAY_AUTH_TOKEN_PATH",
+        "RAY_AUTH_MODE",
+        "RAY_ADDRESS",
+        "RAY_USE_TLS",
+    ):
         monkeypatch.delenv(var, raising=False)
     return monkeypatch
 
@@ -150,21 +220,44 @@ def auth_env(monkeypatch, tmp_path):
 def test_what_ray_init_sends_is_decided_as_ray_decides(tmp_path):
     tok = {"RAY_AUTH_TOKEN": "t"}
     assert jobs.ray_auth("h:1", {"HOME": str(tmp_path)}, tmp_path).sent is None
-    assert jobs.ray_auth("h:1", tok, tmp_path).sent is None  # an explicit address: only RAY_AUTH_MODE=token sends it
-    assert jobs.ray_auth("auto", tok, tmp_path).sent == jobs.Token("t", "RAY_AUTH_TOKEN")  # a found local cluster: sent
+    assert (
+        jobs.ray_auth("h:1", tok, tmp_path).sent is None
+    )  # an explicit address: only RAY_AUTH_MODE=token sends it
+    assert jobs.ray_auth("auto", tok, tmp_path).sent == jobs.Token(
+        "t", "RAY_AUTH_TOKEN"
+    )  # a found local cluster: sent
     assert jobs.ray_auth("h:1", {**tok, "RAY_AUTH_MODE": "token"}, tmp_path).sent.value == "t"
     assert jobs.ray_auth("auto", {**tok, "RAY_AUTH_MODE": "disabled"}, tmp_path).sent is None
-    with pytest.raises(ClusterError, match="RAY_AUTH_MODE=token and no token was found: set RAY_AUTH_TOKEN"):
+    with pytest.raises(
+        ClusterError, match="RAY_AUTH_MODE=token and no token was found: set RAY_AUTH_TOKEN"
+    ):
         jobs.ray_auth("h:1", {"RAY_AUTH_MODE": "token"}, tmp_path)
 
 
-@pytest.mark.parametrize("env, needle", [
-    ({}, "requires token authentication and no token was found: set RAY_AUTH_TOKEN, .*, and set RAY_AUTH_MODE=token"),
-    ({"RAY_AUTH_MODE": "disabled"}, "requires token authentication and no token was found: .*and set RAY_AUTH_MODE=token"),
-    ({"RAY_AUTH_TOKEN": "right"}, "Ray sends the token from RAY_AUTH_TOKEN only with RAY_AUTH_MODE=token \\(RAY_AUTH_MODE is unset\\)"),
-    ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "wrong"}, "rejected the token from RAY_AUTH_TOKEN; use the cluster's token"),
-    ({"RAY_AUTH_MODE": "token"}, "RAY_AUTH_MODE=token and no token was found"),
-])
+@pytest.mark.parametrize(
+    "env, needle",
+    [
+        (
+            {},
+            "requires token authentication and no token was found: set RAY_AUTH_TOKEN, .*, and set "
+            "RAY_AUTH_MODE=token",
+        ),
+        (
+            {"RAY_AUTH_MODE": "disabled"},
+            "requires token authentication and no token was found: .*and set RAY_AUTH_MODE=token",
+        ),
+        (
+            {"RAY_AUTH_TOKEN": "right"},
+            "Ray sends the token from RAY_AUTH_TOKEN only with RAY_AUTH_MODE=token "
+            "\\(RAY_AUTH_MODE is unset\\)",
+        ),
+        (
+            {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "wrong"},
+            "rejected the token from RAY_AUTH_TOKEN; use the cluster's token",
+        ),
+        ({"RAY_AUTH_MODE": "token"}, "RAY_AUTH_MODE=token and no token was found"),
+    ],
+)
 def test_a_head_that_wants_a_token_is_one_line_like_submit(auth_env, env, needle):
     for k, v in env.items():
         auth_env.setenv(k, v)
@@ -183,35 +276,69 @@ def test_the_right_token_passes_and_a_head_without_auth_takes_anyone(auth_env):
 
 def test_an_open_port_that_is_not_ray_is_named(auth_env):
     with http_server() as address:
-        with pytest.raises(ClusterError, match=rf"cluster.address '{address}' is not Ray: it answers like an HTTP server \(the dashboard\?\)"):
+        with pytest.raises(
+            ClusterError,
+            match=rf"cluster.address '{address}' is not Ray: it answers like an HTTP server \(the "
+            r"dashboard\?\)",
+        ):
             jobs.check_ray_address(address, "cluster.address", timeout_s=2)
-        with pytest.raises(ClusterError, match=r"--address 'ray://.*' is not Ray: .*the Ray Client server, ray://HEAD:10001"):
+        with pytest.raises(
+            ClusterError,
+            match=r"--address 'ray://.*' is not Ray: .*the Ray Client server, ray://HEAD:10001",
+        ):
             jobs.check_ray_address("ray://" + address, "--address", timeout_s=2)
     with silent_port() as address:
         t0 = time.monotonic()
-        with pytest.raises(ClusterError, match=r"--address 'ray://.*' accepts connections but nothing answered like Ray within 0.5s"):
+        with pytest.raises(
+            ClusterError,
+            match=r"--address 'ray://.*' accepts connections but nothing answered like Ray within "
+            r"0.5s",
+        ):
             jobs.check_ray_address("ray://" + address, "--address", timeout_s=0.5)
         assert time.monotonic() - t0 < 5
 
 
 def test_address_auto_refuses_to_pick_one_of_several_instances():
-    with pytest.raises(ClusterError, match=r"--address auto: 2 Ray instances run on this machine \(10.0.0.1:6379, 10.0.0.2:6380\); "
-                                           r"give the one to use as --address HOST:PORT"):
-        jobs.resolve_ray_address("auto", "--address", {}, candidates={"10.0.0.2:6380", "10.0.0.1:6379"})
-    assert jobs.resolve_ray_address("auto", "--address", {}, candidates={"10.0.0.1:6379"}) == "10.0.0.1:6379"
-    assert jobs.resolve_ray_address("auto", "--address", {"RAY_ADDRESS": "h:1"}, candidates={"a:1", "b:2"}) == "h:1"  # as ray.init reads it
+    with pytest.raises(
+        ClusterError,
+        match=r"--address auto: 2 Ray instances run on this machine \(10.0.0.1:6379, "
+        r"10.0.0.2:6380\); "
+        r"give the one to use as --address HOST:PORT",
+    ):
+        jobs.resolve_ray_address(
+            "auto", "--address", {}, candidates={"10.0.0.2:6380", "10.0.0.1:6379"}
+        )
+    assert (
+        jobs.resolve_ray_address("auto", "--address", {}, candidates={"10.0.0.1:6379"})
+        == "10.0.0.1:6379"
+    )
+    assert (
+        jobs.resolve_ray_address(
+            "auto", "--address", {"RAY_ADDRESS": "h:1"}, candidates={"a:1", "b:2"}
+        )
+        == "h:1"
+    )  # as ray.init reads it
     with pytest.raises(ClusterError, match="--address auto: no Ray instance runs on this machine"):
         jobs.resolve_ray_address("auto", "--address", {}, candidates=set())
     assert jobs.resolve_ray_address("h:1", "--address", {}, candidates={"a:1", "b:2"}) == "h:1"
 
 
-@pytest.mark.parametrize("history, needle", [
-    ([1, 2], r"history\[0\] is 1: each point needs t"),
-    ("abc", r"'history' is \"abc\", not a list of points"),
-    ([{"t": 1}], r"history\[0\] is \{\"t\": 1\}: each point needs t \(a number\), loss and accuracy"),
-    ([{"t": 0, "loss": 1, "accuracy": 0.5}, {"t": "x", "loss": 1, "accuracy": 0.5}], r"history\[1\]"),
-    ([{"t": 0, "loss": "low", "accuracy": None}], r"history\[0\]"),
-])
+@pytest.mark.parametrize(
+    "history, needle",
+    [
+        ([1, 2], r"history\[0\] is 1: each point needs t"),
+        ("abc", r"'history' is \"abc\", not a list of points"),
+        (
+            [{"t": 1}],
+            r"history\[0\] is \{\"t\": 1\}: each point needs t \(a number\), loss and accuracy",
+        ),
+        (
+            [{"t": 0, "loss": 1, "accuracy": 0.5}, {"t": "x", "loss": 1, "accuracy": 0.5}],
+            r"history\[1\]",
+        ),
+        ([{"t": 0, "loss": "low", "accuracy": None}], r"history\[0\]"),
+    ],
+)
 def test_a_malformed_history_is_one_data_error_naming_the_file(tmp_path, history, needle):
     path = tmp_path / "run.json"
     path.write_text(json.dumps({"history": history}))
@@ -220,13 +347,16 @@ def test_a_malformed_history_is_one_data_error_naming_the_file(tmp_path, history
     assert e.value.path == str(path) and "raytrain-ft train --output-json" in str(e.value)
 
 
-@pytest.mark.parametrize("extra, needle", [
-    ({"kills": [5]}, r"kills\[0\] is 5"),
-    ({"kills": "server"}, r"'kills' is \"server\", not a list"),
-    ({"recoveries": [{"detected_at": 1.0}]}, r"recoveries\[0\]"),
-    ({"started_at": "noon"}, r"'started_at' is \"noon\""),
-    ({"config": []}, r"'config' is \[\]"),
-])
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        ({"kills": [5]}, r"kills\[0\] is 5"),
+        ({"kills": "server"}, r"'kills' is \"server\", not a list"),
+        ({"recoveries": [{"detected_at": 1.0}]}, r"recoveries\[0\]"),
+        ({"started_at": "noon"}, r"'started_at' is \"noon\""),
+        ({"config": []}, r"'config' is \[\]"),
+    ],
+)
 def test_the_other_parts_the_report_reads_are_checked_too(extra, needle):
     summary = {"history": [{"t": 0, "loss": 1.0, "accuracy": None}], **extra}
     with pytest.raises(DataError, match=needle):
@@ -242,15 +372,28 @@ def test_deterministic_flags_are_set_for_a_gpu_process(monkeypatch):
     from raytrain_ft.device import CUBLAS_WORKSPACE_ENV_VAR, deterministic
 
     monkeypatch.delenv(CUBLAS_WORKSPACE_ENV_VAR, raising=False)
-    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
-              torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+    )
     try:
         got = deterministic(tf32=False)
         assert os.environ[CUBLAS_WORKSPACE_ENV_VAR] == ":4096:8" and got["tf32"] is False
         assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
-        assert not torch.backends.cudnn.benchmark and not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert (
+            not torch.backends.cudnn.benchmark
+            and not torch.backends.cuda.matmul.allow_tf32
+            and not torch.backends.cudnn.allow_tf32
+        )
         assert deterministic(tf32=True)["tf32"] and torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.use_deterministic_algorithms(before[0])
-        (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
-         torch.backends.cudnn.allow_tf32) = before[1:]
+        (
+            torch.backends.cudnn.deterministic,
+            torch.backends.cudnn.benchmark,
+            torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32,
+        ) = before[1:]

@@ -7,7 +7,14 @@ from raytrain_ft.models import build_model
 
 @pytest.mark.parametrize(
     "name, shape",
-    [("mlp", (1, 8, 8)), ("cnn", (1, 16, 16)), ("cnn", (3, 32, 32)), ("resnet18", (3, 32, 32)), ("resnet18", (1, 16, 16)), ("resnet50", (3, 32, 32))],
+    [
+        ("mlp", (1, 8, 8)),
+        ("cnn", (1, 16, 16)),
+        ("cnn", (3, 32, 32)),
+        ("resnet18", (3, 32, 32)),
+        ("resnet18", (1, 16, 16)),
+        ("resnet50", (3, 32, 32)),
+    ],
 )
 def test_models_produce_logits(name, shape):
     torch.manual_seed(0)

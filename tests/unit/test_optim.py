@@ -9,18 +9,40 @@ from raytrain_ft.optim import hyper_params, lr_at, make_optimizer
 CASES = [
     (OptimConfig(name="sgd", lr=0.1, momentum=0.0), torch.optim.SGD, dict(lr=0.1)),
     (OptimConfig(name="sgd", lr=0.1, momentum=0.9), torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
-    (OptimConfig(name="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3), torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)),
-    (OptimConfig(name="sgd", lr=0.05, momentum=0.5, weight_decay=5e-4), torch.optim.SGD, dict(lr=0.05, momentum=0.5, weight_decay=5e-4)),
+    (
+        OptimConfig(name="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3),
+        torch.optim.SGD,
+        dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    ),
+    (
+        OptimConfig(name="sgd", lr=0.05, momentum=0.5, weight_decay=5e-4),
+        torch.optim.SGD,
+        dict(lr=0.05, momentum=0.5, weight_decay=5e-4),
+    ),
     (OptimConfig(name="rmsprop", lr=0.01, momentum=0.0), torch.optim.RMSprop, dict(lr=0.01)),
-    (OptimConfig(name="rmsprop", lr=0.01, momentum=0.9, alpha=0.9, weight_decay=1e-4), torch.optim.RMSprop, dict(lr=0.01, momentum=0.9, alpha=0.9, weight_decay=1e-4)),
+    (
+        OptimConfig(name="rmsprop", lr=0.01, momentum=0.9, alpha=0.9, weight_decay=1e-4),
+        torch.optim.RMSprop,
+        dict(lr=0.01, momentum=0.9, alpha=0.9, weight_decay=1e-4),
+    ),
     (OptimConfig(name="adagrad", lr=0.1), torch.optim.Adagrad, dict(lr=0.1)),
-    (OptimConfig(name="adagrad", lr=0.1, weight_decay=1e-3), torch.optim.Adagrad, dict(lr=0.1, weight_decay=1e-3)),
+    (
+        OptimConfig(name="adagrad", lr=0.1, weight_decay=1e-3),
+        torch.optim.Adagrad,
+        dict(lr=0.1, weight_decay=1e-3),
+    ),
     (OptimConfig(name="adam", lr=1e-3), torch.optim.Adam, dict(lr=1e-3)),
-    (OptimConfig(name="adam", lr=3e-3, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=1e-2), torch.optim.Adam, dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=1e-2)),
+    (
+        OptimConfig(name="adam", lr=3e-3, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=1e-2),
+        torch.optim.Adam,
+        dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=1e-2),
+    ),
 ]
 
 
-@pytest.mark.parametrize("cfg, torch_cls, kwargs", CASES, ids=lambda c: getattr(c, "name", None) or "")
+@pytest.mark.parametrize(
+    "cfg, torch_cls, kwargs", CASES, ids=lambda c: getattr(c, "name", None) or ""
+)
 def test_matches_torch_optim(cfg, torch_cls, kwargs):
     gen = torch.Generator().manual_seed(1)
     init = torch.randn(257, generator=gen)
@@ -80,9 +102,20 @@ def _torch_lrs(make_sched, steps, lr):
 @pytest.mark.parametrize(
     "cfg, make_sched",
     [
-        (OptimConfig(lr=0.1, schedule="step", step_size=7, gamma=0.5), lambda o: torch.optim.lr_scheduler.StepLR(o, 7, 0.5)),
-        (OptimConfig(lr=0.1, schedule="cosine", min_lr=0.001), lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=40, eta_min=0.001)),
-        (OptimConfig(lr=0.1, warmup_steps=5), lambda o: torch.optim.lr_scheduler.LinearLR(o, start_factor=0.2, end_factor=1.0, total_iters=4)),
+        (
+            OptimConfig(lr=0.1, schedule="step", step_size=7, gamma=0.5),
+            lambda o: torch.optim.lr_scheduler.StepLR(o, 7, 0.5),
+        ),
+        (
+            OptimConfig(lr=0.1, schedule="cosine", min_lr=0.001),
+            lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=40, eta_min=0.001),
+        ),
+        (
+            OptimConfig(lr=0.1, warmup_steps=5),
+            lambda o: torch.optim.lr_scheduler.LinearLR(
+                o, start_factor=0.2, end_factor=1.0, total_iters=4
+            ),
+        ),
     ],
     ids=["step", "cosine", "warmup"],
 )

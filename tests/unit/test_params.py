@@ -3,7 +3,13 @@ import torch
 from torch import nn
 
 from raytrain_ft.errors import ConfigError
-from raytrain_ft.params import FlatModel, flatten_state, load_flat_state, params_sha256, shard_ranges
+from raytrain_ft.params import (
+    FlatModel,
+    flatten_state,
+    load_flat_state,
+    params_sha256,
+    shard_ranges,
+)
 
 
 @pytest.mark.parametrize("total, k", [(10, 1), (10, 3), (7, 7), (1_000_003, 8), (5, 2)])
@@ -30,7 +36,9 @@ def test_param_and_buffer_slices():
 
 def _bn_model():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)
+    )
 
 
 def test_params_and_grads_are_views_into_flat_buffers():
@@ -39,7 +47,9 @@ def test_params_and_grads_are_views_into_flat_buffers():
     fm = FlatModel(model)
     assert torch.equal(fm.flat, before)
     assert fm.num_params == sum(p.numel() for p in model.parameters())
-    assert fm.num_buffer_values == 9  # running_mean + running_var of 4 channels, and num_batches_tracked (as a float)
+    assert (
+        fm.num_buffer_values == 9
+    )  # running_mean + running_var of 4 channels, and num_batches_tracked (as a float)
     lo, hi = fm.flat.data_ptr(), fm.flat.data_ptr() + fm.flat.numel() * 4
     glo, ghi = fm.flat_grad.data_ptr(), fm.flat_grad.data_ptr() + fm.flat_grad.numel() * 4
     for _ in range(2):  # the second backward must still land in the same buffer
@@ -54,7 +64,10 @@ def test_params_and_grads_are_views_into_flat_buffers():
     assert lo <= bn.running_mean.data_ptr() < hi
     assert not torch.equal(fm.buffer_view, before[fm.num_params :])
     fm.stage_buffers()  # float buffers as they are; the integer count (2 forwards) as a float
-    assert torch.equal(fm.flat_grad[fm.num_params : -1], fm.buffer_view[:-1]) and fm.flat_grad[-1] == 2.0
+    assert (
+        torch.equal(fm.flat_grad[fm.num_params : -1], fm.buffer_view[:-1])
+        and fm.flat_grad[-1] == 2.0
+    )
 
 
 def test_flat_state_round_trip_and_hash():
@@ -68,7 +81,10 @@ def test_flat_state_round_trip_and_hash():
         load_flat_state(b, flat[:-1])
 
 
-@pytest.mark.parametrize("span, expected", [((0, 4), [0]), ((3, 5), [0, 1]), ((4, 7), [1]), ((0, 10), [0, 1, 2]), ((9, 10), [2])])
+@pytest.mark.parametrize(
+    "span, expected",
+    [((0, 4), [0]), ((3, 5), [0, 1]), ((4, 7), [1]), ((0, 10), [0, 1, 2]), ((9, 10), [2])],
+)
 def test_overlapping_shards(span, expected):
     from raytrain_ft.params import overlapping_shards
 

@@ -1,4 +1,5 @@
-"""Placement helpers, the supervisor's pure ``decide()``, and ``SupervisorProtocol`` driven on the in-memory bus
+"""Placement helpers, the supervisor's pure ``decide()``, and ``SupervisorProtocol`` driven on the
+in-memory bus
 (write-ahead of every act, and a restart from the persisted registry at any point of a run)."""
 
 from dataclasses import dataclass, field
@@ -49,26 +50,42 @@ from raytrain_ft.protocol.supervisor import (
 from raytrain_ft.recovery.policy import server_nodes, slot_nodes, snapshot_interval_for
 from tests.unit.bus import Bus
 
-# --- placement ------------------------------------------------------------------------------------------
+# --- placement
+# ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("k, expected_slots, holders", [(1, 2, [1]), (2, 2, [1, 0]), (4, 4, [1, 2, 3, 0])])
+@pytest.mark.parametrize(
+    "k, expected_slots, holders", [(1, 2, [1]), (2, 2, [1, 0]), (4, 4, [1, 2, 3, 0])]
+)
 def test_topology_ring_or_dedicated_replica(k, expected_slots, holders):
     assert num_slots(k) == expected_slots
     assert [replica_slot(s, k) for s in range(k)] == holders
     for slot in range(expected_slots):
         assert all(replica_slot(s, k) == slot for s in replica_shards(slot, k))
-    assert [primary_shard(j, k) for j in range(expected_slots)] == [j if j < k else None for j in range(expected_slots)]
+    assert [primary_shard(j, k) for j in range(expected_slots)] == [
+        j if j < k else None for j in range(expected_slots)
+    ]
 
 
-@pytest.mark.parametrize("slots, nodes", [(4, ["a", "b", "c"]), (2, ["a", "b", "c"]), (5, ["a", "b", "c", "d"]), (4, ["a", "b"]), (3, ["a", "b", "c"])])
+@pytest.mark.parametrize(
+    "slots, nodes",
+    [
+        (4, ["a", "b", "c"]),
+        (2, ["a", "b", "c"]),
+        (5, ["a", "b", "c", "d"]),
+        (4, ["a", "b"]),
+        (3, ["a", "b", "c"]),
+    ],
+)
 def test_ring_neighbours_sit_on_different_nodes(slots, nodes):
     placed = slot_nodes(slots, nodes)
     assert all(placed[j] != placed[(j + 1) % slots] for j in range(slots))
 
 
 def test_an_odd_ring_on_two_nodes_cannot_be_spread():
-    placed = slot_nodes(3, ["a", "b"])  # a 3-cycle needs 3 colours: one neighbour pair shares a node
+    placed = slot_nodes(
+        3, ["a", "b"]
+    )  # a 3-cycle needs 3 colours: one neighbour pair shares a node
     assert sum(placed[j] == placed[(j + 1) % 3] for j in range(3)) == 1
     assert slot_nodes(3, []) == []
 
@@ -79,7 +96,11 @@ def test_an_odd_ring_on_two_nodes_cannot_be_spread():
         ({"h": 4}, [], []),  # one node: no placement
         ({"h": 4, "b": 2, "a": 2}, [], ["h", "a", "b"]),
         ({"h": 4, "b": 2, "a": 2}, ["b", "a"], ["h", "b", "a"]),  # simulated nodes in kill order
-        ({"h": 0, "g2": 4, "g1": 4}, [], ["g1", "g2"]),  # a `ray up` head with CPU 0 holds no servers
+        (
+            {"h": 0, "g2": 4, "g1": 4},
+            [],
+            ["g1", "g2"],
+        ),  # a `ray up` head with CPU 0 holds no servers
         ({"h": 0, "g1": 4}, [], ["g1"]),
         ({"h": 0, "x": 0}, [], ["h", "x"]),  # nobody offers CPUs: spread anyway
     ],
@@ -97,7 +118,9 @@ def test_snapshot_interval_for_minimises_expected_cost():
         return 0.020 / k + 1e-5 * 0.001 * k / 2
 
     assert all(cost(n) <= cost(k) for k in (n // 2, n - 1, n + 1, 2 * n))
-    assert snapshot_interval_for(0.020, 0.0, 1e-5) == 10_000  # folded logs replay nothing: snapshots only cost
+    assert (
+        snapshot_interval_for(0.020, 0.0, 1e-5) == 10_000
+    )  # folded logs replay nothing: snapshots only cost
     assert snapshot_interval_for(0.020, 0.001, 0.0) == 10_000
     assert snapshot_interval_for(0.0, 0.001, 1e-5) == 1
     assert snapshot_interval_for(10.0, 0.001, 1e-9, hi=500) == 500
@@ -105,7 +128,8 @@ def test_snapshot_interval_for_minimises_expected_cost():
         snapshot_interval_for(-1, 0.001, 1e-5)
 
 
-# --- decide(): (registry, view) -> decisions -------------------------------------------------------------
+# --- decide(): (registry, view) -> decisions
+# -------------------------------------------------------------
 
 SERVERS = "abc"
 
@@ -121,30 +145,65 @@ class Status:
 
 
 def _spec(k=2, **kw):
-    return SupervisorSpec(num_shards=k, num_workers=2, total_steps=10, num_spares=1, max_worker_restarts=2, suspect_after_s=10.0, **kw)
+    return SupervisorSpec(
+        num_shards=k,
+        num_workers=2,
+        total_steps=10,
+        num_spares=1,
+        max_worker_restarts=2,
+        suspect_after_s=10.0,
+        **kw,
+    )
 
 
 def _desc(name, shard, epoch=1, deposed=False):
     return ServerDescription(name, shard, epoch, 0, 0, (0, 0), (), deposed, None)
 
 
-def _reg(k=2, slot=SlotPhase.SERVING, worker=WorkerPhase.RUNNING, replicated=True, spares=("sp",), phase=None, restarts=0, tweak=None):
+def _reg(
+    k=2,
+    slot=SlotPhase.SERVING,
+    worker=WorkerPhase.RUNNING,
+    replicated=True,
+    spares=("sp",),
+    phase=None,
+    restarts=0,
+    tweak=None,
+):
     """Servers "a", "b"(, "c") in the slots, workers "w0", "w1", one spare "sp"."""
     empty, loaded = slot is SlotPhase.EMPTY, slot in (SlotPhase.LOADING, SlotPhase.SERVING)
-    slots = [SlotRecord(None if empty else SERVERS[j], slot, int(loaded)) for j in range(num_slots(k))]
-    workers = [WorkerRecord(None if worker is WorkerPhase.NONE else f"w{r}", worker, restarts) for r in range(2)]
+    slots = [
+        SlotRecord(None if empty else SERVERS[j], slot, int(loaded)) for j in range(num_slots(k))
+    ]
+    workers = [
+        WorkerRecord(None if worker is WorkerPhase.NONE else f"w{r}", worker, restarts)
+        for r in range(2)
+    ]
     training = worker not in (WorkerPhase.NONE, WorkerPhase.CREATING)
     if phase is None:
-        phase = RunPhase.RUNNING if worker in (WorkerPhase.RUNNING, WorkerPhase.DONE) else RunPhase.STARTING
-    reg = Registry(slots, [int(loaded)] * k, list(replicated) if isinstance(replicated, tuple) else [replicated] * k, workers,
-                   list(spares), phase, training=training, checkpoint_steps=[None] * k)
+        phase = (
+            RunPhase.RUNNING
+            if worker in (WorkerPhase.RUNNING, WorkerPhase.DONE)
+            else RunPhase.STARTING
+        )
+    reg = Registry(
+        slots,
+        [int(loaded)] * k,
+        list(replicated) if isinstance(replicated, tuple) else [replicated] * k,
+        workers,
+        list(spares),
+        phase,
+        training=training,
+        checkpoint_steps=[None] * k,
+    )
     if tweak:
         tweak(reg)
     return reg
 
 
 def _view(reg, k=2, answers=None, silent=None, gone=()):
-    """What a probe round saw: every known process answering as the registry expects, but for ``answers``
+    """What a probe round saw: every known process answering as the registry expects, but for
+    ``answers``
     (overrides) and ``silent`` (name -> seconds since it last answered)."""
     seen = {}
     for j, s in enumerate(reg.slots):
@@ -154,13 +213,24 @@ def _view(reg, k=2, answers=None, silent=None, gone=()):
         seen[name] = _desc(name, None, 0)
     for w in reg.workers:
         if w.actor:
-            seen[w.actor] = Status(started=w.phase in (WorkerPhase.RUNNING, WorkerPhase.DONE), done=w.phase is WorkerPhase.DONE)
+            seen[w.actor] = Status(
+                started=w.phase in (WorkerPhase.RUNNING, WorkerPhase.DONE),
+                done=w.phase is WorkerPhase.DONE,
+            )
     silent = silent or {}
     seen.update({n: Failure.UNAVAILABLE for n in silent})
     seen.update(answers or {})
-    answered = {n for n, a in seen.items() if not isinstance(a, (Failure, StartFailed))} | set(silent)
+    answered = {n for n, a in seen.items() if not isinstance(a, (Failure, StartFailed))} | set(
+        silent
+    )
     gone = set(gone) | {n for n, a in seen.items() if a is Failure.DEAD}
-    return View(seen, {n: silent.get(n, 0.0) for n in seen}, {n: 0.0 for n in seen}, frozenset(answered), frozenset(gone))
+    return View(
+        seen,
+        {n: silent.get(n, 0.0) for n in seen},
+        {n: 0.0 for n in seen},
+        frozenset(answered),
+        frozenset(gone),
+    )
 
 
 DEAD = Failure.DEAD
@@ -183,87 +253,368 @@ _replaced_max = _reg(tweak=lambda r: r.__setattr__("server_replacements", 100))
 
 
 def _recovering(k=2):
-    """Slot 0 is being rebuilt on spare "sp2" at epoch 2, replacing "a" (what "a" held is not replicated)."""
+    """Slot 0 is being rebuilt on spare "sp2" at epoch 2, replacing "a" (what "a" held is not
+    replicated)."""
+
     def tweak(r):
         r.slots[0] = SlotRecord("sp2", SlotPhase.RECOVERING, 2, replacing="a", replacing_epoch=1)
         r.reserved[0] = 2
         for s in replica_shards(0, k):
             r.replicated[s] = False
+
     return _reg(k=k, tweak=tweak)
 
 
 DECIDE = [
     # id, spec, registry, view, busy, expected (action, target), reason substring
-    ("startup: empty slots", _spec(), _new2, _view(_new2), (),
-     [(A.CREATE_SLOT, 0), (A.CREATE_SLOT, 1), (A.CREATE_SPARE, None), (A.CREATE_WORKER, 0), (A.CREATE_WORKER, 1)], "slot 0 has no actor"),
-    ("startup: created servers load", _spec(), _creating, _view(_creating), (), [(A.LOAD, 0), (A.LOAD, 1), (A.CREATE_WORKER, 0), (A.CREATE_WORKER, 1)], "server a is up"),
-    ("startup: one shard, dedicated holder", _spec(1), _creating1, _view(_creating1, k=1), (),
-     [(A.LOAD, 0), (A.HOLDER_READY, 1), (A.CREATE_WORKER, 0), (A.CREATE_WORKER, 1)], "replica holder b is up"),
-    ("startup: a created server died", _spec(), _creating, _view(_creating, answers={"b": DEAD}), (),
-     [(A.LOAD, 0), (A.CREATE_SLOT, 1), (A.CREATE_WORKER, 0), (A.CREATE_WORKER, 1)], "server b of slot 1 died"),
-    ("startup: replicate", _spec(), _unreplicated, _view(_unreplicated), (), [(A.REPLICATE, 0), (A.CREATE_WORKER, 0), (A.CREATE_WORKER, 1)], "shard 0 has no replica on slot 1"),
-    ("startup: replicate in flight", _spec(), _unreplicated, _view(_unreplicated), (("replicate", 0),), [(A.CREATE_WORKER, 0), (A.CREATE_WORKER, 1)], None),
-    ("startup: workers are created while the servers start", _spec(), _servers_up, _view(_servers_up), (),
-     [(A.CREATE_WORKER, 0), (A.CREATE_WORKER, 1)], "worker 0 has no actor"),
-    ("startup: start workers that are up", _spec(), _workers_up, _view(_workers_up), (),
-     [(A.START_WORKER, 0), (A.START_WORKER, 1)], "worker 1 is up and not training"),
-    ("startup: a start in flight", _spec(), _workers_up, _view(_workers_up), (("start", 0),), [(A.START_WORKER, 1)], None),
-    ("startup: no start before the primary's epoch shows", _spec(), _workers_up, _view(_workers_up, answers={"a": _desc("a", 0, epoch=0)}), (),
-     [], None),
-    ("startup: started workers run", _spec(), _starting, _view(_starting, answers={"w0": Status(True), "w1": Status(True)}), (),
-     [(A.MARK_RUNNING, 0), (A.MARK_RUNNING, 1)], "worker 0 trains"),
+    (
+        "startup: empty slots",
+        _spec(),
+        _new2,
+        _view(_new2),
+        (),
+        [
+            (A.CREATE_SLOT, 0),
+            (A.CREATE_SLOT, 1),
+            (A.CREATE_SPARE, None),
+            (A.CREATE_WORKER, 0),
+            (A.CREATE_WORKER, 1),
+        ],
+        "slot 0 has no actor",
+    ),
+    (
+        "startup: created servers load",
+        _spec(),
+        _creating,
+        _view(_creating),
+        (),
+        [(A.LOAD, 0), (A.LOAD, 1), (A.CREATE_WORKER, 0), (A.CREATE_WORKER, 1)],
+        "server a is up",
+    ),
+    (
+        "startup: one shard, dedicated holder",
+        _spec(1),
+        _creating1,
+        _view(_creating1, k=1),
+        (),
+        [(A.LOAD, 0), (A.HOLDER_READY, 1), (A.CREATE_WORKER, 0), (A.CREATE_WORKER, 1)],
+        "replica holder b is up",
+    ),
+    (
+        "startup: a created server died",
+        _spec(),
+        _creating,
+        _view(_creating, answers={"b": DEAD}),
+        (),
+        [(A.LOAD, 0), (A.CREATE_SLOT, 1), (A.CREATE_WORKER, 0), (A.CREATE_WORKER, 1)],
+        "server b of slot 1 died",
+    ),
+    (
+        "startup: replicate",
+        _spec(),
+        _unreplicated,
+        _view(_unreplicated),
+        (),
+        [(A.REPLICATE, 0), (A.CREATE_WORKER, 0), (A.CREATE_WORKER, 1)],
+        "shard 0 has no replica on slot 1",
+    ),
+    (
+        "startup: replicate in flight",
+        _spec(),
+        _unreplicated,
+        _view(_unreplicated),
+        (("replicate", 0),),
+        [(A.CREATE_WORKER, 0), (A.CREATE_WORKER, 1)],
+        None,
+    ),
+    (
+        "startup: workers are created while the servers start",
+        _spec(),
+        _servers_up,
+        _view(_servers_up),
+        (),
+        [(A.CREATE_WORKER, 0), (A.CREATE_WORKER, 1)],
+        "worker 0 has no actor",
+    ),
+    (
+        "startup: start workers that are up",
+        _spec(),
+        _workers_up,
+        _view(_workers_up),
+        (),
+        [(A.START_WORKER, 0), (A.START_WORKER, 1)],
+        "worker 1 is up and not training",
+    ),
+    (
+        "startup: a start in flight",
+        _spec(),
+        _workers_up,
+        _view(_workers_up),
+        (("start", 0),),
+        [(A.START_WORKER, 1)],
+        None,
+    ),
+    (
+        "startup: no start before the primary's epoch shows",
+        _spec(),
+        _workers_up,
+        _view(_workers_up, answers={"a": _desc("a", 0, epoch=0)}),
+        (),
+        [],
+        None,
+    ),
+    (
+        "startup: started workers run",
+        _spec(),
+        _starting,
+        _view(_starting, answers={"w0": Status(True), "w1": Status(True)}),
+        (),
+        [(A.MARK_RUNNING, 0), (A.MARK_RUNNING, 1)],
+        "worker 0 trains",
+    ),
     ("healthy", _spec(), _running, _view(_running), (), [], None),
-    ("dead primary, live holder: recover", _spec(), _running, _view(_running, answers={"a": DEAD}), (), [(A.RECOVER, 0)],
-     "server a of slot 0 is dead"),
-    ("deposed primary: recover", _spec(), _running, _view(_running, answers={"a": _desc("a", 0, deposed=True)}), (), [(A.RECOVER, 0)],
-     "was deposed"),
-    ("suspected primary, healthy peers: recover", _spec(), _running, _view(_running, silent={"a": 11.0}), (), [(A.RECOVER, 0)],
-     "has not answered for 11.0s"),
-    ("primary silent less than suspect_after_s: wait", _spec(), _running, _view(_running, silent={"a": 9.0}), (), [], None),
-    ("dead primary before training: start it again", _spec(), _untrained, _view(_untrained, answers={"a": DEAD}), (),
-     [(A.CREATE_SLOT, 0), (A.CREATE_WORKER, 0), (A.CREATE_WORKER, 1)], "before training began"),
-    ("dead primary and dead holder: lost", _spec(), _running, _view(_running, answers={"a": DEAD, "b": DEAD}), (), [(A.FAIL, 0)],
-     "shard 0 is lost"),
-    ("suspected primary, dead holder: wait", _spec(), _running, _view(_running, answers={"b": DEAD}, silent={"a": 11.0}), (), [], None),
-    ("one shard: suspected primary, dead holder: only the holder is replaced", _spec(1), _running1,
-     _view(_running1, k=1, answers={"b": DEAD}, silent={"a": 11.0}), (), [(A.REPLACE_HOLDER, 1)], "server b of slot 1 is dead"),
-    ("suspected primary whose held replica's primary is dead: wait", _spec(3), _running3,
-     _view(_running3, k=3, answers={"c": DEAD}, silent={"a": 11.0}), (), [], None),
-    ("recovery=none: a dead server fails the run", _spec(recovery="none"), _running, _view(_running, answers={"b": DEAD}), (),
-     [(A.FAIL, 1)], "recovery=none keeps no copy of it; run with --recovery replica"),
-    ("recovery=none: a suspected server is waited for", _spec(recovery="none"), _running, _view(_running, silent={"b": 11.0}), (), [],
-     None),
-    ("replacements exhausted", _spec(), _replaced_max, _view(_replaced_max, answers={"a": DEAD}), (), [(A.FAIL, 0)],
-     "max_server_replacements=100"),
-    ("recovery not in flight: issue it", _spec(), _recovering(), _view(_recovering()), (), [(A.RECOVER, 0)], "not in flight"),
-    ("recovery in flight", _spec(), _recovering(), _view(_recovering()), (("recover", 0),), [], None),
-    ("holder died mid-recovery of a suspected primary: abandon", _spec(1), _recovering(1),
-     _view(_recovering(1), k=1, answers={"b": DEAD}, silent={"a": 11.0}), (("recover", 0),),
-     [(A.REPLACE_HOLDER, 1), (A.ABANDON_RECOVERY, 0)], "only suspected"),
-    ("holder died mid-recovery of a dead primary: lost", _spec(1), _recovering(1), _view(_recovering(1), k=1, answers={"b": DEAD, "a": DEAD}),
-     (("recover", 0),), [(A.FAIL, 0)], "died before the shard was rebuilt"),
-    ("dead spare", _spec(), _running, _view(_running, answers={"sp": DEAD}), (), [(A.DROP_SPARE, "sp"), (A.CREATE_SPARE, None)],
-     "spare sp is dead"),
-    ("dead worker: restart", _spec(), _running, _view(_running, answers={"w0": DEAD}), (), [(A.CREATE_WORKER, 0)],
-     "worker 0 (w0) is dead"),
-    ("dead worker at the restart limit", _spec(), _at_limit, _view(_at_limit, answers={"w1": DEAD}), (), [(A.FAIL, 1)],
-     "max_worker_restarts=2"),
-    ("worker error", _spec(), _running, _view(_running, answers={"w0": Status(True, error="boom")}), (), [(A.FAIL, 0)],
-     "worker 0 failed: boom"),
-    ("a worker could not start", _spec(), _workers_up, _view(_workers_up, answers={"w1": StartFailed("no GPU on this node")}), (),
-     [(A.FAIL, "w1")], "no GPU on this node"),
-    ("a server could not start", _spec(), _creating, _view(_creating, answers={"sp": StartFailed("bad optimizer")}), (),
-     [(A.FAIL, "sp")], "bad optimizer"),
-    ("worker finished", _spec(), _running, _view(_running, answers={"w0": Status(True, done=True)}), (), [(A.MARK_DONE, 0)],
-     "worker 0 finished"),
-    ("all done and replicated: finish", _spec(), _done, _view(_done), (), [(A.FINISH, None)], "every worker finished"),
-    ("all done, a shard unreplicated: replicate, no finish", _spec(), _done_unreplicated, _view(_done_unreplicated), (),
-     [(A.REPLICATE, 1)], "shard 1 has no replica"),
-    ("all done, replication in flight: no finish", _spec(), _done_unreplicated, _view(_done_unreplicated), (("replicate", 1),), [], None),
+    (
+        "dead primary, live holder: recover",
+        _spec(),
+        _running,
+        _view(_running, answers={"a": DEAD}),
+        (),
+        [(A.RECOVER, 0)],
+        "server a of slot 0 is dead",
+    ),
+    (
+        "deposed primary: recover",
+        _spec(),
+        _running,
+        _view(_running, answers={"a": _desc("a", 0, deposed=True)}),
+        (),
+        [(A.RECOVER, 0)],
+        "was deposed",
+    ),
+    (
+        "suspected primary, healthy peers: recover",
+        _spec(),
+        _running,
+        _view(_running, silent={"a": 11.0}),
+        (),
+        [(A.RECOVER, 0)],
+        "has not answered for 11.0s",
+    ),
+    (
+        "primary silent less than suspect_after_s: wait",
+        _spec(),
+        _running,
+        _view(_running, silent={"a": 9.0}),
+        (),
+        [],
+        None,
+    ),
+    (
+        "dead primary before training: start it again",
+        _spec(),
+        _untrained,
+        _view(_untrained, answers={"a": DEAD}),
+        (),
+        [(A.CREATE_SLOT, 0), (A.CREATE_WORKER, 0), (A.CREATE_WORKER, 1)],
+        "before training began",
+    ),
+    (
+        "dead primary and dead holder: lost",
+        _spec(),
+        _running,
+        _view(_running, answers={"a": DEAD, "b": DEAD}),
+        (),
+        [(A.FAIL, 0)],
+        "shard 0 is lost",
+    ),
+    (
+        "suspected primary, dead holder: wait",
+        _spec(),
+        _running,
+        _view(_running, answers={"b": DEAD}, silent={"a": 11.0}),
+        (),
+        [],
+        None,
+    ),
+    (
+        "one shard: suspected primary, dead holder: only the holder is replaced",
+        _spec(1),
+        _running1,
+        _view(_running1, k=1, answers={"b": DEAD}, silent={"a": 11.0}),
+        (),
+        [(A.REPLACE_HOLDER, 1)],
+        "server b of slot 1 is dead",
+    ),
+    (
+        "suspected primary whose held replica's primary is dead: wait",
+        _spec(3),
+        _running3,
+        _view(_running3, k=3, answers={"c": DEAD}, silent={"a": 11.0}),
+        (),
+        [],
+        None,
+    ),
+    (
+        "recovery=none: a dead server fails the run",
+        _spec(recovery="none"),
+        _running,
+        _view(_running, answers={"b": DEAD}),
+        (),
+        [(A.FAIL, 1)],
+        "recovery=none keeps no copy of it; run with --recovery replica",
+    ),
+    (
+        "recovery=none: a suspected server is waited for",
+        _spec(recovery="none"),
+        _running,
+        _view(_running, silent={"b": 11.0}),
+        (),
+        [],
+        None,
+    ),
+    (
+        "replacements exhausted",
+        _spec(),
+        _replaced_max,
+        _view(_replaced_max, answers={"a": DEAD}),
+        (),
+        [(A.FAIL, 0)],
+        "max_server_replacements=100",
+    ),
+    (
+        "recovery not in flight: issue it",
+        _spec(),
+        _recovering(),
+        _view(_recovering()),
+        (),
+        [(A.RECOVER, 0)],
+        "not in flight",
+    ),
+    (
+        "recovery in flight",
+        _spec(),
+        _recovering(),
+        _view(_recovering()),
+        (("recover", 0),),
+        [],
+        None,
+    ),
+    (
+        "holder died mid-recovery of a suspected primary: abandon",
+        _spec(1),
+        _recovering(1),
+        _view(_recovering(1), k=1, answers={"b": DEAD}, silent={"a": 11.0}),
+        (("recover", 0),),
+        [(A.REPLACE_HOLDER, 1), (A.ABANDON_RECOVERY, 0)],
+        "only suspected",
+    ),
+    (
+        "holder died mid-recovery of a dead primary: lost",
+        _spec(1),
+        _recovering(1),
+        _view(_recovering(1), k=1, answers={"b": DEAD, "a": DEAD}),
+        (("recover", 0),),
+        [(A.FAIL, 0)],
+        "died before the shard was rebuilt",
+    ),
+    (
+        "dead spare",
+        _spec(),
+        _running,
+        _view(_running, answers={"sp": DEAD}),
+        (),
+        [(A.DROP_SPARE, "sp"), (A.CREATE_SPARE, None)],
+        "spare sp is dead",
+    ),
+    (
+        "dead worker: restart",
+        _spec(),
+        _running,
+        _view(_running, answers={"w0": DEAD}),
+        (),
+        [(A.CREATE_WORKER, 0)],
+        "worker 0 (w0) is dead",
+    ),
+    (
+        "dead worker at the restart limit",
+        _spec(),
+        _at_limit,
+        _view(_at_limit, answers={"w1": DEAD}),
+        (),
+        [(A.FAIL, 1)],
+        "max_worker_restarts=2",
+    ),
+    (
+        "worker error",
+        _spec(),
+        _running,
+        _view(_running, answers={"w0": Status(True, error="boom")}),
+        (),
+        [(A.FAIL, 0)],
+        "worker 0 failed: boom",
+    ),
+    (
+        "a worker could not start",
+        _spec(),
+        _workers_up,
+        _view(_workers_up, answers={"w1": StartFailed("no GPU on this node")}),
+        (),
+        [(A.FAIL, "w1")],
+        "no GPU on this node",
+    ),
+    (
+        "a server could not start",
+        _spec(),
+        _creating,
+        _view(_creating, answers={"sp": StartFailed("bad optimizer")}),
+        (),
+        [(A.FAIL, "sp")],
+        "bad optimizer",
+    ),
+    (
+        "worker finished",
+        _spec(),
+        _running,
+        _view(_running, answers={"w0": Status(True, done=True)}),
+        (),
+        [(A.MARK_DONE, 0)],
+        "worker 0 finished",
+    ),
+    (
+        "all done and replicated: finish",
+        _spec(),
+        _done,
+        _view(_done),
+        (),
+        [(A.FINISH, None)],
+        "every worker finished",
+    ),
+    (
+        "all done, a shard unreplicated: replicate, no finish",
+        _spec(),
+        _done_unreplicated,
+        _view(_done_unreplicated),
+        (),
+        [(A.REPLICATE, 1)],
+        "shard 1 has no replica",
+    ),
+    (
+        "all done, replication in flight: no finish",
+        _spec(),
+        _done_unreplicated,
+        _view(_done_unreplicated),
+        (("replicate", 1),),
+        [],
+        None,
+    ),
 ]
 
 
-@pytest.mark.parametrize("spec, reg, view, busy, expected, reason", [row[1:] for row in DECIDE], ids=[row[0] for row in DECIDE])
+@pytest.mark.parametrize(
+    "spec, reg, view, busy, expected, reason",
+    [row[1:] for row in DECIDE],
+    ids=[row[0] for row in DECIDE],
+)
 def test_decide(spec, reg, view, busy, expected, reason):
     before = reg.to_json()
     decisions = decide(reg, view, frozenset(busy), spec, now=0.0)
@@ -276,23 +627,39 @@ def test_decide(spec, reg, view, busy, expected, reason):
 def test_decide_does_nothing_once_the_run_is_over():
     for phase in (RunPhase.DONE, RunPhase.FAILED):
         reg = _reg(phase=phase)
-        assert decide(reg, _view(reg, answers={"a": DEAD, "b": DEAD, "w0": DEAD}), frozenset(), _spec(), 0.0) == []
+        assert (
+            decide(
+                reg,
+                _view(reg, answers={"a": DEAD, "b": DEAD, "w0": DEAD}),
+                frozenset(),
+                _spec(),
+                0.0,
+            )
+            == []
+        )
 
 
 def test_registry_round_trips_through_json():
     reg = _recovering()
     reg.workers[1] = WorkerRecord("w9", WorkerPhase.STARTING, 2, 7)
     back = Registry.from_json(reg.to_json())
-    assert back == reg and back.slots[0].phase is SlotPhase.RECOVERING and back.workers[1].phase is WorkerPhase.STARTING
+    assert (
+        back == reg
+        and back.slots[0].phase is SlotPhase.RECOVERING
+        and back.workers[1].phase is WorkerPhase.STARTING
+    )
 
 
-# --- SupervisorProtocol on the bus ---------------------------------------------------------------------------
+# --- SupervisorProtocol on the bus
+# ---------------------------------------------------------------------------
 
 SUP = "sup"
 KEY = "registry"
 RANGES = shard_ranges(4, 1)
 SUP_SPEC = SupervisorSpec(num_shards=1, num_workers=1, total_steps=3, num_spares=1)
-SERVER_SPEC = ServerSpec(OptimConfig(name="sgd", lr=1.0, momentum=0.0), 3, 1, Rule("sync", 1), fold=False)
+SERVER_SPEC = ServerSpec(
+    OptimConfig(name="sgd", lr=1.0, momentum=0.0), 3, 1, Rule("sync", 1), fold=False
+)
 
 
 def _initial(shard):
@@ -301,7 +668,8 @@ def _initial(shard):
 
 @dataclass
 class FakeWorker:
-    """Answers ``PollStatus``; takes one ``Start`` (a repeat is answered False, as the real worker does)."""
+    """Answers ``PollStatus``; takes one ``Start`` (a repeat is answered False, as the real worker
+    does)."""
 
     done: bool = False
     starts: list = field(default_factory=list)
@@ -316,8 +684,10 @@ class FakeWorker:
 
 
 class Clocked:
-    """The supervisor at a fixed clock, as a bus process. It dies after carrying out ``crash_after`` effects
-    (counted over all its handlers), or when ``crash_if(effect)`` says "before" or "after" that effect: the rest
+    """The supervisor at a fixed clock, as a bus process. It dies after carrying out ``crash_after``
+    effects
+    (counted over all its handlers), or when ``crash_if(effect)`` says "before" or "after" that
+    effect: the rest
     of the handler's effects are never carried out, and it answers nothing from then on."""
 
     def __init__(self, sup: SupervisorProtocol, crash_after: int | None = None, crash_if=None):
@@ -328,8 +698,11 @@ class Clocked:
         if self.crashed:
             return []
         for i, e in enumerate(effects):
-            when = "before" if self.crash_after is not None and self.emitted + i >= self.crash_after else (
-                self.crash_if(e) if self.crash_if else None)
+            when = (
+                "before"
+                if self.crash_after is not None and self.emitted + i >= self.crash_after
+                else (self.crash_if(e) if self.crash_if else None)
+            )
             if when:
                 effects, self.crashed = effects[: i + (when == "after")], True
                 break
@@ -353,13 +726,16 @@ class Clocked:
 
 
 class Run:
-    """A one-shard, one-worker run: real ``ServerProtocol``s, fake workers, the supervisor on the bus."""
+    """A one-shard, one-worker run: real ``ServerProtocol``s, fake workers, the supervisor on the
+    bus."""
 
     def __init__(self, crash_after: int | None = None, crash_if=None):
         self.workers: dict[str, FakeWorker] = {}
         self.bus = Bus(create=self._create)
         self.restarts = 0
-        self._start(Clocked(SupervisorProtocol(SUP_SPEC, RANGES, _initial, key=KEY), crash_after, crash_if))
+        self._start(
+            Clocked(SupervisorProtocol(SUP_SPEC, RANGES, _initial, key=KEY), crash_after, crash_if)
+        )
 
     def _create(self, e: Create):
         if e.kind == "server":
@@ -374,7 +750,13 @@ class Run:
     def restore(self) -> None:
         """The supervisor process restarts from what it persisted."""
         self.restarts += 1
-        self._start(Clocked(SupervisorProtocol.restore(SUP_SPEC, RANGES, _initial, self.bus.kv[KEY], 0.0, key=KEY)))
+        self._start(
+            Clocked(
+                SupervisorProtocol.restore(
+                    SUP_SPEC, RANGES, _initial, self.bus.kv[KEY], 0.0, key=KEY
+                )
+            )
+        )
 
     @property
     def reg(self) -> Registry:
@@ -393,29 +775,46 @@ class Run:
         assert cond(), self.reg
 
     def train(self, steps) -> np.ndarray:
-        """The test plays the worker: pushes ``steps`` steps to the primary, returns its parameters."""
+        """The test plays the worker: pushes ``steps`` steps to the primary, returns its
+        parameters."""
         primary = self.reg.slots[0].actor
         p = self.bus.procs[primary]
         for _ in range(steps):
             step = p.primary.state.seq
-            assert isinstance(self.bus.ask(primary, Push(0, step, np.full(4, step + 1.0, np.float32))), PushReply)
+            assert isinstance(
+                self.bus.ask(primary, Push(0, step, np.full(4, step + 1.0, np.float32))), PushReply
+            )
         return p.params().copy()
 
     def sup_effects(self):
         return [effects for name, effects in self.bus.handled if name == SUP]
 
     def calls(self, kind):
-        return [e for effects in self.sup_effects() for e in effects if isinstance(e, Call) and isinstance(e.msg, kind)]
+        return [
+            e
+            for effects in self.sup_effects()
+            for e in effects
+            if isinstance(e, Call) and isinstance(e.msg, kind)
+        ]
 
 
 def _scenario(run: Run) -> tuple[np.ndarray, str]:
-    """Start; train 2 steps; lose the primary; recover it from the replica; train 1 more step; finish."""
-    run.until(lambda: run.reg.phase is RunPhase.RUNNING and run.reg.slots[0].phase is SlotPhase.SERVING and run.reg.replicated[0])
+    """Start; train 2 steps; lose the primary; recover it from the replica; train 1 more step;
+    finish."""
+    run.until(
+        lambda: (
+            run.reg.phase is RunPhase.RUNNING
+            and run.reg.slots[0].phase is SlotPhase.SERVING
+            and run.reg.replicated[0]
+        )
+    )
     worker = run.workers[run.reg.workers[0].actor]
     before = run.train(2)
     lost = run.reg.slots[0].actor
     run.bus.kill(lost)
-    run.until(lambda: run.reg.slots[0].actor != lost and run.reg.slots[0].phase is SlotPhase.SERVING)
+    run.until(
+        lambda: run.reg.slots[0].actor != lost and run.reg.slots[0].phase is SlotPhase.SERVING
+    )
     recovered = run.bus.procs[run.reg.slots[0].actor]
     np.testing.assert_array_equal(recovered.params(), before)
     run.train(1)
@@ -425,7 +824,8 @@ def _scenario(run: Run) -> tuple[np.ndarray, str]:
 
 
 def _check_write_ahead(effects: list) -> None:
-    """Every act (create, kill, an operation's call) follows a Persist of a registry that already records it."""
+    """Every act (create, kill, an operation's call) follows a Persist of a registry that already
+    records it."""
     reg = None
     for e in effects:
         if isinstance(e, Persist):
@@ -439,9 +839,15 @@ def _check_write_ahead(effects: list) -> None:
         workers = {w.actor: w for w in reg.workers}
         if isinstance(e, Create):
             if e.kind == "worker":
-                assert reg.workers[e.rank].actor == e.name and reg.workers[e.rank].phase is WorkerPhase.CREATING
+                assert (
+                    reg.workers[e.rank].actor == e.name
+                    and reg.workers[e.rank].phase is WorkerPhase.CREATING
+                )
             elif e.slot is not None:
-                assert reg.slots[e.slot].actor == e.name and reg.slots[e.slot].phase is SlotPhase.CREATING
+                assert (
+                    reg.slots[e.slot].actor == e.name
+                    and reg.slots[e.slot].phase is SlotPhase.CREATING
+                )
             else:
                 assert e.name in reg.spares
         elif isinstance(e, Kill):
@@ -451,7 +857,11 @@ def _check_write_ahead(effects: list) -> None:
             assert s.phase is SlotPhase.LOADING and s.epoch == e.msg.epoch == reg.reserved[j]
         elif isinstance(e.msg, RecoverPrimary):
             j, s = slots[e.dst]
-            assert s.phase is SlotPhase.RECOVERING and s.epoch == e.msg.epoch == reg.reserved[j] and slots[e.msg.holder][0] == replica_slot(j, 1)
+            assert (
+                s.phase is SlotPhase.RECOVERING
+                and s.epoch == e.msg.epoch == reg.reserved[j]
+                and slots[e.msg.holder][0] == replica_slot(j, 1)
+            )
         elif isinstance(e.msg, SetReplica):
             assert e.msg.version == reg.replica_version and slots[e.msg.holder][0] == 1
         elif isinstance(e.msg, Start):
@@ -466,8 +876,19 @@ def _check_write_ahead(effects: list) -> None:
 def test_every_act_of_the_supervisor_is_persisted_first():
     run = Run()
     _scenario(run)
-    kinds = {type(e.msg).__name__ for effects in run.sup_effects() for e in effects if isinstance(e, Call)}
-    assert kinds >= {"Load", "SetReplica", "Start", "RecoverPrimary", "Depose"}  # the scenario exercised them all
+    kinds = {
+        type(e.msg).__name__
+        for effects in run.sup_effects()
+        for e in effects
+        if isinstance(e, Call)
+    }
+    assert kinds >= {
+        "Load",
+        "SetReplica",
+        "Start",
+        "RecoverPrimary",
+        "Depose",
+    }  # the scenario exercised them all
     assert any(isinstance(e, Kill) for effects in run.sup_effects() for e in effects)
     for effects in run.sup_effects():
         _check_write_ahead(effects)
@@ -500,7 +921,10 @@ def test_a_supervisor_restarted_from_its_registry_at_any_point_finishes_the_run(
         assert len(started) == 1 and [s.step for s in started[0].starts] == [0], where
         # the shard went on from where the lost primary was
         primary = run.bus.procs[run.reg.slots[0].actor]
-        assert primary.primary.state.seq == 3 and primary.primary.epoch == run.reg.slots[0].epoch == run.reg.reserved[0], where
+        assert (
+            primary.primary.state.seq == 3
+            and primary.primary.epoch == run.reg.slots[0].epoch == run.reg.reserved[0]
+        ), where
 
 
 def test_a_worker_recorded_creating_is_started_by_the_restored_supervisor():
@@ -508,11 +932,16 @@ def test_a_worker_recorded_creating_is_started_by_the_restored_supervisor():
     run.until(lambda: run.reg.workers[0].phase is WorkerPhase.CREATING)
     saved = Registry.from_json(run.bus.kv[KEY])
     name = saved.workers[0].actor
-    assert saved.workers[0].phase is WorkerPhase.CREATING and name in run.workers and not run.workers[name].starts
+    assert (
+        saved.workers[0].phase is WorkerPhase.CREATING
+        and name in run.workers
+        and not run.workers[name].starts
+    )
     run.bus.kill(SUP)  # the supervisor dies before it starts the worker
     run.restore()
     assert run.reg.workers[0].actor == name and run.reg.restarts == 1
-    # PollStatus: up, not started; it is started once the servers (which start beside it) serve and are replicated
+    # PollStatus: up, not started; it is started once the servers (which start beside it) serve and
+    # are replicated
     run.until(lambda: run.calls(Start), rounds=10)
     assert [(c.dst, c.msg.step) for c in run.calls(Start)] == [(name, 0)]
     assert len(run.workers[name].starts) == 1 and run.reg.workers[0].phase is WorkerPhase.STARTING
@@ -525,7 +954,9 @@ def test_a_worker_never_created_is_created_again_by_the_restored_supervisor():
     run = Run(crash_if=lambda e: "before" if isinstance(e, Create) and e.kind == "worker" else None)
     run.until(lambda: run.restarts == 1)
     saved = Registry.from_json(run.bus.kv[KEY])
-    assert saved.workers[0].phase is WorkerPhase.CREATING and saved.workers[0].actor not in run.workers
+    assert (
+        saved.workers[0].phase is WorkerPhase.CREATING and saved.workers[0].actor not in run.workers
+    )
     assert run.restarts == 1
     run.until(lambda: run.reg.workers[0].phase is WorkerPhase.RUNNING)
     assert run.reg.workers[0].actor != saved.workers[0].actor and run.reg.workers[0].restarts == 1
@@ -539,17 +970,25 @@ def test_a_slot_recovering_gets_its_recovery_again_with_a_newer_epoch():
     lost, spare, holder = run.reg.slots[0].actor, run.reg.spares[0], run.reg.slots[1].actor
     run.bus.kill(lost)
     # the supervisor dies right after sending RecoverPrimary: the spare recovers, its answer is lost
-    run.sup.crash_if = lambda e: "after" if isinstance(e, Call) and isinstance(e.msg, RecoverPrimary) else None
+    run.sup.crash_if = lambda e: (
+        "after" if isinstance(e, Call) and isinstance(e.msg, RecoverPrimary) else None
+    )
     run.round()
     assert run.restarts == 1
     saved = Registry.from_json(run.bus.kv[KEY])
     slot = saved.slots[0]
     assert (slot.actor, slot.phase, slot.replacing) == (spare, SlotPhase.RECOVERING, lost)
     assert [c.msg.epoch for c in run.calls(RecoverPrimary)] == [slot.epoch] == [saved.reserved[0]]
-    assert run.bus.procs[spare].primary.epoch == slot.epoch and run.bus.procs[holder].replicas[0].fence == slot.epoch
+    assert (
+        run.bus.procs[spare].primary.epoch == slot.epoch
+        and run.bus.procs[holder].replicas[0].fence == slot.epoch
+    )
     run.until(lambda: run.reg.slots[0].phase is SlotPhase.SERVING)
     epochs = [c.msg.epoch for c in run.calls(RecoverPrimary)]
     assert len(epochs) == 2 and epochs[1] > epochs[0] == slot.epoch
     assert run.reg.slots[0].epoch == epochs[1] == run.reg.reserved[0]
-    assert run.bus.procs[spare].primary.epoch == epochs[1] and run.bus.procs[holder].replicas[0].fence == epochs[1]
+    assert (
+        run.bus.procs[spare].primary.epoch == epochs[1]
+        and run.bus.procs[holder].replicas[0].fence == epochs[1]
+    )
     np.testing.assert_array_equal(run.bus.procs[spare].params(), before)

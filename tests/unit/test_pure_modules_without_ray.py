@@ -51,12 +51,18 @@ opt.step(p, torch.ones(4), hyper_params(0, cfg.optim, 10))
 assert len(shard_ranges(10, 3)) == 3
 from raytrain_ft.sim import explore
 assert explore(8, 1).violations == 0  # the whole protocol runs without Ray
-assert "ray" not in [m for m in sys.modules if sys.modules[m] is not None and m.split(".")[0] == "ray"]
+assert "ray" not in [m for m in sys.modules if sys.modules[m] is not None and m.split(".")[0] ==
+"ray"]
 print("ok")
 """
 
 
 def test_pure_modules_import_without_ray():
-    out = subprocess.run([sys.executable, "-c", SCRIPT.format(modules=PURE_MODULES)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT.format(modules=PURE_MODULES)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("ok")

@@ -1,4 +1,5 @@
-"""``ServerProtocol`` on a synchronous in-memory bus: parking, rank order, idempotence, logging before
+"""``ServerProtocol`` on a synchronous in-memory bus: parking, rank order, idempotence, logging
+before
 answering, snapshots, rebuilding a primary from its replica, the consistency modes, and fencing."""
 
 import numpy as np
@@ -38,7 +39,9 @@ MOMENTUM = OptimConfig(name="sgd", lr=0.1, momentum=0.9)
 
 
 def _spec(workers=1, optim=SGD, rule=None, **kw):
-    return ServerSpec(optim, total_steps=100, num_workers=workers, rule=rule or Rule("sync", workers), **kw)
+    return ServerSpec(
+        optim, total_steps=100, num_workers=workers, rule=rule or Rule("sync", workers), **kw
+    )
 
 
 def _pair(workers=1, optim=SGD, size=4, rule=None, **kw):
@@ -68,7 +71,8 @@ def _refused(value, kind):
     return value.reason
 
 
-# --- sync -----------------------------------------------------------------------------------------------
+# --- sync
+# -----------------------------------------------------------------------------------------------
 
 
 def test_replies_park_until_all_ranks_pushed_then_all_get_the_same_update():
@@ -111,7 +115,9 @@ def test_a_push_before_any_replica_exists_waits_for_the_replica():
     assert rid not in bus.replies
     bus.send("p", SetReplica("h", 1))
     np.testing.assert_array_equal(bus.replies[rid].params, np.full(4, -1.0, np.float32))
-    np.testing.assert_array_equal(_log(bus).snapshot.params, np.full(4, -1.0, np.float32))  # the snapshot holds it
+    np.testing.assert_array_equal(
+        _log(bus).snapshot.params, np.full(4, -1.0, np.float32)
+    )  # the snapshot holds it
 
 
 def test_repeated_push_is_answered_not_applied_twice():
@@ -148,7 +154,9 @@ def test_pull_serves_the_current_and_the_previous_step_only():
     np.testing.assert_array_equal(bus.ask("p", Pull(1)).params, after)
     assert bus.ask("p", Pull(0)).seq == 0 and bus.ask("p", Pull()).seq == 1
     _push(bus, 0, 1, 1.0)
-    assert "cannot serve parameters of step 0" in _refused(bus.ask("p", Pull(0)), RefusalKind.CANNOT_SERVE)
+    assert "cannot serve parameters of step 0" in _refused(
+        bus.ask("p", Pull(0)), RefusalKind.CANNOT_SERVE
+    )
     _refused(bus.ask("p", Pull(5)), RefusalKind.CANNOT_SERVE)
     np.testing.assert_array_equal(bus.ask("p", Pull(1)).params, after)
     np.testing.assert_array_equal(bus.ask("p", Pull(2)).params, np.full(4, -2.0, np.float32))
@@ -164,7 +172,8 @@ def test_snapshots_truncate_the_log():
     assert bus.procs["h"].snapshots_received[0] == 2 and bus.procs["p"].snapshots_sent == 2
 
 
-# --- rebuilding a primary ----------------------------------------------------------------------------------
+# --- rebuilding a primary
+# ----------------------------------------------------------------------------------
 
 
 def _train(bus, steps, start=0, size=4, seed=0):
@@ -189,7 +198,11 @@ def test_a_spare_rebuilt_from_the_replica_equals_the_lost_primary_bitwise(fold):
     bus.kill("p")
     got = _recover(bus, shard, spec)
     # unfolded: snapshot at 8 + commands 8 and 9; folded: the holder already applied them
-    assert isinstance(got, Recovered) and (got.seq, got.replayed) == (10, 0 if fold else 2) and got.bytes_moved > 0
+    assert (
+        isinstance(got, Recovered)
+        and (got.seq, got.replayed) == (10, 0 if fold else 2)
+        and got.bytes_moved > 0
+    )
     spare = bus.procs["s"]
     a, b = spare.primary.state, lost.primary.state
     np.testing.assert_array_equal(spare.params(), lost.params())
@@ -198,12 +211,18 @@ def test_a_spare_rebuilt_from_the_replica_equals_the_lost_primary_bitwise(fold):
     assert a.optimizer.state.keys() == b.optimizer.state.keys() and a.optimizer.state
     for key, value in b.optimizer.state.items():
         assert np.array_equal(a.optimizer.state[key].numpy(), value.numpy()), key
-    assert a.clocks == b.clocks == {0: 10} and a.applied_copy() == b.applied_copy() == {0: bytes([1] * 10)}
+    assert a.clocks == b.clocks == {0: 10} and a.applied_copy() == b.applied_copy() == {
+        0: bytes([1] * 10)
+    }
     d = bus.ask("s", Describe())
     assert (d.shard, d.epoch, d.seq, d.logged, d.durable_clocks) == (0, 2, 10, 10, (10,))
-    # the rebuilt primary keeps logging to the same holder, and training goes on as if nothing had happened
+    # the rebuilt primary keeps logging to the same holder, and training goes on as if nothing had
+    # happened
     grad = np.full(4, 0.5, np.float32)
-    np.testing.assert_array_equal(bus.replies[_push(bus, 0, 10, grad, dst="s")].params, twin.replies[_push(twin, 0, 10, grad)].params)
+    np.testing.assert_array_equal(
+        bus.replies[_push(bus, 0, 10, grad, dst="s")].params,
+        twin.replies[_push(twin, 0, 10, grad)].params,
+    )
     assert _log(bus).next_seq == 11
 
 
@@ -234,15 +253,31 @@ def test_when_the_holder_dies_the_update_waits_for_a_new_holder_then_is_acknowle
     assert log.next_seq == 1 and np.array_equal(log.snapshot.params, reply.params)
 
 
-# --- other consistency modes -----------------------------------------------------------------------------
+# --- other consistency modes
+# -----------------------------------------------------------------------------
 
 
 def test_async_applies_each_push_on_arrival_and_the_log_replays_that_order():
-    bus, shard, _ = _pair(workers=3, optim=MOMENTUM, rule=Rule("async", 3), snapshot_interval=1000, fold=False)
+    bus, shard, _ = _pair(
+        workers=3, optim=MOMENTUM, rule=Rule("async", 3), snapshot_interval=1000, fold=False
+    )
     rng = np.random.default_rng(0)
-    order = [(2, 0), (0, 0), (1, 0), (0, 1), (2, 1), (1, 1), (1, 2), (0, 2)]  # arrival order, ranks interleaved
-    # all in flight at once (each computed on version 0): commands applied while an append is out go in one call
-    rids = [bus.send("p", Push(r, t, rng.standard_normal(4).astype(np.float32), 0), run=False) for r, t in order]
+    order = [
+        (2, 0),
+        (0, 0),
+        (1, 0),
+        (0, 1),
+        (2, 1),
+        (1, 1),
+        (1, 2),
+        (0, 2),
+    ]  # arrival order, ranks interleaved
+    # all in flight at once (each computed on version 0): commands applied while an append is out go
+    # in one call
+    rids = [
+        bus.send("p", Push(r, t, rng.standard_normal(4).astype(np.float32), 0), run=False)
+        for r, t in order
+    ]
     bus.run()
     log, p = _log(bus), bus.procs["p"]
     assert [c.pushes for c in log.entries] == [((r, t),) for r, t in order]
@@ -252,7 +287,9 @@ def test_async_applies_each_push_on_arrival_and_the_log_replays_that_order():
     assert rebuilt.state.clocks == p.primary.state.clocks == {0: 3, 1: 3, 2: 2}
     st = p.stats()
     assert st.staleness_histogram == {s: 1 for s in range(8)}  # update n was computed n updates ago
-    assert st.replica_appends == 2  # the first command alone, then the seven applied while it was out
+    assert (
+        st.replica_appends == 2
+    )  # the first command alone, then the seven applied while it was out
 
 
 def test_async_push_resent_to_a_rebuilt_primary_is_recognised_from_the_replayed_clocks():
@@ -263,13 +300,19 @@ def test_async_push_resent_to_a_rebuilt_primary_is_recognised_from_the_replayed_
     again = bus.replies[_push(bus, 1, 0, 1.0, dst="s", base=0)]
     spare = bus.procs["s"]
     assert again.acked == 0 and again.seq == 1  # an async repeat carries no seq of its own
-    assert spare.duplicate_pushes == 1 and spare.primary.state.seq == 1 and spare.primary.state.clocks == {1: 1}
+    assert (
+        spare.duplicate_pushes == 1
+        and spare.primary.state.seq == 1
+        and spare.primary.state.clocks == {1: 1}
+    )
 
 
 def test_ssp_holds_a_worker_more_than_s_steps_ahead_until_the_slowest_catches_up():
     bus, _, _ = _pair(workers=2, rule=Rule("ssp", 2, staleness=1))
     p = bus.procs["p"]
-    assert _push(bus, 0, 0, 1.0, base=0) in bus.replies  # clock 1, slowest 0: a lead of 1 is allowed
+    assert (
+        _push(bus, 0, 0, 1.0, base=0) in bus.replies
+    )  # clock 1, slowest 0: a lead of 1 is allowed
     ahead = _push(bus, 0, 1, 1.0, base=1)  # clock 2: a lead of 2 > 1
     assert ahead not in bus.replies and p.primary.state.seq == 2  # applied on arrival, answer held
     slow = _push(bus, 1, 0, 1.0, base=0)  # the slowest reaches clock 1
@@ -286,8 +329,13 @@ def test_mixed_groups_update_the_shard_independently():
     assert a not in bus.replies and p.primary.state.seq == 0
     b = _push(bus, 3, 0, 4.0, base=0)  # group (2, 3) complete: one update, lr * 2/4
     assert bus.replies[a].seq == bus.replies[b].seq == 1
-    np.testing.assert_array_equal(p.params(), np.full(4, -1.5, np.float32))  # 0 - 1.0 * 0.5 * mean(2, 4)
-    c, d = _push(bus, 0, 0, 1.0, base=0), _push(bus, 1, 0, 1.0, base=0)  # group (0, 1), its own step 0
+    np.testing.assert_array_equal(
+        p.params(), np.full(4, -1.5, np.float32)
+    )  # 0 - 1.0 * 0.5 * mean(2, 4)
+    c, d = (
+        _push(bus, 0, 0, 1.0, base=0),
+        _push(bus, 1, 0, 1.0, base=0),
+    )  # group (0, 1), its own step 0
     assert bus.replies[c].acked == bus.replies[d].acked == 2
     np.testing.assert_array_equal(p.params(), np.full(4, -2.0, np.float32))
     assert [e.pushes for e in _log(bus).entries] == [((2, 0), (3, 0)), ((0, 0), (1, 0))]
@@ -301,7 +349,9 @@ def test_backup_workers_close_the_step_without_the_straggler_and_drop_its_late_p
     assert bus.replies[a].acked == bus.replies[b].acked == 1
     late = bus.replies[_push(bus, 1, 0, 100.0)]  # the straggler
     assert (late.seq, late.acked, late.late) == (1, 0, True) and p.late_pushes == 1
-    np.testing.assert_array_equal(late.params, np.full(4, -2.0, np.float32))  # mean of ranks 0 and 2 only
+    np.testing.assert_array_equal(
+        late.params, np.full(4, -2.0, np.float32)
+    )  # mean of ranks 0 and 2 only
     # rank 0's push went into the closed step: its resend is a repeat, not late
     again = bus.replies[_push(bus, 0, 0, 1.0)]
     assert (again.seq, again.acked, again.late) == (1, 1, False)
@@ -318,21 +368,37 @@ def test_a_compressed_push_is_decoded_before_it_is_applied():
     np.testing.assert_array_equal(reply.params, -expected)
 
 
-# --- fencing -------------------------------------------------------------------------------------------------
+# --- fencing
+# -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("rule, first, then", [
-    (Rule("sync", 2), [(0, 0)], [(1, 0)]),
-    (Rule("mixed", 4, group_size=2), [(0, 0)], [(2, 0), (3, 0)]),  # rank 0 still waits for rank 1 when p steps down
-])
-def test_an_export_fences_the_old_primary_which_steps_down_and_refuses_its_waiting_pushes(rule, first, then):
+@pytest.mark.parametrize(
+    "rule, first, then",
+    [
+        (Rule("sync", 2), [(0, 0)], [(1, 0)]),
+        (
+            Rule("mixed", 4, group_size=2),
+            [(0, 0)],
+            [(2, 0), (3, 0)],
+        ),  # rank 0 still waits for rank 1 when p steps down
+    ],
+)
+def test_an_export_fences_the_old_primary_which_steps_down_and_refuses_its_waiting_pushes(
+    rule, first, then
+):
     bus, _, _ = _pair(workers=rule.num_workers, rule=rule)
     rids = [_push(bus, r, t, 1.0, base=0) for r, t in first]
-    assert isinstance(bus.ask("h", ExportReplica(0, 2)), Exported)  # a successor at epoch 2 is being built
-    rids += [_push(bus, r, t, 1.0, base=0) for r, t in then]  # completes an update: its Append is refused
+    assert isinstance(
+        bus.ask("h", ExportReplica(0, 2)), Exported
+    )  # a successor at epoch 2 is being built
+    rids += [
+        _push(bus, r, t, 1.0, base=0) for r, t in then
+    ]  # completes an update: its Append is refused
     for rid in rids:
         assert "fenced at epoch 2" in _refused(bus.replies[rid], RefusalKind.FENCED)
-    assert [(name, n.event, n.fields["epoch"]) for name, n in bus.notes if n.event == "deposed"] == [("p", "deposed", 1)]
+    assert [
+        (name, n.event, n.fields["epoch"]) for name, n in bus.notes if n.event == "deposed"
+    ] == [("p", "deposed", 1)]
     assert _log(bus).next_seq == 0  # the fenced append changed nothing
     assert bus.ask("p", Describe()).deposed
     _refused(bus.replies[_push(bus, then[0][0], 1, 1.0, base=0)], RefusalKind.FENCED)
@@ -342,7 +408,9 @@ def test_an_export_fences_the_old_primary_which_steps_down_and_refuses_its_waiti
 def test_an_append_from_an_older_epoch_is_refused_by_the_holder():
     bus, _, _ = _pair()
     bus.ask("h", ExportReplica(0, 3))
-    stale = Append(0, 2, (Command(0, np.ones(4, np.float32), bus.procs["p"].primary.state.hyper_params(0)),))
+    stale = Append(
+        0, 2, (Command(0, np.ones(4, np.float32), bus.procs["p"].primary.state.hyper_params(0)),)
+    )
     _refused(bus.ask("h", stale), RefusalKind.FENCED)
     assert _log(bus).next_seq == 0
     assert bus.ask("h", InspectReplica(0)).entries == ()
@@ -361,13 +429,16 @@ def test_an_install_from_an_older_epoch_is_refused():
     assert _log(bus).next_seq == 2 and bus.procs["h"].replicas[0].fence == 2
 
 
-@pytest.mark.parametrize("epochs, refused", [
-    ((1,), True),  # the installing primary's own epoch is the fence
-    ((0,), True),
-    ((2, 2), True),  # an epoch is never handed out twice
-    ((3, 2), True),
-    ((2, 3), False),
-])
+@pytest.mark.parametrize(
+    "epochs, refused",
+    [
+        ((1,), True),  # the installing primary's own epoch is the fence
+        ((0,), True),
+        ((2, 2), True),  # an epoch is never handed out twice
+        ((3, 2), True),
+        ((2, 3), False),
+    ],
+)
 def test_an_export_needs_an_epoch_newer_than_the_fence(epochs, refused):
     bus, _, _ = _pair()
     *before, last = epochs
@@ -392,7 +463,9 @@ def test_a_delayed_older_load_does_not_undo_a_newer_one():
     _train(bus, 2)
     params = bus.procs["p"].params().copy()
     _refused(bus.ask("p", Load(shard, 0, np.full(4, 9.0, np.float32))), RefusalKind.FENCED)
-    assert bus.ask("p", Load(shard, 1, np.full(4, 9.0, np.float32))) == 2  # the same epoch again: done already
+    assert (
+        bus.ask("p", Load(shard, 1, np.full(4, 9.0, np.float32))) == 2
+    )  # the same epoch again: done already
     np.testing.assert_array_equal(bus.procs["p"].params(), params)
     d = bus.ask("p", Describe())
     assert (d.epoch, d.seq, d.deposed) == (1, 2, False)
@@ -415,7 +488,9 @@ def test_a_delayed_older_recover_primary_does_not_undo_a_newer_one():
     _push(bus, 0, 2, 1.0, dst="s")
     params = bus.procs["s"].params().copy()
     _refused(bus.ask("s", RecoverPrimary(shard, 2, "h")), RefusalKind.FENCED)
-    assert bus.ask("s", RecoverPrimary(shard, 3, "h")) == Recovered(3, 0, 0)  # the same epoch again: done already
+    assert bus.ask("s", RecoverPrimary(shard, 3, "h")) == Recovered(
+        3, 0, 0
+    )  # the same epoch again: done already
     np.testing.assert_array_equal(bus.procs["s"].params(), params)
     d = bus.ask("s", Describe())
     assert (d.epoch, d.seq) == (3, 3) and bus.procs["h"].replicas[0].fence == 3
@@ -449,15 +524,21 @@ def test_a_newer_recover_primary_supersedes_one_in_flight():
 def test_a_set_replica_older_than_the_one_in_use_is_refused():
     bus, _, spec = _pair()
     bus.add("h2", ServerProtocol("h2", spec))
-    assert "named before the holder in use" in _refused(bus.ask("p", SetReplica("h2", 0)), RefusalKind.FENCED)
+    assert "named before the holder in use" in _refused(
+        bus.ask("p", SetReplica("h2", 0)), RefusalKind.FENCED
+    )
     _push(bus, 0, 0, 1.0)
     assert _log(bus).next_seq == 1 and bus.procs["h2"].replicas == {}  # h stays the holder
-    assert isinstance(bus.ask("p", SetReplica("h2", 1)), int)  # the same version again is taken (a repeat)
+    assert isinstance(
+        bus.ask("p", SetReplica("h2", 1)), int
+    )  # the same version again is taken (a repeat)
     _push(bus, 0, 1, 1.0)
     assert _log(bus, "h2").next_seq == 2 and _log(bus).next_seq == 1
 
 
-@pytest.mark.parametrize("shard, epoch, deposed", [(0, 2, True), (0, 1, False), (0, 0, False), (1, 5, False)])
+@pytest.mark.parametrize(
+    "shard, epoch, deposed", [(0, 2, True), (0, 1, False), (0, 0, False), (1, 5, False)]
+)
 def test_a_depose_with_a_newer_epoch_makes_the_primary_refuse_pushes(shard, epoch, deposed):
     bus, _, _ = _pair()
     assert bus.ask("p", Depose(shard, epoch)) is deposed
@@ -470,8 +551,10 @@ def test_a_depose_with_a_newer_epoch_makes_the_primary_refuse_pushes(shard, epoc
 
 
 def test_sync_replies_never_carry_parameters_newer_than_the_holder_logged():
-    """Backup workers: step 1 can be applied while step 0's append is out. Step 0's answers wait until the holder
-    logged step 1 too, because they would carry its parameters (a rebuilt primary might not have them)."""
+    """Backup workers: step 1 can be applied while step 0's append is out. Step 0's answers wait
+    until the holder
+    logged step 1 too, because they would carry its parameters (a rebuilt primary might not have
+    them)."""
     bus, _, _ = _pair(workers=3, rule=Rule("sync", 3, backup_workers=1))
     bus.hold("h")
     step0 = [_push(bus, 0, 0, 1.0), _push(bus, 2, 0, 3.0)]
@@ -489,12 +572,16 @@ def test_sync_replies_never_carry_parameters_newer_than_the_holder_logged():
         np.testing.assert_array_equal(r.params, np.full(4, -5.0, np.float32))  # -(1+3)/2 - (2+4)/2
 
 
-@pytest.mark.parametrize("rule, pushes", [
-    (Rule("sync", 2), [(0, 0), (1, 0), (1, 1), (0, 1), (0, 1)]),
-    (Rule("sync", 3, backup_workers=1), [(0, 0), (2, 0), (1, 0), (1, 1), (2, 1), (0, 1)]),
-])
+@pytest.mark.parametrize(
+    "rule, pushes",
+    [
+        (Rule("sync", 2), [(0, 0), (1, 0), (1, 1), (0, 1), (0, 1)]),
+        (Rule("sync", 3, backup_workers=1), [(0, 0), (2, 0), (1, 0), (1, 1), (2, 1), (0, 1)]),
+    ],
+)
 def test_no_sync_answer_carries_parameters_the_holder_has_not_logged(rule, pushes):
-    """With the holder slow (every append held until the test lets it through) no answer's seq exceeds the log."""
+    """With the holder slow (every append held until the test lets it through) no answer's seq
+    exceeds the log."""
     bus, _, _ = _pair(workers=rule.num_workers, rule=rule)
     bus.hold("h")
     rids = [_push(bus, r, t, float(r + 1), base=0) for r, t in pushes]
@@ -515,7 +602,15 @@ def test_describe_reports_what_the_server_holds():
     _push(bus, 1, 1, 1.0, base=1)
     d = bus.ask("p", Describe())
     assert isinstance(d, ServerDescription)
-    assert (d.name, d.shard, d.epoch, d.seq, d.logged, d.durable_clocks, d.deposed) == ("p", 0, 1, 2, 2, (0, 2), False)
+    assert (d.name, d.shard, d.epoch, d.seq, d.logged, d.durable_clocks, d.deposed) == (
+        "p",
+        0,
+        1,
+        2,
+        2,
+        (0, 2),
+        False,
+    )
     h = bus.ask("h", Describe())
     assert h.shard is None and [(r.shard, r.fence, r.next_seq) for r in h.replicas] == [(0, 1, 2)]
 
@@ -524,13 +619,17 @@ def test_an_append_ack_is_what_the_holder_returns():
     bus, _, _ = _pair(fold=False)
     hp = bus.procs["p"].primary.state.hyper_params(0)
     assert bus.ask("h", Append(0, 1, (Command(0, np.ones(4, np.float32), hp),))) == AppendAck(1)
-    assert bus.ask("h", Append(0, 1, (Command(0, np.ones(4, np.float32), hp),))) == AppendAck(1)  # a resend
+    assert bus.ask("h", Append(0, 1, (Command(0, np.ones(4, np.float32), hp),))) == AppendAck(
+        1
+    )  # a resend
     _refused(bus.ask("h", Append(0, 1, (Command(3, np.ones(4, np.float32), hp),))), RefusalKind.GAP)
 
 
 def test_a_primary_replaced_by_a_newer_recovery_on_the_same_server_refuses_what_waited():
-    """A restarted supervisor re-issues a recovery with a newer epoch to the spare that had already finished it
-    (its Recovered answer was lost); a worker's watchdog check may meanwhile have routed a push to that spare."""
+    """A restarted supervisor re-issues a recovery with a newer epoch to the spare that had already
+    finished it
+    (its Recovered answer was lost); a worker's watchdog check may meanwhile have routed a push to
+    that spare."""
     bus, shard, spec = _pair(workers=2)
     bus.kill("p")
     assert isinstance(_recover(bus, shard, spec, epoch=2), Recovered)
@@ -538,4 +637,6 @@ def test_a_primary_replaced_by_a_newer_recovery_on_the_same_server_refuses_what_
     assert waiting not in bus.replies
     assert isinstance(bus.ask("s", RecoverPrimary(shard, 3, "h")), Recovered)
     assert bus.ask("s", Describe()).epoch == 3
-    _refused(bus.replies.get(waiting), RefusalKind.FENCED)  # as a newer Load does (test_a_newer_load_replaces_...)
+    _refused(
+        bus.replies.get(waiting), RefusalKind.FENCED
+    )  # as a newer Load does (test_a_newer_load_replaces_...)

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from raytrain_ft.config import OptimConfig
-from raytrain_ft.params import shard_ranges
 from raytrain_ft.consistency import mean_in_rank_order
+from raytrain_ft.params import shard_ranges
 from raytrain_ft.shard import ShardState
 
 

@@ -1,4 +1,5 @@
-"""Your own model, loss and data: resolved and checked on the driver before anything starts (no Ray)."""
+"""Your own model, loss and data: resolved and checked on the driver before anything starts (no
+Ray)."""
 
 import pytest
 import torch
@@ -21,7 +22,9 @@ def regressor():
 
 def data(n=16):
     g = torch.Generator().manual_seed(0)
-    return TensorDataset(torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)), None
+    return TensorDataset(
+        torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
+    ), None
 
 
 def raising_data():
@@ -29,22 +32,31 @@ def raising_data():
 
 
 def cfg(**model):
-    return TrainConfig(model=ModelConfig(**model), data=DataConfig(dataset="tests.unit.test_task:data"))
+    return TrainConfig(
+        model=ModelConfig(**model), data=DataConfig(dataset="tests.unit.test_task:data")
+    )
 
 
 def test_an_import_string_names_a_factory_and_its_kwargs_are_applied():
-    task, train, _ = Task.build(cfg(name="torch.nn:Linear", kwargs='{"in_features": 4, "out_features": 3}'))
+    task, train, _ = Task.build(
+        cfg(name="torch.nn:Linear", kwargs='{"in_features": 4, "out_features": 3}')
+    )
     model = task.build_model(seed=1)
     assert isinstance(model, nn.Linear) and model.out_features == 3 and len(train) == 16
-    assert torch.equal(task.build_model(seed=1).weight, model.weight)  # seeded: every copy starts the same
+    assert torch.equal(
+        task.build_model(seed=1).weight, model.weight
+    )  # seeded: every copy starts the same
 
 
-@pytest.mark.parametrize("spec, field, needle", [
-    ("nosuchmodule_xyz:f", "model.name", "cannot import module 'nosuchmodule_xyz'"),
-    ("torch.nn:NoSuchThing", "model.name", "has no attribute 'NoSuchThing'"),
-    (":f", "model.name", "is not MODULE:ATTR"),
-    ("torch:pi", "model.name", "is not callable"),
-])
+@pytest.mark.parametrize(
+    "spec, field, needle",
+    [
+        ("nosuchmodule_xyz:f", "model.name", "cannot import module 'nosuchmodule_xyz'"),
+        ("torch.nn:NoSuchThing", "model.name", "has no attribute 'NoSuchThing'"),
+        (":f", "model.name", "is not MODULE:ATTR"),
+        ("torch:pi", "model.name", "is not callable"),
+    ],
+)
 def test_bad_model_import_strings_name_the_flag(spec, field, needle):
     with pytest.raises(ConfigError, match=needle) as e:
         Task.build(cfg(name=spec))
@@ -52,16 +64,25 @@ def test_bad_model_import_strings_name_the_flag(spec, field, needle):
 
 
 def test_a_dataset_factory_that_raises_names_the_flag():
-    c = TrainConfig(model=ModelConfig(name="tests.unit.test_task:linear"), data=DataConfig(dataset="tests.unit.test_task:raising_data"))
+    c = TrainConfig(
+        model=ModelConfig(name="tests.unit.test_task:linear"),
+        data=DataConfig(dataset="tests.unit.test_task:raising_data"),
+    )
     with pytest.raises(ConfigError, match="raised RuntimeError: no such bucket") as e:
         Task.build(c)
     assert e.value.field == "data.dataset"
 
 
 def test_a_model_whose_output_does_not_fit_the_loss_fails_before_training():
-    with pytest.raises(ConfigError, match="cross_entropy needs class logits|cannot take the model's output") as e:
-        Task.build(TrainConfig(model=ModelConfig(name="tests.unit.test_task:linear", loss="mse"),
-                               data=DataConfig(dataset="tests.unit.test_task:data")))
+    with pytest.raises(
+        ConfigError, match="cross_entropy needs class logits|cannot take the model's output"
+    ) as e:
+        Task.build(
+            TrainConfig(
+                model=ModelConfig(name="tests.unit.test_task:linear", loss="mse"),
+                data=DataConfig(dataset="tests.unit.test_task:data"),
+            )
+        )
     assert e.value.field == "model.loss"
     with pytest.raises(ConfigError, match="must return a scalar tensor"):
         Task.build(cfg(name="tests.unit.test_task:linear"), loss=lambda out, y: out)
@@ -69,7 +90,11 @@ def test_a_model_whose_output_does_not_fit_the_loss_fails_before_training():
 
 def test_builtin_models_are_for_builtin_data():
     with pytest.raises(ConfigError, match="sized for the built-in datasets") as e:
-        Task.build(TrainConfig(model=ModelConfig(name="cnn"), data=DataConfig(dataset="tests.unit.test_task:data")))
+        Task.build(
+            TrainConfig(
+                model=ModelConfig(name="cnn"), data=DataConfig(dataset="tests.unit.test_task:data")
+            )
+        )
     assert e.value.field == "model.name"
 
 
@@ -95,7 +120,8 @@ def test_dict_inputs_batch_with_the_default_collate():
 
 
 class Odd(nn.Module):
-    """A frozen parameter, an integer buffer, a float buffer and a parameter the forward never uses."""
+    """A frozen parameter, an integer buffer, a float buffer and a parameter the forward never
+    uses."""
 
     def __init__(self):
         super().__init__()
@@ -113,14 +139,18 @@ class Odd(nn.Module):
 def test_frozen_parameters_stay_out_of_the_flat_vector_integer_buffers_travel_as_floats():
     m = Odd()
     flat = flatten_state(m)
-    assert flat.numel() == 4 * 3 + 3 + 5 + 3 + 1  # used weight and bias, unused, the float buffer, calls; not frozen
+    assert (
+        flat.numel() == 4 * 3 + 3 + 5 + 3 + 1
+    )  # used weight and bias, unused, the float buffer, calls; not frozen
     flat_model = FlatModel(Odd())
     assert flat_model.numel == flat.numel() and all(p.requires_grad for p in flat_model.params)
     out = flat_model.module(torch.randn(2, 4)).sum()
     out.backward()
     unused = next(i for i, p in enumerate(flat_model.params) if p.numel() == 5)
     a, b = flat_model.spans[unused]
-    assert flat_model.flat_grad[a:b].abs().sum() == 0 and flat_model.flat_grad.abs().sum() > 0  # unused: a zero gradient
+    assert (
+        flat_model.flat_grad[a:b].abs().sum() == 0 and flat_model.flat_grad.abs().sum() > 0
+    )  # unused: a zero gradient
     assert int(flat_model.module.calls) == 1
     flat_model.stage_buffers()  # the integer buffer's value rides in the gradient slot, as a float
     assert flat_model.flat_grad[-1] == 1.0
@@ -128,7 +158,11 @@ def test_frozen_parameters_stay_out_of_the_flat_vector_integer_buffers_travel_as
     flat_model.sync_int_buffers()
     assert int(flat_model.module.calls) == 7 and flat_model.module.calls.dtype == torch.long
     load_flat_state(m, flat + 1)
-    assert torch.equal(m.frozen, torch.ones(3)) and int(m.calls) == 1 and torch.equal(m.scale, torch.full((3,), 2.0))
+    assert (
+        torch.equal(m.frozen, torch.ones(3))
+        and int(m.calls) == 1
+        and torch.equal(m.scale, torch.full((3,), 2.0))
+    )
 
 
 def test_resolve_finds_modules_in_the_working_directory(tmp_path, monkeypatch):
