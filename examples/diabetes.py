@@ -7,8 +7,7 @@ From the repository's root:
         --steps 300 --batch-size 16 --lr 0.02 --num-workers 2 --num-servers 1
 
 ``eval_loss`` is the mean squared error on held-out patients, in units of the target's variance:
-predicting
-the mean scores 1.0. The summary also reports ``eval_r2`` (``metrics`` below).
+predicting the mean scores 1.0. The summary also reports ``eval_r2`` (``metrics`` below).
 """
 
 from __future__ import annotations

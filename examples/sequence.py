@@ -2,8 +2,7 @@
 sequence.
 
 Sequences of 10 tokens from a vocabulary of 16, generated from a seed (no download); the label is
-the largest
-token, so the model must attend over the whole sequence. From the repository's root:
+the largest token, so the model must attend over the whole sequence. From the repository's root:
 
     raytrain-ft train --model examples.sequence:model --dataset examples.sequence:data \\
         --steps 300 --batch-size 32 --optimizer adam --lr 0.003 --num-workers 2 --num-servers 2

@@ -1,16 +1,17 @@
 """Command line ``raytrain-ft``:
 
-    train   [--config FILE] [--flags] [--output-json PATH]     run here (embedded Ray) or on
-    --address
-    submit  [--address URL] [--config FILE] [--flags] [--follow] run as a Ray job on a running
-    cluster
-    status|logs|stop JOB_ID [--address URL]                     manage a submitted job
-    chaos   --kill ROLE[:INDEX]@step=N ...                       kill actors of a running run
-    report  RUN.json [--output PNG]                              plot a run's summary with its
-    recoveries
+    train   [--config FILE] [--flags] [--output-json PATH]
+            run here (embedded Ray) or on --address
+    submit  [--address URL] [--config FILE] [--flags] [--follow]
+            run as a Ray job on a running cluster
+    status|logs|stop JOB_ID [--address URL]
+            manage a submitted job
+    chaos   --kill ROLE[:INDEX]@step=N ...
+            kill actors of a running run
+    report  RUN.json [--output PNG]
+            plot a run's summary with its recoveries
     simulate [--schedules N] [--seed S] [--mode M] [--inject-bug B] [--replay SEED]
-                                                                 explore the recovery protocol
-                                                                 without Ray
+            explore the recovery protocol without Ray
 
 Exit codes: 0 success, 2 bad input (config, flags, data files, cluster
 address, auth), 1 a failure during training or of a job.
@@ -37,8 +38,7 @@ EXIT_FAILED = 1
 
 class ProgressBar:
     """One status line (redrawn in place on a terminal; otherwise -- logs, a Ray job -- a line every
-    10% of the run
-    or every ``every_s``) and a line per recovery."""
+    10% of the run or every ``every_s``) and a line per recovery."""
 
     def __init__(self, stream=sys.stderr, width: int = 30, every_s: float = 10.0):
         self.stream = stream

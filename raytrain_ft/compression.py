@@ -110,14 +110,12 @@ class TopK(Codec):
 
 ONEBIT_BLOCK = 512
 """Values that share one scale in the 1-bit codec: a shard spans layers whose gradients differ by
-orders of
-magnitude, and one scale per shard would send a bias the magnitude of a weight. Costs 1/512 of the
-uncompressed size on top of the 1/32 for the signs.
+orders of magnitude, and one scale per shard would send a bias the magnitude of a weight. Costs
+1/512 of the uncompressed size on top of the 1/32 for the signs.
 
 Measured on digits (4 workers, 10 epochs): with server momentum 0.5 the codec reaches 0.967 eval
-accuracy
-vs 0.969 uncompressed; with momentum 0.9 sign compression diverges (0.53), as known for sign methods
-with heavy momentum -- use momentum <= 0.5 with ``onebit``."""
+accuracy vs 0.969 uncompressed; with momentum 0.9 sign compression diverges (0.53), as known for
+sign methods with heavy momentum -- use momentum <= 0.5 with ``onebit``."""
 
 
 class OneBit(Codec):

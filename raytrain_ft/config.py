@@ -110,10 +110,8 @@ def _typed(value: Any, hint: Any, name: str) -> Any:
 
 def check_field_types(obj: Any, section: str | None = None) -> None:
     """Check (and normalise) every field of the dataclass ``obj`` against its annotation, naming a
-    bad one as
-    ``section.field``: int fields take integers (not bools, not fractions), float fields finite
-    numbers, bool fields
-    bools, str fields strings; ``X | None`` also takes None."""
+    bad one as ``section.field``: int fields take integers (not bools, not fractions), float fields
+    finite numbers, bool fields bools, str fields strings; ``X | None`` also takes None."""
     cls = type(obj)
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
@@ -690,9 +688,8 @@ def is_optional(f: dataclasses.Field, owner: type) -> bool:
 
 def coerce(text: Any, typ: type, name: str, optional: bool = True) -> Any:
     """A YAML or flag value as the field's type. A value that means "unset" (empty, ``none``,
-    ``null``, YAML ``~``)
-    unsets an optional field; a string field that is not optional keeps the word the user typed
-    (``--recovery none``)."""
+    ``null``, YAML ``~``) unsets an optional field; a string field that is not optional keeps the
+    word the user typed (``--recovery none``)."""
     unset = text is None or (isinstance(text, str) and text.strip().lower() in ("none", "null", ""))
     if unset and optional:
         return None
@@ -836,10 +833,8 @@ def load(config_path: str | None = None, overrides: dict[str, Any] | None = None
 
 def check_writable_dir(path: str, name: str, flag: str | None = None) -> None:
     """Create directory ``path`` if needed and write (and remove) a probe file in it; ConfigError
-    naming ``name`` (a field or
-    flag; ``flag``: the flag to fix, when ``name`` is a field) when that fails -- checked before a
-    run starts, not when its
-    first file is due."""
+    naming ``name`` (a field or flag; ``flag``: the flag to fix, when ``name`` is a field) when that
+    fails -- checked before a run starts, not when its first file is due."""
     import tempfile
 
     fix = f"give a writable directory as {flag or name}"

@@ -28,8 +28,7 @@ from raytrain_ft.errors import DataError
 IMAGE_SHAPE_METADATA_KEY = b"raytrain_ft.image_shape"
 MAX_CLASSES = 10_000
 """Largest number of classes a Parquet label column may imply (labels 0..MAX_CLASSES-1): a label of
-100000 is a
-mistake (a wrong column, ids instead of classes), not a 100,000-way classifier."""
+100000 is a mistake (a wrong column, ids instead of classes), not a 100,000-way classifier."""
 
 
 @dataclass(frozen=True)
@@ -234,8 +233,7 @@ def _checked_table(
     f: str, table, cfg: DataConfig, shape: tuple[int, int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
     """One file's images [N, C, H, W] and labels [N], every row checked: one value per pixel, finite
-    values, labels
-    that are class indices."""
+    values, labels that are class indices."""
     import pyarrow.compute as pc
 
     size = int(np.prod(shape))
@@ -412,9 +410,8 @@ def global_step_indices(
 
 class BatchStream:
     """Batches of one worker from ``start_step``: the batch of ``(seed, epoch, rank, step)`` over
-    the rank's
-    partition ``perm[rank::W]`` of ``dataset`` (a pure function of them), prepared ahead in a
-    background thread."""
+    the rank's partition ``perm[rank::W]`` of ``dataset`` (a pure function of them), prepared ahead
+    in a background thread."""
 
     def __init__(
         self,
@@ -477,8 +474,7 @@ class BatchStream:
 
 def batch_of(ds, indices) -> tuple:
     """The (x, y) batch of ``indices``: tensors indexed at once for a ``TensorDataset``, else
-    PyTorch's default
-    collate of the samples (x may be a tensor or a dict of tensors)."""
+    PyTorch's default collate of the samples (x may be a tensor or a dict of tensors)."""
     if isinstance(ds, TensorDataset):
         idx = torch.as_tensor(indices)
         x, y = (t.index_select(0, idx) for t in ds.tensors[:2])

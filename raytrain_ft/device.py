@@ -1,21 +1,18 @@
 """Where a worker computes, and the flags that make a GPU compute the same bits every time (no Ray).
 
 I2 -- a sync run with failures ends bitwise equal to the run without -- needs a restarted worker to
-recompute a
-step with exactly the bits it had sent. On a GPU that takes, before the first CUDA call of the
-process:
+recompute a step with exactly the bits it had sent. On a GPU that takes, before the first CUDA
+call of the process:
 
 - ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (cuBLAS's deterministic workspace; without it deterministic
-mode raises at
-  the first matmul), ``torch.use_deterministic_algorithms(True)``, ``cudnn.deterministic = True``,
-  ``cudnn.benchmark = False`` (autotuning picks kernels by timing: another kernel, other bits);
+  mode raises at the first matmul), ``torch.use_deterministic_algorithms(True)``,
+  ``cudnn.deterministic = True``, ``cudnn.benchmark = False`` (autotuning picks kernels by timing:
+  another kernel, other bits);
 - TF32 set explicitly (off by default: Ampere/Hopper convolutions and matmuls otherwise round inputs
-to 10
-  bits of mantissa, and results differ from the CPU reference and between cards).
+  to 10 bits of mantissa, and results differ from the CPU reference and between cards).
 
 It also needs the same device kind on every restart: a rank restarted on another GPU model, or on
-the CPU
-under ``--use-gpu auto``, computes other bits. The summary records each rank's device name.
+the CPU under ``--use-gpu auto``, computes other bits. The summary records each rank's device name.
 """
 
 from __future__ import annotations
@@ -49,19 +46,15 @@ def choose_device(
     requested: str, use_gpu: str, cuda_available: bool, gpu_ids, noset_visible: bool | None = None
 ) -> tuple[str, str | None]:
     """(device to train on, warning or None) for a worker the supervisor asked to use ``requested``
-    ("cpu" or
-    "cuda"), given the GPUs Ray assigned to this process (``ray.get_gpu_ids()``).
+    ("cpu" or "cuda"), given the GPUs Ray assigned to this process (``ray.get_gpu_ids()``).
 
     - No GPU assigned (e.g. a process hosting several simulated ranks asks for none): the CPU, never
-    a GPU Ray
-      gave to another worker.
+      a GPU Ray gave to another worker.
     - Ray narrows ``CUDA_VISIBLE_DEVICES`` to the assigned GPU, which torch then sees as ``cuda:0``;
-    with
-      ``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES`` set every GPU stays visible and the assigned
-      id is the index.
+      with ``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES`` set every GPU stays visible and the
+      assigned id is the index.
     - A worker placed on a GPU its torch cannot use fails with ``use_gpu: true`` and falls back to
-    the CPU with a
-      warning under ``auto``.
+      the CPU with a warning under ``auto``.
     """
     from raytrain_ft.errors import ClusterError
 

@@ -100,8 +100,7 @@ def find_token(
 
 def resolve_address(address: str | None, environ: Mapping[str, str] | None = None) -> str:
     """The dashboard's HTTP address: ``address``, else ``RAY_API_SERVER_ADDRESS``/``RAY_ADDRESS``
-    (an http one), else the
-    forwarded default."""
+    (an http one), else the forwarded default."""
     environ = os.environ if environ is None else environ
     if not address:
         for var in ADDRESS_ENV_VARS:
@@ -132,8 +131,7 @@ class RayAuth:
     """``RAY_AUTH_MODE`` as set (lower case), None when unset."""
     sent: Token | None
     """The token ``ray.init`` sends: with ``RAY_AUTH_MODE=token``, or with it unset for ``auto``
-    (never for an explicit
-    address); never with ``disabled``."""
+    (never for an explicit address); never with ``disabled``."""
     found: Token | None
     """The token found where Ray looks (``find_token``), sent or not."""
     auto: bool = False
@@ -152,8 +150,7 @@ def ray_auth(
     home: str | os.PathLike | None = None,
 ) -> RayAuth:
     """What ``ray.init(address=address)`` will send; ClusterError (saying where to put it) when
-    ``RAY_AUTH_MODE=token`` and
-    no token is found, as ``ray.init`` would fail then."""
+    ``RAY_AUTH_MODE=token`` and no token is found, as ``ray.init`` would fail then."""
     environ = os.environ if environ is None else environ
     mode = environ.get(AUTH_MODE_ENV_VAR, "").strip().lower() or None
     try:
@@ -177,10 +174,9 @@ def resolve_ray_address(
     candidates=None,
 ) -> str:
     """``address``, with ``auto`` read as ``ray.init`` reads it (``RAY_ADDRESS``, else the Ray
-    instance running on this machine) --
-    except that several local instances are an error listing them instead of a silent pick.
-    ``candidates``: the local GCS
-    addresses (default: Ray's own scan of this machine's raylet processes)."""
+    instance running on this machine) -- except that several local instances are an error listing
+    them instead of a silent pick. ``candidates``: the local GCS addresses (default: Ray's own scan
+    of this machine's raylet processes)."""
     if address != "auto":
         return address
     environ = os.environ if environ is None else environ
@@ -214,11 +210,9 @@ def probe_ray(
     environ: Mapping[str, str] | None = None,
 ) -> None:
     """Ask ``host:port`` (or ``ray://host:port``) one cheap gRPC question with the token
-    ``ray.init`` would send (``auth``,
-    default: for this explicit address); ClusterError with one line when it is not Ray (an HTTP
-    server such as the
-    dashboard, a silent port) or the cluster refuses the token. A listening port is assumed
-    (``check_ray_address``
+    ``ray.init`` would send (``auth``, default: for this explicit address); ClusterError with one
+    line when it is not Ray (an HTTP server such as the dashboard, a silent port) or the cluster
+    refuses the token. A listening port is assumed (``check_ray_address``
     tests that first)."""
     import grpc
 
@@ -279,9 +273,8 @@ def _flag(field: str) -> str:
 
 def check_ray_address(address: str, field: str = "--address", timeout_s: float = 5.0) -> str:
     """Check -- in seconds, not Ray's minutes of retries and warnings -- that ``address``
-    (``HOST:PORT``, ``ray://HOST:PORT`` or
-    ``auto``, resolved as ``ray.init`` resolves it but refusing several local instances) accepts a
-    TCP connection, answers
+    (``HOST:PORT``, ``ray://HOST:PORT`` or ``auto``, resolved as ``ray.init`` resolves it but
+    refusing several local instances) accepts a TCP connection, answers
     like Ray and takes the token ``ray.init`` will send; returns ``address`` for ``ray.init``."""
     import socket
 
@@ -368,8 +361,8 @@ def _client(address: str):
 
 def token_error(address: str, token: Token | None, auth: RayAuth | None = None) -> ClusterError:
     """The one line for a cluster that refused the client: no token, or not the cluster's (job
-    commands, train, chaos).
-    ``auth``: what ``ray.init`` sends (``ray_auth``), when it is Ray itself that connects."""
+    commands, train, chaos). ``auth``: what ``ray.init`` sends (``ray_auth``), when it is Ray itself
+    that connects."""
     if token is not None:
         return ClusterError(
             f"the Ray cluster at {address} rejected the token from {token.source}; use the "
@@ -511,10 +504,9 @@ def submit(
     entrypoint_num_cpus: float = 0,
 ) -> JobHandle:
     """Submit ``config`` as a Ray job to the cluster whose dashboard is at ``address`` (default:
-    ``RAY_API_SERVER_ADDRESS``,
-    ``RAY_ADDRESS`` or http://127.0.0.1:8265). ``runtime_env`` is Ray's (e.g. ``{"pip": [...]}`` or
-    ``{"working_dir": "."}``
-    when the cluster's nodes lack this package)."""
+    ``RAY_API_SERVER_ADDRESS``, ``RAY_ADDRESS`` or http://127.0.0.1:8265). ``runtime_env`` is Ray's
+    (e.g. ``{"pip": [...]}`` or ``{"working_dir": "."}`` when the cluster's nodes lack this
+    package)."""
     address = resolve_address(address)
     client = _client(address)
     command = entrypoint(config)

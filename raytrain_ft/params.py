@@ -88,8 +88,7 @@ class FlatModel:
     def zero_grad(self) -> None:
         self.flat_grad.zero_()
         # autograd accumulates in place into an existing .grad; a grad set to None would be
-        # re-allocated
-        # outside the flat buffer and silently never pushed
+        # re-allocated outside the flat buffer and silently never pushed
         for p in self._params:
             if p.grad is None:
                 raise RuntimeError(
@@ -128,8 +127,7 @@ def _owner(module: nn.Module, dotted: str) -> tuple[nn.Module, str]:
 
 def trainable(module: nn.Module) -> list[nn.Parameter]:
     """The parameters the servers hold and optimize: those with ``requires_grad``. A frozen
-    parameter stays where
-    the seeded model put it, the same on every worker, and is not shipped."""
+    parameter stays where the seeded model put it, the same on every worker, and is not shipped."""
     return [p for _, p in module.named_parameters() if p.requires_grad]
 
 

@@ -193,8 +193,7 @@ def load_summary(path: str) -> dict[str, Any]:
 
 def render_png(summary: dict[str, Any], path: str, flag: str = "--output") -> None:
     """Loss and training accuracy over time, with kills (red lines) and recoveries (shaded, from
-    noticed to serving).
-    ``flag`` names where ``path`` came from in an error."""
+    noticed to serving). ``flag`` names where ``path`` came from in an error."""
     try:
         import matplotlib
 

@@ -63,9 +63,8 @@ class ShardState:
         """Per rank: the next step this shard expects from it (every update's pushes advance it)."""
         self.applied: dict[int, bytearray] = {}
         """Per rank: how many times each of its steps' pushes went into an update (the record an
-        independent
-        ledger of acknowledged pushes is checked against: every acknowledged push counts exactly
-        1)."""
+        independent ledger of acknowledged pushes is checked against: every acknowledged push counts
+        exactly 1)."""
         self.residuals: dict[int, list] = {}
         """Per rank: [(step, error-feedback residual after that step's push)], the newest two (lossy
         codecs)."""
@@ -102,10 +101,8 @@ class ShardState:
         self, mean_update: np.ndarray, hp: HyperParams, pushes: tuple = (), residuals: tuple = ()
     ) -> None:
         """Apply one aggregated update: optimizer on the parameter part, assignment on the buffer
-        part.
-        ``pushes``: the (rank, step) pairs it aggregates (advances those ranks' clocks);
-        ``residuals``: (rank,
-        step, array) of the pushing workers' error-feedback residuals."""
+        part. ``pushes``: the (rank, step) pairs it aggregates (advances those ranks' clocks);
+        ``residuals``: (rank, step, array) of the pushing workers' error-feedback residuals."""
         with warnings.catch_warnings():  # read-only object-store views are only read here
             warnings.simplefilter("ignore", UserWarning)
             update = torch.from_numpy(mean_update)

@@ -103,8 +103,8 @@ def mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class DataSource:
     """Where a process gets the (train, eval) datasets: by calling ``factory``, or from Ray's object
-    store
-    (``ref``: Dataset objects the driver put there once; ``objects`` until Ray has started)."""
+    store (``ref``: Dataset objects the driver put there once; ``objects`` until Ray has
+    started)."""
 
     factory: Callable[[], tuple] | None = None
     ref: Any = None
@@ -163,8 +163,7 @@ class Task:
         cls, config, model=None, loss=None, train_data=None, eval_data=None, metrics=None
     ) -> tuple[Task, Dataset, Dataset | None]:
         """(task, train, eval) from the config's names (built-in or ``MODULE:ATTR``) and the Python
-        API's objects,
-        which win; checked with one forward pass and one loss."""
+        API's objects, which win; checked with one forward pass and one loss."""
         from raytrain_ft.data import load_dataset
 
         mc, dc = config.model, config.data
@@ -238,8 +237,7 @@ class Task:
 
     def check(self, train: Dataset, seed: int) -> None:
         """One forward and one loss on two training samples: a model, loss or dataset that do not
-        fit each other
-        fails here, on the driver, with the flag to fix."""
+        fit each other fails here, on the driver, with the flag to fix."""
         if len(train) < 2:
             raise ConfigError("data.dataset", f"the training set has {len(train)} samples")
         try:
@@ -310,8 +308,7 @@ def evaluate(
     task: Task, model: torch.nn.Module, dataset: Dataset | None, batch_size: int = 512
 ) -> dict[str, float]:
     """eval_loss (mean over samples), eval_accuracy where the task is classification, and the user's
-    metrics
-    (each a mean over samples of the per-batch values, weighted by batch size)."""
+    metrics (each a mean over samples of the per-batch values, weighted by batch size)."""
     if dataset is None or len(dataset) == 0:
         return {}
     model.eval()

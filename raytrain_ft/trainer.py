@@ -102,8 +102,7 @@ class TrainResult:
     run_id: str = ""
     staleness_histogram: dict[int, int] = field(default_factory=dict)
     """{staleness: updates} over all shards: shard updates between a gradient's parameters and its
-    application
-    (sync: all 0; the stalest push of an aggregated update counts)."""
+    application (sync: all 0; the stalest push of an aggregated update counts)."""
     bytes_pushed: int = 0
     """Gradient bytes all workers sent (after compression)."""
     bytes_pulled: int = 0
@@ -115,15 +114,14 @@ class TrainResult:
     """Wall-clock time (epoch s) the driver started waiting on the workers: t=0 of ``history``."""
     history: list[dict[str, Any]] = field(default_factory=list, repr=False)
     """Progress over the run: {t (s since start), step, loss, accuracy (training batches),
-    samples_per_sec}, about every
-    ``log_every_s`` (``raytrain-ft report`` plots it with the recoveries)."""
+    samples_per_sec}, about every ``log_every_s`` (``raytrain-ft report`` plots it with the
+    recoveries)."""
     step_times: list[list[tuple[int, float]]] = field(default_factory=list, repr=False)
     """Per rank: (step, time it finished) from the rank's final worker (not in the JSON summary)."""
     applied_counts: list[dict[str, str]] = field(default_factory=list, repr=False)
     """Per shard, per rank: how many times each step's push went into an update, one digit per step
-    ("1111..."):
-    the shards' own record, which chaos tests check against the workers' ledgers of acknowledged
-    pushes."""
+    ("1111..."): the shards' own record, which chaos tests check against the workers' ledgers of
+    acknowledged pushes."""
     eval_metrics: dict[str, float] = field(default_factory=dict)
     """The user's ``metrics`` on the eval set (each a mean over samples)."""
     final_params: np.ndarray | None = field(default=None, repr=False)
@@ -132,8 +130,7 @@ class TrainResult:
 
     def state_dict(self) -> dict[str, Any]:
         """The trained module's state dict under its own parameter names: ``torch.save`` it and load
-        it into a
-        fresh instance of the model (``model.load_state_dict``)."""
+        it into a fresh instance of the model (``model.load_state_dict``)."""
         return self.model.state_dict()
 
     def to_dict(self) -> dict[str, Any]:
@@ -158,8 +155,7 @@ def total_steps_for(config: TrainConfig, num_train: int) -> int:
 
 def build_initial_model(config: TrainConfig, in_shape: tuple, num_classes: int) -> torch.nn.Module:
     """The model every copy starts from: built right after seeding, so the driver, the supervisor
-    and every
-    worker get the same values."""
+    and every worker get the same values."""
     torch.manual_seed(config.seed)
     return build_model(config.model, in_shape, num_classes)
 
@@ -220,9 +216,8 @@ class Session:
 @contextlib.contextmanager
 def ray_session(config: TrainConfig):
     """Join the running Ray (tests, jobs), connect to ``cluster.address``, or start an embedded
-    local Ray
-    (``cluster.local_nodes`` simulated nodes). Only a Ray instance started here is shut down here.
-    """
+    local Ray (``cluster.local_nodes`` simulated nodes). Only a Ray instance started here is shut
+    down here."""
     import ray
 
     from raytrain_ft.config import check_writable_dir
@@ -240,8 +235,8 @@ def ray_session(config: TrainConfig):
         return
     needed = cc.num_workers * cc.cpus_per_worker
     # an embedded Ray keeps Ray's default, token authentication (a token is generated once if none
-    # exists); the
-    # line Ray prints about that default on every start is not the run's output (the README says it)
+    # exists); the line Ray prints about that default on every start is not the run's output (the
+    # README says it)
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
         logging.ERROR
     )
@@ -306,8 +301,7 @@ def ray_session(config: TrainConfig):
 
 def local_runtime_env() -> dict:
     """A Ray started here runs its workers with the working directory importable, as the driver has
-    it: a
-    ``--model mymodule:build`` found here is found by the workers too."""
+    it: a ``--model mymodule:build`` found here is found by the workers too."""
     path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
     return {"env_vars": {"PYTHONPATH": path}}
 
@@ -360,10 +354,9 @@ def check_resumable(directory: str, ranges) -> int:
 
 def check_reachable(address: str, timeout_s: float = 5.0, field: str = "cluster.address") -> str:
     """The address to give ``ray.init`` (``auto`` resolved, refusing several local instances), after
-    failing fast -- instead
-    of Ray's minutes of retries and warnings -- when ``host:port`` accepts no TCP connection, is not
-    Ray (the dashboard's
-    HTTP port, a silent port) or refuses our token (``raytrain_ft.jobs.check_ray_address``)."""
+    failing fast -- instead of Ray's minutes of retries and warnings -- when ``host:port`` accepts
+    no TCP connection, is not Ray (the dashboard's HTTP port, a silent port) or refuses our token
+    (``raytrain_ft.jobs.check_ray_address``)."""
     from raytrain_ft.jobs import check_ray_address
 
     return check_ray_address(address, field, timeout_s)
@@ -371,8 +364,7 @@ def check_reachable(address: str, timeout_s: float = 5.0, field: str = "cluster.
 
 class Trainer:
     """Train ``config``'s model on a Ray cluster. The built-in model, loss and data come from the
-    config's names;
-    the Python API may pass its own:
+    config's names; the Python API may pass its own:
 
     - ``model``: a zero-argument callable returning an ``nn.Module`` (called on every process after
     seeding);

@@ -1,6 +1,5 @@
 """A real Ray head started with ``ray start --head`` for tests: free ports, a private temp dir, and
-a shutdown that
-stops only the processes it started (never a global ``ray stop``)."""
+a shutdown that stops only the processes it started (never a global ``ray stop``)."""
 
 from __future__ import annotations
 

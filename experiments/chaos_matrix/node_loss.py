@@ -1,11 +1,9 @@
 """Node loss, repeated: the three settings that once failed about half the time (a reply that lived
-on the lost
-node), each run on three simulated nodes with node 1 removed at step 20, judged like the chaos
-matrix (I1 from
-the ledgers, I2 against the same setting without the kill, I4).
+on the lost node), each run on three simulated nodes with node 1 removed at step 20, judged like the
+chaos matrix (I1 from the ledgers, I2 against the same setting without the kill, I4).
 
-    python experiments/chaos_matrix/node_loss.py --rounds 4      # 12 runs: sync 2x2, sync 3x3, ssp
-    3x3 in turn
+    # 12 runs: sync 2x2, sync 3x3, ssp 3x3 in turn
+    python experiments/chaos_matrix/node_loss.py --rounds 4
 """
 
 from __future__ import annotations

@@ -5,28 +5,20 @@ Cells are (what is killed, when, mode):
   when = step      the role is killed once the slowest worker reaches step 20
          recovery  server:0 dies at step 20; the role is killed while that recovery is in progress
          rereplication  server:1 dies at step 20; the role is killed while the replica it held is
-         rebuilt
-         snapshot  a primary right after sending / a holder right after receiving its 2nd snapshot
-  plus the double failures that once broke the run (a worker restart under a supervisor kill, a
-  shard
-  recovered twice around a supervisor restart).
-Roles: server (a primary), replica (the holder of shard 0's replica), worker, supervisor, spare,
-node (one of
+         rebuilt snapshot a primary right after sending / a holder right after receiving its 2nd
+  snapshot plus the double failures that once broke the run (a worker restart under a supervisor
+kill, a shard recovered twice around a supervisor restart). Roles: server (a primary), replica (the
+holder of shard 0's replica), worker, supervisor, spare, node (one of
 three simulated nodes: its servers and workers die together). Modes: sync, async, ssp, mixed, sync
-with a
-backup worker, sync with a top-k codec.
+with a backup worker, sync with a top-k codec.
 
 Every run is judged on its own records: it finishes; every kill fired once on a live target; I1 from
-the
-workers' ledgers against the shards' applied records (every (rank, step) applied exactly once); I2
-the
-failure-free run's params_sha256 (sync modes without backup workers); I3 no checkpoint file read; I4
-every
-replica, replayed, equals its primary. A cell passes a repeat only if all hold.
+the workers' ledgers against the shards' applied records (every (rank, step) applied exactly once);
+I2 the failure-free run's params_sha256 (sync modes without backup workers); I3 no checkpoint file
+read; I4 every replica, replayed, equals its primary. A cell passes a repeat only if all hold.
 
     python experiments/chaos_matrix/run.py --repeats 5                # the whole matrix (~2 h on 2
-    cores)
-    python experiments/chaos_matrix/run.py --repeats 1 --when step --modes sync
+    cores) python experiments/chaos_matrix/run.py --repeats 1 --when step --modes sync
 """
 
 from __future__ import annotations

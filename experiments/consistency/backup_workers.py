@@ -2,9 +2,8 @@
 alternating).
 
 Sync mode, 4 workers, digits CNN. Rank 3 is made a straggler (``--slow-workers 3:MS``:
-MS milliseconds of extra compute per step). Runs:
-  clean       -- no straggler, backup_workers = 0 (the reference)
-  straggler   -- straggler, backup_workers = 0 (every step waits for it)
+  MS milliseconds of extra compute per step). Runs: clean -- no straggler, backup_workers = 0 (the
+  reference) straggler -- straggler, backup_workers = 0 (every step waits for it)
   backup      -- straggler, backup_workers = 1 (a step closes on the first 3 gradients)
 
 Reported: steps/s (global steps the shards completed per second of training) and

@@ -131,10 +131,9 @@ def fit(
     kill_step: int | None = None,
 ) -> dict:
     """Run ``config`` (a ``TrainConfig``: model, data, optimizer, steps, workers, threads) under Ray
-    Train.
-    Returns rank 0's step end times of the last attempt (``times``) and of every attempt
-    (``timeline``), where the
-    last attempt started, the kill record, the evaluation accuracy and the wall time."""
+    Train. Returns rank 0's step end times of the last attempt (``times``) and of every attempt
+    (``timeline``), where the last attempt started, the kill record, the evaluation accuracy and the
+    wall time."""
     import sys
 
     from ray import cloudpickle

@@ -1,8 +1,6 @@
 """bf16 against fp32: eval accuracy and throughput of the main job (CNN on digits 16x16, 2 workers x
-2 shards, 5
-epochs), runs alternating, medians over repeats. Workers compute forward and backward under bf16
-autocast; the
-shards keep float32 parameters and optimizer state.
+2 shards, 5 epochs), runs alternating, medians over repeats. Workers compute forward and backward
+under bf16 autocast; the shards keep float32 parameters and optimizer state.
 
     python experiments/precision/run.py --repeats 3
 """

@@ -1,12 +1,10 @@
 """Recovery from a killed parameter server: peer replica vs checkpoint restart, side by side; and
-the
-throughput cost of replication (replica vs recovery=none, no kills).
+the throughput cost of replication (replica vs recovery=none, no kills).
 
 For each model and repeat (runs alternate between methods):
   replica     -- kill server:0 at --kill-step; rebuilt from its peer's snapshot + command log
   checkpoint  -- same kill; baseline restarts from the last checkpoint (every --checkpoint-interval
-  steps)
-  none / replica without kills -- steady samples/s, for the replication overhead ratio
+  steps) none / replica without kills -- steady samples/s, for the replication overhead ratio
 
 Reported per method (medians over repeats):
   kill_to_serving_s  -- kill until the lost shard answers again (replica: rebuilt server published;
@@ -92,9 +90,8 @@ def measure_kill(result) -> dict:
     g = global_step_times(result)
     after = [t for t in g.values() if t > kill["at"]]
     # first step not completed by every rank at the kill; the driver's view (kill["step"]) may lag
-    # by a poll,
-    # and a checkpoint restart overwrites the history it rolled back over, so take the larger of the
-    # two
+    # by a poll, and a checkpoint restart overwrites the history it rolled back over, so take the
+    # larger of the two
     before = [s for s, t in g.items() if t <= kill["at"]]
     reached = max(kill["step"], max(before) + 1 if before else 0)
     return {

@@ -4,12 +4,10 @@ Same model, data, global batch, 2 workers, SGD + momentum, same step count:
   replica            raytrain-ft: SIGKILL server:0; rebuilt from its peer's snapshot + command log
   replica-worker     raytrain-ft: SIGKILL worker:1; restarted, resumes at the shards' step
   checkpoint-N       raytrain-ft --recovery checkpoint, a checkpoint every N steps: SIGKILL
-  server:0,
-                     every shard rewinds to the last checkpoint, every worker restarts
+                     server:0, every shard rewinds to the last checkpoint, every worker restarts
   raytrain-ddp-N     Ray Train TorchTrainer + DDP (gloo), a checkpoint every N steps,
                      FailureConfig(max_failures=1): SIGKILL rank 1; Ray Train restarts the worker
-                     group
-                     from the latest checkpoint
+                     group from the latest checkpoint
 
 Reported per method (medians over repeats):
   first_step_s    kill -> the next step completes (the run makes progress again)
@@ -18,8 +16,8 @@ Reported per method (medians over repeats):
   wall_s          the whole run (time to the final step and its accuracy), and eval_accuracy
 A timeline PNG (steps vs seconds since the kill) shows one run of each method.
 
-    python experiments/recovery/study.py --steps 200 --kill-step 100 --intervals 10,25,50 --repeats
-    3
+    python experiments/recovery/study.py --steps 200 --kill-step 100 --intervals 10,25,50 \
+        --repeats 3
 """
 
 from __future__ import annotations

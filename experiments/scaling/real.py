@@ -9,8 +9,8 @@ runs once per repeat, repeats alternate, medians reported.
   efficiency  speedup ÷ workers           (the resource added: workers, 1 core each)
   per_core    speedup ÷ min(workers, cores): what the added workers could give on this machine
 
-    python experiments/scaling/real.py --models cnn,resnet18 --modes sync,mixed --workers 1,2,4
-    --servers 1,2,4 --repeats 2
+    python experiments/scaling/real.py --models cnn,resnet18 --modes sync,mixed --workers 1,2,4 \
+        --servers 1,2,4 --repeats 2
 """
 
 from __future__ import annotations

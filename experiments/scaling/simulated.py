@@ -21,8 +21,8 @@ For each (workers W, servers S):
   efficiency     speedup / W                      (the seed's Table 1 shape)
   vs_ideal       throughput / (W * batch / MS)    (compute-bound ideal: communication free)
 
-    python experiments/scaling/simulated.py --model cnn --workers 1,4,16,64 --servers 1,2,4,8
-    --simulate-ms 100,1000
+    python experiments/scaling/simulated.py --model cnn --workers 1,4,16,64 --servers 1,2,4,8 \
+        --simulate-ms 100,1000
 """
 
 from __future__ import annotations

@@ -6,20 +6,16 @@ NAMESPACE = "raytrain_ft"
 INLINE_BYTES = 96 * 1024
 """Arrays up to this size travel inside a call: Ray inlines arguments under its 100 KiB
 ``max_direct_call_object_size`` instead of a round trip to the object store (py-spy: ``ray.put`` of
-each ~76 KB
-push was ~40% of a worker's CPU with 16 ranks x 8 shards)."""
+each ~76 KB push was ~40% of a worker's CPU with 16 ranks x 8 shards)."""
 PARTS_MAX_BYTES = 512 * 1024
 """Arrays up to this size go inside the call as several parts of at most INLINE_BYTES (a 320 KB
-array measured
-1.9 ms in parts vs 2.3 ms through the object store; at 1.1 MB parts were slower, 3.9 vs 2.2 ms);
-larger ones go
-through the object store."""
+array measured 1.9 ms in parts vs 2.3 ms through the object store; at 1.1 MB parts were slower, 3.9
+vs 2.2 ms); larger ones go through the object store."""
 
 
 def inline_parts(array):
     """``array`` as consecutive owned copies of at most INLINE_BYTES each, to pass as separate call
-    arguments;
-    None when it is above PARTS_MAX_BYTES."""
+    arguments; None when it is above PARTS_MAX_BYTES."""
     import numpy as np
 
     if array.nbytes > PARTS_MAX_BYTES:

@@ -175,9 +175,8 @@ class ActorGroup:
 
 def kill_process(handle, process: str | None) -> str:
     """Kill an actor for real: SIGKILL its process (``NODE_IP:PID``) when it runs on this host and
-    is a Ray
-    actor process, else ``ray.kill`` (also a forced kill). Never signals a process of another
-    host."""
+    is a Ray actor process, else ``ray.kill`` (also a forced kill). Never signals a process of
+    another host."""
     import ray
 
     from raytrain_ft.actors.worker import actor_of

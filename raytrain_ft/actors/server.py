@@ -104,8 +104,7 @@ class ParameterServer:
 
     def _guarded(self, handler, *args) -> None:
         """Run a protocol handler outside a method call (a timer, an answer) and carry out its
-        effects; a bug is
-        logged with its traceback rather than lost in the event loop."""
+        effects; a bug is logged with its traceback rather than lost in the event loop."""
         try:
             self._perform(handler(*args))
         except Exception:  # noqa: BLE001

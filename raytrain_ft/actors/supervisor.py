@@ -98,8 +98,7 @@ class SupervisorStatus:
 @dataclass(frozen=True, slots=True)
 class SupervisorArgs:
     """Everything a supervisor (and a restarted one) is built from: small values only, so Ray keeps
-    them in the
-    actor's creation task instead of the object store."""
+    them in the actor's creation task instead of the object store."""
 
     run_id: str
     config: object
@@ -111,8 +110,7 @@ class SupervisorArgs:
     checkpoint_dir: str | None
     task: object
     """``task.Task``: the supervisor builds the initial model from it itself (same seed, same
-    values) and hands it
-    to the workers."""
+    values) and hands it to the workers."""
     start_step: int = 0
 
 
@@ -232,8 +230,7 @@ class Supervisor:
 
     async def _heartbeat(self) -> None:
         """A probe round at least every few intervals, whatever happened to the protocol's own
-        timers (a round
-        already in flight makes this a no-op)."""
+        timers (a round already in flight makes this a no-op)."""
         while self.proto.phase not in (RunPhase.DONE, RunPhase.FAILED):
             await asyncio.sleep(self.spec.probe_interval_s * 5)
             self._guarded(self.proto.on_timer, "probe")
@@ -282,9 +279,8 @@ class Supervisor:
 
     def _guarded(self, handler, *args) -> None:
         """Run a protocol handler outside a method call (a timer, an answer) and carry out its
-        effects; a bug in
-        either ends the run with its traceback instead of leaving the loop silently without its next
-        step."""
+        effects; a bug in either ends the run with its traceback instead of leaving the loop
+        silently without its next step."""
         try:
             self._perform(handler(*args, time.time()))
         except Exception:  # noqa: BLE001 -- reported as the run's failure

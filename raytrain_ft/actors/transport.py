@@ -110,8 +110,8 @@ def unpack(msg, counts: tuple, parts: tuple):
 
 def failure_of(error: BaseException):
     """The protocol's view of an error from ``ray.get`` of a call: a ``Failure``, a ``StartFailed``
-    (the
-    actor's constructor raised: a setting to fix, not a crash), or None (a bug: re-raise it)."""
+    (the actor's constructor raised: a setting to fix, not a crash), or None (a bug: re-raise
+    it)."""
     import ray
 
     e = ray.exceptions

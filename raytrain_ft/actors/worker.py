@@ -360,9 +360,8 @@ class Worker:
         self, x: torch.Tensor, y: torch.Tensor, push: bool = True, fetch: bool = True
     ) -> float:
         """Forward/backward into the flat gradient buffer; ``push``: send every shard this step
-        (else the
-        gradient keeps accumulating in the buffer, Downpour's n_push); ``fetch``: ask for parameters
-        back."""
+        (else the gradient keeps accumulating in the buffer, Downpour's n_push); ``fetch``: ask for
+        parameters back."""
         x, y = to_device(x, self.device), to_device(y, self.device)
         if self.exchange.pushed_last:
             self.flat.zero_grad()
@@ -389,9 +388,8 @@ class Worker:
 
 LEDGER_DIR_ENV_VAR = "RAYTRAIN_FT_LEDGER_DIR"
 """If set, every worker appends each push the shards acknowledged to ``DIR/RUN_ID.NAME.ledger``
-(``shard rank
-step seq late``, one per line): the independent record the chaos tests check exactly-once delivery
-against."""
+(``shard rank step seq late``, one per line): the independent record the chaos tests check
+exactly-once delivery against."""
 WATCHDOG_S = 5.0
 """A call to a shard unanswered this long makes the worker ask the supervisor whether the shard
 moved."""
@@ -542,9 +540,8 @@ class ShardExchange:
 
     def pull_all(self, step: int | None, resume_step: int | None = None) -> None:
         """Fetch every shard's parameters as of ``step`` (a restarted worker resumes there), or the
-        newest (None);
-        with ``resume_step`` and a lossy codec, also the error-feedback residual this rank had
-        before it."""
+        newest (None); with ``resume_step`` and a lossy codec, also the error-feedback residual this
+        rank had before it."""
         resume = resume_step if self.encoders is not None else None
         for i in range(len(self.shards)):
             self._is_pull[i] = True
@@ -675,11 +672,9 @@ class ShardExchange:
 
 class WorkerHost:
     """One process hosting several simulated ranks (``cluster.ranks_per_process``): each rank is a
-    full
-    ``Worker`` with its own training thread, shard exchange and object-store traffic; only the
-    process
-    (interpreter, torch, Ray core worker) is shared. Calls are executed one at a time, in the order
-    sent."""
+    full ``Worker`` with its own training thread, shard exchange and object-store traffic; only the
+    process (interpreter, torch, Ray core worker) is shared. Calls are executed one at a time, in
+    the order sent."""
 
     def __init__(self) -> None:
         self.ranks: dict[int, Worker] = {}

@@ -161,8 +161,7 @@ class Push:
     want_params: bool = True
     residual: Any = None
     """Lossy codecs: the sender's error-feedback residual after this push, kept with the shard so
-    that a
-    restarted worker goes on with exactly the residual it had."""
+    that a restarted worker goes on with exactly the residual it had."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,8 +244,7 @@ class ServerDescription:
     """Updates its replica holder has logged (all of them when the run keeps no replica)."""
     durable_clocks: tuple[int, ...]
     """Per rank: the next step the shard expects from it, counting only logged updates (a restarted
-    rank
-    resumes there)."""
+    rank resumes there)."""
     replicas: tuple[ReplicaInfo, ...]
     deposed: bool
     checkpoint_step: int | None
@@ -272,9 +270,8 @@ class Route:
 @dataclass(frozen=True, slots=True)
 class RouteAfter:
     """Worker -> supervisor: the route of ``shard`` now. ``failed``: a call to the epoch-``epoch``
-    primary
-    failed, answer once a newer epoch serves (or the old one is found healthy); otherwise answer at
-    once."""
+    primary failed, answer once a newer epoch serves (or the old one is found healthy); otherwise
+    answer at once."""
 
     shard: int
     epoch: int
@@ -298,8 +295,7 @@ class PollStatus:
 @dataclass(frozen=True, slots=True)
 class StartFailed:
     """A probe's answer when the process could not be started at all (its constructor raised): not a
-    crash to
-    repair but a setting to fix."""
+    crash to repair but a setting to fix."""
 
     reason: str
 

@@ -266,8 +266,8 @@ class ServerProtocol:
 
     def _stale(self, shard: int, epoch: int) -> Refused | int | None:
         """A command for an epoch this server has already served past (a delayed message) is
-        refused; the same
-        epoch again is answered as done (a repeated command); None: carry it out."""
+        refused; the same epoch again is answered as done (a repeated command); None: carry it
+        out."""
         p = self.primary
         if p is None or p.shard.index != shard:
             return None
@@ -377,8 +377,7 @@ class ServerProtocol:
                 )
             ]
         # a recovery the supervisor repeats with a newer epoch (it restarted meanwhile): the state
-        # it has, if any,
-        # is replaced once the new export arrives
+        # it has, if any, is replaced once the new export arrives
         superseded = []
         if self._recovery is not None:
             superseded = [
@@ -595,8 +594,7 @@ class ServerProtocol:
             return []
         rule, state = self.spec.rule, p.state
         # sync modes answer with parameters no later than the log: a worker never computes on an
-        # update a
-        # rebuilt primary would not have (it would push a step ahead of it)
+        # update a rebuilt primary would not have (it would push a step ahead of it)
         floor = state.seq if not rule.per_rank_clocks else 0
         logged = self._logged(p)
         out, keep = [], []
@@ -718,8 +716,7 @@ class ServerProtocol:
             return self._flush()
         if isinstance(value, Refused) or value is Failure.DEAD:
             # the holder lost the replica, has a gap, or died: a snapshot to it (or, if dead, to the
-            # holder the
-            # supervisor names next) restores it
+            # holder the supervisor names next) restores it
             p.holder_ready = False
             if value is Failure.DEAD:
                 return [Note("holder_lost", {"shard": p.shard.index, "holder": holder})]
@@ -824,8 +821,7 @@ class ServerProtocol:
 
     def _raise_fence(self, held: _Replica, epoch: int) -> bool:
         """An export for a successor at ``epoch``: from now on refuse every older primary. False if
-        the epoch is
-        not newer than the fence (an epoch is never handed out twice)."""
+        the epoch is not newer than the fence (an epoch is never handed out twice)."""
         if epoch <= held.fence:
             return False
         held.fence = epoch

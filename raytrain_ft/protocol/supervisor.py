@@ -86,8 +86,7 @@ class RunPhase(enum.Enum):
     """STARTING: creating, loading and replicating servers, then creating and starting workers.
     RUNNING: every worker was started; failures are being watched and repaired.
     DONE: every worker finished. FAILED: a loss that cannot be recovered (a shard lost with its
-    replica, a
-    restart budget spent, an error in user code); ``failure`` says which."""
+    replica, a restart budget spent, an error in user code); ``failure`` says which."""
 
     STARTING = "starting"
     RUNNING = "running"
@@ -97,10 +96,8 @@ class RunPhase(enum.Enum):
 
 class SlotPhase(enum.Enum):
     """EMPTY: no actor yet. CREATING: an actor is named and being started. LOADING: a primary is
-    being given
-    its values (start, or a checkpoint restore). SERVING: the actor plays the slot. RECOVERING: a
-    spare is
-    rebuilding the slot's shard from its replica at ``epoch``."""
+    being given its values (start, or a checkpoint restore). SERVING: the actor plays the slot.
+    RECOVERING: a spare is rebuilding the slot's shard from its replica at ``epoch``."""
 
     EMPTY = "empty"
     CREATING = "creating"
@@ -111,8 +108,7 @@ class SlotPhase(enum.Enum):
 
 class WorkerPhase(enum.Enum):
     """NONE: to be created. CREATING: named and starting. STARTING: ``Start`` sent. RUNNING:
-    training.
-    DONE: finished its last step."""
+    training. DONE: finished its last step."""
 
     NONE = "none"
     CREATING = "creating"
@@ -162,8 +158,7 @@ class SlotRecord:
     """LOADING from a checkpoint file of this step (None: the run's initial values)."""
     replacing: Address | None = None
     """RECOVERING: the primary being replaced, killed only once its successor serves (if the
-    recovery cannot
-    finish and it was only suspected, it serves on)."""
+    recovery cannot finish and it was only suspected, it serves on)."""
     replacing_epoch: int = 0
 
 
@@ -343,8 +338,7 @@ class View:
 
     def dead(self, name: str | None, spec: SupervisorSpec) -> bool:
         """Gone for good, or silent long enough to be treated so: ``suspect_after_s`` once it has
-        answered,
-        ``start_timeout_s`` before (a process still starting up is slow, not dead)."""
+        answered, ``start_timeout_s`` before (a process still starting up is slow, not dead)."""
         if self.gone_for_good(name) or self.start_failed(name):
             return True
         if self.alive(name):
@@ -370,10 +364,8 @@ def any_started(reg: Registry) -> bool:
 
 def resume_step(descriptions: list[ServerDescription], rank: int) -> int:
     """Where a (re)started rank goes on: the first step some shard has not *logged* from it. Only
-    logged
-    updates count: one applied but not yet logged may be lost with its primary, and a rank resumed
-    past it
-    would push a step ahead of the rebuilt shard."""
+    logged updates count: one applied but not yet logged may be lost with its primary, and a rank
+    resumed past it would push a step ahead of the rebuilt shard."""
     return min(d.durable_clocks[rank] for d in descriptions)
 
 
@@ -480,8 +472,8 @@ def decide(
         return condition(holder.actor)
 
     # A suspected server is replaced only when every shard it holds a copy of keeps a healthy other
-    # copy: a
-    # suspicion never costs a shard. A loss is declared only when both copies are confirmed gone.
+    # copy: a suspicion never costs a shard. A loss is declared only when both copies are confirmed
+    # gone.
     for j, why in dead_primaries:
         shard = primary_shard(j, k)
         confirmed = condition(reg.slots[j].actor) == "dead"
@@ -734,8 +726,7 @@ class SupervisorProtocol:
 
     def _soon(self) -> list:
         """Look again as soon as possible (something changed): at once if no round is in flight,
-        else right
-        after it; one such request stands for any number made meanwhile."""
+        else right after it; one such request stands for any number made meanwhile."""
         if self._round is not None:
             self._again = True
             return []
@@ -758,9 +749,8 @@ class SupervisorProtocol:
 
     def _write_ahead(self, effects: list) -> list:
         """One ``Persist`` of the registry as it ends up, before every other effect of the handler
-        (a decision
-        later in the same handler being recorded early is what a crash right after it would leave
-        anyway)."""
+        (a decision later in the same handler being recorded early is what a crash right after it
+        would leave anyway)."""
         if not any(isinstance(e, Persist) for e in effects):
             return effects
         return [self._persist()] + [e for e in effects if not isinstance(e, Persist)]
@@ -1097,8 +1087,8 @@ class SupervisorProtocol:
 
     def _recover(self, j: int, reason: str, now: float) -> list:
         """Put a spare in slot ``j`` and rebuild its shard there from the replica; after a
-        supervisor restart
-        (or the spare's death) issue the recovery again, always with a new epoch."""
+        supervisor restart (or the spare's death) issue the recovery again, always with a new
+        epoch."""
         reg, k, view = self.reg, self.spec.num_shards, self.view
         slot = reg.slots[j]
         effects = []
@@ -1150,8 +1140,7 @@ class SupervisorProtocol:
 
     def _abandon(self, j: int, reason: str) -> list:
         """The recovery of slot ``j`` cannot finish (its holder died) but the primary it replaces
-        was only
-        suspected: that primary serves on, and gets a new holder once the holder's slot is
+        was only suspected: that primary serves on, and gets a new holder once the holder's slot is
         replaced."""
         slot = self.reg.slots[j]
         spare = slot.actor
@@ -1332,10 +1321,8 @@ class SupervisorProtocol:
 
     def _answer_routes(self, now: float) -> list:
         """Answer route requests: at once for a check; for a failed call, once a newer epoch serves
-        the shard,
-        or once a probe round that started after the request found the same primary answering (the
-        failure was
-        transient: the worker sends again)."""
+        the shard, or once a probe round that started after the request found the same primary
+        answering (the failure was transient: the worker sends again)."""
         if not self._parked:
             return []
         reg, view = self.reg, self.view

@@ -51,8 +51,7 @@ def kills_recorded(run_id: str) -> list[dict]:
 
 class FaultHook:
     """Kills that fire on protocol events inside the run. A server's hook kills its own process
-    (SIGKILL);
-    the supervisor's calls ``kill(role, index, replacement)`` for the target."""
+    (SIGKILL); the supervisor's calls ``kill(role, index, replacement)`` for the target."""
 
     def __init__(self, run_id: str, kills: tuple[KillSpec, ...], kill=None):
         self.run_id = run_id
@@ -202,8 +201,8 @@ class ChaosRunner:
 
 def find_supervisor(run_id: str | None, wait_s: float = 0.0, poll_s: float = 0.5):
     """The supervisor of ``run_id`` on the connected cluster (the only running run when None),
-    waiting up to
-    ``wait_s`` for it to appear (a job submitted a moment ago is still starting its actors)."""
+    waiting up to ``wait_s`` for it to appear (a job submitted a moment ago is still starting its
+    actors)."""
     import ray
 
     from raytrain_ft.actors import NAMESPACE

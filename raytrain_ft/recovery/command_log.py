@@ -37,12 +37,10 @@ class Command:
     """Optimizer hyper-parameters in force for this update."""
     pushes: tuple = ()
     """(rank, step) of each worker push the update aggregates; replay advances the same per-rank
-    clocks and
-    applied record, so a push resent after a recovery is still recognised."""
+    clocks and applied record, so a push resent after a recovery is still recognised."""
     residuals: tuple = ()
     """(rank, step, array): the pushing workers' error-feedback residuals after these pushes (lossy
-    codecs), so a
-    restarted worker resumes with exactly the residual it had."""
+    codecs), so a restarted worker resumes with exactly the residual it had."""
 
     @property
     def nbytes(self) -> int:

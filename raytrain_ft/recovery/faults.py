@@ -8,12 +8,10 @@ Triggers:
 - ``step=N``: once the slowest worker has reached step N;
 - ``time=S``: S seconds after training started;
 - ``recovery=N``: while the supervisor's N-th server recovery is in progress (fired by the
-supervisor;
-  ``server:i`` names the replacement being rebuilt when i is the shard being recovered);
+  supervisor; ``server:i`` names the replacement being rebuilt when i is the shard being recovered);
 - ``rereplication=N``: while the supervisor's N-th re-replication (a snapshot to a new holder) is in
-progress
-  (``supervisor@recovery=N`` / ``@rereplication=N``: the supervisor dies right after it started
-  them);
+  progress (``supervisor@recovery=N`` / ``@rereplication=N``: the supervisor dies right after it
+  started them);
 - ``snapshot=N``: ``server:i`` dies right after sending its N-th snapshot, ``replica:i`` right after
   receiving it, before installing it (fired inside the actor).
 
@@ -172,8 +170,7 @@ def random_schedule(
     ``mtbf_s``); roles and indices uniform.
 
     ``min_gap_s`` keeps kills apart by more than a recovery: the replicas survive any single
-    failure,
-    not a second one that hits a ring neighbour before the first is repaired.
+    failure, not a second one that hits a ring neighbour before the first is repaired.
     """
     for name, value in (
         ("--mtbf-s", mtbf_s),

@@ -4,12 +4,10 @@ state once.
 Pure (no Ray): the chaos tests and ``experiments/chaos_matrix`` read the ledgers after a run.
 
 Workers append each acknowledged push to a ledger file (``RAYTRAIN_FT_LEDGER_DIR``) as the answer
-arrives, so
-the record outlives a killed worker. The shards' side is their applied record
-(``TrainResult.applied_counts``:
-per shard and rank, how many times each step's push went into an update), replayed from the replica
-like the
-parameters. Neither side is a counter the system could reset.
+arrives, so the record outlives a killed worker. The shards' side is their applied record
+(``TrainResult.applied_counts``: per shard and rank, how many times each step's push went into an
+update), replayed from the replica like the parameters. Neither side is a counter the system could
+reset.
 """
 
 from __future__ import annotations
@@ -34,8 +32,7 @@ def exactly_once_violations(
     applied_counts: list[dict], ledger: list, num_workers: int, steps: int, every_step: bool = True
 ) -> list[str]:
     """What breaks I1, if anything. ``every_step``: every (rank, step) must be applied once (all
-    modes but
-    backup workers, which may drop pushes)."""
+    modes but backup workers, which may drop pushes)."""
     try:
         assert_exactly_once(applied_counts, ledger, num_workers, steps, every_step)
     except AssertionError as e:

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 def server_nodes(head: str, cpus: dict[str, float], ordered: list[str] = ()) -> list[str]:
     """Nodes server slots are spread over: ``head`` first, then ``ordered`` (simulated nodes, in the
-    order ``node:N``
-    kills count them), then the rest by id; nodes that offer no CPUs to tasks (a ``ray up`` head
-    with ``CPU: 0``) are
-    left out while another node offers some. Empty on a single node (no placement needed)."""
+    order ``node:N`` kills count them), then the rest by id; nodes that offer no CPUs to tasks (a
+    ``ray up`` head with ``CPU: 0``) are left out while another node offers some. Empty on a single
+    node (no placement needed)."""
     if len(cpus) <= 1:
         return []
     order = (
@@ -54,13 +53,11 @@ def snapshot_interval_for(
     checkpoint intervals).
 
     Every ``N`` updates a snapshot costs ``snapshot_cost_s``; a failure, ``failures_per_update`` per
-    update,
-    replays on average ``N / 2`` logged commands at ``replay_cost_s`` each. Expected cost per update
-    ``snapshot_cost_s / N + failures_per_update * replay_cost_s * N / 2`` is least at
+    update, replays on average ``N / 2`` logged commands at ``replay_cost_s`` each. Expected cost
+    per update ``snapshot_cost_s / N + failures_per_update * replay_cost_s * N / 2`` is least at
     ``N* = sqrt(2 * snapshot_cost_s / (failures_per_update * replay_cost_s))``, clamped to ``[lo,
-    hi]``.
-    With folded logs a recovery replays nothing (``replay_cost_s == 0``): the longest interval,
-    ``hi``.
+    hi]``. With folded logs a recovery replays nothing (``replay_cost_s == 0``): the longest
+    interval, ``hi``.
     """
     import math
 

@@ -95,8 +95,8 @@ def explore(
     schedules: int, seed: int, modes=MODES, bugs=(), stop_at_first: bool = True, processes: int = 1
 ) -> Exploration:
     """Run ``schedules`` schedules (mode ``modes[i % len(modes)]`` for the i-th). With
-    ``stop_at_first`` each
-    process stops at its first violation (the lowest-numbered violation found is reported)."""
+    ``stop_at_first`` each process stops at its first violation (the lowest-numbered violation found
+    is reported)."""
     t0 = time.perf_counter()
     modes = tuple(modes)
     if processes <= 1 or schedules < 2 * processes:

@@ -42,10 +42,8 @@ class FinalShard:
 
 def final_primaries(world: World) -> dict[int, FinalShard]:
     """Per shard, the live, not deposed primary with the newest epoch (found from the processes
-    themselves). A
-    server that died after the probe round the run's end was decided on started is read as it was:
-    no protocol
-    can see a failure in the instant the run ends."""
+    themselves). A server that died after the probe round the run's end was decided on started is
+    read as it was: no protocol can see a failure in the instant the run ends."""
     seen_until = world.procs["supervisor"].obj.view_started_at
     out: dict[int, FinalShard] = {}
     for proc in world.procs.values():
@@ -144,8 +142,7 @@ def exactly_once(world: World, shards: dict[int, FinalShard]) -> list[Violation]
 
 def replicas_match(world: World, shards: dict[int, FinalShard]) -> list[Violation]:
     """I4. A holder that died after the probe round the run's end was decided on started is not
-    counted: no
-    protocol can see a failure in the instant the run ends."""
+    counted: no protocol can see a failure in the instant the run ends."""
     out = []
     seen_until = world.procs["supervisor"].obj.view_started_at
     for shard, final in shards.items():
@@ -223,9 +220,8 @@ _baselines: dict[tuple, str] = {}
 
 def baseline_hash(cfg: SimConfig) -> str:
     """The fault-free run's final params hash (sync I2). Plain sync results depend only on the
-    workers, shards
-    and steps (not on snapshots, folding, placement or spares), so one fault-free run serves every
-    such config."""
+    workers, shards and steps (not on snapshots, folding, placement or spares), so one fault-free
+    run serves every such config."""
     key = (cfg.num_workers, cfg.num_shards, cfg.steps)
     if key not in _baselines:
         canonical = SimConfig(

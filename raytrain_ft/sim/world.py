@@ -75,11 +75,9 @@ MODEL_VALUES = 3
 """Values per shard that evolve like a model (the provenance slots follow them)."""
 MOMENTUM = 0.1
 """SGD momentum of the simulated shards. A push applied once moves its provenance slot by 1 plus the
-momentum's
-echo in later updates, at most ``G * 0.1 / 0.9`` <= 0.34 (G: the largest ratio of two updates'
-learning rates, the
-group size in mixed mode); twice by >= 2; never by less than 1 -- exactly-once is decodable from the
-parameters."""
+momentum's echo in later updates, at most ``G * 0.1 / 0.9`` <= 0.34 (G: the largest ratio of two
+updates' learning rates, the group size in mixed mode); twice by >= 2; never by less than 1 --
+exactly-once is decodable from the parameters."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,8 +164,8 @@ class WorkerStatus:
 
 class SimWorker:
     """A worker rank: pull, compute (a deterministic function of its parameters, rank and step),
-    push to every
-    shard, install the answers; the same step rules as the real worker (``actors/worker.py``)."""
+    push to every shard, install the answers; the same step rules as the real worker
+    (``actors/worker.py``)."""
 
     def __init__(self, world: World, name: str, rank: int, routes):
         self.world, self.name, self.rank = world, name, rank
@@ -659,8 +657,7 @@ class World:
             )
             if not primary_ok and not holder_ok and (reg.training or reg.replicated[shard]):
                 # (before training, a shard not replicated yet is simply loaded again from the
-                # initial values:
-                # no worker can start before its replication is confirmed)
+                # initial values: no worker can start before its replication is confirmed)
                 return False
             if slot.phase is SlotPhase.RECOVERING and not holder_ok:
                 return False

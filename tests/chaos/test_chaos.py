@@ -1,16 +1,12 @@
 """Real kills against real runs; every run must complete with I1-I4 holding.
 
 I1 nothing lost, nothing twice: every push a worker's ledger records as acknowledged is in its
-shard's applied
-   record exactly once, and every (rank, step) of the run was applied once
-   (``tests/chaos/ledger.py``).
-I2 same run: the params hash equals the failure-free run with the same seed.
-I3 no files: no server reads a checkpoint file (the runs that also write disaster checkpoints
-   to a directory show recovery still reads none of them).
-I4 no open window: every shard's replica, replayed, equals its primary at the end (parameters,
-optimizer
-   state, per-rank clocks, applied record), and every server recovery re-replicated what the dead
-   actor held.
+   shard's applied record exactly once, and every (rank, step) of the run was applied once
+(``tests/chaos/ledger.py``). I2 same run: the params hash equals the failure-free run with the same
+seed. I3 no files: no server reads a checkpoint file (the runs that also write disaster checkpoints
+to a directory show recovery still reads none of them). I4 no open window: every shard's replica,
+   replayed, equals its primary at the end (parameters, optimizer state, per-rank clocks, applied
+   record), and every server recovery re-replicated what the dead actor held.
 """
 
 import json
@@ -101,12 +97,10 @@ def test_a_primary_its_replacement_a_worker_the_supervisor_a_holder_and_a_spare_
     ray_local, tmp_path
 ):
     """Two shards on a ring: slot i is shard i's primary and holds shard i-1's replica. In turn: a
-    primary; the
-    spare rebuilding it, mid-recovery; a worker; the supervisor; the peer holding shard 1's replica
-    (slot 0 again,
-    so after a supervisor restart a recovery runs on the rebuilt registry); a spare. Disaster
-    checkpoint files
-    are written all along, and recovery reads none of them."""
+    primary; the spare rebuilding it, mid-recovery; a worker; the supervisor; the peer holding shard
+    1's replica (slot 0 again, so after a supervisor restart a recovery runs on the rebuilt
+    registry); a spare. Disaster checkpoint files are written all along, and recovery reads none of
+    them."""
     kills = (
         "server:0@step=10,server:0@recovery=1,worker:1@step=22,"
         "supervisor@step=32,replica:1@step=42,spare:0@step=50"
@@ -128,8 +122,7 @@ def test_a_primary_its_replacement_a_worker_the_supervisor_a_holder_and_a_spare_
 
 def test_two_primaries_at_once_then_a_third_and_a_fourth_during_its_recovery(ray_local, tmp_path):
     # four shards: 0 and 2 are not neighbours (each one's replica lives on a survivor); then 3 dies,
-    # and 1 (which
-    # holds shard 0's replica) dies while 3 is being rebuilt from slot 0
+    # and 1 (which holds shard 0's replica) dies while 3 is being rebuilt from slot 0
     kills = "server:0@step=15,server:2@step=15,server:3@step=35,server:1@recovery=3"
     result = _run(tmp_path, 4, kills)
     assert _roles(result) == [("server", 0), ("server", 1), ("server", 2), ("server", 3)]
@@ -213,7 +206,7 @@ def test_checkpoint_baseline_rolls_back_and_completes(ray_local, tmp_path):
         2,
         kill="server:0@step=25",
         checkpoint_dir=str(checkpoints),
-        recovery="checkpoint",
+        mode="checkpoint",
         checkpoint_interval=10,
     )
     result = Trainer(cfg).fit()
@@ -235,7 +228,7 @@ def test_without_copies_a_server_death_fails_with_a_clear_message(ray_local, tmp
     from raytrain_ft.errors import TrainingError
 
     with pytest.raises(TrainingError, match="recovery=none keeps no copy"):
-        Trainer(_config(2, kill="server:1@step=10", recovery="none")).fit()
+        Trainer(_config(2, kill="server:1@step=10", mode="none")).fit()
 
 
 def test_chaos_against_a_running_run(ray_local, tmp_path):
@@ -330,8 +323,7 @@ def test_resume_from_a_directory_without_checkpoints_names_it(tmp_path):
 
 def test_kill_a_process_hosting_two_simulated_ranks(ray_local):
     """ranks_per_process=2: SIGKILL of rank 1's process takes rank 0 with it; both restart, resume
-    at the
-    shards' step, and plain SGD still ends exactly where the failure-free run does."""
+    at the shards' step, and plain SGD still ends exactly where the failure-free run does."""
     from tests.integration.test_sync_training import simulated_sgd_expected
 
     cfg = TrainConfig(
@@ -367,9 +359,8 @@ def test_kill_a_process_hosting_two_simulated_ranks(ray_local):
 
 def test_a_lossy_codec_restarted_worker_resumes_with_its_residual(ray_local, tmp_path):
     """Error feedback survives a worker kill: the restarted rank gets its residual back from the
-    shards, so a
-    top-k run with a kill ends with the same hash as without (a reset residual would change the
-    pushes)."""
+    shards, so a top-k run with a kill ends with the same hash as without (a reset residual would
+    change the pushes)."""
 
     def config(kill=None):
         cfg = _config(2, kill=kill)

@@ -2,9 +2,7 @@
 kills change nothing.
 
 Each run is the CLI in its own process (its own embedded Ray, which sees the machine's GPUs; the CPU
-tests' Ray
-is started with num_gpus=0). Run alone with ``python -m pytest tests/gpu -m gpu -q``.
-"""
+tests' Ray is started with num_gpus=0). Run alone with ``python -m pytest tests/gpu -m gpu -q``."""
 
 import json
 import os
@@ -87,8 +85,7 @@ def test_a_worker_and_a_server_kill_on_a_gpu_leave_the_hash_unchanged(tmp_path):
 
 def test_gpu_sync_matches_a_single_process_gpu_reference(tmp_path):
     """One GPU worker with the deterministic flags equals plain PyTorch on the same GPU with the
-    same flags (the
-    shards apply SGD on the CPU: equal to float tolerance, not bitwise)."""
+    same flags (the shards apply SGD on the CPU: equal to float tolerance, not bitwise)."""
     from raytrain_ft.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
     from raytrain_ft.data import global_step_indices, load_dataset
     from raytrain_ft.device import deterministic

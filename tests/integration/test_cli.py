@@ -550,8 +550,7 @@ def test_a_silent_ray_client_address_fails_in_seconds_with_the_useful_line_only(
 @contextlib.contextmanager
 def _fake_raylets(*gcs_addresses: str):
     """Processes that look like raylets of local Ray instances to Ray's own scan (``--address
-    auto``): the name ``raylet`` and a
-    ``--gcs-address=`` argument."""
+    auto``): the name ``raylet`` and a ``--gcs-address=`` argument."""
     procs = [
         subprocess.Popen(
             ["fake-raylet", "-c", "import time; time.sleep(120)", f"--gcs-address={a}"],
@@ -591,8 +590,7 @@ def test_address_auto_with_several_local_instances_is_refused_listing_them(clien
 
 def test_train_and_chaos_against_a_real_token_head_say_what_submit_says(tmp_path):
     """The fake GCS above stands for this: a real `ray start --head` with token auth refuses a
-    missing or wrong token, and
-    both commands say so in one line, in seconds, as `submit` does
+    missing or wrong token, and both commands say so in one line, in seconds, as `submit` does
     (tests/integration/test_jobs.py)."""
     from raytrain_ft import jobs
     from tests.local_head import LocalHead

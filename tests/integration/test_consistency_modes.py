@@ -118,8 +118,7 @@ def _expected_push_bytes(spec: str, total: int, num_params: int) -> int:
 
 def test_a_codec_compresses_pushes_as_expected_and_error_feedback_keeps_accuracy(ray_local):
     """Top-k (1%) end to end: the bytes on the wire are exactly the codec's (the other codecs' sizes
-    are unit-tested
-    on the same formula), and error feedback keeps the accuracy of a dense run."""
+    are unit-tested on the same formula), and error feedback keeps the accuracy of a dense run."""
     optim = OptimConfig(name="sgd", lr=0.1, momentum=0.5)
     r = Trainer(_config("sync", 5, ConsistencyConfig(codec="topk:0.01"), optim=optim)).fit()
     pushes = WORKERS * r.total_steps

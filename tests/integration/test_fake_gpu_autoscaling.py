@@ -82,9 +82,8 @@ def test_workers_ask_for_gpus_the_autoscaler_adds_gpu_nodes_and_they_land_there(
 ):
     assert _gpu_nodes(fake_cluster) == {}  # nothing but a 0-CPU head yet
     # use_gpu=true: the workers ask for a GPU each; the autoscaler launches two GPU nodes for them;
-    # they land, and
-    # since torch sees no CUDA device behind the logical GPU, the run stops with one message saying
-    # so
+    # they land, and since torch sees no CUDA device behind the logical GPU, the run stops with one
+    # message saying so
     proc, _ = _train(fake_cluster, tmp_path, "true")
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-4000:]
     last = proc.stderr.strip().splitlines()[-1]

@@ -278,8 +278,7 @@ def test_a_submitted_job_trains_your_own_model_shipped_in_its_working_dir(
     head, token_env, tmp_path
 ):
     """The model, loss and data named by import strings live in a directory of the user's; the job's
-    working_dir
-    carries it to the cluster, where the driver and every worker import it."""
+    working_dir carries it to the cluster, where the driver and every worker import it."""
     import shutil
 
     from raytrain_ft.config import ModelConfig, OptimConfig

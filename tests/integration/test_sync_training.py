@@ -50,8 +50,7 @@ def single_process_reference(cfg: TrainConfig) -> torch.Tensor:
 
 def test_sync_matches_single_process_pytorch_with_and_without_overlap(ray_local):
     """Both runs equal plain PyTorch with the global batch, and each other bitwise: overlapping
-    communication
-    with compute changes no value, and the same seed gives the same hash."""
+    communication with compute changes no value, and the same seed gives the same hash."""
     results = {}
     for overlap in (False, True):
         cfg = _config(cluster=ClusterConfig(num_workers=2, num_servers=3, overlap_comm=overlap))
@@ -132,10 +131,9 @@ def test_simulated_compute_pushes_fixed_gradients_through_the_real_path(
     ray_local, ranks_per_process=2
 ):
     """--simulate-compute: no forward/backward, yet every step's gradient crosses the object store,
-    is averaged in rank
-    order and applied: plain SGD ends exactly at init - steps * lr * mean of the ranks' fixed
-    gradients. With two ranks
-    per process, ranks 0 and 1 share a process and rank 2 has its own; the result is the same."""
+    is averaged in rank order and applied: plain SGD ends exactly at init - steps * lr * mean of the
+    ranks' fixed gradients. With two ranks per process, ranks 0 and 1 share a process and rank 2 has
+    its own; the result is the same."""
     workers, steps, lr = 3, 10, 0.5
     cfg = _config(
         optim=OptimConfig(name="sgd", lr=lr, momentum=0.0, weight_decay=0.0),

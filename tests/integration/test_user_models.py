@@ -1,8 +1,6 @@
 """Your own model, loss, data and metrics: through the Python API and the CLI, with the guarantees
-the built-in
-models have (same seed, same hash; a kill changes nothing), BatchNorm-style float buffers, an
-integer buffer, a
-frozen parameter and one the forward never uses."""
+the built-in models have (same seed, same hash; a kill changes nothing), BatchNorm-style float
+buffers, an integer buffer, a frozen parameter and one the forward never uses."""
 
 import json
 

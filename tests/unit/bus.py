@@ -3,11 +3,9 @@
 ``send`` puts a test's request on the bus and runs to quiescence. A ``Call`` reaches its callee as
 ``on_request`` with a fresh rid; the callee's ``Reply`` goes back to the incarnation that called as
 ``on_reply(cid, value)``; a call to a name not on the bus, or dead, gets ``on_failure(cid,
-Failure.DEAD)``.
-``Fold`` runs ``fold(shard)`` at once; ``Timer`` and ``Note`` are collected (``fire`` a timer);
-``Persist``
-goes to ``kv``; ``Create`` adds ``create(effect)`` when a factory is given; ``Kill`` kills.
-"""
+Failure.DEAD)``. ``Fold`` runs ``fold(shard)`` at once; ``Timer`` and ``Note`` are collected
+(``fire`` a timer); ``Persist`` goes to ``kv``; ``Create`` adds ``create(effect)`` when a factory is
+given; ``Kill`` kills."""
 
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
 """Local stand-ins for what an ``--address`` can point at, without Ray: an HTTP server (like the
-dashboard), a port that
-accepts connections and never answers, and a gRPC server answering the GCS call
-``check_ray_address`` makes, optionally
-wanting a token (as a head with ``RAY_AUTH_MODE=token`` does)."""
+dashboard), a port that accepts connections and never answers, and a gRPC server answering the GCS
+call ``check_ray_address`` makes, optionally wanting a token (as a head with ``RAY_AUTH_MODE=token``
+does)."""
 
 from __future__ import annotations
 
@@ -40,8 +39,7 @@ def silent_port():
 @contextlib.contextmanager
 def fake_gcs(token: str | None = None):
     """``127.0.0.1:PORT`` of a gRPC server that answers the GCS's GetClusterId; with ``token``, only
-    to ``Bearer token``
-    (UNAUTHENTICATED otherwise, with the GCS's own words)."""
+    to ``Bearer token`` (UNAUTHENTICATED otherwise, with the GCS's own words)."""
     import grpc
 
     from raytrain_ft.jobs import GCS_PROBE_METHOD

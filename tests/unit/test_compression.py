@@ -81,8 +81,7 @@ def _sent_and_received(encode, pushes=300, n=2_000):
 @pytest.mark.parametrize("spec", ["topk:0.01", "onebit", "fp16"])
 def test_error_feedback_delivers_the_sum_of_pushes(spec):
     """With error feedback, what the server received over many pushes differs from what the worker
-    sent
-    by exactly the residual still held (bounded), so nothing is dropped for good."""
+    sent by exactly the residual still held (bounded), so nothing is dropped for good."""
     ef = ErrorFeedback(parse_codec(spec), 2_000)
     sent, received = _sent_and_received(ef.encode)
     assert np.allclose(sent - received, ef.residual, atol=1e-2)

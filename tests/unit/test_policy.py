@@ -1,6 +1,6 @@
 """Placement helpers, the supervisor's pure ``decide()``, and ``SupervisorProtocol`` driven on the
-in-memory bus
-(write-ahead of every act, and a restart from the persisted registry at any point of a run)."""
+in-memory bus (write-ahead of every act, and a restart from the persisted registry at any point of a
+run)."""
 
 from dataclasses import dataclass, field
 
@@ -203,8 +203,7 @@ def _reg(
 
 def _view(reg, k=2, answers=None, silent=None, gone=()):
     """What a probe round saw: every known process answering as the registry expects, but for
-    ``answers``
-    (overrides) and ``silent`` (name -> seconds since it last answered)."""
+    ``answers`` (overrides) and ``silent`` (name -> seconds since it last answered)."""
     seen = {}
     for j, s in enumerate(reg.slots):
         if s.actor:  # a server not loaded yet serves no shard
@@ -685,10 +684,9 @@ class FakeWorker:
 
 class Clocked:
     """The supervisor at a fixed clock, as a bus process. It dies after carrying out ``crash_after``
-    effects
-    (counted over all its handlers), or when ``crash_if(effect)`` says "before" or "after" that
-    effect: the rest
-    of the handler's effects are never carried out, and it answers nothing from then on."""
+    effects (counted over all its handlers), or when ``crash_if(effect)`` says "before" or "after"
+    that effect: the rest of the handler's effects are never carried out, and it answers nothing
+    from then on."""
 
     def __init__(self, sup: SupervisorProtocol, crash_after: int | None = None, crash_if=None):
         self.sup, self.crash_after, self.crash_if = sup, crash_after, crash_if

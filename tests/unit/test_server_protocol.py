@@ -1,6 +1,6 @@
 """``ServerProtocol`` on a synchronous in-memory bus: parking, rank order, idempotence, logging
-before
-answering, snapshots, rebuilding a primary from its replica, the consistency modes, and fencing."""
+before answering, snapshots, rebuilding a primary from its replica, the consistency modes, and
+fencing."""
 
 import numpy as np
 import pytest
@@ -552,9 +552,8 @@ def test_a_depose_with_a_newer_epoch_makes_the_primary_refuse_pushes(shard, epoc
 
 def test_sync_replies_never_carry_parameters_newer_than_the_holder_logged():
     """Backup workers: step 1 can be applied while step 0's append is out. Step 0's answers wait
-    until the holder
-    logged step 1 too, because they would carry its parameters (a rebuilt primary might not have
-    them)."""
+    until the holder logged step 1 too, because they would carry its parameters (a rebuilt primary
+    might not have them)."""
     bus, _, _ = _pair(workers=3, rule=Rule("sync", 3, backup_workers=1))
     bus.hold("h")
     step0 = [_push(bus, 0, 0, 1.0), _push(bus, 2, 0, 3.0)]
@@ -627,9 +626,8 @@ def test_an_append_ack_is_what_the_holder_returns():
 
 def test_a_primary_replaced_by_a_newer_recovery_on_the_same_server_refuses_what_waited():
     """A restarted supervisor re-issues a recovery with a newer epoch to the spare that had already
-    finished it
-    (its Recovered answer was lost); a worker's watchdog check may meanwhile have routed a push to
-    that spare."""
+    finished it (its Recovered answer was lost); a worker's watchdog check may meanwhile have routed
+    a push to that spare."""
     bus, shard, spec = _pair(workers=2)
     bus.kill("p")
     assert isinstance(_recover(bus, shard, spec, epoch=2), Recovered)
