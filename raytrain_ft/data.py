@@ -69,17 +69,46 @@ def _standardize(x: np.ndarray) -> np.ndarray:
     return ((x - x.mean()) / (x.std() + 1e-8)).astype(np.float32)
 
 
-def load_digits(cfg: DataConfig, seed: int) -> Dataset:
-    """sklearn's 1,797 real 8x8 handwritten digits, upsampled to ``image_size`` (bilinear)."""
+CACHE_DIR_ENV_VAR = "RAYTRAIN_FT_CACHE_DIR"
+
+
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits (images, target), kept in a cache file per scikit-learn version: every
+    worker process loads the dataset, and importing scikit-learn costs about a second of CPU each
+    time (a restarted worker waits on it too). A cache that cannot be read or written is skipped."""
+    from importlib.metadata import version
+
+    cache_dir = os.environ.get(CACHE_DIR_ENV_VAR) or os.path.join(
+        os.path.expanduser("~"), ".cache", "raytrain_ft"
+    )
+    path = os.path.join(cache_dir, f"digits-sklearn-{version('scikit-learn')}.npz")
+    try:
+        with np.load(path) as f:
+            return f["images"], f["target"]
+    except (OSError, KeyError, ValueError):
+        pass
     from sklearn.datasets import load_digits as sk_digits
 
     raw = sk_digits()
-    x = torch.from_numpy(raw.images.astype(np.float32) / 16.0).unsqueeze(1)  # [N, 1, 8, 8]
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp.npz"
+        np.savez(tmp, images=raw.images, target=raw.target)
+        os.replace(tmp, path)  # atomic: a concurrent reader sees the old state or the whole file
+    except OSError:
+        pass
+    return raw.images, raw.target
+
+
+def load_digits(cfg: DataConfig, seed: int) -> Dataset:
+    """sklearn's 1,797 real 8x8 handwritten digits, upsampled to ``image_size`` (bilinear)."""
+    images, target = _digits_arrays()
+    x = torch.from_numpy(images.astype(np.float32) / 16.0).unsqueeze(1)  # [N, 1, 8, 8]
     if cfg.image_size != 8:
         x = torch.nn.functional.interpolate(
             x, size=(cfg.image_size, cfg.image_size), mode="bilinear", align_corners=False
         )
-    return _split(_standardize(x.numpy()), raw.target.astype(np.int64), cfg.eval_fraction, seed, 10)
+    return _split(_standardize(x.numpy()), target.astype(np.int64), cfg.eval_fraction, seed, 10)
 
 
 def load_synthetic(cfg: DataConfig, seed: int, num_classes: int = 10) -> Dataset:

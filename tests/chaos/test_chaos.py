@@ -120,6 +120,7 @@ def test_a_primary_its_replacement_a_worker_the_supervisor_a_holder_and_a_spare_
     assert sum(w["reroutes"] for w in result.workers) >= 1
 
 
+@pytest.mark.extended
 def test_two_primaries_at_once_then_a_third_and_a_fourth_during_its_recovery(ray_local, tmp_path):
     # four shards: 0 and 2 are not neighbours (each one's replica lives on a survivor); then 3 dies,
     # and 1 (which holds shard 0's replica) dies while 3 is being rebuilt from slot 0
@@ -128,6 +129,7 @@ def test_two_primaries_at_once_then_a_third_and_a_fourth_during_its_recovery(ray
     assert _roles(result) == [("server", 0), ("server", 1), ("server", 2), ("server", 3)]
 
 
+@pytest.mark.extended
 def test_the_dedicated_holder_of_a_single_shard_then_the_primary_mid_snapshot(ray_local, tmp_path):
     # one shard: slot 1 is a dedicated replica holder; the primary dies right after sending its 3rd
     # snapshot
@@ -321,6 +323,7 @@ def test_resume_from_a_directory_without_checkpoints_names_it(tmp_path):
         Trainer(_config(2, resume_from=str(tmp_path))).fit()
 
 
+@pytest.mark.extended
 def test_kill_a_process_hosting_two_simulated_ranks(ray_local):
     """ranks_per_process=2: SIGKILL of rank 1's process takes rank 0 with it; both restart, resume
     at the shards' step, and plain SGD still ends exactly where the failure-free run does."""

@@ -36,12 +36,19 @@ STEPS, WORKERS, SERVERS = 50, 4, 2
 @pytest.mark.parametrize(
     "mode, consistency, updates_per_step, kills",
     [
-        ("async", ConsistencyConfig(), WORKERS, "server:0@step=15,worker:2@step=30"),
-        (
+        pytest.param(
+            "async",
+            ConsistencyConfig(),
+            WORKERS,
+            "server:0@step=15,worker:2@step=30",
+            marks=pytest.mark.extended,
+        ),
+        pytest.param(
             "ssp",
             ConsistencyConfig(staleness=1),
             WORKERS,
             "replica:1@step=10,server:1@step=25,worker:0@step=35",
+            marks=pytest.mark.extended,
         ),
         (
             "mixed",

@@ -10,6 +10,7 @@ from raytrain_ft.config import (
     DataConfig,
     ModelConfig,
     OptimConfig,
+    RecoveryConfig,
     TrainConfig,
 )
 from raytrain_ft.params import shard_ranges
@@ -27,6 +28,7 @@ def _config(mode="sync", epochs=5, consistency=None, chaos=None, optim=None):
         optim=optim or OptimConfig(name="sgd", lr=0.05, momentum=0.9),
         cluster=ClusterConfig(num_workers=WORKERS, num_servers=SERVERS),
         consistency=consistency or ConsistencyConfig(),
+        recovery=RecoveryConfig(num_spares=0),  # nothing is killed: a spare only costs a process
         chaos=chaos or ChaosConfig(),
         mode=mode,
         epochs=epochs,
@@ -45,9 +47,16 @@ LOW_MOMENTUM = OptimConfig(name="sgd", lr=0.05, momentum=0.5)
 @pytest.mark.parametrize(
     "mode, epochs, consistency, optim, updates_per_round",
     [
-        ("sync", 3, ConsistencyConfig(), None, 1),
+        pytest.param("sync", 3, ConsistencyConfig(), None, 1, marks=pytest.mark.extended),
         ("async", 6, ConsistencyConfig(), LOW_MOMENTUM, WORKERS),
-        ("async", 8, ConsistencyConfig(n_push=2, n_fetch=2), LOW_MOMENTUM, WORKERS),
+        pytest.param(
+            "async",
+            8,
+            ConsistencyConfig(n_push=2, n_fetch=2),
+            LOW_MOMENTUM,
+            WORKERS,
+            marks=pytest.mark.extended,
+        ),
         ("ssp", 6, ConsistencyConfig(staleness=2), LOW_MOMENTUM, WORKERS),
         ("mixed", 6, ConsistencyConfig(group_size=2), LOW_MOMENTUM, WORKERS // 2),
     ],

@@ -77,6 +77,7 @@ def _gpu_nodes(head) -> dict[str, float]:
     }
 
 
+@pytest.mark.extended
 def test_workers_ask_for_gpus_the_autoscaler_adds_gpu_nodes_and_they_land_there(
     fake_cluster, tmp_path
 ):

@@ -157,6 +157,7 @@ def test_job_survives_a_chaos_kill_reports_its_summary_and_metrics(head, token_e
     )
 
 
+@pytest.mark.extended
 def test_stop_a_running_job_and_its_actors_go_away(head, token_env):
     handle = jobs.submit(_config(epochs=500), address=head.dashboard_url)
     wait_for(
@@ -205,6 +206,7 @@ def test_missing_token_is_one_clear_error(head, monkeypatch, tmp_path):
         jobs.attach("raysubmit_none", head.dashboard_url).status()
 
 
+@pytest.mark.extended
 def test_a_killed_driver_leaves_no_actors_behind(head, tmp_path):
     """SIGKILL (no cleanup runs): the supervisor dies with its driver and the detached
     servers/workers notice and exit."""

@@ -5,7 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from raytrain_ft.config import ClusterConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from raytrain_ft.config import (
+    ClusterConfig,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    RecoveryConfig,
+    TrainConfig,
+)
 from raytrain_ft.data import global_step_indices, load_dataset
 from raytrain_ft.params import flatten_state
 from raytrain_ft.trainer import Trainer, initial_model
@@ -19,6 +26,7 @@ def _config(**kw):
         data=DataConfig(dataset="digits", image_size=8, batch_size=16, prefetch_batches=2),
         optim=OptimConfig(name="sgd", lr=0.05, momentum=0.9, weight_decay=1e-4),
         cluster=ClusterConfig(num_workers=2, num_servers=3),
+        recovery=RecoveryConfig(num_spares=0),  # nothing is killed: a spare only costs a process
         steps=24,
         seed=7,
     )
@@ -82,6 +90,7 @@ def test_batchnorm_buffers_are_reconciled_across_workers(ray_local):
     assert np.isfinite(result.final_loss)
 
 
+@pytest.mark.extended
 def test_adam_trains_mlp_and_loss_falls(ray_local):
     cfg = _config(
         model=ModelConfig(name="mlp"),
@@ -95,6 +104,7 @@ def test_adam_trains_mlp_and_loss_falls(ray_local):
     assert result.final_loss < 1.0
 
 
+@pytest.mark.extended
 def test_one_worker_with_batchnorm_matches_pytorch_including_running_stats(ray_local):
     """With one worker the reconciled buffers are exactly the worker's own running statistics."""
     cfg = _config(

@@ -72,6 +72,33 @@ def test_digits_and_synthetic_shapes():
     assert s.train_x.shape[1:] == (1, 8, 8) and s.train_x.dtype == torch.float32
 
 
+def test_digits_come_from_a_cache_file_after_the_first_load(tmp_path, monkeypatch):
+    """Workers skip importing scikit-learn once a cache file exists; the values are the same, and a
+    damaged cache file is replaced rather than trusted."""
+    import sklearn.datasets
+
+    from raytrain_ft import data
+
+    monkeypatch.setenv(data.CACHE_DIR_ENV_VAR, str(tmp_path))
+    cfg = DataConfig(dataset="digits")
+    first = data.load_digits(cfg, 0)
+    (cache,) = tmp_path.glob("digits-sklearn-*.npz")
+    raw = sklearn.datasets.load_digits()
+    images, target = data._digits_arrays()
+    assert np.array_equal(images, raw.images) and np.array_equal(target, raw.target)
+    monkeypatch.setattr(sklearn.datasets, "load_digits", None)  # a second load must not call it
+    again = data.load_digits(cfg, 0)
+    assert torch.equal(again.train_x, first.train_x) and torch.equal(again.eval_y, first.eval_y)
+    monkeypatch.undo()
+    monkeypatch.setenv(data.CACHE_DIR_ENV_VAR, str(tmp_path))
+    cache.write_bytes(b"not an npz")
+    assert torch.equal(data.load_digits(cfg, 0).train_x, first.train_x)
+    assert np.array_equal(np.load(cache)["images"], raw.images)  # rewritten whole
+    monkeypatch.setenv(data.CACHE_DIR_ENV_VAR, str(tmp_path / "file"))
+    (tmp_path / "file").write_text("a file where the cache directory should be")
+    assert torch.equal(data.load_digits(cfg, 0).train_x, first.train_x)  # no cache: still loads
+
+
 def test_parquet_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((50, 2, 3, 3)).astype(np.float32)
