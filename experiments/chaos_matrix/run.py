@@ -2,23 +2,27 @@
 repeated.
 
 Cells are (what is killed, when, mode):
-  when = step      the role is killed once the slowest worker reaches step 20
-         recovery  server:0 dies at step 20; the role is killed while that recovery is in progress
+  when = step           the role is killed once the slowest worker reaches step 20
+         recovery       server:0 dies at step 20; the role is killed while that recovery is in
+                        progress
          rereplication  server:1 dies at step 20; the role is killed while the replica it held is
-         rebuilt snapshot a primary right after sending / a holder right after receiving its 2nd
-  snapshot plus the double failures that once broke the run (a worker restart under a supervisor
-kill, a shard recovered twice around a supervisor restart). Roles: server (a primary), replica (the
-holder of shard 0's replica), worker, supervisor, spare, node (one of
-three simulated nodes: its servers and workers die together). Modes: sync, async, ssp, mixed, sync
-with a backup worker, sync with a top-k codec.
+                        rebuilt
+         snapshot       a primary right after sending / a holder right after receiving its 2nd
+                        snapshot
+  plus the double failures that once broke the run (a worker restart under a supervisor kill, a
+  shard recovered twice around a supervisor restart).
+Roles: server (a primary), replica (the holder of shard 0's replica), worker, supervisor, spare,
+node (one of three simulated nodes: its servers and workers die together). Modes: sync, async, ssp,
+mixed (4 workers in two groups of 2; the others run 3 workers), sync with a backup worker, sync with
+a top-k codec.
 
 Every run is judged on its own records: it finishes; every kill fired once on a live target; I1 from
 the workers' ledgers against the shards' applied records (every (rank, step) applied exactly once);
 I2 the failure-free run's params_sha256 (sync modes without backup workers); I3 no checkpoint file
 read; I4 every replica, replayed, equals its primary. A cell passes a repeat only if all hold.
 
-    python experiments/chaos_matrix/run.py --repeats 5                # the whole matrix (~2 h on 2
-    cores) python experiments/chaos_matrix/run.py --repeats 1 --when step --modes sync
+    python experiments/chaos_matrix/run.py --repeats 5     # the whole matrix (~4 h on 2 cores)
+    python experiments/chaos_matrix/run.py --repeats 1 --when step --modes sync
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ MODES = {
     "sync": dict(mode="sync"),
     "async": dict(mode="async"),
     "ssp": dict(mode="ssp", staleness=1),
-    "mixed": dict(mode="mixed", group_size=2),
+    "mixed": dict(mode="mixed", group_size=2, workers=4),  # two groups of 2 (groups must be equal)
     "backup": dict(mode="sync", backup_workers=1),
     "topk": dict(mode="sync", codec="topk:0.05"),
 }
@@ -83,7 +87,7 @@ def config(mode: str, kill: str | None) -> TrainConfig:
         data=DataConfig(dataset="digits", image_size=8, batch_size=16),
         optim=OptimConfig(name="sgd", lr=0.05, momentum=0.9),
         cluster=ClusterConfig(
-            num_workers=WORKERS,
+            num_workers=m.get("workers", WORKERS),
             num_servers=SERVERS,
             local_nodes=3 if kill and "node" in kill else 1,
         ),
@@ -144,7 +148,7 @@ def judge(
     problems += exactly_once_violations(
         summary["applied_counts"],
         read_ledgers(ledger_dir, summary["run_id"]),
-        WORKERS,
+        len(summary["workers"]),
         STEPS,
         every_step,
     )
@@ -201,6 +205,7 @@ def main() -> None:
                         problems = [f"run failed: {e}"[:400]]
                     row = {
                         "mode": mode,
+                        "workers": MODES[mode].get("workers", WORKERS),
                         "when": when,
                         "role": role,
                         "kills": kills,
