@@ -103,13 +103,17 @@ def explore(
         out = _explore_slice((range(schedules), seed, modes, tuple(bugs), stop_at_first))
     else:
         import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
         slices = [
             (range(p, schedules, processes), seed, modes, tuple(bugs), stop_at_first)
             for p in range(processes)
         ]
-        with multiprocessing.get_context("fork").Pool(processes) as pool:
-            parts = pool.map(_explore_slice, slices)
+        # spawn, not fork: the caller may hold threads (an initialized Ray, gRPC) whose locks a
+        # forked child inherits held; a child that dies raises BrokenProcessPool instead of leaving
+        # the map waiting forever
+        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as ex:
+            parts = list(ex.map(_explore_slice, slices))
         out = Exploration()
         for part in parts:
             out.add(part)

@@ -233,6 +233,7 @@ def test_without_copies_a_server_death_fails_with_a_clear_message(ray_local, tmp
         Trainer(_config(2, kill="server:1@step=10", mode="none")).fit()
 
 
+@pytest.mark.extended  # the job test kills through `raytrain-ft chaos` too
 def test_chaos_against_a_running_run(ray_local, tmp_path):
     """What `raytrain-ft chaos` does: find the run's supervisor and kill by role while it trains."""
     import threading
