@@ -65,6 +65,14 @@ def _hints(cls: type) -> dict[str, Any]:
     return hints
 
 
+def _split_optional(hint: Any) -> tuple[Any, bool]:
+    """(the type inside ``X | None``, whether None is allowed); other hints as they are."""
+    if get_origin(hint) in _UNION_TYPES:
+        args = get_args(hint)
+        return next(a for a in args if a is not type(None)), type(None) in args
+    return hint, False
+
+
 def _typed(value: Any, hint: Any, name: str) -> Any:
     """``value`` as the annotated type ``hint`` (ints and floats normalised), or ConfigError naming
     the field."""
@@ -91,12 +99,8 @@ def _typed(value: Any, hint: Any, name: str) -> Any:
             return value
         raise ConfigError(name, f"expected a number, got {value!r}")
     if get_origin(hint) is Literal:
-        choices = get_args(hint)
-        if value in choices:
-            return value
-        raise ConfigError(
-            name, f"unknown value {value!r}; choose one of {', '.join(map(str, choices))}"
-        )
+        _choice(name, value, get_args(hint))
+        return value
     if hint is str:
         if isinstance(value, str):
             return value
@@ -116,12 +120,7 @@ def check_field_types(obj: Any, section: str | None = None) -> None:
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
         name = f"{section}.{f.name}" if section else f.name
-        hint = hints[f.name]
-        optional = False
-        if get_origin(hint) in _UNION_TYPES:
-            args = get_args(hint)
-            optional = type(None) in args
-            hint = next(a for a in args if a is not type(None))
+        hint, optional = _split_optional(hints[f.name])
         value = getattr(obj, f.name)
         if value is None:
             if optional:
@@ -667,23 +666,14 @@ def field_docs() -> dict[str, str]:
 
 
 def field_type(f: dataclasses.Field, owner: type) -> type:
-    hint = typing.get_type_hints(owner)[f.name]
-    if get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        args = [a for a in get_args(hint) if a is not type(None)]
-        hint = args[0]
-    if get_origin(hint) is Literal:
-        hint = str
-    return hint
+    hint, _ = _split_optional(_hints(owner)[f.name])
+    return str if get_origin(hint) is Literal else hint
 
 
 def is_optional(f: dataclasses.Field, owner: type) -> bool:
     """Whether the field may be unset (``X | None``): only those take an empty value, ``none`` or
     ``null`` as unset."""
-    hint = typing.get_type_hints(owner)[f.name]
-    return get_origin(hint) in (
-        typing.Union,
-        getattr(__import__("types"), "UnionType", None),
-    ) and type(None) in get_args(hint)
+    return _split_optional(_hints(owner)[f.name])[1]
 
 
 def coerce(text: Any, typ: type, name: str, optional: bool = True) -> Any:

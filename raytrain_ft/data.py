@@ -70,6 +70,7 @@ def _standardize(x: np.ndarray) -> np.ndarray:
 
 
 CACHE_DIR_ENV_VAR = "RAYTRAIN_FT_CACHE_DIR"
+DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "raytrain_ft")
 
 
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -78,9 +79,7 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     time (a restarted worker waits on it too). A cache that cannot be read or written is skipped."""
     from importlib.metadata import version
 
-    cache_dir = os.environ.get(CACHE_DIR_ENV_VAR) or os.path.join(
-        os.path.expanduser("~"), ".cache", "raytrain_ft"
-    )
+    cache_dir = os.environ.get(CACHE_DIR_ENV_VAR) or os.path.expanduser(DEFAULT_CACHE_DIR)
     path = os.path.join(cache_dir, f"digits-sklearn-{version('scikit-learn')}.npz")
     try:
         with np.load(path) as f:
@@ -137,7 +136,7 @@ def _torchvision_split(name: str, root: str, train: bool):
 
 def load_torchvision(cfg: DataConfig) -> Dataset:
     """CIFAR-10 / MNIST from a local torchvision root (never downloaded at run time)."""
-    root = cfg.data_path or os.path.expanduser("~/.cache/raytrain_ft/data")
+    root = cfg.data_path or os.path.expanduser(os.path.join(DEFAULT_CACHE_DIR, "data"))
     arrays = []
     for train in (True, False):
         ds = _torchvision_split(cfg.dataset, root, train)
