@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 
 import pytest
 
@@ -83,117 +84,145 @@ def test_main_job_reaches_accuracy_and_writes_summary(tmp_path, cli_env):
     assert "eval accuracy" in proc.stdout
 
 
-@pytest.mark.parametrize(
-    "args, needle",
-    [
-        (["--model", "vgg"], "model.name: unknown value 'vgg'"),
-        (["--optimizer", "lamb"], "optim.name: unknown value 'lamb'"),
-        (["--batch-size", "0"], "data.batch_size: must be > 0"),
-        (["--num-servers", "-2"], "cluster.num_servers: must be > 0"),
-        (["--model", "mlp", "--num-servers", "100000000"], "cluster.num_servers: 100000000 shards"),
-        (
-            ["--dataset", "parquet", "--data-path", "/nonexistent/x.parquet"],
-            "/nonexistent/x.parquet: Parquet file or directory does not exist",
-        ),
-        (["--config", "/nonexistent.yaml"], "--config: file '/nonexistent.yaml' does not exist"),
-        (["--lr", "fast"], "optim.lr: expected a number"),
-        (["--kill", "server:0"], "chaos.kill: 'server:0': expected ROLE"),
-        (["--kill", "server:5@step=3"], "server:5@step=3: the run has 2 server(s)"),
-        (["--kill", "node:1@step=3"], "--local-nodes"),
-        (["--recovery", "raid"], "recovery.mode: unknown value 'raid'"),
-        (
-            ["--resume-from", "/nonexistent/ckpt"],
-            "/nonexistent/ckpt: does not exist; --resume-from takes the --checkpoint-dir",
-        ),
-        # config sources
-        (["--config", "/tmp"], "--config: '/tmp' is a directory; give the YAML file in it"),
-        (
-            ["--config-json", "[]"],
-            "--config-json: must be a JSON object of config sections {...}, got list",
-        ),
-        (
-            ["--config-json", "null"],
-            "--config-json: must be a JSON object of config sections {...}, got null",
-        ),
-        # every float finite and in range
-        (["--lr", "nan"], "optim.lr: must be a finite number, got nan"),
-        (["--lr", "inf"], "optim.lr: must be a finite number, got inf"),
-        (["--momentum", "nan"], "optim.momentum: must be a finite number, got nan"),
-        (["--momentum", "5"], "optim.momentum: must be in [0, 1), got 5.0"),
-        (["--weight-decay", "nan"], "optim.weight_decay: must be a finite number, got nan"),
-        (["--log-every-s", "nan"], "log_every_s: must be a finite number, got nan"),
-        (
-            ["--health-check-interval-s", "inf"],
-            "recovery.health_check_interval_s: must be a finite number, got inf",
-        ),
-        (
-            ["--simulate-compute", "inf"],
-            "cluster.simulate_compute_ms: must be a finite number, got inf",
-        ),
-        (["--simulate-compute", "1e12"], "cluster.simulate_compute_ms: must be at most 3,600,000"),
-        (["--seed", "-1"], "seed: must be in [0, 2**64), got -1"),
-        # kills and stragglers
-        (
-            ["--kill", "server:0@step=nan"],
-            "chaos.kill: 'server:0@step=nan': 'nan' is not a finite number",
-        ),
-        (
-            ["--kill", "server:0@step=inf"],
-            "chaos.kill: 'server:0@step=inf': 'inf' is not a finite number",
-        ),
-        (
-            ["--kill", "server:0@step=100000"],
-            "chaos.kill: server:0@step=100000: the run ends after step 110, so this kill would "
-            "never fire",
-        ),
-        (
-            ["--kill", "server:0@step=3", "--kill", "server:0@step=3"],
-            "chaos.kill: 'server:0@step=3': the same kill is given twice",
-        ),
-        (["--slow-workers", "0:nan"], "chaos.slow_workers: '0:nan': expected RANK:MS"),
-        (["--slow-workers", "0:inf"], "chaos.slow_workers: '0:inf': expected RANK:MS"),
-        (["--slow-workers", "0:100,0:200"], "chaos.slow_workers: '0:200': rank 0 is given twice"),
-        # settings that would be ignored or make a lopsided run
-        (
-            ["--data-path", "/tmp"],
-            "data.data_path: dataset 'digits' reads no files, so '/tmp' would be ignored",
-        ),
-        (
-            ["--num-spares", "1000"],
-            "recovery.num_spares: must be at most 16, got 1000: each spare is a server process",
-        ),
-        (
-            ["--mode", "mixed", "--num-workers", "4", "--group-size", "3"],
-            "consistency.group_size: 4 workers in groups of 3 would make groups of 3, 1",
-        ),
-        (
-            ["--num-workers", "99999999"],
-            "cluster.num_workers: 1438 training samples cannot fill one batch on each of "
-            "99,999,999 workers; use at most 44",
-        ),
-        # outputs that could not be written, checked before training
-        (
-            ["--output-json", "/dev/null/run.json"],
-            "--output-json: cannot write '/dev/null/run.json': '/dev/null' is a file, not a "
-            "directory",
-        ),
-        (["--output-json", "/tmp"], "--output-json: '/tmp' is a directory; give a file path"),
-        (
-            ["--recovery", "checkpoint", "--checkpoint-dir", "/dev/null/ckpt"],
-            "recovery.checkpoint_dir: cannot write to '/dev/null/ckpt' (Not a directory); give a "
-            "writable directory as --checkpoint-dir",
-        ),
-    ],
-)
-def test_bad_input_exits_2_with_one_message_and_starts_no_ray(args, needle, cli_env):
+BAD_INPUTS = [
+    (["--model", "vgg"], "model.name: unknown value 'vgg'"),
+    (["--optimizer", "lamb"], "optim.name: unknown value 'lamb'"),
+    (["--batch-size", "0"], "data.batch_size: must be > 0"),
+    (["--num-servers", "-2"], "cluster.num_servers: must be > 0"),
+    (["--model", "mlp", "--num-servers", "100000000"], "cluster.num_servers: 100000000 shards"),
+    (
+        ["--dataset", "parquet", "--data-path", "/nonexistent/x.parquet"],
+        "/nonexistent/x.parquet: Parquet file or directory does not exist",
+    ),
+    (["--config", "/nonexistent.yaml"], "--config: file '/nonexistent.yaml' does not exist"),
+    (["--lr", "fast"], "optim.lr: expected a number"),
+    (["--kill", "server:0"], "chaos.kill: 'server:0': expected ROLE"),
+    (["--kill", "server:5@step=3"], "server:5@step=3: the run has 2 server(s)"),
+    (["--kill", "node:1@step=3"], "--local-nodes"),
+    (["--recovery", "raid"], "recovery.mode: unknown value 'raid'"),
+    (
+        ["--resume-from", "/nonexistent/ckpt"],
+        "/nonexistent/ckpt: does not exist; --resume-from takes the --checkpoint-dir",
+    ),
+    # config sources
+    (["--config", "/tmp"], "--config: '/tmp' is a directory; give the YAML file in it"),
+    (
+        ["--config-json", "[]"],
+        "--config-json: must be a JSON object of config sections {...}, got list",
+    ),
+    (
+        ["--config-json", "null"],
+        "--config-json: must be a JSON object of config sections {...}, got null",
+    ),
+    # every float finite and in range
+    (["--lr", "nan"], "optim.lr: must be a finite number, got nan"),
+    (["--lr", "inf"], "optim.lr: must be a finite number, got inf"),
+    (["--momentum", "nan"], "optim.momentum: must be a finite number, got nan"),
+    (["--momentum", "5"], "optim.momentum: must be in [0, 1), got 5.0"),
+    (["--weight-decay", "nan"], "optim.weight_decay: must be a finite number, got nan"),
+    (["--log-every-s", "nan"], "log_every_s: must be a finite number, got nan"),
+    (
+        ["--health-check-interval-s", "inf"],
+        "recovery.health_check_interval_s: must be a finite number, got inf",
+    ),
+    (
+        ["--simulate-compute", "inf"],
+        "cluster.simulate_compute_ms: must be a finite number, got inf",
+    ),
+    (["--simulate-compute", "1e12"], "cluster.simulate_compute_ms: must be at most 3,600,000"),
+    (["--seed", "-1"], "seed: must be in [0, 2**64), got -1"),
+    # kills and stragglers
+    (
+        ["--kill", "server:0@step=nan"],
+        "chaos.kill: 'server:0@step=nan': 'nan' is not a finite number",
+    ),
+    (
+        ["--kill", "server:0@step=inf"],
+        "chaos.kill: 'server:0@step=inf': 'inf' is not a finite number",
+    ),
+    (
+        ["--kill", "server:0@step=100000"],
+        "chaos.kill: server:0@step=100000: the run ends after step 110, so this kill would "
+        "never fire",
+    ),
+    (
+        ["--kill", "server:0@step=3", "--kill", "server:0@step=3"],
+        "chaos.kill: 'server:0@step=3': the same kill is given twice",
+    ),
+    (["--slow-workers", "0:nan"], "chaos.slow_workers: '0:nan': expected RANK:MS"),
+    (["--slow-workers", "0:inf"], "chaos.slow_workers: '0:inf': expected RANK:MS"),
+    (["--slow-workers", "0:100,0:200"], "chaos.slow_workers: '0:200': rank 0 is given twice"),
+    # settings that would be ignored or make a lopsided run
+    (
+        ["--data-path", "/tmp"],
+        "data.data_path: dataset 'digits' reads no files, so '/tmp' would be ignored",
+    ),
+    (
+        ["--num-spares", "1000"],
+        "recovery.num_spares: must be at most 16, got 1000: each spare is a server process",
+    ),
+    (
+        ["--mode", "mixed", "--num-workers", "4", "--group-size", "3"],
+        "consistency.group_size: 4 workers in groups of 3 would make groups of 3, 1",
+    ),
+    (
+        ["--num-workers", "99999999"],
+        "cluster.num_workers: 1438 training samples cannot fill one batch on each of "
+        "99,999,999 workers; use at most 44",
+    ),
+    # outputs that could not be written, checked before training
+    (
+        ["--output-json", "/dev/null/run.json"],
+        "--output-json: cannot write '/dev/null/run.json': '/dev/null' is a file, not a directory",
+    ),
+    (["--output-json", "/tmp"], "--output-json: '/tmp' is a directory; give a file path"),
+    (
+        ["--recovery", "checkpoint", "--checkpoint-dir", "/dev/null/ckpt"],
+        "recovery.checkpoint_dir: cannot write to '/dev/null/ckpt' (Not a directory); give a "
+        "writable directory as --checkpoint-dir",
+    ),
+]
+
+
+def _run_batch(cases: list[list[str]]) -> list:
+    """Every case through the real CLI entry point, in one fresh process (``tests/cli_batch.py``)
+    with its own Ray temp dir: one interpreter and torch import for all of them."""
+    d = tempfile.mkdtemp(prefix="rtft-cli-", dir="/tmp")
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "tests.cli_batch"],
+            input=json.dumps(cases),
+            env={**os.environ, "RAY_TMPDIR": d, "RAY_AUTH_MODE": "disabled"},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [types.SimpleNamespace(**r) for r in json.loads(proc.stdout)]
+
+
+@pytest.fixture(scope="module")
+def bad_input_results():
+    return _run_batch([["train", *args] for args, _ in BAD_INPUTS])
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUTS)), ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_exits_2_with_one_message_and_starts_no_ray(case, bad_input_results):
+    proc, (_, needle) = bad_input_results[case], BAD_INPUTS[case]
+    assert_one_error_line(proc, needle)
+    assert not proc.ray_sessions, "a Ray session was started"
+
+
+def test_one_bad_input_through_its_own_process(cli_env):
+    """The batch runs the CLI's main() in-process; one case goes through `python -m` end to end."""
     env, ray_dir = cli_env
     proc = subprocess.run(
-        [*CLI, "train", *args], env=env, capture_output=True, text=True, timeout=300
+        [*CLI, "train", "--lr", "nan"], env=env, capture_output=True, text=True, timeout=300
     )
-    assert_one_error_line(proc, needle)
-    assert not any(p.startswith("session") for p in os.listdir(ray_dir)), (
-        "a Ray session was started"
-    )
+    assert_one_error_line(proc, "optim.lr: must be a finite number, got nan")
+    assert not any(p.startswith("session") for p in os.listdir(ray_dir))
 
 
 def assert_one_error_line(proc, needle: str) -> None:
@@ -242,48 +271,52 @@ def _report_into_a_missing_directory(d):
     ], f"--output: directory '{d / 'missing'}' does not exist"
 
 
-@pytest.mark.parametrize(
-    "build, detail",
-    [
-        (_non_utf8_config, ""),
-        (_parquet("zero rows"), "holds no rows"),
-        (_parquet("string labels"), "label column 'label' has type string"),
-        (_parquet("huge label"), "label column 'label' holds 100000 in row 3"),
-        (_parquet("ragged rows"), "image row 0 holds 3 values"),
-        (
-            _parquet("bad shape metadata"),
-            "the file's metadata 'raytrain_ft.image_shape' is '1,x,2'",
-        ),
-        (_report([1, 2]), "history[0] is 1"),
-        (_report("abc"), "'history' is \"abc\""),
-        (
-            _report([{"t": 1}]),
-            'history[0] is {"t": 1}: each point needs t (a number), loss and accuracy',
-        ),
-        (_report_into_a_missing_directory, ""),
-    ],
-    ids=[
-        "non-utf8-config",
-        "parquet-zero-rows",
-        "parquet-string-labels",
-        "parquet-huge-label",
-        "parquet-ragged",
-        "parquet-bad-metadata",
-        "report-history-list",
-        "report-history-string",
-        "report-history-missing-keys",
-        "report-output-missing-dir",
-    ],
-)
-def test_bad_files_exit_2_with_one_line_naming_the_file(build, detail, cli_env, tmp_path):
-    env, ray_dir = cli_env
-    args, needle = build(tmp_path)
-    proc = subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=300)
-    assert_one_error_line(proc, needle + detail)
+BAD_FILES = [
+    (_non_utf8_config, ""),
+    (_parquet("zero rows"), "holds no rows"),
+    (_parquet("string labels"), "label column 'label' has type string"),
+    (_parquet("huge label"), "label column 'label' holds 100000 in row 3"),
+    (_parquet("ragged rows"), "image row 0 holds 3 values"),
+    (
+        _parquet("bad shape metadata"),
+        "the file's metadata 'raytrain_ft.image_shape' is '1,x,2'",
+    ),
+    (_report([1, 2]), "history[0] is 1"),
+    (_report("abc"), "'history' is \"abc\""),
+    (
+        _report([{"t": 1}]),
+        'history[0] is {"t": 1}: each point needs t (a number), loss and accuracy',
+    ),
+    (_report_into_a_missing_directory, ""),
+]
+BAD_FILE_IDS = [
+    "non-utf8-config",
+    "parquet-zero-rows",
+    "parquet-string-labels",
+    "parquet-huge-label",
+    "parquet-ragged",
+    "parquet-bad-metadata",
+    "report-history-list",
+    "report-history-string",
+    "report-history-missing-keys",
+    "report-output-missing-dir",
+]
+
+
+@pytest.fixture(scope="module")
+def bad_file_results(tmp_path_factory):
+    built = [
+        build(tmp_path_factory.mktemp(name)) for (build, _), name in zip(BAD_FILES, BAD_FILE_IDS)
+    ]
+    return [(proc, needle) for proc, (_, needle) in zip(_run_batch([a for a, _ in built]), built)]
+
+
+@pytest.mark.parametrize("case", range(len(BAD_FILES)), ids=BAD_FILE_IDS)
+def test_bad_files_exit_2_with_one_line_naming_the_file(case, bad_file_results):
+    proc, needle = bad_file_results[case]
+    assert_one_error_line(proc, needle + BAD_FILES[case][1])
     assert "data.image_shape" not in proc.stderr
-    assert not any(p.startswith("session") for p in os.listdir(ray_dir)), (
-        "a Ray session was started"
-    )
+    assert not proc.ray_sessions, "a Ray session was started"
 
 
 def test_unreachable_address_exits_2_fast(cli_env):
