@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin
 
-from raytrain_ft.consistency import Mode, StalenessLr
+from raytrain_ft.consistency import Mode, MomentumCorrection, StalenessLr
 from raytrain_ft.errors import ConfigError
 
 # Closed choices are Literal types: check_field_types refuses any other value, listing these.
@@ -475,6 +475,13 @@ class ConsistencyConfig:
     staleness_lr: StalenessLr = "none"
     """async/ssp: none | inverse (divide the learning rate by the update's staleness when it is
     above 1)."""
+    delay_compensation: float = 0.0
+    """async/ssp/mixed: DC-ASGD strength, 0 = off (a stale gradient is corrected by the change of
+    the parameters since it was computed, g + strength * g*g/sqrt(mean g*g) * (w_now - w_then))."""
+    momentum_correction: MomentumCorrection = "none"
+    """async/ssp/mixed: none | auto (each update's momentum chosen so that, with the momentum
+    asynchrony itself adds, it remembers as many samples as sync's, at the same step per gradient;
+    see consistency.Rule.momentum)."""
     codec: str = "none"
     """Push compression, with error feedback on the worker: none | fp16 | topk:RATIO (e.g.
     topk:0.01) | onebit (sign + scale)."""
@@ -486,6 +493,7 @@ class ConsistencyConfig:
         _non_negative("consistency.backup_workers", self.backup_workers)
         _positive("consistency.n_push", self.n_push)
         _positive("consistency.n_fetch", self.n_fetch)
+        _non_negative("consistency.delay_compensation", self.delay_compensation)
         from raytrain_ft.compression import parse_codec
 
         try:
@@ -532,6 +540,11 @@ class TrainConfig:
         from raytrain_ft.recovery.faults import parse_slow
 
         parse_slow(self.chaos.slow_workers, w)
+        if c.delay_compensation and self.mode == "sync":
+            raise ConfigError(
+                "consistency.delay_compensation",
+                "corrects stale gradients of --mode async, ssp or mixed; sync has none",
+            )
         if c.backup_workers and self.mode != "sync":
             raise ConfigError(
                 "consistency.backup_workers", "backup workers apply to --mode sync only"
@@ -593,6 +606,8 @@ class TrainConfig:
             c.group_size,
             c.staleness,
             c.staleness_lr,
+            momentum_correction=c.momentum_correction,
+            delay_compensation=c.delay_compensation,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -32,6 +32,7 @@ def test_defaults_validate():
         ({"codec": "topk:5"}, "consistency.codec"),
         ({"staleness": "-1"}, "consistency.staleness"),
         ({"staleness_lr": "sqrt"}, "consistency.staleness_lr"),
+        ({"momentum_correction": "half"}, "consistency.momentum_correction"),
         ({"mode": "async", "recovery": "checkpoint"}, "recovery.mode"),
         ({"slow_workers": "5:100"}, "chaos.slow_workers"),
         ({"slow_workers": "1"}, "chaos.slow_workers"),
@@ -351,3 +352,19 @@ def test_renamed_keys_say_where_they_went(tmp_path, text, field, now):
     with pytest.raises(ConfigError) as e:
         C.load(str(path))
     assert e.value.field == field and f"renamed: write it as {now}" in str(e.value)
+
+
+def test_the_servers_rule_carries_every_consistency_setting():
+    cfg = C.load(
+        None,
+        {
+            "mode": "ssp",
+            "num_workers": "4",
+            "staleness": "3",
+            "staleness_lr": "inverse",
+            "momentum_correction": "auto",
+        },
+    )
+    rule = cfg.rule()
+    assert (rule.mode, rule.num_workers, rule.staleness) == ("ssp", 4, 3)
+    assert (rule.staleness_lr, rule.momentum_correction) == ("inverse", "auto")
