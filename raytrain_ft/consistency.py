@@ -17,6 +17,11 @@ per-rank clocks; everything here is unit-tested in milliseconds.
 - ``ssp``: async updates, and a worker at clock ``c`` (steps it has pushed)
   may start its next step only when the slowest worker has reached
   ``c - staleness``. ``staleness = 0`` is lock-step.
+- ``local_sgd``: sync over rounds. A worker's step is a round of
+  ``local_steps`` local optimizer steps; it pushes the round's
+  pseudo-gradient (see ``actors/worker.py``), and the shard applies the mean
+  of every rank's, in rank order, with its optimizer as the outer one
+  (DiLoCo). To the shards it is sync with a step per round.
 
 Each update is one command in the shard's log, in the order the primary
 applied it, so replay reproduces the order whatever the mode.
@@ -31,7 +36,7 @@ from typing import Literal, get_args
 
 import numpy as np
 
-Mode = Literal["sync", "async", "ssp", "mixed"]
+Mode = Literal["sync", "async", "ssp", "mixed", "local_sgd"]
 MODES: tuple[str, ...] = get_args(Mode)
 StalenessLr = Literal["none", "inverse"]
 STALENESS_LR: tuple[str, ...] = get_args(StalenessLr)
@@ -88,7 +93,7 @@ class Rule:
             raise ValueError(
                 f"delay_compensation must be a finite number >= 0, got {self.delay_compensation}"
             )
-        if self.delay_compensation and self.mode == "sync":
+        if self.delay_compensation and self.synchronous:
             raise ValueError("delay_compensation applies to async, ssp and mixed modes")
         if self.momentum_correction not in MOMENTUM_CORRECTION:
             raise ValueError(
@@ -104,16 +109,21 @@ class Rule:
     @property
     def per_rank_clocks(self) -> bool:
         """Whether a push's repeat-check uses the rank's own clock (every mode but sync)."""
-        return self.mode != "sync"
+        return not self.synchronous
+
+    @property
+    def synchronous(self) -> bool:
+        """Every rank's push of a step forms one update (sync, and local_sgd's rounds)."""
+        return self.mode in ("sync", "local_sgd")
 
     @property
     def exact_resume(self) -> bool:
         """Whether a restarted worker pulls the parameters of exactly its step (plain sync only)."""
-        return self.mode == "sync" and self.backup_workers == 0
+        return self.synchronous and self.backup_workers == 0
 
     def group(self, rank: int) -> tuple[int, ...]:
         """The ranks whose pushes of one step form the update that ``rank``'s push is part of."""
-        if self.mode == "sync":
+        if self.synchronous:
             return tuple(range(self.num_workers))
         if self.mode == "mixed":
             first = rank - rank % self.group_size
@@ -126,7 +136,7 @@ class Rule:
         return (self.group(rank)[0], step)
 
     def needed(self, rank: int) -> int:
-        if self.mode == "sync":
+        if self.synchronous:
             return self.num_workers - self.backup_workers
         return len(self.group(rank))
 
@@ -151,7 +161,7 @@ class Rule:
         the same distance per sample, and modes compare at equal settings.
         ``staleness_lr = inverse`` further divides by the staleness (> 1).
         """
-        if self.mode == "sync":
+        if self.synchronous:
             return 1.0
         scale = pushes / self.num_workers
         if self.staleness_lr == "inverse" and self.mode in ("async", "ssp") and staleness > 1:
@@ -230,6 +240,18 @@ class DelayCompensation:
             return g
         lam = np.float32(self.strength) / np.sqrt(self.mean_square + np.float32(self.eps))
         return g + lam * g * g * (now - then)
+
+
+def local_rounds(total_local_steps: int, local_steps: int) -> int:
+    """local_sgd: rounds (pushes per worker) for a run of ``total_local_steps`` local steps."""
+    return -(-total_local_steps // local_steps)
+
+
+def round_span(round_: int, local_steps: int, total_local_steps: int) -> range:
+    """local_sgd: the local steps (batch indices) of round ``round_``; the last round may be
+    shorter."""
+    start = round_ * local_steps
+    return range(start, min(start + local_steps, total_local_steps))
 
 
 def mean_in_rank_order(grads: Mapping[int, np.ndarray]) -> np.ndarray:

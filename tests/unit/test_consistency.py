@@ -178,3 +178,20 @@ def test_delay_compensation_needs_a_finite_non_negative_strength(value):
 def test_delay_compensation_is_refused_in_sync_mode():
     with pytest.raises(ValueError, match="async, ssp and mixed"):
         Rule("sync", 2, delay_compensation=1.0)
+
+
+def test_local_sgd_is_sync_to_the_shards_over_rounds():
+    from raytrain_ft.consistency import local_rounds, round_span
+
+    rule = Rule("local_sgd", 3)
+    assert rule.synchronous and rule.exact_resume and not rule.per_rank_clocks
+    assert rule.group(2) == (0, 1, 2) and rule.needed(0) == 3 and rule.lr_scale(3, 0) == 1.0
+    assert (
+        rule.classify(1, 4, 5, 0) is Verdict.REPEAT and rule.classify(1, 6, 5, 0) is Verdict.AHEAD
+    )
+    assert rule.update_streams == 1 and rule.momentum(0.9) == (0.9, 1.0)
+    # 55 local steps in rounds of 8: 7 rounds, the last one of 7 steps
+    assert local_rounds(55, 8) == 7 and local_rounds(56, 8) == 7 and local_rounds(57, 8) == 8
+    assert list(round_span(0, 8, 55)) == list(range(8))
+    assert list(round_span(6, 8, 55)) == list(range(48, 55))
+    assert sum(len(round_span(r, 8, 55)) for r in range(7)) == 55
