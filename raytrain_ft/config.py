@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin
 
-from raytrain_ft.consistency import Mode, StalenessLr
+from raytrain_ft.consistency import Mode, MomentumCorrection, StalenessLr
 from raytrain_ft.errors import ConfigError
 
 # Closed choices are Literal types: check_field_types refuses any other value, listing these.
@@ -25,6 +25,7 @@ Optimizer = Literal["sgd", "rmsprop", "adagrad", "adam"]
 Schedule = Literal["constant", "step", "cosine"]
 UseGpu = Literal["auto", "true", "false"]
 RecoveryMode = Literal["replica", "checkpoint", "none"]
+InnerOptimizer = Literal["sgd", "adamw"]
 RECOVERY_MODES: tuple[str, ...] = get_args(RecoveryMode)
 
 # Open choices: a built-in name, or the user's own as MODULE:ATTR.
@@ -475,6 +476,19 @@ class ConsistencyConfig:
     staleness_lr: StalenessLr = "none"
     """async/ssp: none | inverse (divide the learning rate by the update's staleness when it is
     above 1)."""
+    delay_compensation: float = 0.0
+    """async/ssp/mixed: DC-ASGD strength, 0 = off (a stale gradient is corrected by the change of
+    the parameters since it was computed, g + strength * g*g/sqrt(mean g*g) * (w_now - w_then))."""
+    momentum_correction: MomentumCorrection = "none"
+    """async/ssp/mixed: none | auto (each update's momentum chosen so that, with the momentum
+    asynchrony itself adds, it remembers as many samples as sync's, at the same step per gradient;
+    see consistency.Rule.momentum)."""
+    local_steps: int = 8
+    """local_sgd: local optimizer steps per round (one push per round)."""
+    inner_optimizer: InnerOptimizer = "sgd"
+    """local_sgd: the optimizer of the local steps, sgd (plain) | adamw; fresh at every round."""
+    inner_lr: float | None = None
+    """local_sgd: learning rate of the local steps (default: --lr)."""
     codec: str = "none"
     """Push compression, with error feedback on the worker: none | fp16 | topk:RATIO (e.g.
     topk:0.01) | onebit (sign + scale)."""
@@ -486,6 +500,10 @@ class ConsistencyConfig:
         _non_negative("consistency.backup_workers", self.backup_workers)
         _positive("consistency.n_push", self.n_push)
         _positive("consistency.n_fetch", self.n_fetch)
+        _non_negative("consistency.delay_compensation", self.delay_compensation)
+        _positive("consistency.local_steps", self.local_steps)
+        if self.inner_lr is not None:
+            _positive("consistency.inner_lr", self.inner_lr)
         from raytrain_ft.compression import parse_codec
 
         try:
@@ -532,6 +550,28 @@ class TrainConfig:
         from raytrain_ft.recovery.faults import parse_slow
 
         parse_slow(self.chaos.slow_workers, w)
+        if c.delay_compensation and self.mode in ("sync", "local_sgd"):
+            raise ConfigError(
+                "consistency.delay_compensation",
+                f"corrects stale gradients of --mode async, ssp or mixed; {self.mode} has none",
+            )
+        if self.mode != "local_sgd" and (
+            c.local_steps != 8 or c.inner_optimizer != "sgd" or c.inner_lr is not None
+        ):
+            raise ConfigError(
+                "consistency.local_steps",
+                "--local-steps, --inner-optimizer and --inner-lr apply to --mode local_sgd only",
+            )
+        if self.mode == "local_sgd" and (
+            self.cluster.overlap_comm or self.cluster.simulate_compute_ms
+        ):
+            raise ConfigError(
+                "cluster.overlap_comm"
+                if self.cluster.overlap_comm
+                else "cluster.simulate_compute_ms",
+                "local_sgd pushes once per round, after its local steps: use --overlap-comm false "
+                "and real compute",
+            )
         if c.backup_workers and self.mode != "sync":
             raise ConfigError(
                 "consistency.backup_workers", "backup workers apply to --mode sync only"
@@ -593,6 +633,8 @@ class TrainConfig:
             c.group_size,
             c.staleness,
             c.staleness_lr,
+            momentum_correction=c.momentum_correction,
+            delay_compensation=c.delay_compensation,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -17,6 +17,11 @@ per-rank clocks; everything here is unit-tested in milliseconds.
 - ``ssp``: async updates, and a worker at clock ``c`` (steps it has pushed)
   may start its next step only when the slowest worker has reached
   ``c - staleness``. ``staleness = 0`` is lock-step.
+- ``local_sgd``: sync over rounds. A worker's step is a round of
+  ``local_steps`` local optimizer steps; it pushes the round's
+  pseudo-gradient (see ``actors/worker.py``), and the shard applies the mean
+  of every rank's, in rank order, with its optimizer as the outer one
+  (DiLoCo). To the shards it is sync with a step per round.
 
 Each update is one command in the shard's log, in the order the primary
 applied it, so replay reproduces the order whatever the mode.
@@ -31,10 +36,12 @@ from typing import Literal, get_args
 
 import numpy as np
 
-Mode = Literal["sync", "async", "ssp", "mixed"]
+Mode = Literal["sync", "async", "ssp", "mixed", "local_sgd"]
 MODES: tuple[str, ...] = get_args(Mode)
 StalenessLr = Literal["none", "inverse"]
 STALENESS_LR: tuple[str, ...] = get_args(StalenessLr)
+MomentumCorrection = Literal["none", "auto"]
+MOMENTUM_CORRECTION: tuple[str, ...] = get_args(MomentumCorrection)
 
 
 class Verdict(enum.Enum):
@@ -63,6 +70,12 @@ class Rule:
     staleness_lr: str = "none"
     """async/ssp: ``inverse`` divides the learning rate by the update's staleness (when > 1); see
     ``lr_scale``."""
+    momentum_correction: str = "none"
+    """async/ssp/mixed: ``auto`` gives each update the momentum that, with the momentum asynchrony
+    itself adds, remembers as many samples as sync's, keeping the step per gradient; see
+    ``momentum``."""
+    delay_compensation: float = 0.0
+    """async/ssp/mixed: DC-ASGD's strength (0 = off); see ``DelayCompensation``."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -76,6 +89,17 @@ class Rule:
             raise ValueError("backup_workers apply to sync mode only")
         if self.group_size < 1 or self.staleness < 0:
             raise ValueError("group_size must be >= 1 and staleness >= 0")
+        if not 0 <= self.delay_compensation < float("inf"):
+            raise ValueError(
+                f"delay_compensation must be a finite number >= 0, got {self.delay_compensation}"
+            )
+        if self.delay_compensation and self.synchronous:
+            raise ValueError("delay_compensation applies to async, ssp and mixed modes")
+        if self.momentum_correction not in MOMENTUM_CORRECTION:
+            raise ValueError(
+                f"unknown momentum_correction {self.momentum_correction!r}; choose one of "
+                f"{', '.join(MOMENTUM_CORRECTION)}"
+            )
         if self.staleness_lr not in STALENESS_LR:
             raise ValueError(
                 f"unknown staleness_lr {self.staleness_lr!r}; choose one of "
@@ -85,16 +109,21 @@ class Rule:
     @property
     def per_rank_clocks(self) -> bool:
         """Whether a push's repeat-check uses the rank's own clock (every mode but sync)."""
-        return self.mode != "sync"
+        return not self.synchronous
+
+    @property
+    def synchronous(self) -> bool:
+        """Every rank's push of a step forms one update (sync, and local_sgd's rounds)."""
+        return self.mode in ("sync", "local_sgd")
 
     @property
     def exact_resume(self) -> bool:
         """Whether a restarted worker pulls the parameters of exactly its step (plain sync only)."""
-        return self.mode == "sync" and self.backup_workers == 0
+        return self.synchronous and self.backup_workers == 0
 
     def group(self, rank: int) -> tuple[int, ...]:
         """The ranks whose pushes of one step form the update that ``rank``'s push is part of."""
-        if self.mode == "sync":
+        if self.synchronous:
             return tuple(range(self.num_workers))
         if self.mode == "mixed":
             first = rank - rank % self.group_size
@@ -107,7 +136,7 @@ class Rule:
         return (self.group(rank)[0], step)
 
     def needed(self, rank: int) -> int:
-        if self.mode == "sync":
+        if self.synchronous:
             return self.num_workers - self.backup_workers
         return len(self.group(rank))
 
@@ -132,12 +161,97 @@ class Rule:
         the same distance per sample, and modes compare at equal settings.
         ``staleness_lr = inverse`` further divides by the staleness (> 1).
         """
-        if self.mode == "sync":
+        if self.synchronous:
             return 1.0
         scale = pushes / self.num_workers
         if self.staleness_lr == "inverse" and self.mode in ("async", "ssp") and staleness > 1:
             scale /= staleness
         return scale
+
+    @property
+    def update_streams(self) -> int:
+        """Updates of a shard that run concurrently: one per rank (async/ssp), one per group
+        (mixed), one (sync)."""
+        if self.mode in ("async", "ssp"):
+            return self.num_workers
+        if self.mode == "mixed":
+            return -(-self.num_workers // self.group_size)
+        return 1
+
+    def momentum(self, momentum: float) -> tuple[float, float]:
+        """The explicit momentum an update uses, and the learning-rate factor that goes with it.
+
+        With ``n`` update streams (``update_streams``) a shard applies ``n``
+        updates per global step, each of a share of the samples, and a
+        gradient lands, in expectation, on parameters ``n - 1`` updates old:
+        asynchrony acts as an implicit momentum of ``1 - 1/n`` (Mitliagkas et
+        al., "Asynchrony begets momentum", 2016), a memory of ``n - 1``
+        updates. Sync's momentum ``m`` remembers ``m / (1 - m)`` global steps,
+        ``n * m / (1 - m)`` updates of an asynchronous mode. Applying ``m`` per
+        update instead (``none``) shortens that memory ``n``-fold at the same
+        step size, which on its own already makes training less stable (sync
+        itself at a lower momentum and the same step diverges on some seeds).
+
+        ``auto`` gives each update the explicit momentum whose memory, added
+        to the implicit one, equals sync's in samples: ``n * m / (1 - m) - (n
+        - 1)`` updates, i.e. ``corrected = M / (1 + M)`` for that memory ``M``
+        (0 when it is not positive), and scales the learning rate by ``(1 -
+        corrected) / (1 - m)`` so that each gradient still moves the
+        parameters by ``lr * share / (1 - m)`` in total, as in sync. Sync, one
+        stream, zero momentum and ``none`` keep the configured momentum and
+        rate.
+        """
+        streams = self.update_streams
+        if self.momentum_correction == "none" or streams == 1 or momentum == 0:
+            return momentum, 1.0
+        memory = streams * momentum / (1.0 - momentum) - (streams - 1)
+        corrected = memory / (1.0 + memory) if memory > 0 else 0.0
+        return corrected, (1.0 - corrected) / (1.0 - momentum)
+
+
+class DelayCompensation:
+    """Delay-compensated asynchronous SGD (DC-ASGD-a, Zheng et al., ICML 2017) for one shard.
+
+    A gradient ``g`` computed on parameters ``w_then`` arrives when the shard
+    holds ``w_now``. Its first-order correction ``g + H (w_now - w_then)``
+    needs the Hessian ``H``; DC-ASGD approximates it by ``lambda * g * g``
+    (element-wise), with the adaptive ``lambda = strength / sqrt(mean_square)``
+    where ``mean_square`` is an exponential average of ``g * g`` (decay 0.95)
+    over every gradient the shard received. The shard keeps the parameters it
+    handed out per version (``ServerProtocol``), the worker names the version
+    it computed on, and the corrected gradient is what the update's command
+    carries: replay applies it as it is. A rebuilt primary starts without
+    past versions and with a fresh average, so pushes computed before it took
+    over go uncorrected.
+    """
+
+    def __init__(self, strength: float, decay: float = 0.95, eps: float = 1e-7):
+        self.strength, self.decay, self.eps = strength, decay, eps
+        self.mean_square: np.ndarray | None = None
+
+    def correct(self, grad: np.ndarray, now: np.ndarray, then: np.ndarray | None) -> np.ndarray:
+        """``grad`` corrected for ``now - then`` (a new array; ``then`` None: not corrected)."""
+        g = np.asarray(grad, dtype=np.float32)
+        if self.mean_square is None:
+            self.mean_square = np.zeros_like(g)
+        self.mean_square *= np.float32(self.decay)
+        self.mean_square += np.float32(1 - self.decay) * g * g
+        if then is None:
+            return g
+        lam = np.float32(self.strength) / np.sqrt(self.mean_square + np.float32(self.eps))
+        return g + lam * g * g * (now - then)
+
+
+def local_rounds(total_local_steps: int, local_steps: int) -> int:
+    """local_sgd: rounds (pushes per worker) for a run of ``total_local_steps`` local steps."""
+    return -(-total_local_steps // local_steps)
+
+
+def round_span(round_: int, local_steps: int, total_local_steps: int) -> range:
+    """local_sgd: the local steps (batch indices) of round ``round_``; the last round may be
+    shorter."""
+    start = round_ * local_steps
+    return range(start, min(start + local_steps, total_local_steps))
 
 
 def mean_in_rank_order(grads: Mapping[int, np.ndarray]) -> np.ndarray:

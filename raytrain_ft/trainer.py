@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from raytrain_ft.config import TrainConfig
-from raytrain_ft.consistency import merge_histograms
+from raytrain_ft.consistency import local_rounds, merge_histograms
 from raytrain_ft.data import Dataset, check_source, checked_steps_per_epoch
 from raytrain_ft.errors import ClusterError, TrainingError
 from raytrain_ft.models import build_model
@@ -146,11 +146,20 @@ class TrainResult:
         return d
 
 
-def total_steps_for(config: TrainConfig, num_train: int) -> int:
+def total_local_steps(config: TrainConfig, num_train: int) -> int:
+    """Batches each worker trains on: ``steps``, or ``epochs`` passes over its partition."""
     if config.cluster.simulate_compute_ms and config.steps is not None:
         return config.steps  # simulated steps read no data: any number of workers fits
     spe = checked_steps_per_epoch(num_train, config.cluster.num_workers, config.data.batch_size)
     return config.steps if config.steps is not None else config.epochs * spe
+
+
+def total_steps_for(config: TrainConfig, num_train: int) -> int:
+    """Steps of the run as the shards count them: one per batch, or per round in local_sgd."""
+    total = total_local_steps(config, num_train)
+    if config.mode == "local_sgd":
+        return local_rounds(total, config.consistency.local_steps)
+    return total
 
 
 def build_initial_model(config: TrainConfig, in_shape: tuple, num_classes: int) -> torch.nn.Module:

@@ -251,7 +251,7 @@ class Worker:
 
     def _run_guarded(self) -> None:
         try:
-            self._run()
+            self._run_rounds() if self.config.mode == "local_sgd" else self._run()
         except Exception:
             self._error = (
                 f"worker {self.rank} failed at step {self._step}:\n{traceback.format_exc()}"
@@ -260,7 +260,9 @@ class Worker:
         finally:
             self._finished_at = time.time()
 
-    def _stream(self, start_step: int) -> BatchStream | _NoBatches:
+    def _stream(self, start_step: int, end_step: int | None = None) -> BatchStream | _NoBatches:
+        """This rank's batches ``[start_step, end_step)`` (batch indices; default: to the run's
+        end)."""
         cfg = self.config
         if self._simulate_s:
             return _NoBatches()
@@ -271,7 +273,7 @@ class Worker:
             num_workers=cfg.cluster.num_workers,
             batch_size=cfg.data.batch_size,
             start_step=start_step,
-            end_step=self._end_step,
+            end_step=self._end_step if end_step is None else end_step,
             prefetch=cfg.data.prefetch_batches,
         )
 
@@ -331,6 +333,76 @@ class Worker:
         finally:
             stream.close()
 
+    def _run_rounds(self) -> None:
+        """local_sgd: each step is a round of ``local_steps`` steps of a local optimizer on this
+        rank's batches, then one push per shard of the round's pseudo-gradient; the answers carry
+        the next round's parameters (the shards' optimizer is the outer one, as in DiLoCo).
+
+        The pseudo-gradient is sent in gradient units, ``(start - end) / inner_lr``: the sum of the
+        round's steps. A server optimizer of plain SGD at ``--lr`` equal to the inner rate then
+        averages the workers' models (local SGD); with momentum it is DiLoCo's outer momentum.
+        The inner optimizer starts fresh every round and a round's batches are a pure function
+        of (seed, epoch, rank, step), so a restarted rank redoes its round bit for bit: sync's
+        guarantees hold per round.
+        """
+        from raytrain_ft.consistency import round_span
+        from raytrain_ft.trainer import total_local_steps
+
+        cfg, c = self.config, self.config.consistency
+        torch.set_num_threads(cfg.cluster.cpus_per_worker)
+        self._started_at = time.time()
+        total = total_local_steps(cfg, len(self.train))
+        stream = self._stream(round_span(self._step, c.local_steps, total).start, total)
+        self.model.train()
+        self.exchange.pull_all(self._step, resume_step=self._step)
+        inner_lr = c.inner_lr if c.inner_lr is not None else cfg.optim.lr
+        n = self.flat.num_params
+        trained = [p for p in self.flat.params if p.requires_grad]
+        try:
+            while self._step < self._end_step:
+                t0 = time.perf_counter()
+                wait_before = self.exchange.wait_s
+                start = self.flat.flat[:n].clone()
+                inner = (
+                    torch.optim.AdamW(trained, lr=inner_lr, weight_decay=0.0)
+                    if c.inner_optimizer == "adamw"
+                    else torch.optim.SGD(trained, lr=inner_lr)
+                )
+                samples = 0
+                for _ in round_span(self._step, c.local_steps, total):
+                    x, y = stream.next()
+                    if self._slow_s:
+                        time.sleep(self._slow_s)
+                    loss = self._local_step(x, y, inner)
+                    samples += len(y)
+                torch.sub(start, self.flat.flat[:n], out=self.flat.flat_grad[:n])
+                self.flat.flat_grad[:n].div_(inner_lr)
+                self.flat.stage_buffers()
+                self.exchange.begin_step(self._step)
+                self.exchange.push_remaining()
+                self.exchange.install_all()
+                wait = self.exchange.wait_s - wait_before
+                self._wait_s += wait
+                self._compute_s += time.perf_counter() - t0 - wait
+                self._last_loss = loss
+                self._samples += samples
+                self._step_end_times.append((self._step, time.time()))
+                self._record_step(samples)
+                self._step += 1
+        finally:
+            stream.close()
+
+    def _local_step(self, x: torch.Tensor, y: torch.Tensor, inner: torch.optim.Optimizer) -> float:
+        """local_sgd: one forward/backward and one step of the round's local optimizer."""
+        x, y = to_device(x, self.device), to_device(y, self.device)
+        self.flat.zero_grad()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
+            out = self.model(x)
+            loss = self.loss_fn(out, y)
+        loss.backward()
+        inner.step()
+        return self._loss_and_accuracy(loss, out, y)
+
     def _record_step(self, samples: int, window: int = 20) -> None:
         if not self.metrics.enabled:
             return
@@ -376,6 +448,10 @@ class Worker:
         self.flat.stage_buffers()
         loss.backward()
         self.exchange.push_remaining()
+        return self._loss_and_accuracy(loss, out, y)
+
+    def _loss_and_accuracy(self, loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> float:
+        """The step's loss (returned) and batch accuracy (kept, classification only)."""
         if not self.task.classification:
             return float(loss.detach())
         # one device-to-host copy for both numbers (each float() of a GPU tensor waits for the

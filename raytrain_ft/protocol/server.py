@@ -40,6 +40,7 @@ import numpy as np
 
 from raytrain_ft.compression import decode_push
 from raytrain_ft.consistency import (
+    DelayCompensation,
     PushBuffer,
     Verdict,
     add_to_histogram,
@@ -131,6 +132,10 @@ class _Primary:
     checkpoint_step: int | None = None
     replica_version: int = -1
     """The ``SetReplica.version`` of the holder in use."""
+    handed_out: dict = field(default_factory=dict)
+    """Delay compensation: version -> the parameters replies carried at that version (recent
+    ones)."""
+    compensation: DelayCompensation | None = None
 
 
 @dataclass(slots=True)
@@ -246,6 +251,11 @@ class ServerProtocol:
             PushBuffer(self.spec.rule),
             logged=state.seq,
             durable_clocks=dict(state.clocks),
+            compensation=(
+                DelayCompensation(self.spec.rule.delay_compensation)
+                if self.spec.rule.delay_compensation
+                else None
+            ),
         )
 
     def _on_load(self, rid: int, m: Load) -> list:
@@ -522,13 +532,17 @@ class ServerProtocol:
         """Apply one update and queue its command for the holder."""
         state, rule = p.state, self.spec.rule
         seq = state.seq
-        update = mean_in_rank_order(pending.grads)
+        grads = pending.grads
+        if p.compensation is not None:
+            grads = {r: self._compensated(p, g, pending.base_versions[r]) for r, g in grads.items()}
+        update = mean_in_rank_order(grads)
         stalest = max(seq - v for v in pending.base_versions.values())
         add_to_histogram(self.staleness, stalest)
         hp = state.hyper_params(step)
         scale = rule.lr_scale(len(pending.grads), stalest)
-        if scale != 1.0:
-            hp = dataclasses.replace(hp, lr=hp.lr * scale)
+        momentum, gain = rule.momentum(hp.momentum)
+        if scale * gain != 1.0 or momentum != hp.momentum:
+            hp = dataclasses.replace(hp, lr=hp.lr * scale * gain, momentum=momentum)
         pushes = tuple((r, step) for r in sorted(pending.grads))
         residuals = tuple((r, step, pending.residuals[r]) for r in sorted(pending.residuals))
         if (
@@ -585,7 +599,21 @@ class ServerProtocol:
         update)."""
         if p.stale:
             p.latest, p.stale = p.state.params_copy(), False
+            if p.compensation is not None:
+                p.handed_out[p.state.seq] = p.latest
+                # a push older than 2 updates per rank goes uncorrected
+                for v in [v for v in p.handed_out if v < p.state.seq - 2 * self.spec.num_workers]:
+                    del p.handed_out[v]
         return p.latest
+
+    def _compensated(self, p: _Primary, grad: np.ndarray, base: int) -> np.ndarray:
+        """DC-ASGD on the parameter part of a push computed on version ``base``."""
+        ps = p.shard.param_slice
+        then = p.handed_out.get(base) if base < p.state.seq else None
+        now = p.state.params.numpy()[ps]
+        out = np.array(grad, dtype=np.float32, copy=True)
+        out[ps] = p.compensation.correct(out[ps], now, then[ps] if then is not None else None)
+        return out
 
     def _release(self) -> list:
         """Answer every held reply whose updates are logged (and, in ssp, whose rank may go on)."""

@@ -32,6 +32,15 @@ def test_defaults_validate():
         ({"codec": "topk:5"}, "consistency.codec"),
         ({"staleness": "-1"}, "consistency.staleness"),
         ({"staleness_lr": "sqrt"}, "consistency.staleness_lr"),
+        ({"momentum_correction": "half"}, "consistency.momentum_correction"),
+        ({"local_steps": "4"}, "consistency.local_steps"),
+        ({"inner_optimizer": "adamw"}, "consistency.local_steps"),
+        ({"mode": "local_sgd", "local_steps": "0"}, "consistency.local_steps"),
+        ({"mode": "local_sgd", "inner_lr": "0"}, "consistency.inner_lr"),
+        ({"mode": "local_sgd", "inner_optimizer": "lion"}, "consistency.inner_optimizer"),
+        ({"mode": "local_sgd", "overlap_comm": "true"}, "cluster.overlap_comm"),
+        ({"mode": "local_sgd", "delay_compensation": "1"}, "consistency.delay_compensation"),
+        ({"mode": "local_sgd", "recovery": "checkpoint"}, "recovery.mode"),
         ({"mode": "async", "recovery": "checkpoint"}, "recovery.mode"),
         ({"slow_workers": "5:100"}, "chaos.slow_workers"),
         ({"slow_workers": "1"}, "chaos.slow_workers"),
@@ -294,10 +303,10 @@ def test_writable_paths_are_checked_before_a_run(tmp_path):
             "consistency.staleness_lr",
             "none, inverse",
         ),
-        (lambda: C.TrainConfig(mode="bsp"), "mode", "sync, async, ssp, mixed"),
+        (lambda: C.TrainConfig(mode="bsp"), "mode", "sync, async, ssp, mixed, local_sgd"),
         (lambda: C.ModelConfig(precision="fp8"), "model.precision", "fp32, bf16"),
         (lambda: C.ClusterConfig(use_gpu="maybe"), "cluster.use_gpu", "auto, true, false"),
-        (lambda: C.TrainConfig(mode=1), "mode", "sync, async, ssp, mixed"),
+        (lambda: C.TrainConfig(mode=1), "mode", "sync, async, ssp, mixed, local_sgd"),
     ],
 )
 def test_closed_choices_are_literal_types_checked_on_construction(build, field, choices):
@@ -351,3 +360,19 @@ def test_renamed_keys_say_where_they_went(tmp_path, text, field, now):
     with pytest.raises(ConfigError) as e:
         C.load(str(path))
     assert e.value.field == field and f"renamed: write it as {now}" in str(e.value)
+
+
+def test_the_servers_rule_carries_every_consistency_setting():
+    cfg = C.load(
+        None,
+        {
+            "mode": "ssp",
+            "num_workers": "4",
+            "staleness": "3",
+            "staleness_lr": "inverse",
+            "momentum_correction": "auto",
+        },
+    )
+    rule = cfg.rule()
+    assert (rule.mode, rule.num_workers, rule.staleness) == ("ssp", 4, 3)
+    assert (rule.staleness_lr, rule.momentum_correction) == ("inverse", "auto")

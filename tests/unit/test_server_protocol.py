@@ -292,6 +292,43 @@ def test_async_applies_each_push_on_arrival_and_the_log_replays_that_order():
     )  # the first command alone, then the seven applied while it was out
 
 
+@pytest.mark.parametrize("correction", ["none", "auto"])
+def test_momentum_correction_is_what_each_command_records_and_replay_applies(correction):
+    rule = Rule("async", 4, momentum_correction=correction)
+    bus, shard, _ = _pair(workers=4, optim=MOMENTUM, rule=rule, snapshot_interval=1000, fold=False)
+    rng = np.random.default_rng(1)
+    for t in range(3):
+        for r in range(4):
+            _push(bus, r, t, rng.standard_normal(4).astype(np.float32))
+    log, p = _log(bus), bus.procs["p"]
+    momentum, gain = rule.momentum(MOMENTUM.momentum)
+    assert momentum == (0.9 if correction == "none" else pytest.approx(33 / 34))
+    for c in log.entries:
+        assert c.hp.momentum == momentum and c.hp.lr == pytest.approx(MOMENTUM.lr * 0.25 * gain)
+    rebuilt = replay(log.snapshot, log.entries, shard, MOMENTUM, 100)
+    np.testing.assert_array_equal(rebuilt.state.params_copy(), p.params())
+
+
+def test_delay_compensation_corrects_a_stale_push_and_the_command_carries_the_correction():
+    rule = Rule("async", 2, delay_compensation=2.0)
+    bus, shard, _ = _pair(workers=2, optim=MOMENTUM, rule=rule, snapshot_interval=1000, fold=False)
+    g0 = np.array([1.0, -1.0, 0.5, 2.0], np.float32)
+    g1 = np.array([0.5, 0.5, -1.0, 1.0], np.float32)
+    # both computed on version 0: rank 1's arrives after rank 0's update, one version stale
+    bus.send("p", Pull(None, 0), run=True)  # version 0 handed out
+    _push(bus, 0, 0, g0, base=0)
+    _push(bus, 1, 0, g1, base=0)
+    log, p = _log(bus), bus.procs["p"]
+    first, second = log.entries
+    np.testing.assert_array_equal(first.update, g0)  # fresh: as pushed
+    now = replay(log.snapshot, log.entries[:1], shard, MOMENTUM, 100).state.params_copy()
+    mean_square = 0.95 * 0.05 * g0 * g0 + 0.05 * g1 * g1
+    expected = g1 + 2.0 / np.sqrt(mean_square + 1e-7) * g1 * g1 * (now - 0.0)
+    np.testing.assert_allclose(second.update, expected, rtol=1e-5)
+    rebuilt = replay(log.snapshot, log.entries, shard, MOMENTUM, 100)
+    np.testing.assert_array_equal(rebuilt.state.params_copy(), p.params())
+
+
 def test_async_push_resent_to_a_rebuilt_primary_is_recognised_from_the_replayed_clocks():
     bus, shard, spec = _pair(workers=2, rule=Rule("async", 2))
     assert bus.replies[_push(bus, 1, 0, 1.0, base=0)].acked == 1
