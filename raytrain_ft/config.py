@@ -8,8 +8,10 @@ Leaf names are unique across sub-configs so a flag maps to one field.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
+import operator
 import os
 import types
 import typing
@@ -67,11 +69,24 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def _split_optional(hint: Any) -> tuple[Any, bool]:
-    """(the type inside ``X | None``, whether None is allowed); other hints as they are."""
+    """(the type inside ``X | None``, whether None is allowed); other hints as they are. A union of
+    several types (``int | Literal["auto"]``) stays a union."""
     if get_origin(hint) in _UNION_TYPES:
         args = get_args(hint)
-        return next(a for a in args if a is not type(None)), type(None) in args
+        inner = tuple(a for a in args if a is not type(None))
+        return functools.reduce(operator.or_, inner), type(None) in args
     return hint, False
+
+
+def _describe(hint: Any) -> str:
+    """What a value of ``hint`` is, for a message ("an integer or auto")."""
+    if get_origin(hint) in _UNION_TYPES:
+        return " or ".join(_describe(a) for a in get_args(hint))
+    if get_origin(hint) is Literal:
+        return " | ".join(map(str, get_args(hint)))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        hint, getattr(hint, "__name__", str(hint))
+    )
 
 
 def _typed(value: Any, hint: Any, name: str) -> Any:
@@ -102,6 +117,13 @@ def _typed(value: Any, hint: Any, name: str) -> Any:
     if get_origin(hint) is Literal:
         _choice(name, value, get_args(hint))
         return value
+    if get_origin(hint) in _UNION_TYPES:
+        for member in get_args(hint):
+            try:
+                return _typed(value, member, name)
+            except ConfigError:
+                continue
+        raise ConfigError(name, f"expected {_describe(hint)}, got {value!r}")
     if hint is str:
         if isinstance(value, str):
             return value
@@ -385,9 +407,14 @@ class RecoveryConfig:
     """replica: rebuild a lost server from its peer's snapshot + command log (no files) |
     checkpoint: the baseline that restarts the run from the last checkpoint files | none: no
     replication, a lost server fails the run (measures replication's cost)."""
-    snapshot_interval: int = 50
+    snapshot_interval: int | Literal["auto"] = 50
     """Updates between the snapshots a primary sends its replica holder (each truncates the command
-    log)."""
+    log), or auto: each primary picks it by Young's rule from the snapshot and replay costs it
+    measures and the failure rate (recovery.expected_mtbf_s, or the failovers its shard has seen),
+    re-evaluated as the run goes (recovery.policy.SnapshotPolicy)."""
+    expected_mtbf_s: float = 3600.0
+    """snapshot_interval auto: the mean time between server failures to plan for (failovers seen
+    in the run raise the rate)."""
     fold_log: bool = True
     """Replica holders apply logged commands once acknowledged (a recovery then moves one state, not
     the log since the last snapshot)."""
@@ -418,7 +445,9 @@ class RecoveryConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self, "recovery")
-        _positive("recovery.snapshot_interval", self.snapshot_interval)
+        if self.snapshot_interval != "auto":
+            _positive("recovery.snapshot_interval", self.snapshot_interval)
+        _positive("recovery.expected_mtbf_s", self.expected_mtbf_s)
         _non_negative("recovery.num_spares", self.num_spares)
         _at_most(
             "recovery.num_spares",
@@ -707,7 +736,8 @@ def field_docs() -> dict[str, str]:
     }
 
 
-def field_type(f: dataclasses.Field, owner: type) -> type:
+def field_type(f: dataclasses.Field, owner: type) -> Any:
+    """The type a flag or YAML value of ``f`` is read as (a Literal as str; a union as itself)."""
     hint, _ = _split_optional(_hints(owner)[f.name])
     return str if get_origin(hint) is Literal else hint
 
@@ -729,6 +759,17 @@ def coerce(text: Any, typ: type, name: str, optional: bool = True) -> Any:
         raise ConfigError(name, f"needs a value, got {text!r}")
     if text is None:
         raise ConfigError(name, "needs a value")
+    if get_origin(typ) in _UNION_TYPES:  # int | Literal["auto"]: the word, else the number
+        for member in get_args(typ):
+            if get_origin(member) is Literal and str(text).strip() in map(str, get_args(member)):
+                return str(text).strip()
+        numeric = [m for m in get_args(typ) if m in (int, float)]
+        if numeric:
+            try:
+                return coerce(text, numeric[0], name, optional)
+            except ConfigError:
+                pass
+        raise ConfigError(name, f"expected {_describe(typ)}, got {text!r}")
     if isinstance(text, (list, tuple)):
         if typ is not str:
             raise ConfigError(name, f"expected one value, got a list {text!r}")

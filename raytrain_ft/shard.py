@@ -44,6 +44,9 @@ class ShardStats:
     clock_trace: tuple = ()
     """SSP: (rank, its clock, slowest clock) each time the shard let a worker start its next
     step."""
+    snapshot_interval: int = 0
+    """The snapshot interval in force at the end (what ``auto`` chose; 0 without replication)."""
+    snapshots_sent: int = 0
 
 
 class ShardState:

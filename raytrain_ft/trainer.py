@@ -458,7 +458,7 @@ class Trainer:
             final_loss=float(np.mean([s.last_loss for s in statuses])),
             eval_accuracy=acc,
             eval_loss=eval_loss,
-            params_sha256=params_sha256(torch.from_numpy(final)),
+            params_sha256=params_sha256(torch.from_numpy(np.require(final, requirements="W"))),
             updates_applied=sum(st.updates_applied for st in stats),
             updates_acknowledged=sum(acked),
             servers=[
@@ -471,6 +471,8 @@ class Trainer:
                     "replica_wait_s": round(st.replica_wait_s, 4),
                     "replica_bytes_sent": st.replica_bytes_sent,
                     "replica_appends": st.replica_appends,
+                    "snapshot_interval": st.snapshot_interval,
+                    "snapshots_sent": st.snapshots_sent,
                     "checkpoint_files_read": st.checkpoint_files_read,
                 }
                 for st in stats

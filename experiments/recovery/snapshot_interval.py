@@ -14,12 +14,15 @@ every repeat (CNN, digits, 2 workers x 2 shards):
   replica     bytes sent to holders per update
 
     python experiments/recovery/snapshot_interval.py --intervals 5,20,50,200 --repeats 3
+
+``auto`` among the intervals runs ``--snapshot-interval auto`` (each primary picks its interval by
+Young's rule from what it measures; the summary records what it chose). ``--folds on`` limits the
+runs to folded logs.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -30,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from experiments.recovery.run import measure_kill  # noqa: E402
 from raytrain_ft.config import (
+    ChaosConfig,
     ClusterConfig,
     DataConfig,
     ModelConfig,
@@ -40,13 +44,14 @@ from raytrain_ft.config import (
 from raytrain_ft.trainer import Trainer  # noqa: E402
 
 
-def make_config(steps: int, recovery: RecoveryConfig) -> TrainConfig:
+def make_config(steps: int, recovery: RecoveryConfig, kill: str = "") -> TrainConfig:
     return TrainConfig(
         model=ModelConfig(name="cnn"),
         data=DataConfig(dataset="digits", image_size=16, batch_size=32),
         optim=OptimConfig(name="sgd", lr=0.01, momentum=0.9),
         cluster=ClusterConfig(num_workers=2, num_servers=2, use_gpu="false"),
         recovery=recovery,
+        chaos=ChaosConfig(kill=kill),
         steps=steps,
         seed=0,
     )
@@ -66,6 +71,7 @@ def main() -> None:
         help="kill step: late in a snapshot period for the usual intervals",
     )
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--folds", choices=("both", "on", "off"), default="both")
     ap.add_argument(
         "--output",
         default=os.path.join(
@@ -78,8 +84,10 @@ def main() -> None:
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, logging_level="WARNING")
-    intervals = [int(i) for i in args.intervals.split(",")]
-    settings = [(n, fold) for fold in (True, False) for n in intervals]
+    intervals = [i if i == "auto" else int(i) for i in args.intervals.split(",")]
+    folds = {"both": (True, False), "on": (True,), "off": (False,)}[args.folds]
+    settings = [(n, fold) for fold in folds for n in intervals]
+    chosen: dict[str, list] = {}
     tput: dict[str, list] = {"none": []}
     kills: dict[str, list] = {}
     replica_bytes: dict[str, list] = {}
@@ -93,14 +101,14 @@ def main() -> None:
                 rc = RecoveryConfig(snapshot_interval=n, fold_log=fold)
                 r = Trainer(make_config(args.steps, rc)).fit()
                 tput.setdefault(name, []).append(r.steady_samples_per_sec)
+                chosen.setdefault(name, []).append(
+                    [(s["snapshot_interval"], s["snapshots_sent"]) for s in r.servers]
+                )
                 replica_bytes.setdefault(name, []).append(
                     sum(s["replica_bytes_sent"] for s in r.servers) / max(1, r.updates_applied)
                 )
                 k = Trainer(
-                    make_config(
-                        args.kill_steps,
-                        dataclasses.replace(rc, kill=f"server:0@step={args.kill_step}"),
-                    )
+                    make_config(args.kill_steps, rc, kill=f"server:0@step={args.kill_step}")
                 ).fit()
                 row = measure_kill(k)
                 kills.setdefault(name, []).append(row)
@@ -131,6 +139,7 @@ def main() -> None:
                 "replayed": statistics.median(r["replayed"] for r in kills[name]),
                 "bytes_moved": statistics.median(r["bytes_moved"] for r in kills[name]),
                 "steps_lost": max(r["steps_lost"] for r in kills[name]),
+                "chosen_interval_and_snapshots_per_shard": chosen[name],
             }
         )
         print(json.dumps(table[-1]), flush=True)
@@ -159,12 +168,20 @@ def plot(table: list[dict], path: str) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for fold in (True, False):
         rows = sorted(
-            (r for r in table if r["fold_log"] == fold), key=lambda r: r["snapshot_interval"]
+            (r for r in table if r["fold_log"] == fold and r["snapshot_interval"] != "auto"),
+            key=lambda r: r["snapshot_interval"],
         )
+        if not rows:
+            continue
         x = [r["snapshot_interval"] for r in rows]
         label = "fold_log on" if fold else "fold_log off"
         a.plot(x, [100 * (1 - r["ratio_vs_none"]) for r in rows], marker="o", label=label)
         b.plot(x, [r["detect_to_serving_s"] * 1000 for r in rows], marker="o", label=label)
+    for r in table:
+        if r["snapshot_interval"] == "auto":
+            label = f"auto ({'fold' if r['fold_log'] else 'no fold'})"
+            a.axhline(100 * (1 - r["ratio_vs_none"]), linestyle="--", linewidth=1, label=label)
+            b.axhline(r["detect_to_serving_s"] * 1000, linestyle="--", linewidth=1, label=label)
     a.axhline(3, color="grey", linestyle=":", linewidth=1)
     for ax, ylabel in (
         (a, "throughput cost vs no replication (%)"),

@@ -153,6 +153,7 @@ class Supervisor:
             replicate=rc.mode == "replica",
             fold=rc.fold_log,
             checkpoint_interval=rc.checkpoint_interval if args.checkpoint_dir else 0,
+            expected_mtbf_s=rc.expected_mtbf_s,
         )
         server_run = ServerRun(
             self.run_id, args.checkpoint_dir, rc.resume_from, cfg.cluster.metrics

@@ -80,6 +80,7 @@ from raytrain_ft.protocol.messages import (
 )
 from raytrain_ft.protocol.spec import ServerSpec
 from raytrain_ft.recovery.command_log import Command, CommandLog, LogGapError, Snapshot
+from raytrain_ft.recovery.policy import SnapshotPolicy
 from raytrain_ft.recovery.replay import replay
 from raytrain_ft.shard import ShardState, ShardStats
 
@@ -136,6 +137,10 @@ class _Primary:
     """Delay compensation: version -> the parameters replies carried at that version (recent
     ones)."""
     compensation: DelayCompensation | None = None
+    snapshots: SnapshotPolicy | None = None
+    """snapshot_interval auto: the interval this primary chooses as it measures."""
+    last_snapshot_seq: int = 0
+    last_commit_at: float | None = None
 
 
 @dataclass(slots=True)
@@ -256,6 +261,12 @@ class ServerProtocol:
                 if self.spec.rule.delay_compensation
                 else None
             ),
+            snapshots=(
+                SnapshotPolicy(self.spec.fold, self.spec.expected_mtbf_s, failovers=epoch - 1)
+                if self.spec.snapshot_interval == "auto"
+                else None
+            ),
+            last_snapshot_seq=state.seq,
         )
 
     def _on_load(self, rid: int, m: Load) -> list:
@@ -554,18 +565,40 @@ class ServerProtocol:
             self.spec.replicate
         ):  # the command is queued before the update is applied: never an ack without it
             p.outbox.append([command, None])
+        started = self.clock()
         state.apply(update, hp, pushes, residuals)
         p.stale = True
         effects = [Note("update", {"shard": p.shard.index, "seq": seq, "staleness": stalest})]
         if self.spec.replicate:
-            self._commit_times[seq] = self.clock()
-            if state.seq % self.spec.snapshot_interval == 0:
-                p.outbox[-1][1] = self._snapshot(p)
+            now = self._commit_times[seq] = self.clock()
+            if p.snapshots is not None:
+                gap = now - p.last_commit_at if p.last_commit_at is not None else 0.0
+                p.snapshots.observe_update(now - started, gap, command.nbytes)
+            p.last_commit_at = now
+            if self._snapshot_due(p):
+                built = self.clock()
+                p.outbox[-1][1] = snapshot = self._snapshot(p)
+                p.last_snapshot_seq = state.seq
+                if p.snapshots is not None:
+                    per_byte = self.replica_wait_s / max(1, self.replica_bytes_sent)
+                    p.snapshots.observe_snapshot(self.clock() - built, snapshot.nbytes, per_byte)
         else:
             self._advance_logged(p, state.seq, state.clocks)
         if self.spec.checkpoint_interval and state.seq % self.spec.checkpoint_interval == 0:
             effects.append(self._checkpoint(p))
         return effects
+
+    def _snapshot_due(self, p: _Primary) -> bool:
+        if p.snapshots is None:
+            return p.state.seq % self.spec.snapshot_interval == 0
+        return p.state.seq - p.last_snapshot_seq >= p.snapshots.interval()
+
+    def snapshot_interval(self) -> int:
+        """The interval in force: the configured one, or what the auto policy chooses now."""
+        p = self.primary
+        if self.spec.snapshot_interval != "auto":
+            return int(self.spec.snapshot_interval)
+        return p.snapshots.interval() if p is not None and p.snapshots is not None else 0
 
     def _checkpoint(self, p: _Primary) -> SaveCheckpoint:
         p.checkpoint_step = p.state.seq
@@ -931,6 +964,8 @@ class ServerProtocol:
             lead,
             self.replica_appends,
             tuple(self.clock_trace),
+            self.snapshot_interval() if self.spec.replicate else 0,
+            self.snapshots_sent,
         )
 
     def params(self) -> np.ndarray:

@@ -16,7 +16,10 @@ class ServerSpec:
     total_steps: int
     num_workers: int
     rule: Rule
-    snapshot_interval: int = 50
+    snapshot_interval: int | str = 50
+    """Updates between snapshots to the holder, or "auto" (``recovery.policy.SnapshotPolicy``)."""
+    expected_mtbf_s: float = 3600.0
+    """snapshot_interval auto: the mean time between server failures planned for."""
     replicate: bool = True
     """False with recovery=none or checkpoint: no holder; updates count as logged once applied."""
     fold: bool = True

@@ -70,3 +70,76 @@ def snapshot_interval_for(
     return max(
         lo, min(hi, round(math.sqrt(2 * snapshot_cost_s / (failures_per_update * replay_cost_s))))
     )
+
+
+LOG_BUDGET_BYTES = 256 * 2**20
+"""snapshot_interval auto: the most a holder's unfolded log may hold between two snapshots."""
+
+
+class SnapshotPolicy:
+    """``snapshot_interval: auto`` for one primary: Young's rule (``snapshot_interval_for``) on
+    costs it measures as the run goes.
+
+    - snapshot cost: seconds to build the last snapshot plus its bytes at the seconds per byte the
+      holder's appends have cost so far;
+    - replay cost per command: seconds the primary took to apply an update (a recovery replays
+      with the same code) plus its command's bytes at the same seconds per byte (a recovery
+      moves the log);
+    - failures per update: seconds per update / ``expected_mtbf_s``, or the shard's own failovers
+      per update if higher.
+
+    With folded logs a recovery replays nothing, so periodic snapshots only cost: the longest
+    interval. Without folding the interval is also capped so that the log between two snapshots
+    stays under ``LOG_BUDGET_BYTES``. Until a snapshot has been measured, ``initial`` holds.
+    """
+
+    def __init__(
+        self,
+        fold: bool,
+        expected_mtbf_s: float,
+        failovers: int = 0,
+        initial: int = 50,
+        lo: int = 1,
+        hi: int = 10_000,
+    ):
+        self.fold, self.expected_mtbf_s, self.failovers = fold, expected_mtbf_s, failovers
+        self.initial, self.lo, self.hi = initial, lo, hi
+        self.updates = 0
+        self.apply_s = 0.0
+        self.gap_s = 0.0
+        self.command_bytes = 0.0
+        self.snapshot_s: float | None = None
+        self.seconds_per_byte = 0.0
+
+    def observe_update(self, apply_s: float, gap_s: float, command_bytes: int) -> None:
+        """One update: seconds to apply it, seconds since the previous one, its command's bytes."""
+        self.updates += 1
+        w = 1.0 / min(self.updates, 20)  # a running mean over about the last 20
+        self.apply_s += w * (apply_s - self.apply_s)
+        self.gap_s += w * (gap_s - self.gap_s)
+        self.command_bytes += w * (command_bytes - self.command_bytes)
+
+    def observe_snapshot(self, build_s: float, nbytes: int, seconds_per_byte: float) -> None:
+        self.snapshot_s = build_s + nbytes * seconds_per_byte
+        self.seconds_per_byte = seconds_per_byte
+
+    def replay_s(self) -> float:
+        """Seconds a recovery spends per logged command: moving it and applying it."""
+        return self.apply_s + self.command_bytes * self.seconds_per_byte
+
+    def failures_per_update(self) -> float:
+        planned = self.gap_s / self.expected_mtbf_s
+        seen = self.failovers / self.updates if self.updates else 0.0
+        return max(planned, seen)
+
+    def interval(self) -> int:
+        if self.fold:
+            return self.hi
+        if self.snapshot_s is None:
+            return self.initial
+        hi = self.hi
+        if self.command_bytes > 0:
+            hi = max(self.lo, min(hi, int(LOG_BUDGET_BYTES // self.command_bytes)))
+        return snapshot_interval_for(
+            self.snapshot_s, self.replay_s(), self.failures_per_update(), self.lo, hi
+        )

@@ -32,6 +32,9 @@ def test_defaults_validate():
         ({"codec": "topk:5"}, "consistency.codec"),
         ({"staleness": "-1"}, "consistency.staleness"),
         ({"staleness_lr": "sqrt"}, "consistency.staleness_lr"),
+        ({"snapshot_interval": "often"}, "recovery.snapshot_interval"),
+        ({"snapshot_interval": "0"}, "recovery.snapshot_interval"),
+        ({"expected_mtbf_s": "0"}, "recovery.expected_mtbf_s"),
         ({"momentum_correction": "half"}, "consistency.momentum_correction"),
         ({"local_steps": "4"}, "consistency.local_steps"),
         ({"inner_optimizer": "adamw"}, "consistency.local_steps"),
@@ -376,3 +379,13 @@ def test_the_servers_rule_carries_every_consistency_setting():
     rule = cfg.rule()
     assert (rule.mode, rule.num_workers, rule.staleness) == ("ssp", 4, 3)
     assert (rule.staleness_lr, rule.momentum_correction) == ("inverse", "auto")
+
+
+def test_snapshot_interval_takes_a_number_or_auto_from_flags_yaml_and_python():
+    assert C.load(None, {"snapshot_interval": "auto"}).recovery.snapshot_interval == "auto"
+    assert C.load(None, {"snapshot_interval": "20"}).recovery.snapshot_interval == 20
+    assert C.from_dict({"recovery": {"snapshot_interval": 7}}).recovery.snapshot_interval == 7
+    assert C.RecoveryConfig(snapshot_interval="auto").snapshot_interval == "auto"
+    for bad in ("x", 2.5, True):
+        with pytest.raises(ConfigError, match="expected an integer or auto"):
+            C.RecoveryConfig(snapshot_interval=bad)

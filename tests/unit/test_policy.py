@@ -990,3 +990,43 @@ def test_a_slot_recovering_gets_its_recovery_again_with_a_newer_epoch():
         and run.bus.procs[holder].replicas[0].fence == epochs[1]
     )
     np.testing.assert_array_equal(run.bus.procs[spare].params(), before)
+
+
+def test_auto_snapshot_interval_with_folded_logs_is_the_longest():
+    from raytrain_ft.recovery.policy import SnapshotPolicy
+
+    policy = SnapshotPolicy(fold=True, expected_mtbf_s=60.0, failovers=3)
+    policy.observe_update(apply_s=0.01, gap_s=0.02, command_bytes=1000)
+    policy.observe_snapshot(build_s=1.0, nbytes=0, seconds_per_byte=0.0)
+    assert policy.interval() == policy.hi  # a recovery replays nothing: snapshots only cost
+
+
+def test_auto_snapshot_interval_follows_youngs_rule_on_what_it_measured():
+    from raytrain_ft.recovery.policy import SnapshotPolicy, snapshot_interval_for
+
+    policy = SnapshotPolicy(fold=False, expected_mtbf_s=100.0, initial=50)
+    assert policy.interval() == 50  # nothing measured yet
+    for _ in range(30):
+        policy.observe_update(apply_s=0.002, gap_s=0.02, command_bytes=4000)
+    policy.observe_snapshot(build_s=0.01, nbytes=10_000, seconds_per_byte=1e-6)
+    # snapshot 0.01 + 0.01 s; replay 0.002 + 0.004 s per command (apply + move 4000 bytes);
+    # 0.02 s / 100 s = 2e-4 failures per update
+    assert policy.failures_per_update() == pytest.approx(2e-4)
+    assert policy.replay_s() == pytest.approx(0.006)
+    assert policy.interval() == snapshot_interval_for(0.02, 0.006, 2e-4) == 183
+    # failovers seen in the run raise the rate above the planned one: a shorter interval
+    seen = SnapshotPolicy(fold=False, expected_mtbf_s=100.0, failovers=3)
+    for _ in range(30):
+        seen.observe_update(apply_s=0.002, gap_s=0.02, command_bytes=4000)
+    seen.observe_snapshot(build_s=0.01, nbytes=10_000, seconds_per_byte=1e-6)
+    assert seen.failures_per_update() == pytest.approx(0.1)
+    assert seen.interval() == snapshot_interval_for(0.02, 0.006, 0.1) == 8
+
+
+def test_auto_snapshot_interval_keeps_the_unfolded_log_within_its_budget():
+    from raytrain_ft.recovery.policy import LOG_BUDGET_BYTES, SnapshotPolicy
+
+    policy = SnapshotPolicy(fold=False, expected_mtbf_s=1e9)  # failures all but never happen
+    policy.observe_update(apply_s=0.001, gap_s=0.01, command_bytes=LOG_BUDGET_BYTES // 40)
+    policy.observe_snapshot(build_s=1.0, nbytes=0, seconds_per_byte=0.0)
+    assert policy.interval() == 40

@@ -675,3 +675,20 @@ def test_a_primary_replaced_by_a_newer_recovery_on_the_same_server_refuses_what_
     _refused(
         bus.replies.get(waiting), RefusalKind.FENCED
     )  # as a newer Load does (test_a_newer_load_replaces_...)
+
+
+@pytest.mark.parametrize("interval, fold, expected", [(3, True, 4), ("auto", True, 0)])
+def test_auto_snapshot_interval_sends_no_periodic_snapshot_to_a_folding_holder(
+    interval, fold, expected
+):
+    bus, shard, _ = _pair(snapshot_interval=interval, fold=fold)
+    for step in range(12):
+        _push(bus, 0, step, 1.0)
+    p = bus.procs["p"]
+    st = p.stats()
+    assert st.updates_applied == 12
+    # the holder's log holds every update either way; only the periodic snapshots differ
+    assert p.snapshots_sent == expected and st.snapshots_sent == expected
+    assert st.snapshot_interval == (3 if interval == 3 else 10_000)
+    rebuilt = replay(_log(bus).snapshot, _log(bus).entries, shard, SGD, 100)
+    np.testing.assert_array_equal(rebuilt.state.params_copy(), p.params())
