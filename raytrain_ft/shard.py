@@ -47,6 +47,9 @@ class ShardStats:
     snapshot_interval: int = 0
     """The snapshot interval in force at the end (what ``auto`` chose; 0 without replication)."""
     snapshots_sent: int = 0
+    cpu_s: float = 0.0
+    """CPU seconds of the server process holding this primary, since it started (its primary's
+    and its replicas' work; set by the actor)."""
 
 
 class ShardState:

@@ -124,6 +124,12 @@ class TrainResult:
     acknowledged pushes."""
     eval_metrics: dict[str, float] = field(default_factory=dict)
     """The user's ``metrics`` on the eval set (each a mean over samples)."""
+    cpu_per_step: dict[str, float] = field(default_factory=dict)
+    """CPU seconds per step, per process of each role (``cpu_per_step``): a worker's compute
+    (forward/backward on its training thread) and everything else in it (data prefetch, pushes
+    and their serialization, Ray's threads), a server process, the supervisor. On a real cluster,
+    where servers have their own cores, ``worker_other_s`` is what communication costs a
+    worker."""
     final_params: np.ndarray | None = field(default=None, repr=False)
     model: Any = field(default=None, repr=False)
     """The trained ``nn.Module`` (the run's model with the final parameters), on the CPU."""
@@ -144,6 +150,20 @@ class TrainResult:
         d.pop("step_times")
         d.pop("clock_traces")
         return d
+
+
+def cpu_per_step(workers: list, servers: list, supervisor_cpu_s: float) -> dict[str, float]:
+    """CPU seconds per step of one process of each role, from the workers' statuses, the shards'
+    stats and the supervisor's CPU (see ``TrainResult.cpu_per_step``)."""
+    steps = max(1, max((w.step for w in workers), default=0))
+    compute = [w.compute_cpu_s for w in workers]
+    other = [max(0.0, w.cpu_s - w.compute_cpu_s) for w in workers]
+    return {
+        "worker_compute_s": round(sum(compute) / max(1, len(workers)) / steps, 6),
+        "worker_other_s": round(sum(other) / max(1, len(workers)) / steps, 6),
+        "server_s": round(sum(s.cpu_s for s in servers) / max(1, len(servers)) / steps, 6),
+        "supervisor_s": round(supervisor_cpu_s / steps, 6),
+    }
 
 
 def total_local_steps(config: TrainConfig, num_train: int) -> int:
@@ -473,6 +493,7 @@ class Trainer:
                     "replica_appends": st.replica_appends,
                     "snapshot_interval": st.snapshot_interval,
                     "snapshots_sent": st.snapshots_sent,
+                    "cpu_s": round(st.cpu_s, 3),
                     "checkpoint_files_read": st.checkpoint_files_read,
                 }
                 for st in stats
@@ -489,6 +510,8 @@ class Trainer:
                     "samples": s.samples,
                     "compute_s": round(s.compute_s, 3),
                     "wait_s": round(s.wait_s, 3),
+                    "cpu_s": round(s.cpu_s, 3),
+                    "compute_cpu_s": round(s.compute_cpu_s, 3),
                     "device": s.device,
                     "device_name": s.device_name,
                     "reroutes": s.reroutes,
@@ -507,6 +530,7 @@ class Trainer:
             kills=kills_fired,
             replicas_match=end["replicas_match"],
             supervisor_restarts=run.status.restarts,
+            cpu_per_step=cpu_per_step(statuses, stats, run.status.cpu_s),
             recoveries=list(run.status.events),
             run_id=run.run_id,
             started_at=run.started_at,

@@ -51,6 +51,7 @@ class ParameterServer:
         from raytrain_ft.actors.metrics import SERVER_METRICS, Recorder
 
         torch.set_num_threads(1)
+        self._cpu_at_start = time.process_time()
         self.name, self.run = name, run
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
         self.proto = ServerProtocol(
@@ -166,7 +167,7 @@ class ParameterServer:
             raise RuntimeError(f"{self.name} is not a primary")
         return (
             self.proto.params(),
-            self.proto.stats(),
+            dataclasses.replace(self.proto.stats(), cpu_s=time.process_time() - self._cpu_at_start),
             p.state.applied_copy(),
             dict(p.state.clocks),
             p.state.optimizer.state_dict(),

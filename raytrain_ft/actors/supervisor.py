@@ -93,6 +93,8 @@ class SupervisorStatus:
     epochs: tuple[int, ...]
     shard_steps: tuple[int, ...]
     targets: Targets
+    cpu_s: float = 0.0
+    """CPU seconds of the supervisor's process since it (or its latest restart) started."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +119,8 @@ class SupervisorArgs:
 class Supervisor:
     def __init__(self, args: SupervisorArgs):
         import ray
+
+        self._cpu_at_start = time.process_time()
         from ray.experimental import internal_kv
 
         from raytrain_ft.actors.group import ServerRun
@@ -401,6 +405,7 @@ class Supervisor:
             self.proto.epochs(),
             steps,
             self.targets(),
+            time.process_time() - self._cpu_at_start,
         )
 
     def targets(self) -> Targets:

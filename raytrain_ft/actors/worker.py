@@ -80,6 +80,11 @@ class WorkerStatus:
     shards)."""
     device_name: str = "cpu"
     """The device kind (GPU model): I2 needs every incarnation of a rank on the same kind."""
+    cpu_s: float = 0.0
+    """CPU seconds of the worker's process since it was told to start: every thread (data
+    prefetch, pushes and their serialization, Ray's own threads) and the compute."""
+    compute_cpu_s: float = 0.0
+    """CPU seconds of the training thread in forward/backward (and local optimizer steps)."""
 
 
 class _NoBatches:
@@ -166,6 +171,8 @@ class Worker:
         self._error: str | None = None
         self._step_end_times: list[tuple[int, float]] = []
         self._skipped = 0
+        self._cpu_at_start: float | None = None
+        self._compute_cpu_s = 0.0
         self._slow_s = parse_slow(config.chaos.slow_workers).get(rank, 0.0)
         if self._simulate_s:  # a fixed gradient of the true size stands in for backward
             gen = torch.Generator().manual_seed(config.seed * 1000 + rank)
@@ -206,6 +213,7 @@ class Worker:
         if self._thread is not None:
             return False
         self.exchange.set_routes(routes)
+        self._cpu_at_start = time.process_time()
         self._step, self._end_step = start_step, end_step
         self._thread = threading.Thread(
             target=self._run_guarded, name=f"train-{self.rank}", daemon=True
@@ -240,6 +248,8 @@ class Worker:
             self._thread is not None,
             self.exchange.residual_bytes,
             self.device_name,
+            time.process_time() - self._cpu_at_start if self._cpu_at_start is not None else 0.0,
+            self._compute_cpu_s,
         )
 
     def step_end_times(self) -> list[tuple[int, float]]:
@@ -394,6 +404,7 @@ class Worker:
 
     def _local_step(self, x: torch.Tensor, y: torch.Tensor, inner: torch.optim.Optimizer) -> float:
         """local_sgd: one forward/backward and one step of the round's local optimizer."""
+        cpu0 = time.thread_time()
         x, y = to_device(x, self.device), to_device(y, self.device)
         self.flat.zero_grad()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
@@ -401,6 +412,7 @@ class Worker:
             loss = self.loss_fn(out, y)
         loss.backward()
         inner.step()
+        self._compute_cpu_s += time.thread_time() - cpu0
         return self._loss_and_accuracy(loss, out, y)
 
     def _record_step(self, samples: int, window: int = 20) -> None:
@@ -434,6 +446,7 @@ class Worker:
         """Forward/backward into the flat gradient buffer; ``push``: send every shard this step
         (else the gradient keeps accumulating in the buffer, Downpour's n_push); ``fetch``: ask for
         parameters back."""
+        cpu0 = time.thread_time()
         x, y = to_device(x, self.device), to_device(y, self.device)
         if self.exchange.pushed_last:
             self.flat.zero_grad()
@@ -446,7 +459,8 @@ class Worker:
         # Buffers are final after forward; they travel in the gradient slot. With overlap,
         # post-accumulate hooks push the shards whose gradients are complete during backward.
         self.flat.stage_buffers()
-        loss.backward()
+        loss.backward()  # with overlap, the pushes its hooks send count as compute here
+        self._compute_cpu_s += time.thread_time() - cpu0
         self.exchange.push_remaining()
         return self._loss_and_accuracy(loss, out, y)
 

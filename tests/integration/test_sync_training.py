@@ -66,6 +66,12 @@ def test_sync_matches_single_process_pytorch_with_and_without_overlap(ray_local)
         assert result.steps_completed == cfg.steps == 24
         # every shard applied every step once, and every applied update was acknowledged
         assert result.updates_applied == result.updates_acknowledged == 24 * 3
+        # CPU per step of each role, measured in each process (server and supervisor work is
+        # real work here: every step goes through them)
+        cpu = result.cpu_per_step
+        assert set(cpu) == {"worker_compute_s", "worker_other_s", "server_s", "supervisor_s"}
+        assert cpu["worker_compute_s"] > 0 and cpu["worker_other_s"] > 0 and cpu["server_s"] > 0
+        assert all(0 < w["compute_cpu_s"] <= w["cpu_s"] for w in result.workers), result.workers
     reference = single_process_reference(cfg)
     torch.testing.assert_close(
         torch.from_numpy(results[False].final_params), reference, rtol=1e-4, atol=2e-5
