@@ -412,6 +412,11 @@ class RecoveryConfig:
     log), or auto: each primary picks it by Young's rule from the snapshot and replay costs it
     measures and the failure rate (recovery.expected_mtbf_s, or the failovers its shard has seen),
     re-evaluated as the run goes (recovery.policy.SnapshotPolicy)."""
+    durability: str = "strict"
+    """strict: a worker's push is answered once its update is logged by the holder (no
+    acknowledged update is ever lost) | relaxed:K: answered once applied, with at most K updates
+    of a shard not yet logged -- a primary's death loses at most K acknowledged updates (counted
+    in the summary's updates_lost); async, ssp and mixed only."""
     expected_mtbf_s: float = 3600.0
     """snapshot_interval auto: the mean time between server failures to plan for (failovers seen
     in the run raise the rate)."""
@@ -448,6 +453,12 @@ class RecoveryConfig:
         if self.snapshot_interval != "auto":
             _positive("recovery.snapshot_interval", self.snapshot_interval)
         _positive("recovery.expected_mtbf_s", self.expected_mtbf_s)
+        from raytrain_ft.recovery.policy import unlogged_allowed
+
+        try:
+            unlogged_allowed(self.durability)
+        except ValueError as e:
+            raise ConfigError("recovery.durability", str(e)) from None
         _non_negative("recovery.num_spares", self.num_spares)
         _at_most(
             "recovery.num_spares",
@@ -639,6 +650,14 @@ class TrainConfig:
                 "recovery.mode",
                 "checkpoint restarts and --resume-from need --mode sync (async modes recover from "
                 "replicas)",
+            )
+        if self.recovery.durability != "strict" and (
+            self.mode in ("sync", "local_sgd") or self.recovery.mode != "replica"
+        ):
+            raise ConfigError(
+                "recovery.durability",
+                "relaxed durability needs --mode async, ssp or mixed and --recovery replica (sync "
+                "keeps every acknowledged update: failure runs equal failure-free ones bitwise)",
             )
         if self.mode == "mixed" and w % c.group_size:
             sizes = [min(c.group_size, w - first) for first in range(0, w, c.group_size)]

@@ -124,6 +124,9 @@ class TrainResult:
     acknowledged pushes."""
     eval_metrics: dict[str, float] = field(default_factory=dict)
     """The user's ``metrics`` on the eval set (each a mean over samples)."""
+    updates_lost: int = 0
+    """Updates whose pushes were acknowledged and that no shard holds at the end: 0 with strict
+    durability (I1); with relaxed:K at most K per primary lost (``updates_lost_in``)."""
     cpu_per_step: dict[str, float] = field(default_factory=dict)
     """CPU seconds per step, per process of each role (``cpu_per_step``): a worker's compute
     (forward/backward on its training thread) and everything else in it (data prefetch, pushes
@@ -150,6 +153,23 @@ class TrainResult:
         d.pop("step_times")
         d.pop("clock_traces")
         return d
+
+
+def updates_lost_in(applied: dict, cfg: TrainConfig) -> int:
+    """Updates of one shard that were applied then lost: holes in its applied record. Every rank's
+    push steps below its last applied one went into an update (workers resend what was not
+    answered; a restarted rank resumes at the shard's clock), so a push step left at 0 below it
+    was answered and lost with a primary. Counted per update (a mixed group's pushes are one)."""
+    rule, n_push = cfg.rule(), cfg.consistency.n_push
+    if rule.synchronous:  # sync is strict (and backup workers drop late pushes on purpose)
+        return 0
+    lost = set()
+    for rank, counts in applied.items():
+        last = max((s for s, c in enumerate(counts) if c), default=-1)
+        for step in range(last):
+            if counts[step] == 0 and (step + 1) % n_push == 0:
+                lost.add(rule.key(int(rank), step))
+    return len(lost)
 
 
 def cpu_per_step(workers: list, servers: list, supervisor_cpu_s: float) -> dict[str, float]:
@@ -545,6 +565,7 @@ class Trainer:
             ],
             final_params=final,
             eval_metrics=scores,
+            updates_lost=sum(updates_lost_in(a, cfg) for a in end["applied"]),
             model=model,
         )
 

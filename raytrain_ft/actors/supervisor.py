@@ -119,12 +119,13 @@ class SupervisorArgs:
 class Supervisor:
     def __init__(self, args: SupervisorArgs):
         import ray
-
-        self._cpu_at_start = time.process_time()
         from ray.experimental import internal_kv
 
         from raytrain_ft.actors.group import ServerRun
         from raytrain_ft.protocol.spec import ServerSpec
+        from raytrain_ft.recovery.policy import unlogged_allowed
+
+        self._cpu_at_start = time.process_time()
         from raytrain_ft.recovery.chaos import server_hooks
 
         self.args = args
@@ -158,6 +159,7 @@ class Supervisor:
             fold=rc.fold_log,
             checkpoint_interval=rc.checkpoint_interval if args.checkpoint_dir else 0,
             expected_mtbf_s=rc.expected_mtbf_s,
+            unlogged=unlogged_allowed(rc.durability),
         )
         server_run = ServerRun(
             self.run_id, args.checkpoint_dir, rc.resume_from, cfg.cluster.metrics

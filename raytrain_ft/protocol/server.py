@@ -691,8 +691,9 @@ class ServerProtocol:
         return p.state.residual_before(m.rank, step) if step is not None else None
 
     def _logged(self, p: _Primary) -> int:
-        """Updates the holder has logged: what a reply may depend on."""
-        return p.logged
+        """What a reply may depend on: the updates the holder has logged, and with relaxed
+        durability up to ``spec.unlogged`` more (a primary's death loses at most those)."""
+        return p.logged + self.spec.unlogged
 
     # --- primary: the log at the holder
     # ------------------------------------------------------------

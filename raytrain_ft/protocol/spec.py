@@ -20,6 +20,9 @@ class ServerSpec:
     """Updates between snapshots to the holder, or "auto" (``recovery.policy.SnapshotPolicy``)."""
     expected_mtbf_s: float = 3600.0
     """snapshot_interval auto: the mean time between server failures planned for."""
+    unlogged: int = 0
+    """recovery.durability relaxed:K: updates a primary may acknowledge before its holder logged
+    them (0: strict)."""
     replicate: bool = True
     """False with recovery=none or checkpoint: no holder; updates count as logged once applied."""
     fold: bool = True

@@ -92,7 +92,12 @@ def check(world: World, outcome: RunOutcome, baseline_hash: str | None) -> list[
 
 
 def exactly_once(world: World, shards: dict[int, FinalShard]) -> list[Violation]:
+    """I1 from the provenance slots: every push applied once; an acknowledged one never lost. With
+    relaxed durability (``cfg.unlogged = K``) an acknowledged push may be lost with its primary,
+    at most K updates per primary the shard lost (its final epoch - 1 bounds those)."""
     cfg, out = world.cfg, []
+    rule = cfg.rule()
+    lost: dict[int, set] = {}
     applied_acks, late_acks = set(), set()
     for a in world.ledger:
         (late_acks if a.late else applied_acks).add((a.shard, a.rank, a.step))
@@ -113,6 +118,8 @@ def exactly_once(world: World, shards: dict[int, FinalShard]) -> list[Violation]
                             f"once (slot moved {moved:.3f})",
                         )
                     )
+                elif key in applied_acks and times == 0 and cfg.unlogged:
+                    lost.setdefault(shard, set()).add(rule.key(rank, step))
                 elif key in applied_acks and times == 0:
                     out.append(
                         Violation(
@@ -137,6 +144,17 @@ def exactly_once(world: World, shards: dict[int, FinalShard]) -> list[Violation]
                             "final state",
                         )
                     )
+    for shard, updates in lost.items():
+        allowed = cfg.unlogged * (shards[shard].epoch - 1)
+        if len(updates) > allowed:
+            out.append(
+                Violation(
+                    "I1",
+                    f"shard {shard}: {len(updates)} acknowledged updates lost, more than "
+                    f"{cfg.unlogged} (relaxed durability) x {shards[shard].epoch - 1} primaries "
+                    f"lost: {sorted(updates)}",
+                )
+            )
     return out
 
 
@@ -160,9 +178,24 @@ def replicas_match(world: World, shards: dict[int, FinalShard]) -> list[Violatio
             )
             continue
         log = held.log
+        # relaxed durability: a run may end with up to K acknowledged updates still on their way
+        # to the holder; the replica plus those commands must equal the primary
+        on_the_way = [c for c, _ in (primary.in_flight[2] if primary.in_flight else [])] + [
+            c for c, _ in primary.outbox
+        ]
+        on_the_way = [c for c in on_the_way if c.seq >= log.next_seq]
+        if len(on_the_way) > world.cfg.unlogged:
+            out.append(
+                Violation(
+                    "I4",
+                    f"shard {shard}: {len(on_the_way)} updates not logged at the end, more than "
+                    f"the {world.cfg.unlogged} durability allows",
+                )
+            )
+            continue
         rebuilt = replay(
             log.snapshot.owned(),
-            list(log.entries),
+            list(log.entries) + on_the_way,
             held.shard,
             world.spec.optim,
             world.spec.total_steps,

@@ -95,6 +95,9 @@ class SimConfig:
     num_spares: int = 1
     compute_s: float = 0.01
     max_faults: int = 3
+    unlogged: int = 0
+    """Relaxed durability (async modes): updates a primary may acknowledge before they are logged;
+    the checker then allows that many lost acknowledged updates per primary lost."""
 
     @property
     def shard_size(self) -> int:
@@ -145,6 +148,8 @@ def random_config(rng: random.Random, mode: str) -> SimConfig:
         num_nodes=rng.choice((1, 3, 4)),
         num_spares=rng.choice((1, 1, 2)),
         max_faults=rng.choice((1, 2, 3, 4)),
+        # drawn last: every other field of a schedule is what it was before relaxed durability
+        unlogged=rng.choice((0, 0, 1, 2)) if mode != "sync" else 0,
     )
 
 
@@ -343,6 +348,7 @@ class World:
             cfg.snapshot_interval,
             replicate=True,
             fold=cfg.fold,
+            unlogged=cfg.unlogged,
         )
         self.sup_spec = SupervisorSpec(
             cfg.num_shards,

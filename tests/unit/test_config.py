@@ -35,6 +35,9 @@ def test_defaults_validate():
         ({"snapshot_interval": "often"}, "recovery.snapshot_interval"),
         ({"snapshot_interval": "0"}, "recovery.snapshot_interval"),
         ({"expected_mtbf_s": "0"}, "recovery.expected_mtbf_s"),
+        ({"durability": "relaxed"}, "recovery.durability"),
+        ({"durability": "relaxed:2"}, "recovery.durability"),  # sync keeps strict
+        ({"durability": "relaxed:2", "mode": "async", "recovery": "none"}, "recovery.durability"),
         ({"momentum_correction": "half"}, "consistency.momentum_correction"),
         ({"local_steps": "4"}, "consistency.local_steps"),
         ({"inner_optimizer": "adamw"}, "consistency.local_steps"),

@@ -1030,3 +1030,18 @@ def test_auto_snapshot_interval_keeps_the_unfolded_log_within_its_budget():
     policy.observe_update(apply_s=0.001, gap_s=0.01, command_bytes=LOG_BUDGET_BYTES // 40)
     policy.observe_snapshot(build_s=1.0, nbytes=0, seconds_per_byte=0.0)
     assert policy.interval() == 40
+
+
+@pytest.mark.parametrize("text, k", [("strict", 0), ("relaxed:1", 1), ("relaxed:16", 16)])
+def test_durability_parses_to_the_updates_allowed_unlogged(text, k):
+    from raytrain_ft.recovery.policy import unlogged_allowed
+
+    assert unlogged_allowed(text) == k
+
+
+@pytest.mark.parametrize("text", ["relaxed", "relaxed:0", "relaxed:-1", "relaxed:x", "loose", ""])
+def test_bad_durability_is_refused(text):
+    from raytrain_ft.recovery.policy import unlogged_allowed
+
+    with pytest.raises(ValueError, match="strict or relaxed:K"):
+        unlogged_allowed(text)

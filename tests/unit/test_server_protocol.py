@@ -692,3 +692,24 @@ def test_auto_snapshot_interval_sends_no_periodic_snapshot_to_a_folding_holder(
     assert st.snapshot_interval == (3 if interval == 3 else 10_000)
     rebuilt = replay(_log(bus).snapshot, _log(bus).entries, shard, SGD, 100)
     np.testing.assert_array_equal(rebuilt.state.params_copy(), p.params())
+
+
+def test_relaxed_durability_answers_up_to_k_updates_before_the_holder_logged_them():
+    bus, _, _ = _pair(
+        workers=1, rule=Rule("async", 1), fold=False, snapshot_interval=1000, unlogged=2
+    )
+    bus.hold("h")  # the holder logs nothing for now
+    rids = [_push(bus, 0, step, 1.0) for step in range(3)]
+    p = bus.procs["p"].primary
+    assert p.state.seq == 3 and p.logged == 0
+    # two updates may go unlogged: their pushes are answered; the third waits for the log
+    assert [rid in bus.replies for rid in rids] == [True, True, False]
+    bus.release("h")
+    assert rids[2] in bus.replies and _log(bus).next_seq == 3
+
+
+def test_strict_durability_answers_nothing_the_holder_has_not_logged():
+    bus, _, _ = _pair(workers=1, rule=Rule("async", 1), fold=False, snapshot_interval=1000)
+    bus.hold("h")
+    rids = [_push(bus, 0, step, 1.0) for step in range(3)]
+    assert not any(rid in bus.replies for rid in rids)
