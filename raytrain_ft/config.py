@@ -734,8 +734,10 @@ def _leaf_fields() -> dict[str, tuple[str | None, dataclasses.Field]]:
     return out
 
 
+@functools.cache
 def field_docs() -> dict[str, str]:
-    """Flag name -> the docstring under its field (read from source)."""
+    """Flag name -> the docstring under its field (read from source once per process: parsing the
+    config classes' source is most of a CLI call's start-up). Callers do not mutate it."""
     import ast
     import inspect
 

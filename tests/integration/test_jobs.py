@@ -1,6 +1,7 @@
 """Job submission against a real head started with `ray start --head` (token auth on), and its
 Prometheus metrics."""
 
+import json
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 
 from raytrain_ft import jobs
 from raytrain_ft.actors.metrics import prometheus_name
-from raytrain_ft.config import ChaosConfig, ClusterConfig, DataConfig, RecoveryConfig, TrainConfig
+from raytrain_ft.config import ChaosConfig, ClusterConfig, DataConfig, TrainConfig
 from raytrain_ft.errors import ClusterError
 from tests.local_head import LocalHead, parse_prometheus, wait_for
 
@@ -244,14 +245,54 @@ def test_a_killed_driver_leaves_no_actors_behind(head, tmp_path):
     wait_for(lambda: not _alive_run_actors(head), 60, "the orphaned actors to exit", interval_s=1.0)
 
 
-def test_cli_submit_follow_streams_the_log_and_status_reports_success(head, token_env):
+def test_cli_submit_of_your_own_model_in_its_working_dir_follows_the_log_to_success(
+    head, token_env, tmp_path
+):
+    """`raytrain-ft submit --follow` as a user runs it: the model, loss and data named by import
+    strings live in a directory of the user's; the job's working_dir carries it to the cluster,
+    where the driver and every worker import it; the log is tailed to the job's end, and `status`
+    and `logs` answer for it."""
+    import shutil
+
+    workdir = tmp_path / "project"
+    shutil.copytree(
+        os.path.join(os.path.dirname(__file__), "..", "..", "examples"),
+        workdir / "examples",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
     env = {
         **os.environ,
         "RAY_API_SERVER_ADDRESS": head.dashboard_url,
     }  # the address as Ray's job CLI reads it
     cli = [sys.executable, "-m", "raytrain_ft.cli"]
     proc = subprocess.run(
-        [*cli, "submit", "--num-workers", "2", "--num-servers", "1", "--epochs", "1", "--follow"],
+        [
+            *cli,
+            "submit",
+            "--model",
+            "examples.diabetes:model",
+            "--loss",
+            "mse",
+            "--dataset",
+            "examples.diabetes:data",
+            "--batch-size",
+            "16",
+            "--lr",
+            "0.02",
+            "--num-workers",
+            "2",
+            "--num-servers",
+            "1",
+            "--num-spares",
+            "0",
+            "--steps",
+            "150",
+            "--seed",
+            "3",
+            "--runtime-env-json",
+            json.dumps({"working_dir": str(workdir)}),
+            "--follow",
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -260,8 +301,14 @@ def test_cli_submit_follow_streams_the_log_and_status_reports_success(head, toke
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     job_id = proc.stdout.split()[1]
     assert proc.stdout.startswith(f"submitted {job_id} to {head.dashboard_url}")
-    assert "done: 22 steps" in proc.stdout and jobs.SUMMARY_MARKER in proc.stdout  # the tailed log
+    assert "done: 150 steps" in proc.stdout  # the tailed log
     assert proc.stdout.rstrip().endswith(f"job {job_id}: SUCCEEDED")
+    summary = jobs.parse_summary(proc.stdout)
+    assert (
+        summary["steps_completed"] == 150
+        and summary["eval_loss"] < 0.8
+        and summary["eval_accuracy"] is None
+    )
     status = subprocess.run(
         [*cli, "status", job_id], env=env, capture_output=True, text=True, timeout=60
     )
@@ -273,38 +320,4 @@ def test_cli_submit_follow_streams_the_log_and_status_reports_success(head, toke
     )
     assert missing.returncode == 1 and "no job 'raysubmit_nosuchjob'" in missing.stderr, (
         missing.stderr
-    )
-
-
-def test_a_submitted_job_trains_your_own_model_shipped_in_its_working_dir(
-    head, token_env, tmp_path
-):
-    """The model, loss and data named by import strings live in a directory of the user's; the job's
-    working_dir carries it to the cluster, where the driver and every worker import it."""
-    import shutil
-
-    from raytrain_ft.config import ModelConfig, OptimConfig
-
-    workdir = tmp_path / "project"
-    shutil.copytree(
-        os.path.join(os.path.dirname(__file__), "..", "..", "examples"),
-        workdir / "examples",
-        ignore=shutil.ignore_patterns("__pycache__"),
-    )
-    cfg = TrainConfig(
-        model=ModelConfig(name="examples.diabetes:model", loss="mse"),
-        data=DataConfig(dataset="examples.diabetes:data", batch_size=16),
-        optim=OptimConfig(lr=0.02),
-        cluster=ClusterConfig(num_workers=2, num_servers=1),
-        recovery=RecoveryConfig(num_spares=0),
-        steps=150,
-        seed=3,
-    )
-    handle = jobs.submit(cfg, address=head.dashboard_url, runtime_env={"working_dir": str(workdir)})
-    assert handle.wait(timeout_s=240) == "SUCCEEDED", handle.logs()[-3000:]
-    summary = handle.result()
-    assert (
-        summary["steps_completed"] == 150
-        and summary["eval_loss"] < 0.8
-        and summary["eval_accuracy"] is None
     )
