@@ -367,7 +367,7 @@ def test_a_lossy_codec_restarted_worker_resumes_with_its_residual(ray_local, tmp
     change the pushes)."""
 
     def config(kill=None):
-        cfg = _config(2, kill=kill)
+        cfg = _config(2, kill=kill, num_spares=0)  # only a worker dies: no spare server needed
         cfg.consistency.codec = "topk:0.05"
         return cfg
 
