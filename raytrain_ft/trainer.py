@@ -476,6 +476,7 @@ class Trainer:
             finally:
                 run.shutdown()
         final, stats, step_times = end["params"], end["stats"], end["step_end_times"]
+        final = np.require(final, requirements="W")  # an object-store view is read-only
         load_flat_state(model, torch.from_numpy(final.copy()))
         scores = evaluate(task, model, eval_data)
         acc, eval_loss = (
@@ -498,7 +499,7 @@ class Trainer:
             final_loss=float(np.mean([s.last_loss for s in statuses])),
             eval_accuracy=acc,
             eval_loss=eval_loss,
-            params_sha256=params_sha256(torch.from_numpy(np.require(final, requirements="W"))),
+            params_sha256=params_sha256(torch.from_numpy(final)),
             updates_applied=sum(st.updates_applied for st in stats),
             updates_acknowledged=sum(acked),
             servers=[

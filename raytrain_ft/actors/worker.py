@@ -321,14 +321,7 @@ class Worker:
                 if fetch and not push:
                     self.exchange.pull_all(None)
                     self.exchange.install_all()
-                wait = self.exchange.wait_s - wait_before
-                self._wait_s += wait
-                self._compute_s += time.perf_counter() - t0 - wait
-                self._last_loss = loss
-                self._samples += samples
-                self._step_end_times.append((self._step, time.time()))
-                self._record_step(samples)
-                self._step += 1
+                self._step_done(t0, wait_before, loss, samples)
                 behind = self._behind()
                 if (
                     behind
@@ -391,14 +384,7 @@ class Worker:
                 self.exchange.begin_step(self._step)
                 self.exchange.push_remaining()
                 self.exchange.install_all()
-                wait = self.exchange.wait_s - wait_before
-                self._wait_s += wait
-                self._compute_s += time.perf_counter() - t0 - wait
-                self._last_loss = loss
-                self._samples += samples
-                self._step_end_times.append((self._step, time.time()))
-                self._record_step(samples)
-                self._step += 1
+                self._step_done(t0, wait_before, loss, samples)
         finally:
             stream.close()
 
@@ -414,6 +400,17 @@ class Worker:
         inner.step()
         self._compute_cpu_s += time.thread_time() - cpu0
         return self._loss_and_accuracy(loss, out, y)
+
+    def _step_done(self, t0: float, wait_before: float, loss: float, samples: int) -> None:
+        """Account a finished step (or local_sgd round) begun at ``t0`` and move to the next."""
+        wait = self.exchange.wait_s - wait_before
+        self._wait_s += wait
+        self._compute_s += time.perf_counter() - t0 - wait
+        self._last_loss = loss
+        self._samples += samples
+        self._step_end_times.append((self._step, time.time()))
+        self._record_step(samples)
+        self._step += 1
 
     def _record_step(self, samples: int, window: int = 20) -> None:
         if not self.metrics.enabled:
