@@ -595,8 +595,10 @@ class TrainConfig:
                 "consistency.delay_compensation",
                 f"corrects stale gradients of --mode async, ssp or mixed; {self.mode} has none",
             )
-        if self.mode != "local_sgd" and (
-            c.local_steps != 8 or c.inner_optimizer != "sgd" or c.inner_lr is not None
+        local_sgd_only = ("local_steps", "inner_optimizer", "inner_lr")
+        defaults = {f.name: f.default for f in dataclasses.fields(ConsistencyConfig)}
+        if self.mode != "local_sgd" and any(
+            getattr(c, name) != defaults[name] for name in local_sgd_only
         ):
             raise ConfigError(
                 "consistency.local_steps",
