@@ -425,7 +425,7 @@ class RecoveryConfig:
     the log since the last snapshot)."""
     num_spares: int = 1
     """Warm spare server actors kept started, so a recovery does not wait for a process start (at
-    most 16)."""
+    most 16; with 0, a replacement is started when a server dies)."""
     health_check_interval_s: float = 0.2
     """Seconds between the supervisor's liveness probes (failed calls reported by workers are acted
     on at once)."""

@@ -369,6 +369,10 @@ def resume_step(descriptions: list[ServerDescription], rank: int) -> int:
     return min(d.durable_clocks[rank] for d in descriptions)
 
 
+SPARE_TAKERS = frozenset((Action.RECOVER, Action.REPLACE_HOLDER, Action.ROLLBACK))
+"""Decisions carried out on a spare (a new actor for a dead or suspected slot)."""
+
+
 def decide(
     reg: Registry, view: View, busy: frozenset, spec: SupervisorSpec, now: float
 ) -> list[Decision]:
@@ -570,9 +574,16 @@ def decide(
             out.append(Decision(Action.DROP_SPARE, name, f"spare {name} is dead"))
         else:
             spares_alive += 1
-    if spec.recovery != "none" and spares_alive < spec.num_spares:
+    # a recovery takes a spare: with fewer warm spares than recoveries waiting (num_spares 0, or
+    # more deaths than spares) one is made for them, or the recovery would wait forever
+    takers = sum(d.action in SPARE_TAKERS for d in out)
+    if spec.recovery != "none" and spares_alive < max(spec.num_spares, takers):
         out.append(
-            Decision(Action.CREATE_SPARE, None, f"{spares_alive} of {spec.num_spares} warm spares")
+            Decision(
+                Action.CREATE_SPARE,
+                None,
+                f"{spares_alive} of {spec.num_spares} warm spares, {takers} recoveries waiting",
+            )
         )
     # --- workers ---
     all_up = all(serving) and (spec.recovery != "replica" or all(reg.replicated))

@@ -146,7 +146,7 @@ def random_config(rng: random.Random, mode: str) -> SimConfig:
         group_size=rng.choice((2, 3)),
         staleness=rng.choice((0, 1, 2)),
         num_nodes=rng.choice((1, 3, 4)),
-        num_spares=rng.choice((1, 1, 2)),
+        num_spares=rng.choice((0, 1, 1, 2)),
         max_faults=rng.choice((1, 2, 3, 4)),
         # drawn last: every other field of a schedule is what it was before relaxed durability
         unlogged=rng.choice((0, 0, 1, 2)) if mode in ("async", "ssp") else 0,

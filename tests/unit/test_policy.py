@@ -144,12 +144,12 @@ class Status:
     step: int = 0
 
 
-def _spec(k=2, **kw):
+def _spec(k=2, num_spares=1, **kw):
     return SupervisorSpec(
         num_shards=k,
         num_workers=2,
         total_steps=10,
-        num_spares=1,
+        num_spares=num_spares,
         max_worker_restarts=2,
         suspect_after_s=10.0,
         **kw,
@@ -380,6 +380,24 @@ DECIDE = [
         (),
         [(A.RECOVER, 0)],
         "server a of slot 0 is dead",
+    ),
+    (
+        "dead primary, no spare kept (num_spares 0): one is made for the recovery",
+        _spec(num_spares=0),
+        _reg(spares=()),
+        _view(_reg(spares=()), answers={"a": DEAD}),
+        (),
+        [(A.RECOVER, 0), (A.CREATE_SPARE, None)],
+        "0 of 0 warm spares, 1 recoveries waiting",
+    ),
+    (
+        "no spare kept and nothing to recover: none made",
+        _spec(num_spares=0),
+        _reg(spares=()),
+        _view(_reg(spares=())),
+        (),
+        [],
+        None,
     ),
     (
         "deposed primary: recover",
