@@ -53,11 +53,14 @@ _baselines: dict[int, str] = {}
 
 
 def baseline_hash(num_servers: int) -> str:
-    if num_servers not in _baselines:
-        result = Trainer(_config(num_servers)).fit()
+    """The failure-free run's hash. The optimizer is elementwise and each shard sums the workers'
+    gradients in rank order, so the number of shards changes no bit: one run of 2 shards is every
+    shard count's baseline (unit-tested without Ray in tests/unit/test_sharding.py)."""
+    if not _baselines:
+        result = Trainer(_config(2)).fit()
         assert result.recoveries == [] and result.kills == []
-        _baselines[num_servers] = result.params_sha256
-    return _baselines[num_servers]
+        _baselines[2] = result.params_sha256
+    return _baselines[2]
 
 
 def assert_invariants(result, num_servers: int, kills: str, tmp_path, baseline: str):
