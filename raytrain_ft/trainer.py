@@ -324,6 +324,8 @@ def ray_session(config: TrainConfig):
         )
         kwargs["address"] = address
     else:
+        if cc.use_gpu == "true":  # no autoscaler adds GPUs to a Ray started here: say so before it
+            check_gpus(cc.num_workers, local_gpus(), embedded=True)
         kwargs.update(
             num_cpus=max(os.cpu_count() or 1, needed),
             include_dashboard=False,
@@ -346,6 +348,39 @@ def ray_session(config: TrainConfig):
         yield Session(embedded=not address)
     finally:
         ray.shutdown()
+
+
+def local_gpus() -> float:
+    """The GPUs a Ray started on this machine would find (Ray's own count: CUDA_VISIBLE_DEVICES
+    honoured)."""
+    try:
+        from ray._private.accelerators import get_accelerator_manager_for_resource
+
+        return float(
+            get_accelerator_manager_for_resource("GPU").get_current_node_num_accelerators()
+        )
+    except Exception:  # Ray moved its helper: ask torch instead
+        import torch
+
+        return float(torch.cuda.device_count())
+
+
+def check_gpus(num_workers: int, have: float, embedded: bool) -> None:
+    """use_gpu=true: a Ray started here cannot get more GPUs (one line, exit 2); a cluster may (an
+    autoscaler adds GPU nodes for the waiting workers), so it is told and waited for."""
+    if have >= num_workers:
+        return
+    if embedded:
+        raise ClusterError(
+            f"cluster.use_gpu=true asks for {num_workers} GPUs, this machine has {have:g}; "
+            "set --use-gpu auto or false, or run on a cluster with GPU nodes (--address)"
+        )
+    logger.warning(
+        "cluster.use_gpu=true: the workers ask for %d GPUs, the cluster has %g now; waiting for "
+        "more (an autoscaler adds GPU nodes; otherwise the start times out)",
+        num_workers,
+        have,
+    )
 
 
 def local_runtime_env() -> dict:
@@ -607,22 +642,7 @@ class _Run:
             return False
         have = ray.cluster_resources().get("GPU", 0)
         if mode == "true":
-            if have < self.cfg.cluster.num_workers and self.session.embedded:
-                raise ClusterError(
-                    f"cluster.use_gpu=true asks for {self.cfg.cluster.num_workers} GPUs, this "
-                    f"machine has {have:g}; "
-                    "set --use-gpu auto or false, or run on a cluster with GPU nodes (--address)"
-                )
-            if (
-                have < self.cfg.cluster.num_workers
-            ):  # an autoscaling cluster adds GPU nodes for the waiting workers
-                logger.warning(
-                    "cluster.use_gpu=true: the workers ask for %d GPUs, the cluster has %g now; "
-                    "waiting for more "
-                    "(an autoscaler adds GPU nodes; otherwise the start times out)",
-                    self.cfg.cluster.num_workers,
-                    have,
-                )
+            check_gpus(self.cfg.cluster.num_workers, have, self.session.embedded)
             return True
         return have >= self.cfg.cluster.num_workers
 

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -13,6 +14,7 @@ from raytrain_ft import jobs
 from raytrain_ft.actors.metrics import prometheus_name
 from raytrain_ft.config import ChaosConfig, ClusterConfig, DataConfig, TrainConfig
 from raytrain_ft.errors import ClusterError
+from tests.integration.test_cli import CLI, assert_one_error_line
 from tests.local_head import LocalHead, parse_prometheus, wait_for
 
 pytestmark = pytest.mark.integration
@@ -77,6 +79,36 @@ def _metrics_complete(series, run_id: str) -> bool:
         )
         >= 1
     )
+
+
+def test_train_and_chaos_against_a_real_token_head_say_what_submit_says(head, tmp_path):
+    """What the fake GCS of tests/integration/test_cli.py stands for: this real head with token
+    auth refuses a missing or wrong token, and `train` and `chaos` say so in one line, in seconds,
+    as `submit` does."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["HOME"] = str(tmp_path)
+    for extra, needle in (
+        ({}, "requires token authentication and no token was found: set RAY_AUTH_TOKEN"),
+        (
+            {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "wrong"},
+            "rejected the token from RAY_AUTH_TOKEN",
+        ),
+    ):
+        for command in (["train"], ["chaos", "--kill", "server:0@step=1", "--wait-s", "0"]):
+            t0 = time.monotonic()
+            proc = subprocess.run(
+                [*CLI, *command, "--address", head.gcs_address],
+                env={**env, **extra},
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert_one_error_line(proc, f"the Ray cluster at {head.gcs_address} {needle}")
+            assert time.monotonic() - t0 < 30
+    # the cluster's own token passes the check (ray.init then connects:
+    # the tests below train through it)
+    auth = jobs.ray_auth(head.gcs_address, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN})
+    jobs.probe_ray(head.gcs_address, "cluster.address", auth=auth, environ={})
 
 
 def test_job_survives_a_chaos_kill_reports_its_summary_and_metrics(head, token_env):
