@@ -95,29 +95,43 @@ def _explore_slice(args) -> Exploration:
     return out
 
 
+def process_pool(processes: int):
+    """Processes for ``explore`` (one pool may serve several explorations: each process imports the
+    protocol once). Spawned, not forked: the caller may hold threads (an initialized Ray, gRPC)
+    whose locks a forked child inherits held; a child that dies raises BrokenProcessPool instead of
+    leaving the map waiting forever."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+
+
 def explore(
-    schedules: int, seed: int, modes=MODES, bugs=(), stop_at_first: bool = True, processes: int = 1
+    schedules: int,
+    seed: int,
+    modes=MODES,
+    bugs=(),
+    stop_at_first: bool = True,
+    processes: int = 1,
+    pool=None,
 ) -> Exploration:
-    """Run ``schedules`` schedules (mode ``modes[i % len(modes)]`` for the i-th). With
-    ``stop_at_first`` each process stops at its first violation (the lowest-numbered violation found
-    is reported)."""
+    """Run ``schedules`` schedules (mode ``modes[i % len(modes)]`` for the i-th), over ``processes``
+    processes (of ``pool`` if given, else started for this call). With ``stop_at_first`` each
+    process stops at its first violation (the lowest-numbered violation found is reported)."""
     t0 = time.perf_counter()
     modes = tuple(modes)
     if processes <= 1 or schedules < 2 * processes:
         out = _explore_slice((range(schedules), seed, modes, tuple(bugs), stop_at_first))
     else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
         slices = [
             (range(p, schedules, processes), seed, modes, tuple(bugs), stop_at_first)
             for p in range(processes)
         ]
-        # spawn, not fork: the caller may hold threads (an initialized Ray, gRPC) whose locks a
-        # forked child inherits held; a child that dies raises BrokenProcessPool instead of leaving
-        # the map waiting forever
-        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as ex:
-            parts = list(ex.map(_explore_slice, slices))
+        if pool is not None:
+            parts = list(pool.map(_explore_slice, slices))
+        else:
+            with process_pool(processes) as ex:
+                parts = list(ex.map(_explore_slice, slices))
         out = Exploration()
         for part in parts:
             out.add(part)

@@ -5,12 +5,19 @@ import os
 
 import pytest
 
-from raytrain_ft.sim import MODES, explore, run_schedule
+from raytrain_ft.sim import MODES, explore, process_pool, run_schedule
 from raytrain_ft.sim.bugs import BUGS
 
 SCHEDULES_PER_MODE = int(os.environ.get("RAYTRAIN_FT_SIM_SCHEDULES", "2500"))
 """In the default suite (about a minute on 2 cores); the extended tier runs 10,000 more per mode."""
 PROCESSES = os.cpu_count() or 1
+
+
+@pytest.fixture(scope="module")
+def pool():
+    """One pool for the module's explorations (each process imports the protocol and torch once)."""
+    with process_pool(PROCESSES) as p:
+        yield p
 
 
 @pytest.mark.parametrize(
@@ -21,8 +28,8 @@ PROCESSES = os.cpu_count() or 1
     ],
     ids=["default", "extended"],
 )
-def test_no_schedule_violates_an_invariant_in_any_mode(seed, per_mode):
-    ex = explore(per_mode * len(MODES), seed=seed, modes=MODES, processes=PROCESSES)
+def test_no_schedule_violates_an_invariant_in_any_mode(seed, per_mode, pool):
+    ex = explore(per_mode * len(MODES), seed=seed, modes=MODES, processes=PROCESSES, pool=pool)
     v = ex.first_violation
     assert ex.violations == 0, (
         f"schedule {v.seed} ({v.mode}): {v.violations[0]} -- replay: raytrain-ft simulate --replay "
@@ -33,9 +40,9 @@ def test_no_schedule_violates_an_invariant_in_any_mode(seed, per_mode):
 
 
 @pytest.mark.parametrize("bug", sorted(BUGS))
-def test_every_known_bad_variant_is_caught(bug):
+def test_every_known_bad_variant_is_caught(bug, pool):
     """The checker can fail: each injected protocol bug is found within 2,000 schedules."""
-    ex = explore(2000, seed=7, modes=MODES, bugs=(bug,), processes=PROCESSES)
+    ex = explore(2000, seed=7, modes=MODES, bugs=(bug,), processes=PROCESSES, pool=pool)
     assert ex.violations >= 1, f"{bug} was not caught in 2000 schedules"
 
 
