@@ -142,7 +142,7 @@ class LocalHead:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=8)
+            self.proc.wait(timeout=2)  # a test head holds nothing to keep: kill what is left
         for _ in range(3):
             leftovers = _pids_with(self.temp_dir)
             with contextlib.suppress(ProcessLookupError):

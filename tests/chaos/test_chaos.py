@@ -57,7 +57,7 @@ def baseline_hash(num_servers: int) -> str:
     gradients in rank order, so the number of shards changes no bit: one run of 2 shards is every
     shard count's baseline (unit-tested without Ray in tests/unit/test_sharding.py)."""
     if not _baselines:
-        result = Trainer(_config(2)).fit()
+        result = Trainer(_config(2, num_spares=0)).fit()  # nothing dies: no spare needed
         assert result.recoveries == [] and result.kills == []
         _baselines[2] = result.params_sha256
     return _baselines[2]
@@ -302,13 +302,17 @@ def test_resume_after_losing_the_whole_cluster(ray_local, tmp_path):
     """Checkpoint files exist for this: a new run picks up at the newest complete step and ends the
     same."""
     checkpoints = tmp_path / "checkpoints"
-    full = Trainer(_config(2, checkpoint_dir=str(checkpoints), checkpoint_interval=10)).fit()
+    full = Trainer(
+        _config(2, checkpoint_dir=str(checkpoints), checkpoint_interval=10, num_spares=0)
+    ).fit()
     assert full.params_sha256 == baseline_hash(2)  # writing files changes nothing
     for path in checkpoints.iterdir():  # the cluster was lost after step 30
         if int(path.stem.split("-step-")[1]) > 30:
             path.unlink()
     resumed = Trainer(
-        _config(2, checkpoint_dir=str(tmp_path / "after"), resume_from=str(checkpoints))
+        _config(
+            2, checkpoint_dir=str(tmp_path / "after"), resume_from=str(checkpoints), num_spares=0
+        )
     ).fit()
     assert resumed.params_sha256 == full.params_sha256
     assert (
