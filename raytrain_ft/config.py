@@ -215,6 +215,11 @@ class DataConfig:
     """Parquet: column of integer class labels."""
     image_shape: str | None = None
     """Parquet only: C,H,W of the images when the file's metadata does not record it."""
+    x_columns: str = "x"
+    """A Ray Dataset given as training or eval data: its column of model inputs (several, comma
+    separated, make x a dict of tensors keyed by column)."""
+    y_column: str = "y"
+    """A Ray Dataset given as training or eval data: its column of targets."""
     prefetch_batches: int = 2
     """Batches each worker prepares ahead in a background thread (0 disables)."""
 

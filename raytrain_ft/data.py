@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -23,7 +24,7 @@ import torch
 from torch.utils.data import TensorDataset, default_collate
 
 from raytrain_ft.config import DataConfig, parse_image_shape
-from raytrain_ft.errors import DataError
+from raytrain_ft.errors import ConfigError, DataError
 
 IMAGE_SHAPE_METADATA_KEY = b"raytrain_ft.image_shape"
 MAX_CLASSES = 10_000
@@ -452,7 +453,10 @@ class BatchStream:
         start_step: int,
         end_step: int,
         prefetch: int = 2,
+        presplit: bool = False,
     ):
+        """``presplit``: ``dataset`` is already this rank's part (a Ray Dataset split on the
+        driver): the rank shuffles all of it instead of taking ``perm[rank::W]``."""
         self.dataset = dataset
         self.seed, self.rank, self.num_workers, self.batch_size = (
             seed,
@@ -461,8 +465,9 @@ class BatchStream:
             batch_size,
         )
         self.step, self.end_step = start_step, end_step
-        self._part = partition(len(dataset), rank, num_workers, seed)
-        self._spe = checked_steps_per_epoch(len(dataset), num_workers, batch_size)
+        owners = 1 if presplit else num_workers
+        self._part = partition(len(dataset), 0 if presplit else rank, owners, seed)
+        self._spe = checked_steps_per_epoch(len(dataset), owners, batch_size)
         self._queue: queue.Queue | None = None
         if prefetch > 0:
             self._queue = queue.Queue(maxsize=prefetch)
@@ -501,12 +506,153 @@ class BatchStream:
 
 
 def batch_of(ds, indices) -> tuple:
-    """The (x, y) batch of ``indices``: tensors indexed at once for a ``TensorDataset``, else
-    PyTorch's default collate of the samples (x may be a tensor or a dict of tensors)."""
+    """The (x, y) batch of ``indices``: tensors indexed at once for a ``TensorDataset`` or a
+    ``ColumnsDataset``, else PyTorch's default collate of the samples (x may be a tensor or a dict
+    of tensors)."""
     if isinstance(ds, TensorDataset):
         idx = torch.as_tensor(indices)
         x, y = (t.index_select(0, idx) for t in ds.tensors[:2])
         return x, y
+    if isinstance(ds, ColumnsDataset):
+        idx = torch.as_tensor(indices)
+        return {c: t.index_select(0, idx) for c, t in ds.x.items()}, ds.y.index_select(0, idx)
     samples = [ds[int(i)] for i in indices]
     x, y = default_collate(samples)
     return x, y
+
+
+# --- Ray Datasets ------------------------------------------------------------------
+
+
+class ColumnsDataset(torch.utils.data.Dataset):
+    """Samples ``({column: x}, y)`` from tensors held in memory (a Ray Dataset's rows with several
+    input columns)."""
+
+    def __init__(self, x: dict[str, torch.Tensor], y: torch.Tensor):
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {c: t[i] for c, t in self.x.items()}, self.y[i]
+
+
+def is_ray_dataset(obj) -> bool:
+    """Whether ``obj`` is a ``ray.data.Dataset`` (checked without importing Ray Data)."""
+    return any(
+        c.__module__.startswith("ray.data") and c.__name__.endswith("Dataset")
+        for c in type(obj).__mro__
+    )
+
+
+def ray_columns(cfg: DataConfig) -> tuple[tuple[str, ...], str]:
+    xs = tuple(c.strip() for c in cfg.x_columns.split(",") if c.strip())
+    if not xs:
+        raise ConfigError("data.x_columns", "names no column; give the input column(s), e.g. x")
+    return xs, cfg.y_column
+
+
+def check_ray_columns(ds, cfg: DataConfig, what: str) -> None:
+    """The configured columns exist in the Ray Dataset ``ds`` (one line naming the flag if not)."""
+    xs, y = ray_columns(cfg)
+    with quiet_ray_data():
+        schema = ds.schema()
+    names = list(schema.names) if schema is not None else []
+    for column, flag in [(c, "data.x_columns") for c in xs] + [(y, "data.y_column")]:
+        if column not in names:
+            dashed = "--" + flag.removeprefix("data.").replace("_", "-")
+            raise ConfigError(
+                flag,
+                f"the {what} Ray Dataset has no column {column!r} (its columns: "
+                f"{', '.join(names) or 'none'}); name the column with {dashed}",
+            )
+
+
+def _column_tensor(values: list, column: str, flag: str) -> torch.Tensor:
+    a = np.concatenate(values) if values else np.zeros(0, dtype=np.float32)
+    if a.dtype == object:
+        raise ConfigError(
+            flag,
+            f"Ray Dataset column {column!r} holds values of different shapes or non-numbers; "
+            "every row needs a number or an array of one shape",
+        )
+    if np.issubdtype(a.dtype, np.floating):
+        a = a.astype(np.float32, copy=False)  # the models' dtype (float64 from pandas, say)
+    elif np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_:
+        a = a.astype(np.int64, copy=False)
+    else:
+        raise ConfigError(
+            flag, f"Ray Dataset column {column!r} has dtype {a.dtype}; it must hold numbers"
+        )
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _tensors_of(batches, cfg: DataConfig):
+    """Numpy batches ({column: array}) as tensors in memory: a ``TensorDataset`` for one input
+    column, a ``ColumnsDataset`` for several. Floating columns become float32, integer ones
+    int64."""
+    xs, y = ray_columns(cfg)
+    cols: dict[str, list] = {c: [] for c in (*xs, y)}
+    for batch in batches:
+        for c in cols:
+            cols[c].append(np.asarray(batch[c]))
+    x = {c: _column_tensor(cols[c], c, "data.x_columns") for c in xs}
+    target = _column_tensor(cols[y], y, "data.y_column")
+    if len(xs) == 1:
+        return TensorDataset(x[xs[0]], target)
+    return ColumnsDataset(x, target)
+
+
+@contextlib.contextmanager
+def quiet_ray_data():
+    """Ray Data's executions started here (counting, splitting, reading the eval set) print no
+    progress lines: the run's own output stays the run's."""
+    import logging
+
+    from ray.data import DataContext
+
+    ctx, log = DataContext.get_current(), logging.getLogger("ray.data")
+    bars, level = ctx.enable_progress_bars, log.level
+    ctx.enable_progress_bars = False
+    log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars = bars
+        log.setLevel(level)
+
+
+def ray_dataset_tensors(ds, cfg: DataConfig):
+    """All rows of the Ray Dataset ``ds`` (an eval set, or two rows to check) in memory."""
+    with quiet_ray_data():
+        return _tensors_of(ds.iter_batches(batch_size=None, batch_format="numpy"), cfg)
+
+
+def part_tensors(block_refs, cfg: DataConfig):
+    """One rank's part -- the object-store blocks ``split_ray_dataset`` gave it -- in memory, read
+    straight from its blocks (no Ray Data execution in the worker: nothing to schedule, nothing
+    printed)."""
+    import ray
+    from ray.data.block import BlockAccessor
+
+    xs, y = ray_columns(cfg)
+    blocks = ray.get(list(block_refs))
+    return _tensors_of((BlockAccessor.for_block(b).to_numpy([*xs, y]) for b in blocks), cfg)
+
+
+def split_ray_dataset(ds, num_workers: int) -> list[tuple]:
+    """Per rank, the object-store blocks of its part: equal row counts (the last ``N mod W`` rows
+    are dropped), in the dataset's row order, so the same dataset gives every rank the same rows in
+    every run. The blocks are owned by the caller (the driver) and live as long as it holds
+    them."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    keep = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True
+    try:
+        with quiet_ray_data():
+            return [tuple(p.to_arrow_refs()) for p in ds.split(num_workers, equal=True)]
+    finally:
+        ctx.execution_options.preserve_order = keep

@@ -16,6 +16,11 @@ itself, so a dataset that reads its files lazily stays lazy; a Dataset object
 given to the Python API is put into Ray's object store once and fetched by
 every worker. Batches are the same pure function of ``(seed, epoch, rank,
 step)`` as always: rank r owns ``perm[r::W]``.
+
+A Ray Dataset (given to the Python API, or returned by a factory, which is
+then called once, on the driver, once the run's Ray is up) is split there
+into one equal part per rank in its row order; each worker reads only its
+own part into memory and shuffles within it by the same pure function.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
-from raytrain_ft.data import batch_of
+from raytrain_ft.data import batch_of, check_ray_columns, is_ray_dataset, ray_dataset_tensors
 from raytrain_ft.errors import ConfigError
 
 BUILTIN_LOSSES = ("cross_entropy", "mse")
@@ -104,11 +109,16 @@ def mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 class DataSource:
     """Where a process gets the (train, eval) datasets: by calling ``factory``, or from Ray's object
     store (``ref``: Dataset objects the driver put there once; ``objects`` until Ray has
-    started)."""
+    started), or -- a Ray Dataset -- ``parts``: one equal part per rank, split on the driver
+    (``ray_train`` until then), each read into memory only by its rank."""
 
     factory: Callable[[], tuple] | None = None
     ref: Any = None
     objects: tuple | None = None
+    ray_train: Any = None
+    parts: tuple | None = None
+    data_config: Any = None
+    """The DataConfig naming a Ray Dataset's columns."""
 
     def get(self) -> tuple[Dataset, Dataset | None]:
         if self.factory is not None:
@@ -119,6 +129,20 @@ class DataSource:
         import ray
 
         return ray.get(self.ref)
+
+    @property
+    def presplit(self) -> bool:
+        """Whether a rank's training data is its own part (``train_for``) rather than the whole
+        set it takes ``perm[rank::W]`` of."""
+        return self.parts is not None
+
+    def train_for(self, rank: int) -> Dataset:
+        """The training data worker ``rank`` reads its batches from."""
+        if self.parts is not None:
+            from raytrain_ft.data import part_tensors
+
+            return part_tensors(self.parts[rank], self.data_config)
+        return self.get()[0]
 
 
 @dataclass(frozen=True)
@@ -135,13 +159,20 @@ class Task:
     then)."""
     num_train: int = 0
 
-    def placed(self) -> Task:
+    def placed(self, num_workers: int) -> Task:
         """The task as the workers get it: Dataset objects of the Python API put into Ray's object
-        store once."""
-        if self.data.objects is None:
-            return self
+        store once; a Ray Dataset split into one part per rank."""
         import dataclasses
 
+        if self.data.ray_train is not None:
+            from raytrain_ft.data import split_ray_dataset
+
+            parts = tuple(split_ray_dataset(self.data.ray_train, num_workers))
+            return dataclasses.replace(
+                self, data=DataSource(parts=parts, data_config=self.data.data_config)
+            )
+        if self.data.objects is None:
+            return self
         import ray
 
         return dataclasses.replace(self, data=DataSource(ref=ray.put(self.data.objects)))
@@ -167,15 +198,19 @@ class Task:
         from raytrain_ft.data import load_dataset
 
         mc, dc = config.model, config.data
+        num_train = None
         if train_data is not None:
-            if not hasattr(train_data, "__len__") or not hasattr(train_data, "__getitem__"):
+            if is_ray_dataset(train_data):
+                data, train, evaluation, num_train = _ray_data(train_data, eval_data, dc)
+            elif not hasattr(train_data, "__len__") or not hasattr(train_data, "__getitem__"):
                 raise ConfigError(
                     "train_data",
                     f"got {type(train_data).__name__}; give a map-style torch Dataset of (x, y) "
-                    "pairs",
+                    "pairs, or a ray.data.Dataset",
                 )
-            data = DataSource(objects=(train_data, eval_data))
-            train, evaluation = train_data, eval_data
+            else:
+                data = DataSource(objects=(train_data, _eval_set(eval_data, dc)))
+                train, evaluation = train_data, data.objects[1]
         elif is_import_string(dc.dataset):
             factory = resolve(dc.dataset, "data.dataset")
             if not callable(factory):
@@ -186,6 +221,10 @@ class Task:
                 )
             data = DataSource(factory=factory)
             train, evaluation = _call_factory(data, "data.dataset", dc.dataset)
+            if is_ray_dataset(train):  # made once, here, and split: not made again per worker
+                data, train, evaluation, num_train = _ray_data(train, evaluation, dc)
+            else:
+                evaluation = _eval_set(evaluation, dc)
         else:
             builtin = load_dataset(dc, config.seed)
             data = DataSource(factory=functools.partial(_builtin_data, dc, config.seed))
@@ -230,7 +269,7 @@ class Task:
             data,
             metrics,
             classification=loss_fn is F.cross_entropy,
-            num_train=len(train),
+            num_train=len(train) if num_train is None else num_train,
         )
         task.check(train, config.seed)
         return task, train, evaluation
@@ -330,6 +369,27 @@ def evaluate(
     return {name: value / n for name, value in totals.items()}
 
 
+def _eval_set(evaluation, dc):
+    """The eval set as the driver evaluates it: a Ray Dataset is read into memory here."""
+    if evaluation is not None and is_ray_dataset(evaluation):
+        check_ray_columns(evaluation, dc, "eval")
+        return ray_dataset_tensors(evaluation, dc)
+    return evaluation
+
+
+def _ray_data(train, evaluation, dc) -> tuple[DataSource, Dataset, Dataset | None, int]:
+    """A Ray Dataset as training data: its columns checked, two rows read for the driver's check,
+    its rows counted (the steps per epoch); split per rank once Ray runs the job
+    (``Task.placed``)."""
+    from raytrain_ft.data import quiet_ray_data
+
+    check_ray_columns(train, dc, "training")
+    sample = ray_dataset_tensors(train.limit(2), dc)
+    with quiet_ray_data():
+        count = train.count()
+    return DataSource(ray_train=train, data_config=dc), sample, _eval_set(evaluation, dc), count
+
+
 def _call_factory(data: DataSource, flag: str, spec: str) -> tuple:
     try:
         train, evaluation = data.get()
@@ -337,11 +397,13 @@ def _call_factory(data: DataSource, flag: str, spec: str) -> tuple:
         raise ConfigError(flag, f"{spec!r} must return (train, eval) datasets: {e}") from None
     except Exception as e:  # noqa: BLE001 -- the user's factory raised
         raise ConfigError(flag, f"{spec!r} raised {type(e).__name__}: {e}") from None
-    if not hasattr(train, "__len__") or not hasattr(train, "__getitem__"):
+    if not is_ray_dataset(train) and (
+        not hasattr(train, "__len__") or not hasattr(train, "__getitem__")
+    ):
         raise ConfigError(
             flag,
             f"{spec!r} returned {type(train).__name__} as the training set; give a map-style torch "
-            "Dataset of (x, y)",
+            "Dataset of (x, y), or a ray.data.Dataset",
         )
     return train, evaluation
 

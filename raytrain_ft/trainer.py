@@ -476,19 +476,28 @@ class Trainer:
             model=model, loss=loss, train_data=train_data, eval_data=eval_data, metrics=metrics
         )
 
-    def fit(self) -> TrainResult:
-        cfg = self.config
-        wall_start = time.time()
-        from raytrain_ft.task import Task, evaluate
+    def _prepare(self, kills) -> tuple:
+        """The task (checked with one forward and one loss), the eval set, the model, the shards,
+        the run's length and the step it starts at."""
+        from raytrain_ft.task import Task
 
-        if self.parts["train_data"] is None and ":" not in cfg.data.dataset:
-            check_source(cfg.data)
+        cfg = self.config
         task, _, eval_data = Task.build(cfg, **self.parts)
         model = task.build_model(cfg.seed)
         init_flat = flatten_state(model)
-        num_params = num_trainable(model)
-        ranges = shard_ranges(init_flat.numel(), cfg.cluster.num_servers, num_params)
+        ranges = shard_ranges(init_flat.numel(), cfg.cluster.num_servers, num_trainable(model))
         total_steps = total_steps_for(cfg, task.num_train)
+        check_steps(kills, total_steps)
+        start_step = (
+            check_resumable(cfg.recovery.resume_from, ranges) if cfg.recovery.resume_from else 0
+        )
+        return task, eval_data, model, ranges, total_steps, start_step
+
+    def fit(self) -> TrainResult:
+        cfg = self.config
+        wall_start = time.time()
+        from raytrain_ft.task import evaluate, is_import_string, resolve
+
         kills = parse_kills(cfg.chaos.kill)
         check_targets(
             kills,
@@ -497,12 +506,28 @@ class Trainer:
             cfg.cluster.local_nodes,
             cfg.recovery.num_spares,
         )
-        check_steps(kills, total_steps)
-        start_step = (
-            check_resumable(cfg.recovery.resume_from, ranges) if cfg.recovery.resume_from else 0
-        )
+        prepared = None
+        if self.parts["train_data"] is None and is_import_string(cfg.data.dataset):
+            # the factory may make Ray Datasets, which need Ray: it runs in the run's session
+            # (a typo in the import string still fails before Ray starts)
+            resolve(cfg.data.dataset, "data.dataset")
+        else:
+            if self.parts["train_data"] is None:
+                check_source(cfg.data)
+            prepared = self._prepare(kills)
         with ray_session(cfg) as session:
-            run = _Run(cfg, ranges, total_steps, task.placed(), kills, session, start_step)
+            if prepared is None:
+                prepared = self._prepare(kills)
+            task, eval_data, model, ranges, total_steps, start_step = prepared
+            run = _Run(
+                cfg,
+                ranges,
+                total_steps,
+                task.placed(cfg.cluster.num_workers),
+                kills,
+                session,
+                start_step,
+            )
             try:
                 run.start()
                 statuses, train_time_s = run.wait(self.on_progress)
@@ -558,7 +583,7 @@ class Trainer:
             bytes_pushed=sum(s.bytes_pushed for s in statuses),
             bytes_pulled=sum(s.bytes_pulled for s in statuses),
             clock_traces=[list(st.clock_trace) for st in stats],
-            num_params=num_params,
+            num_params=num_trainable(model),
             workers=[
                 {
                     "rank": s.rank,

@@ -146,7 +146,7 @@ class Worker:
         self.task = task
         self._simulate_s = config.cluster.simulate_compute_ms / 1000.0
         self.train = (
-            task.data.get()[0] if not self._simulate_s else None
+            task.data.train_for(rank) if not self._simulate_s else None
         )  # a simulated step reads no data
         self.model = task.build_model(config.seed).to(self.device)
         self.flat = FlatModel(self.model, self.device)
@@ -285,6 +285,7 @@ class Worker:
             start_step=start_step,
             end_step=self._end_step if end_step is None else end_step,
             prefetch=cfg.data.prefetch_batches,
+            presplit=self.task.data.presplit,
         )
 
     def _run(self) -> None:

@@ -22,9 +22,9 @@ from raytrain_ft.task import Task, evaluate
 from raytrain_ft.trainer import Trainer
 
 
-def _cfg(steps, **kw):
+def _cfg(steps, data=None, **kw):
     return TrainConfig(
-        data=DataConfig(batch_size=16),
+        data=data or DataConfig(batch_size=16),
         cluster=ClusterConfig(num_workers=2, num_servers=1),
         recovery=RecoveryConfig(snapshot_interval=10, num_spares=0),
         steps=steps,
@@ -33,19 +33,40 @@ def _cfg(steps, **kw):
     )
 
 
-def test_diabetes_regression_through_the_python_api_beats_the_mean_and_exports(ray_local, tmp_path):
-    train, held_out = diabetes.data()
+def test_diabetes_from_ray_datasets_beats_the_mean_exports_and_kills_change_nothing(
+    ray_local, tmp_path
+):
+    """Ray Datasets as train_data and eval_data through the Python API: each rank trains on its own
+    equal part (read by that rank alone), the run beats predicting the mean, the exported state
+    dict scores the reported eval_loss, and a primary and a worker killed mid-run (no spare) change
+    no bit."""
+    import ray
+
+    from raytrain_ft.data import part_tensors, split_ray_dataset
+
+    train, held_out = diabetes.ray_data()
+    torch_train, torch_eval = diabetes.data()
     cfg = _cfg(300, optim=OptimConfig(lr=0.02, momentum=0.9))
-    result = Trainer(
-        cfg,
-        model=diabetes.model,
-        loss="mse",
-        train_data=train,
-        eval_data=held_out,
-        metrics=diabetes.metrics,
-    ).fit()
+    parts = [part_tensors(p, cfg.data) for p in split_ray_dataset(train, 2)]
+    n = len(torch_train) // 2
+    assert [len(p) for p in parts] == [n, n]  # equal parts, in the dataset's row order
+    assert torch.equal(torch.cat([p.tensors[0] for p in parts]), torch_train.tensors[0][: 2 * n])
+
+    def fit(kill=None):
+        cfg.chaos.kill = kill
+        return Trainer(
+            cfg,
+            model=diabetes.model,
+            loss="mse",
+            train_data=train,
+            eval_data=held_out,
+            metrics=diabetes.metrics,
+        ).fit()
+
+    result = fit()
+    assert isinstance(train, ray.data.Dataset)
     mean_mse = float(
-        ((held_out.tensors[1] - train.tensors[1].mean()) ** 2).mean()
+        ((torch_eval.tensors[1] - torch_train.tensors[1].mean()) ** 2).mean()
     )  # predicting the training mean
     assert result.eval_loss < 0.75 * mean_mse, (result.eval_loss, mean_mse)
     assert (
@@ -58,9 +79,27 @@ def test_diabetes_regression_through_the_python_api_beats_the_mean_and_exports(r
     fresh = diabetes.model()
     fresh.load_state_dict(torch.load(path, weights_only=True))
     task, _, _ = Task.build(
-        cfg, model=diabetes.model, loss="mse", train_data=train, eval_data=held_out
+        cfg, model=diabetes.model, loss="mse", train_data=torch_train, eval_data=torch_eval
     )
-    assert evaluate(task, fresh, held_out)["eval_loss"] == pytest.approx(result.eval_loss, rel=1e-6)
+    assert evaluate(task, fresh, torch_eval)["eval_loss"] == pytest.approx(
+        result.eval_loss, rel=1e-6
+    )
+    killed = fit("worker:1@step=100,server:0@step=150")
+    assert sorted(e["role"] for e in killed.recoveries) == ["server", "worker"]
+    assert killed.params_sha256 == result.params_sha256
+
+
+def test_a_ray_dataset_without_the_named_columns_is_refused_naming_the_flag(ray_local):
+    from raytrain_ft.errors import ConfigError
+
+    train, held_out = diabetes.ray_data()
+    with pytest.raises(ConfigError, match=r"no column 'features' \(its columns: x, y\); name the "):
+        Trainer(
+            _cfg(10, data=DataConfig(batch_size=16, x_columns="features")),
+            model=diabetes.model,
+            loss="mse",
+            train_data=train,
+        ).fit()
 
 
 def test_a_transformer_through_the_cli_with_import_strings(ray_local, tmp_path, capsys):
@@ -127,7 +166,7 @@ def test_odd_user_model_same_seed_same_hash_and_kills_change_nothing(ray_local):
         model=ModelConfig(name="tests.integration.test_user_models:Odd", loss="mse"),
         data=DataConfig(dataset="tests.integration.test_user_models:odd_data", batch_size=16),
         cluster=ClusterConfig(num_workers=2, num_servers=2),
-        recovery=RecoveryConfig(snapshot_interval=5, num_spares=1),
+        recovery=RecoveryConfig(snapshot_interval=5, num_spares=0),
         optim=OptimConfig(lr=0.02, momentum=0.9, weight_decay=1e-4),
         steps=30,
         seed=5,

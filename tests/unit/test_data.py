@@ -291,3 +291,32 @@ def test_too_many_workers_is_blamed_on_the_worker_count():
         r"\(359 samples each\); lower --batch-size to at most 359, or use at most 2 --num-workers",
     ):
         checked_steps_per_epoch(1438, 4, 512)
+
+
+def test_a_presplit_part_is_shuffled_whole_by_its_rank_each_epoch():
+    """A rank's own part (a Ray Dataset split on the driver): every epoch visits each of its rows
+    once (the last partial batch dropped), in an order fixed by (seed, epoch, rank)."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from raytrain_ft.data import BatchStream
+
+    part = TensorDataset(torch.arange(20), torch.arange(20))
+
+    def epochs(rank):
+        s = BatchStream(
+            part,
+            seed=1,
+            rank=rank,
+            num_workers=4,
+            batch_size=5,
+            start_step=0,
+            end_step=8,
+            prefetch=0,
+            presplit=True,
+        )
+        return [torch.cat([s.next()[0] for _ in range(4)]).tolist() for _ in range(2)]
+
+    a = epochs(1)
+    assert all(sorted(e) == list(range(20)) for e in a) and a[0] != a[1]
+    assert epochs(1) == a and epochs(2) != a
