@@ -644,8 +644,10 @@ def decide(
             and (all_up or reg.phase is RunPhase.RUNNING)
         ):
             out.append(Decision(Action.START_WORKER, rank, f"worker {rank} is up and not training"))
-    # the end is declared only on a round every server answered: a holder silent for a moment may be
-    # dead
+    # the end is declared only on a round every server answered (a holder silent for a moment may be
+    # dead) and every slot serves: workers may be done while a primary is still being rebuilt (with
+    # relaxed durability their last pushes were answered before the primary died), and the final
+    # parameters are read from the primaries
     replicated = spec.recovery != "replica" or (
         all(reg.replicated) and all(view.alive(s.actor) for s in reg.slots)
     )
@@ -654,6 +656,7 @@ def decide(
         and all(w.phase is WorkerPhase.DONE for w in reg.workers)
         and not out
         and replicated
+        and all(s.phase is SlotPhase.SERVING for s in reg.slots)
     ):
         return [
             Decision(

@@ -251,7 +251,7 @@ _done_unreplicated = _reg(worker=WorkerPhase.DONE, replicated=(True, False))
 _replaced_max = _reg(tweak=lambda r: r.__setattr__("server_replacements", 100))
 
 
-def _recovering(k=2):
+def _recovering(k=2, worker=WorkerPhase.RUNNING):
     """Slot 0 is being rebuilt on spare "sp2" at epoch 2, replacing "a" (what "a" held is not
     replicated)."""
 
@@ -261,7 +261,7 @@ def _recovering(k=2):
         for s in replica_shards(0, k):
             r.replicated[s] = False
 
-    return _reg(k=k, tweak=tweak)
+    return _reg(k=k, worker=worker, tweak=tweak)
 
 
 DECIDE = [
@@ -512,6 +512,16 @@ DECIDE = [
         _spec(),
         _recovering(),
         _view(_recovering()),
+        (("recover", 0),),
+        [],
+        None,
+    ),
+    (
+        "all workers done, a primary still being rebuilt: no finish (found by the simulator: with "
+        "relaxed durability the last pushes were answered before the primary died)",
+        _spec(1),
+        _recovering(1, worker=WorkerPhase.DONE),
+        _view(_recovering(1, worker=WorkerPhase.DONE), k=1),
         (("recover", 0),),
         [],
         None,
