@@ -421,7 +421,7 @@ class RecoveryConfig:
     """strict: a worker's push is answered once its update is logged by the holder (no
     acknowledged update is ever lost) | relaxed:K: answered once applied, with at most K updates
     of a shard not yet logged -- a primary's death loses at most K acknowledged updates (counted
-    in the summary's updates_lost); async and ssp only."""
+    in the summary's updates_lost); async only."""
     expected_mtbf_s: float = 3600.0
     """snapshot_interval auto: the mean time between server failures to plan for (failovers seen
     in the run raise the rate)."""
@@ -659,13 +659,13 @@ class TrainConfig:
                 "replicas)",
             )
         if self.recovery.durability != "strict" and (
-            self.mode not in ("async", "ssp") or self.recovery.mode != "replica"
+            self.mode != "async" or self.recovery.mode != "replica"
         ):
             raise ConfigError(
                 "recovery.durability",
-                "relaxed durability needs --mode async or ssp and --recovery replica (sync keeps "
-                "every acknowledged update; a mixed group whose update is lost could be left with "
-                "its members a step apart, each waiting for the other)",
+                "relaxed durability needs --mode async and --recovery replica (sync keeps every "
+                "acknowledged update; in ssp and mixed a lost update leaves its sender's clock "
+                "behind for good, and the others wait for it)",
             )
         if self.mode == "mixed" and w % c.group_size:
             sizes = [min(c.group_size, w - first) for first in range(0, w, c.group_size)]

@@ -149,7 +149,7 @@ def random_config(rng: random.Random, mode: str) -> SimConfig:
         num_spares=rng.choice((0, 1, 1, 2)),
         max_faults=rng.choice((1, 2, 3, 4)),
         # drawn last: every other field of a schedule is what it was before relaxed durability
-        unlogged=rng.choice((0, 0, 1, 2)) if mode in ("async", "ssp") else 0,
+        unlogged=rng.choice((0, 0, 1, 2)) if mode == "async" else 0,
     )
 
 

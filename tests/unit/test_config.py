@@ -39,6 +39,7 @@ def test_defaults_validate():
         ({"durability": "relaxed:2"}, "recovery.durability"),  # sync keeps strict
         ({"durability": "relaxed:2", "mode": "async", "recovery": "none"}, "recovery.durability"),
         ({"durability": "relaxed:2", "mode": "mixed", "num_workers": "4"}, "recovery.durability"),
+        ({"durability": "relaxed:1", "mode": "ssp"}, "recovery.durability"),
         ({"momentum_correction": "half"}, "consistency.momentum_correction"),
         ({"local_steps": "4"}, "consistency.local_steps"),
         ({"inner_optimizer": "adamw"}, "consistency.local_steps"),
