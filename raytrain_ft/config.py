@@ -236,6 +236,9 @@ class DataConfig:
             raise ConfigError(
                 "data.eval_fraction", f"must be in (0, 1), got {self.eval_fraction!r}"
             )
+        for name, value in (("data.x_columns", self.x_columns), ("data.y_column", self.y_column)):
+            if not value.replace(",", "").strip():
+                raise ConfigError(name, "names no column; give the Ray Dataset's column name(s)")
         if self.dataset == "parquet" and not self.data_path:
             raise ConfigError("data.data_path", "dataset 'parquet' needs --data-path FILE_OR_DIR")
         if self.data_path and self.dataset in ("digits", "synthetic"):

@@ -547,10 +547,8 @@ def is_ray_dataset(obj) -> bool:
 
 
 def ray_columns(cfg: DataConfig) -> tuple[tuple[str, ...], str]:
-    xs = tuple(c.strip() for c in cfg.x_columns.split(",") if c.strip())
-    if not xs:
-        raise ConfigError("data.x_columns", "names no column; give the input column(s), e.g. x")
-    return xs, cfg.y_column
+    """The input column(s) and the target column (the config refuses names that are empty)."""
+    return tuple(c.strip() for c in cfg.x_columns.split(",") if c.strip()), cfg.y_column.strip()
 
 
 def check_ray_columns(ds, cfg: DataConfig, what: str) -> None:

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
+from raytrain_ft.config import DataConfig
 from raytrain_ft.data import batch_of, check_ray_columns, is_ray_dataset, ray_dataset_tensors
 from raytrain_ft.errors import ConfigError
 
@@ -199,7 +200,9 @@ class Task:
 
         mc, dc = config.model, config.data
         num_train = None
+        columns_used = False  # whether a Ray Dataset's columns are read (--x-columns, --y-column)
         if train_data is not None:
+            columns_used = is_ray_dataset(train_data) or is_ray_dataset(eval_data)
             if is_ray_dataset(train_data):
                 data, train, evaluation, num_train = _ray_data(train_data, eval_data, dc)
             elif not hasattr(train_data, "__len__") or not hasattr(train_data, "__getitem__"):
@@ -221,6 +224,7 @@ class Task:
                 )
             data = DataSource(factory=factory)
             train, evaluation = _call_factory(data, "data.dataset", dc.dataset)
+            columns_used = is_ray_dataset(train) or is_ray_dataset(evaluation)
             if is_ray_dataset(train):  # made once, here, and split: not made again per worker
                 data, train, evaluation, num_train = _ray_data(train, evaluation, dc)
             else:
@@ -256,6 +260,22 @@ class Task:
                     "model with your data",
                 )
             model = functools.partial(_builtin_model, mc, builtin.in_shape, builtin.num_classes)
+        defaults = DataConfig()
+        named = [
+            (flag, value)
+            for flag, value, default in (
+                ("data.x_columns", dc.x_columns, defaults.x_columns),
+                ("data.y_column", dc.y_column, defaults.y_column),
+            )
+            if value != default
+        ]
+        if named and not columns_used:
+            flag, value = named[0]
+            raise ConfigError(
+                flag,
+                f"{value!r} names a Ray Dataset's column, but the data is no Ray Dataset, so it "
+                f"would be ignored; drop --{flag.removeprefix('data.').replace('_', '-')}",
+            )
         loss_fn = loss_function(loss if loss is not None else mc.loss)
         if metrics is not None and not callable(metrics):
             raise ConfigError(

@@ -105,6 +105,8 @@ def test_main_job_survives_a_kill_reaches_accuracy_and_writes_summary_and_report
 
 BAD_INPUTS = [
     (["--model", "vgg"], "model.name: unknown value 'vgg'"),
+    (["--y-column", "label"], "data.y_column: 'label' names a Ray Dataset's column"),
+    (["--x-columns", ","], "data.x_columns: names no column"),
     (["--optimizer", "lamb"], "optim.name: unknown value 'lamb'"),
     (["--batch-size", "0"], "data.batch_size: must be > 0"),
     (["--num-servers", "-2"], "cluster.num_servers: must be > 0"),

@@ -169,3 +169,18 @@ def test_resolve_finds_modules_in_the_working_directory(tmp_path, monkeypatch):
     (tmp_path / "my_model_mod.py").write_text("def build():\n    return 7\n")
     monkeypatch.chdir(tmp_path)
     assert resolve("my_model_mod:build", "model.name")() == 7
+
+
+def test_ray_dataset_columns_named_for_data_that_has_none_are_refused():
+    """--x-columns / --y-column name a Ray Dataset's columns: with a torch Dataset they would be
+    ignored, so they are refused naming the flag; an empty name is refused by the config."""
+    c = TrainConfig(
+        model=ModelConfig(name="tests.unit.test_task:linear"),
+        data=DataConfig(dataset="tests.unit.test_task:data", y_column="label"),
+    )
+    with pytest.raises(ConfigError, match="would be ignored; drop --y-column") as e:
+        Task.build(c)
+    assert e.value.field == "data.y_column"
+    with pytest.raises(ConfigError, match="names no column") as e:
+        DataConfig(x_columns=" , ")
+    assert e.value.field == "data.x_columns"
