@@ -258,6 +258,11 @@ class DataConfig:
             parse_image_shape(self.image_shape)
 
 
+def flag_of(field: str) -> str:
+    """The CLI flag of a field named like its flag (``data.x_columns`` -> ``--x-columns``)."""
+    return "--" + field.rsplit(".", 1)[-1].replace("_", "-")
+
+
 def parse_image_shape(text: str) -> tuple[int, int, int]:
     try:
         dims = tuple(int(x) for x in text.split(","))

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset, default_collate
 
-from raytrain_ft.config import DataConfig, parse_image_shape
+from raytrain_ft.config import DataConfig, flag_of, parse_image_shape
 from raytrain_ft.errors import ConfigError, DataError
 
 IMAGE_SHAPE_METADATA_KEY = b"raytrain_ft.image_shape"
@@ -554,16 +554,15 @@ def ray_columns(cfg: DataConfig) -> tuple[tuple[str, ...], str]:
 def check_ray_columns(ds, cfg: DataConfig, what: str) -> None:
     """The configured columns exist in the Ray Dataset ``ds`` (one line naming the flag if not)."""
     xs, y = ray_columns(cfg)
-    with quiet_ray_data():
+    with ray_data_run():
         schema = ds.schema()
     names = list(schema.names) if schema is not None else []
     for column, flag in [(c, "data.x_columns") for c in xs] + [(y, "data.y_column")]:
         if column not in names:
-            dashed = "--" + flag.removeprefix("data.").replace("_", "-")
             raise ConfigError(
                 flag,
                 f"the {what} Ray Dataset has no column {column!r} (its columns: "
-                f"{', '.join(names) or 'none'}); name the column with {dashed}",
+                f"{', '.join(names) or 'none'}); name the column with {flag_of(flag)}",
             )
 
 
@@ -603,27 +602,35 @@ def _tensors_of(batches, cfg: DataConfig):
 
 
 @contextlib.contextmanager
-def quiet_ray_data():
-    """Ray Data's executions started here (counting, splitting, reading the eval set) print no
-    progress lines: the run's own output stays the run's."""
+def ray_data_run():
+    """Ray Data's executions started here (materializing, counting, reading the eval set) keep the
+    dataset's row order and print no progress lines (the run's own output stays the run's); the
+    caller's settings are restored after."""
     import logging
 
     from ray.data import DataContext
 
     ctx, log = DataContext.get_current(), logging.getLogger("ray.data")
-    bars, level = ctx.enable_progress_bars, log.level
-    ctx.enable_progress_bars = False
+    order, bars, level = ctx.execution_options.preserve_order, ctx.enable_progress_bars, log.level
+    ctx.execution_options.preserve_order, ctx.enable_progress_bars = True, False
     log.setLevel(logging.WARNING)
     try:
         yield
     finally:
-        ctx.enable_progress_bars = bars
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars = order, bars
         log.setLevel(level)
+
+
+def materialized(ds):
+    """The Ray Dataset ``ds`` executed once, in its row order, into the object store (owned by the
+    caller): counting, checking and splitting it then read no source twice."""
+    with ray_data_run():
+        return ds.materialize()
 
 
 def ray_dataset_tensors(ds, cfg: DataConfig):
     """All rows of the Ray Dataset ``ds`` (an eval set, or two rows to check) in memory."""
-    with quiet_ray_data():
+    with ray_data_run():
         return _tensors_of(ds.iter_batches(batch_size=None, batch_format="numpy"), cfg)
 
 
@@ -644,13 +651,5 @@ def split_ray_dataset(ds, num_workers: int) -> list[tuple]:
     are dropped), in the dataset's row order, so the same dataset gives every rank the same rows in
     every run. The blocks are owned by the caller (the driver) and live as long as it holds
     them."""
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    keep = ctx.execution_options.preserve_order
-    ctx.execution_options.preserve_order = True
-    try:
-        with quiet_ray_data():
-            return [tuple(p.to_arrow_refs()) for p in ds.split(num_workers, equal=True)]
-    finally:
-        ctx.execution_options.preserve_order = keep
+    with ray_data_run():
+        return [tuple(p.to_arrow_refs()) for p in ds.split(num_workers, equal=True)]

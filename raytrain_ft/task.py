@@ -38,8 +38,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
-from raytrain_ft.config import DataConfig
-from raytrain_ft.data import batch_of, check_ray_columns, is_ray_dataset, ray_dataset_tensors
+from raytrain_ft.config import DataConfig, flag_of
+from raytrain_ft.data import (
+    batch_of,
+    check_ray_columns,
+    is_ray_dataset,
+    materialized,
+    ray_dataset_tensors,
+)
 from raytrain_ft.errors import ConfigError
 
 BUILTIN_LOSSES = ("cross_entropy", "mse")
@@ -274,7 +280,7 @@ class Task:
             raise ConfigError(
                 flag,
                 f"{value!r} names a Ray Dataset's column, but the data is no Ray Dataset, so it "
-                f"would be ignored; drop --{flag.removeprefix('data.').replace('_', '-')}",
+                f"would be ignored; drop {flag_of(flag)}",
             )
         loss_fn = loss_function(loss if loss is not None else mc.loss)
         if metrics is not None and not callable(metrics):
@@ -398,16 +404,18 @@ def _eval_set(evaluation, dc):
 
 
 def _ray_data(train, evaluation, dc) -> tuple[DataSource, Dataset, Dataset | None, int]:
-    """A Ray Dataset as training data: its columns checked, two rows read for the driver's check,
-    its rows counted (the steps per epoch); split per rank once Ray runs the job
-    (``Task.placed``)."""
-    from raytrain_ft.data import quiet_ray_data
-
+    """A Ray Dataset as training data: its columns checked, executed once into the object store, two
+    rows read for the driver's check, its rows counted (the steps per epoch); split per rank once
+    Ray runs the job (``Task.placed``)."""
     check_ray_columns(train, dc, "training")
+    train = materialized(train)
     sample = ray_dataset_tensors(train.limit(2), dc)
-    with quiet_ray_data():
-        count = train.count()
-    return DataSource(ray_train=train, data_config=dc), sample, _eval_set(evaluation, dc), count
+    return (
+        DataSource(ray_train=train, data_config=dc),
+        sample,
+        _eval_set(evaluation, dc),
+        train.count(),
+    )
 
 
 def _call_factory(data: DataSource, flag: str, spec: str) -> tuple:
