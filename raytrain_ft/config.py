@@ -532,10 +532,13 @@ class ConsistencyConfig:
     delay_compensation: float = 0.0
     """async/ssp/mixed: DC-ASGD strength, 0 = off (a stale gradient is corrected by the change of
     the parameters since it was computed, g + strength * g*g/sqrt(mean g*g) * (w_now - w_then))."""
-    momentum_correction: MomentumCorrection = "none"
-    """async/ssp/mixed: none | auto (each update's momentum chosen so that, with the momentum
-    asynchrony itself adds, it remembers as many samples as sync's, at the same step per gradient;
-    see consistency.Rule.momentum)."""
+    momentum_correction: MomentumCorrection = "dana"
+    """async/ssp/mixed with SGD momentum: dana (each update stream -- a rank, a mixed group -- keeps
+    its own momentum buffer at the shard, and workers compute on the look-ahead parameters; see
+    consistency.Rule.momentum_stream) | none (one buffer, momentum on every update) | auto (each
+    update's momentum chosen so that, with the momentum asynchrony itself adds, it remembers as
+    many samples as sync's, at the same step per gradient; see consistency.Rule.momentum). Sync and
+    local_sgd have one stream: nothing to correct."""
     local_steps: int = 8
     """local_sgd: local optimizer steps per round (one push per round)."""
     inner_optimizer: InnerOptimizer = "sgd"

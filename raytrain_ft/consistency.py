@@ -40,7 +40,7 @@ Mode = Literal["sync", "async", "ssp", "mixed", "local_sgd"]
 MODES: tuple[str, ...] = get_args(Mode)
 StalenessLr = Literal["none", "inverse"]
 STALENESS_LR: tuple[str, ...] = get_args(StalenessLr)
-MomentumCorrection = Literal["none", "auto"]
+MomentumCorrection = Literal["none", "auto", "dana"]
 MOMENTUM_CORRECTION: tuple[str, ...] = get_args(MomentumCorrection)
 
 
@@ -73,7 +73,8 @@ class Rule:
     momentum_correction: str = "none"
     """async/ssp/mixed: ``auto`` gives each update the momentum that, with the momentum asynchrony
     itself adds, remembers as many samples as sync's, keeping the step per gradient; see
-    ``momentum``."""
+    ``momentum``. ``dana`` gives each update stream its own momentum buffer and hands workers
+    look-ahead parameters; see ``momentum_stream``."""
     delay_compensation: float = 0.0
     """async/ssp/mixed: DC-ASGD's strength (0 = off); see ``DelayCompensation``."""
 
@@ -202,11 +203,33 @@ class Rule:
         rate.
         """
         streams = self.update_streams
-        if self.momentum_correction == "none" or streams == 1 or momentum == 0:
+        if self.momentum_correction != "auto" or streams == 1 or momentum == 0:
             return momentum, 1.0
         memory = streams * momentum / (1.0 - momentum) - (streams - 1)
         corrected = memory / (1.0 + memory) if memory > 0 else 0.0
         return corrected, (1.0 - corrected) / (1.0 - momentum)
+
+    def momentum_stream(self, rank: int) -> int:
+        """The update stream whose own momentum buffer an update of ``rank``'s pushes uses, or -1
+        for the shard's one buffer.
+
+        ``dana`` (DANA-Zero, Hakimi et al., "Taming Momentum in a Distributed
+        Asynchronous Environment", 2019): a shard keeps one SGD momentum
+        buffer per update stream (a rank in async/ssp, a group in mixed) and
+        answers pulls with the look-ahead ``w - lr * m * sum of the buffers``
+        (``optim.SGD.lookahead``). Each stream's buffer then decays once per
+        round of the streams, as sync's decays once per step, and a gradient
+        is computed about where the parameters will be when it lands. With a
+        fixed arrival order and a staleness of ``num_workers - 1`` (the worst
+        case), plain momentum 0.9 loses most of what it learnt on the digits
+        CNN and per-stream momentum with look-ahead matches sync
+        (``experiments/consistency/async_defaults.py``). Costs a buffer per
+        stream in the shard's state (and its snapshots). Sync, local_sgd and a
+        single stream use the one buffer.
+        """
+        if self.momentum_correction != "dana" or self.update_streams == 1:
+            return -1
+        return self.group(rank)[0]
 
 
 class DelayCompensation:

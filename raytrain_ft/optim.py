@@ -32,6 +32,9 @@ class HyperParams:
     beta2: float = 0.999
     alpha: float = 0.99
     eps: float = 1e-8
+    stream: int = -1
+    """SGD with momentum: the update stream whose own momentum buffer this update uses (DANA, see
+    ``SGD``); -1: the shard's one buffer."""
 
 
 class FlatOptimizer(abc.ABC):
@@ -58,6 +61,11 @@ class FlatOptimizer(abc.ABC):
         self.step_count = int(state["step_count"])
         self.state = {k: v.clone() for k, v in state["state"].items()}
 
+    def lookahead(self, param: torch.Tensor) -> torch.Tensor | None:
+        """Parameters a worker should compute its next gradient on, if not ``param`` itself (None);
+        see ``SGD.lookahead``."""
+        return None
+
     def _buf(self, key: str, like: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
         if key not in self.state:
             self.state[key] = torch.full_like(like, fill)
@@ -72,21 +80,52 @@ def _with_weight_decay(
     return grad.add(param, alpha=weight_decay) if weight_decay != 0 else grad
 
 
+STREAM_BUFFER = "momentum_buffer."
+"""SGD state key prefix of a stream's own momentum buffer (``HyperParams.stream``)."""
+STREAM_SUM = "momentum_sum"
+"""SGD state: the sum of the streams' buffers (kept as they change; what the look-ahead uses)."""
+LOOKAHEAD = "lookahead_scale"
+"""SGD state: lr * momentum of the last per-stream update (the look-ahead's step)."""
+
+
 class SGD(FlatOptimizer):
+    """torch.optim.SGD's formula; with ``hp.stream >= 0`` the update uses that stream's own momentum
+    buffer (DANA: an asynchronous shard keeps one per update stream, so each stream's momentum
+    remembers its own gradients as sync's remembers its steps' means)."""
+
     name = "sgd"
 
     def step(self, param, grad, hp):
         self.step_count += 1
         d_p = _with_weight_decay(grad, param, hp.weight_decay)
         if hp.momentum != 0:
-            if "momentum_buffer" not in self.state:
-                self.state["momentum_buffer"] = d_p.clone().detach()
-                buf = self.state["momentum_buffer"]
+            key = "momentum_buffer" if hp.stream < 0 else f"{STREAM_BUFFER}{hp.stream}"
+            if key not in self.state:
+                self.state[key] = d_p.clone().detach()
+                buf = self.state[key]
+                if hp.stream >= 0:
+                    self._buf(STREAM_SUM, param).add_(buf)
             else:
-                buf = self.state["momentum_buffer"]
+                buf = self.state[key]
+                if hp.stream >= 0:  # the sum moves by the buffer's change, (m - 1) * buf + d_p
+                    self.state[STREAM_SUM].add_(buf, alpha=hp.momentum - 1.0).add_(d_p)
                 buf.mul_(hp.momentum).add_(d_p)
+            if hp.stream >= 0:
+                self.state[LOOKAHEAD] = torch.tensor(hp.lr * hp.momentum, dtype=torch.float64)
             d_p = d_p.add(buf, alpha=hp.momentum) if hp.nesterov else buf
         param.add_(d_p, alpha=-hp.lr)
+
+    def lookahead(self, param: torch.Tensor) -> torch.Tensor | None:
+        """DANA-Zero's look-ahead (Hakimi et al., "Taming Momentum in a Distributed Asynchronous
+        Environment", 2019): where ``param`` is heading if every update stream applies its momentum
+        once more, ``param - lr * m * sum of the streams' buffers`` (lr and m of the last update);
+        None without per-stream buffers. A worker computes its gradient there: by the time the
+        gradient is applied the other streams have moved the parameters about that far, so the
+        gradient is less stale than one computed on ``param``."""
+        total = self.state.get(STREAM_SUM)
+        if total is None:
+            return None
+        return param - float(self.state[LOOKAHEAD]) * total
 
 
 class RMSProp(FlatOptimizer):

@@ -60,8 +60,10 @@ VARIANTS = {
     "corrected": (dict(momentum_correction="auto", staleness_lr="none"), (0.9, 0.05)),
     # a shorter momentum memory at the same step per gradient, lr / (1 - momentum) = 0.5
     "momentum 0.75": (dict(momentum_correction="none", staleness_lr="none"), (0.75, 0.125)),
-    "dc 0.5": (dict(delay_compensation=0.5), (0.9, 0.05)),
-    "dc 2": (dict(delay_compensation=2.0), (0.9, 0.05)),
+    "dc 0.5": (dict(momentum_correction="none", delay_compensation=0.5), (0.9, 0.05)),
+    "dc 2": (dict(momentum_correction="none", delay_compensation=2.0), (0.9, 0.05)),
+    # per-stream momentum with look-ahead pulls (DANA-Zero), the default since this study
+    "dana": (dict(momentum_correction="dana", staleness_lr="none"), (0.9, 0.05)),
 }
 MODES = {"async": {}, "ssp": dict(staleness=2), "mixed": dict(group_size=2)}
 

@@ -127,6 +127,8 @@ class _Primary:
     """Update key -> [(rid, want_params, rank)] of pushes buffered in an update not yet complete."""
     held: list[_Held] = field(default_factory=list)
     latest: np.ndarray | None = None
+    out: np.ndarray | None = None
+    """What replies hand workers (``latest``, or its look-ahead with per-stream momentum)."""
     stale: bool = True
     previous: np.ndarray | None = None
     deposed: bool = False
@@ -552,8 +554,10 @@ class ServerProtocol:
         hp = state.hyper_params(step)
         scale = rule.lr_scale(len(pending.grads), stalest)
         momentum, gain = rule.momentum(hp.momentum)
-        if scale * gain != 1.0 or momentum != hp.momentum:
-            hp = dataclasses.replace(hp, lr=hp.lr * scale * gain, momentum=momentum)
+        sgd = self.spec.optim.name == "sgd"
+        stream = rule.momentum_stream(min(pending.grads)) if hp.momentum and sgd else -1
+        if scale * gain != 1.0 or momentum != hp.momentum or stream >= 0:
+            hp = dataclasses.replace(hp, lr=hp.lr * scale * gain, momentum=momentum, stream=stream)
         pushes = tuple((r, step) for r in sorted(pending.grads))
         residuals = tuple((r, step, pending.residuals[r]) for r in sorted(pending.residuals))
         if (
@@ -630,14 +634,30 @@ class ServerProtocol:
     def _params_now(self, p: _Primary) -> np.ndarray:
         """The current parameters as an array no later update changes (copied at most once per
         update)."""
+        self._refresh(p)
+        return p.latest
+
+    def _params_out(self, p: _Primary) -> np.ndarray:
+        """What replies hand workers: the current parameters, or with per-stream momentum (dana)
+        their look-ahead (``optim.SGD.lookahead``; buffers as they are)."""
+        self._refresh(p)
+        return p.out
+
+    def _refresh(self, p: _Primary) -> None:
         if p.stale:
             p.latest, p.stale = p.state.params_copy(), False
+            ps = p.shard.param_slice
+            ahead = p.state.optimizer.lookahead(p.state.params[ps])
+            if ahead is None:
+                p.out = p.latest
+            else:
+                p.out = p.latest.copy()
+                p.out[ps] = ahead.numpy()
             if p.compensation is not None:
-                p.handed_out[p.state.seq] = p.latest
+                p.handed_out[p.state.seq] = p.out
                 # a push older than 2 updates per rank goes uncorrected
                 for v in [v for v in p.handed_out if v < p.state.seq - 2 * self.spec.num_workers]:
                     del p.handed_out[v]
-        return p.latest
 
     def _compensated(self, p: _Primary, grad: np.ndarray, base: int) -> np.ndarray:
         """DC-ASGD on the parameter part of a push computed on version ``base``."""
@@ -678,7 +698,7 @@ class ServerProtocol:
                 ):  # an exact pull overtaken by an update
                     out.append(self._on_pull(h.rid, h.pull)[0])
                     continue
-                params = self._params_now(p) if h.want_params else None
+                params = self._params_out(p) if h.want_params else None
                 residual = self._residual(p, h.pull) if h.pull is not None else None
                 out.append(Reply(h.rid, PushReply(params, state.seq, h.acked, h.late, residual)))
         p.held = keep

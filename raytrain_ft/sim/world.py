@@ -98,6 +98,10 @@ class SimConfig:
     unlogged: int = 0
     """Relaxed durability (async modes): updates a primary may acknowledge before they are logged;
     the checker then allows that many lost acknowledged updates per primary lost."""
+    momentum_correction: str = "none"
+    """Asynchronous modes: ``dana`` gives every update stream its own momentum buffer (more
+    optimizer state for snapshots, logs and replay to carry exactly) and hands workers look-ahead
+    parameters."""
 
     @property
     def shard_size(self) -> int:
@@ -105,7 +109,12 @@ class SimConfig:
 
     def rule(self) -> Rule:
         return Rule(
-            self.mode, self.num_workers, self.backup_workers, self.group_size, self.staleness
+            self.mode,
+            self.num_workers,
+            self.backup_workers,
+            self.group_size,
+            self.staleness,
+            momentum_correction=self.momentum_correction,
         )
 
     def ranges(self) -> list[ShardRange]:
@@ -132,6 +141,9 @@ class SimConfig:
         return x
 
 
+ASYNC_MODES = ("async", "ssp", "mixed")
+
+
 def random_config(rng: random.Random, mode: str) -> SimConfig:
     w = rng.choice((2, 3, 3, 4))
     backups = rng.choice((0, 0, 1)) if mode == "sync" and w > 2 else 0
@@ -150,6 +162,7 @@ def random_config(rng: random.Random, mode: str) -> SimConfig:
         max_faults=rng.choice((1, 2, 3, 4)),
         # drawn last: every other field of a schedule is what it was before relaxed durability
         unlogged=rng.choice((0, 0, 1, 2)) if mode == "async" else 0,
+        momentum_correction=rng.choice(("none", "dana")) if mode in ASYNC_MODES else "none",
     )
 
 

@@ -1,5 +1,6 @@
 """Consistency modes and codecs on a real (small) Ray with 4 workers on digits."""
 
+import dataclasses
 import os
 
 import pytest
@@ -41,11 +42,9 @@ def _config(mode="sync", epochs=5, consistency=None, chaos=None, optim=None):
     )
 
 
-# async modes apply each update at lr * share (see Rule.lr_scale) on stale parameters: they need
-# more steps than sync for the same accuracy (the cost experiments/consistency measures), and the
-# asynchrony itself acts as momentum, so an explicit 0.9 on top overshoots: ssp (S=2) at 0.9 ended
-# at 0.80 in one of several runs; Downpour with n_push = n_fetch = 2 doubles the staleness and at
-# 0.9 is unstable (0.69-0.83 measured), at 0.5 it trains (0.905-0.939 over 3 runs of 10 epochs).
+# Downpour with n_push = n_fetch = 2 doubles the staleness; with the shard's one momentum buffer at
+# 0.9 it was unstable (0.69-0.83 measured), at 0.5 it trains (0.905-0.939 over 3 runs of 10 epochs).
+# The other asynchronous modes run at the defaults (per-stream momentum with look-ahead pulls).
 LOW_MOMENTUM = OptimConfig(name="sgd", lr=0.05, momentum=0.5)
 
 
@@ -55,9 +54,9 @@ LOW_MOMENTUM = OptimConfig(name="sgd", lr=0.05, momentum=0.5)
         pytest.param("sync", 3, ConsistencyConfig(), None, 1, None, marks=pytest.mark.extended),
         (
             "async",
-            6,
+            5,
             ConsistencyConfig(),
-            LOW_MOMENTUM,
+            None,
             WORKERS,
             "server:0@step=15,worker:2@step=30",
         ),
@@ -72,17 +71,17 @@ LOW_MOMENTUM = OptimConfig(name="sgd", lr=0.05, momentum=0.5)
         ),
         (
             "ssp",
-            6,
+            5,
             ConsistencyConfig(staleness=2),
-            LOW_MOMENTUM,
+            None,
             WORKERS,
             "replica:1@step=10,server:1@step=25,worker:0@step=35",
         ),
         (
             "mixed",
-            6,
+            5,
             ConsistencyConfig(group_size=2),
-            LOW_MOMENTUM,
+            None,
             WORKERS // 2,
             "server:1@step=15,worker:3@step=30",
         ),
@@ -96,10 +95,12 @@ def test_each_mode_trains_digits_with_4_workers(
     supervisor starts each replacement) every push is applied exactly once, from the workers'
     ledgers, and the replicas match their primaries at the end."""
     result = Trainer(_config(mode, epochs, consistency, ChaosConfig(kill=kills), optim)).fit()
-    # asynchronous runs are not repeatable (arrival order) and spread widely on digits: mixed at
-    # momentum 0.5 ended at 0.81 once where it had ended at 0.905-0.939 (README, consistency study);
-    # 0.75 still fails a mode that does not learn (chance is 0.1)
-    assert result.eval_accuracy >= (0.85 if mode == "sync" else 0.75), result.eval_accuracy
+    # asynchronous runs are not repeatable (arrival order); at the defaults async, ssp and mixed
+    # ended at 0.94-0.975 over seeds 0-2 without kills (the shard's one momentum buffer: 0.55-0.94;
+    # README, consistency study); Downpour n2 at momentum 0.5 spreads more: 0.75 still fails a
+    # mode that does not learn (chance is 0.1)
+    floor = 0.75 if consistency.n_push > 1 else 0.85 if mode == "sync" else 0.9
+    assert result.eval_accuracy >= floor, result.eval_accuracy
     # every push applied exactly once, in its update (Downpour pushes every n_push steps and at the
     # last)
     rounds = len(
@@ -194,3 +195,25 @@ def test_a_codec_compresses_pushes_as_expected_and_error_feedback_keeps_accuracy
     assert all(
         w["residual_bytes"] > 0 for w in r.workers
     )  # each push also carried the worker's residual to its shard
+
+
+@pytest.mark.extended
+def test_at_the_defaults_every_asynchronous_mode_ends_within_2_points_of_sync(ray_local):
+    """The defaults' promise (digits CNN, 4 workers x 2 shards, 5 epochs, SGD lr 0.05 momentum 0.9):
+    async, ssp (S=2) and mixed (G=2) end within 2 points of sync's eval accuracy, mean of 3 seeds.
+    With the shard's one momentum buffer they ended 7-16 points short (README)."""
+    means = {}
+    for mode, consistency in [
+        ("sync", ConsistencyConfig()),
+        ("async", ConsistencyConfig()),
+        ("ssp", ConsistencyConfig(staleness=2)),
+        ("mixed", ConsistencyConfig(group_size=2)),
+    ]:
+        accuracies = [
+            Trainer(dataclasses.replace(_config(mode, 5, consistency), seed=seed))
+            .fit()
+            .eval_accuracy
+            for seed in (0, 1, 2)
+        ]
+        means[mode] = sum(accuracies) / len(accuracies)
+    assert all(means[m] >= means["sync"] - 0.02 for m in ("async", "ssp", "mixed")), means

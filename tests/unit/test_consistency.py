@@ -121,6 +121,7 @@ def test_learning_rate_share(rule, pushes, staleness, scale):
         (Rule("mixed", 4, group_size=4, momentum_correction="auto"), 0.9, 0.9),
         (Rule("async", 1, momentum_correction="auto"), 0.9, 0.9),
         (Rule("async", 4), 0.9, 0.9),
+        (Rule("async", 4, momentum_correction="dana"), 0.9, 0.9),  # per stream, not per update
     ],
 )
 def test_momentum_correction_keeps_the_step_per_gradient(rule, momentum, expected):
@@ -195,3 +196,22 @@ def test_local_sgd_is_sync_to_the_shards_over_rounds():
     assert list(round_span(0, 8, 55)) == list(range(8))
     assert list(round_span(6, 8, 55)) == list(range(48, 55))
     assert sum(len(round_span(r, 8, 55)) for r in range(7)) == 55
+
+
+@pytest.mark.parametrize(
+    "rule, streams",
+    [
+        (Rule("async", 4, momentum_correction="dana"), [0, 1, 2, 3]),
+        (Rule("ssp", 3, staleness=1, momentum_correction="dana"), [0, 1, 2]),
+        (Rule("mixed", 5, group_size=2, momentum_correction="dana"), [0, 0, 2, 2, 4]),
+        # one stream, or per-stream momentum not asked for: the shard's one buffer
+        (Rule("mixed", 4, group_size=4, momentum_correction="dana"), [-1] * 4),
+        (Rule("sync", 4, momentum_correction="dana"), [-1] * 4),
+        (Rule("local_sgd", 2, momentum_correction="dana"), [-1] * 2),
+        (Rule("async", 1, momentum_correction="dana"), [-1]),
+        (Rule("async", 4), [-1] * 4),
+        (Rule("async", 4, momentum_correction="auto"), [-1] * 4),
+    ],
+)
+def test_dana_gives_each_update_stream_its_own_momentum_buffer(rule, streams):
+    assert [rule.momentum_stream(r) for r in range(rule.num_workers)] == streams

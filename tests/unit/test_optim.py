@@ -1,5 +1,7 @@
 """Server-side flat optimizers and schedules against torch.optim on identical inputs."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -85,6 +87,32 @@ def test_state_round_trip_is_exact():
     a.step(pa, g, hyper_params(1, cfg, 10))
     b.step(pb, g, hyper_params(1, cfg, 10))
     assert torch.equal(pa, pb) and b.step_count == 2
+
+
+def test_per_stream_momentum_keeps_one_buffer_per_stream_and_looks_ahead_by_their_sum():
+    """DANA: a stream's updates equal plain momentum SGD fed only that stream's gradients, its
+    buffer is bitwise that SGD's (the streams' buffers never mix), and the look-ahead is
+    param - lr * m * (sum of the buffers)."""
+    cfg = OptimConfig(name="sgd", lr=0.1, momentum=0.9)
+    shared, plain = make_optimizer(cfg, 6), [make_optimizer(cfg, 6) for _ in range(3)]
+    param, alone = torch.zeros(6), [torch.zeros(6) for _ in range(3)]
+    gen = torch.Generator().manual_seed(0)
+    for t, stream in enumerate([0, 2, 0, 1, 2, 2, 0, 1]):
+        g = torch.randn(6, generator=gen)
+        hp = dataclasses.replace(hyper_params(t, cfg, 10), stream=stream)
+        before = param.clone()
+        shared.step(param, g, hp)
+        step = alone[stream].clone()
+        plain[stream].step(step, g, hyper_params(t, cfg, 10))
+        # the change this update makes is what that stream's own momentum alone would make
+        torch.testing.assert_close(param - before, step - alone[stream])
+        alone[stream] = step
+    buffers = [shared.state[f"momentum_buffer.{s}"] for s in range(3)]
+    for s in range(3):
+        assert torch.equal(buffers[s], plain[s].state["momentum_buffer"])
+    expected = param - 0.1 * 0.9 * (buffers[0] + buffers[1] + buffers[2])
+    torch.testing.assert_close(shared.lookahead(param), expected)
+    assert make_optimizer(cfg, 6).lookahead(param) is None  # one buffer: no look-ahead
 
 
 def _torch_lrs(make_sched, steps, lr):

@@ -4,6 +4,7 @@ fencing."""
 
 import numpy as np
 import pytest
+import torch
 
 from raytrain_ft.compression import ErrorFeedback, TopK
 from raytrain_ft.config import OptimConfig
@@ -292,7 +293,7 @@ def test_async_applies_each_push_on_arrival_and_the_log_replays_that_order():
     )  # the first command alone, then the seven applied while it was out
 
 
-@pytest.mark.parametrize("correction", ["none", "auto"])
+@pytest.mark.parametrize("correction", ["none", "auto", "dana"])
 def test_momentum_correction_is_what_each_command_records_and_replay_applies(correction):
     rule = Rule("async", 4, momentum_correction=correction)
     bus, shard, _ = _pair(workers=4, optim=MOMENTUM, rule=rule, snapshot_interval=1000, fold=False)
@@ -302,11 +303,47 @@ def test_momentum_correction_is_what_each_command_records_and_replay_applies(cor
             _push(bus, r, t, rng.standard_normal(4).astype(np.float32))
     log, p = _log(bus), bus.procs["p"]
     momentum, gain = rule.momentum(MOMENTUM.momentum)
-    assert momentum == (0.9 if correction == "none" else pytest.approx(33 / 34))
+    assert momentum == (pytest.approx(33 / 34) if correction == "auto" else 0.9)
     for c in log.entries:
         assert c.hp.momentum == momentum and c.hp.lr == pytest.approx(MOMENTUM.lr * 0.25 * gain)
+        assert c.hp.stream == (c.pushes[0][0] if correction == "dana" else -1)
     rebuilt = replay(log.snapshot, log.entries, shard, MOMENTUM, 100)
     np.testing.assert_array_equal(rebuilt.state.params_copy(), p.params())
+    assert _same_optimizer_state(rebuilt.state.optimizer.state_dict(), p.primary.state)
+
+
+def _same_optimizer_state(a: dict, state) -> bool:
+    b = state.optimizer.state_dict()
+    return a["state"].keys() == b["state"].keys() and all(
+        torch.equal(a["state"][k], b["state"][k]) for k in a["state"]
+    )
+
+
+def test_dana_hands_workers_the_look_ahead_and_keeps_the_true_parameters_everywhere_else():
+    """Replies carry w - lr * m * (sum of the streams' buffers); snapshots, the final parameters and
+    a rebuilt primary carry w itself, and the rebuilt primary hands out the same look-ahead."""
+    rule = Rule("mixed", 4, group_size=2, momentum_correction="dana")
+    bus, shard, spec = _pair(workers=4, optim=MOMENTUM, rule=rule, snapshot_interval=2)
+    grads = {r: np.full(4, r + 1.0, np.float32) for r in range(4)}
+    for r in (0, 1, 2, 3, 2, 3):  # group 0 once, group 2 twice
+        _push(bus, r, 1 if (r > 1 and bus.procs["p"].primary.state.seq > 1) else 0, grads[r])
+    p = bus.procs["p"]
+    w = p.params()
+    lr = MOMENTUM.lr * 0.5  # a group's update is half a global step
+    buf0 = 1.5 * np.ones(4, np.float32)  # group 0: mean of ranks 0, 1, once
+    buf2 = 3.5 * 0.9 + 3.5 * np.ones(4, np.float32)  # group 2: mean of ranks 2, 3, twice
+    np.testing.assert_allclose(w, -lr * 1.5 - lr * 3.5 - lr * buf2, rtol=1e-6)
+    reply = bus.replies[bus.send("p", Pull(None, 0))]
+    np.testing.assert_allclose(reply.params, w - lr * 0.9 * (buf0 + buf2), rtol=1e-6)
+    assert not np.allclose(reply.params, w)
+    log = _log(bus)
+    rebuilt = replay(log.snapshot, log.entries, shard, MOMENTUM, 100)
+    np.testing.assert_array_equal(rebuilt.state.params_copy(), w)
+    bus.kill("p")
+    _recover(bus, shard, spec)
+    again = bus.replies[bus.send("s", Pull(None, 0))]
+    np.testing.assert_array_equal(again.params, reply.params)
+    np.testing.assert_array_equal(bus.procs["s"].params(), w)
 
 
 def test_delay_compensation_corrects_a_stale_push_and_the_command_carries_the_correction():
