@@ -15,11 +15,20 @@ the staleness that asynchrony brings, at the project's default optimizer
 - ``momentum 0.75``: a shorter memory at the same step per gradient
   (``--momentum 0.75 --lr 0.125``; what lowering the momentum by hand does);
 - ``dc S``: delay compensation (DC-ASGD-a, ``--delay-compensation S``): a
-  stale gradient corrected by the parameters' change since it was computed.
+  stale gradient corrected by the parameters' change since it was computed;
+- ``dana``: per-stream momentum buffers with look-ahead pulls (DANA-Zero,
+  ``--momentum-correction dana``, the default since this study).
+
+``plain``, ``inverse``, ``corrected``, ``momentum 0.75`` and ``dc S`` use the
+shard's one momentum buffer (``--momentum-correction none`` unless named).
 
 Sync runs once per seed as the reference. Runs alternate inside each seed so
 that drift on the machine hits every variant alike.
 
+    python experiments/consistency/async_defaults.py --workers 4 --seeds 0,1,2 --variants dana \\
+        --output experiments/consistency/results_async_defaults_dana_w4_x86-2core_202611
+    python experiments/consistency/async_defaults.py --workers 8 --seeds 0,1,2 --variants dana \\
+        --output experiments/consistency/results_async_defaults_dana_w8_x86-2core_202611
     python experiments/consistency/async_defaults.py --workers 4 --seeds 0,1,2 \\
         --variants "plain,inverse,corrected,momentum 0.75" \\
         --output experiments/consistency/results_async_defaults_w4_x86-2core_202611
