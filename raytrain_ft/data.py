@@ -121,29 +121,73 @@ def load_synthetic(cfg: DataConfig, seed: int, num_classes: int = 10) -> Dataset
     return _split(x, y.astype(np.int64), cfg.eval_fraction, seed, num_classes)
 
 
-def _torchvision_split(name: str, root: str, train: bool):
-    import torchvision
+MNIST_FILES = {
+    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+"""MNIST's files under ``ROOT/MNIST/raw`` (where ``torchvision.datasets.MNIST(ROOT, download=True)``
+puts them), by split (train or not)."""
+CIFAR10_FILES = {True: tuple(f"data_batch_{i}" for i in range(1, 6)), False: ("test_batch",)}
+"""CIFAR-10's python batches under ``ROOT/cifar-10-batches-py`` (as ``torchvision.datasets.CIFAR10``
+and the dataset's own archive lay them out), by split."""
 
-    cls = {"cifar10": torchvision.datasets.CIFAR10, "mnist": torchvision.datasets.MNIST}[name]
-    try:
-        return cls(root=root, train=train, download=False)
-    except RuntimeError as e:
+
+def read_idx(path: str) -> np.ndarray:
+    """An IDX file of unsigned bytes (MNIST's format): 2 zero bytes, type 0x08, the number of
+    dimensions, each dimension as a big-endian int32, then the values."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08" or not 1 <= data[3] <= 4:
+        raise DataError(path, "not an IDX file of unsigned bytes (an MNIST file)")
+    nd = data[3]
+    dims = tuple(int(d) for d in np.frombuffer(data, ">i4", nd, 4))
+    values = np.frombuffer(data, np.uint8, offset=4 + 4 * nd)
+    if values.size != int(np.prod(dims)):
+        raise DataError(path, f"holds {values.size:,} values, its header says {dims}: truncated?")
+    return values.reshape(dims)
+
+
+def _image_split(name: str, root: str, train: bool) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images [N, C, H, W] and int64 labels of one split of MNIST or CIFAR-10 in ``root``."""
+    if name == "mnist":
+        folder, files = os.path.join(root, "MNIST", "raw"), MNIST_FILES[train]
+    else:
+        folder, files = os.path.join(root, "cifar-10-batches-py"), CIFAR10_FILES[train]
+    paths = [os.path.join(folder, f) for f in files]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
         raise DataError(
             root,
-            f"no {name} data found ({e}); download it there first, e.g. "
-            f"torchvision.datasets.{cls.__name__}(root, download=True)",
-        ) from None
+            f"no {name} data found: {missing[0]} does not exist; put the dataset there first (e.g. "
+            f"torchvision.datasets.{'MNIST' if name == 'mnist' else 'CIFAR10'}(root, "
+            "download=True) on a machine with internet lays it out so)",
+        )
+    if name == "mnist":
+        images, labels = (read_idx(p) for p in paths)
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DataError(folder, f"images {images.shape} and labels {labels.shape} do not match")
+        return images[:, None, :, :], labels.astype(np.int64)
+    import pickle
+
+    xs, ys = [], []
+    for p in paths:
+        try:
+            with open(p, "rb") as f:
+                batch = pickle.load(f, encoding="latin1")
+            xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(batch["labels"], dtype=np.int64))
+        except Exception as e:  # any unreadable batch: one line naming the file
+            raise DataError(p, f"not a CIFAR-10 python batch ({type(e).__name__}: {e})") from None
+    return np.concatenate(xs), np.concatenate(ys)
 
 
 def load_torchvision(cfg: DataConfig) -> Dataset:
-    """CIFAR-10 / MNIST from a local torchvision root (never downloaded at run time)."""
+    """CIFAR-10 / MNIST from a local root in torchvision's layout (never downloaded at run time)."""
     root = cfg.data_path or os.path.expanduser(os.path.join(DEFAULT_CACHE_DIR, "data"))
     arrays = []
     for train in (True, False):
-        ds = _torchvision_split(cfg.dataset, root, train)
-        x = np.asarray(ds.data)
-        x = x[:, None, :, :] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # -> [N, C, H, W]
-        arrays.append((x.astype(np.float32) / 255.0, np.asarray(ds.targets, dtype=np.int64)))
+        x, y = _image_split(cfg.dataset, root, train)
+        arrays.append((x.astype(np.float32) / 255.0, y))
     (tx, ty), (ex, ey) = arrays
     mean = tx.mean(axis=(0, 2, 3), keepdims=True)
     std = tx.std(axis=(0, 2, 3), keepdims=True) + 1e-8

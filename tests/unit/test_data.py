@@ -163,6 +163,36 @@ def test_mnist_loader_reads_a_local_torchvision_root(tmp_path):
     )  # standardized
 
 
+def test_cifar10_loader_reads_python_batches_and_names_a_broken_one(tmp_path):
+    import pickle
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        batch = {"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), "labels": [1, 2, 3, 4]}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    d = load_dataset(DataConfig(dataset="cifar10", data_path=str(tmp_path)), seed=0)
+    assert d.in_shape == (3, 32, 32) and len(d.train_y) == 20 and len(d.eval_y) == 4
+    assert d.train_y.tolist() == [1, 2, 3, 4] * 5
+    (folder / "data_batch_3").write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match="data_batch_3.*not a CIFAR-10 python batch"):
+        load_dataset(DataConfig(dataset="cifar10", data_path=str(tmp_path)), seed=0)
+
+
+def test_a_truncated_mnist_file_is_named(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, n in (("train", 4), ("t10k", 2)):
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", np.zeros((n, 28, 28)), 2051)
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.zeros(n), 2049)
+    path = raw / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.*truncated"):
+        load_dataset(DataConfig(dataset="mnist", data_path=str(tmp_path)), seed=0)
+
+
 def _table_file(path, images, labels, shape: bytes | None = b"1,2,2"):
     import pyarrow as pa
     import pyarrow.parquet as pq

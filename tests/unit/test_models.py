@@ -37,3 +37,14 @@ def test_same_seed_same_init():
     torch.manual_seed(3)
     b = build_model(ModelConfig(name="cnn"), (1, 16, 16), 10)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("name, params", [("resnet18", 11_689_512), ("resnet50", 25_557_032)])
+def test_resnets_are_torchvisions_architecture(name, params):
+    """ImageNet shape, 1,000 classes: the parameter counts torchvision publishes for
+    resnet18/resnet50(weights=None), and its parameter names (a checkpoint loads either way)."""
+    model = build_model(ModelConfig(name=name, small_input_stem=False), (3, 224, 224), 1000)
+    assert sum(p.numel() for p in model.parameters()) == params
+    names = set(model.state_dict())
+    assert {"conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight", "fc.bias"} <= names
+    assert "layer2.0.downsample.0.weight" in names and "layer2.0.downsample.1.weight" in names
