@@ -590,6 +590,10 @@ class TrainConfig:
     """Seeds model init, data split, partitions and batch order (0 <= seed < 2**64)."""
     log_every_s: float = 1.0
     """Seconds between progress updates from the driver."""
+    eval_every_s: float = 0.0
+    """Evaluate the shards' current parameters on the eval data every this many seconds while the
+    run trains (on the driver); each result is a row of the summary's history with eval_loss /
+    eval_accuracy (time to accuracy). 0: only the final evaluation."""
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -600,6 +604,7 @@ class TrainConfig:
         if not 0 <= self.seed < 2**64:
             raise ConfigError("seed", f"must be in [0, 2**64), got {self.seed!r}")
         _positive("log_every_s", self.log_every_s)
+        _non_negative("eval_every_s", self.eval_every_s)
 
     def _check_consistency(self) -> None:
         c, w = self.consistency, self.cluster.num_workers

@@ -113,6 +113,9 @@ class TrainResult:
     started_at: float = 0.0
     """Wall-clock time (epoch s) the driver started waiting on the workers: t=0 of ``history``."""
     history: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    eval_history: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    """``eval_every_s``: {t, step, eval_loss, eval_accuracy (classification)} of the shards'
+    parameters as they were at t (seconds on the history's axis), oldest first."""
     """Progress over the run: {t (s since start), step, loss, accuracy (training batches),
     samples_per_sec}, about every ``log_every_s`` (``raytrain-ft report`` plots it with the
     recoveries)."""
@@ -528,6 +531,13 @@ class Trainer:
                 session,
                 start_step,
             )
+            if cfg.eval_every_s:
+
+                def evaluate_now(flat: np.ndarray) -> dict:
+                    load_flat_state(model, torch.from_numpy(np.array(flat, dtype=np.float32)))
+                    return evaluate(task, model, eval_data)
+
+                run.evaluate = evaluate_now
             try:
                 run.start()
                 statuses, train_time_s = run.wait(self.on_progress)
@@ -616,6 +626,7 @@ class Trainer:
             run_id=run.run_id,
             started_at=run.started_at,
             history=run.history,
+            eval_history=run.eval_history,
             step_times=step_times,
             applied_counts=[
                 {
@@ -654,6 +665,9 @@ class _Run:
         self.chaos = None
         self.status = None
         self.history: list[dict] = []
+        self.eval_history: list[dict] = []
+        self.evaluate = None
+        """``eval_every_s``: flat parameters -> scores (set by the trainer)."""
         self.started_at = 0.0
         self._directory = None
         self._latest: dict[int, object] = {}
@@ -764,11 +778,36 @@ class _Run:
                 statuses.append(ray.get(ref))
         return pending, statuses
 
+    def _periodic_eval(self, ref, asked_at: float, step: int, now: float, t_start: float):
+        """``eval_every_s``: ask the supervisor for the parameters every so often and, once they
+        come, evaluate them (never blocks the loop; a moment without a primary in every slot is
+        skipped)."""
+        import ray
+
+        if ref is None:
+            if now - asked_at >= self.cfg.eval_every_s:
+                return self.supervisor.params_now.remote(), now
+            return None, asked_at
+        ready, _ = ray.wait([ref], timeout=0)
+        if not ready:
+            return ref, asked_at
+        try:
+            flat = ray.get(ref)
+        except ray.exceptions.RayError:  # the supervisor restarting: ask again next time
+            flat = None
+        if flat is not None:
+            scores = self.evaluate(flat)
+            row = {"t": round(now - t_start, 3), "step": step}
+            row.update({k: round(float(v), 5) for k, v in scores.items()})
+            self.eval_history.append(row)
+        return None, asked_at
+
     def wait(self, on_progress) -> tuple[list, float]:
         cfg = self.cfg
         t_start = self.started_at = time.time()
         last_progress = 0.0
         pending = None
+        eval_ref, eval_asked = None, t_start
         while True:
             if pending is None:
                 pending = self.supervisor.status.remote()
@@ -794,6 +833,8 @@ class _Run:
                     return statuses, max(finished - started, finished - t_start)
             self.chaos.tick(step, len(status.events) if status is not None else 0)
             now = time.time()
+            if cfg.eval_every_s and self.evaluate is not None:
+                eval_ref, eval_asked = self._periodic_eval(eval_ref, eval_asked, step, now, t_start)
             if statuses and now - last_progress >= min(
                 cfg.log_every_s, 0.2 if now - t_start < 2 else cfg.log_every_s
             ):

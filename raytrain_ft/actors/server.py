@@ -163,6 +163,10 @@ class ParameterServer:
     # --- what the driver reads at the end
     # --------------------------------------------------------------
 
+    async def params_now(self):
+        """The parameters of the primary this server is, as they are now (None if it is none)."""
+        return self.proto.params() if self.proto.primary is not None else None
+
     async def final(self) -> tuple:
         """(parameters, ShardStats, applied record, per-rank clocks, optimizer state) of the primary
         this server is."""

@@ -428,6 +428,22 @@ class Supervisor:
     async def kills_done(self) -> list[dict]:
         return kills_recorded(self.run_id)
 
+    async def params_now(self):
+        """The whole parameter vector as the shards' primaries hold it now, or None while a slot has
+        no primary to ask (a recovery): a periodic evaluation skips that moment."""
+        reg, k = self.proto.reg, self.spec.num_shards
+        names = [reg.slots[i].actor for i in range(k)]
+        handles = [self.directory.handle(n) if n else None for n in names]
+        if any(h is None for h in handles):
+            return None
+        try:
+            parts = await asyncio.wait_for(
+                asyncio.gather(*[h.params_now.remote() for h in handles]), PROBE_TIMEOUT_S * 5
+            )
+        except Exception:  # noqa: BLE001 -- a primary lost meanwhile: no evaluation this time
+            return None
+        return None if any(p is None for p in parts) else np.concatenate(parts)
+
     async def final(self) -> dict:
         """Final parameters, server stats, step times, the applied records, and I4: each replica
         replayed equals its primary."""

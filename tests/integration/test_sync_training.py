@@ -58,10 +58,15 @@ def single_process_reference(cfg: TrainConfig) -> torch.Tensor:
 
 def test_sync_matches_single_process_pytorch_with_and_without_overlap(ray_local):
     """Both runs equal plain PyTorch with the global batch, and each other bitwise: overlapping
-    communication with compute changes no value, and the same seed gives the same hash."""
+    communication with compute changes no value, and the same seed gives the same hash. The second
+    also evaluates the shards' parameters while it trains (eval_every_s): reading them changes no
+    value either."""
     results = {}
     for overlap in (False, True):
-        cfg = _config(cluster=ClusterConfig(num_workers=2, num_servers=3, overlap_comm=overlap))
+        cfg = _config(
+            cluster=ClusterConfig(num_workers=2, num_servers=3, overlap_comm=overlap),
+            eval_every_s=0.01 if overlap else 0.0,
+        )
         results[overlap] = result = Trainer(cfg).fit()
         assert result.steps_completed == cfg.steps == 24
         # every shard applied every step once, and every applied update was acknowledged
@@ -72,6 +77,12 @@ def test_sync_matches_single_process_pytorch_with_and_without_overlap(ray_local)
         assert set(cpu) == {"worker_compute_s", "worker_other_s", "server_s", "supervisor_s"}
         assert cpu["worker_compute_s"] > 0 and cpu["worker_other_s"] > 0 and cpu["server_s"] > 0
         assert all(0 < w["compute_cpu_s"] <= w["cpu_s"] for w in result.workers), result.workers
+    assert results[False].eval_history == []
+    evals = results[True].eval_history
+    assert evals, "a 24-step run lasts long enough for an evaluation every 10 ms"
+    assert all(0 <= e["eval_accuracy"] <= 1 and e["eval_loss"] > 0 for e in evals), evals
+    assert [e["t"] for e in evals] == sorted(e["t"] for e in evals)
+    assert all(0 <= e["step"] <= 24 for e in evals)
     reference = single_process_reference(cfg)
     torch.testing.assert_close(
         torch.from_numpy(results[False].final_params), reference, rtol=1e-4, atol=2e-5
