@@ -133,6 +133,16 @@ def check_summary(path: str, summary: Any) -> dict[str, Any]:
                 h,
                 "each point needs t (a number), loss and accuracy (numbers or null)",
             )
+    for i, e in enumerate(_entries(path, summary, "eval_history", "evaluations")):
+        if not (
+            isinstance(e, dict) and _is_num(e.get("t")) and _is_num(e.get("eval_accuracy"), True)
+        ):
+            raise _bad(
+                path,
+                f"eval_history[{i}]",
+                e,
+                "each evaluation needs t (a number) and eval_accuracy (a number or null)",
+            )
     for i, k in enumerate(_entries(path, summary, "kills", "kills")):
         if not (isinstance(k, dict) and _is_num(k.get("at"), optional=True)):
             raise _bad(path, f"kills[{i}]", k, "each kill needs at (a time in seconds, or null)")
@@ -211,6 +221,16 @@ def render_png(summary: dict[str, Any], path: str, flag: str = "--output") -> No
     ax_acc.plot(
         t, [math.nan if h["accuracy"] is None else h["accuracy"] for h in hist], color="tab:green"
     )
+    evals = [e for e in summary.get("eval_history") or [] if e.get("eval_accuracy") is not None]
+    if evals:  # --eval-every-s: held-out accuracy of the shards' parameters while training
+        ax_acc.plot(
+            [e["t"] for e in evals],
+            [e["eval_accuracy"] for e in evals],
+            color="tab:purple",
+            marker=".",
+            label="eval accuracy",
+        )
+        ax_acc.legend(fontsize=8, loc="lower right")
     ax_acc.set_ylabel("training accuracy")
     ax_acc.set_xlabel("seconds since the workers started")
     for m in markers(summary):

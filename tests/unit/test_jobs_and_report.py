@@ -355,6 +355,8 @@ def test_a_malformed_history_is_one_data_error_naming_the_file(tmp_path, history
         ({"recoveries": [{"detected_at": 1.0}]}, r"recoveries\[0\]"),
         ({"started_at": "noon"}, r"'started_at' is \"noon\""),
         ({"config": []}, r"'config' is \[\]"),
+        ({"eval_history": [{"t": "x", "eval_accuracy": 0.5}]}, r"eval_history\[0\]"),
+        ({"eval_history": 3}, r"'eval_history' is 3, not a list of evaluations"),
     ],
 )
 def test_the_other_parts_the_report_reads_are_checked_too(extra, needle):
@@ -397,3 +399,19 @@ def test_deterministic_flags_are_set_for_a_gpu_process(monkeypatch):
             torch.backends.cuda.matmul.allow_tf32,
             torch.backends.cudnn.allow_tf32,
         ) = before[1:]
+
+
+def test_the_report_draws_the_evaluations_made_while_training(tmp_path):
+    from raytrain_ft.report import render_png
+
+    summary = {
+        "history": [{"t": t, "loss": 2.0 - t, "accuracy": t / 2} for t in (0.0, 0.5, 1.0)],
+        "eval_history": [
+            {"t": 0.4, "step": 3, "eval_loss": 1.5, "eval_accuracy": 0.4},
+            {"t": 0.9, "step": 7, "eval_loss": 0.5, "eval_accuracy": 0.9},
+        ],
+    }
+    check_summary("run.json", summary)
+    png = tmp_path / "run.png"
+    render_png(summary, str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
