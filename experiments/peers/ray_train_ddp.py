@@ -71,7 +71,9 @@ def train_loop(loop_config: dict) -> None:
     timeline = (
         open(loop_config["timeline"], "a") if rank == 0 and loop_config.get("timeline") else None
     )  # every attempt's steps
+    eval_every, evals, eval_s = loop_config.get("eval_every") or 0, [], 0.0
     model.train()
+    began = time.time()
     for step in range(start, cfg.steps):
         if rank == kill_rank and step == kill_step and marker and not os.path.exists(marker):
             with open(marker, "w") as fh:
@@ -82,6 +84,13 @@ def train_loop(loop_config: dict) -> None:
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
         times.append((step, time.time()))
+        if eval_every and rank == 0 and (step + 1) % eval_every == 0:
+            # time to accuracy: rank 0 evaluates; its clock leaves the evaluation out
+            t_eval = time.time()
+            acc, _ = evaluate(model.module, data.eval_x, data.eval_y)
+            model.train()
+            evals.append((step + 1, t_eval - began - eval_s, acc))
+            eval_s += time.time() - t_eval
         if timeline:
             timeline.write(f"{step} {times[-1][1]}\n")
             timeline.flush()
@@ -117,6 +126,7 @@ def train_loop(loop_config: dict) -> None:
                     "start": start,
                     "restored_at": restored_at if checkpoint else None,
                     "eval_accuracy": acc,
+                    "evals": evals,
                 },
                 fh,
             )
@@ -129,6 +139,7 @@ def fit(
     max_failures: int = 0,
     kill_rank: int | None = None,
     kill_step: int | None = None,
+    eval_every: int = 0,
 ) -> dict:
     """Run ``config`` (a ``TrainConfig``: model, data, optimizer, steps, workers, threads) under Ray
     Train. Returns rank 0's step end times of the last attempt (``times``) and of every attempt
@@ -159,6 +170,7 @@ def fit(
             "kill_marker": marker,
             "timeline": timeline,
             "summary": summary,
+            "eval_every": eval_every,
         },
         torch_config=TorchConfig(backend="gloo"),
         scaling_config=ScalingConfig(
