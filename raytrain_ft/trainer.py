@@ -298,7 +298,11 @@ def ray_session(config: TrainConfig):
         try:
             cluster = Cluster(
                 initialize_head=True,
-                head_node_args={"num_cpus": needed, "_system_config": LOCAL_NODE_SYSTEM_CONFIG},
+                head_node_args={
+                    "num_cpus": needed,
+                    "_system_config": LOCAL_NODE_SYSTEM_CONFIG,
+                    "include_dashboard": False,  # nothing here reads it; its start costs CPU
+                },
             )
             nodes = [cluster.add_node(num_cpus=needed) for _ in range(cc.local_nodes - 1)]
             cluster.wait_for_nodes()
