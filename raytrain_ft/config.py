@@ -592,7 +592,7 @@ class TrainConfig:
     """Seconds between progress updates from the driver."""
     eval_every_s: float = 0.0
     """Evaluate the shards' current parameters on the eval data every this many seconds while the
-    run trains (on the driver); each result is a row of the summary's history with eval_loss /
+    run trains (on the driver); each result is a row of the summary's eval_history with eval_loss /
     eval_accuracy (time to accuracy). 0: only the final evaluation."""
 
     def __post_init__(self) -> None:

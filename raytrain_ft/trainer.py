@@ -113,12 +113,12 @@ class TrainResult:
     started_at: float = 0.0
     """Wall-clock time (epoch s) the driver started waiting on the workers: t=0 of ``history``."""
     history: list[dict[str, Any]] = field(default_factory=list, repr=False)
-    eval_history: list[dict[str, Any]] = field(default_factory=list, repr=False)
-    """``eval_every_s``: {t, step, eval_loss, eval_accuracy (classification)} of the shards'
-    parameters as they were at t (seconds on the history's axis), oldest first."""
     """Progress over the run: {t (s since start), step, loss, accuracy (training batches),
     samples_per_sec}, about every ``log_every_s`` (``raytrain-ft report`` plots it with the
     recoveries)."""
+    eval_history: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    """``eval_every_s``: {t, step, eval_loss, eval_accuracy (classification)} of the shards'
+    parameters as they were at t (seconds on the history's axis), oldest first."""
     step_times: list[list[tuple[int, float]]] = field(default_factory=list, repr=False)
     """Per rank: (step, time it finished) from the rank's final worker (not in the JSON summary)."""
     applied_counts: list[dict[str, str]] = field(default_factory=list, repr=False)
@@ -837,7 +837,7 @@ class _Run:
                     return statuses, max(finished - started, finished - t_start)
             self.chaos.tick(step, len(status.events) if status is not None else 0)
             now = time.time()
-            if cfg.eval_every_s and self.evaluate is not None:
+            if self.evaluate is not None:
                 eval_ref, eval_asked = self._periodic_eval(eval_ref, eval_asked, step, now, t_start)
             if statuses and now - last_progress >= min(
                 cfg.log_every_s, 0.2 if now - t_start < 2 else cfg.log_every_s

@@ -129,12 +129,12 @@ def ray_train_ddp(seed: int, epochs: int, eval_every: int, storage: str) -> list
     return [(round(t, 3), acc) for _, t, acc in out["evals"]]
 
 
-def project(label: str, seed: int, epochs: int, eval_every_s: float) -> tuple[list, float]:
+def project(label: str, seed: int, epochs: int, eval_every_s: float) -> list:
     mode, fields, optim = PROJECT[label]
     result = Trainer(config(mode, fields, optim, seed, epochs, eval_every_s)).fit()
     curve = [(e["t"], e["eval_accuracy"]) for e in result.eval_history]
     curve.append((round(result.train_time_s, 3), result.eval_accuracy))  # the final evaluation
-    return curve, result.train_time_s
+    return curve
 
 
 def main() -> None:
@@ -164,7 +164,7 @@ def main() -> None:
                 finally:
                     ray.shutdown()
             else:
-                curve, _ = project(system, seed, args.epochs, args.eval_every_s)
+                curve = project(system, seed, args.epochs, args.eval_every_s)
             reached = first_reaching(curve, args.target)
             runs.append(dict(system=system, seed=seed, curve=curve, time_to_target_s=reached))
             print(

@@ -141,9 +141,6 @@ class SimConfig:
         return x
 
 
-ASYNC_MODES = ("async", "ssp", "mixed")
-
-
 def random_config(rng: random.Random, mode: str) -> SimConfig:
     w = rng.choice((2, 3, 3, 4))
     backups = rng.choice((0, 0, 1)) if mode == "sync" and w > 2 else 0
@@ -162,7 +159,7 @@ def random_config(rng: random.Random, mode: str) -> SimConfig:
         max_faults=rng.choice((1, 2, 3, 4)),
         # drawn last: every other field of a schedule is what it was before relaxed durability
         unlogged=rng.choice((0, 0, 1, 2)) if mode == "async" else 0,
-        momentum_correction=rng.choice(("none", "dana")) if mode in ASYNC_MODES else "none",
+        momentum_correction=rng.choice(("none", "dana")) if mode != "sync" else "none",
     )
 
 
