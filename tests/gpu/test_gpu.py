@@ -38,6 +38,8 @@ BASE = [
     "true",
     "--snapshot-interval",
     "10",
+    "--metrics",  # runs with a minimal Ray too (no metrics agent)
+    "false",
 ]
 
 
