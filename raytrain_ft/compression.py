@@ -17,6 +17,13 @@ exactly the residual it had, and a sync run with worker kills ends bitwise
 equal to the run without -- at the price of the residual's bytes on the wire
 (a dense float32 copy of the parameter part per push).
 
+Every codec encodes in numpy (CPU workers) and in torch on the tensor's device (GPU workers:
+``encode_torch``; only the payload is copied to the host, and the error-feedback residual stays on
+the device). The two give the same bits (tested on CPU tensors): top-k breaks ties at the k-th
+largest magnitude by the lowest index, and 1-bit's block scales are sums in float64 rounded to
+float32 (equal unless a block's float64 sum lies within one float64 ulp of a float32 rounding
+boundary).
+
 Wire sizes (n values): none 4n bytes; fp16 2n; top-k(r) 8*ceil(r*n) (int32
 index + float32 value); onebit ceil(n/8) + 4*ceil(n/512) (packed signs + a
 float32 scale per block of 512 values).
@@ -58,6 +65,11 @@ class Codec(abc.ABC):
     def encode(self, x: np.ndarray) -> Encoded:
         """Compress ``x`` [n] float32 (``tail`` left empty)."""
 
+    @abc.abstractmethod
+    def encode_torch(self, x):
+        """``encode`` of a float32 tensor [n] on its own device: the payload tensors, on that
+        device, bitwise equal to ``encode(x.numpy()).arrays``."""
+
     def expected_bytes(self, n: int) -> int:
         """Wire bytes of ``encode`` on n values (no tail)."""
         return 4 * n
@@ -70,12 +82,18 @@ class NoCodec(Codec):
     def encode(self, x: np.ndarray) -> Encoded:
         return Encoded("none", x.size, (np.asarray(x, dtype=np.float32),))
 
+    def encode_torch(self, x):
+        return (x,)
+
 
 class FP16(Codec):
     name = "fp16"
 
     def encode(self, x: np.ndarray) -> Encoded:
         return Encoded("fp16", x.size, (x.astype(np.float16),))
+
+    def encode_torch(self, x):
+        return (x.half(),)
 
     def expected_bytes(self, n: int) -> int:
         return 2 * n
@@ -101,8 +119,27 @@ class TopK(Codec):
         if k == n:
             idx = np.arange(n, dtype=np.int32)
         else:
-            idx = np.sort(np.argpartition(np.abs(x), n - k)[n - k :]).astype(np.int32)
+            a = np.abs(x)
+            kth = np.partition(a, n - k)[n - k]  # the k-th largest magnitude
+            above = np.flatnonzero(a > kth)
+            ties = np.flatnonzero(a == kth)[: k - above.size]  # lowest indices first
+            idx = np.sort(np.concatenate([above, ties])).astype(np.int32)
         return Encoded("topk", n, (idx, x[idx].astype(np.float32)))
+
+    def encode_torch(self, x):
+        import torch
+
+        n = x.numel()
+        k = self.k(n)
+        if k == n:
+            idx = torch.arange(n, dtype=torch.int64, device=x.device)
+        else:
+            a = x.abs()
+            kth = torch.topk(a, k, sorted=False).values.min()
+            above = torch.nonzero(a > kth).flatten()
+            ties = torch.nonzero(a == kth).flatten()[: k - above.numel()]
+            idx = torch.sort(torch.cat([above, ties])).values
+        return idx.to(torch.int32), x[idx]
 
     def expected_bytes(self, n: int) -> int:
         return 8 * self.k(n)
@@ -130,15 +167,64 @@ class OneBit(Codec):
         if n == 0:
             return Encoded("onebit", 0, (np.zeros(0, np.uint8), np.zeros(0, np.float32)))
         blocks = -(-n // ONEBIT_BLOCK)
-        padded = np.zeros(blocks * ONEBIT_BLOCK, dtype=np.float32)
+        padded = np.zeros(blocks * ONEBIT_BLOCK, dtype=np.float64)
         padded[:n] = np.abs(x)
-        scales = padded.reshape(blocks, ONEBIT_BLOCK).sum(axis=1)  # [blocks]
-        scales[:-1] /= ONEBIT_BLOCK
-        scales[-1] /= n - (blocks - 1) * ONEBIT_BLOCK
-        return Encoded("onebit", n, (np.packbits(x >= 0), scales.astype(np.float32)))
+        sums = padded.reshape(blocks, ONEBIT_BLOCK).sum(axis=1)  # [blocks] float64
+        scales = (sums / _block_counts(n, blocks)).astype(np.float32)
+        return Encoded("onebit", n, (np.packbits(x >= 0), scales))
+
+    def encode_torch(self, x):
+        import torch
+
+        n = x.numel()
+        if n == 0:
+            return (
+                torch.zeros(0, dtype=torch.uint8, device=x.device),
+                torch.zeros(0, dtype=torch.float32, device=x.device),
+            )
+        blocks = -(-n // ONEBIT_BLOCK)
+        padded = torch.zeros(blocks * ONEBIT_BLOCK, dtype=torch.float64, device=x.device)
+        padded[:n] = x.abs()
+        counts = torch.from_numpy(_block_counts(n, blocks)).to(x.device)
+        scales = (padded.view(blocks, ONEBIT_BLOCK).sum(1) / counts).float()
+        bits = torch.zeros(-(-n // 8) * 8, dtype=torch.uint8, device=x.device)
+        bits[:n] = x >= 0
+        weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=x.device)
+        packed = (bits.view(-1, 8) * weights).sum(1).to(torch.uint8)  # np.packbits' bit order
+        return packed, scales
 
     def expected_bytes(self, n: int) -> int:
         return (n + 7) // 8 + 4 * -(-n // ONEBIT_BLOCK)
+
+
+def _block_counts(n: int, blocks: int) -> np.ndarray:
+    """Values in each 1-bit block (the last may be short), float64."""
+    counts = np.full(blocks, float(ONEBIT_BLOCK))
+    counts[-1] = n - (blocks - 1) * ONEBIT_BLOCK
+    return counts
+
+
+def decode_torch(codec: str, n: int, arrays: tuple):
+    """``decode`` of an ``encode_torch`` payload, on its device (the worker's error feedback):
+    bitwise equal to ``decode``."""
+    import torch
+
+    first = arrays[0]
+    if codec == "none":
+        return first
+    if codec == "fp16":
+        return first.float()
+    body = torch.zeros(n, dtype=torch.float32, device=first.device)
+    if codec == "topk":
+        idx, values = arrays
+        body[idx.long()] = values
+        return body
+    if codec == "onebit":
+        packed, scales = arrays
+        shifts = torch.arange(7, -1, -1, device=first.device, dtype=torch.uint8)
+        signs = ((packed.unsqueeze(1) >> shifts) & 1).flatten()[:n].float()
+        return (signs * 2.0 - 1.0) * scales.repeat_interleave(ONEBIT_BLOCK)[:n]
+    raise ValueError(f"unknown codec {codec!r}")
 
 
 def decode(e: Encoded) -> np.ndarray:
@@ -184,14 +270,35 @@ def parse_codec(spec: str) -> Codec:
 
 class ErrorFeedback:
     """Encodes successive pushes of one vector, carrying what compression dropped into the next
-    push."""
+    push.
 
-    def __init__(self, codec: Codec, size: int):
+    ``device`` None: numpy in, numpy residual. A torch device (a GPU worker): tensors on that
+    device in, encoded there, the residual kept there; only the payload (and ``residual_host``)
+    is copied to the host."""
+
+    def __init__(self, codec: Codec, size: int, device=None):
         self.codec = codec
-        self.residual = np.zeros(size, dtype=np.float32) if not codec.lossless else None
+        self.device = device
+        self.residual = None
+        self._staging = None
+        if codec.lossless:
+            return
+        if device is None:
+            self.residual = np.zeros(size, dtype=np.float32)
+        else:
+            import torch
 
-    def encode(self, x: np.ndarray, tail: np.ndarray | None = None) -> Encoded:
-        """Encode ``x`` + residual (``tail`` rides along uncompressed) and keep the new residual."""
+            self.residual = torch.zeros(size, dtype=torch.float32, device=device)
+            if (
+                torch.device(device).type == "cuda"
+            ):  # the residual's copies go through pinned memory
+                self._staging = torch.empty(size, dtype=torch.float32, pin_memory=True)
+
+    def encode(self, x, tail=None) -> Encoded:
+        """Encode ``x`` + residual (``tail`` rides along uncompressed) and keep the new residual.
+        ``x``, ``tail``: numpy arrays, or tensors on ``device``."""
+        if self.device is not None:
+            return self._encode_torch(x, tail)
         if self.residual is None:
             e = self.codec.encode(x)
         else:
@@ -201,6 +308,39 @@ class ErrorFeedback:
         if tail is not None and tail.size:
             e = Encoded(e.codec, e.size, e.arrays, np.array(tail, dtype=np.float32, copy=True))
         return e
+
+    def _encode_torch(self, x, tail) -> Encoded:
+        corrected = x if self.residual is None else x + self.residual
+        arrays = self.codec.encode_torch(corrected)
+        if self.residual is not None:
+            decoded = decode_torch(self.codec.name, corrected.numel(), arrays)
+            self.residual.copy_(corrected - decoded)
+        # copies: x's buffer is reused by the next step
+        host = tuple(a.detach().to("cpu", copy=True).numpy() for a in arrays)
+        tail_host = None
+        if tail is not None and tail.numel():
+            tail_host = tail.detach().to("cpu", copy=True).numpy()
+        return Encoded(self.codec.name, corrected.numel(), host, tail_host)
+
+    def residual_host(self) -> np.ndarray | None:
+        """A host copy of the residual (it travels with each push: a restarted rank resumes with
+        it)."""
+        if self.residual is None:
+            return None
+        if self.device is None:
+            return self.residual.copy()
+        if self._staging is not None:
+            self._staging.copy_(self.residual)
+            return self._staging.numpy().copy()
+        return self.residual.cpu().numpy().copy()
+
+    def set_residual(self, residual: np.ndarray) -> None:
+        if self.device is None:
+            self.residual[:] = residual
+        else:
+            import torch
+
+            self.residual.copy_(torch.from_numpy(np.asarray(residual)))
 
 
 def decode_push(push) -> np.ndarray:

@@ -99,3 +99,69 @@ def test_without_error_feedback_topk_loses_most_of_the_gradient():
 def test_bad_codec_specs_name_the_fix(bad):
     with pytest.raises(ValueError, match="codec|ratio"):
         parse_codec(bad)
+
+
+def _tied(n=5_000):
+    """Gradient-like values with many ties, at the top-k threshold too, and zeros."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(n).astype(np.float32)
+    x[::7] = 0.0
+    x[::11] = np.float32(1.5)
+    x[::13] = np.float32(-1.5)
+    x[::25] = np.float32(-9.0)  # 200 equal largest magnitudes: top-k of 1% cuts through them
+    return x
+
+
+@pytest.mark.parametrize("spec", ["none", "fp16", "topk:0.01", "topk:0.3", "topk:1", "onebit"])
+@pytest.mark.parametrize(
+    "x", [X, _tied(), X[:700], np.zeros(0, np.float32)], ids=["randn", "tied", "short", "empty"]
+)
+def test_the_torch_encoder_gives_the_numpy_encoders_bits(spec, x):
+    """GPU workers encode with torch on the device: the payload is the numpy codec's, bit for bit,
+    and so is the decoded vector their error feedback subtracts."""
+    import torch
+
+    from raytrain_ft.compression import decode_torch
+
+    if x.size == 0 and spec.startswith("topk"):
+        pytest.skip("top-k of nothing")
+    codec = parse_codec(spec)
+    want = codec.encode(x)
+    got = codec.encode_torch(torch.from_numpy(x.copy()))
+    assert len(got) == len(want.arrays)
+    for g, w in zip(got, want.arrays):
+        assert g.numpy().dtype == w.dtype and np.array_equal(
+            g.numpy().view(np.uint8), w.view(np.uint8)
+        )
+    assert np.array_equal(
+        decode_torch(codec.name, x.size, got).numpy().view(np.uint8), decode(want).view(np.uint8)
+    )
+
+
+def test_topk_breaks_ties_at_the_threshold_by_the_lowest_index():
+    x = np.array([1.0, -2.0, 2.0, 0.5, 2.0, -2.0], dtype=np.float32)
+    idx, values = TopK(0.5).encode(x).arrays
+    assert idx.tolist() == [1, 2, 4] and values.tolist() == [-2.0, 2.0, 2.0]
+
+
+@pytest.mark.parametrize("spec", ["topk:0.01", "onebit", "fp16"])
+def test_error_feedback_on_a_device_keeps_the_numpy_residual_bit_for_bit(spec):
+    """The device path of error feedback (here on CPU tensors) sends the same pushes and keeps the
+    same residual as the numpy path, push after push; the residual goes to the host and back."""
+    import torch
+
+    host, dev = (
+        ErrorFeedback(parse_codec(spec), 3_000),
+        ErrorFeedback(parse_codec(spec), 3_000, "cpu"),
+    )
+    rng = np.random.default_rng(4)
+    for step in range(20):
+        g = rng.standard_normal(3_000).astype(np.float32)
+        tail = rng.standard_normal(4).astype(np.float32)
+        a, b = host.encode(g, tail), dev.encode(torch.from_numpy(g.copy()), torch.from_numpy(tail))
+        assert np.array_equal(decode_push(a), decode_push(b))
+        assert np.array_equal(host.residual, dev.residual_host())
+        if step == 10:  # a restarted rank gets its residual back from the shard
+            dev.set_residual(host.residual.copy())
+    g[:] = 0
+    assert not np.shares_memory(dev.encode(torch.from_numpy(g)).arrays[-1], g)
