@@ -348,6 +348,11 @@ class ClusterConfig:
     """Push a shard as soon as backward has finished its gradients, and wait for a shard's new
     parameters only when the forward pass first needs them (same results; off by default: on a
     2-core CPU machine it measured 0.88-1.01x, see README)."""
+    push_thread: UseGpu = "auto"
+    """With overlap_comm: push each shard from a thread of the worker's own while backward goes on
+    (backward's hook only queues the shard) | false: push from backward's hook | auto: true on GPU
+    workers (the hook records a CUDA event; the thread copies on a side stream), false on CPU
+    ones."""
     use_gpu: UseGpu = "auto"
     """auto (a GPU per worker when the cluster has them; on a GPU torch cannot use, the CPU) | true
     (wait for GPUs, e.g. from an autoscaler) | false."""
@@ -379,6 +384,8 @@ class ClusterConfig:
             self.use_gpu, (bool, str)
         ):  # ClusterConfig(use_gpu=True) means "true"; any case
             self.use_gpu = str(self.use_gpu).lower()  # type: ignore[assignment]
+        if isinstance(self.push_thread, (bool, str)):
+            self.push_thread = str(self.push_thread).lower()  # type: ignore[assignment]
         check_field_types(self, "cluster")
         _positive("cluster.num_workers", self.num_workers)
         _positive("cluster.num_servers", self.num_servers)
@@ -393,6 +400,12 @@ class ClusterConfig:
             "a simulated step waits at most an hour",
         )
         _positive("cluster.ranks_per_process", self.ranks_per_process)
+        if self.push_thread == "true" and not self.overlap_comm:
+            raise ConfigError(
+                "cluster.push_thread",
+                "a push thread sends shards during backward: set --overlap-comm true too, or "
+                "leave --push-thread auto",
+            )
         if self.ranks_per_process > 1 and not self.simulate_compute_ms:
             raise ConfigError(
                 "cluster.ranks_per_process",

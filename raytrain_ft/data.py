@@ -498,9 +498,13 @@ class BatchStream:
         end_step: int,
         prefetch: int = 2,
         presplit: bool = False,
+        pin_memory: bool = False,
     ):
         """``presplit``: ``dataset`` is already this rank's part (a Ray Dataset split on the
-        driver): the rank shuffles all of it instead of taking ``perm[rank::W]``."""
+        driver): the rank shuffles all of it instead of taking ``perm[rank::W]``. ``pin_memory``:
+        batches are built in page-locked memory (a GPU worker reading host data copies them to the
+        device asynchronously)."""
+        self.pin_memory = pin_memory
         self.dataset = dataset
         self.seed, self.rank, self.num_workers, self.batch_size = (
             seed,
@@ -521,9 +525,10 @@ class BatchStream:
 
     def _make(self, step: int) -> tuple:
         epoch, s = divmod(step, self._spe)
-        return batch_of(
+        batch = batch_of(
             self.dataset, batch_indices(self._part, self.seed, epoch, self.rank, s, self.batch_size)
         )
+        return _pinned(batch) if self.pin_memory else batch
 
     def _fill(self) -> None:
         step = self.step
@@ -549,16 +554,47 @@ class BatchStream:
             self._stop.set()
 
 
+def _pinned(x):
+    if isinstance(x, torch.Tensor):
+        return x.pin_memory()
+    if isinstance(x, dict):
+        return {k: _pinned(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_pinned(v) for v in x)
+    return x
+
+
+def dataset_on_device(ds, device, max_fraction: float = 0.25):
+    """(dataset, moved): an in-memory dataset's tensors moved to ``device`` (a GPU) when they take
+    at most ``max_fraction`` of its free memory -- batches are then gathered there, with no copy
+    per step; else ``ds`` as it is."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return ds, False
+    if isinstance(ds, TensorDataset):
+        tensors = list(ds.tensors)
+    elif isinstance(ds, ColumnsDataset):
+        tensors = [*ds.x.values(), ds.y]
+    else:
+        return ds, False
+    free, _total = torch.cuda.mem_get_info(device)
+    if sum(t.numel() * t.element_size() for t in tensors) > max_fraction * free:
+        return ds, False
+    if isinstance(ds, TensorDataset):
+        return TensorDataset(*(t.to(device) for t in ds.tensors)), True
+    return ColumnsDataset({c: t.to(device) for c, t in ds.x.items()}, ds.y.to(device)), True
+
+
 def batch_of(ds, indices) -> tuple:
     """The (x, y) batch of ``indices``: tensors indexed at once for a ``TensorDataset`` or a
     ``ColumnsDataset``, else PyTorch's default collate of the samples (x may be a tensor or a dict
     of tensors)."""
     if isinstance(ds, TensorDataset):
-        idx = torch.as_tensor(indices)
+        idx = torch.as_tensor(indices, device=ds.tensors[0].device)
         x, y = (t.index_select(0, idx) for t in ds.tensors[:2])
         return x, y
     if isinstance(ds, ColumnsDataset):
-        idx = torch.as_tensor(indices)
+        idx = torch.as_tensor(indices, device=ds.y.device)
         return {c: t.index_select(0, idx) for c, t in ds.x.items()}, ds.y.index_select(0, idx)
     samples = [ds[int(i)] for i in indices]
     x, y = default_collate(samples)

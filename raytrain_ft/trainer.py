@@ -607,6 +607,9 @@ class Trainer:
                     "wait_s": round(s.wait_s, 3),
                     "cpu_s": round(s.cpu_s, 3),
                     "compute_cpu_s": round(s.compute_cpu_s, 3),
+                    "gpu_compute_s": (
+                        round(s.gpu_compute_s, 3) if s.gpu_compute_s is not None else None
+                    ),
                     "device": s.device,
                     "device_name": s.device_name,
                     "reroutes": s.reroutes,

@@ -20,7 +20,7 @@ from raytrain_ft.actors import (
 from raytrain_ft.actors.metrics import WORKER_METRICS, Recorder
 from raytrain_ft.compression import Codec, ErrorFeedback, NoCodec, parse_codec
 from raytrain_ft.config import TrainConfig
-from raytrain_ft.data import BatchStream
+from raytrain_ft.data import BatchStream, dataset_on_device
 from raytrain_ft.device import choose_device, deterministic, device_name
 from raytrain_ft.params import FlatModel, ShardRange, overlapping_shards
 from raytrain_ft.recovery.faults import parse_slow
@@ -85,6 +85,9 @@ class WorkerStatus:
     prefetch, pushes and their serialization, Ray's own threads) and the compute."""
     compute_cpu_s: float = 0.0
     """CPU seconds of the training thread in forward/backward (and local optimizer steps)."""
+    gpu_compute_s: float | None = None
+    """GPU workers: seconds the device spent from the start of forward to the end of backward,
+    summed over steps (CUDA events; ``compute_s`` is wall time on the host)."""
 
 
 class _NoBatches:
@@ -148,6 +151,9 @@ class Worker:
         self.train = (
             task.data.train_for(rank) if not self._simulate_s else None
         )  # a simulated step reads no data
+        # a GPU worker keeps its data on the device when it fits, else builds batches pinned
+        self.train, on_device = dataset_on_device(self.train, self.device)
+        self._pin_batches = self.device.type == "cuda" and not on_device
         self.model = task.build_model(config.seed).to(self.device)
         self.flat = FlatModel(self.model, self.device)
         self.loss_fn = task.loss
@@ -173,6 +179,7 @@ class Worker:
         self._skipped = 0
         self._cpu_at_start: float | None = None
         self._compute_cpu_s = 0.0
+        self._gpu_compute_s = 0.0
         self._slow_s = parse_slow(config.chaos.slow_workers).get(rank, 0.0)
         if self._simulate_s:  # a fixed gradient of the true size stands in for backward
             gen = torch.Generator().manual_seed(config.seed * 1000 + rank)
@@ -192,6 +199,7 @@ class Worker:
             run_id,
             parse_codec(config.consistency.codec),
             self.metrics,
+            config.cluster.push_thread,
         )
 
     def ready(self) -> str:
@@ -250,6 +258,7 @@ class Worker:
             self.device_name,
             time.process_time() - self._cpu_at_start if self._cpu_at_start is not None else 0.0,
             self._compute_cpu_s,
+            self._gpu_compute_s if self.device.type == "cuda" else None,
         )
 
     def step_end_times(self) -> list[tuple[int, float]]:
@@ -286,6 +295,7 @@ class Worker:
             end_step=self._end_step if end_step is None else end_step,
             prefetch=cfg.data.prefetch_batches,
             presplit=self.task.data.presplit,
+            pin_memory=self._pin_batches,
         )
 
     def _run(self) -> None:
@@ -394,13 +404,19 @@ class Worker:
         cpu0 = time.thread_time()
         x, y = to_device(x, self.device), to_device(y, self.device)
         self.flat.zero_grad()
+        events = _gpu_events(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
             out = self.model(x)
             loss = self.loss_fn(out, y)
         loss.backward()
         inner.step()
+        if events:
+            events[1].record()
         self._compute_cpu_s += time.thread_time() - cpu0
-        return self._loss_and_accuracy(loss, out, y)
+        value = self._loss_and_accuracy(loss, out, y)  # waits for the device: the events are done
+        if events:
+            self._gpu_compute_s += events[0].elapsed_time(events[1]) / 1000.0
+        return value
 
     def _step_done(self, t0: float, wait_before: float, loss: float, samples: int) -> None:
         """Account a finished step (or local_sgd round) begun at ``t0`` and move to the next."""
@@ -449,6 +465,7 @@ class Worker:
         if self.exchange.pushed_last:
             self.flat.zero_grad()
         self.exchange.begin_step(self._step, push, fetch)
+        events = _gpu_events(self.device)
         # forward installs shards as it needs them; bf16 computes under autocast, parameters and
         # gradients stay float32
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
@@ -458,9 +475,14 @@ class Worker:
         # post-accumulate hooks push the shards whose gradients are complete during backward.
         self.flat.stage_buffers()
         loss.backward()  # with overlap, the pushes its hooks send count as compute here
+        if events:
+            events[1].record()
         self._compute_cpu_s += time.thread_time() - cpu0
         self.exchange.push_remaining()
-        return self._loss_and_accuracy(loss, out, y)
+        value = self._loss_and_accuracy(loss, out, y)  # waits for the device: the events are done
+        if events:
+            self._gpu_compute_s += events[0].elapsed_time(events[1]) / 1000.0
+        return value
 
     def _loss_and_accuracy(self, loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> float:
         """The step's loss (returned) and batch accuracy (kept, classification only)."""
@@ -472,6 +494,66 @@ class Worker:
             [loss.detach().float(), (out.detach().argmax(1) == y).float().mean()]
         ).tolist()
         return loss_value
+
+
+def _gpu_events(device: torch.device):
+    """(start, end) CUDA events, the start recorded now; None on the CPU."""
+    if device.type != "cuda":
+        return None
+    events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+    events[0].record()
+    return events
+
+
+class _Sender:
+    """Pushes shards from a thread of its own while backward goes on (``overlap_comm``).
+
+    Backward's hook only records a CUDA event on the stream that computed the gradient and queues
+    the shard; this thread waits for that event on a side stream, copies the shard's gradient to
+    pinned host memory (or encodes it on the device and copies the payload) and makes the Ray
+    call, so the GPU keeps computing meanwhile. The training thread ``drain``s the queue after
+    backward, before it touches the protocol again: the protocol is never used by two threads at
+    once."""
+
+    def __init__(self, push, device: torch.device):
+        import queue
+
+        self._push = push
+        self._queue: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        threading.Thread(target=self._loop, name="shard-sender", daemon=True).start()
+
+    def submit(self, i: int) -> None:
+        event = None
+        if self._stream is not None:
+            event = torch.cuda.Event()
+            event.record()  # on the stream backward computes on
+        self._queue.put((i, event))
+
+    def _loop(self) -> None:
+        while True:
+            i, event = self._queue.get()
+            try:
+                if self._error is not None:
+                    continue
+                if self._stream is None:
+                    self._push(i)
+                    continue
+                self._stream.wait_event(event)
+                with torch.cuda.stream(self._stream):
+                    self._push(i)
+            except BaseException as error:  # noqa: BLE001 -- raised again by drain
+                self._error = error
+            finally:
+                self._queue.task_done()
+
+    def drain(self) -> None:
+        """Wait until every queued shard is sent; raise what a send raised."""
+        self._queue.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 LEDGER_DIR_ENV_VAR = "RAYTRAIN_FT_LEDGER_DIR"
@@ -518,6 +600,7 @@ class ShardExchange:
         run_id: str,
         codec: Codec | None = None,
         metrics: Recorder | None = None,
+        push_thread: str = "false",
     ):
         import os
 
@@ -533,8 +616,13 @@ class ShardExchange:
         codec = codec or NoCodec()
         # error feedback per shard, on the parameter part only (buffers are assigned, never
         # compressed)
+        # on a GPU the encoding runs on the device too (only the payload is copied to the host)
+        on_gpu = flat.device.type == "cuda"
         self.encoders = (
-            [ErrorFeedback(codec, s.param_slice.stop) for s in shards]
+            [
+                ErrorFeedback(codec, s.param_slice.stop, flat.device if on_gpu else None)
+                for s in shards
+            ]
             if not codec.lossless
             else None
         )
@@ -580,6 +668,11 @@ class ShardExchange:
                 for i in owners:
                     self._grads_per_shard[i] += 1
         self._remaining = list(self._grads_per_shard)
+        self._sender = (
+            _Sender(self._push, flat.device)
+            if overlap and (push_thread == "true" or (push_thread == "auto" and on_gpu))
+            else None
+        )
         if overlap:
             for k, p in enumerate(params):
                 if p.requires_grad:
@@ -622,6 +715,8 @@ class ShardExchange:
 
     def push_remaining(self) -> None:
         """Push every shard not yet pushed this step (all of them without overlap)."""
+        if self._sender is not None:
+            self._sender.drain()
         for i, done in enumerate(self._pushed):
             if not done:
                 self._push(i)
@@ -646,23 +741,35 @@ class ShardExchange:
         for i in self._param_shards[k]:
             self._remaining[i] -= 1
             if self._remaining[i] == 0 and not self._pushed[i]:
-                self._push(i)
+                self._sender.submit(i) if self._sender is not None else self._push(i)
+
+    def _host_slice(self, s: ShardRange) -> np.ndarray:
+        """The shard's gradient in host memory (GPU: copied to the pinned staging buffer on the
+        current stream, which is then waited for)."""
+        if self.host_grad is not self.flat.flat_grad:
+            self.host_grad[s.start : s.end].copy_(
+                self.flat.flat_grad[s.start : s.end], non_blocking=True
+            )
+            torch.cuda.current_stream(self.flat.device).synchronize()
+        return self.host_grad.numpy()[s.start : s.end]
 
     def _push(self, i: int) -> None:
         s = self.shards[i]
-        if self.host_grad is not self.flat.flat_grad:  # GPU: stage the slice in pinned host memory
-            self.host_grad[s.start : s.end].copy_(self.flat.flat_grad[s.start : s.end])
-        grad = self.host_grad.numpy()[s.start : s.end]
         residual = None
         if self.encoders is not None:
             ps, bs = s.param_slice, s.buffer_slice
-            grad = self.encoders[i].encode(grad[ps], grad[bs])
-            residual = self.encoders[
-                i
-            ].residual.copy()  # kept with the shard: a restarted rank resumes with it
+            encoder = self.encoders[i]
+            grad = (
+                self.flat.flat_grad[s.start : s.end]
+                if encoder.device is not None  # encoded on the GPU
+                else self._host_slice(s)
+            )
+            grad = encoder.encode(grad[ps], grad[bs])
+            residual = encoder.residual_host()  # kept with the shard: a restarted rank resumes
             self.residual_bytes += residual.nbytes
-        elif isinstance(grad, np.ndarray):
-            grad = grad.copy()  # kept for a resend: the gradient buffer is reused by the next step
+        else:
+            # a copy, kept for a resend: the gradient buffer is reused by the next step
+            grad = self._host_slice(s).copy()
         self.bytes_pushed += grad.nbytes
         self._is_pull[i] = False
         self._ask(
@@ -745,7 +852,7 @@ class ShardExchange:
                     "exchange_latency_seconds", time.perf_counter() - self._sent_at[i], {"op": op}
                 )
             if reply.residual is not None and self.encoders is not None:
-                self.encoders[i].residual[:] = reply.residual
+                self.encoders[i].set_residual(reply.residual)
             if reply.params is not None:
                 s = self.shards[i]
                 self.flat.flat[s.start : s.end].copy_(

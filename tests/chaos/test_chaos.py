@@ -371,11 +371,12 @@ def test_kill_a_process_hosting_two_simulated_ranks(ray_local):
 def test_a_lossy_codec_restarted_worker_resumes_with_its_residual(ray_local, tmp_path):
     """Error feedback survives a worker kill: the restarted rank gets its residual back from the
     shards, so a top-k run with a kill ends with the same hash as without (a reset residual would
-    change the pushes)."""
+    change the pushes). The pushes go from the push thread during backward, as on a GPU."""
 
     def config(kill=None):
         cfg = _config(2, kill=kill, num_spares=0)  # only a worker dies: no spare server needed
         cfg.consistency.codec = "topk:0.05"
+        cfg.cluster.overlap_comm, cfg.cluster.push_thread = True, "true"
         return cfg
 
     clean = Trainer(config()).fit()

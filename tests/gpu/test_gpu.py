@@ -119,3 +119,66 @@ def test_gpu_sync_matches_a_single_process_gpu_reference(tmp_path):
     torch.testing.assert_close(
         flatten_state(trained), flatten_state(model.cpu()), rtol=1e-4, atol=1e-5
     )
+
+
+def test_overlap_and_a_device_codec_on_a_gpu_keep_the_hash_through_kills(tmp_path):
+    """Overlap on a GPU pushes from the push thread (a CUDA event per shard, copies on a side
+    stream) and top-k encodes on the device with its residual there: a worker and a server kill
+    still leave the hash unchanged, and the GPU's compute time is measured with CUDA events."""
+    extra = ("--overlap-comm", "true", "--codec", "topk:0.05")
+    clean = _train(tmp_path, *extra)
+    killed = _train(tmp_path, *extra, "--kill", "server:0@step=15", "--kill", "worker:0@step=30")
+    assert sorted(e["role"] for e in killed["recoveries"]) == ["server", "worker"]
+    assert killed["params_sha256"] == clean["params_sha256"]
+    (worker,) = clean["workers"]
+    assert 0 < worker["gpu_compute_s"] <= worker["compute_s"] + worker["wait_s"]
+    assert worker["residual_bytes"] > 0
+
+
+def test_gpu_batches_are_the_host_batches_from_device_data_or_pinned_memory():
+    """A GPU worker's data: a dataset that fits is moved to the device once and batches are
+    gathered there; one that does not is batched in pinned host memory. Either way each batch is
+    the CPU's batch, bit for bit."""
+    from torch.utils.data import TensorDataset
+
+    from raytrain_ft.data import BatchStream, dataset_on_device
+
+    gen = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.randn(512, 3, 8, 8, generator=gen), torch.randint(0, 10, (512,)))
+    moved, on_device = dataset_on_device(ds, "cuda:0")
+    kept, not_moved = dataset_on_device(ds, "cuda:0", max_fraction=0.0)
+    assert on_device and not not_moved and kept is ds
+    kw = dict(seed=1, rank=1, num_workers=2, batch_size=32, start_step=0, end_step=20)
+    streams = {
+        "cpu": BatchStream(ds, **kw),
+        "device": BatchStream(moved, **kw),
+        "pinned": BatchStream(ds, pin_memory=True, **kw),
+    }
+    for _ in range(20):
+        (xc, yc), (xd, yd), (xp, yp) = (streams[k].next() for k in ("cpu", "device", "pinned"))
+        assert xd.is_cuda and xp.is_pinned() and yp.is_pinned()
+        assert torch.equal(xd.cpu(), xc) and torch.equal(yd.cpu(), yc)
+        assert torch.equal(xp, xc) and torch.equal(yp, yc)
+    for s in streams.values():
+        s.close()
+
+
+def test_codecs_on_the_gpu_give_the_numpy_codecs_bits():
+    """What a GPU worker pushes with a codec (encoded on the device, ties included) is what the
+    numpy codec sends, bit for bit; so is the residual error feedback keeps on the device."""
+    import numpy as np
+
+    from raytrain_ft.compression import ErrorFeedback, decode_push, parse_codec
+
+    rng = np.random.default_rng(0)
+    for spec in ("fp16", "topk:0.01", "onebit"):
+        host = ErrorFeedback(parse_codec(spec), 100_000)
+        dev = ErrorFeedback(parse_codec(spec), 100_000, torch.device("cuda:0"))
+        for _ in range(5):
+            g = rng.standard_normal(100_000).astype(np.float32)
+            g[::50] = 3.0  # ties at the top-k threshold
+            a, b = host.encode(g), dev.encode(torch.from_numpy(g).cuda())
+            for x, y in zip(a.arrays, b.arrays):
+                assert np.array_equal(x.view(np.uint8), y.view(np.uint8)), spec
+            assert np.array_equal(decode_push(a), decode_push(b))
+            assert np.array_equal(host.residual, dev.residual_host()), spec

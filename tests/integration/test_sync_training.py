@@ -64,7 +64,10 @@ def test_sync_matches_single_process_pytorch_with_and_without_overlap(ray_local)
     results = {}
     for overlap in (False, True):
         cfg = _config(
-            cluster=ClusterConfig(num_workers=2, num_servers=3, overlap_comm=overlap),
+            # with overlap, pushes go from the push thread GPU workers use
+            cluster=ClusterConfig(
+                num_workers=2, num_servers=3, overlap_comm=overlap, push_thread=overlap
+            ),
             eval_every_s=0.01 if overlap else 0.0,
         )
         results[overlap] = result = Trainer(cfg).fit()
