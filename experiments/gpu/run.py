@@ -32,7 +32,9 @@ from raytrain_ft.device import deterministic
 from raytrain_ft.trainer import Trainer, initial_model
 
 
-def make_config(model, batch, steps, overlap=True, codec="none", precision="fp32", servers=2):
+def make_config(
+    model, batch, steps, overlap=True, codec="none", precision="fp32", servers=2, push_thread="auto"
+):
     return TrainConfig(
         model=ModelConfig(name=model, precision=precision),
         data=DataConfig(
@@ -50,6 +52,7 @@ def make_config(model, batch, steps, overlap=True, codec="none", precision="fp32
             server_threads=2,
             use_gpu="true",
             overlap_comm=overlap,
+            push_thread=push_thread,
             metrics=False,
         ),
         consistency=ConsistencyConfig(codec=codec),
@@ -145,6 +148,7 @@ def main() -> None:
     ray.init(num_gpus=1, include_dashboard=False, logging_level="WARNING")
     variants = {
         "resnet18_b128_overlap": ("resnet18", 128, {}),
+        "resnet18_b128_overlap_hook": ("resnet18", 128, {"push_thread": "false"}),
         "resnet18_b128_no_overlap": ("resnet18", 128, {"overlap": False}),
         "resnet18_b128_bf16": ("resnet18", 128, {"precision": "bf16"}),
         "resnet18_b128_fp16codec": ("resnet18", 128, {"codec": "fp16"}),
@@ -176,8 +180,9 @@ def main() -> None:
                 workers.append(
                     {
                         k: res.workers[0].get(k)
-                        for k in ("device", "device_name", "compute_s", "wait_s")
+                        for k in ("device", "device_name", "compute_s", "wait_s", "gpu_compute_s")
                     }
+                    | {"params_sha256": res.params_sha256}
                 )
                 print(
                     f"{name} r{r}: plain {plain[-1]:.0f} ps {ps[-1]:.0f} {workers[-1]}", flush=True
