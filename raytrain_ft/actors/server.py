@@ -17,7 +17,7 @@ import numpy as np
 
 from raytrain_ft.actors import NAMESPACE, process_address, watch_supervisor
 from raytrain_ft.actors.group import ServerRun
-from raytrain_ft.actors.transport import Directory, failure_of, send, unpack
+from raytrain_ft.actors.transport import Directory, failure_of, send, split_reply, unpack
 from raytrain_ft.protocol.messages import (
     Call,
     Failure,
@@ -81,6 +81,12 @@ class ParameterServer:
 
     async def deliver_parts(self, msg, counts: tuple, *parts: np.ndarray):
         return await self.deliver(unpack(msg, counts, parts))
+
+    async def deliver_split(self, msg, counts: tuple, n_out: int, *parts: np.ndarray):
+        """``deliver`` (of a message ``send_split`` may have put in parts) with the reply's
+        parameters returned as ``n_out`` inline returns (the caller sets num_returns)."""
+        reply = await self.deliver(unpack(msg, counts, parts) if counts else msg)
+        return split_reply(reply, n_out)
 
     # --- carrying out effects
     # ------------------------------------------------------------------------

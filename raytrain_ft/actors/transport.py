@@ -7,7 +7,11 @@
 - Every actor takes protocol messages through one method, ``deliver(msg)``;
   ``send`` puts a dense array of up to ``PARTS_MAX_BYTES`` (a push, a batch of
   commands) inside the call in parts of at most ``INLINE_BYTES`` instead of
-  the object store (``deliver_parts``), and ``unpack`` reassembles it.
+  the object store (``deliver_parts``), and ``unpack`` reassembles it;
+  ``send_split`` also asks for the reply's parameters in ``reply_parts`` inline
+  returns of at most ``INLINE_BYTES`` (``deliver_split``, ``split_reply``,
+  ``join_reply``): a shard of up to ``PARTS_MAX_BYTES`` answers without the
+  object store too.
 - ``failure_of`` turns Ray's errors into the protocol's ``Failure``s: a dead
   actor, an unreachable one, or an answer lost with its node (the object
   store of a removed node is gone: every ``ray.get`` must expect it).
@@ -21,7 +25,7 @@ import logging
 import numpy as np
 
 from raytrain_ft.actors import INLINE_BYTES, NAMESPACE, PARTS_MAX_BYTES, inline_parts
-from raytrain_ft.protocol.messages import Append, Failure, Push, StartFailed
+from raytrain_ft.protocol.messages import Append, Failure, Push, PushReply, StartFailed
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +74,18 @@ class Directory:
         return h
 
 
-def send(handle, msg):
-    """Call ``handle.deliver(msg)``; dense arrays up to PARTS_MAX_BYTES go inside the call in
-    parts."""
+def reply_parts(nbytes: int) -> int:
+    """Inline returns a reply carrying ``nbytes`` of parameters is split into: 0 (one return: it
+    is inline anyway, or too large and goes through the object store) or 2+ parts of at most
+    INLINE_BYTES."""
+    if nbytes <= INLINE_BYTES or nbytes > PARTS_MAX_BYTES:
+        return 0
+    return -(-nbytes // INLINE_BYTES)
+
+
+def _push_parts(msg):
+    """(message without its payload, parts) for a push whose dense payload travels in parts;
+    None otherwise."""
     if (
         isinstance(msg, Push)
         and isinstance(msg.payload, np.ndarray)
@@ -80,9 +93,45 @@ def send(handle, msg):
     ):
         parts = inline_parts(msg.payload)
         if parts is not None:
-            return handle.deliver_parts.remote(
-                dataclasses.replace(msg, payload=None), (len(parts),), *parts
-            )
+            return dataclasses.replace(msg, payload=None), parts
+    return None
+
+
+def send_split(handle, msg, n_out: int) -> list:
+    """``handle.deliver_split``: as ``send``, and the reply's parameters come back as ``n_out``
+    inline returns; refs [reply, part, ...] (``join_reply`` puts them together)."""
+    method = handle.deliver_split.options(num_returns=n_out + 1)
+    split = _push_parts(msg)
+    if split is not None:
+        bare, parts = split
+        return method.remote(bare, (len(parts),), n_out, *parts)
+    return method.remote(msg, (), n_out)
+
+
+def split_reply(reply, n_out: int) -> tuple:
+    """The server side of ``send_split``: (reply without params, n_out pieces of them), or (reply,
+    None, ...) when the reply has no parameters of that size."""
+    params = getattr(reply, "params", None)
+    if isinstance(reply, PushReply) and isinstance(params, np.ndarray):
+        pieces = np.array_split(params, n_out)
+        if all(p.nbytes <= INLINE_BYTES for p in pieces):
+            return (dataclasses.replace(reply, params=None), *pieces)
+    return (reply, *([None] * n_out))
+
+
+def join_reply(reply, pieces: list):
+    if pieces and pieces[0] is not None:
+        return dataclasses.replace(reply, params=np.concatenate(pieces))
+    return reply
+
+
+def send(handle, msg):
+    """Call ``handle.deliver(msg)``; dense arrays up to PARTS_MAX_BYTES go inside the call in
+    parts."""
+    split = _push_parts(msg)
+    if split is not None:
+        bare, parts = split
+        return handle.deliver_parts.remote(bare, (len(parts),), *parts)
     if isinstance(msg, Append) and msg.snapshot is None and msg.commands:
         total = sum(c.update.nbytes for c in msg.commands)
         if INLINE_BYTES < total <= PARTS_MAX_BYTES:

@@ -640,6 +640,8 @@ class ShardExchange:
         self.wait_s = 0.0
         self._refs: dict = {}
         """ObjectRef of each call in flight -> its cid."""
+        self._reply_pieces: dict = {}
+        """First ObjectRef of a call answered in parts -> the refs of its parameters' parts."""
         self._asked = [False] * len(shards)
         """Shards with a call whose answer is not installed yet."""
         self._sent_at = [0.0] * len(shards)
@@ -787,8 +789,8 @@ class ShardExchange:
 
     def _perform(self, effects: list) -> None:
         """Send the protocol's calls (large arrays go through the object store once, owned by this
-        worker)."""
-        from raytrain_ft.actors.transport import send
+        worker; a shard's parameters of up to PARTS_MAX_BYTES come back inline, in parts)."""
+        from raytrain_ft.actors.transport import send, send_split
         from raytrain_ft.protocol.messages import Failure
 
         for e in effects:
@@ -796,13 +798,32 @@ class ShardExchange:
             if handle is None:
                 self._perform(self.proto.on_failure(e.cid, Failure.DEAD, time.time()))
                 continue
-            self._refs[send(handle, e.msg)] = e.cid
+            n_out = self._reply_parts(e)
+            if n_out:
+                first, *parts = send_split(handle, e.msg, n_out)
+                self._refs[first] = e.cid
+                self._reply_pieces[first] = parts
+            else:
+                self._refs[send(handle, e.msg)] = e.cid
+
+    def _reply_parts(self, call) -> int:
+        """Inline parts to ask for the parameters answering ``call`` in (0: none)."""
+        from raytrain_ft.actors.transport import reply_parts
+        from raytrain_ft.protocol.messages import Pull, Push
+
+        msg = call.msg
+        if not (isinstance(msg, Pull) or (isinstance(msg, Push) and msg.want_params)):
+            return 0
+        for i, route in enumerate(self.proto.routes):
+            if route.address == call.dst:
+                return reply_parts(4 * self.shards[i].size)
+        return 0
 
     def _pump(self) -> None:
         """Wait for one answer (or the watchdog's period) and feed it to the protocol."""
         import ray
 
-        from raytrain_ft.actors.transport import failure_of
+        from raytrain_ft.actors.transport import failure_of, join_reply
         from raytrain_ft.protocol.messages import Failure
 
         ready, _ = ray.wait(list(self._refs), num_returns=1, timeout=WATCHDOG_S)
@@ -812,8 +833,11 @@ class ShardExchange:
             self._perform(self.proto.on_tick(now))
         for ref in ready:
             cid = self._refs.pop(ref)
+            pieces = self._reply_pieces.pop(ref, None)
             try:
                 value = ray.get(ref)
+                if pieces:
+                    value = join_reply(value, ray.get(pieces))
             except Exception as error:  # noqa: BLE001 -- Ray's errors become the protocol's failures
                 failure = failure_of(error)
                 if failure is None:

@@ -1,0 +1,61 @@
+"""How messages travel (no Ray): pushes in inline parts, and replies whose parameters come back in
+inline parts."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from raytrain_ft.actors import INLINE_BYTES, PARTS_MAX_BYTES
+from raytrain_ft.actors.transport import join_reply, reply_parts, split_reply, unpack
+from raytrain_ft.protocol.messages import Push, PushReply
+
+
+@pytest.mark.parametrize(
+    "nbytes, parts",
+    [
+        (0, 0),
+        (INLINE_BYTES, 0),  # inline as it is
+        (INLINE_BYTES + 4, 2),
+        (302_612, 4),  # a digits-CNN shard of two
+        (PARTS_MAX_BYTES, -(-PARTS_MAX_BYTES // INLINE_BYTES)),
+        (PARTS_MAX_BYTES + 4, 0),  # through the object store
+    ],
+)
+def test_reply_parts_keep_every_part_inline(nbytes, parts):
+    assert reply_parts(nbytes) == parts
+
+
+def test_a_reply_split_into_parts_is_joined_back_bit_for_bit():
+    params = np.random.default_rng(0).standard_normal(302_612 // 4).astype(np.float32)
+    reply = PushReply(params, seq=7, acked=8)
+    n = reply_parts(params.nbytes)
+    bare, *pieces = split_reply(reply, n)
+    assert bare.params is None and len(pieces) == n
+    assert all(p.nbytes <= INLINE_BYTES for p in pieces)
+    joined = join_reply(bare, pieces)
+    assert joined.seq == 7 and joined.acked == 8 and np.array_equal(joined.params, params)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        PushReply(None, seq=3, acked=0),  # no parameters asked for
+        # larger than the parts were asked for: it goes whole (through the object store)
+        PushReply(np.zeros(3 * INLINE_BYTES // 4, np.float32), seq=3, acked=4),
+        "an answer of another kind",
+    ],
+    ids=["no-params", "too-large", "other"],
+)
+def test_a_reply_without_parameters_of_that_size_passes_whole(reply):
+    first, *pieces = split_reply(reply, 2)
+    assert first is reply and pieces == [None, None]
+    assert join_reply(first, pieces) is reply
+
+
+def test_a_push_in_parts_is_unpacked_whole():
+    payload = np.arange(50_000, dtype=np.float32)
+    push = Push(rank=1, step=2, payload=None)
+    parts = np.array_split(payload, 3)
+    assert np.array_equal(unpack(push, (3,), tuple(parts)).payload, payload)
+    assert dataclasses.replace(push, payload=payload).step == 2
