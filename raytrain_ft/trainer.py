@@ -158,21 +158,58 @@ class TrainResult:
         return d
 
 
-def updates_lost_in(applied: dict, cfg: TrainConfig) -> int:
-    """Updates of one shard that were applied then lost: holes in its applied record. Every rank's
-    push steps below its last applied one went into an update (workers resend what was not
-    answered; a restarted rank resumes at the shard's clock), so a push step left at 0 below it
-    was answered and lost with a primary. Counted per update (a mixed group's pushes are one)."""
+def lost_updates(applied: dict, cfg: TrainConfig) -> dict:
+    """Updates of one shard that were applied then lost, as {update key: (rank, step)}: holes in
+    its applied record. Every rank's push steps below its last applied one went into an update
+    (workers resend what was not answered; a restarted rank resumes at the shard's clock), so a
+    push step left at 0 below it was answered and lost with a primary. One key per update (a
+    mixed group's pushes are one)."""
     rule, n_push = cfg.rule(), cfg.consistency.n_push
     if rule.synchronous:  # sync is strict (and backup workers drop late pushes on purpose)
-        return 0
-    lost = set()
-    for rank, counts in applied.items():
+        return {}
+    lost: dict = {}
+    for rank, counts in sorted(applied.items()):
         last = max((s for s, c in enumerate(counts) if c), default=-1)
         for step in range(last):
             if counts[step] == 0 and (step + 1) % n_push == 0:
-                lost.add(rule.key(int(rank), step))
-    return len(lost)
+                lost.setdefault(rule.key(int(rank), step), (int(rank), step))
+    return lost
+
+
+def updates_lost_in(applied: dict, cfg: TrainConfig) -> int:
+    return len(lost_updates(applied, cfg))
+
+
+def updates_lost_by_recovery(applied: dict, cfg: TrainConfig, takeovers: list) -> list[int]:
+    """Per server recovery of one shard (``takeovers``: each rebuilt state's [[rank, next step],
+    ...], in the order they happened): the lost updates it caused. A hole at (rank, step) is the
+    doing of the last rebuilt state that lacked the step (its clock for the rank at most the
+    step): the step was acknowledged by the primary before it and never reached its log."""
+    counts = [0] * len(takeovers)
+    clocks = [dict((int(r), int(c)) for r, c in t) for t in takeovers]
+    for rank, step in lost_updates(applied, cfg).values():
+        lacking = [i for i, c in enumerate(clocks) if c.get(rank, 0) <= step]
+        if lacking:
+            counts[lacking[-1]] += 1
+    return counts
+
+
+def with_updates_lost(events: list[dict], applied: list[dict], cfg: TrainConfig) -> list[dict]:
+    """The recovery events, each server recovery with the updates it lost (``updates_lost``)."""
+    for shard, shard_applied in enumerate(applied):
+        mine = [
+            e
+            for e in events
+            if e.get("role") == "server"
+            and e.get("index") == shard
+            and e.get("source") == "replica"
+        ]
+        lost = updates_lost_by_recovery(
+            shard_applied, cfg, [e.get("takeover_clocks") or [] for e in mine]
+        )
+        for e, n in zip(mine, lost):
+            e["updates_lost"] = n
+    return events
 
 
 def cpu_per_step(workers: list, servers: list, supervisor_cpu_s: float) -> dict[str, float]:
@@ -629,7 +666,7 @@ class Trainer:
             replicas_match=end["replicas_match"],
             supervisor_restarts=run.status.restarts,
             cpu_per_step=cpu_per_step(statuses, stats, run.status.cpu_s),
-            recoveries=list(run.status.events),
+            recoveries=with_updates_lost(list(run.status.events), end["applied"], cfg),
             run_id=run.run_id,
             started_at=run.started_at,
             history=run.history,

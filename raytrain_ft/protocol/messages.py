@@ -220,6 +220,9 @@ class Recovered:
     seq: int
     replayed: int
     bytes_moved: int
+    clocks: tuple = ()
+    """((rank, next step), ...) of the rebuilt state: what the run's summary counts each recovery's
+    lost updates from (``trainer.updates_lost_by_recovery``)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -448,7 +448,12 @@ class ServerProtocol:
                     "replayed": result.replayed,
                 },
             ),
-            Reply(rid, Recovered(p.state.seq, result.replayed, moved)),
+            Reply(
+                rid,
+                Recovered(
+                    p.state.seq, result.replayed, moved, tuple(sorted(p.state.clocks.items()))
+                ),
+            ),
         ]
 
     def _on_depose(self, rid: int, m: Depose) -> list:

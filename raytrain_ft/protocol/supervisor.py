@@ -189,6 +189,11 @@ class RecoveryEvent:
     rereplicated: list = field(default_factory=list)
     """Shards whose replica the lost server held, replicated again on its replacement."""
     actor: str | None = None
+    takeover_clocks: list = field(default_factory=list)
+    """Server recoveries: [[rank, next step], ...] of the rebuilt state (``Recovered.clocks``)."""
+    updates_lost: int | None = None
+    """Server recoveries: acknowledged updates the rebuilt primary lacked for good (relaxed
+    durability; 0 with strict), counted at the end of the run from the shards' applied records."""
 
 
 @dataclass(slots=True)
@@ -1274,6 +1279,7 @@ class SupervisorProtocol:
                             epoch,
                             value.seq,
                         )
+                        e.takeover_clocks = [[int(r), int(c)] for r, c in value.clocks]
                         break
                 effects = [
                     self._persist(),

@@ -176,4 +176,7 @@ def test_relaxed_durability_loses_at_most_k_acknowledged_updates_per_primary_kil
     assert len(lost) <= k, sorted(lost)  # one primary killed
     assert {s for s, _, _ in lost} <= {0}, "only the killed primary's shard may lose updates"
     assert result.updates_lost == len(lost)
+    # the recovery record says the same: the server recovery lost exactly these
+    (event,) = result.recoveries
+    assert event["updates_lost"] == len(lost) and event["takeover_clocks"]
     assert result.replicas_match == [True] * SERVERS
