@@ -74,6 +74,9 @@ class ShardState:
         self.residuals: dict[int, list] = {}
         """Per rank: [(step, error-feedback residual after that step's push)], the newest two (lossy
         codecs)."""
+        self.staleness: dict[int, int] = {}
+        """{staleness: updates} over every update applied (replicated: a rebuilt primary keeps its
+        predecessors' share)."""
 
     def load(
         self,
@@ -83,6 +86,7 @@ class ShardState:
         clocks: dict | None = None,
         applied: dict | None = None,
         residuals: dict | None = None,
+        staleness: dict | None = None,
     ) -> None:
         values = torch.from_numpy(np.array(params, dtype=np.float32, copy=True))
         if values.numel() != self.shard.size:
@@ -99,16 +103,23 @@ class ShardState:
             int(r): [(s, np.array(a, dtype=np.float32, copy=True)) for s, a in items]
             for r, items in (residuals or {}).items()
         }
+        self.staleness = {int(k): int(v) for k, v in (staleness or {}).items()}
 
     def hyper_params(self, step: int) -> HyperParams:
         return hyper_params(step, self.optim_cfg, self.total_steps)
 
     def apply(
-        self, mean_update: np.ndarray, hp: HyperParams, pushes: tuple = (), residuals: tuple = ()
+        self,
+        mean_update: np.ndarray,
+        hp: HyperParams,
+        pushes: tuple = (),
+        residuals: tuple = (),
+        staleness: int = 0,
     ) -> None:
         """Apply one aggregated update: optimizer on the parameter part, assignment on the buffer
         part. ``pushes``: the (rank, step) pairs it aggregates (advances those ranks' clocks);
-        ``residuals``: (rank, step, array) of the pushing workers' error-feedback residuals."""
+        ``residuals``: (rank, step, array) of the pushing workers' error-feedback residuals;
+        ``staleness``: the update's, counted in the histogram."""
         with warnings.catch_warnings():  # read-only object-store views are only read here
             warnings.simplefilter("ignore", UserWarning)
             update = torch.from_numpy(mean_update)
@@ -128,6 +139,7 @@ class ShardState:
             counts[step] = min(255, counts[step] + 1)
         for rank, step, residual in residuals:
             self.residuals[rank] = (self.residuals.get(rank, []) + [(step, residual)])[-2:]
+        self.staleness[staleness] = self.staleness.get(staleness, 0) + 1
 
     def params_copy(self) -> np.ndarray:
         return self.params.numpy().copy()

@@ -43,7 +43,6 @@ from raytrain_ft.consistency import (
     DelayCompensation,
     PushBuffer,
     Verdict,
-    add_to_histogram,
     may_proceed,
     mean_in_rank_order,
     slowest_clock,
@@ -177,7 +176,6 @@ class ServerProtocol:
         # stats (reported, never used for decisions)
         self.duplicate_pushes = 0
         self.late_pushes = 0
-        self.staleness: dict[int, int] = {}
         self.clock_trace: list[tuple[int, int, int]] = []
         self.replica_bytes_sent = 0
         self.replica_appends = 0
@@ -555,7 +553,6 @@ class ServerProtocol:
             grads = {r: self._compensated(p, g, pending.base_versions[r]) for r, g in grads.items()}
         update = mean_in_rank_order(grads)
         stalest = max(seq - v for v in pending.base_versions.values())
-        add_to_histogram(self.staleness, stalest)
         hp = state.hyper_params(step)
         scale = rule.lr_scale(len(pending.grads), stalest)
         momentum, gain = rule.momentum(hp.momentum)
@@ -569,13 +566,13 @@ class ServerProtocol:
             rule.exact_resume
         ):  # a worker restarting mid-step pulls the parameters before this update
             p.previous = self._params_now(p)
-        command = Command(seq, update, hp, pushes, residuals)
+        command = Command(seq, update, hp, pushes, residuals, stalest)
         if (
             self.spec.replicate
         ):  # the command is queued before the update is applied: never an ack without it
             p.outbox.append([command, None])
         started = self.clock()
-        state.apply(update, hp, pushes, residuals)
+        state.apply(update, hp, pushes, residuals, stalest)
         p.stale = True
         effects = [Note("update", {"shard": p.shard.index, "seq": seq, "staleness": stalest})]
         if self.spec.replicate:
@@ -733,6 +730,7 @@ class ServerProtocol:
             dict(s.clocks),
             s.applied_copy(),
             s.residuals_copy(),
+            dict(s.staleness),
         )
 
     def _flush(self) -> list:
@@ -986,7 +984,7 @@ class ServerProtocol:
             self.replica_bytes_sent,
             self.checkpoint_files_read,
             self.late_pushes,
-            dict(self.staleness),
+            dict(s.staleness),
             lead,
             self.replica_appends,
             tuple(self.clock_trace),

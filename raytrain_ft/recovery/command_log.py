@@ -11,6 +11,7 @@ another process (an object-store value dies with the actor that put it).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,6 +42,9 @@ class Command:
     residuals: tuple = ()
     """(rank, step, array): the pushing workers' error-feedback residuals after these pushes (lossy
     codecs), so a restarted worker resumes with exactly the residual it had."""
+    staleness: int = 0
+    """The update's staleness (shard updates between its stalest gradient's parameters and it):
+    replay rebuilds the shard's staleness histogram, so a lost primary's share is kept."""
 
     @property
     def nbytes(self) -> int:
@@ -65,6 +69,8 @@ class Snapshot:
     residuals: dict | None = None
     """Per rank: its newest error-feedback residuals as [(step, array)]
     (``ShardState.residuals``)."""
+    staleness: dict | None = None
+    """{staleness: updates} of every update so far (``ShardState.staleness``)."""
 
     @property
     def nbytes(self) -> int:
@@ -85,7 +91,14 @@ class Snapshot:
             r: [(s, _owned(a)) for s, a in items] for r, items in (self.residuals or {}).items()
         }
         return Snapshot(
-            self.seq, _owned(self.params), state, prev, dict(self.clocks or {}), applied, residuals
+            self.seq,
+            _owned(self.params),
+            state,
+            prev,
+            dict(self.clocks or {}),
+            applied,
+            residuals,
+            dict(self.staleness or {}),
         )
 
 
@@ -129,9 +142,13 @@ class CommandLog:
                 "missing"
             )
         residuals = tuple((r, s, _owned(a)) for r, s, a in command.residuals)
+        # an owned copy of every field (replace keeps the ones not named: none is dropped)
         self.entries.append(
-            Command(
-                command.seq, _owned(command.update), command.hp, tuple(command.pushes), residuals
+            dataclasses.replace(
+                command,
+                update=_owned(command.update),
+                pushes=tuple(command.pushes),
+                residuals=residuals,
             )
         )
         return True
@@ -168,6 +185,7 @@ class CommandLog:
                 self.snapshot.clocks,
                 self.snapshot.applied,
                 self.snapshot.residuals,
+                self.snapshot.staleness,
             )
             self._state = state
             self._previous = torch.zeros_like(state.params)
@@ -177,7 +195,9 @@ class CommandLog:
         applied = 0
         for command in self.entries:
             previous.copy_(state.params)
-            state.apply(command.update, command.hp, command.pushes, command.residuals)
+            state.apply(
+                command.update, command.hp, command.pushes, command.residuals, command.staleness
+            )
             applied += 1
         self.entries = []
         self.folded += applied
@@ -190,6 +210,7 @@ class CommandLog:
             state.clocks,
             state.applied,
             state.residuals,
+            state.staleness,
         )
         return applied
 

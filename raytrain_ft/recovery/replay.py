@@ -47,6 +47,7 @@ def replay(
         snapshot.clocks,
         snapshot.applied,
         snapshot.residuals,
+        snapshot.staleness,
     )
     previous = (
         None if snapshot.previous_params is None else np.array(snapshot.previous_params, copy=True)
@@ -60,7 +61,9 @@ def replay(
                 f"shard {shard.index}: replay expected seq {state.seq}, found {command.seq}"
             )
         previous = state.params_copy()
-        state.apply(command.update, command.hp, command.pushes, command.residuals)
+        state.apply(
+            command.update, command.hp, command.pushes, command.residuals, command.staleness
+        )
         replayed += 1
     state.updates_applied = state.seq
     return Replayed(state, previous, replayed)

@@ -226,6 +226,14 @@ def replicas_match(world: World, shards: dict[int, FinalShard]) -> list[Violatio
                     "clocks or applied pushes",
                 )
             )
+        elif rebuilt.staleness != state.staleness:
+            out.append(
+                Violation(
+                    "I4",
+                    f"shard {shard}: replica on {primary.holder}, replayed, has another staleness "
+                    f"histogram {rebuilt.staleness} vs the primary's {state.staleness}",
+                )
+            )
     return out
 
 
