@@ -648,6 +648,23 @@ class TrainConfig:
                 "local_sgd pushes once per round, after its local steps: use --overlap-comm false "
                 "and real compute",
             )
+        # a setting the chosen mode would ignore is refused, not silently dropped
+        only_in = (
+            ("staleness", ("ssp",), "--staleness"),
+            ("group_size", ("mixed",), "--group-size"),
+            ("staleness_lr", ("async", "ssp"), "--staleness-lr"),
+            ("momentum_correction", ("async", "ssp", "mixed"), "--momentum-correction"),
+        )
+        for name, modes, flag in only_in:
+            if self.mode not in modes and getattr(c, name) != defaults[name]:
+                raise ConfigError(
+                    f"consistency.{name}",
+                    f"{flag} applies to --mode {' or '.join(modes)}; {self.mode} would ignore it",
+                )
+        if self.cluster.tf32 and self.cluster.use_gpu == "false":
+            raise ConfigError(
+                "cluster.tf32", "--tf32 applies to GPU workers; --use-gpu false trains on the CPU"
+            )
         if c.backup_workers and self.mode != "sync":
             raise ConfigError(
                 "consistency.backup_workers", "backup workers apply to --mode sync only"

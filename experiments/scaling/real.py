@@ -51,7 +51,9 @@ def make_config(model: str, mode: str, workers: int, servers: int, batch: int) -
         optim=OptimConfig(name="sgd", lr=0.01, momentum=0.9),
         cluster=ClusterConfig(num_workers=workers, num_servers=servers, use_gpu="false"),
         mode=mode,
-        consistency=ConsistencyConfig(group_size=2 if workers % 2 == 0 else 1),
+        consistency=ConsistencyConfig(
+            **({"group_size": 2 if workers % 2 == 0 else 1} if mode == "mixed" else {})
+        ),
         steps=steps,
         seed=0,
     )

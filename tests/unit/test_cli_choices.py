@@ -59,6 +59,8 @@ def test_every_documented_choice_is_accepted(flag, value):
     extra = ("--data-path", "/tmp/x.parquet") if value == "parquet" else ()
     if value.startswith("relaxed:"):
         extra = ("--mode", "async")  # sync keeps strict durability
+    if flag in ("--staleness-lr", "--momentum-correction"):
+        extra = ("--mode", "async")  # sync has no stale gradients to correct
     cfg = config_of(flag, value, *extra)
     assert value in str(cfg.to_dict()) or value in ("true", "false")
 
