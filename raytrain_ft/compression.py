@@ -251,7 +251,7 @@ def decode(e: Encoded) -> np.ndarray:
 def parse_codec(spec: str) -> Codec:
     """``none`` | ``fp16`` | ``topk:RATIO`` (0 < RATIO <= 1) | ``onebit``; ValueError names the
     problem."""
-    name, _, arg = (spec or "none").strip().partition(":")
+    name, _, arg = (spec or "none").strip().lower().partition(":")
     if name == "topk":
         try:
             ratio = float(arg)

@@ -193,7 +193,8 @@ class ModelConfig:
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
     dataset: str = "digits"
-    """digits (offline, sklearn) | synthetic | cifar10 | mnist | parquet."""
+    """digits (offline, sklearn) | synthetic | cifar10 | mnist | parquet, or your own as
+    MODULE:ATTR (a zero-argument function returning (train, eval) torch Datasets)."""
     data_path: str | None = None
     """Root directory for cifar10/mnist (torchvision layout) or a Parquet file/directory (digits and
     synthetic read no files: an error there)."""
@@ -349,10 +350,10 @@ class ClusterConfig:
     parameters only when the forward pass first needs them (same results; off by default: on a
     2-core CPU machine it measured 0.88-1.01x, see README)."""
     push_thread: UseGpu = "auto"
-    """With overlap_comm: push each shard from a thread of the worker's own while backward goes on
-    (backward's hook only queues the shard) | false: push from backward's hook | auto: true on GPU
-    workers (the hook records a CUDA event; the thread copies on a side stream), false on CPU
-    ones."""
+    """With --overlap-comm: true (push each shard from a thread of the worker's own while backward
+    goes on; backward's hook only queues the shard) | false (push from backward's hook) | auto
+    (true on GPU workers, where the hook records a CUDA event and the thread copies on a side
+    stream; false on CPU workers)."""
     use_gpu: UseGpu = "auto"
     """auto (a GPU per worker when the cluster has them; on a GPU torch cannot use, the CPU) | true
     (wait for GPUs, e.g. from an autoscaler) | false."""
@@ -506,9 +507,9 @@ class ChaosConfig:
     """Fault injection: real kills and stragglers, for chaos tests and recovery studies."""
 
     kill: str | None = None
-    """ROLE[:INDEX]@step=N or @time=S (also @recovery=N, @snapshot=N, counted from 1); ROLE is
-    server|replica|worker|supervisor|node; repeat the flag or separate by commas (each kill once; a
-    step below the run's last)."""
+    """ROLE[:INDEX]@step=N or @time=S (also @recovery=N, @rereplication=N, @snapshot=N, counted
+    from 1); ROLE is server|replica|worker|spare|supervisor|node; repeat the flag or separate by
+    commas (each kill once; a step below the run's last)."""
     one_kill_at_a_time: bool = False
     """Hold each @step/@time kill until the previous one has been recovered (random schedules:
     replicas survive one failure at a time)."""
@@ -593,8 +594,8 @@ class TrainConfig:
     mode: Mode = "sync"
     """Consistency mode: sync (BSP: every step averages all workers in rank order) | async
     (Downpour: updates applied on arrival) | ssp (async, at most --staleness steps ahead of the
-    slowest) | mixed (groups of --group-size average synchronously, groups update asynchronously).
-    """
+    slowest) | mixed (groups of --group-size average synchronously, groups update asynchronously)
+    | local_sgd (rounds of --local-steps local steps, one push per round: local SGD / DiLoCo)."""
     epochs: int = 5
     """Passes over each worker's partition (ignored when steps is set)."""
     steps: int | None = None
