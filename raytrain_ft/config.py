@@ -28,6 +28,7 @@ Schedule = Literal["constant", "step", "cosine"]
 UseGpu = Literal["auto", "true", "false"]
 RecoveryMode = Literal["replica", "checkpoint", "none"]
 InnerOptimizer = Literal["sgd", "adamw"]
+CodecResidual = Literal["local", "replicated"]
 RECOVERY_MODES: tuple[str, ...] = get_args(RecoveryMode)
 
 # Open choices: a built-in name, or the user's own as MODULE:ATTR.
@@ -562,6 +563,12 @@ class ConsistencyConfig:
     codec: str = "none"
     """Push compression, with error feedback on the worker: none | fp16 | topk:RATIO (e.g.
     topk:0.01) | onebit (sign + scale)."""
+    codec_residual: CodecResidual = "local"
+    """Lossy codecs: local (the error-feedback residual stays on the worker; a restarted worker
+    starts from a zero residual, losing what compression had held back) | replicated (each push
+    also carries the residual, a dense float32 copy of its part -- more bytes than no codec -- kept
+    with the shard, so a restarted worker resumes with exactly its residual and a sync run with
+    worker kills ends bitwise equal to the run without)."""
 
     def __post_init__(self) -> None:
         check_field_types(self, "consistency")
@@ -662,6 +669,14 @@ class TrainConfig:
                     f"consistency.{name}",
                     f"{flag} applies to --mode {' or '.join(modes)}; {self.mode} would ignore it",
                 )
+        from raytrain_ft.compression import parse_codec
+
+        if c.codec_residual != "local" and parse_codec(c.codec).lossless:
+            raise ConfigError(
+                "consistency.codec_residual",
+                "--codec-residual applies to lossy codecs (fp16, topk:RATIO, onebit); "
+                f"--codec {c.codec} keeps no residual",
+            )
         if self.cluster.tf32 and self.cluster.use_gpu == "false":
             raise ConfigError(
                 "cluster.tf32", "--tf32 applies to GPU workers; --use-gpu false trains on the CPU"

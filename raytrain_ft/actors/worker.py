@@ -200,6 +200,7 @@ class Worker:
             parse_codec(config.consistency.codec),
             self.metrics,
             config.cluster.push_thread,
+            config.consistency.codec_residual == "replicated",
         )
 
     def ready(self) -> str:
@@ -601,6 +602,7 @@ class ShardExchange:
         codec: Codec | None = None,
         metrics: Recorder | None = None,
         push_thread: str = "false",
+        replicate_residual: bool = False,
     ):
         import os
 
@@ -626,6 +628,8 @@ class ShardExchange:
             if not codec.lossless
             else None
         )
+        self.replicate_residual = replicate_residual and self.encoders is not None
+        """--codec-residual replicated: each push carries the residual, kept with the shard."""
         self.versions = [0] * len(shards)
         """Per shard: the seq of the parameters installed (the base a gradient is computed on)."""
         self.bytes_pushed = 0
@@ -727,7 +731,7 @@ class ShardExchange:
         """Fetch every shard's parameters as of ``step`` (a restarted worker resumes there), or the
         newest (None); with ``resume_step`` and a lossy codec, also the error-feedback residual this
         rank had before it."""
-        resume = resume_step if self.encoders is not None else None
+        resume = resume_step if self.replicate_residual else None
         for i in range(len(self.shards)):
             self._is_pull[i] = True
             self._ask(i, self.proto.pull(i, step, time.time(), resume))
@@ -767,8 +771,9 @@ class ShardExchange:
                 else self._host_slice(s)
             )
             grad = encoder.encode(grad[ps], grad[bs])
-            residual = encoder.residual_host()  # kept with the shard: a restarted rank resumes
-            self.residual_bytes += residual.nbytes
+            if self.replicate_residual:  # kept with the shard: a restarted rank resumes with it
+                residual = encoder.residual_host()
+                self.residual_bytes += residual.nbytes
         else:
             # a copy, kept for a resend: the gradient buffer is reused by the next step
             grad = self._host_slice(s).copy()

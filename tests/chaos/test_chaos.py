@@ -369,13 +369,14 @@ def test_kill_a_process_hosting_two_simulated_ranks(ray_local):
 
 
 def test_a_lossy_codec_restarted_worker_resumes_with_its_residual(ray_local, tmp_path):
-    """Error feedback survives a worker kill: the restarted rank gets its residual back from the
-    shards, so a top-k run with a kill ends with the same hash as without (a reset residual would
-    change the pushes). The pushes go from the push thread during backward, as on a GPU."""
+    """With --codec-residual replicated, error feedback survives a worker kill: the restarted rank
+    gets its residual back from the shards, so a top-k run with a kill ends with the same hash as
+    without (a reset residual would change the pushes). The pushes go from the push thread during
+    backward, as on a GPU."""
 
-    def config(kill=None):
+    def config(kill=None, residual="replicated"):
         cfg = _config(2, kill=kill, num_spares=0)  # only a worker dies: no spare server needed
-        cfg.consistency.codec = "topk:0.05"
+        cfg.consistency.codec, cfg.consistency.codec_residual = "topk:0.05", residual
         cfg.cluster.overlap_comm, cfg.cluster.push_thread = True, "true"
         return cfg
 
@@ -385,3 +386,9 @@ def test_a_lossy_codec_restarted_worker_resumes_with_its_residual(ray_local, tmp
     assert [e["role"] for e in killed.recoveries] == ["worker"]
     assert killed.params_sha256 == clean.params_sha256
     assert all(w["residual_bytes"] > 0 for w in killed.workers)
+    # the default keeps the residual on the worker: the restarted rank starts from zero, so the
+    # run completes with other bits (what replicating the residual buys)
+    local = Trainer(config("worker:1@step=20", residual="local")).fit()
+    assert [e["role"] for e in local.recoveries] == ["worker"]
+    assert all(w["residual_bytes"] == 0 for w in local.workers)
+    assert local.params_sha256 != clean.params_sha256

@@ -125,7 +125,7 @@ def test_overlap_and_a_device_codec_on_a_gpu_keep_the_hash_through_kills(tmp_pat
     """Overlap on a GPU pushes from the push thread (a CUDA event per shard, copies on a side
     stream) and top-k encodes on the device with its residual there: a worker and a server kill
     still leave the hash unchanged, and the GPU's compute time is measured with CUDA events."""
-    extra = ("--overlap-comm", "true", "--codec", "topk:0.05")
+    extra = ("--overlap-comm", "true", "--codec", "topk:0.05", "--codec-residual", "replicated")
     clean = _train(tmp_path, *extra)
     killed = _train(tmp_path, *extra, "--kill", "server:0@step=15", "--kill", "worker:0@step=30")
     assert sorted(e["role"] for e in killed["recoveries"]) == ["server", "worker"]
