@@ -61,6 +61,8 @@ def test_every_documented_choice_is_accepted(flag, value):
         extra = ("--mode", "async")  # sync keeps strict durability
     if flag in ("--staleness-lr", "--momentum-correction"):
         extra = ("--mode", "async")  # sync has no stale gradients to correct
+    if flag == "--codec-residual":
+        extra = ("--codec", "fp16")  # a lossless codec keeps no residual
     cfg = config_of(flag, value, *extra)
     assert value in str(cfg.to_dict()) or value in ("true", "false")
 
