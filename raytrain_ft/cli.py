@@ -375,6 +375,7 @@ def _train(args: argparse.Namespace) -> int:
             "params_sha256",
             "updates_applied",
             "updates_acknowledged",
+            "updates_lost",
         )
     }
     if args.quiet:  # no progress bar showed them

@@ -46,6 +46,8 @@ def recovery_line(event: dict[str, Any]) -> str:
         detail = f"rebuilt from its peer's replica, {event.get('replayed', 0)} commands replayed"
         if role == "server":
             detail += f", {event.get('steps_lost', 0)} steps lost"
+            if event.get("updates_lost"):  # relaxed durability: acknowledged updates it lacked
+                detail += f", {event['updates_lost']} acknowledged updates lost"
         return f"recovered: {what} {index} died; {detail}; serving again after {took:.3f}s"
     if source == "checkpoint":
         return (

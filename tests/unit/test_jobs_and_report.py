@@ -116,6 +116,8 @@ def test_recovery_lines_say_what_died_and_how_it_came_back():
         "0 steps lost; "
         "serving again after 0.071s"
     )
+    relaxed = {**replica, "updates_lost": 2}  # --durability relaxed:K
+    assert "0 steps lost, 2 acknowledged updates lost; serving" in recovery_line(relaxed)
     holder = {**replica, "role": "replica", "index": 2}
     assert recovery_line(holder).startswith(
         "recovered: replica holder 2 died; rebuilt from its peer's replica, 3 commands replayed;"
