@@ -891,6 +891,19 @@ def coerce(text: Any, typ: type, name: str, optional: bool = True) -> Any:
     return str(text)
 
 
+def _misplaced(key: str) -> str | None:
+    """For a key under the wrong section: where it belongs (None when no section has it)."""
+    homes = [
+        sub for sub, cls in SUBCONFIGS.items() if key in {f.name for f in dataclasses.fields(cls)}
+    ]
+    if key in {f.name for f in dataclasses.fields(TrainConfig)} and key not in SUBCONFIGS:
+        homes.append("the top level")
+    if not homes:
+        return None
+    where = " or ".join(h if h == "the top level" else f"the {h} section" for h in homes)
+    return f"unknown key here; it belongs in {where}"
+
+
 def from_dict(raw: dict[str, Any] | None, source: str = "config") -> TrainConfig:
     """Build a TrainConfig from nested dicts (as in a YAML file); unknown keys are errors."""
     if raw is not None and not isinstance(raw, dict):
@@ -911,7 +924,10 @@ def from_dict(raw: dict[str, Any] | None, source: str = "config") -> TrainConfig
                     raise ConfigError(
                         f"{sub}.{key}", f"renamed: write it as {RENAMED[f'{sub}.{key}']}"
                     )
-                raise ConfigError(f"{sub}.{key}", f"unknown key; known keys: {', '.join(names)}")
+                raise ConfigError(
+                    f"{sub}.{key}",
+                    _misplaced(key) or f"unknown key; known keys: {', '.join(names)}",
+                )
             sub_kwargs[key] = coerce(
                 value, field_type(names[key], cls), f"{sub}.{key}", is_optional(names[key], cls)
             )
@@ -919,7 +935,10 @@ def from_dict(raw: dict[str, Any] | None, source: str = "config") -> TrainConfig
     top = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name not in SUBCONFIGS}
     for key, value in raw.items():
         if key not in top:
-            raise ConfigError(key, f"unknown key; known keys: {', '.join([*SUBCONFIGS, *top])}")
+            raise ConfigError(
+                key,
+                _misplaced(key) or f"unknown key; known keys: {', '.join([*SUBCONFIGS, *top])}",
+            )
         kwargs[key] = coerce(
             value, field_type(top[key], TrainConfig), key, is_optional(top[key], TrainConfig)
         )

@@ -394,3 +394,30 @@ def test_snapshot_interval_takes_a_number_or_auto_from_flags_yaml_and_python():
     for bad in ("x", 2.5, True):
         with pytest.raises(ConfigError, match="expected an integer or auto"):
             C.RecoveryConfig(snapshot_interval=bad)
+
+
+@pytest.mark.parametrize(
+    "raw, field, home",
+    [
+        (
+            {"consistency": {"overlap_comm": True}},
+            "consistency.overlap_comm",
+            "the cluster section",
+        ),
+        ({"push_thread": "true"}, "push_thread", "the cluster section"),
+        ({"cluster": {"epochs": 3}}, "cluster.epochs", "the top level"),
+    ],
+)
+def test_a_key_in_the_wrong_section_says_where_it_belongs(raw, field, home):
+    from raytrain_ft.config import from_dict
+
+    with pytest.raises(ConfigError, match=f"it belongs in {home}") as e:
+        from_dict(raw)
+    assert e.value.field == field
+
+
+def test_an_unknown_key_lists_the_known_ones():
+    from raytrain_ft.config import from_dict
+
+    with pytest.raises(ConfigError, match="unknown key; known keys: num_workers"):
+        from_dict({"cluster": {"bogus": 1}})
