@@ -612,12 +612,32 @@ def _chaos(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unknown_arguments(parser: argparse.ArgumentParser, command: str, unknown: list) -> None:
+    """Exit 2 with the subcommand's usage, naming each unknown flag and its closest known one."""
+    import difflib
+
+    subparser = next(
+        a for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+    ).choices[command]
+    known = [o for a in subparser._actions for o in a.option_strings if o.startswith("--")]
+    hints = []
+    for arg in unknown:
+        flag = arg.split("=", 1)[0]
+        if not flag.startswith("-"):
+            continue
+        close = difflib.get_close_matches(flag, known, n=1)
+        hints.append(f"{flag} (did you mean {close[0]}?)" if close else flag)
+    subparser.error(f"unrecognized arguments: {', '.join(hints) or ' '.join(unknown)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the subcommand's own usage, and the flag the user probably meant
+        _unknown_arguments(parser, args.command, unknown)
     try:
         if args.command == "train":
             return _train(args)

@@ -90,3 +90,22 @@ def test_recovery_none_keeps_the_word():
 )
 def test_every_documented_kill_form_is_accepted(kill):
     assert config_of("--kill", kill).chaos.kill == kill
+
+
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        (["train", "--push-thred", "true"], "--push-thred (did you mean --push-thread?)"),
+        (["train", "--lr=0.1", "--epocs", "2"], "--epocs (did you mean --epochs?)"),
+        (["simulate", "--schedulez", "3"], "--schedulez (did you mean --schedules?)"),
+    ],
+)
+def test_a_misspelled_flag_gets_the_subcommands_usage_and_the_flag_meant(argv, said, capsys):
+    from raytrain_ft.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert f"raytrain-ft {argv[0]}: error: unrecognized arguments: {said}" in err
+    assert err.startswith(f"usage: raytrain-ft {argv[0]}")
