@@ -649,6 +649,7 @@ class Trainer:
                     ),
                     "device": s.device,
                     "device_name": s.device_name,
+                    "push_thread": s.push_thread,
                     "reroutes": s.reroutes,
                     "bytes_pushed": s.bytes_pushed,
                     "residual_bytes": s.residual_bytes,

@@ -88,6 +88,8 @@ class WorkerStatus:
     gpu_compute_s: float | None = None
     """GPU workers: seconds the device spent from the start of forward to the end of backward,
     summed over steps (CUDA events; ``compute_s`` is wall time on the host)."""
+    push_thread: bool = False
+    """Pushes go from the push thread during backward (``--push-thread`` as it resolved here)."""
 
 
 class _NoBatches:
@@ -260,6 +262,7 @@ class Worker:
             time.process_time() - self._cpu_at_start if self._cpu_at_start is not None else 0.0,
             self._compute_cpu_s,
             self._gpu_compute_s if self.device.type == "cuda" else None,
+            self.exchange.push_thread,
         )
 
     def step_end_times(self) -> list[tuple[int, float]]:
@@ -688,6 +691,10 @@ class ShardExchange:
     @property
     def reroutes(self) -> int:
         return self.proto.reroutes
+
+    @property
+    def push_thread(self) -> bool:
+        return self._sender is not None
 
     def set_routes(self, routes) -> None:
         self.proto.set_routes(routes)

@@ -80,6 +80,7 @@ def test_sync_matches_single_process_pytorch_with_and_without_overlap(ray_local)
         assert set(cpu) == {"worker_compute_s", "worker_other_s", "server_s", "supervisor_s"}
         assert cpu["worker_compute_s"] > 0 and cpu["worker_other_s"] > 0 and cpu["server_s"] > 0
         assert all(0 < w["compute_cpu_s"] <= w["cpu_s"] for w in result.workers), result.workers
+        assert all(w["push_thread"] == overlap for w in result.workers)
     assert results[False].eval_history == []
     evals = results[True].eval_history
     assert evals, "a 24-step run lasts long enough for an evaluation every 10 ms"
