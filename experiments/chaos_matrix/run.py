@@ -14,7 +14,7 @@ Cells are (what is killed, when, mode):
 Roles: server (a primary), replica (the holder of shard 0's replica), worker, supervisor, spare,
 node (one of three simulated nodes: its servers and workers die together). Modes: sync, async, ssp,
 mixed (4 workers in two groups of 2; the others run 3 workers), sync with a backup worker, sync with
-a top-k codec.
+a top-k codec (its residual replicated), sync with overlap (pushes from the push thread).
 
 Every run is judged on its own records: it finishes; every kill fired once on a live target; I1 from
 the workers' ledgers against the shards' applied records (every (rank, step) applied exactly once);
@@ -56,7 +56,10 @@ MODES = {
     "ssp": dict(mode="ssp", staleness=1),
     "mixed": dict(mode="mixed", group_size=2, workers=4),  # two groups of 2 (groups must be equal)
     "backup": dict(mode="sync", backup_workers=1),
-    "topk": dict(mode="sync", codec="topk:0.05"),
+    # the residual travels with each push so that a restarted worker resumes with it (I2)
+    "topk": dict(mode="sync", codec="topk:0.05", codec_residual="replicated"),
+    # pushes from the push thread during backward, as on a GPU
+    "overlap": dict(mode="sync", overlap=True),
 }
 CELLS = {
     # (when, role): kills
@@ -90,6 +93,8 @@ def config(mode: str, kill: str | None) -> TrainConfig:
             num_workers=m.get("workers", WORKERS),
             num_servers=SERVERS,
             local_nodes=3 if kill and "node" in kill else 1,
+            overlap_comm=m.get("overlap", False),
+            push_thread="true" if m.get("overlap") else "auto",
         ),
         recovery=RecoveryConfig(snapshot_interval=10, num_spares=2),
         chaos=ChaosConfig(kill=kill),
@@ -98,6 +103,7 @@ def config(mode: str, kill: str | None) -> TrainConfig:
             group_size=m.get("group_size", 2),
             backup_workers=m.get("backup_workers", 0),
             codec=m.get("codec", "none"),
+            codec_residual=m.get("codec_residual", "local"),
         ),
         mode=m["mode"],
         steps=STEPS,
