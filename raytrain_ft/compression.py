@@ -11,11 +11,12 @@ Error feedback (Seide et al. 2014 for 1-bit SGD; Karimireddy et al. 2019 for
 sign/top-k): the encoder keeps what compression dropped -- ``residual =
 corrected - decode(encode(corrected))`` with ``corrected = grad + residual`` --
 and adds it to the next push, so every gradient value reaches the server
-eventually. The residual lives on the worker, and a copy travels with each
-push to the shard (and so to its replica): a restarted worker resumes with
-exactly the residual it had, and a sync run with worker kills ends bitwise
-equal to the run without -- at the price of the residual's bytes on the wire
-(a dense float32 copy of the parameter part per push).
+eventually. The residual lives on the worker. With ``--codec-residual
+replicated`` a copy also travels with each push to the shard (and so to its
+replica): a restarted worker resumes with exactly the residual it had, and a
+sync run with worker kills ends bitwise equal to the run without -- at the
+price of the residual's bytes on the wire (a dense float32 copy of the
+parameter part per push). By default (``local``) it stays on the worker.
 
 Every codec encodes in numpy (CPU workers) and in torch on the tensor's device (GPU workers:
 ``encode_torch``; only the payload is copied to the host, and the error-feedback residual stays on
@@ -289,10 +290,6 @@ class ErrorFeedback:
             import torch
 
             self.residual = torch.zeros(size, dtype=torch.float32, device=device)
-            if (
-                torch.device(device).type == "cuda"
-            ):  # the residual's copies go through pinned memory
-                self._staging = torch.empty(size, dtype=torch.float32, pin_memory=True)
 
     def encode(self, x, tail=None) -> Encoded:
         """Encode ``x`` + residual (``tail`` rides along uncompressed) and keep the new residual.
@@ -323,16 +320,21 @@ class ErrorFeedback:
         return Encoded(self.codec.name, corrected.numel(), host, tail_host)
 
     def residual_host(self) -> np.ndarray | None:
-        """A host copy of the residual (it travels with each push: a restarted rank resumes with
-        it)."""
+        """A host copy of the residual (``--codec-residual replicated`` sends it with each push: a
+        restarted rank resumes with it). From a GPU it goes through pinned memory, allocated at the
+        first call (never, when the residual stays on the worker)."""
         if self.residual is None:
             return None
         if self.device is None:
             return self.residual.copy()
-        if self._staging is not None:
-            self._staging.copy_(self.residual)
-            return self._staging.numpy().copy()
-        return self.residual.cpu().numpy().copy()
+        if not self.residual.is_cuda:
+            return self.residual.cpu().numpy().copy()
+        if self._staging is None:
+            import torch
+
+            self._staging = torch.empty(self.residual.numel(), dtype=torch.float32, pin_memory=True)
+        self._staging.copy_(self.residual)
+        return self._staging.numpy().copy()
 
     def set_residual(self, residual: np.ndarray) -> None:
         if self.device is None:
