@@ -408,19 +408,15 @@ class Worker:
         cpu0 = time.thread_time()
         x, y = to_device(x, self.device), to_device(y, self.device)
         self.flat.zero_grad()
-        events = _gpu_events(self.device)
+        clock = _GpuClock(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
             out = self.model(x)
             loss = self.loss_fn(out, y)
         loss.backward()
         inner.step()
-        if events:
-            events[1].record()
+        clock.stop()
         self._compute_cpu_s += time.thread_time() - cpu0
-        value = self._loss_and_accuracy(loss, out, y)  # waits for the device: the events are done
-        if events:
-            self._gpu_compute_s += events[0].elapsed_time(events[1]) / 1000.0
-        return value
+        return self._loss_and_accuracy(loss, out, y, clock)
 
     def _step_done(self, t0: float, wait_before: float, loss: float, samples: int) -> None:
         """Account a finished step (or local_sgd round) begun at ``t0`` and move to the next."""
@@ -469,7 +465,7 @@ class Worker:
         if self.exchange.pushed_last:
             self.flat.zero_grad()
         self.exchange.begin_step(self._step, push, fetch)
-        events = _gpu_events(self.device)
+        clock = _GpuClock(self.device)
         # forward installs shards as it needs them; bf16 computes under autocast, parameters and
         # gradients stay float32
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
@@ -479,34 +475,48 @@ class Worker:
         # post-accumulate hooks push the shards whose gradients are complete during backward.
         self.flat.stage_buffers()
         loss.backward()  # with overlap, the pushes its hooks send count as compute here
-        if events:
-            events[1].record()
+        clock.stop()
         self._compute_cpu_s += time.thread_time() - cpu0
         self.exchange.push_remaining()
-        value = self._loss_and_accuracy(loss, out, y)  # waits for the device: the events are done
-        if events:
-            self._gpu_compute_s += events[0].elapsed_time(events[1]) / 1000.0
-        return value
+        return self._loss_and_accuracy(loss, out, y, clock)
 
-    def _loss_and_accuracy(self, loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> float:
-        """The step's loss (returned) and batch accuracy (kept, classification only)."""
+    def _loss_and_accuracy(
+        self, loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor, clock: _GpuClock
+    ) -> float:
+        """The step's loss (returned) and batch accuracy (kept, classification only); reading them
+        waits for the device, so the step's GPU time (``clock``) is known then too."""
         if not self.task.classification:
-            return float(loss.detach())
-        # one device-to-host copy for both numbers (each float() of a GPU tensor waits for the
-        # device)
-        loss_value, self._last_accuracy = torch.stack(
-            [loss.detach().float(), (out.detach().argmax(1) == y).float().mean()]
-        ).tolist()
+            loss_value = float(loss.detach())
+        else:
+            # one device-to-host copy for both numbers (each float() of a GPU tensor waits for the
+            # device)
+            loss_value, self._last_accuracy = torch.stack(
+                [loss.detach().float(), (out.detach().argmax(1) == y).float().mean()]
+            ).tolist()
+        self._gpu_compute_s += clock.seconds()
         return loss_value
 
 
-def _gpu_events(device: torch.device):
-    """(start, end) CUDA events, the start recorded now; None on the CPU."""
-    if device.type != "cuda":
-        return None
-    events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-    events[0].record()
-    return events
+class _GpuClock:
+    """Device time of a stretch of work from CUDA events (started at construction); 0 on the
+    CPU."""
+
+    def __init__(self, device: torch.device):
+        self._events = None
+        if device.type == "cuda":
+            self._events = (
+                torch.cuda.Event(enable_timing=True),
+                torch.cuda.Event(enable_timing=True),
+            )
+            self._events[0].record()
+
+    def stop(self) -> None:
+        if self._events:
+            self._events[1].record()
+
+    def seconds(self) -> float:
+        """Once the device has passed ``stop`` (e.g. after reading a result of the work)."""
+        return self._events[0].elapsed_time(self._events[1]) / 1000.0 if self._events else 0.0
 
 
 class _Sender:
