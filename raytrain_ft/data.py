@@ -554,14 +554,19 @@ class BatchStream:
             self._stop.set()
 
 
-def _pinned(x):
+def map_tensors(x, fn):
+    """``x`` (a tensor, or dicts/lists/tuples of them) with ``fn`` applied to every tensor."""
     if isinstance(x, torch.Tensor):
-        return x.pin_memory()
+        return fn(x)
     if isinstance(x, dict):
-        return {k: _pinned(v) for k, v in x.items()}
+        return {k: map_tensors(v, fn) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return type(x)(_pinned(v) for v in x)
+        return type(x)(map_tensors(v, fn) for v in x)
     return x
+
+
+def _pinned(x):
+    return map_tensors(x, torch.Tensor.pin_memory)
 
 
 def dataset_on_device(ds, device, max_fraction: float = 0.25):

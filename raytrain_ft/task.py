@@ -43,6 +43,7 @@ from raytrain_ft.data import (
     batch_of,
     check_ray_columns,
     is_ray_dataset,
+    map_tensors,
     materialized,
     ray_dataset_tensors,
 )
@@ -359,13 +360,7 @@ def describe(x) -> str:
 
 
 def to_device(x, device):
-    if isinstance(x, torch.Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, dict):
-        return {k: to_device(v, device) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(to_device(v, device) for v in x)
-    return x
+    return map_tensors(x, lambda t: t.to(device, non_blocking=True))
 
 
 @torch.no_grad()
