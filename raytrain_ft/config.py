@@ -382,12 +382,9 @@ class ClusterConfig:
     fast node-death detection) so node kills can be tested."""
 
     def __post_init__(self) -> None:
-        if isinstance(
-            self.use_gpu, (bool, str)
-        ):  # ClusterConfig(use_gpu=True) means "true"; any case
-            self.use_gpu = str(self.use_gpu).lower()  # type: ignore[assignment]
-        if isinstance(self.push_thread, (bool, str)):
-            self.push_thread = str(self.push_thread).lower()  # type: ignore[assignment]
+        for name in ("use_gpu", "push_thread"):  # use_gpu=True means "true"; any case
+            if isinstance(getattr(self, name), (bool, str)):
+                setattr(self, name, str(getattr(self, name)).lower())
         check_field_types(self, "cluster")
         _positive("cluster.num_workers", self.num_workers)
         _positive("cluster.num_servers", self.num_servers)
