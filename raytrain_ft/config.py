@@ -305,9 +305,15 @@ class OptimConfig:
     """step schedule factor."""
     min_lr: float = 0.0
     """cosine schedule: final lr (at most lr)."""
+    clip_grad_norm: float | None = None
+    """Clip the gradient of every update to this global L2 norm (over all shards' parameters, as
+    torch.nn.utils.clip_grad_norm_): sync and mixed clip the averaged gradient of the step (a
+    second round with the shards), async and ssp each push, local_sgd each inner step."""
 
     def __post_init__(self) -> None:
         check_field_types(self, "optim")
+        if self.clip_grad_norm is not None:
+            _positive("optim.clip_grad_norm", self.clip_grad_norm)
         _positive("optim.lr", self.lr)
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError("optim.momentum", f"must be in [0, 1), got {self.momentum!r}")
@@ -677,6 +683,13 @@ class TrainConfig:
         if self.cluster.tf32 and self.cluster.use_gpu == "false":
             raise ConfigError(
                 "cluster.tf32", "--tf32 applies to GPU workers; --use-gpu false trains on the CPU"
+            )
+        if c.backup_workers and self.optim.clip_grad_norm is not None:
+            raise ConfigError(
+                "optim.clip_grad_norm",
+                "global clipping needs the norm of the averaged gradient, and with backup workers "
+                "which gradients form a step is only known once it is applied; drop "
+                "--backup-workers or --clip-grad-norm",
             )
         if c.backup_workers and self.mode != "sync":
             raise ConfigError(

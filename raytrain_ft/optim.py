@@ -220,3 +220,49 @@ def hyper_params(step: int, cfg: OptimConfig, total_steps: int) -> HyperParams:
         alpha=cfg.alpha,
         eps=eps,
     )
+
+
+# --- global gradient-norm clipping
+# ------------------------------------------------------------------------
+
+CLIP_EPS = 1e-6
+"""Added to the norm before dividing, as ``torch.nn.utils.clip_grad_norm_`` does."""
+
+
+def squared_norm(grad) -> float:
+    """Squared L2 norm of a float32 vector (numpy array or torch tensor), accumulated in float64.
+
+    Each square of a float32 is exact in float64 and numpy's pairwise sum adds them in an order
+    fixed by the length alone, so the same values give the same bits on any process (a rebuilt
+    primary answers exactly what its predecessor did). CUDA tensors are reduced on their device
+    (deterministic for a given shape)."""
+    import numpy as np
+
+    if isinstance(grad, torch.Tensor):
+        if grad.device.type != "cpu":
+            return float(torch.sum(torch.square(grad.double())))
+        grad = grad.numpy()
+    return float(np.sum(np.square(grad, dtype=np.float64)))
+
+
+def clip_factor(squared_norms, max_norm: float) -> float:
+    """The factor every gradient of an update is multiplied by so that their global L2 norm is at
+    most ``max_norm``: ``min(1, max_norm / (norm + 1e-6))`` as ``clip_grad_norm_`` computes it, the
+    norm from the squared norms of the update's parts (one per shard) summed exactly, rounded to
+    float32. A non-finite norm gives NaN: the update turns NaN, as ``clip_grad_norm_`` leaves the
+    gradients."""
+    import numpy as np
+
+    total = math.fsum(squared_norms)
+    if not math.isfinite(total):
+        return float("nan")
+    return float(np.float32(min(1.0, max_norm / (math.sqrt(total) + CLIP_EPS))))
+
+
+def clip_in_place(grad: torch.Tensor, max_norm: float) -> bool:
+    """Scale a whole gradient (one rank's, the update itself) to a global norm of at most
+    ``max_norm``; True when it was scaled down."""
+    factor = clip_factor([squared_norm(grad)], max_norm)
+    if factor != 1.0:
+        grad.mul_(factor)
+    return factor < 1.0

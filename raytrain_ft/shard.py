@@ -77,6 +77,9 @@ class ShardState:
         self.staleness: dict[int, int] = {}
         """{staleness: updates} over every update applied (replicated: a rebuilt primary keeps its
         predecessors' share)."""
+        self.clip_factors: dict[int, list] = {}
+        """Per rank: [(step, clip factor)] of its newest two pushes applied with global clipping (a
+        probe resent after its update was applied is answered the factor the update had)."""
 
     def load(
         self,
@@ -87,6 +90,7 @@ class ShardState:
         applied: dict | None = None,
         residuals: dict | None = None,
         staleness: dict | None = None,
+        clip_factors: dict | None = None,
     ) -> None:
         values = torch.from_numpy(np.array(params, dtype=np.float32, copy=True))
         if values.numel() != self.shard.size:
@@ -104,6 +108,31 @@ class ShardState:
             for r, items in (residuals or {}).items()
         }
         self.staleness = {int(k): int(v) for k, v in (staleness or {}).items()}
+        self.clip_factors = {int(r): list(items) for r, items in (clip_factors or {}).items()}
+
+    def load_snapshot(self, snapshot) -> None:
+        """Load a ``recovery.command_log.Snapshot`` (every replicated field)."""
+        self.load(
+            snapshot.params,
+            snapshot.seq,
+            snapshot.optimizer_state,
+            snapshot.clocks,
+            snapshot.applied,
+            snapshot.residuals,
+            snapshot.staleness,
+            snapshot.clip_factors,
+        )
+
+    def apply_command(self, command) -> None:
+        """Redo a logged ``recovery.command_log.Command`` exactly as the primary applied it."""
+        self.apply(
+            command.update,
+            command.hp,
+            command.pushes,
+            command.residuals,
+            command.staleness,
+            command.clip_factor,
+        )
 
     def hyper_params(self, step: int) -> HyperParams:
         return hyper_params(step, self.optim_cfg, self.total_steps)
@@ -115,11 +144,13 @@ class ShardState:
         pushes: tuple = (),
         residuals: tuple = (),
         staleness: int = 0,
+        clip_factor: float | None = None,
     ) -> None:
         """Apply one aggregated update: optimizer on the parameter part, assignment on the buffer
         part. ``pushes``: the (rank, step) pairs it aggregates (advances those ranks' clocks);
         ``residuals``: (rank, step, array) of the pushing workers' error-feedback residuals;
-        ``staleness``: the update's, counted in the histogram."""
+        ``staleness``: the update's, counted in the histogram; ``clip_factor``: global clipping's
+        factor, already in ``mean_update`` (kept to answer resent probes)."""
         with warnings.catch_warnings():  # read-only object-store views are only read here
             warnings.simplefilter("ignore", UserWarning)
             update = torch.from_numpy(mean_update)
@@ -140,6 +171,16 @@ class ShardState:
         for rank, step, residual in residuals:
             self.residuals[rank] = (self.residuals.get(rank, []) + [(step, residual)])[-2:]
         self.staleness[staleness] = self.staleness.get(staleness, 0) + 1
+        if clip_factor is not None:
+            for rank, step in pushes:
+                self.clip_factors[rank] = (self.clip_factors.get(rank, []) + [(step, clip_factor)])[
+                    -2:
+                ]
+
+    def clip_factor_of(self, rank: int, step: int) -> float | None:
+        """The clip factor the update holding push ``(rank, step)`` was applied with (None: not
+        among the newest two)."""
+        return next((f for s, f in self.clip_factors.get(rank, []) if s == step), None)
 
     def params_copy(self) -> np.ndarray:
         return self.params.numpy().copy()

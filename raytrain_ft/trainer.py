@@ -650,6 +650,7 @@ class Trainer:
                     "device": s.device,
                     "device_name": s.device_name,
                     "push_thread": s.push_thread,
+                    "clipped_updates": s.clipped_updates,
                     "reroutes": s.reroutes,
                     "bytes_pushed": s.bytes_pushed,
                     "residual_bytes": s.residual_bytes,

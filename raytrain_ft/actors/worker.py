@@ -22,6 +22,7 @@ from raytrain_ft.compression import Codec, ErrorFeedback, NoCodec, parse_codec
 from raytrain_ft.config import TrainConfig
 from raytrain_ft.data import BatchStream, dataset_on_device
 from raytrain_ft.device import choose_device, deterministic, device_name
+from raytrain_ft.optim import clip_in_place
 from raytrain_ft.params import FlatModel, ShardRange, overlapping_shards
 from raytrain_ft.recovery.faults import parse_slow
 from raytrain_ft.task import Task, to_device
@@ -89,6 +90,9 @@ class WorkerStatus:
     """GPU workers: seconds the device spent from the start of forward to the end of backward,
     summed over steps (CUDA events; ``compute_s`` is wall time on the host)."""
     push_thread: bool = False
+    clipped_updates: int = 0
+    """--clip-grad-norm: updates this rank's gradient went into that were scaled down (factor below
+    1)."""
     """Pushes go from the push thread during backward (``--push-thread`` as it resolved here)."""
 
 
@@ -182,6 +186,7 @@ class Worker:
         self._cpu_at_start: float | None = None
         self._compute_cpu_s = 0.0
         self._gpu_compute_s = 0.0
+        self._clipped_local = 0
         self._slow_s = parse_slow(config.chaos.slow_workers).get(rank, 0.0)
         if self._simulate_s:  # a fixed gradient of the true size stands in for backward
             gen = torch.Generator().manual_seed(config.seed * 1000 + rank)
@@ -203,6 +208,8 @@ class Worker:
             self.metrics,
             config.cluster.push_thread,
             config.consistency.codec_residual == "replicated",
+            config.optim.clip_grad_norm,
+            config.mode in ("sync", "mixed"),
         )
 
     def ready(self) -> str:
@@ -263,6 +270,7 @@ class Worker:
             self._compute_cpu_s,
             self._gpu_compute_s if self.device.type == "cuda" else None,
             self.exchange.push_thread,
+            self.exchange.clipped_updates + self._clipped_local,
         )
 
     def step_end_times(self) -> list[tuple[int, float]]:
@@ -413,6 +421,10 @@ class Worker:
             out = self.model(x)
             loss = self.loss_fn(out, y)
         loss.backward()
+        if self.config.optim.clip_grad_norm is not None:
+            self._clipped_local += clip_in_place(
+                self.flat.flat_grad[: self.flat.num_params], self.config.optim.clip_grad_norm
+            )
         inner.step()
         clock.stop()
         self._compute_cpu_s += time.thread_time() - cpu0
@@ -616,6 +628,8 @@ class ShardExchange:
         metrics: Recorder | None = None,
         push_thread: str = "false",
         replicate_residual: bool = False,
+        clip: float | None = None,
+        clip_rounds: bool = False,
     ):
         import os
 
@@ -643,6 +657,13 @@ class ShardExchange:
         )
         self.replicate_residual = replicate_residual and self.encoders is not None
         """--codec-residual replicated: each push carries the residual, kept with the shard."""
+        self.clip = clip
+        """--clip-grad-norm: the global norm every update's gradient is clipped to."""
+        self.clip_rounds = clip is not None and clip_rounds
+        """Sync and mixed: the update averages several ranks' gradients, so its norm comes from the
+        shards (pushes are probes, then a second round sends the factor); else this rank's own
+        gradient is the update, clipped here before it is pushed."""
+        self.clipped_updates = 0
         self.versions = [0] * len(shards)
         """Per shard: the seq of the parameters installed (the base a gradient is computed on)."""
         self.bytes_pushed = 0
@@ -692,7 +713,8 @@ class ShardExchange:
             if overlap and (push_thread == "true" or (push_thread == "auto" and on_gpu))
             else None
         )
-        if overlap:
+        # a gradient clipped here is pushed once its whole norm is known, after backward
+        if overlap and not (clip is not None and not self.clip_rounds):
             for k, p in enumerate(params):
                 if p.requires_grad:
                     p.register_post_accumulate_grad_hook(lambda _p, k=k: self._grad_ready(k))
@@ -737,12 +759,35 @@ class ShardExchange:
         self._remaining = list(self._grads_per_shard)
 
     def push_remaining(self) -> None:
-        """Push every shard not yet pushed this step (all of them without overlap)."""
+        """Push every shard not yet pushed this step (all of them without overlap); with
+        --clip-grad-norm, clip first (this rank's gradient is the update) or run the second round
+        (the shards' norms give the factor)."""
         if self._sender is not None:
             self._sender.drain()
+        if self.clip is not None and not self.clip_rounds and not all(self._pushed):
+            self.clipped_updates += clip_in_place(
+                self.flat.flat_grad[: self.flat.num_params], self.clip
+            )
         for i, done in enumerate(self._pushed):
             if not done:
                 self._push(i)
+        if self.clip_rounds and self.pushed_last:
+            self._finish_clipped()
+
+    def _finish_clipped(self) -> None:
+        """Every shard answered the probe with the squared norm of its part of the update (or, when
+        it already applied the update, its factor): send each the factor, computed the same way
+        by every rank."""
+        from raytrain_ft.optim import clip_factor
+
+        t0 = time.perf_counter()
+        replies = [self._await(i) for i in range(len(self.shards))]
+        self.wait_s += time.perf_counter() - t0
+        known = [r.clip_factor for r in replies if r.clip_factor is not None]
+        factor = known[0] if known else clip_factor([r.sq_norm for r in replies], self.clip)
+        self.clipped_updates += factor < 1.0
+        for i in range(len(self.shards)):
+            self._ask(i, self.proto.finish(i, factor, self._want_params, time.time()))
 
     def pull_all(self, step: int | None, resume_step: int | None = None) -> None:
         """Fetch every shard's parameters as of ``step`` (a restarted worker resumes there), or the
@@ -799,7 +844,14 @@ class ShardExchange:
         self._ask(
             i,
             self.proto.push(
-                i, self._step, grad, self.versions[i], self._want_params, time.time(), residual
+                i,
+                self._step,
+                grad,
+                self.versions[i],
+                self._want_params,
+                time.time(),
+                residual,
+                probe=self.clip_rounds,
             ),
         )
         self._pushed[i] = True
@@ -879,18 +931,22 @@ class ShardExchange:
                 self._ledger.write(f"{a.shard} {a.rank} {a.step} {a.seq} {int(a.late)}\n")
         self._ledger_seen = len(ledger)
 
-    def _install(self, indices) -> None:
+    def _await(self, i: int):
+        """The answer to shard ``i``'s call (pumping answers until it is in)."""
         from raytrain_ft.errors import TrainingError
 
+        while self.proto.pending(i) and self.proto.error is None:
+            self._pump()
+        if self.proto.error is not None:
+            raise TrainingError(f"[worker/{self.rank} step={self._step}] {self.proto.error}")
+        return self.proto.take(i)
+
+    def _install(self, indices) -> None:
         for i in indices:
             if not self._asked[i]:
                 continue
             t0 = time.perf_counter()
-            while self.proto.pending(i) and self.proto.error is None:
-                self._pump()
-            if self.proto.error is not None:
-                raise TrainingError(f"[worker/{self.rank} step={self._step}] {self.proto.error}")
-            reply = self.proto.take(i)
+            reply = self._await(i)
             self._asked[i] = False
             if self.metrics is not None and self.metrics.enabled:
                 op = "pull" if self._is_pull[i] else "push_pull"

@@ -19,6 +19,7 @@ Checkers judge exactly-once delivery from it, never from the servers' counters.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 
@@ -60,6 +61,9 @@ class _Outstanding:
     route_cid: int | None = None
     checking: bool = False
     """The route request is a watchdog check (the call to the server stays outstanding)."""
+    full: object = None
+    """A clipped step's second phase: the message with the gradient, sent if the primary asks for
+    it (RESEND)."""
 
 
 @dataclass(slots=True)
@@ -77,6 +81,9 @@ class ExchangeProtocol:
     """Why the exchange cannot go on (the worker fails with it)."""
     reroutes: int = 0
     _out: dict[int, _Outstanding] = field(default_factory=dict)
+    _probes: dict[int, Push] = field(default_factory=dict)
+    """Per shard: the last first-phase push of a clipped step (its second phase is built from
+    it)."""
     _cids: dict[int, tuple[int, str]] = field(default_factory=dict)
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
 
@@ -92,10 +99,23 @@ class ExchangeProtocol:
         want_params: bool,
         now: float = 0.0,
         residual=None,
+        probe: bool = False,
     ) -> list:
-        return self._send_new(
-            shard, Push(self.rank, step, payload, base_version, want_params, residual), now
-        )
+        """Push a gradient; ``probe``: the first phase of a globally clipped step (the answer is
+        the shard's squared norm; ``finish`` sends the second)."""
+        msg = Push(self.rank, step, payload, base_version, want_params and not probe, residual)
+        if probe:
+            msg = self._probes[shard] = dataclasses.replace(msg, probe=True)
+        return self._send_new(shard, msg, now)
+
+    def finish(self, shard: int, factor: float, want_params: bool, now: float = 0.0) -> list:
+        """The second phase of a clipped step: apply it scaled by ``factor`` (the gradient travels
+        again only if the primary was rebuilt since the probe and asks for it)."""
+        probe = self._probes.pop(shard)
+        full = dataclasses.replace(probe, probe=False, clip_factor=factor, want_params=want_params)
+        effects = self._send_new(shard, dataclasses.replace(full, payload=None, residual=None), now)
+        self._out[shard].full = full
+        return effects
 
     def pull(
         self, shard: int, step: int | None, now: float = 0.0, resume_step: int | None = None
@@ -135,7 +155,7 @@ class ExchangeProtocol:
             if out.route_cid is not None:
                 self._cids.pop(out.route_cid, None)
             self.results[shard] = value
-            if isinstance(out.msg, Push):
+            if isinstance(out.msg, Push) and not out.msg.probe:  # a probe acknowledges nothing
                 self.ledger.append(Acked(shard, self.rank, out.msg.step, value.acked, value.late))
             return []
         if isinstance(value, Refused) and value.kind in (
@@ -143,6 +163,9 @@ class ExchangeProtocol:
             RefusalKind.FENCED,
         ):
             return self._reroute(shard, out, now, f"{value.kind.value}: {value.reason}")
+        if isinstance(value, Refused) and value.kind is RefusalKind.RESEND and out.full is not None:
+            out.msg, out.full = out.full, None
+            return [self._send(shard, out, now)]
         reason = value.reason if isinstance(value, Refused) else repr(value)
         return self._fail(
             shard, f"shard {shard} refused {type(out.msg).__name__.lower()}: {reason}"

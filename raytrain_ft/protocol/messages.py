@@ -61,6 +61,9 @@ class RefusalKind(enum.Enum):
     """A transient failure on the way (a peer did not answer in time): ask again."""
     CANNOT_SERVE = "cannot_serve"
     """Parameters of a step the shard no longer holds."""
+    RESEND = "resend"
+    """A clipped step's second phase reached a primary that lacks the sender's gradient (it was
+    rebuilt meanwhile): send it again with the gradient."""
     FAILED = "failed"
     """The run failed; the reason says why."""
 
@@ -162,6 +165,14 @@ class Push:
     residual: Any = None
     """Lossy codecs: the sender's error-feedback residual after this push, kept with the shard so
     that a restarted worker goes on with exactly the residual it had."""
+    probe: bool = False
+    """Global gradient clipping, first phase: buffer the gradient and answer ``sq_norm``, the
+    squared norm of this shard's part of the update once every push of it is in (nothing is
+    applied yet)."""
+    clip_factor: float | None = None
+    """Global gradient clipping, second phase: apply the update scaled by this factor (computed by
+    the worker from every shard's ``sq_norm``). ``payload`` may be None when the shard already
+    holds this push from the first phase (a primary that lacks it refuses with RESEND)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +213,11 @@ class PushReply:
     """Sync with backup workers: the step closed without this push; it was dropped."""
     residual: Any = None
     """Pulls with a rank: its error-feedback residual to resume with (None: none kept)."""
+    sq_norm: float | None = None
+    """Answer to a probe: the squared L2 norm of this shard's part of the update (parameters only,
+    float64)."""
+    clip_factor: float | None = None
+    """Answer to a probe of an update already applied: the clip factor it was applied with."""
 
 
 @dataclass(frozen=True, slots=True)

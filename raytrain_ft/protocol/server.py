@@ -47,6 +47,7 @@ from raytrain_ft.consistency import (
     mean_in_rank_order,
     slowest_clock,
 )
+from raytrain_ft.optim import squared_norm
 from raytrain_ft.params import ShardRange
 from raytrain_ft.protocol.messages import (
     Address,
@@ -107,6 +108,21 @@ class _Held:
 
 
 @dataclass(slots=True)
+class _Clipped:
+    """Global gradient clipping: one update between its two phases."""
+
+    step: int
+    probes: list = field(default_factory=list)
+    """rids of first-phase pushes waiting for the update's squared norm."""
+    factor: float | None = None
+    """The clip factor, from the first second-phase push."""
+    pending: object = None
+    """Once every push is in: the ``Pending`` pushes, their aggregate and its squared norm."""
+    update: np.ndarray | None = None
+    sq_norm: float = 0.0
+
+
+@dataclass(slots=True)
 class _Primary:
     shard: ShardRange
     epoch: int
@@ -124,6 +140,8 @@ class _Primary:
     """(holder, snapshot) of the InstallReplica on its way."""
     waiting: dict = field(default_factory=dict)
     """Update key -> [(rid, want_params, rank)] of pushes buffered in an update not yet complete."""
+    clipped: dict = field(default_factory=dict)
+    """Update key -> ``_Clipped``: global clipping's updates waiting for a phase."""
     held: list[_Held] = field(default_factory=list)
     latest: np.ndarray | None = None
     out: np.ndarray | None = None
@@ -468,7 +486,8 @@ class ServerProtocol:
             RefusalKind.FENCED, f"shard {p.shard.index} epoch {p.epoch} on {self.name}: {reason}"
         )
         rids = [h.rid for h in p.held] + [w[0] for waiting in p.waiting.values() for w in waiting]
-        p.held, p.waiting = [], {}
+        rids += [rid for c in p.clipped.values() for rid in c.probes]
+        p.held, p.waiting, p.clipped = [], {}, {}
         p.buffer.clear()
         p.outbox = []
         return [Note("deposed", {"shard": p.shard.index, "epoch": p.epoch, "reason": reason})] + [
@@ -508,7 +527,23 @@ class ServerProtocol:
                 )
             ]
         if verdict is Verdict.ACCEPT:
+            if m.probe or m.clip_factor is not None:
+                return self._accept_clipped(p, rid, m)
             return self._accept(p, rid, m)
+        if m.probe:  # its update was applied: answer the factor it had (its phase 2 is a repeat)
+            factor = state.clip_factor_of(m.rank, m.step)
+            if factor is None:
+                return [
+                    Reply(
+                        rid,
+                        Refused(
+                            RefusalKind.CANNOT_SERVE,
+                            f"shard {p.shard.index}: the clip factor of worker {m.rank}'s step "
+                            f"{m.step} is no longer kept (the shard is at update {state.seq})",
+                        ),
+                    )
+                ]
+            return [Reply(rid, PushReply(None, state.seq, 0, clip_factor=factor))]
         if verdict is Verdict.LATE:
             self.late_pushes += 1
             p.held.append(_Held(rid, state.seq, 0, m.want_params, m.rank, late=True))
@@ -538,20 +573,93 @@ class ServerProtocol:
         p.waiting.setdefault(key, []).append((rid, m.want_params, m.rank))
         if complete is None:
             return []
-        effects = self._commit(p, m.step, complete)
+        return self._commit(p, m.step, complete) + self._answer_when_logged(p, key)
+
+    def _accept_clipped(self, p: _Primary, rid: int, m: Push) -> list:
+        """Global gradient clipping (sync and mixed): the update's pushes come in as probes, which
+        are answered the squared norm of this shard's part of the aggregate once all are in; the
+        update is applied when the first second-phase push brings the factor the worker computed
+        from every shard's norm (every worker computes the same one). A primary rebuilt between
+        the phases holds none of the pushes: second-phase pushes without the gradient are refused
+        with RESEND, and the resent ones complete the update again, to the same bits."""
+        key = self.spec.rule.key(m.rank, m.step)
+        c = p.clipped.setdefault(key, _Clipped(m.step))
+        effects = []
+        if c.update is None:
+            held = p.buffer.pending.get(key)
+            if m.payload is None and (held is None or m.rank not in held.grads):
+                return [
+                    Reply(
+                        rid,
+                        Refused(
+                            RefusalKind.RESEND,
+                            f"shard {p.shard.index} holds no gradient of worker {m.rank} for "
+                            f"step {m.step} (a rebuilt primary): send it again",
+                        ),
+                    )
+                ]
+            if m.payload is not None:
+                base = p.state.seq if m.base_version is None else m.base_version
+                _, complete = p.buffer.add(m.rank, m.step, decode_push(m.payload), base, m.residual)
+                if complete is not None:
+                    c.pending, c.update = complete, self._aggregate(p, complete)
+                    c.sq_norm = squared_norm(c.update[p.shard.param_slice])
+                    effects += [
+                        Reply(r, PushReply(None, p.state.seq, 0, sq_norm=c.sq_norm))
+                        for r in c.probes
+                    ]
+                    c.probes = []
+        if m.probe:
+            if c.update is None:
+                c.probes.append(rid)
+                return effects
+            return effects + [Reply(rid, PushReply(None, p.state.seq, 0, sq_norm=c.sq_norm))]
+        p.waiting.setdefault(key, []).append((rid, m.want_params, m.rank))
+        if c.factor is None:
+            c.factor = m.clip_factor
+        if c.update is None:
+            return effects
+        del p.clipped[key]
+        update, factor = c.update, self._clip_factor(c)
+        if factor != 1.0:
+            update = np.array(update, dtype=np.float32, copy=True)
+            update[p.shard.param_slice] *= np.float32(factor)
+        effects += self._commit(p, c.step, c.pending, update, factor)
+        return effects + self._answer_when_logged(p, key)
+
+    def _clip_factor(self, c: _Clipped) -> float:
+        """The factor a clipped update is applied with: the workers', from every shard's norm."""
+        return c.factor
+
+    def _answer_when_logged(self, p: _Primary, key) -> list:
+        """An update was applied: its pushes' replies wait until the holder has logged it."""
         seq, gate = p.state.seq, self.spec.rule.mode == "ssp"
         for waiting_rid, want, rank in p.waiting.pop(key):
             p.held.append(_Held(waiting_rid, seq, seq, want, rank, gate=gate))
-        return effects + self._flush() + self._release()
+        return self._flush() + self._release()
 
-    def _commit(self, p: _Primary, step: int, pending) -> list:
-        """Apply one update and queue its command for the holder."""
-        state, rule = p.state, self.spec.rule
-        seq = state.seq
+    def _aggregate(self, p: _Primary, pending) -> np.ndarray:
+        """The update of a complete set of pushes: their mean in rank order (delay-compensated
+        first, if on)."""
         grads = pending.grads
         if p.compensation is not None:
             grads = {r: self._compensated(p, g, pending.base_versions[r]) for r, g in grads.items()}
-        update = mean_in_rank_order(grads)
+        return mean_in_rank_order(grads)
+
+    def _commit(
+        self,
+        p: _Primary,
+        step: int,
+        pending,
+        update: np.ndarray | None = None,
+        clip_factor: float | None = None,
+    ) -> list:
+        """Apply one update (``update``: its aggregate, already computed) and queue its command
+        for the holder."""
+        state, rule = p.state, self.spec.rule
+        seq = state.seq
+        if update is None:
+            update = self._aggregate(p, pending)
         stalest = max(seq - v for v in pending.base_versions.values())
         hp = state.hyper_params(step)
         scale = rule.lr_scale(len(pending.grads), stalest)
@@ -566,13 +674,13 @@ class ServerProtocol:
             rule.exact_resume
         ):  # a worker restarting mid-step pulls the parameters before this update
             p.previous = self._params_now(p)
-        command = Command(seq, update, hp, pushes, residuals, stalest)
+        command = Command(seq, update, hp, pushes, residuals, stalest, clip_factor)
         if (
             self.spec.replicate
         ):  # the command is queued before the update is applied: never an ack without it
             p.outbox.append([command, None])
         started = self.clock()
-        state.apply(update, hp, pushes, residuals, stalest)
+        state.apply(update, hp, pushes, residuals, stalest, clip_factor)
         p.stale = True
         effects = [Note("update", {"shard": p.shard.index, "seq": seq, "staleness": stalest})]
         if self.spec.replicate:
@@ -731,6 +839,7 @@ class ServerProtocol:
             s.applied_copy(),
             s.residuals_copy(),
             dict(s.staleness),
+            {r: list(items) for r, items in s.clip_factors.items()},
         )
 
     def _flush(self) -> list:

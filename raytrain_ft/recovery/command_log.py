@@ -45,6 +45,9 @@ class Command:
     staleness: int = 0
     """The update's staleness (shard updates between its stalest gradient's parameters and it):
     replay rebuilds the shard's staleness histogram, so a lost primary's share is kept."""
+    clip_factor: float | None = None
+    """Global gradient clipping: the factor already in ``update`` (a probe resent after a recovery
+    is answered it)."""
 
     @property
     def nbytes(self) -> int:
@@ -71,6 +74,8 @@ class Snapshot:
     (``ShardState.residuals``)."""
     staleness: dict | None = None
     """{staleness: updates} of every update so far (``ShardState.staleness``)."""
+    clip_factors: dict | None = None
+    """Per rank: [(step, factor)] of its newest clipped pushes (``ShardState.clip_factors``)."""
 
     @property
     def nbytes(self) -> int:
@@ -99,6 +104,7 @@ class Snapshot:
             applied,
             residuals,
             dict(self.staleness or {}),
+            {r: list(items) for r, items in (self.clip_factors or {}).items()},
         )
 
 
@@ -178,15 +184,7 @@ class CommandLog:
             return 0
         if self._state is None:
             state = ShardState(shard, optim_cfg, total_steps)
-            state.load(
-                self.snapshot.params,
-                self.snapshot.seq,
-                self.snapshot.optimizer_state,
-                self.snapshot.clocks,
-                self.snapshot.applied,
-                self.snapshot.residuals,
-                self.snapshot.staleness,
-            )
+            state.load_snapshot(self.snapshot)
             self._state = state
             self._previous = torch.zeros_like(state.params)
             if self.snapshot.previous_params is not None:
@@ -195,9 +193,7 @@ class CommandLog:
         applied = 0
         for command in self.entries:
             previous.copy_(state.params)
-            state.apply(
-                command.update, command.hp, command.pushes, command.residuals, command.staleness
-            )
+            state.apply_command(command)
             applied += 1
         self.entries = []
         self.folded += applied
@@ -211,6 +207,7 @@ class CommandLog:
             state.applied,
             state.residuals,
             state.staleness,
+            state.clip_factors,
         )
         return applied
 

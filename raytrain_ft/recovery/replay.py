@@ -40,15 +40,7 @@ def replay(
     total_steps: int,
 ) -> Replayed:
     state = ShardState(shard, optim_cfg, total_steps)
-    state.load(
-        snapshot.params,
-        snapshot.seq,
-        snapshot.optimizer_state,
-        snapshot.clocks,
-        snapshot.applied,
-        snapshot.residuals,
-        snapshot.staleness,
-    )
+    state.load_snapshot(snapshot)
     previous = (
         None if snapshot.previous_params is None else np.array(snapshot.previous_params, copy=True)
     )
@@ -61,9 +53,7 @@ def replay(
                 f"shard {shard.index}: replay expected seq {state.seq}, found {command.seq}"
             )
         previous = state.params_copy()
-        state.apply(
-            command.update, command.hp, command.pushes, command.residuals, command.staleness
-        )
+        state.apply_command(command)
         replayed += 1
     state.updates_applied = state.seq
     return Replayed(state, previous, replayed)

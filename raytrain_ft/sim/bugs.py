@@ -8,6 +8,7 @@ that passes them all would be a checker that cannot fail.
 from __future__ import annotations
 
 from raytrain_ft.consistency import Verdict
+from raytrain_ft.optim import clip_factor
 from raytrain_ft.protocol.server import ServerProtocol
 from raytrain_ft.protocol.supervisor import Registry, SupervisorProtocol, WorkerPhase
 
@@ -35,6 +36,14 @@ class DoubleApply(ServerProtocol):
     def _classify(self, p, m) -> Verdict:
         verdict = super()._classify(p, m)
         return Verdict.ACCEPT if verdict is Verdict.REPEAT else verdict
+
+
+class PerShardClip(ServerProtocol):
+    """Global clipping done wrong: each shard clips its part of the update by its own part's norm
+    instead of the factor the workers computed from every shard's."""
+
+    def _clip_factor(self, c) -> float:
+        return clip_factor([c.sq_norm], self.spec.optim.clip_grad_norm)
 
 
 class VolatileEpochs(SupervisorProtocol):
@@ -66,6 +75,7 @@ BUGS = {
     "ack-before-log": ("server", AckBeforeLog),
     "no-fencing": ("server", NoFencing),
     "double-apply": ("server", DoubleApply),
+    "per-shard-clip": ("server", PerShardClip),
     "volatile-epochs": ("supervisor", VolatileEpochs),
     "lost-pending-start": ("supervisor", LostPendingStart),
 }

@@ -13,10 +13,17 @@ survives the worker). What it checks:
   push answered as applied must have moved its slot exactly once in every
   shard; none may have moved twice; one answered as dropped (late) not at all.
   In sync and async runs that finish, every push of every step counts once.
+  With global clipping a slot moves by its update's clip factor instead of 1:
+  the checker divides by the factor the *workers* computed for that update.
+- **I5, one clip factor per update.** In sync mode every worker that computed
+  the factor of an update computed the same one (each from all shards'
+  squared norms). Mixed mode restarts a rank on the newest parameters, so a
+  gradient resent after a restart may differ, and with it the factor.
 - **I2, the same run.** In plain sync mode the final parameters' sha256 equals
   that of the same configuration run without faults.
 - **I4, no window left open.** Every shard's replica, replayed, equals its
-  primary: parameters, optimizer state, per-rank clocks and applied record.
+  primary: parameters, optimizer state, per-rank clocks and applied record,
+  staleness histogram and clip factors.
 - **Liveness.** The run finishes. A schedule in which nothing moves any more
   (no update, no registry change for 5 simulated seconds) is a deadlock.
 """
@@ -101,14 +108,25 @@ def exactly_once(world: World, shards: dict[int, FinalShard]) -> list[Violation]
     applied_acks, late_acks = set(), set()
     for a in world.ledger:
         (late_acks if a.late else applied_acks).add((a.shard, a.rank, a.step))
+    for key, seen in world.clip_factors.items():
+        if len(seen) > 1 and cfg.mode == "sync":
+            out.append(
+                Violation("I5", f"update {key}: workers computed different clip factors {seen}")
+            )
     for shard in range(cfg.num_shards):
         params = shards[shard].params
         initial = cfg.initial(shard)
         for rank in range(cfg.num_workers):
             for step in range(cfg.steps):
                 slot = cfg.slot(rank, step)
+                # global clipping scales the update the push went into by its factor (one the
+                # workers computed, never the servers' record); in mixed mode a rank restarted
+                # mid-update recomputes its gradient on newer parameters, so a shard may have
+                # applied the factor computed from either gradient
+                scales = world.clip_factors.get(rule.key(rank, step), {1.0}) if cfg.clip else {1.0}
                 moved = float(initial[slot] - params[slot])
-                times = 0 if moved < 0.5 else (1 if moved < 1.67 else 2)
+                readings = {_times(moved / f) for f in scales}
+                times = 1 if 1 in readings else min(readings)
                 key = (shard, rank, step)
                 if times >= 2:
                     out.append(
@@ -156,6 +174,11 @@ def exactly_once(world: World, shards: dict[int, FinalShard]) -> list[Violation]
                 )
             )
     return out
+
+
+def _times(moved: float) -> int:
+    """How many applications a provenance slot's displacement reads as (0, 1, or 2 for more)."""
+    return 0 if moved < 0.5 else (1 if moved < 1.67 else 2)
 
 
 def replicas_match(world: World, shards: dict[int, FinalShard]) -> list[Violation]:
@@ -234,6 +257,14 @@ def replicas_match(world: World, shards: dict[int, FinalShard]) -> list[Violatio
                     f"histogram {rebuilt.staleness} vs the primary's {state.staleness}",
                 )
             )
+        elif rebuilt.clip_factors != state.clip_factors:
+            out.append(
+                Violation(
+                    "I4",
+                    f"shard {shard}: replica on {primary.holder}, replayed, has other clip "
+                    f"factors {rebuilt.clip_factors} vs the primary's {state.clip_factors}",
+                )
+            )
     return out
 
 
@@ -263,10 +294,14 @@ def baseline_hash(cfg: SimConfig) -> str:
     """The fault-free run's final params hash (sync I2). Plain sync results depend only on the
     workers, shards and steps (not on snapshots, folding, placement or spares), so one fault-free
     run serves every such config."""
-    key = (cfg.num_workers, cfg.num_shards, cfg.steps)
+    key = (cfg.num_workers, cfg.num_shards, cfg.steps, cfg.clip)
     if key not in _baselines:
         canonical = SimConfig(
-            mode="sync", num_workers=cfg.num_workers, num_shards=cfg.num_shards, steps=cfg.steps
+            mode="sync",
+            num_workers=cfg.num_workers,
+            num_shards=cfg.num_shards,
+            steps=cfg.steps,
+            clip=cfg.clip,
         )
         world = World(canonical, seed=0, faults=False)
         outcome = world.run()

@@ -40,6 +40,7 @@ import numpy as np
 
 from raytrain_ft.config import OptimConfig
 from raytrain_ft.consistency import Rule
+from raytrain_ft.optim import clip_factor
 from raytrain_ft.params import ShardRange
 from raytrain_ft.protocol.exchange import ExchangeProtocol
 from raytrain_ft.protocol.messages import (
@@ -102,6 +103,10 @@ class SimConfig:
     """Asynchronous modes: ``dana`` gives every update stream its own momentum buffer (more
     optimizer state for snapshots, logs and replay to carry exactly) and hands workers look-ahead
     parameters."""
+    clip: float | None = None
+    """Sync and mixed: global gradient clipping to this norm (two phases per step: probes answered
+    with each shard's squared norm, then the factor). Large values exercise the phases with a
+    factor of exactly 1, small ones scale every update."""
 
     @property
     def shard_size(self) -> int:
@@ -160,6 +165,9 @@ def random_config(rng: random.Random, mode: str) -> SimConfig:
         # drawn last: every other field of a schedule is what it was before relaxed durability
         unlogged=rng.choice((0, 0, 1, 2)) if mode == "async" else 0,
         momentum_correction=rng.choice(("none", "dana")) if mode != "sync" else "none",
+        clip=rng.choice((None, None, 1e9, 0.5))
+        if mode in ("sync", "mixed") and not backups
+        else None,
     )
 
 
@@ -226,10 +234,25 @@ class SimWorker:
         if ex.error:
             self.error = ex.error
             return effects
-        if self.phase in ("pull", "push") and not any(
-            ex.pending(i) for i in range(self.world.cfg.num_shards)
-        ):
-            effects += self._installed()
+        if not any(ex.pending(i) for i in range(self.world.cfg.num_shards)):
+            if self.phase in ("pull", "push"):
+                effects += self._installed()
+            elif self.phase == "probe":
+                effects += self._probed()
+        return effects
+
+    def _probed(self) -> list:
+        """Every shard answered the probe: compute the clip factor (or take the one a shard that
+        already applied the step had), record it for the checker, send the second phase."""
+        cfg = self.world.cfg
+        replies = [self.exchange.take(i) for i in range(cfg.num_shards)]
+        known = [r.clip_factor for r in replies if r.clip_factor is not None]
+        factor = known[0] if known else clip_factor([r.sq_norm for r in replies], cfg.clip)
+        self.world.clip_factors.setdefault(cfg.rule().key(self.rank, self.step), set()).add(factor)
+        self.phase = "push"
+        effects = []
+        for i in range(cfg.num_shards):
+            effects += self.exchange.finish(i, factor, True, self.world.now)
         return effects
 
     def on_tick(self) -> list:
@@ -262,10 +285,16 @@ class SimWorker:
         if token != "computed" or self.phase != "compute":
             return []
         cfg, effects = self.world.cfg, []
-        self.phase = "push"
+        self.phase = "push" if cfg.clip is None else "probe"
         for i in range(cfg.num_shards):
             effects += self.exchange.push(
-                i, self.step, self.gradient(i), self.versions[i], True, self.world.now
+                i,
+                self.step,
+                self.gradient(i),
+                self.versions[i],
+                True,
+                self.world.now,
+                probe=cfg.clip is not None,
             )
         return effects
 
@@ -334,6 +363,9 @@ class World:
         self.procs: dict[str, Proc] = {}
         self.kv: dict[str, str] = {}
         self.ledger: list = []
+        self.clip_factors: dict[tuple, set] = {}
+        """Global clipping: update key -> the factors workers computed for it (the checker's record;
+        more than one is a violation)."""
         self.faults_on = faults
         self.faults: list[str] = []
         self.trace_on = trace
@@ -351,7 +383,7 @@ class World:
         self.nodes = [f"node{i}" for i in range(cfg.num_nodes)]
         self.ranges = cfg.ranges()
         self.spec = ServerSpec(
-            OptimConfig(name="sgd", lr=1.0, momentum=MOMENTUM),
+            OptimConfig(name="sgd", lr=1.0, momentum=MOMENTUM, clip_grad_norm=cfg.clip),
             cfg.steps,
             cfg.num_workers,
             cfg.rule(),

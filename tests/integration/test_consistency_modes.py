@@ -46,6 +46,9 @@ def _config(mode="sync", epochs=5, consistency=None, chaos=None, optim=None):
 # 0.9 it was unstable (0.69-0.83 measured), at 0.5 it trains (0.905-0.939 over 3 runs of 10 epochs).
 # The other asynchronous modes run at the defaults (per-stream momentum with look-ahead pulls).
 LOW_MOMENTUM = OptimConfig(name="sgd", lr=0.05, momentum=0.5)
+# --clip-grad-norm in the runs with kills: async clips each push on its worker, mixed each group's
+# averaged gradient (a second round with the shards, through primary and worker kills)
+CLIPPED = OptimConfig(name="sgd", lr=0.05, momentum=0.9, clip_grad_norm=1.0)
 
 
 @pytest.mark.parametrize(
@@ -56,7 +59,7 @@ LOW_MOMENTUM = OptimConfig(name="sgd", lr=0.05, momentum=0.5)
             "async",
             5,
             ConsistencyConfig(),
-            None,
+            CLIPPED,
             WORKERS,
             "server:0@step=15,worker:2@step=30",
         ),
@@ -81,7 +84,7 @@ LOW_MOMENTUM = OptimConfig(name="sgd", lr=0.05, momentum=0.5)
             "mixed",
             5,
             ConsistencyConfig(group_size=2),
-            None,
+            CLIPPED,
             WORKERS // 2,
             "server:1@step=15,worker:3@step=30",
         ),
@@ -144,6 +147,11 @@ def test_each_mode_trains_digits_with_4_workers(
     assert all(
         w["wait_s"] >= 0 and w["bytes_pushed"] > 0 and w["bytes_pulled"] > 0 for w in result.workers
     )
+    clipped = [w["clipped_updates"] for w in result.workers]
+    if optim is CLIPPED:
+        assert all(0 < c < result.total_steps for c in clipped), clipped
+    else:
+        assert clipped == [0] * WORKERS
 
 
 def test_ssp_never_lets_a_worker_run_more_than_s_steps_ahead(ray_local, staleness=1):

@@ -1,6 +1,8 @@
 """Sync mode on a real (small) Ray: equivalence with single-process PyTorch, determinism,
 BatchNorm."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -35,7 +37,8 @@ def _config(**kw):
 
 
 def single_process_reference(cfg: TrainConfig) -> torch.Tensor:
-    """Plain PyTorch: one model, batch = the concatenation of every worker's batch of the step."""
+    """Plain PyTorch: one model, batch = the concatenation of every worker's batch of the step
+    (with ``clip_grad_norm_`` when the config clips)."""
     data = load_dataset(cfg.data, cfg.seed)
     model = initial_model(cfg, data)
     opt = torch.optim.SGD(
@@ -52,6 +55,8 @@ def single_process_reference(cfg: TrainConfig) -> torch.Tensor:
         x, y = data.train_x[idx], data.train_y[idx]
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
+        if cfg.optim.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
         opt.step()
     return flatten_state(model)
 
@@ -92,6 +97,27 @@ def test_sync_matches_single_process_pytorch_with_and_without_overlap(ray_local)
         torch.from_numpy(results[False].final_params), reference, rtol=1e-4, atol=2e-5
     )
     assert results[True].params_sha256 == results[False].params_sha256
+
+
+def test_global_clipping_matches_clip_grad_norm_of_the_averaged_gradient(ray_local):
+    """--clip-grad-norm in sync mode clips the step's averaged gradient by its norm over all three
+    shards, as ``clip_grad_norm_`` after DDP's all-reduce would (the probes go out from the
+    backward hooks). Clipping changes the result: without it the run lands elsewhere."""
+    optim = OptimConfig(name="sgd", lr=0.05, momentum=0.9, weight_decay=1e-4, clip_grad_norm=0.3)
+    cfg = _config(
+        optim=optim, cluster=ClusterConfig(num_workers=2, num_servers=3, overlap_comm=True)
+    )
+    result = Trainer(cfg).fit()
+    assert result.updates_applied == result.updates_acknowledged == 24 * 3
+    # the norm of a fresh CNN's gradient is above 0.3 at most steps: clipping does something
+    clipped = [w["clipped_updates"] for w in result.workers]
+    assert clipped[0] == clipped[1] and 12 <= clipped[0] <= 24, clipped
+    got = torch.from_numpy(result.final_params)
+    torch.testing.assert_close(got, single_process_reference(cfg), rtol=1e-4, atol=2e-5)
+    unclipped = single_process_reference(
+        _config(optim=dataclasses.replace(optim, clip_grad_norm=None))
+    )
+    assert not torch.allclose(got, unclipped, rtol=1e-3, atol=1e-3)
 
 
 def test_batchnorm_buffers_are_reconciled_across_workers(ray_local):
