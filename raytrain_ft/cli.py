@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME",
         help="switch on a known protocol bug the checker must catch: ack-before-log, no-fencing, "
-        "double-apply, per-shard-clip, volatile-epochs, lost-pending-start",
+        "double-apply, per-shard-clip, partial-skip, volatile-epochs, lost-pending-start",
     )
     sim.add_argument(
         "--replay",

@@ -22,7 +22,7 @@ from raytrain_ft.consistency import Mode, MomentumCorrection, StalenessLr
 from raytrain_ft.errors import ConfigError
 
 # Closed choices are Literal types: check_field_types refuses any other value, listing these.
-Precision = Literal["fp32", "bf16"]
+Precision = Literal["fp32", "bf16", "fp16"]
 Optimizer = Literal["sgd", "rmsprop", "adagrad", "adam"]
 Schedule = Literal["constant", "step", "cosine"]
 UseGpu = Literal["auto", "true", "false"]
@@ -166,18 +166,14 @@ class ModelConfig:
     """cross_entropy (class logits [N, C] against integer targets; eval_accuracy is reported) | mse
     | MODULE:ATTR (a function (output, target) -> scalar tensor)."""
     precision: Precision = "fp32"
-    """fp32 | bf16: workers compute forward and backward under bf16 autocast (CPU or GPU); the
-    shards keep float32 parameters and optimizer state."""
+    """fp32 | bf16 | fp16: workers compute forward and backward under autocast (CPU or GPU); the
+    shards keep float32 parameters and optimizer state. fp16 scales the loss (GradScaler's rule:
+    halve the scale at an overflow, whose update every shard skips; double it after 2000 steps
+    without one)."""
     small_input_stem: bool = True
     """ResNets only: 3x3 stride-1 first conv and no max-pool, for 32x32 inputs."""
 
     def __post_init__(self) -> None:
-        if self.precision == "fp16":
-            raise ConfigError(
-                "model.precision",
-                "fp16 needs loss scaling, which is not supported yet; use bf16 (it runs on the CPU "
-                "too)",
-            )
         check_field_types(self, "model")
         if ":" not in self.name:
             _choice("model.name", self.name, MODELS)

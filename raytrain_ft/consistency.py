@@ -318,12 +318,12 @@ class PushBuffer:
         self,
         rank: int,
         step: int,
-        grad: np.ndarray,
+        grad: np.ndarray | None,
         base_version: int,
         residual: np.ndarray | None = None,
     ) -> tuple[tuple[int, int], Pending | None]:
-        """Buffer a push; returns its key and, when it completes the update, the pushes that form
-        it."""
+        """Buffer a push (``grad`` None: fp16 overflowed, the update will be skipped); returns its
+        key and, when it completes the update, the pushes that form it."""
         key = self.rule.key(rank, step)
         p = self.pending.setdefault(key, Pending())
         if rank in p.grads:

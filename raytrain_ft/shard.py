@@ -80,6 +80,9 @@ class ShardState:
         self.clip_factors: dict[int, list] = {}
         """Per rank: [(step, clip factor)] of its newest two pushes applied with global clipping (a
         probe resent after its update was applied is answered the factor the update had)."""
+        self.skipped: dict[int, list[int]] = {}
+        """Per rank: its steps whose updates were skipped because a push overflowed (fp16 loss
+        scaling; what the rank's loss scale is a function of)."""
 
     def load(
         self,
@@ -91,6 +94,7 @@ class ShardState:
         residuals: dict | None = None,
         staleness: dict | None = None,
         clip_factors: dict | None = None,
+        skipped: dict | None = None,
     ) -> None:
         values = torch.from_numpy(np.array(params, dtype=np.float32, copy=True))
         if values.numel() != self.shard.size:
@@ -109,6 +113,7 @@ class ShardState:
         }
         self.staleness = {int(k): int(v) for k, v in (staleness or {}).items()}
         self.clip_factors = {int(r): list(items) for r, items in (clip_factors or {}).items()}
+        self.skipped = {int(r): [int(t) for t in steps] for r, steps in (skipped or {}).items()}
 
     def load_snapshot(self, snapshot) -> None:
         """Load a ``recovery.command_log.Snapshot`` (every replicated field)."""
@@ -121,6 +126,7 @@ class ShardState:
             snapshot.residuals,
             snapshot.staleness,
             snapshot.clip_factors,
+            snapshot.skipped,
         )
 
     def apply_command(self, command) -> None:
@@ -132,6 +138,7 @@ class ShardState:
             command.residuals,
             command.staleness,
             command.clip_factor,
+            command.skipped,
         )
 
     def hyper_params(self, step: int) -> HyperParams:
@@ -145,20 +152,23 @@ class ShardState:
         residuals: tuple = (),
         staleness: int = 0,
         clip_factor: float | None = None,
+        skipped: bool = False,
     ) -> None:
         """Apply one aggregated update: optimizer on the parameter part, assignment on the buffer
-        part. ``pushes``: the (rank, step) pairs it aggregates (advances those ranks' clocks);
+        part (``skipped``: neither -- a push overflowed -- only the bookkeeping below).
+        ``pushes``: the (rank, step) pairs it aggregates (advances those ranks' clocks);
         ``residuals``: (rank, step, array) of the pushing workers' error-feedback residuals;
         ``staleness``: the update's, counted in the histogram; ``clip_factor``: global clipping's
         factor, already in ``mean_update`` (kept to answer resent probes)."""
-        with warnings.catch_warnings():  # read-only object-store views are only read here
-            warnings.simplefilter("ignore", UserWarning)
-            update = torch.from_numpy(mean_update)
-        ps, bs = self.shard.param_slice, self.shard.buffer_slice
-        if ps.stop > ps.start:
-            self.optimizer.step(self.params[ps], update[ps], hp)
-        if bs.stop > bs.start:
-            self.params[bs].copy_(update[bs])
+        if not skipped:
+            with warnings.catch_warnings():  # read-only object-store views are only read here
+                warnings.simplefilter("ignore", UserWarning)
+                update = torch.from_numpy(mean_update)
+            ps, bs = self.shard.param_slice, self.shard.buffer_slice
+            if ps.stop > ps.start:
+                self.optimizer.step(self.params[ps], update[ps], hp)
+            if bs.stop > bs.start:
+                self.params[bs].copy_(update[bs])
         self.seq += 1
         self.updates_applied += 1
         for rank, step in pushes:
@@ -171,11 +181,19 @@ class ShardState:
         for rank, step, residual in residuals:
             self.residuals[rank] = (self.residuals.get(rank, []) + [(step, residual)])[-2:]
         self.staleness[staleness] = self.staleness.get(staleness, 0) + 1
+        if skipped:
+            for rank, step in pushes:
+                self.skipped.setdefault(rank, []).append(step)
         if clip_factor is not None:
             for rank, step in pushes:
                 self.clip_factors[rank] = (self.clip_factors.get(rank, []) + [(step, clip_factor)])[
                     -2:
                 ]
+
+    def skipped_of(self, rank: int | None) -> tuple | None:
+        """The steps of ``rank`` whose updates were skipped (None: none, or no rank)."""
+        steps = self.skipped.get(rank) if rank is not None else None
+        return tuple(steps) if steps else None
 
     def clip_factor_of(self, rank: int, step: int) -> float | None:
         """The clip factor the update holding push ``(rank, step)`` was applied with (None: not

@@ -651,6 +651,8 @@ class Trainer:
                     "device_name": s.device_name,
                     "push_thread": s.push_thread,
                     "clipped_updates": s.clipped_updates,
+                    "skipped_updates": s.skipped_updates,
+                    "loss_scale": s.loss_scale,
                     "reroutes": s.reroutes,
                     "bytes_pushed": s.bytes_pushed,
                     "residual_bytes": s.residual_bytes,

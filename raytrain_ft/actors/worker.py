@@ -93,6 +93,10 @@ class WorkerStatus:
     clipped_updates: int = 0
     """--clip-grad-norm: updates this rank's gradient went into that were scaled down (factor below
     1)."""
+    skipped_updates: int = 0
+    """fp16: updates of this rank skipped for an overflow (its own or, in sync, any rank's)."""
+    loss_scale: float | None = None
+    """fp16: the loss scale of the rank's next step (None: no loss scaling)."""
     """Pushes go from the push thread during backward (``--push-thread`` as it resolved here)."""
 
 
@@ -146,6 +150,12 @@ class Worker:
         )
         if warning:
             logger.warning("[worker/%d] %s", rank, warning)
+        if config.model.precision == "fp16" and device == "cpu" and rank == 0:
+            logger.warning(
+                "[worker/0] --precision fp16 on the CPU: CPUs without fp16 arithmetic emulate it "
+                "(a CNN step took 67x as long as fp32 on this project's test machine); use "
+                "--precision bf16 on CPUs"
+            )
         if device != "cpu":  # before the first CUDA call of the process
             deterministic(tf32=config.cluster.tf32)
         self.device = torch.device(device)
@@ -163,7 +173,13 @@ class Worker:
         self.model = task.build_model(config.seed).to(self.device)
         self.flat = FlatModel(self.model, self.device)
         self.loss_fn = task.loss
-        self._autocast = config.model.precision == "bf16"
+        # bf16/fp16 compute under autocast; parameters and gradients stay float32 (fp16 with loss
+        # scaling: amp.py)
+        self._amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            config.model.precision, torch.bfloat16
+        )
+        self._autocast = config.model.precision != "fp32"
+        self._fp16 = config.model.precision == "fp16"
         # host staging buffer for pushes (the object store lives in host memory)
         self._host_grad = (
             self.flat.flat_grad
@@ -210,6 +226,7 @@ class Worker:
             config.consistency.codec_residual == "replicated",
             config.optim.clip_grad_norm,
             config.mode in ("sync", "mixed"),
+            self._fp16,
         )
 
     def ready(self) -> str:
@@ -271,6 +288,8 @@ class Worker:
             self._gpu_compute_s if self.device.type == "cuda" else None,
             self.exchange.push_thread,
             self.exchange.clipped_updates + self._clipped_local,
+            len(self.exchange.skipped_steps),
+            self.exchange.next_loss_scale(self._step) if self._fp16 else None,
         )
 
     def step_end_times(self) -> list[tuple[int, float]]:
@@ -394,12 +413,15 @@ class Worker:
                     if c.inner_optimizer == "adamw"
                     else torch.optim.SGD(trained, lr=inner_lr)
                 )
+                # fp16: a fresh scaler per round, like the inner optimizer (a restarted rank
+                # redoes its round bit for bit)
+                scaler = torch.amp.GradScaler(self.device.type, enabled=self._fp16)
                 samples = 0
                 for _ in round_span(self._step, c.local_steps, total):
                     x, y = stream.next()
                     if self._slow_s:
                         time.sleep(self._slow_s)
-                    loss = self._local_step(x, y, inner)
+                    loss = self._local_step(x, y, inner, scaler)
                     samples += len(y)
                 torch.sub(start, self.flat.flat[:n], out=self.flat.flat_grad[:n])
                 self.flat.flat_grad[:n].div_(inner_lr)
@@ -411,21 +433,29 @@ class Worker:
         finally:
             stream.close()
 
-    def _local_step(self, x: torch.Tensor, y: torch.Tensor, inner: torch.optim.Optimizer) -> float:
+    def _local_step(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        inner: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+    ) -> float:
         """local_sgd: one forward/backward and one step of the round's local optimizer."""
         cpu0 = time.thread_time()
         x, y = to_device(x, self.device), to_device(y, self.device)
         self.flat.zero_grad()
         clock = _GpuClock(self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
+        with torch.autocast(self.device.type, dtype=self._amp_dtype, enabled=self._autocast):
             out = self.model(x)
             loss = self.loss_fn(out, y)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(inner)
         if self.config.optim.clip_grad_norm is not None:
             self._clipped_local += clip_in_place(
                 self.flat.flat_grad[: self.flat.num_params], self.config.optim.clip_grad_norm
             )
-        inner.step()
+        scaler.step(inner)
+        scaler.update()
         clock.stop()
         self._compute_cpu_s += time.thread_time() - cpu0
         return self._loss_and_accuracy(loss, out, y, clock)
@@ -480,13 +510,15 @@ class Worker:
         clock = _GpuClock(self.device)
         # forward installs shards as it needs them; bf16 computes under autocast, parameters and
         # gradients stay float32
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
+        with torch.autocast(self.device.type, dtype=self._amp_dtype, enabled=self._autocast):
             out = self.model(x)
             loss = self.loss_fn(out, y)
         # Buffers are final after forward; they travel in the gradient slot. With overlap,
         # post-accumulate hooks push the shards whose gradients are complete during backward.
         self.flat.stage_buffers()
-        loss.backward()  # with overlap, the pushes its hooks send count as compute here
+        scale = self.exchange.loss_scale() if self._fp16 else 1.0
+        # with overlap, the pushes its hooks send count as compute here
+        (loss * scale if scale != 1.0 else loss).backward()
         clock.stop()
         self._compute_cpu_s += time.thread_time() - cpu0
         self.exchange.push_remaining()
@@ -630,6 +662,7 @@ class ShardExchange:
         replicate_residual: bool = False,
         clip: float | None = None,
         clip_rounds: bool = False,
+        fp16: bool = False,
     ):
         import os
 
@@ -664,6 +697,15 @@ class ShardExchange:
         shards (pushes are probes, then a second round sends the factor); else this rank's own
         gradient is the update, clipped here before it is pushed."""
         self.clipped_updates = 0
+        self.fp16 = fp16
+        """fp16 loss scaling: the loss is scaled by ``loss_scale()``, the gradient unscaled and
+        checked before it is pushed; an overflow is pushed as such and its update skipped."""
+        self.skipped_steps: set[int] = set()
+        """fp16: this rank's steps whose updates were skipped, as the shards' replies report them
+        (the scale is a pure function of them)."""
+        self._scale: float | None = None
+        """fp16: the scale this step's loss was multiplied by (None: not scaled)."""
+        self._overflow = False
         self.versions = [0] * len(shards)
         """Per shard: the seq of the parameters installed (the base a gradient is computed on)."""
         self.bytes_pushed = 0
@@ -713,8 +755,8 @@ class ShardExchange:
             if overlap and (push_thread == "true" or (push_thread == "auto" and on_gpu))
             else None
         )
-        # a gradient clipped here is pushed once its whole norm is known, after backward
-        if overlap and not (clip is not None and not self.clip_rounds):
+        # a gradient clipped or unscaled here is pushed once all of it is known, after backward
+        if overlap and not fp16 and not (clip is not None and not self.clip_rounds):
             for k, p in enumerate(params):
                 if p.requires_grad:
                     p.register_post_accumulate_grad_hook(lambda _p, k=k: self._grad_ready(k))
@@ -757,6 +799,20 @@ class ShardExchange:
         self.pushed_last = push
         self._pushed = [not push] * len(self.shards)
         self._remaining = list(self._grads_per_shard)
+        self._scale, self._overflow = None, False
+
+    def next_loss_scale(self, step: int) -> float:
+        """fp16: the scale step ``step`` computes with, from the skipped steps known so far."""
+        from raytrain_ft.amp import loss_scale
+
+        return loss_scale(step, self.skipped_steps)
+
+    def loss_scale(self) -> float:
+        """fp16: the scale of this step's loss, from the skipped steps the shards reported up to
+        the previous step (whose answers are installed first)."""
+        self.install_all()
+        self._scale = self.next_loss_scale(self._step)
+        return self._scale
 
     def push_remaining(self) -> None:
         """Push every shard not yet pushed this step (all of them without overlap); with
@@ -764,10 +820,17 @@ class ShardExchange:
         (the shards' norms give the factor)."""
         if self._sender is not None:
             self._sender.drain()
-        if self.clip is not None and not self.clip_rounds and not all(self._pushed):
-            self.clipped_updates += clip_in_place(
-                self.flat.flat_grad[: self.flat.num_params], self.clip
-            )
+        grad = self.flat.flat_grad[: self.flat.num_params]
+        if self._scale is not None and not all(self._pushed):  # fp16: unscale, as GradScaler
+            grad.mul_(1.0 / self._scale)  # a power of two: exact
+            self._overflow = not bool(torch.isfinite(grad).all())
+        if (
+            self.clip is not None
+            and not self.clip_rounds
+            and not self._overflow
+            and not all(self._pushed)
+        ):
+            self.clipped_updates += clip_in_place(grad, self.clip)
         for i, done in enumerate(self._pushed):
             if not done:
                 self._push(i)
@@ -793,7 +856,8 @@ class ShardExchange:
         """Fetch every shard's parameters as of ``step`` (a restarted worker resumes there), or the
         newest (None); with ``resume_step`` and a lossy codec, also the error-feedback residual this
         rank had before it."""
-        resume = resume_step if self.replicate_residual else None
+        # a rank restarting asks for what it resumes with: its residual, its skipped steps
+        resume = resume_step if self.replicate_residual or self.fp16 else None
         for i in range(len(self.shards)):
             self._is_pull[i] = True
             self._ask(i, self.proto.pull(i, step, time.time(), resume))
@@ -824,7 +888,11 @@ class ShardExchange:
     def _push(self, i: int) -> None:
         s = self.shards[i]
         residual = None
-        if self.encoders is not None:
+        if self._overflow:  # fp16: nothing to send; the update is skipped, the residual unchanged
+            grad = None
+            if self.replicate_residual:
+                residual = self.encoders[i].residual_host()
+        elif self.encoders is not None:
             ps, bs = s.param_slice, s.buffer_slice
             encoder = self.encoders[i]
             grad = (
@@ -839,7 +907,7 @@ class ShardExchange:
         else:
             # a copy, kept for a resend: the gradient buffer is reused by the next step
             grad = self._host_slice(s).copy()
-        self.bytes_pushed += grad.nbytes
+        self.bytes_pushed += grad.nbytes if grad is not None else 0
         self._is_pull[i] = False
         self._ask(
             i,
@@ -852,6 +920,7 @@ class ShardExchange:
                 time.time(),
                 residual,
                 probe=self.clip_rounds,
+                overflow=self._overflow,
             ),
         )
         self._pushed[i] = True
@@ -953,6 +1022,8 @@ class ShardExchange:
                 self.metrics.observe(
                     "exchange_latency_seconds", time.perf_counter() - self._sent_at[i], {"op": op}
                 )
+            if reply.skipped:
+                self.skipped_steps.update(reply.skipped)
             if reply.residual is not None and self.encoders is not None:
                 self.encoders[i].set_residual(reply.residual)
             if reply.params is not None:

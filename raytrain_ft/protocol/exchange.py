@@ -100,10 +100,14 @@ class ExchangeProtocol:
         now: float = 0.0,
         residual=None,
         probe: bool = False,
+        overflow: bool = False,
     ) -> list:
         """Push a gradient; ``probe``: the first phase of a globally clipped step (the answer is
-        the shard's squared norm; ``finish`` sends the second)."""
+        the shard's squared norm; ``finish`` sends the second); ``overflow``: fp16's gradient
+        overflowed (no payload; the update is skipped)."""
         msg = Push(self.rank, step, payload, base_version, want_params and not probe, residual)
+        if overflow:
+            msg = dataclasses.replace(msg, overflow=True)
         if probe:
             msg = self._probes[shard] = dataclasses.replace(msg, probe=True)
         return self._send_new(shard, msg, now)

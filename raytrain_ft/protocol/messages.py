@@ -173,6 +173,10 @@ class Push:
     """Global gradient clipping, second phase: apply the update scaled by this factor (computed by
     the worker from every shard's ``sq_norm``). ``payload`` may be None when the shard already
     holds this push from the first phase (a primary that lacks it refuses with RESEND)."""
+    overflow: bool = False
+    """fp16 loss scaling: the sender's gradient overflowed (``payload`` is None). The update this
+    push belongs to is skipped: every shard records it and changes nothing, as a GradScaler skips
+    ``optimizer.step()``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +222,10 @@ class PushReply:
     float64)."""
     clip_factor: float | None = None
     """Answer to a probe of an update already applied: the clip factor it was applied with."""
+    skipped: tuple | None = None
+    """fp16 loss scaling: the steps of the asking rank whose updates were skipped (an overflow), in
+    order; None when there are none. The rank's loss scale is a pure function of them
+    (``amp.loss_scale``), so a restarted rank resumes with the scale it had."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -107,6 +107,10 @@ class _Held:
     pull: Pull | None = None
 
 
+_NOTHING = np.zeros(0, np.float32)
+"""The update of a skipped command (fp16: a push overflowed)."""
+
+
 @dataclass(slots=True)
 class _Clipped:
     """Global gradient clipping: one update between its two phases."""
@@ -117,7 +121,8 @@ class _Clipped:
     factor: float | None = None
     """The clip factor, from the first second-phase push."""
     pending: object = None
-    """Once every push is in: the ``Pending`` pushes, their aggregate and its squared norm."""
+    """Once every push is in: the ``Pending`` pushes, their aggregate (None when skipped) and its
+    squared norm."""
     update: np.ndarray | None = None
     sq_norm: float = 0.0
 
@@ -567,9 +572,14 @@ class ServerProtocol:
             )  # backup workers: the step closed *with* this push (its answer was lost)
         return verdict
 
-    def _accept(self, p: _Primary, rid: int, m: Push) -> list:
+    def _buffer(self, p: _Primary, m: Push):
+        """Buffer a push (an overflowed one as None); (its key, the complete update or None)."""
         base = p.state.seq if m.base_version is None else m.base_version
-        key, complete = p.buffer.add(m.rank, m.step, decode_push(m.payload), base, m.residual)
+        grad = None if m.overflow else decode_push(m.payload)
+        return p.buffer.add(m.rank, m.step, grad, base, m.residual)
+
+    def _accept(self, p: _Primary, rid: int, m: Push) -> list:
+        key, complete = self._buffer(p, m)
         p.waiting.setdefault(key, []).append((rid, m.want_params, m.rank))
         if complete is None:
             return []
@@ -581,13 +591,14 @@ class ServerProtocol:
         update is applied when the first second-phase push brings the factor the worker computed
         from every shard's norm (every worker computes the same one). A primary rebuilt between
         the phases holds none of the pushes: second-phase pushes without the gradient are refused
-        with RESEND, and the resent ones complete the update again, to the same bits."""
+        with RESEND, and the resent ones complete the update again, to the same bits. An update
+        skipped for an overflow answers its probes with a factor of 1 (nothing is applied)."""
         key = self.spec.rule.key(m.rank, m.step)
         c = p.clipped.setdefault(key, _Clipped(m.step))
         effects = []
-        if c.update is None:
+        if c.pending is None:
             held = p.buffer.pending.get(key)
-            if m.payload is None and (held is None or m.rank not in held.grads):
+            if m.payload is None and not m.overflow and (held is None or m.rank not in held.grads):
                 return [
                     Reply(
                         rid,
@@ -598,34 +609,37 @@ class ServerProtocol:
                         ),
                     )
                 ]
-            if m.payload is not None:
-                base = p.state.seq if m.base_version is None else m.base_version
-                _, complete = p.buffer.add(m.rank, m.step, decode_push(m.payload), base, m.residual)
-                if complete is not None:
-                    c.pending, c.update = complete, self._aggregate(p, complete)
-                    c.sq_norm = squared_norm(c.update[p.shard.param_slice])
-                    effects += [
-                        Reply(r, PushReply(None, p.state.seq, 0, sq_norm=c.sq_norm))
-                        for r in c.probes
-                    ]
+            if m.payload is not None or m.overflow:
+                c.pending = self._buffer(p, m)[1]
+                if c.pending is not None:
+                    if not self._skips(c.pending):
+                        c.update = self._aggregate(p, c.pending)
+                        c.sq_norm = squared_norm(c.update[p.shard.param_slice])
+                    effects += [Reply(r, self._norm_reply(p, c)) for r in c.probes]
                     c.probes = []
         if m.probe:
-            if c.update is None:
+            if c.pending is None:
                 c.probes.append(rid)
                 return effects
-            return effects + [Reply(rid, PushReply(None, p.state.seq, 0, sq_norm=c.sq_norm))]
+            return effects + [Reply(rid, self._norm_reply(p, c))]
         p.waiting.setdefault(key, []).append((rid, m.want_params, m.rank))
         if c.factor is None:
             c.factor = m.clip_factor
-        if c.update is None:
+        if c.pending is None:
             return effects
         del p.clipped[key]
         update, factor = c.update, self._clip_factor(c)
-        if factor != 1.0:
+        if factor != 1.0 and update is not None:
             update = np.array(update, dtype=np.float32, copy=True)
             update[p.shard.param_slice] *= np.float32(factor)
         effects += self._commit(p, c.step, c.pending, update, factor)
         return effects + self._answer_when_logged(p, key)
+
+    @staticmethod
+    def _norm_reply(p: _Primary, c: _Clipped) -> PushReply:
+        if c.update is None:  # skipped (an overflow): no norm, nothing to scale
+            return PushReply(None, p.state.seq, 0, clip_factor=1.0)
+        return PushReply(None, p.state.seq, 0, sq_norm=c.sq_norm)
 
     def _clip_factor(self, c: _Clipped) -> float:
         """The factor a clipped update is applied with: the workers', from every shard's norm."""
@@ -637,6 +651,12 @@ class ServerProtocol:
         for waiting_rid, want, rank in p.waiting.pop(key):
             p.held.append(_Held(waiting_rid, seq, seq, want, rank, gate=gate))
         return self._flush() + self._release()
+
+    def _skips(self, pending) -> bool:
+        """fp16 loss scaling: a push of the update overflowed (its gradient is None), so every
+        shard skips the whole update, as every DDP rank skips a step after an all-reduced
+        overflow."""
+        return any(g is None for g in pending.grads.values())
 
     def _aggregate(self, p: _Primary, pending) -> np.ndarray:
         """The update of a complete set of pushes: their mean in rank order (delay-compensated
@@ -658,7 +678,10 @@ class ServerProtocol:
         for the holder."""
         state, rule = p.state, self.spec.rule
         seq = state.seq
-        if update is None:
+        skipped = self._skips(pending)
+        if skipped:
+            update = _NOTHING
+        elif update is None:
             update = self._aggregate(p, pending)
         stalest = max(seq - v for v in pending.base_versions.values())
         hp = state.hyper_params(step)
@@ -674,13 +697,13 @@ class ServerProtocol:
             rule.exact_resume
         ):  # a worker restarting mid-step pulls the parameters before this update
             p.previous = self._params_now(p)
-        command = Command(seq, update, hp, pushes, residuals, stalest, clip_factor)
+        command = Command(seq, update, hp, pushes, residuals, stalest, clip_factor, skipped)
         if (
             self.spec.replicate
         ):  # the command is queued before the update is applied: never an ack without it
             p.outbox.append([command, None])
         started = self.clock()
-        state.apply(update, hp, pushes, residuals, stalest, clip_factor)
+        state.apply(update, hp, pushes, residuals, stalest, clip_factor, skipped)
         p.stale = True
         effects = [Note("update", {"shard": p.shard.index, "seq": seq, "staleness": stalest})]
         if self.spec.replicate:
@@ -729,7 +752,18 @@ class ServerProtocol:
             p.held.append(_Held(rid, seq, 0, True, step=m.step, pull=m))
             return self._release()
         if m.step == seq - 1 and p.previous is not None:
-            return [Reply(rid, PushReply(p.previous, m.step, 0, residual=self._residual(p, m)))]
+            return [
+                Reply(
+                    rid,
+                    PushReply(
+                        p.previous,
+                        m.step,
+                        0,
+                        residual=self._residual(p, m),
+                        skipped=p.state.skipped_of(m.rank),
+                    ),
+                )
+            ]
         return [
             Reply(
                 rid,
@@ -810,7 +844,20 @@ class ServerProtocol:
                     continue
                 params = self._params_out(p) if h.want_params else None
                 residual = self._residual(p, h.pull) if h.pull is not None else None
-                out.append(Reply(h.rid, PushReply(params, state.seq, h.acked, h.late, residual)))
+                rank = h.rank if h.pull is None else h.pull.rank
+                out.append(
+                    Reply(
+                        h.rid,
+                        PushReply(
+                            params,
+                            state.seq,
+                            h.acked,
+                            h.late,
+                            residual,
+                            skipped=state.skipped_of(rank),
+                        ),
+                    )
+                )
         p.held = keep
         return out
 
@@ -840,6 +887,7 @@ class ServerProtocol:
             s.residuals_copy(),
             dict(s.staleness),
             {r: list(items) for r, items in s.clip_factors.items()},
+            {r: list(steps) for r, steps in s.skipped.items()},
         )
 
     def _flush(self) -> list:

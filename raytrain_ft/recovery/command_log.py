@@ -48,6 +48,9 @@ class Command:
     clip_factor: float | None = None
     """Global gradient clipping: the factor already in ``update`` (a probe resent after a recovery
     is answered it)."""
+    skipped: bool = False
+    """fp16 loss scaling: a push of this update overflowed, so it changes nothing but the
+    bookkeeping (``update`` is empty)."""
 
     @property
     def nbytes(self) -> int:
@@ -76,6 +79,8 @@ class Snapshot:
     """{staleness: updates} of every update so far (``ShardState.staleness``)."""
     clip_factors: dict | None = None
     """Per rank: [(step, factor)] of its newest clipped pushes (``ShardState.clip_factors``)."""
+    skipped: dict | None = None
+    """Per rank: its steps whose updates were skipped (``ShardState.skipped``)."""
 
     @property
     def nbytes(self) -> int:
@@ -105,6 +110,7 @@ class Snapshot:
             residuals,
             dict(self.staleness or {}),
             {r: list(items) for r, items in (self.clip_factors or {}).items()},
+            {r: list(steps) for r, steps in (self.skipped or {}).items()},
         )
 
 
@@ -208,6 +214,7 @@ class CommandLog:
             state.residuals,
             state.staleness,
             state.clip_factors,
+            state.skipped,
         )
         return applied
 

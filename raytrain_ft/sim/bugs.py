@@ -46,6 +46,17 @@ class PerShardClip(ServerProtocol):
         return clip_factor([c.sq_norm], self.spec.optim.clip_grad_norm)
 
 
+class PartialSkip(ServerProtocol):
+    """fp16 done wrong: a shard drops only the overflowed pushes of an update and applies the mean
+    of the others, instead of skipping the whole update."""
+
+    def _skips(self, pending) -> bool:
+        for rank in [r for r, g in pending.grads.items() if g is None]:
+            del pending.grads[rank]
+            pending.base_versions.pop(rank, None)
+        return not pending.grads
+
+
 class VolatileEpochs(SupervisorProtocol):
     """A restarted supervisor forgets the epochs it handed out and numbers them from the start
     again."""
@@ -76,6 +87,7 @@ BUGS = {
     "no-fencing": ("server", NoFencing),
     "double-apply": ("server", DoubleApply),
     "per-shard-clip": ("server", PerShardClip),
+    "partial-skip": ("server", PartialSkip),
     "volatile-epochs": ("supervisor", VolatileEpochs),
     "lost-pending-start": ("supervisor", LostPendingStart),
 }

@@ -15,6 +15,8 @@ survives the worker). What it checks:
   In sync and async runs that finish, every push of every step counts once.
   With global clipping a slot moves by its update's clip factor instead of 1:
   the checker divides by the factor the *workers* computed for that update.
+- **fp16 overflows.** Some pushes are flagged as overflowed (a pure function of
+  rank and step); every update holding one must have moved no slot at all.
 - **I5, one clip factor per update.** In sync mode every worker that computed
   the factor of an update computed the same one (each from all shards'
   squared norms). Mixed mode restarts a rank on the newest parameters, so a
@@ -113,6 +115,14 @@ def exactly_once(world: World, shards: dict[int, FinalShard]) -> list[Violation]
             out.append(
                 Violation("I5", f"update {key}: workers computed different clip factors {seen}")
             )
+    # fp16: an update is skipped when any of its pushes overflowed (the workers' own flags)
+    flagged = {
+        rule.key(r, t)
+        for r in range(cfg.num_workers)
+        for t in range(cfg.steps)
+        if cfg.overflows(r, t)
+    }
+
     for shard in range(cfg.num_shards):
         params = shards[shard].params
         initial = cfg.initial(shard)
@@ -127,6 +137,20 @@ def exactly_once(world: World, shards: dict[int, FinalShard]) -> list[Violation]
                 moved = float(initial[slot] - params[slot])
                 readings = {_times(moved / f) for f in scales}
                 times = 1 if 1 in readings else min(readings)
+                skip = _skip_status(cfg, (shard, step), flagged, rule.key(rank, step), world.ledger)
+                if skip is None:  # a step closed without all ranks: unknown whether it held one
+                    continue
+                if skip:  # fp16: the update had an overflowed push; nothing moves
+                    if times:
+                        out.append(
+                            Violation(
+                                "I1",
+                                f"shard {shard}: push (rank {rank}, step {step}) belongs to an "
+                                f"update with an overflowed push, which must be skipped, but its "
+                                f"slot moved {moved:.3f}",
+                            )
+                        )
+                    continue
                 key = (shard, rank, step)
                 if times >= 2:
                     out.append(
@@ -174,6 +198,23 @@ def exactly_once(world: World, shards: dict[int, FinalShard]) -> list[Violation]
                 )
             )
     return out
+
+
+def _skip_status(cfg, at: tuple, flagged: set, key, ledger) -> bool | None:
+    """fp16: whether shard ``at[0]``'s update ``key`` (of step ``at[1]``) had to be skipped: one
+    of its pushes overflowed. With backup workers a step closes with the first pushes in, so an
+    overflowed push counts if its answer says it was applied, not if it was late; None when the
+    ledger cannot tell (its worker died before the answer)."""
+    if key not in flagged:
+        return False
+    if not cfg.backup_workers:
+        return True
+    shard, step = at
+    answers = {(a.rank, a.late) for a in ledger if (a.shard, a.step) == (shard, step)}
+    overflowed = [r for r in range(cfg.num_workers) if cfg.overflows(r, step)]
+    if any((r, False) in answers for r in overflowed):
+        return True
+    return False if all((r, True) in answers for r in overflowed) else None
 
 
 def _times(moved: float) -> int:
@@ -257,6 +298,14 @@ def replicas_match(world: World, shards: dict[int, FinalShard]) -> list[Violatio
                     f"histogram {rebuilt.staleness} vs the primary's {state.staleness}",
                 )
             )
+        elif rebuilt.skipped != state.skipped:
+            out.append(
+                Violation(
+                    "I4",
+                    f"shard {shard}: replica on {primary.holder}, replayed, has other skipped "
+                    f"steps {rebuilt.skipped} vs the primary's {state.skipped}",
+                )
+            )
         elif rebuilt.clip_factors != state.clip_factors:
             out.append(
                 Violation(
@@ -294,7 +343,7 @@ def baseline_hash(cfg: SimConfig) -> str:
     """The fault-free run's final params hash (sync I2). Plain sync results depend only on the
     workers, shards and steps (not on snapshots, folding, placement or spares), so one fault-free
     run serves every such config."""
-    key = (cfg.num_workers, cfg.num_shards, cfg.steps, cfg.clip)
+    key = (cfg.num_workers, cfg.num_shards, cfg.steps, cfg.clip, cfg.overflow)
     if key not in _baselines:
         canonical = SimConfig(
             mode="sync",
@@ -302,6 +351,7 @@ def baseline_hash(cfg: SimConfig) -> str:
             num_shards=cfg.num_shards,
             steps=cfg.steps,
             clip=cfg.clip,
+            overflow=cfg.overflow,
         )
         world = World(canonical, seed=0, faults=False)
         outcome = world.run()

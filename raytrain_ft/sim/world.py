@@ -103,6 +103,9 @@ class SimConfig:
     """Asynchronous modes: ``dana`` gives every update stream its own momentum buffer (more
     optimizer state for snapshots, logs and replay to carry exactly) and hands workers look-ahead
     parameters."""
+    overflow: bool = False
+    """fp16 loss scaling: some pushes (a pure function of rank and step) overflowed; their
+    updates must be skipped by every shard."""
     clip: float | None = None
     """Sync and mixed: global gradient clipping to this norm (two phases per step: probes answered
     with each shard's squared norm, then the factor). Large values exercise the phases with a
@@ -121,6 +124,11 @@ class SimConfig:
             self.staleness,
             momentum_correction=self.momentum_correction,
         )
+
+    def overflows(self, rank: int, step: int) -> bool:
+        """fp16: whether push ``(rank, step)`` overflowed (a pure function: a restarted rank's
+        resend overflows again)."""
+        return self.overflow and (rank + 2 * step) % 5 == 1
 
     def ranges(self) -> list[ShardRange]:
         n = self.shard_size
@@ -168,6 +176,7 @@ def random_config(rng: random.Random, mode: str) -> SimConfig:
         clip=rng.choice((None, None, 1e9, 0.5))
         if mode in ("sync", "mixed") and not backups
         else None,
+        overflow=rng.random() < 0.3,
     )
 
 
@@ -286,15 +295,17 @@ class SimWorker:
             return []
         cfg, effects = self.world.cfg, []
         self.phase = "push" if cfg.clip is None else "probe"
+        overflow = cfg.overflows(self.rank, self.step)
         for i in range(cfg.num_shards):
             effects += self.exchange.push(
                 i,
                 self.step,
-                self.gradient(i),
+                None if overflow else self.gradient(i),
                 self.versions[i],
                 True,
                 self.world.now,
                 probe=cfg.clip is not None,
+                overflow=overflow,
             )
         return effects
 

@@ -195,3 +195,46 @@ def test_bf16_trains_the_main_job(ray_local):
     )
     result = Trainer(cfg).fit()
     assert result.eval_accuracy > 0.85 and result.final_loss == result.final_loss
+
+
+def loud_mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE in units 10,000 times smaller: at GradScaler's initial scale (2**16) the fp16 backward
+    overflows, so the first updates are skipped while the scale comes down until it fits."""
+    return 1e4 * torch.nn.functional.mse_loss(output.squeeze(-1), target)
+
+
+def test_fp16_skips_overflowed_updates_on_every_shard_and_a_kill_changes_nothing(ray_local):
+    """fp16 with loss scaling, sync: an update with an overflowed gradient is skipped by both
+    shards; both ranks end with the same skipped steps and GradScaler's scale for them; the run
+    learns; a primary and a worker killed mid-run (the restarted rank gets its skipped steps back
+    from the shards, so its scale) give the same hash."""
+    from raytrain_ft import amp
+
+    def fit(kill=None):
+        cfg = TrainConfig(
+            model=ModelConfig(precision="fp16"),
+            data=DataConfig(batch_size=16),
+            optim=OptimConfig(lr=1e-6, momentum=0.9),  # 0.01 in the loss's usual units
+            cluster=ClusterConfig(num_workers=2, num_servers=2),
+            recovery=RecoveryConfig(snapshot_interval=10, num_spares=1 if kill else 0),
+            steps=40,
+            seed=3,
+        )
+        cfg.chaos.kill = kill
+        train, held_out = diabetes.data()
+        return Trainer(
+            cfg, model=diabetes.model, loss=loud_mse, train_data=train, eval_data=held_out
+        ).fit()
+
+    clean = fit()
+    skipped = [w["skipped_updates"] for w in clean.workers]
+    assert skipped[0] == skipped[1] > 0, clean.workers
+    assert clean.updates_applied == 2 * 40  # a skipped update is still an update, applied once
+    first = clean.workers[0]
+    # the scale halved once per skipped step, from 2**16
+    assert first["loss_scale"] == amp.INIT_SCALE * 0.5 ** skipped[0]
+    assert clean.eval_loss < 1e4, clean.eval_loss  # below predicting the mean: it learned
+    killed = fit("server:0@step=12,worker:1@step=25")
+    assert [e["role"] for e in killed.recoveries] == ["server", "worker"]
+    assert killed.params_sha256 == clean.params_sha256
+    assert [w["skipped_updates"] for w in killed.workers] == skipped

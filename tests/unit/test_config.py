@@ -312,7 +312,7 @@ def test_writable_paths_are_checked_before_a_run(tmp_path):
             "none, inverse",
         ),
         (lambda: C.TrainConfig(mode="bsp"), "mode", "sync, async, ssp, mixed, local_sgd"),
-        (lambda: C.ModelConfig(precision="fp8"), "model.precision", "fp32, bf16"),
+        (lambda: C.ModelConfig(precision="fp8"), "model.precision", "fp32, bf16, fp16"),
         (lambda: C.ClusterConfig(use_gpu="maybe"), "cluster.use_gpu", "auto, true, false"),
         (lambda: C.TrainConfig(mode=1), "mode", "sync, async, ssp, mixed, local_sgd"),
     ],
