@@ -392,32 +392,3 @@ def test_a_lossy_codec_restarted_worker_resumes_with_its_residual(ray_local, tmp
     assert [e["role"] for e in local.recoveries] == ["worker"]
     assert all(w["residual_bytes"] == 0 for w in local.workers)
     assert local.params_sha256 != clean.params_sha256
-
-
-def test_globally_clipped_steps_survive_a_primary_and_a_worker_kill(ray_local, tmp_path):
-    """--clip-grad-norm adds a second round to every sync step (probes, then the factor): a primary
-    killed mid-run (its replacement asks again for the gradients of a step caught between the
-    phases) and a restarted worker end with the failure-free clipped run's hash, every push applied
-    once by the workers' ledgers."""
-    steps = 30
-
-    def config(kill=None):
-        cfg = _config(2, kill=kill, num_spares=1 if kill else 0)
-        cfg.optim.clip_grad_norm, cfg.steps = 0.3, steps
-        cfg.cluster.overlap_comm = True  # the probes go out from the backward hooks
-        return cfg
-
-    clean = Trainer(config()).fit()
-    assert all(w["clipped_updates"] > steps // 2 for w in clean.workers), clean.workers
-    killed = Trainer(config("server:0@step=8,worker:1@step=18")).fit()
-    assert _roles(killed) == [("server", 0), ("worker", 1)]
-    assert all(k["how"] != "already gone" for k in killed.kills)
-    assert_exactly_once(
-        killed.applied_counts,
-        read_ledgers(os.environ[LEDGER_DIR_ENV_VAR], killed.run_id),
-        2,
-        steps,
-    )
-    assert killed.updates_acknowledged == killed.updates_applied == 2 * steps
-    assert killed.params_sha256 == clean.params_sha256
-    assert killed.replicas_match == [True, True]

@@ -2,12 +2,15 @@
 BatchNorm."""
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
 import torch
 
+from raytrain_ft.actors.worker import LEDGER_DIR_ENV_VAR
 from raytrain_ft.config import (
+    ChaosConfig,
     ClusterConfig,
     DataConfig,
     ModelConfig,
@@ -17,6 +20,7 @@ from raytrain_ft.config import (
 )
 from raytrain_ft.data import global_step_indices, load_dataset
 from raytrain_ft.params import flatten_state
+from raytrain_ft.recovery.ledger import assert_exactly_once, read_ledgers
 from raytrain_ft.trainer import Trainer, initial_model
 
 pytestmark = pytest.mark.integration
@@ -99,14 +103,25 @@ def test_sync_matches_single_process_pytorch_with_and_without_overlap(ray_local)
     assert results[True].params_sha256 == results[False].params_sha256
 
 
-def test_global_clipping_matches_clip_grad_norm_of_the_averaged_gradient(ray_local):
+def test_global_clipping_matches_clip_grad_norm_and_survives_a_primary_and_a_worker_kill(
+    ray_local,
+):
     """--clip-grad-norm in sync mode clips the step's averaged gradient by its norm over all three
     shards, as ``clip_grad_norm_`` after DDP's all-reduce would (the probes go out from the
-    backward hooks). Clipping changes the result: without it the run lands elsewhere."""
+    backward hooks); clipping changes the result. A primary killed mid-run (its replacement asks
+    again for the gradients of a step caught between the two rounds) and a restarted worker end
+    with the same hash, every push applied once by the workers' ledgers."""
     optim = OptimConfig(name="sgd", lr=0.05, momentum=0.9, weight_decay=1e-4, clip_grad_norm=0.3)
-    cfg = _config(
-        optim=optim, cluster=ClusterConfig(num_workers=2, num_servers=3, overlap_comm=True)
-    )
+
+    def config(kill=None):
+        return _config(
+            optim=optim,
+            cluster=ClusterConfig(num_workers=2, num_servers=3, overlap_comm=True),
+            recovery=RecoveryConfig(num_spares=1 if kill else 0),
+            chaos=ChaosConfig(kill=kill),
+        )
+
+    cfg = config()
     result = Trainer(cfg).fit()
     assert result.updates_applied == result.updates_acknowledged == 24 * 3
     # the norm of a fresh CNN's gradient is above 0.3 at most steps: clipping does something
@@ -118,6 +133,18 @@ def test_global_clipping_matches_clip_grad_norm_of_the_averaged_gradient(ray_loc
         _config(optim=dataclasses.replace(optim, clip_grad_norm=None))
     )
     assert not torch.allclose(got, unclipped, rtol=1e-3, atol=1e-3)
+    killed = Trainer(config("server:0@step=8,worker:1@step=16")).fit()
+    assert sorted(e["role"] for e in killed.recoveries) == ["server", "worker"]
+    assert all(k["how"] != "already gone" for k in killed.kills)
+    assert_exactly_once(
+        killed.applied_counts,
+        read_ledgers(os.environ[LEDGER_DIR_ENV_VAR], killed.run_id),
+        2,
+        24,
+    )
+    assert killed.updates_acknowledged == killed.updates_applied == 24 * 3
+    assert killed.params_sha256 == result.params_sha256
+    assert killed.replicas_match == [True] * 3
 
 
 def test_batchnorm_buffers_are_reconciled_across_workers(ray_local):
