@@ -135,6 +135,22 @@ def test_overlap_and_a_device_codec_on_a_gpu_keep_the_hash_through_kills(tmp_pat
     assert worker["residual_bytes"] > 0
 
 
+def test_fp16_with_loss_scaling_and_global_clipping_on_a_gpu_keep_the_hash_through_kills(tmp_path):
+    """fp16 autocast on the GPU with loss scaling (unscale and the overflow check on the device)
+    and global clipping (sync: the probes' second round, the norm from the shards): reproducible,
+    a worker and a server kill change no bit, and the run learns."""
+    extra = ("--precision", "fp16", "--clip-grad-norm", "1.0")
+    clean = _train(tmp_path, *extra)
+    again = _train(tmp_path, *extra)
+    assert again["params_sha256"] == clean["params_sha256"]
+    killed = _train(tmp_path, *extra, "--kill", "server:0@step=15", "--kill", "worker:0@step=30")
+    assert sorted(e["role"] for e in killed["recoveries"]) == ["server", "worker"]
+    assert killed["params_sha256"] == clean["params_sha256"]
+    (worker,) = clean["workers"]
+    assert worker["loss_scale"] is not None
+    assert clean["eval_accuracy"] > 0.8, clean["eval_accuracy"]
+
+
 def test_gpu_batches_are_the_host_batches_from_device_data_or_pinned_memory():
     """A GPU worker's data: a dataset that fits is moved to the device once and batches are
     gathered there; one that does not is batched in pinned host memory. Either way each batch is
