@@ -700,9 +700,10 @@ class ShardExchange:
         self.fp16 = fp16
         """fp16 loss scaling: the loss is scaled by ``loss_scale()``, the gradient unscaled and
         checked before it is pushed; an overflow is pushed as such and its update skipped."""
-        self.skipped_steps: set[int] = set()
+        self.skipped_steps: tuple[int, ...] = ()
         """fp16: this rank's steps whose updates were skipped, as the shards' replies report them
-        (the scale is a pure function of them)."""
+        (the scale is a pure function of them). Replaced, never mutated: the actor's thread reads
+        it while the training thread trains."""
         self._scale: float | None = None
         """fp16: the scale this step's loss was multiplied by (None: not scaled)."""
         self._overflow = False
@@ -1022,8 +1023,8 @@ class ShardExchange:
                 self.metrics.observe(
                     "exchange_latency_seconds", time.perf_counter() - self._sent_at[i], {"op": op}
                 )
-            if reply.skipped:
-                self.skipped_steps.update(reply.skipped)
+            if reply.skipped and not set(reply.skipped) <= set(self.skipped_steps):
+                self.skipped_steps = tuple(sorted({*self.skipped_steps, *reply.skipped}))
             if reply.residual is not None and self.encoders is not None:
                 self.encoders[i].set_residual(reply.residual)
             if reply.params is not None:
