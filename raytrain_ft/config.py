@@ -304,7 +304,8 @@ class OptimConfig:
     clip_grad_norm: float | None = None
     """Clip the gradient of every update to this global L2 norm (over all shards' parameters, as
     torch.nn.utils.clip_grad_norm_): sync and mixed clip the averaged gradient of the step (a
-    second round with the shards), async and ssp each push, local_sgd each inner step."""
+    second round with the shards), async and ssp each push, local_sgd each inner step (not the
+    round's push). Refused with backup workers. Off when not set."""
 
     def __post_init__(self) -> None:
         check_field_types(self, "optim")
@@ -910,6 +911,15 @@ def _misplaced(key: str) -> str | None:
     return f"unknown key here; it belongs in {where}"
 
 
+def _unknown_key(key: str, names) -> str:
+    """Why ``key`` is refused in a section with ``names``: where it belongs, or the closest name."""
+    import difflib
+
+    close = difflib.get_close_matches(str(key).replace("-", "_").lower(), list(names), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return _misplaced(key) or f"unknown key{hint}; known keys: {', '.join(names)}"
+
+
 def from_dict(raw: dict[str, Any] | None, source: str = "config") -> TrainConfig:
     """Build a TrainConfig from nested dicts (as in a YAML file); unknown keys are errors."""
     if raw is not None and not isinstance(raw, dict):
@@ -930,10 +940,7 @@ def from_dict(raw: dict[str, Any] | None, source: str = "config") -> TrainConfig
                     raise ConfigError(
                         f"{sub}.{key}", f"renamed: write it as {RENAMED[f'{sub}.{key}']}"
                     )
-                raise ConfigError(
-                    f"{sub}.{key}",
-                    _misplaced(key) or f"unknown key; known keys: {', '.join(names)}",
-                )
+                raise ConfigError(f"{sub}.{key}", _unknown_key(key, names))
             sub_kwargs[key] = coerce(
                 value, field_type(names[key], cls), f"{sub}.{key}", is_optional(names[key], cls)
             )
@@ -941,10 +948,7 @@ def from_dict(raw: dict[str, Any] | None, source: str = "config") -> TrainConfig
     top = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name not in SUBCONFIGS}
     for key, value in raw.items():
         if key not in top:
-            raise ConfigError(
-                key,
-                _misplaced(key) or f"unknown key; known keys: {', '.join([*SUBCONFIGS, *top])}",
-            )
+            raise ConfigError(key, _unknown_key(key, [*SUBCONFIGS, *top]))
         kwargs[key] = coerce(
             value, field_type(top[key], TrainConfig), key, is_optional(top[key], TrainConfig)
         )

@@ -224,7 +224,8 @@ class Worker:
             self.metrics,
             config.cluster.push_thread,
             config.consistency.codec_residual == "replicated",
-            config.optim.clip_grad_norm,
+            # local_sgd clips its inner steps (below), not the round's push
+            config.optim.clip_grad_norm if config.mode != "local_sgd" else None,
             config.mode in ("sync", "mixed"),
             self._fp16,
         )

@@ -108,14 +108,17 @@ def test_kills_in_asynchronous_modes_lose_and_double_nothing(
 def test_local_sgd_learns_with_one_push_per_round_and_kills_change_no_bit(ray_local):
     """local_sgd is sync over rounds: a primary and a worker killed mid-run give the failure-free
     run's parameters bit for bit (I2), every round's pushes applied once (I1), and the run learns
-    with a push per worker every ``local_steps`` batches."""
+    with a push per worker every ``local_steps`` batches. --clip-grad-norm clips each inner step
+    (all of them at 0.1; AdamW hardly notices) and never the round's push."""
     local_steps = 8
     cfg = TrainConfig(
         model=ModelConfig(name="cnn"),
         data=DataConfig(dataset="digits", batch_size=32),
         # DiLoCo: AdamW inside, SGD with Nesterov momentum outside (0.7 x the inner rate: the
         # pseudo-gradient travels in gradient units)
-        optim=OptimConfig(name="sgd", lr=0.7 * 0.003, momentum=0.9, nesterov=True),
+        optim=OptimConfig(
+            name="sgd", lr=0.7 * 0.003, momentum=0.9, nesterov=True, clip_grad_norm=0.1
+        ),
         cluster=ClusterConfig(num_workers=2, num_servers=SERVERS),
         recovery=RecoveryConfig(snapshot_interval=2, num_spares=0),
         consistency=ConsistencyConfig(
@@ -130,6 +133,8 @@ def test_local_sgd_learns_with_one_push_per_round_and_kills_change_no_bit(ray_lo
     assert clean.total_steps == clean.steps_completed == rounds
     assert clean.updates_applied == SERVERS * rounds  # one update per round per shard
     assert clean.eval_accuracy >= 0.93, clean.eval_accuracy
+    inner_steps = [w["samples"] // 32 for w in clean.workers]
+    assert [w["clipped_updates"] for w in clean.workers] == inner_steps == [66, 66]
     cfg.chaos.kill = "server:0@step=2,worker:1@step=4"  # no spare: the replacement is started
     killed = Trainer(cfg).fit()
     assert sorted(e["role"] for e in killed.recoveries) == ["server", "worker"]

@@ -421,3 +421,5 @@ def test_an_unknown_key_lists_the_known_ones():
 
     with pytest.raises(ConfigError, match="unknown key; known keys: num_workers"):
         from_dict({"cluster": {"bogus": 1}})
+    with pytest.raises(ConfigError, match=r"did you mean clip_grad_norm\?"):
+        from_dict({"optim": {"clip-grad-norm": 0.5}})
