@@ -843,13 +843,12 @@ class ShardExchange:
         """Every shard answered the probe with the squared norm of its part of the update (or, when
         it already applied the update, its factor): send each the factor, computed the same way
         by every rank."""
-        from raytrain_ft.optim import clip_factor
+        from raytrain_ft.protocol.exchange import clip_factor_of
 
         t0 = time.perf_counter()
         replies = [self._await(i) for i in range(len(self.shards))]
         self.wait_s += time.perf_counter() - t0
-        known = [r.clip_factor for r in replies if r.clip_factor is not None]
-        factor = known[0] if known else clip_factor([r.sq_norm for r in replies], self.clip)
+        factor = clip_factor_of(replies, self.clip)
         self.clipped_updates += factor < 1.0
         for i in range(len(self.shards)):
             self._ask(i, self.proto.finish(i, factor, self._want_params, time.time()))

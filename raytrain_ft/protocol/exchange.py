@@ -41,6 +41,16 @@ DEFAULT_MAX_REROUTES = 20
 supervisor)."""
 
 
+def clip_factor_of(probe_replies, max_norm: float) -> float:
+    """The factor of a globally clipped step from every shard's answer to its probe: the one a
+    shard that already applied the update reports, else computed from the shards' squared norms
+    (the same on every rank)."""
+    from raytrain_ft.optim import clip_factor
+
+    known = [r.clip_factor for r in probe_replies if r.clip_factor is not None]
+    return known[0] if known else clip_factor([r.sq_norm for r in probe_replies], max_norm)
+
+
 @dataclass(frozen=True, slots=True)
 class Acked:
     shard: int

@@ -40,9 +40,8 @@ import numpy as np
 
 from raytrain_ft.config import OptimConfig
 from raytrain_ft.consistency import Rule
-from raytrain_ft.optim import clip_factor
 from raytrain_ft.params import ShardRange
-from raytrain_ft.protocol.exchange import ExchangeProtocol
+from raytrain_ft.protocol.exchange import ExchangeProtocol, clip_factor_of
 from raytrain_ft.protocol.messages import (
     Call,
     Create,
@@ -255,8 +254,7 @@ class SimWorker:
         already applied the step had), record it for the checker, send the second phase."""
         cfg = self.world.cfg
         replies = [self.exchange.take(i) for i in range(cfg.num_shards)]
-        known = [r.clip_factor for r in replies if r.clip_factor is not None]
-        factor = known[0] if known else clip_factor([r.sq_norm for r in replies], cfg.clip)
+        factor = clip_factor_of(replies, cfg.clip)
         self.world.clip_factors.setdefault(cfg.rule().key(self.rank, self.step), set()).add(factor)
         self.phase = "push"
         effects = []

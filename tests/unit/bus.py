@@ -145,3 +145,26 @@ class Bus:
         for item in items:  # older than anything queued since: delivered first
             self._deliver(*item)
         self.run()
+
+
+def sync_primary_and_holder(optim, workers: int, values, num_params: int | None = None):
+    """A bus with the primary "p" of one sync shard holding ``values`` (float32, epoch 1) and its
+    holder "h" (unfolded: the log keeps every command); (bus, shard range, spec)."""
+    import numpy as np
+
+    from raytrain_ft.consistency import Rule
+    from raytrain_ft.protocol.messages import Load, SetReplica
+    from raytrain_ft.protocol.server import ServerProtocol, ServerSpec
+    from raytrain_ft.sharding import shard_ranges
+
+    values = np.asarray(values, np.float32)
+    shard = shard_ranges(values.size, 1, num_params=num_params)[0]
+    spec = ServerSpec(
+        optim, total_steps=100, num_workers=workers, rule=Rule("sync", workers), fold=False
+    )
+    bus = Bus()
+    for name in ("p", "h"):
+        bus.add(name, ServerProtocol(name, spec))
+    bus.ask("p", Load(shard, 1, values))
+    bus.ask("p", SetReplica("h", 1))
+    return bus, shard, spec

@@ -16,23 +16,19 @@ from raytrain_ft.config import (
     OptimConfig,
     TrainConfig,
 )
-from raytrain_ft.consistency import Rule
 from raytrain_ft.optim import clip_factor, clip_in_place, squared_norm
-from raytrain_ft.params import shard_ranges
 from raytrain_ft.protocol.exchange import ExchangeProtocol
 from raytrain_ft.protocol.messages import (
     Call,
-    Load,
     Push,
     PushReply,
     RecoverPrimary,
     RefusalKind,
     Refused,
     Route,
-    SetReplica,
 )
-from raytrain_ft.protocol.server import ServerProtocol, ServerSpec
-from tests.unit.bus import Bus
+from raytrain_ft.protocol.server import ServerProtocol
+from tests.unit.bus import sync_primary_and_holder
 
 SGD = OptimConfig(name="sgd", lr=1.0, momentum=0.0)
 
@@ -76,17 +72,8 @@ def test_clip_in_place_scales_only_above_the_norm():
 # ----------------------------------------------------------------------------
 
 
-def _pair(workers=2, size=6, buffers=0):
-    shard = shard_ranges(size, 1, num_params=size - buffers)[0]
-    spec = ServerSpec(
-        SGD, total_steps=100, num_workers=workers, rule=Rule("sync", workers), fold=False
-    )
-    bus = Bus()
-    for name in ("p", "h"):
-        bus.add(name, ServerProtocol(name, spec))
-    bus.ask("p", Load(shard, 1, np.zeros(size, np.float32)))
-    bus.ask("p", SetReplica("h", 1))
-    return bus, shard, spec
+def _pair(buffers=0):
+    return sync_primary_and_holder(SGD, 2, np.zeros(6), num_params=6 - buffers)
 
 
 GRADS = {0: np.array([3, 0, 0, 0, 1, 1], np.float32), 1: np.array([1, 0, 4, 0, 1, 1], np.float32)}

@@ -7,20 +7,16 @@ import torch
 
 from raytrain_ft import amp
 from raytrain_ft.config import OptimConfig
-from raytrain_ft.consistency import Rule
-from raytrain_ft.params import shard_ranges
 from raytrain_ft.protocol.exchange import ExchangeProtocol
 from raytrain_ft.protocol.messages import (
-    Load,
     Pull,
     Push,
     PushReply,
     RecoverPrimary,
     Route,
-    SetReplica,
 )
-from raytrain_ft.protocol.server import ServerProtocol, ServerSpec
-from tests.unit.bus import Bus
+from raytrain_ft.protocol.server import ServerProtocol
+from tests.unit.bus import sync_primary_and_holder
 
 SGD = OptimConfig(name="sgd", lr=1.0, momentum=0.9)
 
@@ -47,17 +43,8 @@ def test_the_scale_ignores_later_steps_and_repeats():
     assert amp.loss_scale(3, [2, 2, 5]) == amp.INIT_SCALE / 2
 
 
-def _pair(workers=2, size=4):
-    shard = shard_ranges(size, 1)[0]
-    spec = ServerSpec(
-        SGD, total_steps=100, num_workers=workers, rule=Rule("sync", workers), fold=False
-    )
-    bus = Bus()
-    for name in ("p", "h"):
-        bus.add(name, ServerProtocol(name, spec))
-    bus.ask("p", Load(shard, 1, np.ones(size, np.float32)))
-    bus.ask("p", SetReplica("h", 1))
-    return bus, shard, spec
+def _pair():
+    return sync_primary_and_holder(SGD, 2, np.ones(4))
 
 
 def _push(bus, rank, step, overflow=False, dst="p"):
