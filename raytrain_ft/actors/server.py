@@ -108,7 +108,7 @@ class ParameterServer:
                 from raytrain_ft.recovery.checkpoint import save_shard_checkpoint
 
                 save_shard_checkpoint(
-                    self.run.checkpoint_dir, e.shard, e.step, e.params, e.optimizer_state
+                    self.run.checkpoint_dir, e.shard, e.step, e.params, e.optimizer_state, e.skipped
                 )
             elif isinstance(e, Note):
                 self._note(e)
@@ -161,10 +161,12 @@ class ParameterServer:
         from raytrain_ft.recovery.checkpoint import load_shard_checkpoint, shard_checkpoint_path
 
         directory = self.run.resume_dir if m.resume else self.run.checkpoint_dir
-        params, step, opt_state, _ = load_shard_checkpoint(
+        params, step, opt_state, _, skipped = load_shard_checkpoint(
             shard_checkpoint_path(directory, m.shard.index, m.checkpoint_step)
         )
-        return dataclasses.replace(m, params=params, seq=step, optimizer_state=opt_state)
+        return dataclasses.replace(
+            m, params=params, seq=step, optimizer_state=opt_state, skipped=skipped
+        )
 
     # --- what the driver reads at the end
     # --------------------------------------------------------------

@@ -796,12 +796,14 @@ class ShardExchange:
     # --- step protocol -----------------------------------------------------------
 
     def begin_step(self, step: int, push: bool = True, want_params: bool = True) -> None:
+        if self.pushed_last:  # a new gradient starts (Downpour accumulates until it pushes)
+            self._scale = None
         self._step = step
         self._want_params = want_params
         self.pushed_last = push
         self._pushed = [not push] * len(self.shards)
         self._remaining = list(self._grads_per_shard)
-        self._scale, self._overflow = None, False
+        self._overflow = False
 
     def next_loss_scale(self, step: int) -> float:
         """fp16: the scale step ``step`` computes with, from the skipped steps known so far."""
@@ -811,9 +813,11 @@ class ShardExchange:
 
     def loss_scale(self) -> float:
         """fp16: the scale of this step's loss, from the skipped steps the shards reported up to
-        the previous step (whose answers are installed first)."""
-        self.install_all()
-        self._scale = self.next_loss_scale(self._step)
+        the previous step (whose answers are installed first). A gradient accumulated over several
+        steps (Downpour's n_push) keeps its first step's scale: it is unscaled once, when pushed."""
+        if self._scale is None:
+            self.install_all()
+            self._scale = self.next_loss_scale(self._step)
         return self._scale
 
     def push_remaining(self) -> None:

@@ -94,6 +94,8 @@ class Load:
     resume: bool = False
     """The file is in the directory the run resumes from (else: the run's own checkpoint
     directory)."""
+    skipped: dict | None = None
+    """fp16: the shard's record of skipped steps per rank (from the checkpoint file)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,6 +389,9 @@ class SaveCheckpoint:
     step: int
     params: Any
     optimizer_state: dict
+    skipped: dict | None = None
+    """fp16: per rank, its steps whose updates were skipped (``ShardState.skipped``): a rank
+    resumed from the checkpoint gets its loss scale back."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -298,7 +298,7 @@ class ServerProtocol:
             return [Reply(rid, stale)]
         effects = self._step_down("rolled back to a checkpoint") if self.primary is not None else []
         state = ShardState(m.shard, self.spec.optim, self.spec.total_steps)
-        state.load(m.params, m.seq, m.optimizer_state)
+        state.load(m.params, m.seq, m.optimizer_state, skipped=m.skipped)
         state.updates_applied = m.seq
         self.primary = p = self._new_primary(m.shard, m.epoch, state)
         if m.checkpoint_step is not None:
@@ -740,7 +740,11 @@ class ServerProtocol:
     def _checkpoint(self, p: _Primary) -> SaveCheckpoint:
         p.checkpoint_step = p.state.seq
         return SaveCheckpoint(
-            p.shard.index, p.state.seq, self._params_now(p), p.state.optimizer.state_dict()
+            p.shard.index,
+            p.state.seq,
+            self._params_now(p),
+            p.state.optimizer.state_dict(),
+            {r: list(steps) for r, steps in p.state.skipped.items()},
         )
 
     def _on_pull(self, rid: int, m: Pull) -> list:

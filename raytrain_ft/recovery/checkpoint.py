@@ -23,7 +23,12 @@ def shard_checkpoint_path(directory: str, shard: int, step: int) -> str:
 
 
 def save_shard_checkpoint(
-    directory: str, shard: int, step: int, params: np.ndarray, optimizer_state: dict
+    directory: str,
+    shard: int,
+    step: int,
+    params: np.ndarray,
+    optimizer_state: dict,
+    skipped: dict | None = None,
 ) -> str:
     os.makedirs(directory, exist_ok=True)
     path = shard_checkpoint_path(directory, shard, step)
@@ -34,6 +39,8 @@ def save_shard_checkpoint(
             "step": step,
             "params": torch.from_numpy(np.array(params, copy=True)),
             "optimizer_state": optimizer_state,
+            # fp16: per rank, the steps whose updates were skipped (what its loss scale follows)
+            "skipped": {int(r): [int(t) for t in steps] for r, steps in (skipped or {}).items()},
         },
         tmp,
     )
@@ -41,10 +48,16 @@ def save_shard_checkpoint(
     return path
 
 
-def load_shard_checkpoint(path: str) -> tuple[np.ndarray, int, dict, int]:
-    """(params, step, optimizer state, file bytes)."""
+def load_shard_checkpoint(path: str) -> tuple[np.ndarray, int, dict, int, dict]:
+    """(params, step, optimizer state, file bytes, skipped steps per rank)."""
     blob = torch.load(path, weights_only=True)
-    return blob["params"].numpy(), int(blob["step"]), blob["optimizer_state"], os.path.getsize(path)
+    return (
+        blob["params"].numpy(),
+        int(blob["step"]),
+        blob["optimizer_state"],
+        os.path.getsize(path),
+        blob.get("skipped", {}),
+    )
 
 
 def latest_common_step(directory: str, num_shards: int) -> int | None:

@@ -92,13 +92,14 @@ def test_random_schedule_is_seeded_and_bounded():
 def test_checkpoint_round_trip_and_newest_common_step(tmp_path):
     params = np.arange(6, dtype=np.float32)
     state = {"step_count": 4, "state": {"momentum": torch.ones(6)}}
-    path = save_shard_checkpoint(str(tmp_path), 0, 4, params, state)
-    loaded, step, opt, nbytes = load_shard_checkpoint(path)
+    path = save_shard_checkpoint(str(tmp_path), 0, 4, params, state, {1: [0, 2]})
+    loaded, step, opt, nbytes, skipped = load_shard_checkpoint(path)
     assert (
         np.array_equal(loaded, params)
         and step == 4
         and torch.equal(opt["state"]["momentum"], torch.ones(6))
         and nbytes > 0
+        and skipped == {1: [0, 2]}  # fp16: a rank restored from it keeps its loss scale
     )
     save_shard_checkpoint(str(tmp_path), 1, 4, params, state)
     save_shard_checkpoint(str(tmp_path), 0, 8, params, state)  # shard 1 has not written step 8 yet

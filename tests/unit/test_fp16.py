@@ -9,6 +9,7 @@ from raytrain_ft import amp
 from raytrain_ft.config import OptimConfig
 from raytrain_ft.protocol.exchange import ExchangeProtocol
 from raytrain_ft.protocol.messages import (
+    Load,
     Pull,
     Push,
     PushReply,
@@ -85,6 +86,19 @@ def test_a_rebuilt_primary_keeps_the_skipped_steps_and_a_restarted_rank_gets_the
     resumed = bus.ask("s", Pull(2, 1, 2))
     assert resumed.skipped == (0,) and amp.loss_scale(2, resumed.skipped) == amp.INIT_SCALE / 2
     assert bus.ask("s", Pull(2)).skipped is None  # a pull without a rank gets none
+
+
+def test_a_checkpoint_carries_the_skipped_steps_and_a_load_from_it_restores_them():
+    """--recovery checkpoint / --resume-from: the shard's checkpoint holds the skipped steps, and a
+    primary loaded from it answers a restarted rank with them (its scale as before)."""
+    bus, shard, spec = _pair()
+    _push(bus, 0, 0, overflow=True), _push(bus, 1, 0)
+    save = bus.procs["p"]._checkpoint(bus.procs["p"].primary)
+    assert save.skipped == {0: [0], 1: [0]}
+    bus.add("r", ServerProtocol("r", spec))
+    bus.ask("r", Load(shard, 2, save.params, save.step, save.optimizer_state, skipped=save.skipped))
+    resumed = bus.ask("r", Pull(1, 0, 1))
+    assert resumed.skipped == (0,) and amp.loss_scale(1, resumed.skipped) == amp.INIT_SCALE / 2
 
 
 def test_an_overflowed_step_under_clipping_answers_probes_with_a_factor_of_one():
