@@ -160,7 +160,10 @@ class ShardState:
         ``residuals``: (rank, step, array) of the pushing workers' error-feedback residuals;
         ``staleness``: the update's, counted in the histogram; ``clip_factor``: global clipping's
         factor, already in ``mean_update`` (kept to answer resent probes)."""
-        if not skipped:
+        if skipped:
+            for rank, step in pushes:
+                self.skipped.setdefault(rank, []).append(step)
+        else:
             with warnings.catch_warnings():  # read-only object-store views are only read here
                 warnings.simplefilter("ignore", UserWarning)
                 update = torch.from_numpy(mean_update)
@@ -181,9 +184,6 @@ class ShardState:
         for rank, step, residual in residuals:
             self.residuals[rank] = (self.residuals.get(rank, []) + [(step, residual)])[-2:]
         self.staleness[staleness] = self.staleness.get(staleness, 0) + 1
-        if skipped:
-            for rank, step in pushes:
-                self.skipped.setdefault(rank, []).append(step)
         if clip_factor is not None:
             for rank, step in pushes:
                 self.clip_factors[rank] = (self.clip_factors.get(rank, []) + [(step, clip_factor)])[
@@ -215,6 +215,12 @@ class ShardState:
     def was_applied(self, rank: int, step: int) -> bool:
         counts = self.applied.get(rank)
         return counts is not None and step < len(counts) and counts[step] > 0
+
+    def clip_factors_copy(self) -> dict[int, list]:
+        return {r: list(items) for r, items in self.clip_factors.items()}
+
+    def skipped_copy(self) -> dict[int, list[int]]:
+        return {r: list(steps) for r, steps in self.skipped.items()}
 
     def applied_copy(self) -> dict[int, bytes]:
         return {r: bytes(c) for r, c in self.applied.items()}

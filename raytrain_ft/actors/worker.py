@@ -90,6 +90,7 @@ class WorkerStatus:
     """GPU workers: seconds the device spent from the start of forward to the end of backward,
     summed over steps (CUDA events; ``compute_s`` is wall time on the host)."""
     push_thread: bool = False
+    """Pushes go from the push thread during backward (``--push-thread`` as it resolved here)."""
     clipped_updates: int = 0
     """--clip-grad-norm: updates this rank's gradient went into that were scaled down (factor below
     1)."""
@@ -97,7 +98,6 @@ class WorkerStatus:
     """fp16: updates of this rank skipped for an overflow (its own or, in sync, any rank's)."""
     loss_scale: float | None = None
     """fp16: the loss scale of the rank's next step (None: no loss scaling)."""
-    """Pushes go from the push thread during backward (``--push-thread`` as it resolved here)."""
 
 
 class _NoBatches:
@@ -695,8 +695,10 @@ class ShardExchange:
         """--clip-grad-norm: the global norm every update's gradient is clipped to."""
         self.clip_rounds = clip is not None and clip_rounds
         """Sync and mixed: the update averages several ranks' gradients, so its norm comes from the
-        shards (pushes are probes, then a second round sends the factor); else this rank's own
-        gradient is the update, clipped here before it is pushed."""
+        shards (pushes are probes, then a second round sends the factor)."""
+        self.clip_local = clip is not None and not clip_rounds
+        """Async and ssp: this rank's own gradient is the update, clipped here before it is
+        pushed."""
         self.clipped_updates = 0
         self.fp16 = fp16
         """fp16 loss scaling: the loss is scaled by ``loss_scale()``, the gradient unscaled and
@@ -758,7 +760,7 @@ class ShardExchange:
             else None
         )
         # a gradient clipped or unscaled here is pushed once all of it is known, after backward
-        if overlap and not fp16 and not (clip is not None and not self.clip_rounds):
+        if overlap and not fp16 and not self.clip_local:
             for k, p in enumerate(params):
                 if p.requires_grad:
                     p.register_post_accumulate_grad_hook(lambda _p, k=k: self._grad_ready(k))
@@ -830,12 +832,7 @@ class ShardExchange:
         if self._scale is not None and not all(self._pushed):  # fp16: unscale, as GradScaler
             grad.mul_(1.0 / self._scale)  # a power of two: exact
             self._overflow = not bool(torch.isfinite(grad).all())
-        if (
-            self.clip is not None
-            and not self.clip_rounds
-            and not self._overflow
-            and not all(self._pushed)
-        ):
+        if self.clip_local and not self._overflow and not all(self._pushed):
             self.clipped_updates += clip_in_place(grad, self.clip)
         for i, done in enumerate(self._pushed):
             if not done:

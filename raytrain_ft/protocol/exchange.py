@@ -115,11 +115,18 @@ class ExchangeProtocol:
         """Push a gradient; ``probe``: the first phase of a globally clipped step (the answer is
         the shard's squared norm; ``finish`` sends the second); ``overflow``: fp16's gradient
         overflowed (no payload; the update is skipped)."""
-        msg = Push(self.rank, step, payload, base_version, want_params and not probe, residual)
-        if overflow:
-            msg = dataclasses.replace(msg, overflow=True)
+        msg = Push(
+            self.rank,
+            step,
+            payload,
+            base_version,
+            want_params and not probe,
+            residual,
+            probe=probe,
+            overflow=overflow,
+        )
         if probe:
-            msg = self._probes[shard] = dataclasses.replace(msg, probe=True)
+            self._probes[shard] = msg
         return self._send_new(shard, msg, now)
 
     def finish(self, shard: int, factor: float, want_params: bool, now: float = 0.0) -> list:

@@ -744,7 +744,7 @@ class ServerProtocol:
             p.state.seq,
             self._params_now(p),
             p.state.optimizer.state_dict(),
-            {r: list(steps) for r, steps in p.state.skipped.items()},
+            p.state.skipped_copy(),
         )
 
     def _on_pull(self, rid: int, m: Pull) -> list:
@@ -890,8 +890,8 @@ class ServerProtocol:
             s.applied_copy(),
             s.residuals_copy(),
             dict(s.staleness),
-            {r: list(items) for r, items in s.clip_factors.items()},
-            {r: list(steps) for r, steps in s.skipped.items()},
+            s.clip_factors_copy(),
+            s.skipped_copy(),
         )
 
     def _flush(self) -> list:

@@ -137,7 +137,9 @@ def exactly_once(world: World, shards: dict[int, FinalShard]) -> list[Violation]
                 moved = float(initial[slot] - params[slot])
                 readings = {_times(moved / f) for f in scales}
                 times = 1 if 1 in readings else min(readings)
-                skip = _skip_status(cfg, (shard, step), flagged, rule.key(rank, step), world.ledger)
+                skip = _skip_status(
+                    cfg, (shard, step), flagged, rule.key(rank, step), applied_acks, late_acks
+                )
                 if skip is None:  # a step closed without all ranks: unknown whether it held one
                     continue
                 if skip:  # fp16: the update had an overflowed push; nothing moves
@@ -200,21 +202,22 @@ def exactly_once(world: World, shards: dict[int, FinalShard]) -> list[Violation]
     return out
 
 
-def _skip_status(cfg, at: tuple, flagged: set, key, ledger) -> bool | None:
+def _skip_status(
+    cfg, at: tuple, flagged: set, key, applied_acks: set, late_acks: set
+) -> bool | None:
     """fp16: whether shard ``at[0]``'s update ``key`` (of step ``at[1]``) had to be skipped: one
     of its pushes overflowed. With backup workers a step closes with the first pushes in, so an
-    overflowed push counts if its answer says it was applied, not if it was late; None when the
+    overflowed push counts if the ledger says it was applied, not if it was late; None when the
     ledger cannot tell (its worker died before the answer)."""
     if key not in flagged:
         return False
     if not cfg.backup_workers:
         return True
     shard, step = at
-    answers = {(a.rank, a.late) for a in ledger if (a.shard, a.step) == (shard, step)}
-    overflowed = [r for r in range(cfg.num_workers) if cfg.overflows(r, step)]
-    if any((r, False) in answers for r in overflowed):
+    overflowed = [(shard, r, step) for r in range(cfg.num_workers) if cfg.overflows(r, step)]
+    if any(k in applied_acks for k in overflowed):
         return True
-    return False if all((r, True) in answers for r in overflowed) else None
+    return False if all(k in late_acks for k in overflowed) else None
 
 
 def _times(moved: float) -> int:
