@@ -640,6 +640,8 @@ class ShardExchange:
     as soon as the last gradient in its key range is final (backward runs from
     the last layers, which sit in the last shards), and its reply is installed
     by a forward pre-hook of the first module that reads a tensor in its range.
+    A gradient unscaled (fp16) or clipped on the worker (async, ssp) is pushed
+    after backward instead; its replies are still installed by forward.
     The values every step computes with are the same as without overlap.
     Modules must read only their own parameters and buffers (true of the
     built-in models); a model that reads another module's tensors needs
@@ -759,12 +761,15 @@ class ShardExchange:
             if overlap and (push_thread == "true" or (push_thread == "auto" and on_gpu))
             else None
         )
+        if overlap:
+            # forward installs each shard's answer as the first layer needing it runs (always: a
+            # step's parameters must be in place before forward, never changed under backward)
+            self._hook_modules(model)
         # a gradient clipped or unscaled here is pushed once all of it is known, after backward
         if overlap and not fp16 and not self.clip_local:
             for k, p in enumerate(params):
                 if p.requires_grad:
                     p.register_post_accumulate_grad_hook(lambda _p, k=k: self._grad_ready(k))
-            self._hook_modules(model)
 
     @property
     def reroutes(self) -> int:

@@ -154,6 +154,25 @@ def test_each_mode_trains_digits_with_4_workers(
         assert clipped == [0] * WORKERS
 
 
+def test_overlap_changes_no_value_where_the_worker_clips_its_own_gradient(ray_local):
+    """Async with --clip-grad-norm clips on the worker, so pushes wait for the whole gradient (no
+    backward hooks); with overlap, forward still installs each shard's answer as its first layer
+    runs. One worker (deterministic): overlap on and off give the same bits, every step clipped."""
+    results = []
+    for overlap in (False, True):
+        cfg = dataclasses.replace(
+            _config("async", optim=dataclasses.replace(CLIPPED, clip_grad_norm=0.3)),
+            cluster=ClusterConfig(
+                num_workers=1, num_servers=SERVERS, overlap_comm=overlap, push_thread=overlap
+            ),
+            data=DataConfig(dataset="digits", image_size=8, batch_size=32),
+            steps=20,
+        )
+        results.append(Trainer(cfg).fit())
+    assert [r.workers[0]["clipped_updates"] for r in results] == [20, 20]
+    assert results[1].params_sha256 == results[0].params_sha256
+
+
 def test_ssp_never_lets_a_worker_run_more_than_s_steps_ahead(ray_local, staleness=1):
     # a straggler makes the bound bite: the others run ahead until the shards hold them
     cfg = _config(

@@ -210,12 +210,15 @@ def test_fp16_skips_overflowed_updates_on_every_shard_and_a_kill_changes_nothing
     from the shards, so its scale) give the same hash."""
     from raytrain_ft import amp
 
-    def fit(kill=None):
+    def fit(kill=None, overlap=False):
         cfg = TrainConfig(
             model=ModelConfig(precision="fp16"),
             data=DataConfig(batch_size=16),
             optim=OptimConfig(lr=1e-6, momentum=0.9),  # 0.01 in the loss's usual units
-            cluster=ClusterConfig(num_workers=2, num_servers=2),
+            # overlap: forward installs each shard as a layer needs it, pushes wait for backward
+            cluster=ClusterConfig(
+                num_workers=2, num_servers=2, overlap_comm=overlap, push_thread=overlap
+            ),
             recovery=RecoveryConfig(snapshot_interval=10, num_spares=1 if kill else 0),
             steps=30,
             seed=3,
@@ -238,3 +241,4 @@ def test_fp16_skips_overflowed_updates_on_every_shard_and_a_kill_changes_nothing
     assert [e["role"] for e in killed.recoveries] == ["server", "worker"]
     assert killed.params_sha256 == clean.params_sha256
     assert [w["skipped_updates"] for w in killed.workers] == skipped
+    assert fit(overlap=True).params_sha256 == clean.params_sha256
