@@ -1,6 +1,7 @@
 """GPU workers on one GPU: samples/s of plain PyTorch vs raytrain-ft (one GPU worker, CPU shards),
-overlap on and off, codecs, bf16; and what one push costs on the worker (device-to-host copy,
-encoding on the host vs on the device).
+overlap on and off, codecs, bf16, fp16 with loss scaling, global gradient clipping (plain PyTorch
+runs the same: GradScaler, clip_grad_norm_); and what one push costs on the worker (device-to-host
+copy, encoding on the host vs on the device).
 
 Plain PyTorch runs in this process with the same deterministic flags a GPU worker sets (and once
 with PyTorch's fast defaults, cudnn.benchmark and no deterministic algorithms, for context). Runs
@@ -33,7 +34,15 @@ from raytrain_ft.trainer import Trainer, initial_model
 
 
 def make_config(
-    model, batch, steps, overlap=True, codec="none", precision="fp32", servers=2, push_thread="auto"
+    model,
+    batch,
+    steps,
+    overlap=True,
+    codec="none",
+    precision="fp32",
+    servers=2,
+    push_thread="auto",
+    clip=None,
 ):
     return TrainConfig(
         model=ModelConfig(name=model, precision=precision),
@@ -44,7 +53,7 @@ def make_config(
             synthetic_samples=max(4096, batch * 8),
             batch_size=batch,
         ),
-        optim=OptimConfig(name="sgd", lr=0.01, momentum=0.9),
+        optim=OptimConfig(name="sgd", lr=0.01, momentum=0.9, clip_grad_norm=clip),
         cluster=ClusterConfig(
             num_workers=1,
             num_servers=servers,
@@ -70,7 +79,8 @@ def plain_pytorch(cfg: TrainConfig, warmup: int, fast: bool) -> float:
     model = initial_model(cfg, data).cuda().train()
     opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
     b, n = cfg.data.batch_size, len(y_all)
-    bf16 = cfg.model.precision == "bf16"
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.model.precision)
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.model.precision == "fp16")
     t_warm = None
     for step in range(cfg.steps):
         if step == warmup:
@@ -78,10 +88,14 @@ def plain_pytorch(cfg: TrainConfig, warmup: int, fast: bool) -> float:
             t_warm = time.perf_counter()
         lo = (step * b) % (n - b)
         opt.zero_grad()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
             loss = torch.nn.functional.cross_entropy(model(x_all[lo : lo + b]), y_all[lo : lo + b])
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        if cfg.optim.clip_grad_norm is not None:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
+        scaler.step(opt)
+        scaler.update()
     torch.cuda.synchronize()
     samples_per_s = (cfg.steps - warmup) * b / (time.perf_counter() - t_warm)
     deterministic(tf32=False)
@@ -136,6 +150,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--no-push-costs", action="store_true", help="skip the per-push cost table")
     ap.add_argument("--output", required=True)
     ap.add_argument(
         "--only", nargs="*", default=None, help="names of the PS variants to run (default all)"
@@ -151,6 +166,8 @@ def main() -> None:
         "resnet18_b128_overlap_hook": ("resnet18", 128, {"push_thread": "false"}),
         "resnet18_b128_no_overlap": ("resnet18", 128, {"overlap": False}),
         "resnet18_b128_bf16": ("resnet18", 128, {"precision": "bf16"}),
+        "resnet18_b128_fp16": ("resnet18", 128, {"precision": "fp16"}),
+        "resnet18_b128_clip": ("resnet18", 128, {"clip": 1.0}),
         "resnet18_b128_fp16codec": ("resnet18", 128, {"codec": "fp16"}),
         "resnet18_b128_topk": ("resnet18", 128, {"codec": "topk:0.01"}),
         "resnet50_b64_overlap": ("resnet50", 64, {}),
@@ -165,8 +182,9 @@ def main() -> None:
         "results": [],
     }
     try:
-        report["push_costs_resnet18"] = push_costs(11_173_962)
-        print(json.dumps(report["push_costs_resnet18"]), flush=True)
+        if not args.no_push_costs:
+            report["push_costs_resnet18"] = push_costs(11_173_962)
+            print(json.dumps(report["push_costs_resnet18"]), flush=True)
         warmup = 5
         for name, (model, batch, kw) in variants.items():
             cfg = make_config(model, batch, args.steps, **kw)

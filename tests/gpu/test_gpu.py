@@ -137,9 +137,10 @@ def test_overlap_and_a_device_codec_on_a_gpu_keep_the_hash_through_kills(tmp_pat
 
 def test_fp16_with_loss_scaling_and_global_clipping_on_a_gpu_keep_the_hash_through_kills(tmp_path):
     """fp16 autocast on the GPU with loss scaling (unscale and the overflow check on the device)
-    and global clipping (sync: the probes' second round, the norm from the shards): reproducible,
-    a worker and a server kill change no bit, and the run learns."""
-    extra = ("--precision", "fp16", "--clip-grad-norm", "1.0")
+    and global clipping (sync: the probes' second round, the norm from the shards), with overlap
+    (forward installs the answers; the pushes wait for the unscaled gradient): reproducible, a
+    worker and a server kill change no bit, and the run learns."""
+    extra = ("--precision", "fp16", "--clip-grad-norm", "1.0", "--overlap-comm", "true")
     clean = _train(tmp_path, *extra)
     again = _train(tmp_path, *extra)
     assert again["params_sha256"] == clean["params_sha256"]
