@@ -442,7 +442,10 @@ class RecoveryConfig:
     re-evaluated as the run goes (recovery.policy.SnapshotPolicy)."""
     durability: str = "strict"
     """strict: a worker's push is answered once its update is logged by the holder (no
-    acknowledged update is ever lost) | relaxed:K: answered once applied, with at most K updates
+    acknowledged update is ever lost) | pipelined (sync): answered once applied, with the
+    updates before it logged; the worker keeps the push until its next answer (which waits for the
+    log) and sends it again to a rebuilt primary, so nothing is lost and the holder's round trip
+    overlaps the next step's compute | relaxed:K: answered once applied, with at most K updates
     of a shard not yet logged -- a primary's death loses at most K acknowledged updates (counted
     in the summary's updates_lost); async only."""
     expected_mtbf_s: float = 3600.0
@@ -727,7 +730,19 @@ class TrainConfig:
                 "checkpoint restarts and --resume-from need --mode sync (async modes recover from "
                 "replicas)",
             )
-        if self.recovery.durability != "strict" and (
+        if self.recovery.durability == "pipelined" and (
+            self.mode != "sync"
+            or self.recovery.mode != "replica"
+            or c.backup_workers
+            or self.optim.clip_grad_norm is not None
+        ):
+            raise ConfigError(
+                "recovery.durability",
+                "pipelined needs --mode sync and --recovery replica, without --backup-workers or "
+                "--clip-grad-norm (a rebuilt primary must make the same update again from the same "
+                "pushes)",
+            )
+        if self.recovery.durability.startswith("relaxed") and (
             self.mode != "async" or self.recovery.mode != "replica"
         ):
             raise ConfigError(

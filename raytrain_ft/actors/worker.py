@@ -228,6 +228,7 @@ class Worker:
             config.optim.clip_grad_norm if config.mode != "local_sgd" else None,
             config.mode in ("sync", "mixed"),
             self._fp16,
+            config.recovery.durability == "pipelined",
         )
 
     def ready(self) -> str:
@@ -251,6 +252,7 @@ class Worker:
         self.exchange.set_routes(routes)
         self._cpu_at_start = time.process_time()
         self._step, self._end_step = start_step, end_step
+        self.exchange.pipeline_until = end_step - 1  # the last step's answer waits for the log
         self._thread = threading.Thread(
             target=self._run_guarded, name=f"train-{self.rank}", daemon=True
         )
@@ -666,6 +668,7 @@ class ShardExchange:
         clip: float | None = None,
         clip_rounds: bool = False,
         fp16: bool = False,
+        pipelined: bool = False,
     ):
         import os
 
@@ -695,6 +698,10 @@ class ShardExchange:
         """--codec-residual replicated: each push carries the residual, kept with the shard."""
         self.clip = clip
         """--clip-grad-norm: the global norm every update's gradient is clipped to."""
+        self.pipelined = pipelined
+        """--durability pipelined: pushes of steps before ``pipeline_until`` may be answered
+        before their update is logged."""
+        self.pipeline_until = 0
         self.clip_rounds = clip is not None and clip_rounds
         """Sync and mixed: the update averages several ranks' gradients, so its norm comes from the
         shards (pushes are probes, then a second round sends the factor)."""
@@ -928,6 +935,7 @@ class ShardExchange:
                 residual,
                 probe=self.clip_rounds,
                 overflow=self._overflow,
+                early=self.pipelined and self._step < self.pipeline_until,
             ),
         )
         self._pushed[i] = True

@@ -15,6 +15,13 @@ primary that will never answer), and resends it to the new one.
 ``ledger`` is the worker's own record of what the shards acknowledged: the
 ``(shard, rank, step)`` of every push answered, applied or dropped as late.
 Checkers judge exactly-once delivery from it, never from the servers' counters.
+
+``--durability pipelined`` (sync): a push marked ``early`` may be answered before the holder
+logged its update (the worker computes the next step meanwhile), never before the updates ahead of
+it. Such a push enters the ledger only when the shard's next answer comes (that answer waited for
+it to be logged); until then the exchange keeps it, and the first call to a primary of a newer
+epoch sends it again first, answered only once logged: a rebuilt primary that lacks the update
+applies it again from the same pushes, to the same bits.
 """
 
 from __future__ import annotations
@@ -74,6 +81,18 @@ class _Outstanding:
     full: object = None
     """A clipped step's second phase: the message with the gradient, sent if the primary asks for
     it (RESEND)."""
+    epoch: int = -1
+    """The route epoch of the primary the call went to."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Unlogged:
+    """An early push answered before its update was logged (``--durability pipelined``)."""
+
+    msg: Push
+    acked: Acked
+    epoch: int
+    """The epoch of the primary that answered: one of a newer epoch may lack the update."""
 
 
 @dataclass(slots=True)
@@ -94,6 +113,8 @@ class ExchangeProtocol:
     _probes: dict[int, Push] = field(default_factory=dict)
     """Per shard: the last first-phase push of a clipped step (its second phase is built from
     it)."""
+    _unlogged: dict[int, _Unlogged] = field(default_factory=dict)
+    """Per shard: the early push answered but not yet known to be logged."""
     _cids: dict[int, tuple[int, str]] = field(default_factory=dict)
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
 
@@ -111,10 +132,12 @@ class ExchangeProtocol:
         residual=None,
         probe: bool = False,
         overflow: bool = False,
+        early: bool = False,
     ) -> list:
         """Push a gradient; ``probe``: the first phase of a globally clipped step (the answer is
         the shard's squared norm; ``finish`` sends the second); ``overflow``: fp16's gradient
-        overflowed (no payload; the update is skipped)."""
+        overflowed (no payload; the update is skipped); ``early``: may be answered before its
+        update is logged (``--durability pipelined``)."""
         msg = Push(
             self.rank,
             step,
@@ -124,6 +147,7 @@ class ExchangeProtocol:
             residual,
             probe=probe,
             overflow=overflow,
+            early=early and not probe,
         )
         if probe:
             self._probes[shard] = msg
@@ -171,13 +195,25 @@ class ExchangeProtocol:
             return []
         if kind == "route":
             return self._routed(shard, out, value, now)
+        if kind == "unlogged" and isinstance(value, PushReply):
+            # the early push sent again to a newer primary: answered once logged
+            kept = self._unlogged.pop(shard)
+            self.ledger.append(dataclasses.replace(kept.acked, seq=value.acked))
+            return [self._send(shard, out, now)]
         if isinstance(value, PushReply):
             del self._out[shard]
             if out.route_cid is not None:
                 self._cids.pop(out.route_cid, None)
             self.results[shard] = value
+            kept = self._unlogged.pop(shard, None)
+            if kept is not None:  # this answer waited until the kept push's update was logged
+                self.ledger.append(kept.acked)
             if isinstance(out.msg, Push) and not out.msg.probe:  # a probe acknowledges nothing
-                self.ledger.append(Acked(shard, self.rank, out.msg.step, value.acked, value.late))
+                acked = Acked(shard, self.rank, out.msg.step, value.acked, value.late)
+                if value.durable:
+                    self.ledger.append(acked)
+                else:
+                    self._unlogged[shard] = _Unlogged(out.msg, acked, out.epoch)
             return []
         if isinstance(value, Refused) and value.kind in (
             RefusalKind.NOT_PRIMARY,
@@ -236,9 +272,17 @@ class ExchangeProtocol:
 
     def _send(self, shard: int, out: _Outstanding, now: float) -> Call:
         cid = next(self._ids)
+        route = self.routes[shard]
+        out.cid, out.sent_at, out.epoch = cid, now, route.epoch
+        kept = self._unlogged.get(shard)
+        if kept is not None and kept.epoch != route.epoch:
+            # a newer primary may lack the kept push's update: it goes first, answered once logged
+            self._cids[cid] = (shard, "unlogged")
+            return Call(
+                cid, route.address, dataclasses.replace(kept.msg, early=False, want_params=False)
+            )
         self._cids[cid] = (shard, "server")
-        out.cid, out.sent_at = cid, now
-        return Call(cid, self.routes[shard].address, out.msg)
+        return Call(cid, route.address, out.msg)
 
     def _ask_route(self, shard: int, out: _Outstanding, failed: bool) -> Call:
         cid = next(self._ids)

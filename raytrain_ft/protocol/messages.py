@@ -179,6 +179,10 @@ class Push:
     """fp16 loss scaling: the sender's gradient overflowed (``payload`` is None). The update this
     push belongs to is skipped: every shard records it and changes nothing, as a GradScaler skips
     ``optimizer.step()``."""
+    early: bool = False
+    """--durability pipelined (sync): the reply may come before the holder logged this push's
+    update (never before the updates ahead of it). The sender keeps the push until a later reply
+    proves it logged, and sends it again first to a primary of a newer epoch."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +232,9 @@ class PushReply:
     """fp16 loss scaling: the steps of the asking rank whose updates were skipped (an overflow), in
     order; None when there are none. The rank's loss scale is a pure function of them
     (``amp.loss_scale``), so a restarted rank resumes with the scale it had."""
+    durable: bool = True
+    """The holder has logged the push's update. False only for an ``early`` push answered before
+    that: the push is acknowledged once a later reply of the shard comes back."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -105,6 +105,8 @@ class _Held:
     """ssp: a push's reply also waits until its rank is at most ``staleness`` steps ahead of the
     slowest."""
     pull: Pull | None = None
+    early: bool = False
+    """--durability pipelined: may be answered once every update before the push's is logged."""
 
 
 _NOTHING = np.zeros(0, np.float32)
@@ -153,6 +155,8 @@ class _Primary:
     """What replies hand workers (``latest``, or its look-ahead with per-stream momentum)."""
     stale: bool = True
     previous: np.ndarray | None = None
+    earlier: np.ndarray | None = None
+    """--durability pipelined: the values before the update before the last."""
     deposed: bool = False
     checkpoint_step: int | None = None
     replica_version: int = -1
@@ -453,7 +457,7 @@ class ServerProtocol:
         )
         effects = self._step_down(f"rebuilt at epoch {m.epoch}") if self.primary is not None else []
         p = self.primary = self._new_primary(m.shard, m.epoch, result.state)
-        p.previous = result.previous_params
+        p.previous, p.earlier = result.previous_params, result.earlier_params
         p.holder, p.holder_ready = (
             m.holder,
             True,
@@ -558,7 +562,15 @@ class ServerProtocol:
             # answer did)
             acked = m.step + 1 if not rule.per_rank_clocks else 0
             p.held.append(
-                _Held(rid, state.seq, acked, m.want_params, m.rank, gate=rule.mode == "ssp")
+                _Held(
+                    rid,
+                    state.seq,
+                    acked,
+                    m.want_params,
+                    m.rank,
+                    gate=rule.mode == "ssp",
+                    early=m.early,
+                )
             )
         return self._release()
 
@@ -580,7 +592,7 @@ class ServerProtocol:
 
     def _accept(self, p: _Primary, rid: int, m: Push) -> list:
         key, complete = self._buffer(p, m)
-        p.waiting.setdefault(key, []).append((rid, m.want_params, m.rank))
+        p.waiting.setdefault(key, []).append((rid, m.want_params, m.rank, m.early))
         if complete is None:
             return []
         return self._commit(p, m.step, complete) + self._answer_when_logged(p, key)
@@ -622,7 +634,7 @@ class ServerProtocol:
                 c.probes.append(rid)
                 return effects
             return effects + [Reply(rid, self._norm_reply(p, c))]
-        p.waiting.setdefault(key, []).append((rid, m.want_params, m.rank))
+        p.waiting.setdefault(key, []).append((rid, m.want_params, m.rank, m.early))
         if c.factor is None:
             c.factor = m.clip_factor
         if c.pending is None:
@@ -648,8 +660,8 @@ class ServerProtocol:
     def _answer_when_logged(self, p: _Primary, key) -> list:
         """An update was applied: its pushes' replies wait until the holder has logged it."""
         seq, gate = p.state.seq, self.spec.rule.mode == "ssp"
-        for waiting_rid, want, rank in p.waiting.pop(key):
-            p.held.append(_Held(waiting_rid, seq, seq, want, rank, gate=gate))
+        for waiting_rid, want, rank, early in p.waiting.pop(key):
+            p.held.append(_Held(waiting_rid, seq, seq, want, rank, gate=gate, early=early))
         return self._flush() + self._release()
 
     def _skips(self, pending) -> bool:
@@ -696,6 +708,8 @@ class ServerProtocol:
         if (
             rule.exact_resume
         ):  # a worker restarting mid-step pulls the parameters before this update
+            if self.spec.pipelined:  # arrays no update changes: kept by reference
+                p.earlier = p.previous
             p.previous = self._params_now(p)
         command = Command(seq, update, hp, pushes, residuals, stalest, clip_factor, skipped)
         if (
@@ -755,12 +769,13 @@ class ServerProtocol:
         if m.step is None or m.step == seq:
             p.held.append(_Held(rid, seq, 0, True, step=m.step, pull=m))
             return self._release()
-        if m.step == seq - 1 and p.previous is not None:
+        kept = {seq - 1: p.previous, seq - 2: p.earlier}.get(m.step)
+        if kept is not None:
             return [
                 Reply(
                     rid,
                     PushReply(
-                        p.previous,
+                        kept,
                         m.step,
                         0,
                         residual=self._residual(p, m),
@@ -774,7 +789,8 @@ class ServerProtocol:
                 Refused(
                     RefusalKind.CANNOT_SERVE,
                     f"shard {p.shard.index} cannot serve parameters of step {m.step}: "
-                    f"it holds step {seq} (and the one before)",
+                    f"it holds step {seq} (and the one before"
+                    f"{', and the one before that' if self.spec.pipelined else ''})",
                 ),
             )
         ]
@@ -828,7 +844,8 @@ class ServerProtocol:
         logged = self._logged(p)
         out, keep = [], []
         for h in p.held:
-            if logged < max(h.need, floor if h.want_params else 0):
+            # pipelined: the push's own update may be unlogged, never one before it
+            if logged < max(h.need, floor if h.want_params else 0) - h.early:
                 keep.append(h)
             elif h.gate and not may_proceed(state.clocks, h.rank, rule):
                 keep.append(h)
@@ -847,6 +864,17 @@ class ServerProtocol:
                     out.append(self._on_pull(h.rid, h.pull)[0])
                     continue
                 params = self._params_out(p) if h.want_params else None
+                seq = state.seq
+                if (
+                    params is not None
+                    and self.spec.pipelined
+                    and h.pull is None
+                    and h.acked == seq - 1 > 0
+                    and p.previous is not None
+                ):
+                    # pipelined: a restarted rank's repeat of the step before the last gets the
+                    # values that followed its step (the ones it computes the next step on)
+                    params, seq = p.previous, seq - 1
                 residual = self._residual(p, h.pull) if h.pull is not None else None
                 rank = h.rank if h.pull is None else h.pull.rank
                 out.append(
@@ -854,11 +882,12 @@ class ServerProtocol:
                         h.rid,
                         PushReply(
                             params,
-                            state.seq,
+                            seq,
                             h.acked,
                             h.late,
                             residual,
                             skipped=state.skipped_of(rank),
+                            durable=logged >= h.acked,
                         ),
                     )
                 )
@@ -892,6 +921,8 @@ class ServerProtocol:
             dict(s.staleness),
             s.clip_factors_copy(),
             s.skipped_copy(),
+            p.earlier,
+            self.spec.pipelined,
         )
 
     def _flush(self) -> list:

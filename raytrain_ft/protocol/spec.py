@@ -29,3 +29,6 @@ class ServerSpec:
     """Holders fold acknowledged commands into their snapshot (a recovery then moves one state)."""
     checkpoint_interval: int = 0
     """Write a checkpoint file every this many updates (0: never)."""
+    pipelined: bool = False
+    """--durability pipelined (sync): workers may be answered before the log, so one shard may
+    run two updates ahead of a rebuilt peer; primaries keep the values two updates back."""

@@ -81,6 +81,11 @@ class Snapshot:
     """Per rank: [(step, factor)] of its newest clipped pushes (``ShardState.clip_factors``)."""
     skipped: dict | None = None
     """Per rank: its steps whose updates were skipped (``ShardState.skipped``)."""
+    earlier_params: np.ndarray | None = None
+    """Shard values before update ``seq - 2``, if known and kept (``keeps_earlier``)."""
+    keeps_earlier: bool = False
+    """--durability pipelined: a shard may be two updates ahead of a rebuilt peer, so a restarted
+    worker may need the values two updates back; logs and replays keep them too."""
 
     @property
     def nbytes(self) -> int:
@@ -88,7 +93,8 @@ class Snapshot:
             v.numel() * v.element_size() for v in self.optimizer_state.get("state", {}).values()
         )
         n += sum(a.nbytes for items in (self.residuals or {}).values() for _, a in items)
-        return int(n + (self.previous_params.nbytes if self.previous_params is not None else 0))
+        n += sum(a.nbytes for a in (self.previous_params, self.earlier_params) if a is not None)
+        return int(n)
 
     def owned(self) -> Snapshot:
         prev = _owned(self.previous_params) if self.previous_params is not None else None
@@ -111,6 +117,8 @@ class Snapshot:
             dict(self.staleness or {}),
             {r: list(items) for r, items in (self.clip_factors or {}).items()},
             {r: list(steps) for r, steps in (self.skipped or {}).items()},
+            _owned(self.earlier_params) if self.earlier_params is not None else None,
+            self.keeps_earlier,
         )
 
 
@@ -133,6 +141,9 @@ class CommandLog:
     """Commands applied into the snapshot by ``catch_up``."""
     _state: object = None
     _previous: object = None
+    _earlier: object = None
+    """keeps_earlier: the values before the update before the last (None until known)."""
+    _previous_known: bool = False
 
     @classmethod
     def from_snapshot(cls, snapshot: Snapshot) -> CommandLog:
@@ -195,10 +206,22 @@ class CommandLog:
             self._previous = torch.zeros_like(state.params)
             if self.snapshot.previous_params is not None:
                 self._previous.copy_(torch.from_numpy(self.snapshot.previous_params))
+            earlier = self.snapshot.earlier_params
+            self._earlier = torch.from_numpy(earlier.copy()) if earlier is not None else None
+            self._previous_known = self.snapshot.previous_params is not None
         state, previous = self._state, self._previous
         applied = 0
         for command in self.entries:
+            if self.snapshot.keeps_earlier:
+                # the values before the last update become the ones two back
+                if not self._previous_known:
+                    self._earlier = None
+                elif self._earlier is None:
+                    self._earlier = previous.clone()
+                else:
+                    self._earlier.copy_(previous)
             previous.copy_(state.params)
+            self._previous_known = True
             state.apply_command(command)
             applied += 1
         self.entries = []
@@ -215,6 +238,8 @@ class CommandLog:
             state.staleness,
             state.clip_factors,
             state.skipped,
+            self._earlier.numpy() if self._earlier is not None else None,
+            self.snapshot.keeps_earlier,
         )
         return applied
 

@@ -30,6 +30,8 @@ class Replayed:
     them)."""
     replayed: int
     """Commands applied on top of the snapshot."""
+    earlier_params: np.ndarray | None = None
+    """Values before the update before the last (``Snapshot.keeps_earlier``; None if unknown)."""
 
 
 def replay(
@@ -44,6 +46,8 @@ def replay(
     previous = (
         None if snapshot.previous_params is None else np.array(snapshot.previous_params, copy=True)
     )
+    earlier = snapshot.earlier_params
+    earlier = np.array(earlier, copy=True) if earlier is not None else None
     replayed = 0
     for command in entries:
         if command.seq < state.seq:
@@ -52,8 +56,9 @@ def replay(
             raise LogGapError(
                 f"shard {shard.index}: replay expected seq {state.seq}, found {command.seq}"
             )
+        earlier = previous if snapshot.keeps_earlier else None
         previous = state.params_copy()
         state.apply_command(command)
         replayed += 1
     state.updates_applied = state.seq
-    return Replayed(state, previous, replayed)
+    return Replayed(state, previous, replayed, earlier)

@@ -7,8 +7,11 @@ that passes them all would be a checker that cannot fail.
 
 from __future__ import annotations
 
+import dataclasses
+
 from raytrain_ft.consistency import Verdict
 from raytrain_ft.optim import clip_factor
+from raytrain_ft.protocol.messages import PushReply, Reply
 from raytrain_ft.protocol.server import ServerProtocol
 from raytrain_ft.protocol.supervisor import Registry, SupervisorProtocol, WorkerPhase
 
@@ -82,12 +85,26 @@ class LostPendingStart(SupervisorProtocol):
         return super().restore(spec, ranges, params_of, reg.to_json(), now, **kw)
 
 
+class DurableTooSoon(ServerProtocol):
+    """``--durability pipelined``: early answers claim their update is logged, so workers forget
+    the push instead of keeping it for a rebuilt primary that lacks the update."""
+
+    def _release(self) -> list:
+        return [
+            dataclasses.replace(e, value=dataclasses.replace(e.value, durable=True))
+            if isinstance(e, Reply) and isinstance(e.value, PushReply)
+            else e
+            for e in super()._release()
+        ]
+
+
 BUGS = {
     "ack-before-log": ("server", AckBeforeLog),
     "no-fencing": ("server", NoFencing),
     "double-apply": ("server", DoubleApply),
     "per-shard-clip": ("server", PerShardClip),
     "partial-skip": ("server", PartialSkip),
+    "durable-too-soon": ("server", DurableTooSoon),
     "volatile-epochs": ("supervisor", VolatileEpochs),
     "lost-pending-start": ("supervisor", LostPendingStart),
 }

@@ -26,6 +26,10 @@ survives the worker). What it checks:
 - **I4, no window left open.** Every shard's replica, replayed, equals its
   primary: parameters, optimizer state, per-rank clocks and applied record,
   staleness histogram and clip factors.
+- **I6, acknowledged only once logged.** An answer that tells a worker its
+  push's update is logged (with strict or pipelined durability) goes out
+  only after a holder acknowledged that update: the simulator records the
+  holders' answers to appends and installs as they go out.
 - **Liveness.** The run finishes. A schedule in which nothing moves any more
   (no update, no registry change for 5 simulated seconds) is a deadlock.
 """
@@ -86,6 +90,7 @@ def check(world: World, outcome: RunOutcome, baseline_hash: str | None) -> list[
     if missing:
         return [Violation("liveness", f"no live primary serves shards {missing} at the end")]
     out = exactly_once(world, shards)
+    out += [Violation("I6", claim) for claim in world.early_acks[:1]]
     if baseline_hash is not None and cfg.mode == "sync" and not cfg.backup_workers:
         got = params_hash(shards, cfg.num_shards)
         if got != baseline_hash:

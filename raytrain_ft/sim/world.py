@@ -31,6 +31,7 @@ faults; the checker (``sim/checker.py``) never reads them to judge.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import random
@@ -43,14 +44,19 @@ from raytrain_ft.consistency import Rule
 from raytrain_ft.params import ShardRange
 from raytrain_ft.protocol.exchange import ExchangeProtocol, clip_factor_of
 from raytrain_ft.protocol.messages import (
+    Append,
+    AppendAck,
     Call,
     Create,
     Failure,
     Fold,
+    InstallReplica,
     Kill,
     Note,
     Persist,
     PollStatus,
+    Push,
+    PushReply,
     Reply,
     SaveCheckpoint,
     Start,
@@ -109,6 +115,10 @@ class SimConfig:
     """Sync and mixed: global gradient clipping to this norm (two phases per step: probes answered
     with each shard's squared norm, then the factor). Large values exercise the phases with a
     factor of exactly 1, small ones scale every update."""
+    pipelined: bool = False
+    """Sync without backup workers or clipping: ``--durability pipelined`` (a push but the
+    last may be answered before its update is logged; the worker keeps it until its next answer
+    and sends it again first to a newer primary)."""
 
     @property
     def shard_size(self) -> int:
@@ -156,7 +166,7 @@ class SimConfig:
 def random_config(rng: random.Random, mode: str) -> SimConfig:
     w = rng.choice((2, 3, 3, 4))
     backups = rng.choice((0, 0, 1)) if mode == "sync" and w > 2 else 0
-    return SimConfig(
+    cfg = SimConfig(
         mode=mode,
         num_workers=w,
         num_shards=rng.choice((1, 2, 3)),
@@ -177,6 +187,11 @@ def random_config(rng: random.Random, mode: str) -> SimConfig:
         else None,
         overflow=rng.random() < 0.3,
     )
+    # drawn after every other field (the schedules drawn before it keep their configurations)
+    pipelined = rng.random() < 0.5
+    if mode == "sync" and not backups and cfg.clip is None and pipelined:
+        cfg = dataclasses.replace(cfg, pipelined=True)
+    return cfg
 
 
 # --- processes
@@ -304,6 +319,7 @@ class SimWorker:
                 self.world.now,
                 probe=cfg.clip is not None,
                 overflow=overflow,
+                early=cfg.pipelined and self.step < self.end - 1,
             )
         return effects
 
@@ -372,6 +388,12 @@ class World:
         self.procs: dict[str, Proc] = {}
         self.kv: dict[str, str] = {}
         self.ledger: list = []
+        self._requests: dict[tuple, object] = {}
+        self.logged_through: dict[int, int] = {}
+        """Per shard: commands below this seq were acknowledged by a holder, as the answers to
+        Append and InstallReplica went out (the simulator's record, not the primaries')."""
+        self.early_acks: list[str] = []
+        """Answers to pushes that claimed their update logged before any holder had (I6)."""
         self.clip_factors: dict[tuple, set] = {}
         """Global clipping: update key -> the factors workers computed for it (the checker's record;
         more than one is a violation)."""
@@ -400,6 +422,7 @@ class World:
             replicate=True,
             fold=cfg.fold,
             unlogged=cfg.unlogged,
+            pipelined=cfg.pipelined,
         )
         self.sup_spec = SupervisorSpec(
             cfg.num_shards,
@@ -505,6 +528,9 @@ class World:
                     self.delay(), "request", proc.name, proc.incarnation, eff.cid, eff.dst, eff.msg
                 )
             elif isinstance(eff, Reply):
+                self._observe_answer(
+                    proc, self._requests.pop((proc.name, eff.rid), None), eff.value
+                )
                 caller = self._pending.get(proc.name, {}).pop(eff.rid, None)
                 if caller is not None:
                     self.at(
@@ -528,6 +554,32 @@ class World:
                     self._progress += 1
             elif isinstance(eff, SaveCheckpoint):
                 raise AssertionError("the simulator runs replica recovery only")
+
+    def _observe_answer(self, proc: Proc, request, value) -> None:
+        """Record what holders acknowledged; check that every answer claiming a push's update
+        logged (strict and pipelined durability) comes after a holder acknowledged it."""
+        if isinstance(request, Append) and isinstance(value, AppendAck):
+            shard, through = request.shard, value.next_seq
+        elif isinstance(request, InstallReplica) and isinstance(value, int):
+            shard, through = request.shard.index, value
+        else:
+            if (
+                isinstance(request, Push)
+                and isinstance(value, PushReply)
+                and value.durable
+                and value.acked
+                and not self.cfg.unlogged
+                and proc.obj.primary is not None
+            ):
+                shard = proc.obj.primary.shard.index
+                if self.logged_through.get(shard, 0) < value.acked:
+                    self.early_acks.append(
+                        f"{proc.name} answered worker {request.rank}'s push of step "
+                        f"{request.step} as logged (update {value.acked - 1} of shard {shard}) "
+                        f"before any holder acknowledged it"
+                    )
+            return
+        self.logged_through[shard] = max(self.logged_through.get(shard, 0), through)
 
     # --- the event loop
     # --------------------------------------------------------------------------------
@@ -577,6 +629,7 @@ class World:
                 return
             rid = next(self._rids)
             self._pending.setdefault(dst, {})[rid] = (src, src_inc, cid, msg)
+            self._requests[(dst, rid)] = msg  # answered into the void or not: seen by the checker
             if self.trace_on:
                 self.log(f"{src} -> {dst}: {type(msg).__name__}")
             if (
