@@ -440,14 +440,15 @@ class RecoveryConfig:
     log), or auto: each primary picks it by Young's rule from the snapshot and replay costs it
     measures and the failure rate (recovery.expected_mtbf_s, or the failovers its shard has seen),
     re-evaluated as the run goes (recovery.policy.SnapshotPolicy)."""
-    durability: str = "strict"
-    """strict: a worker's push is answered once its update is logged by the holder (no
-    acknowledged update is ever lost) | pipelined (sync): answered once applied, with the
-    updates before it logged; the worker keeps the push until its next answer (which waits for the
-    log) and sends it again to a rebuilt primary, so nothing is lost and the holder's round trip
-    overlaps the next step's compute | relaxed:K: answered once applied, with at most K updates
-    of a shard not yet logged -- a primary's death loses at most K acknowledged updates (counted
-    in the summary's updates_lost); async only."""
+    durability: str = "auto"
+    """auto (the default): pipelined where it applies (sync, replica recovery, no backup workers,
+    no global clipping), else strict | strict: a worker's push is answered once its update is
+    logged by the holder (no acknowledged update is ever lost) | pipelined (sync): answered once
+    applied, with the updates before it logged; the worker keeps the push until its next answer
+    (which waits for the log) and sends it again to a rebuilt primary, so nothing is lost and the
+    holder's round trip overlaps the next step's compute | relaxed:K: answered once applied, with
+    at most K updates of a shard not yet logged -- a primary's death loses at most K acknowledged
+    updates (counted in the summary's updates_lost); async only."""
     expected_mtbf_s: float = 3600.0
     """snapshot_interval auto: the mean time between server failures to plan for (failovers seen
     in the run raise the rate)."""
@@ -760,6 +761,19 @@ class TrainConfig:
                 "(the last one smaller, its gradients weighing more); make --num-workers a "
                 "multiple of --group-size",
             )
+
+    @property
+    def pipelined(self) -> bool:
+        """Whether pushes may be answered before their update is logged (``--durability
+        pipelined``, or ``auto`` where pipelining applies)."""
+        d = self.recovery.durability
+        return d == "pipelined" or (
+            d == "auto"
+            and self.mode == "sync"
+            and self.recovery.mode == "replica"
+            and not self.consistency.backup_workers
+            and self.optim.clip_grad_norm is None
+        )
 
     def rule(self):
         """The consistency rule servers apply (``raytrain_ft.consistency.Rule``)."""

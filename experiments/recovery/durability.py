@@ -1,14 +1,18 @@
-"""Relaxed durability: throughput gained, and what a primary's death costs, against strict.
+"""Durability settings: throughput gained, and what a primary's death costs, against strict.
 
-Async mode, digits CNN, 4 workers x 2 shards, batch 32, momentum 0.5, for
-each ``--durability`` setting, alternating inside every repeat:
+Async mode (relaxed:K), digits CNN, 4 workers x 2 shards, batch 32, momentum 0.5; or ``--mode
+sync`` (pipelined), the main job: 2 workers x 2 shards, momentum 0.9, ``--steps`` steps. For each
+``--durability`` setting (``none``: no replication at all, ``--recovery none``), alternating inside
+every repeat:
   throughput   steady samples/s without kills (÷ strict in the same repeat)
   kill         server:0 SIGKILLed at --kill-step: updates lost (the summary's count), eval
-               accuracy at the end
+               accuracy and params_sha256 at the end
 
     python experiments/recovery/durability.py --repeats 3
+    python experiments/recovery/durability.py --mode sync --settings none,strict,pipelined \
+        --steps 300 --kill-step 150 --repeats 5 --output experiments/recovery/results_pipelined.json
 
-Writes results_durability_<hardware>_<yyyymm>.json next to itself.
+Writes results_durability_<hardware>_<yyyymm>.json next to itself unless --output names a file.
 """
 
 from __future__ import annotations
@@ -31,16 +35,30 @@ from raytrain_ft.config import (
 from raytrain_ft.trainer import Trainer
 
 
-def make_config(durability: str, epochs: int, kill: str = "", seed: int = 0) -> TrainConfig:
+def make_config(
+    durability: str,
+    epochs: int,
+    kill: str = "",
+    seed: int = 0,
+    mode: str = "async",
+    steps: int | None = None,
+) -> TrainConfig:
+    sync = mode == "sync"
+    none = durability == "none"
     return TrainConfig(
         model=ModelConfig(name="cnn"),
         data=DataConfig(dataset="digits", batch_size=32),
-        optim=OptimConfig(name="sgd", lr=0.05, momentum=0.5),
-        cluster=ClusterConfig(num_workers=4, num_servers=2, use_gpu="false"),
-        recovery=RecoveryConfig(durability=durability, num_spares=1 if kill else 0),
+        optim=OptimConfig(name="sgd", lr=0.05, momentum=0.9 if sync else 0.5),
+        cluster=ClusterConfig(num_workers=2 if sync else 4, num_servers=2, use_gpu="false"),
+        recovery=RecoveryConfig(
+            mode="none" if none else "replica",
+            durability="strict" if none else durability,
+            num_spares=1 if kill else 0,
+        ),
         chaos=ChaosConfig(kill=kill),
-        mode="async",
+        mode=mode,
         epochs=epochs,
+        steps=steps,
         seed=seed,
     )
 
@@ -52,6 +70,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--kill-step", type=int, default=40)
     ap.add_argument("--hardware", default="x86-2core")
+    ap.add_argument("--mode", default="async", choices=["async", "sync"])
+    ap.add_argument("--steps", type=int, default=None, help="steps instead of --epochs")
+    ap.add_argument("--output", default=None)
     args = ap.parse_args()
     import ray
 
@@ -62,22 +83,28 @@ def main() -> None:
     try:
         for rep in range(args.repeats):
             for durability in settings:
-                clean = Trainer(make_config(durability, args.epochs, seed=rep)).fit()
-                killed = Trainer(
-                    make_config(
-                        durability, args.epochs, kill=f"server:0@step={args.kill_step}", seed=rep
-                    )
-                ).fit()
+                kw = dict(seed=rep, mode=args.mode, steps=args.steps)
+                clean = Trainer(make_config(durability, args.epochs, **kw)).fit()
                 row = {
                     "repeat": rep,
                     "durability": durability,
                     "samples_per_sec": clean.steady_samples_per_sec,
                     "replica_wait_s": sum(s["replica_wait_s"] for s in clean.servers),
                     "eval_accuracy": clean.eval_accuracy,
-                    "killed_updates_lost": killed.updates_lost,
-                    "killed_eval_accuracy": killed.eval_accuracy,
-                    "killed_recoveries": len(killed.recoveries),
+                    "params_sha256": clean.params_sha256,
                 }
+                if durability != "none":  # without replication a server kill ends the run
+                    killed = Trainer(
+                        make_config(
+                            durability, args.epochs, kill=f"server:0@step={args.kill_step}", **kw
+                        )
+                    ).fit()
+                    row |= {
+                        "killed_updates_lost": killed.updates_lost,
+                        "killed_eval_accuracy": killed.eval_accuracy,
+                        "killed_recoveries": len(killed.recoveries),
+                        "killed_params_sha256": killed.params_sha256,
+                    }
                 runs.append(row)
                 print(json.dumps(row), flush=True)
     finally:
@@ -87,14 +114,23 @@ def main() -> None:
     for durability in settings:
         rows = [r for r in runs if r["durability"] == durability]
         ratios = [r["samples_per_sec"] / strict[r["repeat"]] for r in rows if r["repeat"] in strict]
+        killed = [r for r in rows if "killed_updates_lost" in r]
         summary[durability] = {
             "samples_per_sec": statistics.median(r["samples_per_sec"] for r in rows),
             "ratio_vs_strict": statistics.median(ratios) if ratios else None,
             "ratio_vs_strict_per_repeat": ratios,
             "eval_accuracy_mean": statistics.mean(r["eval_accuracy"] for r in rows),
-            "killed_updates_lost": [r["killed_updates_lost"] for r in rows],
-            "killed_eval_accuracy_mean": statistics.mean(r["killed_eval_accuracy"] for r in rows),
+            "killed_updates_lost": [r["killed_updates_lost"] for r in killed],
+            "killed_eval_accuracy_mean": statistics.mean(r["killed_eval_accuracy"] for r in killed)
+            if killed
+            else None,
+            "killed_same_hash": [r["killed_params_sha256"] == r["params_sha256"] for r in killed],
         }
+        if "none" in settings:
+            none = {r["repeat"]: r["samples_per_sec"] for r in runs if r["durability"] == "none"}
+            summary[durability]["ratio_vs_none"] = statistics.median(
+                r["samples_per_sec"] / none[r["repeat"]] for r in rows if r["repeat"] in none
+            )
         print(durability, json.dumps(summary[durability]))
     out = {
         "machine": args.hardware,
@@ -103,7 +139,9 @@ def main() -> None:
         "summary": summary,
         "runs": runs,
     }
-    path = os.path.join(here, f"results_durability_{args.hardware}_{time.strftime('%Y%m')}.json")
+    path = args.output or os.path.join(
+        here, f"results_durability_{args.hardware}_{time.strftime('%Y%m')}.json"
+    )
     with open(path, "w") as fh:
         json.dump(out, fh, indent=1)
     print(f"wrote {path}")

@@ -160,7 +160,7 @@ class Supervisor:
             checkpoint_interval=rc.checkpoint_interval if args.checkpoint_dir else 0,
             expected_mtbf_s=rc.expected_mtbf_s,
             unlogged=unlogged_allowed(rc.durability),
-            pipelined=rc.durability == "pipelined",
+            pipelined=cfg.pipelined,
         )
         server_run = ServerRun(
             self.run_id, args.checkpoint_dir, rc.resume_from, cfg.cluster.metrics

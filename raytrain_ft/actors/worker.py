@@ -228,7 +228,7 @@ class Worker:
             config.optim.clip_grad_norm if config.mode != "local_sgd" else None,
             config.mode in ("sync", "mixed"),
             self._fp16,
-            config.recovery.durability == "pipelined",
+            config.pipelined,
         )
 
     def ready(self) -> str:

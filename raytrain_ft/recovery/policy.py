@@ -73,15 +73,17 @@ def snapshot_interval_for(
 
 
 def unlogged_allowed(durability: str) -> int:
-    """Updates a primary may acknowledge before its holder logged them: 0 for ``strict`` and
-    ``pipelined`` (its early answers are acknowledged by the next one, after the log), K for
-    ``relaxed:K``. ValueError for anything else."""
-    if durability in ("strict", "pipelined"):
+    """Updates a primary may acknowledge before its holder logged them: 0 for ``strict``,
+    ``pipelined`` (its early answers are acknowledged by the next one, after the log) and ``auto``
+    (one of those two), K for ``relaxed:K``. ValueError for anything else."""
+    if durability in ("auto", "strict", "pipelined"):
         return 0
     kind, _, k = durability.partition(":")
     if kind == "relaxed" and k.isdigit() and int(k) >= 1:
         return int(k)
-    raise ValueError(f"expected strict, pipelined or relaxed:K with K >= 1, got {durability!r}")
+    raise ValueError(
+        f"expected auto, strict, pipelined or relaxed:K with K >= 1, got {durability!r}"
+    )
 
 
 LOG_BUDGET_BYTES = 256 * 2**20

@@ -69,7 +69,9 @@ def test_sync_matches_single_process_pytorch_with_and_without_overlap(ray_local)
     """Both runs equal plain PyTorch with the global batch, and each other bitwise: overlapping
     communication with compute changes no value, and the same seed gives the same hash. The second
     also evaluates the shards' parameters while it trains (eval_every_s): reading them changes no
-    value either."""
+    value either. Both answer before the log (--durability auto: pipelined in sync); a third,
+    answered only once logged (strict), with a primary and a worker killed mid-run, ends with the
+    same hash too."""
     results = {}
     for overlap in (False, True):
         cfg = _config(
@@ -101,6 +103,21 @@ def test_sync_matches_single_process_pytorch_with_and_without_overlap(ray_local)
         torch.from_numpy(results[False].final_params), reference, rtol=1e-4, atol=2e-5
     )
     assert results[True].params_sha256 == results[False].params_sha256
+    # --durability strict: answers after the log; a primary and a worker killed mid-run leave the
+    # same bits, and the workers' ledgers hold every push once
+    killed = Trainer(
+        _config(
+            recovery=RecoveryConfig(num_spares=1, durability="strict"),
+            chaos=ChaosConfig(kill="server:0@step=6,worker:1@step=15"),
+        )
+    ).fit()
+    assert sorted(e["role"] for e in killed.recoveries) == ["server", "worker"]
+    assert_exactly_once(
+        killed.applied_counts, read_ledgers(os.environ[LEDGER_DIR_ENV_VAR], killed.run_id), 2, 24
+    )
+    assert killed.updates_acknowledged == killed.updates_applied == 24 * 3
+    assert killed.params_sha256 == results[False].params_sha256
+    assert killed.replicas_match == [True] * 3
 
 
 def test_global_clipping_matches_clip_grad_norm_and_survives_a_primary_and_a_worker_kill(

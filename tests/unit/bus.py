@@ -147,7 +147,9 @@ class Bus:
         self.run()
 
 
-def sync_primary_and_holder(optim, workers: int, values, num_params: int | None = None):
+def sync_primary_and_holder(
+    optim, workers: int, values, num_params: int | None = None, pipelined: bool = False
+):
     """A bus with the primary "p" of one sync shard holding ``values`` (float32, epoch 1) and its
     holder "h" (unfolded: the log keeps every command); (bus, shard range, spec)."""
     import numpy as np
@@ -160,7 +162,12 @@ def sync_primary_and_holder(optim, workers: int, values, num_params: int | None 
     values = np.asarray(values, np.float32)
     shard = shard_ranges(values.size, 1, num_params=num_params)[0]
     spec = ServerSpec(
-        optim, total_steps=100, num_workers=workers, rule=Rule("sync", workers), fold=False
+        optim,
+        total_steps=100,
+        num_workers=workers,
+        rule=Rule("sync", workers),
+        fold=False,
+        pipelined=pipelined,
     )
     bus = Bus()
     for name in ("p", "h"):

@@ -40,6 +40,13 @@ def test_defaults_validate():
         ({"durability": "relaxed:2", "mode": "async", "recovery": "none"}, "recovery.durability"),
         ({"durability": "relaxed:2", "mode": "mixed", "num_workers": "4"}, "recovery.durability"),
         ({"durability": "relaxed:1", "mode": "ssp"}, "recovery.durability"),
+        ({"durability": "pipelined", "mode": "async"}, "recovery.durability"),
+        ({"durability": "pipelined", "recovery": "none"}, "recovery.durability"),
+        (
+            {"durability": "pipelined", "backup_workers": "1", "num_workers": "3"},
+            "recovery.durability",
+        ),
+        ({"durability": "pipelined", "clip_grad_norm": "1.0"}, "recovery.durability"),
         ({"momentum_correction": "half"}, "consistency.momentum_correction"),
         ({"local_steps": "4"}, "consistency.local_steps"),
         ({"inner_optimizer": "adamw"}, "consistency.local_steps"),

@@ -1071,5 +1071,5 @@ def test_durability_parses_to_the_updates_allowed_unlogged(text, k):
 def test_bad_durability_is_refused(text):
     from raytrain_ft.recovery.policy import unlogged_allowed
 
-    with pytest.raises(ValueError, match="strict, pipelined or relaxed:K"):
+    with pytest.raises(ValueError, match="auto, strict, pipelined or relaxed:K"):
         unlogged_allowed(text)
