@@ -653,6 +653,7 @@ class Trainer:
                     "clipped_updates": s.clipped_updates,
                     "skipped_updates": s.skipped_updates,
                     "loss_scale": s.loss_scale,
+                    "early_answers": s.early_answers,
                     "reroutes": s.reroutes,
                     "bytes_pushed": s.bytes_pushed,
                     "residual_bytes": s.residual_bytes,

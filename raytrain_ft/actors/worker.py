@@ -98,6 +98,9 @@ class WorkerStatus:
     """fp16: updates of this rank skipped for an overflow (its own or, in sync, any rank's)."""
     loss_scale: float | None = None
     """fp16: the loss scale of the rank's next step (None: no loss scaling)."""
+    early_answers: int = 0
+    """--durability pipelined: pushes answered before their update was logged (acknowledged with
+    the shard's next answer)."""
 
 
 class _NoBatches:
@@ -293,6 +296,7 @@ class Worker:
             self.exchange.clipped_updates + self._clipped_local,
             len(self.exchange.skipped_steps),
             self.exchange.next_loss_scale(self._step) if self._fp16 else None,
+            self.exchange.proto.early_answers,
         )
 
     def step_end_times(self) -> list[tuple[int, float]]:

@@ -109,6 +109,8 @@ class ExchangeProtocol:
     error: str | None = None
     """Why the exchange cannot go on (the worker fails with it)."""
     reroutes: int = 0
+    early_answers: int = 0
+    """Pushes answered before their update was logged (``--durability pipelined``)."""
     _out: dict[int, _Outstanding] = field(default_factory=dict)
     _probes: dict[int, Push] = field(default_factory=dict)
     """Per shard: the last first-phase push of a clipped step (its second phase is built from
@@ -213,6 +215,7 @@ class ExchangeProtocol:
                 if value.durable:
                     self.ledger.append(acked)
                 else:
+                    self.early_answers += 1
                     self._unlogged[shard] = _Unlogged(out.msg, acked, out.epoch)
             return []
         if isinstance(value, Refused) and value.kind in (
