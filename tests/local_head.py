@@ -20,9 +20,19 @@ RAY_BIN = str(Path(sys.executable).with_name("ray"))
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: every socket stays bound until all are chosen (ports taken one
+    at a time can repeat, and Ray refuses two components on one port)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(n):
+            s = stack.enter_context(socket.socket())
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+        return ports
 
 
 def wait_for(condition, timeout_s: float, what: str, interval_s: float = 0.25):
@@ -67,9 +77,10 @@ class LocalHead:
         self.temp_dir = tempfile.mkdtemp(
             prefix="rth-", dir="/tmp"
         )  # short: socket paths have a length limit
-        self.gcs_port = gcs_port or free_port()
-        self.dashboard_port = free_port()
-        self.metrics_port = free_port()
+        ports = [p for p in free_ports(10) if p != gcs_port][:9]  # distinct, gcs_port too
+        self.gcs_port = gcs_port or ports.pop()
+        self.dashboard_port = ports.pop()
+        self.metrics_port = ports.pop()
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
         self.gcs_address = f"127.0.0.1:{self.gcs_port}"
         env = {**os.environ, **(env or {})}
@@ -91,12 +102,12 @@ class LocalHead:
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={self.dashboard_port}",
             f"--metrics-export-port={self.metrics_port}",
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}",
-            f"--ray-client-server-port={free_port()}",
-            f"--node-manager-port={free_port()}",
-            f"--object-manager-port={free_port()}",
+            f"--dashboard-agent-listen-port={ports.pop()}",
+            f"--dashboard-agent-grpc-port={ports.pop()}",
+            f"--runtime-env-agent-port={ports.pop()}",
+            f"--ray-client-server-port={ports.pop()}",
+            f"--node-manager-port={ports.pop()}",
+            f"--object-manager-port={ports.pop()}",
             f"--temp-dir={self.temp_dir}",
             "--disable-usage-stats",
         ]
