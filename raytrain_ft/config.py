@@ -731,12 +731,7 @@ class TrainConfig:
                 "checkpoint restarts and --resume-from need --mode sync (async modes recover from "
                 "replicas)",
             )
-        if self.recovery.durability == "pipelined" and (
-            self.mode != "sync"
-            or self.recovery.mode != "replica"
-            or c.backup_workers
-            or self.optim.clip_grad_norm is not None
-        ):
+        if self.recovery.durability == "pipelined" and not self._pipelining_applies():
             raise ConfigError(
                 "recovery.durability",
                 "pipelined needs --mode sync and --recovery replica, without --backup-workers or "
@@ -767,9 +762,14 @@ class TrainConfig:
         """Whether pushes may be answered before their update is logged (``--durability
         pipelined``, or ``auto`` where pipelining applies)."""
         d = self.recovery.durability
-        return d == "pipelined" or (
-            d == "auto"
-            and self.mode == "sync"
+        return d == "pipelined" or (d == "auto" and self._pipelining_applies())
+
+    def _pipelining_applies(self) -> bool:
+        """A rebuilt primary can make an unlogged update again from the kept pushes: sync with
+        replicas, no backup workers (which pushes closed a step depends on arrival), no global
+        clipping (its factor comes from a second round)."""
+        return (
+            self.mode == "sync"
             and self.recovery.mode == "replica"
             and not self.consistency.backup_workers
             and self.optim.clip_grad_norm is None

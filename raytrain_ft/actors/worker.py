@@ -231,7 +231,6 @@ class Worker:
             config.optim.clip_grad_norm if config.mode != "local_sgd" else None,
             config.mode in ("sync", "mixed"),
             self._fp16,
-            config.pipelined,
         )
 
     def ready(self) -> str:
@@ -255,7 +254,8 @@ class Worker:
         self.exchange.set_routes(routes)
         self._cpu_at_start = time.process_time()
         self._step, self._end_step = start_step, end_step
-        self.exchange.pipeline_until = end_step - 1  # the last step's answer waits for the log
+        # pipelined: every step's push but the last may be answered before the log
+        self.exchange.pipeline_until = end_step - 1 if self.config.pipelined else 0
         self._thread = threading.Thread(
             target=self._run_guarded, name=f"train-{self.rank}", daemon=True
         )
@@ -672,7 +672,6 @@ class ShardExchange:
         clip: float | None = None,
         clip_rounds: bool = False,
         fp16: bool = False,
-        pipelined: bool = False,
     ):
         import os
 
@@ -702,10 +701,9 @@ class ShardExchange:
         """--codec-residual replicated: each push carries the residual, kept with the shard."""
         self.clip = clip
         """--clip-grad-norm: the global norm every update's gradient is clipped to."""
-        self.pipelined = pipelined
-        """--durability pipelined: pushes of steps before ``pipeline_until`` may be answered
-        before their update is logged."""
         self.pipeline_until = 0
+        """--durability pipelined: pushes of steps before this one may be answered before their
+        update is logged (0: none)."""
         self.clip_rounds = clip is not None and clip_rounds
         """Sync and mixed: the update averages several ranks' gradients, so its norm comes from the
         shards (pushes are probes, then a second round sends the factor)."""
@@ -939,7 +937,7 @@ class ShardExchange:
                 residual,
                 probe=self.clip_rounds,
                 overflow=self._overflow,
-                early=self.pipelined and self._step < self.pipeline_until,
+                early=self._step < self.pipeline_until,
             ),
         )
         self._pushed[i] = True
