@@ -1,7 +1,8 @@
 """GPU workers on one GPU: samples/s of plain PyTorch vs raytrain-ft (one GPU worker, CPU shards),
-overlap on and off, codecs, bf16, fp16 with loss scaling, global gradient clipping (plain PyTorch
-runs the same: GradScaler, clip_grad_norm_); and what one push costs on the worker (device-to-host
-copy, encoding on the host vs on the device).
+overlap on and off, pipelined durability (the default in sync) vs strict, codecs, bf16, fp16 with
+loss scaling, global gradient clipping (plain PyTorch runs the same: GradScaler,
+clip_grad_norm_); and what one push costs on the worker (device-to-host copy, encoding on the host
+vs on the device).
 
 Plain PyTorch runs in this process with the same deterministic flags a GPU worker sets (and once
 with PyTorch's fast defaults, cudnn.benchmark and no deterministic algorithms, for context). Runs
@@ -26,6 +27,7 @@ from raytrain_ft.config import (
     DataConfig,
     ModelConfig,
     OptimConfig,
+    RecoveryConfig,
     TrainConfig,
 )
 from raytrain_ft.data import load_dataset
@@ -43,6 +45,7 @@ def make_config(
     servers=2,
     push_thread="auto",
     clip=None,
+    durability="auto",
 ):
     return TrainConfig(
         model=ModelConfig(name=model, precision=precision),
@@ -65,6 +68,7 @@ def make_config(
             metrics=False,
         ),
         consistency=ConsistencyConfig(codec=codec),
+        recovery=RecoveryConfig(durability=durability),
         steps=steps,
         seed=0,
     )
@@ -163,6 +167,7 @@ def main() -> None:
     ray.init(num_gpus=1, include_dashboard=False, logging_level="WARNING")
     variants = {
         "resnet18_b128_overlap": ("resnet18", 128, {}),
+        "resnet18_b128_strict": ("resnet18", 128, {"durability": "strict"}),
         "resnet18_b128_overlap_hook": ("resnet18", 128, {"push_thread": "false"}),
         "resnet18_b128_no_overlap": ("resnet18", 128, {"overlap": False}),
         "resnet18_b128_bf16": ("resnet18", 128, {"precision": "bf16"}),
