@@ -30,7 +30,7 @@ import sys
 from raytrain_ft import config as config_mod
 from raytrain_ft.errors import ClusterError, ConfigError, DataError, JobError, RaytrainFTError
 from raytrain_ft.jobs import DEFAULT_ADDRESS, SUMMARY_MARKER
-from raytrain_ft.report import progress_line, recovery_line
+from raytrain_ft.report import progress_line, recovery_line, server_plan_line
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -387,6 +387,8 @@ def _train(args: argparse.Namespace) -> int:
     )
     final_loss = brief["final_loss"]
     final_loss = final_loss if final_loss is None else format(final_loss, ".4f")
+    if summary.get("server_plan"):
+        print(server_plan_line(summary["server_plan"]))
     print(
         f"done: {brief['steps_completed']} steps, {accuracy}, "
         f"final loss {final_loss}, "

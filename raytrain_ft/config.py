@@ -341,9 +341,11 @@ class OptimConfig:
 class ClusterConfig:
     num_workers: int = 2
     """Worker actors; each trains on its own data partition."""
-    num_servers: int = 2
+    num_servers: int | Literal["auto"] = 2
     """Parameter-server shard actors; the flat parameter vector is split into this many key
-    ranges."""
+    ranges. auto: at the start, time a shard-shaped call for 1, 2, 3, 4, 6, 8, 12 and 16 shards on
+    the cluster and the shards' update, and take the fewest servers within 5% of the best predicted
+    exchange (raytrain_ft.sharding.choose_num_servers; the summary's server_plan says why)."""
     cpus_per_worker: int = 1
     """Ray CPUs (and torch threads) per worker."""
     server_threads: int = 1
@@ -390,7 +392,8 @@ class ClusterConfig:
                 setattr(self, name, str(getattr(self, name)).lower())
         check_field_types(self, "cluster")
         _positive("cluster.num_workers", self.num_workers)
-        _positive("cluster.num_servers", self.num_servers)
+        if self.num_servers != "auto":
+            _positive("cluster.num_servers", self.num_servers)
         _positive("cluster.cpus_per_worker", self.cpus_per_worker)
         _positive("cluster.server_threads", self.server_threads)
         _positive("cluster.local_nodes", self.local_nodes)
@@ -730,6 +733,12 @@ class TrainConfig:
                 "recovery.mode",
                 "checkpoint restarts and --resume-from need --mode sync (async modes recover from "
                 "replicas)",
+            )
+        if self.cluster.num_servers == "auto" and self.recovery.resume_from:
+            raise ConfigError(
+                "cluster.num_servers",
+                "--resume-from needs the shard count of the run it resumes; set --num-servers to "
+                "the config.cluster.num_servers of its summary",
             )
         if self.recovery.durability == "pipelined" and not self._pipelining_applies():
             raise ConfigError(

@@ -271,3 +271,12 @@ def render_png(summary: dict[str, Any], path: str, flag: str = "--output") -> No
         ) from None
     finally:
         plt.close(fig)
+
+
+def server_plan_line(plan: dict) -> str:
+    """One line saying what ``--num-servers auto`` chose (a summary's ``server_plan``)."""
+    rest = ", ".join(f"{s}: {ms:.2f} ms" for s, ms in plan["predicted_exchange_ms"].items())
+    return (
+        f"servers: --num-servers auto chose {plan['chosen']} (predicted exchange per step by "
+        f"shard count: {rest})"
+    )

@@ -34,6 +34,7 @@ from raytrain_ft.params import (
     shard_ranges,
 )
 from raytrain_ft.recovery.faults import KillSpec, check_steps, check_targets, parse_kills
+from raytrain_ft.sharding import ServerPlan, choose_num_servers
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,9 @@ class TrainResult:
     and their serialization, Ray's threads), a server process, the supervisor. On a real cluster,
     where servers have their own cores, ``worker_other_s`` is what communication costs a
     worker."""
+    server_plan: dict | None = None
+    """With ``--num-servers auto``: the shard count chosen, the exchange predicted per step for
+    each candidate, and the costs measured to predict it (``ServerPlan.to_dict``)."""
     final_params: np.ndarray | None = field(default=None, repr=False)
     model: Any = field(default=None, repr=False)
     """The trained ``nn.Module`` (the run's model with the final parameters), on the CPU."""
@@ -521,21 +525,51 @@ class Trainer:
         )
 
     def _prepare(self, kills) -> tuple:
-        """The task (checked with one forward and one loss), the eval set, the model, the shards,
-        the run's length and the step it starts at."""
+        """The task (checked with one forward and one loss), the eval set, the model, the shards
+        (None while ``--num-servers auto`` has not chosen), the run's length and the step it starts
+        at."""
         from raytrain_ft.task import Task
 
         cfg = self.config
         task, _, eval_data = Task.build(cfg, **self.parts)
         model = task.build_model(cfg.seed)
-        init_flat = flatten_state(model)
-        ranges = shard_ranges(init_flat.numel(), cfg.cluster.num_servers, num_trainable(model))
         total_steps = total_steps_for(cfg, task.num_train)
         check_steps(kills, total_steps)
+        ranges = None if cfg.cluster.num_servers == "auto" else self._shards(model)
         start_step = (
             check_resumable(cfg.recovery.resume_from, ranges) if cfg.recovery.resume_from else 0
         )
         return task, eval_data, model, ranges, total_steps, start_step
+
+    def _shards(self, model) -> list:
+        return shard_ranges(
+            flatten_state(model).numel(), self.config.cluster.num_servers, num_trainable(model)
+        )
+
+    def _plan_servers(self, model, total_steps: int, kills) -> ServerPlan:
+        """``--num-servers auto``: measure, choose, and make this run's config say the count."""
+        from raytrain_ft.actors.probe import measure_exchange_costs
+
+        cfg = self.config
+        num_values = flatten_state(model).numel()
+        plan = choose_num_servers(
+            num_values=num_values,
+            num_workers=cfg.cluster.num_workers,
+            costs=measure_exchange_costs(cfg, num_values, total_steps),
+            replicated=cfg.recovery.mode == "replica",
+            replica_on_path=cfg.recovery.mode == "replica" and not cfg.pipelined,
+        )
+        self.config = dataclasses.replace(
+            cfg, cluster=dataclasses.replace(cfg.cluster, num_servers=plan.chosen)
+        )
+        check_targets(
+            kills,
+            plan.chosen,
+            cfg.cluster.num_workers,
+            cfg.cluster.local_nodes,
+            cfg.recovery.num_spares,
+        )
+        return plan
 
     def fit(self) -> TrainResult:
         cfg = self.config
@@ -550,6 +584,7 @@ class Trainer:
             cfg.cluster.local_nodes,
             cfg.recovery.num_spares,
         )
+        server_plan = None
         prepared = None
         if self.parts["train_data"] is None and is_import_string(cfg.data.dataset):
             # the factory may make Ray Datasets, which need Ray: it runs in the run's session
@@ -563,6 +598,10 @@ class Trainer:
             if prepared is None:
                 prepared = self._prepare(kills)
             task, eval_data, model, ranges, total_steps, start_step = prepared
+            if ranges is None:
+                server_plan = self._plan_servers(model, total_steps, kills)
+                cfg = self.config
+                ranges = self._shards(model)
             run = _Run(
                 cfg,
                 ranges,
@@ -671,6 +710,7 @@ class Trainer:
             replicas_match=end["replicas_match"],
             supervisor_restarts=run.status.restarts,
             cpu_per_step=cpu_per_step(statuses, stats, run.status.cpu_s),
+            server_plan=server_plan.to_dict() if server_plan else None,
             recoveries=with_updates_lost(list(run.status.events), end["applied"], cfg),
             run_id=run.run_id,
             started_at=run.started_at,

@@ -117,13 +117,23 @@ def parse_kills(texts: str | list[str] | None, field: str = FIELD) -> list[KillS
 
 def check_targets(
     kills: list[KillSpec],
-    num_shards: int,
+    num_shards: int | str,
     num_workers: int,
     num_nodes: int,
     num_spares: int = 1,
     field: str = FIELD,
 ) -> None:
-    """Each kill names something the run has."""
+    """Each kill names something the run has (``num_shards`` auto: only shard 0 is known to
+    exist before the run starts)."""
+    if num_shards == "auto":
+        for k in kills:
+            if k.role in ("server", "replica") and k.index > 0:
+                raise ConfigError(
+                    field,
+                    f"{k}: --num-servers auto picks the shard count when the run starts, so only "
+                    f"{k.role}:0 is sure to exist; set --num-servers to kill shard {k.index}",
+                )
+        num_shards = 1
     limits = {
         "server": num_shards,
         "replica": num_shards,

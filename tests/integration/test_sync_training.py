@@ -70,22 +70,34 @@ def test_sync_matches_single_process_pytorch_with_and_without_overlap(ray_local)
     communication with compute changes no value, and the same seed gives the same hash. The second
     also evaluates the shards' parameters while it trains (eval_every_s): reading them changes no
     value either; nor does answering before the log (the first run is --durability strict, the
-    second the default, pipelined)."""
+    second the default, pipelined), nor the shard count --num-servers auto picks for the second
+    (the first has 3 shards)."""
     results = {}
     for overlap in (False, True):
         cfg = _config(
             # with overlap, pushes go from the push thread GPU workers use
             cluster=ClusterConfig(
-                num_workers=2, num_servers=3, overlap_comm=overlap, push_thread=overlap
+                num_workers=2,
+                num_servers="auto" if overlap else 3,
+                overlap_comm=overlap,
+                push_thread=overlap,
             ),
             # the first answers once logged, the second before (the default in sync)
             recovery=RecoveryConfig(num_spares=0, durability="auto" if overlap else "strict"),
             eval_every_s=0.01 if overlap else 0.0,
         )
         results[overlap] = result = Trainer(cfg).fit()
+        shards = result.config["cluster"]["num_servers"]
+        if overlap:  # auto: the count it chose runs, and the plan says why
+            plan = result.server_plan
+            assert shards == plan["chosen"] == len(result.servers), plan
+            assert set(plan["predicted_exchange_ms"]) == {"1", "2", "3", "4", "6", "8", "12", "16"}
+            assert min(plan["predicted_exchange_ms"].values()) > 0 and plan["cpus"] >= 1
+        else:
+            assert shards == 3 and result.server_plan is None
         assert result.steps_completed == cfg.steps == 24
         # every shard applied every step once, and every applied update was acknowledged
-        assert result.updates_applied == result.updates_acknowledged == 24 * 3
+        assert result.updates_applied == result.updates_acknowledged == 24 * shards
         # CPU per step of each role, measured in each process (server and supervisor work is
         # real work here: every step goes through them)
         cpu = result.cpu_per_step
@@ -94,7 +106,7 @@ def test_sync_matches_single_process_pytorch_with_and_without_overlap(ray_local)
         assert all(0 < w["compute_cpu_s"] <= w["cpu_s"] for w in result.workers), result.workers
         assert all(w["push_thread"] == overlap for w in result.workers)
         # pipelined: every push but the last step's was answered before its log (3 shards)
-        assert [w["early_answers"] for w in result.workers] == [23 * 3 if overlap else 0] * 2
+        assert [w["early_answers"] for w in result.workers] == [23 * shards if overlap else 0] * 2
     assert results[False].eval_history == []
     evals = results[True].eval_history
     assert evals, "a 24-step run lasts long enough for an evaluation every 10 ms"
