@@ -87,9 +87,9 @@ def train_loop(loop_config: dict) -> None:
         if eval_every and rank == 0 and (step + 1) % eval_every == 0:
             # time to accuracy: rank 0 evaluates; its clock leaves the evaluation out
             t_eval = time.time()
-            acc, _ = evaluate(model.module, data.eval_x, data.eval_y)
+            acc, loss = evaluate(model.module, data.eval_x, data.eval_y)
             model.train()
-            evals.append((step + 1, t_eval - began - eval_s, acc))
+            evals.append((step + 1, t_eval - began - eval_s, acc, loss))
             eval_s += time.time() - t_eval
         if timeline:
             timeline.write(f"{step} {times[-1][1]}\n")
