@@ -168,6 +168,9 @@ def main() -> None:
     variants = {
         "resnet18_b128_overlap": ("resnet18", 128, {}),
         "resnet18_b128_strict": ("resnet18", 128, {"durability": "strict"}),
+        "resnet18_b128_s1": ("resnet18", 128, {"servers": 1}),
+        "resnet18_b128_s4": ("resnet18", 128, {"servers": 4}),
+        "resnet18_b128_auto": ("resnet18", 128, {"servers": "auto"}),
         "resnet18_b128_overlap_hook": ("resnet18", 128, {"push_thread": "false"}),
         "resnet18_b128_no_overlap": ("resnet18", 128, {"overlap": False}),
         "resnet18_b128_bf16": ("resnet18", 128, {"precision": "bf16"}),
@@ -206,6 +209,7 @@ def main() -> None:
                         for k in ("device", "device_name", "compute_s", "wait_s", "gpu_compute_s")
                     }
                     | {"params_sha256": res.params_sha256}
+                    | ({"server_plan": res.server_plan} if res.server_plan else {})
                 )
                 print(
                     f"{name} r{r}: plain {plain[-1]:.0f} ps {ps[-1]:.0f} {workers[-1]}", flush=True
