@@ -65,7 +65,14 @@ class FlatModel:
             self.spans.append((offset, offset + n))
             self.flat[offset : offset + n].copy_(b.detach().reshape(-1))
             owner, attr = _owner(module, name)
-            owner._buffers[attr] = self.flat[offset : offset + n].view_as(b)
+            # the buffer reads and writes the flat vector but keeps its own version counter, as
+            # a parameter rebound with .data does: a plain view would share the flat vector's,
+            # so installing any shard mid-forward (overlap) would "modify" every buffer autograd
+            # saved (BatchNorm saves its running statistics) and backward would refuse
+            view = self.flat[offset : offset + n].view_as(b)
+            own = torch.empty(0, dtype=view.dtype, device=view.device)
+            own.data = view
+            owner._buffers[attr] = own
             offset += n
         self.int_buffers = []
         """(integer buffer, [start, end) of its float32 copy in the flat vector)."""
@@ -106,11 +113,15 @@ class FlatModel:
         ) in self.int_buffers:  # (not into ``flat``: its parameters are saved for backward)
             self.flat_grad[start:end].copy_(b.detach().reshape(-1))
 
-    def sync_int_buffers(self) -> None:
+    def sync_int_buffers(self, lo: int = 0, hi: int | None = None) -> None:
         """Set integer buffers from their float32 copies in ``flat`` (after parameters were
-        installed)."""
+        installed), those within ``[lo, hi)`` only: with overlap a shard is installed mid-forward,
+        and the counters of layers that already ran this step (in other shards) must keep their
+        increments."""
+        hi = self.numel if hi is None else hi
         for b, (start, end) in self.int_buffers:
-            b.copy_(self.flat[start:end].round().view_as(b).to(b.dtype))
+            if start < hi and end > lo:
+                b.copy_(self.flat[start:end].round().view_as(b).to(b.dtype))
 
 
 def overlapping_shards(start: int, end: int, ranges: list[ShardRange]) -> list[int]:

@@ -1049,7 +1049,7 @@ class ShardExchange:
                     torch.from_numpy(reply.params), non_blocking=True
                 )
                 if self.flat.int_buffers:
-                    self.flat.sync_int_buffers()
+                    self.flat.sync_int_buffers(s.start, s.end)
                 self.versions[i] = reply.seq
                 self.bytes_pulled += reply.params.nbytes
             self.wait_s += time.perf_counter() - t0

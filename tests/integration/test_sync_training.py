@@ -165,13 +165,21 @@ def test_global_clipping_matches_clip_grad_norm_and_survives_a_primary_and_a_wor
 
 
 def test_batchnorm_buffers_are_reconciled_across_workers(ray_local):
+    """ResNet-18's BatchNorm statistics are averaged by the shards; with overlap and 3 shards
+    (one installed mid-forward, after earlier BatchNorm layers ran) the result is bitwise the
+    run without overlap: the installs keep the buffers autograd saved and the counters of the
+    layers that already ran."""
     cfg = _config(
         model=ModelConfig(name="resnet18"),
         data=DataConfig(dataset="synthetic", image_size=8, synthetic_samples=256, batch_size=8),
         steps=3,
-        cluster=ClusterConfig(num_workers=2, num_servers=2, overlap_comm=True),
+        cluster=ClusterConfig(num_workers=2, num_servers=3, overlap_comm=True),
     )
     result = Trainer(cfg).fit()
+    plain = Trainer(
+        dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, overlap_comm=False))
+    ).fit()
+    assert result.params_sha256 == plain.params_sha256
     data = load_dataset(cfg.data, cfg.seed)
     init = flatten_state(initial_model(cfg, data))
     final = torch.from_numpy(result.final_params)

@@ -95,3 +95,43 @@ def test_spans_tile_the_flat_vector():
     fm = FlatModel(_bn_model())
     assert fm.spans[0][0] == 0 and fm.spans[-1][1] == fm.numel
     assert all(a[1] == b[0] for a, b in zip(fm.spans, fm.spans[1:]))
+
+
+def test_a_shard_installed_mid_forward_leaves_backward_and_the_buffers_working():
+    """With overlap a shard's parameters are installed into the flat vector as the first layer
+    needing them runs, after earlier BatchNorm layers saved their running statistics for
+    backward. Buffers keep their own version counters (as parameters do), so backward accepts
+    them; they still read and write the flat vector."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2)
+    )
+    flat = FlatModel(model)
+    a, b = flat.spans[len(flat.params) - 2]  # the Linear's weight: not used before it runs
+
+    def install(_module, _inputs):
+        flat.flat[a:b].add_(0.0)  # what installing a shard's answer does to the flat vector
+
+    model[-1].register_forward_pre_hook(install)
+    before = flat.buffer_view.clone()
+    model.train()
+    model(torch.randn(2, 3, 8, 8)).sum().backward()  # raised before buffers had own counters
+    assert flat.params[0].grad.abs().sum() > 0
+    # the running statistics BatchNorm updated in place are the flat vector's values
+    assert not torch.equal(flat.buffer_view, before)
+    assert torch.equal(model[1].running_mean, flat.flat[flat.spans[len(flat.params)][0] :][:4])
+
+
+def test_installing_one_shard_syncs_only_its_integer_buffers():
+    """num_batches_tracked lives in the flat vector as a float32 copy; installing one shard sets
+    the counters in that shard's range only (another shard's layers may have run this step)."""
+    model = nn.Sequential(nn.BatchNorm1d(2), nn.BatchNorm1d(2))
+    flat = FlatModel(model)
+    (first, (a, _)), (second, (b, _)) = flat.int_buffers
+    flat.flat[a] = 5.0
+    flat.flat[b] = 7.0
+    second.fill_(3)  # this step's increment, made after the other shard was installed
+    flat.sync_int_buffers(a, b)
+    assert int(first) == 5 and int(second) == 3
+    flat.sync_int_buffers()
+    assert int(second) == 7
