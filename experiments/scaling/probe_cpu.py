@@ -19,11 +19,7 @@ import os
 import statistics
 import time
 
-import numpy as np
-
-from raytrain_ft.actors import inline_parts
-from raytrain_ft.actors.probe import CallProbe
-from raytrain_ft.actors.transport import reply_parts
+from raytrain_ft.actors.probe import CallProbe, shard_round
 
 
 class TimedProbe(CallProbe):
@@ -49,11 +45,7 @@ def main() -> None:
         ray.get(probe.cpu.remote())
         for s in (int(x) for x in args.servers.split(",")):
             n = -(-args.values // s)
-            payload = np.full(n, 1e-3, dtype=np.float32)
-            parts = inline_parts(payload)
-            call_args = parts if parts is not None else (payload,)
-            n_out = reply_parts(payload.nbytes)
-            method = probe.exchange.options(num_returns=max(1, n_out))
+            round_trip = shard_round(probe, n, args.workers)
             samples = []
             for i in range(args.repeats + 1):
                 actor0, own0, t0 = (
@@ -61,8 +53,7 @@ def main() -> None:
                     time.process_time(),
                     time.perf_counter(),
                 )
-                refs = [method.remote(n, n_out, *call_args) for _ in range(args.workers)]
-                ray.get([r for call in refs for r in (call if isinstance(call, list) else [call])])
+                round_trip()
                 t1, own1, actor1 = (
                     time.perf_counter(),
                     time.process_time(),
@@ -73,7 +64,7 @@ def main() -> None:
             elapsed, caller, callee = (statistics.median(x[j] for x in samples) for j in range(3))
             row = {
                 "servers": s,
-                "bytes_per_call": payload.nbytes,
+                "bytes_per_call": 4 * n,
                 "elapsed_ms": elapsed * 1e3,
                 "caller_cpu_ms": caller * 1e3,
                 "callee_cpu_ms": callee * 1e3,

@@ -45,23 +45,33 @@ class CallProbe:
         return tuple(np.array_split(reply, n_out))
 
 
-def _calls_s(handle, n_values: int, at_once: int = 1, repeats: int = PROBE_REPEATS) -> float:
-    """Median seconds until ``at_once`` shard-shaped calls of ``n_values`` values, sent together,
-    have all come back."""
+def shard_round(handle, n_values: int, at_once: int = 1):
+    """A function sending ``at_once`` shard-shaped calls of ``n_values`` values to ``handle``
+    together and waiting until all have come back."""
     import ray
 
     payload = np.full(n_values, 1e-3, dtype=np.float32)
-    parts = inline_parts(payload) if payload.nbytes > 0 else None
+    parts = inline_parts(payload)
     args = parts if parts is not None else (payload,)
     n_out = reply_parts(payload.nbytes)
     method = handle.exchange.options(num_returns=max(1, n_out))
-    times = []
-    for i in range(repeats + 1):
-        t = time.perf_counter()
+
+    def round_trip() -> None:
         refs = [method.remote(n_values, n_out, *args) for _ in range(at_once)]
         ray.get([r for call in refs for r in (call if isinstance(call, list) else [call])])
-        if i:  # the first round warms the actor's caches
-            times.append(time.perf_counter() - t)
+
+    return round_trip
+
+
+def _calls_s(handle, n_values: int, at_once: int = 1, repeats: int = PROBE_REPEATS) -> float:
+    """Median seconds of ``shard_round`` (after one round that warms the actor's caches)."""
+    round_trip = shard_round(handle, n_values, at_once)
+    round_trip()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        round_trip()
+        times.append(time.perf_counter() - t)
     return statistics.median(times)
 
 
