@@ -535,41 +535,31 @@ class Trainer:
         model = task.build_model(cfg.seed)
         total_steps = total_steps_for(cfg, task.num_train)
         check_steps(kills, total_steps)
-        ranges = None if cfg.cluster.num_servers == "auto" else self._shards(model)
+        n = cfg.cluster.num_servers
+        ranges = None if n == "auto" else self._shards(model, n)
         start_step = (
             check_resumable(cfg.recovery.resume_from, ranges) if cfg.recovery.resume_from else 0
         )
         return task, eval_data, model, ranges, total_steps, start_step
 
-    def _shards(self, model) -> list:
-        return shard_ranges(
-            flatten_state(model).numel(), self.config.cluster.num_servers, num_trainable(model)
-        )
+    @staticmethod
+    def _shards(model, num_servers: int) -> list:
+        return shard_ranges(flatten_state(model).numel(), num_servers, num_trainable(model))
 
-    def _plan_servers(self, model, total_steps: int, kills) -> ServerPlan:
-        """``--num-servers auto``: measure, choose, and make this run's config say the count."""
+    def _plan_servers(self, model, total_steps: int) -> ServerPlan:
+        """``--num-servers auto``: measure and choose (the kills were checked against auto: only
+        shard 0, which every count has)."""
         from raytrain_ft.actors.probe import measure_exchange_costs
 
         cfg = self.config
         num_values = flatten_state(model).numel()
-        plan = choose_num_servers(
+        return choose_num_servers(
             num_values=num_values,
             num_workers=cfg.cluster.num_workers,
             costs=measure_exchange_costs(cfg, num_values, total_steps),
             replicated=cfg.recovery.mode == "replica",
             replica_on_path=cfg.recovery.mode == "replica" and not cfg.pipelined,
         )
-        self.config = dataclasses.replace(
-            cfg, cluster=dataclasses.replace(cfg.cluster, num_servers=plan.chosen)
-        )
-        check_targets(
-            kills,
-            plan.chosen,
-            cfg.cluster.num_workers,
-            cfg.cluster.local_nodes,
-            cfg.recovery.num_spares,
-        )
-        return plan
 
     def fit(self) -> TrainResult:
         cfg = self.config
@@ -599,9 +589,12 @@ class Trainer:
                 prepared = self._prepare(kills)
             task, eval_data, model, ranges, total_steps, start_step = prepared
             if ranges is None:
-                server_plan = self._plan_servers(model, total_steps, kills)
-                cfg = self.config
-                ranges = self._shards(model)
+                server_plan = self._plan_servers(model, total_steps)
+                # this run's config says the count chosen (the Trainer's keeps auto)
+                cfg = dataclasses.replace(
+                    cfg, cluster=dataclasses.replace(cfg.cluster, num_servers=server_plan.chosen)
+                )
+                ranges = self._shards(model, server_plan.chosen)
             run = _Run(
                 cfg,
                 ranges,
