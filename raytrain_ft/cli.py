@@ -93,7 +93,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] 
             dest=flag,
             default=argparse.SUPPRESS,
             metavar=metavar,
-            help=f"{help_text} (default: {default})",
+            # argparse formats help with %: a docstring's "5%" must not read as a format
+            help=f"{help_text} (default: {default})".replace("%", "%%"),
             **extra,
         )
 

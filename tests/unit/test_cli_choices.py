@@ -109,3 +109,13 @@ def test_a_misspelled_flag_gets_the_subcommands_usage_and_the_flag_meant(argv, s
     assert e.value.code == 2
     assert f"raytrain-ft {argv[0]}: error: unrecognized arguments: {said}" in err
     assert err.startswith(f"usage: raytrain-ft {argv[0]}")
+
+
+@pytest.mark.parametrize("command", ["train", "submit", "simulate", "chaos"])
+def test_help_prints(command, capsys):
+    """Every flag's help is formatted by argparse (a docstring with a literal % once broke
+    ``train --help``)."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.build_parser().parse_args([command, "--help"])
+    assert exit_.value.code == 0
+    assert "usage:" in capsys.readouterr().out
