@@ -77,6 +77,11 @@ class Rule:
     look-ahead parameters; see ``momentum_stream``."""
     delay_compensation: float = 0.0
     """async/ssp/mixed: DC-ASGD's strength (0 = off); see ``DelayCompensation``."""
+    sum_group: int = 1
+    """Sync: an update sums its gradients in groups of this many consecutive ranks first (the
+    ranks that share a process), then the groups' sums in order; see ``mean_in_rank_order``. A
+    group may then send one push of its sum (pre-aggregation, ``Push.ranks``) and the update has
+    the same bits as from its ranks' own pushes."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -88,8 +93,8 @@ class Rule:
             )
         if self.backup_workers and self.mode != "sync":
             raise ValueError("backup_workers apply to sync mode only")
-        if self.group_size < 1 or self.staleness < 0:
-            raise ValueError("group_size must be >= 1 and staleness >= 0")
+        if self.group_size < 1 or self.staleness < 0 or self.sum_group < 1:
+            raise ValueError("group_size and sum_group must be >= 1 and staleness >= 0")
         if not 0 <= self.delay_compensation < float("inf"):
             raise ValueError(
                 f"delay_compensation must be a finite number >= 0, got {self.delay_compensation}"
@@ -130,6 +135,14 @@ class Rule:
             first = rank - rank % self.group_size
             return tuple(range(first, min(first + self.group_size, self.num_workers)))
         return (rank,)
+
+    def sum_members(self, rank: int) -> tuple[int, ...]:
+        """Sync without backup workers: the ranks whose gradients one pre-aggregated push of
+        ``rank``'s group sums (``sum_group`` consecutive ranks); () where pushes are per rank."""
+        if not self.synchronous or self.backup_workers or self.sum_group == 1:
+            return ()
+        first = rank - rank % self.sum_group
+        return tuple(range(first, min(first + self.sum_group, self.num_workers)))
 
     def key(self, rank: int, step: int) -> tuple[int, int]:
         """Pushes with equal keys are aggregated into one update: (first rank of the group,
@@ -277,23 +290,47 @@ def round_span(round_: int, local_steps: int, total_local_steps: int) -> range:
     return range(start, min(start + local_steps, total_local_steps))
 
 
-def mean_in_rank_order(grads: Mapping[int, np.ndarray]) -> np.ndarray:
-    """Mean of the pushes, summed in ascending rank order (bitwise reproducible for a given set of
-    ranks).
+def sum_in_rank_order(grads) -> np.ndarray:
+    """The sum of float32 arrays in the order given: ``(g0 + g1) + g2 + ...``, a new array (one
+    array is returned as it is). The one summation order of the project: a worker that
+    pre-aggregates the ranks of its process sums them with it too."""
+    if len(grads) == 1:
+        return grads[0]
+    acc = np.add(grads[0], grads[1], dtype=np.float32)
+    for g in grads[2:]:
+        acc += g
+    return acc
 
-    A single push is returned as it is (it may be a read-only view of the
-    object store: callers only read the result).
+
+def mean_in_rank_order(
+    grads: Mapping[int, np.ndarray],
+    sum_group: int = 1,
+    members: Mapping[int, tuple[int, ...]] | None = None,
+) -> np.ndarray:
+    """Mean of the pushes: the ranks' gradients summed in ascending rank order (bitwise
+    reproducible for a given set of ranks).
+
+    With ``sum_group = k`` the ranks ``[j*k, (j+1)*k)`` are summed first, in rank order, then
+    the groups' sums in group order. A push keyed by rank ``r`` with ``members[r]`` (more than
+    one rank) already holds the sum of its members' gradients, summed the same way (a
+    pre-aggregated push): the mean is the same, bit for bit, as from the members' own pushes.
+    ``k = 1`` is the plain rank order. A single push of a single rank is returned as it is (it
+    may be a read-only view of the object store: callers only read the result).
     """
     if not grads:
         raise ValueError("cannot aggregate an empty set of pushes")
-    ranks = sorted(grads)
-    if len(ranks) == 1:
-        return grads[ranks[0]]
-    acc = np.add(grads[ranks[0]], grads[ranks[1]], dtype=np.float32)
-    for r in ranks[2:]:
-        acc += grads[r]
-    acc /= np.float32(len(ranks))
-    return acc
+    members = members or {}
+    count = sum(len(members.get(r, ())) or 1 for r in grads)
+    groups: dict[int, list] = {}
+    for r in sorted(grads):
+        groups.setdefault(r // sum_group, []).append(grads[r])
+    total = sum_in_rank_order([sum_in_rank_order(g) for _, g in sorted(groups.items())])
+    if count == 1:
+        return total
+    if total is grads[min(grads)]:  # one pre-aggregated push: divide a copy, never the payload
+        total = np.array(total, dtype=np.float32, copy=True)
+    total /= np.float32(count)
+    return total
 
 
 @dataclass(slots=True)
@@ -303,6 +340,12 @@ class Pending:
     residuals: dict[int, np.ndarray] = field(default_factory=dict)
     """Per rank: its codec's error-feedback residual after this push (lossy codecs; kept with the
     shard)."""
+    members: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    """Per pre-aggregated push (keyed by its first rank): the ranks whose gradients it sums."""
+
+    def ranks(self) -> list[int]:
+        """Every rank whose gradient the pushes hold, in order."""
+        return sorted(r for k in self.grads for r in self.members.get(k, (k,)))
 
 
 class PushBuffer:
@@ -321,18 +364,22 @@ class PushBuffer:
         grad: np.ndarray | None,
         base_version: int,
         residual: np.ndarray | None = None,
+        members: tuple[int, ...] = (),
     ) -> tuple[tuple[int, int], Pending | None]:
-        """Buffer a push (``grad`` None: fp16 overflowed, the update will be skipped); returns its
-        key and, when it completes the update, the pushes that form it."""
+        """Buffer a push (``grad`` None: fp16 overflowed, the update will be skipped;
+        ``members``: the ranks a pre-aggregated push sums, ``rank`` first); returns its key and,
+        when it completes the update, the pushes that form it."""
         key = self.rule.key(rank, step)
         p = self.pending.setdefault(key, Pending())
         if rank in p.grads:
             self.replaced += 1
         p.grads[rank] = grad
         p.base_versions[rank] = base_version
+        if len(members) > 1:
+            p.members[rank] = tuple(members)
         if residual is not None:
             p.residuals[rank] = residual
-        if len(p.grads) < self.rule.needed(rank):
+        if len(p.ranks()) < self.rule.needed(rank):
             return key, None
         del self.pending[key]
         return key, p

@@ -90,7 +90,8 @@ class _Unlogged:
     """An early push answered before its update was logged (``--durability pipelined``)."""
 
     msg: Push
-    acked: Acked
+    acked: tuple[Acked, ...]
+    """One per rank the push holds (a pre-aggregated push holds several)."""
     epoch: int
     """The epoch of the primary that answered: one of a newer epoch may lack the update."""
 
@@ -135,11 +136,13 @@ class ExchangeProtocol:
         probe: bool = False,
         overflow: bool = False,
         early: bool = False,
+        ranks: tuple[int, ...] = (),
     ) -> list:
         """Push a gradient; ``probe``: the first phase of a globally clipped step (the answer is
         the shard's squared norm; ``finish`` sends the second); ``overflow``: fp16's gradient
         overflowed (no payload; the update is skipped); ``early``: may be answered before its
-        update is logged (``--durability pipelined``)."""
+        update is logged (``--durability pipelined``); ``ranks``: pre-aggregated, the sum of
+        these ranks' gradients, this rank first (each enters the ledger)."""
         msg = Push(
             self.rank,
             step,
@@ -150,6 +153,7 @@ class ExchangeProtocol:
             probe=probe,
             overflow=overflow,
             early=early and not probe,
+            ranks=ranks,
         )
         if probe:
             self._probes[shard] = msg
@@ -200,7 +204,7 @@ class ExchangeProtocol:
         if kind == "unlogged" and isinstance(value, PushReply):
             # the early push sent again to a newer primary: answered once logged
             kept = self._unlogged.pop(shard)
-            self.ledger.append(dataclasses.replace(kept.acked, seq=value.acked))
+            self.ledger += [dataclasses.replace(a, seq=value.acked) for a in kept.acked]
             return [self._send(shard, out, now)]
         if isinstance(value, PushReply):
             del self._out[shard]
@@ -209,11 +213,14 @@ class ExchangeProtocol:
             self.results[shard] = value
             kept = self._unlogged.pop(shard, None)
             if kept is not None:  # this answer waited until the kept push's update was logged
-                self.ledger.append(kept.acked)
+                self.ledger += kept.acked
             if isinstance(out.msg, Push) and not out.msg.probe:  # a probe acknowledges nothing
-                acked = Acked(shard, self.rank, out.msg.step, value.acked, value.late)
+                acked = tuple(
+                    Acked(shard, r, out.msg.step, value.acked, value.late)
+                    for r in out.msg.ranks or (self.rank,)
+                )
                 if value.durable:
-                    self.ledger.append(acked)
+                    self.ledger += acked
                 else:
                     self.early_answers += 1
                     self._unlogged[shard] = _Unlogged(out.msg, acked, out.epoch)

@@ -183,6 +183,10 @@ class Push:
     """--durability pipelined (sync): the reply may come before the holder logged this push's
     update (never before the updates ahead of it). The sender keeps the push until a later reply
     proves it logged, and sends it again first to a primary of a newer epoch."""
+    ranks: tuple[int, ...] = ()
+    """Pre-aggregation (sync): the ranks of one process whose gradients ``payload`` sums, in rank
+    order (``rank`` is the first); the push counts as each of theirs, for exactly-once too.
+    Empty: ``rank``'s own gradient."""
 
 
 @dataclass(frozen=True, slots=True)

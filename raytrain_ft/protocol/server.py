@@ -9,13 +9,15 @@ deliver messages to a ``ServerProtocol`` and carry out what it returns.
 accepted one waits in a ``PushBuffer`` until its update is complete (every
 rank of the step in sync mode, the first N with backup workers, the rank's
 group in mixed mode, the push alone in async/ssp), is aggregated in rank
-order, gets the next ``seq``, is applied and queued as a ``Command`` for the
-shard's replica holder. One ``Append`` is in flight at a time and carries
-every command queued meanwhile (group commit). **No reply leaves before the
-holder has logged every update it reflects**: a reply waits until ``logged``
-reaches the seq the answer depends on (in sync modes, the seq of the
-parameters it carries), so whatever a worker has seen survives the primary's
-death. A repeated ``(rank, step)`` is answered, never applied twice.
+order (a sync push may carry the sum of the ranks of one process, counted as
+each of theirs: ``consistency.mean_in_rank_order``), gets the next ``seq``, is
+applied and queued as a ``Command`` for the shard's replica holder. One
+``Append`` is in flight at a time and carries every command queued meanwhile
+(group commit). **No reply leaves before the holder has logged every update
+it reflects**: a reply waits until ``logged`` reaches the seq the answer
+depends on (in sync modes, the seq of the parameters it carries), so whatever
+a worker has seen survives the primary's death. A repeated ``(rank, step)``
+is answered, never applied twice.
 
 **Holder.** Keeps a ``CommandLog`` per peer shard and a *fence*: the epoch of
 the primary allowed to write. ``ExportReplica(epoch)`` raises the fence before
@@ -521,6 +523,18 @@ class ServerProtocol:
         if p is None or p.deposed:
             return [Reply(rid, self._not_primary())]
         state, rule = p.state, self.spec.rule
+        if m.ranks and m.ranks != rule.sum_members(m.rank):
+            return [
+                Reply(
+                    rid,
+                    Refused(
+                        RefusalKind.FAILED,
+                        f"shard {p.shard.index}: a pre-aggregated push of ranks {m.ranks} does "
+                        f"not match the ranks this run sums together ({rule.sum_members(m.rank)}"
+                        "; pre-aggregation needs sync mode without backup workers)",
+                    ),
+                )
+            ]
         verdict = self._classify(p, m)
         if verdict is Verdict.AHEAD:
             return [
@@ -588,7 +602,7 @@ class ServerProtocol:
         """Buffer a push (an overflowed one as None); (its key, the complete update or None)."""
         base = p.state.seq if m.base_version is None else m.base_version
         grad = None if m.overflow else decode_push(m.payload)
-        return p.buffer.add(m.rank, m.step, grad, base, m.residual)
+        return p.buffer.add(m.rank, m.step, grad, base, m.residual, m.ranks)
 
     def _accept(self, p: _Primary, rid: int, m: Push) -> list:
         key, complete = self._buffer(p, m)
@@ -676,7 +690,7 @@ class ServerProtocol:
         grads = pending.grads
         if p.compensation is not None:
             grads = {r: self._compensated(p, g, pending.base_versions[r]) for r, g in grads.items()}
-        return mean_in_rank_order(grads)
+        return mean_in_rank_order(grads, self.spec.rule.sum_group, pending.members)
 
     def _commit(
         self,
@@ -697,13 +711,14 @@ class ServerProtocol:
             update = self._aggregate(p, pending)
         stalest = max(seq - v for v in pending.base_versions.values())
         hp = state.hyper_params(step)
-        scale = rule.lr_scale(len(pending.grads), stalest)
+        ranks = pending.ranks()
+        scale = rule.lr_scale(len(ranks), stalest)
         momentum, gain = rule.momentum(hp.momentum)
         sgd = self.spec.optim.name == "sgd"
         stream = rule.momentum_stream(min(pending.grads)) if hp.momentum and sgd else -1
         if scale * gain != 1.0 or momentum != hp.momentum or stream >= 0:
             hp = dataclasses.replace(hp, lr=hp.lr * scale * gain, momentum=momentum, stream=stream)
-        pushes = tuple((r, step) for r in sorted(pending.grads))
+        pushes = tuple((r, step) for r in ranks)
         residuals = tuple((r, step, pending.residuals[r]) for r in sorted(pending.residuals))
         if (
             rule.exact_resume

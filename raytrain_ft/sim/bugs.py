@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from raytrain_ft.consistency import Verdict
+from raytrain_ft.consistency import Verdict, mean_in_rank_order
 from raytrain_ft.optim import clip_factor
 from raytrain_ft.protocol.messages import PushReply, Reply
 from raytrain_ft.protocol.server import ServerProtocol
@@ -60,6 +60,14 @@ class PartialSkip(ServerProtocol):
         return not pending.grads
 
 
+class UngroupedMean(ServerProtocol):
+    """Pre-aggregation done wrong: a push carrying the sum of several ranks' gradients counts as
+    one gradient in the update's mean."""
+
+    def _aggregate(self, p, pending):
+        return mean_in_rank_order(pending.grads, self.spec.rule.sum_group)
+
+
 class VolatileEpochs(SupervisorProtocol):
     """A restarted supervisor forgets the epochs it handed out and numbers them from the start
     again."""
@@ -105,6 +113,7 @@ BUGS = {
     "per-shard-clip": ("server", PerShardClip),
     "partial-skip": ("server", PartialSkip),
     "durable-too-soon": ("server", DurableTooSoon),
+    "ungrouped-mean": ("server", UngroupedMean),
     "volatile-epochs": ("supervisor", VolatileEpochs),
     "lost-pending-start": ("supervisor", LostPendingStart),
 }

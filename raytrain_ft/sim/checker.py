@@ -350,8 +350,8 @@ _baselines: dict[tuple, str] = {}
 def baseline_hash(cfg: SimConfig) -> str:
     """The fault-free run's final params hash (sync I2). Plain sync results depend only on the
     workers, shards and steps (not on snapshots, folding, placement or spares), so one fault-free
-    run serves every such config."""
-    key = (cfg.num_workers, cfg.num_shards, cfg.steps, cfg.clip, cfg.overflow)
+    run serves every such config (pre-aggregation's summation order is part of the results)."""
+    key = (cfg.num_workers, cfg.num_shards, cfg.steps, cfg.clip, cfg.overflow, cfg.preaggregate)
     if key not in _baselines:
         canonical = SimConfig(
             mode="sync",
@@ -360,6 +360,7 @@ def baseline_hash(cfg: SimConfig) -> str:
             steps=cfg.steps,
             clip=cfg.clip,
             overflow=cfg.overflow,
+            preaggregate=cfg.preaggregate,
         )
         world = World(canonical, seed=0, faults=False)
         outcome = world.run()

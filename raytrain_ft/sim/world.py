@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from raytrain_ft.config import OptimConfig
-from raytrain_ft.consistency import Rule
+from raytrain_ft.consistency import Rule, sum_in_rank_order
 from raytrain_ft.params import ShardRange
 from raytrain_ft.protocol.exchange import ExchangeProtocol, clip_factor_of
 from raytrain_ft.protocol.messages import (
@@ -119,6 +119,10 @@ class SimConfig:
     """Sync without backup workers or clipping: ``--durability pipelined`` (a push but the
     last may be answered before its update is logged; the worker keeps it until its next answer
     and sends it again first to a newer primary)."""
+    preaggregate: int = 1
+    """Sync without backup workers or clipping: ranks per process (``ranks_per_process``) that
+    send one push of their summed gradients for all of them; the process's first rank pushes,
+    the others follow it, and they die together (1: a push per rank)."""
 
     @property
     def shard_size(self) -> int:
@@ -132,6 +136,7 @@ class SimConfig:
             self.group_size,
             self.staleness,
             momentum_correction=self.momentum_correction,
+            sum_group=self.preaggregate,
         )
 
     def overflows(self, rank: int, step: int) -> bool:
@@ -191,6 +196,10 @@ def random_config(rng: random.Random, mode: str) -> SimConfig:
     pipelined = rng.random() < 0.5
     if mode == "sync" and not backups and cfg.clip is None and pipelined:
         cfg = dataclasses.replace(cfg, pipelined=True)
+    # drawn last too: ranks sharing a process pre-aggregate
+    preaggregate = rng.choice((1, 2, 2, 3))
+    if mode == "sync" and not backups and cfg.clip is None:
+        cfg = dataclasses.replace(cfg, preaggregate=preaggregate)
     return cfg
 
 
@@ -224,8 +233,19 @@ class SimWorker:
         self.phase = "idle"
         self.error: str | None = None
         self.seen_acks = 0
+        members = cfg.rule().sum_members(rank)
+        self.members = members if len(members) > 1 else ()
+        """Pre-aggregation: the ranks whose summed gradients this rank pushes (it is the first of
+        its process's ranks); a later rank of the process pushes nothing and follows the first."""
+        self.follower = bool(members) and members[0] != rank
 
     def status(self) -> WorkerStatus:
+        if self.follower and self.started:
+            # started at its end (every push of it applied): done at once, as a real rank is
+            lead = self.world.worker(self.members[0])
+            if self.step < self.end and lead is not None and lead.started:
+                return WorkerStatus(True, lead.done, self.error or lead.error, lead.step)
+            return WorkerStatus(True, self.step >= self.end, self.error, self.step)
         return WorkerStatus(self.started, self.done, self.error or self.exchange.error, self.step)
 
     def on_request(self, rid: int, msg) -> list:
@@ -235,6 +255,8 @@ class SimWorker:
             if self.started:
                 return [Reply(rid, False)]
             self.started, self.step, self.end = True, msg.step, msg.end_step
+            if self.follower:  # its process's first rank pushes its gradient
+                return [Reply(rid, True)]
             self.exchange.set_routes(msg.routes)
             exact = self.world.cfg.rule().exact_resume
             effects = [Reply(rid, True)]
@@ -308,31 +330,35 @@ class SimWorker:
             return []
         cfg, effects = self.world.cfg, []
         self.phase = "push" if cfg.clip is None else "probe"
-        overflow = cfg.overflows(self.rank, self.step)
+        ranks = self.members or (self.rank,)
+        overflow = any(cfg.overflows(r, self.step) for r in ranks)
         for i in range(cfg.num_shards):
             effects += self.exchange.push(
                 i,
                 self.step,
-                None if overflow else self.gradient(i),
+                None
+                if overflow
+                else sum_in_rank_order([self.gradient(i, r) for r in ranks]),  # as the process
                 self.versions[i],
                 True,
                 self.world.now,
                 probe=cfg.clip is not None,
                 overflow=overflow,
                 early=cfg.pipelined and self.step < self.end - 1,
+                ranks=self.members,
             )
         return effects
 
-    def gradient(self, shard: int) -> np.ndarray:
-        """A deterministic function of the parameters the worker holds, its rank and step."""
+    def gradient(self, shard: int, rank: int) -> np.ndarray:
+        """A deterministic function of the parameters the worker holds, the rank and the step."""
         cfg = self.world.cfg
         p = self.params[shard]
         g = np.zeros(cfg.shard_size, dtype=np.float32)
         model = p[:MODEL_VALUES]
         g[:MODEL_VALUES] = np.float32(0.1) * model * model - np.float32(
-            0.01 * (self.rank + 1) * (self.step + 1)
+            0.01 * (rank + 1) * (self.step + 1)
         )
-        g[cfg.slot(self.rank, self.step)] = np.float32(cfg.push_value())
+        g[cfg.slot(rank, self.step)] = np.float32(cfg.push_value())
         return g
 
 
@@ -486,8 +512,8 @@ class World:
 
     def create(self, eff: Create) -> None:
         node = eff.node if eff.node in self.nodes else self.rng.choice(self.nodes)
-        if self.cfg.num_nodes > 1 and eff.kind == "worker":
-            node = self.nodes[(eff.rank or 0) % len(self.nodes)]
+        if self.cfg.num_nodes > 1 and eff.kind == "worker":  # a process's ranks share its node
+            node = self.nodes[((eff.rank or 0) // self.cfg.preaggregate) % len(self.nodes)]
         if eff.kind == "server":
             obj = self.server_cls(eff.name, self.spec, clock=lambda: self.now, node=node)
         else:
@@ -508,6 +534,16 @@ class World:
                 self.at(self.delay() * 5, "failure", caller, inc, cid, Failure.DEAD)
         if proc.kind == "supervisor":
             self.at(self.rng.uniform(0.005, 0.03), "restart_supervisor")
+        if proc.kind == "worker" and self.cfg.preaggregate > 1:  # its process's ranks die with it
+            mates = set(self.cfg.rule().sum_members(proc.obj.rank))
+            for p in list(self.procs.values()):
+                if p.kind == "worker" and p.alive and p.obj.rank in mates:
+                    self.kill(p.name, f"{why}; shares {name}'s process")
+
+    def worker(self, rank: int) -> SimWorker | None:
+        """The live worker of ``rank`` (the newest, if several)."""
+        live = [p.obj for p in self.procs.values() if p.kind == "worker" and p.alive]
+        return next((w for w in reversed(live) if w.rank == rank), None)
 
     # --- carrying out effects
     # ------------------------------------------------------------------------

@@ -52,3 +52,15 @@ def test_a_schedule_replays_event_for_event():
     b = run_schedule(12345, "async", trace=True)
     assert a.trace == b.trace and a.faults == b.faults and len(a.trace) > 100
     assert run_schedule(12346, "async", trace=True).trace != a.trace
+
+
+def test_the_exploration_covers_processes_that_preaggregate():
+    """Sync schedules draw processes of 2 and 3 ranks that send one push for all of them (whose
+    ranks die together), next to a push per rank."""
+    import random
+
+    from raytrain_ft.sim.world import random_config
+
+    drawn = [random_config(random.Random(s), "sync").preaggregate for s in range(300)]
+    assert {1, 2, 3} <= set(drawn) and len(drawn) - drawn.count(1) >= 75
+    assert all(random_config(random.Random(s), "mixed").preaggregate == 1 for s in range(50))
