@@ -372,6 +372,12 @@ class ClusterConfig:
     """With --simulate-compute only: host this many worker ranks in one process, each rank with its
     own training thread, exchange and object-store traffic (64 ranks would need 64 torch processes,
     ~0.3 GB each). Killing the process kills all its ranks; each is restarted and resumes."""
+    preaggregate: UseGpu = "auto"
+    """With --ranks-per-process above 1: true (the ranks of a process sum their gradients, in rank
+    order, and send one push per shard for all of them, as the GPUs of one node would; sync mode
+    without backup workers, gradient clipping, lossy codecs or fp16) | false (one push per rank) |
+    auto (true where it applies). Sync sums the ranks of a process first either way, so both give
+    the same bits."""
     tf32: bool = False
     """GPU workers: let convolutions and matmuls use TF32 (faster on Ampere/Hopper, other bits than
     the CPU; off keeps runs bitwise reproducible, see raytrain_ft/device.py)."""
@@ -387,7 +393,7 @@ class ClusterConfig:
     fast node-death detection) so node kills can be tested."""
 
     def __post_init__(self) -> None:
-        for name in ("use_gpu", "push_thread"):  # use_gpu=True means "true"; any case
+        for name in ("use_gpu", "push_thread", "preaggregate"):  # True means "true"; any case
             if isinstance(getattr(self, name), (bool, str)):
                 setattr(self, name, str(getattr(self, name)).lower())
         check_field_types(self, "cluster")
@@ -720,6 +726,12 @@ class TrainConfig:
                 "overlap pushes every step from backward; use --overlap-comm false with n_push / "
                 "n_fetch above 1",
             )
+        if self.cluster.preaggregate == "true":
+            why = self._no_preaggregation()
+            if why:
+                raise ConfigError(
+                    "cluster.preaggregate", f"{why}; use --preaggregate auto or false"
+                )
         if self.cluster.simulate_compute_ms and self.cluster.overlap_comm:
             raise ConfigError(
                 "cluster.overlap_comm",
@@ -784,6 +796,35 @@ class TrainConfig:
             and self.optim.clip_grad_norm is None
         )
 
+    def _no_preaggregation(self) -> str | None:
+        """Why the ranks of a process cannot send one push for all of them (None: they can)."""
+        from raytrain_ft.compression import parse_codec
+
+        if self.cluster.ranks_per_process == 1:
+            return (
+                "pre-aggregation sums the ranks of one process: it needs --ranks-per-process "
+                "above 1"
+            )
+        if self.mode != "sync":
+            return (
+                "a pre-aggregated push is one update's share of several ranks: --mode "
+                f"{self.mode} is not sync"
+            )
+        if self.consistency.backup_workers:
+            return "with backup workers a step closes on the first pushes in, rank by rank"
+        if self.optim.clip_grad_norm is not None:
+            return "global clipping probes every rank's push"
+        if not parse_codec(self.consistency.codec).lossless:
+            return f"--codec {self.consistency.codec} keeps an error-feedback residual per rank"
+        if self.model.precision == "fp16":
+            return "fp16 loss scaling skips updates per rank's overflow"
+        return None
+
+    @property
+    def preaggregates(self) -> bool:
+        """Whether the ranks of a process send one push per shard for all of them."""
+        return self.cluster.preaggregate != "false" and self._no_preaggregation() is None
+
     def rule(self):
         """The consistency rule servers apply (``raytrain_ft.consistency.Rule``)."""
         from raytrain_ft.consistency import Rule
@@ -798,6 +839,10 @@ class TrainConfig:
             c.staleness_lr,
             momentum_correction=c.momentum_correction,
             delay_compensation=c.delay_compensation,
+            # sync sums the ranks of a process first, pre-aggregated or not: the same bits
+            sum_group=self.cluster.ranks_per_process
+            if self.mode == "sync" and not c.backup_workers
+            else 1,
         )
 
     def to_dict(self) -> dict[str, Any]:

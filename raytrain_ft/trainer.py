@@ -137,6 +137,9 @@ class TrainResult:
     and their serialization, Ray's threads), a server process, the supervisor. On a real cluster,
     where servers have their own cores, ``worker_other_s`` is what communication costs a
     worker."""
+    preaggregated: bool = False
+    """Whether the ranks of each process sent one push per shard for all of them
+    (``cluster.preaggregate`` as it resolved)."""
     server_plan: dict | None = None
     """With ``--num-servers auto``: the shard count chosen, the exchange predicted per step for
     each candidate, and the costs measured to predict it (``ServerPlan.to_dict``)."""
@@ -704,6 +707,7 @@ class Trainer:
             supervisor_restarts=run.status.restarts,
             cpu_per_step=cpu_per_step(statuses, stats, run.status.cpu_s),
             server_plan=server_plan.to_dict() if server_plan else None,
+            preaggregated=cfg.preaggregates,
             recoveries=with_updates_lost(list(run.status.events), end["applied"], cfg),
             run_id=run.run_id,
             started_at=run.started_at,

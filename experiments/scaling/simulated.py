@@ -8,7 +8,10 @@ replication to the peer holder). So 16-64 workers fit on a machine with 2
 cores, and what limits scaling is the servers and the transport, not compute.
 Ranks share processes (``cluster.ranks_per_process``, at most
 ``--max-processes`` worker processes): 64 torch processes need more memory
-than this machine has. Each rank keeps its own thread and its own calls.
+than this machine has. Each rank keeps its own thread; with pre-aggregation
+(``--preaggregate true``, the default where it applies) the ranks of a
+process sum their gradients and send one push per shard for all of them, as
+the GPUs of one node would; ``--preaggregate true,false`` compares both.
 
 On one machine every worker-shard call of every simulated rank is paid from
 the same cores, which a real cluster spreads over W + S machines; so the
@@ -28,6 +31,7 @@ For each (workers W, servers S):
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -47,6 +51,7 @@ def make_config(
     batch: int,
     mode: str,
     max_processes: int,
+    preaggregate: str = "auto",
 ) -> TrainConfig:
     data = (
         DataConfig(
@@ -64,6 +69,8 @@ def make_config(
             use_gpu="false",
             simulate_compute_ms=simulate_ms,
             ranks_per_process=math.ceil(workers / max_processes),
+            # one rank per process has nothing to pre-aggregate (true would be refused)
+            preaggregate=preaggregate if workers > max_processes else "auto",
         ),
         mode=mode,
         steps=steps,
@@ -85,6 +92,11 @@ def main() -> None:
         default=8,
         help="worker processes at most (ranks share them beyond)",
     )
+    ap.add_argument(
+        "--preaggregate",
+        default="auto",
+        help="comma-separated cluster.preaggregate values to compare side by side (true,false)",
+    )
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--mode", default="sync")
@@ -97,6 +109,7 @@ def main() -> None:
     workers = [int(w) for w in args.workers.split(",")]
     servers = [int(s) for s in args.servers.split(",")]
     computes = [float(m) for m in args.simulate_ms.split(",")]
+    preaggregates = args.preaggregate.split(",")
     ray.init(
         num_cpus=max(max(workers), os.cpu_count() or 1),
         include_dashboard=False,
@@ -105,74 +118,79 @@ def main() -> None:
     rows = []
     try:
         for repeat in range(args.repeats):
-            for ms in computes:
-                for s in servers:
-                    for w in workers:
-                        t0 = time.time()
-                        cfg = make_config(
-                            args.model,
-                            w,
-                            s,
-                            ms,
-                            args.steps,
-                            args.batch_size,
-                            args.mode,
-                            args.max_processes,
-                        )
-                        r = Trainer(cfg).fit()
-                        step_s = w * args.batch_size / r.steady_samples_per_sec
-                        rows.append(
-                            {
-                                "simulate_ms": ms,
-                                "workers": w,
-                                "servers": s,
-                                "repeat": repeat,
-                                "samples_per_sec": r.steady_samples_per_sec,
-                                "ranks_per_process": cfg.cluster.ranks_per_process,
-                                "step_s": step_s,
-                                "updates_applied": r.updates_applied,
-                                "wall_s": time.time() - t0,
-                                "num_params": r.num_params,
-                                "wait_s_mean": statistics.mean(x["wait_s"] for x in r.workers),
-                            }
-                        )
-                        print(
-                            f"compute {ms:.0f}ms W={w:3d} S={s} "
-                            f"({cfg.cluster.ranks_per_process}/process) "
-                            f"{r.steady_samples_per_sec:9,.0f} samples/s  "
-                            f"step {step_s * 1000:6.0f} ms  wall {time.time() - t0:5.1f}s",
-                            flush=True,
-                        )
-    finally:
-        ray.shutdown()
-    table = []
-    for ms in computes:
-        ideal_per_worker = args.batch_size / (ms / 1000.0)
-        for s in servers:
-
-            def median(w, key="samples_per_sec", ms=ms, s=s):
-                return statistics.median(
-                    r[key]
-                    for r in rows
-                    if r["simulate_ms"] == ms and r["servers"] == s and r["workers"] == w
+            for ms, s, w, pre in itertools.product(computes, servers, workers, preaggregates):
+                t0 = time.time()
+                cfg = make_config(
+                    args.model,
+                    w,
+                    s,
+                    ms,
+                    args.steps,
+                    args.batch_size,
+                    args.mode,
+                    args.max_processes,
+                    pre,
                 )
-
-            base = median(min(workers))
-            for w in workers:
-                thr = median(w)
-                speedup = thr / base * min(workers)
-                table.append(
+                r = Trainer(cfg).fit()
+                step_s = w * args.batch_size / r.steady_samples_per_sec
+                rows.append(
                     {
                         "simulate_ms": ms,
                         "workers": w,
                         "servers": s,
-                        "samples_per_sec": round(thr, 1),
-                        "speedup": round(speedup, 3),
-                        "efficiency": round(speedup / w, 3),
-                        "vs_ideal": round(thr / (w * ideal_per_worker), 3),
-                        "overhead_ms_per_step": round(median(w, "step_s") * 1000 - ms, 1),
+                        "preaggregate": pre,
+                        "preaggregated": r.preaggregated,
+                        "repeat": repeat,
+                        "samples_per_sec": r.steady_samples_per_sec,
+                        "ranks_per_process": cfg.cluster.ranks_per_process,
+                        "step_s": step_s,
+                        "updates_applied": r.updates_applied,
+                        "wall_s": time.time() - t0,
+                        "num_params": r.num_params,
+                        "wait_s_mean": statistics.mean(x["wait_s"] for x in r.workers),
                     }
                 )
+                print(
+                    f"compute {ms:.0f}ms W={w:3d} S={s} "
+                    f"({cfg.cluster.ranks_per_process}/process"
+                    f"{', pre-aggregated' if r.preaggregated else ''}) "
+                    f"{r.steady_samples_per_sec:9,.0f} samples/s  "
+                    f"step {step_s * 1000:6.0f} ms  wall {time.time() - t0:5.1f}s",
+                    flush=True,
+                )
+    finally:
+        ray.shutdown()
+    table = []
+    for ms, s, pre in itertools.product(computes, servers, preaggregates):
+        ideal_per_worker = args.batch_size / (ms / 1000.0)
+
+        def median(w, key="samples_per_sec", ms=ms, s=s, pre=pre):
+            return statistics.median(
+                r[key]
+                for r in rows
+                if r["simulate_ms"] == ms
+                and r["servers"] == s
+                and r["workers"] == w
+                and r["preaggregate"] == pre
+            )
+
+        base = median(min(workers))
+        for w in workers:
+            thr = median(w)
+            speedup = thr / base * min(workers)
+            table.append(
+                {
+                    "simulate_ms": ms,
+                    "workers": w,
+                    "servers": s,
+                    "preaggregate": pre,
+                    "samples_per_sec": round(thr, 1),
+                    "speedup": round(speedup, 3),
+                    "efficiency": round(speedup / w, 3),
+                    "vs_ideal": round(thr / (w * ideal_per_worker), 3),
+                    "overhead_ms_per_step": round(median(w, "step_s") * 1000 - ms, 1),
+                }
+            )
     for row in table:
         print(json.dumps(row))
     here = os.path.dirname(os.path.abspath(__file__))
@@ -203,17 +221,22 @@ def plot(table: list[dict], path: str) -> None:
     computes = sorted({r["simulate_ms"] for r in table})
     fig, axes = plt.subplots(1, len(computes), figsize=(5 * len(computes), 4), squeeze=False)
     for ax, ms in zip(axes[0], computes):
-        for s in sorted({r["servers"] for r in table}):
+        pres = sorted({r.get("preaggregate", "auto") for r in table})
+        for s, pre in itertools.product(sorted({r["servers"] for r in table}), pres):
             pts = sorted(
                 (r["workers"], r["efficiency"])
                 for r in table
-                if r["simulate_ms"] == ms and r["servers"] == s
+                if r["simulate_ms"] == ms
+                and r["servers"] == s
+                and r.get("preaggregate", "auto") == pre
             )
             ax.plot(
                 [p[0] for p in pts],
                 [p[1] for p in pts],
                 marker="o",
-                label=f"{s} server{'s' if s > 1 else ''}",
+                linestyle="-" if pre != "false" else "--",
+                label=f"{s} server{'s' if s > 1 else ''}"
+                + (f", pre-aggregate {pre}" if len(pres) > 1 else ""),
             )
         ax.axhline(0.8, color="grey", linestyle=":", linewidth=1)
         ax.set_xscale("log", base=2)

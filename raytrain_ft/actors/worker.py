@@ -20,6 +20,7 @@ from raytrain_ft.actors import (
 from raytrain_ft.actors.metrics import WORKER_METRICS, Recorder
 from raytrain_ft.compression import Codec, ErrorFeedback, NoCodec, parse_codec
 from raytrain_ft.config import TrainConfig
+from raytrain_ft.consistency import sum_in_rank_order
 from raytrain_ft.data import BatchStream, dataset_on_device
 from raytrain_ft.device import choose_device, deterministic, device_name
 from raytrain_ft.optim import clip_in_place
@@ -143,9 +144,12 @@ class Worker:
         routes: tuple,
         device: str = "cpu",
         run_id: str = "",
+        group: GroupSum | None = None,
     ):
         torch.set_num_threads(config.cluster.cpus_per_worker)
         self.name, self.rank = name, rank
+        self.group = group
+        """Pre-aggregation: the ranks of this process that send one push for all of them."""
         self.config = config
         self.node_id, self.gpu_ids = _placement()
         device, warning = choose_device(
@@ -212,6 +216,8 @@ class Worker:
             self.flat.flat_grad.copy_(
                 torch.randn(self.flat.numel, generator=gen) * SIMULATED_GRAD_SCALE
             )
+        self.sim_grad = self.flat.flat_grad.cpu().numpy() if self._simulate_s else None
+        """--simulate-compute: the fixed gradient in host memory (what pre-aggregation sums)."""
         self.rule = config.rule()
         self.exchange = ShardExchange(
             rank,
@@ -314,6 +320,8 @@ class Worker:
                 f"worker {self.rank} failed at step {self._step}:\n{traceback.format_exc()}"
             )
             logger.error("[worker/%d step=%d] %s", self.rank, self._step, self._error)
+            if self.group is not None:  # the process's other ranks stop waiting for this one
+                self.group.fail(f"rank {self.rank} of this process failed")
         finally:
             self._finished_at = time.time()
 
@@ -500,7 +508,10 @@ class Worker:
         is pushed as is."""
         self.exchange.begin_step(self._step, push, fetch)
         time.sleep(self._simulate_s + self._slow_s)
-        self.exchange.push_remaining()
+        if self.group is not None:
+            self.group.exchange(self)
+        else:
+            self.exchange.push_remaining()
         return float("nan")
 
     def _step_once(
@@ -729,6 +740,11 @@ class ShardExchange:
         """Bytes of error-feedback residuals sent with the pushes (lossy codecs)."""
         self.pushed_last = True
         self._want_params = True
+        self.push_source: np.ndarray | None = None
+        """Pre-aggregation: the sum of the process's ranks' gradients the next pushes send (None:
+        this rank's own gradient)."""
+        self.push_ranks: tuple[int, ...] = ()
+        """The ranks ``push_source`` sums (the pushes count as each of theirs)."""
         self.host_grad = host_grad
         self.overlap = overlap
         self.acked = [0] * len(shards)
@@ -920,6 +936,8 @@ class ShardExchange:
             if self.replicate_residual:  # kept with the shard: a restarted rank resumes with it
                 residual = encoder.residual_host()
                 self.residual_bytes += residual.nbytes
+        elif self.push_source is not None:  # pre-aggregated; a copy, kept for a resend
+            grad = self.push_source[s.start : s.end].copy()
         else:
             # a copy, kept for a resend: the gradient buffer is reused by the next step
             grad = self._host_slice(s).copy()
@@ -938,6 +956,7 @@ class ShardExchange:
                 probe=self.clip_rounds,
                 overflow=self._overflow,
                 early=self._step < self.pipeline_until,
+                ranks=self.push_ranks,
             ),
         )
         self._pushed[i] = True
@@ -1055,20 +1074,100 @@ class ShardExchange:
             self.wait_s += time.perf_counter() - t0
 
 
+class GroupSum:
+    """Pre-aggregation (``cluster.preaggregate``, sync): the ranks of one process sum their
+    gradients and send one push per shard for all of them, as the GPUs of one node would.
+
+    Every rank's training thread hands in its step's gradient and waits; the group's first rank
+    sums them in rank order (``consistency.sum_in_rank_order``, the order a shard sums the ranks
+    of a process in anyway: the same bits as their own pushes), pushes the sum through its own
+    exchange with the ranks it holds (exactly-once and replay count it as each of theirs),
+    installs the answers, and the others copy its parameters. The ranks die together (with their
+    process) and come back together, so none waits for a rank that is gone for good; a rank that
+    fails stops the others with it.
+    """
+
+    def __init__(self, members: tuple[int, ...]):
+        self.members = members
+        self._cond = threading.Condition()
+        self._ranks: dict[int, Worker] = {}
+        self._handed: dict[int, int] = {}
+        """Rank -> the step whose gradient it handed in."""
+        self._done = -1
+        """The last step the first rank pushed and installed."""
+        self._error: str | None = None
+
+    def join(self, worker: Worker) -> None:
+        with self._cond:
+            self._ranks[worker.rank] = worker
+
+    def fail(self, reason: str) -> None:
+        with self._cond:
+            self._error = self._error or reason
+            self._cond.notify_all()
+
+    def exchange(self, worker: Worker) -> None:
+        """Push step ``worker._step`` for the group (first rank) or wait for it (the others), then
+        hold the parameters that step's answers carried."""
+        step, lead = worker._step, self.members[0]
+        with self._cond:
+            self._handed[worker.rank] = step
+            self._cond.notify_all()
+            if worker.rank == lead:
+                self._wait(lambda: all(self._handed.get(r) == step for r in self.members))
+                ranks = [self._ranks[r] for r in self.members]
+        if worker.rank == lead:
+            ex = worker.exchange
+            ex.push_source = sum_in_rank_order([w.sim_grad for w in ranks])
+            ex.push_ranks = self.members if len(self.members) > 1 else ()
+            try:
+                ex.push_remaining()
+                ex.install_all()
+            except Exception as error:
+                self.fail(f"rank {lead} could not push for the group: {error}")
+                raise
+            with self._cond:
+                self._done = step
+                self._cond.notify_all()
+            return
+        with self._cond:
+            self._wait(lambda: self._done >= step)
+            source = self._ranks[lead]
+        worker.flat.flat.copy_(source.flat.flat)
+        worker.exchange.versions = list(source.exchange.versions)
+
+    def _wait(self, ready) -> None:
+        from raytrain_ft.errors import TrainingError
+
+        while not ready():
+            if self._error is not None:
+                raise TrainingError(f"pre-aggregation stopped: {self._error}")
+            self._cond.wait(timeout=1.0)
+
+
 class WorkerHost:
     """One process hosting several simulated ranks (``cluster.ranks_per_process``): each rank is a
-    full ``Worker`` with its own training thread, shard exchange and object-store traffic; only the
+    full ``Worker`` with its own training thread; with pre-aggregation they push through one
+    ``GroupSum``, else each rank has its own shard exchange and object-store traffic. Only the
     process (interpreter, torch, Ray core worker) is shared. Calls are executed one at a time, in
     the order sent."""
 
     def __init__(self) -> None:
         self.ranks: dict[int, Worker] = {}
+        self.groups: dict[int, GroupSum] = {}
 
     def ready(self) -> str:
         return process_address()
 
     def add(self, rank: int, *args) -> str:
-        self.ranks[rank] = Worker(*args)
+        config = args[2]
+        group = None
+        if config.preaggregates:
+            members = config.rule().sum_members(rank)
+            group = self.groups.setdefault(members[0], GroupSum(members))
+        self.ranks[rank] = Worker(*args, group=group)
+        if group is not None:
+            group.join(self.ranks[rank])
         return process_address()
 
     def call(self, rank: int, method: str, *args):

@@ -236,34 +236,44 @@ def simulated_sgd_expected(cfg, result):
     return init[:n] - cfg.steps * cfg.optim.lr * torch.stack(grads).mean(0)[:n]
 
 
-def test_simulated_compute_pushes_fixed_gradients_through_the_real_path(
-    ray_local, ranks_per_process=2
-):
+def test_simulated_compute_pushes_fixed_gradients_through_the_real_path(ray_local):
     """--simulate-compute: no forward/backward, yet every step's gradient crosses the object store,
     is averaged in rank order and applied: plain SGD ends exactly at init - steps * lr * mean of the
     ranks' fixed gradients. With two ranks per process, ranks 0 and 1 share a process and rank 2 has
-    its own; the result is the same."""
+    its own; the result is the same. Pre-aggregated (ranks 0 and 1 send one push of their sum) or
+    not, the parameters have the same bits."""
     workers, steps, lr = 3, 10, 0.5
-    cfg = _config(
-        optim=OptimConfig(name="sgd", lr=lr, momentum=0.0, weight_decay=0.0),
-        cluster=ClusterConfig(
-            num_workers=workers,
-            num_servers=2,
-            simulate_compute_ms=20,
-            ranks_per_process=ranks_per_process,
-        ),
-        steps=steps,
-    )
-    r = Trainer(cfg).fit()
-    processes = [w["process"] for w in r.workers]
-    assert len(set(processes)) == 2 and processes[0] == processes[1] != processes[2]
-    n = r.num_params
-    torch.testing.assert_close(
-        torch.from_numpy(r.final_params[:n].copy()),
-        simulated_sgd_expected(cfg, r),
-        rtol=0,
-        atol=1e-6,
-    )
-    assert r.updates_applied == r.updates_acknowledged == steps * 2
-    assert [w["samples"] for w in r.workers] == [steps * cfg.data.batch_size] * workers
-    assert r.train_time_s >= steps * 0.020  # every step slept its simulated compute
+    hashes = {}
+    for preaggregate in ("true", "false"):
+        cfg = _config(
+            optim=OptimConfig(name="sgd", lr=lr, momentum=0.0, weight_decay=0.0),
+            cluster=ClusterConfig(
+                num_workers=workers,
+                num_servers=2,
+                simulate_compute_ms=20,
+                ranks_per_process=2,
+                preaggregate=preaggregate,
+            ),
+            steps=steps,
+        )
+        r = Trainer(cfg).fit()
+        processes = [w["process"] for w in r.workers]
+        assert len(set(processes)) == 2 and processes[0] == processes[1] != processes[2]
+        pushed = [w["bytes_pushed"] for w in r.workers]
+        if preaggregate == "true":  # rank 0 pushes for ranks 0 and 1
+            assert r.preaggregated and pushed[1] == 0 and pushed[0] == pushed[2] > 0
+        else:
+            assert not r.preaggregated and pushed[0] == pushed[1] == pushed[2] > 0
+        hashes[preaggregate] = r.params_sha256
+        n = r.num_params
+        torch.testing.assert_close(
+            torch.from_numpy(r.final_params[:n].copy()),
+            simulated_sgd_expected(cfg, r),
+            rtol=0,
+            atol=1e-6,
+        )
+        # the ledgers acknowledge each rank's push, pre-aggregated or not
+        assert r.updates_applied == r.updates_acknowledged == steps * 2
+        assert [w["samples"] for w in r.workers] == [steps * cfg.data.batch_size] * workers
+        assert r.train_time_s >= steps * 0.020  # every step slept its simulated compute
+    assert hashes["true"] == hashes["false"]
