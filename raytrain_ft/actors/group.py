@@ -58,6 +58,8 @@ class ActorGroup:
         self._hosts: dict[int, tuple] = {}
         """ranks_per_process > 1: per group of ranks, (its host actor, the ranks it was given)."""
         self._faulted: set[int] = set()
+        self._named_hosts: dict[str, object] = {}
+        """Pre-aggregation: processes by the name the supervisor gave them."""
 
     def _options(self, name: str, node_id: str | None, **resources) -> dict:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -113,9 +115,8 @@ class ActorGroup:
         import uuid
 
         import ray
-        from ray.experimental import internal_kv
 
-        from raytrain_ft.actors.worker import RankHandle, Worker, WorkerHost
+        from raytrain_ft.actors.worker import Worker, WorkerHost
 
         cfg = self.spec.config
         gpu = 1 if self.spec.device != "cpu" else 0
@@ -136,6 +137,11 @@ class ActorGroup:
             )
             self.directory.remember(e.name, cls.remote(*args))
             return
+        if e.host is not None:  # pre-aggregation: the supervisor named the process
+            host_name = f"{e.host}-process"
+            host = self._host(host_name, cfg.cluster.cpus_per_worker)
+            self._add_rank(host, host_name, e, args)
+            return
         group = e.rank // per_process
         host, ranks, host_name = self._hosts.get(group, (None, set(), None))
         if (
@@ -150,6 +156,13 @@ class ActorGroup:
             ranks = set()
             self._hosts[group] = (host, ranks, host_name)
         ranks.add(e.rank)
+        self._add_rank(host, host_name, e, args)
+
+    def _add_rank(self, host, host_name: str, e: Create, args: tuple) -> None:
+        from ray.experimental import internal_kv
+
+        from raytrain_ft.actors.worker import RankHandle
+
         internal_kv._internal_kv_put(
             host_key(self.spec.run_id, e.name), f"{host_name}#{e.rank}".encode(), overwrite=True
         )
@@ -158,13 +171,34 @@ class ActorGroup:
         )  # runs before any later call to the rank (one caller, calls in order)
         self.directory.remember(e.name, RankHandle(host, e.rank))
 
+    def _host(self, name: str, cpus: int):
+        """The process named ``name`` (one a supervisor before a restart created is found by its
+        name), created if it does not exist."""
+        import ray
+
+        from raytrain_ft.actors.worker import WorkerHost
+
+        if name not in self._named_hosts:
+            try:
+                self._named_hosts[name] = ray.get_actor(name, namespace=NAMESPACE)
+            except ValueError:
+                self._named_hosts[name] = (
+                    ray.remote(WorkerHost)
+                    .options(**self._options(name, None, num_cpus=cpus))
+                    .remote()
+                )
+        return self._named_hosts[name]
+
     def kill(self, name: str) -> None:
         import ray
 
         from raytrain_ft.actors.worker import RankHandle
 
         handle = self.directory.handle(name)
-        if handle is None or isinstance(handle, RankHandle):
+        if isinstance(handle, RankHandle) and self.spec.config.preaggregates:
+            # its process's ranks push as one and are re-created with it: the process goes
+            handle = handle.host
+        elif handle is None or isinstance(handle, RankHandle):
             # gone already; a hosted rank dies with its process (a kill would take its neighbours)
             return
         try:

@@ -148,6 +148,7 @@ class Supervisor:
             start_timeout_s=actor_start_timeout_s(),
             op_timeout_s=rc.suspect_after_s * 6,
             node_ids=args.node_ids,
+            process_ranks=cfg.cluster.ranks_per_process if cfg.preaggregates else 1,
         )
         server_spec = ServerSpec(
             cfg.optim,

@@ -324,6 +324,8 @@ class Worker:
                 self.group.fail(f"rank {self.rank} of this process failed")
         finally:
             self._finished_at = time.time()
+            if self.group is not None:
+                self.group.leave(self.rank)
 
     def _stream(self, start_step: int, end_step: int | None = None) -> BatchStream | _NoBatches:
         """This rank's batches ``[start_step, end_step)`` (batch indices; default: to the run's
@@ -1095,6 +1097,7 @@ class GroupSum:
         """Rank -> the step whose gradient it handed in."""
         self._done = -1
         """The last step the first rank pushed and installed."""
+        self._left: set[int] = set()
         self._error: str | None = None
 
     def join(self, worker: Worker) -> None:
@@ -1114,7 +1117,7 @@ class GroupSum:
             self._handed[worker.rank] = step
             self._cond.notify_all()
             if worker.rank == lead:
-                self._wait(lambda: all(self._handed.get(r) == step for r in self.members))
+                self._wait(worker, lambda: self._all_in(step))
                 ranks = [self._ranks[r] for r in self.members]
         if worker.rank == lead:
             ex = worker.exchange
@@ -1131,18 +1134,51 @@ class GroupSum:
                 self._cond.notify_all()
             return
         with self._cond:
-            self._wait(lambda: self._done >= step)
+            self._wait(worker, lambda: self._done >= step)
             source = self._ranks[lead]
         worker.flat.flat.copy_(source.flat.flat)
         worker.exchange.versions = list(source.exchange.versions)
 
-    def _wait(self, ready) -> None:
+    def _all_in(self, step: int) -> bool:
+        """Whether every rank handed in ``step`` (the first rank's); a rank at another step, or one
+        that stopped, would never: the supervisor starts a process's ranks at one step, so that is
+        a bug, reported instead of waited on."""
+        handed = {r: self._handed.get(r) for r in self.members}
+        if all(h == step for h in handed.values()):
+            return True
+        stopped = sorted(r for r in self._left if r in handed)
+        # a rank released from an earlier step is on its way to this one; one waiting for another
+        # step's push (or ahead of this one) is not
+        apart = {r: h for r, h in handed.items() if h is not None and h != step and h > self._done}
+        if stopped or apart:
+            self._error = self._error or (
+                f"the ranks of this process cannot push as one at step {step}: "
+                + (f"ranks {stopped} stopped" if stopped else f"ranks at steps {apart}")
+            )
+            self._cond.notify_all()
+        return False
+
+    def leave(self, rank: int) -> None:
+        """``rank``'s training thread ended (the first rank no longer waits for it)."""
+        with self._cond:
+            self._left.add(rank)
+            self._cond.notify_all()
+
+    def _wait(self, worker: Worker, ready) -> None:
+        """Wait (holding the lock) until ``ready()``; the time counts as ``worker``'s exchange
+        wait, not its compute."""
         from raytrain_ft.errors import TrainingError
 
-        while not ready():
+        t0 = time.perf_counter()
+        try:
+            while not ready():
+                if self._error is not None:
+                    raise TrainingError(f"pre-aggregation stopped: {self._error}")
+                self._cond.wait(timeout=1.0)
             if self._error is not None:
                 raise TrainingError(f"pre-aggregation stopped: {self._error}")
-            self._cond.wait(timeout=1.0)
+        finally:
+            worker.exchange.wait_s += time.perf_counter() - t0
 
 
 class WorkerHost:

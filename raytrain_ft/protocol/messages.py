@@ -375,6 +375,9 @@ class Create:
     """Placement hint: a node id (None: anywhere)."""
     routes: tuple = ()
     """Workers: the routes at creation."""
+    host: Address | None = None
+    """Workers that pre-aggregate: the process to create the rank in (ranks created with the same
+    host share it; the first creates it)."""
 
 
 @dataclass(frozen=True, slots=True)

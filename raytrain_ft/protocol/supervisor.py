@@ -168,6 +168,9 @@ class WorkerRecord:
     phase: WorkerPhase = WorkerPhase.NONE
     restarts: int = 0
     start_step: int | None = None
+    host: Address | None = None
+    """Pre-aggregation: the process the rank was created in, shared by its process's ranks (the
+    actor name of the first of them)."""
 
 
 @dataclass(slots=True)
@@ -310,6 +313,16 @@ class SupervisorSpec:
     again."""
     node_ids: tuple[str, ...] = ()
     """Nodes to spread server slots over (empty: one node, no placement)."""
+    process_ranks: int = 1
+    """Pre-aggregation: ranks per process that push as one (consecutive ranks). They are created
+    in one process, re-created all together when one of them dies (a process's ranks die
+    together, and one suspected dead is killed with its process), and started at one step: a rank
+    of them cannot go on without the others (1: each rank on its own)."""
+
+    def process_of(self, rank: int) -> tuple[int, ...]:
+        """The ranks that share ``rank``'s process and push as one (``rank`` alone if none)."""
+        first = rank - rank % self.process_ranks
+        return tuple(range(first, min(first + self.process_ranks, self.num_workers)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,7 +387,26 @@ def resume_step(descriptions: list[ServerDescription], rank: int) -> int:
     return min(d.durable_clocks[rank] for d in descriptions)
 
 
+def _whole_processes(out: list, reg: Registry, spec: SupervisorSpec) -> list:
+    """Pre-aggregation: a rank re-created means its process's ranks are all re-created with it (in
+    rank order, so the first names the process), and nothing else is decided for them this
+    round; ranks that all finished stay finished."""
+    recreate = {
+        m for d in out if d.action is Action.CREATE_WORKER for m in spec.process_of(d.target)
+    }
+    if not recreate:
+        return out
+    kept = [d for d in out if not (d.target in recreate and d.action in WORKER_ACTIONS)]
+    return kept + [
+        Decision(Action.CREATE_WORKER, m, f"worker {m}'s process is re-created")
+        for m in sorted(recreate)
+    ]
+
+
 SPARE_TAKERS = frozenset((Action.RECOVER, Action.REPLACE_HOLDER, Action.ROLLBACK))
+WORKER_ACTIONS = frozenset(
+    (Action.CREATE_WORKER, Action.START_WORKER, Action.MARK_RUNNING, Action.MARK_DONE)
+)
 """Decisions carried out on a spare (a new actor for a dead or suspected slot)."""
 
 
@@ -649,6 +681,8 @@ def decide(
             and (all_up or reg.phase is RunPhase.RUNNING)
         ):
             out.append(Decision(Action.START_WORKER, rank, f"worker {rank} is up and not training"))
+    if spec.process_ranks > 1:
+        out = _whole_processes(out, reg, spec)
     # the end is declared only on a round every server answered (a holder silent for a moment may be
     # dead) and every slot serves: workers may be done while a primary is still being rebuilt (with
     # relaxed durability their last pushes were answered before the primary died), and the final
@@ -908,6 +942,23 @@ class SupervisorProtocol:
     def _persist(self) -> Persist:
         return Persist(self.key, self.reg.to_json())
 
+    def _start_step(self, descriptions: list, rank: int) -> int:
+        """Where a (re)started rank goes on; with pre-aggregation, one step for its process's
+        ranks: the one a rank of them was already given, else the lowest they resume at (a
+        step already applied is answered as a repeat)."""
+        if self.spec.process_ranks == 1:
+            return resume_step(descriptions, rank)
+        process = self.spec.process_of(rank)
+        # a Start sent again (its answer was lost) carries the step the first one did
+        given = [
+            self.reg.workers[m].start_step
+            for m in process
+            if self.reg.workers[m].start_step is not None
+        ]
+        if given:
+            return given[0]
+        return min(resume_step(descriptions, m) for m in process)
+
     def _name(self, kind: str) -> str:
         self.reg.next_name += 1
         return f"{self.name_prefix}{kind}-{self.reg.next_name}"
@@ -1016,11 +1067,14 @@ class SupervisorProtocol:
                 WorkerPhase.CREATING,
                 None,
             )
+            if self.spec.process_ranks > 1:  # the first rank of a process names it
+                first = self.spec.process_of(d.target)[0]
+                w.host = w.actor if first == d.target else reg.workers[first].host
             kills = [Kill(old, d.reason)] if old else []
             return (
                 [self._persist()]
                 + kills
-                + [Create(w.actor, "worker", rank=d.target, routes=reg.routes(k))]
+                + [Create(w.actor, "worker", rank=d.target, routes=reg.routes(k), host=w.host)]
             )
         if a is Action.START_WORKER:
             rank, w = d.target, reg.workers[d.target]
@@ -1031,7 +1085,7 @@ class SupervisorProtocol:
             ):
                 # A decision carried out earlier this round moved a shard: decide again next round.
                 return []
-            step = resume_step(descriptions, rank)
+            step = self._start_step(descriptions, rank)
             w.phase, w.start_step, reg.training = WorkerPhase.STARTING, step, True
             return [self._persist()] + self._op(
                 "start", rank, w.actor, Start(step, self.spec.total_steps, reg.routes(k)), w.actor

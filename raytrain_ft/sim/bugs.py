@@ -13,7 +13,12 @@ from raytrain_ft.consistency import Verdict, mean_in_rank_order
 from raytrain_ft.optim import clip_factor
 from raytrain_ft.protocol.messages import PushReply, Reply
 from raytrain_ft.protocol.server import ServerProtocol
-from raytrain_ft.protocol.supervisor import Registry, SupervisorProtocol, WorkerPhase
+from raytrain_ft.protocol.supervisor import (
+    Registry,
+    SupervisorProtocol,
+    WorkerPhase,
+    resume_step,
+)
 
 
 class AckBeforeLog(ServerProtocol):
@@ -106,6 +111,15 @@ class DurableTooSoon(ServerProtocol):
         ]
 
 
+class PerRankStart(SupervisorProtocol):
+    """Pre-aggregation done wrong: each rank of a process is started at its own resume step, as if
+    it pushed alone (ranks started in different rounds may get different steps and then wait on
+    each other)."""
+
+    def _start_step(self, descriptions, rank: int) -> int:
+        return resume_step(descriptions, rank)
+
+
 BUGS = {
     "ack-before-log": ("server", AckBeforeLog),
     "no-fencing": ("server", NoFencing),
@@ -116,6 +130,7 @@ BUGS = {
     "ungrouped-mean": ("server", UngroupedMean),
     "volatile-epochs": ("supervisor", VolatileEpochs),
     "lost-pending-start": ("supervisor", LostPendingStart),
+    "per-rank-start": ("supervisor", PerRankStart),
 }
 
 

@@ -35,7 +35,7 @@ import dataclasses
 import heapq
 import itertools
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -208,6 +208,20 @@ def random_config(rng: random.Random, mode: str) -> SimConfig:
 
 
 @dataclass(slots=True)
+class SimHost:
+    """Pre-aggregation: one process's ranks (``GroupSum``'s shared state)."""
+
+    ranks: dict = field(default_factory=dict)
+    """Rank -> its worker in this process."""
+    handed: dict = field(default_factory=dict)
+    """Rank -> the step it handed in."""
+    done: int = -1
+    """The last step the first rank pushed and installed."""
+    left: set = field(default_factory=set)
+    error: str | None = None
+
+
+@dataclass(slots=True)
 class WorkerStatus:
     """What a simulated worker answers ``PollStatus`` with (the fields the supervisor reads)."""
 
@@ -222,7 +236,7 @@ class SimWorker:
     push to every shard, install the answers; the same step rules as the real worker
     (``actors/worker.py``)."""
 
-    def __init__(self, world: World, name: str, rank: int, routes):
+    def __init__(self, world: World, name: str, rank: int, routes, host: str | None = None):
         self.world, self.name, self.rank = world, name, rank
         cfg = world.cfg
         self.exchange = ExchangeProtocol(rank, list(routes), SUPERVISOR, watchdog_s=0.05)
@@ -233,19 +247,15 @@ class SimWorker:
         self.phase = "idle"
         self.error: str | None = None
         self.seen_acks = 0
-        members = cfg.rule().sum_members(rank)
+        self.host = world.hosts.setdefault(host, SimHost()) if host is not None else None
+        """Pre-aggregation: the process this rank shares with the others of its ``members``
+        (``actors/worker.py``'s ``GroupSum``): each hands in its step, the first pushes their
+        summed gradients for all of them once every one handed in that step, and the others take
+        its parameters."""
+        members = cfg.rule().sum_members(rank) if host is not None else ()
         self.members = members if len(members) > 1 else ()
-        """Pre-aggregation: the ranks whose summed gradients this rank pushes (it is the first of
-        its process's ranks); a later rank of the process pushes nothing and follows the first."""
-        self.follower = bool(members) and members[0] != rank
 
     def status(self) -> WorkerStatus:
-        if self.follower and self.started:
-            # started at its end (every push of it applied): done at once, as a real rank is
-            lead = self.world.worker(self.members[0])
-            if self.step < self.end and lead is not None and lead.started:
-                return WorkerStatus(True, lead.done, self.error or lead.error, lead.step)
-            return WorkerStatus(True, self.step >= self.end, self.error, self.step)
         return WorkerStatus(self.started, self.done, self.error or self.exchange.error, self.step)
 
     def on_request(self, rid: int, msg) -> list:
@@ -255,8 +265,6 @@ class SimWorker:
             if self.started:
                 return [Reply(rid, False)]
             self.started, self.step, self.end = True, msg.step, msg.end_step
-            if self.follower:  # its process's first rank pushes its gradient
-                return [Reply(rid, True)]
             self.exchange.set_routes(msg.routes)
             exact = self.world.cfg.rule().exact_resume
             effects = [Reply(rid, True)]
@@ -317,17 +325,69 @@ class SimWorker:
                 self.world.cfg.backup_workers
             ):  # the shards closed steps without this rank: go on at their step
                 self.step = max(self.step, min(min(self.versions), self.end))
+            if self.members:  # the process's pushed step is in: the others take its parameters
+                self.host.done = self.step - 1
+                self.world.poke_host(self.host, "group")
+        return self._next()
+
+    def _next(self) -> list:
         if self.step >= self.end:
             self.done, self.phase = True, "done"
+            if self.host is not None:
+                self.host.left.add(self.rank)
+                self.world.poke_host(self.host, "group")
             return []
         self.phase = "compute"
         return [Timer("computed", self.world.cfg.compute_s * self.world.rng.uniform(0.5, 1.5))]
 
+    def _grouped(self) -> list:
+        """Pre-aggregation: the first rank pushes once every rank handed in its step; the others
+        take its parameters once it installed the answers (``GroupSum``). Ranks that can never
+        push as one fail, as the real ones do."""
+        h, lead = self.host, self.members[0]
+        if self.rank != lead:
+            first = h.ranks.get(lead)
+            if h.error or (first is not None and first.error):
+                self.error = f"pre-aggregation stopped: {h.error or first.error}"
+                return []
+            if h.done < self.step or first is None:
+                return []
+            self.params = [p.copy() for p in first.params]
+            self.versions = list(first.versions)
+            self.step += 1
+            return self._next()
+        handed = {r: h.handed.get(r) for r in self.members}
+        if any(v != self.step for v in handed.values()):
+            stopped = sorted(r for r in h.left if r in handed)
+            apart = {
+                r: v for r, v in handed.items() if v is not None and v != self.step and v > h.done
+            }
+            if stopped or apart:
+                h.error = self.error = (
+                    f"the ranks of this process cannot push as one at step {self.step}: "
+                    + (f"ranks {stopped} stopped" if stopped else f"ranks at steps {apart}")
+                )
+                self.world.poke_host(h, "group")
+            return []
+        return self._push_step()
+
     def on_timer(self, token) -> list:
         if token == "tick":
             return self.on_tick()
+        if token == "group" and self.phase == "group" and not self.error:
+            return self._grouped()
         if token != "computed" or self.phase != "compute":
             return []
+        if self.members:
+            self.host.handed[self.rank] = self.step
+            self.phase = "group"
+            if self.rank != self.members[0]:
+                self.world.poke_host(self.host, "group")
+                return []
+            return self._grouped()
+        return self._push_step()
+
+    def _push_step(self) -> list:
         cfg, effects = self.world.cfg, []
         self.phase = "push" if cfg.clip is None else "probe"
         ranks = self.members or (self.rank,)
@@ -414,6 +474,8 @@ class World:
         self.procs: dict[str, Proc] = {}
         self.kv: dict[str, str] = {}
         self.ledger: list = []
+        self.hosts: dict[str, SimHost] = {}
+        """Pre-aggregation: processes by the name the supervisor gave them."""
         self._requests: dict[tuple, object] = {}
         self.logged_through: dict[int, int] = {}
         """Per shard: commands below this seq were acknowledged by a holder, as the answers to
@@ -463,6 +525,7 @@ class World:
             op_timeout_s=0.5,
             max_worker_restarts=100,
             node_ids=tuple(self.nodes) if cfg.num_nodes > 1 else (),
+            process_ranks=cfg.preaggregate,
         )
         self._fault_budget = cfg.max_faults if faults else 0
         self._progress = 0
@@ -517,7 +580,7 @@ class World:
         if eff.kind == "server":
             obj = self.server_cls(eff.name, self.spec, clock=lambda: self.now, node=node)
         else:
-            obj = SimWorker(self, eff.name, eff.rank, eff.routes)
+            obj = SimWorker(self, eff.name, eff.rank, eff.routes, eff.host)
         self._creating.add(eff.name)
         self.at(self.rng.uniform(0.005, 0.03), "created", Proc(eff.name, eff.kind, node, obj))
 
@@ -534,16 +597,17 @@ class World:
                 self.at(self.delay() * 5, "failure", caller, inc, cid, Failure.DEAD)
         if proc.kind == "supervisor":
             self.at(self.rng.uniform(0.005, 0.03), "restart_supervisor")
-        if proc.kind == "worker" and self.cfg.preaggregate > 1:  # its process's ranks die with it
-            mates = set(self.cfg.rule().sum_members(proc.obj.rank))
+        if proc.kind == "worker" and proc.obj.host is not None:  # its process's ranks die with it
             for p in list(self.procs.values()):
-                if p.kind == "worker" and p.alive and p.obj.rank in mates:
+                if p.kind == "worker" and p.alive and p.obj.host is proc.obj.host:
                     self.kill(p.name, f"{why}; shares {name}'s process")
 
-    def worker(self, rank: int) -> SimWorker | None:
-        """The live worker of ``rank`` (the newest, if several)."""
-        live = [p.obj for p in self.procs.values() if p.kind == "worker" and p.alive]
-        return next((w for w in reversed(live) if w.rank == rank), None)
+    def poke_host(self, host: SimHost, token: str) -> None:
+        """Wake every rank of a process (their threads wait on one condition)."""
+        for w in host.ranks.values():
+            proc = self.procs.get(w.name)
+            if proc is not None and proc.alive:
+                self.at(0.0, "timer", proc.name, proc.incarnation, token)
 
     # --- carrying out effects
     # ------------------------------------------------------------------------
@@ -713,6 +777,8 @@ class World:
                 return
             self.procs[proc.name] = proc
             self.log(f"created {proc.name} on {proc.node}")
+            if proc.kind == "worker" and proc.obj.host is not None:
+                proc.obj.host.ranks[proc.obj.rank] = proc.obj
             if proc.kind == "worker":
                 self.perform(proc, [Timer("tick", self.cfg.compute_s)])
         elif kind == "killed":

@@ -63,6 +63,8 @@ def test_every_documented_choice_is_accepted(flag, value):
         extra = ("--mode", "async")  # sync has no stale gradients to correct
     if flag == "--codec-residual":
         extra = ("--codec", "fp16")  # a lossless codec keeps no residual
+    if flag == "--preaggregate":  # the ranks of a process pre-aggregate
+        extra = ("--simulate-compute", "10", "--ranks-per-process", "2")
     cfg = config_of(flag, value, *extra)
     assert value in str(cfg.to_dict()) or value in ("true", "false")
 

@@ -563,6 +563,33 @@ DECIDE = [
         "worker 0 (w0) is dead",
     ),
     (
+        "pre-aggregation: a dead rank re-creates its process's ranks",
+        _spec(process_ranks=2),
+        _running,
+        _view(_running, answers={"w1": DEAD}),
+        (),
+        [(A.CREATE_WORKER, 0), (A.CREATE_WORKER, 1)],
+        "worker 0's process is re-created",
+    ),
+    (
+        "pre-aggregation: a finished rank is re-created with its process",
+        _spec(process_ranks=2),
+        _reg(tweak=lambda r: setattr(r.workers[0], "phase", WorkerPhase.DONE)),
+        _view(_running, answers={"w0": Status(True, True), "w1": DEAD}),
+        (),
+        [(A.CREATE_WORKER, 0), (A.CREATE_WORKER, 1)],
+        "process is re-created",
+    ),
+    (
+        "pre-aggregation: finished ranks of a dead process stay finished",
+        _spec(process_ranks=2),
+        _done,
+        _view(_done, answers={"w0": DEAD, "w1": DEAD}),
+        (),
+        [(A.FINISH, None)],
+        None,
+    ),
+    (
         "dead worker at the restart limit",
         _spec(),
         _at_limit,
@@ -1073,3 +1100,46 @@ def test_bad_durability_is_refused(text):
 
     with pytest.raises(ValueError, match="auto, strict, pipelined or relaxed:K"):
         unlogged_allowed(text)
+
+
+def test_pre_aggregating_ranks_are_created_in_one_process_and_started_at_one_step():
+    """The first rank of a process names it for the others; a rank started after a shard logged
+    more updates gets the step its process's first started rank was given (else they would wait
+    on each other), and a Start sent again repeats its step."""
+    from raytrain_ft.protocol.messages import Create
+    from raytrain_ft.protocol.supervisor import Decision
+
+    spec = SupervisorSpec(
+        num_shards=1, num_workers=3, total_steps=10, process_ranks=2, max_worker_restarts=5
+    )
+    reg = Registry.new(1, 3)
+    reg.slots[0] = SlotRecord("a", SlotPhase.SERVING, 1)
+    sup = SupervisorProtocol(spec, RANGES[:1], _initial, registry=reg)
+    creates = [
+        e
+        for r in range(3)
+        for e in sup._carry_out(Decision(A.CREATE_WORKER, r, "test"), 0.0)
+        if isinstance(e, Create)
+    ]
+    names = [c.name for c in creates]
+    assert [c.host for c in creates] == [names[0], names[0], names[2]]
+
+    def described(clock):
+        return View(
+            {"a": ServerDescription("a", 0, 1, 0, 0, (clock,) * 3, (), False, None)}, {}, {}
+        )
+
+    def start(rank):
+        (call,) = [
+            e
+            for e in sup._carry_out(Decision(A.START_WORKER, rank, "test"), 0.0)
+            if hasattr(e, "msg") and isinstance(e.msg, Start)
+        ]
+        return call.msg.step
+
+    sup.view = described(3)
+    assert start(0) == 3
+    sup.view = described(4)  # an update logged since
+    assert start(1) == 3  # its process's step
+    assert start(0) == 3  # sent again: the same step
+    assert start(2) == 4  # a process of its own

@@ -186,3 +186,91 @@ def test_preaggregate_true_names_what_it_cannot_work_with(extra, needle):
     with pytest.raises(ConfigError) as err:
         from_dict(d)
     assert err.value.field == "cluster.preaggregate" and needle in str(err.value)
+
+
+# --- the process's ranks (GroupSum, threads, no Ray) ----------------------------------------------
+
+
+class _FakeExchange:
+    def __init__(self, pushed: list):
+        self.pushed, self.versions, self.wait_s = pushed, [0], 0.0
+        self.push_source, self.push_ranks = None, ()
+
+    def push_remaining(self):
+        self.pushed.append((self.push_ranks, self.push_source.copy()))
+        self.versions = [self.versions[0] + 1]
+
+    def install_all(self):
+        pass
+
+
+class _FakeRank:
+    def __init__(self, rank: int, pushed: list):
+        import torch
+
+        self.rank, self._step = rank, 0
+        self.sim_grad = np.full(3, float(rank + 1), np.float32)
+        self.exchange = _FakeExchange(pushed)
+        self.flat = type("Flat", (), {"flat": torch.full((3,), float(rank))})()
+
+
+def _run_ranks(group, ranks, steps_of):
+    import threading
+
+    errors: dict[int, str] = {}
+
+    def train(w):
+        try:
+            for step in steps_of[w.rank]:
+                w._step = step
+                group.exchange(w)
+        except Exception as error:  # noqa: BLE001 -- recorded for the test
+            errors[w.rank] = str(error)
+        finally:
+            group.leave(w.rank)
+
+    threads = [threading.Thread(target=train, args=(w,), daemon=True) for w in ranks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    assert not any(t.is_alive() for t in threads), "a rank of the process hung"
+    return errors
+
+
+def test_a_process_pushes_once_per_step_for_its_ranks_and_they_take_its_parameters():
+    from raytrain_ft.actors.worker import GroupSum
+
+    pushed: list = []
+    group = GroupSum((4, 5, 6))
+    ranks = [_FakeRank(r, pushed) for r in (4, 5, 6)]
+    for w in ranks:
+        group.join(w)
+    ranks[0].flat.flat.fill_(7.0)  # the first rank's parameters, as its install left them
+    errors = _run_ranks(group, ranks, {r: range(3) for r in (4, 5, 6)})
+    assert errors == {}
+    assert [p[0] for p in pushed] == [(4, 5, 6)] * 3  # only the first rank's exchange pushed
+    np.testing.assert_array_equal(pushed[0][1], np.full(3, 5 + 6 + 7, np.float32))
+    assert all(float(w.flat.flat[0]) == 7.0 for w in ranks)
+    assert all(w.exchange.versions == [3] for w in ranks)
+
+
+@pytest.mark.parametrize(
+    "steps_of",
+    [
+        {0: range(1, 4), 1: range(0, 4)},  # restarted at different steps
+        {0: range(3, 4), 1: range(4, 4)},  # one already at the end
+        {0: range(0, 4), 1: range(1, 4)},  # the other way round
+    ],
+)
+def test_ranks_of_a_process_that_cannot_push_as_one_fail_instead_of_hanging(steps_of):
+    """The supervisor starts a process's ranks at one step; were it not so, they would wait on
+    each other for ever: the first rank reports it and every rank of the process fails."""
+    from raytrain_ft.actors.worker import GroupSum
+
+    group = GroupSum((0, 1))
+    ranks = [_FakeRank(r, []) for r in (0, 1)]
+    for w in ranks:
+        group.join(w)
+    errors = _run_ranks(group, ranks, steps_of)
+    assert errors and all("cannot push as one" in e for e in errors.values())
