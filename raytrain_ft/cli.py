@@ -204,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME",
         help="switch on a known protocol bug the checker must catch: ack-before-log, no-fencing, "
-        "double-apply, per-shard-clip, partial-skip, volatile-epochs, lost-pending-start",
+        "double-apply, per-shard-clip, partial-skip, durable-too-soon, ungrouped-mean, "
+        "volatile-epochs, lost-pending-start, per-rank-start",
     )
     sim.add_argument(
         "--replay",

@@ -172,21 +172,17 @@ class ActorGroup:
         self.directory.remember(e.name, RankHandle(host, e.rank))
 
     def _host(self, name: str, cpus: int):
-        """The process named ``name`` (one a supervisor before a restart created is found by its
-        name), created if it does not exist."""
+        """The process named ``name``, created by the first rank the supervisor creates in it (a
+        restarted supervisor re-creates a process whose ranks were not all created, under a new
+        name, so a name is never looked up in Ray)."""
         import ray
 
         from raytrain_ft.actors.worker import WorkerHost
 
         if name not in self._named_hosts:
-            try:
-                self._named_hosts[name] = ray.get_actor(name, namespace=NAMESPACE)
-            except ValueError:
-                self._named_hosts[name] = (
-                    ray.remote(WorkerHost)
-                    .options(**self._options(name, None, num_cpus=cpus))
-                    .remote()
-                )
+            self._named_hosts[name] = (
+                ray.remote(WorkerHost).options(**self._options(name, None, num_cpus=cpus)).remote()
+            )
         return self._named_hosts[name]
 
     def kill(self, name: str) -> None:

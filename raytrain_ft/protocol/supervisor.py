@@ -404,10 +404,10 @@ def _whole_processes(out: list, reg: Registry, spec: SupervisorSpec) -> list:
 
 
 SPARE_TAKERS = frozenset((Action.RECOVER, Action.REPLACE_HOLDER, Action.ROLLBACK))
+"""Decisions carried out on a spare (a new actor for a dead or suspected slot)."""
 WORKER_ACTIONS = frozenset(
     (Action.CREATE_WORKER, Action.START_WORKER, Action.MARK_RUNNING, Action.MARK_DONE)
 )
-"""Decisions carried out on a spare (a new actor for a dead or suspected slot)."""
 
 
 def decide(
@@ -1090,20 +1090,15 @@ class SupervisorProtocol:
             return [self._persist()] + self._op(
                 "start", rank, w.actor, Start(step, self.spec.total_steps, reg.routes(k)), w.actor
             )
-        if a is Action.MARK_RUNNING:
+        if a in (Action.MARK_RUNNING, Action.MARK_DONE):
             w = reg.workers[d.target]
-            w.phase = WorkerPhase.RUNNING
-            for e in reversed(reg.events):  # a restarted rank trains again: its recovery is over
+            w.phase = WorkerPhase.RUNNING if a is Action.MARK_RUNNING else WorkerPhase.DONE
+            # a restarted rank trains again (or, started at its last step, is done at once): its
+            # recovery is over
+            for e in reversed(reg.events):
                 if e.role == "worker" and e.index == d.target and e.serving_at is None:
                     e.serving_at, e.step = now, w.start_step
                     break
-            if reg.phase is RunPhase.STARTING and all(
-                x.phase in (WorkerPhase.RUNNING, WorkerPhase.DONE) for x in reg.workers
-            ):
-                reg.phase = RunPhase.RUNNING
-            return []  # re-derived from the next probe if lost
-        if a is Action.MARK_DONE:
-            reg.workers[d.target].phase = WorkerPhase.DONE
             if reg.phase is RunPhase.STARTING and all(
                 x.phase in (WorkerPhase.RUNNING, WorkerPhase.DONE) for x in reg.workers
             ):

@@ -121,3 +121,14 @@ def test_help_prints(command, capsys):
         cli.build_parser().parse_args([command, "--help"])
     assert exit_.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+def test_the_simulate_help_names_every_known_bad_variant():
+    from raytrain_ft.sim.bugs import BUGS
+
+    help_text = next(
+        a.help
+        for a in cli.build_parser()._subparsers._group_actions[0].choices["simulate"]._actions
+        if "--inject-bug" in a.option_strings
+    )
+    assert all(name in help_text for name in BUGS)

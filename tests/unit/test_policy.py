@@ -1143,3 +1143,17 @@ def test_pre_aggregating_ranks_are_created_in_one_process_and_started_at_one_ste
     assert start(1) == 3  # its process's step
     assert start(0) == 3  # sent again: the same step
     assert start(2) == 4  # a process of its own
+
+
+def test_a_restarted_rank_done_at_once_closes_its_recovery():
+    """A rank restarted at its last step is done without ever training: its recovery event is
+    over then too (an open one would hold back the recoveries logged after it)."""
+    from raytrain_ft.protocol.supervisor import Decision, RecoveryEvent
+
+    reg = _reg(worker=WorkerPhase.STARTING)
+    reg.workers[0].start_step = 10
+    reg.events.append(RecoveryEvent("worker", 0, "restart", detected_at=1.0, actor="w0-old"))
+    sup = SupervisorProtocol(_spec(), RANGES[:1], _initial, registry=reg)
+    sup._carry_out(Decision(A.MARK_DONE, 0, "worker 0 finished"), 2.0)
+    assert reg.workers[0].phase is WorkerPhase.DONE
+    assert (reg.events[0].serving_at, reg.events[0].step) == (2.0, 10)
