@@ -375,9 +375,10 @@ class ClusterConfig:
     preaggregate: UseGpu = "auto"
     """With --ranks-per-process above 1: true (the ranks of a process sum their gradients, in rank
     order, and send one push per shard for all of them, as the GPUs of one node would; sync mode
-    without backup workers, gradient clipping, lossy codecs or fp16) | false (one push per rank) |
-    auto (true where it applies). Sync sums the ranks of a process first either way, so both give
-    the same bits."""
+    without backup workers, or mixed mode with --group-size equal to --ranks-per-process -- a
+    node's ranks synchronous, the servers asynchronous; not with gradient clipping, lossy codecs,
+    fp16 or delay compensation) | false (one push per rank) | auto (true where it applies). The
+    ranks of a process are summed first either way, so both give the same bits."""
     tf32: bool = False
     """GPU workers: let convolutions and matmuls use TF32 (faster on Ampere/Hopper, other bits than
     the CPU; off keeps runs bitwise reproducible, see raytrain_ft/device.py)."""
@@ -805,11 +806,18 @@ class TrainConfig:
                 "pre-aggregation sums the ranks of one process: it needs --ranks-per-process "
                 "above 1"
             )
-        if self.mode != "sync":
+        if self.mode == "mixed" and self.consistency.group_size != self.cluster.ranks_per_process:
+            return (
+                "mixed mode pre-aggregates when its groups are the processes: set --group-size "
+                f"to --ranks-per-process ({self.cluster.ranks_per_process})"
+            )
+        if self.mode not in ("sync", "mixed"):
             return (
                 "a pre-aggregated push is one update's share of several ranks: --mode "
-                f"{self.mode} is not sync"
+                f"{self.mode} applies each rank's push on its own"
             )
+        if self.consistency.delay_compensation:
+            return "delay compensation corrects each rank's gradient by its own square"
         if self.consistency.backup_workers:
             return "with backup workers a step closes on the first pushes in, rank by rank"
         if self.optim.clip_grad_norm is not None:
@@ -839,9 +847,11 @@ class TrainConfig:
             c.staleness_lr,
             momentum_correction=c.momentum_correction,
             delay_compensation=c.delay_compensation,
-            # sync sums the ranks of a process first, pre-aggregated or not: the same bits
+            # sync (and mixed whose groups are the processes) sums the ranks of a process first,
+            # pre-aggregated or not: the same bits
             sum_group=self.cluster.ranks_per_process
-            if self.mode == "sync" and not c.backup_workers
+            if (self.mode == "sync" and not c.backup_workers)
+            or (self.mode == "mixed" and c.group_size == self.cluster.ranks_per_process)
             else 1,
         )
 

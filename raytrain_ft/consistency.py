@@ -78,10 +78,11 @@ class Rule:
     delay_compensation: float = 0.0
     """async/ssp/mixed: DC-ASGD's strength (0 = off); see ``DelayCompensation``."""
     sum_group: int = 1
-    """Sync: an update sums its gradients in groups of this many consecutive ranks first (the
-    ranks that share a process), then the groups' sums in order; see ``mean_in_rank_order``. A
-    group may then send one push of its sum (pre-aggregation, ``Push.ranks``) and the update has
-    the same bits as from its ranks' own pushes."""
+    """Sync (and mixed, whose updates are one group's): an update sums its gradients in groups of
+    this many consecutive ranks first (the ranks that share a process), then the groups' sums in
+    order; see ``mean_in_rank_order``. A group may then send one push of its sum
+    (pre-aggregation, ``Push.ranks``) and the update has the same bits as from its ranks' own
+    pushes."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -137,9 +138,15 @@ class Rule:
         return (rank,)
 
     def sum_members(self, rank: int) -> tuple[int, ...]:
-        """Sync without backup workers: the ranks whose gradients one pre-aggregated push of
-        ``rank``'s group sums (``sum_group`` consecutive ranks); () where pushes are per rank."""
-        if not self.synchronous or self.backup_workers or self.sum_group == 1:
+        """The ranks whose gradients one pre-aggregated push of ``rank``'s process sums
+        (``sum_group`` consecutive ranks): sync without backup workers, and mixed when its groups
+        are the processes (``group_size == sum_group``: a node's ranks synchronous, the servers
+        asynchronous); () where pushes are per rank."""
+        if self.sum_group == 1:
+            return ()
+        if self.mode == "mixed" and self.group_size == self.sum_group:
+            return self.group(rank)
+        if not self.synchronous or self.backup_workers:
             return ()
         first = rank - rank % self.sum_group
         return tuple(range(first, min(first + self.sum_group, self.num_workers)))

@@ -120,9 +120,10 @@ class SimConfig:
     last may be answered before its update is logged; the worker keeps it until its next answer
     and sends it again first to a newer primary)."""
     preaggregate: int = 1
-    """Sync without backup workers or clipping: ranks per process (``ranks_per_process``) that
-    send one push of their summed gradients for all of them; the process's first rank pushes,
-    the others follow it, and they die together (1: a push per rank)."""
+    """Sync without backup workers or clipping, and mixed (equal to ``group_size``) without
+    clipping: ranks per process (``ranks_per_process``) that send one push of their summed
+    gradients for all of them; the process's first rank pushes, the others follow it, and they
+    die together (1: a push per rank)."""
 
     @property
     def shard_size(self) -> int:
@@ -196,10 +197,13 @@ def random_config(rng: random.Random, mode: str) -> SimConfig:
     pipelined = rng.random() < 0.5
     if mode == "sync" and not backups and cfg.clip is None and pipelined:
         cfg = dataclasses.replace(cfg, pipelined=True)
-    # drawn last too: ranks sharing a process pre-aggregate
+    # drawn last too: ranks sharing a process pre-aggregate (in mixed mode its groups are the
+    # processes)
     preaggregate = rng.choice((1, 2, 2, 3))
     if mode == "sync" and not backups and cfg.clip is None:
         cfg = dataclasses.replace(cfg, preaggregate=preaggregate)
+    if mode == "mixed" and cfg.clip is None and preaggregate > 1:
+        cfg = dataclasses.replace(cfg, preaggregate=cfg.group_size)
     return cfg
 
 

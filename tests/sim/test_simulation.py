@@ -55,12 +55,15 @@ def test_a_schedule_replays_event_for_event():
 
 
 def test_the_exploration_covers_processes_that_preaggregate():
-    """Sync schedules draw processes of 2 and 3 ranks that send one push for all of them (whose
-    ranks die together), next to a push per rank."""
+    """Sync and mixed schedules draw processes of 2 and 3 ranks that send one push for all of
+    them (whose ranks die together), next to a push per rank."""
     import random
 
     from raytrain_ft.sim.world import random_config
 
     drawn = [random_config(random.Random(s), "sync").preaggregate for s in range(300)]
     assert {1, 2, 3} <= set(drawn) and len(drawn) - drawn.count(1) >= 75
-    assert all(random_config(random.Random(s), "mixed").preaggregate == 1 for s in range(50))
+    mixed = [random_config(random.Random(s), "mixed") for s in range(300)]
+    assert sum(c.preaggregate > 1 for c in mixed) >= 75  # in mixed mode, processes are its groups
+    assert all(c.preaggregate in (1, c.group_size) for c in mixed)
+    assert all(random_config(random.Random(s), "async").preaggregate == 1 for s in range(50))

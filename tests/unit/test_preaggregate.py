@@ -77,12 +77,15 @@ def test_the_buffer_counts_a_preaggregated_push_as_its_ranks():
     assert done.ranks() == [0, 1, 2, 3, 4]
 
 
-def test_sum_members_are_the_ranks_of_a_process_in_sync_only():
+def test_sum_members_are_the_ranks_of_a_process_in_sync_and_mixed():
     assert Rule("sync", 5, sum_group=2).sum_members(3) == (2, 3)
     assert Rule("sync", 5, sum_group=2).sum_members(4) == (4,)
     assert Rule("sync", 5).sum_members(3) == ()
     assert Rule("sync", 5, backup_workers=1, sum_group=2).sum_members(3) == ()
-    assert Rule("mixed", 4, group_size=2, sum_group=2).sum_members(1) == ()
+    # mixed: a group's ranks are synchronous; pre-aggregated when the groups are the processes
+    assert Rule("mixed", 4, group_size=2, sum_group=2).sum_members(1) == (0, 1)
+    assert Rule("mixed", 6, group_size=2, sum_group=3).sum_members(1) == ()
+    assert Rule("async", 4, sum_group=2).sum_members(1) == ()
 
 
 # --- the shard ------------------------------------------------------------------------------------
@@ -159,13 +162,27 @@ def test_auto_preaggregates_where_it_applies_and_sums_the_processes_first_either
         }
     )
     assert not asynchronous.preaggregates and asynchronous.rule().sum_group == 1
+    mixed = from_dict(
+        {
+            "mode": "mixed",
+            "consistency": {"group_size": 2},
+            "cluster": {"num_workers": 4, "simulate_compute_ms": 10, "ranks_per_process": 2},
+            "steps": 5,
+        }
+    )
+    assert mixed.preaggregates and mixed.rule().sum_members(3) == (2, 3)
 
 
 @pytest.mark.parametrize(
     "extra,needle",
     [
         ({}, "--ranks-per-process above 1"),
-        ({"mode": "async", "ranks_per_process": 2}, "not sync"),
+        ({"mode": "async", "ranks_per_process": 2}, "each rank's push on its own"),
+        ({"mode": "mixed", "ranks_per_process": 2, "group_size": 4}, "--group-size"),
+        (
+            {"mode": "mixed", "ranks_per_process": 2, "group_size": 2, "delay_compensation": 0.1},
+            "delay compensation",
+        ),
         ({"backup_workers": 1, "ranks_per_process": 2}, "backup workers"),
         ({"clip_grad_norm": 1.0, "ranks_per_process": 2}, "clipping"),
         ({"codec": "topk:0.1", "ranks_per_process": 2}, "residual"),
@@ -180,9 +197,9 @@ def test_preaggregate_true_names_what_it_cannot_work_with(extra, needle):
         elif key == "ranks_per_process":
             d["cluster"][key] = value
         elif key == "clip_grad_norm":
-            d["optim"] = {key: value}
+            d.setdefault("optim", {})[key] = value
         else:
-            d["consistency"] = {key: value}
+            d.setdefault("consistency", {})[key] = value
     with pytest.raises(ConfigError) as err:
         from_dict(d)
     assert err.value.field == "cluster.preaggregate" and needle in str(err.value)
