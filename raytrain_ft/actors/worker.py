@@ -1077,8 +1077,9 @@ class ShardExchange:
 
 
 class GroupSum:
-    """Pre-aggregation (``cluster.preaggregate``, sync): the ranks of one process sum their
-    gradients and send one push per shard for all of them, as the GPUs of one node would.
+    """Pre-aggregation (``cluster.preaggregate``; sync, and mixed whose groups are the processes):
+    the ranks of one process sum their gradients and send one push per shard for all of them, as
+    the GPUs of one node would.
 
     Every rank's training thread hands in its step's gradient and waits; the group's first rank
     sums them in rank order (``consistency.sum_in_rank_order``, the order a shard sums the ranks
@@ -1171,9 +1172,7 @@ class GroupSum:
 
         t0 = time.perf_counter()
         try:
-            while not ready():
-                if self._error is not None:
-                    raise TrainingError(f"pre-aggregation stopped: {self._error}")
+            while self._error is None and not ready():
                 self._cond.wait(timeout=1.0)
             if self._error is not None:
                 raise TrainingError(f"pre-aggregation stopped: {self._error}")

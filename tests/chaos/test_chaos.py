@@ -15,7 +15,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from raytrain_ft.actors.worker import LEDGER_DIR_ENV_VAR
 from raytrain_ft.config import (
@@ -335,7 +334,7 @@ def test_resume_from_a_directory_without_checkpoints_names_it(tmp_path):
 def test_kill_a_process_hosting_two_simulated_ranks(ray_local):
     """ranks_per_process=2: SIGKILL of rank 1's process takes rank 0 with it; both restart, resume
     at the shards' step, and plain SGD still ends exactly where the failure-free run does."""
-    from tests.integration.test_sync_training import simulated_sgd_expected
+    from tests.integration.test_sync_training import assert_simulated_sgd
 
     cfg = TrainConfig(
         model=ModelConfig(name="cnn"),
@@ -359,13 +358,7 @@ def test_kill_a_process_hosting_two_simulated_ranks(ray_local):
     assert result.updates_acknowledged == result.updates_applied == 2 * 30
     processes = [w["process"] for w in result.workers]
     assert processes[0] == processes[1] != processes[2]
-    n = result.num_params
-    torch.testing.assert_close(
-        torch.from_numpy(result.final_params[:n].copy()),
-        simulated_sgd_expected(cfg, result),
-        rtol=0,
-        atol=1e-6,
-    )
+    assert_simulated_sgd(cfg, result)
 
 
 def _lossy_codec_config(kill=None, residual="replicated"):

@@ -221,7 +221,7 @@ def test_one_worker_with_batchnorm_matches_pytorch_including_running_stats(ray_l
     torch.testing.assert_close(final, reference, rtol=1e-4, atol=1e-4)
 
 
-def simulated_sgd_expected(cfg, result):
+def assert_simulated_sgd(cfg, result):
     """Plain SGD with --simulate-compute ends at init - steps * lr * mean of the ranks' fixed
     gradients."""
     from raytrain_ft.actors.worker import SIMULATED_GRAD_SCALE
@@ -233,7 +233,12 @@ def simulated_sgd_expected(cfg, result):
         for rank in range(cfg.cluster.num_workers)
     ]
     n = result.num_params
-    return init[:n] - cfg.steps * cfg.optim.lr * torch.stack(grads).mean(0)[:n]
+    torch.testing.assert_close(
+        torch.from_numpy(result.final_params[:n].copy()),
+        init[:n] - cfg.steps * cfg.optim.lr * torch.stack(grads).mean(0)[:n],
+        rtol=0,
+        atol=1e-6,
+    )
 
 
 def test_simulated_compute_pushes_fixed_gradients_through_the_real_path(ray_local):
@@ -265,13 +270,7 @@ def test_simulated_compute_pushes_fixed_gradients_through_the_real_path(ray_loca
         else:
             assert not r.preaggregated and pushed[0] == pushed[1] == pushed[2] > 0
         hashes[preaggregate] = r.params_sha256
-        n = r.num_params
-        torch.testing.assert_close(
-            torch.from_numpy(r.final_params[:n].copy()),
-            simulated_sgd_expected(cfg, r),
-            rtol=0,
-            atol=1e-6,
-        )
+        assert_simulated_sgd(cfg, r)
         # the ledgers acknowledge each rank's push, pre-aggregated or not
         assert r.updates_applied == r.updates_acknowledged == steps * 2
         assert [w["samples"] for w in r.workers] == [steps * cfg.data.batch_size] * workers
