@@ -712,6 +712,9 @@ class SupervisorProtocol:
     """The supervisor's state machine. ``params_of(shard)``: the initial values of a shard (start
     only)."""
 
+    decide = staticmethod(decide)
+    """The pure policy each probe round applies (a known-bad variant swaps it)."""
+
     def __init__(
         self,
         spec: SupervisorSpec,
@@ -909,7 +912,7 @@ class SupervisorProtocol:
         )
         self._learn(self.view)
         effects = []
-        for d in decide(
+        for d in self.decide(
             self.reg,
             self.view,
             frozenset((op[0], op[1]) for op in self._ops.values()),

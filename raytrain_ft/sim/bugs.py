@@ -17,6 +17,7 @@ from raytrain_ft.protocol.supervisor import (
     Registry,
     SupervisorProtocol,
     WorkerPhase,
+    decide,
     resume_step,
 )
 
@@ -120,6 +121,15 @@ class PerRankStart(SupervisorProtocol):
         return resume_step(descriptions, rank)
 
 
+class LoneRestart(SupervisorProtocol):
+    """Pre-aggregation done wrong: a dead (or suspected) rank is re-created on its own, not with
+    its process's other ranks (which then wait for a rank in another process)."""
+
+    @staticmethod
+    def decide(reg, view, busy, spec, now):
+        return decide(reg, view, busy, dataclasses.replace(spec, process_ranks=1), now)
+
+
 BUGS = {
     "ack-before-log": ("server", AckBeforeLog),
     "no-fencing": ("server", NoFencing),
@@ -131,6 +141,7 @@ BUGS = {
     "volatile-epochs": ("supervisor", VolatileEpochs),
     "lost-pending-start": ("supervisor", LostPendingStart),
     "per-rank-start": ("supervisor", PerRankStart),
+    "lone-restart": ("supervisor", LoneRestart),
 }
 
 

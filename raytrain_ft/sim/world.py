@@ -892,7 +892,12 @@ class World:
             victims = {p.name for p in live if p.node == node and p.kind != "supervisor"}
             what = f"loss of {node}"
         elif choice < 0.4:
-            servers = [p for p in live if p.kind == "server"]
+            # a server; with pre-aggregation a worker too (its process is killed and re-created)
+            servers = [
+                p
+                for p in live
+                if p.kind == "server" or (p.kind == "worker" and self.cfg.preaggregate > 1)
+            ]
             if not servers:
                 return
             p = self.rng.choice(servers)
