@@ -1141,21 +1141,15 @@ class GroupSum:
         worker.exchange.versions = list(source.exchange.versions)
 
     def _all_in(self, step: int) -> bool:
-        """Whether every rank handed in ``step`` (the first rank's); a rank at another step, or one
-        that stopped, would never: the supervisor starts a process's ranks at one step, so that is
-        a bug, reported instead of waited on."""
-        handed = {r: self._handed.get(r) for r in self.members}
-        if all(h == step for h in handed.values()):
+        """Whether every rank handed in ``step`` (the first rank's); ranks that never will stop
+        the process with the reason (``protocol.exchange.process_blocked``)."""
+        from raytrain_ft.protocol.exchange import process_blocked
+
+        if all(self._handed.get(r) == step for r in self.members):
             return True
-        stopped = sorted(r for r in self._left if r in handed)
-        # a rank released from an earlier step is on its way to this one; one waiting for another
-        # step's push (or ahead of this one) is not
-        apart = {r: h for r, h in handed.items() if h is not None and h != step and h > self._done}
-        if stopped or apart:
-            self._error = self._error or (
-                f"the ranks of this process cannot push as one at step {step}: "
-                + (f"ranks {stopped} stopped" if stopped else f"ranks at steps {apart}")
-            )
+        why = process_blocked(self.members, self._handed, self._left, step, self._done)
+        if why:
+            self._error = self._error or why
             self._cond.notify_all()
         return False
 

@@ -58,6 +58,27 @@ def clip_factor_of(probe_replies, max_norm: float) -> float:
     return known[0] if known else clip_factor([r.sq_norm for r in probe_replies], max_norm)
 
 
+def process_blocked(
+    members: tuple[int, ...], handed: dict, left, step: int, done: int
+) -> str | None:
+    """Pre-aggregation: why the ranks of a process can never push ``step`` as one (None: they
+    can, or may yet). ``handed``: rank -> the step it handed in; ``left``: ranks whose training
+    ended; ``done``: the last step the process pushed. A rank released from an earlier step is on
+    its way to this one; one waiting for another step's push (or ahead of this one), or one that
+    stopped, is not -- the supervisor starts a process's ranks at one step, so that is a bug,
+    reported instead of waited on."""
+    got = {r: handed.get(r) for r in members}
+    if all(h == step for h in got.values()):
+        return None
+    stopped = sorted(r for r in left if r in got)
+    apart = {r: h for r, h in got.items() if h is not None and h != step and h > done}
+    if not stopped and not apart:
+        return None
+    return f"the ranks of this process cannot push as one at step {step}: " + (
+        f"ranks {stopped} stopped" if stopped else f"ranks at steps {apart}"
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Acked:
     shard: int

@@ -9,9 +9,9 @@ deliver messages to a ``ServerProtocol`` and carry out what it returns.
 accepted one waits in a ``PushBuffer`` until its update is complete (every
 rank of the step in sync mode, the first N with backup workers, the rank's
 group in mixed mode, the push alone in async/ssp), is aggregated in rank
-order (a sync push may carry the sum of the ranks of one process, counted as
-each of theirs: ``consistency.mean_in_rank_order``), gets the next ``seq``, is
-applied and queued as a ``Command`` for the shard's replica holder. One
+order (a sync or mixed push may carry the sum of the ranks of one process,
+counted as each of theirs: ``consistency.mean_in_rank_order``), gets the next
+``seq``, is applied and queued as a ``Command`` for the shard's replica holder. One
 ``Append`` is in flight at a time and carries every command queued meanwhile
 (group commit). **No reply leaves before the holder has logged every update
 it reflects**: a reply waits until ``logged`` reaches the seq the answer
@@ -523,15 +523,16 @@ class ServerProtocol:
         if p is None or p.deposed:
             return [Reply(rid, self._not_primary())]
         state, rule = p.state, self.spec.rule
-        if m.ranks and m.ranks != rule.sum_members(m.rank):
+        if m.ranks and m.ranks != (summed := rule.sum_members(m.rank)):
             return [
                 Reply(
                     rid,
                     Refused(
                         RefusalKind.FAILED,
                         f"shard {p.shard.index}: a pre-aggregated push of ranks {m.ranks} does "
-                        f"not match the ranks this run sums together ({rule.sum_members(m.rank)}"
-                        "; pre-aggregation needs sync mode without backup workers)",
+                        f"not match the ranks this run sums together ({summed}; pre-aggregation "
+                        "needs sync mode without backup workers, or mixed mode whose groups are "
+                        "the processes)",
                     ),
                 )
             ]

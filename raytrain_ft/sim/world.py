@@ -42,7 +42,7 @@ import numpy as np
 from raytrain_ft.config import OptimConfig
 from raytrain_ft.consistency import Rule, sum_in_rank_order
 from raytrain_ft.params import ShardRange
-from raytrain_ft.protocol.exchange import ExchangeProtocol, clip_factor_of
+from raytrain_ft.protocol.exchange import ExchangeProtocol, clip_factor_of, process_blocked
 from raytrain_ft.protocol.messages import (
     Append,
     AppendAck,
@@ -360,17 +360,10 @@ class SimWorker:
             self.versions = list(first.versions)
             self.step += 1
             return self._next()
-        handed = {r: h.handed.get(r) for r in self.members}
-        if any(v != self.step for v in handed.values()):
-            stopped = sorted(r for r in h.left if r in handed)
-            apart = {
-                r: v for r, v in handed.items() if v is not None and v != self.step and v > h.done
-            }
-            if stopped or apart:
-                h.error = self.error = (
-                    f"the ranks of this process cannot push as one at step {self.step}: "
-                    + (f"ranks {stopped} stopped" if stopped else f"ranks at steps {apart}")
-                )
+        if any(h.handed.get(r) != self.step for r in self.members):
+            why = process_blocked(self.members, h.handed, h.left, self.step, h.done)
+            if why:
+                h.error = self.error = why
                 self.world.poke_host(h, "group")
             return []
         return self._push_step()
