@@ -369,9 +369,11 @@ class ClusterConfig:
     size (fixed small values), so scaling to many workers and servers can be studied on a few cores.
     0 trains for real."""
     ranks_per_process: int = 1
-    """With --simulate-compute only: host this many worker ranks in one process, each rank with its
-    own training thread, exchange and object-store traffic (64 ranks would need 64 torch processes,
-    ~0.3 GB each). Killing the process kills all its ranks; each is restarted and resumes."""
+    """Host this many worker ranks in one process (as one process per node drives the node's GPUs):
+    each rank has its own training thread, model copy, data, device (GPU i of the process's GPUs;
+    the process asks for this many GPUs and CPUs) and, without pre-aggregation, its own exchange
+    and calls; with --simulate-compute it fits 64 ranks in memory (each torch process is ~0.3 GB).
+    Killing the process kills all its ranks; they are restarted and resume."""
     preaggregate: UseGpu = "auto"
     """With --ranks-per-process above 1: true (the ranks of a process sum their gradients, in rank
     order, and send one push per shard for all of them, as the GPUs of one node would; sync mode
@@ -417,12 +419,6 @@ class ClusterConfig:
                 "cluster.push_thread",
                 "a push thread sends shards during backward: set --overlap-comm true too, or "
                 "leave --push-thread auto",
-            )
-        if self.ranks_per_process > 1 and not self.simulate_compute_ms:
-            raise ConfigError(
-                "cluster.ranks_per_process",
-                "ranks sharing a process would share its torch threads; use it with "
-                "--simulate-compute MS, or set it to 1",
             )
         if self.local_nodes > 1 and self.address:
             raise ConfigError(
@@ -826,6 +822,8 @@ class TrainConfig:
             return f"--codec {self.consistency.codec} keeps an error-feedback residual per rank"
         if self.model.precision == "fp16":
             return "fp16 loss scaling skips updates per rank's overflow"
+        if self.cluster.overlap_comm:
+            return "--overlap-comm pushes each rank's shards during its own backward"
         return None
 
     @property

@@ -43,7 +43,12 @@ def deterministic(tf32: bool = False) -> dict:
 
 
 def choose_device(
-    requested: str, use_gpu: str, cuda_available: bool, gpu_ids, noset_visible: bool | None = None
+    requested: str,
+    use_gpu: str,
+    cuda_available: bool,
+    gpu_ids,
+    noset_visible: bool | None = None,
+    index: int = 0,
 ) -> tuple[str, str | None]:
     """(device to train on, warning or None) for a worker the supervisor asked to use ``requested``
     ("cpu" or "cuda"), given the GPUs Ray assigned to this process (``ray.get_gpu_ids()``).
@@ -55,6 +60,8 @@ def choose_device(
       assigned id is the index.
     - A worker placed on a GPU its torch cannot use fails with ``use_gpu: true`` and falls back to
       the CPU with a warning under ``auto``.
+    - Ranks sharing a process (``ranks_per_process``) take the process's GPUs in turn: the rank
+      at ``index`` in its process trains on its ``index``-th GPU.
     """
     from raytrain_ft.errors import ClusterError
 
@@ -78,7 +85,8 @@ def choose_device(
         return "cpu", f"{why}; training on the CPU (use_gpu=auto)"
     if noset_visible is None:
         noset_visible = os.environ.get(NOSET_CUDA_ENV_VAR, "") not in ("", "0")
-    return (f"cuda:{int(gpu_ids[0])}" if noset_visible else "cuda:0"), None
+    i = index % len(gpu_ids)
+    return (f"cuda:{int(gpu_ids[i])}" if noset_visible else f"cuda:{i}"), None
 
 
 def device_name(device: str) -> str:

@@ -133,8 +133,9 @@ class TrainResult:
     durability (I1); with relaxed:K at most K per primary lost (``updates_lost_in``)."""
     cpu_per_step: dict[str, float] = field(default_factory=dict)
     """CPU seconds per step, per process of each role (``cpu_per_step``): a worker's compute
-    (forward/backward on its training thread) and everything else in it (data prefetch, pushes
-    and their serialization, Ray's threads), a server process, the supervisor. On a real cluster,
+    (forward/backward on its training thread, per rank) and everything else in its process (data
+    prefetch, pushes and their serialization, Ray's threads; once for the ranks sharing a
+    process), a server process, the supervisor. On a real cluster,
     where servers have their own cores, ``worker_other_s`` is what communication costs a
     worker."""
     preaggregated: bool = False
@@ -224,10 +225,18 @@ def cpu_per_step(workers: list, servers: list, supervisor_cpu_s: float) -> dict[
     stats and the supervisor's CPU (see ``TrainResult.cpu_per_step``)."""
     steps = max(1, max((w.step for w in workers), default=0))
     compute = [w.compute_cpu_s for w in workers]
-    other = [max(0.0, w.cpu_s - w.compute_cpu_s) for w in workers]
+    # ranks sharing a process (ranks_per_process) report its CPU each: count it once, less the
+    # compute of all its ranks
+    processes: dict[str, list] = {}
+    for w in workers:
+        processes.setdefault(w.process or f"rank {w.rank}", []).append(w)
+    other = [
+        max(0.0, max(w.cpu_s for w in ranks) - sum(w.compute_cpu_s for w in ranks))
+        for ranks in processes.values()
+    ]
     return {
         "worker_compute_s": round(sum(compute) / max(1, len(workers)) / steps, 6),
-        "worker_other_s": round(sum(other) / max(1, len(workers)) / steps, 6),
+        "worker_other_s": round(sum(other) / max(1, len(processes)) / steps, 6),
         "server_s": round(sum(s.cpu_s for s in servers) / max(1, len(servers)) / steps, 6),
         "supervisor_s": round(supervisor_cpu_s / steps, 6),
     }

@@ -9,8 +9,12 @@ and ratios to Ray Train DDP are reported.
   ddp        Ray Train TorchTrainer, DDP over gloo, one rank per worker, each its partition
   ps         raytrain-ft sync: the same ranks and partitions, --num-servers parameter servers
              (replication and its command log on, as by default)
+  ps R/S     with --ps R:S,...: the same with R ranks per worker process (the ranks of a process
+             sum their gradients and send one push per shard, as the GPUs of one node would) and
+             S servers; each such setting runs in every repeat beside the others
 
     python experiments/peers/run.py --models cnn resnet18 --workers 2 --repeats 3
+    python experiments/peers/run.py --models cnn --ps 1:2,2:1,2:2 --repeats 5
 """
 
 from __future__ import annotations
@@ -40,7 +44,13 @@ SETTINGS = {  # model: (dataset, image size, channels, steps)
 
 
 def make_config(
-    model: str, workers: int, batch: int, threads: int, servers: int, steps: int | None = None
+    model: str,
+    workers: int,
+    batch: int,
+    threads: int,
+    servers: int,
+    steps: int | None = None,
+    ranks_per_process: int = 1,
 ) -> TrainConfig:
     dataset, size, channels, default_steps = SETTINGS[model]
     return TrainConfig(
@@ -54,7 +64,11 @@ def make_config(
         ),
         optim=OptimConfig(name="sgd", lr=0.01, momentum=0.9, weight_decay=0.0),
         cluster=ClusterConfig(
-            num_workers=workers, num_servers=servers, cpus_per_worker=threads, use_gpu="false"
+            num_workers=workers,
+            num_servers=servers,
+            cpus_per_worker=threads,
+            use_gpu="false",
+            ranks_per_process=ranks_per_process,
         ),
         steps=steps or default_steps,
         seed=0,
@@ -76,6 +90,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32, help="per worker")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     ap.add_argument("--num-servers", type=int, default=2)
+    ap.add_argument(
+        "--ps",
+        default="",
+        help="more raytrain-ft settings, RANKS_PER_PROCESS:SERVERS,... (e.g. 2:1,2:2); the first "
+        "is reported as 'ps' when given, else --num-servers with a process per rank",
+    )
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--output", default="experiments/peers/results_x86-2core_202611.json")
@@ -103,17 +123,31 @@ def main() -> None:
                 ),
             )
             warmup = min(5, cfg.steps // 4)
-            runs = {"plain": [], "ddp": [], "ps": []}
-            acc = {"ddp": [], "ps": []}
+            settings = [tuple(int(v) for v in x.split(":")) for x in args.ps.split(",") if x]
+            settings = settings or [(1, args.num_servers)]
+            ps_cfgs = {
+                ("ps" if i == 0 else f"ps {rpp}/{servers}"): dataclasses.replace(
+                    cfg,
+                    cluster=dataclasses.replace(
+                        cfg.cluster, ranks_per_process=rpp, num_servers=servers
+                    ),
+                )
+                for i, (rpp, servers) in enumerate(settings)
+            }
+            runs = {"plain": [], "ddp": [], **{k: [] for k in ps_cfgs}}
+            acc = {"ddp": [], **{k: [] for k in ps_cfgs}}
+            hashes = {k: set() for k in ps_cfgs}
             for r in range(args.repeats):
                 runs["plain"].append(plain_pytorch(plain_cfg, warmup))
                 d = ray_train_ddp.fit(cfg, storage)
                 runs["ddp"].append(steady(d["times"], warmup, args.batch_size * args.workers))
                 acc["ddp"].append(d["eval_accuracy"])
-                res = Trainer(cfg).fit()
-                assert res.warmup_steps_excluded == warmup
-                runs["ps"].append(res.steady_samples_per_sec)
-                acc["ps"].append(res.eval_accuracy)
+                for key, ps_cfg in ps_cfgs.items():
+                    res = Trainer(ps_cfg).fit()
+                    assert res.warmup_steps_excluded == warmup
+                    runs[key].append(res.steady_samples_per_sec)
+                    acc[key].append(res.eval_accuracy)
+                    hashes[key].add(res.params_sha256)
                 print(
                     f"{model} repeat {r}: "
                     + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items())
@@ -136,6 +170,17 @@ def main() -> None:
                 "ddp_over_plain": med["ddp"] / med["plain"],
                 "ps_over_ddp_per_repeat": [p / d for p, d in zip(runs["ps"], runs["ddp"])],
                 "eval_accuracy": acc,
+                "ps_settings": {
+                    k: {
+                        "ranks_per_process": c.cluster.ranks_per_process,
+                        "num_servers": c.cluster.num_servers,
+                        "preaggregated": c.preaggregates,
+                        "over_ddp": med[k] / med["ddp"],
+                        "over_ddp_per_repeat": [p / d for p, d in zip(runs[k], runs["ddp"])],
+                        "params_sha256": sorted(hashes[k]),
+                    }
+                    for k, c in ps_cfgs.items()
+                },
             }
             results.append(row)
             print(
@@ -145,6 +190,12 @@ def main() -> None:
                 "samples/s)",
                 flush=True,
             )
+            for k, v in row["ps_settings"].items():
+                print(
+                    f"  {k}: ranks/process {v['ranks_per_process']}, {v['num_servers']} servers: "
+                    f"{v['over_ddp']:.3f} x DDP",
+                    flush=True,
+                )
     finally:
         ray.shutdown()
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
@@ -172,13 +223,15 @@ def plot(results: list[dict], path: str) -> None:
 
     fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.8), squeeze=False)
     for ax, row in zip(axes[0], results):
-        names = ["plain", "ddp", "ps"]
-        labels = [
-            "plain PyTorch\n(1 process)",
-            "Ray Train\nDDP (gloo)",
-            f"raytrain-ft\nsync, {row['num_servers']} servers",
+        names = list(row["median"])  # plain, ddp, then the raytrain-ft settings
+        settings = row.get("ps_settings") or {"ps": {"ranks_per_process": 1, "num_servers": 2}}
+        labels = ["plain PyTorch\n(1 process)", "Ray Train\nDDP (gloo)"] + [
+            f"raytrain-ft sync\n{v['num_servers']} srv, {v['ranks_per_process']} rank/proc"
+            for v in settings.values()
         ]
-        ax.bar(labels, [row["median"][n] for n in names], color=["grey", "tab:orange", "tab:blue"])
+        colors = ["grey", "tab:orange"] + ["tab:blue"] * (len(names) - 2)
+        ax.bar(labels, [row["median"][n] for n in names], color=colors)
+        ax.tick_params(axis="x", labelsize=7)
         for i, n in enumerate(names):
             ax.scatter(
                 [i] * len(row["samples_per_sec"][n]),

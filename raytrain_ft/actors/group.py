@@ -139,7 +139,7 @@ class ActorGroup:
             return
         if e.host is not None:  # pre-aggregation: the supervisor named the process
             host_name = f"{e.host}-process"
-            host = self._host(host_name, cfg.cluster.cpus_per_worker)
+            host = self._host(host_name, self._process_resources(e.rank))
             self._add_rank(host, host_name, e, args)
             return
         group = e.rank // per_process
@@ -150,7 +150,7 @@ class ActorGroup:
             host_name = f"{self.spec.run_id}/host{group}-{uuid.uuid4().hex[:8]}"
             host = (
                 ray.remote(WorkerHost)
-                .options(**self._options(host_name, None, num_cpus=cfg.cluster.cpus_per_worker))
+                .options(**self._options(host_name, None, **self._process_resources(e.rank)))
                 .remote()
             )
             ranks = set()
@@ -171,7 +171,19 @@ class ActorGroup:
         )  # runs before any later call to the rank (one caller, calls in order)
         self.directory.remember(e.name, RankHandle(host, e.rank))
 
-    def _host(self, name: str, cpus: int):
+    def _process_resources(self, rank: int) -> dict:
+        """What the process hosting ``rank`` asks Ray for: a worker's CPUs (and GPU) for each of
+        its ranks (consecutive ranks, the last process holding the rest); simulated ranks only
+        sleep and share one worker's CPUs."""
+        cc = self.spec.config.cluster
+        first = rank - rank % cc.ranks_per_process
+        ranks = min(cc.ranks_per_process, cc.num_workers - first)
+        if cc.simulate_compute_ms:
+            return dict(num_cpus=cc.cpus_per_worker)
+        gpu = 1 if self.spec.device != "cpu" else 0
+        return dict(num_cpus=cc.cpus_per_worker * ranks, num_gpus=gpu * ranks)
+
+    def _host(self, name: str, resources: dict):
         """The process named ``name``, created by the first rank the supervisor creates in it (a
         restarted supervisor re-creates a process whose ranks were not all created, under a new
         name, so a name is never looked up in Ray)."""
@@ -181,7 +193,7 @@ class ActorGroup:
 
         if name not in self._named_hosts:
             self._named_hosts[name] = (
-                ray.remote(WorkerHost).options(**self._options(name, None, num_cpus=cpus)).remote()
+                ray.remote(WorkerHost).options(**self._options(name, None, **resources)).remote()
             )
         return self._named_hosts[name]
 

@@ -145,6 +145,7 @@ class Worker:
         device: str = "cpu",
         run_id: str = "",
         group: GroupSum | None = None,
+        local_index: int = 0,
     ):
         torch.set_num_threads(config.cluster.cpus_per_worker)
         self.name, self.rank = name, rank
@@ -153,7 +154,11 @@ class Worker:
         self.config = config
         self.node_id, self.gpu_ids = _placement()
         device, warning = choose_device(
-            device, config.cluster.use_gpu, torch.cuda.is_available(), self.gpu_ids
+            device,
+            config.cluster.use_gpu,
+            torch.cuda.is_available(),
+            self.gpu_ids,
+            index=local_index,
         )
         if warning:
             logger.warning("[worker/%d] %s", rank, warning)
@@ -510,11 +515,27 @@ class Worker:
         is pushed as is."""
         self.exchange.begin_step(self._step, push, fetch)
         time.sleep(self._simulate_s + self._slow_s)
+        self._push_step()
+        return float("nan")
+
+    def _push_step(self) -> None:
+        """Send this step's gradient: the process's one push for all its ranks (pre-aggregation)
+        or this rank's own."""
         if self.group is not None:
             self.group.exchange(self)
         else:
             self.exchange.push_remaining()
-        return float("nan")
+
+    def host_gradient(self) -> np.ndarray:
+        """This step's whole gradient (and staged buffers) in host memory, what pre-aggregation
+        sums: the fixed one of a simulated step, else the gradient buffer (GPU: copied to the
+        pinned staging buffer first)."""
+        if self.sim_grad is not None:
+            return self.sim_grad
+        if self._host_grad is not self.flat.flat_grad:
+            self._host_grad.copy_(self.flat.flat_grad, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()
+        return self._host_grad.numpy()
 
     def _step_once(
         self, x: torch.Tensor, y: torch.Tensor, push: bool = True, fetch: bool = True
@@ -541,7 +562,7 @@ class Worker:
         (loss * scale if scale != 1.0 else loss).backward()
         clock.stop()
         self._compute_cpu_s += time.thread_time() - cpu0
-        self.exchange.push_remaining()
+        self._push_step()
         return self._loss_and_accuracy(loss, out, y, clock)
 
     def _loss_and_accuracy(
@@ -1085,9 +1106,9 @@ class GroupSum:
     sums them in rank order (``consistency.sum_in_rank_order``, the order a shard sums the ranks
     of a process in anyway: the same bits as their own pushes), pushes the sum through its own
     exchange with the ranks it holds (exactly-once and replay count it as each of theirs),
-    installs the answers, and the others copy its parameters. The ranks die together (with their
-    process) and come back together, so none waits for a rank that is gone for good; a rank that
-    fails stops the others with it.
+    installs the answers and copies them into the others' models before they go on. The ranks
+    die together (with their process) and come back together, so none waits for a rank that is
+    gone for good; a rank that fails stops the others with it.
     """
 
     def __init__(self, members: tuple[int, ...]):
@@ -1122,11 +1143,18 @@ class GroupSum:
                 ranks = [self._ranks[r] for r in self.members]
         if worker.rank == lead:
             ex = worker.exchange
-            ex.push_source = sum_in_rank_order([w.sim_grad for w in ranks])
+            ex.push_source = sum_in_rank_order([w.host_gradient() for w in ranks])
             ex.push_ranks = self.members if len(self.members) > 1 else ()
             try:
                 ex.push_remaining()
                 ex.install_all()
+                # the others take the answers now: the first rank's next forward moves its
+                # BatchNorm statistics in place (the others wait, so their models are free)
+                for w in ranks[1:]:
+                    w.flat.flat.copy_(worker.flat.flat)
+                    if w.flat.int_buffers:
+                        w.flat.sync_int_buffers()
+                    w.exchange.versions = list(ex.versions)
             except Exception as error:
                 self.fail(f"rank {lead} could not push for the group: {error}")
                 raise
@@ -1136,9 +1164,6 @@ class GroupSum:
             return
         with self._cond:
             self._wait(worker, lambda: self._done >= step)
-            source = self._ranks[lead]
-        worker.flat.flat.copy_(source.flat.flat)
-        worker.exchange.versions = list(source.exchange.versions)
 
     def _all_in(self, step: int) -> bool:
         """Whether every rank handed in ``step`` (the first rank's); ranks that never will stop
@@ -1175,11 +1200,11 @@ class GroupSum:
 
 
 class WorkerHost:
-    """One process hosting several simulated ranks (``cluster.ranks_per_process``): each rank is a
-    full ``Worker`` with its own training thread; with pre-aggregation they push through one
-    ``GroupSum``, else each rank has its own shard exchange and object-store traffic. Only the
-    process (interpreter, torch, Ray core worker) is shared. Calls are executed one at a time, in
-    the order sent."""
+    """One process hosting several ranks (``cluster.ranks_per_process``): each rank is a full
+    ``Worker`` with its own training thread, model copy, data and device; with pre-aggregation
+    they push through one ``GroupSum``, else each has its own shard exchange and object-store
+    traffic. Only the process (interpreter, torch, Ray core worker) is shared. Calls are executed
+    one at a time, in the order sent."""
 
     def __init__(self) -> None:
         self.ranks: dict[int, Worker] = {}
@@ -1194,7 +1219,10 @@ class WorkerHost:
         if config.preaggregates:
             members = config.rule().sum_members(rank)
             group = self.groups.setdefault(members[0], GroupSum(members))
-        self.ranks[rank] = Worker(*args, group=group)
+        # a process holds consecutive ranks: the rank's place among them picks its GPU
+        self.ranks[rank] = Worker(
+            *args, group=group, local_index=rank % config.cluster.ranks_per_process
+        )
         if group is not None:
             group.join(self.ranks[rank])
         return process_address()

@@ -189,6 +189,33 @@ def test_batchnorm_buffers_are_reconciled_across_workers(ray_local):
     assert np.isfinite(result.final_loss)
 
 
+def test_ranks_sharing_a_process_train_for_real_with_the_same_bits(ray_local):
+    """Real compute with two ranks per process (ranks 0 and 1 in one process, each with its own
+    thread, model and data; rank 2 alone), pre-aggregated: rank 0 pushes the sum of both ranks'
+    gradients and BatchNorm statistics, rank 1 takes its parameters and counters. The result is
+    bitwise the run with a process per rank (with 3 ranks both sum (g0 + g1) + g2)."""
+    cfg = _config(
+        model=ModelConfig(name="resnet18"),
+        data=DataConfig(dataset="synthetic", image_size=8, synthetic_samples=256, batch_size=8),
+        steps=3,
+        cluster=ClusterConfig(num_workers=3, num_servers=2),
+    )
+    alone = Trainer(cfg).fit()
+    shared = Trainer(
+        dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, ranks_per_process=2))
+    ).fit()
+    processes = [w["process"] for w in shared.workers]
+    assert processes[0] == processes[1] != processes[2]
+    assert shared.preaggregated and not alone.preaggregated
+    assert [w["bytes_pushed"] > 0 for w in shared.workers] == [True, False, True]
+    assert [w["samples"] for w in shared.workers] == [3 * 8] * 3  # every rank trained
+    assert shared.params_sha256 == alone.params_sha256
+    assert shared.updates_applied == shared.updates_acknowledged == 3 * 2
+    # BatchNorm's step counters: every rank counted 3 steps, the shards averaged them
+    tracked = {k: v for k, v in shared.state_dict().items() if k.endswith("num_batches_tracked")}
+    assert tracked and all(int(v) == 3 for v in tracked.values())
+
+
 @pytest.mark.extended
 def test_adam_trains_mlp_and_loss_falls(ray_local):
     cfg = _config(

@@ -61,7 +61,10 @@ def test_defaults_validate():
         ({"slow_workers": "1"}, "chaos.slow_workers"),
         ({"simulate_compute_ms": "-5"}, "cluster.simulate_compute_ms"),
         ({"simulate_compute_ms": "50", "overlap_comm": "true"}, "cluster.overlap_comm"),
-        ({"ranks_per_process": "4"}, "cluster.ranks_per_process"),
+        (
+            {"ranks_per_process": "2", "preaggregate": "true", "overlap_comm": "true"},
+            "cluster.preaggregate",
+        ),
         ({"ranks_per_process": "0", "simulate_compute_ms": "50"}, "cluster.ranks_per_process"),
     ],
 )

@@ -226,9 +226,12 @@ class _FakeRank:
         import torch
 
         self.rank, self._step = rank, 0
-        self.sim_grad = np.full(3, float(rank + 1), np.float32)
+        self.grad = np.full(3, float(rank + 1), np.float32)
         self.exchange = _FakeExchange(pushed)
-        self.flat = type("Flat", (), {"flat": torch.full((3,), float(rank))})()
+        self.flat = type("Flat", (), {"flat": torch.full((3,), float(rank)), "int_buffers": []})()
+
+    def host_gradient(self):
+        return self.grad
 
 
 def _run_ranks(group, ranks, steps_of):
