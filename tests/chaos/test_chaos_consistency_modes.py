@@ -109,7 +109,7 @@ def test_local_sgd_learns_with_one_push_per_round_and_kills_change_no_bit(ray_lo
     """local_sgd is sync over rounds: a primary and a worker killed mid-run give the failure-free
     run's parameters bit for bit (I2), every round's pushes applied once (I1), and the run learns
     with a push per worker every ``local_steps`` batches. --clip-grad-norm clips each inner step
-    (all of them at 0.1; AdamW hardly notices) and never the round's push."""
+    (all of them at 0.01; AdamW hardly notices) and never the round's push."""
     local_steps = 8
     cfg = TrainConfig(
         model=ModelConfig(name="cnn"),
@@ -117,7 +117,7 @@ def test_local_sgd_learns_with_one_push_per_round_and_kills_change_no_bit(ray_lo
         # DiLoCo: AdamW inside, SGD with Nesterov momentum outside (0.7 x the inner rate: the
         # pseudo-gradient travels in gradient units)
         optim=OptimConfig(
-            name="sgd", lr=0.7 * 0.003, momentum=0.9, nesterov=True, clip_grad_norm=0.1
+            name="sgd", lr=0.7 * 0.003, momentum=0.9, nesterov=True, clip_grad_norm=0.01
         ),
         cluster=ClusterConfig(num_workers=2, num_servers=SERVERS),
         recovery=RecoveryConfig(snapshot_interval=2, num_spares=0),
