@@ -200,6 +200,19 @@ def test_device_choice_on_a_gpu_torch_cannot_use():
         choose_device("cuda", "true", False, (0,))
 
 
+def test_ranks_sharing_a_process_take_its_gpus_in_turn():
+    """A process hosting 2 ranks asks Ray for 2 GPUs: its second rank trains on the second."""
+    assert choose_device("cuda", "true", True, (4, 6), noset_visible=False, index=1) == (
+        "cuda:1",
+        None,
+    )  # Ray narrowed CUDA_VISIBLE_DEVICES to the two: torch numbers them 0 and 1
+    assert choose_device("cuda", "true", True, (4, 6), noset_visible=True, index=1) == (
+        "cuda:6",
+        None,
+    )
+    assert choose_device("cuda", "true", True, (4, 6), noset_visible=True, index=0)[0] == "cuda:4"
+
+
 # --- a Ray address for ray.init (train --address, chaos): checked in seconds, with the job
 # commands' token code ---
 
