@@ -528,14 +528,10 @@ class Worker:
 
     def host_gradient(self) -> np.ndarray:
         """This step's whole gradient (and staged buffers) in host memory, what pre-aggregation
-        sums: the fixed one of a simulated step, else the gradient buffer (GPU: copied to the
-        pinned staging buffer first)."""
+        sums: the fixed one of a simulated step, else the gradient buffer's."""
         if self.sim_grad is not None:
             return self.sim_grad
-        if self._host_grad is not self.flat.flat_grad:
-            self._host_grad.copy_(self.flat.flat_grad, non_blocking=True)
-            torch.cuda.current_stream(self.device).synchronize()
-        return self._host_grad.numpy()
+        return self.exchange.host_range(0, self.flat.numel)
 
     def _step_once(
         self, x: torch.Tensor, y: torch.Tensor, push: bool = True, fetch: bool = True
@@ -930,15 +926,13 @@ class ShardExchange:
             if self._remaining[i] == 0 and not self._pushed[i]:
                 self._sender.submit(i) if self._sender is not None else self._push(i)
 
-    def _host_slice(self, s: ShardRange) -> np.ndarray:
-        """The shard's gradient in host memory (GPU: copied to the pinned staging buffer on the
-        current stream, which is then waited for)."""
+    def host_range(self, start: int, end: int) -> np.ndarray:
+        """The gradient's values ``[start, end)`` (a shard's, or all of them) in host memory (GPU:
+        copied to the pinned staging buffer on the current stream, which is then waited for)."""
         if self.host_grad is not self.flat.flat_grad:
-            self.host_grad[s.start : s.end].copy_(
-                self.flat.flat_grad[s.start : s.end], non_blocking=True
-            )
+            self.host_grad[start:end].copy_(self.flat.flat_grad[start:end], non_blocking=True)
             torch.cuda.current_stream(self.flat.device).synchronize()
-        return self.host_grad.numpy()[s.start : s.end]
+        return self.host_grad.numpy()[start:end]
 
     def _push(self, i: int) -> None:
         s = self.shards[i]
@@ -953,7 +947,7 @@ class ShardExchange:
             grad = (
                 self.flat.flat_grad[s.start : s.end]
                 if encoder.device is not None  # encoded on the GPU
-                else self._host_slice(s)
+                else self.host_range(s.start, s.end)
             )
             grad = encoder.encode(grad[ps], grad[bs])
             if self.replicate_residual:  # kept with the shard: a restarted rank resumes with it
@@ -963,7 +957,7 @@ class ShardExchange:
             grad = self.push_source[s.start : s.end].copy()
         else:
             # a copy, kept for a resend: the gradient buffer is reused by the next step
-            grad = self._host_slice(s).copy()
+            grad = self.host_range(s.start, s.end).copy()
         self.bytes_pushed += grad.nbytes if grad is not None else 0
         self._is_pull[i] = False
         self._ask(
