@@ -224,7 +224,10 @@ def plot(results: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.8), squeeze=False)
     for ax, row in zip(axes[0], results):
         names = list(row["median"])  # plain, ddp, then the raytrain-ft settings
-        settings = row.get("ps_settings") or {"ps": {"ranks_per_process": 1, "num_servers": 2}}
+        # results written before --ps: one setting, a process per rank
+        settings = row.get("ps_settings") or {
+            "ps": {"ranks_per_process": 1, "num_servers": row["num_servers"]}
+        }
         labels = ["plain PyTorch\n(1 process)", "Ray Train\nDDP (gloo)"] + [
             f"raytrain-ft sync\n{v['num_servers']} srv, {v['ranks_per_process']} rank/proc"
             for v in settings.values()
