@@ -106,6 +106,11 @@ def process_pool(processes: int):
     return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
 
 
+CHUNK = 25
+"""Schedules per unit of work handed to a process: small enough that an exploration stopping at
+its first violation wastes little, large enough that the hand-over costs little beside them."""
+
+
 def explore(
     schedules: int,
     seed: int,
@@ -116,24 +121,47 @@ def explore(
     pool=None,
 ) -> Exploration:
     """Run ``schedules`` schedules (mode ``modes[i % len(modes)]`` for the i-th), over ``processes``
-    processes (of ``pool`` if given, else started for this call). With ``stop_at_first`` each
-    process stops at its first violation (the lowest-numbered violation found is reported)."""
+    processes (of ``pool`` if given, else started for this call). The schedules go out in chunks of
+    ``CHUNK`` and come back in order; with ``stop_at_first`` the exploration stops at the chunk of
+    its first violation, so it reports the lowest-numbered violation (the one a single process
+    would find) and has run only the schedules up to it (and the chunks already in flight)."""
     t0 = time.perf_counter()
     modes = tuple(modes)
     if processes <= 1 or schedules < 2 * processes:
         out = _explore_slice((range(schedules), seed, modes, tuple(bugs), stop_at_first))
+    elif pool is None:
+        with process_pool(processes) as own:
+            out = _explore_chunks(
+                own, schedules, seed, modes, tuple(bugs), stop_at_first, processes
+            )
     else:
-        slices = [
-            (range(p, schedules, processes), seed, modes, tuple(bugs), stop_at_first)
-            for p in range(processes)
-        ]
-        if pool is not None:
-            parts = list(pool.map(_explore_slice, slices))
-        else:
-            with process_pool(processes) as ex:
-                parts = list(ex.map(_explore_slice, slices))
-        out = Exploration()
-        for part in parts:
-            out.add(part)
+        out = _explore_chunks(pool, schedules, seed, modes, tuple(bugs), stop_at_first, processes)
     out.seconds = time.perf_counter() - t0
     return out
+
+
+def _explore_chunks(pool, schedules, seed, modes, bugs, stop_at_first, processes) -> Exploration:
+    from collections import deque
+
+    chunks = (
+        (range(a, min(a + CHUNK, schedules)), seed, modes, bugs, stop_at_first)
+        for a in range(0, schedules, CHUNK)
+    )
+    in_flight: deque = deque()
+    out = Exploration()
+    try:
+        while True:
+            while len(in_flight) < 2 * processes:  # every process busy, one chunk queued behind
+                chunk = next(chunks, None)
+                if chunk is None:
+                    break
+                in_flight.append(pool.submit(_explore_slice, chunk))
+            if not in_flight:
+                return out
+            part = in_flight.popleft().result()
+            out.add(part)
+            if stop_at_first and part.violations:
+                return out
+    finally:
+        for f in in_flight:  # stopped early: what has not started is dropped
+            f.cancel()

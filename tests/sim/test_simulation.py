@@ -9,7 +9,7 @@ from raytrain_ft.sim import MODES, explore, process_pool, run_schedule
 from raytrain_ft.sim.bugs import BUGS
 
 SCHEDULES_PER_MODE = int(os.environ.get("RAYTRAIN_FT_SIM_SCHEDULES", "1000"))
-"""In the default suite (about 25 s on 2 cores; each known-bad variant below is caught within 434
+"""In the default suite (25-50 s on 2 cores; each known-bad variant below is caught within 434
 schedules of seed 7); the extended tier runs 10,000 more per mode."""
 PROCESSES = os.cpu_count() or 1
 
