@@ -47,6 +47,16 @@ def test_every_known_bad_variant_is_caught(bug, pool):
     assert ex.violations >= 1, f"{bug} was not caught in 2000 schedules"
 
 
+def test_a_parallel_exploration_stops_where_one_process_would(pool):
+    """Spread over processes, an exploration reports the same first violation as one process and
+    has run only the schedules up to it (the chunks come back in order)."""
+    one = explore(300, seed=7, bugs=("per-rank-start",), processes=1)
+    spread = explore(300, seed=7, bugs=("per-rank-start",), processes=PROCESSES, pool=pool)
+    assert one.first_violation is not None and one.first_index >= 25  # past the first chunk
+    assert spread.first_violation.seed == one.first_violation.seed
+    assert spread.schedules == one.schedules == one.first_index + 1
+
+
 def test_a_schedule_replays_event_for_event():
     a = run_schedule(12345, "async", trace=True)
     b = run_schedule(12345, "async", trace=True)
