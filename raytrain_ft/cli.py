@@ -108,8 +108,20 @@ def _add_address(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one error line (the usage block is what --help is for) and no abbreviated
+    flags (``--sched 3`` is refused naming ``--schedules``, not read as it)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="raytrain-ft", description="Fault-tolerant parameter-server training on Ray."
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -189,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--schedules",
         type=int,
-        default=1000,
+        default=None,
         help="schedules to run (default: 1000; --long: 20000)",
     )
     sim.add_argument(
@@ -299,6 +311,16 @@ def _config(args: argparse.Namespace):
     line."""
     fields = config_mod.cli_fields()
     overrides = {k: v for k, v in vars(args).items() if k in fields}
+    for key, value in overrides.items():
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str) and not v.strip():
+                flag = "--" + key.replace("_", "-")
+                raise ConfigError(
+                    flag, "got an empty value (an unset variable?); give a value, or none to unset"
+                )
+    for flag in ("config", "config_json"):
+        if getattr(args, flag, None) is not None and not getattr(args, flag).strip():
+            raise ConfigError("--" + flag.replace("_", "-"), "got an empty value; give a value")
     if getattr(args, "config_json", None):
         if args.config:
             raise ConfigError("--config-json", "give --config or --config-json, not both")
@@ -349,6 +371,12 @@ def _train(args: argparse.Namespace) -> int:
         config_mod.check_writable_file(args.output_json, "--output-json")
     if args.save_model is not None:
         config_mod.check_writable_file(args.save_model, "--save-model")
+        if args.output_json is not None and os.path.abspath(args.save_model) == os.path.abspath(
+            args.output_json
+        ):
+            raise ConfigError(
+                "--save-model", "is the --output-json path: the model would overwrite the summary"
+            )
     # Before torch is imported and the data loaded (the run checks it again right before ray.init).
     if cfg.cluster.address:
         from raytrain_ft.jobs import check_ray_address
@@ -405,8 +433,10 @@ def _train(args: argparse.Namespace) -> int:
 
 def _submit(args: argparse.Namespace) -> int:
     from raytrain_ft import jobs
+    from raytrain_ft.recovery.faults import check_kills_of
 
     cfg = _config(args)
+    check_kills_of(cfg)  # here, not on the cluster after the job started
     runtime_env = (
         _json_flag("--runtime-env-json", args.runtime_env_json, "a JSON object (a Ray runtime_env)")
         if args.runtime_env_json
@@ -480,6 +510,8 @@ def _simulate(args: argparse.Namespace, argv: list[str] | None) -> int:
     for bug in args.inject_bug:
         if bug not in BUGS:
             raise ConfigError("--inject-bug", f"unknown bug {bug!r}; choose from {', '.join(BUGS)}")
+    if args.schedules is None:
+        args.schedules = 20000 if args.long else 1000
     if args.schedules <= 0 or args.processes <= 0:
         raise ConfigError("--schedules" if args.schedules <= 0 else "--processes", "must be > 0")
     if args.replay is not None:
@@ -499,9 +531,8 @@ def _simulate(args: argparse.Namespace, argv: list[str] | None) -> int:
         }
         print(json.dumps(summary))
         return EXIT_FAILED if r.violations else 0
-    schedules = args.schedules if "--schedules" in (argv or sys.argv) or not args.long else 20000
     ex = explore(
-        schedules,
+        args.schedules,
         args.seed,
         modes,
         tuple(args.inject_bug),

@@ -335,6 +335,23 @@ class OptimConfig:
         ):
             if not 0.0 <= value < 1.0:
                 raise ConfigError(name, f"must be in [0, 1), got {value!r}")
+        # a setting the chosen optimizer or schedule would ignore is refused, not dropped
+        defaults = {f.name: f.default for f in dataclasses.fields(OptimConfig)}
+        for fields, used_by, chosen in (
+            (("momentum",), ("sgd", "rmsprop"), self.name),
+            (("beta1", "beta2"), ("adam",), self.name),
+            (("alpha",), ("rmsprop",), self.name),
+            (("step_size", "gamma"), ("step",), self.schedule),
+            (("min_lr",), ("cosine",), self.schedule),
+        ):
+            for name in fields:
+                if chosen not in used_by and getattr(self, name) != defaults[name]:
+                    what = "--optimizer" if used_by[0] in get_args(Optimizer) else "--schedule"
+                    raise ConfigError(
+                        f"optim.{name}",
+                        f"applies to {what} {' or '.join(used_by)}, not {chosen}, which would "
+                        f"ignore it; drop {flag_of(name)}",
+                    )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -428,6 +445,7 @@ class ClusterConfig:
 
 
 RECOVERY_MODES = ("replica", "checkpoint", "none")
+MIN_PROBE_INTERVAL_S = 0.01
 MAX_SIMULATED_STEP_MS = 3_600_000.0
 """Longest simulated step (``--simulate-compute``) and straggler delay (``--slow-workers``): one
 hour."""
@@ -508,6 +526,19 @@ class RecoveryConfig:
         )
         _positive("recovery.health_check_interval_s", self.health_check_interval_s)
         _positive("recovery.suspect_after_s", self.suspect_after_s)
+        if self.health_check_interval_s < MIN_PROBE_INTERVAL_S:
+            raise ConfigError(
+                "recovery.health_check_interval_s",
+                f"must be at least {MIN_PROBE_INTERVAL_S} s, got {self.health_check_interval_s}: "
+                "the supervisor probes every process this often",
+            )
+        if self.suspect_after_s < self.health_check_interval_s:
+            raise ConfigError(
+                "recovery.suspect_after_s",
+                f"must be at least the health-check interval ({self.health_check_interval_s} s), "
+                f"got {self.suspect_after_s}: a process is suspected after probes it did not "
+                "answer",
+            )
         _non_negative("recovery.max_worker_restarts", self.max_worker_restarts)
         _non_negative("recovery.max_server_replacements", self.max_server_replacements)
         _positive("recovery.checkpoint_interval", self.checkpoint_interval)
@@ -649,12 +680,12 @@ class TrainConfig:
             )
         local_sgd_only = ("local_steps", "inner_optimizer", "inner_lr")
         defaults = {f.name: f.default for f in dataclasses.fields(ConsistencyConfig)}
-        if self.mode != "local_sgd" and any(
-            getattr(c, name) != defaults[name] for name in local_sgd_only
-        ):
+        given = [name for name in local_sgd_only if getattr(c, name) != defaults[name]]
+        if self.mode != "local_sgd" and given:
             raise ConfigError(
-                "consistency.local_steps",
-                "--local-steps, --inner-optimizer and --inner-lr apply to --mode local_sgd only",
+                f"consistency.{given[0]}",
+                f"{flag_of('consistency.' + given[0])} applies to --mode local_sgd only, not "
+                f"{self.mode}",
             )
         if self.mode == "local_sgd" and (
             self.cluster.overlap_comm or self.cluster.simulate_compute_ms
@@ -739,7 +770,7 @@ class TrainConfig:
             self.recovery.mode == "checkpoint" or self.recovery.resume_from
         ):
             raise ConfigError(
-                "recovery.mode",
+                "recovery.resume_from" if self.recovery.resume_from else "recovery.mode",
                 "checkpoint restarts and --resume-from need --mode sync (async modes recover from "
                 "replicas)",
             )
@@ -1134,8 +1165,8 @@ def check_writable_dir(path: str, name: str, flag: str | None = None) -> None:
 
 
 def check_writable_file(path: str, name: str, create_parent: bool = True) -> None:
-    """``path`` can be written (its directory created when ``create_parent``), without creating or
-    changing the file."""
+    """``path`` can be written (its directory created when ``create_parent``), without changing an
+    existing file (a new one is created and removed again: that checks the name too)."""
     if not path:
         raise ConfigError(name, "needs a file path")
     if os.path.isdir(path):
@@ -1154,8 +1185,17 @@ def check_writable_file(path: str, name: str, create_parent: bool = True) -> Non
             f"cannot write {path!r}: {e.message.split('; ')[0]}; give a path in a writable "
             "directory",
         ) from None
-    if os.path.exists(path) and not os.access(path, os.W_OK):
-        raise ConfigError(name, f"{path!r} exists and is not writable; give another path")
+    if os.path.exists(path):
+        if not os.access(path, os.W_OK):
+            raise ConfigError(name, f"{path!r} exists and is not writable; give another path")
+        return
+    try:  # the name itself (too long, a character the file system refuses): create it, remove it
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+        os.unlink(path)
+    except OSError as e:
+        raise ConfigError(
+            name, f"cannot create {path!r}: {e.strerror}; give another path"
+        ) from None
 
 
 EXTRA_FLAG_NAMES = {"simulate_compute_ms": "simulate_compute"}

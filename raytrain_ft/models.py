@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from raytrain_ft.config import ModelConfig
+from raytrain_ft.errors import ConfigError
 
 
 class MLP(nn.Module):
@@ -165,7 +166,11 @@ def build_model(cfg: ModelConfig, in_shape: tuple[int, int, int], num_classes: i
         return MLP(in_shape, num_classes)
     if cfg.name == "cnn":
         if in_shape[1] < 4 or in_shape[2] < 4:
-            raise ValueError(f"model.name: cnn needs images of at least 4x4, got {in_shape}")
+            raise ConfigError(
+                "data.image_size",
+                f"model cnn needs images of at least 4x4, got {in_shape[1]}x{in_shape[2]}; give "
+                "--image-size 4 or more, or another --model",
+            )
         return SmallCNN(in_shape, num_classes)
     if cfg.name in ("resnet18", "resnet50"):
         return _resnet(cfg.name, in_shape, num_classes, cfg.small_input_stem)

@@ -207,6 +207,7 @@ class Task:
 
         mc, dc = config.model, config.data
         num_train = None
+        builtin = None  # the built-in data, when the config names them
         columns_used = False  # whether a Ray Dataset's columns are read (--x-columns, --y-column)
         if train_data is not None:
             columns_used = is_ray_dataset(train_data) or is_ray_dataset(eval_data)
@@ -298,14 +299,21 @@ class Task:
             classification=loss_fn is F.cross_entropy,
             num_train=len(train) if num_train is None else num_train,
         )
-        task.check(train, config.seed)
+        # the built-in data are split here: too few training samples is --eval-fraction's doing
+        split = builtin is not None and dc.eval_fraction
+        task.check(train, config.seed, held_out=split or None)
         return task, train, evaluation
 
-    def check(self, train: Dataset, seed: int) -> None:
+    def check(self, train: Dataset, seed: int, held_out: float | None = None) -> None:
         """One forward and one loss on two training samples: a model, loss or dataset that do not
         fit each other fails here, on the driver, with the flag to fix."""
         if len(train) < 2:
-            raise ConfigError("data.dataset", f"the training set has {len(train)} samples")
+            field, why = "data.dataset", ""
+            if held_out:
+                field, why = "data.eval_fraction", f" after --eval-fraction {held_out} held out"
+            raise ConfigError(
+                field, f"the training set has {len(train)} samples{why}; it needs at least 2"
+            )
         try:
             x, y = batch_of(train, [0, 1])
         except Exception as e:  # noqa: BLE001 -- the user's dataset raised

@@ -24,7 +24,7 @@ import torch
 from raytrain_ft.config import TrainConfig
 from raytrain_ft.consistency import local_rounds, merge_histograms
 from raytrain_ft.data import Dataset, check_source, checked_steps_per_epoch
-from raytrain_ft.errors import ClusterError, TrainingError
+from raytrain_ft.errors import ClusterError, ConfigError, TrainingError
 from raytrain_ft.models import build_model
 from raytrain_ft.params import (
     flatten_state,
@@ -33,7 +33,7 @@ from raytrain_ft.params import (
     params_sha256,
     shard_ranges,
 )
-from raytrain_ft.recovery.faults import KillSpec, check_steps, check_targets, parse_kills
+from raytrain_ft.recovery.faults import KillSpec, check_kills_of, check_steps
 from raytrain_ft.sharding import ServerPlan, choose_num_servers
 
 logger = logging.getLogger(__name__)
@@ -506,6 +506,15 @@ def check_reachable(address: str, timeout_s: float = 5.0, field: str = "cluster.
     return check_ray_address(address, field, timeout_s)
 
 
+def _too_large(error: Exception) -> ConfigError:
+    first = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    return ConfigError(
+        "data",
+        f"the data or the model does not fit in this machine's memory ({first[:160]}); use a "
+        "smaller --image-size, --synthetic-samples, --synthetic-channels or model",
+    )
+
+
 class Trainer:
     """Train ``config``'s model on a Ray cluster. The built-in model, loss and data come from the
     config's names; the Python API may pass its own:
@@ -543,8 +552,17 @@ class Trainer:
         from raytrain_ft.task import Task
 
         cfg = self.config
-        task, _, eval_data = Task.build(cfg, **self.parts)
-        model = task.build_model(cfg.seed)
+        try:
+            task, _, eval_data = Task.build(cfg, **self.parts)
+            model = task.build_model(cfg.seed)
+        except MemoryError as e:  # numpy's allocation failure is one
+            raise _too_large(e) from None
+        except RuntimeError as e:
+            if "can't allocate memory" not in str(e) and "not enough memory" not in str(e):
+                raise
+            raise _too_large(e) from None
+        if flatten_state(model).numel() == 0:
+            raise ConfigError("model.name", "the model has no parameters or buffers to train")
         total_steps = total_steps_for(cfg, task.num_train)
         check_steps(kills, total_steps)
         n = cfg.cluster.num_servers
@@ -552,6 +570,13 @@ class Trainer:
         start_step = (
             check_resumable(cfg.recovery.resume_from, ranges) if cfg.recovery.resume_from else 0
         )
+        if start_step >= total_steps:
+            raise ConfigError(
+                "recovery.resume_from",
+                f"the checkpoints there are at step {start_step} and this run has {total_steps} "
+                "steps: nothing is left to train; train longer (--steps / --epochs) or resume from "
+                "an earlier checkpoint",
+            )
         return task, eval_data, model, ranges, total_steps, start_step
 
     @staticmethod
@@ -578,14 +603,7 @@ class Trainer:
         wall_start = time.time()
         from raytrain_ft.task import evaluate, is_import_string, resolve
 
-        kills = parse_kills(cfg.chaos.kill)
-        check_targets(
-            kills,
-            cfg.cluster.num_servers,
-            cfg.cluster.num_workers,
-            cfg.cluster.local_nodes,
-            cfg.recovery.num_spares,
-        )
+        kills = check_kills_of(cfg)
         server_plan = None
         prepared = None
         if self.parts["train_data"] is None and is_import_string(cfg.data.dataset):

@@ -122,9 +122,24 @@ def check_targets(
     num_nodes: int,
     num_spares: int = 1,
     field: str = FIELD,
+    recovery_mode: str = "replica",
 ) -> None:
     """Each kill names something the run has (``num_shards`` auto: only shard 0 is known to
-    exist before the run starts)."""
+    exist before the run starts; without ``--recovery replica`` no replica, snapshot or
+    re-replication; with ``--recovery none`` no spare)."""
+    if recovery_mode != "replica":
+        for k in kills:
+            if k.role == "replica" or k.trigger in ("snapshot", "rereplication"):
+                what = {"snapshot": "snapshots", "rereplication": "re-replications"}.get(
+                    k.trigger, "replica holder"
+                )
+                raise ConfigError(
+                    field,
+                    f"{k}: --recovery {recovery_mode} keeps no replicas (so no {what}); use "
+                    "--recovery replica",
+                )
+    if recovery_mode == "none":
+        num_spares = 0  # nothing is rebuilt, so no spare is started
     if num_shards == "auto":
         for k in kills:
             if k.role in ("server", "replica") and k.index > 0:
@@ -154,6 +169,21 @@ def check_targets(
                 f"{k}: the run has {limits[k.role]} {k.role}(s), index {k.index} does not "
                 f"exist{extra}",
             )
+
+
+def check_kills_of(cfg) -> list[KillSpec]:
+    """The run's ``--kill`` list, each checked against what the run config has (before the run,
+    and before a job is submitted)."""
+    kills = parse_kills(cfg.chaos.kill)
+    check_targets(
+        kills,
+        cfg.cluster.num_servers,
+        cfg.cluster.num_workers,
+        cfg.cluster.local_nodes,
+        cfg.recovery.num_spares,
+        recovery_mode=cfg.recovery.mode,
+    )
+    return kills
 
 
 def check_steps(kills: list[KillSpec], total_steps: int, field: str = FIELD) -> None:

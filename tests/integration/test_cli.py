@@ -202,6 +202,33 @@ BAD_INPUTS = [
         "recovery.checkpoint_dir: cannot write to '/dev/null/ckpt' (Not a directory); give a "
         "writable directory as --checkpoint-dir",
     ),
+    # sizes past the machine's memory: one line naming what to shrink, not a traceback
+    (["--image-size", "100000"], "data: the data or the model does not fit in this machine's"),
+    (
+        ["--dataset", "synthetic", "--synthetic-samples", "1000000000000"],
+        "use a smaller --image-size, --synthetic-samples",
+    ),
+    (["--model", "torch.nn:Flatten"], "model.name: the model has no parameters or buffers"),
+    (["--image-size", "3"], "data.image_size: model cnn needs images of at least 4x4, got 3x3"),
+    (["--eval-fraction", "0.999999"], "data.eval_fraction: the training set has 0 samples"),
+    # kills of what the recovery mode does not have
+    (
+        ["--recovery", "none", "--kill", "replica:0@step=2"],
+        "replica:0@step=2: --recovery none keeps no replicas (so no replica holder)",
+    ),
+    (
+        ["--recovery", "checkpoint", "--kill", "server:0@snapshot=1"],
+        "--recovery checkpoint keeps no replicas (so no snapshots)",
+    ),
+    (["--recovery", "none", "--kill", "spare:0@step=2"], "the run has 0 spare(s)"),
+    # an unset shell variable, one path for two files, a name the file system refuses
+    (["--steps", ""], "--steps: got an empty value"),
+    (["--resume-from", " "], "--resume-from: got an empty value"),
+    (
+        ["--output-json", "/tmp/rtft-same.json", "--save-model", "/tmp/rtft-same.json"],
+        "--save-model: is the --output-json path",
+    ),
+    (["--output-json", "/tmp/" + "a" * 300 + ".json"], "File name too long"),
 ]
 
 
@@ -292,6 +319,30 @@ def _report_into_a_missing_directory(d):
     ], f"--output: directory '{d / 'missing'}' does not exist"
 
 
+def _resume_past_the_end(d):
+    """Checkpoints of step 20 (of this run's shards) for a run of 6 steps: nothing left to train."""
+    import numpy as np
+
+    from raytrain_ft.config import load
+    from raytrain_ft.recovery.checkpoint import save_shard_checkpoint
+    from raytrain_ft.task import Task
+    from raytrain_ft.trainer import Trainer
+
+    cfg = load(None, {"steps": "6", "image_size": "8"})
+    task, _, _ = Task.build(cfg)
+    for r in Trainer._shards(task.build_model(cfg.seed), 2):
+        save_shard_checkpoint(str(d), r.index, 20, np.zeros(r.size, np.float32), {})
+    return [
+        "train",
+        "--steps",
+        "6",
+        "--image-size",
+        "8",
+        "--resume-from",
+        str(d),
+    ], "recovery.resume_from: the checkpoints there are at step 20 and this run has 6 steps"
+
+
 BAD_FILES = [
     (_non_utf8_config, ""),
     (_parquet("zero rows"), "holds no rows"),
@@ -309,6 +360,7 @@ BAD_FILES = [
         'history[0] is {"t": 1}: each point needs t (a number), loss and accuracy',
     ),
     (_report_into_a_missing_directory, ""),
+    (_resume_past_the_end, ""),
 ]
 BAD_FILE_IDS = [
     "non-utf8-config",
@@ -321,6 +373,7 @@ BAD_FILE_IDS = [
     "report-history-string",
     "report-history-missing-keys",
     "report-output-missing-dir",
+    "resume-past-the-end",
 ]
 
 

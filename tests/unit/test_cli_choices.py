@@ -1,5 +1,6 @@
 """Every choice the README's flag table documents is accepted by the CLI exactly as written."""
 
+import json
 import os
 import re
 
@@ -100,17 +101,41 @@ def test_every_documented_kill_form_is_accepted(kill):
         (["train", "--push-thred", "true"], "--push-thred (did you mean --push-thread?)"),
         (["train", "--lr=0.1", "--epocs", "2"], "--epocs (did you mean --epochs?)"),
         (["simulate", "--schedulez", "3"], "--schedulez (did you mean --schedules?)"),
+        # no abbreviations: a prefix is refused naming the flag, not read as it
+        (["simulate", "--sched", "3"], "--sched (did you mean --schedules?)"),
+        (["train", "--st", "6"], "--st (did you mean --steps?)"),
     ],
 )
-def test_a_misspelled_flag_gets_the_subcommands_usage_and_the_flag_meant(argv, said, capsys):
+def test_a_misspelled_flag_gets_one_line_naming_the_flag_meant(argv, said, capsys):
     from raytrain_ft.cli import main
 
     with pytest.raises(SystemExit) as e:
         main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2
-    assert f"raytrain-ft {argv[0]}: error: unrecognized arguments: {said}" in err
-    assert err.startswith(f"usage: raytrain-ft {argv[0]}")
+    assert err == (
+        f"raytrain-ft {argv[0]}: error: unrecognized arguments: {said} (see raytrain-ft "
+        f"{argv[0]} --help)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        (["train", "--lr"], "argument --lr: expected one argument"),
+        (["train", "--steps", "6", "extra"], "unrecognized arguments: extra"),
+        (["simulate", "--schedules", "x"], "argument --schedules: invalid int value: 'x'"),
+        (["frobnicate"], "argument command: invalid choice"),
+    ],
+)
+def test_an_argument_error_is_one_line_not_the_usage_block(argv, said, capsys):
+    from raytrain_ft.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and said in err, err
+    assert err.endswith("--help)\n") and not err.startswith("usage:")
 
 
 @pytest.mark.parametrize("command", ["train", "submit", "simulate", "chaos"])
@@ -132,3 +157,22 @@ def test_the_simulate_help_names_every_known_bad_variant():
         if "--inject-bug" in a.option_strings
     )
     assert all(name in help_text for name in BUGS)
+
+
+def test_simulate_long_takes_schedules_however_it_is_written(capsys):
+    """--long is 20,000 schedules unless --schedules says otherwise, as --schedules=N too."""
+    from raytrain_ft.cli import main
+
+    assert main(["simulate", "--long", "--schedules=3", "--processes", "1", "--mode", "sync"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["schedules"] == 3
+
+
+def test_submit_checks_the_kills_before_it_contacts_the_cluster(capsys):
+    """A kill of a rank the run does not have is refused here, not by the job on the cluster (the
+    address is never tried: nothing listens there)."""
+    from raytrain_ft.cli import main
+
+    argv = ["submit", "--address", "http://127.0.0.1:1", "--kill", "worker:5@step=1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("raytrain-ft: error: chaos.kill: worker:5@step=1: the run has 2 worker")
