@@ -410,6 +410,14 @@ def _train(args: argparse.Namespace) -> int:
     if args.quiet:  # no progress bar showed them
         for event in summary["recoveries"]:
             print(recovery_line(event))
+    fired = {k["kill"] for k in summary["kills"]}
+    never = [k for k in _kill_texts(cfg.chaos.kill) if k not in fired]
+    if never:  # e.g. @recovery=N with fewer recoveries, @time=S past the run's end
+        print(
+            f"raytrain-ft: warning: {len(never)} kill(s) never fired (the run ended first or "
+            f"nothing triggered them): {', '.join(never)}",
+            file=sys.stderr,
+        )
     accuracy = (
         f"eval accuracy {brief['eval_accuracy']:.4f}"
         if brief["eval_accuracy"] is not None
@@ -429,6 +437,12 @@ def _train(args: argparse.Namespace) -> int:
     if args.emit_summary:
         print(SUMMARY_MARKER + json.dumps(summary, separators=(",", ":")), flush=True)
     return 0
+
+
+def _kill_texts(kill) -> list[str]:
+    from raytrain_ft.recovery.faults import parse_kills
+
+    return [str(k) for k in parse_kills(kill)]
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -487,9 +501,13 @@ def _job_command(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from raytrain_ft.report import load_summary, render_png
 
-    summary = load_summary(args.summary)
     out = args.output or os.path.splitext(args.summary)[0] + ".png"
     flag = "--output" if args.output else f"--output (default {out!r})"
+    if not out.lower().endswith(".png"):
+        raise ConfigError(
+            flag, f"the report is a PNG image; give a path ending in .png, not {out!r}"
+        )
+    summary = load_summary(args.summary)
     config_mod.check_writable_file(out, flag, create_parent=False)
     render_png(summary, out, flag)
     print(f"wrote {out}")

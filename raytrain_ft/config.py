@@ -542,6 +542,18 @@ class RecoveryConfig:
         _non_negative("recovery.max_worker_restarts", self.max_worker_restarts)
         _non_negative("recovery.max_server_replacements", self.max_server_replacements)
         _positive("recovery.checkpoint_interval", self.checkpoint_interval)
+        if (
+            self.mode != "checkpoint"
+            and self.checkpoint_dir is None
+            and self.checkpoint_interval
+            != next(f.default for f in dataclasses.fields(self) if f.name == "checkpoint_interval")
+        ):
+            raise ConfigError(
+                "recovery.checkpoint_interval",
+                f"writes checkpoint files into --checkpoint-dir, and none is given (--recovery "
+                f"{self.mode} writes none without it); add --checkpoint-dir or drop "
+                "--checkpoint-interval",
+            )
 
 
 @dataclass(kw_only=True, slots=True)

@@ -117,6 +117,12 @@ def resolve_address(address: str | None, environ: Mapping[str, str] | None = Non
             f"{address!r} is not the dashboard's HTTP address; give http://HEAD:8265 (the job API "
             "lives on the dashboard port)",
         )
+    from urllib.parse import urlsplit
+
+    try:
+        _ = urlsplit(address).port  # raises on a port that is no number or out of range
+    except ValueError as e:
+        raise ConfigError("--address", f"{address!r}: {e}; give http://HEAD:8265") from None
     return address.rstrip("/")
 
 
@@ -288,6 +294,8 @@ def check_ray_address(address: str, field: str = "--address", timeout_s: float =
         or ("://" in target and not target.startswith("ray://"))
     ):
         raise ClusterError(f"{field} {target!r} is not HOST:PORT (or ray://HOST:PORT, or auto)")
+    if not 0 < int(port) < 65536:
+        raise ClusterError(f"{field} {target!r}: port {int(port)} is out of range (1-65535)")
     shown = target if target == address else f"{address} ({target})"
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):

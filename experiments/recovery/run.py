@@ -63,7 +63,12 @@ def make_config(
         optim=OptimConfig(name="sgd", lr=0.01, momentum=0.9),
         cluster=ClusterConfig(num_workers=2, num_servers=2, use_gpu="false"),
         recovery=RecoveryConfig(
-            mode=recovery, checkpoint_interval=checkpoint_interval, checkpoint_dir=checkpoint_dir
+            mode=recovery,
+            # files only where a directory takes them (the replica runs write none)
+            checkpoint_interval=checkpoint_interval
+            if recovery == "checkpoint" or checkpoint_dir
+            else 20,
+            checkpoint_dir=checkpoint_dir,
         ),
         chaos=ChaosConfig(kill=kill),
         steps=steps,

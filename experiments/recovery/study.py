@@ -71,7 +71,9 @@ def ours(cfg: TrainConfig, kill: str, recovery: str, interval: int) -> dict:
     cfg = dataclasses.replace(
         cfg,
         recovery=RecoveryConfig(
-            mode=recovery, checkpoint_interval=interval or 20, checkpoint_dir=ckpt
+            mode=recovery,
+            checkpoint_interval=(interval or 20) if ckpt else 20,
+            checkpoint_dir=ckpt,
         ),
         chaos=ChaosConfig(kill=kill),
     )

@@ -50,6 +50,9 @@ def test_main_job_survives_a_kill_reaches_accuracy_and_writes_summary_and_report
             "sync",
             "--kill",
             "server:1@step=30",
+            # a second recovery never comes: the kill waiting for it is reported, not dropped
+            "--kill",
+            "worker:0@recovery=2",
             "--output-json",
             str(out),
         ],
@@ -87,6 +90,8 @@ def test_main_job_survives_a_kill_reaches_accuracy_and_writes_summary_and_report
     assert "step " in proc.stderr and "samples/s" in proc.stderr  # progress lines
     assert "recovered: parameter server 1 died; rebuilt from its peer's replica" in proc.stderr
     assert "eval accuracy" in proc.stdout and "1 recoveries" in proc.stdout
+    assert [k["kill"] for k in summary["kills"]] == ["server:1@step=30"]
+    assert "warning: 1 kill(s) never fired" in proc.stderr and "worker:0@recovery=2" in proc.stderr
     history = summary["history"]
     assert history[-1]["step"] == summary["total_steps"] and all(
         a["t"] <= b["t"] for a, b in zip(history, history[1:])
@@ -454,6 +459,9 @@ def _closed_port() -> int:
         ),
         (["submit", "--address", "ray://10.0.0.1:10001"], "is not the dashboard's HTTP address"),
         (["submit", "--model", "vgg"], "model.name: unknown value 'vgg'"),
+        (["status", "raysubmit_x", "--address", "127.0.0.1:99999"], "Port out of range"),
+        (["chaos", "--address", "127.0.0.1:99999", "--kill", "worker:0@step=1"], "out of range"),
+        (["report", "/nonexistent/run.json", "-o", "r.jpg"], "--output: the report is a PNG image"),
     ],
 )
 def test_job_and_report_commands_exit_2_with_one_message(args, needle, cli_env, tmp_path):

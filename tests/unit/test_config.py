@@ -61,6 +61,8 @@ def test_defaults_validate():
         ({"suspect_after_s": "1e-9"}, "recovery.suspect_after_s"),
         ({"health_check_interval_s": "0.001"}, "recovery.health_check_interval_s"),
         ({"mode": "async", "resume_from": "/tmp"}, "recovery.resume_from"),
+        # checkpoint files every 3 steps, into no directory
+        ({"checkpoint_interval": "3"}, "recovery.checkpoint_interval"),
         ({"mode": "local_sgd", "local_steps": "0"}, "consistency.local_steps"),
         ({"mode": "local_sgd", "inner_lr": "0"}, "consistency.inner_lr"),
         ({"mode": "local_sgd", "inner_optimizer": "lion"}, "consistency.inner_optimizer"),
