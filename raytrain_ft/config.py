@@ -1061,7 +1061,9 @@ def from_dict(raw: dict[str, Any] | None, source: str = "config") -> TrainConfig
     raw = dict(raw or {})
     kwargs: dict[str, Any] = {}
     for sub, cls in SUBCONFIGS.items():
-        section = raw.pop(sub, None) or {}
+        section = raw.pop(sub, None)
+        if section is None:  # absent, or `cluster:` with nothing under it
+            section = {}
         if isinstance(section, str) and sub in SHORTHANDS:  # model: cnn, recovery: none
             section = {SHORTHANDS[sub]: section}
         if not isinstance(section, dict):

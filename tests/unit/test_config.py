@@ -446,3 +446,19 @@ def test_an_unknown_key_lists_the_known_ones():
         from_dict({"cluster": {"bogus": 1}})
     with pytest.raises(ConfigError, match=r"did you mean clip_grad_norm\?"):
         from_dict({"optim": {"clip-grad-norm": 0.5}})
+
+
+@pytest.mark.parametrize(
+    "text", ["cluster: 0\n", "cluster: []\n", "cluster: ''\n", "optim: false\n"]
+)
+def test_a_section_that_is_no_mapping_is_refused_even_when_falsy(text, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        C.load(str(path), {})
+
+
+def test_a_section_with_nothing_under_it_is_the_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("cluster:\n")
+    assert C.load(str(path), {}).cluster == C.ClusterConfig()
