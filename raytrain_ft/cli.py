@@ -596,11 +596,24 @@ def _simulate(args: argparse.Namespace, argv: list[str] | None) -> int:
 
 
 def _chaos(args: argparse.Namespace) -> int:
-    from raytrain_ft.recovery.faults import parse_kills, random_schedule
+    from raytrain_ft.recovery.faults import check_live_kills, parse_kills, random_schedule
 
     kills = parse_kills(args.kill, "--kill")
     if not args.random and not kills:
         raise ConfigError("--kill", "give at least one --kill, or --random")
+    check_live_kills(kills, "--kill")  # before connecting, not after
+    if not args.random:  # the random schedule's own settings would be ignored
+        for flag, value, default in (
+            ("--mtbf-s", args.mtbf_s, 10.0),
+            ("--duration-s", args.duration_s, 60.0),
+            ("--roles", args.roles, "server,replica,worker,supervisor"),
+            ("--seed", args.seed, 0),
+            ("--min-gap-s", args.min_gap_s, 1.0),
+        ):
+            if value != default:
+                raise ConfigError(
+                    flag, "applies to --random schedules only; add --random or drop it"
+                )
     for flag, value, low in (
         ("--wait-s", args.wait_s, 0.0),
         ("--mtbf-s", args.mtbf_s, 0.0),

@@ -244,17 +244,9 @@ def run_schedule(
     """Fire ``@step``/``@time`` kills against a running run until all fired or the run ended."""
     import ray
 
-    from raytrain_ft.errors import ConfigError
+    from raytrain_ft.recovery.faults import check_live_kills
 
-    unsupported = [str(k) for k in kills if k.trigger not in ("step", "time") or k.role == "node"]
-    if unsupported:
-        raise ConfigError(
-            "kill",
-            f"{', '.join(unsupported)}: against a running run only "
-            "server/replica/worker/spare/supervisor kills "
-            "@step or @time work; give node/@recovery/@rereplication/@snapshot kills to "
-            "`raytrain-ft train --kill`",
-        )
+    check_live_kills(kills, "kill")
     runner = ChaosRunner(kills, supervisor_handle, one_at_a_time=one_at_a_time)
     while not runner.done:
         status = ray.get(supervisor_handle.status.remote())

@@ -171,6 +171,20 @@ def check_targets(
             )
 
 
+def check_live_kills(kills: list[KillSpec], field: str = FIELD) -> None:
+    """Kills ``raytrain-ft chaos`` can fire against a run already going: @step or @time of an
+    actor (a node, and kills on the run's own protocol events, are the run's own ``--kill``)."""
+    unsupported = [str(k) for k in kills if k.trigger not in ("step", "time") or k.role == "node"]
+    if unsupported:
+        raise ConfigError(
+            field,
+            f"{', '.join(unsupported)}: against a running run only "
+            "server/replica/worker/spare/supervisor kills "
+            "@step or @time work; give node/@recovery/@rereplication/@snapshot kills to "
+            "`raytrain-ft train --kill`",
+        )
+
+
 def check_kills_of(cfg) -> list[KillSpec]:
     """The run's ``--kill`` list, each checked against what the run config has (before the run,
     and before a job is submitted)."""

@@ -461,6 +461,15 @@ def _closed_port() -> int:
         (["submit", "--model", "vgg"], "model.name: unknown value 'vgg'"),
         (["status", "raysubmit_x", "--address", "127.0.0.1:99999"], "Port out of range"),
         (["chaos", "--address", "127.0.0.1:99999", "--kill", "worker:0@step=1"], "out of range"),
+        # refused before connecting (nothing listens on port 1: that error would come instead)
+        (
+            ["chaos", "--address", "127.0.0.1:1", "--kill", "node:1@step=1"],
+            "--kill: node:1@step=1: against a running run only",
+        ),
+        (
+            ["chaos", "--address", "127.0.0.1:1", "--kill", "worker:0@step=1", "--roles", "server"],
+            "--roles: applies to --random schedules only",
+        ),
         (["report", "/nonexistent/run.json", "-o", "r.jpg"], "--output: the report is a PNG image"),
     ],
 )
