@@ -256,6 +256,11 @@ class DataConfig:
             parse_image_shape(self.image_shape)
 
 
+def _defaults(section) -> dict[str, Any]:
+    """A config section's field defaults, by field name (what "the user set it" is judged by)."""
+    return {f.name: f.default for f in dataclasses.fields(section)}
+
+
 def flag_of(field: str) -> str:
     """The CLI flag of a field named like its flag (``data.x_columns`` -> ``--x-columns``)."""
     return "--" + field.rsplit(".", 1)[-1].replace("_", "-")
@@ -336,7 +341,7 @@ class OptimConfig:
             if not 0.0 <= value < 1.0:
                 raise ConfigError(name, f"must be in [0, 1), got {value!r}")
         # a setting the chosen optimizer or schedule would ignore is refused, not dropped
-        defaults = {f.name: f.default for f in dataclasses.fields(OptimConfig)}
+        defaults = _defaults(self)
         for fields, used_by, chosen in (
             (("momentum",), ("sgd", "rmsprop"), self.name),
             (("beta1", "beta2"), ("adam",), self.name),
@@ -545,8 +550,7 @@ class RecoveryConfig:
         if (
             self.mode != "checkpoint"
             and self.checkpoint_dir is None
-            and self.checkpoint_interval
-            != next(f.default for f in dataclasses.fields(self) if f.name == "checkpoint_interval")
+            and self.checkpoint_interval != _defaults(self)["checkpoint_interval"]
         ):
             raise ConfigError(
                 "recovery.checkpoint_interval",
@@ -691,7 +695,7 @@ class TrainConfig:
                 f"corrects stale gradients of --mode async, ssp or mixed; {self.mode} has none",
             )
         local_sgd_only = ("local_steps", "inner_optimizer", "inner_lr")
-        defaults = {f.name: f.default for f in dataclasses.fields(ConsistencyConfig)}
+        defaults = _defaults(c)
         given = [name for name in local_sgd_only if getattr(c, name) != defaults[name]]
         if self.mode != "local_sgd" and given:
             raise ConfigError(
