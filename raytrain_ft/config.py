@@ -185,6 +185,13 @@ class ModelConfig:
             )
         if ":" not in self.loss:
             _choice("model.loss", self.loss, LOSSES)
+        refuse_ignored(
+            self,
+            "model",
+            "--model",
+            self.name,
+            ((("small_input_stem",), ("resnet18", "resnet50")),),
+        )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -221,6 +228,17 @@ class DataConfig:
     prefetch_batches: int = 2
     """Batches each worker prepares ahead in a background thread (0 disables)."""
 
+    @classmethod
+    def images(
+        cls, dataset: str, image_size: int, channels: int, samples: int, **kw: Any
+    ) -> DataConfig:
+        """Images of one shape from digits or synthetic data, for code that picks either: the
+        synthetic dataset's settings go only where the dataset is synthetic (digits would refuse
+        them, as it ignores them)."""
+        if dataset == "synthetic":
+            kw.update(synthetic_channels=channels, synthetic_samples=samples)
+        return cls(dataset=dataset, image_size=image_size, **kw)
+
     def __post_init__(self) -> None:
         check_field_types(self, "data")
         if ":" not in self.dataset:
@@ -254,11 +272,37 @@ class DataConfig:
                     "drop --image-shape or use --dataset parquet",
                 )
             parse_image_shape(self.image_shape)
+        refuse_ignored(
+            self,
+            "data",
+            "--dataset",
+            self.dataset,
+            (
+                (("image_size",), ("digits", "synthetic")),
+                (("synthetic_samples", "synthetic_channels"), ("synthetic",)),
+                (("image_column", "label_column"), ("parquet",)),
+            ),
+        )
 
 
 def _defaults(section) -> dict[str, Any]:
     """A config section's field defaults, by field name (what "the user set it" is judged by)."""
     return {f.name: f.default for f in dataclasses.fields(section)}
+
+
+def refuse_ignored(section, prefix: str, flag: str, chosen: str, rules) -> None:
+    """A setting the chosen value of ``flag`` would ignore is refused, not dropped. ``rules``:
+    (field names of ``section``, the choices that use them); a field counts as set when it differs
+    from its default."""
+    defaults = _defaults(section)
+    for names, used_by in rules:
+        for name in names:
+            if chosen not in used_by and getattr(section, name) != defaults[name]:
+                raise ConfigError(
+                    f"{prefix}.{name}" if prefix else name,
+                    f"applies to {flag} {' or '.join(used_by)}, not {chosen}, which would ignore "
+                    f"it; drop {flag_of(name)}",
+                )
 
 
 def flag_of(field: str) -> str:
@@ -341,22 +385,24 @@ class OptimConfig:
             if not 0.0 <= value < 1.0:
                 raise ConfigError(name, f"must be in [0, 1), got {value!r}")
         # a setting the chosen optimizer or schedule would ignore is refused, not dropped
-        defaults = _defaults(self)
-        for fields, used_by, chosen in (
-            (("momentum",), ("sgd", "rmsprop"), self.name),
-            (("beta1", "beta2"), ("adam",), self.name),
-            (("alpha",), ("rmsprop",), self.name),
-            (("step_size", "gamma"), ("step",), self.schedule),
-            (("min_lr",), ("cosine",), self.schedule),
-        ):
-            for name in fields:
-                if chosen not in used_by and getattr(self, name) != defaults[name]:
-                    what = "--optimizer" if used_by[0] in get_args(Optimizer) else "--schedule"
-                    raise ConfigError(
-                        f"optim.{name}",
-                        f"applies to {what} {' or '.join(used_by)}, not {chosen}, which would "
-                        f"ignore it; drop {flag_of(name)}",
-                    )
+        refuse_ignored(
+            self,
+            "optim",
+            "--optimizer",
+            self.name,
+            (
+                (("momentum",), ("sgd", "rmsprop")),
+                (("beta1", "beta2"), ("adam",)),
+                (("alpha",), ("rmsprop",)),
+            ),
+        )
+        refuse_ignored(
+            self,
+            "optim",
+            "--schedule",
+            self.schedule,
+            ((("step_size", "gamma"), ("step",)), (("min_lr",), ("cosine",))),
+        )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -436,11 +482,11 @@ class ClusterConfig:
             "a simulated step waits at most an hour",
         )
         _positive("cluster.ranks_per_process", self.ranks_per_process)
-        if self.push_thread == "true" and not self.overlap_comm:
+        if self.push_thread != "auto" and not self.overlap_comm:
             raise ConfigError(
                 "cluster.push_thread",
-                "a push thread sends shards during backward: set --overlap-comm true too, or "
-                "leave --push-thread auto",
+                "chooses who sends shards during backward, which only --overlap-comm true does: "
+                "set --overlap-comm true too, or leave --push-thread auto",
             )
         if self.local_nodes > 1 and self.address:
             raise ConfigError(
@@ -558,6 +604,34 @@ class RecoveryConfig:
                 f"{self.mode} writes none without it); add --checkpoint-dir or drop "
                 "--checkpoint-interval",
             )
+        refuse_ignored(
+            self,
+            "recovery",
+            "--recovery",
+            self.mode,
+            (
+                (
+                    ("snapshot_interval", "expected_mtbf_s", "fold_log", "durability"),
+                    ("replica",),
+                ),
+            ),
+        )
+        if self.mode == "none" and self.num_spares not in (0, _defaults(self)["num_spares"]):
+            raise ConfigError(
+                "recovery.num_spares",
+                "spares replace lost servers, and --recovery none replaces none (a lost server "
+                "fails the run); drop --num-spares",
+            )
+        if (
+            self.snapshot_interval != "auto"
+            and self.expected_mtbf_s != _defaults(self)["expected_mtbf_s"]
+        ):
+            raise ConfigError(
+                "recovery.expected_mtbf_s",
+                "plans the snapshot interval of --snapshot-interval auto; a fixed interval "
+                f"({self.snapshot_interval}) would ignore it; drop --expected-mtbf-s or set "
+                "--snapshot-interval auto",
+            )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -581,6 +655,12 @@ class ChaosConfig:
         check_field_types(self, "chaos")
         parse_kills(self.kill)
         parse_slow(self.slow_workers)
+        if self.one_kill_at_a_time and not self.kill:
+            raise ConfigError(
+                "chaos.one_kill_at_a_time",
+                "holds each --kill until the previous one is recovered, and no --kill is given; "
+                "add --kill or drop --one-kill-at-a-time",
+            )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -694,15 +774,20 @@ class TrainConfig:
                 "consistency.delay_compensation",
                 f"corrects stale gradients of --mode async, ssp or mixed; {self.mode} has none",
             )
-        local_sgd_only = ("local_steps", "inner_optimizer", "inner_lr")
-        defaults = _defaults(c)
-        given = [name for name in local_sgd_only if getattr(c, name) != defaults[name]]
-        if self.mode != "local_sgd" and given:
-            raise ConfigError(
-                f"consistency.{given[0]}",
-                f"{flag_of('consistency.' + given[0])} applies to --mode local_sgd only, not "
-                f"{self.mode}",
-            )
+        # a setting the chosen mode would ignore is refused, not silently dropped
+        refuse_ignored(
+            c,
+            "consistency",
+            "--mode",
+            self.mode,
+            (
+                (("local_steps", "inner_optimizer", "inner_lr"), ("local_sgd",)),
+                (("staleness",), ("ssp",)),
+                (("group_size",), ("mixed",)),
+                (("staleness_lr",), ("async", "ssp")),
+                (("momentum_correction",), ("async", "ssp", "mixed")),
+            ),
+        )
         if self.mode == "local_sgd" and (
             self.cluster.overlap_comm or self.cluster.simulate_compute_ms
         ):
@@ -713,19 +798,6 @@ class TrainConfig:
                 "local_sgd pushes once per round, after its local steps: use --overlap-comm false "
                 "and real compute",
             )
-        # a setting the chosen mode would ignore is refused, not silently dropped
-        only_in = (
-            ("staleness", ("ssp",), "--staleness"),
-            ("group_size", ("mixed",), "--group-size"),
-            ("staleness_lr", ("async", "ssp"), "--staleness-lr"),
-            ("momentum_correction", ("async", "ssp", "mixed"), "--momentum-correction"),
-        )
-        for name, modes, flag in only_in:
-            if self.mode not in modes and getattr(c, name) != defaults[name]:
-                raise ConfigError(
-                    f"consistency.{name}",
-                    f"{flag} applies to --mode {' or '.join(modes)}; {self.mode} would ignore it",
-                )
         from raytrain_ft.compression import parse_codec
 
         if c.codec_residual != "local" and parse_codec(c.codec).lossless:

@@ -55,13 +55,7 @@ def make_config(
     dataset, size, channels, default_steps = SETTINGS[model]
     return TrainConfig(
         model=ModelConfig(name=model),
-        data=DataConfig(
-            dataset=dataset,
-            image_size=size,
-            synthetic_channels=channels,
-            synthetic_samples=4096,
-            batch_size=batch,
-        ),
+        data=DataConfig.images(dataset, size, channels, 4096, batch_size=batch),
         optim=OptimConfig(name="sgd", lr=0.01, momentum=0.9, weight_decay=0.0),
         cluster=ClusterConfig(
             num_workers=workers,

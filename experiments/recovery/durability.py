@@ -52,7 +52,7 @@ def make_config(
         cluster=ClusterConfig(num_workers=2 if sync else 4, num_servers=2, use_gpu="false"),
         recovery=RecoveryConfig(
             mode="none" if none else "replica",
-            durability="strict" if none else durability,
+            durability="auto" if none else durability,
             num_spares=1 if kill else 0,
         ),
         chaos=ChaosConfig(kill=kill),

@@ -53,12 +53,8 @@ def make_config(
     size, channels, batch, *_ = SETTINGS[model]
     return TrainConfig(
         model=ModelConfig(name=model),
-        data=DataConfig(
-            dataset="synthetic" if channels == 3 else "digits",
-            image_size=size,
-            synthetic_channels=channels,
-            synthetic_samples=2048,
-            batch_size=batch,
+        data=DataConfig.images(
+            "synthetic" if channels == 3 else "digits", size, channels, 2048, batch_size=batch
         ),
         optim=OptimConfig(name="sgd", lr=0.01, momentum=0.9),
         cluster=ClusterConfig(num_workers=2, num_servers=2, use_gpu="false"),

@@ -51,11 +51,11 @@ def make_config(model: str, steps: int, batch: int) -> TrainConfig:
     synthetic = model.startswith("resnet")
     return TrainConfig(
         model=ModelConfig(name=model),
-        data=DataConfig(
-            dataset="synthetic" if synthetic else "digits",
-            image_size=32 if synthetic else 8,
-            synthetic_channels=3,
-            synthetic_samples=2048,
+        data=DataConfig.images(
+            "synthetic" if synthetic else "digits",
+            32 if synthetic else 8,
+            3,
+            2048,
             batch_size=batch,
         ),
         optim=OptimConfig(name="sgd", lr=0.05, momentum=0.9, weight_decay=0.0),

@@ -31,13 +31,7 @@ def make_config(setting: str, servers) -> TrainConfig:
     model, dataset, size, channels, workers, steps, sim_ms, per_process = SETTINGS[setting]
     return TrainConfig(
         model=ModelConfig(name=model),
-        data=DataConfig(
-            dataset=dataset,
-            image_size=size,
-            synthetic_channels=channels,
-            synthetic_samples=2048,
-            batch_size=32,
-        ),
+        data=DataConfig.images(dataset, size, channels, 2048, batch_size=32),
         optim=OptimConfig(name="sgd", lr=0.01, momentum=0.9),
         cluster=ClusterConfig(
             num_workers=workers,

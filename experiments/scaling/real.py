@@ -41,13 +41,7 @@ def make_config(model: str, mode: str, workers: int, servers: int, batch: int) -
     dataset, size, channels, steps = SETTINGS[model]
     return TrainConfig(
         model=ModelConfig(name=model),
-        data=DataConfig(
-            dataset=dataset,
-            image_size=size,
-            synthetic_channels=channels,
-            synthetic_samples=2048,
-            batch_size=batch,
-        ),
+        data=DataConfig.images(dataset, size, channels, 2048, batch_size=batch),
         optim=OptimConfig(name="sgd", lr=0.01, momentum=0.9),
         cluster=ClusterConfig(num_workers=workers, num_servers=servers, use_gpu="false"),
         mode=mode,

@@ -35,13 +35,20 @@ pytestmark = pytest.mark.chaos
 STEPS = 60
 
 
+def _snapshots_every_10(recovery: dict) -> dict:
+    """Replicas snapshot every 10 updates (the other modes keep no replicas to snapshot)."""
+    if recovery.get("mode", "replica") == "replica":
+        return {"snapshot_interval": 10, **recovery}
+    return recovery
+
+
 def _config(num_servers=2, kill=None, checkpoint_dir=None, one_kill_at_a_time=False, **recovery):
     return TrainConfig(
         model=ModelConfig(name="cnn"),
         data=DataConfig(dataset="digits", image_size=8, batch_size=16),
         optim=OptimConfig(name="sgd", lr=0.05, momentum=0.9),
         cluster=ClusterConfig(num_workers=2, num_servers=num_servers),
-        recovery=RecoveryConfig(snapshot_interval=10, checkpoint_dir=checkpoint_dir, **recovery),
+        recovery=RecoveryConfig(checkpoint_dir=checkpoint_dir, **_snapshots_every_10(recovery)),
         chaos=ChaosConfig(kill=kill, one_kill_at_a_time=one_kill_at_a_time),
         steps=STEPS,
         seed=3,

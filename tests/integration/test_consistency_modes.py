@@ -163,7 +163,10 @@ def test_overlap_changes_no_value_where_the_worker_clips_its_own_gradient(ray_lo
         cfg = dataclasses.replace(
             _config("async", optim=dataclasses.replace(CLIPPED, clip_grad_norm=0.3)),
             cluster=ClusterConfig(
-                num_workers=1, num_servers=SERVERS, overlap_comm=overlap, push_thread=overlap
+                num_workers=1,
+                num_servers=SERVERS,
+                overlap_comm=overlap,
+                push_thread="true" if overlap else "auto",
             ),
             data=DataConfig(dataset="digits", image_size=8, batch_size=32),
             steps=20,

@@ -80,7 +80,7 @@ def test_sync_matches_single_process_pytorch_with_and_without_overlap(ray_local)
                 num_workers=2,
                 num_servers="auto" if overlap else 3,
                 overlap_comm=overlap,
-                push_thread=overlap,
+                push_thread="true" if overlap else "auto",
             ),
             # the first answers once logged, the second before (the default in sync)
             recovery=RecoveryConfig(num_spares=0, durability="auto" if overlap else "strict"),

@@ -217,7 +217,10 @@ def test_fp16_skips_overflowed_updates_on_every_shard_and_a_kill_changes_nothing
             optim=OptimConfig(lr=1e-6, momentum=0.9),  # 0.01 in the loss's usual units
             # overlap: forward installs each shard as a layer needs it, pushes wait for backward
             cluster=ClusterConfig(
-                num_workers=2, num_servers=2, overlap_comm=overlap, push_thread=overlap
+                num_workers=2,
+                num_servers=2,
+                overlap_comm=overlap,
+                push_thread="true" if overlap else "auto",
             ),
             recovery=RecoveryConfig(snapshot_interval=10, num_spares=1 if kill else 0),
             steps=30,

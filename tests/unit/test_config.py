@@ -79,6 +79,27 @@ def test_defaults_validate():
             "cluster.preaggregate",
         ),
         ({"ranks_per_process": "0", "simulate_compute_ms": "50"}, "cluster.ranks_per_process"),
+        # settings the dataset, model, recovery mode or overlap would ignore
+        ({"dataset": "cifar10", "data_path": "/d", "image_size": "32"}, "data.image_size"),
+        ({"synthetic_samples": "100"}, "data.synthetic_samples"),
+        (
+            {"dataset": "mnist", "data_path": "/d", "synthetic_channels": "3"},
+            "data.synthetic_channels",
+        ),
+        ({"dataset": "synthetic", "image_column": "pixels"}, "data.image_column"),
+        ({"label_column": "y"}, "data.label_column"),
+        ({"small_input_stem": "false"}, "model.small_input_stem"),
+        ({"model": "mod:make", "small_input_stem": "false"}, "model.small_input_stem"),
+        ({"push_thread": "false"}, "cluster.push_thread"),
+        ({"push_thread": "true"}, "cluster.push_thread"),
+        ({"recovery": "none", "snapshot_interval": "10"}, "recovery.snapshot_interval"),
+        ({"recovery": "checkpoint", "snapshot_interval": "auto"}, "recovery.snapshot_interval"),
+        ({"recovery": "none", "durability": "strict"}, "recovery.durability"),
+        ({"recovery": "checkpoint", "fold_log": "false"}, "recovery.fold_log"),
+        ({"recovery": "none", "expected_mtbf_s": "60"}, "recovery.expected_mtbf_s"),
+        ({"expected_mtbf_s": "60"}, "recovery.expected_mtbf_s"),  # a fixed interval plans nothing
+        ({"recovery": "none", "num_spares": "2"}, "recovery.num_spares"),
+        ({"one_kill_at_a_time": "true"}, "chaos.one_kill_at_a_time"),
     ],
 )
 def test_bad_values_name_the_field(overrides, field):
@@ -86,6 +107,34 @@ def test_bad_values_name_the_field(overrides, field):
         C.load(None, overrides)
     assert e.value.field == field
     assert field in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {
+            "image_size": "32",
+            "synthetic_samples": "100",
+            "synthetic_channels": "3",
+            "dataset": "synthetic",
+        },
+        {
+            "dataset": "parquet",
+            "data_path": "/d.parquet",
+            "image_column": "px",
+            "label_column": "y",
+        },
+        {"model": "resnet18", "small_input_stem": "false"},
+        {"overlap_comm": "true", "push_thread": "false"},
+        {"snapshot_interval": "auto", "expected_mtbf_s": "60", "fold_log": "false"},
+        {"durability": "strict", "num_spares": "3"},
+        {"recovery": "none", "num_spares": "0"},  # what none does anyway
+        {"recovery": "checkpoint", "num_spares": "2"},  # a restart takes a spare too
+        {"kill": "server:0@step=3", "one_kill_at_a_time": "true"},
+    ],
+)
+def test_the_same_settings_where_they_apply_are_taken(overrides):
+    C.load(None, overrides)
 
 
 def test_yaml_and_flag_override(tmp_path):
