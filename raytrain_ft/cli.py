@@ -532,6 +532,13 @@ def _simulate(args: argparse.Namespace, argv: list[str] | None) -> int:
         args.schedules = 20000 if args.long else 1000
     if args.schedules <= 0 or args.processes <= 0:
         raise ConfigError("--schedules" if args.schedules <= 0 else "--processes", "must be > 0")
+    cores = os.cpu_count() or 1
+    if args.processes > cores:
+        raise ConfigError(
+            "--processes",
+            f"this machine has {cores} cores and the schedules are pure computation: more "
+            f"processes than cores only wait for them; use at most {cores}",
+        )
     if args.replay is not None:
         if len(modes) != 1:
             raise ConfigError(

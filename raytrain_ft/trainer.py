@@ -348,6 +348,8 @@ def ray_session(config: TrainConfig):
     if cc.local_nodes > 1:
         from ray.cluster_utils import Cluster
 
+        check_embedded_memory(config, available_memory())
+
         try:
             cluster = Cluster(
                 initialize_head=True,
@@ -386,6 +388,7 @@ def ray_session(config: TrainConfig):
     else:
         if cc.use_gpu == "true":  # no autoscaler adds GPUs to a Ray started here: say so before it
             check_gpus(cc.num_workers, local_gpus(), embedded=True)
+        check_embedded_memory(config, available_memory())
         kwargs.update(
             num_cpus=max(os.cpu_count() or 1, needed),
             include_dashboard=False,
@@ -408,6 +411,65 @@ def ray_session(config: TrainConfig):
         yield Session(embedded=not address)
     finally:
         ray.shutdown()
+
+
+PROCESS_GB = 0.3
+"""Memory of one of the run's processes (a worker, server, spare or the supervisor: Python, Ray's
+worker and torch), measured on this project's CPU runs."""
+NODE_GB = 0.3
+"""Memory of one simulated node's Ray daemons (raylet, agents; the head's GCS)."""
+
+
+def embedded_processes(config: TrainConfig) -> dict[str, int]:
+    """The processes a run starts, by role (servers: the fewest ``auto`` can choose)."""
+    cc, rc = config.cluster, config.recovery
+    servers = 1 if cc.num_servers == "auto" else cc.num_servers
+    return {
+        "worker": -(-cc.num_workers // cc.ranks_per_process),
+        "server": servers,
+        "spare": rc.num_spares if rc.mode != "none" else 0,
+        "supervisor": 1,
+    }
+
+
+def check_embedded_memory(config: TrainConfig, available_gb: float | None) -> None:
+    """A Ray started on this machine for the run must fit in its memory: the run's processes and
+    the simulated nodes, at their measured size (``PROCESS_GB``, ``NODE_GB``). Without the check a
+    run of thousands of workers or servers starts processes until the machine runs out."""
+    if available_gb is None:
+        return
+    procs = embedded_processes(config)
+    nodes = config.cluster.local_nodes
+    need = sum(procs.values()) * PROCESS_GB + nodes * NODE_GB
+    if need <= available_gb:
+        return
+    counts = ", ".join(f"{n} {role}{'s' if n != 1 else ''}" for role, n in procs.items() if n)
+    biggest = max(
+        (procs["worker"] * PROCESS_GB, "cluster.num_workers"),
+        (procs["server"] * PROCESS_GB, "cluster.num_servers"),
+        (nodes * NODE_GB, "cluster.local_nodes"),
+    )
+    field = biggest[1]
+    raise ConfigError(
+        field,
+        f"a Ray started on this machine for this run needs about {need:.0f} GB ({counts} of about "
+        f"{PROCESS_GB} GB each, {nodes} simulated node{'s' if nodes != 1 else ''} of about "
+        f"{NODE_GB} GB) and {available_gb:.1f} GB is available; use fewer --num-workers, "
+        "--num-servers or --local-nodes, host ranks together (--ranks-per-process), or run on a "
+        "cluster (--address)",
+    )
+
+
+def available_memory() -> float | None:
+    """GB of memory this machine can give new processes (Linux's MemAvailable; None elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def local_gpus() -> float:

@@ -216,6 +216,19 @@ BAD_INPUTS = [
     (["--model", "torch.nn:Flatten"], "model.name: the model has no parameters or buffers"),
     (["--image-size", "3"], "data.image_size: model cnn needs images of at least 4x4, got 3x3"),
     (["--eval-fraction", "0.999999"], "data.eval_fraction: the training set has 0 samples"),
+    # more processes than this machine's memory holds (checked before a Ray is started for them)
+    (
+        ["--num-servers", "100000"],
+        "GB (2 workers, 100000 servers, 1 spare, 1 supervisor of about 0.3 GB each",
+    ),
+    (
+        [
+            *("--simulate-compute", "50", "--num-workers", "100000", "--batch-size", "1"),
+            *("--dataset", "synthetic", "--synthetic-samples", "200000", "--image-size", "8"),
+        ],
+        "cluster.num_workers: a Ray started on this machine for this run needs about",
+    ),
+    (["--local-nodes", "100000"], "cluster.local_nodes: a Ray started on this machine"),
     # kills of what the recovery mode does not have
     (
         ["--recovery", "none", "--kill", "replica:0@step=2"],

@@ -7,6 +7,8 @@ import re
 import pytest
 
 from raytrain_ft import cli
+from raytrain_ft import config as C
+from raytrain_ft.errors import ConfigError
 
 README = os.path.join(os.path.dirname(__file__), "..", "..", "README.md")
 VALUE_LESS = {
@@ -176,3 +178,39 @@ def test_submit_checks_the_kills_before_it_contacts_the_cluster(capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("raytrain-ft: error: chaos.kill: worker:5@step=1: the run has 2 worker")
+
+
+def test_simulate_refuses_more_processes_than_cores(capsys):
+    from raytrain_ft.cli import main
+
+    cores = os.cpu_count() or 1
+    assert main(["simulate", "--schedules", "5", "--processes", str(cores + 1)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--processes: this machine has {cores} cores" in err[0]
+
+
+def test_an_embedded_ray_must_fit_in_this_machines_memory():
+    """The processes a run starts on this machine are counted before Ray starts them; the field
+    named is the role that takes the most memory."""
+    from raytrain_ft.trainer import check_embedded_memory, embedded_processes
+
+    cfg = C.TrainConfig()
+    assert embedded_processes(cfg) == {"worker": 2, "server": 2, "spare": 1, "supervisor": 1}
+    check_embedded_memory(cfg, 2.1)  # 6 processes of 0.3 GB and a node of 0.3 GB
+    with pytest.raises(ConfigError, match="needs about 2 GB"):
+        check_embedded_memory(cfg, 2.0)
+    check_embedded_memory(cfg, None)  # not known: not checked
+    shared = C.load(
+        None, {"num_workers": "64", "ranks_per_process": "8", "simulate_compute_ms": "5"}
+    )
+    assert embedded_processes(shared)["worker"] == 8
+    for overrides, field in (
+        ({"num_workers": "1000", "simulate_compute_ms": "5"}, "cluster.num_workers"),
+        ({"num_servers": "1000"}, "cluster.num_servers"),
+        ({"local_nodes": "1000"}, "cluster.local_nodes"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            check_embedded_memory(C.load(None, overrides), 24.0)
+        assert e.value.field == field and "24.0 GB is available" in str(e.value)
+    none = C.load(None, {"recovery": "none", "num_servers": "1"})
+    assert embedded_processes(none) == {"worker": 2, "server": 1, "spare": 0, "supervisor": 1}
