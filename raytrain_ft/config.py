@@ -995,6 +995,8 @@ FLAG_ALIASES: dict[str, str] = {
     "recovery.mode": "recovery",
 }
 """Dotted field -> flag name where the leaf name alone would be ambiguous or unnatural."""
+LIST_FIELDS = ("chaos.kill", "chaos.slow_workers", "data.x_columns", "data.image_shape")
+"""Fields whose value is a comma-separated list: a YAML list is taken too (joined with commas)."""
 REPEATABLE_FLAGS = ("kill",)
 """Flags that may be given several times (joined with commas)."""
 RENAMED: dict[str, str] = {
@@ -1079,7 +1081,7 @@ def coerce(text: Any, typ: type, name: str, optional: bool = True) -> Any:
                 pass
         raise ConfigError(name, f"expected {_describe(typ)}, got {text!r}")
     if isinstance(text, (list, tuple)):
-        if typ is not str:
+        if typ is not str or name not in LIST_FIELDS:
             raise ConfigError(name, f"expected one value, got a list {text!r}")
         return ",".join(str(t) for t in text) or None
     if typ is bool:

@@ -511,3 +511,28 @@ def test_a_section_with_nothing_under_it_is_the_defaults(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("cluster:\n")
     assert C.load(str(path), {}).cluster == C.ClusterConfig()
+
+
+def test_a_yaml_list_is_taken_only_where_the_field_is_a_list(tmp_path):
+    """Kills, stragglers, Ray Dataset columns and an image shape are comma-separated lists: a YAML
+    list is joined. Anywhere else a list is refused (it was joined into one odd value)."""
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "chaos: {kill: ['server:0@step=3', 'worker:1@step=4'], slow_workers: ['1:50']}\n"
+        "data: {x_columns: [a, b]}\n"
+    )
+    cfg = C.load(str(path))
+    assert (cfg.chaos.kill, cfg.chaos.slow_workers, cfg.data.x_columns) == (
+        "server:0@step=3,worker:1@step=4",
+        "1:50",
+        "a,b",
+    )
+    for text, field in (
+        ("model: {name: [cnn, mlp]}\n", "model.name"),
+        ("consistency: {codec: [fp16]}\n", "consistency.codec"),
+        ("recovery: {checkpoint_dir: [a, b]}\n", "recovery.checkpoint_dir"),
+    ):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match="expected one value, got a list") as e:
+            C.load(str(path))
+        assert e.value.field == field
