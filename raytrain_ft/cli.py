@@ -120,6 +120,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+RANDOM_DEFAULTS = {
+    "mtbf_s": 10.0,
+    "duration_s": 60.0,
+    "roles": "server,replica,worker,supervisor",
+    "seed": 0,
+    "min_gap_s": 1.0,
+}
+"""``raytrain-ft chaos --random``: its settings' defaults (given without --random, they are
+refused)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="raytrain-ft", description="Fault-tolerant parameter-server training on Ray."
@@ -268,21 +279,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="random kills: exponential gaps with mean --mtbf-s over --duration-s",
     )
     chaos.add_argument(
-        "--mtbf-s", type=float, default=10.0, help="random mode: mean seconds between kills"
+        "--mtbf-s",
+        type=float,
+        default=RANDOM_DEFAULTS["mtbf_s"],
+        help="random mode: mean seconds between kills",
     )
     chaos.add_argument(
-        "--duration-s", type=float, default=60.0, help="random mode: length of the schedule"
+        "--duration-s",
+        type=float,
+        default=RANDOM_DEFAULTS["duration_s"],
+        help="random mode: length of the schedule",
     )
     chaos.add_argument(
         "--roles",
-        default="server,replica,worker,supervisor",
+        default=RANDOM_DEFAULTS["roles"],
         help="random mode: roles to pick from",
     )
-    chaos.add_argument("--seed", type=int, default=0, help="random mode: schedule seed")
+    chaos.add_argument(
+        "--seed", type=int, default=RANDOM_DEFAULTS["seed"], help="random mode: schedule seed"
+    )
     chaos.add_argument(
         "--min-gap-s",
         type=float,
-        default=1.0,
+        default=RANDOM_DEFAULTS["min_gap_s"],
         help="random mode: least seconds between kills (replicas survive one failure at a time)",
     )
     chaos.add_argument(
@@ -610,16 +629,11 @@ def _chaos(args: argparse.Namespace) -> int:
         raise ConfigError("--kill", "give at least one --kill, or --random")
     check_live_kills(kills, "--kill")  # before connecting, not after
     if not args.random:  # the random schedule's own settings would be ignored
-        for flag, value, default in (
-            ("--mtbf-s", args.mtbf_s, 10.0),
-            ("--duration-s", args.duration_s, 60.0),
-            ("--roles", args.roles, "server,replica,worker,supervisor"),
-            ("--seed", args.seed, 0),
-            ("--min-gap-s", args.min_gap_s, 1.0),
-        ):
-            if value != default:
+        for dest, default in RANDOM_DEFAULTS.items():
+            if getattr(args, dest) != default:
                 raise ConfigError(
-                    flag, "applies to --random schedules only; add --random or drop it"
+                    "--" + dest.replace("_", "-"),
+                    "applies to --random schedules only; add --random or drop it",
                 )
     for flag, value, low in (
         ("--wait-s", args.wait_s, 0.0),
