@@ -279,6 +279,7 @@ class DataConfig:
             self.dataset,
             (
                 (("image_size",), ("digits", "synthetic")),
+                (("eval_fraction",), ("digits", "synthetic", "parquet")),
                 (("synthetic_samples", "synthetic_channels"), ("synthetic",)),
                 (("image_column", "label_column"), ("parquet",)),
             ),
@@ -394,6 +395,7 @@ class OptimConfig:
                 (("momentum",), ("sgd", "rmsprop")),
                 (("beta1", "beta2"), ("adam",)),
                 (("alpha",), ("rmsprop",)),
+                (("eps",), ("rmsprop", "adagrad", "adam")),
             ),
         )
         refuse_ignored(
@@ -611,7 +613,13 @@ class RecoveryConfig:
             self.mode,
             (
                 (
-                    ("snapshot_interval", "expected_mtbf_s", "fold_log", "durability"),
+                    (
+                        "snapshot_interval",
+                        "expected_mtbf_s",
+                        "fold_log",
+                        "durability",
+                        "max_server_replacements",
+                    ),
                     ("replica",),
                 ),
             ),

@@ -100,6 +100,12 @@ def test_defaults_validate():
         ({"expected_mtbf_s": "60"}, "recovery.expected_mtbf_s"),  # a fixed interval plans nothing
         ({"recovery": "none", "num_spares": "2"}, "recovery.num_spares"),
         ({"one_kill_at_a_time": "true"}, "chaos.one_kill_at_a_time"),
+        ({"eps": "1e-6"}, "optim.eps"),  # sgd has no denominator
+        ({"dataset": "cifar10", "data_path": "/d", "eval_fraction": "0.1"}, "data.eval_fraction"),
+        (
+            {"recovery": "checkpoint", "max_server_replacements": "5"},
+            "recovery.max_server_replacements",
+        ),
     ],
 )
 def test_bad_values_name_the_field(overrides, field):
@@ -131,6 +137,9 @@ def test_bad_values_name_the_field(overrides, field):
         {"recovery": "none", "num_spares": "0"},  # what none does anyway
         {"recovery": "checkpoint", "num_spares": "2"},  # a restart takes a spare too
         {"kill": "server:0@step=3", "one_kill_at_a_time": "true"},
+        {"optimizer": "adagrad", "eps": "1e-6"},
+        {"eval_fraction": "0.1"},
+        {"max_server_replacements": "5"},
     ],
 )
 def test_the_same_settings_where_they_apply_are_taken(overrides):
