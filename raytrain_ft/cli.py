@@ -315,10 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _json_flag(flag: str, text: str, what: str = "a JSON object") -> dict:
     """The JSON object a flag holds; ConfigError naming the flag for anything else."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(flag, f"is not JSON: {e.msg} at column {e.colno}") from None
+    value = config_mod.parse_json(text, flag)
     if not isinstance(value, dict):
         shown = "null" if value is None else type(value).__name__
         raise ConfigError(flag, f"must be {what} {{...}}, got {shown}")
@@ -386,6 +383,13 @@ def _write_summary(summary: dict, path: str) -> None:
 def _train(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     cfg = _config(args)
+    for flag, path in (("--output-json", args.output_json), ("--save-model", args.save_model)):
+        if (
+            path is not None
+            and args.config
+            and os.path.abspath(path) == os.path.abspath(args.config)
+        ):
+            raise ConfigError(flag, "is the --config file: the run would overwrite it")
     if args.output_json is not None:  # before training, not after it
         config_mod.check_writable_file(args.output_json, "--output-json")
     if args.save_model is not None:
@@ -558,6 +562,13 @@ def _simulate(args: argparse.Namespace, argv: list[str] | None) -> int:
             f"this machine has {cores} cores and the schedules are pure computation: more "
             f"processes than cores only wait for them; use at most {cores}",
         )
+    ignored = sorted(
+        args.given & {"--schedules", "--seed", "--processes", "--all-violations", "--long"}
+    )
+    if args.replay is not None and ignored:
+        raise ConfigError(
+            ignored[0], f"--replay runs the one schedule it names; drop {', '.join(ignored)}"
+        )
     if args.replay is not None:
         if len(modes) != 1:
             raise ConfigError(
@@ -644,14 +655,17 @@ def _chaos(args: argparse.Namespace) -> int:
         if not math.isfinite(value) or value < low:
             raise ConfigError(flag, f"must be a finite number >= {low:g}, got {value!r}")
     if args.random:  # the schedule's parameters, checked before connecting
-        random_schedule(
-            args.seed,
-            args.mtbf_s,
-            0.0,
-            [r.strip() for r in args.roles.split(",")],
-            {},
-            args.min_gap_s,
-        )
+        roles = [r.strip() for r in args.roles.split(",")]
+        random_schedule(args.seed, args.mtbf_s, args.duration_s, roles, {}, args.min_gap_s)
+        if args.duration_s <= 0:
+            raise ConfigError("--duration-s", "must be > 0: the schedule's kills fall inside it")
+        if "node" in roles:
+            raise ConfigError(
+                "--roles",
+                "node kills need the run's own cluster of simulated nodes: give them to "
+                "`raytrain-ft train --kill node:I@...`; choose from "
+                "server, replica, worker, spare, supervisor",
+            )
     from raytrain_ft.jobs import check_ray_address, ray_init_error
 
     address = check_ray_address(args.address, "--address")
@@ -698,6 +712,30 @@ def _chaos(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flags_given(parser: argparse.ArgumentParser, command: str, argv: list[str]) -> list[str]:
+    """The flags on the command line, each by its first name; a single-value flag given twice is
+    refused (argparse keeps the last and drops the other silently; ``--kill`` repeats)."""
+    sub = parser._subparsers._group_actions[0].choices.get(command)  # type: ignore[union-attr]
+    if sub is None:
+        return []
+    by_string = {s: a for a in sub._actions for s in a.option_strings}
+    seen: dict[str, str] = {}
+    for token in argv:
+        if token == "--":
+            break
+        action = by_string.get(token.split("=", 1)[0])
+        if action is None:
+            continue
+        name = action.option_strings[0]
+        if name in seen and isinstance(action, argparse._StoreAction):
+            parser.exit(
+                EXIT_BAD_INPUT,
+                f"raytrain-ft: error: {token.split('=', 1)[0]}: given twice; give it once\n",
+            )
+        seen[name] = token
+    return list(seen)
+
+
 def _unknown_arguments(parser: argparse.ArgumentParser, command: str, unknown: list) -> None:
     """Exit 2 with the subcommand's usage, naming each unknown flag and its closest known one."""
     import difflib
@@ -724,6 +762,8 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # the subcommand's own usage, and the flag the user probably meant
         _unknown_arguments(parser, args.command, unknown)
+    given = _flags_given(parser, args.command, sys.argv[1:] if argv is None else argv)
+    args.given = set(given)
     try:
         if args.command == "train":
             return _train(args)

@@ -58,6 +58,18 @@ def _at_most(name: str, value: float, limit: float, why: str) -> None:
         raise ConfigError(name, f"must be at most {shown}, got {value!r}: {why}")
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _float32(name: str, value: float | None) -> None:
+    """A setting the shards or workers compute with in float32 (a larger one overflows there)."""
+    if value is not None and abs(value) > FLOAT32_MAX:
+        raise ConfigError(
+            name,
+            f"must be at most 3.4e38 in size (it is used in float32 arithmetic), got {value!r}",
+        )
+
+
 _UNION_TYPES = (typing.Union, types.UnionType)
 _HINTS: dict[type, dict[str, Any]] = {}
 
@@ -306,6 +318,28 @@ def refuse_ignored(section, prefix: str, flag: str, chosen: str, rules) -> None:
                 )
 
 
+def parse_json(text: str, name: str, error: type = ConfigError) -> Any:
+    """JSON given as ``name`` (a flag, field or file); a key given twice (the last would win
+    silently) or nesting too deep is refused as the syntax errors are."""
+
+    def unique(pairs: list) -> dict:
+        out: dict = {}
+        for key, value in pairs:
+            if key in out:
+                raise error(name, f"key {key!r} is given twice; keep one")
+            out[key] = value
+        return out
+
+    import json
+
+    try:
+        return json.loads(text, object_pairs_hook=unique)
+    except json.JSONDecodeError as e:
+        raise error(name, f"is not JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise error(name, "is nested too deeply for a JSON object of settings") from None
+
+
 def flag_of(field: str) -> str:
     """The CLI flag of a field named like its flag (``data.x_columns`` -> ``--x-columns``)."""
     return "--" + field.rsplit(".", 1)[-1].replace("_", "-")
@@ -370,6 +404,8 @@ class OptimConfig:
         _positive("optim.eps", self.eps)
         _positive("optim.gamma", self.gamma)
         _non_negative("optim.min_lr", self.min_lr)
+        for name in ("lr", "weight_decay", "eps", "gamma", "min_lr", "clip_grad_norm"):
+            _float32(f"optim.{name}", getattr(self, name))
         if self.schedule == "cosine" and self.min_lr > self.lr:
             raise ConfigError(
                 "optim.min_lr",
@@ -726,6 +762,8 @@ class ConsistencyConfig:
         _positive("consistency.local_steps", self.local_steps)
         if self.inner_lr is not None:
             _positive("consistency.inner_lr", self.inner_lr)
+        _float32("consistency.inner_lr", self.inner_lr)
+        _float32("consistency.delay_compensation", self.delay_compensation)
         from raytrain_ft.compression import parse_codec
 
         try:
@@ -842,7 +880,8 @@ class TrainConfig:
             )
         if (c.n_push > 1 or c.n_fetch > 1) and self.mode != "async":
             raise ConfigError(
-                "consistency.n_push", "n_push / n_fetch above 1 need --mode async (Downpour)"
+                "consistency.n_push" if c.n_push > 1 else "consistency.n_fetch",
+                "n_push / n_fetch above 1 need --mode async (Downpour)",
             )
         if (c.n_push > 1 or c.n_fetch > 1) and self.cluster.overlap_comm:
             raise ConfigError(
@@ -855,6 +894,19 @@ class TrainConfig:
             if why:
                 raise ConfigError(
                     "cluster.preaggregate", f"{why}; use --preaggregate auto or false"
+                )
+        if self.cluster.simulate_compute_ms:  # workers load no data and run no forward/backward
+            if self.model.precision != "fp32":
+                raise ConfigError(
+                    "model.precision",
+                    "a simulated step (--simulate-compute) runs no forward or backward to compute "
+                    f"in {self.model.precision}; drop --precision",
+                )
+            if self.data.prefetch_batches != _defaults(self.data)["prefetch_batches"]:
+                raise ConfigError(
+                    "data.prefetch_batches",
+                    "a simulated step (--simulate-compute) reads no batches; drop "
+                    "--prefetch-batches",
                 )
         if self.cluster.simulate_compute_ms and self.cluster.overlap_comm:
             raise ConfigError(
@@ -1003,6 +1055,8 @@ FLAG_ALIASES: dict[str, str] = {
     "recovery.mode": "recovery",
 }
 """Dotted field -> flag name where the leaf name alone would be ambiguous or unnatural."""
+JSON_FIELDS = ("model.kwargs",)
+"""Fields holding a JSON object: a YAML mapping is taken too."""
 LIST_FIELDS = ("chaos.kill", "chaos.slow_workers", "data.x_columns", "data.image_shape")
 """Fields whose value is a comma-separated list: a YAML list is taken too (joined with commas)."""
 REPEATABLE_FLAGS = ("kill",)
@@ -1077,6 +1131,10 @@ def coerce(text: Any, typ: type, name: str, optional: bool = True) -> Any:
         raise ConfigError(name, f"needs a value, got {text!r}")
     if text is None:
         raise ConfigError(name, "needs a value")
+    if isinstance(text, dict) and name in JSON_FIELDS:  # YAML's own mapping for a JSON field
+        import json
+
+        return json.dumps(text)
     if get_origin(typ) in _UNION_TYPES:  # int | Literal["auto"]: the word, else the number
         for member in get_args(typ):
             if get_origin(member) is Literal and str(text).strip() in map(str, get_args(member)):
@@ -1091,6 +1149,8 @@ def coerce(text: Any, typ: type, name: str, optional: bool = True) -> Any:
     if isinstance(text, (list, tuple)):
         if typ is not str or name not in LIST_FIELDS:
             raise ConfigError(name, f"expected one value, got a list {text!r}")
+        if not all(isinstance(t, (str, int, float)) for t in text):
+            raise ConfigError(name, f"expected a list of plain values, got {text!r}")
         return ",".join(str(t) for t in text) or None
     if typ is bool:
         if isinstance(text, bool):
@@ -1177,13 +1237,44 @@ def from_dict(raw: dict[str, Any] | None, source: str = "config") -> TrainConfig
     return TrainConfig(**kwargs)
 
 
+def _unique_key_loader():
+    """A YAML SafeLoader that refuses a key given twice in one mapping (the last one would win
+    silently)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # an unhashable key: refused later as a key that is no name
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice; keep one", key_node.start_mark
+                )
+            seen.add(key)
+        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return Loader
+
+
 def load_yaml(path: str) -> dict[str, Any]:
     import yaml
+
+    global _UniqueKeyLoader
+    if _UniqueKeyLoader is None:
+        _UniqueKeyLoader = _unique_key_loader()
 
     if os.path.isdir(path):
         raise ConfigError("--config", f"{path!r} is a directory; give the YAML file in it")
     if not os.path.exists(path):
         raise ConfigError("--config", f"file {path!r} does not exist")
+    if not os.path.isfile(path):  # a FIFO or a device would be read until it ends, or for ever
+        raise ConfigError("--config", f"{path!r} is not a regular file; give the YAML file")
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
@@ -1196,7 +1287,11 @@ def load_yaml(path: str) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError("--config", f"cannot read {path!r} ({e.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 -- a SafeLoader subclass
+    except RecursionError:
+        raise ConfigError(
+            "--config", f"{path} is nested too deeply; config sections hold plain values"
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -1210,6 +1305,9 @@ def load_yaml(path: str) -> dict[str, Any]:
             "--config", f"{path} must hold a mapping of config sections, got {type(data).__name__}"
         )
     return data
+
+
+_UniqueKeyLoader = None
 
 
 def merge_overrides(
@@ -1228,6 +1326,8 @@ def merge_overrides(
             out[f.name] = value
         else:
             section = out.setdefault(sub, {})
+            if section is None:  # `optim: ~` is an empty section, as it is without flags
+                section = out[sub] = {}
             if isinstance(section, str) and sub in SHORTHANDS:
                 section = out[sub] = {SHORTHANDS[sub]: section}
             if not isinstance(section, dict):

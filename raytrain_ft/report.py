@@ -183,6 +183,8 @@ def check_summary(path: str, summary: Any) -> dict[str, Any]:
 def load_summary(path: str) -> dict[str, Any]:
     if os.path.isdir(path):
         raise DataError(path, "is a directory; pass the file written by --output-json")
+    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO would be read for ever
+        raise DataError(path, "is not a regular file; pass the file written by --output-json")
     try:
         with open(path, encoding="utf-8") as fh:
             summary = json.load(fh)
@@ -194,6 +196,10 @@ def load_summary(path: str) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise DataError(
             path, "is not UTF-8 text; pass the JSON file written by --output-json"
+        ) from None
+    except RecursionError:
+        raise DataError(
+            path, "is nested too deeply for a run summary; pass the file written by --output-json"
         ) from None
     except json.JSONDecodeError as e:
         raise DataError(

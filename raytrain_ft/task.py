@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -38,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
-from raytrain_ft.config import DataConfig, flag_of
+from raytrain_ft.config import DataConfig, flag_of, parse_json
 from raytrain_ft.data import (
     batch_of,
     check_ray_columns,
@@ -253,10 +252,7 @@ class Task:
                     "returning an nn.Module",
                 )
         if model is not None and mc.kwargs:
-            try:
-                kwargs = json.loads(mc.kwargs)
-            except json.JSONDecodeError as e:
-                raise ConfigError("model.kwargs", f"is not JSON: {e.msg}") from None
+            kwargs = parse_json(mc.kwargs, "model.kwargs")
             if not isinstance(kwargs, dict):
                 raise ConfigError("model.kwargs", "must be a JSON object of keyword arguments")
             model = functools.partial(model, **kwargs)

@@ -197,6 +197,13 @@ def check_kills_of(cfg) -> list[KillSpec]:
         cfg.recovery.num_spares,
         recovery_mode=cfg.recovery.mode,
     )
+    if cfg.steps is not None:  # the run's length is known without its data (else checked later)
+        total = cfg.steps
+        if cfg.mode == "local_sgd":
+            from raytrain_ft.consistency import local_rounds
+
+            total = local_rounds(cfg.steps, cfg.consistency.local_steps)
+        check_steps(kills, total)
     return kills
 
 
@@ -210,6 +217,10 @@ def check_steps(kills: list[KillSpec], total_steps: int, field: str = FIELD) -> 
                 f"{k}: the run ends after step {total_steps}, so this kill would never fire; "
                 f"kill at a step below {total_steps}, or train longer (--epochs / --steps)",
             )
+
+
+MAX_RANDOM_KILLS = 10_000
+"""Most kills a random schedule may hold (expected: duration ÷ mean time between failures)."""
 
 
 def random_schedule(
@@ -241,6 +252,13 @@ def random_schedule(
     bad = [r for r in roles if r not in ROLES]
     if bad or not roles:
         raise ConfigError("--roles", f"{bad or roles}: choose from {', '.join(ROLES)}")
+    if duration_s / mtbf_s > MAX_RANDOM_KILLS:
+        raise ConfigError(
+            "--mtbf-s",
+            f"--duration-s {duration_s:g} at --mtbf-s {mtbf_s:g} would schedule about "
+            f"{duration_s / mtbf_s:,.0f} kills (at most {MAX_RANDOM_KILLS:,}); raise --mtbf-s or "
+            "shorten --duration-s",
+        )
     rng = random.Random(seed)
     out, t = [], 0.0
     while True:

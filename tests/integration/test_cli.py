@@ -247,6 +247,13 @@ BAD_INPUTS = [
         "--save-model: is the --output-json path",
     ),
     (["--output-json", "/tmp/" + "a" * 300 + ".json"], "File name too long"),
+    # found by a second review as a new user would (each was a traceback, a hang or ignored)
+    (["--lr", "1e308"], "optim.lr: must be at most 3.4e38 in size"),
+    (["--lr", "0.1", "--lr", "-1"], "--lr: given twice; give it once"),
+    (["--config-json", '{"optim": {"lr": 0.1}, "optim": {"lr": 0.2}}'], "'optim' is given twice"),
+    (["--config-json", '{"optim":' * 3000 + "1" + "}" * 3000], "--config-json: is nested too"),
+    (["--mode", "local_sgd", "--n-fetch", "2"], "consistency.n_fetch: n_push / n_fetch"),
+    (["--simulate-compute", "10", "--precision", "bf16"], "model.precision: a simulated step"),
 ]
 
 

@@ -214,3 +214,57 @@ def test_an_embedded_ray_must_fit_in_this_machines_memory():
         assert e.value.field == field and "24.0 GB is available" in str(e.value)
     none = C.load(None, {"recovery": "none", "num_servers": "1"})
     assert embedded_processes(none) == {"worker": 2, "server": 1, "spare": 0, "supervisor": 1}
+
+
+def test_a_single_value_flag_given_twice_is_refused(capsys):
+    """argparse keeps the last and drops the other; --kill repeats."""
+    from raytrain_ft.cli import main
+
+    for argv, flag in (
+        (["train", "--lr", "0.1", "--lr=-1"], "--lr"),
+        (["train", "--config", "/nonexistent.yaml", "--config", "c.yaml"], "--config"),
+        (["simulate", "--seed", "1", "--seed", "2"], "--seed"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        assert (
+            capsys.readouterr().err.strip()
+            == f"raytrain-ft: error: {flag}: given twice; give it once"
+        )
+
+
+def test_simulate_replay_refuses_the_settings_it_would_ignore(capsys):
+    from raytrain_ft.cli import main
+
+    assert main(["simulate", "--replay", "5", "--mode", "sync", "--schedules", "10"]) == 2
+    assert "--schedules: --replay runs the one schedule it names" in capsys.readouterr().err
+
+
+def test_chaos_random_schedules_that_cannot_run_are_refused_before_connecting(capsys):
+    """Nothing listens at the address: each error comes before it is tried."""
+    from raytrain_ft.cli import main
+
+    for extra, needle in (
+        (["--mtbf-s", "1e-9", "--min-gap-s", "0"], "--mtbf-s: --duration-s 60 at --mtbf-s 1e-09"),
+        (["--duration-s", "0"], "--duration-s: must be > 0"),
+        (["--roles", "node"], "--roles: node kills need the run's own cluster"),
+    ):
+        assert main(["chaos", "--address", "127.0.0.1:1", "--random", *extra]) == 2
+        assert needle in capsys.readouterr().err
+
+
+def test_submit_refuses_a_kill_past_the_runs_steps_before_contacting_the_cluster(capsys):
+    from raytrain_ft.cli import main
+
+    argv = [
+        "submit",
+        "--address",
+        "http://127.0.0.1:1",
+        "--steps",
+        "2",
+        "--kill",
+        "server:0@step=3",
+    ]
+    assert main(argv) == 2
+    assert "the run ends after step 2, so this kill would never fire" in capsys.readouterr().err

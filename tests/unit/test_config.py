@@ -545,3 +545,52 @@ def test_a_yaml_list_is_taken_only_where_the_field_is_a_list(tmp_path):
         with pytest.raises(ConfigError, match="expected one value, got a list") as e:
             C.load(str(path))
         assert e.value.field == field
+
+
+def test_yaml_that_would_be_read_wrongly_is_refused(tmp_path):
+    """A key given twice (the last one won silently), nesting past Python's recursion limit (a
+    traceback), a FIFO (read for ever); an empty section still takes flags."""
+    import os
+
+    path = tmp_path / "c.yaml"
+    for text, needle in (
+        ("optim: {lr: 0.1}\noptim: {lr: 0.2}\n", "line 2: 'optim' is given twice"),
+        ("optim:\n  lr: 0.1\n  lr: 0.2\n", "line 3: 'lr' is given twice"),
+        ("optim: " + "[" * 1000 + "]" * 1000 + "\n", "nested too deeply"),
+    ):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=needle):
+            C.load(str(path))
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        C.load(str(fifo))
+    path.write_text("optim: ~\n")
+    assert C.load(str(path), {"lr": "0.1"}).optim.lr == 0.1
+    path.write_text("model: {name: 'mod:make', kwargs: {hidden: 3}}\n")  # YAML's own mapping
+    assert C.load(str(path)).model.kwargs == '{"hidden": 3}'
+    path.write_text("data: {x_columns: [a, [b, c]]}\n")
+    with pytest.raises(ConfigError, match="a list of plain values"):
+        C.load(str(path))
+
+
+def test_json_keys_given_twice_and_deep_nesting_are_refused():
+    assert C.parse_json('{"a": {"b": 1}}', "--x") == {"a": {"b": 1}}
+    with pytest.raises(ConfigError, match="--x: key 'a' is given twice"):
+        C.parse_json('{"a": 1, "a": 2}', "--x")
+    with pytest.raises(ConfigError, match="--x: is nested too deeply"):
+        C.parse_json("[" * 100000 + "]" * 100000, "--x")
+    with pytest.raises(ConfigError, match="--x: is not JSON"):
+        C.parse_json("{", "--x")
+
+
+def test_settings_past_float32_are_refused():
+    for overrides, field in (
+        ({"lr": "1e308"}, "optim.lr"),
+        ({"weight_decay": "1e39"}, "optim.weight_decay"),
+        ({"mode": "local_sgd", "inner_lr": "1e300"}, "consistency.inner_lr"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            C.load(None, overrides)
+        assert e.value.field == field
+    C.load(None, {"lr": "1e38"})

@@ -3,6 +3,7 @@
 import io
 import json
 import math
+import os
 import shlex
 import time
 
@@ -430,3 +431,14 @@ def test_the_report_draws_the_evaluations_made_while_training(tmp_path):
     png = tmp_path / "run.png"
     render_png(summary, str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_summary_nested_too_deeply_or_no_regular_file_is_one_data_error(tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"history": ' + "[" * 100000 + "]" * 100000 + "}")
+    with pytest.raises(DataError, match="is nested too deeply for a run summary"):
+        load_summary(str(deep))
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)  # nothing writes it: reading would wait for ever
+    with pytest.raises(DataError, match="is not a regular file"):
+        load_summary(str(fifo))
