@@ -55,6 +55,18 @@ def is_import_string(text: str | None) -> bool:
     return bool(text) and ":" in text and not text.startswith(("topk:",))
 
 
+def dataset_factory(spec: str) -> Callable:
+    """``--dataset MODULE:ATTR``: the function making (train, eval), imported and checked callable
+    (before Ray starts; calling it may need Ray)."""
+    factory = resolve(spec, "data.dataset")
+    if not callable(factory):
+        raise ConfigError(
+            "data.dataset",
+            f"{spec!r} is not callable; give a zero-argument function returning (train, eval)",
+        )
+    return factory
+
+
 def resolve(spec: str, flag: str) -> Any:
     """``MODULE:ATTR`` (ATTR may be dotted) -> the object; the working directory is importable, as
     for uvicorn."""
@@ -222,14 +234,7 @@ class Task:
                 data = DataSource(objects=(train_data, _eval_set(eval_data, dc)))
                 train, evaluation = train_data, data.objects[1]
         elif is_import_string(dc.dataset):
-            factory = resolve(dc.dataset, "data.dataset")
-            if not callable(factory):
-                raise ConfigError(
-                    "data.dataset",
-                    f"{dc.dataset!r} is not callable; give a zero-argument function returning "
-                    "(train, eval)",
-                )
-            data = DataSource(factory=factory)
+            data = DataSource(factory=dataset_factory(dc.dataset))
             train, evaluation = _call_factory(data, "data.dataset", dc.dataset)
             columns_used = is_ray_dataset(train) or is_ray_dataset(evaluation)
             if is_ray_dataset(train):  # made once, here, and split: not made again per worker

@@ -663,7 +663,7 @@ class Trainer:
     def fit(self) -> TrainResult:
         cfg = self.config
         wall_start = time.time()
-        from raytrain_ft.task import evaluate, is_import_string, resolve
+        from raytrain_ft.task import dataset_factory, evaluate, is_import_string
 
         kills = check_kills_of(cfg)
         server_plan = None
@@ -671,7 +671,7 @@ class Trainer:
         if self.parts["train_data"] is None and is_import_string(cfg.data.dataset):
             # the factory may make Ray Datasets, which need Ray: it runs in the run's session
             # (a typo in the import string still fails before Ray starts)
-            resolve(cfg.data.dataset, "data.dataset")
+            dataset_factory(cfg.data.dataset)
         else:
             if self.parts["train_data"] is None:
                 check_source(cfg.data)

@@ -254,6 +254,7 @@ BAD_INPUTS = [
     (["--config-json", '{"optim":' * 3000 + "1" + "}" * 3000], "--config-json: is nested too"),
     (["--mode", "local_sgd", "--n-fetch", "2"], "consistency.n_fetch: n_push / n_fetch"),
     (["--simulate-compute", "10", "--precision", "bf16"], "model.precision: a simulated step"),
+    (["--dataset", "os:sep"], "data.dataset: 'os:sep' is not callable"),  # Ray started first
 ]
 
 
