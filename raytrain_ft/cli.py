@@ -326,6 +326,8 @@ def _config(args: argparse.Namespace):
     """The run config: the YAML file (or --config-json), then every config flag given on the command
     line."""
     fields = config_mod.cli_fields()
+    if getattr(args, "config", None):  # a file on this machine, for train and submit alike
+        args.config = os.path.expanduser(args.config)
     overrides = {k: v for k, v in vars(args).items() if k in fields}
     for key, value in overrides.items():
         for v in value if isinstance(value, list) else [value]:
@@ -334,9 +336,6 @@ def _config(args: argparse.Namespace):
                 raise ConfigError(
                     flag, "got an empty value (an unset variable?); give a value, or none to unset"
                 )
-    for flag in ("config", "config_json"):
-        if getattr(args, flag, None) is not None and not getattr(args, flag).strip():
-            raise ConfigError("--" + flag.replace("_", "-"), "got an empty value; give a value")
     if getattr(args, "config_json", None):
         if args.config:
             raise ConfigError("--config-json", "give --config or --config-json, not both")
@@ -380,9 +379,30 @@ def _write_summary(summary: dict, path: str) -> None:
         ) from None
 
 
+def _home_expanded(cfg):
+    """The run's local paths with a leading ``~`` expanded, as a shell would have (a quoted path,
+    or one from YAML, is not): on the machine that runs the driver."""
+    import dataclasses
+
+    def expand(path: str | None) -> str | None:
+        return os.path.expanduser(path) if path else path
+
+    rc, dc = cfg.recovery, cfg.data
+    return dataclasses.replace(
+        cfg,
+        recovery=dataclasses.replace(
+            rc, checkpoint_dir=expand(rc.checkpoint_dir), resume_from=expand(rc.resume_from)
+        ),
+        data=dataclasses.replace(dc, data_path=expand(dc.data_path)),
+    )
+
+
 def _train(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    cfg = _config(args)
+    for name in ("output_json", "save_model"):
+        if getattr(args, name):
+            setattr(args, name, os.path.expanduser(getattr(args, name)))
+    cfg = _home_expanded(_config(args))
     for flag, path in (("--output-json", args.output_json), ("--save-model", args.save_model)):
         if (
             path is not None
@@ -736,6 +756,23 @@ def _flags_given(parser: argparse.ArgumentParser, command: str, argv: list[str])
     return list(seen)
 
 
+def _empty_argument(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """The flag or argument given an empty value (an unset shell variable), other than a config
+    field's (those say ``none`` unsets them): a job id, an address, a path."""
+    sub = parser._subparsers._group_actions[0].choices.get(args.command)  # type: ignore[union-attr]
+    fields = config_mod.cli_fields()
+    for action in sub._actions if sub is not None else ():
+        if action.dest in fields:
+            continue
+        value = getattr(args, action.dest, None)
+        if any(
+            isinstance(v, str) and not v.strip()
+            for v in (value if isinstance(value, list) else [value])
+        ):
+            return action.option_strings[0] if action.option_strings else action.dest
+    return None
+
+
 def _unknown_arguments(parser: argparse.ArgumentParser, command: str, unknown: list) -> None:
     """Exit 2 with the subcommand's usage, naming each unknown flag and its closest known one."""
     import difflib
@@ -764,6 +801,10 @@ def main(argv: list[str] | None = None) -> int:
         _unknown_arguments(parser, args.command, unknown)
     given = _flags_given(parser, args.command, sys.argv[1:] if argv is None else argv)
     args.given = set(given)
+    empty = _empty_argument(parser, args)
+    if empty:
+        print(f"raytrain-ft: error: {empty}: got an empty value; give a value", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         if args.command == "train":
             return _train(args)

@@ -103,6 +103,11 @@ def _is_num(x: Any, optional: bool = False) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _is_time(x: Any, optional: bool = False) -> bool:
+    """A number of seconds the report places on its time axis: finite (a loss may be NaN)."""
+    return _is_num(x, optional) and (x is None or math.isfinite(x))
+
+
 def _entries(path: str, summary: dict, key: str, what: str) -> list:
     entries = summary.get(key, [])
     if entries is None:
@@ -126,34 +131,36 @@ def check_summary(path: str, summary: Any) -> dict[str, Any]:
     for i, h in enumerate(_entries(path, summary, "history", "points")):
         if not (
             isinstance(h, dict)
-            and _is_num(h.get("t"))
+            and _is_time(h.get("t"))
             and all(k in h and _is_num(h[k], optional=True) for k in ("loss", "accuracy"))
         ):
             raise _bad(
                 path,
                 f"history[{i}]",
                 h,
-                "each point needs t (a number), loss and accuracy (numbers or null)",
+                "each point needs t (a finite number), loss and accuracy (numbers or null)",
             )
     for i, e in enumerate(_entries(path, summary, "eval_history", "evaluations")):
         if not (
-            isinstance(e, dict) and _is_num(e.get("t")) and _is_num(e.get("eval_accuracy"), True)
+            isinstance(e, dict) and _is_time(e.get("t")) and _is_num(e.get("eval_accuracy"), True)
         ):
             raise _bad(
                 path,
                 f"eval_history[{i}]",
                 e,
-                "each evaluation needs t (a number) and eval_accuracy (a number or null)",
+                "each evaluation needs t (a finite number) and eval_accuracy (a number or null)",
             )
     for i, k in enumerate(_entries(path, summary, "kills", "kills")):
-        if not (isinstance(k, dict) and _is_num(k.get("at"), optional=True)):
-            raise _bad(path, f"kills[{i}]", k, "each kill needs at (a time in seconds, or null)")
+        if not (isinstance(k, dict) and _is_time(k.get("at"), optional=True)):
+            raise _bad(
+                path, f"kills[{i}]", k, "each kill needs at (a finite time in seconds, or null)"
+            )
     for i, e in enumerate(_entries(path, summary, "recoveries", "recoveries")):
-        ok = isinstance(e, dict) and _is_num(e.get("duration_s", 0.0))
+        ok = isinstance(e, dict) and _is_time(e.get("duration_s", 0.0))
         if ok and ("detected_at" in e or "serving_at" in e):
             ok = (
-                _is_num(e.get("detected_at"))
-                and _is_num(e.get("serving_at"))
+                _is_time(e.get("detected_at"))
+                and _is_time(e.get("serving_at"))
                 and "role" in e
                 and "index" in e
             )
@@ -164,9 +171,10 @@ def check_summary(path: str, summary: Any) -> dict[str, Any]:
                 e,
                 "each recovery needs role, index, detected_at and serving_at (times in seconds)",
             )
-    for key in ("started_at", "eval_accuracy"):
-        if not _is_num(summary.get(key), optional=True):
-            raise _bad(path, f"'{key}'", summary[key], "it must be a number")
+    if not _is_time(summary.get("started_at"), optional=True):
+        raise _bad(path, "'started_at'", summary["started_at"], "it must be a finite number")
+    if not _is_num(summary.get("eval_accuracy"), optional=True):
+        raise _bad(path, "'eval_accuracy'", summary["eval_accuracy"], "it must be a number")
     cfg = summary.get("config", {})
     if not isinstance(cfg, dict) or not all(
         isinstance(cfg.get(k, {}), dict) for k in ("model", "cluster")

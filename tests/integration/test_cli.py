@@ -383,7 +383,7 @@ BAD_FILES = [
     (_report("abc"), "'history' is \"abc\""),
     (
         _report([{"t": 1}]),
-        'history[0] is {"t": 1}: each point needs t (a number), loss and accuracy',
+        'history[0] is {"t": 1}: each point needs t (a finite number), loss and accuracy',
     ),
     (_report_into_a_missing_directory, ""),
     (_resume_past_the_end, ""),

@@ -268,3 +268,31 @@ def test_submit_refuses_a_kill_past_the_runs_steps_before_contacting_the_cluster
     ]
     assert main(argv) == 2
     assert "the run ends after step 2, so this kill would never fire" in capsys.readouterr().err
+
+
+def test_an_empty_argument_of_any_command_is_refused(capsys):
+    """An unset shell variable as a job id, an address or a file: one line naming it, not a
+    fallback to a default or a call with an empty id."""
+    from raytrain_ft.cli import main
+
+    for argv, name in (
+        (["status", ""], "job_id"),
+        (["logs", "raysubmit_x", "--address", " "], "--address"),
+        (["submit", "--address", ""], "--address"),
+        (["report", ""], "summary"),
+        (["train", "--config", ""], "--config"),
+    ):
+        assert main(argv) == 2, argv
+        assert capsys.readouterr().err.strip() == (
+            f"raytrain-ft: error: {name}: got an empty value; give a value"
+        )
+
+
+def test_a_home_path_is_expanded_for_the_files_a_run_writes(tmp_path, monkeypatch):
+    """`--output-json "~/x"` (quoted, or from YAML) means the home directory, not a directory
+    named ~ here."""
+    from raytrain_ft.cli import _home_expanded
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = _home_expanded(C.load(None, {"checkpoint_dir": "~/ck", "resume_from": "~/ck"}))
+    assert cfg.recovery.checkpoint_dir == cfg.recovery.resume_from == str(tmp_path / "ck")

@@ -594,3 +594,15 @@ def test_settings_past_float32_are_refused():
             C.load(None, overrides)
         assert e.value.field == field
     C.load(None, {"lr": "1e38"})
+
+
+def test_yaml_numbers_read_as_written(tmp_path):
+    """YAML 1.1 would read `1:20` as 80 (base 60) and `010` as 8 (octal)."""
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 010\nseed: 0x10\noptim: {lr: 0.5, weight_decay: .5e-3}\n")
+    cfg = C.load(str(path))
+    assert (cfg.steps, cfg.seed, cfg.optim.lr, cfg.optim.weight_decay) == (10, 16, 0.5, 0.0005)
+    path.write_text("steps: 1:20\n")
+    with pytest.raises(ConfigError) as e:
+        C.load(str(path))
+    assert e.value.field == "steps"

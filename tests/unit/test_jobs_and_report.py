@@ -346,7 +346,8 @@ def test_address_auto_refuses_to_pick_one_of_several_instances():
         ("abc", r"'history' is \"abc\", not a list of points"),
         (
             [{"t": 1}],
-            r"history\[0\] is \{\"t\": 1\}: each point needs t \(a number\), loss and accuracy",
+            r"history\[0\] is \{\"t\": 1\}: each point needs t \(a finite number\), loss and "
+            "accuracy",
         ),
         (
             [{"t": 0, "loss": 1, "accuracy": 0.5}, {"t": "x", "loss": 1, "accuracy": 0.5}],
@@ -442,3 +443,23 @@ def test_a_summary_nested_too_deeply_or_no_regular_file_is_one_data_error(tmp_pa
     os.mkfifo(fifo)  # nothing writes it: reading would wait for ever
     with pytest.raises(DataError, match="is not a regular file"):
         load_summary(str(fifo))
+
+
+@pytest.mark.parametrize(
+    "summary, needle",
+    [
+        ({"history": [{"t": float("inf"), "loss": 1, "accuracy": 0.5}]}, r"history\[0\]"),
+        (
+            {"history": [{"t": 0, "loss": float("nan"), "accuracy": None}], "started_at": 1e400},
+            "started_at",
+        ),
+        (
+            {"history": [{"t": 0, "loss": 1, "accuracy": 0.5}], "kills": [{"at": float("nan")}]},
+            r"kills\[0\]",
+        ),
+    ],
+)
+def test_times_the_report_places_must_be_finite(tmp_path, summary, needle):
+    """A NaN loss is a diverged run and is drawn; a time that is not finite has no place."""
+    with pytest.raises(DataError, match=needle):
+        check_summary(str(tmp_path / "run.json"), summary)
