@@ -329,13 +329,6 @@ def _config(args: argparse.Namespace):
     if getattr(args, "config", None):  # a file on this machine, for train and submit alike
         args.config = os.path.expanduser(args.config)
     overrides = {k: v for k, v in vars(args).items() if k in fields}
-    for key, value in overrides.items():
-        for v in value if isinstance(value, list) else [value]:
-            if isinstance(v, str) and not v.strip():
-                flag = "--" + key.replace("_", "-")
-                raise ConfigError(
-                    flag, "got an empty value (an unset variable?); give a value, or none to unset"
-                )
     if getattr(args, "config_json", None):
         if args.config:
             raise ConfigError("--config-json", "give --config or --config-json, not both")
@@ -403,23 +396,17 @@ def _train(args: argparse.Namespace) -> int:
         if getattr(args, name):
             setattr(args, name, os.path.expanduser(getattr(args, name)))
     cfg = _home_expanded(_config(args))
+    for flag, path, other, other_path, what in (
+        ("--output-json", args.output_json, "--config", args.config, "file: the run would"),
+        ("--save-model", args.save_model, "--config", args.config, "file: the run would"),
+        ("--save-model", args.save_model, "--output-json", args.output_json, "path: the model"),
+    ):
+        if path and other_path and os.path.abspath(path) == os.path.abspath(other_path):
+            overwritten = "it" if other == "--config" else "the summary"
+            raise ConfigError(flag, f"is the {other} {what} overwrite {overwritten}")
     for flag, path in (("--output-json", args.output_json), ("--save-model", args.save_model)):
-        if (
-            path is not None
-            and args.config
-            and os.path.abspath(path) == os.path.abspath(args.config)
-        ):
-            raise ConfigError(flag, "is the --config file: the run would overwrite it")
-    if args.output_json is not None:  # before training, not after it
-        config_mod.check_writable_file(args.output_json, "--output-json")
-    if args.save_model is not None:
-        config_mod.check_writable_file(args.save_model, "--save-model")
-        if args.output_json is not None and os.path.abspath(args.save_model) == os.path.abspath(
-            args.output_json
-        ):
-            raise ConfigError(
-                "--save-model", "is the --output-json path: the model would overwrite the summary"
-            )
+        if path is not None:  # before training, not after it
+            config_mod.check_writable_file(path, flag)
     # Before torch is imported and the data loaded (the run checks it again right before ray.init).
     if cfg.cluster.address:
         from raytrain_ft.jobs import check_ray_address
@@ -557,7 +544,7 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _simulate(args: argparse.Namespace, argv: list[str] | None) -> int:
+def _simulate(args: argparse.Namespace) -> int:
     import dataclasses
 
     from raytrain_ft.sim import MODES, explore, run_schedule
@@ -757,19 +744,19 @@ def _flags_given(parser: argparse.ArgumentParser, command: str, argv: list[str])
 
 
 def _empty_argument(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
-    """The flag or argument given an empty value (an unset shell variable), other than a config
-    field's (those say ``none`` unsets them): a job id, an address, a path."""
+    """What to say of a flag or argument given an empty value (an unset shell variable): a config
+    field (``none`` unsets those), a job id, an address, a path."""
     sub = parser._subparsers._group_actions[0].choices.get(args.command)  # type: ignore[union-attr]
     fields = config_mod.cli_fields()
     for action in sub._actions if sub is not None else ():
-        if action.dest in fields:
-            continue
         value = getattr(args, action.dest, None)
         if any(
             isinstance(v, str) and not v.strip()
             for v in (value if isinstance(value, list) else [value])
         ):
-            return action.option_strings[0] if action.option_strings else action.dest
+            name = action.option_strings[0] if action.option_strings else action.dest
+            unset = ", or none to unset" if action.dest in fields else ""
+            return f"{name}: got an empty value (an unset variable?); give a value{unset}"
     return None
 
 
@@ -803,7 +790,7 @@ def main(argv: list[str] | None = None) -> int:
     args.given = set(given)
     empty = _empty_argument(parser, args)
     if empty:
-        print(f"raytrain-ft: error: {empty}: got an empty value; give a value", file=sys.stderr)
+        print(f"raytrain-ft: error: {empty}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
         if args.command == "train":
@@ -817,7 +804,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             return _report(args)
         if args.command == "simulate":
-            return _simulate(args, argv)
+            return _simulate(args)
     except (ConfigError, DataError, ClusterError) as e:
         print(f"raytrain-ft: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -284,7 +284,7 @@ def test_an_empty_argument_of_any_command_is_refused(capsys):
     ):
         assert main(argv) == 2, argv
         assert capsys.readouterr().err.strip() == (
-            f"raytrain-ft: error: {name}: got an empty value; give a value"
+            f"raytrain-ft: error: {name}: got an empty value (an unset variable?); give a value"
         )
 
 
