@@ -1238,6 +1238,7 @@ def from_dict(raw: dict[str, Any] | None, source: str = "config") -> TrainConfig
     return TrainConfig(**kwargs)
 
 
+@functools.cache
 def _unique_key_loader():
     """A YAML SafeLoader that refuses a key given twice in one mapping (the last one would win
     silently)."""
@@ -1286,10 +1287,6 @@ def _unique_key_loader():
 def load_yaml(path: str) -> dict[str, Any]:
     import yaml
 
-    global _UniqueKeyLoader
-    if _UniqueKeyLoader is None:
-        _UniqueKeyLoader = _unique_key_loader()
-
     if os.path.isdir(path):
         raise ConfigError("--config", f"{path!r} is a directory; give the YAML file in it")
     if not os.path.exists(path):
@@ -1308,7 +1305,7 @@ def load_yaml(path: str) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError("--config", f"cannot read {path!r} ({e.strerror})") from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 -- a SafeLoader subclass
+        data = yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 -- a SafeLoader subclass
     except RecursionError:
         raise ConfigError(
             "--config", f"{path} is nested too deeply; config sections hold plain values"
@@ -1326,9 +1323,6 @@ def load_yaml(path: str) -> dict[str, Any]:
             "--config", f"{path} must hold a mapping of config sections, got {type(data).__name__}"
         )
     return data
-
-
-_UniqueKeyLoader = None
 
 
 def merge_overrides(
