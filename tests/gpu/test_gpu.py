@@ -26,8 +26,6 @@ BASE = [
     "16",
     "--batch-size",
     "32",
-    "--steps",
-    "60",
     "--seed",
     "3",
     "--num-workers",
@@ -43,7 +41,8 @@ BASE = [
 ]
 
 
-def _train(tmp_path, *extra) -> dict:
+def _train(tmp_path, *extra, steps: int = 60) -> dict:
+    """One `raytrain-ft train` run: BASE, `--steps`, `extra` (the CLI refuses repeated flags)."""
     out = tmp_path / f"run-{len(list(tmp_path.iterdir()))}.json"
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     proc = subprocess.run(
@@ -56,6 +55,8 @@ def _train(tmp_path, *extra) -> dict:
             "--output-json",
             str(out),
             *BASE,
+            "--steps",
+            str(steps),
             *extra,
         ],
         env=env,
@@ -95,7 +96,7 @@ def test_gpu_sync_matches_a_single_process_gpu_reference(tmp_path):
     from raytrain_ft.trainer import initial_model
 
     saved = tmp_path / "model.pt"
-    _train(tmp_path, "--steps", "20", "--save-model", str(saved))
+    _train(tmp_path, "--save-model", str(saved), steps=20)
     deterministic(tf32=False)
     cfg = TrainConfig(
         model=ModelConfig(name="cnn"),
