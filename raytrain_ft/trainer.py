@@ -100,6 +100,10 @@ class TrainResult:
     replicas_match: list[bool] = field(default_factory=list)
     """Per shard: its replica (snapshot + log, replayed) equals the primary at the end (I4)."""
     supervisor_restarts: int = 0
+    supervisor_imported_torch: bool = False
+    """Whether the supervisor's process (its last incarnation) loaded torch. It need not: the task
+    reaches the workers and servers sealed and the end state is read by the driver, so the
+    supervisor starts (and restarts) in a fraction of a second and stays small."""
     run_id: str = ""
     staleness_histogram: dict[int, int] = field(default_factory=dict)
     """{staleness: updates} over all shards: shard updates between a gradient's parameters and its
@@ -793,6 +797,7 @@ class Trainer:
             config=cfg.to_dict(),
             kills=kills_fired,
             replicas_match=end["replicas_match"],
+            supervisor_imported_torch=end["supervisor_imported_torch"],
             supervisor_restarts=run.status.restarts,
             cpu_per_step=cpu_per_step(statuses, stats, run.status.cpu_s),
             server_plan=server_plan.to_dict() if server_plan else None,
@@ -878,6 +883,7 @@ class _Run:
 
         from raytrain_ft.actors import NAMESPACE
         from raytrain_ft.actors.supervisor import Supervisor, SupervisorArgs
+        from raytrain_ft.actors.transport import Sealed
         from raytrain_ft.recovery.chaos import ChaosRunner
 
         cfg = self.cfg
@@ -909,7 +915,7 @@ class _Run:
             tuple(self.kills),
             device,
             checkpoint_dir,
-            self.task,
+            Sealed(self.task),
             self.start_step,
         )
         self.supervisor = ray.remote(Supervisor).options(**options).remote(args)
@@ -1040,7 +1046,10 @@ class _Run:
     def final(self) -> dict:
         import ray
 
-        return ray.get(self.supervisor.final.remote())
+        from raytrain_ft.actors.supervisor import read_final
+
+        names = ray.get(self.supervisor.final.remote())
+        return read_final(self.run_id, names, self.ranges, self.cfg.optim, self.total_steps)
 
     def kills_fired(self) -> list[dict]:
         from raytrain_ft.recovery.chaos import kills_recorded

@@ -32,6 +32,10 @@ class ServerRun:
     metrics: bool = True
     faults: object = None
     """A ``recovery.chaos.FaultHook`` (fault injection), or None."""
+    task: object = None
+    """The run's ``task.Task``, sealed (``transport.Sealed``): a ``Load`` without values starts the
+    shard from the model the task builds at ``seed``."""
+    seed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +44,8 @@ class GroupSpec:
     config: object
     """``TrainConfig``."""
     task: object
-    """``task.Task``: what the workers train."""
+    """``task.Task``, sealed (``transport.Sealed``): what the workers train, opened in their own
+    processes."""
     ranges: tuple
     server_spec: object
     """``protocol.server.ServerSpec``."""
@@ -116,7 +121,7 @@ class ActorGroup:
 
         import ray
 
-        from raytrain_ft.actors.worker import Worker, WorkerHost
+        from raytrain_ft.actors.worker_entry import Worker, WorkerHost
 
         cfg = self.spec.config
         gpu = 1 if self.spec.device != "cpu" else 0
@@ -161,7 +166,7 @@ class ActorGroup:
     def _add_rank(self, host, host_name: str, e: Create, args: tuple) -> None:
         from ray.experimental import internal_kv
 
-        from raytrain_ft.actors.worker import RankHandle
+        from raytrain_ft.actors.worker_entry import RankHandle
 
         internal_kv._internal_kv_put(
             host_key(self.spec.run_id, e.name), f"{host_name}#{e.rank}".encode(), overwrite=True
@@ -189,7 +194,7 @@ class ActorGroup:
         name, so a name is never looked up in Ray)."""
         import ray
 
-        from raytrain_ft.actors.worker import WorkerHost
+        from raytrain_ft.actors.worker_entry import WorkerHost
 
         if name not in self._named_hosts:
             self._named_hosts[name] = (
@@ -200,7 +205,7 @@ class ActorGroup:
     def kill(self, name: str) -> None:
         import ray
 
-        from raytrain_ft.actors.worker import RankHandle
+        from raytrain_ft.actors.worker_entry import RankHandle
 
         handle = self.directory.handle(name)
         if isinstance(handle, RankHandle) and self.spec.config.preaggregates:
@@ -221,7 +226,7 @@ def kill_process(handle, process: str | None) -> str:
     another host."""
     import ray
 
-    from raytrain_ft.actors.worker import actor_of
+    from raytrain_ft.actors.worker_entry import actor_of
 
     ip, _, pid = (process or "").rpartition(":")
     if pid.isdigit() and ip == ray.util.get_node_ip_address():

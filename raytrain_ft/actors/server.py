@@ -30,7 +30,7 @@ from raytrain_ft.protocol.messages import (
     SaveCheckpoint,
     Timer,
 )
-from raytrain_ft.protocol.server import ServerProtocol, ServerSpec
+from raytrain_ft.protocol.spec import ServerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class ParameterServer:
         import torch
 
         from raytrain_ft.actors.metrics import SERVER_METRICS, Recorder
+        from raytrain_ft.protocol.server import ServerProtocol
 
         torch.set_num_threads(1)
         self._cpu_at_start = time.process_time()
@@ -72,8 +73,12 @@ class ParameterServer:
 
     async def deliver(self, msg):
         """Every protocol message to this server comes here; the answer is the protocol's reply."""
-        if isinstance(msg, Load) and msg.checkpoint_step is not None and msg.params is None:
-            msg = self._read_checkpoint(msg)
+        if isinstance(msg, Load) and msg.params is None:
+            msg = (
+                self._read_checkpoint(msg)
+                if msg.checkpoint_step is not None
+                else self._initial(msg)
+            )
         rid = next(self._rids)
         answer = self._answers[rid] = asyncio.get_running_loop().create_future()
         self._perform(self.proto.on_request(rid, msg))
@@ -167,6 +172,15 @@ class ParameterServer:
         return dataclasses.replace(
             m, params=params, seq=step, optimizer_state=opt_state, skipped=skipped
         )
+
+    def _initial(self, m: Load) -> Load:
+        """The shard's values in the model the run starts from (built here from the task, as every
+        process builds it: same seed, same values)."""
+        from raytrain_ft.params import flatten_state
+
+        model = self.run.task.open().build_model(self.run.seed)
+        flat = flatten_state(model).numpy()
+        return dataclasses.replace(m, params=flat[m.shard.start : m.shard.end].copy())
 
     # --- what the driver reads at the end
     # --------------------------------------------------------------

@@ -20,6 +20,7 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -111,8 +112,7 @@ class SupervisorArgs:
     device: str
     checkpoint_dir: str | None
     task: object
-    """``task.Task``: the supervisor builds the initial model from it itself (same seed, same
-    values) and hands it to the workers."""
+    """``task.Task``, sealed (``transport.Sealed``): handed to the workers and servers unopened."""
     start_step: int = 0
 
 
@@ -164,7 +164,12 @@ class Supervisor:
             pipelined=cfg.pipelined,
         )
         server_run = ServerRun(
-            self.run_id, args.checkpoint_dir, rc.resume_from, cfg.cluster.metrics
+            self.run_id,
+            args.checkpoint_dir,
+            rc.resume_from,
+            cfg.cluster.metrics,
+            task=args.task,
+            seed=cfg.seed,
         )
         self.directory = Directory(self.run_id)
         hooks = server_hooks(self.run_id, args.kills, len(args.ranges) if k > 1 else 2, k)
@@ -374,13 +379,11 @@ class Supervisor:
             return "already gone", name or ""
         return kill_process(handle, process), name
 
-    def _params_of(self, shard: int) -> np.ndarray:
-        if self._initial is None:
-            from raytrain_ft.params import flatten_state
-
-            self._initial = flatten_state(self.args.task.build_model(self.args.config.seed)).numpy()
-        r = self.args.ranges[shard]
-        return self._initial[r.start : r.end]
+    @staticmethod
+    def _params_of(shard: int) -> None:
+        """A shard's initial values: left to the server that loads them (it builds the model from
+        the task; the supervisor never imports torch or the user's model code)."""
+        return None
 
     # --- what the driver reads
     # ---------------------------------------------------------------------------
@@ -446,60 +449,73 @@ class Supervisor:
             return None
         return None if any(p is None for p in parts) else np.concatenate(parts)
 
-    async def final(self) -> dict:
-        """Final parameters, server stats, step times, the applied records, and I4: each replica
-        replayed equals its primary."""
-        from raytrain_ft.recovery.replay import replay
-
+    async def final(self) -> FinalNames:
+        """Who holds the run's end state: the driver reads it from them (``read_final``), so the
+        parameters and optimizer state (torch tensors) never pass through this process."""
         reg, k = self.proto.reg, self.spec.num_shards
-        finals = await asyncio.gather(
-            *[self.directory.handle(reg.slots[i].actor).final.remote() for i in range(k)]
+        return FinalNames(
+            tuple(reg.slots[i].actor for i in range(k)),
+            tuple(reg.slots[replica_slot(i, k)].actor for i in range(k))
+            if self.spec.recovery == "replica"
+            else (),
+            tuple(w.actor for w in reg.workers),
+            "torch" in sys.modules,
         )
-        params = [f[0] for f in finals]
-        replicas_match = []
-        if self.spec.recovery == "replica":
-            exports = await asyncio.gather(
-                *[
-                    send(
-                        self.directory.handle(reg.slots[replica_slot(i, k)].actor),
-                        InspectReplica(i),
-                    )
-                    for i in range(k)
-                ]
+
+
+@dataclass(frozen=True, slots=True)
+class FinalNames:
+    primaries: tuple
+    """Per shard: the primary's actor name."""
+    holders: tuple
+    """Per shard: the actor holding its replica (empty without replicas)."""
+    workers: tuple
+    """Per rank: the worker's actor name (None: none)."""
+    supervisor_imported_torch: bool = False
+    """Whether torch was loaded in the supervisor's process (it should not be: see ``Sealed``)."""
+
+
+def read_final(run_id: str, names: FinalNames, ranges, optim, total_steps: int) -> dict:
+    """In the driver: final parameters, server stats, step times, the applied records, and I4 --
+    each replica replayed equals its primary."""
+    import ray
+
+    from raytrain_ft.recovery.replay import replay
+
+    directory = Directory(run_id)
+    finals = ray.get([directory.handle(n).final.remote() for n in names.primaries])
+    params = [f[0] for f in finals]
+    replicas_match = []
+    if names.holders:
+        exports = ray.get(
+            [send(directory.handle(h), InspectReplica(i)) for i, h in enumerate(names.holders)]
+        )
+        for i, (ex, f) in enumerate(zip(exports, finals)):
+            if not isinstance(ex, Exported):
+                replicas_match.append(False)
+                continue
+            rebuilt = replay(ex.snapshot, list(ex.entries), ranges[i], optim, total_steps).state
+            replicas_match.append(
+                bool(np.array_equal(rebuilt.params_copy(), params[i]))
+                and rebuilt.applied_copy() == f[2]
+                and rebuilt.clocks == f[3]
+                and _same_state(rebuilt.optimizer.state_dict(), f[4])
             )
-            for i, (ex, f) in enumerate(zip(exports, finals)):
-                if not isinstance(ex, Exported):
-                    replicas_match.append(False)
-                    continue
-                rebuilt = replay(
-                    ex.snapshot,
-                    list(ex.entries),
-                    self.args.ranges[i],
-                    self.args.config.optim,
-                    self.spec.total_steps,
-                ).state
-                replicas_match.append(
-                    bool(np.array_equal(rebuilt.params_copy(), params[i]))
-                    and rebuilt.applied_copy() == f[2]
-                    and rebuilt.clocks == f[3]
-                    and _same_state(rebuilt.optimizer.state_dict(), f[4])
-                )
-        times = []
-        for w in reg.workers:
-            handle = self.directory.handle(w.actor) if w.actor else None
-            try:
-                times.append(
-                    await asyncio.wait_for(handle.step_end_times.remote(), PROBE_TIMEOUT_S * 5)
-                )
-            except Exception:  # noqa: BLE001 -- a worker gone at the very end: no step times from it
-                times.append([])
-        return {
-            "params": np.concatenate(params),
-            "stats": [f[1] for f in finals],
-            "applied": [f[2] for f in finals],
-            "step_end_times": times,
-            "replicas_match": replicas_match,
-        }
+    times = []
+    for name in names.workers:
+        handle = directory.handle(name) if name else None
+        try:
+            times.append(ray.get(handle.step_end_times.remote(), timeout=PROBE_TIMEOUT_S * 5))
+        except Exception:  # noqa: BLE001 -- a worker gone at the very end: no step times from it
+            times.append([])
+    return {
+        "params": np.concatenate(params),
+        "stats": [f[1] for f in finals],
+        "applied": [f[2] for f in finals],
+        "step_end_times": times,
+        "replicas_match": replicas_match,
+        "supervisor_imported_torch": names.supervisor_imported_torch,
+    }
 
 
 def _status(answer):

@@ -63,7 +63,7 @@ class Directory:
             host = internal_kv._internal_kv_get(host_key(self.run_id, name))
             if host is None:
                 return None
-            from raytrain_ft.actors.worker import RankHandle
+            from raytrain_ft.actors.worker_entry import RankHandle
 
             host_name, _, rank = host.decode().rpartition("#")
             try:
@@ -72,6 +72,55 @@ class Directory:
                 return None
         self._handles[name] = h
         return h
+
+
+class Sealed:
+    """A value pickled where it was made and unpickled only where it is used: a process that only
+    passes it on (the supervisor, with the run's ``Task``) never imports what unpickling it needs
+    (torch, the user's model code). The Ray object refs inside travel beside the bytes, as Ray
+    arguments, so Ray keeps counting them."""
+
+    __slots__ = ("payload", "refs")
+
+    def __init__(self, value):
+        import io
+
+        import ray
+        from ray import cloudpickle
+
+        refs: list = []
+
+        class _Pickler(cloudpickle.Pickler):
+            def persistent_id(self, obj):
+                if isinstance(obj, ray.ObjectRef):
+                    refs.append(obj)
+                    return len(refs) - 1
+                return None
+
+        buf = io.BytesIO()
+        _Pickler(buf, protocol=5).dump(value)
+        self.payload, self.refs = buf.getvalue(), tuple(refs)
+
+    def __reduce__(self):
+        return (_sealed, (self.payload, self.refs))
+
+    def open(self):
+        import io
+        import pickle
+
+        refs = self.refs
+
+        class _Unpickler(pickle.Unpickler):
+            def persistent_load(self, pid):
+                return refs[pid]
+
+        return _Unpickler(io.BytesIO(self.payload)).load()
+
+
+def _sealed(payload: bytes, refs: tuple) -> Sealed:
+    s = Sealed.__new__(Sealed)
+    s.payload, s.refs = payload, refs
+    return s
 
 
 def reply_parts(nbytes: int) -> int:

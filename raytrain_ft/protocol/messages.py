@@ -87,6 +87,8 @@ class Load:
     """``ShardRange``."""
     epoch: int
     params: Any
+    """None: the host fills them in -- from the checkpoint file of ``checkpoint_step``, else the
+    shard's part of the model the run starts from."""
     seq: int = 0
     optimizer_state: dict | None = None
     checkpoint_step: int | None = None

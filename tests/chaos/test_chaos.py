@@ -127,6 +127,8 @@ def test_a_primary_its_replacement_a_worker_the_supervisor_a_holder_and_a_spare_
     worker = next(e for e in result.recoveries if e["role"] == "worker")
     assert 22 <= worker["step"] < STEPS and result.supervisor_restarts == 1
     assert sum(w["reroutes"] for w in result.workers) >= 1
+    # the restarted supervisor, like the first, never loaded torch (nor the model's code)
+    assert result.supervisor_imported_torch is False
 
 
 @pytest.mark.extended
@@ -233,6 +235,9 @@ def test_checkpoint_baseline_rolls_back_and_completes(ray_local, tmp_path):
         1,
     ]  # the whole run restarted
     assert any(p.name.startswith("shard-0-step-") for p in checkpoints.iterdir())
+    # the replacement loaded a checkpoint file, the restarted run the task's initial model: both
+    # in the servers, none in the supervisor
+    assert result.supervisor_imported_torch is False
 
 
 def test_without_copies_a_server_death_fails_with_a_clear_message(ray_local, tmp_path):

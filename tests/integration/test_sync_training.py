@@ -96,6 +96,9 @@ def test_sync_matches_single_process_pytorch_with_and_without_overlap(ray_local)
         else:
             assert shards == 3 and result.server_plan is None
         assert result.steps_completed == cfg.steps == 24
+        # the servers built the initial values from the task, the driver read the end state: the
+        # supervisor never loaded torch (and this run equals single-process PyTorch below)
+        assert result.supervisor_imported_torch is False
         # every shard applied every step once, and every applied update was acknowledged
         assert result.updates_applied == result.updates_acknowledged == 24 * shards
         # CPU per step of each role, measured in each process (server and supervisor work is
