@@ -30,6 +30,7 @@ import sys
 from raytrain_ft import config as config_mod
 from raytrain_ft.errors import ClusterError, ConfigError, DataError, JobError, RaytrainFTError
 from raytrain_ft.jobs import DEFAULT_ADDRESS, SUMMARY_MARKER
+from raytrain_ft.recovery.faults import ROLES
 from raytrain_ft.report import progress_line, recovery_line, server_plan_line
 
 EXIT_BAD_INPUT = 2
@@ -120,6 +121,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+LIVE_RUN_ROLES = tuple(r for r in ROLES if r != "node")
+"""What `raytrain-ft chaos` can kill in a running job (node kills need simulated nodes)."""
 RANDOM_DEFAULTS = {
     "mtbf_s": 10.0,
     "duration_s": 60.0,
@@ -293,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument(
         "--roles",
         default=RANDOM_DEFAULTS["roles"],
-        help="random mode: roles to pick from",
+        help="random mode: comma-separated roles to pick from: "
+        f"{', '.join(LIVE_RUN_ROLES)} (default: %(default)s)",
     )
     chaos.add_argument(
         "--seed", type=int, default=RANDOM_DEFAULTS["seed"], help="random mode: schedule seed"
@@ -670,8 +674,7 @@ def _chaos(args: argparse.Namespace) -> int:
             raise ConfigError(
                 "--roles",
                 "node kills need the run's own cluster of simulated nodes: give them to "
-                "`raytrain-ft train --kill node:I@...`; choose from "
-                "server, replica, worker, spare, supervisor",
+                f"`raytrain-ft train --kill node:I@...`; choose from {', '.join(LIVE_RUN_ROLES)}",
             )
     from raytrain_ft.jobs import check_ray_address, ray_init_error
 
@@ -773,7 +776,9 @@ def _unknown_arguments(parser: argparse.ArgumentParser, command: str, unknown: l
         flag = arg.split("=", 1)[0]
         if not flag.startswith("-"):
             continue
-        close = difflib.get_close_matches(flag, known, n=1)
+        # --STEPS, --num_workers, -steps: the flag as it is spelled here
+        spelled = "--" + flag.lstrip("-").lower().replace("_", "-")
+        close = [spelled] if spelled in known else difflib.get_close_matches(spelled, known, n=1)
         hints.append(f"{flag} (did you mean {close[0]}?)" if close else flag)
     subparser.error(f"unrecognized arguments: {', '.join(hints) or ' '.join(unknown)}")
 

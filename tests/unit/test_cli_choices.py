@@ -106,6 +106,10 @@ def test_every_documented_kill_form_is_accepted(kill):
         # no abbreviations: a prefix is refused naming the flag, not read as it
         (["simulate", "--sched", "3"], "--sched (did you mean --schedules?)"),
         (["train", "--st", "6"], "--st (did you mean --steps?)"),
+        # another case, underscores or one dash: the flag as it is spelled
+        (["train", "--STEPS", "6"], "--STEPS (did you mean --steps?)"),
+        (["train", "--num_workers", "2"], "--num_workers (did you mean --num-workers?)"),
+        (["chaos", "-run-id", "x"], "-run-id (did you mean --run-id?)"),
     ],
 )
 def test_a_misspelled_flag_gets_one_line_naming_the_flag_meant(argv, said, capsys):
