@@ -337,10 +337,22 @@ def _config(args: argparse.Namespace):
         if args.config:
             raise ConfigError("--config-json", "give --config or --config-json, not both")
         raw = _json_flag("--config-json", args.config_json, "a JSON object of config sections")
-        return config_mod.from_dict(
+        cfg = config_mod.from_dict(
             config_mod.merge_overrides(raw, overrides, "--config-json"), source="--config-json"
         )
-    return config_mod.load(args.config, overrides)
+    else:
+        cfg = config_mod.load(args.config, overrides)
+    if "epochs" in overrides and cfg.steps is not None:
+        raise ConfigError(
+            "--epochs",
+            (
+                "not used with --steps"
+                if "steps" in overrides
+                else f"not used: the config sets steps: {cfg.steps}"
+            )
+            + " (a run's length in steps per worker, which overrides epochs); give one of them",
+        )
+    return cfg
 
 
 def _exit_on_sigterm(signum, frame) -> None:

@@ -187,6 +187,7 @@ BAD_INPUTS = [
         ["--num-spares", "1000"],
         "recovery.num_spares: must be at most 16, got 1000: each spare is a server process",
     ),
+    (["--epochs", "3", "--steps", "10"], "--epochs: not used with --steps"),
     (
         ["--mode", "mixed", "--num-workers", "4", "--group-size", "3"],
         "consistency.group_size: 4 workers in groups of 3 would make groups of 3, 1",
