@@ -29,7 +29,7 @@ import sys
 
 from raytrain_ft import config as config_mod
 from raytrain_ft.errors import ClusterError, ConfigError, DataError, JobError, RaytrainFTError
-from raytrain_ft.jobs import DEFAULT_ADDRESS, SUMMARY_MARKER
+from raytrain_ft.jobs import DEFAULT_ADDRESS, SUMMARY_MARKER, check_auth_mode
 from raytrain_ft.recovery.faults import ROLES
 from raytrain_ft.report import progress_line, recovery_line, server_plan_line
 
@@ -810,6 +810,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"raytrain-ft: error: {empty}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
+        if args.command not in ("simulate", "report"):  # the commands that start or reach a Ray
+            check_auth_mode()
         if args.command == "train":
             return _train(args)
         if args.command == "chaos":

@@ -150,6 +150,22 @@ class RayAuth:
         return self.mode == "disabled" or (self.mode is None and not self.auto)
 
 
+AUTH_MODES = ("token", "disabled")
+
+
+def check_auth_mode(environ: Mapping[str, str] | None = None) -> None:
+    """``RAY_AUTH_MODE``, when set, is a mode Ray 2.60 knows: it reads any other value (a typo of
+    ``token``) as no authentication, without a word."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get(AUTH_MODE_ENV_VAR)
+    if raw is not None and raw.strip().lower() not in AUTH_MODES:
+        raise ConfigError(
+            AUTH_MODE_ENV_VAR,
+            f"{raw!r} is not a mode Ray knows; set token (send a token) or disabled, or unset it "
+            "(Ray runs without authentication for any other value)",
+        )
+
+
 def ray_auth(
     address: str | None,
     environ: Mapping[str, str] | None = None,

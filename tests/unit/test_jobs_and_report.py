@@ -250,6 +250,19 @@ def test_what_ray_init_sends_is_decided_as_ray_decides(tmp_path):
         jobs.ray_auth("h:1", {"RAY_AUTH_MODE": "token"}, tmp_path)
 
 
+@pytest.mark.parametrize("mode", ["token", "disabled", "TOKEN", " disabled "])
+def test_the_auth_modes_ray_knows_pass(mode):
+    jobs.check_auth_mode({"RAY_AUTH_MODE": mode})
+    jobs.check_auth_mode({})  # unset: Ray's default
+
+
+@pytest.mark.parametrize("mode", ["tokn", "bogus", "", "none", "true"])
+def test_an_auth_mode_ray_would_read_as_none_is_refused(mode):
+    """Ray 2.60 runs without authentication for any value but token: a typo must not do that."""
+    with pytest.raises(ConfigError, match=rf"RAY_AUTH_MODE: '{mode}' is not a mode Ray knows"):
+        jobs.check_auth_mode({"RAY_AUTH_MODE": mode})
+
+
 @pytest.mark.parametrize(
     "env, needle",
     [
