@@ -103,7 +103,7 @@ class TrainResult:
     supervisor_imported_torch: bool = False
     """Whether the supervisor's process (its last incarnation) loaded torch. It need not: the task
     reaches the workers and servers sealed and the end state is read by the driver, so the
-    supervisor starts (and restarts) in a fraction of a second and stays small."""
+    supervisor starts (and restarts) without torch's ~2 s import and stays small."""
     run_id: str = ""
     staleness_histogram: dict[int, int] = field(default_factory=dict)
     """{staleness: updates} over all shards: shard updates between a gradient's parameters and its
@@ -915,7 +915,7 @@ class _Run:
             tuple(self.kills),
             device,
             checkpoint_dir,
-            Sealed(self.task),
+            Sealed.of(self.task),
             self.start_step,
         )
         self.supervisor = ray.remote(Supervisor).options(**options).remote(args)

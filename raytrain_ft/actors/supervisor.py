@@ -192,7 +192,6 @@ class Supervisor:
             kill=self._fault_kill,
         )
         self.metrics = Recorder(self.run_id, SUPERVISOR_METRICS if cfg.cluster.metrics else ())
-        self._initial: np.ndarray | None = None
         with warnings.catch_warnings():  # the property reads a deprecated attribute internally
             warnings.simplefilter("ignore")
             reconstructed = ray.get_runtime_context().was_current_actor_reconstructed

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -74,15 +75,18 @@ class Directory:
         return h
 
 
+@dataclass(frozen=True, slots=True)
 class Sealed:
     """A value pickled where it was made and unpickled only where it is used: a process that only
     passes it on (the supervisor, with the run's ``Task``) never imports what unpickling it needs
     (torch, the user's model code). The Ray object refs inside travel beside the bytes, as Ray
     arguments, so Ray keeps counting them."""
 
-    __slots__ = ("payload", "refs")
+    payload: bytes
+    refs: tuple
 
-    def __init__(self, value):
+    @classmethod
+    def of(cls, value) -> Sealed:
         import io
 
         import ray
@@ -99,10 +103,7 @@ class Sealed:
 
         buf = io.BytesIO()
         _Pickler(buf, protocol=5).dump(value)
-        self.payload, self.refs = buf.getvalue(), tuple(refs)
-
-    def __reduce__(self):
-        return (_sealed, (self.payload, self.refs))
+        return cls(buf.getvalue(), tuple(refs))
 
     def open(self):
         import io
@@ -115,12 +116,6 @@ class Sealed:
                 return refs[pid]
 
         return _Unpickler(io.BytesIO(self.payload)).load()
-
-
-def _sealed(payload: bytes, refs: tuple) -> Sealed:
-    s = Sealed.__new__(Sealed)
-    s.payload, s.refs = payload, refs
-    return s
 
 
 def reply_parts(nbytes: int) -> int:

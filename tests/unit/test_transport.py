@@ -59,3 +59,28 @@ def test_a_push_in_parts_is_unpacked_whole():
     parts = np.array_split(payload, 3)
     assert np.array_equal(unpack(push, (3,), tuple(parts)).payload, payload)
     assert dataclasses.replace(push, payload=payload).step == 2
+
+
+def test_a_sealed_value_is_unpickled_only_where_it_is_opened(tmp_path):
+    """Passing a ``Sealed`` on (the supervisor) imports nothing its value needs; ``open`` returns
+    the value. ``fractions`` stands for torch and the user's model module."""
+    import pickle
+    import subprocess
+    import sys
+    from fractions import Fraction
+
+    from raytrain_ft.actors.transport import Sealed
+
+    blob = tmp_path / "sealed.pkl"
+    blob.write_bytes(pickle.dumps(Sealed.of({"x": Fraction(1, 3), "f": len})))
+    code = (
+        "import pickle, sys\n"
+        f"s = pickle.loads(open({str(blob)!r}, 'rb').read())\n"
+        "print('fractions' in sys.modules)\n"
+        "v = s.open()\n"
+        "print('fractions' in sys.modules, v['x'], v['f'] is len)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split("\n")
+    assert out[:2] == ["False", "True 1/3 True"]
