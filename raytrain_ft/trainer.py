@@ -330,7 +330,7 @@ def ray_session(config: TrainConfig):
     import ray
 
     from raytrain_ft.config import check_writable_dir
-    from raytrain_ft.jobs import ray_init_error
+    from raytrain_ft.jobs import check_auth_mode, ray_init_error
 
     cc = config.cluster
     # a run's own files are written on this machine unless it joins a cluster elsewhere: check them
@@ -342,6 +342,7 @@ def ray_session(config: TrainConfig):
     if ray.is_initialized():
         yield Session()
         return
+    check_auth_mode()  # the Python API too: the CLI checks it for every command that reaches a Ray
     needed = cc.num_workers * cc.cpus_per_worker
     # an embedded Ray keeps Ray's default, token authentication (a token is generated once if none
     # exists); the line Ray prints about that default on every start is not the run's output (the

@@ -476,3 +476,18 @@ def test_times_the_report_places_must_be_finite(tmp_path, summary, needle):
     """A NaN loss is a diverged run and is drawn; a time that is not finite has no place."""
     with pytest.raises(DataError, match=needle):
         check_summary(str(tmp_path / "run.json"), summary)
+
+
+def test_the_python_api_refuses_an_unknown_auth_mode_before_ray_starts(monkeypatch):
+    """``Trainer.fit`` starts its own Ray through ``ray_session``: the same check as the CLI's."""
+    import ray
+
+    from raytrain_ft.trainer import ray_session
+
+    if ray.is_initialized():
+        pytest.skip("a Ray of this process is running: the session joins it")
+    monkeypatch.setenv("RAY_AUTH_MODE", "tokn")
+    with pytest.raises(ConfigError, match="RAY_AUTH_MODE: 'tokn' is not a mode Ray knows"):
+        with ray_session(TrainConfig()):
+            pass
+    assert not ray.is_initialized()
