@@ -337,11 +337,10 @@ def _config(args: argparse.Namespace):
         if args.config:
             raise ConfigError("--config-json", "give --config or --config-json, not both")
         raw = _json_flag("--config-json", args.config_json, "a JSON object of config sections")
-        cfg = config_mod.from_dict(
-            config_mod.merge_overrides(raw, overrides, "--config-json"), source="--config-json"
-        )
+        cfg = config_mod.from_command_line(raw, overrides, source="--config-json")
     else:
-        cfg = config_mod.load(args.config, overrides)
+        raw = config_mod.load_yaml(args.config) if args.config else {}
+        cfg = config_mod.from_command_line(raw, overrides, source=args.config or "config")
     if "epochs" in overrides and cfg.steps is not None:
         raise ConfigError(
             "--epochs",

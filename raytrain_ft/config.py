@@ -7,6 +7,8 @@ Leaf names are unique across sub-configs so a flag maps to one field.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import math
@@ -300,18 +302,45 @@ class DataConfig:
 
 
 def _defaults(section) -> dict[str, Any]:
-    """A config section's field defaults, by field name (what "the user set it" is judged by)."""
+    """A config section's field defaults, by field name."""
     return {f.name: f.default for f in dataclasses.fields(section)}
+
+
+# The fields a command line named ("optim.momentum"), while from_dict builds its config: a flag
+# given its default value is set all the same. A YAML file or a dict (the Python API, a submitted
+# job's whole config) names fields it need not set, so there a field is set when it differs from
+# its default.
+_FLAGS_GIVEN: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
+    "flags_given", default=frozenset()
+)
+
+
+def is_set(section, prefix: str, name: str) -> bool:
+    """Whether the user set ``prefix.name``: a flag named it, or it differs from its default."""
+    return (
+        f"{prefix}.{name}" in _FLAGS_GIVEN.get()
+        or getattr(section, name) != _defaults(section)[name]
+    )
+
+
+@contextlib.contextmanager
+def _flags_given(flags) -> Any:
+    leaves = _leaf_fields()
+    names = {f"{leaves[f][0]}.{leaves[f][1].name}" for f in flags if f in leaves and leaves[f][0]}
+    token = _FLAGS_GIVEN.set(frozenset(names))
+    try:
+        yield
+    finally:
+        _FLAGS_GIVEN.reset(token)
 
 
 def refuse_ignored(section, prefix: str, flag: str, chosen: str, rules) -> None:
     """A setting the chosen value of ``flag`` would ignore is refused, not dropped. ``rules``:
-    (field names of ``section``, the choices that use them); a field counts as set when it differs
-    from its default."""
-    defaults = _defaults(section)
+    (field names of ``section``, the choices that use them); a field counts as set when a flag
+    named it or it differs from its default (``is_set``)."""
     for names, used_by in rules:
         for name in names:
-            if chosen not in used_by and getattr(section, name) != defaults[name]:
+            if chosen not in used_by and is_set(section, prefix, name):
                 raise ConfigError(
                     f"{prefix}.{name}" if prefix else name,
                     f"applies to {flag} {' or '.join(used_by)}, not {chosen}, which would ignore "
@@ -635,7 +664,7 @@ class RecoveryConfig:
         if (
             self.mode != "checkpoint"
             and self.checkpoint_dir is None
-            and self.checkpoint_interval != _defaults(self)["checkpoint_interval"]
+            and is_set(self, "recovery", "checkpoint_interval")
         ):
             raise ConfigError(
                 "recovery.checkpoint_interval",
@@ -661,16 +690,13 @@ class RecoveryConfig:
                 ),
             ),
         )
-        if self.mode == "none" and self.num_spares not in (0, _defaults(self)["num_spares"]):
+        if self.mode == "none" and self.num_spares != 0 and is_set(self, "recovery", "num_spares"):
             raise ConfigError(
                 "recovery.num_spares",
                 "spares replace lost servers, and --recovery none replaces none (a lost server "
                 "fails the run); drop --num-spares",
             )
-        if (
-            self.snapshot_interval != "auto"
-            and self.expected_mtbf_s != _defaults(self)["expected_mtbf_s"]
-        ):
+        if self.snapshot_interval != "auto" and is_set(self, "recovery", "expected_mtbf_s"):
             raise ConfigError(
                 "recovery.expected_mtbf_s",
                 "plans the snapshot interval of --snapshot-interval auto; a fixed interval "
@@ -903,7 +929,7 @@ class TrainConfig:
                     "a simulated step (--simulate-compute) runs no forward or backward to compute "
                     f"in {self.model.precision}; drop --precision",
                 )
-            if self.data.prefetch_batches != _defaults(self.data)["prefetch_batches"]:
+            if is_set(self.data, "data", "prefetch_batches"):
                 raise ConfigError(
                     "data.prefetch_batches",
                     "a simulated step (--simulate-compute) reads no batches; drop "
@@ -1356,6 +1382,16 @@ def merge_overrides(
 def load(config_path: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     raw = load_yaml(config_path) if config_path else {}
     return from_dict(merge_overrides(raw, overrides or {}), source=config_path or "config")
+
+
+def from_command_line(
+    raw: dict[str, Any] | None, flags: dict[str, Any], source: str = "config"
+) -> TrainConfig:
+    """The config of a YAML file's or JSON object's sections (``raw``) and the flags given on the
+    command line (flag name -> value): a setting the run would ignore is refused when a flag gave
+    it, even at its default value (``--optimizer adam --momentum 0.9``)."""
+    with _flags_given(flags):
+        return from_dict(merge_overrides(raw or {}, flags, source), source=source)
 
 
 # --- output paths ----------------------------------------------------------------

@@ -300,3 +300,30 @@ def test_a_home_path_is_expanded_for_the_files_a_run_writes(tmp_path, monkeypatc
     monkeypatch.setenv("HOME", str(tmp_path))
     cfg = _home_expanded(C.load(None, {"checkpoint_dir": "~/ck", "resume_from": "~/ck"}))
     assert cfg.recovery.checkpoint_dir == cfg.recovery.resume_from == str(tmp_path / "ck")
+
+
+@pytest.mark.parametrize(
+    "argv, field",
+    [
+        (["--optimizer", "adam", "--momentum", "0.9"], "optim.momentum"),
+        (["--mode", "sync", "--staleness", "2"], "consistency.staleness"),
+        (["--recovery", "none", "--num-spares", "1"], "recovery.num_spares"),
+        (["--recovery", "none", "--fold-log", "true"], "recovery.fold_log"),
+        (["--snapshot-interval", "5", "--expected-mtbf-s", "3600"], "recovery.expected_mtbf_s"),
+        (["--simulate-compute", "5", "--prefetch-batches", "2"], "data.prefetch_batches"),
+    ],
+)
+def test_a_flag_the_run_would_ignore_is_refused_even_at_its_default_value(argv, field):
+    # each value is the field's default: only the flag having been given makes it a setting
+    with pytest.raises(ConfigError) as e:
+        config_of(*argv)
+    assert e.value.field == field
+
+
+def test_a_config_dict_may_carry_defaults_the_run_ignores():
+    # a submitted job carries its whole config, defaults included (momentum with adam): taken
+    cfg = C.from_dict(C.TrainConfig(optim=C.OptimConfig(name="adam")).to_dict())
+    assert cfg.optim.name == "adam"
+    # and flags given alongside such a dict are judged as flags
+    with pytest.raises(ConfigError, match="drop --momentum"):
+        C.from_command_line(cfg.to_dict(), {"momentum": 0.9})
