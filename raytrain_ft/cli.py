@@ -563,7 +563,7 @@ def _simulate(args: argparse.Namespace) -> int:
     import dataclasses
 
     from raytrain_ft.sim import MODES, explore, run_schedule
-    from raytrain_ft.sim.bugs import BUGS
+    from raytrain_ft.sim.bugs import BUGS, refuse_unshowable
 
     modes = MODES if args.mode == "all" else (args.mode,)
     if args.mode != "all" and args.mode not in MODES:
@@ -573,6 +573,10 @@ def _simulate(args: argparse.Namespace) -> int:
     for bug in args.inject_bug:
         if bug not in BUGS:
             raise ConfigError("--inject-bug", f"unknown bug {bug!r}; choose from {', '.join(BUGS)}")
+    try:
+        refuse_unshowable(args.inject_bug, modes)
+    except ValueError as e:
+        raise ConfigError("--inject-bug", str(e)) from None
     if args.schedules is None:
         args.schedules = 20000 if args.long else 1000
     if args.schedules <= 0 or args.processes <= 0:

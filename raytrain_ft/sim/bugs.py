@@ -144,16 +144,46 @@ BUGS = {
     "lone-restart": ("supervisor", LoneRestart),
 }
 
+SHOWN_ONLY_IN = {
+    "per-shard-clip": (("sync", "mixed"), "global clipping"),
+    "durable-too-soon": (("sync",), "pipelined durability"),
+    "ungrouped-mean": (("sync", "mixed"), "pre-aggregation"),
+    "per-rank-start": (("sync", "mixed"), "pre-aggregation"),
+    "lone-restart": (("sync", "mixed"), "pre-aggregation"),
+}
+"""Bugs in a rule that the simulator's schedules use only in some modes (``random_config``): the
+modes they can show in and the rule they break. Every other bug shows in every mode."""
+
+
+def refuse_unshowable(bugs, modes) -> None:
+    """ValueError for a bug that the explored modes cannot show (no schedule of theirs uses the
+    rule it breaks), naming the modes that can."""
+    for name in bugs:
+        shown_in, rule = SHOWN_ONLY_IN.get(name, (None, ""))
+        if shown_in is not None and not set(modes) & set(shown_in):
+            raise ValueError(
+                f"{name} breaks {rule}, which the schedules of {' or '.join(modes)} do not use "
+                f"(no schedule could show it); use --mode {' or '.join(shown_in)} (or all)"
+            )
+
 
 def protocol_classes(bugs) -> tuple[type, type]:
-    """(server class, supervisor class) with the named bugs switched on."""
-    server, supervisor = ServerProtocol, SupervisorProtocol
+    """(server class, supervisor class) with the named bugs switched on: several bugs of one role
+    make one class that has each of them (each overrides its own methods)."""
+    chosen: dict[str, list[type]] = {"server": [], "supervisor": []}
     for name in bugs:
         if name not in BUGS:
             raise ValueError(f"unknown bug {name!r}; choose from {', '.join(BUGS)}")
         role, cls = BUGS[name]
-        if role == "server":
-            server = cls
-        else:
-            supervisor = cls
-    return server, supervisor
+        if cls not in chosen[role]:
+            chosen[role].append(cls)
+
+    def combined(base: type, classes: list[type]) -> type:
+        if len(classes) <= 1:
+            return classes[0] if classes else base
+        return type("+".join(c.__name__ for c in classes), tuple(classes), {})
+
+    return (
+        combined(ServerProtocol, chosen["server"]),
+        combined(SupervisorProtocol, chosen["supervisor"]),
+    )

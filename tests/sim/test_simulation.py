@@ -2,11 +2,20 @@
 independent checker."""
 
 import os
+import random
 
 import pytest
 
 from raytrain_ft.sim import MODES, explore, process_pool, run_schedule
-from raytrain_ft.sim.bugs import BUGS
+from raytrain_ft.sim.bugs import (
+    BUGS,
+    SHOWN_ONLY_IN,
+    AckBeforeLog,
+    DoubleApply,
+    VolatileEpochs,
+    protocol_classes,
+)
+from raytrain_ft.sim.world import random_config
 
 SCHEDULES_PER_MODE = int(os.environ.get("RAYTRAIN_FT_SIM_SCHEDULES", "1000"))
 """In the default suite (25-50 s on 2 cores; each known-bad variant below is caught within 434
@@ -45,6 +54,27 @@ def test_every_known_bad_variant_is_caught(bug, pool):
     """The checker can fail: each injected protocol bug is found within 2,000 schedules."""
     ex = explore(2000, seed=7, modes=MODES, bugs=(bug,), processes=PROCESSES, pool=pool)
     assert ex.violations >= 1, f"{bug} was not caught in 2000 schedules"
+
+
+def test_a_bug_shown_only_in_some_modes_is_so_by_the_schedules_of_every_mode():
+    """SHOWN_ONLY_IN, judged from the schedules' configurations: a mode it names uses the rule the
+    bug breaks in some schedules, any other mode in none (simulate refuses such a pairing)."""
+    uses = {
+        "global clipping": lambda c: c.clip is not None,
+        "pipelined durability": lambda c: c.pipelined,
+        "pre-aggregation": lambda c: c.preaggregate > 1,
+    }
+    rng = random.Random(3)
+    for mode in MODES:
+        configs = [random_config(rng, mode) for _ in range(500)]
+        for name, (modes, rule) in SHOWN_ONLY_IN.items():
+            assert any(uses[rule](c) for c in configs) == (mode in modes), (name, mode)
+
+
+def test_bugs_of_one_role_are_combined_not_replaced():
+    server, supervisor = protocol_classes(["ack-before-log", "double-apply", "volatile-epochs"])
+    assert issubclass(server, AckBeforeLog) and issubclass(server, DoubleApply)
+    assert supervisor is VolatileEpochs
 
 
 def test_a_parallel_exploration_stops_where_one_process_would(pool):

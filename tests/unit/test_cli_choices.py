@@ -327,3 +327,12 @@ def test_a_config_dict_may_carry_defaults_the_run_ignores():
     # and flags given alongside such a dict are judged as flags
     with pytest.raises(ConfigError, match="drop --momentum"):
         C.from_command_line(cfg.to_dict(), {"momentum": 0.9})
+
+
+def test_simulate_refuses_a_bug_the_chosen_mode_cannot_show(capsys):
+    from raytrain_ft.cli import main
+
+    assert main(["simulate", "--inject-bug", "ungrouped-mean", "--mode", "async"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("raytrain-ft: error: --inject-bug: ungrouped-mean breaks pre-aggregation")
+    assert err.endswith("use --mode sync or mixed (or all)")
