@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import errno
 import functools
 import math
 import numbers
@@ -1412,7 +1413,13 @@ def check_writable_dir(path: str, name: str, flag: str | None = None) -> None:
         os.close(fd)
         os.remove(probe)
     except OSError as e:
-        raise ConfigError(name, f"cannot write to {path!r} ({e.strerror or e}); {fix}") from None
+        why = e.strerror or str(e)
+        ancestor = os.path.abspath(path)
+        while not os.path.exists(ancestor) and os.path.dirname(ancestor) != ancestor:
+            ancestor = os.path.dirname(ancestor)
+        if e.errno == errno.ENOENT and os.path.isdir(ancestor):  # /proc makes no files, says ENOENT
+            why = f"the file system of {ancestor!r} creates no files or directories there"
+        raise ConfigError(name, f"cannot write to {path!r} ({why}); {fix}") from None
 
 
 def check_writable_file(path: str, name: str, create_parent: bool = True) -> None:

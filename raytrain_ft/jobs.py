@@ -21,6 +21,7 @@ silent one, or a cluster that refuses the token ends in one line, in seconds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -102,10 +103,11 @@ def resolve_address(address: str | None, environ: Mapping[str, str] | None = Non
     """The dashboard's HTTP address: ``address``, else ``RAY_API_SERVER_ADDRESS``/``RAY_ADDRESS``
     (an http one), else the forwarded default."""
     environ = os.environ if environ is None else environ
+    field = "--address"
     if not address:
         for var in ADDRESS_ENV_VARS:
             if environ.get(var, "").startswith(("http://", "https://")):
-                address = environ[var]
+                address, field = environ[var], var
                 break
         else:
             address = DEFAULT_ADDRESS
@@ -113,17 +115,31 @@ def resolve_address(address: str | None, environ: Mapping[str, str] | None = Non
         address = "http://" + address
     if not address.startswith(("http://", "https://")):
         raise ConfigError(
-            "--address",
+            field,
             f"{address!r} is not the dashboard's HTTP address; give http://HEAD:8265 (the job API "
             "lives on the dashboard port)",
         )
     from urllib.parse import urlsplit
 
     try:
-        _ = urlsplit(address).port  # raises on a port that is no number or out of range
+        parts = urlsplit(address)
+        _ = parts.port  # raises on a port that is no number or out of range
     except ValueError as e:
-        raise ConfigError("--address", f"{address!r}: {e}; give http://HEAD:8265") from None
+        raise ConfigError(field, f"{address!r}: {e}; give http://HEAD:8265") from None
+    if not parts.hostname:
+        raise ConfigError(field, f"{address!r} names no host; give http://HEAD:8265")
     return address.rstrip("/")
+
+
+@contextlib.contextmanager
+def _address_env_hidden():
+    """Ray's job client takes RAY_API_SERVER_ADDRESS or RAY_ADDRESS over the address it is given:
+    hidden while it is built, the client talks to the address resolved here (the flag's)."""
+    saved = {var: os.environ.pop(var) for var in ADDRESS_ENV_VARS if var in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 # --- a Ray (GCS) address, for ray.init: train --address, chaos --------------------
@@ -378,7 +394,8 @@ def _client(address: str):
     token = find_token()
     headers = {"Authorization": f"Bearer {token.value}"} if token else None
     try:
-        return JobSubmissionClient(address, headers=headers)
+        with _address_env_hidden():
+            return JobSubmissionClient(address, headers=headers)
     except Exception as e:  # noqa: BLE001 -- translated to one message naming what to fix
         raise _cluster_error(e, address, token) from None
 

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from raytrain_ft import config as C
@@ -379,6 +381,14 @@ def test_writable_paths_are_checked_before_a_run(tmp_path):
         C.check_writable_file(
             str(tmp_path / "missing" / "run.png"), "--output", create_parent=False
         )
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_file_system_that_makes_no_files_is_named_not_reported_missing():
+    # /proc answers "No such file or directory" to a new file or directory in a directory it has
+    for path in ("/proc/raytrain-ft-ckpt", "/proc/a/b"):
+        with pytest.raises(ConfigError, match=r"the file system of '/proc' creates no files"):
+            C.check_writable_dir(path, "recovery.checkpoint_dir", "--checkpoint-dir")
 
 
 @pytest.mark.parametrize(

@@ -65,6 +65,43 @@ def test_dashboard_address(address, environ, expected):
     assert jobs.resolve_address(address, environ) == expected
 
 
+@pytest.mark.parametrize(
+    "address, environ, field",
+    [
+        ("http://", {}, "--address"),
+        ("http://:8265", {}, "--address"),
+        (None, {"RAY_ADDRESS": "http://"}, "RAY_ADDRESS"),
+        (None, {"RAY_API_SERVER_ADDRESS": "https://:1"}, "RAY_API_SERVER_ADDRESS"),
+    ],
+)
+def test_an_address_without_a_host_is_refused_naming_where_it_came_from(address, environ, field):
+    with pytest.raises(ConfigError, match="names no host; give http://HEAD:8265") as e:
+        jobs.resolve_address(address, environ)
+    assert e.value.field == field
+
+
+def test_the_job_client_talks_to_the_address_given_not_ray_address(monkeypatch):
+    """Ray's job client would take RAY_ADDRESS over the address it is handed."""
+    import ray.job_submission
+
+    seen = {}
+
+    class Client:
+        def __init__(self, address, headers=None):
+            seen["address"] = address
+            seen["env"] = {v: os.environ.get(v) for v in jobs.ADDRESS_ENV_VARS}
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", Client)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://elsewhere:8265")
+    jobs._client("http://head:8265")
+    assert seen == {
+        "address": "http://head:8265",
+        "env": {"RAY_API_SERVER_ADDRESS": None, "RAY_ADDRESS": None},
+    }
+    assert os.environ["RAY_ADDRESS"] == "10.0.0.5:6379"  # put back
+
+
 def test_a_ray_client_address_is_refused():
     with pytest.raises(
         ConfigError, match="--address: 'ray://h:10001' is not the dashboard's HTTP address"
