@@ -41,7 +41,8 @@ def shard_ranges(total: int, num_shards: int, num_params: int | None = None) -> 
     if num_shards > total:
         raise ConfigError(
             "cluster.num_servers",
-            f"{num_shards} shards for a model with {total} values; use at most {total} servers",
+            f"{num_shards} shards for a model with {total} value{'s' if total != 1 else ''}; use "
+            f"at most {total} server{'s' if total != 1 else ''}",
         )
     num_params = total if num_params is None else num_params
     base, extra = divmod(total, num_shards)

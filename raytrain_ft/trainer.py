@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raytrain_ft.config import TrainConfig
+from raytrain_ft.config import TrainConfig, flag_of
 from raytrain_ft.consistency import local_rounds, merge_histograms
 from raytrain_ft.data import Dataset, check_source, checked_steps_per_epoch
 from raytrain_ft.errors import ClusterError, ConfigError, TrainingError
@@ -418,6 +418,15 @@ def ray_session(config: TrainConfig):
         ray.shutdown()
 
 
+def starts_its_own_ray(config: TrainConfig) -> bool:
+    """Whether ``ray_session`` starts a Ray on this machine for the run (no Ray joined or named)."""
+    import ray
+
+    return not (
+        ray.is_initialized() or config.cluster.address or os.environ.get(RAY_ADDRESS_ENV_VAR)
+    )
+
+
 PROCESS_GB = 0.3
 """Memory of one of the run's processes (a worker, server, spare or the supervisor: Python, Ray's
 worker and torch), measured on this project's CPU runs."""
@@ -455,13 +464,31 @@ def check_embedded_memory(config: TrainConfig, available_gb: float | None) -> No
         (nodes * NODE_GB, "cluster.local_nodes"),
     )
     field = biggest[1]
+    # the most of the named setting that fits with everything else as it is (judged as above)
+    role = {"cluster.num_workers": "worker", "cluster.num_servers": "server"}.get(field)
+
+    def fits(n: int) -> bool:
+        p, k = ({**procs, role: n}, nodes) if role else (procs, n)
+        return sum(p.values()) * PROCESS_GB + k * NODE_GB <= available_gb
+
+    per_gb = NODE_GB if role is None else PROCESS_GB
+    room = max(0, int((available_gb - (need - biggest[0])) // per_gb) + 1)
+    while room > 0 and not fits(room):
+        room -= 1
+    if field == "cluster.num_workers":
+        room *= config.cluster.ranks_per_process
+    fits = (
+        f"at most {room} {flag_of(field)} fit with the rest as it is"
+        if room >= 1
+        else "the rest alone does not fit"
+    )
     raise ConfigError(
         field,
         f"a Ray started on this machine for this run needs about {need:.0f} GB ({counts} of about "
         f"{PROCESS_GB} GB each, {nodes} simulated node{'s' if nodes != 1 else ''} of about "
-        f"{NODE_GB} GB) and {available_gb:.1f} GB is available; use fewer --num-workers, "
-        "--num-servers or --local-nodes, host ranks together (--ranks-per-process), or run on a "
-        "cluster (--address)",
+        f"{NODE_GB} GB) and {available_gb:.1f} GB is available ({fits}); use fewer "
+        "--num-workers, --num-servers or --local-nodes, host ranks together "
+        "(--ranks-per-process), or run on a cluster (--address)",
     )
 
 
@@ -671,6 +698,8 @@ class Trainer:
         from raytrain_ft.task import dataset_factory, evaluate, is_import_string
 
         kills = check_kills_of(cfg)
+        if starts_its_own_ray(cfg):  # before the model is built and sharded (cheaper, and first)
+            check_embedded_memory(cfg, available_memory())
         server_plan = None
         prepared = None
         if self.parts["train_data"] is None and is_import_string(cfg.data.dataset):

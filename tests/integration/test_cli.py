@@ -115,7 +115,10 @@ BAD_INPUTS = [
     (["--optimizer", "lamb"], "optim.name: unknown value 'lamb'"),
     (["--batch-size", "0"], "data.batch_size: must be > 0"),
     (["--num-servers", "-2"], "cluster.num_servers: must be > 0"),
-    (["--model", "mlp", "--num-servers", "100000000"], "cluster.num_servers: 100000000 shards"),
+    (
+        ["--model", "tests.integration.test_user_models:OneWeight", "--num-servers", "2"],
+        "cluster.num_servers: 2 shards for a model with 1 value; use at most 1 server",
+    ),
     (
         ["--dataset", "parquet", "--data-path", "/nonexistent/x.parquet"],
         "/nonexistent/x.parquet: Parquet file or directory does not exist",

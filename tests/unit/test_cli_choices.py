@@ -216,6 +216,13 @@ def test_an_embedded_ray_must_fit_in_this_machines_memory():
         with pytest.raises(ConfigError) as e:
             check_embedded_memory(C.load(None, overrides), 24.0)
         assert e.value.field == field and "24.0 GB is available" in str(e.value)
+        # the count the message offers fits, one more does not
+        flag = C.flag_of(field)
+        room = int(re.search(rf"at most (\d+) {flag} fit", str(e.value)).group(1))
+        key = field.split(".")[1]
+        check_embedded_memory(C.load(None, {**overrides, key: str(room)}), 24.0)
+        with pytest.raises(ConfigError):
+            check_embedded_memory(C.load(None, {**overrides, key: str(room + 1)}), 24.0)
     none = C.load(None, {"recovery": "none", "num_servers": "1"})
     assert embedded_processes(none) == {"worker": 2, "server": 1, "spare": 0, "supervisor": 1}
 
