@@ -334,6 +334,7 @@ class Supervisor:
             "rereplicated",
             "recovery_started",
             "recovery_abandoned",
+            "retiring",
         ):
             logger.info("[supervisor] %s %s", e.event, e.fields)
         self.faults.on_note(e)

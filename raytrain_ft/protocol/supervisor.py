@@ -160,6 +160,12 @@ class SlotRecord:
     """RECOVERING: the primary being replaced, killed only once its successor serves (if the
     recovery cannot finish and it was only suspected, it serves on)."""
     replacing_epoch: int = 0
+    retiring: list = field(default_factory=list)
+    """Servers this slot's actors replaced that may hold the only copy of a replica the slot holds
+    (they were the last holder it was sent to; a successor starts without it): probed, and killed
+    only once each such replica is on the slot's actor (``replicated``). Until then a recovery of
+    a primary confirmed dead rebuilds from one (``fallback_holder``): make before break, so a
+    server replaced on a mere suspicion takes no copy with it."""
 
 
 @dataclass(slots=True)
@@ -229,6 +235,11 @@ class Registry:
     started again)."""
     checkpoint_steps: list = field(default_factory=list)
     """Per shard: the newest checkpoint file step its primaries reported (the file baseline)."""
+    replica_targets: list = field(default_factory=list)
+    """``[shard, holder]``: the holder a replicate of each shard was last sent toward (recorded
+    before it is sent; one entry per shard). A primary installs, re-sends snapshots to and appends
+    to the holder it was last told of, or the one it was rebuilt from (which was that one), so the
+    last holder named for a shard is the one with its newest copy."""
     events: list[RecoveryEvent] = field(default_factory=list)
 
     @classmethod
@@ -410,6 +421,28 @@ WORKER_ACTIONS = frozenset(
 )
 
 
+def last_replica_target(reg: Registry, shard: int) -> Address | None:
+    """The holder a replicate of ``shard`` was last sent toward (``Registry.replica_targets``)."""
+    for s, holder in reversed(reg.replica_targets):
+        if s == shard:
+            return holder
+    return None
+
+
+def fallback_holder(reg: Registry, view, shard: int | None, k: int) -> Address | None:
+    """The server to rebuild ``shard`` from when its holder slot's actor lacks the replica: the
+    last holder the replica was sent to, if its slot is retiring it (make before break) and no call
+    found it dead; else None."""
+    if shard is None or reg.replicated[shard]:
+        return None
+    last = last_replica_target(reg, shard)
+    if last is None or last not in reg.slots[replica_slot(shard, k)].retiring:
+        return None
+    if view is not None and view.gone_for_good(last):
+        return None
+    return last
+
+
 def decide(
     reg: Registry, view: View, busy: frozenset, spec: SupervisorSpec, now: float
 ) -> list[Decision]:
@@ -512,6 +545,14 @@ def decide(
             return "dead"
         return condition(holder.actor)
 
+    def fallback(shard: int) -> str | None:
+        """For a shard whose holder slot's actor lacks its replica: the condition of the retiring
+        server that has it (``fallback_holder``), or None."""
+        name = fallback_holder(reg, view, shard, k)
+        if name is None:
+            return None
+        return "suspect" if view.dead(name, spec) else "ok"
+
     # A suspected server is replaced only when every shard it holds a copy of keeps a healthy other
     # copy: a suspicion never costs a shard. A loss is declared only when both copies are confirmed
     # gone.
@@ -550,6 +591,11 @@ def decide(
                 )
             ]
         mine = replica_copy(shard) if shard is not None else "ok"
+        spare_copy = fallback(shard) if mine == "dead" and confirmed else None
+        if spare_copy is not None:  # the primary is gone; a retiring server has the only copy
+            if spare_copy == "ok":
+                out.append(Decision(Action.RECOVER, j, f"{why} (rebuilt from a retiring holder)"))
+            continue  # a suspected one is waited for
         if confirmed and mine == "dead":
             return [
                 Decision(
@@ -571,7 +617,7 @@ def decide(
     for j, slot in enumerate(reg.slots):
         if slot.phase is SlotPhase.RECOVERING:
             shard = primary_shard(j, k)
-            if replica_copy(shard) == "dead":
+            if replica_copy(shard) == "dead" and fallback(shard) is None:
                 if slot.replacing is not None and condition(slot.replacing) != "dead":
                     out.append(
                         Decision(
@@ -875,6 +921,7 @@ class SupervisorProtocol:
         names = [(s.actor, "server") for s in self.reg.slots if s.actor] + [
             (n, "server") for n in self.reg.spares
         ]
+        names += [(n, "server") for s in self.reg.slots for n in s.retiring]
         names += [(w.actor, "worker") for w in self.reg.workers if w.actor]
         return names
 
@@ -997,7 +1044,8 @@ class SupervisorProtocol:
             slot.actor, slot.phase = self._name("server"), SlotPhase.CREATING
             for shard in {primary_shard(d.target, k), *replica_shards(d.target, k)} - {None}:
                 reg.replicated[shard] = False
-            kills = [Kill(old, d.reason)] if old else []
+            kills = [Kill(name, d.reason) for name in (old, *slot.retiring) if name]
+            slot.retiring = []
             return (
                 [self._persist()]
                 + kills
@@ -1014,6 +1062,8 @@ class SupervisorProtocol:
             shard = d.target
             holder = reg.slots[replica_slot(shard, k)].actor
             reg.replica_version += 1  # persisted before the holder is named with it
+            reg.replica_targets = [t for t in reg.replica_targets if t[0] != shard]
+            reg.replica_targets.append([shard, holder])  # the last per shard is what counts
             primary = reg.slots[shard].actor
             calls = self._op(
                 "replicate",
@@ -1183,7 +1233,7 @@ class SupervisorProtocol:
             return []  # the spare is busy (replaying) or slow: ask again next round
         reg.reserved[j] += 1  # never reused: a holder refuses an epoch it has seen
         slot.epoch = reg.reserved[j]
-        holder = reg.slots[replica_slot(j, k)].actor
+        holder = fallback_holder(reg, view, j, k) or reg.slots[replica_slot(j, k)].actor
         calls = self._op(
             "recover",
             j,
@@ -1191,6 +1241,7 @@ class SupervisorProtocol:
             RecoverPrimary(self.ranges[j], slot.epoch, holder),
             slot.actor,
             slot.epoch,
+            holder,
         )
         return (
             [self._persist()]
@@ -1249,9 +1300,37 @@ class SupervisorProtocol:
         )
         return [
             self._persist(),
-            Kill(old, reason),
+            *self._retire(j, old, reason),
             Note("recovery_started", {"n": reg.recoveries_started, "shard": None, "spare": spare}),
         ]
+
+    def _retire(self, j: int, old: Address, reason: str) -> list:
+        """Slot ``j``'s actor ``old`` was replaced: killed now if it is gone or is not the last
+        holder some replica the slot holds was sent to (then it has no copy anyone needs); else
+        kept (``retiring``) until each such replica is on the successor."""
+        slot, reg = self.reg.slots[j], self.reg
+        needed = [
+            s
+            for s in replica_shards(j, self.spec.num_shards)
+            if not reg.replicated[s] and last_replica_target(reg, s) == old
+        ]
+        if not needed or self.view is None or self.view.gone_for_good(old):
+            return [Kill(old, reason)]
+        slot.retiring.append(old)
+        return [Note("retiring", {"slot": j, "actor": old, "until": needed})]
+
+    def _retired(self) -> list:
+        """Kill each retiring server whose replicas are all on its slot's actor again."""
+        out = []
+        for j, slot in enumerate(self.reg.slots):
+            if slot.retiring and all(
+                self.reg.replicated[s] for s in replica_shards(j, self.spec.num_shards)
+            ):
+                out += [
+                    Kill(name, f"its replicas are on {slot.actor} again") for name in slot.retiring
+                ]
+                slot.retiring = []
+        return out
 
     def _rollback(self, j: int, reason: str, now: float) -> list:
         """The file baseline: kill every worker, put every shard back to the newest common
@@ -1339,10 +1418,9 @@ class SupervisorProtocol:
                 ]
                 if (
                     old is not None
-                ):  # the predecessor may only have been suspected: make sure it stops
-                    effects += self._op("depose", target, old, Depose(target, epoch)) + [
-                        Kill(old, f"shard {target} moved to {actor}")
-                    ]
+                ):  # the predecessor may only have been suspected: make sure it stops serving
+                    effects += self._op("depose", target, old, Depose(target, epoch))
+                    effects += self._retire(target, old, f"shard {target} moved to {actor}")
                 return effects + self._answer_routes(now) + self._soon()
             if (
                 isinstance(value, Refused)
@@ -1382,7 +1460,11 @@ class SupervisorProtocol:
                         if target not in e.rereplicated:
                             e.rereplicated.append(target)
                         break
-                return [self._persist(), Note("rereplicated", {"shard": target, "holder": holder})]
+                return [
+                    self._persist(),
+                    Note("rereplicated", {"shard": target, "holder": holder}),
+                    *self._retired(),
+                ]
             return []
         if kind in ("start", "depose"):
             return self._soon()

@@ -11,7 +11,7 @@ import dataclasses
 
 from raytrain_ft.consistency import Verdict, mean_in_rank_order
 from raytrain_ft.optim import clip_factor
-from raytrain_ft.protocol.messages import PushReply, Reply
+from raytrain_ft.protocol.messages import Kill, PushReply, Reply
 from raytrain_ft.protocol.server import ServerProtocol
 from raytrain_ft.protocol.supervisor import (
     Registry,
@@ -130,6 +130,14 @@ class LoneRestart(SupervisorProtocol):
         return decide(reg, view, busy, dataclasses.replace(spec, process_ranks=1), now)
 
 
+class EagerRetire(SupervisorProtocol):
+    """A replaced server that was only suspected is killed at once, though it may hold the only
+    copy of a replica its successor lacks (break before make)."""
+
+    def _retire(self, j: int, old, reason: str) -> list:
+        return [Kill(old, reason)]
+
+
 BUGS = {
     "ack-before-log": ("server", AckBeforeLog),
     "no-fencing": ("server", NoFencing),
@@ -142,6 +150,7 @@ BUGS = {
     "lost-pending-start": ("supervisor", LostPendingStart),
     "per-rank-start": ("supervisor", PerRankStart),
     "lone-restart": ("supervisor", LoneRestart),
+    "eager-retire": ("supervisor", EagerRetire),
 }
 
 SHOWN_ONLY_IN = {

@@ -642,11 +642,15 @@ class World:
                 self.create(eff)
             elif isinstance(eff, Kill):
                 victim = self.procs.get(eff.name)
+                if self.trace_on:
+                    self.log(f"{proc.name} kills {eff.name}: {eff.reason}")
                 if victim is not None and victim.alive:
                     self.at(self.rng.uniform(0.0, 0.05), "killed", eff.name, eff.reason)
             elif isinstance(eff, Fold):
                 self.at(0.0, "fold", proc.name, proc.incarnation, eff.shard)
             elif isinstance(eff, Note):
+                if self.trace_on and eff.event != "update":
+                    self.log(f"{proc.name} notes {eff.event} {eff.fields}")
                 if eff.event in ("update", "recovered", "rereplicated"):
                     self._progress += 1
             elif isinstance(eff, SaveCheckpoint):

@@ -1157,3 +1157,47 @@ def test_a_restarted_rank_done_at_once_closes_its_recovery():
     sup._carry_out(Decision(A.MARK_DONE, 0, "worker 0 finished"), 2.0)
     assert reg.workers[0].phase is WorkerPhase.DONE
     assert (reg.events[0].serving_at, reg.events[0].step) == (2.0, 10)
+
+
+def _retiring_holder(targets=((0, "b"),)):
+    """k=1: primary "a"; holder slot 1 moved from "b" (suspected, retiring) to "c", which lacks the
+    replica."""
+
+    def tweak(reg):
+        reg.slots[1].actor, reg.slots[1].retiring = "c", ["b"]
+        reg.replicated = [False]
+        reg.replica_targets = [list(t) for t in targets]
+
+    return _reg(k=1, tweak=tweak)
+
+
+@pytest.mark.parametrize(
+    "targets, answers, silent, expected",
+    [
+        # the primary died: rebuilt from the retiring holder, the last one sent the replica
+        (((0, "b"),), {"a": DEAD, "b": _desc("b", None, 0)}, {}, A.RECOVER),
+        # the primary only suspected: waited for (a retiring copy does not replace a suspect)
+        (((0, "b"),), {"b": _desc("b", None, 0)}, {"a": 11.0}, None),
+        # the retiring holder is itself silent: waited for, not given up
+        (((0, "b"),), {"a": DEAD}, {"b": 11.0}, None),
+        # the retiring holder is dead too: both copies are gone
+        (((0, "b"),), {"a": DEAD, "b": DEAD}, {}, A.FAIL),
+        # a replicate went to "c" since: "c" may have logged acknowledged updates "b" lacks
+        (((0, "b"), (0, "c")), {"a": DEAD, "b": _desc("b", None, 0)}, {}, A.FAIL),
+    ],
+    ids=["primary-dead", "primary-suspected", "holder-silent", "both-dead", "newer-target"],
+)
+def test_a_retiring_holder_is_rebuilt_from_only_when_it_has_the_newest_copy(
+    targets, answers, silent, expected
+):
+    reg = _retiring_holder(targets)
+    view = _view(reg, k=1, answers=answers, silent=silent)
+    decisions = decide(reg, view, frozenset(), _spec(k=1), now=0.0)
+    about_slot0 = [d.action for d in decisions if d.target == 0 and d.action in (A.RECOVER, A.FAIL)]
+    assert about_slot0 == ([expected] if expected else []), decisions
+    if expected is A.RECOVER:
+        sup = SupervisorProtocol(_spec(k=1), shard_ranges(8, 1), lambda s: None, reg)
+        sup.view = view
+        assert ("b", "server") in sup._known()  # a retiring server is probed like the others
+        calls = [e for e in sup._carry_out(decisions[0], 0.0) if isinstance(e, Call)]
+        assert [c.msg.holder for c in calls if isinstance(c.msg, RecoverPrimary)] == ["b"]
