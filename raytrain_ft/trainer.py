@@ -660,6 +660,8 @@ class Trainer:
         total_steps = total_steps_for(cfg, task.num_train)
         check_steps(kills, total_steps)
         n = cfg.cluster.num_servers
+        if starts_its_own_ray(cfg):  # before the shard count is judged against the model's size
+            check_embedded_memory(cfg, available_memory())
         ranges = None if n == "auto" else self._shards(model, n)
         start_step = (
             check_resumable(cfg.recovery.resume_from, ranges) if cfg.recovery.resume_from else 0
@@ -698,8 +700,6 @@ class Trainer:
         from raytrain_ft.task import dataset_factory, evaluate, is_import_string
 
         kills = check_kills_of(cfg)
-        if starts_its_own_ray(cfg):  # before the model is built and sharded (cheaper, and first)
-            check_embedded_memory(cfg, available_memory())
         server_plan = None
         prepared = None
         if self.parts["train_data"] is None and is_import_string(cfg.data.dataset):
