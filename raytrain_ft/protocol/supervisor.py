@@ -1241,7 +1241,6 @@ class SupervisorProtocol:
             RecoverPrimary(self.ranges[j], slot.epoch, holder),
             slot.actor,
             slot.epoch,
-            holder,
         )
         return (
             [self._persist()]
@@ -1298,9 +1297,10 @@ class SupervisorProtocol:
         reg.events.append(
             RecoveryEvent("replica", j, "replica", detected_at=now, serving_at=now, actor=old)
         )
+        retired = self._retire(j, old, reason)  # before the registry is written: it records it
         return [
             self._persist(),
-            *self._retire(j, old, reason),
+            *retired,
             Note("recovery_started", {"n": reg.recoveries_started, "shard": None, "spare": spare}),
         ]
 
@@ -1412,15 +1412,17 @@ class SupervisorProtocol:
                         )
                         e.takeover_clocks = [[int(r), int(c)] for r, c in value.clocks]
                         break
+                # the predecessor may only have been suspected: make sure it stops serving, and
+                # retire it before the registry is written (the registry records it)
+                retired = (
+                    self._retire(target, old, f"shard {target} moved to {actor}") if old else []
+                )
                 effects = [
                     self._persist(),
                     Note("recovered", {"shard": target, "epoch": epoch, "actor": actor}),
                 ]
-                if (
-                    old is not None
-                ):  # the predecessor may only have been suspected: make sure it stops serving
-                    effects += self._op("depose", target, old, Depose(target, epoch))
-                    effects += self._retire(target, old, f"shard {target} moved to {actor}")
+                if old is not None:
+                    effects += self._op("depose", target, old, Depose(target, epoch)) + retired
                 return effects + self._answer_routes(now) + self._soon()
             if (
                 isinstance(value, Refused)
@@ -1460,10 +1462,11 @@ class SupervisorProtocol:
                         if target not in e.rereplicated:
                             e.rereplicated.append(target)
                         break
+                kills = self._retired()  # before the registry is written: it records them gone
                 return [
                     self._persist(),
                     Note("rereplicated", {"shard": target, "holder": holder}),
-                    *self._retired(),
+                    *kills,
                 ]
             return []
         if kind in ("start", "depose"):

@@ -1201,3 +1201,19 @@ def test_a_retiring_holder_is_rebuilt_from_only_when_it_has_the_newest_copy(
         assert ("b", "server") in sup._known()  # a retiring server is probed like the others
         calls = [e for e in sup._carry_out(decisions[0], 0.0) if isinstance(e, Call)]
         assert [c.msg.holder for c in calls if isinstance(c.msg, RecoverPrimary)] == ["b"]
+
+
+def test_a_retiring_server_is_in_the_registry_written_before_any_effect():
+    """Write-ahead: the registry persisted with a holder replacement already names the replaced
+    server as retiring, so a supervisor restarted right after still keeps it."""
+
+    def tweak(reg):
+        reg.replica_targets = [[0, "b"]]
+
+    reg = _reg(k=1, tweak=tweak)
+    sup = SupervisorProtocol(_spec(k=1), shard_ranges(8, 1), lambda s: None, reg)
+    sup.view = _view(reg, k=1, silent={"b": 11.0})  # "b" suspected, not known dead
+    effects = sup._replace_holder(1, "server b of slot 1 has not answered", 0.0)
+    persisted = Registry.from_json(next(e for e in effects if isinstance(e, Persist)).value)
+    assert persisted.slots[1].actor == "sp" and persisted.slots[1].retiring == ["b"]
+    assert not [e for e in effects if isinstance(e, Kill)]  # kept, not killed
