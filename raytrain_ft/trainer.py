@@ -454,7 +454,11 @@ def check_embedded_memory(config: TrainConfig, available_gb: float | None) -> No
         return
     procs = embedded_processes(config)
     nodes = config.cluster.local_nodes
-    need = sum(procs.values()) * PROCESS_GB + nodes * NODE_GB
+
+    def need_gb(p: dict[str, int], k: int) -> float:
+        return sum(p.values()) * PROCESS_GB + k * NODE_GB
+
+    need = need_gb(procs, nodes)
     if need <= available_gb:
         return
     counts = ", ".join(f"{n} {role}{'s' if n != 1 else ''}" for role, n in procs.items() if n)
@@ -468,8 +472,7 @@ def check_embedded_memory(config: TrainConfig, available_gb: float | None) -> No
     role = {"cluster.num_workers": "worker", "cluster.num_servers": "server"}.get(field)
 
     def fits(n: int) -> bool:
-        p, k = ({**procs, role: n}, nodes) if role else (procs, n)
-        return sum(p.values()) * PROCESS_GB + k * NODE_GB <= available_gb
+        return need_gb(*(({**procs, role: n}, nodes) if role else (procs, n))) <= available_gb
 
     per_gb = NODE_GB if role is None else PROCESS_GB
     room = max(0, int((available_gb - (need - biggest[0])) // per_gb) + 1)
