@@ -28,7 +28,16 @@ __all__ = [
     "TrainConfig",
     "Trainer",
     "TrainResult",
+    "end_warm_processes",
 ]
+
+
+def end_warm_processes() -> int:
+    """End the server processes this driver keeps warm between runs (``cluster.keep_warm_s``) now,
+    rather than when they time out or the driver exits. Returns how many were ended."""
+    from raytrain_ft.actors.warm import end_resting
+
+    return end_resting()
 
 
 def __getattr__(name):

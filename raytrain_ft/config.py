@@ -531,6 +531,12 @@ class ClusterConfig:
     local_nodes: int = 1
     """Embedded local Ray only: simulate this many nodes on this machine (ray.cluster_utils.Cluster,
     fast node-death detection) so node kills can be tested."""
+    keep_warm_s: float = 30.0
+    """Where Ray outlives the run (the driver had started or joined it before: a notebook, a sweep,
+    tests): keep the server processes of a run that ended well this many seconds for the next run
+    of the same driver, which takes them instead of starting processes (~3 CPU-seconds each); 0
+    ends them with the run. They reserve no CPUs; the driver ends them at exit
+    (``raytrain_ft.end_warm_processes()`` at once)."""
 
     def __post_init__(self) -> None:
         for name in ("use_gpu", "push_thread", "preaggregate"):  # True means "true"; any case
@@ -551,6 +557,8 @@ class ClusterConfig:
             "a simulated step waits at most an hour",
         )
         _positive("cluster.ranks_per_process", self.ranks_per_process)
+        _non_negative("cluster.keep_warm_s", self.keep_warm_s)
+        _at_most("cluster.keep_warm_s", self.keep_warm_s, 3600.0, "keep processes at most an hour")
         if self.push_thread != "auto" and not self.overlap_comm:
             raise ConfigError(
                 "cluster.push_thread",
@@ -1392,7 +1400,19 @@ def from_command_line(
     command line (flag name -> value): a setting the run would ignore is refused when a flag gave
     it, even at its default value (``--optimizer adam --momentum 0.9``)."""
     with _flags_given(flags):
-        return from_dict(merge_overrides(raw or {}, flags, source), source=source)
+        cfg = from_dict(merge_overrides(raw or {}, flags, source), source=source)
+    for prefix, name in PYTHON_API_ONLY:
+        if is_set(getattr(cfg, prefix), prefix, name):
+            raise ConfigError(
+                f"{prefix}.{name}",
+                "applies where Ray outlives a run (the Python API in a driver that started or "
+                f"joined Ray); a command runs one run in its own session: drop it from {source}",
+            )
+    return cfg
+
+
+PYTHON_API_ONLY = (("cluster", "keep_warm_s"),)
+"""Fields with no command-line flag: they act only across the runs of one driver."""
 
 
 # --- output paths ----------------------------------------------------------------
@@ -1466,6 +1486,8 @@ def cli_fields() -> dict[str, tuple[type, str, Any]]:
     out = {}
     defaults = TrainConfig()
     for flag, (sub, f) in _leaf_fields().items():
+        if (sub, f.name) in PYTHON_API_ONLY:
+            continue
         owner = SUBCONFIGS[sub] if sub else TrainConfig
         default = getattr(getattr(defaults, sub) if sub else defaults, f.name)
         out[flag] = (field_type(f, owner), docs.get(flag, ""), default)

@@ -320,6 +320,9 @@ class Session:
     worker_nodes: list = field(default_factory=list)
     embedded: bool = False
     """Ray was started here for this run (no autoscaler can add nodes to it)."""
+    outlives_run: bool = False
+    """Ray was up before the run (the driver started or joined it) and stays up after it: the
+    run's server processes may be kept warm for the next (``cluster.keep_warm_s``)."""
 
 
 @contextlib.contextmanager
@@ -340,7 +343,7 @@ def ray_session(config: TrainConfig):
             config.recovery.checkpoint_dir, "recovery.checkpoint_dir", "--checkpoint-dir"
         )
     if ray.is_initialized():
-        yield Session()
+        yield Session(outlives_run=True)
         return
     check_auth_mode()  # the Python API too: the CLI checks it for every command that reaches a Ray
     needed = cc.num_workers * cc.cpus_per_worker
@@ -745,6 +748,7 @@ class Trainer:
                 statuses, train_time_s = run.wait(self.on_progress)
                 end = run.final()
                 kills_fired = run.kills_fired()
+                run.ended_well = True
             finally:
                 run.shutdown()
         final, stats, step_times = end["params"], end["stats"], end["step_end_times"]
@@ -882,6 +886,7 @@ class _Run:
         self.evaluate = None
         """``eval_every_s``: flat parameters -> scores (set by the trainer)."""
         self.started_at = 0.0
+        self.ended_well = False
         self._directory = None
         self._latest: dict[int, object] = {}
         """Per rank: the newest status seen (a rank's last one stays after it finished)."""
@@ -1091,12 +1096,24 @@ class _Run:
         return sorted(self.chaos.fired + inside, key=lambda k: k["at"]) if self.chaos else inside
 
     def shutdown(self) -> None:
+        """End the run's actors; after a run that ended well, in a Ray that outlives it, its
+        servers rest instead, kept warm for the next run (``actors/warm.py``): the supervisor goes
+        first, so nothing of this run creates or asks anything after."""
         import ray
 
-        from raytrain_ft.actors.group import kill_run_actors
+        from raytrain_ft.actors.group import kill_run_actors, run_actor_names
+        from raytrain_ft.actors.warm import release_servers
 
+        keep: set = set()
+        keep_s = self.cfg.cluster.keep_warm_s
+        if self.ended_well and self.session.outlives_run and keep_s > 0:
+            with contextlib.suppress(Exception):
+                ray.kill(self.supervisor, no_restart=True)
+            with contextlib.suppress(Exception):
+                servers = [n for n in run_actor_names(self.run_id) if "/server-" in n]
+                keep = release_servers(self.run_id, servers, keep_s)
         with contextlib.suppress(Exception):
-            kill_run_actors(self.run_id)
+            kill_run_actors(self.run_id, keep)
         if self.supervisor is not None:
             with contextlib.suppress(Exception):
                 ray.kill(self.supervisor, no_restart=True)

@@ -38,6 +38,15 @@ ORPHAN_CHECK_ENV_VAR = "RAYTRAIN_FT_ORPHAN_CHECK_S"
 DEFAULT_ORPHAN_CHECK_S = 5.0
 
 
+_watched: list = [None]
+"""The run this process serves now (a warm server process serves several in turn)."""
+
+
+def stop_watching() -> None:
+    """This process no longer serves a run (``actors/warm.py``): its watch ends."""
+    _watched[0] = None
+
+
 def watch_supervisor(run_id: str, namespace: str, misses_to_exit: int = 2) -> None:
     """End this (detached) actor's process once its run's supervisor is gone for good.
 
@@ -58,17 +67,20 @@ def watch_supervisor(run_id: str, namespace: str, misses_to_exit: int = 2) -> No
     if not run_id or not ray.is_initialized():
         return
     interval_s = float(os.environ.get(ORPHAN_CHECK_ENV_VAR, DEFAULT_ORPHAN_CHECK_S))
+    token = _watched[0] = object()  # a later watch (the next run's) ends this one
 
     def loop() -> None:
         misses = 0
         while True:
             time.sleep(interval_s)
+            if _watched[0] is not token:
+                return
             try:
                 ray.get_actor(f"{run_id}/supervisor", namespace=namespace)
                 misses = 0
             except ValueError:
                 misses += 1
-                if misses >= misses_to_exit:
+                if misses >= misses_to_exit and _watched[0] is token:
                     logging.getLogger(__name__).warning(
                         "[%s] the run's supervisor is gone (its driver ended); exiting", run_id
                     )

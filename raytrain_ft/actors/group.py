@@ -108,8 +108,35 @@ class ActorGroup:
             self._faulted.add(e.slot)
             run = dataclasses.replace(run, faults=faults)
         node = e.node if e.node in self._alive_nodes() else None
+        if self._claim_warm_server(e, node, run):
+            return
         cls = ray.remote(ParameterServer).options(**self._options(e.name, node, num_cpus=0))
-        self.directory.remember(e.name, cls.remote(e.name, self.spec.server_spec, run))
+        self.directory.remember(e.name, cls.remote(e.name, self.spec.server_spec, run, True))
+
+    def _claim_warm_server(self, e: Create, node: str | None, run: ServerRun) -> bool:
+        """Serve ``e.name`` from a resting server process of an earlier run of this driver
+        (``actors/warm.py``), if there is one. The alias is written first: a supervisor restarted
+        right after finds the name taken (if the process never took it, it answers as dead and is
+        recovered as any dead server; it ends itself, still resting). ``become`` is not waited for:
+        this supervisor's later calls reach the process after it, and no one else calls the name
+        before the supervisor has loaded it; a process that ended meanwhile is a crashed server."""
+        from ray.experimental import internal_kv
+
+        from raytrain_ft.actors.transport import Addressed
+        from raytrain_ft.actors.warm import alias_key, claim
+
+        key = alias_key(self.spec.run_id, e.name)
+        if internal_kv._internal_kv_get(key) is not None:
+            logger.info("[supervisor] %s exists already (a warm process)", e.name)
+            return True
+        warm = claim("server", node)
+        if warm is None:
+            return False
+        actor_name, handle = warm
+        internal_kv._internal_kv_put(key, actor_name.encode())
+        handle.become.remote(e.name, self.spec.server_spec, run)
+        self.directory.remember(e.name, Addressed(handle, e.name))
+        return True
 
     def _alive_nodes(self) -> set:
         import ray
@@ -205,7 +232,7 @@ class ActorGroup:
     def kill(self, name: str) -> None:
         import ray
 
-        from raytrain_ft.actors.worker_entry import RankHandle
+        from raytrain_ft.actors.worker_entry import RankHandle, actor_of
 
         handle = self.directory.handle(name)
         if isinstance(handle, RankHandle) and self.spec.config.preaggregates:
@@ -215,7 +242,7 @@ class ActorGroup:
             # gone already; a hosted rank dies with its process (a kill would take its neighbours)
             return
         try:
-            ray.kill(handle, no_restart=True)
+            ray.kill(actor_of(handle), no_restart=True)
         except Exception:  # noqa: BLE001 -- dead already
             pass
 
@@ -242,23 +269,42 @@ def kill_process(handle, process: str | None) -> str:
     return "ray.kill"
 
 
-def kill_run_actors(run_id: str) -> int:
-    """Kill every actor of the run but the supervisor, and drop the run's entries in Ray's internal
-    KV."""
+def run_actor_names(run_id: str) -> dict[str, str]:
+    """Every actor of the run but the supervisor: protocol name -> Ray name (a warm process serving
+    a name of this run has the Ray name of its first incarnation, in an earlier run)."""
     import ray
     from ray.experimental import internal_kv
 
+    from raytrain_ft.actors.warm import alias_key
+
+    names = {
+        a["name"]: a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == NAMESPACE
+        and a["name"].startswith(f"{run_id}/")
+        and not a["name"].endswith("/supervisor")
+    }
+    prefix = alias_key(run_id, "")
+    for key in internal_kv._internal_kv_list(prefix):
+        actor_name = internal_kv._internal_kv_get(key)
+        if actor_name is not None:
+            names[key.decode()[len(prefix) :]] = actor_name.decode()
+    return names
+
+
+def kill_run_actors(run_id: str, keep: set | frozenset = frozenset()) -> int:
+    """Kill every actor of the run but the supervisor and the processes named in ``keep`` (Ray
+    names: kept warm for the next run), and drop the run's entries in Ray's internal KV."""
+    import ray
+    from ray.experimental import internal_kv
+
+    names = run_actor_names(run_id)
     internal_kv._internal_kv_del(f"raytrain_ft/{run_id}/", del_by_prefix=True)
     n = 0
-    for a in ray.util.list_named_actors(all_namespaces=True):
-        if (
-            a["namespace"] == NAMESPACE
-            and a["name"].startswith(f"{run_id}/")
-            and not a["name"].endswith("/supervisor")
-        ):
-            try:
-                ray.kill(ray.get_actor(a["name"], namespace=NAMESPACE), no_restart=True)
-                n += 1
-            except ValueError:
-                pass
+    for actor_name in set(names.values()) - set(keep):
+        try:
+            ray.kill(ray.get_actor(actor_name, namespace=NAMESPACE), no_restart=True)
+            n += 1
+        except ValueError:
+            pass
     return n

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import os
 import time
 
 import numpy as np
@@ -48,19 +49,27 @@ class ParameterServer:
     the new holder).
     """
 
-    def __init__(self, name: str, spec: ServerSpec, run: ServerRun):
+    def __init__(self, name: str, spec: ServerSpec, run: ServerRun, warm: bool = False):
         import ray
         import torch
 
+        torch.set_num_threads(1)
+        self._ray_name, self._warm = name, warm
+        """The name Ray knows this process by (its first incarnation's), and whether it may be
+        kept for the next run (``actors/warm.py``)."""
+        self._node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+        self.name = None
+        self.proto = None
+        self._become(name, spec, run)
+
+    def _become(self, name: str, spec: ServerSpec, run: ServerRun) -> None:
         from raytrain_ft.actors.metrics import SERVER_METRICS, Recorder
         from raytrain_ft.protocol.server import ServerProtocol
 
-        torch.set_num_threads(1)
         self._cpu_at_start = time.process_time()
         self.name, self.run = name, run
-        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
         self.proto = ServerProtocol(
-            name, spec, clock=time.perf_counter, node=node, process=process_address()
+            name, spec, clock=time.perf_counter, node=self._node, process=process_address()
         )
         self.directory = Directory(run.run_id)
         self.metrics = Recorder(run.run_id, SERVER_METRICS if run.metrics else ())
@@ -68,11 +77,60 @@ class ParameterServer:
         self._answers: dict[int, asyncio.Future] = {}
         watch_supervisor(run.run_id, NAMESPACE)
 
-    async def ready(self) -> str:
+    def _addressed(self, to: str | None) -> None:
+        from raytrain_ft.actors.warm import check_addressed
+
+        check_addressed(self.name, to, self._ray_name)
+
+    async def become(self, name: str, spec: ServerSpec, run: ServerRun) -> str:
+        """A resting warm process takes a new incarnation's name and role (``actors/warm.py``)."""
+        if self.name is not None:
+            raise RuntimeError(f"{self._ray_name} serves {self.name}: it is not resting")
+        self._become(name, spec, run)
         return process_address()
 
-    async def deliver(self, msg):
+    async def rest(self, keep_s: float, *, to: str | None = None) -> str:
+        """The run ended well: drop this incarnation (every later call to it raises ``Gone``), offer
+        the process to the next run, and end it after ``keep_s`` unless claimed. Returns the Ray
+        name of the process."""
+        from ray.experimental import internal_kv
+
+        from raytrain_ft.actors import stop_watching
+        from raytrain_ft.actors.warm import Gone, pool_key
+
+        self._addressed(to)
+        if not self._warm:
+            raise RuntimeError(f"{self.name} is not kept warm")
+        gone = self.name
+        self.name, self.proto = None, None
+        for answer in self._answers.values():
+            if not answer.done():
+                answer.set_exception(Gone(f"{gone} is gone"))
+        self._answers = {}
+        stop_watching()
+        key = pool_key("server", self._node, self._ray_name)
+        internal_kv._internal_kv_put(key, b"")
+        rested_as = self._rests = getattr(self, "_rests", 0) + 1
+        asyncio.get_running_loop().call_later(keep_s, self._rest_over, rested_as, key)
+        return self._ray_name
+
+    def _rest_over(self, rested_as: int, key: str) -> None:
+        """Still resting since rest ``rested_as``: end the process (in the event loop, so a claim's
+        ``become`` runs wholly before or wholly after this)."""
+        if self.name is None and self._rests == rested_as:
+            from ray.experimental import internal_kv
+
+            internal_kv._internal_kv_del(key)
+            logger.info("[server %s] kept warm and unclaimed; exiting", self._ray_name)
+            os._exit(0)
+
+    async def ready(self, *, to: str | None = None) -> str:
+        self._addressed(to)
+        return process_address()
+
+    async def deliver(self, msg, *, to: str | None = None):
         """Every protocol message to this server comes here; the answer is the protocol's reply."""
+        self._addressed(to)
         if isinstance(msg, Load) and msg.params is None:
             msg = (
                 self._read_checkpoint(msg)
@@ -84,13 +142,15 @@ class ParameterServer:
         self._perform(self.proto.on_request(rid, msg))
         return await answer
 
-    async def deliver_parts(self, msg, counts: tuple, *parts: np.ndarray):
-        return await self.deliver(unpack(msg, counts, parts))
+    async def deliver_parts(self, msg, counts: tuple, *parts: np.ndarray, to: str | None = None):
+        return await self.deliver(unpack(msg, counts, parts), to=to)
 
-    async def deliver_split(self, msg, counts: tuple, n_out: int, *parts: np.ndarray):
+    async def deliver_split(
+        self, msg, counts: tuple, n_out: int, *parts: np.ndarray, to: str | None = None
+    ):
         """``deliver`` (of a message ``send_split`` may have put in parts) with the reply's
         parameters returned as ``n_out`` inline returns (the caller sets num_returns)."""
-        reply = await self.deliver(unpack(msg, counts, parts) if counts else msg)
+        reply = await self.deliver(unpack(msg, counts, parts) if counts else msg, to=to)
         return split_reply(reply, n_out)
 
     # --- carrying out effects
@@ -98,6 +158,7 @@ class ParameterServer:
 
     def _perform(self, effects: list) -> None:
         loop = asyncio.get_running_loop()
+        proto = self.proto
         for e in effects:
             if isinstance(e, Reply):
                 fut = self._answers.pop(e.rid, None)
@@ -106,9 +167,9 @@ class ParameterServer:
             elif isinstance(e, Call):
                 loop.create_task(self._call(e))
             elif isinstance(e, Timer):
-                loop.call_later(e.delay_s, self._guarded, self.proto.on_timer, e.token)
-            elif isinstance(e, Fold):
-                loop.call_soon(self.proto.fold, e.shard)  # after the reply is on its way
+                loop.call_later(e.delay_s, self._guarded, proto, proto.on_timer, e.token)
+            elif isinstance(e, Fold):  # after the reply is on its way
+                loop.call_soon(self._fold, proto, e.shard)
             elif isinstance(e, SaveCheckpoint):
                 from raytrain_ft.recovery.checkpoint import save_shard_checkpoint
 
@@ -118,18 +179,26 @@ class ParameterServer:
             elif isinstance(e, Note):
                 self._note(e)
 
-    def _guarded(self, handler, *args) -> None:
+    def _fold(self, proto, shard: int) -> None:
+        if proto is self.proto:
+            proto.fold(shard)
+
+    def _guarded(self, proto, handler, *args) -> None:
         """Run a protocol handler outside a method call (a timer, an answer) and carry out its
-        effects; a bug is logged with its traceback rather than lost in the event loop."""
+        effects; a bug is logged with its traceback rather than lost in the event loop. Nothing
+        runs for an incarnation this process no longer is (``proto`` is the one that asked)."""
+        if proto is not self.proto:
+            return
         try:
             self._perform(handler(*args))
         except Exception:  # noqa: BLE001
             logger.exception("[server %s] protocol bug", self.name)
 
     async def _call(self, e: Call) -> None:
+        proto = self.proto
         handle = self.directory.handle(e.dst)
         if handle is None:
-            self._guarded(self.proto.on_failure, e.cid, Failure.DEAD)
+            self._guarded(proto, proto.on_failure, e.cid, Failure.DEAD)
             return
         try:
             value = await send(handle, e.msg)
@@ -141,12 +210,13 @@ class ParameterServer:
                 if failure is Failure.DEAD:
                     self.directory.forget(e.dst)
                 self._guarded(
-                    self.proto.on_failure,
+                    proto,
+                    proto.on_failure,
                     e.cid,
                     failure if isinstance(failure, Failure) else Failure.DEAD,
                 )
                 return
-        self._guarded(self.proto.on_reply, e.cid, value)
+        self._guarded(proto, proto.on_reply, e.cid, value)
 
     def _note(self, e: Note) -> None:
         f = e.fields
@@ -185,13 +255,15 @@ class ParameterServer:
     # --- what the driver reads at the end
     # --------------------------------------------------------------
 
-    async def params_now(self):
+    async def params_now(self, *, to: str | None = None):
         """The parameters of the primary this server is, as they are now (None if it is none)."""
+        self._addressed(to)
         return self.proto.params() if self.proto.primary is not None else None
 
-    async def final(self) -> tuple:
+    async def final(self, *, to: str | None = None) -> tuple:
         """(parameters, ShardStats, applied record, per-rank clocks, optimizer state) of the primary
         this server is."""
+        self._addressed(to)
         p = self.proto.primary
         if p is None:
             raise RuntimeError(f"{self.name} is not a primary")

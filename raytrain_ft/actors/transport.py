@@ -61,6 +61,16 @@ class Directory:
         try:
             h = ray.get_actor(name, namespace=NAMESPACE)
         except ValueError:
+            from raytrain_ft.actors.warm import alias_key
+
+            alias = internal_kv._internal_kv_get(alias_key(self.run_id, name))
+            if alias is not None:  # a warm process serves the name
+                try:
+                    h = Addressed(ray.get_actor(alias.decode(), namespace=NAMESPACE), name)
+                except ValueError:
+                    return None
+                self._handles[name] = h
+                return h
             host = internal_kv._internal_kv_get(host_key(self.run_id, name))
             if host is None:
                 return None
@@ -73,6 +83,32 @@ class Directory:
                 return None
         self._handles[name] = h
         return h
+
+
+@dataclass(frozen=True)
+class Addressed:
+    """The handle of a warm process serving ``name`` (``actors/warm.py``): every call names the
+    incarnation it is for, so a call that arrives after the process moved on raises ``Gone``."""
+
+    actor: object
+    name: str
+
+    def __getattr__(self, method: str):
+        if method.startswith("__"):
+            raise AttributeError(method)
+        return _AddressedMethod(getattr(self.actor, method), self.name)
+
+
+@dataclass(frozen=True)
+class _AddressedMethod:
+    method: object
+    to: str
+
+    def options(self, **options):
+        return _AddressedMethod(self.method.options(**options), self.to)
+
+    def remote(self, *args):
+        return self.method.remote(*args, to=self.to)
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +270,10 @@ def failure_of(error: BaseException):
         getattr(error, "cause", None), e.RayActorError
     ):
         return failure_of(error.cause)
+    from raytrain_ft.actors.warm import Gone
+
+    if isinstance(error, Gone) or isinstance(getattr(error, "cause", None), Gone):
+        return Failure.DEAD  # the incarnation called for left its warm process
     return None
 
 

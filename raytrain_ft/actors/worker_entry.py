@@ -148,5 +148,10 @@ class _RankMethod:
 
 
 def actor_of(handle):
-    """The Ray actor behind a worker handle (the host process of a ``RankHandle``)."""
+    """The Ray actor behind a handle (the host process of a ``RankHandle``, the warm process of an
+    ``Addressed``)."""
+    from raytrain_ft.actors.transport import Addressed
+
+    if isinstance(handle, Addressed):
+        return handle.actor
     return handle.host if isinstance(handle, RankHandle) else handle

@@ -616,3 +616,19 @@ def test_yaml_numbers_read_as_written(tmp_path):
     with pytest.raises(ConfigError) as e:
         C.load(str(path))
     assert e.value.field == "steps"
+
+
+@pytest.mark.parametrize("value", [-1, float("nan"), float("inf"), 3601, "soon"])
+def test_keep_warm_s_takes_seconds_up_to_an_hour(value):
+    with pytest.raises(ConfigError, match=r"cluster\.keep_warm_s"):
+        C.ClusterConfig(keep_warm_s=value)
+
+
+def test_keep_warm_s_is_the_python_apis_alone():
+    """A command runs one run in its own Ray session: nothing outlives it to be kept warm for, so
+    the setting is refused there (no flag; a YAML file naming it is refused), not ignored."""
+    assert "keep_warm_s" not in C.cli_fields()
+    with pytest.raises(ConfigError, match=r"cluster\.keep_warm_s: applies where Ray outlives"):
+        C.from_command_line({"cluster": {"keep_warm_s": 5}}, {}, source="run.yaml")
+    assert C.from_command_line({"cluster": {"num_workers": 3}}, {}).cluster.keep_warm_s == 30.0
+    assert C.ClusterConfig(keep_warm_s=0).keep_warm_s == 0.0  # the Python API may turn it off

@@ -84,3 +84,26 @@ def test_a_sealed_value_is_unpickled_only_where_it_is_opened(tmp_path):
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.split("\n")
     assert out[:2] == ["False", "True 1/3 True"]
+
+
+@pytest.mark.parametrize(
+    "current, to, ray_name, answers",
+    [
+        ("run-b/server-0", "run-b/server-0", "run-a/server-3", True),  # addressed to what it is
+        ("run-a/server-3", None, "run-a/server-3", True),  # its first incarnation, found by name
+        ("run-b/server-0", None, "run-a/server-3", False),  # a late call of the earlier run
+        ("run-b/server-0", "run-b/server-1", "run-a/server-3", False),  # another name
+        (None, "run-b/server-0", "run-a/server-3", False),  # resting: no incarnation at all
+        (None, None, "run-a/server-3", False),
+    ],
+)
+def test_a_warm_process_answers_only_calls_for_the_incarnation_it_is(
+    current, to, ray_name, answers
+):
+    from raytrain_ft.actors.warm import Gone, check_addressed
+
+    if answers:
+        check_addressed(current, to, ray_name)
+    else:
+        with pytest.raises(Gone):
+            check_addressed(current, to, ray_name)

@@ -1,0 +1,145 @@
+"""Warm server processes: the servers of a run that ended well, kept for the next run of the same
+driver (as Ray Tune's ``reuse_actors`` keeps trainables between trials).
+
+A server process costs ~3 CPU-seconds to start (Python, Ray's worker, ``import torch``), more
+than a short run's updates. A driver that keeps its Ray up across runs (a notebook, a sweep, a
+test session) hands the server processes of a finished run to a pool in Ray's internal KV
+(``cluster.keep_warm_s``); the next run's supervisor claims one instead of starting a process.
+
+- A claim is atomic: the claimer deletes the pool key, and only the one whose delete removed it
+  owns the process. A process still resting ``keep_warm_s`` after its run ends itself (a claimer
+  that took it a moment before finds it dead and takes another), and the driver ends the rest at
+  exit.
+- A claimed process takes the protocol name it is given (unique per incarnation, as a new process
+  would) through an alias in the internal KV. Every call names the incarnation it is for: a call
+  to an earlier incarnation -- a late message of the last run, a probe of a name that was retired
+  -- raises ``Gone``, which callers read as that actor dead. A run's messages never reach another
+  run's role.
+- Only servers are kept: they reserve no Ray CPUs (a worker kept idle would hold its CPUs from
+  the user's other Ray work) and hold no thread of a run once they rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+logger = logging.getLogger(__name__)
+
+POOL_PREFIX = "raytrain_ft/warm/"
+
+
+class Gone(RuntimeError):
+    """The call was for an incarnation this process no longer is (it rests, or serves another
+    name): for the caller, that actor is dead."""
+
+
+def check_addressed(current: str | None, to: str | None, ray_name: str) -> None:
+    """Raise ``Gone`` unless the call is for the incarnation this process is now. ``to`` is the
+    protocol name the caller addressed (None: the actor's Ray name, a handle found by name)."""
+    wanted = ray_name if to is None else to
+    if current is None or wanted != current:
+        raise Gone(f"{wanted} is gone (this process is {current or 'resting'})")
+
+
+def alias_key(run_id: str, name: str) -> str:
+    """Internal-KV key of a protocol name served by a warm process; its value is the process's Ray
+    actor name."""
+    return f"raytrain_ft/{run_id}/alias/{name}"
+
+
+def _job_prefix() -> str:
+    import ray
+
+    return f"{POOL_PREFIX}{ray.get_runtime_context().get_job_id()}/"
+
+
+def pool_key(kind: str, node: str, actor_name: str) -> str:
+    """The key a resting process is offered under (from inside that process)."""
+    return f"{_job_prefix()}{kind}/{node}/{actor_name}"
+
+
+def _parse(key: bytes) -> tuple[str, str, str]:
+    """(kind, node, Ray name) of a pool key of this job."""
+    kind, node, actor_name = key.decode()[len(_job_prefix()) :].split("/", 2)
+    return kind, node, actor_name
+
+
+def claim(kind: str, node: str | None = None) -> tuple[str, object] | None:
+    """Take a resting process of ``kind`` (on ``node``, or any) from this job's pool: (its Ray name,
+    its handle), or None when the pool has none."""
+    import ray
+    from ray.experimental import internal_kv
+
+    from raytrain_ft.actors import NAMESPACE
+
+    prefix = f"{_job_prefix()}{kind}/{node + '/' if node else ''}"
+    for key in sorted(internal_kv._internal_kv_list(prefix)):
+        if internal_kv._internal_kv_del(key) != 1:
+            continue  # another claimer, or the process itself ending, was first
+        actor_name = _parse(key)[2]
+        try:
+            return actor_name, ray.get_actor(actor_name, namespace=NAMESPACE)
+        except ValueError:
+            continue  # it died while resting
+    return None
+
+
+def end_resting() -> int:
+    """End every resting process of this job's pool (the driver calls it at exit; a user may call
+    it to free the processes at once). Returns how many were ended."""
+    import ray
+    from ray.experimental import internal_kv
+
+    if not ray.is_initialized():
+        return 0
+    ended = 0
+    try:
+        keys = internal_kv._internal_kv_list(_job_prefix())
+    except Exception:  # noqa: BLE001 -- Ray is going down
+        return 0
+    from raytrain_ft.actors import NAMESPACE
+
+    for key in keys:
+        if internal_kv._internal_kv_del(key) != 1:
+            continue
+        try:
+            ray.kill(ray.get_actor(_parse(key)[2], namespace=NAMESPACE), no_restart=True)
+            ended += 1
+        except ValueError:
+            pass
+    return ended
+
+
+_AT_EXIT = threading.Event()
+
+
+def release_servers(run_id: str, names: list[str], keep_s: float, timeout_s: float = 10.0) -> set:
+    """In the driver, after a run ended well and its supervisor was killed: tell each of the run's
+    server processes to rest (``names``: their protocol names). Returns the Ray names of those that
+    rest; the caller kills the others."""
+    import atexit
+
+    import ray
+
+    from raytrain_ft.actors.transport import Directory
+
+    directory = Directory(run_id)
+    pending = {}
+    for name in names:
+        handle = directory.handle(name)
+        if handle is not None:
+            pending[handle.rest.remote(keep_s)] = name
+    rested: set = set()
+    if not pending:
+        return rested
+    done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=timeout_s)
+    for ref in done:
+        try:
+            rested.add(ray.get(ref))
+        except Exception as e:  # noqa: BLE001 -- dead, or busy with something else: killed
+            logger.info("[warm] %s not kept: %s", pending[ref], e)
+    if rested and not _AT_EXIT.is_set():
+        _AT_EXIT.set()
+        atexit.register(end_resting)
+    return rested

@@ -1,0 +1,122 @@
+"""Warm server processes (``actors/warm.py``): the servers of a run that ended well serve the next
+run of the same driver; no call of the last run reaches them; unclaimed ones end."""
+
+import time
+
+import pytest
+
+from raytrain_ft.actors import NAMESPACE
+from raytrain_ft.config import (
+    ChaosConfig,
+    ClusterConfig,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    RecoveryConfig,
+    TrainConfig,
+)
+from raytrain_ft.errors import TrainingError
+from raytrain_ft.trainer import Trainer
+
+pytestmark = pytest.mark.integration
+
+
+def _config(keep_warm_s=30.0, kill=None, mode="replica"):
+    return TrainConfig(
+        model=ModelConfig(name="cnn"),
+        data=DataConfig(dataset="digits", image_size=8, batch_size=16),
+        optim=OptimConfig(name="sgd", lr=0.05, momentum=0.9),
+        cluster=ClusterConfig(num_workers=2, num_servers=2, keep_warm_s=keep_warm_s),
+        recovery=RecoveryConfig(mode=mode, num_spares=1 if mode == "replica" else 0),
+        chaos=ChaosConfig(kill=kill),
+        steps=12,
+        seed=5,
+    )
+
+
+def _resting() -> set[str]:
+    """Ray names of the processes resting in this driver's pool (read from the pool itself)."""
+    import ray
+    from ray.experimental import internal_kv
+
+    from raytrain_ft.actors.warm import POOL_PREFIX
+
+    job = ray.get_runtime_context().get_job_id()
+    prefix = f"{POOL_PREFIX}{job}/server/"
+    return {
+        k.decode()[len(prefix) :].split("/", 1)[1] for k in internal_kv._internal_kv_list(prefix)
+    }
+
+
+def _named_actors() -> set[str]:
+    import ray
+
+    return {
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == NAMESPACE
+    }
+
+
+def _wait_until(condition, timeout_s=30.0):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_the_next_run_takes_the_last_runs_server_processes_and_no_late_call_reaches_them(
+    ray_local,
+):
+    import ray
+
+    from raytrain_ft import end_warm_processes
+    from raytrain_ft.actors.transport import Addressed, failure_of
+    from raytrain_ft.actors.warm import Gone
+    from raytrain_ft.protocol.messages import Failure
+
+    end_warm_processes()  # what earlier tests left
+    first = Trainer(_config()).fit()
+    kept = _resting()
+    assert len(kept) == 3  # two primaries (each holding the other's replica) and the spare
+    _wait_until(lambda: _named_actors() == kept)  # the run's workers were ended, its servers rest
+    second = Trainer(_config()).fit()
+    assert second.params_sha256 == first.params_sha256  # a reused process changes no bit
+    assert _resting() == kept  # the same three processes rest again
+    _wait_until(lambda: _named_actors() == kept)  # and no server process was started
+
+    # the second run's names are gone with it: a call to one (or to the process's first name, by
+    # its Ray handle) raises Gone, which a caller reads as a dead actor
+    name = sorted(kept)[0]
+    handle = ray.get_actor(name, namespace=NAMESPACE)
+    for call in (
+        handle.ready.remote(),
+        Addressed(handle, f"{second.run_id}/server-0").ready.remote(),
+    ):
+        with pytest.raises(Exception) as raised:
+            ray.get(call)
+        assert isinstance(raised.value, Gone) or isinstance(raised.value.cause, Gone)
+        assert failure_of(raised.value) is Failure.DEAD
+    assert end_warm_processes() == 3
+    _wait_until(lambda: not _named_actors())
+
+
+def test_kills_and_failures_keep_nothing_dead_and_an_unclaimed_process_ends(ray_local):
+    from raytrain_ft import end_warm_processes
+
+    end_warm_processes()
+    with pytest.raises(TrainingError):  # no copies: a server's death fails the run
+        Trainer(_config(kill="server:0@step=4", mode="none")).fit()
+    assert _resting() == set()  # a run that failed keeps nothing
+    _wait_until(lambda: not _named_actors())
+
+    Trainer(_config(keep_warm_s=0)).fit()
+    assert _resting() == set() and not _named_actors()  # 0: nothing is kept
+
+    killed = Trainer(_config(keep_warm_s=2.0, kill="server:1@step=4")).fit()
+    assert [e["role"] for e in killed.recoveries] == ["server"]
+    kept = _resting()
+    assert len(kept) == 3  # the killed process is not among them
+    _wait_until(lambda: _named_actors() == kept)
+    # unclaimed, they end themselves after keep_warm_s
+    _wait_until(lambda: not _named_actors() and not _resting())
