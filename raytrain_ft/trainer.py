@@ -932,6 +932,10 @@ class _Run:
             )
         nodes = self._node_ids()
         device = "cuda" if self._use_gpu() else "cpu"
+        if self.session.outlives_run:
+            from raytrain_ft.actors.warm import prune_stale
+
+            prune_stale()  # warm processes with code edited since: not taken
         options = dict(
             name=f"{self.run_id}/supervisor",
             namespace=NAMESPACE,

@@ -39,12 +39,19 @@ DEFAULT_ORPHAN_CHECK_S = 5.0
 
 
 _watched: list = [None]
-"""The run this process serves now (a warm server process serves several in turn)."""
+"""The watch of the run this process serves now (a warm server process serves several in turn);
+"exiting" once a watch decided to end the process."""
+_watch_lock = __import__("threading").Lock()
 
 
-def stop_watching() -> None:
-    """This process no longer serves a run (``actors/warm.py``): its watch ends."""
-    _watched[0] = None
+def stop_watching() -> bool:
+    """This process no longer serves a run (``actors/warm.py``): its watch ends. False when the
+    watch has already decided to end the process (it must not be offered to another run)."""
+    with _watch_lock:
+        if _watched[0] == "exiting":
+            return False
+        _watched[0] = None
+        return True
 
 
 def watch_supervisor(run_id: str, namespace: str, misses_to_exit: int = 2) -> None:
@@ -80,11 +87,16 @@ def watch_supervisor(run_id: str, namespace: str, misses_to_exit: int = 2) -> No
                 misses = 0
             except ValueError:
                 misses += 1
-                if misses >= misses_to_exit and _watched[0] is token:
-                    logging.getLogger(__name__).warning(
-                        "[%s] the run's supervisor is gone (its driver ended); exiting", run_id
-                    )
-                    os._exit(0)
+                if misses < misses_to_exit:
+                    continue
+                with _watch_lock:  # against a rest offering this process meanwhile
+                    if _watched[0] is not token:
+                        return
+                    _watched[0] = "exiting"
+                logging.getLogger(__name__).warning(
+                    "[%s] the run's supervisor is gone (its driver ended); exiting", run_id
+                )
+                os._exit(0)
             except Exception:  # noqa: BLE001 -- the GCS unreachable for a moment: ask again next time
                 pass
 

@@ -115,20 +115,16 @@ class ActorGroup:
 
     def _claim_warm_server(self, e: Create, node: str | None, run: ServerRun) -> bool:
         """Serve ``e.name`` from a resting server process of an earlier run of this driver
-        (``actors/warm.py``), if there is one. The alias is written first: a supervisor restarted
-        right after finds the name taken (if the process never took it, it answers as dead and is
-        recovered as any dead server; it ends itself, still resting). ``become`` is not waited for:
-        this supervisor's later calls reach the process after it, and no one else calls the name
-        before the supervisor has loaded it; a process that ended meanwhile is a crashed server."""
+        (``actors/warm.py``), if there is one. The alias is written first, so a call for the name
+        that overtakes ``become`` waits for it; ``become`` itself is not waited for here (a process
+        that ended meanwhile answers as a dead server and is recovered as one; one the supervisor
+        never finished claiming ends itself, still resting)."""
         from ray.experimental import internal_kv
 
         from raytrain_ft.actors.transport import Addressed
         from raytrain_ft.actors.warm import alias_key, claim
 
         key = alias_key(self.spec.run_id, e.name)
-        if internal_kv._internal_kv_get(key) is not None:
-            logger.info("[supervisor] %s exists already (a warm process)", e.name)
-            return True
         warm = claim("server", node)
         if warm is None:
             return False

@@ -12,6 +12,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import sys
 import time
 
 import numpy as np
@@ -36,6 +37,10 @@ from raytrain_ft.protocol.spec import ServerSpec
 logger = logging.getLogger(__name__)
 
 
+BECOME_WAIT_S = 30.0
+"""How long a call for the name a warm process was claimed for waits for its ``become``, and how
+long a claimed process waits for it before it ends."""
+
 FLUSH_TIMEOUT_S = 10.0
 """At the end of a run, how long a primary waits for its holder to log its last updates."""
 
@@ -58,6 +63,8 @@ class ParameterServer:
         """The name Ray knows this process by (its first incarnation's), and whether it may be
         kept for the next run (``actors/warm.py``)."""
         self._node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+        self._started = time.time()
+        self._rests = 0
         self.name = None
         self.proto = None
         self._become(name, spec, run)
@@ -67,7 +74,7 @@ class ParameterServer:
         from raytrain_ft.protocol.server import ServerProtocol
 
         self._cpu_at_start = time.process_time()
-        self.name, self.run = name, run
+        self.run = run
         self.proto = ServerProtocol(
             name, spec, clock=time.perf_counter, node=self._node, process=process_address()
         )
@@ -76,11 +83,35 @@ class ParameterServer:
         self._rids = itertools.count(1)
         self._answers: dict[int, asyncio.Future] = {}
         watch_supervisor(run.run_id, NAMESPACE)
+        self.name = name  # last: calls are answered once the whole role is built
 
-    def _addressed(self, to: str | None) -> None:
-        from raytrain_ft.actors.warm import check_addressed
+    async def _addressed(self, to: str | None) -> None:
+        """Refuse (``Gone``) a call for an incarnation this process is not. A call for the name it
+        was just claimed for may overtake ``become`` (an async actor runs calls out of order): it
+        waits for it."""
+        from raytrain_ft.actors.warm import Gone, check_addressed, claimed_for
 
-        check_addressed(self.name, to, self._ray_name)
+        try:
+            check_addressed(self.name, to, self._ray_name)
+        except Gone:
+            if self.name is not None or not claimed_for(to, self._ray_name):
+                raise
+            deadline = time.monotonic() + BECOME_WAIT_S
+            while self.name is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+            check_addressed(self.name, to, self._ray_name)
+
+    async def code_unchanged(self) -> bool:
+        """Whether no module this process loaded has changed on disk since it started: a warm
+        process must not serve a run with code the driver has since edited (a notebook)."""
+        for module in list(sys.modules.values()):
+            path = getattr(module, "__file__", None)
+            try:
+                if path and os.stat(path).st_mtime > self._started:
+                    return False
+            except OSError:
+                continue
+        return True
 
     async def become(self, name: str, spec: ServerSpec, run: ServerRun) -> str:
         """A resting warm process takes a new incarnation's name and role (``actors/warm.py``)."""
@@ -98,39 +129,48 @@ class ParameterServer:
         from raytrain_ft.actors import stop_watching
         from raytrain_ft.actors.warm import Gone, pool_key
 
-        self._addressed(to)
+        await self._addressed(to)
         if not self._warm:
             raise RuntimeError(f"{self.name} is not kept warm")
+        if not stop_watching():
+            raise RuntimeError(f"{self.name} is ending (its run's supervisor is gone)")
         gone = self.name
         self.name, self.proto = None, None
+        # nothing of the run stays referenced (its task's data, its metrics' tags)
+        self.run = self.directory = self.metrics = None
         for answer in self._answers.values():
             if not answer.done():
                 answer.set_exception(Gone(f"{gone} is gone"))
         self._answers = {}
-        stop_watching()
         key = pool_key("server", self._node, self._ray_name)
         internal_kv._internal_kv_put(key, b"")
-        rested_as = self._rests = getattr(self, "_rests", 0) + 1
-        asyncio.get_running_loop().call_later(keep_s, self._rest_over, rested_as, key)
+        self._rests += 1
+        asyncio.get_running_loop().call_later(keep_s, self._rest_over, self._rests, key, False)
         return self._ray_name
 
-    def _rest_over(self, rested_as: int, key: str) -> None:
-        """Still resting since rest ``rested_as``: end the process (in the event loop, so a claim's
-        ``become`` runs wholly before or wholly after this)."""
-        if self.name is None and self._rests == rested_as:
-            from ray.experimental import internal_kv
+    def _rest_over(self, rested_as: int, key: str, claimed: bool) -> None:
+        """Still resting since rest ``rested_as``: end the process, unless a claimer took its key
+        (its ``become`` is on the way: wait for it, and end only if it never comes). In the event
+        loop, so a ``become`` runs wholly before or wholly after this."""
+        if self.name is not None or self._rests != rested_as:
+            return
+        from ray.experimental import internal_kv
 
-            internal_kv._internal_kv_del(key)
-            logger.info("[server %s] kept warm and unclaimed; exiting", self._ray_name)
-            os._exit(0)
+        if not claimed and internal_kv._internal_kv_del(key) != 1:
+            asyncio.get_running_loop().call_later(
+                BECOME_WAIT_S, self._rest_over, rested_as, key, True
+            )
+            return
+        logger.info("[server %s] kept warm and unclaimed; exiting", self._ray_name)
+        os._exit(0)
 
     async def ready(self, *, to: str | None = None) -> str:
-        self._addressed(to)
+        await self._addressed(to)
         return process_address()
 
     async def deliver(self, msg, *, to: str | None = None):
         """Every protocol message to this server comes here; the answer is the protocol's reply."""
-        self._addressed(to)
+        await self._addressed(to)
         if isinstance(msg, Load) and msg.params is None:
             msg = (
                 self._read_checkpoint(msg)
@@ -195,8 +235,8 @@ class ParameterServer:
             logger.exception("[server %s] protocol bug", self.name)
 
     async def _call(self, e: Call) -> None:
-        proto = self.proto
-        handle = self.directory.handle(e.dst)
+        proto, directory = self.proto, self.directory
+        handle = directory.handle(e.dst)
         if handle is None:
             self._guarded(proto, proto.on_failure, e.cid, Failure.DEAD)
             return
@@ -208,7 +248,7 @@ class ParameterServer:
                 value = Refused(RefusalKind.FAILED, f"{e.dst} raised: {error}")
             else:
                 if failure is Failure.DEAD:
-                    self.directory.forget(e.dst)
+                    directory.forget(e.dst)
                 self._guarded(
                     proto,
                     proto.on_failure,
@@ -257,14 +297,15 @@ class ParameterServer:
 
     async def params_now(self, *, to: str | None = None):
         """The parameters of the primary this server is, as they are now (None if it is none)."""
-        self._addressed(to)
+        await self._addressed(to)
         return self.proto.params() if self.proto.primary is not None else None
 
     async def final(self, *, to: str | None = None) -> tuple:
         """(parameters, ShardStats, applied record, per-rank clocks, optimizer state) of the primary
         this server is."""
-        self._addressed(to)
-        p = self.proto.primary
+        await self._addressed(to)
+        proto = self.proto
+        p = proto.primary
         if p is None:
             raise RuntimeError(f"{self.name} is not a primary")
         # relaxed durability: the run may end with up to K acknowledged updates on their way to
@@ -272,9 +313,13 @@ class ParameterServer:
         deadline = time.monotonic() + FLUSH_TIMEOUT_S
         while p.logged < p.state.seq and p.holder is not None and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
+        if proto is not self.proto:
+            from raytrain_ft.actors.warm import Gone
+
+            raise Gone(f"{proto.name} is gone")
         return (
-            self.proto.params(),
-            dataclasses.replace(self.proto.stats(), cpu_s=time.process_time() - self._cpu_at_start),
+            proto.params(),
+            dataclasses.replace(proto.stats(), cpu_s=time.process_time() - self._cpu_at_start),
             p.state.applied_copy(),
             dict(p.state.clocks),
             p.state.optimizer.state_dict(),

@@ -21,6 +21,7 @@ test session) hands the server processes of a finished run to a pool in Ray's in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 
@@ -46,6 +47,17 @@ def alias_key(run_id: str, name: str) -> str:
     """Internal-KV key of a protocol name served by a warm process; its value is the process's Ray
     actor name."""
     return f"raytrain_ft/{run_id}/alias/{name}"
+
+
+def claimed_for(to: str | None, ray_name: str) -> bool:
+    """Whether a resting process (Ray name ``ray_name``) was claimed for protocol name ``to``: the
+    alias of ``to`` (names start with their run's id) names it."""
+    from ray.experimental import internal_kv
+
+    if not to or "/" not in to:
+        return False
+    alias = internal_kv._internal_kv_get(alias_key(to.split("/", 1)[0], to))
+    return alias is not None and alias.decode() == ray_name
 
 
 def _job_prefix() -> str:
@@ -108,6 +120,36 @@ def end_resting() -> int:
             ended += 1
         except ValueError:
             pass
+    return ended
+
+
+def prune_stale(timeout_s: float = 10.0) -> int:
+    """In the driver, before a run: end the resting processes that loaded code changed on disk
+    since they started (a notebook's edited model module; the run's new processes would build
+    another model than they) or that do not answer. Returns how many were ended."""
+    import ray
+    from ray.experimental import internal_kv
+
+    from raytrain_ft.actors import NAMESPACE
+
+    asked = {}
+    for key in internal_kv._internal_kv_list(_job_prefix()):
+        try:
+            handle = ray.get_actor(_parse(key)[2], namespace=NAMESPACE)
+        except ValueError:
+            internal_kv._internal_kv_del(key)  # ended already
+            continue
+        asked[handle.code_unchanged.remote()] = (key, handle)
+    ended = 0
+    for ref, (key, handle) in asked.items():
+        try:
+            fresh = ray.get(ref, timeout=timeout_s)
+        except Exception:  # noqa: BLE001 -- dead or silent: not to be taken
+            fresh = False
+        if not fresh and internal_kv._internal_kv_del(key) == 1:
+            with contextlib.suppress(Exception):
+                ray.kill(handle, no_restart=True)
+            ended += 1
     return ended
 
 

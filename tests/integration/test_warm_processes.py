@@ -120,3 +120,39 @@ def test_kills_and_failures_keep_nothing_dead_and_an_unclaimed_process_ends(ray_
     _wait_until(lambda: _named_actors() == kept)
     # unclaimed, they end themselves after keep_warm_s
     _wait_until(lambda: not _named_actors() and not _resting())
+
+
+def test_a_process_that_loaded_code_edited_since_is_not_taken(ray_local):
+    """A notebook edits the user's model module between two runs: the servers kept warm built the
+    old model (their new run's workers would build the new one), so the next run does not take
+    them."""
+    import os
+
+    from examples import diabetes
+    from raytrain_ft import end_warm_processes
+    from raytrain_ft.actors.warm import prune_stale
+
+    end_warm_processes()
+    train, held_out = diabetes.data()
+    cfg = TrainConfig(
+        cluster=ClusterConfig(num_workers=1, num_servers=1),
+        data=DataConfig(batch_size=16),
+        optim=OptimConfig(lr=0.02),
+        recovery=RecoveryConfig(num_spares=0),
+        steps=4,
+        seed=1,
+    )
+    Trainer(cfg, model=diabetes.model, loss="mse", train_data=train, eval_data=held_out).fit()
+    kept = _resting()
+    assert len(kept) == 2  # the shard's primary and the dedicated holder of its replica
+    assert prune_stale() == 0 and _resting() == kept  # nothing changed: it stays
+    stat = os.stat(diabetes.__file__)
+    os.utime(diabetes.__file__, (stat.st_atime, time.time() + 1))  # "edited"
+    try:
+        # the primary built the model from that module; the holder never loaded it (it installed
+        # the primary's snapshot) and would import the edited file if it had to: it stays
+        assert prune_stale() == 1 and len(_resting()) == 1
+    finally:
+        os.utime(diabetes.__file__, (stat.st_atime, stat.st_mtime))
+    assert end_warm_processes() == 1
+    _wait_until(lambda: not _named_actors())
