@@ -708,6 +708,15 @@ class Trainer:
         kills = check_kills_of(cfg)
         server_plan = None
         prepared = None
+        from raytrain_ft.data import is_ray_dataset
+
+        if is_import_string(cfg.data.dataset) or any(
+            is_ray_dataset(self.parts[k]) for k in ("train_data", "eval_data")
+        ):
+            # Ray Data needs CPUs to read and split: none held by resting warm workers
+            from raytrain_ft.actors.warm import end_resting
+
+            end_resting("worker-")
         if self.parts["train_data"] is None and is_import_string(cfg.data.dataset):
             # the factory may make Ray Datasets, which need Ray: it runs in the run's session
             # (a typo in the import string still fails before Ray starts)
@@ -933,9 +942,15 @@ class _Run:
         nodes = self._node_ids()
         device = "cuda" if self._use_gpu() else "cpu"
         if self.session.outlives_run:
-            from raytrain_ft.actors.warm import prune_stale
+            from raytrain_ft.actors.warm import prune_stale, worker_kind
 
-            prune_stale()  # warm processes with code edited since: not taken
+            # warm processes with code edited since, workers of another kind: not taken
+            cc = cfg.cluster
+            prune_stale(
+                worker_kind(cc.cpus_per_worker, int(device != "cpu"))
+                if cc.ranks_per_process == 1
+                else None
+            )
         options = dict(
             name=f"{self.run_id}/supervisor",
             namespace=NAMESPACE,
@@ -1106,7 +1121,7 @@ class _Run:
         import ray
 
         from raytrain_ft.actors.group import kill_run_actors, run_actor_names
-        from raytrain_ft.actors.warm import release_servers
+        from raytrain_ft.actors.warm import release_processes
 
         keep: set = set()
         keep_s = self.cfg.cluster.keep_warm_s
@@ -1114,8 +1129,7 @@ class _Run:
             with contextlib.suppress(Exception):
                 ray.kill(self.supervisor, no_restart=True)
             with contextlib.suppress(Exception):
-                servers = [n for n in run_actor_names(self.run_id) if "/server-" in n]
-                keep = release_servers(self.run_id, servers, keep_s)
+                keep = release_processes(self.run_id, list(run_actor_names(self.run_id)), keep_s)
         with contextlib.suppress(Exception):
             kill_run_actors(self.run_id, keep)
         if self.supervisor is not None:

@@ -108,29 +108,29 @@ class ActorGroup:
             self._faulted.add(e.slot)
             run = dataclasses.replace(run, faults=faults)
         node = e.node if e.node in self._alive_nodes() else None
-        if self._claim_warm_server(e, node, run):
+        if self._claim_warm(e, "server", node, (e.name, self.spec.server_spec, run)):
             return
         cls = ray.remote(ParameterServer).options(**self._options(e.name, node, num_cpus=0))
         self.directory.remember(e.name, cls.remote(e.name, self.spec.server_spec, run, True))
 
-    def _claim_warm_server(self, e: Create, node: str | None, run: ServerRun) -> bool:
-        """Serve ``e.name`` from a resting server process of an earlier run of this driver
+    def _claim_warm(self, e: Create, kind: str, node: str | None, become: tuple) -> bool:
+        """Serve ``e.name`` from a resting process of ``kind`` of an earlier run of this driver
         (``actors/warm.py``), if there is one. The alias is written first, so a call for the name
-        that overtakes ``become`` waits for it; ``become`` itself is not waited for here (a process
-        that ended meanwhile answers as a dead server and is recovered as one; one the supervisor
-        never finished claiming ends itself, still resting)."""
+        that overtakes ``become`` waits for it (a server: an async actor may run calls out of
+        order; a worker runs the supervisor's calls in order). ``become`` is not waited for here:
+        a process that ended meanwhile answers as dead and is recovered as a dead one; one the
+        supervisor never finished claiming ends itself, still resting."""
         from ray.experimental import internal_kv
 
         from raytrain_ft.actors.transport import Addressed
         from raytrain_ft.actors.warm import alias_key, claim
 
-        key = alias_key(self.spec.run_id, e.name)
-        warm = claim("server", node)
+        warm = claim(kind, node)
         if warm is None:
             return False
         actor_name, handle = warm
-        internal_kv._internal_kv_put(key, actor_name.encode())
-        handle.become.remote(e.name, self.spec.server_spec, run)
+        internal_kv._internal_kv_put(alias_key(self.spec.run_id, e.name), actor_name.encode())
+        handle.become.remote(*become)
         self.directory.remember(e.name, Addressed(handle, e.name))
         return True
 
@@ -160,10 +160,15 @@ class ActorGroup:
         )
         per_process = cfg.cluster.ranks_per_process
         if per_process == 1:
+            from raytrain_ft.actors.warm import worker_kind
+
+            kind = worker_kind(cfg.cluster.cpus_per_worker, gpu)
+            if self._claim_warm(e, kind, None, args):
+                return
             cls = ray.remote(Worker).options(
                 **self._options(e.name, None, num_cpus=cfg.cluster.cpus_per_worker, num_gpus=gpu)
             )
-            self.directory.remember(e.name, cls.remote(*args))
+            self.directory.remember(e.name, cls.remote(*args, warm_kind=kind))
             return
         if e.host is not None:  # pre-aggregation: the supervisor named the process
             host_name = f"{e.host}-process"

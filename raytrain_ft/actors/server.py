@@ -12,7 +12,6 @@ import dataclasses
 import itertools
 import logging
 import os
-import sys
 import time
 
 import numpy as np
@@ -36,10 +35,6 @@ from raytrain_ft.protocol.spec import ServerSpec
 
 logger = logging.getLogger(__name__)
 
-
-BECOME_WAIT_S = 30.0
-"""How long a call for the name a warm process was claimed for waits for its ``become``, and how
-long a claimed process waits for it before it ends."""
 
 FLUSH_TIMEOUT_S = 10.0
 """At the end of a run, how long a primary waits for its holder to log its last updates."""
@@ -89,7 +84,7 @@ class ParameterServer:
         """Refuse (``Gone``) a call for an incarnation this process is not. A call for the name it
         was just claimed for may overtake ``become`` (an async actor runs calls out of order): it
         waits for it."""
-        from raytrain_ft.actors.warm import Gone, check_addressed, claimed_for
+        from raytrain_ft.actors.warm import BECOME_WAIT_S, Gone, check_addressed, claimed_for
 
         try:
             check_addressed(self.name, to, self._ray_name)
@@ -102,16 +97,9 @@ class ParameterServer:
             check_addressed(self.name, to, self._ray_name)
 
     async def code_unchanged(self) -> bool:
-        """Whether no module this process loaded has changed on disk since it started: a warm
-        process must not serve a run with code the driver has since edited (a notebook)."""
-        for module in list(sys.modules.values()):
-            path = getattr(module, "__file__", None)
-            try:
-                if path and os.stat(path).st_mtime > self._started:
-                    return False
-            except OSError:
-                continue
-        return True
+        from raytrain_ft.actors.warm import loaded_code_unchanged
+
+        return loaded_code_unchanged(self._started)
 
     async def become(self, name: str, spec: ServerSpec, run: ServerRun) -> str:
         """A resting warm process takes a new incarnation's name and role (``actors/warm.py``)."""
@@ -155,6 +143,8 @@ class ParameterServer:
         if self.name is not None or self._rests != rested_as:
             return
         from ray.experimental import internal_kv
+
+        from raytrain_ft.actors.warm import BECOME_WAIT_S
 
         if not claimed and internal_kv._internal_kv_del(key) != 1:
             asyncio.get_running_loop().call_later(

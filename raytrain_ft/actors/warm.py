@@ -15,8 +15,10 @@ test session) hands the server processes of a finished run to a pool in Ray's in
   to an earlier incarnation -- a late message of the last run, a probe of a name that was retired
   -- raises ``Gone``, which callers read as that actor dead. A run's messages never reach another
   run's role.
-- Only servers are kept: they reserve no Ray CPUs (a worker kept idle would hold its CPUs from
-  the user's other Ray work) and hold no thread of a run once they rest.
+- Servers and single-rank workers are kept (not processes hosting several ranks). A resting
+  worker keeps the Ray CPUs (and GPUs) it was created with: a run takes only workers of its own
+  kind (same CPUs and GPUs) and ends the others first, a run that reads Ray Datasets ends them all
+  first (the split needs CPUs), and ``end_warm_processes()`` frees them at once.
 """
 
 from __future__ import annotations
@@ -28,6 +30,31 @@ import threading
 logger = logging.getLogger(__name__)
 
 POOL_PREFIX = "raytrain_ft/warm/"
+
+BECOME_WAIT_S = 30.0
+"""How long a call for the name a warm process was claimed for waits for its ``become``, and how
+long a claimed process waits for it before it ends."""
+
+
+def worker_kind(num_cpus: float, num_gpus: float) -> str:
+    """The pool kind of a worker process: only one that holds the same Ray resources is taken."""
+    return f"worker-cpu{num_cpus:g}-gpu{num_gpus:g}"
+
+
+def loaded_code_unchanged(started: float) -> bool:
+    """Whether no module this process loaded has changed on disk since ``started`` (its start): a
+    warm process must not serve a run with code the driver has since edited (a notebook)."""
+    import os
+    import sys
+
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        try:
+            if path and os.stat(path).st_mtime > started:
+                return False
+        except OSError:
+            continue
+    return True
 
 
 class Gone(RuntimeError):
@@ -97,9 +124,10 @@ def claim(kind: str, node: str | None = None) -> tuple[str, object] | None:
     return None
 
 
-def end_resting() -> int:
-    """End every resting process of this job's pool (the driver calls it at exit; a user may call
-    it to free the processes at once). Returns how many were ended."""
+def end_resting(kind_prefix: str = "") -> int:
+    """End every resting process of this job's pool (of the kinds starting with ``kind_prefix``):
+    the driver calls it at exit, a user may call it to free the processes (and the CPUs resting
+    workers hold) at once. Returns how many were ended."""
     import ray
     from ray.experimental import internal_kv
 
@@ -107,7 +135,7 @@ def end_resting() -> int:
         return 0
     ended = 0
     try:
-        keys = internal_kv._internal_kv_list(_job_prefix())
+        keys = internal_kv._internal_kv_list(_job_prefix() + kind_prefix)
     except Exception:  # noqa: BLE001 -- Ray is going down
         return 0
     from raytrain_ft.actors import NAMESPACE
@@ -123,10 +151,12 @@ def end_resting() -> int:
     return ended
 
 
-def prune_stale(timeout_s: float = 10.0) -> int:
+def prune_stale(worker_kind_needed: str | None, timeout_s: float = 10.0) -> int:
     """In the driver, before a run: end the resting processes that loaded code changed on disk
     since they started (a notebook's edited model module; the run's new processes would build
-    another model than they) or that do not answer. Returns how many were ended."""
+    another model than they) or that do not answer, and the resting workers of another kind than
+    the run takes (``worker_kind_needed``; None: none), which would hold CPUs or GPUs its own
+    workers need. Returns how many were ended."""
     import ray
     from ray.experimental import internal_kv
 
@@ -134,6 +164,12 @@ def prune_stale(timeout_s: float = 10.0) -> int:
 
     asked = {}
     for key in internal_kv._internal_kv_list(_job_prefix()):
+        kind = _parse(key)[0]
+        if kind.startswith("worker-") and kind != worker_kind_needed:
+            if internal_kv._internal_kv_del(key) == 1:
+                with contextlib.suppress(Exception):
+                    ray.kill(ray.get_actor(_parse(key)[2], namespace=NAMESPACE), no_restart=True)
+            continue
         try:
             handle = ray.get_actor(_parse(key)[2], namespace=NAMESPACE)
         except ValueError:
@@ -156,21 +192,22 @@ def prune_stale(timeout_s: float = 10.0) -> int:
 _AT_EXIT = threading.Event()
 
 
-def release_servers(run_id: str, names: list[str], keep_s: float, timeout_s: float = 10.0) -> set:
+def release_processes(run_id: str, names: list[str], keep_s: float, timeout_s: float = 10.0) -> set:
     """In the driver, after a run ended well and its supervisor was killed: tell each of the run's
-    server processes to rest (``names``: their protocol names). Returns the Ray names of those that
-    rest; the caller kills the others."""
+    processes (``names``: their protocol names) to rest. Returns the Ray names of those that rest;
+    the caller kills the others (processes hosting several ranks, ranks that did not finish)."""
     import atexit
 
     import ray
 
     from raytrain_ft.actors.transport import Directory
+    from raytrain_ft.actors.worker_entry import RankHandle
 
     directory = Directory(run_id)
     pending = {}
     for name in names:
         handle = directory.handle(name)
-        if handle is not None:
+        if handle is not None and not isinstance(handle, RankHandle):  # a host: never kept
             pending[handle.rest.remote(keep_s)] = name
     rested: set = set()
     if not pending:

@@ -209,6 +209,15 @@ class Worker:
         self._thread.start()
         return True
 
+    @property
+    def finished(self) -> bool:
+        """It started, and its training thread has ended."""
+        return self._thread is not None and not self._thread.is_alive()
+
+    def close(self) -> None:
+        """This rank's run ended: release its thread and files (``actors/warm.py``)."""
+        self.exchange.close()
+
     def poll_status(self) -> WorkerStatus:
         done = self._finished_at is not None
         return WorkerStatus(
@@ -562,9 +571,17 @@ class _Sender:
             event.record()  # on the stream backward computes on
         self._queue.put((i, event))
 
+    def close(self) -> None:
+        """End the thread (after what is queued)."""
+        self._queue.put(None)
+
     def _loop(self) -> None:
         while True:
-            i, event = self._queue.get()
+            item = self._queue.get()
+            if item is None:
+                self._queue.task_done()
+                return
+            i, event = item
             try:
                 if self._error is not None:
                     continue
@@ -980,6 +997,15 @@ class ShardExchange:
                 continue
             self._perform(self.proto.on_reply(cid, value, time.time()))
         self._write_ledger()
+
+    def close(self) -> None:
+        """Release what the exchange holds in its process: the push thread, the ledger file (a warm
+        worker process takes another rank next)."""
+        if self._sender is not None:
+            self._sender.close()
+        if self._ledger is not None:
+            self._ledger.close()
+            self._ledger = None
 
     def _write_ledger(self) -> None:
         ledger = self.proto.ledger

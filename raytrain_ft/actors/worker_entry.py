@@ -81,26 +81,114 @@ class WorkerStatus:
 
 class Worker:
     """One rank's actor: ``actors.worker.Worker`` built in this process (the ``task`` argument is
-    the run's ``Task``, sealed)."""
+    the run's ``Task``, sealed). A process created with ``warm_kind`` may rest after a run that
+    ended well and serve a rank of the next run of the driver (``actors/warm.py``): every call
+    names the incarnation it is for. Calls run one at a time, in the order each caller sent them
+    (so the supervisor's ``become`` runs before its next call)."""
 
-    def __init__(self, name, rank, config, task, *args, **kwargs):
+    def __init__(self, name, rank, config, task, *args, warm_kind: str = ""):
+        import threading
+        import time
+
+        self._ray_name, self._warm_kind = name, warm_kind
+        self._started = time.time()
+        self._rests = 0
+        self._lock = threading.Lock()
+        """Between ``become`` and a resting process ending itself."""
+        self.name = None
+        self._become(name, rank, config, task, *args)
+
+    def _become(self, name, rank, config, task, *args) -> None:
         from raytrain_ft.actors.worker import Worker as Rank
 
-        self._rank = Rank(name, rank, config, task.open(), *args, **kwargs)
+        self._rank = Rank(name, rank, config, task.open(), *args)
+        self.name = name  # last: calls are answered once the rank is built
 
-    def ready(self) -> str:
+    def _addressed(self, to: str | None) -> None:
+        from raytrain_ft.actors.warm import check_addressed
+
+        check_addressed(self.name, to, self._ray_name)
+
+    def become(self, name, rank, config, task, *args) -> str:
+        """A resting process takes a rank of a new run (``actors/warm.py``)."""
+        with self._lock:
+            if self.name is not None:
+                raise RuntimeError(f"{self._ray_name} serves {self.name}: it is not resting")
+            self._rests += 1  # a pending end of the rest is void
+            self._become(name, rank, config, task, *args)
         return process_address()
 
-    def deliver(self, msg):
+    def rest(self, keep_s: float, *, to: str | None = None) -> str:
+        """The run ended well: drop this rank (every later call to it raises ``Gone``), offer the
+        process to the next run, end it after ``keep_s`` unless claimed. Returns its Ray name."""
+        import threading
+
+        import ray
+        from ray.experimental import internal_kv
+
+        from raytrain_ft.actors import stop_watching
+        from raytrain_ft.actors.warm import pool_key
+
+        self._addressed(to)
+        if not self._warm_kind:
+            raise RuntimeError(f"{self.name} is not kept warm")
+        if not self._rank.finished:
+            raise RuntimeError(f"{self.name} has not finished training")
+        if not stop_watching():
+            raise RuntimeError(f"{self.name} is ending (its run's supervisor is gone)")
+        with self._lock:
+            self._rank.close()
+            self._rank, self.name = None, None
+            key = pool_key(self._warm_kind, ray.get_runtime_context().get_node_id(), self._ray_name)
+            internal_kv._internal_kv_put(key, b"")
+            self._rests += 1
+            timer = threading.Timer(keep_s, self._rest_over, (self._rests, key, False))
+            timer.daemon = True
+            timer.start()
+        return self._ray_name
+
+    def _rest_over(self, rested_as: int, key: str, claimed: bool) -> None:
+        """Still resting since rest ``rested_as``: end the process unless a claimer took its key
+        (then wait for its ``become``, and end only if it never comes)."""
+        import os
+        import threading
+
+        from ray.experimental import internal_kv
+
+        from raytrain_ft.actors.warm import BECOME_WAIT_S
+
+        with self._lock:
+            if self.name is not None or self._rests != rested_as:
+                return
+            if claimed or internal_kv._internal_kv_del(key) == 1:
+                os._exit(0)
+        timer = threading.Timer(BECOME_WAIT_S, self._rest_over, (rested_as, key, True))
+        timer.daemon = True
+        timer.start()
+
+    def code_unchanged(self) -> bool:
+        from raytrain_ft.actors.warm import loaded_code_unchanged
+
+        return loaded_code_unchanged(self._started)
+
+    def ready(self, *, to: str | None = None) -> str:
+        self._addressed(to)
+        return process_address()
+
+    def deliver(self, msg, *, to: str | None = None):
+        self._addressed(to)
         return self._rank.deliver(msg)
 
-    def start(self, start_step: int, end_step: int, routes: tuple = ()) -> bool:
+    def start(self, start_step: int, end_step: int, routes: tuple = (), *, to: str | None = None):
+        self._addressed(to)
         return self._rank.start(start_step, end_step, routes)
 
-    def poll_status(self) -> WorkerStatus:
+    def poll_status(self, *, to: str | None = None) -> WorkerStatus:
+        self._addressed(to)
         return self._rank.poll_status()
 
-    def step_end_times(self) -> list[tuple[int, float]]:
+    def step_end_times(self, *, to: str | None = None) -> list[tuple[int, float]]:
+        self._addressed(to)
         return self._rank.step_end_times()
 
 

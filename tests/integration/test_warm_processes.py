@@ -1,5 +1,5 @@
-"""Warm server processes (``actors/warm.py``): the servers of a run that ended well serve the next
-run of the same driver; no call of the last run reaches them; unclaimed ones end."""
+"""Warm processes (``actors/warm.py``): the servers and workers of a run that ended well serve the
+next run of the same driver; no call of the last run reaches them; unclaimed ones end."""
 
 import time
 
@@ -42,9 +42,9 @@ def _resting() -> set[str]:
     from raytrain_ft.actors.warm import POOL_PREFIX
 
     job = ray.get_runtime_context().get_job_id()
-    prefix = f"{POOL_PREFIX}{job}/server/"
+    prefix = f"{POOL_PREFIX}{job}/"  # then KIND/NODE/RAY_NAME
     return {
-        k.decode()[len(prefix) :].split("/", 1)[1] for k in internal_kv._internal_kv_list(prefix)
+        k.decode()[len(prefix) :].split("/", 2)[2] for k in internal_kv._internal_kv_list(prefix)
     }
 
 
@@ -72,31 +72,38 @@ def test_the_next_run_takes_the_last_runs_server_processes_and_no_late_call_reac
 
     from raytrain_ft import end_warm_processes
     from raytrain_ft.actors.transport import Addressed, failure_of
-    from raytrain_ft.actors.warm import Gone
+    from raytrain_ft.actors.warm import Gone, prune_stale, worker_kind
     from raytrain_ft.protocol.messages import Failure
 
     end_warm_processes()  # what earlier tests left
     first = Trainer(_config()).fit()
     kept = _resting()
-    assert len(kept) == 3  # two primaries (each holding the other's replica) and the spare
-    _wait_until(lambda: _named_actors() == kept)  # the run's workers were ended, its servers rest
+    # two primaries (each holding the other's replica), the spare and the two workers
+    assert len(kept) == 5 and sum("/worker" in n for n in kept) == 2
+    _wait_until(lambda: _named_actors() == kept)  # the supervisor ended, the rest rest
     second = Trainer(_config()).fit()
     assert second.params_sha256 == first.params_sha256  # a reused process changes no bit
-    assert _resting() == kept  # the same three processes rest again
-    _wait_until(lambda: _named_actors() == kept)  # and no server process was started
+    assert _resting() == kept  # the same five processes rest again
+    _wait_until(lambda: _named_actors() == kept)  # and no process was started
 
     # the second run's names are gone with it: a call to one (or to the process's first name, by
     # its Ray handle) raises Gone, which a caller reads as a dead actor
-    name = sorted(kept)[0]
-    handle = ray.get_actor(name, namespace=NAMESPACE)
+    server = ray.get_actor(min(n for n in kept if "/server-" in n), namespace=NAMESPACE)
+    worker = ray.get_actor(min(n for n in kept if "/worker" in n), namespace=NAMESPACE)
     for call in (
-        handle.ready.remote(),
-        Addressed(handle, f"{second.run_id}/server-0").ready.remote(),
+        server.ready.remote(),
+        Addressed(server, f"{second.run_id}/server-1").ready.remote(),
+        worker.poll_status.remote(),
+        Addressed(worker, f"{second.run_id}/worker0--1").poll_status.remote(),
     ):
         with pytest.raises(Exception) as raised:
             ray.get(call)
         assert isinstance(raised.value, Gone) or isinstance(raised.value.cause, Gone)
         assert failure_of(raised.value) is Failure.DEAD
+    # a run whose workers need 2 CPUs each ends the resting 1-CPU workers first (they would hold
+    # CPUs it needs); servers reserve none and stay
+    assert prune_stale(worker_kind(2, 0)) == 2
+    assert _resting() == {n for n in kept if "/server-" in n}
     assert end_warm_processes() == 3
     _wait_until(lambda: not _named_actors())
 
@@ -116,7 +123,7 @@ def test_kills_and_failures_keep_nothing_dead_and_an_unclaimed_process_ends(ray_
     killed = Trainer(_config(kill="server:1@step=4")).fit()
     assert [e["role"] for e in killed.recoveries] == ["server"]
     kept = _resting()
-    assert len(kept) == 3  # two primaries and a spare: the killed process is not among them
+    assert len(kept) == 5  # two primaries, a spare, two workers: the killed one is not among them
     _wait_until(lambda: _named_actors() == kept)
     # the next run takes them; kept 1 s after it and unclaimed, they end themselves (well before
     # the 30 s they were kept for: so that run took them)
@@ -132,7 +139,7 @@ def test_a_process_that_loaded_code_edited_since_is_not_taken(ray_local):
 
     from examples import diabetes
     from raytrain_ft import end_warm_processes
-    from raytrain_ft.actors.warm import prune_stale
+    from raytrain_ft.actors.warm import prune_stale, worker_kind
 
     end_warm_processes()
     train, held_out = diabetes.data()
@@ -146,14 +153,15 @@ def test_a_process_that_loaded_code_edited_since_is_not_taken(ray_local):
     )
     Trainer(cfg, model=diabetes.model, loss="mse", train_data=train, eval_data=held_out).fit()
     kept = _resting()
-    assert len(kept) == 2  # the shard's primary and the dedicated holder of its replica
-    assert prune_stale() == 0 and _resting() == kept  # nothing changed: it stays
+    assert len(kept) == 3  # the shard's primary, the dedicated holder of its replica, the worker
+    kind = worker_kind(1, 0)
+    assert prune_stale(kind) == 0 and _resting() == kept  # nothing changed: they stay
     stat = os.stat(diabetes.__file__)
     os.utime(diabetes.__file__, (stat.st_atime, time.time() + 1))  # "edited"
     try:
-        # the primary built the model from that module; the holder never loaded it (it installed
-        # the primary's snapshot) and would import the edited file if it had to: it stays
-        assert prune_stale() == 1 and len(_resting()) == 1
+        # the primary and the worker built the model from that module; the holder never loaded it
+        # (it installed the primary's snapshot) and would import the edited file if it had to
+        assert prune_stale(kind) == 2 and len(_resting()) == 1
     finally:
         os.utime(diabetes.__file__, (stat.st_atime, stat.st_mtime))
     assert end_warm_processes() == 1
