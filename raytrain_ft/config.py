@@ -533,10 +533,10 @@ class ClusterConfig:
     fast node-death detection) so node kills can be tested."""
     keep_warm_s: float = 30.0
     """Where Ray outlives the run (the driver had started or joined it before: a notebook, a sweep,
-    tests): keep the server processes of a run that ended well this many seconds for the next run
-    of the same driver, which takes them instead of starting processes (~3 CPU-seconds each); 0
-    ends them with the run. They reserve no CPUs; the driver ends them at exit
-    (``raytrain_ft.end_warm_processes()`` at once)."""
+    tests): keep the server and worker processes of a run that ended well this many seconds for
+    the next run of the same driver, which takes them instead of starting processes (~3
+    CPU-seconds each); 0 ends them with the run. Resting workers hold their Ray CPUs (and GPUs):
+    ``raytrain_ft.end_warm_processes()`` ends them at once; the driver ends them at exit."""
 
     def __post_init__(self) -> None:
         for name in ("use_gpu", "push_thread", "preaggregate"):  # True means "true"; any case

@@ -163,12 +163,14 @@ def prune_stale(worker_kind_needed: str | None, timeout_s: float = 10.0) -> int:
     from raytrain_ft.actors import NAMESPACE
 
     asked = {}
+    ended = 0
     for key in internal_kv._internal_kv_list(_job_prefix()):
         kind = _parse(key)[0]
         if kind.startswith("worker-") and kind != worker_kind_needed:
             if internal_kv._internal_kv_del(key) == 1:
                 with contextlib.suppress(Exception):
                     ray.kill(ray.get_actor(_parse(key)[2], namespace=NAMESPACE), no_restart=True)
+                    ended += 1
             continue
         try:
             handle = ray.get_actor(_parse(key)[2], namespace=NAMESPACE)
@@ -176,7 +178,6 @@ def prune_stale(worker_kind_needed: str | None, timeout_s: float = 10.0) -> int:
             internal_kv._internal_kv_del(key)  # ended already
             continue
         asked[handle.code_unchanged.remote()] = (key, handle)
-    ended = 0
     for ref, (key, handle) in asked.items():
         try:
             fresh = ray.get(ref, timeout=timeout_s)

@@ -117,9 +117,6 @@ def test_kills_and_failures_keep_nothing_dead_and_an_unclaimed_process_ends(ray_
     assert _resting() == set()  # a run that failed keeps nothing
     _wait_until(lambda: not _named_actors())
 
-    Trainer(_config(keep_warm_s=0)).fit()
-    assert _resting() == set() and not _named_actors()  # 0: nothing is kept
-
     killed = Trainer(_config(kill="server:1@step=4")).fit()
     assert [e["role"] for e in killed.recoveries] == ["server"]
     kept = _resting()
