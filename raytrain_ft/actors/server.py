@@ -60,6 +60,8 @@ class ParameterServer:
         self._node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
         self._started = time.time()
         self._rests = 0
+        self._failed: tuple[str, str] | None = None
+        """(name, error) of a ``become`` that raised: calls for that name get the error."""
         self.name = None
         self.proto = None
         self._become(name, spec, run)
@@ -84,7 +86,13 @@ class ParameterServer:
         """Refuse (``Gone``) a call for an incarnation this process is not. A call for the name it
         was just claimed for may overtake ``become`` (an async actor runs calls out of order): it
         waits for it."""
-        from raytrain_ft.actors.warm import BECOME_WAIT_S, Gone, check_addressed, claimed_for
+        from raytrain_ft.actors.warm import (
+            BECOME_WAIT_S,
+            BecomeFailed,
+            Gone,
+            check_addressed,
+            claimed_for,
+        )
 
         try:
             check_addressed(self.name, to, self._ray_name)
@@ -92,8 +100,10 @@ class ParameterServer:
             if self.name is not None or not claimed_for(to, self._ray_name):
                 raise
             deadline = time.monotonic() + BECOME_WAIT_S
-            while self.name is None and time.monotonic() < deadline:
+            while self.name is None and self._failed is None and time.monotonic() < deadline:
                 await asyncio.sleep(0.005)
+            if self.name is None and self._failed is not None and self._failed[0] == to:
+                raise BecomeFailed(self._failed[1]) from None
             check_addressed(self.name, to, self._ray_name)
 
     async def code_unchanged(self) -> bool:
@@ -103,9 +113,19 @@ class ParameterServer:
 
     async def become(self, name: str, spec: ServerSpec, run: ServerRun) -> str:
         """A resting warm process takes a new incarnation's name and role (``actors/warm.py``)."""
+        from raytrain_ft.actors.warm import BECOME_WAIT_S, become_failure
+
         if self.name is not None:
             raise RuntimeError(f"{self._ray_name} serves {self.name}: it is not resting")
-        self._become(name, spec, run)
+        self._rests += 1  # a pending end of the rest is void
+        try:
+            self._become(name, spec, run)
+        except Exception as error:  # calls for the name get it, as a constructor error; it ends
+            self._failed = (name, become_failure(error))
+            asyncio.get_running_loop().call_later(
+                BECOME_WAIT_S, self._rest_over, self._rests, "", True
+            )
+            raise
         return process_address()
 
     async def rest(self, keep_s: float, *, to: str | None = None) -> str:
@@ -115,7 +135,7 @@ class ParameterServer:
         from ray.experimental import internal_kv
 
         from raytrain_ft.actors import stop_watching
-        from raytrain_ft.actors.warm import Gone, pool_key
+        from raytrain_ft.actors.warm import Gone, free_memory, pool_key
 
         await self._addressed(to)
         if not self._warm:
@@ -123,13 +143,14 @@ class ParameterServer:
         if not stop_watching():
             raise RuntimeError(f"{self.name} is ending (its run's supervisor is gone)")
         gone = self.name
-        self.name, self.proto = None, None
+        self.name, self.proto, self._failed = None, None, None
         # nothing of the run stays referenced (its task's data, its metrics' tags)
         self.run = self.directory = self.metrics = None
         for answer in self._answers.values():
             if not answer.done():
                 answer.set_exception(Gone(f"{gone} is gone"))
         self._answers = {}
+        free_memory()
         key = pool_key("server", self._node, self._ray_name)
         internal_kv._internal_kv_put(key, b"")
         self._rests += 1

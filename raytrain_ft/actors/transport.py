@@ -270,10 +270,13 @@ def failure_of(error: BaseException):
         getattr(error, "cause", None), e.RayActorError
     ):
         return failure_of(error.cause)
-    from raytrain_ft.actors.warm import Gone
+    from raytrain_ft.actors.warm import BecomeFailed, Gone
 
-    if isinstance(error, Gone) or isinstance(getattr(error, "cause", None), Gone):
+    cause = getattr(error, "cause", None)
+    if isinstance(error, Gone) or isinstance(cause, Gone):
         return Failure.DEAD  # the incarnation called for left its warm process
+    if isinstance(cause, BecomeFailed):  # a warm process could not take it: as a constructor
+        return StartFailed(own_error_line(str(cause)))
     return None
 
 

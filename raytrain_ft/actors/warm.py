@@ -62,6 +62,30 @@ class Gone(RuntimeError):
     name): for the caller, that actor is dead."""
 
 
+class BecomeFailed(RuntimeError):
+    """Taking the new incarnation raised (its constructor's error, as a new process would have
+    raised it): for the caller, that actor failed to start."""
+
+
+def become_failure(error: BaseException) -> str:
+    """The text a failed ``become`` answers later calls with (``failure_of`` reads it as a start
+    failure and takes the project's own message out of it)."""
+    return f"{type(error).__name__}: {error}"
+
+
+def free_memory() -> None:
+    """After a resting process dropped its incarnation: collect the reference cycles it left (a
+    model and its hooks) and hand cached GPU memory back, so the next one finds the device as a new
+    process would."""
+    import gc
+    import sys
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 def check_addressed(current: str | None, to: str | None, ray_name: str) -> None:
     """Raise ``Gone`` unless the call is for the incarnation this process is now. ``to`` is the
     protocol name the caller addressed (None: the actor's Ray name, a handle found by name)."""
@@ -178,10 +202,13 @@ def prune_stale(worker_kind_needed: str | None, timeout_s: float = 10.0) -> int:
             internal_kv._internal_kv_del(key)  # ended already
             continue
         asked[handle.code_unchanged.remote()] = (key, handle)
+    answered = (
+        set(ray.wait(list(asked), num_returns=len(asked), timeout=timeout_s)[0]) if asked else set()
+    )
     for ref, (key, handle) in asked.items():
         try:
-            fresh = ray.get(ref, timeout=timeout_s)
-        except Exception:  # noqa: BLE001 -- dead or silent: not to be taken
+            fresh = ref in answered and ray.get(ref)
+        except Exception:  # noqa: BLE001 -- dead: not to be taken
             fresh = False
         if not fresh and internal_kv._internal_kv_del(key) == 1:
             with contextlib.suppress(Exception):
@@ -202,14 +229,16 @@ def release_processes(run_id: str, names: list[str], keep_s: float, timeout_s: f
     import ray
 
     from raytrain_ft.actors.transport import Directory
-    from raytrain_ft.actors.worker_entry import RankHandle
 
     directory = Directory(run_id)
     pending = {}
     for name in names:
-        handle = directory.handle(name)
-        if handle is not None and not isinstance(handle, RankHandle):  # a host: never kept
-            pending[handle.rest.remote(keep_s)] = name
+        try:
+            handle = directory.handle(name)
+            if handle is not None and hasattr(handle, "rest"):  # a host of ranks has none
+                pending[handle.rest.remote(keep_s)] = name
+        except Exception as e:  # noqa: BLE001 -- not kept (killed by the caller)
+            logger.info("[warm] %s not kept: %s", name, e)
     rested: set = set()
     if not pending:
         return rested

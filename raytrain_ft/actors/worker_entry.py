@@ -96,6 +96,14 @@ class Worker:
         self._lock = threading.Lock()
         """Between ``become`` and a resting process ending itself."""
         self.name = None
+        self._failed: tuple[str, str] | None = None
+        """(name, error) of a ``become`` that raised: calls for that name get the error."""
+        if warm_kind:
+            import torch
+
+            # a fresh process's global RNG state, for every later incarnation: user data code
+            # that draws from it before the model is seeded gets the same numbers in both
+            self._rng = torch.random.get_rng_state()
         self._become(name, rank, config, task, *args)
 
     def _become(self, name, rank, config, task, *args) -> None:
@@ -105,29 +113,48 @@ class Worker:
         self.name = name  # last: calls are answered once the rank is built
 
     def _addressed(self, to: str | None) -> None:
-        from raytrain_ft.actors.warm import check_addressed
+        from raytrain_ft.actors.warm import BecomeFailed, check_addressed
 
+        if self.name is None and self._failed is not None and to == self._failed[0]:
+            raise BecomeFailed(self._failed[1])
         check_addressed(self.name, to, self._ray_name)
 
     def become(self, name, rank, config, task, *args) -> str:
-        """A resting process takes a rank of a new run (``actors/warm.py``)."""
+        """A resting process takes a rank of a new run (``actors/warm.py``). If building the rank
+        raises, calls for ``name`` get that error (as a new process's constructor error reaches
+        the supervisor) and the process ends a while later."""
+        import torch
+
+        from raytrain_ft.actors.warm import BECOME_WAIT_S, become_failure
+
         with self._lock:
             if self.name is not None:
                 raise RuntimeError(f"{self._ray_name} serves {self.name}: it is not resting")
             self._rests += 1  # a pending end of the rest is void
-            self._become(name, rank, config, task, *args)
+            torch.random.set_rng_state(self._rng)
+            try:
+                self._become(name, rank, config, task, *args)
+            except Exception as error:
+                self._failed = (name, become_failure(error))
+                self._end_after(BECOME_WAIT_S, self._rests, "", True)
+                raise
         return process_address()
+
+    def _end_after(self, delay_s: float, rested_as: int, key: str, claimed: bool) -> None:
+        import threading
+
+        timer = threading.Timer(delay_s, self._rest_over, (rested_as, key, claimed))
+        timer.daemon = True
+        timer.start()
 
     def rest(self, keep_s: float, *, to: str | None = None) -> str:
         """The run ended well: drop this rank (every later call to it raises ``Gone``), offer the
         process to the next run, end it after ``keep_s`` unless claimed. Returns its Ray name."""
-        import threading
-
         import ray
         from ray.experimental import internal_kv
 
         from raytrain_ft.actors import stop_watching
-        from raytrain_ft.actors.warm import pool_key
+        from raytrain_ft.actors.warm import free_memory, pool_key
 
         self._addressed(to)
         if not self._warm_kind:
@@ -138,20 +165,18 @@ class Worker:
             raise RuntimeError(f"{self.name} is ending (its run's supervisor is gone)")
         with self._lock:
             self._rank.close()
-            self._rank, self.name = None, None
+            self._rank, self.name, self._failed = None, None, None
+            free_memory()  # the rank's model, gradients and buffers are reference cycles
             key = pool_key(self._warm_kind, ray.get_runtime_context().get_node_id(), self._ray_name)
             internal_kv._internal_kv_put(key, b"")
             self._rests += 1
-            timer = threading.Timer(keep_s, self._rest_over, (self._rests, key, False))
-            timer.daemon = True
-            timer.start()
+            self._end_after(keep_s, self._rests, key, False)
         return self._ray_name
 
     def _rest_over(self, rested_as: int, key: str, claimed: bool) -> None:
         """Still resting since rest ``rested_as``: end the process unless a claimer took its key
         (then wait for its ``become``, and end only if it never comes)."""
         import os
-        import threading
 
         from ray.experimental import internal_kv
 
@@ -162,9 +187,7 @@ class Worker:
                 return
             if claimed or internal_kv._internal_kv_del(key) == 1:
                 os._exit(0)
-        timer = threading.Timer(BECOME_WAIT_S, self._rest_over, (rested_as, key, True))
-        timer.daemon = True
-        timer.start()
+        self._end_after(BECOME_WAIT_S, rested_as, key, True)
 
     def code_unchanged(self) -> bool:
         from raytrain_ft.actors.warm import loaded_code_unchanged

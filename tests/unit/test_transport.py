@@ -107,3 +107,24 @@ def test_a_warm_process_answers_only_calls_for_the_incarnation_it_is(
     else:
         with pytest.raises(Gone):
             check_addressed(current, to, ray_name)
+
+
+def test_a_warm_process_that_cannot_take_a_name_fails_its_start_as_a_new_process_would():
+    """A constructor's ConfigError in a new process reaches the supervisor as a start failure with
+    the project's own line; the same error in a warm process's ``become`` does too (not as a dead
+    actor, which would be restarted again and again)."""
+    from raytrain_ft.actors.transport import failure_of
+    from raytrain_ft.actors.warm import BecomeFailed, Gone, become_failure
+    from raytrain_ft.errors import ConfigError
+    from raytrain_ft.protocol.messages import Failure, StartFailed
+
+    class RayError(Exception):  # what ray.get raises: the actor's exception as its cause
+        def __init__(self, cause):
+            self.cause = cause
+
+    text = become_failure(ConfigError("model.kwargs", "unknown argument 'depth'"))
+    assert failure_of(RayError(BecomeFailed(text))) == StartFailed(
+        "model.kwargs: unknown argument 'depth'"
+    )
+    assert failure_of(RayError(Gone("run-a/server-3 is gone"))) is Failure.DEAD
+    assert failure_of(RayError(ValueError("a bug"))) is None  # re-raised by the caller
