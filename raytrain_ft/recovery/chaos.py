@@ -145,6 +145,9 @@ class ChaosRunner:
         self.fired: list[dict] = []
         self.started_at = time.time()
         self._directory = None
+        self._waiting: set[KillSpec] = set()
+        """Due kills whose role had no live actor when they came due (logged once each)."""
+        self._killed: set[str] = set()
 
     @property
     def done(self) -> bool:
@@ -161,22 +164,25 @@ class ChaosRunner:
             self._awaiting = None
         for k in list(self.pending):
             due = step >= k.value if k.trigger == "step" else elapsed >= k.value
-            if due:
+            if due and self.fire(k, step) is not None:
                 self.pending.remove(k)
-                self.fire(k, step)
                 if self.one_at_a_time:
                     self._awaiting = (events, time.time() + self.heal_timeout_s)
                     return
 
-    def fire(self, k: KillSpec, step: int | None = None) -> dict:
-        import ray
-
+    def fire(self, k: KillSpec, step: int | None = None) -> dict | None:
+        """Kill ``k``'s target now; None (nothing done) while no live actor plays its role -- a
+        spare being made after the last one was taken, a slot whose server is being replaced --
+        so a due kill waits for the role's next actor instead of hitting nobody. A kill whose role
+        stays empty until the run ends never fires (the CLI reports it)."""
         from raytrain_ft.actors.group import kill_process
         from raytrain_ft.actors.transport import Directory
 
         at = time.time()
         target = ""
         if k.role == "supervisor":
+            import ray
+
             ray.kill(self.supervisor, no_restart=False)  # Ray restarts it (max_restarts)
             how = "ray.kill(no_restart=False)"
         elif k.role == "node":
@@ -184,15 +190,28 @@ class ChaosRunner:
             self.cluster.remove_node(node, allow_graceful=False)
             how = "cluster.remove_node"
         else:
-            targets = self.targets or ray.get(self.supervisor.targets.remote())
+            if self.targets is None:
+                import ray
+
+                self.targets = ray.get(self.supervisor.targets.remote())
+            targets = self.targets
             name, process = targets.lookup(k.role, k.index)
             self._directory = self._directory or Directory(targets.run_id)
-            handle = self._directory.handle(name) if name else None
+            handle = self._directory.handle(name) if name and name not in self._killed else None
             if handle is None:
-                how = "already gone"
-            else:
-                how = kill_process(handle, process)
-            target = name or ""
+                if k not in self._waiting:
+                    self._waiting.add(k)
+                    logger.warning(
+                        "[chaos] %s is due at step %s; no live %s %d now: it waits for the next",
+                        k,
+                        step,
+                        k.role,
+                        k.index,
+                    )
+                return None
+            how = kill_process(handle, process)
+            target = name
+            self._killed.add(name)  # targets may name it until the supervisor notices
         record = {"kill": str(k), "at": at, "step": step, "how": how, "target": target}
         self.fired.append(record)
         logger.warning("[chaos] killed %s (%s) at step %s (%s)", k, target, step, how)

@@ -216,3 +216,37 @@ def test_resume_from_says_what_is_wrong_with_the_directory(tmp_path):
     (tmp_path / "shard-1-step-4.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(DataError, match=r"shard-0-step-4.pt: is not a readable checkpoint"):
         check_resumable(str(tmp_path), ranges)
+
+
+def test_a_due_kill_waits_for_a_live_target_and_never_hits_one_twice(monkeypatch):
+    """A spare kill due while the last spare was just taken (its successor not made yet) waits
+    for the next spare instead of recording a kill of nobody; a name already killed is not a
+    target again while the supervisor's targets still list it."""
+    from raytrain_ft.actors import group
+    from raytrain_ft.actors.supervisor import Targets
+    from raytrain_ft.recovery.chaos import ChaosRunner
+
+    killed = []
+    monkeypatch.setattr(
+        group, "kill_process", lambda handle, process: killed.append(handle) or "SIGKILL"
+    )
+
+    class FakeDirectory:
+        def handle(self, name):
+            return name  # every listed name is live
+
+    def targets(spares, workers=(("w0", "h:1"),)):
+        return Targets("run", 1, slots=(("s0", "h:2"),), workers=workers, spares=spares)
+
+    runner = ChaosRunner(parse_kills("spare:0@step=5,worker:0@step=6,worker:0@step=7"), None)
+    runner._directory = FakeDirectory()
+    runner.targets = targets(spares=())
+    runner.tick(6)  # the spare kill is due, no spare exists; the worker kill fires
+    assert [r["kill"] for r in runner.fired] == ["worker:0@step=6"] and killed == ["w0"]
+    runner.tick(7)  # the second worker kill: w0 still listed (not noticed yet), not hit twice
+    assert len(runner.fired) == 1 and not runner.done
+    runner.targets = targets(spares=(("spare-2", "h:3"),), workers=(("w0-b", "h:4"),))
+    runner.tick(8)
+    assert sorted(r["target"] for r in runner.fired) == ["spare-2", "w0", "w0-b"]
+    assert killed == ["w0", "spare-2", "w0-b"] and runner.done
+    assert all(r["how"] == "SIGKILL" for r in runner.fired)
