@@ -11,7 +11,6 @@ import asyncio
 import dataclasses
 import itertools
 import logging
-import os
 import time
 
 import numpy as np
@@ -54,17 +53,18 @@ class ParameterServer:
         import torch
 
         torch.set_num_threads(1)
-        self._ray_name, self._warm = name, warm
-        """The name Ray knows this process by (its first incarnation's), and whether it may be
-        kept for the next run (``actors/warm.py``)."""
+        from raytrain_ft.actors.warm import WarmLife
+
+        self._life = WarmLife(name, "server" if warm else "", self._end_after)
+        """Its incarnations and rests (``actors/warm.py``)."""
         self._node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
-        self._started = time.time()
-        self._rests = 0
-        self._failed: tuple[str, str] | None = None
-        """(name, error) of a ``become`` that raised: calls for that name get the error."""
-        self.name = None
         self.proto = None
         self._become(name, spec, run)
+
+    @property
+    def name(self) -> str | None:
+        """The incarnation this process serves (None while it rests)."""
+        return self._life.name
 
     def _become(self, name: str, spec: ServerSpec, run: ServerRun) -> None:
         from raytrain_ft.actors.metrics import SERVER_METRICS, Recorder
@@ -80,51 +80,37 @@ class ParameterServer:
         self._rids = itertools.count(1)
         self._answers: dict[int, asyncio.Future] = {}
         watch_supervisor(run.run_id, NAMESPACE)
-        self.name = name  # last: calls are answered once the whole role is built
+        self._life.name = name  # last: calls are answered once the whole role is built
 
     async def _addressed(self, to: str | None) -> None:
         """Refuse (``Gone``) a call for an incarnation this process is not. A call for the name it
         was just claimed for may overtake ``become`` (an async actor runs calls out of order): it
         waits for it."""
-        from raytrain_ft.actors.warm import (
-            BECOME_WAIT_S,
-            BecomeFailed,
-            Gone,
-            check_addressed,
-            claimed_for,
-        )
+        from raytrain_ft.actors.warm import BECOME_WAIT_S, Gone, claimed_for
 
+        life = self._life
         try:
-            check_addressed(self.name, to, self._ray_name)
+            life.check(to)
         except Gone:
-            if self.name is not None or not claimed_for(to, self._ray_name):
+            if life.name is not None or not claimed_for(to, life.ray_name):
                 raise
             deadline = time.monotonic() + BECOME_WAIT_S
-            while self.name is None and self._failed is None and time.monotonic() < deadline:
+            while life.name is None and life.failed is None and time.monotonic() < deadline:
                 await asyncio.sleep(0.005)
-            if self.name is None and self._failed is not None and self._failed[0] == to:
-                raise BecomeFailed(self._failed[1]) from None
-            check_addressed(self.name, to, self._ray_name)
+            life.check(to)
 
     async def code_unchanged(self) -> bool:
         from raytrain_ft.actors.warm import loaded_code_unchanged
 
-        return loaded_code_unchanged(self._started)
+        return loaded_code_unchanged(self._life.started)
 
     async def become(self, name: str, spec: ServerSpec, run: ServerRun) -> str:
         """A resting warm process takes a new incarnation's name and role (``actors/warm.py``)."""
-        from raytrain_ft.actors.warm import BECOME_WAIT_S, become_failure
-
-        if self.name is not None:
-            raise RuntimeError(f"{self._ray_name} serves {self.name}: it is not resting")
-        self._rests += 1  # a pending end of the rest is void
+        self._life.becoming()
         try:
             self._become(name, spec, run)
         except Exception as error:  # calls for the name get it, as a constructor error; it ends
-            self._failed = (name, become_failure(error))
-            asyncio.get_running_loop().call_later(
-                BECOME_WAIT_S, self._rest_over, self._rests, "", True
-            )
+            self._life.become_failed(name, error)
             raise
         return process_address()
 
@@ -132,48 +118,23 @@ class ParameterServer:
         """The run ended well: drop this incarnation (every later call to it raises ``Gone``), offer
         the process to the next run, and end it after ``keep_s`` unless claimed. Returns the Ray
         name of the process."""
-        from ray.experimental import internal_kv
-
-        from raytrain_ft.actors import stop_watching
-        from raytrain_ft.actors.warm import Gone, free_memory, pool_key
-
         await self._addressed(to)
-        if not self._warm:
-            raise RuntimeError(f"{self.name} is not kept warm")
-        if not stop_watching():
-            raise RuntimeError(f"{self.name} is ending (its run's supervisor is gone)")
-        gone = self.name
-        self.name, self.proto, self._failed = None, None, None
+        return self._life.rest(keep_s, self._node, self._drop)
+
+    def _drop(self, gone: str) -> None:
+        from raytrain_ft.actors.warm import Gone
+
         # nothing of the run stays referenced (its task's data, its metrics' tags)
-        self.run = self.directory = self.metrics = None
+        self.proto = self.run = self.directory = self.metrics = None
         for answer in self._answers.values():
             if not answer.done():
                 answer.set_exception(Gone(f"{gone} is gone"))
         self._answers = {}
-        free_memory()
-        key = pool_key("server", self._node, self._ray_name)
-        internal_kv._internal_kv_put(key, b"")
-        self._rests += 1
-        asyncio.get_running_loop().call_later(keep_s, self._rest_over, self._rests, key, False)
-        return self._ray_name
 
-    def _rest_over(self, rested_as: int, key: str, claimed: bool) -> None:
-        """Still resting since rest ``rested_as``: end the process, unless a claimer took its key
-        (its ``become`` is on the way: wait for it, and end only if it never comes). In the event
-        loop, so a ``become`` runs wholly before or wholly after this."""
-        if self.name is not None or self._rests != rested_as:
-            return
-        from ray.experimental import internal_kv
-
-        from raytrain_ft.actors.warm import BECOME_WAIT_S
-
-        if not claimed and internal_kv._internal_kv_del(key) != 1:
-            asyncio.get_running_loop().call_later(
-                BECOME_WAIT_S, self._rest_over, rested_as, key, True
-            )
-            return
-        logger.info("[server %s] kept warm and unclaimed; exiting", self._ray_name)
-        os._exit(0)
+    def _end_after(self, delay_s: float, *args) -> None:
+        """``WarmLife``'s timers run in the event loop: a ``become`` runs wholly before or wholly
+        after one."""
+        asyncio.get_running_loop().call_later(delay_s, self._life.rest_over, *args)
 
     async def ready(self, *, to: str | None = None) -> str:
         await self._addressed(to)

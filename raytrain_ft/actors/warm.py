@@ -94,6 +94,84 @@ def check_addressed(current: str | None, to: str | None, ray_name: str) -> None:
         raise Gone(f"{wanted} is gone (this process is {current or 'resting'})")
 
 
+class WarmLife:
+    """One warm process's life, the same whatever runs its calls (the server's event loop, a
+    worker's threads): the incarnation it serves, the error of a ``become`` that raised, its rests
+    and whether an end-of-rest timer that fires still ends it. The actor serializes calls to it
+    its own way and runs the timers: ``schedule(delay_s, rested_as, key, claimed)`` must call
+    ``rest_over(rested_as, key, claimed)`` after ``delay_s`` (through the actor's own
+    serialization)."""
+
+    def __init__(self, ray_name: str, kind: str, schedule, exit=None):
+        import os
+        import time
+
+        self.ray_name, self.kind = ray_name, kind
+        """The name Ray knows the process by (its first incarnation's) and its pool kind ("": the
+        process is never kept)."""
+        self.started = time.time()
+        self.name: str | None = None
+        self.failed: tuple[str, str] | None = None
+        """(name, error) of a ``become`` that raised: calls for that name get the error."""
+        self._rests = 0
+        self._schedule = schedule
+        self._exit = exit or os._exit
+
+    def check(self, to: str | None) -> None:
+        """Raise unless the call is for the incarnation served now: ``BecomeFailed`` for the name
+        whose ``become`` raised, ``Gone`` for any other."""
+        if self.name is None and self.failed is not None and to == self.failed[0]:
+            raise BecomeFailed(self.failed[1])
+        check_addressed(self.name, to, self.ray_name)
+
+    def becoming(self) -> None:
+        """A claimer's ``become`` starts: a pending end of the rest is void."""
+        if self.name is not None:
+            raise RuntimeError(f"{self.ray_name} serves {self.name}: it is not resting")
+        self._rests += 1
+
+    def become_failed(self, name: str, error: BaseException) -> None:
+        """Building the incarnation raised: calls for ``name`` get its error (as a new process's
+        constructor error reaches the supervisor), and the process ends a while later."""
+        self.failed = (name, become_failure(error))
+        self._schedule(BECOME_WAIT_S, self._rests, "", True)
+
+    def rest(self, keep_s: float, node: str, drop) -> str:
+        """The run ended well: ``drop()`` lets the actor drop its incarnation (every later call to
+        it raises ``Gone``); the process is offered to the next run and ends after ``keep_s`` unless
+        claimed. Returns the Ray name."""
+        from ray.experimental import internal_kv
+
+        from raytrain_ft.actors import stop_watching
+
+        if not self.kind:
+            raise RuntimeError(f"{self.name} is not kept warm")
+        if not stop_watching():
+            raise RuntimeError(f"{self.name} is ending (its run's supervisor is gone)")
+        drop(self.name)
+        self.name, self.failed = None, None
+        free_memory()  # the incarnation's model, buffers and hooks are reference cycles
+        key = pool_key(self.kind, node, self.ray_name)
+        internal_kv._internal_kv_put(key, b"")
+        self._rests += 1
+        self._schedule(keep_s, self._rests, key, False)
+        return self.ray_name
+
+    def rest_over(self, rested_as: int, key: str, claimed: bool) -> None:
+        """An end-of-rest timer fired: nothing if the process serves again or rested again since;
+        if a claimer took its key (its ``become`` is on the way) wait ``BECOME_WAIT_S`` more and end
+        only if it never comes; else end the process."""
+        if self.name is not None or self._rests != rested_as:
+            return
+        from ray.experimental import internal_kv
+
+        if not claimed and internal_kv._internal_kv_del(key) != 1:
+            self._schedule(BECOME_WAIT_S, rested_as, key, True)
+            return
+        logger.info("[%s] kept warm and unclaimed; exiting", self.ray_name)
+        self._exit(0)
+
+
 def alias_key(run_id: str, name: str) -> str:
     """Internal-KV key of a protocol name served by a warm process; its value is the process's Ray
     actor name."""

@@ -88,16 +88,13 @@ class Worker:
 
     def __init__(self, name, rank, config, task, *args, warm_kind: str = ""):
         import threading
-        import time
 
-        self._ray_name, self._warm_kind = name, warm_kind
-        self._started = time.time()
-        self._rests = 0
+        from raytrain_ft.actors.warm import WarmLife
+
+        self._life = WarmLife(name, warm_kind, self._end_after)
+        """Its incarnations and rests (``actors/warm.py``)."""
         self._lock = threading.Lock()
-        """Between ``become`` and a resting process ending itself."""
-        self.name = None
-        self._failed: tuple[str, str] | None = None
-        """(name, error) of a ``become`` that raised: calls for that name get the error."""
+        """Between calls to ``_life``: ``become``, ``rest`` and the end-of-rest timers."""
         if warm_kind:
             import torch
 
@@ -106,18 +103,19 @@ class Worker:
             self._rng = torch.random.get_rng_state()
         self._become(name, rank, config, task, *args)
 
+    @property
+    def name(self) -> str | None:
+        """The rank's incarnation this process serves (None while it rests)."""
+        return self._life.name
+
     def _become(self, name, rank, config, task, *args) -> None:
         from raytrain_ft.actors.worker import Worker as Rank
 
         self._rank = Rank(name, rank, config, task.open(), *args)
-        self.name = name  # last: calls are answered once the rank is built
+        self._life.name = name  # last: calls are answered once the rank is built
 
     def _addressed(self, to: str | None) -> None:
-        from raytrain_ft.actors.warm import BecomeFailed, check_addressed
-
-        if self.name is None and self._failed is not None and to == self._failed[0]:
-            raise BecomeFailed(self._failed[1])
-        check_addressed(self.name, to, self._ray_name)
+        self._life.check(to)
 
     def become(self, name, rank, config, task, *args) -> str:
         """A resting process takes a rank of a new run (``actors/warm.py``). If building the rank
@@ -125,74 +123,48 @@ class Worker:
         the supervisor) and the process ends a while later."""
         import torch
 
-        from raytrain_ft.actors.warm import BECOME_WAIT_S, become_failure
-
         with self._lock:
-            if self.name is not None:
-                raise RuntimeError(f"{self._ray_name} serves {self.name}: it is not resting")
-            self._rests += 1  # a pending end of the rest is void
+            self._life.becoming()
             torch.random.set_rng_state(self._rng)
             try:
                 self._become(name, rank, config, task, *args)
             except Exception as error:
-                self._failed = (name, become_failure(error))
-                self._end_after(BECOME_WAIT_S, self._rests, "", True)
+                self._life.become_failed(name, error)
                 raise
         return process_address()
 
-    def _end_after(self, delay_s: float, rested_as: int, key: str, claimed: bool) -> None:
+    def _end_after(self, delay_s: float, *args) -> None:
         import threading
 
-        timer = threading.Timer(delay_s, self._rest_over, (rested_as, key, claimed))
+        timer = threading.Timer(delay_s, self._rest_over, args)
         timer.daemon = True
         timer.start()
+
+    def _rest_over(self, *args) -> None:
+        with self._lock:
+            self._life.rest_over(*args)
 
     def rest(self, keep_s: float, *, to: str | None = None) -> str:
         """The run ended well: drop this rank (every later call to it raises ``Gone``), offer the
         process to the next run, end it after ``keep_s`` unless claimed. Returns its Ray name."""
         import ray
-        from ray.experimental import internal_kv
-
-        from raytrain_ft.actors import stop_watching
-        from raytrain_ft.actors.warm import free_memory, pool_key
 
         self._addressed(to)
-        if not self._warm_kind:
-            raise RuntimeError(f"{self.name} is not kept warm")
-        if not self._rank.finished:
+        if self._life.kind and not self._rank.finished:
             raise RuntimeError(f"{self.name} has not finished training")
-        if not stop_watching():
-            raise RuntimeError(f"{self.name} is ending (its run's supervisor is gone)")
         with self._lock:
-            self._rank.close()
-            self._rank, self.name, self._failed = None, None, None
-            free_memory()  # the rank's model, gradients and buffers are reference cycles
-            key = pool_key(self._warm_kind, ray.get_runtime_context().get_node_id(), self._ray_name)
-            internal_kv._internal_kv_put(key, b"")
-            self._rests += 1
-            self._end_after(keep_s, self._rests, key, False)
-        return self._ray_name
+            return self._life.rest(
+                keep_s, ray.get_runtime_context().get_node_id(), lambda _gone: self._drop()
+            )
 
-    def _rest_over(self, rested_as: int, key: str, claimed: bool) -> None:
-        """Still resting since rest ``rested_as``: end the process unless a claimer took its key
-        (then wait for its ``become``, and end only if it never comes)."""
-        import os
-
-        from ray.experimental import internal_kv
-
-        from raytrain_ft.actors.warm import BECOME_WAIT_S
-
-        with self._lock:
-            if self.name is not None or self._rests != rested_as:
-                return
-            if claimed or internal_kv._internal_kv_del(key) == 1:
-                os._exit(0)
-        self._end_after(BECOME_WAIT_S, rested_as, key, True)
+    def _drop(self) -> None:
+        self._rank.close()
+        self._rank = None
 
     def code_unchanged(self) -> bool:
         from raytrain_ft.actors.warm import loaded_code_unchanged
 
-        return loaded_code_unchanged(self._started)
+        return loaded_code_unchanged(self._life.started)
 
     def ready(self, *, to: str | None = None) -> str:
         self._addressed(to)

@@ -128,3 +128,90 @@ def test_a_warm_process_that_cannot_take_a_name_fails_its_start_as_a_new_process
     )
     assert failure_of(RayError(Gone("run-a/server-3 is gone"))) is Failure.DEAD
     assert failure_of(RayError(ValueError("a bug"))) is None  # re-raised by the caller
+
+
+def test_a_warm_process_life_rests_is_claimed_serves_and_ends_only_when_unclaimed(monkeypatch):
+    """``WarmLife`` alone (the server and the worker actor only run its timers): a rest offers the
+    process and drops the incarnation; a timer that fires after a claimer took the key waits for
+    the ``become`` instead of ending it; a timer of an earlier rest never ends a process that served
+    and rested again since; a ``become`` that raised answers its name with the error and ends the
+    process later; an unclaimed rest ends it."""
+    from ray.experimental import internal_kv
+
+    from raytrain_ft.actors import warm
+    from raytrain_ft.actors.warm import BECOME_WAIT_S, BecomeFailed, Gone, WarmLife
+
+    pool: set[str] = set()
+    monkeypatch.setattr(warm, "pool_key", lambda kind, node, name: f"{kind}/{node}/{name}")
+    monkeypatch.setattr(internal_kv, "_internal_kv_put", lambda key, value: pool.add(key))
+
+    def delete(key):
+        found = key in pool
+        pool.discard(key)
+        return int(found)
+
+    monkeypatch.setattr(internal_kv, "_internal_kv_del", delete)
+    timers, exits, dropped = [], [], []
+    life = WarmLife("run-a/server-3", "server", lambda *timer: timers.append(timer), exits.append)
+    life.name = "run-a/server-3"
+    life.check(None)
+
+    assert life.rest(30.0, "node", dropped.append) == "run-a/server-3"
+    assert dropped == ["run-a/server-3"] and pool == {"server/node/run-a/server-3"}
+    with pytest.raises(Gone):
+        life.check("run-a/server-3")
+    first = timers.pop()
+    assert first == (30.0, 1, "server/node/run-a/server-3", False)
+
+    # a claimer takes the key; the rest's timer fires before its become: wait, do not end
+    assert delete("server/node/run-a/server-3") == 1
+    life.rest_over(*first[1:])
+    waiting = timers.pop()
+    assert waiting == (BECOME_WAIT_S, 1, "server/node/run-a/server-3", True) and exits == []
+    life.becoming()
+    life.name = "run-b/server-0"
+    life.rest_over(*waiting[1:])  # it serves: nothing
+    assert exits == [] and timers == []
+    with pytest.raises(RuntimeError, match="not resting"):
+        life.becoming()
+
+    # it rests again; the first rest's late timer must not end it (unclaimed now, not claimed then)
+    life.rest(30.0, "node", dropped.append)
+    second = timers.pop()
+    life.rest_over(*waiting[1:])
+    assert exits == [] and pool == {"server/node/run-a/server-3"}
+
+    # claimed, and building the new incarnation raises
+    delete("server/node/run-a/server-3")
+    life.becoming()
+    life.rest_over(*second[1:])  # the become in progress voided this rest's timer
+    assert exits == [] and timers == []
+    life.become_failed("run-c/server-0", ValueError("bad model"))
+    with pytest.raises(BecomeFailed, match="ValueError: bad model"):
+        life.check("run-c/server-0")
+    with pytest.raises(Gone):
+        life.check("run-b/server-0")
+    ends = timers.pop()
+    assert ends[0] == BECOME_WAIT_S and ends[3] is True
+    life.rest_over(*ends[1:])
+    assert exits == [0]
+
+    # a process never claimed ends when its rest is over
+    exits.clear()
+    other = WarmLife(
+        "run-a/worker-1", "worker-cpu1-gpu0", lambda *timer: timers.append(timer), exits.append
+    )
+    other.name = "run-a/worker-1"
+    other.rest(5.0, "node", dropped.append)
+    other.rest_over(*timers.pop()[1:])
+    assert exits == [0] and "worker-cpu1-gpu0/node/run-a/worker-1" not in pool
+
+
+def test_a_process_not_kept_warm_refuses_to_rest():
+    from raytrain_ft.actors.warm import WarmLife
+
+    life = WarmLife("run-a/server-3", "", lambda *timer: None, lambda code: None)
+    life.name = "run-a/server-3"
+    with pytest.raises(RuntimeError, match="not kept warm"):
+        life.rest(30.0, "node", lambda gone: None)
+    life.check("run-a/server-3")  # still serving
