@@ -215,3 +215,21 @@ def test_a_process_not_kept_warm_refuses_to_rest():
     with pytest.raises(RuntimeError, match="not kept warm"):
         life.rest(30.0, "node", lambda gone: None)
     life.check("run-a/server-3")  # still serving
+
+
+def test_a_process_start_time_is_read_from_the_system():
+    """The time edits to loaded modules are compared with: the process's own start (a module
+    imported before the actor was built counts), not a moment later."""
+    import subprocess
+    import sys
+
+    script = (
+        "import time; t0 = time.time(); import torch; "
+        "from raytrain_ft.actors.warm import process_started_at; "
+        "print(t0 - process_started_at())"
+    )
+    ran_before_import = float(
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True).stdout
+    )
+    # the interpreter started before its first line ran (to /proc's 10 ms), and not long before
+    assert -0.05 < ran_before_import < 10.0
