@@ -96,6 +96,8 @@ class Recorder:
     def __init__(self, run_id: str, names: tuple[str, ...]):
         self.run_id = run_id
         self._metrics: dict = {}
+        self._gauge_series: set[tuple[str, tuple]] = set()
+        """(gauge, tags) of every gauge value set: ``retire`` zeroes them."""
         try:
             import ray
             from ray.util import metrics as ray_metrics
@@ -130,6 +132,15 @@ class Recorder:
         m = self._metrics.get(name)
         if m is not None:
             m.set(value, tags=tags)
+            self._gauge_series.add((name, tuple(sorted((tags or {}).items()))))
+
+    def retire(self) -> None:
+        """The actor's incarnation ended but its process lives on (kept warm for the next run):
+        every gauge it set reads 0 -- the run no longer trains, nothing waits to be logged --
+        instead of its last value for as long as the process lives."""
+        for name, tags in self._gauge_series:
+            self._metrics[name].set(0.0, tags=dict(tags) or None)
+        self._gauge_series.clear()
 
     def observe(self, name: str, value: float, tags: dict | None = None) -> None:
         m = self._metrics.get(name)

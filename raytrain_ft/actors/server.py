@@ -124,6 +124,7 @@ class ParameterServer:
     def _drop(self, gone: str) -> None:
         from raytrain_ft.actors.warm import Gone
 
+        self.metrics.retire()
         # nothing of the run stays referenced (its task's data, its metrics' tags)
         self.proto = self.run = self.directory = self.metrics = None
         for answer in self._answers.values():

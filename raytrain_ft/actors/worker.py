@@ -217,6 +217,7 @@ class Worker:
     def close(self) -> None:
         """This rank's run ended: release its thread and files (``actors/warm.py``)."""
         self.exchange.close()
+        self.metrics.retire()
 
     def poll_status(self) -> WorkerStatus:
         done = self._finished_at is not None

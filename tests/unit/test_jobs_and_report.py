@@ -527,3 +527,35 @@ def test_the_python_api_refuses_an_unknown_auth_mode_before_ray_starts(monkeypat
     with pytest.raises(ConfigError, match="RAY_AUTH_MODE: 'tokn' is not a mode Ray knows"):
         with ray_session(TrainConfig()):
             pass
+
+
+def test_a_retired_incarnation_leaves_its_gauges_at_zero_not_at_their_last_value():
+    """A process kept warm after its run lives on: the gauges its incarnation set (a worker's
+    samples/s, a shard's replica lag) read 0 from then on; counters and histograms keep their
+    totals."""
+    from raytrain_ft.actors.metrics import Recorder
+
+    class Fake:
+        def __init__(self):
+            self.values = {}
+
+        def set(self, value, tags=None):
+            self.values[tuple(sorted((tags or {}).items()))] = value
+
+        def inc(self, value, tags=None):
+            key = tuple(sorted((tags or {}).items()))
+            self.values[key] = self.values.get(key, 0) + value
+
+    rec = Recorder("run-a", ())  # outside Ray: records nothing by itself
+    gauge, lag, counter = Fake(), Fake(), Fake()
+    rec._metrics = {"samples_per_second": gauge, "replica_lag_seq": lag, "steps": counter}
+    rec.set("samples_per_second", 812.5)
+    rec.set("replica_lag_seq", 3, {"shard": "0"})
+    rec.set("replica_lag_seq", 1, {"shard": "1"})
+    rec.inc("steps", 60)
+    rec.retire()
+    assert gauge.values == {(): 0.0}
+    assert lag.values == {(("shard", "0"),): 0.0, (("shard", "1"),): 0.0}
+    assert counter.values == {(): 60}
+    rec.retire()  # nothing set since: nothing to do
+    assert gauge.values == {(): 0.0}
