@@ -459,8 +459,9 @@ def _train(args: argparse.Namespace) -> int:
     never = [k for k in _kill_texts(cfg.chaos.kill) if k not in fired]
     if never:  # e.g. @recovery=N with fewer recoveries, @time=S past the run's end
         print(
-            f"raytrain-ft: warning: {len(never)} kill(s) never fired (the run ended first or "
-            f"nothing triggered them): {', '.join(never)}",
+            f"raytrain-ft: warning: {len(never)} kill(s) never fired (the run ended first, "
+            f"nothing triggered them, or no live actor played the role from when they came due): "
+            f"{', '.join(never)}",
             file=sys.stderr,
         )
     accuracy = (

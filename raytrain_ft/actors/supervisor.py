@@ -69,6 +69,10 @@ class Targets:
     slots: tuple
     workers: tuple
     spares: tuple = ()
+    num_spares: int = 0
+    """Warm spares the run keeps (``spare:I`` kills name one below it)."""
+    recovery: str = "replica"
+    """The run's recovery mode (only ``replica`` has replica holders)."""
 
     def lookup(self, role: str, index: int) -> tuple:
         if role == "server":
@@ -428,6 +432,8 @@ class Supervisor:
             tuple((s.actor, process(s.actor)) for s in reg.slots),
             tuple((w.actor, process(w.actor)) for w in reg.workers),
             tuple((n, process(n)) for n in reg.spares),
+            self.spec.num_spares,
+            self.spec.recovery,
         )
 
     async def kills_done(self) -> list[dict]:

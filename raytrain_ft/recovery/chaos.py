@@ -145,8 +145,9 @@ class ChaosRunner:
         self.fired: list[dict] = []
         self.started_at = time.time()
         self._directory = None
-        self._waiting: set[KillSpec] = set()
-        """Due kills whose role had no live actor when they came due (logged once each)."""
+        self._waiting: dict[KillSpec, object] = {}
+        """Due kills whose role had no live actor, each with the ``Targets`` it was looked up in
+        (it is looked up again once the supervisor reports new ones)."""
         self._killed: set[str] = set()
 
     @property
@@ -164,6 +165,8 @@ class ChaosRunner:
             self._awaiting = None
         for k in list(self.pending):
             due = step >= k.value if k.trigger == "step" else elapsed >= k.value
+            if k in self._waiting and self._waiting[k] is self.targets:
+                continue  # still no live target: nothing new to look it up in
             if due and self.fire(k, step) is not None:
                 self.pending.remove(k)
                 if self.one_at_a_time:
@@ -200,7 +203,7 @@ class ChaosRunner:
             handle = self._directory.handle(name) if name and name not in self._killed else None
             if handle is None:
                 if k not in self._waiting:
-                    self._waiting.add(k)
+                    self._waiting[k] = targets
                     logger.warning(
                         "[chaos] %s is due at step %s; no live %s %d now: it waits for the next",
                         k,
@@ -259,18 +262,29 @@ def run_schedule(
     poll_s: float = 0.05,
     on_fire=None,
     one_at_a_time: bool = False,
+    field: str = "--kill",
 ) -> list[dict]:
-    """Fire ``@step``/``@time`` kills against a running run until all fired or the run ended."""
+    """Fire ``@step``/``@time`` kills against a running run until all fired or the run ended.
+    A kill naming something the run lacks (``spare:3`` with one spare, ``worker:9`` of 2) is a
+    ``ConfigError`` on ``field`` once the run's first status is read."""
     import ray
 
-    from raytrain_ft.recovery.faults import check_live_kills
+    from raytrain_ft.recovery.faults import check_live_kills, check_targets
 
-    check_live_kills(kills, "kill")
+    check_live_kills(kills, field)
     runner = ChaosRunner(kills, supervisor_handle, one_at_a_time=one_at_a_time)
+    checked = False
     while not runner.done:
-        status = ray.get(supervisor_handle.status.remote())
+        try:
+            status = ray.get(supervisor_handle.status.remote())
+        except ray.exceptions.RayActorError:  # the run ended (its driver took the supervisor)
+            break
         if status.state in ("done", "failed"):
             break
+        if not checked:  # each kill names something this run has
+            t = status.targets
+            check_targets(kills, t.num_shards, len(t.workers), 1, t.num_spares, field, t.recovery)
+            checked = True
         runner.targets = status.targets
         workers = [w for w in status.workers if w is not None]
         before = len(runner.fired)

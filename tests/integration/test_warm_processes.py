@@ -120,7 +120,18 @@ def test_kills_and_failures_keep_nothing_dead_and_an_unclaimed_process_ends(ray_
     killed = Trainer(_config(kill="server:1@step=4")).fit()
     assert [e["role"] for e in killed.recoveries] == ["server"]
     kept = _resting()
-    assert len(kept) == 5  # two primaries, a spare, two workers: the killed one is not among them
+    run = killed.run_id
+    # slot 1's primary (server-2) killed, the spare (server-3) took its place, and a new spare was
+    # made
+    assert [k["target"] for k in killed.kills] == [f"{run}/server-2"]
+    assert killed.recoveries[0]["actor"] == f"{run}/server-2"  # the lost one
+    kept_servers = {n for n in kept if "/server-" in n}
+    assert {f"{run}/server-1", f"{run}/server-3"} <= kept_servers, kept  # both primaries
+    # the spare made after the kill is kept unless it was still starting when the run's release
+    # gave up on it (10 s after the end, a slow machine); the killed one never is
+    extra = kept_servers - {f"{run}/server-1", f"{run}/server-3"}
+    assert len(extra) <= 1 and f"{run}/server-2" not in extra, kept
+    assert len(kept - kept_servers) == 2  # both workers
     _wait_until(lambda: _named_actors() == kept)
     # the next run takes them; kept 1 s after it and unclaimed, they end themselves (well before
     # the 30 s they were kept for: so that run took them)

@@ -1,5 +1,7 @@
 """Kill specs, random schedules and checkpoint files (pure)."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -233,7 +235,7 @@ def test_a_due_kill_waits_for_a_live_target_and_never_hits_one_twice(monkeypatch
 
     class FakeDirectory:
         def handle(self, name):
-            return name  # every listed name is live
+            return None if name == "dead-spare" else name  # Ray knows every other listed name
 
     def targets(spares, workers=(("w0", "h:1"),)):
         return Targets("run", 1, slots=(("s0", "h:2"),), workers=workers, spares=spares)
@@ -245,8 +247,59 @@ def test_a_due_kill_waits_for_a_live_target_and_never_hits_one_twice(monkeypatch
     assert [r["kill"] for r in runner.fired] == ["worker:0@step=6"] and killed == ["w0"]
     runner.tick(7)  # the second worker kill: w0 still listed (not noticed yet), not hit twice
     assert len(runner.fired) == 1 and not runner.done
+    runner.targets = targets(spares=(("dead-spare", "h:5"),))  # listed, but Ray knows it dead
+    runner.tick(7)
+    assert len(runner.fired) == 1 and killed == ["w0"]
     runner.targets = targets(spares=(("spare-2", "h:3"),), workers=(("w0-b", "h:4"),))
     runner.tick(8)
     assert sorted(r["target"] for r in runner.fired) == ["spare-2", "w0", "w0-b"]
     assert killed == ["w0", "spare-2", "w0-b"] and runner.done
     assert all(r["how"] == "SIGKILL" for r in runner.fired)
+
+
+def test_a_live_run_kill_naming_what_the_run_lacks_is_refused(monkeypatch):
+    """`raytrain-ft chaos` against a run of 2 shards, 2 workers and 1 spare: `spare:1` and
+    `worker:2` name nothing; they are refused naming --kill (before, a missing spare waited for
+    the run's end and a missing worker raised an IndexError)."""
+    import ray
+
+    from raytrain_ft.actors.supervisor import Targets
+    from raytrain_ft.recovery.chaos import run_schedule
+
+    status = type(
+        "Status",
+        (),
+        {
+            "state": "running",
+            "targets": Targets(
+                "run",
+                2,
+                (("s0", None), ("s1", None)),
+                (("w0", None),) * 2,
+                (("sp", None),),
+                num_spares=1,
+            ),
+            "workers": (),
+            "events": (),
+        },
+    )()
+
+    done = type("Status", (), {"state": "done"})()
+    calls = []
+
+    class Supervisor:
+        class status:  # noqa: N801 -- stands for the actor method
+            @staticmethod
+            def remote():  # the run goes on for a few polls, then ends (no test hangs)
+                calls.append(1)
+                return status if len(calls) % 5 else done
+
+    monkeypatch.setattr(ray, "get", lambda ref: ref)
+    for kill, message in (
+        ("spare:1@step=5", "the run has 1 spare(s), index 1 does not exist"),
+        ("worker:2@step=5", "the run has 2 worker(s), index 2 does not exist"),
+        ("replica:2@time=1", "the run has 2 replica(s), index 2 does not exist"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)) as raised:
+            run_schedule(Supervisor, parse_kills(kill))
+        assert raised.value.field == "--kill"

@@ -138,11 +138,14 @@ def test_a_warm_process_life_rests_is_claimed_serves_and_ends_only_when_unclaime
     process later; an unclaimed rest ends it."""
     from ray.experimental import internal_kv
 
+    import raytrain_ft.actors
     from raytrain_ft.actors import warm
     from raytrain_ft.actors.warm import BECOME_WAIT_S, BecomeFailed, Gone, WarmLife
 
     pool: set[str] = set()
     monkeypatch.setattr(warm, "pool_key", lambda kind, node, name: f"{kind}/{node}/{name}")
+    monkeypatch.setattr(raytrain_ft.actors, "stop_watching", lambda: True)
+    monkeypatch.setattr(warm, "free_memory", lambda: None)
     monkeypatch.setattr(internal_kv, "_internal_kv_put", lambda key, value: pool.add(key))
 
     def delete(key):
@@ -207,8 +210,11 @@ def test_a_warm_process_life_rests_is_claimed_serves_and_ends_only_when_unclaime
     assert exits == [0] and "worker-cpu1-gpu0/node/run-a/worker-1" not in pool
 
 
-def test_a_process_not_kept_warm_refuses_to_rest():
+def test_a_process_not_kept_warm_refuses_to_rest(monkeypatch):
+    import raytrain_ft.actors
     from raytrain_ft.actors.warm import WarmLife
+
+    monkeypatch.setattr(raytrain_ft.actors, "stop_watching", lambda: True)
 
     life = WarmLife("run-a/server-3", "", lambda *timer: None, lambda code: None)
     life.name = "run-a/server-3"
