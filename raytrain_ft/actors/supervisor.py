@@ -250,7 +250,7 @@ class Supervisor:
         timers (a round already in flight makes this a no-op)."""
         while self.proto.phase not in (RunPhase.DONE, RunPhase.FAILED):
             await asyncio.sleep(self.spec.probe_interval_s * 5)
-            self._guarded(self.proto.on_timer, "probe")
+            self._guarded(self.proto.on_timer, "heartbeat")
 
     async def start(self) -> str:
         """Wait until every worker trains (or the run failed while starting). Returns the phase."""

@@ -71,13 +71,14 @@ class Bus:
         self.run()
 
     def fire(self, name: str, token) -> bool:
-        """Deliver timer ``token`` to ``name`` once, dropping every copy collected; False if none
-        was set."""
-        found = (name, token) in self.timers
+        """Deliver every copy of timer ``token`` collected for ``name`` (each set timer fires once,
+        as in the actors); False if none was set."""
+        copies = self.timers.count((name, token))
         self.timers = [t for t in self.timers if t != (name, token)]
-        if found and name not in self.dead:
-            self.perform(name, self.procs[name].on_timer(token))
-        return found
+        for _ in range(copies):
+            if name not in self.dead:
+                self.perform(name, self.procs[name].on_timer(token))
+        return copies > 0
 
     def _deliver(self, dst, kind, key, value, obj) -> None:
         p = self.procs.get(dst)
