@@ -247,7 +247,8 @@ class Supervisor:
 
     async def _heartbeat(self) -> None:
         """A probe round at least every few intervals, whatever happened to the protocol's own
-        timers (a round already in flight makes this a no-op)."""
+        timers: the protocol starts one only when no round started for 5 intervals (its timers
+        are lost), so this never adds a second chain of rounds."""
         while self.proto.phase not in (RunPhase.DONE, RunPhase.FAILED):
             await asyncio.sleep(self.spec.probe_interval_s * 5)
             self._guarded(self.proto.on_timer, "heartbeat")
