@@ -55,6 +55,8 @@ class RefusalKind(enum.Enum):
     """A newer epoch serves the shard; the caller's epoch is stale."""
     NO_REPLICA = "no_replica"
     """The callee holds no replica of that shard."""
+    HOLDER_LOST = "holder_lost"
+    """A recovery's replica holder is dead: whether it held the replica is unknown."""
     GAP = "gap"
     """A command arrived beyond the log's next seq: the replica needs a fresh snapshot."""
     RETRY = "retry"

@@ -24,7 +24,10 @@ the primary allowed to write. ``ExportReplica(epoch)`` raises the fence before
 it hands the replica to a successor, so a primary that was only suspected dead
 (still alive, still sending) can no longer change the replica its successor
 was built from: its ``Append`` is refused with ``FENCED`` and it steps down,
-failing its waiting calls so their workers ask for the new route.
+failing its waiting calls so their workers ask for the new route. A holder
+asked for a replica it never got refuses (``NO_REPLICA``) and fences the
+shard's older epochs all the same, so a late install cannot make it the only
+copy of updates after the supervisor turned to the holder named before it.
 
 **Spare.** ``RecoverPrimary`` fetches the snapshot + log from the holder,
 replays it (``recovery.replay``) and serves as the primary of the new epoch,
@@ -198,6 +201,10 @@ class ServerProtocol:
         self.clock = clock
         self.primary: _Primary | None = None
         self.replicas: dict[int, _Replica] = {}
+        self.refused_exports: dict[int, int] = {}
+        """Per shard this server holds no replica of: the newest epoch whose export it refused.
+        An install from an older epoch is fenced, so "no replica" stays true for the primaries a
+        recovery at that epoch replaces (the supervisor may then rebuild from an earlier holder)."""
         self._cids = itertools.count(1)
         self._calls: dict[int, tuple] = {}
         self._recovery: tuple | None = None
@@ -446,7 +453,7 @@ class ServerProtocol:
             return []
         self._recovery = None
         if isinstance(value, Failure):
-            kind = RefusalKind.NO_REPLICA if value is Failure.DEAD else RefusalKind.RETRY
+            kind = RefusalKind.HOLDER_LOST if value is Failure.DEAD else RefusalKind.RETRY
             return [
                 Reply(
                     rid, Refused(kind, f"holder {m.holder} of shard {m.shard.index}: {value.value}")
@@ -1029,6 +1036,17 @@ class ServerProtocol:
     def _on_install_replica(self, rid: int, m: InstallReplica) -> list:
         shard = m.shard.index
         held = self.replicas.get(shard)
+        if held is None and m.epoch < self.refused_exports.get(shard, 0):
+            return [
+                Reply(
+                    rid,
+                    Refused(
+                        RefusalKind.FENCED,
+                        f"{self.name} refused shard {shard}'s replica to a recovery at epoch "
+                        f"{self.refused_exports[shard]}; install came from epoch {m.epoch}",
+                    ),
+                )
+            ]
         if held is not None and not self._admits(held, m.epoch):
             return [
                 Reply(
@@ -1087,6 +1105,7 @@ class ServerProtocol:
     def _on_export_replica(self, rid: int, m: ExportReplica) -> list:
         held = self.replicas.get(m.shard)
         if held is None:
+            self.refused_exports[m.shard] = max(self.refused_exports.get(m.shard, 0), m.epoch)
             return [
                 Reply(
                     rid,

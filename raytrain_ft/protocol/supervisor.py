@@ -236,10 +236,12 @@ class Registry:
     checkpoint_steps: list = field(default_factory=list)
     """Per shard: the newest checkpoint file step its primaries reported (the file baseline)."""
     replica_targets: list = field(default_factory=list)
-    """``[shard, holder]``: the holder a replicate of each shard was last sent toward (recorded
-    before it is sent; one entry per shard). A primary installs, re-sends snapshots to and appends
-    to the holder it was last told of, or the one it was rebuilt from (which was that one), so the
-    last holder named for a shard is the one with its newest copy."""
+    """``[shard, holder]``: the holders a replicate of each shard was sent toward, oldest first,
+    the last ``TARGETS_KEPT`` per shard (recorded before it is sent). A primary installs, re-sends
+    snapshots to and appends to the holder it was last told of, or the one it was rebuilt from
+    (recorded as the last when the recovery is sent), so the last holder named for a shard is the
+    one with its newest copy -- unless it never got the replica: then the one before it (it
+    refuses the export, ``RefusalKind.NO_REPLICA``, and fences the shard's older epochs)."""
     events: list[RecoveryEvent] = field(default_factory=list)
 
     @classmethod
@@ -421,26 +423,70 @@ WORKER_ACTIONS = frozenset(
 )
 
 
+TARGETS_KEPT = 2
+"""Holders remembered per shard (``Registry.replica_targets``): the last one named, and the one
+before it, which has the newest copy while the last one's install has not happened."""
+
+
+def replica_target_history(reg: Registry, shard: int) -> list:
+    """The holders a replicate of ``shard`` was sent toward, newest first."""
+    return [holder for s, holder in reversed(reg.replica_targets) if s == shard]
+
+
+def name_replica_target(reg: Registry, shard: int, holder: Address) -> None:
+    """Record ``holder`` as the last holder of ``shard`` (before a replicate or a recovery names
+    it), keeping the ``TARGETS_KEPT`` newest per shard."""
+    kept = [holder] + [h for h in replica_target_history(reg, shard) if h != holder]
+    kept = kept[:TARGETS_KEPT]
+    reg.replica_targets = [t for t in reg.replica_targets if t[0] != shard] + [
+        [shard, h] for h in reversed(kept)
+    ]
+
+
 def last_replica_target(reg: Registry, shard: int) -> Address | None:
     """The holder a replicate of ``shard`` was last sent toward (``Registry.replica_targets``)."""
-    for s, holder in reversed(reg.replica_targets):
-        if s == shard:
-            return holder
-    return None
+    history = replica_target_history(reg, shard)
+    return history[0] if history else None
+
+
+def holds_for_slot(reg: Registry, shard: int, k: int, name: Address | None) -> bool:
+    """Whether ``name`` is one of the servers of ``shard``'s holder slot: its actor, the one a
+    recovery of the slot replaces, or one it retires."""
+    slot = reg.slots[replica_slot(shard, k)]
+    return name is not None and (
+        name == slot.actor or name == slot.replacing or name in slot.retiring
+    )
 
 
 def fallback_holder(reg: Registry, view, shard: int | None, k: int) -> Address | None:
-    """The server to rebuild ``shard`` from when its holder slot's actor lacks the replica: the
-    last holder the replica was sent to, if its slot is retiring it (make before break) and no call
-    found it dead; else None."""
+    """The server to rebuild ``shard`` from when its holder slot's actor is not confirmed holding
+    the replica: the last holder the replica was sent to, if it is still one of the slot's servers
+    (its actor while the install is unconfirmed, one a recovery replaces, or one it retires: make
+    before break) and no call found it dead; else None."""
     if shard is None or reg.replicated[shard]:
         return None
     last = last_replica_target(reg, shard)
-    if last is None or last not in reg.slots[replica_slot(shard, k)].retiring:
+    if not holds_for_slot(reg, shard, k, last):
         return None
     if view is not None and view.gone_for_good(last):
         return None
     return last
+
+
+def earlier_holder(reg: Registry, view, shard: int, k: int, refused_by: Address) -> Address | None:
+    """After the last holder named for ``shard`` (``refused_by``) refused a recovery's export since
+    it never got the replica: the holder named before it, if its slot retires it and no call found
+    it dead (it has every update a primary acknowledged: none was logged on the last one, which now
+    refuses the older epochs); else None."""
+    history = replica_target_history(reg, shard)
+    if len(history) < 2 or history[0] != refused_by:
+        return None
+    earlier = history[1]
+    if earlier not in reg.slots[replica_slot(shard, k)].retiring:
+        return None
+    if view is not None and view.gone_for_good(earlier):
+        return None
+    return earlier
 
 
 def decide(
@@ -546,8 +592,8 @@ def decide(
         return condition(holder.actor)
 
     def fallback(shard: int) -> str | None:
-        """For a shard whose holder slot's actor lacks its replica: the condition of the retiring
-        server that has it (``fallback_holder``), or None."""
+        """For a shard whose holder slot's actor is not confirmed holding its replica: the
+        condition of the server that may have its newest copy (``fallback_holder``), or None."""
         name = fallback_holder(reg, view, shard, k)
         if name is None:
             return None
@@ -592,9 +638,16 @@ def decide(
             ]
         mine = replica_copy(shard) if shard is not None else "ok"
         spare_copy = fallback(shard) if mine == "dead" and confirmed else None
-        if spare_copy is not None:  # the primary is gone; a retiring server has the only copy
+        if spare_copy is not None:  # the primary is gone; the last holder named may have a copy
             if spare_copy == "ok":
-                out.append(Decision(Action.RECOVER, j, f"{why} (rebuilt from a retiring holder)"))
+                out.append(
+                    Decision(
+                        Action.RECOVER,
+                        j,
+                        f"{why} (rebuilt from {fallback_holder(reg, view, shard, k)}, the last "
+                        "holder its replica was sent to)",
+                    )
+                )
             continue  # a suspected one is waited for
         if confirmed and mine == "dead":
             return [
@@ -1081,8 +1134,7 @@ class SupervisorProtocol:
             shard = d.target
             holder = reg.slots[replica_slot(shard, k)].actor
             reg.replica_version += 1  # persisted before the holder is named with it
-            reg.replica_targets = [t for t in reg.replica_targets if t[0] != shard]
-            reg.replica_targets.append([shard, holder])  # the last per shard is what counts
+            name_replica_target(reg, shard, holder)
             primary = reg.slots[shard].actor
             calls = self._op(
                 "replicate",
@@ -1253,6 +1305,7 @@ class SupervisorProtocol:
         reg.reserved[j] += 1  # never reused: a holder refuses an epoch it has seen
         slot.epoch = reg.reserved[j]
         holder = fallback_holder(reg, view, j, k) or reg.slots[replica_slot(j, k)].actor
+        name_replica_target(reg, j, holder)  # the rebuilt primary logs to it
         calls = self._op(
             "recover",
             j,
@@ -1260,6 +1313,7 @@ class SupervisorProtocol:
             RecoverPrimary(self.ranges[j], slot.epoch, holder),
             slot.actor,
             slot.epoch,
+            holder,
         )
         return (
             [self._persist()]
@@ -1413,7 +1467,7 @@ class SupervisorProtocol:
                     e.serving_at = now
             return [self._persist(), *self._soon()]
         if kind == "recover":
-            actor, epoch = op[2], op[3]
+            actor, epoch, holder = op[2], op[3], op[4]
             slot = reg.slots[target]
             if slot.actor != actor or slot.epoch != epoch:
                 return []
@@ -1443,14 +1497,32 @@ class SupervisorProtocol:
                 if old is not None:
                     effects += self._op("depose", target, old, Depose(target, epoch)) + retired
                 return effects + self._answer_routes(now) + self._soon()
+            lost = isinstance(value, Refused) and value.kind in (
+                RefusalKind.NO_REPLICA,
+                RefusalKind.HOLDER_LOST,
+            )
             if (
-                isinstance(value, Refused)
-                and value.kind is RefusalKind.NO_REPLICA
+                lost
                 and slot.replacing is not None
                 and not (self.view is not None and self.view.dead(slot.replacing, self.spec))
             ):
                 return self._abandon(target, value.reason)
-            if isinstance(value, Refused) and value.kind is RefusalKind.NO_REPLICA:
+            earlier = (
+                self._earlier_holder(target, holder)
+                if lost and value.kind is RefusalKind.NO_REPLICA
+                else None
+            )
+            if earlier is not None:  # the last holder named never got it: the one before has it
+                name_replica_target(reg, target, earlier)
+                return [
+                    self._persist(),
+                    Note(
+                        "recovery_source",
+                        {"shard": target, "holder": earlier, "refused_by": holder},
+                    ),
+                    *self._soon(),
+                ]
+            if lost:
                 reason = (
                     f"shard {target} is lost: its primary died and its replica holder "
                     f"cannot give the replica ({value.reason})"
@@ -1491,6 +1563,9 @@ class SupervisorProtocol:
         if kind in ("start", "depose"):
             return self._soon()
         raise AssertionError(kind)
+
+    def _earlier_holder(self, shard: int, refused_by: Address) -> Address | None:
+        return earlier_holder(self.reg, self.view, shard, self.spec.num_shards, refused_by)
 
     # --- routes
     # ----------------------------------------------------------------------------------------

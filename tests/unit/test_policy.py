@@ -23,6 +23,8 @@ from raytrain_ft.protocol.messages import (
     Push,
     PushReply,
     RecoverPrimary,
+    RefusalKind,
+    Refused,
     Reply,
     ServerDescription,
     SetReplica,
@@ -42,6 +44,7 @@ from raytrain_ft.protocol.supervisor import (
     WorkerPhase,
     WorkerRecord,
     decide,
+    last_replica_target,
     num_slots,
     primary_shard,
     replica_shards,
@@ -1172,23 +1175,33 @@ def _retiring_holder(targets=((0, "b"),)):
 
 
 @pytest.mark.parametrize(
-    "targets, answers, silent, expected",
+    "targets, answers, silent, expected, source",
     [
         # the primary died: rebuilt from the retiring holder, the last one sent the replica
-        (((0, "b"),), {"a": DEAD, "b": _desc("b", None, 0)}, {}, A.RECOVER),
+        (((0, "b"),), {"a": DEAD, "b": _desc("b", None, 0)}, {}, A.RECOVER, "b"),
         # the primary only suspected: waited for (a retiring copy does not replace a suspect)
-        (((0, "b"),), {"b": _desc("b", None, 0)}, {"a": 11.0}, None),
+        (((0, "b"),), {"b": _desc("b", None, 0)}, {"a": 11.0}, None, None),
         # the retiring holder is itself silent: waited for, not given up
-        (((0, "b"),), {"a": DEAD}, {"b": 11.0}, None),
+        (((0, "b"),), {"a": DEAD}, {"b": 11.0}, None, None),
         # the retiring holder is dead too: both copies are gone
-        (((0, "b"),), {"a": DEAD, "b": DEAD}, {}, A.FAIL),
-        # a replicate went to "c" since: "c" may have logged acknowledged updates "b" lacks
-        (((0, "b"), (0, "c")), {"a": DEAD, "b": _desc("b", None, 0)}, {}, A.FAIL),
+        (((0, "b"),), {"a": DEAD, "b": DEAD}, {}, A.FAIL, None),
+        # a replicate went to "c" since: "c" may have logged acknowledged updates "b" lacks, so
+        # the rebuild asks "c" first (``test_a_holder_that_never_got_the_replica_...``: then "b")
+        (((0, "b"), (0, "c")), {"a": DEAD, "b": _desc("b", None, 0)}, {}, A.RECOVER, "c"),
+        # ... and with "c" dead, nobody can tell whether "b" has every acknowledged update
+        (((0, "b"), (0, "c")), {"a": DEAD, "c": DEAD, "b": _desc("b", None, 0)}, {}, A.FAIL, None),
     ],
-    ids=["primary-dead", "primary-suspected", "holder-silent", "both-dead", "newer-target"],
+    ids=[
+        "primary-dead",
+        "primary-suspected",
+        "holder-silent",
+        "both-dead",
+        "newer-target",
+        "newer-target-dead",
+    ],
 )
 def test_a_retiring_holder_is_rebuilt_from_only_when_it_has_the_newest_copy(
-    targets, answers, silent, expected
+    targets, answers, silent, expected, source
 ):
     reg = _retiring_holder(targets)
     view = _view(reg, k=1, answers=answers, silent=silent)
@@ -1200,7 +1213,85 @@ def test_a_retiring_holder_is_rebuilt_from_only_when_it_has_the_newest_copy(
         sup.view = view
         assert ("b", "server") in sup._known()  # a retiring server is probed like the others
         calls = [e for e in sup._carry_out(decisions[0], 0.0) if isinstance(e, Call)]
-        assert [c.msg.holder for c in calls if isinstance(c.msg, RecoverPrimary)] == ["b"]
+        assert [c.msg.holder for c in calls if isinstance(c.msg, RecoverPrimary)] == [source]
+
+
+def _recover_refused(kind, targets=((0, "b"), (0, "c")), answers=None):
+    """k=1, primary "a" dead, holder slot 1 moved from "b" (retiring) to "c"; the rebuild asked
+    "c", which answers ``kind``. Returns (supervisor, effects of the refusal)."""
+    reg = _retiring_holder(targets)
+    sup = SupervisorProtocol(_spec(k=1), shard_ranges(8, 1), lambda s: None, reg)
+    sup.view = _view(reg, k=1, answers={"a": DEAD, "b": _desc("b", None, 0), **(answers or {})})
+    (d,) = [d for d in decide(reg, sup.view, frozenset(), _spec(k=1), 0.0) if d.target == 0]
+    (call,) = [
+        e
+        for e in sup._carry_out(d, 0.0)
+        if isinstance(e, Call) and isinstance(e.msg, RecoverPrimary)
+    ]
+    assert call.msg.holder == "c"
+    return sup, sup.on_reply(call.cid, Refused(kind, "c holds no replica of shard 0"), 0.1)
+
+
+def test_a_holder_that_never_got_the_replica_sends_the_rebuild_to_the_one_before_it():
+    """Make before break while a replicate toward a new holder is unconfirmed: the new holder
+    refuses (it never got it, and fences the older epochs), so the holder named before it -- kept
+    retiring, with every acknowledged update -- becomes the source, persisted before the retry."""
+    sup, effects = _recover_refused(RefusalKind.NO_REPLICA)
+    assert sup.reg.phase is not RunPhase.FAILED
+    persisted = Registry.from_json(next(e for e in effects if isinstance(e, Persist)).value)
+    assert last_replica_target(persisted, 0) == "b"
+    (d,) = [d for d in decide(sup.reg, sup.view, frozenset(), _spec(k=1), 0.2) if d.target == 0]
+    assert d.action is A.RECOVER  # the recovery is not in flight: issued again
+    calls = [e for e in sup._carry_out(d, 0.2) if isinstance(e, Call)]
+    assert [c.msg.holder for c in calls if isinstance(c.msg, RecoverPrimary)] == ["b"]
+    assert calls[0].msg.epoch > 2  # a new epoch, newer than the one "c" fenced
+
+
+@pytest.mark.parametrize(
+    "kind, targets, answers",
+    [
+        # the holder died: it may have logged acknowledged updates the earlier one lacks
+        (RefusalKind.HOLDER_LOST, ((0, "b"), (0, "c")), None),
+        # no earlier holder retiring: nothing else can have the shard
+        (RefusalKind.NO_REPLICA, ((0, "c"),), None),
+        # the earlier holder is dead too
+        (RefusalKind.NO_REPLICA, ((0, "b"), (0, "c")), {"b": DEAD}),
+    ],
+    ids=["holder-dead", "no-earlier", "earlier-dead"],
+)
+def test_a_refused_rebuild_fails_the_run_when_no_earlier_holder_can_have_the_shard(
+    kind, targets, answers
+):
+    sup, effects = _recover_refused(kind, targets, answers)
+    assert sup.reg.phase is RunPhase.FAILED and "shard 0 is lost" in sup.reg.failure
+
+
+def test_a_shard_held_by_a_server_being_replaced_is_rebuilt_from_it():
+    """k=2: slot 1 (primary of shard 1, holder of shard 0's replica) is being rebuilt on "sp2"
+    replacing "b", only suspected; shard 0's primary then dies. "b" has shard 0's newest copy (it
+    was the last holder named): the rebuild waits while "b" is silent and uses it once it answers,
+    instead of declaring shard 0 lost."""
+
+    def tweak(r):
+        r.slots[1] = SlotRecord("sp2", SlotPhase.RECOVERING, 2, replacing="b", replacing_epoch=1)
+        r.reserved[1] = 2
+        r.replicated[0] = False
+        r.replica_targets = [[0, "b"], [1, "c"]]
+
+    reg = _reg(k=2, tweak=tweak)
+    spec = _spec(k=2)
+    busy = frozenset({("recover", 1)})
+    silent_b = _view(reg, k=2, answers={"a": DEAD}, silent={"b": 11.0})
+    assert [d for d in decide(reg, silent_b, busy, spec, 0.0) if d.target == 0] == []
+    back = _view(reg, k=2, answers={"a": DEAD, "b": _desc("b", 1, 1)})
+    (d,) = [d for d in decide(reg, back, busy, spec, 0.0) if d.target == 0]
+    assert d.action is A.RECOVER
+    sup = SupervisorProtocol(spec, shard_ranges(8, 2), lambda s: None, reg)
+    sup.view = back
+    calls = [e for e in sup._carry_out(d, 0.0) if isinstance(e, Call)]
+    assert [c.msg.holder for c in calls if isinstance(c.msg, RecoverPrimary)] == ["b"]
+    dead_b = _view(reg, k=2, answers={"a": DEAD, "b": DEAD})
+    assert [d.action for d in decide(reg, dead_b, busy, spec, 0.0) if d.target == 0] == [A.FAIL]
 
 
 def test_a_retiring_server_is_in_the_registry_written_before_any_effect():

@@ -532,6 +532,24 @@ def test_an_export_of_a_shard_not_held_is_refused():
     _refused(bus.ask("p", ExportReplica(0, 2)), RefusalKind.NO_REPLICA)
 
 
+def test_a_holder_that_refused_an_export_it_lacked_refuses_older_installs_too():
+    """Asked for a replica it never got (a replicate toward it was still on its way), a holder
+    fences the shard's older epochs: the install arriving late from the primary the recovery
+    replaces is refused, and that primary steps down, so no update it acknowledges afterwards can
+    be logged only here while the supervisor rebuilds from the holder named before."""
+    bus, shard, _ = _pair()
+    bus.add("h2", ServerProtocol("h2", bus.procs["p"].spec))
+    _refused(bus.ask("h2", ExportReplica(0, 2)), RefusalKind.NO_REPLICA)
+    assert "refused shard 0's replica to a recovery at epoch 2" in _refused(
+        bus.ask("p", SetReplica("h2", 2)), RefusalKind.FENCED
+    )
+    assert bus.ask("p", Describe()).deposed and 0 not in bus.procs["h2"].replicas
+    # a primary of the recovery's epoch (or newer) installs as usual
+    p2 = bus.procs["p"]
+    newer = InstallReplica(shard, 2, p2._snapshot(p2.primary))
+    assert bus.ask("h2", newer) == 0 and bus.procs["h2"].replicas[0].fence == 2
+
+
 def test_a_delayed_older_load_does_not_undo_a_newer_one():
     bus, shard, _ = _pair()
     _train(bus, 2)
