@@ -138,6 +138,15 @@ class EagerRetire(SupervisorProtocol):
         return [Kill(old, reason)]
 
 
+class LastHolderOnly(SupervisorProtocol):
+    """A recovery refused by the last holder named (it never got the replica: a replicate toward
+    it was still on its way) declares the shard lost, though the holder named before it, kept
+    retiring, has every acknowledged update."""
+
+    def _earlier_holder(self, shard: int, refused_by):
+        return None
+
+
 BUGS = {
     "ack-before-log": ("server", AckBeforeLog),
     "no-fencing": ("server", NoFencing),
@@ -151,6 +160,7 @@ BUGS = {
     "per-rank-start": ("supervisor", PerRankStart),
     "lone-restart": ("supervisor", LoneRestart),
     "eager-retire": ("supervisor", EagerRetire),
+    "last-holder-only": ("supervisor", LastHolderOnly),
 }
 
 SHOWN_ONLY_IN = {

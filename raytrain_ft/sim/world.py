@@ -69,10 +69,15 @@ from raytrain_ft.protocol.supervisor import (
     SupervisorProtocol,
     SupervisorSpec,
     any_started,
+    holds_for_slot,
     replica_slot,
+    replica_target_history,
 )
 
 SUPERVISOR = "supervisor"
+WINDOW_NOTES = ("recovery_started", "rereplication_started", "retiring", "recovery_source")
+"""Supervisor notes that open a window in which a shard's newest copy may sit on a server being
+replaced: the simulator often crashes something soon after one (``World.inject_in_window``)."""
 REGISTRY_KEY = "registry"
 STARTUP_S = 0.08
 """About when a simulated run's workers start training (servers created, loaded and replicated
@@ -525,6 +530,9 @@ class World:
             process_ranks=cfg.preaggregate,
         )
         self._fault_budget = cfg.max_faults if faults else 0
+        self._window_budget = 1 if faults else 0
+        """One crash more, in a window ``WINDOW_NOTES`` opens (the other faults are spent by then:
+        the window follows one)."""
         self._progress = 0
 
     # --- scheduling
@@ -653,6 +661,13 @@ class World:
                     self.log(f"{proc.name} notes {eff.event} {eff.fields}")
                 if eff.event in ("update", "recovered", "rereplicated"):
                     self._progress += 1
+                if (
+                    eff.event in WINDOW_NOTES
+                    and proc.kind == "supervisor"
+                    and self._window_budget
+                    and self.rng.random() < 0.5
+                ):
+                    self.at(self.rng.uniform(0.0, 0.03), "fault", "window")
             elif isinstance(eff, SaveCheckpoint):
                 raise AssertionError("the simulator runs replica recovery only")
 
@@ -801,6 +816,9 @@ class World:
                         "now",
                     )
                 return
+            if event[1] == "window":
+                self.inject_in_window()
+                return
             self.inject()
         else:
             raise AssertionError(kind)
@@ -851,13 +869,32 @@ class World:
         return sup.reg
 
     def _may_crash(self, victims: set[str]) -> bool:
-        """Whether losing ``victims`` together leaves every shard a live primary or a holder with
-        its replica."""
+        """Whether losing ``victims`` together leaves every shard a live primary or a server with
+        its newest copy that the supervisor can find: the holder it confirmed, or else the last
+        holder it named, still one of the holder slot's servers (a retiring one, or the one a
+        recovery replaces, make before break), with the replica -- or without it, and the holder
+        named before it retiring with it (the last one's install has not happened)."""
         reg, k = self._registry(), self.cfg.num_shards
 
         def gone(name):
             p = self.procs.get(name)
             return name is None or name in victims or p is None or not p.alive
+
+        def has_copy(name, shard):
+            return not gone(name) and shard in self.procs[name].obj.replicas
+
+        def newest_copy_kept(shard):
+            history = replica_target_history(reg, shard)
+            if not history or gone(history[0]) or not holds_for_slot(reg, shard, k, history[0]):
+                return False
+            if has_copy(history[0], shard):
+                return True
+            holder_slot = reg.slots[replica_slot(shard, k)]
+            return (
+                len(history) > 1
+                and history[1] in holder_slot.retiring
+                and has_copy(history[1], shard)
+            )
 
         for shard in range(k):
             slot = reg.slots[shard]
@@ -867,7 +904,7 @@ class World:
                 reg.replicated[shard]
                 and holder.phase in (SlotPhase.SERVING, SlotPhase.RECOVERING)
                 and not gone(holder.actor)
-            )
+            ) or (not reg.replicated[shard] and newest_copy_kept(shard))
             if not primary_ok and not holder_ok and (reg.training or reg.replicated[shard]):
                 # (before training, a shard not replicated yet is simply loaded again from the
                 # initial values: no worker can start before its replication is confirmed)
@@ -875,6 +912,27 @@ class World:
             if slot.phase is SlotPhase.RECOVERING and not holder_ok:
                 return False
         return True
+
+    def inject_in_window(self) -> None:
+        """A crash just after the supervisor began moving a copy (``WINDOW_NOTES``): of a primary
+        whose shard's replica is unconfirmed, of the holder last named for it, or of a retiring
+        server -- the moments when a shard's newest copy may be on a server being replaced.
+        Nothing if the crash would leave a shard no copy the supervisor can find."""
+        reg, k = self._registry(), self.cfg.num_shards
+        unconfirmed = [s for s in range(k) if not reg.replicated[s]]
+        names = {reg.slots[s].actor for s in unconfirmed}
+        names |= {h for s in unconfirmed for h in replica_target_history(reg, s)[:1]}
+        names |= {name for slot in reg.slots for name in slot.retiring}
+        live = sorted(n for n in names if n in self.procs and self.procs[n].alive)
+        if not live or self._window_budget <= 0:
+            return
+        victim = self.rng.choice(live)
+        if not self._may_crash({victim}):
+            return
+        self._window_budget -= 1
+        self.faults.append(f"crash of {victim} while a copy moves")
+        self.log(f"FAULT {self.faults[-1]}")
+        self.kill(victim, self.faults[-1])
 
     def inject(self) -> None:
         if self._fault_budget <= 0:
