@@ -236,12 +236,13 @@ class Registry:
     checkpoint_steps: list = field(default_factory=list)
     """Per shard: the newest checkpoint file step its primaries reported (the file baseline)."""
     replica_targets: list = field(default_factory=list)
-    """``[shard, holder]``: the holders a replicate of each shard was sent toward, oldest first,
-    the last ``TARGETS_KEPT`` per shard (recorded before it is sent). A primary installs, re-sends
-    snapshots to and appends to the holder it was last told of, or the one it was rebuilt from
-    (recorded as the last when the recovery is sent), so the last holder named for a shard is the
-    one with its newest copy -- unless it never got the replica: then the one before it (it
-    refuses the export, ``RefusalKind.NO_REPLICA``, and fences the shard's older epochs)."""
+    """``[shard, holder]``: the holders a replicate of each shard was sent toward, oldest first
+    (recorded before it is sent; an earlier one kept while it is still one of the holder slot's
+    servers). A primary installs, re-sends snapshots to and appends to the holder it was last told
+    of, or the one it was rebuilt from (recorded as the last when the recovery is sent), so the
+    last holder named for a shard is the one with its newest copy -- unless it never got the
+    replica: then it refuses the export (``RefusalKind.NO_REPLICA``), fences the shard's older
+    epochs and is forgotten, and the one named before it is the last."""
     events: list[RecoveryEvent] = field(default_factory=list)
 
     @classmethod
@@ -423,24 +424,29 @@ WORKER_ACTIONS = frozenset(
 )
 
 
-TARGETS_KEPT = 2
-"""Holders remembered per shard (``Registry.replica_targets``): the last one named, and the one
-before it, which has the newest copy while the last one's install has not happened."""
-
-
 def replica_target_history(reg: Registry, shard: int) -> list:
     """The holders a replicate of ``shard`` was sent toward, newest first."""
     return [holder for s, holder in reversed(reg.replica_targets) if s == shard]
 
 
-def name_replica_target(reg: Registry, shard: int, holder: Address) -> None:
+def name_replica_target(reg: Registry, shard: int, k: int, holder: Address) -> None:
     """Record ``holder`` as the last holder of ``shard`` (before a replicate or a recovery names
-    it), keeping the ``TARGETS_KEPT`` newest per shard."""
-    kept = [holder] + [h for h in replica_target_history(reg, shard) if h != holder]
-    kept = kept[:TARGETS_KEPT]
-    reg.replica_targets = [t for t in reg.replica_targets if t[0] != shard] + [
-        [shard, h] for h in reversed(kept)
+    it). The earlier ones are kept while they are still servers of the holder slot: a retiring one
+    has the newest copy if every later one never got it."""
+    earlier = [
+        h
+        for h in replica_target_history(reg, shard)
+        if h != holder and holds_for_slot(reg, shard, k, h)
     ]
+    reg.replica_targets = [t for t in reg.replica_targets if t[0] != shard] + [
+        [shard, h] for h in reversed([holder, *earlier])
+    ]
+
+
+def forget_replica_target(reg: Registry, shard: int, holder: Address) -> None:
+    """``holder`` refused ``shard``'s export since it never got the replica (and fenced the older
+    epochs): it holds no copy, and the holder named before it is the last."""
+    reg.replica_targets = [t for t in reg.replica_targets if list(t) != [shard, holder]]
 
 
 def last_replica_target(reg: Registry, shard: int) -> Address | None:
@@ -475,14 +481,14 @@ def fallback_holder(reg: Registry, view, shard: int | None, k: int) -> Address |
 
 def earlier_holder(reg: Registry, view, shard: int, k: int, refused_by: Address) -> Address | None:
     """After the last holder named for ``shard`` (``refused_by``) refused a recovery's export since
-    it never got the replica: the holder named before it, if its slot retires it and no call found
-    it dead (it has every update a primary acknowledged: none was logged on the last one, which now
-    refuses the older epochs); else None."""
+    it never got the replica: the holder named before it, if it is still one of the holder slot's
+    servers and no call found it dead (it has every update a primary acknowledged: none was logged
+    on the later one, which now refuses the older epochs); else None."""
     history = replica_target_history(reg, shard)
     if len(history) < 2 or history[0] != refused_by:
         return None
     earlier = history[1]
-    if earlier not in reg.slots[replica_slot(shard, k)].retiring:
+    if not holds_for_slot(reg, shard, k, earlier):
         return None
     if view is not None and view.gone_for_good(earlier):
         return None
@@ -1134,7 +1140,7 @@ class SupervisorProtocol:
             shard = d.target
             holder = reg.slots[replica_slot(shard, k)].actor
             reg.replica_version += 1  # persisted before the holder is named with it
-            name_replica_target(reg, shard, holder)
+            name_replica_target(reg, shard, k, holder)
             primary = reg.slots[shard].actor
             calls = self._op(
                 "replicate",
@@ -1305,7 +1311,7 @@ class SupervisorProtocol:
         reg.reserved[j] += 1  # never reused: a holder refuses an epoch it has seen
         slot.epoch = reg.reserved[j]
         holder = fallback_holder(reg, view, j, k) or reg.slots[replica_slot(j, k)].actor
-        name_replica_target(reg, j, holder)  # the rebuilt primary logs to it
+        name_replica_target(reg, j, k, holder)  # the rebuilt primary logs to it
         calls = self._op(
             "recover",
             j,
@@ -1501,11 +1507,7 @@ class SupervisorProtocol:
                 RefusalKind.NO_REPLICA,
                 RefusalKind.HOLDER_LOST,
             )
-            if (
-                lost
-                and slot.replacing is not None
-                and not (self.view is not None and self.view.dead(slot.replacing, self.spec))
-            ):
+            if lost and self._only_suspected(slot.replacing):
                 return self._abandon(target, value.reason)
             earlier = (
                 self._earlier_holder(target, holder)
@@ -1513,7 +1515,7 @@ class SupervisorProtocol:
                 else None
             )
             if earlier is not None:  # the last holder named never got it: the one before has it
-                name_replica_target(reg, target, earlier)
+                forget_replica_target(reg, target, holder)
                 return [
                     self._persist(),
                     Note(
@@ -1563,6 +1565,14 @@ class SupervisorProtocol:
         if kind in ("start", "depose"):
             return self._soon()
         raise AssertionError(kind)
+
+    def _only_suspected(self, name: Address | None) -> bool:
+        """Whether the primary a recovery replaces may serve on: neither silent too long, nor
+        found dead, nor deposed (a deposed one no longer serves)."""
+        if name is None or self.view is None:
+            return False
+        desc = self.view.describe(name)
+        return not self.view.dead(name, self.spec) and not (desc is not None and desc.deposed)
 
     def _earlier_holder(self, shard: int, refused_by: Address) -> Address | None:
         return earlier_holder(self.reg, self.view, shard, self.spec.num_shards, refused_by)

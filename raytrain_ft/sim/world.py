@@ -872,8 +872,8 @@ class World:
         """Whether losing ``victims`` together leaves every shard a live primary or a server with
         its newest copy that the supervisor can find: the holder it confirmed, or else the last
         holder it named, still one of the holder slot's servers (a retiring one, or the one a
-        recovery replaces, make before break), with the replica -- or without it, and the holder
-        named before it retiring with it (the last one's install has not happened)."""
+        recovery replaces, make before break), with the replica -- or without it, and so on back
+        through the holders named before it (each later one's install has not happened)."""
         reg, k = self._registry(), self.cfg.num_shards
 
         def gone(name):
@@ -884,17 +884,12 @@ class World:
             return not gone(name) and shard in self.procs[name].obj.replicas
 
         def newest_copy_kept(shard):
-            history = replica_target_history(reg, shard)
-            if not history or gone(history[0]) or not holds_for_slot(reg, shard, k, history[0]):
-                return False
-            if has_copy(history[0], shard):
-                return True
-            holder_slot = reg.slots[replica_slot(shard, k)]
-            return (
-                len(history) > 1
-                and history[1] in holder_slot.retiring
-                and has_copy(history[1], shard)
-            )
+            for name in replica_target_history(reg, shard):  # newest first
+                if gone(name) or not holds_for_slot(reg, shard, k, name):
+                    return False
+                if has_copy(name, shard):
+                    return True
+            return False
 
         for shard in range(k):
             slot = reg.slots[shard]
@@ -921,7 +916,7 @@ class World:
         reg, k = self._registry(), self.cfg.num_shards
         unconfirmed = [s for s in range(k) if not reg.replicated[s]]
         names = {reg.slots[s].actor for s in unconfirmed}
-        names |= {h for s in unconfirmed for h in replica_target_history(reg, s)[:1]}
+        names |= {h for s in unconfirmed for h in replica_target_history(reg, s)}
         names |= {name for slot in reg.slots for name in slot.retiring}
         live = sorted(n for n in names if n in self.procs and self.procs[n].alive)
         if not live or self._window_budget <= 0:

@@ -1247,6 +1247,68 @@ def test_a_holder_that_never_got_the_replica_sends_the_rebuild_to_the_one_before
     assert calls[0].msg.epoch > 2  # a new epoch, newer than the one "c" fenced
 
 
+def test_a_rebuild_walks_back_through_every_holder_that_never_got_the_replica():
+    """Holder slot 1 moved from "w" to "x" before the replicate toward "x" landed, then from "x"
+    to "y" (both kept retiring); primary "a" dies with the replicate toward "y" on its way. "y"
+    and "x" each refuse (never got it) and are forgotten, so the rebuild reaches "w", which has
+    every acknowledged update -- one step back per refusal, never around in a loop; a refusal
+    from "w" too leaves no earlier holder and the run fails."""
+
+    def tweak(reg):
+        reg.slots[1].actor, reg.slots[1].retiring = "y", ["w", "x"]
+        reg.replicated = [False]
+        reg.replica_targets = [[0, "w"], [0, "x"], [0, "y"]]
+
+    reg = _reg(k=1, tweak=tweak)
+    sup = SupervisorProtocol(_spec(k=1), shard_ranges(8, 1), lambda s: None, reg)
+    alive = {n: _desc(n, None, 0) for n in ("w", "x", "y")}
+    sup.view = _view(reg, k=1, answers={"a": DEAD, **alive})
+    asked = []
+    for _ in range(3):
+        (d,) = [d for d in decide(reg, sup.view, frozenset(), _spec(k=1), 0.0) if d.target == 0]
+        assert d.action is A.RECOVER, d
+        (call,) = [
+            e
+            for e in sup._carry_out(d, 0.0)
+            if isinstance(e, Call) and isinstance(e.msg, RecoverPrimary)
+        ]
+        asked.append(call.msg.holder)
+        sup.on_reply(call.cid, Refused(RefusalKind.NO_REPLICA, "holds no replica"), 0.1)
+        if reg.phase is RunPhase.FAILED:
+            break
+    assert asked == ["y", "x", "w"]
+    assert reg.phase is RunPhase.FAILED and "shard 0 is lost" in reg.failure
+
+
+def test_a_refused_rebuild_does_not_put_a_deposed_primary_back():
+    """A recovery of a primary that was deposed (it answers probes but serves no more) and is
+    refused by the last holder turns to the earlier one; abandoning it would put a primary that
+    no longer serves back in its slot."""
+
+    def tweak(reg):
+        reg.slots[0] = SlotRecord("sp2", SlotPhase.RECOVERING, 2, replacing="a", replacing_epoch=1)
+        reg.reserved[0] = 2
+        reg.slots[1].actor, reg.slots[1].retiring = "c", ["b"]
+        reg.replicated = [False]
+        reg.replica_targets = [[0, "b"], [0, "c"]]
+
+    reg = _reg(k=1, tweak=tweak)
+    sup = SupervisorProtocol(_spec(k=1), shard_ranges(8, 1), lambda s: None, reg)
+    sup.view = _view(
+        reg, k=1, answers={"a": _desc("a", 0, 1, deposed=True), "b": _desc("b", None, 0)}
+    )
+    (d,) = [d for d in decide(reg, sup.view, frozenset(), _spec(k=1), 0.0) if d.target == 0]
+    (call,) = [
+        e
+        for e in sup._carry_out(d, 0.0)
+        if isinstance(e, Call) and isinstance(e.msg, RecoverPrimary)
+    ]
+    assert call.msg.holder == "c"
+    sup.on_reply(call.cid, Refused(RefusalKind.NO_REPLICA, "c holds no replica"), 0.1)
+    assert reg.slots[0].phase is SlotPhase.RECOVERING and reg.slots[0].actor == "sp2"
+    assert last_replica_target(reg, 0) == "b"
+
+
 @pytest.mark.parametrize(
     "kind, targets, answers",
     [
