@@ -283,6 +283,85 @@ def test_chaos_against_a_running_run(ray_local, tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    "role, num_servers, replaced",
+    [
+        ("server", 2, ("server", 0)),
+        pytest.param("replica", 1, ("replica", 1), marks=pytest.mark.extended),
+    ],
+    ids=["primary", "holder"],
+)
+def test_a_frozen_server_is_replaced_while_alive_and_fenced_when_it_wakes(
+    ray_local, tmp_path, role, num_servers, replaced
+):
+    """A suspected-but-alive server, for real: its process is stopped (SIGSTOP) at step 15, so it
+    answers nothing and holds its callers' messages. The supervisor suspects it after
+    ``suspect_after_s`` and replaces it while it still lives (a primary's shard is rebuilt from its
+    replica, the stopped one fenced; a dedicated holder's replica goes to its successor, the
+    stopped one kept retiring until it is there); the run trains on without it to step 40; then it
+    wakes (SIGCONT) with the stale pushes and appends it was sent, and must change nothing: I1-I4
+    as for a kill, the same hash."""
+    import signal
+    import threading
+    import time
+
+    import ray
+    from ray._private.test_utils import wait_for_condition
+
+    from raytrain_ft.recovery.chaos import find_supervisor
+
+    baseline = baseline_hash(num_servers)
+    box = {}
+    cfg = _config(num_servers, suspect_after_s=2.0)
+    thread = threading.Thread(target=lambda: box.update(result=Trainer(cfg).fit()), daemon=True)
+    thread.start()
+
+    def run_visible():
+        try:
+            box["run"] = find_supervisor(None)
+            return True
+        except Exception:
+            return False
+
+    wait_for_condition(run_visible, timeout=120, retry_interval_ms=100)
+    _, supervisor = box["run"]
+
+    def status():
+        return ray.get(supervisor.status.remote(), timeout=30)
+
+    def reached(step):
+        s = status()
+        return s.state == "running" and min(s.shard_steps, default=0) >= step
+
+    wait_for_condition(lambda: reached(15), timeout=120, retry_interval_ms=50)
+    name, process = status().targets.lookup(role, 0)
+    pid = int(process.rpartition(":")[2])
+    os.kill(pid, signal.SIGSTOP)
+    seen = None
+    try:  # stopped until the run has trained on without it (or has ended: then the asserts say why)
+        deadline = time.monotonic() + 120
+        while thread.is_alive() and time.monotonic() < deadline:
+            try:
+                seen = status()
+            except ray.exceptions.RayActorError:  # the run ended: its supervisor is gone
+                break
+            if min(seen.shard_steps) >= 40 and any(e["actor"] == name for e in seen.events):
+                break
+            time.sleep(0.1)
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:  # the supervisor killed it once its copies were elsewhere
+            pass
+    thread.join(timeout=300)
+    result = box["result"]
+    assert [(e["role"], e["index"], e["actor"]) for e in result.recoveries] == [
+        (*replaced, name)
+    ], seen.events if seen else None
+    assert seen is not None and min(seen.shard_steps) >= 40, "it trained on while one was stopped"
+    assert_invariants(result, num_servers, "", tmp_path, baseline)
+
+
 @pytest.mark.soak
 def test_soak_thirty_random_kills(ray_local, tmp_path):
     """>= 30 random kills across roles (one at a time, >= 1 s apart); the run completes and I1
