@@ -474,6 +474,30 @@ class OptimConfig:
         )
 
 
+def check_schedule(optim: OptimConfig, total_steps: int) -> None:
+    """ConfigError for an LR schedule the run is too short for: a warm-up longer than the run
+    (``--lr`` never reached) or a step schedule whose first decay comes after the last step (it
+    would change nothing, like a setting ignored)."""
+    if optim.warmup_steps > total_steps:
+        raise ConfigError(
+            "optim.warmup_steps",
+            f"a warm-up of {optim.warmup_steps} steps is longer than this run's {total_steps} "
+            f"steps, so the lr would never reach --lr {optim.lr!r}; use --warmup-steps "
+            f"{total_steps} or fewer, or train longer (--steps / --epochs)",
+        )
+    first_decay = optim.warmup_steps + optim.step_size
+    if optim.schedule == "step" and first_decay >= total_steps:
+        room = total_steps - 1 - optim.warmup_steps
+        fix = f"use --step-size {room} or less" if room >= 1 else "use fewer --warmup-steps"
+        raise ConfigError(
+            "optim.step_size",
+            f"the step schedule first lowers the lr at step {first_decay} (--warmup-steps "
+            f"{optim.warmup_steps} + --step-size {optim.step_size}) and this run has "
+            f"{total_steps} steps, so it would never; {fix}, train longer, or use --schedule "
+            "constant",
+        )
+
+
 @dataclass(kw_only=True, slots=True)
 class ClusterConfig:
     num_workers: int = 2

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raytrain_ft.config import TrainConfig, flag_of
+from raytrain_ft.config import TrainConfig, check_schedule, flag_of
 from raytrain_ft.consistency import local_rounds, merge_histograms
 from raytrain_ft.data import Dataset, check_source, checked_steps_per_epoch
 from raytrain_ft.errors import ClusterError, ConfigError, TrainingError
@@ -665,6 +665,7 @@ class Trainer:
             raise ConfigError("model.name", "the model has no parameters or buffers to train")
         total_steps = total_steps_for(cfg, task.num_train)
         check_steps(kills, total_steps)
+        check_schedule(cfg.optim, total_steps)
         n = cfg.cluster.num_servers
         if starts_its_own_ray(cfg):  # before the shard count is judged against the model's size
             check_embedded_memory(cfg, available_memory())

@@ -232,6 +232,35 @@ def test_simulated_steps_need_no_data_per_worker():
     assert total_steps_for(simulated, num_train=1438) == 30
 
 
+@pytest.mark.parametrize(
+    "optim, total, field, fix",
+    [
+        ({"warmup_steps": 101}, 100, "optim.warmup_steps", "use --warmup-steps 100 or fewer"),
+        ({"schedule": "step"}, 30, "optim.step_size", "use --step-size 29 or less"),
+        ({"schedule": "step", "step_size": 5, "warmup_steps": 25}, 30, "optim.step_size", "4 or"),
+        ({"schedule": "step", "step_size": 1, "warmup_steps": 29}, 30, "optim.step_size", "fewer"),
+    ],
+    ids=["warmup-past-the-end", "no-decay", "no-decay-after-warmup", "warmup-leaves-no-room"],
+)
+def test_a_schedule_the_run_is_too_short_for_is_refused(optim, total, field, fix):
+    with pytest.raises(ConfigError) as e:
+        C.check_schedule(C.OptimConfig(**optim), total)
+    assert e.value.field == field and fix in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize(
+    "optim, total",
+    [
+        ({"warmup_steps": 100}, 100),  # --lr reached at the last step
+        ({"schedule": "step"}, 31),  # one decay, at step 30
+        ({"schedule": "step", "step_size": 4, "warmup_steps": 25}, 30),
+        ({"schedule": "cosine", "warmup_steps": 10}, 10),
+    ],
+)
+def test_a_schedule_that_takes_effect_within_the_run_is_accepted(optim, total):
+    C.check_schedule(C.OptimConfig(**optim), total)
+
+
 # --- every field checked on construction: types (Python API), finiteness and ranges (CLI, YAML,
 # Python alike) ---
 
