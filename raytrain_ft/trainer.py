@@ -338,7 +338,7 @@ def ray_session(config: TrainConfig):
     cc = config.cluster
     # a run's own files are written on this machine unless it joins a cluster elsewhere: check them
     # before Ray starts
-    if config.recovery.checkpoint_dir and not (cc.address or os.environ.get(RAY_ADDRESS_ENV_VAR)):
+    if config.recovery.checkpoint_dir and not named_ray_address(config):
         check_writable_dir(
             config.recovery.checkpoint_dir, "recovery.checkpoint_dir", "--checkpoint-dir"
         )
@@ -387,7 +387,7 @@ def ray_session(config: TrainConfig):
         return
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
     # a Ray job's driver finds its cluster in RAY_ADDRESS (set by the job supervisor)
-    address = cc.address or os.environ.get(RAY_ADDRESS_ENV_VAR, "")
+    address = named_ray_address(config)
     if address:
         address = check_reachable(
             address, field="cluster.address" if cc.address else RAY_ADDRESS_ENV_VAR
@@ -421,13 +421,17 @@ def ray_session(config: TrainConfig):
         ray.shutdown()
 
 
+def named_ray_address(config: TrainConfig) -> str:
+    """The Ray the run is told to join: ``cluster.address``, else a job driver's
+    ``RAY_ADDRESS``; "" when none is named."""
+    return config.cluster.address or os.environ.get(RAY_ADDRESS_ENV_VAR, "")
+
+
 def starts_its_own_ray(config: TrainConfig) -> bool:
     """Whether ``ray_session`` starts a Ray on this machine for the run (no Ray joined or named)."""
     import ray
 
-    return not (
-        ray.is_initialized() or config.cluster.address or os.environ.get(RAY_ADDRESS_ENV_VAR)
-    )
+    return not (ray.is_initialized() or named_ray_address(config))
 
 
 PROCESS_GB = 0.3
