@@ -160,6 +160,9 @@ class SlotRecord:
     """RECOVERING: the primary being replaced, killed only once its successor serves (if the
     recovery cannot finish and it was only suspected, it serves on)."""
     replacing_epoch: int = 0
+    replacing_confirmed: bool = False
+    """RECOVERING: the primary replaced was confirmed dead or deposed when the recovery began (it
+    can never serve on: the recovery is never abandoned to it)."""
     retiring: list = field(default_factory=list)
     """Servers this slot's actors replaced that may hold the only copy of a replica the slot holds
     (they were the last holder it was sent to; a successor starts without it): probed, and killed
@@ -676,8 +679,16 @@ def decide(
     for j, slot in enumerate(reg.slots):
         if slot.phase is SlotPhase.RECOVERING:
             shard = primary_shard(j, k)
+            if ("recover", j) in busy:
+                continue  # its answer (rebuilt, or the holder lost) decides
             if replica_copy(shard) == "dead" and fallback(shard) is None:
-                if slot.replacing is not None and condition(slot.replacing) != "dead":
+                # nothing to rebuild from: not issued again
+                out = [d for d in out if not (d.action is Action.RECOVER and d.target == j)]
+                if (
+                    slot.replacing is not None
+                    and not slot.replacing_confirmed
+                    and condition(slot.replacing) != "dead"
+                ):
                     out.append(
                         Decision(
                             Action.ABANDON_RECOVERY,
@@ -996,6 +1007,8 @@ class SupervisorProtocol:
             (n, "server") for n in self.reg.spares
         ]
         names += [(n, "server") for s in self.reg.slots for n in s.retiring]
+        # a primary being replaced: whether it lives or was deposed decides an abandon
+        names += [(s.replacing, "server") for s in self.reg.slots if s.replacing]
         names += [(w.actor, "worker") for w in self.reg.workers if w.actor]
         return names
 
@@ -1304,7 +1317,11 @@ class SupervisorProtocol:
                 reg.events.append(
                     RecoveryEvent("server", j, "replica", detected_at=now, actor=slot.actor)
                 )
+                old = view.describe(slot.actor)
                 slot.replacing, slot.replacing_epoch = slot.actor, slot.epoch
+                slot.replacing_confirmed = view.gone_for_good(slot.actor) or (
+                    old is not None and old.deposed
+                )
             slot.actor, slot.phase = spare, SlotPhase.RECOVERING
         elif not view.alive(slot.actor):
             return []  # the spare is busy (replaying) or slow: ask again next round
@@ -1479,7 +1496,7 @@ class SupervisorProtocol:
                 return []
             if isinstance(value, Recovered):
                 slot.phase = SlotPhase.SERVING
-                old, slot.replacing = slot.replacing, None
+                old, slot.replacing, slot.replacing_confirmed = slot.replacing, None, False
                 for e in reversed(reg.events):
                     if e.role == "server" and e.index == target and e.serving_at is None:
                         e.serving_at, e.replayed, e.bytes_moved, e.epoch, e.step = (
@@ -1507,7 +1524,7 @@ class SupervisorProtocol:
                 RefusalKind.NO_REPLICA,
                 RefusalKind.HOLDER_LOST,
             )
-            if lost and self._only_suspected(slot.replacing):
+            if lost and not slot.replacing_confirmed and self._only_suspected(slot.replacing):
                 return self._abandon(target, value.reason)
             earlier = (
                 self._earlier_holder(target, holder)

@@ -534,7 +534,7 @@ DECIDE = [
         _spec(1),
         _recovering(1),
         _view(_recovering(1), k=1, answers={"b": DEAD}, silent={"a": 11.0}),
-        (("recover", 0),),
+        (),  # no recovery in flight (the supervisor restarted): decided from the round
         [(A.REPLACE_HOLDER, 1), (A.ABANDON_RECOVERY, 0)],
         "only suspected",
     ),
@@ -543,7 +543,7 @@ DECIDE = [
         _spec(1),
         _recovering(1),
         _view(_recovering(1), k=1, answers={"b": DEAD, "a": DEAD}),
-        (("recover", 0),),
+        (),  # no recovery in flight (the supervisor restarted): decided from the round
         [(A.FAIL, 0)],
         "died before the shard was rebuilt",
     ),
@@ -1307,6 +1307,67 @@ def test_a_refused_rebuild_does_not_put_a_deposed_primary_back():
     sup.on_reply(call.cid, Refused(RefusalKind.NO_REPLICA, "c holds no replica"), 0.1)
     assert reg.slots[0].phase is SlotPhase.RECOVERING and reg.slots[0].actor == "sp2"
     assert last_replica_target(reg, 0) == "b"
+
+
+def _rebuilding_from_c(confirmed: bool):
+    """k=1: slot 0 is being rebuilt on "sp2" at epoch 2, replacing "a" (``confirmed``: "a" was
+    found dead or deposed when it began); holder slot 1 moved from "b" (retiring) to "c", which
+    has not confirmed shard 0's replica."""
+
+    def tweak(r):
+        r.slots[0] = SlotRecord(
+            "sp2",
+            SlotPhase.RECOVERING,
+            2,
+            replacing="a",
+            replacing_epoch=1,
+            replacing_confirmed=confirmed,
+        )
+        r.reserved[0] = 2
+        r.slots[1].actor, r.slots[1].retiring = "c", ["b"]
+        r.replicated = [False]
+        r.replica_targets = [[0, "b"], [0, "c"]]
+
+    return _reg(k=1, tweak=tweak)
+
+
+def test_the_primary_a_recovery_replaces_is_probed():
+    """Whether it lives or was deposed decides an abandon: a round asks it like the others."""
+    sup = SupervisorProtocol(
+        _spec(k=1), shard_ranges(8, 1), lambda s: None, _rebuilding_from_c(False)
+    )
+    assert ("a", "server") in sup._known()
+
+
+def test_a_rebuild_begun_for_a_dead_primary_is_never_abandoned_to_it():
+    """After a supervisor restart nothing has probed "a" yet (it looks alive); its recovery began
+    because it was dead, so a refusal turns to the earlier holder instead of putting "a" back."""
+    reg = _rebuilding_from_c(True)
+    sup = SupervisorProtocol(_spec(k=1), shard_ranges(8, 1), lambda s: None, reg)
+    sup.view = _view(reg, k=1, answers={"a": _desc("a", 0, 1), "b": _desc("b", None, 0)})
+    (d,) = [d for d in decide(reg, sup.view, frozenset(), _spec(k=1), 0.0) if d.target == 0]
+    assert d.action is A.RECOVER
+    (call,) = [
+        e
+        for e in sup._carry_out(d, 0.0)
+        if isinstance(e, Call) and isinstance(e.msg, RecoverPrimary)
+    ]
+    sup.on_reply(call.cid, Refused(RefusalKind.NO_REPLICA, "c holds no replica"), 0.1)
+    assert reg.slots[0].actor == "sp2" and reg.slots[0].phase is SlotPhase.RECOVERING
+    assert last_replica_target(reg, 0) == "b"
+
+
+def test_a_recovery_in_flight_is_not_abandoned_or_failed_before_it_answers():
+    """The holder died while the spare replays: the recovery's own answer (rebuilt, or holder
+    lost) decides, not a probe round that saw the holder dead first."""
+    reg = _rebuilding_from_c(False)
+    reg.replica_targets = [[0, "c"]]
+    view = _view(reg, k=1, answers={"c": DEAD})
+    busy = frozenset({("recover", 0)})
+    about_0 = [d for d in decide(reg, view, busy, _spec(k=1), 0.0) if d.target == 0]
+    assert about_0 == []
+    about_0 = [d.action for d in decide(reg, view, frozenset(), _spec(k=1), 0.0) if d.target == 0]
+    assert about_0 == [A.ABANDON_RECOVERY]  # no answer coming: "a", only suspected, serves on
 
 
 @pytest.mark.parametrize(
