@@ -247,19 +247,16 @@ def test_without_copies_a_server_death_fails_with_a_clear_message(ray_local, tmp
         Trainer(_config(2, kill="server:1@step=10", mode="none")).fit()
 
 
-@pytest.mark.extended  # the job test kills through `raytrain-ft chaos` too
-def test_chaos_against_a_running_run(ray_local, tmp_path):
-    """What `raytrain-ft chaos` does: find the run's supervisor and kill by role while it trains."""
+def _train_in_background(cfg):
+    """Start ``Trainer(cfg).fit()`` in a thread, as a job would run it, and wait until its
+    supervisor can be found. Returns (thread, box: "result" once it ends, supervisor handle)."""
     import threading
 
     from ray._private.test_utils import wait_for_condition
 
-    from raytrain_ft.recovery.chaos import find_supervisor, run_schedule
-    from raytrain_ft.recovery.faults import parse_kills
+    from raytrain_ft.recovery.chaos import find_supervisor
 
     box = {}
-    cfg = _config(2)
-    cfg.steps = 200
     thread = threading.Thread(target=lambda: box.update(result=Trainer(cfg).fit()), daemon=True)
     thread.start()
 
@@ -271,7 +268,18 @@ def test_chaos_against_a_running_run(ray_local, tmp_path):
             return False
 
     wait_for_condition(run_visible, timeout=120, retry_interval_ms=100)
-    _, supervisor = box["run"]
+    return thread, box, box["run"][1]
+
+
+@pytest.mark.extended  # the job test kills through `raytrain-ft chaos` too
+def test_chaos_against_a_running_run(ray_local, tmp_path):
+    """What `raytrain-ft chaos` does: find the run's supervisor and kill by role while it trains."""
+    from raytrain_ft.recovery.chaos import run_schedule
+    from raytrain_ft.recovery.faults import parse_kills
+
+    cfg = _config(2)
+    cfg.steps = 200
+    thread, box, supervisor = _train_in_background(cfg)
     fired = run_schedule(supervisor, parse_kills("server:1@step=60,worker:0@step=100"))
     thread.join(timeout=300)
     result = box["result"]
@@ -302,29 +310,13 @@ def test_a_frozen_server_is_replaced_while_alive_and_fenced_when_it_wakes(
     wakes (SIGCONT) with the stale pushes and appends it was sent, and must change nothing: I1-I4
     as for a kill, the same hash."""
     import signal
-    import threading
     import time
 
     import ray
     from ray._private.test_utils import wait_for_condition
 
-    from raytrain_ft.recovery.chaos import find_supervisor
-
     baseline = baseline_hash(num_servers)
-    box = {}
-    cfg = _config(num_servers, suspect_after_s=2.0)
-    thread = threading.Thread(target=lambda: box.update(result=Trainer(cfg).fit()), daemon=True)
-    thread.start()
-
-    def run_visible():
-        try:
-            box["run"] = find_supervisor(None)
-            return True
-        except Exception:
-            return False
-
-    wait_for_condition(run_visible, timeout=120, retry_interval_ms=100)
-    _, supervisor = box["run"]
+    thread, box, supervisor = _train_in_background(_config(num_servers, suspect_after_s=2.0))
 
     def status():
         return ray.get(supervisor.status.remote(), timeout=30)
