@@ -386,6 +386,14 @@ class View:
         a = self.answers.get(name)
         return a if isinstance(a, ServerDescription) else None
 
+    def condition(self, name: str | None, spec: SupervisorSpec) -> str:
+        """ok | suspect (silent too long: maybe partitioned, maybe dead) | dead (confirmed, or
+        deposed)."""
+        d = self.describe(name)
+        if self.gone_for_good(name) or (d is not None and d.deposed):
+            return "dead"
+        return "suspect" if self.dead(name, spec) else "ok"
+
     def status(self, name: str | None):
         a = self.answers.get(name) if name else None
         return None if a is None or isinstance(a, (Failure, ServerDescription, StartFailed)) else a
@@ -467,6 +475,14 @@ def holds_for_slot(reg: Registry, shard: int, k: int, name: Address | None) -> b
     )
 
 
+def may_rebuild_from(reg: Registry, view, shard: int, k: int, name: Address | None) -> bool:
+    """Whether ``name`` is still one of ``shard``'s holder slot's servers and no call found it
+    dead: a holder a recovery may ask for the shard's replica."""
+    return holds_for_slot(reg, shard, k, name) and not (
+        view is not None and view.gone_for_good(name)
+    )
+
+
 def fallback_holder(reg: Registry, view, shard: int | None, k: int) -> Address | None:
     """The server to rebuild ``shard`` from when its holder slot's actor is not confirmed holding
     the replica: the last holder the replica was sent to, if it is still one of the slot's servers
@@ -475,11 +491,7 @@ def fallback_holder(reg: Registry, view, shard: int | None, k: int) -> Address |
     if shard is None or reg.replicated[shard]:
         return None
     last = last_replica_target(reg, shard)
-    if not holds_for_slot(reg, shard, k, last):
-        return None
-    if view is not None and view.gone_for_good(last):
-        return None
-    return last
+    return last if may_rebuild_from(reg, view, shard, k, last) else None
 
 
 def earlier_holder(reg: Registry, view, shard: int, k: int, refused_by: Address) -> Address | None:
@@ -490,12 +502,7 @@ def earlier_holder(reg: Registry, view, shard: int, k: int, refused_by: Address)
     history = replica_target_history(reg, shard)
     if len(history) < 2 or history[0] != refused_by:
         return None
-    earlier = history[1]
-    if not holds_for_slot(reg, shard, k, earlier):
-        return None
-    if view is not None and view.gone_for_good(earlier):
-        return None
-    return earlier
+    return history[1] if may_rebuild_from(reg, view, shard, k, history[1]) else None
 
 
 def decide(
@@ -583,12 +590,7 @@ def decide(
     nothing_trained = not any_started(reg)
 
     def condition(name) -> str:
-        """ok | suspect (silent too long: maybe partitioned, maybe dead) | dead (confirmed, or
-        deposed)."""
-        d = view.describe(name)
-        if view.gone_for_good(name) or (d is not None and d.deposed):
-            return "dead"
-        return "suspect" if view.dead(name, spec) else "ok"
+        return view.condition(name, spec)
 
     def replica_copy(shard: int) -> str:
         """The condition of shard ``shard``'s second copy, at its holder."""
@@ -1317,11 +1319,8 @@ class SupervisorProtocol:
                 reg.events.append(
                     RecoveryEvent("server", j, "replica", detected_at=now, actor=slot.actor)
                 )
-                old = view.describe(slot.actor)
                 slot.replacing, slot.replacing_epoch = slot.actor, slot.epoch
-                slot.replacing_confirmed = view.gone_for_good(slot.actor) or (
-                    old is not None and old.deposed
-                )
+                slot.replacing_confirmed = view.condition(slot.actor, self.spec) == "dead"
             slot.actor, slot.phase = spare, SlotPhase.RECOVERING
         elif not view.alive(slot.actor):
             return []  # the spare is busy (replaying) or slow: ask again next round
@@ -1586,10 +1585,7 @@ class SupervisorProtocol:
     def _only_suspected(self, name: Address | None) -> bool:
         """Whether the primary a recovery replaces may serve on: neither silent too long, nor
         found dead, nor deposed (a deposed one no longer serves)."""
-        if name is None or self.view is None:
-            return False
-        desc = self.view.describe(name)
-        return not self.view.dead(name, self.spec) and not (desc is not None and desc.deposed)
+        return self.view is not None and self.view.condition(name, self.spec) == "ok"
 
     def _earlier_holder(self, shard: int, refused_by: Address) -> Address | None:
         return earlier_holder(self.reg, self.view, shard, self.spec.num_shards, refused_by)
