@@ -1523,7 +1523,9 @@ class SupervisorProtocol:
                 RefusalKind.NO_REPLICA,
                 RefusalKind.HOLDER_LOST,
             )
-            if lost and not slot.replacing_confirmed and self._only_suspected(slot.replacing):
+            if lost and self._may_serve_on(slot):
+                # the primary replaced was only suspected (silent, perhaps still): it has every
+                # acknowledged update of its shard, the only copy left
                 return self._abandon(target, value.reason)
             earlier = (
                 self._earlier_holder(target, holder)
@@ -1582,10 +1584,15 @@ class SupervisorProtocol:
             return self._soon()
         raise AssertionError(kind)
 
-    def _only_suspected(self, name: Address | None) -> bool:
-        """Whether the primary a recovery replaces may serve on: neither silent too long, nor
-        found dead, nor deposed (a deposed one no longer serves)."""
-        return self.view is not None and self.view.condition(name, self.spec) == "ok"
+    def _may_serve_on(self, slot: SlotRecord) -> bool:
+        """Whether the primary a recovery replaces was only suspected and is neither found dead nor
+        deposed (a deposed one no longer serves): the run must not fail while it may serve on."""
+        return (
+            slot.replacing is not None
+            and not slot.replacing_confirmed
+            and self.view is not None
+            and self.view.condition(slot.replacing, self.spec) != "dead"
+        )
 
     def _earlier_holder(self, shard: int, refused_by: Address) -> Address | None:
         return earlier_holder(self.reg, self.view, shard, self.spec.num_shards, refused_by)

@@ -147,6 +147,17 @@ class LastHolderOnly(SupervisorProtocol):
         return None
 
 
+class AnsweringOnlyAbandon(SupervisorProtocol):
+    """A recovery whose holder was lost is abandoned only if the primary it replaces answers
+    again: one still silent (only suspected, alive) fails the run, though it holds the only copy
+    of its shard."""
+
+    def _may_serve_on(self, slot) -> bool:
+        return (
+            super()._may_serve_on(slot) and self.view.condition(slot.replacing, self.spec) == "ok"
+        )
+
+
 BUGS = {
     "ack-before-log": ("server", AckBeforeLog),
     "no-fencing": ("server", NoFencing),
@@ -161,6 +172,7 @@ BUGS = {
     "lone-restart": ("supervisor", LoneRestart),
     "eager-retire": ("supervisor", EagerRetire),
     "last-holder-only": ("supervisor", LastHolderOnly),
+    "answering-only-abandon": ("supervisor", AnsweringOnlyAbandon),
 }
 
 SHOWN_ONLY_IN = {

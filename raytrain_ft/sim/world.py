@@ -883,6 +883,14 @@ class World:
         def has_copy(name, shard):
             return not gone(name) and shard in self.procs[name].obj.replicas
 
+        def still_serves(slot):
+            # a recovery's primary that was only suspected, alive and never deposed: it still has
+            # every acknowledged update of its shard (the supervisor abandons the recovery)
+            if slot.replacing is None or slot.replacing_confirmed or gone(slot.replacing):
+                return False
+            p = self.procs[slot.replacing].obj.primary
+            return p is not None and p.epoch == slot.replacing_epoch and not p.deposed
+
         def newest_copy_kept(shard):
             for name in replica_target_history(reg, shard):  # newest first
                 if gone(name) or not holds_for_slot(reg, shard, k, name):
@@ -894,7 +902,9 @@ class World:
         for shard in range(k):
             slot = reg.slots[shard]
             holder = reg.slots[replica_slot(shard, k)]
-            primary_ok = slot.phase is SlotPhase.SERVING and not gone(slot.actor)
+            primary_ok = (slot.phase is SlotPhase.SERVING and not gone(slot.actor)) or (
+                slot.phase is SlotPhase.RECOVERING and still_serves(slot)
+            )
             holder_ok = (
                 reg.replicated[shard]
                 and holder.phase in (SlotPhase.SERVING, SlotPhase.RECOVERING)
@@ -904,7 +914,7 @@ class World:
                 # (before training, a shard not replicated yet is simply loaded again from the
                 # initial values: no worker can start before its replication is confirmed)
                 return False
-            if slot.phase is SlotPhase.RECOVERING and not holder_ok:
+            if slot.phase is SlotPhase.RECOVERING and not holder_ok and not primary_ok:
                 return False
         return True
 
@@ -918,6 +928,12 @@ class World:
         names = {reg.slots[s].actor for s in unconfirmed}
         names |= {h for s in unconfirmed for h in replica_target_history(reg, s)}
         names |= {name for slot in reg.slots for name in slot.retiring}
+        # the holder a recovery rebuilds from while the primary it replaces may still serve
+        names |= {
+            reg.slots[replica_slot(j, k)].actor
+            for j, slot in enumerate(reg.slots[:k])
+            if slot.phase is SlotPhase.RECOVERING and not slot.replacing_confirmed
+        }
         live = sorted(n for n in names if n in self.procs and self.procs[n].alive)
         if not live or self._window_budget <= 0:
             return

@@ -1370,6 +1370,28 @@ def test_a_recovery_in_flight_is_not_abandoned_or_failed_before_it_answers():
     assert about_0 == [A.ABANDON_RECOVERY]  # no answer coming: "a", only suspected, serves on
 
 
+def test_a_holder_lost_while_the_replaced_primary_is_still_silent_abandons_not_fails():
+    """ "a" was only suspected (silent, alive) when its rebuild on "sp2" began; the holder "c" dies
+    before "sp2" has the replica. "a" still has every acknowledged update of shard 0 -- the only
+    copy left -- so the recovery is abandoned and "a" serves on; the run does not fail because
+    "a" has not answered again yet."""
+    reg = _rebuilding_from_c(False)
+    reg.replica_targets = [[0, "c"]]
+    reg.slots[1].retiring = []
+    sup = SupervisorProtocol(_spec(k=1), shard_ranges(8, 1), lambda s: None, reg)
+    sup.view = _view(reg, k=1, silent={"a": 11.0})
+    assert sup.view.condition("a", _spec(k=1)) == "suspect"
+    (d,) = [d for d in decide(reg, sup.view, frozenset(), _spec(k=1), 0.0) if d.target == 0]
+    (call,) = [
+        e
+        for e in sup._carry_out(d, 0.0)
+        if isinstance(e, Call) and isinstance(e.msg, RecoverPrimary)
+    ]
+    sup.on_reply(call.cid, Refused(RefusalKind.HOLDER_LOST, "holder c of shard 0: dead"), 0.1)
+    assert reg.phase is not RunPhase.FAILED, reg.failure
+    assert (reg.slots[0].actor, reg.slots[0].phase) == ("a", SlotPhase.SERVING)
+
+
 @pytest.mark.parametrize(
     "kind, targets, answers",
     [
