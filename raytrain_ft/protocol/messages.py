@@ -151,6 +151,16 @@ class RecoverPrimary:
 
 
 @dataclass(frozen=True, slots=True)
+class Reinstate:
+    """Primary of ``shard``, replaced while only suspected by a recovery that could not finish
+    (its holder was lost): serve on at the newer ``epoch`` (workers sent to the abandoned spare
+    follow routes only forward in epochs). Answered ``Recovered``; refused if it was deposed."""
+
+    shard: int
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
 class Depose:
     """Primary of ``shard`` below ``epoch``: a successor serves it; refuse every push from now
     on."""

@@ -76,6 +76,7 @@ from raytrain_ft.protocol.messages import (
     RecoverPrimary,
     RefusalKind,
     Refused,
+    Reinstate,
     ReplicaInfo,
     Reply,
     SaveCheckpoint,
@@ -488,6 +489,28 @@ class ServerProtocol:
                     p.state.seq, result.replayed, moved, tuple(sorted(p.state.clocks.items()))
                 ),
             ),
+        ]
+
+    def _on_reinstate(self, rid: int, m: Reinstate) -> list:
+        p = self.primary
+        if p is None or p.shard.index != m.shard or p.deposed:
+            return [
+                Reply(
+                    rid,
+                    Refused(
+                        RefusalKind.NO_REPLICA,
+                        f"{self.name} no longer serves shard {m.shard} (deposed or replaced)",
+                    ),
+                )
+            ]
+        stale = self._stale(m.shard, m.epoch)
+        if isinstance(stale, Refused):
+            return [Reply(rid, stale)]
+        p.epoch = m.epoch
+        clocks = tuple(sorted(p.state.clocks.items()))
+        return [
+            Note("reinstated", {"shard": m.shard, "epoch": m.epoch}),
+            Reply(rid, Recovered(p.state.seq, 0, 0, clocks)),
         ]
 
     def _on_depose(self, rid: int, m: Depose) -> list:
@@ -1228,6 +1251,7 @@ _REQUESTS: dict[type, Callable] = {
     SetReplica: ServerProtocol._on_set_replica,
     RecoverPrimary: ServerProtocol._on_recover_primary,
     Depose: ServerProtocol._on_depose,
+    Reinstate: ServerProtocol._on_reinstate,
     Push: ServerProtocol._on_push,
     Pull: ServerProtocol._on_pull,
     InstallReplica: ServerProtocol._on_install_replica,

@@ -53,6 +53,7 @@ from raytrain_ft.protocol.messages import (
     RecoverPrimary,
     RefusalKind,
     Refused,
+    Reinstate,
     Reply,
     Route,
     RouteAfter,
@@ -125,6 +126,9 @@ class Action(enum.Enum):
     RECOVER = "recover"
     """A spare rebuilds a dead primary's shard from its replica (also re-issued after a supervisor
     restart)."""
+    ADOPT_RECOVERY = "adopt_recovery"
+    """The recovery's answer was lost (the supervisor restarted) but the spare describes itself as
+    the rebuilt primary at the recovery's epoch: it serves, as if the answer had come."""
     ABANDON_RECOVERY = "abandon_recovery"
     """The holder died mid-recovery, but the primary being replaced was only suspected: it serves
     on."""
@@ -163,6 +167,10 @@ class SlotRecord:
     replacing_confirmed: bool = False
     """RECOVERING: the primary replaced was confirmed dead or deposed when the recovery began (it
     can never serve on: the recovery is never abandoned to it)."""
+    reinstating: bool = False
+    """RECOVERING: the recovery was abandoned (the holder lost while the primary it replaced was
+    only suspected); that primary, back as ``actor``, is told to serve on at a newer epoch
+    (``Reinstate``): routes only ever move forward in epochs."""
     retiring: list = field(default_factory=list)
     """Servers this slot's actors replaced that may hold the only copy of a replica the slot holds
     (they were the last holder it was sent to; a successor starts without it): probed, and killed
@@ -505,6 +513,13 @@ def earlier_holder(reg: Registry, view, shard: int, k: int, refused_by: Address)
     return history[1] if may_rebuild_from(reg, view, shard, k, history[1]) else None
 
 
+def lost_while_reinstating(shard: int, slot: SlotRecord) -> str:
+    return (
+        f"shard {shard} is lost: its replica holder died while its primary {slot.actor}, only "
+        "suspected, was being replaced, and that primary is dead or deposed now"
+    )
+
+
 def decide(
     reg: Registry, view: View, busy: frozenset, spec: SupervisorSpec, now: float
 ) -> list[Decision]:
@@ -520,6 +535,21 @@ def decide(
             return [
                 Decision(Action.FAIL, name, f"{what} failed to start: {view.start_failed(name)}")
             ]
+
+    def rebuilt(j: int) -> bool:
+        """Slot ``j`` is recovering and its spare already is the shard's primary at the recovery's
+        epoch (the rebuild finished; its answer was lost): every acknowledged update is in it --
+        what it would have answered with -- however the holder fares since."""
+        slot, d = reg.slots[j], view.describe(reg.slots[j].actor)
+        return (
+            slot.phase is SlotPhase.RECOVERING
+            and d is not None
+            and d.shard == primary_shard(j, k)
+            and d.epoch == slot.epoch
+            and not d.deposed
+            and not d.recovering
+        )
+
     # --- servers ---
     dead_primaries = []
     for j, slot in enumerate(reg.slots):
@@ -565,7 +595,18 @@ def decide(
             elif ("load", j) not in busy and view.alive(slot.actor):
                 out.append(Decision(Action.LOAD, j, f"slot {j} loads"))
         elif slot.phase is SlotPhase.RECOVERING:
-            if ("recover", j) not in busy:
+            if ("recover", j) in busy:
+                pass
+            elif rebuilt(j):
+                out.append(
+                    Decision(
+                        Action.ADOPT_RECOVERY,
+                        j,
+                        f"{slot.actor} already serves shard {shard} at the recovery's epoch "
+                        f"{slot.epoch} (its answer was lost)",
+                    )
+                )
+            else:
                 out.append(
                     Decision(
                         Action.RECOVER,
@@ -681,8 +722,12 @@ def decide(
     for j, slot in enumerate(reg.slots):
         if slot.phase is SlotPhase.RECOVERING:
             shard = primary_shard(j, k)
-            if ("recover", j) in busy:
-                continue  # its answer (rebuilt, or the holder lost) decides
+            if ("recover", j) in busy or rebuilt(j):
+                continue  # its answer (rebuilt, or the holder lost) decides, or was lost: adopted
+            if slot.reinstating:
+                if condition(slot.actor) == "dead":
+                    return [Decision(Action.FAIL, shard, lost_while_reinstating(shard, slot))]
+                continue  # its Reinstate is issued (again) once it answers
             if replica_copy(shard) == "dead" and fallback(shard) is None:
                 # nothing to rebuild from: not issued again
                 out = [d for d in out if not (d.action is Action.RECOVER and d.target == j)]
@@ -1181,8 +1226,15 @@ class SupervisorProtocol:
             )
         if a is Action.RECOVER:
             return self._recover(d.target, d.reason, now)
+        if a is Action.ADOPT_RECOVERY:
+            slot, desc = reg.slots[d.target], self.view.describe(reg.slots[d.target].actor)
+            # what the lost answer said (nothing replayed or moved is known any more)
+            answer = Recovered(desc.seq, 0, 0, tuple(enumerate(desc.durable_clocks)))
+            return [Note("recovery_adopted", {"shard": d.target, "epoch": slot.epoch})] + (
+                self._rebuilt(d.target, slot.actor, slot.epoch, answer, now)
+            )
         if a is Action.ABANDON_RECOVERY:
-            return self._abandon(d.target, d.reason)
+            return self._abandon(d.target, d.reason, now)
         if a is Action.REPLACE_HOLDER:
             return self._replace_holder(d.target, d.reason, now)
         if a is Action.ROLLBACK:
@@ -1305,6 +1357,15 @@ class SupervisorProtocol:
         reg, k, view = self.reg, self.spec.num_shards, self.view
         slot = reg.slots[j]
         effects = []
+        if slot.reinstating:
+            if not view.alive(slot.actor):
+                return []  # silent still: asked once it answers (decide fails the run if it died)
+            reg.reserved[j] += 1
+            slot.epoch = reg.reserved[j]
+            calls = self._op(
+                "recover", j, slot.actor, Reinstate(j, slot.epoch), slot.actor, slot.epoch, None
+            )
+            return [self._persist(), *calls]
         if slot.phase is SlotPhase.SERVING or view.dead(slot.actor, self.spec):
             spare = self._take_spare(self._peer_nodes(j))
             if spare is None:
@@ -1354,25 +1415,20 @@ class SupervisorProtocol:
             ]
         )
 
-    def _abandon(self, j: int, reason: str) -> list:
-        """The recovery of slot ``j`` cannot finish (its holder died) but the primary it replaces
-        was only suspected: that primary serves on, and gets a new holder once the holder's slot is
-        replaced."""
+    def _abandon(self, j: int, reason: str, now: float) -> list:
+        """The recovery of slot ``j`` cannot finish (its holder was lost) but the primary it
+        replaces was only suspected: that primary serves on, at a newer epoch (``Reinstate``), and
+        gets a new holder once the holder's slot is replaced."""
         slot = self.reg.slots[j]
         spare = slot.actor
-        slot.actor, slot.epoch, slot.phase, slot.replacing = (
-            slot.replacing,
-            slot.replacing_epoch,
-            SlotPhase.SERVING,
-            None,
-        )
+        slot.actor, slot.replacing, slot.replacing_confirmed = slot.replacing, None, False
+        slot.reinstating = True
         self.reg.replicated[j] = False
         for e in reversed(self.reg.events):
             if e.role == "server" and e.index == j and e.serving_at is None:
                 self.reg.events.remove(e)
                 break
-        return [
-            self._persist(),
+        return (self._recover(j, reason, now) or [self._persist()]) + [
             Kill(spare, f"recovery of shard {j} abandoned: {reason}"),
             Note("recovery_abandoned", {"shard": j, "reason": reason}),
             *self._soon(),
@@ -1475,6 +1531,35 @@ class SupervisorProtocol:
     # --- operations finishing
     # --------------------------------------------------------------------------
 
+    def _rebuilt(self, j: int, actor: Address, epoch: int, value: Recovered, now: float) -> list:
+        """Slot ``j``'s spare ``actor`` serves its shard, rebuilt at ``epoch``: the replaced
+        primary is deposed and retired, waiting route requests answered."""
+        reg = self.reg
+        slot = reg.slots[j]
+        slot.phase, slot.reinstating = SlotPhase.SERVING, False
+        old, slot.replacing, slot.replacing_confirmed = slot.replacing, None, False
+        for e in reversed(reg.events):
+            if e.role == "server" and e.index == j and e.serving_at is None:
+                e.serving_at, e.replayed, e.bytes_moved, e.epoch, e.step = (
+                    now,
+                    value.replayed,
+                    value.bytes_moved,
+                    epoch,
+                    value.seq,
+                )
+                e.takeover_clocks = [[int(r), int(c)] for r, c in value.clocks]
+                break
+        # the predecessor may only have been suspected: make sure it stops serving, and retire it
+        # before the registry is written (the registry records it)
+        retired = self._retire(j, old, f"shard {j} moved to {actor}") if old else []
+        effects = [
+            self._persist(),
+            Note("recovered", {"shard": j, "epoch": epoch, "actor": actor}),
+        ]
+        if old is not None:
+            effects += self._op("depose", j, old, Depose(j, epoch)) + retired
+        return effects + self._answer_routes(now) + self._soon()
+
     def _op_done(self, op: tuple, value, now: float) -> list:
         kind, target = op[0], op[1]
         reg = self.reg
@@ -1494,31 +1579,11 @@ class SupervisorProtocol:
             if slot.actor != actor or slot.epoch != epoch:
                 return []
             if isinstance(value, Recovered):
-                slot.phase = SlotPhase.SERVING
-                old, slot.replacing, slot.replacing_confirmed = slot.replacing, None, False
-                for e in reversed(reg.events):
-                    if e.role == "server" and e.index == target and e.serving_at is None:
-                        e.serving_at, e.replayed, e.bytes_moved, e.epoch, e.step = (
-                            now,
-                            value.replayed,
-                            value.bytes_moved,
-                            epoch,
-                            value.seq,
-                        )
-                        e.takeover_clocks = [[int(r), int(c)] for r, c in value.clocks]
-                        break
-                # the predecessor may only have been suspected: make sure it stops serving, and
-                # retire it before the registry is written (the registry records it)
-                retired = (
-                    self._retire(target, old, f"shard {target} moved to {actor}") if old else []
+                return self._rebuilt(target, actor, epoch, value, now)
+            if slot.reinstating and isinstance(value, Refused):
+                return self._carry_out(
+                    Decision(Action.FAIL, target, lost_while_reinstating(target, slot)), now
                 )
-                effects = [
-                    self._persist(),
-                    Note("recovered", {"shard": target, "epoch": epoch, "actor": actor}),
-                ]
-                if old is not None:
-                    effects += self._op("depose", target, old, Depose(target, epoch)) + retired
-                return effects + self._answer_routes(now) + self._soon()
             lost = isinstance(value, Refused) and value.kind in (
                 RefusalKind.NO_REPLICA,
                 RefusalKind.HOLDER_LOST,
@@ -1526,7 +1591,7 @@ class SupervisorProtocol:
             if lost and self._may_serve_on(slot):
                 # the primary replaced was only suspected (silent, perhaps still): it has every
                 # acknowledged update of its shard, the only copy left
-                return self._abandon(target, value.reason)
+                return self._abandon(target, value.reason, now)
             earlier = (
                 self._earlier_holder(target, holder)
                 if lost and value.kind is RefusalKind.NO_REPLICA

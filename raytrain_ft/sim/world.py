@@ -530,9 +530,9 @@ class World:
             process_ranks=cfg.preaggregate,
         )
         self._fault_budget = cfg.max_faults if faults else 0
-        self._window_budget = 1 if faults else 0
-        """One crash more, in a window ``WINDOW_NOTES`` opens (the other faults are spent by then:
-        the window follows one)."""
+        self._window_budget = 2 if faults else 0
+        """Crashes more, in windows ``WINDOW_NOTES`` open (the other faults may be spent by then:
+        a window follows one) or a supervisor restart opens while a recovery is under way."""
         self._progress = 0
 
     # --- scheduling
@@ -805,6 +805,10 @@ class World:
             proc.alive, proc.incarnation = True, proc.incarnation + 1
             self.log("supervisor restarted from the registry")
             self.perform(proc, proc.obj.on_start(self.now))
+            recovering = any(s.phase is SlotPhase.RECOVERING for s in self._registry().slots)
+            if recovering and self._window_budget and self.rng.random() < 0.5:
+                # the restored supervisor issues the recovery again: the holder may die meanwhile
+                self.at(self.rng.uniform(0.0, 0.03), "fault", "window")
         elif kind == "fault":
             if event[1] == "training":  # once a worker trains, at a random moment of its steps
                 if not any_started(self._registry()):
@@ -883,13 +887,26 @@ class World:
         def has_copy(name, shard):
             return not gone(name) and shard in self.procs[name].obj.replicas
 
-        def still_serves(slot):
-            # a recovery's primary that was only suspected, alive and never deposed: it still has
-            # every acknowledged update of its shard (the supervisor abandons the recovery)
-            if slot.replacing is None or slot.replacing_confirmed or gone(slot.replacing):
+        def still_serves(slot, shard):
+            # a recovery's primary that was only suspected (or one being reinstated after its
+            # recovery was abandoned), alive and never deposed: it still has every acknowledged
+            # update of its shard (the supervisor abandons the recovery)
+            name = slot.actor if slot.reinstating else slot.replacing
+            if name is None or slot.replacing_confirmed or gone(name):
                 return False
-            p = self.procs[slot.replacing].obj.primary
-            return p is not None and p.epoch == slot.replacing_epoch and not p.deposed
+            p = self.procs[name].obj.primary
+            return p is not None and p.shard.index == shard and not p.deposed
+
+        def rebuilt(slot):
+            # a recovery's spare that finished its rebuild at the recovery's epoch (its answer may
+            # still be on its way, or lost with a supervisor): it has every acknowledged update
+            if gone(slot.actor):
+                return False
+            obj = self.procs[slot.actor].obj
+            p = obj.primary
+            return (
+                p is not None and p.epoch == slot.epoch and not p.deposed and obj._recovery is None
+            )
 
         def newest_copy_kept(shard):
             for name in replica_target_history(reg, shard):  # newest first
@@ -903,7 +920,7 @@ class World:
             slot = reg.slots[shard]
             holder = reg.slots[replica_slot(shard, k)]
             primary_ok = (slot.phase is SlotPhase.SERVING and not gone(slot.actor)) or (
-                slot.phase is SlotPhase.RECOVERING and still_serves(slot)
+                slot.phase is SlotPhase.RECOVERING and (still_serves(slot, shard) or rebuilt(slot))
             )
             holder_ok = (
                 reg.replicated[shard]
@@ -919,25 +936,29 @@ class World:
         return True
 
     def inject_in_window(self) -> None:
-        """A crash just after the supervisor began moving a copy (``WINDOW_NOTES``): of a primary
-        whose shard's replica is unconfirmed, of the holder last named for it, or of a retiring
-        server -- the moments when a shard's newest copy may be on a server being replaced.
+        """A crash just after the supervisor began moving a copy (``WINDOW_NOTES``) or restarted
+        during a recovery: of a primary whose shard's replica is unconfirmed, of the holder last
+        named for it, of a recovery's holder, of a retiring server -- the moments when a shard's
+        newest copy may be on a server being replaced -- or of the supervisor itself.
         Nothing if the crash would leave a shard no copy the supervisor can find."""
         reg, k = self._registry(), self.cfg.num_shards
         unconfirmed = [s for s in range(k) if not reg.replicated[s]]
         names = {reg.slots[s].actor for s in unconfirmed}
         names |= {h for s in unconfirmed for h in replica_target_history(reg, s)}
         names |= {name for slot in reg.slots for name in slot.retiring}
-        # the holder a recovery rebuilds from while the primary it replaces may still serve
+        # the holder a recovery rebuilds from: the primary it replaces may still serve, or the
+        # spare may have finished (its answer on its way, or lost with the supervisor)
         names |= {
             reg.slots[replica_slot(j, k)].actor
             for j, slot in enumerate(reg.slots[:k])
-            if slot.phase is SlotPhase.RECOVERING and not slot.replacing_confirmed
+            if slot.phase is SlotPhase.RECOVERING
         }
         live = sorted(n for n in names if n in self.procs and self.procs[n].alive)
         if not live or self._window_budget <= 0:
             return
         victim = self.rng.choice(live)
+        if self.rng.random() < 0.25 and self.procs[SUPERVISOR].alive:
+            victim = SUPERVISOR  # the answer to what it just sent is lost with it
         if not self._may_crash({victim}):
             return
         self._window_budget -= 1

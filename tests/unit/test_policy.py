@@ -2,7 +2,7 @@
 in-memory bus (write-ahead of every act, and a restart from the persisted registry at any point of a
 run)."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pytest
@@ -22,9 +22,11 @@ from raytrain_ft.protocol.messages import (
     PollStatus,
     Push,
     PushReply,
+    Recovered,
     RecoverPrimary,
     RefusalKind,
     Refused,
+    Reinstate,
     Reply,
     ServerDescription,
     SetReplica,
@@ -205,11 +207,14 @@ def _reg(
 
 
 def _view(reg, k=2, answers=None, silent=None, gone=()):
-    """What a probe round saw: every known process answering as the registry expects, but for
-    ``answers`` (overrides) and ``silent`` (name -> seconds since it last answered)."""
+    """What a probe round saw: every known process answering as the registry expects (a
+    recovering slot's spare still rebuilding), but for ``answers`` (overrides) and ``silent``
+    (name -> seconds since it last answered)."""
     seen = {}
     for j, s in enumerate(reg.slots):
-        if s.actor:  # a server not loaded yet serves no shard
+        if s.phase is SlotPhase.RECOVERING:
+            seen[s.actor] = replace(_desc(s.actor, None, 0), recovering=True)
+        elif s.actor:  # a server not loaded yet serves no shard
             seen[s.actor] = _desc(s.actor, primary_shard(j, k) if s.epoch else None, s.epoch)
     for name in reg.spares:
         seen[name] = _desc(name, None, 0)
@@ -506,6 +511,33 @@ DECIDE = [
         _spec(),
         _recovering(),
         _view(_recovering()),
+        (),
+        [(A.RECOVER, 0)],
+        "not in flight",
+    ),
+    (
+        "recovery not in flight, the spare rebuilt at its epoch (the answer was lost): adopt",
+        _spec(),
+        _recovering(),
+        _view(_recovering(), answers={"sp2": _desc("sp2", 0, 2)}),
+        (),
+        [(A.ADOPT_RECOVERY, 0)],
+        "its answer was lost",
+    ),
+    (
+        "the same after the holder died: adopt, the run does not fail",
+        _spec(k=1),
+        _recovering(k=1),
+        _view(_recovering(k=1), k=1, answers={"b": DEAD, "sp2": _desc("sp2", 0, 2)}),
+        (),
+        [(A.ADOPT_RECOVERY, 0), (A.REPLACE_HOLDER, 1)],
+        "its answer was lost",
+    ),
+    (
+        "the spare rebuilt at an older epoch than the recovery's: issue it again",
+        _spec(),
+        _recovering(),
+        _view(_recovering(), answers={"sp2": _desc("sp2", 0, 1)}),
         (),
         [(A.RECOVER, 0)],
         "not in flight",
@@ -1019,34 +1051,57 @@ def test_a_worker_never_created_is_created_again_by_the_restored_supervisor():
     assert len(run.workers) == 1 and len(run.workers[run.reg.workers[0].actor].starts) == 1
 
 
-def test_a_slot_recovering_gets_its_recovery_again_with_a_newer_epoch():
+def _supervisor_dies_around_a_recovery(when: str, holder_dies: bool = False):
+    """A primary dies; the supervisor dies ``when`` ("before" or "after") sending RecoverPrimary
+    to the spare (after: the spare rebuilds, its answer is lost); with ``holder_dies`` the holder
+    dies next, before the restored supervisor's first round. Returns (run, registry saved at the
+    crash, params before, spare, holder)."""
     run = Run()
     run.until(lambda: run.reg.phase is RunPhase.RUNNING and run.reg.replicated[0])
     before = run.train(2)
     lost, spare, holder = run.reg.slots[0].actor, run.reg.spares[0], run.reg.slots[1].actor
     run.bus.kill(lost)
-    # the supervisor dies right after sending RecoverPrimary: the spare recovers, its answer is lost
     run.sup.crash_if = lambda e: (
-        "after" if isinstance(e, Call) and isinstance(e.msg, RecoverPrimary) else None
+        when if isinstance(e, Call) and isinstance(e.msg, RecoverPrimary) else None
     )
     run.round()
     assert run.restarts == 1
     saved = Registry.from_json(run.bus.kv[KEY])
     slot = saved.slots[0]
     assert (slot.actor, slot.phase, slot.replacing) == (spare, SlotPhase.RECOVERING, lost)
-    assert [c.msg.epoch for c in run.calls(RecoverPrimary)] == [slot.epoch] == [saved.reserved[0]]
-    assert (
-        run.bus.procs[spare].primary.epoch == slot.epoch
-        and run.bus.procs[holder].replicas[0].fence == slot.epoch
-    )
+    if holder_dies:
+        run.bus.kill(holder)
+    return run, saved, before, spare, holder
+
+
+@pytest.mark.parametrize("holder_dies", [False, True], ids=["holder-lives", "holder-dies"])
+def test_a_recovery_whose_answer_was_lost_is_adopted_at_its_epoch(holder_dies):
+    """The spare rebuilt at the recovery's epoch and answered, but the supervisor died first: the
+    restored supervisor learns from its probe that the spare is the shard's primary at that epoch
+    and records it serving -- the answer it lost -- instead of issuing the recovery again (which
+    would fail the run if the holder had died since: the spare has every acknowledged update)."""
+    run, saved, before, spare, holder = _supervisor_dies_around_a_recovery("after", holder_dies)
+    epoch = saved.slots[0].epoch
+    assert [c.msg.epoch for c in run.calls(RecoverPrimary)] == [epoch] == [saved.reserved[0]]
+    assert run.bus.procs[spare].primary.epoch == epoch
     run.until(lambda: run.reg.slots[0].phase is SlotPhase.SERVING)
-    epochs = [c.msg.epoch for c in run.calls(RecoverPrimary)]
-    assert len(epochs) == 2 and epochs[1] > epochs[0] == slot.epoch
-    assert run.reg.slots[0].epoch == epochs[1] == run.reg.reserved[0]
-    assert (
-        run.bus.procs[spare].primary.epoch == epochs[1]
-        and run.bus.procs[holder].replicas[0].fence == epochs[1]
-    )
+    assert run.reg.phase is not RunPhase.FAILED, run.reg.failure
+    assert [c.msg.epoch for c in run.calls(RecoverPrimary)] == [epoch]  # not issued again
+    assert (run.reg.slots[0].actor, run.reg.slots[0].epoch) == (spare, epoch)
+    np.testing.assert_array_equal(run.bus.procs[spare].params(), before)
+    if not holder_dies:
+        assert run.bus.procs[holder].replicas[0].fence == epoch
+
+
+def test_a_recovery_never_delivered_is_issued_again_with_a_newer_epoch():
+    """The supervisor died before its RecoverPrimary went out: the spare never rebuilt, so the
+    restored supervisor issues the recovery again, with an epoch never used."""
+    run, saved, before, spare, holder = _supervisor_dies_around_a_recovery("before")
+    assert run.calls(RecoverPrimary) == []
+    run.until(lambda: run.reg.slots[0].phase is SlotPhase.SERVING)
+    (call,) = run.calls(RecoverPrimary)
+    assert call.msg.epoch > saved.slots[0].epoch and run.reg.slots[0].epoch == call.msg.epoch
+    assert run.bus.procs[holder].replicas[0].fence == call.msg.epoch
     np.testing.assert_array_equal(run.bus.procs[spare].params(), before)
 
 
@@ -1387,9 +1442,20 @@ def test_a_holder_lost_while_the_replaced_primary_is_still_silent_abandons_not_f
         for e in sup._carry_out(d, 0.0)
         if isinstance(e, Call) and isinstance(e.msg, RecoverPrimary)
     ]
+    spare_epoch = call.msg.epoch
     sup.on_reply(call.cid, Refused(RefusalKind.HOLDER_LOST, "holder c of shard 0: dead"), 0.1)
     assert reg.phase is not RunPhase.FAILED, reg.failure
-    assert (reg.slots[0].actor, reg.slots[0].phase) == ("a", SlotPhase.SERVING)
+    assert (reg.slots[0].actor, reg.slots[0].reinstating) == ("a", True)
+    # "a" answers again: it is told to serve on at an epoch newer than the abandoned spare's (a
+    # worker sent to the spare follows routes only forward in epochs)
+    sup.view = _view(reg, k=1, answers={"a": _desc("a", 0, 1), "c": DEAD})
+    (d,) = [d for d in decide(reg, sup.view, frozenset(), _spec(k=1), 0.2) if d.target == 0]
+    (call,) = [e for e in sup._carry_out(d, 0.2) if isinstance(e, Call)]
+    assert (call.dst, call.msg) == ("a", Reinstate(0, spare_epoch + 1))
+    sup.on_reply(call.cid, Recovered(5, 0, 0), 0.3)
+    slot = reg.slots[0]
+    assert (slot.actor, slot.phase, slot.epoch) == ("a", SlotPhase.SERVING, spare_epoch + 1)
+    assert not reg.slots[0].reinstating and reg.phase is not RunPhase.FAILED
 
 
 @pytest.mark.parametrize(

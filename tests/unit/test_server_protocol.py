@@ -27,6 +27,7 @@ from raytrain_ft.protocol.messages import (
     RecoverPrimary,
     RefusalKind,
     Refused,
+    Reinstate,
     ServerDescription,
     SetReplica,
 )
@@ -768,3 +769,33 @@ def test_strict_durability_answers_nothing_the_holder_has_not_logged():
     bus.hold("h")
     rids = [_push(bus, 0, step, 1.0) for step in range(3)]
     assert not any(rid in bus.replies for rid in rids)
+
+
+def test_a_reinstated_primary_serves_on_at_the_newer_epoch_and_its_new_holder_takes_it():
+    """Its recovery abandoned (the holder lost while it was only suspected), the primary is told
+    to serve on at a newer epoch: it keeps its state, a repeat is answered the same, an older
+    epoch is refused, and a new holder installs it at the new epoch past the old fences."""
+    bus, _, spec = _pair()
+    _push(bus, 0, 0, 1.0)
+    bus.kill("h")
+    done = bus.ask("p", Reinstate(0, 4))
+    assert isinstance(done, Recovered) and done.seq == 1
+    assert bus.ask("p", Reinstate(0, 4)) == done  # a repeat
+    assert "newer than 3" in _refused(bus.ask("p", Reinstate(0, 3)), RefusalKind.FENCED)
+    assert bus.ask("p", Describe()).epoch == 4
+    bus.add("h2", ServerProtocol("h2", spec))
+    assert isinstance(bus.ask("p", SetReplica("h2", 2)), int)
+    assert bus.procs["h2"].replicas[0].fence == 4
+    reply = bus.replies[_push(bus, 0, 1, 1.0)]
+    np.testing.assert_array_equal(reply.params, np.full(4, -2.0, np.float32))
+
+
+@pytest.mark.parametrize("how", ["deposed", "other-shard", "spare"])
+def test_a_reinstate_is_refused_by_a_server_that_no_longer_serves_the_shard(how):
+    bus, _, _ = _pair()
+    if how == "deposed":
+        assert bus.ask("p", Depose(0, 2)) is True
+    target, shard = ("h", 0) if how == "spare" else ("p", 1 if how == "other-shard" else 0)
+    assert "no longer serves" in _refused(
+        bus.ask(target, Reinstate(shard, 5)), RefusalKind.NO_REPLICA
+    )
