@@ -424,6 +424,10 @@ class ServerProtocol:
             return [Reply(rid, stale)]
         if stale is not None:
             return [Reply(rid, Recovered(p.state.seq, 0, 0))]
+        if self._rebuilt_before(m.shard.index) and p.holder == m.holder:
+            # rebuilt at an older epoch of this recovery (the answer was lost, the supervisor asks
+            # again): the holder has nothing this server lacks, so it serves on at the new epoch
+            return self._serve_on(rid, m.epoch)
         if self._recovery is not None and self._recovery[1].epoch > m.epoch:
             return [
                 Reply(
@@ -453,6 +457,14 @@ class ServerProtocol:
         if self._recovery is None or self._recovery[0] != rid:
             return []
         self._recovery = None
+        cannot = isinstance(value, Failure) or (
+            isinstance(value, Refused) and value.kind is RefusalKind.NO_REPLICA
+        )
+        if cannot and self._rebuilt_before(m.shard.index):
+            # the holder named this time cannot give the replica, but this server was rebuilt at
+            # an older epoch of the same recovery from the newest copy: it has every acknowledged
+            # update (a recovering slot's spare is routed no worker, so it has served none since)
+            return self._serve_on(rid, m.epoch)
         if isinstance(value, Failure):
             kind = RefusalKind.HOLDER_LOST if value is Failure.DEAD else RefusalKind.RETRY
             return [
@@ -506,10 +518,21 @@ class ServerProtocol:
         stale = self._stale(m.shard, m.epoch)
         if isinstance(stale, Refused):
             return [Reply(rid, stale)]
-        p.epoch = m.epoch
+        return self._serve_on(rid, m.epoch)
+
+    def _rebuilt_before(self, shard: int) -> bool:
+        """This server already is ``shard``'s primary, not deposed (at an older epoch: ``_stale``
+        answered the same one)."""
+        p = self.primary
+        return p is not None and p.shard.index == shard and not p.deposed
+
+    def _serve_on(self, rid: int, epoch: int) -> list:
+        """Go on serving the shard, as it is, at the newer ``epoch``."""
+        p = self.primary
+        p.epoch = epoch
         clocks = tuple(sorted(p.state.clocks.items()))
         return [
-            Note("reinstated", {"shard": m.shard, "epoch": m.epoch}),
+            Note("reinstated", {"shard": p.shard.index, "epoch": epoch}),
             Reply(rid, Recovered(p.state.seq, 0, 0, clocks)),
         ]
 

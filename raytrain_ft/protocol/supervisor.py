@@ -283,9 +283,16 @@ class Registry:
         return cls(**d)
 
     def routes(self, num_shards: int) -> tuple[Route, ...]:
-        return tuple(
-            Route(i, self.slots[i].actor or "", self.slots[i].epoch) for i in range(num_shards)
-        )
+        return tuple(self.route(i) for i in range(num_shards))
+
+    def route(self, shard: int) -> Route:
+        """Where workers send a shard's traffic. A recovering slot's spare is routed none before
+        the supervisor has recorded it serving (it may be rebuilt again, or the recovery
+        abandoned, and must not have acknowledged anything): until then, the primary it replaces."""
+        slot = self.slots[shard]
+        if slot.phase is SlotPhase.RECOVERING and slot.replacing is not None:
+            return Route(shard, slot.replacing, slot.replacing_epoch)
+        return Route(shard, slot.actor or "", slot.epoch)
 
 
 _FIELDS = {
@@ -550,6 +557,15 @@ def decide(
             and not d.recovering
         )
 
+    def spare_may_hold(j: int) -> bool:
+        """Slot ``j``'s spare, not found dead, may have the shard rebuilt (at an older epoch of the
+        recovery, its answer lost): undescribed yet, still recovering, or its primary."""
+        slot = reg.slots[j]
+        if view.dead(slot.actor, spec):
+            return False
+        d = view.describe(slot.actor)
+        return d is None or d.recovering or (d.shard == primary_shard(j, k) and not d.deposed)
+
     # --- servers ---
     dead_primaries = []
     for j, slot in enumerate(reg.slots):
@@ -728,6 +744,8 @@ def decide(
                 if condition(slot.actor) == "dead":
                     return [Decision(Action.FAIL, shard, lost_while_reinstating(shard, slot))]
                 continue  # its Reinstate is issued (again) once it answers
+            if spare_may_hold(j):
+                continue  # asked again: it serves on if it was rebuilt before (never give it up)
             if replica_copy(shard) == "dead" and fallback(shard) is None:
                 # nothing to rebuild from: not issued again
                 out = [d for d in out if not (d.action is Action.RECOVER and d.target == j)]
@@ -736,6 +754,8 @@ def decide(
                     and not slot.replacing_confirmed
                     and condition(slot.replacing) != "dead"
                 ):
+                    if slot.replacing not in view.answered:
+                        continue  # not heard from since a restart: whether it serves on is unknown
                     out.append(
                         Decision(
                             Action.ABANDON_RECOVERY,
@@ -1592,6 +1612,8 @@ class SupervisorProtocol:
                 # the primary replaced was only suspected (silent, perhaps still): it has every
                 # acknowledged update of its shard, the only copy left
                 return self._abandon(target, value.reason, now)
+            if lost and self._unheard(slot):
+                return self._soon()  # whether it may serve on is unknown yet: the rounds decide
             earlier = (
                 self._earlier_holder(target, holder)
                 if lost and value.kind is RefusalKind.NO_REPLICA
@@ -1656,7 +1678,19 @@ class SupervisorProtocol:
             slot.replacing is not None
             and not slot.replacing_confirmed
             and self.view is not None
+            and slot.replacing in self.view.answered
             and self.view.condition(slot.replacing, self.spec) != "dead"
+        )
+
+    def _unheard(self, slot: SlotRecord) -> bool:
+        """The primary a recovery replaces was only suspected and has not answered this supervisor
+        (it restarted since): not known dead, nor known to serve on."""
+        return (
+            slot.replacing is not None
+            and not slot.replacing_confirmed
+            and self.view is not None
+            and slot.replacing not in self.view.answered
+            and not self.view.gone_for_good(slot.replacing)
         )
 
     def _earlier_holder(self, shard: int, refused_by: Address) -> Address | None:
@@ -1681,7 +1715,7 @@ class SupervisorProtocol:
                 serving and desc is not None and not desc.deposed and self._view_round > rounds
             )
             if not m.failed or (serving and slot.epoch > m.epoch) or healthy:
-                effects.append(Reply(rid, Route(m.shard, slot.actor or "", slot.epoch)))
+                effects.append(Reply(rid, reg.route(m.shard)))
             else:
                 keep.append((rid, m, rounds))
         self._parked = keep

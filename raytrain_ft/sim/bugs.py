@@ -14,7 +14,6 @@ from raytrain_ft.optim import clip_factor
 from raytrain_ft.protocol.messages import Kill, PushReply, Reply
 from raytrain_ft.protocol.server import ServerProtocol
 from raytrain_ft.protocol.supervisor import (
-    Action,
     Registry,
     SupervisorProtocol,
     WorkerPhase,
@@ -159,17 +158,6 @@ class AnsweringOnlyAbandon(SupervisorProtocol):
         )
 
 
-class ReissueLostAnswer(SupervisorProtocol):
-    """A recovery whose answer was lost (the supervisor restarted) is issued again at a new epoch
-    even though the spare already serves the rebuilt shard: if the holder died meanwhile the run
-    fails, though the spare has every acknowledged update."""
-
-    def _carry_out(self, d, now: float) -> list:
-        if d.action is Action.ADOPT_RECOVERY:
-            d = dataclasses.replace(d, action=Action.RECOVER)
-        return super()._carry_out(d, now)
-
-
 BUGS = {
     "ack-before-log": ("server", AckBeforeLog),
     "no-fencing": ("server", NoFencing),
@@ -185,7 +173,6 @@ BUGS = {
     "eager-retire": ("supervisor", EagerRetire),
     "last-holder-only": ("supervisor", LastHolderOnly),
     "answering-only-abandon": ("supervisor", AnsweringOnlyAbandon),
-    "reissue-lost-answer": ("supervisor", ReissueLostAnswer),
 }
 
 SHOWN_ONLY_IN = {

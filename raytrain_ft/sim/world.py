@@ -897,16 +897,13 @@ class World:
             p = self.procs[name].obj.primary
             return p is not None and p.shard.index == shard and not p.deposed
 
-        def rebuilt(slot):
-            # a recovery's spare that finished its rebuild at the recovery's epoch (its answer may
-            # still be on its way, or lost with a supervisor): it has every acknowledged update
+        def rebuilt(slot, shard):
+            # a recovery's spare that finished a rebuild of it, at its epoch or an older one (its
+            # answer on its way, or lost with a supervisor): it has every acknowledged update
             if gone(slot.actor):
                 return False
-            obj = self.procs[slot.actor].obj
-            p = obj.primary
-            return (
-                p is not None and p.epoch == slot.epoch and not p.deposed and obj._recovery is None
-            )
+            p = self.procs[slot.actor].obj.primary
+            return p is not None and p.shard.index == shard and not p.deposed
 
         def newest_copy_kept(shard):
             for name in replica_target_history(reg, shard):  # newest first
@@ -920,7 +917,8 @@ class World:
             slot = reg.slots[shard]
             holder = reg.slots[replica_slot(shard, k)]
             primary_ok = (slot.phase is SlotPhase.SERVING and not gone(slot.actor)) or (
-                slot.phase is SlotPhase.RECOVERING and (still_serves(slot, shard) or rebuilt(slot))
+                slot.phase is SlotPhase.RECOVERING
+                and (still_serves(slot, shard) or rebuilt(slot, shard))
             )
             holder_ok = (
                 reg.replicated[shard]

@@ -149,7 +149,10 @@ def test_each_mode_trains_digits_with_4_workers(
     )
     clipped = [w["clipped_updates"] for w in result.workers]
     if optim is CLIPPED:
-        assert all(0 < c < result.total_steps for c in clipped), clipped
+        # every worker clipped some pushes; not all of them (clipping follows each push's norm:
+        # which ones exceed it depends on arrival order, one worker may clip every push)
+        assert all(0 < c <= result.total_steps for c in clipped), clipped
+        assert sum(clipped) < WORKERS * result.total_steps, clipped
     else:
         assert clipped == [0] * WORKERS
 

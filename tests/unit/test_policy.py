@@ -2,7 +2,8 @@
 in-memory bus (write-ahead of every act, and a restart from the persisted registry at any point of a
 run)."""
 
-from dataclasses import dataclass, field, replace
+import dataclasses
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -208,12 +209,12 @@ def _reg(
 
 def _view(reg, k=2, answers=None, silent=None, gone=()):
     """What a probe round saw: every known process answering as the registry expects (a
-    recovering slot's spare still rebuilding), but for ``answers`` (overrides) and ``silent``
-    (name -> seconds since it last answered)."""
+    recovering slot's spare neither rebuilt nor rebuilding), but for ``answers`` (overrides) and
+    ``silent`` (name -> seconds since it last answered)."""
     seen = {}
     for j, s in enumerate(reg.slots):
         if s.phase is SlotPhase.RECOVERING:
-            seen[s.actor] = replace(_desc(s.actor, None, 0), recovering=True)
+            seen[s.actor] = _desc(s.actor, None, 0)
         elif s.actor:  # a server not loaded yet serves no shard
             seen[s.actor] = _desc(s.actor, primary_shard(j, k) if s.epoch else None, s.epoch)
     for name in reg.spares:
@@ -1417,12 +1418,49 @@ def test_a_recovery_in_flight_is_not_abandoned_or_failed_before_it_answers():
     lost) decides, not a probe round that saw the holder dead first."""
     reg = _rebuilding_from_c(False)
     reg.replica_targets = [[0, "c"]]
-    view = _view(reg, k=1, answers={"c": DEAD})
+    view = _view(reg, k=1, answers={"c": DEAD, "a": _desc("a", 0, 1)})
     busy = frozenset({("recover", 0)})
     about_0 = [d for d in decide(reg, view, busy, _spec(k=1), 0.0) if d.target == 0]
     assert about_0 == []
     about_0 = [d.action for d in decide(reg, view, frozenset(), _spec(k=1), 0.0) if d.target == 0]
     assert about_0 == [A.ABANDON_RECOVERY]  # no answer coming: "a", only suspected, serves on
+
+
+@pytest.mark.parametrize(
+    "spare",
+    [None, "recovering", "rebuilt-before"],
+    ids=["spare-undescribed", "spare-recovering", "spare-rebuilt-at-an-older-epoch"],
+)
+def test_a_recovery_is_neither_abandoned_nor_failed_while_its_spare_may_hold_the_shard(spare):
+    """The holder is dead, but the spare was not heard from yet (a restarted supervisor's first
+    round), is still recovering, or is the shard's primary at an older epoch of the recovery (its
+    answer lost): it may have every acknowledged update, so nothing is given up; in the last case
+    the recovery is issued again (the spare serves on at the new epoch)."""
+    reg = _rebuilding_from_c(False)
+    reg.replica_targets = [[0, "c"]]
+    reg.slots[1].retiring = []
+    answers = {"c": DEAD, "a": _desc("a", 0, 1)}
+    if spare == "recovering":
+        answers["sp2"] = dataclasses.replace(_desc("sp2", None, 0), recovering=True)
+    elif spare == "rebuilt-before":
+        answers["sp2"] = _desc("sp2", 0, 1)
+    view = _view(reg, k=1, answers=answers)
+    if spare is None:
+        view.answers.pop("sp2")
+        view = dataclasses.replace(view, answered=view.answered - {"sp2"})
+    about_0 = [d.action for d in decide(reg, view, frozenset(), _spec(k=1), 0.0) if d.target == 0]
+    assert about_0 == [A.RECOVER]
+
+
+def test_a_replaced_primary_not_heard_from_since_a_restart_is_not_abandoned_to():
+    """After a restart nothing has probed "a" yet; the holder is dead and the spare holds nothing:
+    whether "a" may serve on is unknown, so the supervisor waits for a round that hears it."""
+    reg = _rebuilding_from_c(False)
+    reg.replica_targets = [[0, "c"]]
+    reg.slots[1].retiring = []
+    view = _view(reg, k=1, answers={"c": DEAD})
+    assert "a" not in view.answered
+    assert [d for d in decide(reg, view, frozenset(), _spec(k=1), 0.0) if d.target == 0] == []
 
 
 def test_a_holder_lost_while_the_replaced_primary_is_still_silent_abandons_not_fails():
