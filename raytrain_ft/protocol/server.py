@@ -424,10 +424,6 @@ class ServerProtocol:
             return [Reply(rid, stale)]
         if stale is not None:
             return [Reply(rid, Recovered(p.state.seq, 0, 0))]
-        if self._rebuilt_before(m.shard.index) and p.holder == m.holder:
-            # rebuilt at an older epoch of this recovery (the answer was lost, the supervisor asks
-            # again): the holder has nothing this server lacks, so it serves on at the new epoch
-            return self._serve_on(rid, m.epoch)
         if self._recovery is not None and self._recovery[1].epoch > m.epoch:
             return [
                 Reply(
@@ -448,6 +444,11 @@ class ServerProtocol:
                     Refused(RefusalKind.FENCED, f"recovery at epoch {m.epoch} supersedes it"),
                 )
             ]
+            self._recovery = None
+        if self._rebuilt_before(m.shard.index) and p.holder == m.holder:
+            # rebuilt at an older epoch of this recovery (the answer was lost, the supervisor asks
+            # again): the holder has nothing this server lacks, so it serves on at the new epoch
+            return superseded + self._serve_on(rid, m.epoch)
         call = self._call("export", m.holder, ExportReplica(m.shard.index, m.epoch), rid, m)
         self._recovery = (rid, m, call.cid)
         return superseded + [call]
@@ -460,7 +461,7 @@ class ServerProtocol:
         cannot = isinstance(value, Failure) or (
             isinstance(value, Refused) and value.kind is RefusalKind.NO_REPLICA
         )
-        if cannot and self._rebuilt_before(m.shard.index):
+        if cannot and self._rebuilt_before(m.shard.index) and self.primary.epoch < m.epoch:
             # the holder named this time cannot give the replica, but this server was rebuilt at
             # an older epoch of the same recovery from the newest copy: it has every acknowledged
             # update (a recovering slot's spare is routed no worker, so it has served none since)

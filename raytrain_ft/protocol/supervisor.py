@@ -766,6 +766,8 @@ def decide(
                         )
                     )
                     continue
+                if not view.gone_for_good(slot.actor) and view.describe(slot.actor) is None:
+                    continue  # the spare is silent, not found dead: it may have the shard rebuilt
                 return [
                     Decision(
                         Action.FAIL,

@@ -534,6 +534,9 @@ class World:
         """Crashes more, in windows ``WINDOW_NOTES`` open (the other faults may be spent by then:
         a window follows one) or a supervisor restart opens while a recovery is under way."""
         self._progress = 0
+        self.primary_losses: dict[int, int] = {}
+        """Per shard: primaries that stopped serving it (crashed, or stepped down), counted from the
+        processes themselves -- what relaxed durability's loss allowance is judged by."""
 
     # --- scheduling
     # ----------------------------------------------------------------------------------
@@ -593,6 +596,10 @@ class World:
         proc = self.procs.get(name)
         if proc is None or not proc.alive:
             return
+        if proc.kind == "server":
+            p = proc.obj.primary
+            if p is not None and not p.deposed:
+                self.primary_losses[p.shard.index] = self.primary_losses.get(p.shard.index, 0) + 1
         proc.alive, proc.died_at = False, self.now
         self.log(f"CRASH {name} ({why})")
         for caller, inc, cid, msg in self._pending.pop(name, {}).values():
@@ -659,6 +666,9 @@ class World:
             elif isinstance(eff, Note):
                 if self.trace_on and eff.event != "update":
                     self.log(f"{proc.name} notes {eff.event} {eff.fields}")
+                if eff.event == "deposed":  # a primary replaced while alive
+                    shard = eff.fields["shard"]
+                    self.primary_losses[shard] = self.primary_losses.get(shard, 0) + 1
                 if eff.event in ("update", "recovered", "rereplicated"):
                     self._progress += 1
                 if (
@@ -895,7 +905,12 @@ class World:
             if name is None or slot.replacing_confirmed or gone(name):
                 return False
             p = self.procs[name].obj.primary
-            return p is not None and p.shard.index == shard and not p.deposed
+            if p is None or p.shard.index != shard or p.deposed:
+                return False
+            # not fenced out of its holder by a rebuild's export (its next append steps it down)
+            h = self.procs.get(p.holder)
+            held = h.obj.replicas.get(shard) if h is not None and h.kind == "server" else None
+            return held is None or held.fence <= p.epoch
 
         def rebuilt(slot, shard):
             # a recovery's spare that finished a rebuild of it, at its epoch or an older one (its

@@ -1452,6 +1452,20 @@ def test_a_recovery_is_neither_abandoned_nor_failed_while_its_spare_may_hold_the
     assert about_0 == [A.RECOVER]
 
 
+def test_a_silent_spare_is_not_given_up_while_it_may_hold_the_rebuilt_shard():
+    """ "a" is dead, the holder "c" too; the spare "sp2" has gone silent (not found dead): it may
+    have finished the rebuild -- the only copy left -- so the run waits instead of failing."""
+    reg = _rebuilding_from_c(True)
+    reg.replica_targets = [[0, "c"]]
+    reg.slots[1].retiring = []
+    view = _view(reg, k=1, answers={"c": DEAD, "a": DEAD}, silent={"sp2": 11.0})
+    assert view.condition("sp2", _spec(k=1)) == "suspect"
+    decided = [d.action for d in decide(reg, view, frozenset(), _spec(k=1), 0.0)]
+    assert A.FAIL not in decided and A.ABANDON_RECOVERY not in decided, decided
+    gone = _view(reg, k=1, answers={"c": DEAD, "a": DEAD, "sp2": DEAD})
+    assert [d.action for d in decide(reg, gone, frozenset(), _spec(k=1), 0.0)] == [A.FAIL]
+
+
 def test_a_replaced_primary_not_heard_from_since_a_restart_is_not_abandoned_to():
     """After a restart nothing has probed "a" yet; the holder is dead and the spare holds nothing:
     whether "a" may serve on is unknown, so the supervisor waits for a round that hears it."""

@@ -812,3 +812,21 @@ def test_a_reinstate_is_refused_by_a_server_that_no_longer_serves_the_shard(how)
     assert "no longer serves" in _refused(
         bus.ask(target, Reinstate(shard, 5)), RefusalKind.NO_REPLICA
     )
+
+
+def test_serving_on_cancels_a_pending_rebuild_so_the_epoch_never_goes_back():
+    """A spare rebuilt at epoch 2 from "h" is asked at epoch 3 with another holder (its export
+    still on the way), then at epoch 4 with "h" again: it serves on at 4 and the epoch-3 rebuild is
+    refused then, so that export's answer can neither move the epoch back nor replace the state."""
+    bus, shard, spec = _pair()
+    _push(bus, 0, 0, 1.0)
+    bus.kill("p")
+    assert isinstance(_recover(bus, shard, spec, epoch=2), Recovered)
+    bus.add("h2", ServerProtocol("h2", spec))
+    bus.hold("h2")
+    pending = bus.send("s", RecoverPrimary(shard, 3, "h2"))
+    assert pending not in bus.replies
+    assert isinstance(bus.ask("s", RecoverPrimary(shard, 4, "h")), Recovered)
+    assert "supersedes" in _refused(bus.replies[pending], RefusalKind.FENCED)
+    bus.release("h2")
+    assert bus.ask("s", Describe()).epoch == 4
