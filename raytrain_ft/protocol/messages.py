@@ -74,6 +74,8 @@ class RefusalKind(enum.Enum):
 class Refused:
     kind: RefusalKind
     reason: str
+    fence: int | None = None
+    """FENCED by a holder: the epoch its replica is fenced at."""
 
 
 # --- requests to a parameter server
@@ -158,6 +160,9 @@ class Reinstate:
 
     shard: int
     epoch: int
+    fenced_upto: int = 0
+    """A primary deposed only by its holder's fence at or below this epoch (the abandoned
+    recovery's export) is reinstated too."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,6 +313,9 @@ class ServerDescription:
     """The node the server runs on (placement of replacements)."""
     process: str = ""
     """NODE_IP:PID of the server's process (fault injection)."""
+    fenced_at: int | None = None
+    """Deposed by its holder's fence at this epoch (a rebuild's export), not by a successor that
+    serves: it still has every update it acknowledged."""
 
 
 # --- worker and supervisor messages

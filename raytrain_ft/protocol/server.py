@@ -164,6 +164,8 @@ class _Primary:
     earlier: np.ndarray | None = None
     """--durability pipelined: the values before the update before the last."""
     deposed: bool = False
+    fenced_at: int | None = None
+    """Deposed by the holder's fence at this epoch (a FENCED append or install)."""
     checkpoint_step: int | None = None
     replica_version: int = -1
     """The ``SetReplica.version`` of the holder in use."""
@@ -374,6 +376,7 @@ class ServerProtocol:
             )
         p.install = None
         if isinstance(value, Refused) and value.kind is RefusalKind.FENCED:
+            p.fenced_at = value.fence
             return answer(value) + self._step_down(value.reason)
         if isinstance(value, (Refused, Failure)):
             why = value.reason if isinstance(value, Refused) else f"holder {holder}: {value.value}"
@@ -506,6 +509,16 @@ class ServerProtocol:
 
     def _on_reinstate(self, rid: int, m: Reinstate) -> list:
         p = self.primary
+        if (
+            p is not None
+            and p.shard.index == m.shard
+            and p.deposed
+            and p.fenced_at is not None
+            and p.fenced_at <= m.fenced_upto
+        ):
+            # deposed only by the abandoned recovery's fence: nothing serves past it, and it has
+            # every update it acknowledged (waiting pushes were refused; their workers send again)
+            p.deposed, p.fenced_at = False, None
         if p is None or p.shard.index != m.shard or p.deposed:
             return [
                 Reply(
@@ -1057,6 +1070,7 @@ class ServerProtocol:
                 self.replica_wait_s += now - self._commit_times.pop(command.seq, now)
             return self._flush() + self._release()
         if isinstance(value, Refused) and value.kind is RefusalKind.FENCED:
+            p.fenced_at = value.fence
             return self._step_down(value.reason)
         p.outbox = batch + p.outbox  # sent again (the holder ignores seqs it has)
         if holder != p.holder:  # the supervisor named a new holder meanwhile
@@ -1102,6 +1116,7 @@ class ServerProtocol:
                         RefusalKind.FENCED,
                         f"replica of shard {shard} on {self.name} is fenced at epoch {held.fence}, "
                         f"install came from epoch {m.epoch}",
+                        held.fence,
                     ),
                 )
             ]
@@ -1128,6 +1143,7 @@ class ServerProtocol:
                         f"replica of shard {m.shard} on {self.name} is fenced at epoch "
                         f"{held.fence}, "
                         f"append came from epoch {m.epoch}",
+                        held.fence,
                     ),
                 )
             ]
@@ -1242,6 +1258,7 @@ class ServerProtocol:
             self._recovery is not None,
             self.node,
             self.process,
+            p.fenced_at if p.deposed else None,
         )
 
     def stats(self) -> ShardStats:

@@ -520,6 +520,20 @@ def earlier_holder(reg: Registry, view, shard: int, k: int, refused_by: Address)
     return history[1] if may_rebuild_from(reg, view, shard, k, history[1]) else None
 
 
+def fenced_by_recovery(view: View, slot: SlotRecord, name: Address | None) -> bool:
+    """``name`` (a recovering slot's replaced or reinstating primary) was deposed only by its
+    holder's fence at or below the slot's epoch -- this recovery's export -- not by a successor
+    that serves: it still has every update it acknowledged, so it may be reinstated."""
+    d = view.describe(name)
+    return (
+        d is not None
+        and d.deposed
+        and d.fenced_at is not None
+        and d.fenced_at <= slot.epoch
+        and not view.gone_for_good(name)
+    )
+
+
 def lost_while_reinstating(shard: int, slot: SlotRecord) -> str:
     return (
         f"shard {shard} is lost: its replica holder died while its primary {slot.actor}, only "
@@ -741,7 +755,9 @@ def decide(
             if ("recover", j) in busy or rebuilt(j):
                 continue  # its answer (rebuilt, or the holder lost) decides, or was lost: adopted
             if slot.reinstating:
-                if condition(slot.actor) == "dead":
+                if condition(slot.actor) == "dead" and not fenced_by_recovery(
+                    view, slot, slot.actor
+                ):
                     return [Decision(Action.FAIL, shard, lost_while_reinstating(shard, slot))]
                 continue  # its Reinstate is issued (again) once it answers
             if spare_may_hold(j):
@@ -752,7 +768,10 @@ def decide(
                 if (
                     slot.replacing is not None
                     and not slot.replacing_confirmed
-                    and condition(slot.replacing) != "dead"
+                    and (
+                        condition(slot.replacing) != "dead"
+                        or fenced_by_recovery(view, slot, slot.replacing)
+                    )
                 ):
                     if slot.replacing not in view.answered:
                         continue  # not heard from since a restart: whether it serves on is unknown
@@ -1382,10 +1401,17 @@ class SupervisorProtocol:
         if slot.reinstating:
             if not view.alive(slot.actor):
                 return []  # silent still: asked once it answers (decide fails the run if it died)
+            abandoned = slot.epoch  # a fence up to the abandoned recovery's epoch may be undone
             reg.reserved[j] += 1
             slot.epoch = reg.reserved[j]
             calls = self._op(
-                "recover", j, slot.actor, Reinstate(j, slot.epoch), slot.actor, slot.epoch, None
+                "recover",
+                j,
+                slot.actor,
+                Reinstate(j, slot.epoch, abandoned),
+                slot.actor,
+                slot.epoch,
+                None,
             )
             return [self._persist(), *calls]
         if slot.phase is SlotPhase.SERVING or view.dead(slot.actor, self.spec):
@@ -1681,7 +1707,10 @@ class SupervisorProtocol:
             and not slot.replacing_confirmed
             and self.view is not None
             and slot.replacing in self.view.answered
-            and self.view.condition(slot.replacing, self.spec) != "dead"
+            and (
+                self.view.condition(slot.replacing, self.spec) != "dead"
+                or fenced_by_recovery(self.view, slot, slot.replacing)
+            )
         )
 
     def _unheard(self, slot: SlotRecord) -> bool:

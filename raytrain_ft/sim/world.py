@@ -899,18 +899,17 @@ class World:
 
         def still_serves(slot, shard):
             # a recovery's primary that was only suspected (or one being reinstated after its
-            # recovery was abandoned), alive and never deposed: it still has every acknowledged
-            # update of its shard (the supervisor abandons the recovery)
+            # recovery was abandoned), alive and not deposed by a successor: it still has every
+            # acknowledged update of its shard (the supervisor abandons the recovery)
             name = slot.actor if slot.reinstating else slot.replacing
             if name is None or slot.replacing_confirmed or gone(name):
                 return False
             p = self.procs[name].obj.primary
-            if p is None or p.shard.index != shard or p.deposed:
+            if p is None or p.shard.index != shard:
                 return False
-            # not fenced out of its holder by a rebuild's export (its next append steps it down)
-            h = self.procs.get(p.holder)
-            held = h.obj.replicas.get(shard) if h is not None and h.kind == "server" else None
-            return held is None or held.fence <= p.epoch
+            # deposed only by its holder's fence (this recovery's export) it is reinstated all
+            # the same: it has every update it acknowledged
+            return not p.deposed or (p.fenced_at is not None and p.fenced_at <= slot.epoch)
 
         def rebuilt(slot, shard):
             # a recovery's spare that finished a rebuild of it, at its epoch or an older one (its

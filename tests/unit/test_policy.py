@@ -1452,6 +1452,31 @@ def test_a_recovery_is_neither_abandoned_nor_failed_while_its_spare_may_hold_the
     assert about_0 == [A.RECOVER]
 
 
+@pytest.mark.parametrize(
+    "fenced_at, abandoned", [(2, True), (None, False)], ids=["by-this-fence", "by-a-successor"]
+)
+def test_a_primary_deposed_only_by_this_recoverys_fence_is_reinstated_when_the_holder_is_lost(
+    fenced_at, abandoned
+):
+    """ "a", only suspected, was fenced out of its holder by the spare's export at epoch 2 and
+    stepped down; the holder then dies before the spare has the replica (the export's answer lost
+    with its node). "a" has every update it acknowledged -- the only copy -- so the recovery is
+    abandoned and "a" reinstated, the fence undone; deposed by a successor instead, it is not."""
+    reg = _rebuilding_from_c(False)
+    reg.replica_targets = [[0, "c"]]
+    reg.slots[1].retiring = []
+    deposed = dataclasses.replace(_desc("a", 0, 1, deposed=True), fenced_at=fenced_at)
+    view = _view(reg, k=1, answers={"c": DEAD, "a": deposed})
+    decided = [d.action for d in decide(reg, view, frozenset(), _spec(k=1), 0.0) if d.target == 0]
+    assert decided == ([A.ABANDON_RECOVERY] if abandoned else [A.FAIL])
+    if abandoned:
+        sup = SupervisorProtocol(_spec(k=1), shard_ranges(8, 1), lambda s: None, reg)
+        sup.view = view
+        (d,) = [d for d in decide(reg, view, frozenset(), _spec(k=1), 0.0) if d.target == 0]
+        calls = [e for e in sup._carry_out(d, 0.0) if isinstance(e, Call)]
+        assert [(c.dst, c.msg) for c in calls] == [("a", Reinstate(0, 3, 2))]
+
+
 def test_a_silent_spare_is_not_given_up_while_it_may_hold_the_rebuilt_shard():
     """ "a" is dead, the holder "c" too; the spare "sp2" has gone silent (not found dead): it may
     have finished the rebuild -- the only copy left -- so the run waits instead of failing."""
@@ -1503,7 +1528,7 @@ def test_a_holder_lost_while_the_replaced_primary_is_still_silent_abandons_not_f
     sup.view = _view(reg, k=1, answers={"a": _desc("a", 0, 1), "c": DEAD})
     (d,) = [d for d in decide(reg, sup.view, frozenset(), _spec(k=1), 0.2) if d.target == 0]
     (call,) = [e for e in sup._carry_out(d, 0.2) if isinstance(e, Call)]
-    assert (call.dst, call.msg) == ("a", Reinstate(0, spare_epoch + 1))
+    assert (call.dst, call.msg) == ("a", Reinstate(0, spare_epoch + 1, spare_epoch))
     sup.on_reply(call.cid, Recovered(5, 0, 0), 0.3)
     slot = reg.slots[0]
     assert (slot.actor, slot.phase, slot.epoch) == ("a", SlotPhase.SERVING, spare_epoch + 1)

@@ -830,3 +830,32 @@ def test_serving_on_cancels_a_pending_rebuild_so_the_epoch_never_goes_back():
     assert "supersedes" in _refused(bus.replies[pending], RefusalKind.FENCED)
     bus.release("h2")
     assert bus.ask("s", Describe()).epoch == 4
+
+
+@pytest.mark.parametrize("upto, reinstated", [(2, True), (1, False)])
+def test_a_primary_deposed_only_by_a_rebuilds_fence_can_be_reinstated(upto, reinstated):
+    """A rebuild's export fences the holder at epoch 2; the primary's next append is refused and it
+    steps down, saying which fence deposed it. If that rebuild is abandoned (its holder lost), a
+    Reinstate up to that epoch puts it back with every update it had; one that does not reach the
+    fence is refused."""
+    bus, shard, spec = _pair()
+    _push(bus, 0, 0, 1.0)
+    assert isinstance(bus.ask("h", ExportReplica(0, 2)), Exported)
+    rid = _push(bus, 0, 1, 1.0)
+    _refused(bus.replies[rid], RefusalKind.FENCED)
+    d = bus.ask("p", Describe())
+    assert d.deposed and d.fenced_at == 2 and d.seq == 2
+    bus.kill("h")
+    answer = bus.ask("p", Reinstate(0, 3, upto))
+    if reinstated:
+        assert isinstance(answer, Recovered) and answer.seq == 2
+        assert not bus.ask("p", Describe()).deposed
+    else:
+        assert "no longer serves" in _refused(answer, RefusalKind.NO_REPLICA)
+
+
+def test_a_primary_deposed_by_a_successor_is_never_reinstated():
+    bus, _, _ = _pair()
+    assert bus.ask("p", Depose(0, 2)) is True
+    assert bus.ask("p", Describe()).fenced_at is None
+    _refused(bus.ask("p", Reinstate(0, 5, 4)), RefusalKind.NO_REPLICA)
