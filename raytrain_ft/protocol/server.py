@@ -519,7 +519,7 @@ class ServerProtocol:
             # deposed only by the abandoned recovery's fence: nothing serves past it, and it has
             # every update it acknowledged (waiting pushes were refused; their workers send again)
             p.deposed, p.fenced_at = False, None
-        if p is None or p.shard.index != m.shard or p.deposed:
+        if not self._rebuilt_before(m.shard):
             return [
                 Reply(
                     rid,
@@ -535,8 +535,8 @@ class ServerProtocol:
         return self._serve_on(rid, m.epoch)
 
     def _rebuilt_before(self, shard: int) -> bool:
-        """This server already is ``shard``'s primary, not deposed (at an older epoch: ``_stale``
-        answered the same one)."""
+        """This server is ``shard``'s primary and not deposed (a spare asked again for a rebuild it
+        finished, a primary told to serve on)."""
         p = self.primary
         return p is not None and p.shard.index == shard and not p.deposed
 

@@ -534,6 +534,20 @@ def fenced_by_recovery(view: View, slot: SlotRecord, name: Address | None) -> bo
     )
 
 
+def replaced_may_serve_on(view: View, spec: SupervisorSpec, slot: SlotRecord) -> bool:
+    """The primary slot ``slot``'s recovery replaces was only suspected when it began and is
+    neither found dead nor deposed by a successor (one deposed only by this recovery's fence
+    counts as serving on): if the recovery cannot finish, it may be put back."""
+    return (
+        slot.replacing is not None
+        and not slot.replacing_confirmed
+        and (
+            view.condition(slot.replacing, spec) != "dead"
+            or fenced_by_recovery(view, slot, slot.replacing)
+        )
+    )
+
+
 def lost_while_reinstating(shard: int, slot: SlotRecord) -> str:
     return (
         f"shard {shard} is lost: its replica holder died while its primary {slot.actor}, only "
@@ -765,14 +779,7 @@ def decide(
             if replica_copy(shard) == "dead" and fallback(shard) is None:
                 # nothing to rebuild from: not issued again
                 out = [d for d in out if not (d.action is Action.RECOVER and d.target == j)]
-                if (
-                    slot.replacing is not None
-                    and not slot.replacing_confirmed
-                    and (
-                        condition(slot.replacing) != "dead"
-                        or fenced_by_recovery(view, slot, slot.replacing)
-                    )
-                ):
+                if replaced_may_serve_on(view, spec, slot):
                     if slot.replacing not in view.answered:
                         continue  # not heard from since a restart: whether it serves on is unknown
                     out.append(
@@ -1703,14 +1710,9 @@ class SupervisorProtocol:
         """Whether the primary a recovery replaces was only suspected and is neither found dead nor
         deposed (a deposed one no longer serves): the run must not fail while it may serve on."""
         return (
-            slot.replacing is not None
-            and not slot.replacing_confirmed
-            and self.view is not None
+            self.view is not None
             and slot.replacing in self.view.answered
-            and (
-                self.view.condition(slot.replacing, self.spec) != "dead"
-                or fenced_by_recovery(self.view, slot, slot.replacing)
-            )
+            and replaced_may_serve_on(self.view, self.spec, slot)
         )
 
     def _unheard(self, slot: SlotRecord) -> bool:

@@ -914,10 +914,7 @@ class World:
         def rebuilt(slot, shard):
             # a recovery's spare that finished a rebuild of it, at its epoch or an older one (its
             # answer on its way, or lost with a supervisor): it has every acknowledged update
-            if gone(slot.actor):
-                return False
-            p = self.procs[slot.actor].obj.primary
-            return p is not None and p.shard.index == shard and not p.deposed
+            return not gone(slot.actor) and self.procs[slot.actor].obj._rebuilt_before(shard)
 
         def newest_copy_kept(shard):
             for name in replica_target_history(reg, shard):  # newest first
