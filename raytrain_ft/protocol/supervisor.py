@@ -138,6 +138,9 @@ class Action(enum.Enum):
     restarted."""
     CREATE_SPARE = "create_spare"
     DROP_SPARE = "drop_spare"
+    KILL_WORKER = "kill_worker"
+    """A worker process silent too long but not found dead is killed; its ranks are re-created once
+    a call finds it dead (alive, it could push on past their start step)."""
     CREATE_WORKER = "create_worker"
     START_WORKER = "start_worker"
     MARK_RUNNING = "mark_running"
@@ -446,7 +449,13 @@ def _whole_processes(out: list, reg: Registry, spec: SupervisorSpec) -> list:
 SPARE_TAKERS = frozenset((Action.RECOVER, Action.REPLACE_HOLDER, Action.ROLLBACK))
 """Decisions carried out on a spare (a new actor for a dead or suspected slot)."""
 WORKER_ACTIONS = frozenset(
-    (Action.CREATE_WORKER, Action.START_WORKER, Action.MARK_RUNNING, Action.MARK_DONE)
+    (
+        Action.KILL_WORKER,
+        Action.CREATE_WORKER,
+        Action.START_WORKER,
+        Action.MARK_RUNNING,
+        Action.MARK_DONE,
+    )
 )
 
 
@@ -876,6 +885,24 @@ def decide(
                         f"recovery.max_worker_restarts={spec.max_worker_restarts}",
                     )
                 ]
+            if (
+                spec.process_ranks > 1
+                and w.actor in view.answered
+                and not view.gone_for_good(w.actor)
+            ):
+                # silent, not found dead: its process may live on and push for every rank it
+                # holds (a sync step then needs no one else), past the step its ranks would be
+                # re-created at. It is killed first, re-created once a call finds it dead.
+                out.append(
+                    Decision(
+                        Action.KILL_WORKER,
+                        rank,
+                        f"worker {rank} ({w.actor}) has not answered for "
+                        f"{view.silent_s.get(w.actor, 0):.1f}s: its process is killed before its "
+                        "ranks are re-created",
+                    )
+                )
+                continue
             out.append(Decision(Action.CREATE_WORKER, rank, f"worker {rank} ({w.actor}) is dead"))
             continue
         if status is None:
@@ -944,9 +971,14 @@ class SupervisorProtocol:
         self._cids = itertools.count(1)
         self._ops: dict[int, tuple] = {}
         """cid -> (kind, target, context) of each operation in flight."""
+        self._op_dst: dict[int, str] = {}
+        """cid -> the process each operation in flight was sent to."""
         self._round: dict[int, str] | None = None
         """cid -> name of each probe of the round in flight."""
         self._answers: dict[str, Any] = {}
+        self._stale_probes: set[int] = set()
+        """Probes of the open round whose answer may predate an operation on their process (each
+        is asked again when it answers)."""
         self._rounds = 0
         """Probe rounds started by this incarnation."""
         self._view_round = 0
@@ -1049,6 +1081,7 @@ class SupervisorProtocol:
         ):
             return self._finish_round(now)  # the silent ones count as unanswered
         if isinstance(token, tuple) and token[0] == "op_timeout" and token[1] in self._ops:
+            self._op_dst.pop(token[1], None)
             return self._op_done(self._ops.pop(token[1]), Failure.UNAVAILABLE, now)
         return []
 
@@ -1077,6 +1110,10 @@ class SupervisorProtocol:
                 self._answered.add(name)
             elif value is Failure.DEAD:
                 self._gone.add(name)
+            if in_round and cid in self._stale_probes:
+                self._stale_probes.discard(cid)
+                if not isinstance(value, Failure):  # alive: what it holds now is asked again
+                    return self._probe(name)
             if not in_round:  # a process that was still starting answered: decide about it soon
                 return self._soon() if first or value is Failure.DEAD else []
             self._answers[name] = value
@@ -1088,7 +1125,36 @@ class SupervisorProtocol:
         op = self._ops.pop(cid, None)
         if op is None:
             return []
-        return self._op_done(op, value, now)
+        dst = self._op_dst.pop(cid, None)
+        return ([] if isinstance(value, Failure) else self._ask_again(dst)) + self._op_done(
+            op, value, now
+        )
+
+    def _ask_again(self, name: str | None) -> list:
+        """``name`` answered an operation (it may serve, hold or have given up something new):
+        what it told the open round may come from before that and counts for nothing -- the
+        round asks it again, so no decision reads a role it no longer has (a primary reinstated
+        while its description still says deposed). An answer still on its way is asked again
+        when it comes (it may have been given before the operation, and overtaken)."""
+        if self._round is None:
+            return []
+        waiting = [cid for cid, n in self._round.items() if n == name]
+        if waiting:
+            self._stale_probes.update(waiting)
+            return []
+        if name not in self._answers:
+            return []
+        del self._answers[name]
+        return self._probe(name)
+
+    def _probe(self, name: str) -> list:
+        """Ask ``name`` what it holds (a server) or how far it is (a worker), in the open round."""
+        kind = dict(self._known()).get(name)
+        if kind is None:
+            return []
+        cid = next(self._cids)
+        self._round[cid] = name
+        return [Call(cid, name, Describe() if kind == "server" else PollStatus())]
 
     @property
     def phase(self) -> RunPhase:
@@ -1110,7 +1176,7 @@ class SupervisorProtocol:
     def _start_round(self, now: float) -> list:
         if self.reg.phase in (RunPhase.DONE, RunPhase.FAILED):
             return []
-        self._round, self._answers = {}, {}
+        self._round, self._answers, self._stale_probes = {}, {}, set()
         self._rounds += 1
         self._round_started_at = now
         effects = []
@@ -1203,6 +1269,7 @@ class SupervisorProtocol:
         """Call ``dst`` as operation ``kind`` on ``target``, given up after ``op_timeout_s``."""
         cid = next(self._cids)
         self._ops[cid] = (kind, target, *context)
+        self._op_dst[cid] = dst
         return [Call(cid, dst, msg), Timer(("op_timeout", cid), self.spec.op_timeout_s)]
 
     def _node_for_slot(self, j: int) -> str | None:
@@ -1299,6 +1366,8 @@ class SupervisorProtocol:
             if d.target in reg.spares:  # (a recovery decided earlier this round may have taken it)
                 reg.spares.remove(d.target)
             return [self._persist(), Kill(d.target, d.reason)]
+        if a is Action.KILL_WORKER:
+            return [Kill(reg.workers[d.target].actor, d.reason)]
         if a is Action.CREATE_WORKER:
             w = reg.workers[d.target]
             old = w.actor

@@ -11,6 +11,13 @@ Faults (``FaultPlan``):
   holder killed after logging and before answering);
 - **node loss**: every process of a node at once; answers in flight from it
   are lost (``Failure.LOST``);
+- **window crashes**, aimed at the moments a copy moves (a recovery or a
+  re-replication begins, a server retires, a restarted supervisor issues a
+  recovery again): the holder, the replaced primary, the spare, the
+  supervisor or their whole node dies, sometimes with its answers on their
+  way; a server dies right after carrying out a request that moves a copy
+  (an export that raised its holder's fence, a rebuild, an install) and
+  before its answer arrives, or its node is lost while that answer travels;
 - **false suspicion**: a live server stops answering the supervisor's probes
   for longer than ``suspect_after_s``, so the supervisor replaces it while it
   keeps serving the workers that still route to it;
@@ -48,6 +55,8 @@ from raytrain_ft.protocol.messages import (
     AppendAck,
     Call,
     Create,
+    Depose,
+    ExportReplica,
     Failure,
     Fold,
     InstallReplica,
@@ -57,8 +66,11 @@ from raytrain_ft.protocol.messages import (
     PollStatus,
     Push,
     PushReply,
+    RecoverPrimary,
+    Reinstate,
     Reply,
     SaveCheckpoint,
+    SetReplica,
     Start,
     Timer,
 )
@@ -75,6 +87,9 @@ from raytrain_ft.protocol.supervisor import (
 )
 
 SUPERVISOR = "supervisor"
+COPY_MOVING = (ExportReplica, InstallReplica, RecoverPrimary, Reinstate, SetReplica, Depose)
+"""Requests whose answers tell the supervisor (or a spare) that a copy moved or a primary changed:
+the simulator sometimes crashes the server that carried one out before its answer arrives."""
 WINDOW_NOTES = ("recovery_started", "rereplication_started", "retiring", "recovery_source")
 """Supervisor notes that open a window in which a shard's newest copy may sit on a server being
 replaced: the simulator often crashes something soon after one (``World.inject_in_window``)."""
@@ -640,14 +655,20 @@ class World:
                     self.delay(), "request", proc.name, proc.incarnation, eff.cid, eff.dst, eff.msg
                 )
             elif isinstance(eff, Reply):
-                self._observe_answer(
-                    proc, self._requests.pop((proc.name, eff.rid), None), eff.value
-                )
+                request = self._requests.pop((proc.name, eff.rid), None)
+                self._observe_answer(proc, request, eff.value)
                 caller = self._pending.get(proc.name, {}).pop(eff.rid, None)
+                fate = self._answer_fate(proc, request) if caller is not None else None
+                if fate == "dies":
+                    self.at(self.delay() * 5, "failure", *caller[:3], Failure.DEAD)
+                    return
                 if caller is not None:
-                    self.at(
-                        self.delay(), "reply", caller[0], caller[1], caller[2], eff.value, proc.name
-                    )
+                    # a slow answer: a replica's state through the object store
+                    slow = fate == "slow" or isinstance(request, ExportReplica)
+                    delay = self.rng.uniform(0.005, 0.03) if slow else self.delay()
+                    self.at(delay, "reply", *caller[:3], eff.value, proc.name)
+                    if fate == "slow":  # its node is lost while the answer travels
+                        self.at(delay * self.rng.uniform(0.1, 0.9), "fault", "answering", proc.name)
             elif isinstance(eff, Timer):
                 self.at(eff.delay_s, "timer", proc.name, proc.incarnation, eff.token)
             elif isinstance(eff, Persist):
@@ -669,6 +690,7 @@ class World:
                 if eff.event == "deposed":  # a primary replaced while alive
                     shard = eff.fields["shard"]
                     self.primary_losses[shard] = self.primary_losses.get(shard, 0) + 1
+                    self._aim_at_fencing_holder(proc)
                 if eff.event in ("update", "recovered", "rereplicated"):
                     self._progress += 1
                 if (
@@ -833,6 +855,9 @@ class World:
             if event[1] == "window":
                 self.inject_in_window()
                 return
+            if event[1] == "answering":
+                self._lose_while_answering(event[2])
+                return
             self.inject()
         else:
             raise AssertionError(kind)
@@ -917,7 +942,17 @@ class World:
             return not gone(slot.actor) and self.procs[slot.actor].obj._rebuilt_before(shard)
 
         def newest_copy_kept(shard):
-            for name in replica_target_history(reg, shard):  # newest first
+            holder = reg.slots[replica_slot(shard, k)]
+            history = replica_target_history(reg, shard)
+            if (
+                holder.phase is SlotPhase.SERVING
+                and holder.actor not in history
+                and gone(holder.actor)
+            ):
+                # the supervisor names the slot's serving actor next (a re-replication on its
+                # way): dead with the primary, nobody could tell it whether that install happened
+                return False
+            for name in history:  # newest first
                 if gone(name) or not holds_for_slot(reg, shard, k, name):
                     return False
                 if has_copy(name, shard):
@@ -968,12 +1003,85 @@ class World:
         victim = self.rng.choice(live)
         if self.rng.random() < 0.25 and self.procs[SUPERVISOR].alive:
             victim = SUPERVISOR  # the answer to what it just sent is lost with it
-        if not self._may_crash({victim}):
-            return
+        what, lost = f"crash of {victim}", None
+        if victim == SUPERVISOR:
+            self._window_crash({victim}, what)
+        elif self.procs[victim].node != self.nodes[0] and self.rng.random() < 0.3:
+            # its whole node: every process on it, and half their answers on their way
+            node = self.procs[victim].node
+            self._window_crash(self._on_node(node), f"loss of {node} ({victim}'s node)", "half")
+        else:
+            if self.rng.random() < 0.5:
+                # it died before its answers reached their callers: what it did stands, its
+                # callers never learn (an export whose answer is lost, an install not confirmed)
+                what, lost = what + ", its answers on their way lost", "half"
+            self._window_crash({victim}, what, lost)
+
+    def _on_node(self, node: str) -> set[str]:
+        """The live processes of ``node`` but the supervisor (what its loss kills)."""
+        return {
+            p.name
+            for p in self.procs.values()
+            if p.alive and p.node == node and p.kind != "supervisor"
+        }
+
+    def _window_crash(self, victims: set[str], what: str, lost: str | None = None) -> bool:
+        """Crash ``victims`` together in a window, unless the design cannot survive it; of their
+        answers on their way ``lost`` ones are lost too: none, ``"half"`` or ``"all"``."""
+        if not self._window_budget or not self._may_crash(victims):
+            return False
         self._window_budget -= 1
-        self.faults.append(f"crash of {victim} while a copy moves")
+        self.faults.append(f"{what} while a copy moves")
         self.log(f"FAULT {self.faults[-1]}")
-        self.kill(victim, self.faults[-1])
+        for name in victims:
+            self.kill(name, self.faults[-1])
+        if lost:
+            self._lose_replies_from(victims, every=lost == "all")
+        return True
+
+    def _answer_fate(self, proc: Proc, request) -> str | None:
+        """Window crashes aimed at an answer that moves a copy (a holder's export that raised its
+        fence, a spare's rebuild): ``"dies"``, ``proc`` dies just after carrying out ``request``
+        and before answering (the caller learns only that it died); ``"slow"``, the answer
+        travels a while and its sender's node may be lost meanwhile, the answer with it."""
+        if not (
+            self._window_budget
+            and proc.kind == "server"
+            and isinstance(request, COPY_MOVING)
+            and self._registry().training  # the first copies are not a recovery's
+            and self.rng.random() < 0.25
+        ):
+            return None
+        if isinstance(request, ExportReplica) or self.rng.random() < 0.5:
+            return "slow"
+        what = f"crash of {proc.name} answering {type(request).__name__}"
+        return "dies" if self._window_crash({proc.name}, what) else None
+
+    def _aim_at_fencing_holder(self, proc: Proc) -> None:
+        """A primary just stepped down, perhaps fenced by its holder's export to a recovery's
+        spare: while that export's answer travels, the holder's node may be lost with it (the
+        spare never gets the replica; the deposed primary has every update it acknowledged)."""
+        p = proc.obj.primary
+        holder = p.holder if p is not None else None
+        if (
+            self._window_budget
+            and holder is not None
+            and any(e[0] == "reply" and e[5] == holder for _, _, e in self._queue)
+            and self.rng.random() < 0.5
+        ):
+            self.at(self.rng.uniform(0.0, 0.002), "fault", "answering", holder)
+
+    def _lose_while_answering(self, name: str) -> None:
+        """The node of ``name`` is lost while an answer of ``name`` is on its way (``"slow"``),
+        the answer with it (on the head's node, ``name`` alone dies)."""
+        proc = self.procs.get(name)
+        if proc is None or not proc.alive:
+            return
+        if proc.node == self.nodes[0]:
+            self._window_crash({name}, f"crash of {name} (its answer on its way lost)", "all")
+        else:
+            what = f"loss of {proc.node} ({name}'s answer on its way)"
+            self._window_crash(self._on_node(proc.node), what, "all")
 
     def inject(self) -> None:
         if self._fault_budget <= 0:
@@ -985,7 +1093,7 @@ class World:
             what = "supervisor crash"
         elif choice < 0.27 and self.cfg.num_nodes > 1:
             node = self.rng.choice(self.nodes[1:])
-            victims = {p.name for p in live if p.node == node and p.kind != "supervisor"}
+            victims = self._on_node(node)
             what = f"loss of {node}"
         elif choice < 0.4:
             # a server; with pre-aggregation a worker too (its process is killed and re-created)
@@ -1028,12 +1136,12 @@ class World:
         if what.startswith("loss of"):
             self._lose_replies_from(victims)
 
-    def _lose_replies_from(self, victims: set[str]) -> None:
+    def _lose_replies_from(self, victims: set[str], every: bool = False) -> None:
         """Answers still travelling from a lost node's processes are lost with it (its object store
-        is gone)."""
+        is gone): half of them, or ``every`` one."""
         kept = []
         for t, s, event in self._queue:
-            if event[0] == "reply" and event[5] in victims and self.rng.random() < 0.5:
+            if event[0] == "reply" and event[5] in victims and (every or self.rng.random() < 0.5):
                 kept.append((t, s, ("failure", event[1], event[2], event[3], Failure.LOST)))
             else:
                 kept.append((t, s, event))

@@ -254,6 +254,7 @@ def test_fp16_skips_overflowed_updates_on_every_shard_and_a_kill_changes_nothing
     # with overlap (forward installs the answers, pushes wait for the unscaled gradient): the
     # same bits
     killed = fit("server:0@step=8,worker:1@step=22", overlap=True)
-    assert [e["role"] for e in killed.recoveries] == ["server", "worker"]
+    # one recovery each (in either order: on a loaded machine the step-8 kill can land late)
+    assert sorted(e["role"] for e in killed.recoveries) == ["server", "worker"]
     assert killed.params_sha256 == clean.params_sha256
     assert [w["skipped_updates"] for w in killed.workers] == skipped

@@ -608,6 +608,17 @@ DECIDE = [
         "worker 0's process is re-created",
     ),
     (
+        # found by the simulator: a falsely suspected process of both ranks, re-created at once,
+        # pushed on (a sync step needs no one else) past the step its new ranks were started at
+        "pre-aggregation: a silent process is killed before its ranks are re-created",
+        _spec(process_ranks=2),
+        _running,
+        _view(_running, silent={"w1": 11.0}),
+        (),
+        [(A.KILL_WORKER, 1)],
+        "has not answered for 11.0s: its process is killed before its ranks are re-created",
+    ),
+    (
         "pre-aggregation: a finished rank is re-created with its process",
         _spec(process_ranks=2),
         _reg(tweak=lambda r: setattr(r.workers[0], "phase", WorkerPhase.DONE)),
@@ -1475,6 +1486,50 @@ def test_a_primary_deposed_only_by_this_recoverys_fence_is_reinstated_when_the_h
         (d,) = [d for d in decide(reg, view, frozenset(), _spec(k=1), 0.0) if d.target == 0]
         calls = [e for e in sup._carry_out(d, 0.0) if isinstance(e, Call)]
         assert [(c.dst, c.msg) for c in calls] == [("a", Reinstate(0, 3, 2))]
+
+
+@pytest.mark.parametrize("overtaken", [False, True], ids=["answered-first", "answer-overtaken"])
+def test_a_description_given_before_an_operation_changed_its_server_is_asked_again(overtaken):
+    """The round in flight heard "a" deposed (fenced by the abandoned recovery's export); then the
+    Reinstate's answer put "a" back at a new epoch (or: that answer overtook the description).
+    Decided on that description, the round would find shard 0's primary deposed and its holder
+    dead, and fail the run (found by the simulator: the holder's node lost while its export's
+    answer travelled). The round asks "a" again and decides on what it says now."""
+    reg = _rebuilding_from_c(False)
+    reg.replica_targets = [[0, "c"]]
+    reg.slots[1].retiring = []
+    sup = SupervisorProtocol(_spec(k=1), shard_ranges(8, 1), lambda s: None, reg)
+    deposed = dataclasses.replace(_desc("a", 0, 1, deposed=True), fenced_at=2)
+    seen = _view(reg, k=1, answers={"c": DEAD, "a": deposed}).answers
+    sup._answered.update(n for n, a in seen.items() if a is not DEAD)  # heard in earlier rounds
+
+    def round_of(now):
+        return {c.dst: c for c in sup._start_round(now) if isinstance(c, Call)}
+
+    effects = []
+    for name, call in round_of(0.0).items():  # this round abandons the recovery to "a"
+        effects += sup.on_reply(call.cid, seen.get(name, Failure.UNAVAILABLE), 0.01)
+    (reinstate,) = [e for e in effects if isinstance(e, Call) and isinstance(e.msg, Reinstate)]
+    probes = round_of(0.1)
+    if overtaken:
+        assert not [
+            e for e in sup.on_reply(reinstate.cid, Recovered(5, 0, 0), 0.11) if isinstance(e, Call)
+        ]
+        again = sup.on_reply(probes.pop("a").cid, deposed, 0.12)  # described before the Reinstate
+    else:
+        sup.on_reply(probes.pop("a").cid, deposed, 0.11)  # described before it was reinstated
+        again = sup.on_reply(reinstate.cid, Recovered(5, 0, 0), 0.12)
+    again = [e for e in again if isinstance(e, Call)]
+    slot = reg.slots[0]
+    assert (slot.actor, slot.phase, slot.epoch) == ("a", SlotPhase.SERVING, 3)
+    for name, call in probes.items():
+        sup.on_reply(call.cid, seen.get(name, Failure.UNAVAILABLE), 0.13)
+    assert reg.phase is not RunPhase.FAILED, reg.failure  # the stale description decided nothing
+    assert [(c.dst, c.msg) for c in again] == [("a", Describe())]
+    assert sup._round is not None, "the round waits for the new description of a"
+    sup.on_reply(again[0].cid, _desc("a", 0, 3), 0.14)
+    assert reg.phase is not RunPhase.FAILED, reg.failure
+    assert sup._round is None and sup.view.describe("a").epoch == 3
 
 
 def test_a_silent_spare_is_not_given_up_while_it_may_hold_the_rebuilt_shard():
