@@ -354,6 +354,54 @@ def test_a_frozen_server_is_replaced_while_alive_and_fenced_when_it_wakes(
     assert_invariants(result, num_servers, "", tmp_path, baseline)
 
 
+@pytest.mark.extended
+def test_a_frozen_worker_process_is_killed_before_its_ranks_are_re_created(ray_local, tmp_path):
+    """A suspected-but-alive worker process, for real: both ranks share one process and push as
+    one (pre-aggregation); it is stopped (SIGSTOP) at step 15. The supervisor suspects it after
+    ``suspect_after_s``, kills it first (alive, it could push on for both ranks past the step they
+    would be re-created at) and re-creates its ranks once a call finds it dead: the run ends with
+    the failure-free hash, every push applied once."""
+    import dataclasses
+    import signal
+    import time
+
+    import ray
+    from ray._private.test_utils import wait_for_condition
+
+    baseline = baseline_hash(2)
+    cfg = _config(2, suspect_after_s=2.0)
+    cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, ranks_per_process=2))
+    thread, box, supervisor = _train_in_background(cfg)
+
+    def status():
+        return ray.get(supervisor.status.remote(), timeout=30)
+
+    wait_for_condition(
+        lambda: min(status().shard_steps, default=0) >= 15, timeout=120, retry_interval_ms=50
+    )
+    name, process = status().targets.lookup("worker", 0)
+    pid = int(process.rpartition(":")[2])
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(
+            e["role"] == "worker" for e in status().events
+        ):
+            time.sleep(0.1)
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)  # it should be dead by now: then there is nothing to wake
+        except ProcessLookupError:
+            pass
+    thread.join(timeout=300)
+    result = box["result"]
+    assert sorted((e["role"], e["index"]) for e in result.recoveries) == [
+        ("worker", 0),
+        ("worker", 1),
+    ], result.recoveries
+    assert_invariants(result, 2, "", tmp_path, baseline)
+
+
 @pytest.mark.soak
 def test_soak_thirty_random_kills(ray_local, tmp_path):
     """>= 30 random kills across roles (one at a time, >= 1 s apart); the run completes and I1
