@@ -885,14 +885,11 @@ def decide(
                         f"recovery.max_worker_restarts={spec.max_worker_restarts}",
                     )
                 ]
-            if (
-                spec.process_ranks > 1
-                and w.actor in view.answered
-                and not view.gone_for_good(w.actor)
-            ):
+            if spec.process_ranks > 1 and not view.gone_for_good(w.actor):
                 # silent, not found dead: its process may live on and push for every rank it
                 # holds (a sync step then needs no one else), past the step its ranks would be
-                # re-created at. It is killed first, re-created once a call finds it dead.
+                # re-created at -- also when only an earlier supervisor incarnation heard it. It
+                # is killed first, re-created once a call finds it dead.
                 out.append(
                     Decision(
                         Action.KILL_WORKER,
@@ -1112,8 +1109,10 @@ class SupervisorProtocol:
                 self._gone.add(name)
             if in_round and cid in self._stale_probes:
                 self._stale_probes.discard(cid)
-                if not isinstance(value, Failure):  # alive: what it holds now is asked again
-                    return self._probe(name)
+                again = [] if isinstance(value, Failure) else self._probe(name)
+                if again:  # alive: what it holds now is asked again
+                    return again
+                # (no longer known -- killed, retired -- or failed: the round goes on without it)
             if not in_round:  # a process that was still starting answered: decide about it soon
                 return self._soon() if first or value is Failure.DEAD else []
             self._answers[name] = value

@@ -1532,6 +1532,51 @@ def test_a_description_given_before_an_operation_changed_its_server_is_asked_aga
     assert sup._round is None and sup.view.describe("a").epoch == 3
 
 
+def test_a_stale_probe_answer_of_a_process_no_longer_known_does_not_hold_the_round_open():
+    """The spare's probe was outstanding when its recovery's answer (holder lost) came: the
+    recovery was abandoned and the spare killed. Its description, when it comes, is not asked
+    again (nobody probes it any more) and the round ends then, not at the probe timeout."""
+    reg = _recovering(k=2)
+    sup = SupervisorProtocol(_spec(k=2), shard_ranges(8, 2), lambda s: None, reg)
+    sup.view = _view(reg, answers={"a": _desc("a", 0, 1)})
+    sup._answered.update(n for n, _ in sup._known())  # heard in earlier rounds
+    (recover,) = [
+        e
+        for e in sup._op("recover", 0, "sp2", RecoverPrimary(sup.ranges[0], 2, "b"), "sp2", 2, "b")
+        if isinstance(e, Call)
+    ]
+    probes = {c.dst: c for c in sup._start_round(1.0) if isinstance(c, Call)}
+    for name, call in probes.items():
+        if name != "sp2":
+            sup.on_reply(call.cid, sup.view.answers[name], 1.01)
+    sup.on_reply(recover.cid, Refused(RefusalKind.HOLDER_LOST, "holder b died"), 1.02)
+    assert "sp2" not in dict(sup._known()) and reg.slots[0].reinstating
+    sup.on_reply(probes["sp2"].cid, _desc("sp2", None, 0), 1.03)
+    assert sup._round is None, "the round ended with the last answer it waits for"
+
+
+def test_a_restarted_supervisor_kills_a_silent_process_before_re_creating_its_ranks():
+    """Only an earlier incarnation heard the process's ranks; silent past the start timeout since
+    the restart, they are not found dead: the process is killed first all the same (re-created at
+    once, it could push on past its new ranks' start step)."""
+    spec = _spec(process_ranks=2)
+    reg = _reg()
+    heard = _view(reg, silent={"w0": 11.0, "w1": 11.0})
+    restarted = View(
+        heard.answers,
+        heard.silent_s,
+        {n: spec.start_timeout_s for n in heard.answers},
+        heard.answered - {"w0", "w1"},
+        heard.gone,
+    )
+    for view in (heard, restarted):
+        decided = [(d.action, d.target) for d in decide(reg, view, frozenset(), spec, 0.0)]
+        assert decided == [(A.KILL_WORKER, 0), (A.KILL_WORKER, 1)], decided
+    found_dead = _view(reg, answers={"w0": DEAD, "w1": DEAD})
+    decided = [(d.action, d.target) for d in decide(reg, found_dead, frozenset(), spec, 0.0)]
+    assert decided == [(A.CREATE_WORKER, 0), (A.CREATE_WORKER, 1)]
+
+
 def test_a_silent_spare_is_not_given_up_while_it_may_hold_the_rebuilt_shard():
     """ "a" is dead, the holder "c" too; the spare "sp2" has gone silent (not found dead): it may
     have finished the rebuild -- the only copy left -- so the run waits instead of failing."""
