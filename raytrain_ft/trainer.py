@@ -998,10 +998,7 @@ class _Run:
         """The supervisor's status, or -- while it restarts -- the step the live workers report."""
         import ray
 
-        from raytrain_ft.actors.transport import Directory
-        from raytrain_ft.protocol.messages import PollStatus
-
-        ready, _ = ray.wait([pending], timeout=0.5)
+        ready, _ = ray.wait([pending], timeout=0.05 if self.chaos.waits_for_step else 0.5)
         if ready:
             self.status = ray.get(pending)
             self.chaos.targets = self.status.targets
@@ -1009,17 +1006,36 @@ class _Run:
                 if s is not None:
                     self._latest[rank] = s
             return None, list(self._latest.values())
+        return pending, self._ask_workers()
+
+    def _ask_workers(self, timeout_s: float = 0.5) -> list:
+        """The live workers' statuses, asked directly (not the supervisor's last probe round)."""
+        import ray
+
+        from raytrain_ft.actors.transport import Directory
+        from raytrain_ft.protocol.messages import PollStatus
+
         if self.chaos.targets is None:
-            return pending, []
+            return []
         self._directory = self._directory or Directory(self.run_id)
         handles = [self._directory.handle(name) for name, _ in self.chaos.targets.workers if name]
         refs = [h.deliver.remote(PollStatus()) for h in handles if h is not None]
-        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0.5)
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         statuses = []
         for ref in done:
             with contextlib.suppress(ray.exceptions.RayError):
                 statuses.append(ray.get(ref))
-        return pending, statuses
+        return statuses
+
+    def _chaos_step(self, step: int) -> int:
+        """The step a ``@step`` kill is judged at: while one is pending, the workers' own (the
+        supervisor's view is a probe round old: a fast run moved on several steps since)."""
+        if not self.chaos.waits_for_step:
+            return step
+        fresh = self._ask_workers(timeout_s=0.2)
+        if len(fresh) < self.cfg.cluster.num_workers:
+            return step
+        return max(step, min(s.step for s in fresh))
 
     def _periodic_eval(self, ref, asked_at: float, step: int, now: float, t_start: float):
         """``eval_every_s``: ask the supervisor for the parameters every so often and, once they
@@ -1074,7 +1090,7 @@ class _Run:
                     started = min(s.started_at for s in statuses)
                     finished = max(s.finished_at for s in statuses)
                     return statuses, max(finished - started, finished - t_start)
-            self.chaos.tick(step, len(status.events) if status is not None else 0)
+            self.chaos.tick(self._chaos_step(step), len(status.events) if status is not None else 0)
             now = time.time()
             if self.evaluate is not None:
                 eval_ref, eval_asked = self._periodic_eval(eval_ref, eval_asked, step, now, t_start)

@@ -154,6 +154,11 @@ class ChaosRunner:
     def done(self) -> bool:
         return not self.pending
 
+    @property
+    def waits_for_step(self) -> bool:
+        """A ``@step`` kill is still to fire (the driver then reads the workers' steps directly)."""
+        return any(k.trigger == "step" for k in self.pending)
+
     def tick(self, step: int, events: int = 0) -> None:
         """Fire what is due at ``step`` / now; ``events`` is the run's recovery-event count (for
         one_at_a_time)."""
