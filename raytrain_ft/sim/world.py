@@ -941,6 +941,13 @@ class World:
             # answer on its way, or lost with a supervisor): it has every acknowledged update
             return not gone(slot.actor) and self.procs[slot.actor].obj._rebuilt_before(shard)
 
+        def spare_done(slot, shard):
+            # the recovery's spare (crashed now or not) has the shard rebuilt
+            p = self.procs.get(slot.actor)
+            return (
+                not slot.reinstating and p is not None and p.alive and p.obj._rebuilt_before(shard)
+            )
+
         def newest_copy_kept(shard):
             holder = reg.slots[replica_slot(shard, k)]
             history = replica_target_history(reg, shard)
@@ -964,7 +971,13 @@ class World:
             holder = reg.slots[replica_slot(shard, k)]
             primary_ok = (slot.phase is SlotPhase.SERVING and not gone(slot.actor)) or (
                 slot.phase is SlotPhase.RECOVERING
-                and (still_serves(slot, shard) or rebuilt(slot, shard))
+                and (
+                    rebuilt(slot, shard)
+                    # once the spare has the shard rebuilt, the supervisor retires the primary
+                    # it replaces as soon as it learns so (an answer, an adoption -- perhaps
+                    # from a view older than this crash): that one is no copy to count on then
+                    or (still_serves(slot, shard) and not spare_done(slot, shard))
+                )
             )
             holder_ok = (
                 reg.replicated[shard]
