@@ -1356,11 +1356,7 @@ class SupervisorProtocol:
         if a is Action.CREATE_SPARE:
             name = self._name("server")
             reg.spares.append(name)
-            nodes = list(self.spec.node_ids)
-            node = (
-                nodes[(len(reg.spares) + reg.server_replacements) % len(nodes)] if nodes else None
-            )
-            return [self._persist(), Create(name, "server", node=node)]
+            return [self._persist(), Create(name, "server", node=self._spare_node())]
         if a is Action.DROP_SPARE:
             if d.target in reg.spares:  # (a recovery decided earlier this round may have taken it)
                 reg.spares.remove(d.target)
@@ -1455,6 +1451,21 @@ class SupervisorProtocol:
         )
         self.reg.spares.remove(alive[0])
         return alive[0]
+
+    def _spare_node(self) -> str | None:
+        """Where a new spare goes: a node with the fewest of the run's servers (slots' actors and
+        spares) as last described, in turn among equals. A spare beside a shard's replica holder
+        would make one node's loss take the rebuilt primary with its replica."""
+        reg, nodes = self.reg, list(self.spec.node_ids)
+        if not nodes:
+            return None
+        servers = {n: 0 for n in nodes}
+        for name in [s.actor for s in reg.slots] + reg.spares:
+            d = self.view.describe(name) if self.view is not None else None
+            if d is not None and d.node in servers:
+                servers[d.node] += 1
+        first = (len(reg.spares) + reg.server_replacements) % len(nodes)
+        return min(nodes[first:] + nodes[:first], key=servers.__getitem__)
 
     def _peer_nodes(self, j: int) -> set:
         k, view = self.spec.num_shards, self.view

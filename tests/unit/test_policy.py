@@ -1577,6 +1577,24 @@ def test_a_restarted_supervisor_kills_a_silent_process_before_re_creating_its_ra
     assert decided == [(A.CREATE_WORKER, 0), (A.CREATE_WORKER, 1)]
 
 
+def test_a_new_spare_goes_to_a_node_without_the_runs_servers():
+    """The slots' servers run on n0 and n1: a spare there could be rebuilt into a primary beside
+    its shard's replica holder (one node's loss would take both), so it goes to n2."""
+    from raytrain_ft.protocol.supervisor import Decision
+
+    spec = _spec(k=2, node_ids=("n0", "n1", "n2"))
+    reg = _reg(spares=())
+    sup = SupervisorProtocol(spec, shard_ranges(8, 2), lambda s: None, reg)
+    seen = _view(reg)
+    on = {"a": "n0", "b": "n1"}
+    sup.view = _view(reg, answers={n: dataclasses.replace(seen.answers[n], node=on[n]) for n in on})
+    for _ in range(2):  # whatever the turn
+        effects = sup._carry_out(Decision(A.CREATE_SPARE, None, "t"), 0.0)
+        (create,) = [e for e in effects if isinstance(e, Create)]
+        assert create.node == "n2", create
+        reg.spares.remove(create.name)
+
+
 def test_a_silent_spare_is_not_given_up_while_it_may_hold_the_rebuilt_shard():
     """ "a" is dead, the holder "c" too; the spare "sp2" has gone silent (not found dead): it may
     have finished the rebuild -- the only copy left -- so the run waits instead of failing."""
