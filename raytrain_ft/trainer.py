@@ -1090,7 +1090,9 @@ class _Run:
                     started = min(s.started_at for s in statuses)
                     finished = max(s.finished_at for s in statuses)
                     return statuses, max(finished - started, finished - t_start)
-            self.chaos.tick(self._chaos_step(step), len(status.events) if status is not None else 0)
+            # (with the supervisor slow to answer, ``step`` already is the workers' own)
+            judged = step if pending is not None else self._chaos_step(step)
+            self.chaos.tick(judged, len(status.events) if status is not None else 0)
             now = time.time()
             if self.evaluate is not None:
                 eval_ref, eval_asked = self._periodic_eval(eval_ref, eval_asked, step, now, t_start)
