@@ -170,11 +170,13 @@ class TrainResult:
         return d
 
 
-def lost_updates(applied: dict, cfg: TrainConfig) -> dict:
+def lost_updates(applied: dict, cfg: TrainConfig, total_steps: int | None = None) -> dict:
     """Updates of one shard that were applied then lost, as {update key: (rank, step)}: holes in
     its applied record. Every rank's push steps below its last applied one went into an update
     (workers resend what was not answered; a restarted rank resumes at the shard's clock), so a
-    push step left at 0 below it was answered and lost with a primary. One key per update (a
+    push step left at 0 below it was answered and lost with a primary. With ``total_steps`` (a
+    run that completed: every worker had each of its pushes answered, the last one at step
+    ``total_steps - 1`` included) the push steps up to the end count too. One key per update (a
     mixed group's pushes are one)."""
     rule, n_push = cfg.rule(), cfg.consistency.n_push
     if rule.synchronous:  # sync is strict (and backup workers drop late pushes on purpose)
@@ -182,31 +184,36 @@ def lost_updates(applied: dict, cfg: TrainConfig) -> dict:
     lost: dict = {}
     for rank, counts in sorted(applied.items()):
         last = max((s for s, c in enumerate(counts) if c), default=-1)
-        for step in range(last):
-            if counts[step] == 0 and (step + 1) % n_push == 0:
+        for step in range(last if total_steps is None else total_steps):
+            pushed = (step + 1) % n_push == 0 or step == (total_steps or 0) - 1
+            if pushed and (step >= len(counts) or counts[step] == 0):
                 lost.setdefault(rule.key(int(rank), step), (int(rank), step))
     return lost
 
 
-def updates_lost_in(applied: dict, cfg: TrainConfig) -> int:
-    return len(lost_updates(applied, cfg))
+def updates_lost_in(applied: dict, cfg: TrainConfig, total_steps: int | None = None) -> int:
+    return len(lost_updates(applied, cfg, total_steps))
 
 
-def updates_lost_by_recovery(applied: dict, cfg: TrainConfig, takeovers: list) -> list[int]:
+def updates_lost_by_recovery(
+    applied: dict, cfg: TrainConfig, takeovers: list, total_steps: int | None = None
+) -> list[int]:
     """Per server recovery of one shard (``takeovers``: each rebuilt state's [[rank, next step],
     ...], in the order they happened): the lost updates it caused. A hole at (rank, step) is the
     doing of the last rebuilt state that lacked the step (its clock for the rank at most the
     step): the step was acknowledged by the primary before it and never reached its log."""
     counts = [0] * len(takeovers)
     clocks = [dict((int(r), int(c)) for r, c in t) for t in takeovers]
-    for rank, step in lost_updates(applied, cfg).values():
+    for rank, step in lost_updates(applied, cfg, total_steps).values():
         lacking = [i for i, c in enumerate(clocks) if c.get(rank, 0) <= step]
         if lacking:
             counts[lacking[-1]] += 1
     return counts
 
 
-def with_updates_lost(events: list[dict], applied: list[dict], cfg: TrainConfig) -> list[dict]:
+def with_updates_lost(
+    events: list[dict], applied: list[dict], cfg: TrainConfig, total_steps: int | None = None
+) -> list[dict]:
     """The recovery events, each server recovery with the updates it lost (``updates_lost``)."""
     for shard, shard_applied in enumerate(applied):
         mine = [
@@ -217,7 +224,7 @@ def with_updates_lost(events: list[dict], applied: list[dict], cfg: TrainConfig)
             and e.get("source") == "replica"
         ]
         lost = updates_lost_by_recovery(
-            shard_applied, cfg, [e.get("takeover_clocks") or [] for e in mine]
+            shard_applied, cfg, [e.get("takeover_clocks") or [] for e in mine], total_steps
         )
         for e, n in zip(mine, lost):
             e["updates_lost"] = n
@@ -853,7 +860,7 @@ class Trainer:
             cpu_per_step=cpu_per_step(statuses, stats, run.status.cpu_s),
             server_plan=server_plan.to_dict() if server_plan else None,
             preaggregated=cfg.preaggregates,
-            recoveries=with_updates_lost(list(run.status.events), end["applied"], cfg),
+            recoveries=with_updates_lost(list(run.status.events), end["applied"], cfg, total_steps),
             run_id=run.run_id,
             started_at=run.started_at,
             history=run.history,
@@ -868,7 +875,7 @@ class Trainer:
             ],
             final_params=final,
             eval_metrics=scores,
-            updates_lost=sum(updates_lost_in(a, cfg) for a in end["applied"]),
+            updates_lost=sum(updates_lost_in(a, cfg, total_steps) for a in end["applied"]),
             model=model,
         )
 

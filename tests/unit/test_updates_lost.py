@@ -43,3 +43,16 @@ def test_each_hole_belongs_to_the_last_rebuilt_state_that_lacked_it():
         applied, _cfg()
     )
     assert updates_lost_by_recovery(applied, _cfg(), []) == []
+
+
+def test_a_ranks_last_push_lost_counts_once_the_run_completed():
+    """Found by the relaxed-durability chaos test: rank 2's push of the last step (49) was
+    answered, then lost with its primary; no later push of that rank makes it a hole below its
+    last applied step, but a completed run had every push answered, the last one included."""
+    applied = {0: _counts(set(range(50)), 50), 2: _counts(set(range(49)), 49)}
+    assert updates_lost_in(applied, _cfg()) == 0  # not knowing where the run ended
+    assert sorted(lost_updates(applied, _cfg(), total_steps=50).values()) == [(2, 49)]
+    assert updates_lost_by_recovery(applied, _cfg(), [[[0, 30], [2, 30]]], 50) == [1]
+    # Downpour: the last step pushes too (n_push 4, 50 steps: steps 3, 7, ..., 47 and 49)
+    downpour = {0: bytes(1 if (s + 1) % 4 == 0 else 0 for s in range(48))}
+    assert list(lost_updates(downpour, _cfg(n_push=4), total_steps=50).values()) == [(0, 49)]
