@@ -112,6 +112,14 @@ class DurableTooSoon(ServerProtocol):
         ]
 
 
+class RelaxedOverrun(ServerProtocol):
+    """``--durability relaxed:K`` done wrong: a primary answers one update more than the K it may
+    hold unlogged, so its death can lose K + 1 acknowledged updates."""
+
+    def _logged(self, p) -> int:
+        return super()._logged(p) + (1 if self.spec.unlogged else 0)
+
+
 class PerRankStart(SupervisorProtocol):
     """Pre-aggregation done wrong: each rank of a process is started at its own resume step, as if
     it pushed alone (ranks started in different rounds may get different steps and then wait on
@@ -166,6 +174,7 @@ BUGS = {
     "partial-skip": ("server", PartialSkip),
     "durable-too-soon": ("server", DurableTooSoon),
     "ungrouped-mean": ("server", UngroupedMean),
+    "relaxed-overrun": ("server", RelaxedOverrun),
     "volatile-epochs": ("supervisor", VolatileEpochs),
     "lost-pending-start": ("supervisor", LostPendingStart),
     "per-rank-start": ("supervisor", PerRankStart),
@@ -181,6 +190,7 @@ SHOWN_ONLY_IN = {
     "ungrouped-mean": (("sync", "mixed"), "pre-aggregation"),
     "per-rank-start": (("sync", "mixed"), "pre-aggregation"),
     "lone-restart": (("sync", "mixed"), "pre-aggregation"),
+    "relaxed-overrun": (("async",), "relaxed durability"),
 }
 """Bugs in a rule that the simulator's schedules use only in some modes (``random_config``): the
 modes they can show in and the rule they break. Every other bug shows in every mode."""

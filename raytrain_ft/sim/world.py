@@ -617,6 +617,8 @@ class World:
                 self.primary_losses[p.shard.index] = self.primary_losses.get(p.shard.index, 0) + 1
         proc.alive, proc.died_at = False, self.now
         self.log(f"CRASH {name} ({why})")
+        if self.rng.random() < 0.5:
+            self._drop_undelivered(proc)
         for caller, inc, cid, msg in self._pending.pop(name, {}).values():
             if proc.kind == "supervisor":  # Ray runs the call again on the restarted supervisor
                 self.at(self.delay(), "request", caller, inc, cid, name, msg)
@@ -628,6 +630,24 @@ class World:
             for p in list(self.procs.values()):
                 if p.kind == "worker" and p.alive and p.obj.host is proc.obj.host:
                     self.kill(p.name, f"{why}; shares {name}'s process")
+
+    def _drop_undelivered(self, proc: Proc) -> None:
+        """The calls a process made that have not reached their callee die with it: Ray sends an
+        actor call from the caller's process after ``.remote()`` returned. A primary's last append
+        is lost so (with relaxed durability: the updates it answered before they were logged)."""
+        mine = [
+            e
+            for e in self._queue
+            if e[2][0] == "request" and e[2][1] == proc.name and e[2][2] == proc.incarnation
+        ]
+        if not mine:
+            return
+        self._queue = [e for e in self._queue if e not in mine]
+        heapq.heapify(self._queue)
+        self.faults.append(
+            f"{proc.name}'s undelivered calls died with it: "
+            + ", ".join(type(e[2][5]).__name__ for e in mine)
+        )
 
     def poke_host(self, host: SimHost, token: str) -> None:
         """Wake every rank of a process (their threads wait on one condition)."""

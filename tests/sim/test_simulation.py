@@ -67,6 +67,7 @@ def test_a_bug_shown_only_in_some_modes_is_so_by_the_schedules_of_every_mode():
         "global clipping": lambda c: c.clip is not None,
         "pipelined durability": lambda c: c.pipelined,
         "pre-aggregation": lambda c: c.preaggregate > 1,
+        "relaxed durability": lambda c: c.unlogged > 0,
     }
     rng = random.Random(3)
     for mode in MODES:
