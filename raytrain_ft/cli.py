@@ -231,8 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="switch on a known protocol bug the checker must catch: ack-before-log, no-fencing, "
         "double-apply, per-shard-clip, partial-skip, durable-too-soon, ungrouped-mean, "
-        "volatile-epochs, lost-pending-start, per-rank-start, lone-restart, eager-retire, "
-        "last-holder-only, answering-only-abandon",
+        "relaxed-overrun, volatile-epochs, lost-pending-start, per-rank-start, lone-restart, "
+        "eager-retire, last-holder-only, answering-only-abandon",
     )
     sim.add_argument(
         "--replay",
