@@ -1066,7 +1066,7 @@ class World:
         self._window_budget -= 1
         self.faults.append(f"{what} while a copy moves")
         self.log(f"FAULT {self.faults[-1]}")
-        for name in victims:
+        for name in sorted(victims):  # in one order: each kill may draw from the rng
             self.kill(name, self.faults[-1])
         if lost:
             self._lose_replies_from(victims, every=lost == "all")
@@ -1164,7 +1164,7 @@ class World:
         self._fault_budget -= 1
         self.faults.append(what)
         self.log(f"FAULT {what}")
-        for name in victims:
+        for name in sorted(victims):  # in one order: each kill may draw from the rng
             self.kill(name, what)
         if what.startswith("loss of"):
             self._lose_replies_from(victims)

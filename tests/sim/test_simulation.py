@@ -99,6 +99,30 @@ def test_a_schedule_replays_event_for_event():
     assert run_schedule(12346, "async", trace=True).trace != a.trace
 
 
+def test_a_schedule_does_not_depend_on_the_string_hash_seed():
+    """Each process hashes strings with its own seed, so a set of names iterates in another order
+    in another process; the schedules must not (a replay or a parallel exploration would then
+    not see what the exploration saw)."""
+    import subprocess
+    import sys
+
+    code = (
+        "from raytrain_ft.sim import explore; e = explore(300, seed=2026); "
+        "print(e.faults, e.events, e.crashes)"
+    )
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONHASHSEED": str(h)},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for h in (1, 2)
+    }
+    assert len(outs) == 1, outs
+
+
 def test_the_exploration_covers_processes_that_preaggregate():
     """Sync and mixed schedules draw processes of 2 and 3 ranks that send one push for all of
     them (whose ranks die together), next to a push per rank."""
