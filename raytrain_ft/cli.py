@@ -632,6 +632,7 @@ def _simulate(args: argparse.Namespace) -> int:
         "events": ex.events,
         "violations": ex.violations,
         "seconds": round(ex.seconds, 2),
+        "schedules_reaching": dict(sorted(ex.coverage.items())),
     }
     if ex.first_violation is not None:
         v = ex.first_violation

@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 import time
 import traceback
+from collections import Counter
 from dataclasses import dataclass, field
 
 from raytrain_ft.consistency import MODES as ALL_MODES
@@ -24,6 +25,27 @@ from raytrain_ft.sim.world import Violation, World, random_config
 MODES = tuple(m for m in ALL_MODES if m != "local_sgd")
 """The modes explored. local_sgd is sync to the shards (one push per rank per round, the same Rule
 answers): the sync schedules are its schedules."""
+
+
+MUST_REACH = (
+    "recovery_started",
+    "recovered",
+    "recovery_adopted",
+    "recovery_abandoned",
+    "reinstated",
+    "rereplicated",
+    "deposed",
+    "deposed_by_fence",
+    "fenced_primary_reinstated",
+    "live_worker_killed",
+)
+"""Protocol paths the default exploration (4,000 schedules of seed 2026) must each reach in at
+least one schedule: a recovery, one adopted after its answer was lost, one abandoned to the
+suspected primary it replaced, a primary put back, a replica re-made, a primary deposed (by a
+successor, and fenced out by its own recovery's export), such a fenced-out primary reinstated once
+the recovery that fenced it was abandoned, a silent worker process killed before it is re-created.
+A change to the faults or the protocol that stops reaching one fails the test: a path no schedule
+reaches is a path the simulator does not prove."""
 
 
 def schedule_seed(seed: int, index: int) -> int:
@@ -39,6 +61,7 @@ class ScheduleResult:
     faults: list
     events: int
     trace: list = field(default_factory=list)
+    coverage: dict = field(default_factory=dict)
 
 
 def run_schedule(schedule: int, mode: str, bugs=(), trace: bool = False) -> ScheduleResult:
@@ -50,7 +73,9 @@ def run_schedule(schedule: int, mode: str, bugs=(), trace: bool = False) -> Sche
         violations = check(world, outcome, baseline)
     except Exception:  # a protocol state machine raised: a bug like any other violation
         violations = [Violation("exception", traceback.format_exc(limit=6))]
-    return ScheduleResult(schedule, mode, cfg, violations, world.faults, world.events, world.trace)
+    return ScheduleResult(
+        schedule, mode, cfg, violations, world.faults, world.events, world.trace, world.coverage
+    )
 
 
 @dataclass(slots=True)
@@ -63,9 +88,12 @@ class Exploration:
     first_violation: ScheduleResult | None = None
     first_index: int | None = None
     seconds: float = 0.0
+    coverage: Counter = field(default_factory=Counter)
+    """Per protocol path (``World.coverage``): in how many schedules it was reached."""
 
     def add(self, other: Exploration) -> None:
         self.schedules += other.schedules
+        self.coverage.update(other.coverage)
         self.faults += other.faults
         self.crashes += other.crashes
         self.events += other.events
@@ -86,6 +114,7 @@ def _explore_slice(args) -> Exploration:
         out.faults += len(result.faults)
         out.crashes += sum(("crash" in f) or f.startswith("loss of") for f in result.faults)
         out.events += result.events
+        out.coverage.update(dict.fromkeys(result.coverage, 1))
         if result.violations:
             out.violations += 1
             if out.first_violation is None:

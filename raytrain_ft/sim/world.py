@@ -38,6 +38,7 @@ faults; the checker (``sim/checker.py``) never reads them to judge.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import heapq
 import itertools
@@ -504,6 +505,12 @@ class World:
         more than one is a violation)."""
         self.faults_on = faults
         self.faults: list[str] = []
+        self.coverage: collections.Counter = collections.Counter()
+        """How often the schedule reached each protocol path: every note the processes made (but
+        ``update``), a fenced-out primary's deposition and reinstatement, a live worker process
+        killed by the supervisor. An exploration sums them; its tests require the rare paths to be
+        reached at all (``sim.MUST_REACH``)."""
+        self._fenced_out: set = set()
         self.trace_on = trace
         self.trace: list[str] = []
         self.max_time_s = max_time_s
@@ -701,16 +708,28 @@ class World:
                 if self.trace_on:
                     self.log(f"{proc.name} kills {eff.name}: {eff.reason}")
                 if victim is not None and victim.alive:
+                    if victim.kind == "worker" and proc.kind == "supervisor":
+                        self.coverage["live_worker_killed"] += 1  # silent, killed before re-made
                     self.at(self.rng.uniform(0.0, 0.05), "killed", eff.name, eff.reason)
             elif isinstance(eff, Fold):
                 self.at(0.0, "fold", proc.name, proc.incarnation, eff.shard)
             elif isinstance(eff, Note):
                 if self.trace_on and eff.event != "update":
                     self.log(f"{proc.name} notes {eff.event} {eff.fields}")
+                if eff.event != "update":
+                    self.coverage[eff.event] += 1
                 if eff.event == "deposed":  # a primary replaced while alive
                     shard = eff.fields["shard"]
+                    if proc.obj.primary is not None and proc.obj.primary.fenced_at is not None:
+                        self.coverage["deposed_by_fence"] += 1
+                        self._fenced_out.add((proc.name, proc.incarnation, shard))
                     self.primary_losses[shard] = self.primary_losses.get(shard, 0) + 1
                     self._aim_at_fencing_holder(proc)
+                if (
+                    eff.event == "reinstated"
+                    and (proc.name, proc.incarnation, eff.fields["shard"]) in self._fenced_out
+                ):
+                    self.coverage["fenced_primary_reinstated"] += 1
                 if eff.event in ("update", "recovered", "rereplicated"):
                     self._progress += 1
                 if (
