@@ -109,7 +109,7 @@ def test_a_schedule_does_not_depend_on_the_string_hash_seed():
     import sys
 
     code = (
-        "from raytrain_ft.sim import explore; e = explore(300, seed=2026); "
+        "from raytrain_ft.sim import explore; e = explore(150, seed=2026); "
         "print(e.faults, e.events, e.crashes)"
     )
     outs = {
