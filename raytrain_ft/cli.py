@@ -611,6 +611,7 @@ def _simulate(args: argparse.Namespace) -> int:
             "config": dataclasses.asdict(r.config),
             "faults": r.faults,
             "violations": [dataclasses.asdict(v) for v in r.violations],
+            "reached": dict(sorted(r.coverage.items())),
         }
         print(json.dumps(summary))
         return EXIT_FAILED if r.violations else 0

@@ -252,6 +252,14 @@ def test_simulate_replay_refuses_the_settings_it_would_ignore(capsys):
     assert "--schedules: --replay runs the one schedule it names" in capsys.readouterr().err
 
 
+def test_simulate_replay_says_which_protocol_paths_the_schedule_reached(capsys):
+    from raytrain_ft.cli import main
+
+    assert main(["simulate", "--replay", "5", "--mode", "sync"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["violations"] == [] and summary["reached"]["run_done"] == 1
+
+
 def test_chaos_random_schedules_that_cannot_run_are_refused_before_connecting(capsys):
     """Nothing listens at the address: each error comes before it is tried."""
     from raytrain_ft.cli import main
