@@ -481,6 +481,13 @@ def global_step_indices(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    """What the prefetch thread queues when a batch cannot be built (then it stops)."""
+
+    error: DataError
+
+
 class BatchStream:
     """Batches of one worker from ``start_step``: the batch of ``(seed, epoch, rank, step)`` over
     the rank's partition ``perm[rank::W]`` of ``dataset`` (a pure function of them), prepared ahead
@@ -517,6 +524,7 @@ class BatchStream:
         self._part = partition(len(dataset), 0 if presplit else rank, owners, seed)
         self._spe = checked_steps_per_epoch(len(dataset), owners, batch_size)
         self._queue: queue.Queue | None = None
+        self._failed: _Failed | None = None
         if prefetch > 0:
             self._queue = queue.Queue(maxsize=prefetch)
             self._stop = threading.Event()
@@ -525,27 +533,45 @@ class BatchStream:
 
     def _make(self, step: int) -> tuple:
         epoch, s = divmod(step, self._spe)
-        batch = batch_of(
-            self.dataset, batch_indices(self._part, self.seed, epoch, self.rank, s, self.batch_size)
-        )
+        indices = batch_indices(self._part, self.seed, epoch, self.rank, s, self.batch_size)
+        try:
+            batch = batch_of(self.dataset, indices)
+        except Exception as e:  # the user's dataset: one line naming the step and its samples
+            shown = ", ".join(str(int(i)) for i in indices[:8])
+            more = ", ..." if len(indices) > 8 else ""
+            raise DataError(
+                "data.dataset",
+                f"building the batch of step {step} (samples {shown}{more}) raised "
+                f"{type(e).__name__}: {e}",
+            ) from e
         return _pinned(batch) if self.pin_memory else batch
 
     def _fill(self) -> None:
         step = self.step
         while step < self.end_step and not self._stop.is_set():
-            item = self._make(step)
+            try:
+                item = self._make(step)
+            except DataError as e:  # handed to next(), which raises it in the training thread
+                item = _Failed(e)
             while not self._stop.is_set():
                 try:
                     self._queue.put(item, timeout=0.1)  # type: ignore[union-attr]
                     break
                 except queue.Full:
                     continue
+            if isinstance(item, _Failed):
+                return
             step += 1
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.step >= self.end_step:
             raise StopIteration
+        if self._failed is not None:
+            raise self._failed.error
         item = self._queue.get() if self._queue is not None else self._make(self.step)
+        if isinstance(item, _Failed):
+            self._failed = item  # the prefetch thread has stopped
+            raise item.error
         self.step += 1
         return item
 

@@ -23,6 +23,7 @@ from raytrain_ft.config import TrainConfig
 from raytrain_ft.consistency import sum_in_rank_order
 from raytrain_ft.data import BatchStream, dataset_on_device
 from raytrain_ft.device import choose_device, deterministic, device_name
+from raytrain_ft.errors import RaytrainFTError
 from raytrain_ft.optim import clip_in_place
 from raytrain_ft.params import FlatModel, ShardRange, overlapping_shards
 from raytrain_ft.recovery.faults import parse_slow
@@ -266,11 +267,12 @@ class Worker:
     def _run_guarded(self) -> None:
         try:
             self._run_rounds() if self.config.mode == "local_sgd" else self._run()
-        except Exception:
-            self._error = (
-                f"worker {self.rank} failed at step {self._step}:\n{traceback.format_exc()}"
-            )
-            logger.error("[worker/%d step=%d] %s", self.rank, self._step, self._error)
+        except Exception as e:
+            # an error of the project's own names what to fix in one line; anything else needs
+            # its traceback
+            said = f" {e}" if isinstance(e, RaytrainFTError) else f"\n{traceback.format_exc()}"
+            self._error = f"worker {self.rank} failed at step {self._step}:{said}"
+            logger.error("[worker/%d step=%d] %s", self.rank, self._step, traceback.format_exc())
             if self.group is not None:  # the process's other ranks stop waiting for this one
                 self.group.fail(f"rank {self.rank} of this process failed")
         finally:

@@ -58,6 +58,39 @@ def test_batch_stream_matches_pure_function_from_any_start(prefetch):
     s.close()
 
 
+class _MissingFile(torch.utils.data.Dataset):
+    def __len__(self):
+        return 100
+
+    def __getitem__(self, i):
+        if i == 57:
+            raise FileNotFoundError(f"img_{i}.png")
+        return torch.zeros(2), 0
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_a_sample_the_dataset_cannot_give_fails_the_step_in_one_line(prefetch):
+    """Raised in the prefetch thread it reaches the training thread (it used to wait forever)."""
+    s = BatchStream(
+        _MissingFile(),
+        seed=0,
+        rank=0,
+        num_workers=1,
+        batch_size=10,
+        start_step=0,
+        end_step=30,
+        prefetch=prefetch,
+    )
+    with pytest.raises(DataError) as e:
+        for _ in range(30):
+            s.next()
+    assert str(e.value).startswith("data.dataset: building the batch of step ")
+    assert "57" in str(e.value) and "FileNotFoundError: img_57.png" in str(e.value)
+    with pytest.raises(DataError):  # and again: the step is not skipped
+        s.next()
+    s.close()
+
+
 def test_batch_too_large_names_the_field():
     with pytest.raises(DataError, match="batch"):
         global_step_indices(10, 0, 0, 2, 8, 0)
