@@ -302,12 +302,19 @@ class Task:
         )
         # the built-in data are split here: too few training samples is --eval-fraction's doing
         split = builtin is not None and dc.eval_fraction
-        task.check(train, config.seed, held_out=split or None)
+        task.check(train, config.seed, held_out=split or None, evaluation=evaluation)
         return task, train, evaluation
 
-    def check(self, train: Dataset, seed: int, held_out: float | None = None) -> None:
-        """One forward and one loss on two training samples: a model, loss or dataset that do not
-        fit each other fails here, on the driver, with the flag to fix."""
+    def check(
+        self,
+        train: Dataset,
+        seed: int,
+        held_out: float | None = None,
+        evaluation: Dataset | None = None,
+    ) -> None:
+        """One forward, loss and gradient on two training samples, and an evaluation of two eval
+        samples: a model, loss, metrics or dataset that do not fit each other fails here, on the
+        driver, with the flag to fix, not after training."""
         if len(train) < 2:
             field, why = "data.dataset", ""
             if held_out:
@@ -358,6 +365,22 @@ class Task:
                 f"cross_entropy needs class logits [N, C], the model gives {describe(out)}; use "
                 "--loss mse or your own",
             )
+        if not value.requires_grad:
+            raise ConfigError(
+                "model.loss",
+                "the loss has no gradient to train on (computed from .item(), a detached tensor, "
+                "or under torch.no_grad, or the model has no trainable parameters)",
+            )
+        if evaluation is not None and len(evaluation) > 0:
+            first = torch.utils.data.Subset(evaluation, list(range(min(2, len(evaluation)))))
+            try:
+                evaluate(self, model, first)
+            except Exception as e:  # noqa: BLE001 -- the user's eval set, model, loss or metrics
+                raise ConfigError(
+                    "data.dataset",
+                    f"the eval set does not fit the model, loss and metrics (its first samples: "
+                    f"{type(e).__name__}: {e}); the training set does",
+                ) from None
 
 
 def describe(x) -> str:

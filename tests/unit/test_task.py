@@ -88,6 +88,37 @@ def test_a_model_whose_output_does_not_fit_the_loss_fails_before_training():
         Task.build(cfg(name="tests.unit.test_task:linear"), loss=lambda out, y: out)
 
 
+def test_a_loss_without_a_gradient_fails_before_training():
+    def detached(out, y):
+        return torch.tensor(nn.functional.cross_entropy(out, y).item())
+
+    with pytest.raises(ConfigError, match="the loss has no gradient to train on") as e:
+        Task.build(cfg(name="tests.unit.test_task:linear"), loss=detached)
+    assert e.value.field == "model.loss"
+
+
+def wide_eval_data():
+    train, _ = data()
+    return train, TensorDataset(torch.randn(8, 5), torch.randint(0, 3, (8,)))
+
+
+def test_an_eval_set_that_does_not_fit_the_model_fails_before_training():
+    c = TrainConfig(
+        model=ModelConfig(name="tests.unit.test_task:linear"),
+        data=DataConfig(dataset="tests.unit.test_task:wide_eval_data"),
+    )
+    with pytest.raises(ConfigError, match="the eval set does not fit the model") as e:
+        Task.build(c)
+    assert e.value.field == "data.dataset" and "mat1 and mat2" in str(e.value)
+    with pytest.raises(ConfigError, match="the eval set does not fit .*'float' object"):
+        Task.build(
+            cfg(name="tests.unit.test_task:linear"),
+            train_data=data()[0],
+            eval_data=data()[0],
+            metrics=lambda out, y: 1.0,
+        )
+
+
 def test_builtin_models_are_for_builtin_data():
     with pytest.raises(ConfigError, match="sized for the built-in datasets") as e:
         Task.build(
