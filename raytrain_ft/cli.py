@@ -465,13 +465,20 @@ def _train(args: argparse.Namespace) -> int:
             f"{', '.join(never)}",
             file=sys.stderr,
         )
-    accuracy = (
-        f"eval accuracy {brief['eval_accuracy']:.4f}"
-        if brief["eval_accuracy"] is not None
-        else f"eval loss {summary['eval_loss']:.4f}"
-    )
+    if brief["eval_accuracy"] is not None:
+        accuracy = f"eval accuracy {brief['eval_accuracy']:.4f}"
+    elif summary.get("eval_loss") is not None:
+        accuracy = f"eval loss {summary['eval_loss']:.4f}"
+    else:  # no eval set, or a loss that is not a finite number
+        accuracy = "eval loss -"
     final_loss = brief["final_loss"]
     final_loss = final_loss if final_loss is None else format(final_loss, ".4f")
+    if brief["final_loss"] is None and brief["steps_completed"]:
+        print(
+            "raytrain-ft: warning: the training loss is not a finite number at the end (the run "
+            "diverged); lower --lr, or clip with --clip-grad-norm",
+            file=sys.stderr,
+        )
     if summary.get("server_plan"):
         print(server_plan_line(summary["server_plan"]))
     print(
