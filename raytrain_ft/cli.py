@@ -465,6 +465,21 @@ def _train(args: argparse.Namespace) -> int:
             f"{', '.join(never)}",
             file=sys.stderr,
         )
+    warning, done = done_lines(brief, summary)
+    if warning:
+        print(warning, file=sys.stderr)
+    if summary.get("server_plan"):
+        print(server_plan_line(summary["server_plan"]))
+    print(done)
+    print(json.dumps(brief))
+    if args.emit_summary:
+        print(SUMMARY_MARKER + json.dumps(summary, separators=(",", ":")), flush=True)
+    return 0
+
+
+def done_lines(brief: dict, summary: dict) -> tuple[str | None, str]:
+    """(a warning or None, the line) that end a train run's output; the summary holds null for a
+    number that is not finite."""
     if brief["eval_accuracy"] is not None:
         accuracy = f"eval accuracy {brief['eval_accuracy']:.4f}"
     elif summary.get("eval_loss") is not None:
@@ -472,25 +487,18 @@ def _train(args: argparse.Namespace) -> int:
     else:  # no eval set, or a loss that is not a finite number
         accuracy = "eval loss -"
     final_loss = brief["final_loss"]
-    final_loss = final_loss if final_loss is None else format(final_loss, ".4f")
-    if brief["final_loss"] is None and brief["steps_completed"]:
-        print(
+    warning = None
+    if final_loss is None and brief["steps_completed"]:
+        warning = (
             "raytrain-ft: warning: the training loss is not a finite number at the end (the run "
-            "diverged); lower --lr, or clip with --clip-grad-norm",
-            file=sys.stderr,
+            "diverged); lower --lr, or clip with --clip-grad-norm"
         )
-    if summary.get("server_plan"):
-        print(server_plan_line(summary["server_plan"]))
-    print(
-        f"done: {brief['steps_completed']} steps, {accuracy}, "
-        f"final loss {final_loss}, "
+    final = "-" if final_loss is None else format(final_loss, ".4f")
+    return warning, (
+        f"done: {brief['steps_completed']} steps, {accuracy}, final loss {final}, "
         f"{brief['samples_per_sec']:,.0f} samples/s over {brief['train_time_s']:.1f}s, "
         f"{len(summary['recoveries'])} recoveries"
     )
-    print(json.dumps(brief))
-    if args.emit_summary:
-        print(SUMMARY_MARKER + json.dumps(summary, separators=(",", ":")), flush=True)
-    return 0
 
 
 def _kill_texts(kill) -> list[str]:

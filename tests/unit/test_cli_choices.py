@@ -351,3 +351,19 @@ def test_simulate_refuses_a_bug_the_chosen_mode_cannot_show(capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("raytrain-ft: error: --inject-bug: ungrouped-mean breaks pre-aggregation")
     assert err.endswith("use --mode sync or mixed (or all)")
+
+
+def test_the_done_line_takes_a_run_without_an_eval_set_and_warns_of_a_diverged_one():
+    brief = {
+        "steps_completed": 5,
+        "eval_accuracy": None,
+        "final_loss": None,
+        "samples_per_sec": 100.0,
+        "train_time_s": 1.0,
+    }
+    warning, line = cli.done_lines(brief, {"eval_loss": None, "recoveries": []})
+    assert line == "done: 5 steps, eval loss -, final loss -, 100 samples/s over 1.0s, 0 recoveries"
+    assert "diverged" in warning and "--lr" in warning
+    brief.update(eval_accuracy=0.5, final_loss=0.25)
+    warning, line = cli.done_lines(brief, {"eval_loss": 1.0, "recoveries": [{}]})
+    assert warning is None and "eval accuracy 0.5000, final loss 0.2500" in line
