@@ -1321,10 +1321,13 @@ def _unique_key_loader():
 
     Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
     # YAML 1.1 reads `1:20` as 80 (base 60) and `010` as 8 (octal): here they stay text, which a
-    # number field refuses or reads as written (010 -> 10)
+    # number field refuses or reads as written (010 -> 10); it reads `1e-1` as text (a float needs
+    # a dot there), here a number, as JSON and Python read it; and `2024-01-01` as a date, which no
+    # field or JSON holds: here text
     numbers = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+    dropped = (*numbers, "tag:yaml.org,2002:timestamp")
     Loader.yaml_implicit_resolvers = {
-        first: [(tag, regexp) for tag, regexp in resolvers if tag not in numbers]
+        first: [(tag, regexp) for tag, regexp in resolvers if tag not in dropped]
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
     }
     Loader.add_implicit_resolver(
@@ -1335,7 +1338,8 @@ def _unique_key_loader():
     Loader.add_implicit_resolver(
         numbers[1],
         re.compile(
-            r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9_]+(?:[eE][-+][0-9]+)?"
+            r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+            r"|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
             r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
         ),
         list("-+0123456789."),

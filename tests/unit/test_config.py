@@ -647,6 +647,21 @@ def test_yaml_numbers_read_as_written(tmp_path):
     assert e.value.field == "steps"
 
 
+def test_yaml_exponents_without_a_dot_are_numbers_and_dates_stay_text(tmp_path):
+    """YAML 1.1 reads `1e-1` as text and `2024-01-01` as a date: a model's keyword arguments got
+    the string "1e-1", and a date failed the run with a raw JSON TypeError."""
+    import json
+
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "optim: {lr: 1e-3}\nmodel: {name: 'tests.unit.test_task:linear', "
+        "kwargs: {dropout: 1e-1, scale: 2E+3, since: 2024-01-01}}\n"
+    )
+    cfg = C.load(str(path))
+    assert cfg.optim.lr == 0.001
+    assert json.loads(cfg.model.kwargs) == {"dropout": 0.1, "scale": 2000.0, "since": "2024-01-01"}
+
+
 @pytest.mark.parametrize("value", [-1, float("nan"), float("inf"), 3601, "soon"])
 def test_keep_warm_s_takes_seconds_up_to_an_hour(value):
     with pytest.raises(ConfigError, match=r"cluster\.keep_warm_s"):
