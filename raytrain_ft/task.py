@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parameter import is_lazy
 from torch.utils.data import Dataset, TensorDataset
 
 from raytrain_ft.config import DataConfig, flag_of, parse_json
@@ -338,6 +339,13 @@ class Task:
             raise ConfigError(
                 "model.name", f"building the model raised {type(e).__name__}: {e}"
             ) from None
+        if any(is_lazy(t) for t in [*model.parameters(), *model.buffers()]):
+            raise ConfigError(
+                "model.name",
+                "the model has lazy modules (nn.LazyLinear, nn.LazyConv2d, ...): their parameters "
+                "exist only after a first forward, and every process must start from the same "
+                "values; give their input sizes (nn.Linear, nn.Conv2d)",
+            )
         try:
             out = model(x)
         except Exception as e:  # noqa: BLE001

@@ -97,6 +97,16 @@ def test_a_loss_without_a_gradient_fails_before_training():
     assert e.value.field == "model.loss"
 
 
+def lazy():
+    return nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def test_a_model_with_lazy_modules_is_refused_before_training():
+    with pytest.raises(ConfigError, match="lazy modules") as e:
+        Task.build(cfg(name="tests.unit.test_task:lazy"))
+    assert e.value.field == "model.name"
+
+
 def wide_eval_data():
     train, _ = data()
     return train, TensorDataset(torch.randn(8, 5), torch.randint(0, 3, (8,)))
