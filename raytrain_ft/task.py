@@ -346,6 +346,10 @@ class Task:
                 "exist only after a first forward, and every process must start from the same "
                 "values; give their input sizes (nn.Linear, nn.Conv2d)",
             )
+        if not any(p.requires_grad for p in model.parameters()):
+            empty = not list(model.parameters()) and not list(model.buffers())
+            what = "parameters or buffers" if empty else "trainable parameters"
+            raise ConfigError("model.name", f"the model has no {what} to train")
         try:
             out = model(x)
         except Exception as e:  # noqa: BLE001
@@ -376,8 +380,8 @@ class Task:
         if not value.requires_grad:
             raise ConfigError(
                 "model.loss",
-                "the loss has no gradient to train on (computed from .item(), a detached tensor, "
-                "or under torch.no_grad, or the model has no trainable parameters)",
+                "the loss has no gradient to train on (computed from .item(), from a detached "
+                "tensor, or under torch.no_grad)",
             )
         if evaluation is not None and len(evaluation) > 0:
             first = torch.utils.data.Subset(evaluation, list(range(min(2, len(evaluation)))))

@@ -107,6 +107,18 @@ def test_a_model_with_lazy_modules_is_refused_before_training():
     assert e.value.field == "model.name"
 
 
+def frozen():
+    model = linear()
+    model.requires_grad_(False)
+    return model
+
+
+def test_a_model_with_nothing_to_train_is_named_not_its_loss():
+    with pytest.raises(ConfigError, match="the model has no trainable parameters to train") as e:
+        Task.build(cfg(name="tests.unit.test_task:frozen"))
+    assert e.value.field == "model.name"
+
+
 def wide_eval_data():
     train, _ = data()
     return train, TensorDataset(torch.randn(8, 5), torch.randint(0, 3, (8,)))
