@@ -97,6 +97,8 @@ def resolve(spec: str, flag: str) -> Any:
 
 
 def loss_function(spec: str | Callable, flag: str = "model.loss") -> Callable:
+    if isinstance(spec, type):
+        return _loss_instance(spec, flag)
     if callable(spec):
         return spec
     if spec == "cross_entropy":
@@ -105,12 +107,35 @@ def loss_function(spec: str | Callable, flag: str = "model.loss") -> Callable:
         return mse
     if is_import_string(spec):
         fn = resolve(spec, flag)
+        if isinstance(fn, type):
+            return _loss_instance(fn, flag)
         if not callable(fn):
             raise ConfigError(
                 flag, f"{spec!r} is not callable; give a function (output, target) -> scalar tensor"
             )
         return fn
     raise ConfigError(flag, f"unknown loss {spec!r}; choose cross_entropy, mse, or MODULE:ATTR")
+
+
+def _loss_instance(cls: type, flag: str) -> Callable:
+    """A loss given as a class (``torch.nn:CrossEntropyLoss``): one made with no arguments."""
+    if not issubclass(cls, torch.nn.Module):
+        raise ConfigError(
+            flag,
+            f"{cls.__name__} is a class, not a loss; give a function (output, target) -> scalar "
+            "tensor, or an nn.Module loss class that takes no arguments",
+        )
+    try:
+        return cls()
+    except Exception as e:  # noqa: BLE001 -- the user's class
+        raise ConfigError(
+            flag, f"making {cls.__name__}() raised {type(e).__name__}: {e}; give a function"
+        ) from None
+
+
+def is_cross_entropy(loss_fn: Callable) -> bool:
+    """Whether ``loss_fn`` takes class logits against class indices (eval accuracy is reported)."""
+    return loss_fn is F.cross_entropy or isinstance(loss_fn, torch.nn.CrossEntropyLoss)
 
 
 def mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -298,7 +323,7 @@ class Task:
             loss_fn,
             data,
             metrics,
-            classification=loss_fn is F.cross_entropy,
+            classification=is_cross_entropy(loss_fn),
             num_train=len(train) if num_train is None else num_train,
         )
         # the built-in data are split here: too few training samples is --eval-fraction's doing

@@ -119,6 +119,18 @@ def test_a_model_with_nothing_to_train_is_named_not_its_loss():
     assert e.value.field == "model.name"
 
 
+def test_a_loss_given_as_a_class_or_an_instance_is_made_and_reports_accuracy():
+    for loss in ("torch.nn:CrossEntropyLoss", nn.CrossEntropyLoss, nn.CrossEntropyLoss()):
+        if isinstance(loss, str):
+            task, _, _ = Task.build(cfg(name="tests.unit.test_task:linear", loss=loss))
+        else:
+            task, _, _ = Task.build(cfg(name="tests.unit.test_task:linear"), loss=loss)
+        assert isinstance(task.loss, nn.CrossEntropyLoss) and task.classification
+    with pytest.raises(ConfigError, match="is a class, not a loss") as e:
+        Task.build(cfg(name="tests.unit.test_task:linear"), loss=dict)
+    assert e.value.field == "model.loss"
+
+
 def wide_eval_data():
     train, _ = data()
     return train, TensorDataset(torch.randn(8, 5), torch.randint(0, 3, (8,)))
