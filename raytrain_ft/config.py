@@ -180,7 +180,8 @@ class ModelConfig:
     """With MODULE:ATTR: keyword arguments for it, as a JSON object (flag --model-kwargs)."""
     loss: str = "cross_entropy"
     """cross_entropy (class logits [N, C] against integer targets; eval_accuracy is reported) | mse
-    | MODULE:ATTR (a function (output, target) -> scalar tensor)."""
+    | MODULE:ATTR (a function (output, target) -> scalar tensor, or an nn.Module loss class made
+    with no arguments)."""
     precision: Precision = "fp32"
     """fp32 | bf16 | fp16: workers compute forward and backward under autocast (CPU or GPU); the
     shards keep float32 parameters and optimizer state. fp16 scales the loss (GradScaler's rule:
