@@ -524,7 +524,7 @@ class BatchStream:
         self._part = partition(len(dataset), 0 if presplit else rank, owners, seed)
         self._spe = checked_steps_per_epoch(len(dataset), owners, batch_size)
         self._queue: queue.Queue | None = None
-        self._failed: _Failed | None = None
+        self._failed: DataError | None = None
         if prefetch > 0:
             self._queue = queue.Queue(maxsize=prefetch)
             self._stop = threading.Event()
@@ -567,10 +567,10 @@ class BatchStream:
         if self.step >= self.end_step:
             raise StopIteration
         if self._failed is not None:
-            raise self._failed.error
+            raise self._failed
         item = self._queue.get() if self._queue is not None else self._make(self.step)
         if isinstance(item, _Failed):
-            self._failed = item  # the prefetch thread has stopped
+            self._failed = item.error  # the prefetch thread has stopped
             raise item.error
         self.step += 1
         return item

@@ -657,9 +657,9 @@ class Trainer:
         )
 
     def _prepare(self, kills) -> tuple:
-        """The task (checked with one forward and one loss), the eval set, the model, the shards
-        (None while ``--num-servers auto`` has not chosen), the run's length and the step it starts
-        at."""
+        """The task (checked by ``Task.check``: a model with nothing to train is refused there), the
+        eval set, the model, the shards (None while ``--num-servers auto`` has not chosen), the
+        run's length and the step it starts at."""
         from raytrain_ft.task import Task
 
         cfg = self.config
@@ -672,8 +672,6 @@ class Trainer:
             if "can't allocate memory" not in str(e) and "not enough memory" not in str(e):
                 raise
             raise _too_large(e) from None
-        if flatten_state(model).numel() == 0:
-            raise ConfigError("model.name", "the model has no parameters or buffers to train")
         total_steps = total_steps_for(cfg, task.num_train)
         check_steps(kills, total_steps)
         check_schedule(cfg.optim, total_steps)
