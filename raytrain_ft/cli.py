@@ -576,6 +576,10 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_SCHEDULES = 10_000_000
+"""The most schedules one ``simulate`` runs (~1 day on 2 cores)."""
+
+
 def _simulate(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -598,6 +602,12 @@ def _simulate(args: argparse.Namespace) -> int:
         args.schedules = 20000 if args.long else 1000
     if args.schedules <= 0 or args.processes <= 0:
         raise ConfigError("--schedules" if args.schedules <= 0 else "--processes", "must be > 0")
+    if args.schedules > MAX_SCHEDULES:
+        raise ConfigError(
+            "--schedules",
+            f"{args.schedules:,} schedules would run for days (20,000 take ~3 minutes on 2 cores); "
+            f"give at most {MAX_SCHEDULES:,} and run another --seed for more",
+        )
     cores = os.cpu_count() or 1
     if args.processes > cores:
         raise ConfigError(

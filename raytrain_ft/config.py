@@ -1195,7 +1195,14 @@ def coerce(text: Any, typ: type, name: str, optional: bool = True) -> Any:
     if isinstance(text, dict) and name in JSON_FIELDS:  # YAML's own mapping for a JSON field
         import json
 
-        return json.dumps(text)
+        try:
+            return json.dumps(text, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(
+                name,
+                f"holds a value JSON cannot carry ({e}); give numbers, strings, true/false, null, "
+                "lists and mappings (no YAML !!set, !!binary, dates with a time or .nan)",
+            ) from None
     if get_origin(typ) in _UNION_TYPES:  # int | Literal["auto"]: the word, else the number
         for member in get_args(typ):
             if get_origin(member) is Literal and str(text).strip() in map(str, get_args(member)):

@@ -676,3 +676,19 @@ def test_keep_warm_s_is_the_python_apis_alone():
         C.from_command_line({"cluster": {"keep_warm_s": 5}}, {}, source="run.yaml")
     assert C.from_command_line({"cluster": {"num_workers": 3}}, {}).cluster.keep_warm_s == 30.0
     assert C.ClusterConfig(keep_warm_s=0).keep_warm_s == 0.0  # the Python API may turn it off
+
+
+@pytest.mark.parametrize(
+    "text", ["a: !!set {x, y}", "a: !!binary aGVsbG8=", "a: .nan", "a: [1, {b: .inf}]"]
+)
+def test_model_kwargs_that_json_cannot_carry_are_refused_in_one_line(text):
+    import yaml
+
+    from raytrain_ft.config import coerce
+
+    with pytest.raises(ConfigError, match="holds a value JSON cannot carry") as e:
+        coerce(yaml.safe_load(text), str, "model.kwargs")
+    assert e.value.field == "model.kwargs"
+    assert (
+        coerce(yaml.safe_load("a: [1, {b: 2.5}]"), str, "model.kwargs") == '{"a": [1, {"b": 2.5}]}'
+    )
