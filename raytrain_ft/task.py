@@ -25,6 +25,7 @@ own part into memory and shuffles within it by the same pure function.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import os
@@ -47,7 +48,7 @@ from raytrain_ft.data import (
     materialized,
     ray_dataset_tensors,
 )
-from raytrain_ft.errors import ConfigError
+from raytrain_ft.errors import ConfigError, RaytrainFTError
 
 BUILTIN_LOSSES = ("cross_entropy", "mse")
 
@@ -138,6 +139,14 @@ def is_cross_entropy(loss_fn: Callable) -> bool:
     return loss_fn is F.cross_entropy or isinstance(loss_fn, torch.nn.CrossEntropyLoss)
 
 
+def correct(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample hits (a bool tensor) of class logits [N, C] against class indices [N] or class
+    probabilities [N, C] (one-hot or soft targets, which cross_entropy takes as well)."""
+    if target.dim() == output.dim() and target.is_floating_point():
+        target = target.argmax(1)
+    return output.argmax(1) == target
+
+
 def mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error, with a [N, 1] output taken against a [N] target."""
     if output.shape != target.shape:
@@ -203,12 +212,13 @@ class Task:
     """Whether the output is class logits [N, C] for integer targets (eval_accuracy is reported
     then)."""
     num_train: int = 0
+    layout: tuple | None = None
+    """The model's parameters and buffers (name, shape, dtype) as the driver built it: every process
+    must build the same (``build_model`` compares)."""
 
     def placed(self, num_workers: int) -> Task:
         """The task as the workers get it: Dataset objects of the Python API put into Ray's object
         store once; a Ray Dataset split into one part per rank."""
-        import dataclasses
-
         if self.data.ray_train is not None:
             from raytrain_ft.data import split_ray_dataset
 
@@ -231,6 +241,23 @@ class Task:
             raise ConfigError(
                 "model.name",
                 f"the model factory returned {type(model).__name__}, not a torch.nn.Module",
+            )
+        if self.layout is not None and model_layout(model) != self.layout:
+            mine, driver = model_layout(model), self.layout
+            first = next(
+                (
+                    f"{a[0]!r} {a[2]} {list(a[1])} here, {b[0]!r} {b[2]} {list(b[1])} on the driver"
+                    for a, b in zip(mine, driver)
+                    if a != b
+                ),
+                f"{len(mine)} parameters and buffers here, {len(driver)} on the driver",
+            )
+            raise ConfigError(
+                "model.name",
+                f"the model built in this process differs from the driver's ({first}); the model "
+                "factory must build the same model in every process (from its arguments and "
+                "torch's seeded generator, not from the host, the time or Python's or NumPy's "
+                "random)",
             )
         return model
 
@@ -328,8 +355,14 @@ class Task:
         )
         # the built-in data are split here: too few training samples is --eval-fraction's doing
         split = builtin is not None and dc.eval_fraction
-        task.check(train, config.seed, held_out=split or None, evaluation=evaluation)
-        return task, train, evaluation
+        layout = task.check(
+            train,
+            config.seed,
+            held_out=split or None,
+            evaluation=evaluation,
+            batch_size=dc.batch_size,
+        )
+        return dataclasses.replace(task, layout=layout), train, evaluation
 
     def check(
         self,
@@ -337,10 +370,12 @@ class Task:
         seed: int,
         held_out: float | None = None,
         evaluation: Dataset | None = None,
-    ) -> None:
-        """One forward, loss and gradient on two training samples, and an evaluation of two eval
-        samples: a model, loss, metrics or dataset that do not fit each other fails here, on the
-        driver, with the flag to fix, not after training."""
+        batch_size: int = 2,
+    ) -> tuple:
+        """One forward, loss and gradient on two training samples (and a forward on one where each
+        worker's batch is one sample), and an evaluation of two eval samples: a model, loss,
+        metrics or dataset that do not fit each other fails here, on the driver, with the flag to
+        fix, not after training. Returns the model's layout (``model_layout``)."""
         if len(train) < 2:
             field, why = "data.dataset", ""
             if held_out:
@@ -375,9 +410,32 @@ class Task:
             empty = not list(model.parameters()) and not list(model.buffers())
             what = "parameters or buffers" if empty else "trainable parameters"
             raise ConfigError("model.name", f"the model has no {what} to train")
+        layout = model_layout(model)
+        other = [
+            (name, t.dtype)
+            for name, t in [*model.named_parameters(), *model.named_buffers()]
+            if t.is_floating_point() and t.dtype != torch.float32
+        ]
+        if other:
+            name, dtype = other[0]
+            raise ConfigError(
+                "model.name",
+                f"{len(other)} of the model's parameters and buffers are not float32 ({name!r} is "
+                f"{dtype}); the servers keep and update float32 values: build the model in "
+                "float32 and give --precision bf16 or fp16 for lower-precision compute",
+            )
         try:
             out = model(x)
         except Exception as e:  # noqa: BLE001
+            doubles: list[str] = []
+            map_tensors(x, lambda t: t.dtype == torch.float64 and doubles.append(describe(t)))
+            if doubles:
+                raise ConfigError(
+                    "data.dataset",
+                    f"the samples are float64 ({doubles[0]}) and the model float32 "
+                    f"({type(e).__name__}: {e}); give float32 samples (.float(), "
+                    "np.float32)",
+                ) from None
             raise ConfigError(
                 "model.name",
                 f"the model cannot take a batch of the dataset ({describe(x)}): "
@@ -408,6 +466,17 @@ class Task:
                 "the loss has no gradient to train on (computed from .item(), from a detached "
                 "tensor, or under torch.no_grad)",
             )
+        if batch_size == 1:
+            try:
+                x1, y1 = batch_of(train, [0])
+                self.loss(model(x1), y1)
+            except Exception as e:  # noqa: BLE001 -- the user's model or loss
+                raise ConfigError(
+                    "data.batch_size",
+                    "the model and loss take a batch of 2 samples but not the batch of 1 sample "
+                    f"each worker trains on ({type(e).__name__}: {str(e).strip()[:200]}); "
+                    "give --batch-size 2 or more",
+                ) from None
         if evaluation is not None and len(evaluation) > 0:
             first = torch.utils.data.Subset(evaluation, list(range(min(2, len(evaluation)))))
             try:
@@ -418,6 +487,15 @@ class Task:
                     f"the eval set does not fit the model, loss and metrics (its first samples: "
                     f"{type(e).__name__}: {e}); the training set does",
                 ) from None
+        return layout
+
+
+def model_layout(model: torch.nn.Module) -> tuple:
+    """(name, shape, dtype) of every parameter and buffer, in order."""
+    return tuple(
+        (name, tuple(t.shape), str(t.dtype).removeprefix("torch."))
+        for name, t in [*model.named_parameters(), *model.named_buffers()]
+    )
 
 
 def describe(x) -> str:
@@ -426,6 +504,51 @@ def describe(x) -> str:
     if isinstance(x, dict):
         return "{" + ", ".join(f"{k}: {describe(v)}" for k, v in x.items()) + "}"
     return type(x).__name__
+
+
+_PROTOCOL_CODE = tuple(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), d) + os.sep
+    for d in ("actors", "protocol")
+)
+
+
+def _raised_by_the_protocol(error: BaseException, tb) -> bool:
+    """Whether ``error`` came out of the project's own hooks (the shard installs forward runs, the
+    pushes backward runs) or Ray, rather than the user's model or loss; ``tb`` starts at the frame
+    that called them."""
+    if isinstance(error, RaytrainFTError) or type(error).__module__.split(".")[0] == "ray":
+        return True
+    tb = tb.tb_next if tb is not None else None
+    while tb is not None:
+        if os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PROTOCOL_CODE):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+class user_code:  # noqa: N801 -- used as a context manager
+    """Run the user's model or loss (``doing()`` says what, for the message, built only on a
+    failure): what it raises becomes one ConfigError line naming ``field``, the original chained
+    for the log; what the project's own hooks or Ray raise passes through."""
+
+    __slots__ = ("field", "doing")
+
+    def __init__(self, field: str, doing: Callable[[], str]):
+        self.field, self.doing = field, doing
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, tb) -> bool:
+        if error is None or not isinstance(error, Exception):
+            return False
+        if _raised_by_the_protocol(error, tb):
+            return False
+        said = str(error).strip().splitlines()
+        said = f": {said[0][:300]}" if said else ""
+        raise ConfigError(
+            self.field, f"{self.doing()} raised {type(error).__name__}{said}"
+        ) from error
 
 
 def to_device(x, device):
@@ -451,7 +574,7 @@ def evaluate(
         totals["eval_loss"] = totals.get("eval_loss", 0.0) + float(task.loss(out, y)) * k
         if task.classification:
             totals["eval_accuracy"] = totals.get("eval_accuracy", 0.0) + float(
-                (out.argmax(1) == y).sum()
+                correct(out, y).sum()
             )
         if task.metrics is not None:
             for name, value in task.metrics(out, y).items():

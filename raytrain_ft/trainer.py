@@ -988,8 +988,11 @@ class _Run:
         self.supervisor = ray.remote(Supervisor).options(**options).remote(args)
         phase = ray.get(self.supervisor.start.remote())
         if phase == "failed":
+            # a constructor that raised names a setting to fix; a step that failed is the run's
+            # failure, however soon after the start it came
             status = ray.get(self.supervisor.status.remote())
-            raise ClusterError(status.failure or "the run's actors failed to start")
+            error = ClusterError if status.failed_starting else TrainingError
+            raise error(status.failure or "the run's actors failed to start")
         self.chaos = ChaosRunner(
             self.kills,
             self.supervisor,

@@ -18,6 +18,7 @@ import numpy as np
 from raytrain_ft.actors import NAMESPACE, process_address, watch_supervisor
 from raytrain_ft.actors.group import ServerRun
 from raytrain_ft.actors.transport import Directory, failure_of, send, split_reply, unpack
+from raytrain_ft.errors import ConfigError
 from raytrain_ft.protocol.messages import (
     Call,
     Failure,
@@ -145,11 +146,14 @@ class ParameterServer:
         """Every protocol message to this server comes here; the answer is the protocol's reply."""
         await self._addressed(to)
         if isinstance(msg, Load) and msg.params is None:
-            msg = (
-                self._read_checkpoint(msg)
-                if msg.checkpoint_step is not None
-                else self._initial(msg)
-            )
+            try:
+                msg = (
+                    self._read_checkpoint(msg)
+                    if msg.checkpoint_step is not None
+                    else self._initial(msg)
+                )
+            except ConfigError as error:  # the run fails as if this server's constructor raised
+                raise self._life.unfit(error) from None
         rid = next(self._rids)
         answer = self._answers[rid] = asyncio.get_running_loop().create_future()
         self._perform(self.proto.on_request(rid, msg))

@@ -100,6 +100,8 @@ class SupervisorStatus:
     targets: Targets
     cpu_s: float = 0.0
     """CPU seconds of the supervisor's process since it (or its latest restart) started."""
+    failed_starting: bool = False
+    """The failure is an actor's constructor that raised (a setting to fix), not a failed step."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -418,6 +420,7 @@ class Supervisor:
             steps,
             self.targets(),
             time.process_time() - self._cpu_at_start,
+            self.proto.failed_starting,
         )
 
     def targets(self) -> Targets:

@@ -135,7 +135,8 @@ class WarmLife:
     def check(self, to: str | None) -> None:
         """Raise unless the call is for the incarnation served now: ``BecomeFailed`` for the name
         whose ``become`` raised, ``Gone`` for any other."""
-        if self.name is None and self.failed is not None and to == self.failed[0]:
+        wanted = self.ray_name if to is None else to
+        if self.name is None and self.failed is not None and wanted == self.failed[0]:
             raise BecomeFailed(self.failed[1])
         check_addressed(self.name, to, self.ray_name)
 
@@ -150,6 +151,14 @@ class WarmLife:
         constructor error reaches the supervisor), and the process ends a while later."""
         self.failed = (name, become_failure(error))
         self._schedule(BECOME_WAIT_S, self._rests, "", True)
+
+    def unfit(self, error: BaseException) -> BecomeFailed:
+        """The incarnation served now found, after its constructor, that it cannot serve (the
+        user's model factory built another model in this process): calls for it get ``error`` as
+        a constructor's, and the process ends a while later. Returns the error to raise now."""
+        name, self.name = self.name, None
+        self.become_failed(name, error)
+        return BecomeFailed(become_failure(error))
 
     def rest(self, keep_s: float, node: str, drop) -> str:
         """The run ended well: ``drop()`` lets the actor drop its incarnation (every later call to

@@ -27,7 +27,7 @@ from raytrain_ft.errors import RaytrainFTError
 from raytrain_ft.optim import clip_in_place
 from raytrain_ft.params import FlatModel, ShardRange, overlapping_shards
 from raytrain_ft.recovery.faults import parse_slow
-from raytrain_ft.task import Task, to_device
+from raytrain_ft.task import Task, correct, describe, to_device, user_code
 
 logger = logging.getLogger(__name__)
 
@@ -270,8 +270,8 @@ class Worker:
         except Exception as e:
             # an error of the project's own names what to fix in one line; anything else needs
             # its traceback
-            said = f" {e}" if isinstance(e, RaytrainFTError) else f"\n{traceback.format_exc()}"
-            self._error = f"worker {self.rank} failed at step {self._step}:{said}"
+            # (the supervisor's reason for failing the run names the rank and the step)
+            self._error = str(e) if isinstance(e, RaytrainFTError) else traceback.format_exc()
             logger.error("[worker/%d step=%d] %s", self.rank, self._step, traceback.format_exc())
             if self.group is not None:  # the process's other ranks stop waiting for this one
                 self.group.fail(f"rank {self.rank} of this process failed")
@@ -416,9 +416,9 @@ class Worker:
         self.flat.zero_grad()
         clock = _GpuClock(self.device)
         with torch.autocast(self.device.type, dtype=self._amp_dtype, enabled=self._autocast):
-            out = self.model(x)
-            loss = self.loss_fn(out, y)
-        scaler.scale(loss).backward()
+            out, loss = self._forward(x, y)
+        with user_code("model.name", lambda: f"backward of step {self._step}'s loss"):
+            scaler.scale(loss).backward()
         scaler.unscale_(inner)
         if self.config.optim.clip_grad_norm is not None:
             self._clipped_local += clip_in_place(
@@ -496,18 +496,33 @@ class Worker:
         # forward installs shards as it needs them; bf16 computes under autocast, parameters and
         # gradients stay float32
         with torch.autocast(self.device.type, dtype=self._amp_dtype, enabled=self._autocast):
-            out = self.model(x)
-            loss = self.loss_fn(out, y)
+            out, loss = self._forward(x, y)
         # Buffers are final after forward; they travel in the gradient slot. With overlap,
         # post-accumulate hooks push the shards whose gradients are complete during backward.
         self.flat.stage_buffers()
         scale = self.exchange.loss_scale() if self._fp16 else 1.0
         # with overlap, the pushes its hooks send count as compute here
-        (loss * scale if scale != 1.0 else loss).backward()
+        with user_code("model.name", lambda: f"backward of step {self._step}'s loss"):
+            (loss * scale if scale != 1.0 else loss).backward()
         clock.stop()
         self._compute_cpu_s += time.thread_time() - cpu0
         self._push_step()
         return self._loss_and_accuracy(loss, out, y, clock)
+
+    def _forward(self, x, y) -> tuple:
+        """The model's output and loss on a batch; what the user's model or loss raise is one line
+        naming the field (``user_code``)."""
+        with user_code(
+            "model.name",
+            lambda: f"the model's forward on step {self._step}'s batch ({describe(x)})",
+        ):
+            out = self.model(x)
+        with user_code(
+            "model.loss",
+            lambda: f"the loss on the model's output {describe(out)} and the targets {describe(y)}",
+        ):
+            loss = self.loss_fn(out, y)
+        return out, loss
 
     def _loss_and_accuracy(
         self, loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor, clock: _GpuClock
@@ -520,7 +535,7 @@ class Worker:
             # one device-to-host copy for both numbers (each float() of a GPU tensor waits for the
             # device)
             loss_value, self._last_accuracy = torch.stack(
-                [loss.detach().float(), (out.detach().argmax(1) == y).float().mean()]
+                [loss.detach().float(), correct(out.detach(), y).float().mean()]
             ).tolist()
         self._gpu_compute_s += clock.seconds()
         return loss_value

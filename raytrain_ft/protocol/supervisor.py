@@ -852,7 +852,10 @@ def decide(
     for rank, w in enumerate(reg.workers):
         status = view.status(w.actor)
         if status is not None and status.error:
-            return [Decision(Action.FAIL, rank, f"worker {rank} failed: {status.error}")]
+            # one line of the project's own, or a traceback below the line
+            sep = "\n" if "\n" in status.error.strip() else " "
+            why = f"worker {rank} failed at step {status.step}:{sep}{status.error.strip()}"
+            return [Decision(Action.FAIL, rank, why)]
         if (
             w.phase is WorkerPhase.NONE
         ):  # created while the servers start (a worker process starts slowest)
@@ -997,6 +1000,10 @@ class SupervisorProtocol:
         """(rid, request, probe rounds started when it came) of route requests not answered yet."""
         self._started_at = now
         self.view: View | None = None
+        self.failed_starting = False
+        """The run failed because an actor's constructor raised (a setting to fix), not while it
+        trained (not kept across a restart of this supervisor: the run then counts as failed
+        training)."""
         self.latest: dict[str, Any] = {}
         """Per name: its newest probe answer (the round in flight included)."""
         self.view_started_at = 0.0
@@ -1283,6 +1290,7 @@ class SupervisorProtocol:
         a = d.action
         if a is Action.FAIL:
             reg.phase, reg.failure = RunPhase.FAILED, d.reason
+            self.failed_starting = self.view is not None and bool(self.view.start_failed(d.target))
             return [
                 self._persist(),
                 Note("run_failed", {"reason": d.reason}),
@@ -1697,6 +1705,8 @@ class SupervisorProtocol:
     def _op_done(self, op: tuple, value, now: float) -> list:
         kind, target = op[0], op[1]
         reg = self.reg
+        if isinstance(value, StartFailed):  # the callee cannot serve this run: the probes say so
+            return self._soon()  # and the decisions fail the run with its reason
         if kind == "load":
             actor, epoch = op[2], op[3]
             slot = reg.slots[target]

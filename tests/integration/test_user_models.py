@@ -258,3 +258,46 @@ def test_fp16_skips_overflowed_updates_on_every_shard_and_a_kill_changes_nothing
     assert sorted(e["role"] for e in killed.recoveries) == ["server", "worker"]
     assert killed.params_sha256 == clean.params_sha256
     assert [w["skipped_updates"] for w in killed.workers] == skipped
+
+
+def _differs_in_servers():
+    """A factory reading its process (as one reading the host or the clock would): servers build
+    a wider model than the driver and the workers."""
+    import ray
+
+    width = 32 if "server" in (ray.get_runtime_context().get_actor_name() or "") else 16
+    return nn.Sequential(nn.Linear(4, width), nn.ReLU(), nn.Linear(width, 3))
+
+
+def _labels_out_of_range_after(n: int):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 4, generator=g), torch.randint(0, 3, (64,), generator=g)
+    y[n:] = 7  # beyond the samples the driver checks: a worker's first step meets them
+    return torch.utils.data.TensorDataset(x, y)
+
+
+def test_the_users_model_failing_on_a_worker_or_differing_on_a_server_fails_in_one_line(ray_local):
+    """The user's model or loss raising inside a worker's step fails the run with one line naming
+    the field and the step (a training failure, however soon after the start); a factory that builds
+    another model in a server process fails it as a setting (it asked that server to load forever
+    before)."""
+    from raytrain_ft.errors import ClusterError, TrainingError
+
+    cfg = _cfg(6)
+    data = _labels_out_of_range_after(2)
+    with pytest.raises(TrainingError) as e:
+        Trainer(cfg, model=lambda: nn.Linear(4, 3), train_data=data).fit()
+    line = str(e.value)
+    assert "\n" not in line, line
+    assert line.startswith("worker ") and " failed at step 0: model.loss: the loss on the " in line
+    assert "raised IndexError: Target 7 is out of bounds" in line
+
+    x, y = data.tensors
+    fine = torch.utils.data.TensorDataset(x, y.clamp(max=2))
+    with pytest.raises(ClusterError) as e:
+        Trainer(cfg, model=_differs_in_servers, train_data=fine).fit()
+    assert str(e.value).startswith(
+        "server slot 0 failed to start: model.name: the model built in this process differs "
+        "from the driver's ('0.weight' float32 [32, 4] here, '0.weight' float32 [16, 4] on the "
+        "driver)"
+    )

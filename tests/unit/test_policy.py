@@ -652,7 +652,7 @@ DECIDE = [
         _view(_running, answers={"w0": Status(True, error="boom")}),
         (),
         [(A.FAIL, 0)],
-        "worker 0 failed: boom",
+        "worker 0 failed at step 0: boom",
     ),
     (
         "a worker could not start",
@@ -1714,3 +1714,40 @@ def test_a_retiring_server_is_in_the_registry_written_before_any_effect():
     persisted = Registry.from_json(next(e for e in effects if isinstance(e, Persist)).value)
     assert persisted.slots[1].actor == "sp" and persisted.slots[1].retiring == ["b"]
     assert not [e for e in effects if isinstance(e, Kill)]  # kept, not killed
+
+
+@pytest.mark.parametrize(
+    "answers, target, failed_starting",
+    [
+        ({"w1": StartFailed("no GPU on this node")}, "w1", True),  # a constructor raised
+        ({"w0": Status(True, error="model.loss: ... raised IndexError")}, 0, False),  # a step
+    ],
+)
+def test_a_run_failed_starting_is_told_from_one_that_failed_a_step(
+    answers, target, failed_starting
+):
+    """The driver's exit code follows this: 2 (a setting to fix) when a constructor raised, 1 when a
+    step failed -- however soon after the start, so the same failure always exits the same way."""
+
+    reg = _reg(worker=WorkerPhase.STARTING)
+    sup = SupervisorProtocol(_spec(), RANGES, _initial, registry=reg)
+    sup.view = _view(reg, answers=answers)
+    (d,) = decide(reg, sup.view, frozenset(), _spec(), now=0.0)
+    assert (d.action, d.target) == (A.FAIL, target)
+    sup._carry_out(d, 0.0)
+    assert reg.phase is RunPhase.FAILED and sup.failed_starting is failed_starting
+
+
+def test_a_load_answered_with_a_start_failure_leaves_the_slot_unserved_and_the_run_fails():
+    """The server's probes then answer the same start failure: the run fails with its reason
+    instead of counting the shard as served (or asking it to load forever)."""
+    reg = _reg(slot=SlotPhase.LOADING, worker=WorkerPhase.NONE)
+    sup = SupervisorProtocol(_spec(), RANGES, _initial, registry=reg)
+    why = StartFailed("model.name: the model built in this process differs from the driver's")
+    sup._op_done(("load", 0, "a", 1), why, 0.0)
+    assert reg.slots[0].phase is SlotPhase.LOADING
+    sup.view = _view(reg, answers={"a": why})
+    (d,) = decide(reg, sup.view, frozenset(), _spec(), now=0.0)
+    sup._carry_out(d, 0.0)
+    assert reg.phase is RunPhase.FAILED and sup.failed_starting
+    assert reg.failure == f"server slot 0 failed to start: {why.reason}"

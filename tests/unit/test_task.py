@@ -249,3 +249,125 @@ def test_ray_dataset_columns_named_for_data_that_has_none_are_refused():
     with pytest.raises(ConfigError, match="names no column") as e:
         DataConfig(x_columns=" , ")
     assert e.value.field == "data.x_columns"
+
+
+def batchnorm():
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+
+
+def test_a_batch_of_one_sample_that_the_model_cannot_train_on_names_the_batch_size():
+    """BatchNorm needs 2 samples in training: --batch-size 1 is refused on the driver, not by every
+    worker's first step."""
+    Task.build(cfg(name="tests.unit.test_task:batchnorm"))  # the default batch size trains
+    config = cfg(name="tests.unit.test_task:batchnorm")
+    config.data.batch_size = 1
+    with pytest.raises(ConfigError, match="give --batch-size 2 or more") as e:
+        Task.build(config)
+    assert e.value.field == "data.batch_size"
+    config = cfg(name="tests.unit.test_task:linear")
+    config.data.batch_size = 1
+    Task.build(config)  # a model without BatchNorm trains on single samples
+
+
+def double():
+    return nn.Linear(4, 3).double()
+
+
+def double_data():
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(
+        torch.randn(16, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,))
+    ), None
+
+
+def test_float64_models_and_samples_are_refused_naming_what_to_change():
+    """The shards keep float32: a float64 model would train on the driver and fail on every worker
+    (its parameters become float32 views there)."""
+    with pytest.raises(ConfigError, match="'weight' is torch.float64.*build the model in float32"):
+        Task.build(cfg(name="tests.unit.test_task:double"))
+    config = cfg(name="tests.unit.test_task:linear")
+    config.data.dataset = "tests.unit.test_task:double_data"
+    with pytest.raises(ConfigError, match="the samples are float64") as e:
+        Task.build(config)
+    assert e.value.field == "data.dataset"
+
+
+_widths = iter([8, 16])
+
+
+def growing():
+    """A factory that builds another model each time it is called (as one reading the host or
+    the clock would in each process)."""
+    return nn.Sequential(nn.Linear(4, next(_widths, 32)), nn.Linear(next(_widths, 32), 3))
+
+
+def test_a_process_that_builds_another_model_than_the_driver_is_refused():
+    task, _, _ = Task.build(cfg(name="tests.unit.test_task:linear"))
+    assert task.layout == (("weight", (3, 4), "float32"), ("bias", (3,), "float32"))
+    task.build_model(0)  # the same model: accepted
+    odd = Task(growing, task.loss, task.data, layout=task.layout)
+    with pytest.raises(ConfigError, match="differs from the driver's .*'0.weight'") as e:
+        odd.build_model(0)
+    assert e.value.field == "model.name"
+
+
+def test_one_hot_and_soft_targets_score_accuracy_as_class_indices_do():
+    from raytrain_ft.task import correct, evaluate
+
+    out = torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 1.0]])
+    labels = torch.tensor([0, 2, 2])
+    assert correct(out, labels).tolist() == [True, False, True]
+    one_hot = nn.functional.one_hot(labels, 3).float()
+    assert correct(out, one_hot).tolist() == [True, False, True]
+    soft = one_hot * 0.8 + 0.2 / 3
+    assert correct(out, soft).tolist() == [True, False, True]
+    x = torch.randn(16, 4)
+    y = torch.randint(0, 3, (16,))
+    task, _, _ = Task.build(cfg(name="tests.unit.test_task:linear"), train_data=TensorDataset(x, y))
+    model = task.build_model(0)
+    by_index = evaluate(task, model, TensorDataset(x, y))
+    by_prob = evaluate(task, model, TensorDataset(x, nn.functional.one_hot(y, 3).float()))
+    assert by_prob["eval_accuracy"] == by_index["eval_accuracy"]
+    assert by_prob["eval_loss"] == pytest.approx(by_index["eval_loss"])
+
+
+def test_what_the_users_model_or_loss_raises_is_one_line_naming_the_field():
+    """On a worker: the user's exception becomes a ConfigError naming the flag (its own chained for
+    the log); the project's errors and those raised through its own hooks pass through."""
+    import os
+
+    import raytrain_ft.actors as actors
+    from raytrain_ft.errors import TrainingError
+    from raytrain_ft.task import user_code
+
+    # the worker's own code calls the user's (as _forward does), and the hooks it installed
+    # (a shard install inside forward) may raise from within the user's call
+    scope: dict = {"user_code": user_code}
+    source = (
+        "def worker_calls(fn):\n"
+        "    with user_code('model.loss', lambda: 'the loss on step 3'):\n"
+        "        return fn()\n"
+        "def hook():\n"
+        "    raise KeyError('shard 1')\n"
+    )
+    path = os.path.join(os.path.dirname(actors.__file__), "worker_under_test.py")
+    exec(compile(source, path, "exec"), scope)
+    with pytest.raises(ConfigError) as e:
+        scope["worker_calls"](
+            lambda: nn.functional.cross_entropy(torch.zeros(2, 3), torch.tensor([0, 7]))
+        )
+    assert e.value.field == "model.loss"
+    assert str(e.value).startswith("model.loss: the loss on step 3 raised IndexError: Target 7")
+    assert "\n" not in str(e.value) and isinstance(e.value.__cause__, IndexError)
+
+    def users_forward():
+        return scope["hook"]()
+
+    with pytest.raises(KeyError):
+        scope["worker_calls"](users_forward)
+
+    def raises(error):
+        raise error
+
+    with pytest.raises(TrainingError):
+        scope["worker_calls"](lambda: raises(TrainingError("shard 0 is lost")))

@@ -239,3 +239,33 @@ def test_a_process_start_time_is_read_from_the_system():
     )
     # the interpreter started before its first line ran (to /proc's 10 ms), and not long before
     assert -0.05 < ran_before_import < 10.0
+
+
+def test_an_incarnation_unfit_after_its_constructor_answers_as_a_constructor_error(monkeypatch):
+    """A server finds at its first Load that the user's factory built another model in its process:
+    every later call to it -- by its protocol name or its Ray name -- gets the error as a
+    constructor's (``failure_of`` reads a start failure), and the process ends later."""
+    from raytrain_ft.actors.transport import failure_of
+    from raytrain_ft.actors.warm import BECOME_WAIT_S, BecomeFailed, WarmLife
+    from raytrain_ft.errors import ConfigError
+    from raytrain_ft.protocol.messages import StartFailed
+
+    timers, exits = [], []
+    life = WarmLife("run-a/server-1", "", lambda *timer: timers.append(timer), exits.append)
+    life.name = "run-a/server-1"
+    raised = life.unfit(ConfigError("model.name", "the model built in this process differs"))
+    assert isinstance(raised, BecomeFailed)
+    for to in ("run-a/server-1", None):  # a fresh process is called by its Ray name
+        with pytest.raises(BecomeFailed) as e:
+            life.check(to)
+
+        class RayError(Exception):
+            cause = e.value
+
+        assert failure_of(RayError()) == StartFailed(
+            "model.name: the model built in this process differs"
+        )
+    (ends,) = timers
+    assert ends[0] == BECOME_WAIT_S
+    life.rest_over(*ends[1:])
+    assert exits == [0]
