@@ -906,6 +906,10 @@ class ShardExchange:
         return self.host_grad.numpy()[start:end]
 
     def _push(self, i: int) -> None:
+        # with overlap, forward installs a shard's answer only where a module reading it runs: one
+        # no module ran this step (unused, or used on some steps only) is installed now, before
+        # its next call -- its values took no part in this step's forward
+        self._install([i])
         s = self.shards[i]
         residual = None
         if self._overflow:  # fp16: nothing to send; the update is skipped, the residual unchanged
