@@ -474,6 +474,13 @@ def _train(args: argparse.Namespace) -> int:
     print(json.dumps(brief))
     if args.emit_summary:
         print(SUMMARY_MARKER + json.dumps(summary, separators=(",", ":")), flush=True)
+    if summary.get("eval_error"):  # after the summary and the model are written
+        print(
+            f"raytrain-ft: error: {summary['eval_error']} (training finished; its summary and "
+            "model were written without the eval numbers)",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
     return 0
 
 

@@ -481,11 +481,13 @@ class Task:
             first = torch.utils.data.Subset(evaluation, list(range(min(2, len(evaluation)))))
             try:
                 evaluate(self, model, first)
-            except Exception as e:  # noqa: BLE001 -- the user's eval set, model, loss or metrics
+            except ConfigError as e:  # the user's eval set, model, loss or metrics
+                if e.field == "metrics":
+                    raise
                 raise ConfigError(
                     "data.dataset",
-                    f"the eval set does not fit the model, loss and metrics (its first samples: "
-                    f"{type(e).__name__}: {e}); the training set does",
+                    f"the eval set does not fit the model and loss ({e.message}); the training "
+                    "set does",
                 ) from None
         return layout
 
@@ -568,18 +570,45 @@ def evaluate(
     totals: dict[str, float] = {}
     for start in range(0, n, batch_size):
         idx = list(range(start, min(n, start + batch_size)))
-        x, y = batch_of(dataset, idx)
-        out = model(x)
         k = len(idx)
-        totals["eval_loss"] = totals.get("eval_loss", 0.0) + float(task.loss(out, y)) * k
-        if task.classification:
-            totals["eval_accuracy"] = totals.get("eval_accuracy", 0.0) + float(
-                correct(out, y).sum()
-            )
+        where = f"eval samples {idx[0]}-{idx[-1]}"
+        try:
+            x, y = batch_of(dataset, idx)
+            out = model(x)
+            totals["eval_loss"] = totals.get("eval_loss", 0.0) + float(task.loss(out, y)) * k
+            if task.classification:
+                totals["eval_accuracy"] = totals.get("eval_accuracy", 0.0) + float(
+                    correct(out, y).sum()
+                )
+        except Exception as e:  # noqa: BLE001 -- the user's eval set, model or loss
+            raise ConfigError("data.dataset", f"{where}: {_said(e)}") from e
         if task.metrics is not None:
-            for name, value in task.metrics(out, y).items():
-                totals[name] = totals.get(name, 0.0) + float(value) * k
+            for name, value in _metrics_of(task.metrics, out, y, where).items():
+                totals[name] = totals.get(name, 0.0) + value * k
     return {name: value / n for name, value in totals.items()}
+
+
+def _said(e: BaseException) -> str:
+    """An exception as one line: its type and its message's first line."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:300]}" if lines else type(e).__name__
+
+
+def _metrics_of(metrics: Callable, out, y, where: str) -> dict[str, float]:
+    """The user's metrics of one eval batch as floats; ConfigError (field ``metrics``) for a
+    function that raises, returns no mapping of numbers, or names a value the run reports itself."""
+    try:
+        values = metrics(out, y)
+        if not isinstance(values, dict):
+            raise TypeError(f"it returned {type(values).__name__}, not a dict[str, float]")
+        taken = sorted(set(values) & {"eval_loss", "eval_accuracy"})
+        if taken:
+            raise ValueError(
+                f"it names {', '.join(taken)}, which the run reports itself; name yours otherwise"
+            )
+        return {str(name): float(value) for name, value in values.items()}
+    except Exception as e:  # noqa: BLE001 -- the user's function
+        raise ConfigError("metrics", f"{where}: {_said(e)}") from None
 
 
 def _eval_set(evaluation, dc):

@@ -132,6 +132,9 @@ class TrainResult:
     acknowledged pushes."""
     eval_metrics: dict[str, float] = field(default_factory=dict)
     """The user's ``metrics`` on the eval set (each a mean over samples)."""
+    eval_error: str | None = None
+    """Evaluating the eval set (or the user's metrics) raised after training: its one line (the eval
+    numbers are then missing; the training result stands)."""
     updates_lost: int = 0
     """Updates whose pushes were acknowledged and that no shard holds at the end: 0 with strict
     durability (I1); with relaxed:K at most K per primary lost (``updates_lost_in``)."""
@@ -773,7 +776,11 @@ class Trainer:
         final, stats, step_times = end["params"], end["stats"], end["step_end_times"]
         final = np.require(final, requirements="W")  # an object-store view is read-only
         load_flat_state(model, torch.from_numpy(final.copy()))
-        scores = evaluate(task, model, eval_data)
+        eval_error = None
+        try:
+            scores = evaluate(task, model, eval_data)
+        except ConfigError as e:  # the user's eval set or metrics: the training result stands
+            scores, eval_error = {}, str(e)
         acc, eval_loss = (
             scores.pop("eval_accuracy", float("nan")),
             scores.pop("eval_loss", float("nan")),
@@ -873,6 +880,7 @@ class Trainer:
             ],
             final_params=final,
             eval_metrics=scores,
+            eval_error=eval_error,
             updates_lost=sum(updates_lost_in(a, cfg, total_steps) for a in end["applied"]),
             model=model,
         )
@@ -1063,7 +1071,11 @@ class _Run:
         except ray.exceptions.RayError:  # the supervisor restarting: ask again next time
             flat = None
         if flat is not None:
-            scores = self.evaluate(flat)
+            try:
+                scores = self.evaluate(flat)
+            except ConfigError:  # the eval set fails: training goes on, the end reports it
+                self.evaluate = None
+                return None, asked_at
             row = {"t": round(now - t_start, 3), "step": step}
             row.update({k: round(float(v), 5) for k, v in scores.items()})
             self.eval_history.append(row)

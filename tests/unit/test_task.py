@@ -144,13 +144,33 @@ def test_an_eval_set_that_does_not_fit_the_model_fails_before_training():
     with pytest.raises(ConfigError, match="the eval set does not fit the model") as e:
         Task.build(c)
     assert e.value.field == "data.dataset" and "mat1 and mat2" in str(e.value)
-    with pytest.raises(ConfigError, match="the eval set does not fit .*'float' object"):
-        Task.build(
-            cfg(name="tests.unit.test_task:linear"),
-            train_data=data()[0],
-            eval_data=data()[0],
-            metrics=lambda out, y: 1.0,
-        )
+    for metrics, said in (
+        (lambda out, y: 1.0, "it returned float, not a dict"),
+        # a name the run reports itself would be added into it
+        (lambda out, y: {"eval_accuracy": 0.5}, "it names eval_accuracy, which the run reports"),
+    ):
+        with pytest.raises(ConfigError, match=f"eval samples 0-1: .*{said}") as e:
+            Task.build(
+                cfg(name="tests.unit.test_task:linear"),
+                train_data=data()[0],
+                eval_data=data()[0],
+                metrics=metrics,
+            )
+        assert e.value.field == "metrics"
+
+
+def test_an_eval_set_failing_beyond_its_first_samples_names_them():
+    """evaluate (after training, and every --eval-every-s) names the eval samples whose batch
+    raised: the driver then keeps the training result and reports this line."""
+    from raytrain_ft.task import evaluate
+
+    x, y = torch.randn(700, 4), torch.randint(0, 3, (700,))
+    y[600] = 7  # out of range, in the second batch of 512
+    task, _, _ = Task.build(cfg(name="tests.unit.test_task:linear"), train_data=data()[0])
+    with pytest.raises(ConfigError) as e:
+        evaluate(task, task.build_model(0), TensorDataset(x, y))
+    assert e.value.field == "data.dataset"
+    assert str(e.value).startswith("data.dataset: eval samples 512-699: IndexError: Target 7")
 
 
 def test_builtin_models_are_for_builtin_data():
