@@ -76,11 +76,11 @@ def markers(summary: dict[str, Any]) -> list[Marker]:
     """Kills and recoveries of a summary on the history's time axis (t=0 at ``started_at``)."""
     t0 = summary.get("started_at") or 0.0
     out = []
-    for k in summary.get("kills", []):
+    for k in summary.get("kills") or []:  # null: none (check_summary accepts it)
         at = k.get("at")
         if at is not None:
             out.append(Marker(at - t0, at - t0, "kill", str(k.get("kill", "kill"))))
-    for e in summary.get("recoveries", []):
+    for e in summary.get("recoveries") or []:
         if "detected_at" in e and "serving_at" in e:
             out.append(
                 Marker(
@@ -273,7 +273,7 @@ def render_png(summary: dict[str, Any], path: str, flag: str = "--output") -> No
         f"{summary.get('run_id', '')}: {cfg.get('model', {}).get('name', '?')}, {mode}, "
         f"{cluster.get('num_workers', '?')} workers x "
         f"{cluster.get('num_servers', '?')} servers; eval accuracy {_num(acc, '.4f')}; "
-        f"{len(summary.get('recoveries', []))} recoveries (shaded), kills dashed",
+        f"{len(summary.get('recoveries') or [])} recoveries (shaded), kills dashed",
         fontsize=9,
     )
     fig.tight_layout()

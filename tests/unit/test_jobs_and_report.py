@@ -484,6 +484,20 @@ def test_the_report_draws_the_evaluations_made_while_training(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_null_kills_and_recoveries_draw_as_none(tmp_path):
+    """The check accepts null for the lists; the drawing reads it as none."""
+    from raytrain_ft.report import markers, render_png
+
+    summary = {
+        "history": [{"t": t, "loss": 2.0 - t, "accuracy": t / 2} for t in (0.0, 0.5, 1.0)],
+        "kills": None,
+        "recoveries": None,
+    }
+    check_summary("run.json", summary)
+    assert markers(summary) == []
+    render_png(summary, str(tmp_path / "run.png"))
+
+
 def test_a_summary_nested_too_deeply_or_no_regular_file_is_one_data_error(tmp_path):
     deep = tmp_path / "deep.json"
     deep.write_text('{"history": ' + "[" * 100000 + "]" * 100000 + "}")
