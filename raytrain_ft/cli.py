@@ -342,6 +342,17 @@ def _config(args: argparse.Namespace):
     else:
         raw = config_mod.load_yaml(args.config) if args.config else {}
         cfg = config_mod.from_command_line(raw, overrides, source=args.config or "config")
+    given = raw if isinstance(raw, dict) else {}
+    if (
+        given.get("epochs") is not None
+        and given.get("steps") is not None
+        and not {"epochs", "steps"} & set(overrides)
+    ):
+        raise ConfigError(
+            "epochs",
+            f"not used: {args.config or '--config-json'} sets steps: {cfg.steps} too (a run's "
+            "length in steps per worker, which overrides epochs); give one of them",
+        )
     if "epochs" in overrides and cfg.steps is not None:
         raise ConfigError(
             "--epochs",
@@ -415,9 +426,16 @@ def _train(args: argparse.Namespace) -> int:
     for flag, path, other, other_path, what in (
         ("--output-json", args.output_json, "--config", args.config, "file: the run would"),
         ("--save-model", args.save_model, "--config", args.config, "file: the run would"),
-        ("--save-model", args.save_model, "--output-json", args.output_json, "path: the model"),
+        (
+            "--save-model",
+            args.save_model,
+            "--output-json",
+            args.output_json,
+            "path: the model would",
+        ),
     ):
-        if path and other_path and os.path.abspath(path) == os.path.abspath(other_path):
+        # the same file, whatever the names (a symlink, a relative path)
+        if path and other_path and os.path.realpath(path) == os.path.realpath(other_path):
             overwritten = "it" if other == "--config" else "the summary"
             raise ConfigError(flag, f"is the {other} {what} overwrite {overwritten}")
     for flag, path in (("--output-json", args.output_json), ("--save-model", args.save_model)):

@@ -1429,6 +1429,23 @@ def load(config_path: str | None = None, overrides: dict[str, Any] | None = None
     return from_dict(merge_overrides(raw, overrides or {}), source=config_path or "config")
 
 
+def check_again(cfg: TrainConfig) -> None:
+    """Check ``cfg`` as if it were built now: the Python API may have changed fields since
+    (``cfg.optim.lr = ...``, ``cfg.recovery = RecoveryConfig(...)``), which no check saw."""
+    if not isinstance(cfg, TrainConfig):
+        raise ConfigError(
+            "config",
+            f"got {type(cfg).__name__}; give a raytrain_ft.TrainConfig (TrainConfig(...), or "
+            "raytrain_ft.config.load(path) of a YAML file)",
+        )
+    parts = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            parts[f.name] = dataclasses.replace(value)
+    dataclasses.replace(cfg, **parts)
+
+
 def from_command_line(
     raw: dict[str, Any] | None, flags: dict[str, Any], source: str = "config"
 ) -> TrainConfig:

@@ -98,6 +98,12 @@ def resolve(spec: str, flag: str) -> Any:
 
 
 def loss_function(spec: str | Callable, flag: str = "model.loss") -> Callable:
+    if not isinstance(spec, str) and not callable(spec):
+        raise ConfigError(
+            flag,
+            f"got {type(spec).__name__}; give a function (output, target) -> scalar tensor, an "
+            "nn.Module loss, cross_entropy, mse or MODULE:ATTR",
+        )
     if isinstance(spec, type):
         return _loss_instance(spec, flag)
     if callable(spec):
@@ -270,6 +276,20 @@ class Task:
         from raytrain_ft.data import load_dataset
 
         mc, dc = config.model, config.data
+        for name, given in (("train_data", train_data), ("eval_data", eval_data)):
+            if given is not None and not is_ray_dataset(given):
+                if not hasattr(given, "__len__") or not hasattr(given, "__getitem__"):
+                    raise ConfigError(
+                        name,
+                        f"got {type(given).__name__}; give a map-style torch Dataset of (x, y) "
+                        "pairs, or a ray.data.Dataset",
+                    )
+        if eval_data is not None and train_data is None:
+            raise ConfigError(
+                "eval_data",
+                "given without train_data, it would be ignored (the config's dataset brings its "
+                "own eval set); give train_data too",
+            )
         num_train = None
         builtin = None  # the built-in data, when the config names them
         columns_used = False  # whether a Ray Dataset's columns are read (--x-columns, --y-column)
@@ -277,12 +297,6 @@ class Task:
             columns_used = is_ray_dataset(train_data) or is_ray_dataset(eval_data)
             if is_ray_dataset(train_data):
                 data, train, evaluation, num_train = _ray_data(train_data, eval_data, dc)
-            elif not hasattr(train_data, "__len__") or not hasattr(train_data, "__getitem__"):
-                raise ConfigError(
-                    "train_data",
-                    f"got {type(train_data).__name__}; give a map-style torch Dataset of (x, y) "
-                    "pairs, or a ray.data.Dataset",
-                )
             else:
                 data = DataSource(objects=(train_data, _eval_set(eval_data, dc)))
                 train, evaluation = train_data, data.objects[1]
@@ -300,6 +314,19 @@ class Task:
             train, evaluation = (
                 TensorDataset(builtin.train_x, builtin.train_y),
                 TensorDataset(builtin.eval_x, builtin.eval_y),
+            )
+        if isinstance(model, torch.nn.Module):
+            raise ConfigError(
+                "model",
+                f"got a built {type(model).__name__}; give what builds it, a zero-argument "
+                f"function or class (model={type(model).__name__} or model=lambda: "
+                f"{type(model).__name__}(...)): every process builds its own copy, from the seed",
+            )
+        if model is not None and not callable(model):
+            raise ConfigError(
+                "model",
+                f"got {type(model).__name__}; give a zero-argument function or class returning an "
+                "nn.Module (a name or MODULE:ATTR goes in ModelConfig(name=...))",
             )
         if model is None and is_import_string(mc.name):
             model = resolve(mc.name, "model.name")
@@ -414,7 +441,7 @@ class Task:
         other = [
             (name, t.dtype)
             for name, t in [*model.named_parameters(), *model.named_buffers()]
-            if t.is_floating_point() and t.dtype != torch.float32
+            if (t.is_floating_point() or t.is_complex()) and t.dtype != torch.float32
         ]
         if other:
             name, dtype = other[0]
@@ -424,6 +451,19 @@ class Task:
                 f"{dtype}); the servers keep and update float32 values: build the model in "
                 "float32 and give --precision bf16 or fp16 for lower-precision compute",
             )
+        for name, b in model.named_buffers():
+            if (
+                b.dtype != torch.bool
+                and not b.is_floating_point()
+                and b.numel()
+                and int(b.abs().max()) > 2**24
+            ):
+                raise ConfigError(
+                    "model.name",
+                    f"the buffer {name!r} holds integers beyond 2**24 ({int(b.abs().max())}), "
+                    "which the float32 values the shards keep cannot carry exactly; keep such "
+                    "constants in a plain attribute, not a buffer",
+                )
         try:
             out = model(x)
         except Exception as e:  # noqa: BLE001

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raytrain_ft.config import TrainConfig, check_schedule, flag_of
+from raytrain_ft.config import TrainConfig, check_again, check_schedule, flag_of
 from raytrain_ft.consistency import local_rounds, merge_histograms
 from raytrain_ft.data import Dataset, check_source, checked_steps_per_epoch
 from raytrain_ft.errors import ClusterError, ConfigError, TrainingError
@@ -653,6 +653,7 @@ class Trainer:
         eval_data=None,
         metrics=None,
     ):
+        check_again(config)  # fields changed since it was built were never checked
         self.config = config
         self.on_progress = on_progress
         self.parts = dict(

@@ -375,3 +375,26 @@ def test_simulate_refuses_more_schedules_than_it_could_run(capsys):
     assert main(["simulate", "--schedules", str(MAX_SCHEDULES + 1)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--schedules: 10,000,001 schedules would run for days" in err[0]
+
+
+def test_epochs_and_steps_in_one_config_file_are_refused(tmp_path, capsys):
+    from raytrain_ft.cli import main
+
+    path = tmp_path / "run.yaml"
+    path.write_text("epochs: 1\nsteps: 5\n")
+    assert main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"epochs: not used: {path} sets steps: 5 too" in err[0], err
+
+
+def test_the_model_and_the_summary_through_a_symlink_are_one_file(tmp_path, capsys):
+    """--save-model would overwrite the summary --output-json names through a symlink."""
+    from raytrain_ft.cli import main
+
+    target = tmp_path / "model.pt"
+    target.touch()
+    link = tmp_path / "run.json"
+    link.symlink_to(target)
+    assert main(["train", "--output-json", str(link), "--save-model", str(target)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--save-model: is the --output-json path: the model would" in err[0]

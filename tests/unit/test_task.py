@@ -391,3 +391,80 @@ def test_what_the_users_model_or_loss_raises_is_one_line_naming_the_field():
 
     with pytest.raises(TrainingError):
         scope["worker_calls"](lambda: raises(TrainingError("shard 0 is lost")))
+
+
+class _ComplexParam(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 3)
+        self.c = nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+
+    def forward(self, x):
+        return self.l(x) + self.c.real
+
+
+class _BigIntBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 3)
+        self.register_buffer("prime", torch.tensor([2147483647, 5], dtype=torch.int64))
+        self.register_buffer("mask", torch.tensor([True, False, True]))
+
+    def forward(self, x):
+        return self.l(x) * self.mask
+
+
+def test_values_the_float32_shards_cannot_carry_are_refused():
+    """A complex parameter would lose its imaginary part, an integer buffer beyond 2**24 its low
+    bits (2147483647 came back 2147483648); a bool buffer travels exactly."""
+    with pytest.raises(ConfigError, match="'c' is torch.complex64"):
+        Task.build(cfg(), model=_ComplexParam, train_data=data()[0])
+    with pytest.raises(ConfigError, match="'prime' holds integers beyond 2\\*\\*24") as e:
+        Task.build(cfg(), model=_BigIntBuffer, train_data=data()[0])
+    assert e.value.field == "model.name"
+
+
+@pytest.mark.parametrize(
+    "kwargs, field, needle",
+    [
+        (dict(model=linear()), "model", "got a built Linear; give what builds it"),
+        (dict(model=5), "model", "got int; give a zero-argument function or class"),
+        (dict(model=linear, loss=5), "model.loss", "got int; give a function (output, target)"),
+        (
+            dict(model=linear, eval_data=(s for s in data()[0])),
+            "eval_data",
+            "got generator; give a map-style torch Dataset",
+        ),
+        (dict(model=linear, train_data=[1, 2, 3][0]), "train_data", "got int"),
+    ],
+)
+def test_python_api_objects_of_the_wrong_kind_are_named(kwargs, field, needle):
+    kwargs.setdefault("train_data", data()[0])
+    with pytest.raises(ConfigError) as e:
+        Task.build(cfg(), **kwargs)
+    assert e.value.field == field and needle in str(e.value), str(e.value)
+
+
+def test_an_eval_set_without_train_data_is_refused_not_ignored():
+    with pytest.raises(ConfigError, match="given without train_data, it would be ignored") as e:
+        Task.build(cfg(name="tests.unit.test_task:linear"), eval_data=data()[0])
+    assert e.value.field == "eval_data"
+
+
+def test_a_config_changed_after_it_was_built_is_checked_by_the_trainer():
+    from raytrain_ft.trainer import Trainer
+
+    with pytest.raises(ConfigError, match="config: got dict; give a raytrain_ft.TrainConfig"):
+        Trainer({"steps": 5})
+    for change, field in (
+        (lambda c: setattr(c.optim, "lr", float("nan")), "optim.lr"),
+        (lambda c: setattr(c, "mode", "bogus"), "mode"),
+        (lambda c: setattr(c.data, "batch_size", 0), "data.batch_size"),
+        (lambda c: setattr(c.cluster, "num_workers", 0), "cluster.num_workers"),
+    ):
+        config = TrainConfig()
+        change(config)
+        with pytest.raises(ConfigError) as e:
+            Trainer(config)
+        assert e.value.field == field
+    Trainer(TrainConfig())  # unchanged: accepted
