@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -435,6 +436,26 @@ def named_ray_address(config: TrainConfig) -> str:
     """The Ray the run is told to join: ``cluster.address``, else a job driver's
     ``RAY_ADDRESS``; "" when none is named."""
     return config.cluster.address or os.environ.get(RAY_ADDRESS_ENV_VAR, "")
+
+
+def warn_if_short_of_cpus(config: TrainConfig, have: float) -> str | None:
+    """A Ray the run did not start (the Python API's ``ray.init()``, an ``--address``) may lack the
+    CPUs its workers ask for: say so at once (an autoscaler may still add them; else the start
+    times out). Returns the warning given."""
+    from raytrain_ft.actors.supervisor import actor_start_timeout_s
+
+    cc = config.cluster
+    needed = cc.num_workers * cc.cpus_per_worker
+    if have >= needed:
+        return None
+    warning = (
+        f"raytrain-ft: warning: the run's {cc.num_workers} workers ask for {needed:g} CPUs and "
+        f"this Ray has {have:g}: they wait for an autoscaler to add nodes, and the run fails if "
+        f"none starts within {actor_start_timeout_s():g} s; use fewer --num-workers or "
+        "--cpus-per-worker, or ray.init(num_cpus=...)"
+    )
+    print(warning, file=sys.stderr, flush=True)
+    return warning
 
 
 def starts_its_own_ray(config: TrainConfig) -> bool:
@@ -959,6 +980,8 @@ class _Run:
                 prefix="raytrain_ft_ckpt_"
             )
         nodes = self._node_ids()
+        if not self.session.embedded:
+            warn_if_short_of_cpus(cfg, ray.cluster_resources().get("CPU", 0))
         device = "cuda" if self._use_gpu() else "cpu"
         if self.session.outlives_run:
             from raytrain_ft.actors.warm import prune_stale, worker_kind

@@ -468,3 +468,16 @@ def test_a_config_changed_after_it_was_built_is_checked_by_the_trainer():
             Trainer(config)
         assert e.value.field == field
     Trainer(TrainConfig())  # unchanged: accepted
+
+
+def test_a_ray_short_of_the_workers_cpus_is_named_at_once(capsys):
+    """Without it, a Python API run on a Ray with 2 CPUs for 3 workers sat silent until the start
+    timeout (180 s)."""
+    from raytrain_ft.config import ClusterConfig
+    from raytrain_ft.trainer import warn_if_short_of_cpus
+
+    config = TrainConfig(cluster=ClusterConfig(num_workers=3, num_servers=1))
+    assert warn_if_short_of_cpus(config, 4.0) is None
+    said = warn_if_short_of_cpus(config, 2.0)
+    assert said.startswith("raytrain-ft: warning: the run's 3 workers ask for 3 CPUs and this Ray")
+    assert capsys.readouterr().err.strip() == said
