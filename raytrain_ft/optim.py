@@ -53,6 +53,7 @@ class FlatOptimizer(abc.ABC):
 
     def state_dict(self) -> dict:
         return {
+            "name": self.name,  # a resume with another optimizer is refused (check_resumable)
             "step_count": self.step_count,
             "state": {k: v.clone() for k, v in self.state.items()},
         }

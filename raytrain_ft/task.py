@@ -284,6 +284,7 @@ class Task:
                         f"got {type(given).__name__}; give a map-style torch Dataset of (x, y) "
                         "pairs, or a ray.data.Dataset",
                     )
+        refuse_overridden(config, model=model, loss=loss, train_data=train_data)
         if eval_data is not None and train_data is None:
             raise ConfigError(
                 "eval_data",
@@ -530,6 +531,45 @@ class Task:
                     "set does",
                 ) from None
         return layout
+
+
+_BUILTIN_DATA_FIELDS = (
+    "dataset",
+    "data_path",
+    "image_size",
+    "eval_fraction",
+    "synthetic_samples",
+    "synthetic_channels",
+    "image_column",
+    "label_column",
+    "image_shape",
+)
+"""DataConfig fields only the config's own dataset reads (the Python API's train_data wins)."""
+
+
+def refuse_overridden(config, **given) -> None:
+    """ConfigError for a config setting the Python API's ``model=``, ``loss=`` or ``train_data=``
+    would make ignored (a setting counts where it differs from its default)."""
+    from raytrain_ft.config import ModelConfig
+
+    overridden = {
+        "train_data": [(f"data.{f}", f, config.data, DataConfig()) for f in _BUILTIN_DATA_FIELDS],
+        "model": [
+            (f"model.{f}", f, config.model, ModelConfig()) for f in ("name", "small_input_stem")
+        ],
+        "loss": [("model.loss", "loss", config.model, ModelConfig())],
+    }
+    for arg, fields in overridden.items():
+        if given.get(arg) is None:
+            continue
+        for field, name, section, default in fields:
+            value = getattr(section, name)
+            if value != getattr(default, name):
+                raise ConfigError(
+                    field,
+                    f"{value!r} would be ignored: the {arg}= given to the Trainer takes its place; "
+                    f"drop one of them",
+                )
 
 
 def model_layout(model: torch.nn.Module) -> tuple:

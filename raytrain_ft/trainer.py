@@ -585,7 +585,7 @@ def local_runtime_env() -> dict:
     return {"env_vars": {"PYTHONPATH": path}}
 
 
-def check_resumable(directory: str, ranges) -> int:
+def check_resumable(directory: str, ranges, optimizer: str | None = None) -> int:
     """The step a run resumes at from ``directory``; DataError when it holds no usable complete
     checkpoint."""
     from raytrain_ft.errors import DataError
@@ -615,13 +615,21 @@ def check_resumable(directory: str, ranges) -> int:
     for r in ranges:
         path = shard_checkpoint_path(directory, r.index, step)
         try:
-            params, *_ = load_shard_checkpoint(path)
+            params, _, opt_state, *_ = load_shard_checkpoint(path)
         except Exception as e:  # noqa: BLE001 -- torch raises several types for a damaged file
             raise DataError(
                 path,
                 f"is not a readable checkpoint ({type(e).__name__}); delete it to resume from an "
                 "earlier step",
             ) from None
+        written_by = opt_state.get("name") if isinstance(opt_state, dict) else None
+        if optimizer is not None and written_by is not None and written_by != optimizer:
+            raise ConfigError(
+                "optim.name",
+                f"the checkpoints in {directory} hold {written_by}'s state (step {step}); resume "
+                f"with --optimizer {written_by} (its state would not fit {optimizer}'s), or train "
+                "a new run",
+            )
         if params.size != r.size:
             raise DataError(
                 directory,
@@ -705,7 +713,9 @@ class Trainer:
             check_embedded_memory(cfg, available_memory())
         ranges = None if n == "auto" else self._shards(model, n)
         start_step = (
-            check_resumable(cfg.recovery.resume_from, ranges) if cfg.recovery.resume_from else 0
+            check_resumable(cfg.recovery.resume_from, ranges, cfg.optim.name)
+            if cfg.recovery.resume_from
+            else 0
         )
         if start_step >= total_steps:
             raise ConfigError(

@@ -220,6 +220,26 @@ def test_resume_from_says_what_is_wrong_with_the_directory(tmp_path):
         check_resumable(str(tmp_path), ranges)
 
 
+def test_resuming_with_another_optimizer_than_the_checkpoints_is_refused(tmp_path):
+    """Adam resumed from SGD's files would take SGD's step count with fresh moments (its bias
+    correction wrong for the first updates)."""
+    from raytrain_ft.config import OptimConfig
+    from raytrain_ft.errors import ConfigError
+    from raytrain_ft.optim import make_optimizer
+    from raytrain_ft.params import shard_ranges
+    from raytrain_ft.recovery.checkpoint import save_shard_checkpoint
+    from raytrain_ft.trainer import check_resumable
+
+    ranges = shard_ranges(12, 2, 12)
+    sgd = make_optimizer(OptimConfig(name="sgd"), 6)
+    for r in ranges:
+        save_shard_checkpoint(str(tmp_path), r.index, 6, np.zeros(r.size), sgd.state_dict())
+    assert check_resumable(str(tmp_path), ranges, "sgd") == 6
+    with pytest.raises(ConfigError, match="hold sgd's state .*resume with --optimizer sgd") as e:
+        check_resumable(str(tmp_path), ranges, "adam")
+    assert e.value.field == "optim.name"
+
+
 def test_a_due_kill_waits_for_a_live_target_and_never_hits_one_twice(monkeypatch):
     """A spare kill due while the last spare was just taken (its successor not made yet) waits
     for the next spare instead of recording a kill of nobody; a name already killed is not a

@@ -37,6 +37,11 @@ def cfg(**model):
     )
 
 
+def api_cfg(**model):
+    """A config for the Python API's own data (train_data=): it names no dataset."""
+    return TrainConfig(model=ModelConfig(**model))
+
+
 def test_an_import_string_names_a_factory_and_its_kwargs_are_applied():
     task, train, _ = Task.build(
         cfg(name="torch.nn:Linear", kwargs='{"in_features": 4, "out_features": 3}')
@@ -151,7 +156,7 @@ def test_an_eval_set_that_does_not_fit_the_model_fails_before_training():
     ):
         with pytest.raises(ConfigError, match=f"eval samples 0-1: .*{said}") as e:
             Task.build(
-                cfg(name="tests.unit.test_task:linear"),
+                api_cfg(name="tests.unit.test_task:linear"),
                 train_data=data()[0],
                 eval_data=data()[0],
                 metrics=metrics,
@@ -166,7 +171,7 @@ def test_an_eval_set_failing_beyond_its_first_samples_names_them():
 
     x, y = torch.randn(700, 4), torch.randint(0, 3, (700,))
     y[600] = 7  # out of range, in the second batch of 512
-    task, _, _ = Task.build(cfg(name="tests.unit.test_task:linear"), train_data=data()[0])
+    task, _, _ = Task.build(api_cfg(name="tests.unit.test_task:linear"), train_data=data()[0])
     with pytest.raises(ConfigError) as e:
         evaluate(task, task.build_model(0), TensorDataset(x, y))
     assert e.value.field == "data.dataset"
@@ -343,7 +348,9 @@ def test_one_hot_and_soft_targets_score_accuracy_as_class_indices_do():
     assert correct(out, soft).tolist() == [True, False, True]
     x = torch.randn(16, 4)
     y = torch.randint(0, 3, (16,))
-    task, _, _ = Task.build(cfg(name="tests.unit.test_task:linear"), train_data=TensorDataset(x, y))
+    task, _, _ = Task.build(
+        api_cfg(name="tests.unit.test_task:linear"), train_data=TensorDataset(x, y)
+    )
     model = task.build_model(0)
     by_index = evaluate(task, model, TensorDataset(x, y))
     by_prob = evaluate(task, model, TensorDataset(x, nn.functional.one_hot(y, 3).float()))
@@ -418,9 +425,9 @@ def test_values_the_float32_shards_cannot_carry_are_refused():
     """A complex parameter would lose its imaginary part, an integer buffer beyond 2**24 its low
     bits (2147483647 came back 2147483648); a bool buffer travels exactly."""
     with pytest.raises(ConfigError, match="'c' is torch.complex64"):
-        Task.build(cfg(), model=_ComplexParam, train_data=data()[0])
+        Task.build(api_cfg(), model=_ComplexParam, train_data=data()[0])
     with pytest.raises(ConfigError, match="'prime' holds integers beyond 2\\*\\*24") as e:
-        Task.build(cfg(), model=_BigIntBuffer, train_data=data()[0])
+        Task.build(api_cfg(), model=_BigIntBuffer, train_data=data()[0])
     assert e.value.field == "model.name"
 
 
@@ -441,13 +448,13 @@ def test_values_the_float32_shards_cannot_carry_are_refused():
 def test_python_api_objects_of_the_wrong_kind_are_named(kwargs, field, needle):
     kwargs.setdefault("train_data", data()[0])
     with pytest.raises(ConfigError) as e:
-        Task.build(cfg(), **kwargs)
+        Task.build(api_cfg(), **kwargs)
     assert e.value.field == field and needle in str(e.value), str(e.value)
 
 
 def test_an_eval_set_without_train_data_is_refused_not_ignored():
     with pytest.raises(ConfigError, match="given without train_data, it would be ignored") as e:
-        Task.build(cfg(name="tests.unit.test_task:linear"), eval_data=data()[0])
+        Task.build(api_cfg(name="tests.unit.test_task:linear"), eval_data=data()[0])
     assert e.value.field == "eval_data"
 
 
@@ -481,3 +488,20 @@ def test_a_ray_short_of_the_workers_cpus_is_named_at_once(capsys):
     said = warn_if_short_of_cpus(config, 2.0)
     assert said.startswith("raytrain-ft: warning: the run's 3 workers ask for 3 CPUs and this Ray")
     assert capsys.readouterr().err.strip() == said
+
+
+@pytest.mark.parametrize(
+    "config, kwargs, field",
+    [
+        (cfg(), dict(train_data=data()[0]), "data.dataset"),
+        (TrainConfig(data=DataConfig(image_size=8)), dict(train_data=data()[0]), "data.image_size"),
+        (TrainConfig(model=ModelConfig(name="mlp")), dict(model=linear), "model.name"),
+        (TrainConfig(model=ModelConfig(loss="mse")), dict(loss=nn.MSELoss()), "model.loss"),
+    ],
+)
+def test_a_config_setting_the_python_apis_objects_override_is_refused(config, kwargs, field):
+    """A setting that would be ignored is refused, here as on the command line."""
+    kwargs.setdefault("train_data", data()[0])
+    with pytest.raises(ConfigError, match="would be ignored: the .*= given to the Trainer") as e:
+        Task.build(config, model=kwargs.pop("model", linear), **kwargs)
+    assert e.value.field == field
