@@ -42,7 +42,13 @@ class FlatModel:
         self.device = torch.device(device)
         params = trainable(module)
         buffers = [(name, b) for name, b in module.named_buffers() if b.is_floating_point()]
-        int_buffers = [b for _, b in module.named_buffers() if not b.is_floating_point()]
+        named_ints = [(name, b) for name, b in module.named_buffers() if not b.is_floating_point()]
+        int_buffers = [b for _, b in named_ints]
+        self._bound: list[tuple[str, nn.Module, str, torch.Tensor]] = [
+            (name, *_owner(module, name), b) for name, b in named_ints
+        ]
+        """(name, owning module, attribute, tensor) of every buffer in the flat vector: a forward
+        that rebinds one instead of updating it in place is caught (``stage_buffers``)."""
         self.num_params = sum(p.numel() for p in params)
         self.num_buffer_values = sum(b.numel() for _, b in buffers) + sum(
             b.numel() for b in int_buffers
@@ -73,6 +79,7 @@ class FlatModel:
             own = torch.empty(0, dtype=view.dtype, device=view.device)
             own.data = view
             owner._buffers[attr] = own
+            self._bound.append((name, owner, attr, own))
             offset += n
         self.int_buffers = []
         """(integer buffer, [start, end) of its float32 copy in the flat vector)."""
@@ -106,6 +113,19 @@ class FlatModel:
     def stage_buffers(self) -> None:
         """Copy local buffer values (integer ones as float32) into the buffer part of ``flat_grad``
         for pushing."""
+        for name, owner, attr, tensor in self._bound:
+            if owner._buffers.get(attr) is not tensor:
+                from raytrain_ft.errors import ConfigError
+
+                now = owner._buffers.get(attr)
+                shape = list(now.shape) if isinstance(now, torch.Tensor) else type(now).__name__
+                raise ConfigError(
+                    "model.name",
+                    f"the model's forward replaced its buffer {name!r} (now {shape}, was "
+                    f"{list(tensor.shape)}) instead of updating it in place; the shards keep every "
+                    "buffer at a fixed place and size, so the new value would be lost: update it "
+                    "in place (buf.mul_(0.9).add_(x), buf.copy_(new)) at its size",
+                )
         self.flat_grad[self.num_params :].copy_(self.buffer_view)
         for b, (
             start,

@@ -135,3 +135,40 @@ def test_installing_one_shard_syncs_only_its_integer_buffers():
     assert int(first) == 5 and int(second) == 3
     flat.sync_int_buffers()
     assert int(second) == 7
+
+
+class _Ema(nn.Module):
+    """A running mean kept in a buffer, in place or (the bug) by rebinding it."""
+
+    def __init__(self, in_place: bool, grow: bool = False):
+        super().__init__()
+        self.l = nn.Linear(4, 3)
+        self.register_buffer("ema", torch.zeros(4))
+        self.in_place, self.grow = in_place, grow
+
+    def forward(self, x):
+        if self.in_place:
+            self.ema.mul_(0.9).add_(0.1 * x.mean(0))
+        elif self.grow:
+            self.ema = torch.cat([self.ema, x.mean(0)])
+        else:
+            self.ema = 0.9 * self.ema + 0.1 * x.mean(0)
+        return self.l(x)
+
+
+def test_a_buffer_rebound_by_forward_is_named_instead_of_lost():
+    """The shards hold a buffer at a fixed place: a forward that rebinds it (a new tensor, perhaps
+    of another size) trained on with the change silently dropped; it now fails in one line, and an
+    in-place update travels."""
+    x = torch.randn(8, 4)
+    fm = FlatModel(_Ema(in_place=True))
+    fm.module(x)
+    fm.stage_buffers()
+    assert torch.equal(fm.flat_grad[fm.num_params :], 0.1 * x.mean(0))
+    for grow, now in ((False, [4]), (True, [8])):
+        fm = FlatModel(_Ema(in_place=False, grow=grow))
+        fm.module(x)
+        with pytest.raises(ConfigError) as e:
+            fm.stage_buffers()
+        assert f"replaced its buffer 'ema' (now {now}, was [4])" in str(e.value)
+        assert e.value.field == "model.name"
