@@ -342,9 +342,11 @@ def _config(args: argparse.Namespace):
     else:
         raw = config_mod.load_yaml(args.config) if args.config else {}
         cfg = config_mod.from_command_line(raw, overrides, source=args.config or "config")
+    # both in one file: epochs counts where it differs from its default (a config `submit` wrote
+    # out in full holds the default beside the steps it runs)
     given = raw if isinstance(raw, dict) else {}
     if (
-        given.get("epochs") is not None
+        given.get("epochs") not in (None, config_mod.TrainConfig.epochs)
         and given.get("steps") is not None
         and not {"epochs", "steps"} & set(overrides)
     ):
