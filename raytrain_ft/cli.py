@@ -346,7 +346,7 @@ def _config(args: argparse.Namespace):
     # out in full holds the default beside the steps it runs)
     given = raw if isinstance(raw, dict) else {}
     if (
-        given.get("epochs") not in (None, config_mod.TrainConfig.epochs)
+        given.get("epochs") not in (None, config_mod.TrainConfig().epochs)
         and given.get("steps") is not None
         and not {"epochs", "steps"} & set(overrides)
     ):
