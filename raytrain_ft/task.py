@@ -626,11 +626,7 @@ class user_code:  # noqa: N801 -- used as a context manager
             return False
         if _raised_by_the_protocol(error, tb):
             return False
-        said = str(error).strip().splitlines()
-        said = f": {said[0][:300]}" if said else ""
-        raise ConfigError(
-            self.field, f"{self.doing()} raised {type(error).__name__}{said}"
-        ) from error
+        raise ConfigError(self.field, f"{self.doing()} raised {_said(error)}") from error
 
 
 def to_device(x, device):
