@@ -248,8 +248,8 @@ class Task:
                 "model.name",
                 f"the model factory returned {type(model).__name__}, not a torch.nn.Module",
             )
-        if self.layout is not None and model_layout(model) != self.layout:
-            mine, driver = model_layout(model), self.layout
+        mine, driver = (model_layout(model), self.layout) if self.layout is not None else ((), ())
+        if mine != driver:
             first = next(
                 (
                     f"{a[0]!r} {a[2]} {list(a[1])} here, {b[0]!r} {b[2]} {list(b[1])} on the driver"
@@ -453,15 +453,13 @@ class Task:
                 "float32 and give --precision bf16 or fp16 for lower-precision compute",
             )
         for name, b in model.named_buffers():
-            if (
-                b.dtype != torch.bool
-                and not b.is_floating_point()
-                and b.numel()
-                and int(b.abs().max()) > 2**24
-            ):
+            if b.dtype == torch.bool or b.is_floating_point() or not b.numel():
+                continue
+            largest = int(b.abs().max())
+            if largest > 2**24:
                 raise ConfigError(
                     "model.name",
-                    f"the buffer {name!r} holds integers beyond 2**24 ({int(b.abs().max())}), "
+                    f"the buffer {name!r} holds integers beyond 2**24 ({largest}), "
                     "which the float32 values the shards keep cannot carry exactly; keep such "
                     "constants in a plain attribute, not a buffer",
                 )
