@@ -55,7 +55,14 @@ class ProgressBar:
         if self._finished:
             return
         line = progress_line(
-            p.step, p.total_steps, p.loss, p.accuracy, p.samples_per_sec, p.elapsed_s, self.width
+            p.step,
+            p.total_steps,
+            p.loss,
+            p.accuracy,
+            p.samples_per_sec,
+            p.elapsed_s,
+            self.width,
+            p.unit,
         )
         for event in p.recoveries[self._recoveries_seen :]:
             self.stream.write(("\r\033[K" if self.tty else "") + recovery_line(event) + "\n")
@@ -521,8 +528,13 @@ def done_lines(brief: dict, summary: dict) -> tuple[str | None, str]:
             "diverged); lower --lr, or clip with --clip-grad-norm"
         )
     final = "-" if final_loss is None else format(final_loss, ".4f")
+    config = summary.get("config") or {}
+    done = f"{brief['steps_completed']} steps"
+    if config.get("mode") == "local_sgd":  # its steps are rounds of local steps
+        h = config["consistency"]["local_steps"]
+        done = f"{brief['steps_completed']} rounds of {h} local steps"
     return warning, (
-        f"done: {brief['steps_completed']} steps, {accuracy}, final loss {final}, "
+        f"done: {done}, {accuracy}, final loss {final}, "
         f"{brief['samples_per_sec']:,.0f} samples/s over {brief['train_time_s']:.1f}s, "
         f"{len(summary['recoveries'])} recoveries"
     )
@@ -752,7 +764,7 @@ def _chaos(args: argparse.Namespace) -> int:
     address = check_ray_address(args.address, "--address")
     import ray
 
-    from raytrain_ft.recovery.chaos import find_supervisor, run_schedule
+    from raytrain_ft.recovery.chaos import check_kills_against, find_supervisor, run_schedule
 
     try:
         ray.init(address=address, logging_level=logging.WARNING)
@@ -760,8 +772,12 @@ def _chaos(args: argparse.Namespace) -> int:
         raise ray_init_error(e, address, "--address") from None
     try:
         run_id, supervisor = find_supervisor(args.run_id, args.wait_s)
-        if args.random:
+        try:
             status = ray.get(supervisor.status.remote())
+        except ray.exceptions.RayActorError:
+            raise ClusterError(f"run {run_id} ended before its first status was read") from None
+        check_kills_against(status, kills)  # before saying what is scheduled
+        if args.random:
             sizes = {
                 "server": len(status.epochs),
                 "replica": len(status.epochs),
@@ -783,13 +799,21 @@ def _chaos(args: argparse.Namespace) -> int:
             on_fire=lambda r: print(json.dumps(r), flush=True),
             one_at_a_time=not args.overlap,
         )
-        print(
-            f"fired {len(fired)} of {len(kills)} kills (the run ended first)"
-            if len(fired) < len(kills)
-            else f"fired {len(fired)} kills"
-        )
+        never = [str(k) for k in kills if str(k) not in {r["kill"] for r in fired}]
     finally:
         ray.shutdown()
+    if never and not args.random:  # the kills asked for did not happen: not a success
+        print(
+            f"raytrain-ft: error: fired {len(fired)} of {len(kills)} kills; the run ended before "
+            f"{', '.join(never)} (give an earlier @step or @time)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    print(
+        f"fired {len(fired)} of {len(kills)} kills (the run ended first: {', '.join(never)})"
+        if never
+        else f"fired {len(fired)} kills"
+    )
     return 0
 
 

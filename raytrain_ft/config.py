@@ -51,9 +51,22 @@ def _non_negative(name: str, value: float) -> None:
         raise ConfigError(name, f"must be >= 0, got {value!r}")
 
 
+def _shown(value: Any) -> str:
+    """``value`` for a message; a boolean where a word was expected (``True``: a YAML file's
+    unquoted yes, no, on, off, true or false, read as one) says so."""
+    if isinstance(value, bool) or value in ("True", "False"):
+        return (
+            f"{value!r} (a YAML file reads an unquoted yes, no, on, off, true or false as a "
+            "boolean: quote the word)"
+        )
+    return repr(value)
+
+
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(name, f"unknown value {value!r}; choose one of {', '.join(choices)}")
+        raise ConfigError(
+            name, f"unknown value {_shown(value)}; choose one of {', '.join(choices)}"
+        )
 
 
 def _at_most(name: str, value: float, limit: float, why: str) -> None:
@@ -144,7 +157,7 @@ def _typed(value: Any, hint: Any, name: str) -> Any:
     if hint is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(name, f"expected a string, got {value!r}")
+        raise ConfigError(name, f"expected a string, got {_shown(value)}")
     if isinstance(hint, type):
         if isinstance(value, hint):
             return value

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import queue
 import threading
@@ -434,10 +435,25 @@ def steps_per_epoch(num_samples: int, num_workers: int, batch_size: int) -> int:
     return (num_samples // num_workers) // batch_size
 
 
-def checked_steps_per_epoch(num_samples: int, num_workers: int, batch_size: int) -> int:
+def checked_steps_per_epoch(
+    num_samples: int, num_workers: int, batch_size: int, split: tuple[float, int] | None = None
+) -> int:
+    """``steps_per_epoch``, or a DataError naming what to change when it is 0. ``split``: (the
+    eval fraction, the samples before it) when the training set is what that split left: the
+    fraction is named when a smaller one leaves enough samples."""
     spe = steps_per_epoch(num_samples, num_workers, batch_size)
     if spe == 0:
         n, w, b = num_samples, num_workers, batch_size
+        if split is not None and split[1] > w * b:
+            fraction, total = split
+            most = (total - w * b) / total  # n_eval = round(total * f) leaves w * b to train on
+            raise DataError(
+                "data.eval_fraction",
+                f"--eval-fraction {fraction:g} holds out {total - n:,} of the {total:,} samples, "
+                f"leaving {n:,}: too few for one batch of {b} on each of {w} workers; give an "
+                f"--eval-fraction of at most {math.floor(most * 1000) / 1000:g}, or a smaller "
+                "--batch-size",
+            )
         if n == 0:
             raise DataError(
                 "data.eval_fraction",

@@ -27,11 +27,12 @@ def progress_line(
     samples_per_sec: float,
     elapsed_s: float,
     width: int = 30,
+    unit: str = "step",
 ) -> str:
     frac = step / total_steps if total_steps else 1.0
     filled = min(width, int(frac * width))
     return (
-        f"[{'#' * filled}{'.' * (width - filled)}] step {step}/{total_steps} loss "
+        f"[{'#' * filled}{'.' * (width - filled)}] {unit} {step}/{total_steps} loss "
         f"{_num(loss, '.4f')} "
         f"acc {_num(accuracy, '.3f')} {samples_per_sec:,.0f} samples/s {elapsed_s:.0f}s"
     )

@@ -43,6 +43,7 @@ from raytrain_ft.config import DataConfig, flag_of, parse_json
 from raytrain_ft.data import (
     batch_of,
     check_ray_columns,
+    checked_steps_per_epoch,
     is_ray_dataset,
     map_tensors,
     materialized,
@@ -383,6 +384,13 @@ class Task:
         )
         # the built-in data are split here: too few training samples is --eval-fraction's doing
         split = builtin is not None and dc.eval_fraction
+        if split and not (config.cluster.simulate_compute_ms and config.steps is not None):
+            checked_steps_per_epoch(
+                len(train),
+                config.cluster.num_workers,
+                dc.batch_size,
+                (dc.eval_fraction, len(train) + len(evaluation)),
+            )
         layout = task.check(
             train,
             config.seed,

@@ -55,6 +55,8 @@ class Progress:
     """Mean accuracy of the workers' last training batches."""
     recoveries: tuple = ()
     """Every recovery event so far (the supervisor's records, oldest first)."""
+    unit: str = "step"
+    """What ``step`` counts: "round" in local_sgd (a push every ``local_steps`` local steps)."""
 
     def point(self) -> dict:
         """One row of the run's history (JSON)."""
@@ -263,6 +265,11 @@ def total_local_steps(config: TrainConfig, num_train: int) -> int:
         return config.steps  # simulated steps read no data: any number of workers fits
     spe = checked_steps_per_epoch(num_train, config.cluster.num_workers, config.data.batch_size)
     return config.steps if config.steps is not None else config.epochs * spe
+
+
+def step_unit(mode: str) -> str:
+    """What a run's steps count, for its output: rounds in local_sgd, else steps."""
+    return "round" if mode == "local_sgd" else "step"
 
 
 def total_steps_for(config: TrainConfig, num_train: int) -> int:
@@ -1175,6 +1182,7 @@ class _Run:
             if trained
             else float("nan"),
             recoveries=tuple(self.status.events) if self.status is not None else (),
+            unit=step_unit(self.cfg.mode),
         )
 
     def final(self) -> dict:

@@ -261,6 +261,15 @@ def find_supervisor(run_id: str | None, wait_s: float = 0.0, poll_s: float = 0.5
     return run_id, ray.get_actor(f"{run_id}/supervisor", namespace=NAMESPACE)
 
 
+def check_kills_against(status, kills: list[KillSpec], field: str = "--kill") -> None:
+    """A ``ConfigError`` on ``field`` for a kill naming something the run of ``status`` (the
+    supervisor's) lacks: ``spare:3`` with one spare, ``worker:9`` of 2."""
+    from raytrain_ft.recovery.faults import check_targets
+
+    t = status.targets
+    check_targets(kills, t.num_shards, len(t.workers), 1, t.num_spares, field, t.recovery)
+
+
 def run_schedule(
     supervisor_handle,
     kills: list[KillSpec],
@@ -274,7 +283,7 @@ def run_schedule(
     ``ConfigError`` on ``field`` once the run's first status is read."""
     import ray
 
-    from raytrain_ft.recovery.faults import check_live_kills, check_targets
+    from raytrain_ft.recovery.faults import check_live_kills
 
     check_live_kills(kills, field)
     runner = ChaosRunner(kills, supervisor_handle, one_at_a_time=one_at_a_time)
@@ -287,8 +296,7 @@ def run_schedule(
         if status.state in ("done", "failed"):
             break
         if not checked:  # each kill names something this run has
-            t = status.targets
-            check_targets(kills, t.num_shards, len(t.workers), 1, t.num_spares, field, t.recovery)
+            check_kills_against(status, kills, field)
             checked = True
         runner.targets = status.targets
         workers = [w for w in status.workers if w is not None]

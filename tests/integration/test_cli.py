@@ -219,7 +219,11 @@ BAD_INPUTS = [
     ),
     (["--model", "torch.nn:Flatten"], "model.name: the model has no parameters or buffers"),
     (["--image-size", "3"], "data.image_size: model cnn needs images of at least 4x4, got 3x3"),
-    (["--eval-fraction", "0.999999"], "data.eval_fraction: the training set has 0 samples"),
+    (
+        ["--eval-fraction", "0.999999"],
+        "data.eval_fraction: --eval-fraction 0.999999 holds out 1,797 of the 1,797 samples",
+    ),
+    (["--eval-fraction", "0.999"], "give an --eval-fraction of at most 0.964, or a smaller"),
     # more processes than this machine's memory holds (checked before a Ray is started for them)
     (
         ["--num-servers", "100000"],

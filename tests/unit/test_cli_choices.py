@@ -403,3 +403,80 @@ def test_the_model_and_the_summary_through_a_symlink_are_one_file(tmp_path, caps
     assert main(["train", "--output-json", str(link), "--save-model", str(target)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--save-model: is the --output-json path: the model would" in err[0]
+
+
+class _FakeSupervisor:
+    """What ``chaos`` reads of a live run: its status, with a run of 2 workers and 2 shards."""
+
+    def __init__(self):
+        import types
+
+        targets = types.SimpleNamespace(
+            num_shards=2, workers=[None, None], num_spares=1, recovery="replica"
+        )
+        self.status = types.SimpleNamespace(
+            remote=lambda: types.SimpleNamespace(targets=targets, epochs=[1, 1], workers=[0, 0])
+        )
+
+
+@pytest.fixture
+def live_run(monkeypatch):
+    """``chaos`` against a fake run: Ray's calls answer at once; the schedule fires what
+    ``fired`` holds."""
+    import ray
+
+    from raytrain_ft import jobs
+    from raytrain_ft.recovery import chaos
+
+    fired: list = []
+    monkeypatch.setattr(jobs, "check_ray_address", lambda address, field: address)
+    monkeypatch.setattr(ray, "init", lambda **kw: None)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(ray, "get", lambda ref: ref)
+    monkeypatch.setattr(chaos, "find_supervisor", lambda run_id, wait_s: ("r1", _FakeSupervisor()))
+    monkeypatch.setattr(chaos, "run_schedule", lambda supervisor, kills, **kw: list(fired))
+    return fired
+
+
+def test_chaos_names_a_kill_the_run_lacks_before_saying_what_is_scheduled(live_run, capsys):
+    assert cli.main(["chaos", "--address", "127.0.0.1:1", "--kill", "server:5@step=3"]) == 2
+    out = capsys.readouterr()
+    assert "kills scheduled" not in out.out
+    assert "--kill: server:5@step=3: the run has 2 server(s), index 5 does not exist" in out.err
+
+
+def test_chaos_whose_kills_never_fired_fails_and_names_them(live_run, capsys):
+    argv = ["chaos", "--address", "127.0.0.1:1", "--kill", "worker:0@step=900"]
+    assert cli.main(argv) == 1
+    out = capsys.readouterr()
+    assert "1 kills scheduled" in out.out
+    assert "fired 0 of 1 kills; the run ended before worker:0@step=900" in out.err
+    live_run.append({"kill": "worker:0@step=900"})
+    assert cli.main(argv) == 0
+    assert "fired 1 kills" in capsys.readouterr().out
+
+
+def test_a_local_sgd_run_counts_rounds_not_steps():
+    from raytrain_ft.report import progress_line
+
+    brief = {
+        "steps_completed": 4,
+        "eval_accuracy": 0.5,
+        "final_loss": 0.25,
+        "samples_per_sec": 100.0,
+        "train_time_s": 1.0,
+    }
+    config = {"mode": "local_sgd", "consistency": {"local_steps": 8}}
+    _, line = cli.done_lines(brief, {"recoveries": [], "config": config})
+    assert line.startswith("done: 4 rounds of 8 local steps, eval accuracy 0.5000")
+    _, line = cli.done_lines(brief, {"recoveries": [], "config": {"mode": "sync"}})
+    assert line.startswith("done: 4 steps,")
+    assert "] round 4/8 loss" in progress_line(4, 8, 0.5, 0.5, 1.0, 1.0, unit="round")
+
+
+def test_a_yaml_boolean_where_a_word_belongs_says_to_quote_it():
+    with pytest.raises(ConfigError, match="quote the word"):
+        C.from_dict({"mode": True})
+    with pytest.raises(ConfigError) as e:
+        C.from_dict({"mode": "bogus"})
+    assert "quote" not in str(e.value)

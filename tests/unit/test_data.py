@@ -356,6 +356,23 @@ def test_too_many_workers_is_blamed_on_the_worker_count():
         checked_steps_per_epoch(1438, 4, 512)
 
 
+def test_too_few_training_samples_after_the_eval_split_is_blamed_on_the_eval_fraction():
+    from raytrain_ft.data import checked_steps_per_epoch
+
+    with pytest.raises(
+        DataError,
+        match=r"data.eval_fraction: --eval-fraction 0.999 holds out 1,795 of the 1,797 samples, "
+        r"leaving 2: too few for one batch of 32 on each of 2 workers; give an --eval-fraction of "
+        r"at most 0.964",
+    ):
+        checked_steps_per_epoch(2, 2, 32, (0.999, 1797))
+    # at the largest fraction it names, the batches fit
+    assert checked_steps_per_epoch(1797 - round(1797 * 0.964), 2, 32, (0.964, 1797)) == 1
+    # no fraction leaves enough: the batch is what to change
+    with pytest.raises(DataError, match="data.batch_size: 40 training samples"):
+        checked_steps_per_epoch(40, 2, 32, (0.2, 50))
+
+
 def test_a_presplit_part_is_shuffled_whole_by_its_rank_each_epoch():
     """A rank's own part (a Ray Dataset split on the driver): every epoch visits each of its rows
     once (the last partial batch dropped), in an order fixed by (seed, epoch, rank)."""
