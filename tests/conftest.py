@@ -6,6 +6,32 @@ import tempfile
 
 import pytest
 
+SECOND_STREAM = (
+    "tests/unit/",
+    "tests/sim/",
+    "tests/integration/test_cli.py",
+    "tests/integration/test_jobs.py",
+)
+"""Tests that use no Ray of this session (``ray_local``): the unit tests and the simulator start
+none, the CLI and job tests start their own (in a subprocess, or a head of their own). With ``-n
+2`` (pyproject's addopts) they run in one pytest worker while the other runs every test on the
+session's Ray, one after another as without xdist. Spreading the Ray tests over both workers
+(xdist's default) measured no gain on two cores; these streams share them better: the second
+stream's CPU fits beside the first's process starts and waits."""
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist (the test extras install it)
+def pytest_xdist_make_scheduler(config, log):
+    """Two streams of tests (``SECOND_STREAM`` and the rest), not xdist's test-by-test spread."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class TwoStreams(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "second" if nodeid.startswith(SECOND_STREAM) else "session-ray"
+
+    return TwoStreams(config, log)
+
+
 # Ray 2.60 enables token auth by default; the local test clusters opt out explicitly.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
