@@ -210,8 +210,10 @@ class ModelConfig:
         if self.kwargs is not None and ":" not in self.name:
             raise ConfigError(
                 "model.kwargs",
-                "keyword arguments are for your own model (--model MODULE:ATTR), not the built-in "
-                f"{self.name!r}",
+                "keyword arguments are for your own model (--model MODULE:ATTR, or "
+                f"ModelConfig(name='MODULE:ATTR')), not the built-in {self.name!r}; with "
+                "Trainer(model=build), bind them in what you pass: "
+                "model=functools.partial(build, ...)",
             )
         if ":" not in self.loss:
             _choice("model.loss", self.loss, LOSSES)

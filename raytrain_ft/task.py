@@ -25,11 +25,13 @@ own part into memory and shuffles within it by the same pure function.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import functools
 import importlib
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +54,10 @@ from raytrain_ft.data import (
 from raytrain_ft.errors import ConfigError, RaytrainFTError
 
 BUILTIN_LOSSES = ("cross_entropy", "mse")
+
+BATCH_CHECKED = 64
+"""``Task.check`` also runs the model and loss on a batch of the workers' size, up to this many
+samples."""
 
 
 def is_import_string(text: str | None) -> bool:
@@ -332,6 +338,13 @@ class Task:
             )
         if model is None and is_import_string(mc.name):
             model = resolve(mc.name, "model.name")
+            if isinstance(model, torch.nn.Module):
+                raise ConfigError(
+                    "model.name",
+                    f"{mc.name!r} is a built {type(model).__name__}; name what builds it, a "
+                    "zero-argument function or class (every process builds its own copy, from the "
+                    "seed)",
+                )
             if not callable(model):
                 raise ConfigError(
                     "model.name",
@@ -374,6 +387,15 @@ class Task:
                 f"got {type(metrics).__name__}; give a function (output, target) -> dict[str, "
                 "float]",
             )
+        if evaluation is None or len(evaluation) == 0:  # nothing would be evaluated
+            ignored = [("metrics", metrics is not None), ("eval_every_s", config.eval_every_s > 0)]
+            for field, given in ignored:
+                if given:
+                    raise ConfigError(
+                        field,
+                        "given, but the run has no eval set to evaluate, so it would be ignored; "
+                        "give eval data (eval_data=, or a dataset factory returning (train, eval))",
+                    )
         task = cls(
             model,
             loss_fn,
@@ -418,6 +440,14 @@ class Task:
                 field, why = "data.eval_fraction", f" after --eval-fraction {held_out} held out"
             raise ConfigError(
                 field, f"the training set has {len(train)} samples{why}; it needs at least 2"
+            )
+        first = None if isinstance(train, TensorDataset) else _first_sample(train)
+        if isinstance(first, collections.abc.Mapping):  # it would unpack into its keys
+            raise ConfigError(
+                "data.dataset",
+                f"a sample is a {type(first).__name__} (keys {', '.join(map(repr, first))}); a "
+                "sample must be an (x, y) pair: return e.g. (sample['x'], sample['y']) from the "
+                "dataset's __getitem__ (x itself may be a dict of tensors)",
             )
         try:
             x, y = batch_of(train, [0, 1])
@@ -489,7 +519,9 @@ class Task:
                 f"{type(e).__name__}: {e}",
             ) from None
         try:
-            value = self.loss(out, y)
+            with warnings.catch_warnings(record=True) as said:
+                warnings.simplefilter("always")
+                value = self.loss(out, y)
         except Exception as e:  # noqa: BLE001
             raise ConfigError(
                 "model.loss",
@@ -497,6 +529,15 @@ class Task:
                 f"{describe(y)}: "
                 f"{type(e).__name__}: {e}",
             ) from None
+        broadcast = [w for w in said if "broadcast" in str(w.message)]
+        if broadcast:  # torch's own word that the values would be wrong
+            raise ConfigError(
+                "model.loss",
+                f"the model's output {describe(out)} and the targets {describe(y)} differ in "
+                f"shape, so the loss would compare broadcast values ({broadcast[0].message}); "
+                "make the model's output the targets' shape (e.g. .squeeze(-1)) or the targets "
+                "the output's",
+            )
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             raise ConfigError(
                 "model.loss", f"the loss must return a scalar tensor, got {describe(value)}"
@@ -513,16 +554,23 @@ class Task:
                 "the loss has no gradient to train on (computed from .item(), from a detached "
                 "tensor, or under torch.no_grad)",
             )
-        if batch_size == 1:
+        n = min(batch_size, len(train), BATCH_CHECKED)
+        if n != 2:  # shapes can fit at 2 samples only (an output [2, 2] against targets [2])
             try:
-                x1, y1 = batch_of(train, [0])
-                self.loss(model(x1), y1)
+                xn, yn = batch_of(train, list(range(n)))
+                self.loss(model(xn), yn)
             except Exception as e:  # noqa: BLE001 -- the user's model or loss
+                if n == 1:
+                    raise ConfigError(
+                        "data.batch_size",
+                        "the model and loss take a batch of 2 samples but not the batch of 1 "
+                        f"sample each worker trains on ({type(e).__name__}: "
+                        f"{str(e).strip()[:200]}); give --batch-size 2 or more",
+                    ) from None
                 raise ConfigError(
-                    "data.batch_size",
-                    "the model and loss take a batch of 2 samples but not the batch of 1 sample "
-                    f"each worker trains on ({type(e).__name__}: {str(e).strip()[:200]}); "
-                    "give --batch-size 2 or more",
+                    "model.loss",
+                    f"the model and loss take a batch of 2 samples but not a batch of {n} (each "
+                    f"worker's is {batch_size}): {type(e).__name__}: {str(e).strip()[:200]}",
                 ) from None
         if evaluation is not None and len(evaluation) > 0:
             first = torch.utils.data.Subset(evaluation, list(range(min(2, len(evaluation)))))
@@ -691,6 +739,15 @@ def _metrics_of(metrics: Callable, out, y, where: str) -> dict[str, float]:
         return {str(name): float(value) for name, value in values.items()}
     except Exception as e:  # noqa: BLE001 -- the user's function
         raise ConfigError("metrics", f"{where}: {_said(e)}") from None
+
+
+def _first_sample(ds):
+    """The dataset's sample 0, or None when reading it raised (the check that reads two samples
+    names that)."""
+    try:
+        return ds[0]
+    except Exception:  # noqa: BLE001 -- the user's dataset
+        return None
 
 
 def _eval_set(evaluation, dc):

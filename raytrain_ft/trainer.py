@@ -267,6 +267,43 @@ def total_local_steps(config: TrainConfig, num_train: int) -> int:
     return config.steps if config.steps is not None else config.epochs * spe
 
 
+def described_config(cfg: TrainConfig, parts: dict) -> dict:
+    """The run's config as the summary records it: what the Python API's ``model=``, ``loss=``,
+    ``train_data=`` and ``eval_data=`` gave stands where the config's own model, loss and dataset
+    would (they were not used)."""
+    d = cfg.to_dict()
+    for section, key, part in (
+        ("model", "name", "model"),
+        ("model", "loss", "loss"),
+        ("data", "dataset", "train_data"),
+    ):
+        if parts.get(part) is not None:
+            d[section][key] = f"{part}={described(parts[part])}"
+    if parts.get("eval_data") is not None:
+        d["data"]["eval_data"] = f"eval_data={described(parts['eval_data'])}"
+    if parts.get("train_data") is not None:  # the config's split does not apply to them
+        d["data"].pop("eval_fraction", None)
+    return d
+
+
+def described(obj) -> str:
+    """``obj`` in a few words: a function or class by its import path, a dataset by its type and
+    length, a loss by its name."""
+    import functools
+
+    if isinstance(obj, str):
+        return obj
+    target = obj.func if isinstance(obj, functools.partial) else obj
+    name = getattr(target, "__qualname__", None)
+    if name is not None and callable(target):
+        return f"{getattr(target, '__module__', '?')}:{name}"
+    try:
+        size = f", {len(obj)} samples"
+    except Exception:  # noqa: BLE001 -- a dataset without a length (a Ray Dataset counts lazily)
+        size = ""
+    return f"{type(obj).__name__}{size}"
+
+
 def step_unit(mode: str) -> str:
     """What a run's steps count, for its output: rounds in local_sgd, else steps."""
     return "round" if mode == "local_sgd" else "step"
@@ -896,7 +933,7 @@ class Trainer:
                 for s in statuses
             ],
             devices=sorted({s.device for s in statuses}),
-            config=cfg.to_dict(),
+            config=described_config(cfg, self.parts),
             kills=kills_fired,
             replicas_match=end["replicas_match"],
             supervisor_imported_torch=end["supervisor_imported_torch"],

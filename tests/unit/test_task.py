@@ -505,3 +505,91 @@ def test_a_config_setting_the_python_apis_objects_override_is_refused(config, kw
     with pytest.raises(ConfigError, match="would be ignored: the .*= given to the Trainer") as e:
         Task.build(config, model=kwargs.pop("model", linear), **kwargs)
     assert e.value.field == field
+
+
+BUILT = nn.Linear(4, 3)
+"""A built model named by an import string (``--model tests.unit.test_task:BUILT``)."""
+
+
+class _DictSamples(torch.utils.data.Dataset):
+    """Samples as dicts, the layout of many libraries' datasets."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return {"x": torch.zeros(4), "y": torch.tensor(i % 3)}
+
+
+def test_samples_the_project_would_misread_or_settings_it_would_ignore_are_named():
+    # a dict sample unpacked into its keys: the model was blamed for the strings 'x' and 'y'
+    with pytest.raises(ConfigError, match=r"a sample is a dict \(keys 'x', 'y'\); a sample must"):
+        Task.build(api_cfg(), model=linear, train_data=_DictSamples())
+    # an import string naming a built module: it was called as if it built one
+    with pytest.raises(ConfigError, match="'tests.unit.test_task:BUILT' is a built Linear; name"):
+        Task.build(cfg(name="tests.unit.test_task:BUILT"))
+    # metrics, periodic evaluation: nothing to evaluate them on
+    train = data()[0]
+    with pytest.raises(ConfigError, match="no eval set to evaluate") as e:
+        Task.build(api_cfg(), model=linear, train_data=train, metrics=lambda o, t: {"m": 1.0})
+    assert e.value.field == "metrics"
+    config = api_cfg()
+    config.eval_every_s = 0.5
+    with pytest.raises(ConfigError, match="no eval set to evaluate") as e:
+        Task.build(config, model=linear, train_data=train)
+    assert e.value.field == "eval_every_s"
+    # with an eval set both are taken
+    Task.build(config, model=linear, train_data=train, eval_data=train, metrics=lambda o, t: {})
+
+
+def test_the_summary_records_what_the_python_api_gave_not_the_configs_defaults():
+    import functools
+
+    from raytrain_ft.trainer import described_config
+
+    train = data()[0]
+    parts = dict(
+        model=functools.partial(linear), loss="mse", train_data=train, eval_data=None, metrics=None
+    )
+    d = described_config(api_cfg(), parts)
+    assert d["model"]["name"] == "model=tests.unit.test_task:linear"
+    assert d["model"]["loss"] == "loss=mse"
+    assert d["data"]["dataset"] == "train_data=TensorDataset, 16 samples"
+    assert "eval_fraction" not in d["data"] and "eval_data" not in d["data"]
+    # a config run keeps its own names
+    plain = described_config(cfg(name="torch.nn:Linear"), dict(model=None, loss=None))
+    assert plain["model"]["name"] == "torch.nn:Linear" and plain["model"]["loss"] == "cross_entropy"
+
+
+def _float_targets(n=16):
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(n, 4, generator=g), torch.randn(n, generator=g))
+
+
+def two_outputs():
+    return nn.Linear(4, 2)
+
+
+def test_an_output_that_fits_the_targets_only_by_broadcasting_is_refused():
+    """An output [N, 2] against targets [N]: at 2 samples torch's losses broadcast them (with a
+    warning) and a plain expression silently; the workers' batch of 8 then failed on every
+    worker, or a batch of 2 trained on the broadcast values."""
+    config = api_cfg()
+    config.data.batch_size = 8
+    with pytest.raises(ConfigError, match=r"differ in shape, so the loss would compare") as e:
+        Task.build(config, model=two_outputs, loss=nn.MSELoss(), train_data=_float_targets())
+    assert e.value.field == "model.loss"
+
+    def plain(out, y):
+        return (out - y).pow(2).mean()
+
+    with pytest.raises(ConfigError, match=r"not a batch of 8 \(each worker's is 8\)") as e:
+        Task.build(config, model=two_outputs, loss=plain, train_data=_float_targets())
+    assert e.value.field == "model.loss"
+    # the same loss on outputs of the targets' shape is taken
+    Task.build(
+        config,
+        model=regressor,
+        loss=lambda o, y: (o.squeeze(-1) - y).pow(2).mean(),
+        train_data=_float_targets(),
+    )
