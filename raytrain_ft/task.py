@@ -228,6 +228,24 @@ class Task:
     layout: tuple | None = None
     """The model's parameters and buffers (name, shape, dtype) as the driver built it: every process
     must build the same (``build_model`` compares)."""
+    data_print: str | None = None
+    """A dataset factory's training set as the driver got it (``data_print``): every process that
+    calls the factory must get the same (``train_for`` compares)."""
+
+    def train_for(self, rank: int) -> Dataset:
+        """The training data worker ``rank`` reads its batches from; a factory's must be the
+        driver's (an unseeded shuffle or split gave every process another one, silently: ranks'
+        partitions overlapped and the driver evaluated on samples the workers trained on)."""
+        train = self.data.train_for(rank)
+        if self.data_print is not None and data_print(train) != self.data_print:
+            raise ConfigError(
+                "data.dataset",
+                f"the training set the dataset factory returned in this process ({len(train):,} "
+                "samples) differs from the one it returned on the driver; the factory must return "
+                "the same data in every process: seed its shuffle or split (random_state=0, a "
+                "seeded generator), not from the time or an unseeded random",
+            )
+        return train
 
     def placed(self, num_workers: int) -> Task:
         """The task as the workers get it: Dataset objects of the Python API put into Ray's object
@@ -420,7 +438,14 @@ class Task:
             evaluation=evaluation,
             batch_size=dc.batch_size,
         )
-        return dataclasses.replace(task, layout=layout), train, evaluation
+        made_here = data.factory is not None  # every worker calls the factory again
+        return (
+            dataclasses.replace(
+                task, layout=layout, data_print=data_print(train) if made_here else None
+            ),
+            train,
+            evaluation,
+        )
 
     def check(
         self,
@@ -569,8 +594,9 @@ class Task:
                     ) from None
                 raise ConfigError(
                     "model.loss",
-                    f"the model and loss take a batch of 2 samples but not a batch of {n} (each "
-                    f"worker's is {batch_size}): {type(e).__name__}: {str(e).strip()[:200]}",
+                    f"the model and loss take samples 0-1 but not a batch of samples 0-{n - 1} "
+                    f"(each worker's batch is {batch_size}): {type(e).__name__}: "
+                    f"{str(e).strip()[:200]}",
                 ) from None
         if evaluation is not None and len(evaluation) > 0:
             first = torch.utils.data.Subset(evaluation, list(range(min(2, len(evaluation)))))
@@ -624,6 +650,21 @@ def refuse_overridden(config, **given) -> None:
                     f"{value!r} would be ignored: the {arg}= given to the Trainer takes its place; "
                     f"drop one of them",
                 )
+
+
+def data_print(ds: Dataset) -> str:
+    """A fingerprint of a dataset: its length and up to 8 samples spread over it."""
+    import hashlib
+
+    import numpy as np
+
+    n = len(ds)
+    h = hashlib.sha256(str(n).encode())
+    if n:
+        indices = sorted({int(i) for i in np.linspace(0, n - 1, num=min(n, 8))})
+        for part in batch_of(ds, indices):
+            map_tensors(part, lambda t: h.update(t.detach().cpu().float().numpy().tobytes()))
+    return h.hexdigest()
 
 
 def model_layout(model: torch.nn.Module) -> tuple:

@@ -111,10 +111,11 @@ class Worker:
         self.device_name = device_name(device)
         self.metrics = Recorder(run_id, WORKER_METRICS if config.cluster.metrics else ())
         watch_supervisor(run_id, NAMESPACE)
+        self.run_id = run_id
         self.task = task
         self._simulate_s = config.cluster.simulate_compute_ms / 1000.0
         self.train = (
-            task.data.train_for(rank) if not self._simulate_s else None
+            task.train_for(rank) if not self._simulate_s else None
         )  # a simulated step reads no data
         # a GPU worker keeps its data on the device when it fits, else builds batches pinned
         self.train, on_device = dataset_on_device(self.train, self.device)
@@ -271,8 +272,18 @@ class Worker:
             # an error of the project's own names what to fix in one line; anything else needs
             # its traceback
             # (the supervisor's reason for failing the run names the rank and the step)
-            self._error = str(e) if isinstance(e, RaytrainFTError) else traceback.format_exc()
-            logger.error("[worker/%d step=%d] %s", self.rank, self._step, traceback.format_exc())
+            path = None
+            if isinstance(
+                e, RaytrainFTError
+            ):  # the run's one line says it; the traceback to a file
+                path = write_traceback(f"{self.run_id}-worker-{self.rank}", traceback.format_exc())
+            if path is not None:
+                self._error = f"{e} (its traceback: {path})"
+            else:
+                self._error = str(e) if isinstance(e, RaytrainFTError) else traceback.format_exc()
+                logger.error(
+                    "[worker/%d step=%d] %s", self.rank, self._step, traceback.format_exc()
+                )
             if self.group is not None:  # the process's other ranks stop waiting for this one
                 self.group.fail(f"rank {self.rank} of this process failed")
         finally:
@@ -629,6 +640,26 @@ exactly-once delivery against."""
 WATCHDOG_S = 5.0
 """A call to a shard unanswered this long makes the worker ask the supervisor whether the shard
 moved."""
+
+
+def write_traceback(name: str, text: str) -> str | None:
+    """Write ``text`` to ``raytrain_ft-NAME.traceback`` in this node's Ray log directory, beside the
+    processes' own logs (not their output, which Ray copies to the driver's console); its path, or
+    None when there is no such directory."""
+    import os
+
+    try:
+        import ray._private.worker as ray_worker
+
+        node = ray_worker._global_node
+        if node is None:
+            return None
+        path = os.path.join(node.get_logs_dir_path(), f"raytrain_ft-{name}.traceback")
+        with open(path, "a") as fh:
+            fh.write(text + "\n")
+        return path
+    except Exception:  # noqa: BLE001 -- no log directory: the caller logs the traceback instead
+        return None
 
 
 def supervisor_name(run_id: str) -> str:

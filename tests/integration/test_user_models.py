@@ -281,16 +281,23 @@ def test_the_users_model_failing_on_a_worker_or_differing_on_a_server_fails_in_o
     the field and the step (a training failure, however soon after the start); a factory that builds
     another model in a server process fails it as a setting (it asked that server to load forever
     before)."""
-    from raytrain_ft.errors import ClusterError, TrainingError
+    from raytrain_ft.errors import ClusterError, ConfigError, TrainingError
 
     cfg = _cfg(6)
-    data = _labels_out_of_range_after(2)
+    data = _labels_out_of_range_after(16)  # the driver checks a batch of samples 0-15
     with pytest.raises(TrainingError) as e:
         Trainer(cfg, model=lambda: nn.Linear(4, 3), train_data=data).fit()
     line = str(e.value)
     assert "\n" not in line, line
     assert line.startswith("worker ") and " failed at step 0: model.loss: the loss on the " in line
     assert "raised IndexError: Target 7 is out of bounds" in line
+    # its traceback went to a file in Ray's log directory, not to the driver's console
+    path = line.rsplit("(its traceback: ", 1)[1].rstrip(")")
+    with open(path) as fh:
+        assert "IndexError: Target 7 is out of bounds" in fh.read()
+    # within the batch the driver checks, the same data fails before anything starts
+    with pytest.raises(ConfigError, match="not a batch of samples 0-15"):
+        Trainer(cfg, model=lambda: nn.Linear(4, 3), train_data=_labels_out_of_range_after(2)).fit()
 
     x, y = data.tensors
     fine = torch.utils.data.TensorDataset(x, y.clamp(max=2))

@@ -583,7 +583,9 @@ def test_an_output_that_fits_the_targets_only_by_broadcasting_is_refused():
     def plain(out, y):
         return (out - y).pow(2).mean()
 
-    with pytest.raises(ConfigError, match=r"not a batch of 8 \(each worker's is 8\)") as e:
+    with pytest.raises(
+        ConfigError, match=r"not a batch of samples 0-7 \(each worker's batch is 8\)"
+    ) as e:
         Task.build(config, model=two_outputs, loss=plain, train_data=_float_targets())
     assert e.value.field == "model.loss"
     # the same loss on outputs of the targets' shape is taken
@@ -593,3 +595,29 @@ def test_an_output_that_fits_the_targets_only_by_broadcasting_is_refused():
         loss=lambda o, y: (o.squeeze(-1) - y).pow(2).mean(),
         train_data=_float_targets(),
     )
+
+
+def unseeded_split():
+    """A split as ``train_test_split`` without ``random_state`` makes it: another in each call."""
+    import numpy as np
+
+    x, y = data(40)[0].tensors
+    order = torch.from_numpy(np.random.default_rng().permutation(40))
+    return TensorDataset(x[order[:30]], y[order[:30]]), TensorDataset(x[order[30:]], y[order[30:]])
+
+
+def test_a_dataset_factory_that_returns_other_data_in_another_process_is_refused_there():
+    task, train, _ = Task.build(
+        TrainConfig(
+            model=ModelConfig(name="tests.unit.test_task:linear"),
+            data=DataConfig(dataset="tests.unit.test_task:unseeded_split", batch_size=4),
+        )
+    )
+    with pytest.raises(ConfigError, match="differs from the one it returned on the driver") as e:
+        task.train_for(0)  # as a worker calls it
+    assert e.value.field == "data.dataset"
+    # a factory returning the same data each time passes, and so do the Python API's objects
+    same, _, _ = Task.build(cfg(name="tests.unit.test_task:linear"))
+    assert same.data_print is not None and len(same.train_for(1)) == 16
+    given, _, _ = Task.build(api_cfg(), model=linear, train_data=data()[0])
+    assert given.data_print is None
