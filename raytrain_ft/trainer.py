@@ -1145,16 +1145,21 @@ class _Run:
         if not ready:
             return ref, asked_at
         try:
-            flat = ray.get(ref)
+            got = ray.get(ref)
         except ray.exceptions.RayError:  # the supervisor restarting: ask again next time
-            flat = None
-        if flat is not None:
+            got = None
+        if got is not None:
+            flat, updates = got
             try:
                 scores = self.evaluate(flat)
             except ConfigError:  # the eval set fails: training goes on, the end reports it
                 self.evaluate = None
                 return None, asked_at
-            row = {"t": round(now - t_start, 3), "step": step}
+            # the step of the parameters evaluated: in sync modes their shards' updates (the
+            # progress step is a probe round old, several steps on a fast run); else the progress
+            if self.cfg.rule().synchronous:
+                step = updates
+            row = {"t": round(now - t_start, 3), "step": step, "updates": updates}
             row.update({k: round(float(v), 5) for k, v in scores.items()})
             self.eval_history.append(row)
         return None, asked_at

@@ -444,8 +444,9 @@ class Supervisor:
         return kills_recorded(self.run_id)
 
     async def params_now(self):
-        """The whole parameter vector as the shards' primaries hold it now, or None while a slot has
-        no primary to ask (a recovery): a periodic evaluation skips that moment."""
+        """(The whole parameter vector as the shards' primaries hold it now, the fewest updates a
+        shard of it holds), or None while a slot has no primary to ask (a recovery): a periodic
+        evaluation skips that moment."""
         reg, k = self.proto.reg, self.spec.num_shards
         names = [reg.slots[i].actor for i in range(k)]
         handles = [self.directory.handle(n) if n else None for n in names]
@@ -457,7 +458,9 @@ class Supervisor:
             )
         except Exception:  # noqa: BLE001 -- a primary lost meanwhile: no evaluation this time
             return None
-        return None if any(p is None for p in parts) else np.concatenate(parts)
+        if any(p is None for p in parts):
+            return None
+        return np.concatenate([values for values, _ in parts]), min(seq for _, seq in parts)
 
     async def final(self) -> FinalNames:
         """Who holds the run's end state: the driver reads it from them (``read_final``), so the

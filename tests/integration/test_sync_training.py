@@ -41,9 +41,10 @@ def _config(**kw):
     return TrainConfig(**base)
 
 
-def single_process_reference(cfg: TrainConfig) -> torch.Tensor:
+def single_process_reference(cfg: TrainConfig, eval_losses: list | None = None) -> torch.Tensor:
     """Plain PyTorch: one model, batch = the concatenation of every worker's batch of the step
-    (with ``clip_grad_norm_`` when the config clips)."""
+    (with ``clip_grad_norm_`` when the config clips). ``eval_losses`` gets the eval loss after
+    each step (index k: after k steps)."""
     data = load_dataset(cfg.data, cfg.seed)
     model = initial_model(cfg, data)
     opt = torch.optim.SGD(
@@ -55,6 +56,16 @@ def single_process_reference(cfg: TrainConfig) -> torch.Tensor:
     )
     W, B = cfg.cluster.num_workers, cfg.data.batch_size
     n = len(data.train_y)
+
+    def evaluated():
+        if eval_losses is not None:
+            model.eval()
+            with torch.no_grad():
+                out = model(data.eval_x)
+            eval_losses.append(float(torch.nn.functional.cross_entropy(out, data.eval_y)))
+            model.train()
+
+    evaluated()
     for step in range(cfg.steps):
         idx = np.concatenate([global_step_indices(n, cfg.seed, r, W, B, step) for r in range(W)])
         x, y = data.train_x[idx], data.train_y[idx]
@@ -63,6 +74,7 @@ def single_process_reference(cfg: TrainConfig) -> torch.Tensor:
         if cfg.optim.clip_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
         opt.step()
+        evaluated()
     return flatten_state(model)
 
 
@@ -116,8 +128,12 @@ def test_sync_matches_single_process_pytorch_with_and_without_overlap(ray_local)
     assert evals, "a 24-step run lasts long enough for an evaluation every 10 ms"
     assert all(0 <= e["eval_accuracy"] <= 1 and e["eval_loss"] > 0 for e in evals), evals
     assert [e["t"] for e in evals] == sorted(e["t"] for e in evals)
-    assert all(0 <= e["step"] <= 24 for e in evals)
-    reference = single_process_reference(cfg)
+    assert all(0 <= e["step"] == e["updates"] <= 24 for e in evals), evals
+    eval_losses: list = []
+    reference = single_process_reference(cfg, eval_losses)
+    # each row names the step of the parameters it evaluated (it named a probe round old one)
+    for e in evals:
+        assert e["eval_loss"] == pytest.approx(eval_losses[e["step"]], rel=1e-4), (e, eval_losses)
     torch.testing.assert_close(
         torch.from_numpy(results[False].final_params), reference, rtol=1e-4, atol=2e-5
     )
