@@ -232,13 +232,36 @@ def render_png(summary: dict[str, Any], path: str, flag: str = "--output") -> No
         ) from None
     hist = summary["history"]
     t = [h["t"] for h in hist]
-    fig, (ax_loss, ax_acc) = plt.subplots(2, 1, sharex=True, figsize=(9, 6))
-    ax_loss.plot(t, [math.nan if h["loss"] is None else h["loss"] for h in hist], color="tab:blue")
-    ax_loss.set_ylabel("training loss")
-    ax_acc.plot(
-        t, [math.nan if h["accuracy"] is None else h["accuracy"] for h in hist], color="tab:green"
+    dot = "." if len(hist) < 3 else None  # a line of one point draws nothing
+    history = summary.get("eval_history") or []
+    accuracy = [math.nan if h["accuracy"] is None else h["accuracy"] for h in hist]
+    evals = [e for e in history if e.get("eval_accuracy") is not None]
+    drawn_accuracy = evals or not all(math.isnan(a) for a in accuracy)  # not in a regression
+    fig, axes = plt.subplots(
+        2 if drawn_accuracy else 1, 1, sharex=True, figsize=(9, 6 if drawn_accuracy else 3.6)
     )
-    evals = [e for e in summary.get("eval_history") or [] if e.get("eval_accuracy") is not None]
+    ax_loss, ax_acc = (axes[0], axes[1]) if drawn_accuracy else (axes, None)
+    ax_loss.plot(
+        t,
+        [math.nan if h["loss"] is None else h["loss"] for h in hist],
+        color="tab:blue",
+        marker=dot,
+        label="training loss",
+    )
+    ax_loss.set_ylabel("loss")
+    eval_losses = [e for e in history if _is_num(e.get("eval_loss"))]
+    if eval_losses:  # --eval-every-s: held-out loss of the shards' parameters while training
+        ax_loss.plot(
+            [e["t"] for e in eval_losses],
+            [e["eval_loss"] for e in eval_losses],
+            color="tab:purple",
+            marker=".",
+            label="eval loss",
+        )
+        ax_loss.legend(fontsize=8, loc="upper right")
+    if ax_acc is not None:
+        ax_acc.plot(t, accuracy, color="tab:green", marker=dot)
+        ax_acc.set_ylabel("training accuracy")
     if evals:  # --eval-every-s: held-out accuracy of the shards' parameters while training
         ax_acc.plot(
             [e["t"] for e in evals],
@@ -248,10 +271,9 @@ def render_png(summary: dict[str, Any], path: str, flag: str = "--output") -> No
             label="eval accuracy",
         )
         ax_acc.legend(fontsize=8, loc="lower right")
-    ax_acc.set_ylabel("training accuracy")
-    ax_acc.set_xlabel("seconds since the workers started")
+    (ax_acc or ax_loss).set_xlabel("seconds since the workers started")
     for m in markers(summary):
-        for ax in (ax_loss, ax_acc):
+        for ax in [a for a in (ax_loss, ax_acc) if a is not None]:
             if m.kind == "kill":
                 ax.axvline(m.t_s, color="tab:red", linestyle="--", linewidth=1)
             else:
@@ -270,10 +292,15 @@ def render_png(summary: dict[str, Any], path: str, flag: str = "--output") -> No
     mode = cfg.get("mode", "?")
     cluster = cfg.get("cluster", {})
     acc = summary.get("eval_accuracy")
+    score = (
+        f"eval accuracy {_num(acc, '.4f')}"
+        if acc is not None or summary.get("eval_loss") is None
+        else f"eval loss {_num(summary['eval_loss'], '.4f')}"
+    )
     fig.suptitle(
         f"{summary.get('run_id', '')}: {cfg.get('model', {}).get('name', '?')}, {mode}, "
         f"{cluster.get('num_workers', '?')} workers x "
-        f"{cluster.get('num_servers', '?')} servers; eval accuracy {_num(acc, '.4f')}; "
+        f"{cluster.get('num_servers', '?')} servers; {score}; "
         f"{len(summary.get('recoveries') or [])} recoveries (shaded), kills dashed",
         fontsize=9,
     )

@@ -82,6 +82,13 @@ def resolve(spec: str, flag: str) -> Any:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ConfigError(flag, f"{spec!r} is not MODULE:ATTR (e.g. mypackage.models:build)")
+    if module_name.endswith(".py") or "/" in module_name or os.sep in module_name:
+        name = os.path.splitext(os.path.basename(module_name))[0] or "mymodule"
+        raise ConfigError(
+            flag,
+            f"{spec!r} names a file; give the module's import name ({name}:{attr}), run from the "
+            "directory that holds it or add that directory to PYTHONPATH",
+        )
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
@@ -303,6 +310,14 @@ class Task:
         mc, dc = config.model, config.data
         for name, given in (("train_data", train_data), ("eval_data", eval_data)):
             if given is not None and not is_ray_dataset(given):
+                if isinstance(given, (tuple, list)) and any(
+                    isinstance(t, torch.Tensor) and t.dim() > 0 for t in given
+                ):  # read as a dataset of len(given) samples, each a whole tensor
+                    raise ConfigError(
+                        name,
+                        f"got a {type(given).__name__} of {len(given)} tensors; give a Dataset "
+                        f"of (x, y) samples: {name}=TensorDataset(x, y)",
+                    )
                 if not hasattr(given, "__len__") or not hasattr(given, "__getitem__"):
                     raise ConfigError(
                         name,

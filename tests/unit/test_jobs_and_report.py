@@ -573,3 +573,30 @@ def test_a_retired_incarnation_leaves_its_gauges_at_zero_not_at_their_last_value
     assert counter.values == {(): 60}
     rec.retire()  # nothing set since: nothing to do
     assert gauge.values == {(): 0.0}
+
+
+def test_the_report_of_a_regression_draws_its_eval_loss_and_no_empty_accuracy_panel(
+    tmp_path, monkeypatch
+):
+    """A run with no accuracy (mse, your own loss) had an empty accuracy panel and its evaluations
+    undrawn; a one-step run drew nothing (a line of one point)."""
+    import matplotlib.figure
+
+    from raytrain_ft.report import render_png
+
+    drawn = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: drawn.append(fig))
+    summary = {
+        "history": [{"t": 0.5, "loss": 2.0, "accuracy": None}],
+        "eval_history": [{"t": 0.4, "step": 3, "eval_loss": 1.5, "eval_accuracy": None}],
+        "eval_loss": 1.25,
+        "eval_accuracy": None,
+    }
+    check_summary("run.json", summary)
+    render_png(summary, str(tmp_path / "run.png"))
+    [fig] = drawn
+    [loss_axes] = fig.axes  # no accuracy panel
+    lines = {line.get_label(): line for line in loss_axes.get_lines()}
+    assert set(lines) == {"training loss", "eval loss"}
+    assert lines["training loss"].get_marker() == "."  # one point, drawn
+    assert "eval loss 1.2500" in fig._suptitle.get_text()

@@ -621,3 +621,15 @@ def test_a_dataset_factory_that_returns_other_data_in_another_process_is_refused
     assert same.data_print is not None and len(same.train_for(1)) == 16
     given, _, _ = Task.build(api_cfg(), model=linear, train_data=data()[0])
     assert given.data_print is None
+
+
+def test_a_file_path_as_an_import_string_and_tensors_as_a_dataset_are_named():
+    with pytest.raises(
+        ConfigError,
+        match=r"'./mymod.py:build' names a file; give the module's "
+        r"import name \(mymod:build\)",
+    ):
+        Task.build(cfg(name="./mymod.py:build"))
+    x, y = data()[0].tensors
+    with pytest.raises(ConfigError, match=r"got a tuple of 2 tensors; .*=TensorDataset\(x, y\)"):
+        Task.build(api_cfg(), model=linear, train_data=(x, y))
