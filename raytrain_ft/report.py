@@ -218,6 +218,20 @@ def load_summary(path: str) -> dict[str, Any]:
     return check_summary(path, summary)
 
 
+def _draw_evals(ax, history: list, key: str, where: str) -> None:
+    """``--eval-every-s``: the held-out ``key`` of the shards' parameters while training."""
+    rows = [e for e in history if _is_num(e.get(key))]
+    if rows:
+        ax.plot(
+            [e["t"] for e in rows],
+            [e[key] for e in rows],
+            color="tab:purple",
+            marker=".",
+            label=key.replace("_", " "),
+        )
+        ax.legend(fontsize=8, loc=where)
+
+
 def render_png(summary: dict[str, Any], path: str, flag: str = "--output") -> None:
     """Loss and training accuracy over time, with kills (red lines) and recoveries (shaded, from
     noticed to serving). ``flag`` names where ``path`` came from in an error."""
@@ -235,8 +249,9 @@ def render_png(summary: dict[str, Any], path: str, flag: str = "--output") -> No
     dot = "." if len(hist) < 3 else None  # a line of one point draws nothing
     history = summary.get("eval_history") or []
     accuracy = [math.nan if h["accuracy"] is None else h["accuracy"] for h in hist]
-    evals = [e for e in history if e.get("eval_accuracy") is not None]
-    drawn_accuracy = evals or not all(math.isnan(a) for a in accuracy)  # not in a regression
+    drawn_accuracy = any(_is_num(e.get("eval_accuracy")) for e in history) or not all(
+        math.isnan(a) for a in accuracy
+    )  # not in a regression
     fig, axes = plt.subplots(
         2 if drawn_accuracy else 1, 1, sharex=True, figsize=(9, 6 if drawn_accuracy else 3.6)
     )
@@ -249,28 +264,11 @@ def render_png(summary: dict[str, Any], path: str, flag: str = "--output") -> No
         label="training loss",
     )
     ax_loss.set_ylabel("loss")
-    eval_losses = [e for e in history if _is_num(e.get("eval_loss"))]
-    if eval_losses:  # --eval-every-s: held-out loss of the shards' parameters while training
-        ax_loss.plot(
-            [e["t"] for e in eval_losses],
-            [e["eval_loss"] for e in eval_losses],
-            color="tab:purple",
-            marker=".",
-            label="eval loss",
-        )
-        ax_loss.legend(fontsize=8, loc="upper right")
+    _draw_evals(ax_loss, history, "eval_loss", "upper right")
     if ax_acc is not None:
         ax_acc.plot(t, accuracy, color="tab:green", marker=dot)
         ax_acc.set_ylabel("training accuracy")
-    if evals:  # --eval-every-s: held-out accuracy of the shards' parameters while training
-        ax_acc.plot(
-            [e["t"] for e in evals],
-            [e["eval_accuracy"] for e in evals],
-            color="tab:purple",
-            marker=".",
-            label="eval accuracy",
-        )
-        ax_acc.legend(fontsize=8, loc="lower right")
+        _draw_evals(ax_acc, history, "eval_accuracy", "lower right")
     (ax_acc or ax_loss).set_xlabel("seconds since the workers started")
     for m in markers(summary):
         for ax in [a for a in (ax_loss, ax_acc) if a is not None]:
