@@ -269,21 +269,16 @@ class Worker:
         try:
             self._run_rounds() if self.config.mode == "local_sgd" else self._run()
         except Exception as e:
-            # an error of the project's own names what to fix in one line; anything else needs
-            # its traceback
-            # (the supervisor's reason for failing the run names the rank and the step)
-            path = None
-            if isinstance(
-                e, RaytrainFTError
-            ):  # the run's one line says it; the traceback to a file
-                path = write_traceback(f"{self.run_id}-worker-{self.rank}", traceback.format_exc())
+            # an error of the project's own names what to fix in one line (its traceback goes to
+            # a file, not the console); anything else needs its traceback (the supervisor's
+            # reason for failing the run names the rank and the step)
+            trace, own = traceback.format_exc(), isinstance(e, RaytrainFTError)
+            path = write_traceback(f"{self.run_id}-worker-{self.rank}", trace) if own else None
             if path is not None:
                 self._error = f"{e} (its traceback: {path})"
             else:
-                self._error = str(e) if isinstance(e, RaytrainFTError) else traceback.format_exc()
-                logger.error(
-                    "[worker/%d step=%d] %s", self.rank, self._step, traceback.format_exc()
-                )
+                self._error = str(e) if own else trace
+                logger.error("[worker/%d step=%d] %s", self.rank, self._step, trace)
             if self.group is not None:  # the process's other ranks stop waiting for this one
                 self.group.fail(f"rank {self.rank} of this process failed")
         finally:
