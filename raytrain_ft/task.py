@@ -598,7 +598,8 @@ class Task:
         if n != 2:  # shapes can fit at 2 samples only (an output [2, 2] against targets [2])
             try:
                 xn, yn = batch_of(train, list(range(n)))
-                self.loss(model(xn), yn)
+                with torch.no_grad():  # shapes only: no graph of a whole batch kept
+                    self.loss(model(xn), yn)
             except Exception as e:  # noqa: BLE001 -- the user's model or loss
                 if n == 1:
                     raise ConfigError(
