@@ -11,9 +11,12 @@ SECOND_STREAM = (
     "tests/sim/",
     "tests/integration/test_cli.py",
     "tests/integration/test_jobs.py",
+    "tests/chaos/test_chaos.py::test_kill_a_node_of_three",
 )
 """Tests that use no Ray of this session (``ray_local``): the unit tests and the simulator start
-none, the CLI and job tests start their own (in a subprocess, or a head of their own). With ``-n
+none, the CLI and job tests start their own (in a subprocess, or a head of their own). The node
+test's run is a CLI subprocess with its own 3-node cluster too (only its fault-free baseline, ~10 s,
+runs on a session Ray of this stream's worker; it takes ~45 s off the longer stream). With ``-n
 2`` (pyproject's addopts) they run in one pytest worker while the other runs every test on the
 session's Ray, one after another as without xdist. Spreading the Ray tests over both workers
 (xdist's default) measured no gain on two cores; these streams share them better: the second
