@@ -273,11 +273,10 @@ class ParameterServer:
     # --------------------------------------------------------------
 
     async def params_now(self, *, to: str | None = None):
-        """(The parameters of the primary this server is, as they are now, the updates they hold),
+        """{updates: parameters} of the primary this server is (``ServerProtocol.recent_params``),
         or None if it is no primary."""
         await self._addressed(to)
-        p = self.proto.primary
-        return (self.proto.params(), p.state.seq) if p is not None else None
+        return self.proto.recent_params() if self.proto.primary is not None else None
 
     async def final(self, *, to: str | None = None) -> tuple:
         """(parameters, ShardStats, applied record, per-rank clocks, optimizer state) of the primary

@@ -86,6 +86,18 @@ class Targets:
         raise ValueError(f"no actor plays role {role!r}")
 
 
+def one_cut(parts: list[dict[int, np.ndarray]]) -> tuple[np.ndarray, int]:
+    """The whole parameter vector from every shard's ``ServerProtocol.recent_params`` (in shard
+    order), and its updates: shards read a moment apart may be an update apart, so the newest count
+    every shard still holds is taken; with none in common (asynchronous modes keep only the current
+    values), each shard's newest values and the fewest of their counts."""
+    common = set.intersection(*(set(p) for p in parts))
+    if common:
+        k = max(common)
+        return np.concatenate([p[k] for p in parts]), k
+    return np.concatenate([p[max(p)] for p in parts]), min(max(p) for p in parts)
+
+
 @dataclass(frozen=True, slots=True)
 class SupervisorStatus:
     state: str
@@ -444,8 +456,8 @@ class Supervisor:
         return kills_recorded(self.run_id)
 
     async def params_now(self):
-        """(The whole parameter vector as the shards' primaries hold it now, the fewest updates a
-        shard of it holds), or None while a slot has no primary to ask (a recovery): a periodic
+        """(The whole parameter vector as the shards' primaries hold it now, its updates:
+        ``one_cut``), or None while a slot has no primary to ask (a recovery): a periodic
         evaluation skips that moment."""
         reg, k = self.proto.reg, self.spec.num_shards
         names = [reg.slots[i].actor for i in range(k)]
@@ -460,7 +472,7 @@ class Supervisor:
             return None
         if any(p is None for p in parts):
             return None
-        return np.concatenate([values for values, _ in parts]), min(seq for _, seq in parts)
+        return one_cut(parts)
 
     async def final(self) -> FinalNames:
         """Who holds the run's end state: the driver reads it from them (``read_final``), so the

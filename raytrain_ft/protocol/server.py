@@ -1286,6 +1286,15 @@ class ServerProtocol:
     def params(self) -> np.ndarray:
         return self._params_now(self.primary)
 
+    def recent_params(self) -> dict[int, np.ndarray]:
+        """{updates: parameters} this primary can give now: its current values, and the ones
+        before its last update (and the one before that, pipelined) where it keeps them for a
+        restarted rank (sync modes). A reader of several shards takes one count they all have."""
+        p = self.primary
+        seq = p.state.seq
+        kept = {seq: self._params_now(p), seq - 1: p.previous, seq - 2: p.earlier}
+        return {k: v for k, v in kept.items() if v is not None and k >= 0}
+
 
 _REQUESTS: dict[type, Callable] = {
     Load: ServerProtocol._on_load,

@@ -859,3 +859,29 @@ def test_a_primary_deposed_by_a_successor_is_never_reinstated():
     assert bus.ask("p", Depose(0, 2)) is True
     assert bus.ask("p", Describe()).fenced_at is None
     _refused(bus.ask("p", Reinstate(0, 5, 4)), RefusalKind.NO_REPLICA)
+
+
+def test_a_reader_of_several_shards_gets_one_step_of_them_all():
+    """A periodic evaluation reads every shard's primary a moment apart: one may be an update
+    ahead. Each offers the values it keeps for restarted ranks too, and the reader takes the newest
+    count they all hold (it mixed two steps before)."""
+    import numpy as np
+
+    from raytrain_ft.actors.supervisor import one_cut
+
+    bus, _, _ = _pair(pipelined=True)
+    seen = {0: bus.procs["p"].params().copy()}
+    for step in range(3):
+        _push(bus, 0, step, float(step + 1))
+        seen[step + 1] = bus.procs["p"].params().copy()
+    recent = bus.procs["p"].recent_params()
+    assert sorted(recent) == [1, 2, 3]
+    for k, values in recent.items():
+        np.testing.assert_array_equal(values, seen[k])
+    behind = {2: seen[2], 1: seen[1], 0: seen[0]}  # a second shard, one update behind
+    flat, updates = one_cut([recent, behind])
+    assert updates == 2
+    np.testing.assert_array_equal(flat, np.concatenate([seen[2], seen[2]]))
+    # asynchronous modes keep only the current values: each shard's newest, the fewest count
+    flat, updates = one_cut([{5: seen[3]}, {4: seen[1]}])
+    assert updates == 4 and np.array_equal(flat, np.concatenate([seen[3], seen[1]]))
