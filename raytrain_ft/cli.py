@@ -483,8 +483,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.quiet:  # no progress bar showed them
         for event in summary["recoveries"]:
             print(recovery_line(event))
-    fired = {k["kill"] for k in summary["kills"]}
-    never = [k for k in _kill_texts(cfg.chaos.kill) if k not in fired]
+    never = never_fired(_kill_texts(cfg.chaos.kill), summary["kills"])
     if never:  # e.g. @recovery=N with fewer recoveries, @time=S past the run's end
         print(
             f"raytrain-ft: warning: {len(never)} kill(s) never fired (the run ended first, "
@@ -538,6 +537,12 @@ def done_lines(brief: dict, summary: dict) -> tuple[str | None, str]:
         f"{brief['samples_per_sec']:,.0f} samples/s over {brief['train_time_s']:.1f}s, "
         f"{len(summary['recoveries'])} recoveries"
     )
+
+
+def never_fired(kills: list[str], fired: list[dict]) -> list[str]:
+    """The kills (as written) no record of ``fired`` names."""
+    done = {record["kill"] for record in fired}
+    return [k for k in kills if k not in done]
 
 
 def _kill_texts(kill) -> list[str]:
@@ -799,7 +804,7 @@ def _chaos(args: argparse.Namespace) -> int:
             on_fire=lambda r: print(json.dumps(r), flush=True),
             one_at_a_time=not args.overlap,
         )
-        never = [str(k) for k in kills if str(k) not in {r["kill"] for r in fired}]
+        never = never_fired([str(k) for k in kills], fired)
     finally:
         ray.shutdown()
     if never and not args.random:  # the kills asked for did not happen: not a success
