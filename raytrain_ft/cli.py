@@ -28,7 +28,14 @@ import signal
 import sys
 
 from raytrain_ft import config as config_mod
-from raytrain_ft.errors import ClusterError, ConfigError, DataError, JobError, RaytrainFTError
+from raytrain_ft.errors import (
+    ClusterError,
+    ConfigError,
+    DataError,
+    JobError,
+    RaytrainFTError,
+    cli_surface,
+)
 from raytrain_ft.jobs import DEFAULT_ADDRESS, SUMMARY_MARKER, check_auth_mode
 from raytrain_ft.recovery.faults import ROLES
 from raytrain_ft.report import progress_line, recovery_line, server_plan_line
@@ -884,6 +891,11 @@ def _unknown_arguments(parser: argparse.ArgumentParser, command: str, unknown: l
 
 
 def main(argv: list[str] | None = None) -> int:
+    with cli_surface():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

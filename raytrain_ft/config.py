@@ -1162,6 +1162,28 @@ def _leaf_fields() -> dict[str, tuple[str | None, dataclasses.Field]]:
 
 
 @functools.cache
+def flag_fields() -> dict[str, tuple[str, dict[str, str]]]:
+    """CLI flag name (``batch-size``) -> (its config field, ``data.batch_size``; the words it
+    takes as values, each as Python writes it: ``'sgd'``, ``True``), for messages read outside
+    the CLI (``errors.in_readers_terms``)."""
+    out = {}
+    for flag, (sub, f) in _leaf_fields().items():
+        hint = typing.get_type_hints(SUBCONFIGS[sub] if sub else TrainConfig)[f.name]
+        words = {"auto", "true", "false"}
+        for t in (hint, *get_args(hint)):
+            if get_origin(t) is Literal:
+                words.update(str(a) for a in get_args(t))
+        if f"{sub}.{f.name}" == "model.name":
+            words.update(MODELS)
+        if hint is bool:  # a Python reader writes True
+            words = {"true": "True", "false": "False"}
+        else:
+            words = {w: repr(w) for w in words}
+        out[flag.replace("_", "-")] = (f"{sub}.{f.name}" if sub else f.name, words)
+    return out
+
+
+@functools.cache
 def field_docs() -> dict[str, str]:
     """Flag name -> the docstring under its field (read from source once per process: parsing the
     config classes' source is most of a CLI call's start-up). Callers do not mutate it."""

@@ -113,11 +113,11 @@ def test_auto_is_a_value_of_the_flag_and_of_the_yaml_and_bad_counts_still_fail()
 
 
 def test_auto_refuses_what_needs_the_count_before_the_run():
-    with pytest.raises(ConfigError, match="--resume-from needs the shard count"):
+    with pytest.raises(ConfigError, match="recovery.resume_from needs the shard count"):
         TrainConfig(
             cluster=ClusterConfig(num_servers="auto"), recovery=RecoveryConfig(resume_from="/x")
         )
     check_targets(parse_kills("server:0@step=3,replica:0@step=4,worker:1@step=5"), "auto", 2, 1)
     for kill in ("server:1@step=3", "replica:2@step=3"):
-        with pytest.raises(ConfigError, match="--num-servers auto picks the shard count"):
+        with pytest.raises(ConfigError, match="cluster.num_servers='auto' picks the shard count"):
             check_targets(parse_kills(kill), "auto", 2, 1)

@@ -217,8 +217,7 @@ def test_an_embedded_ray_must_fit_in_this_machines_memory():
             check_embedded_memory(C.load(None, overrides), 24.0)
         assert e.value.field == field and "24.0 GB is available" in str(e.value)
         # the count the message offers fits, one more does not
-        flag = C.flag_of(field)
-        room = int(re.search(rf"at most (\d+) {flag} fit", str(e.value)).group(1))
+        room = int(re.search(rf"at most (\d+) {field} fit", str(e.value)).group(1))
         key = field.split(".")[1]
         check_embedded_memory(C.load(None, {**overrides, key: str(room)}), 24.0)
         with pytest.raises(ConfigError):
@@ -340,7 +339,7 @@ def test_a_config_dict_may_carry_defaults_the_run_ignores():
     cfg = C.from_dict(C.TrainConfig(optim=C.OptimConfig(name="adam")).to_dict())
     assert cfg.optim.name == "adam"
     # and flags given alongside such a dict are judged as flags
-    with pytest.raises(ConfigError, match="drop --momentum"):
+    with pytest.raises(ConfigError, match="drop optim.momentum"):
         C.from_command_line(cfg.to_dict(), {"momentum": 0.9})
 
 
@@ -480,3 +479,31 @@ def test_a_yaml_boolean_where_a_word_belongs_says_to_quote_it():
     with pytest.raises(ConfigError) as e:
         C.from_dict({"mode": "bogus"})
     assert "quote" not in str(e.value)
+
+
+def test_messages_name_flags_on_the_command_line_and_config_fields_in_python(capsys):
+    """One check, two readers: the CLI's user gave flags, the Python API's user gave fields."""
+    with pytest.raises(ConfigError) as e:
+        C.TrainConfig(optim=C.OptimConfig(name="adam", momentum=0.5))
+    assert str(e.value) == (
+        "optim.momentum: applies to optim.name='sgd' or 'rmsprop', not adam, which would ignore "
+        "it; drop optim.momentum"
+    )
+    assert cli.main(["train", "--optimizer", "adam", "--momentum", "0.5"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "raytrain-ft: error: optim.momentum: applies to --optimizer sgd or rmsprop, not adam, "
+        "which would ignore it; drop --momentum"
+    )
+    assert str(e.value).startswith("optim.momentum: applies to optim.name=")  # the CLI is done
+    # values as Python writes them; flags of the CLI alone stay
+    text = str(
+        ConfigError(
+            "x",
+            "give --batch-size 2 or more, set --overlap-comm false, and an --eval-fraction; "
+            "drop --output-json",
+        )
+    )
+    assert text == (
+        "x: give data.batch_size=2 or more, set cluster.overlap_comm=False, and a "
+        "data.eval_fraction; drop --output-json"
+    )

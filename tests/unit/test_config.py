@@ -235,8 +235,8 @@ def test_simulated_steps_need_no_data_per_worker():
 @pytest.mark.parametrize(
     "optim, total, field, fix",
     [
-        ({"warmup_steps": 101}, 100, "optim.warmup_steps", "use --warmup-steps 100 or fewer"),
-        ({"schedule": "step"}, 30, "optim.step_size", "use --step-size 29 or less"),
+        ({"warmup_steps": 101}, 100, "optim.warmup_steps", "use optim.warmup_steps=100 or fewer"),
+        ({"schedule": "step"}, 30, "optim.step_size", "use optim.step_size=29 or less"),
         ({"schedule": "step", "step_size": 5, "warmup_steps": 25}, 30, "optim.step_size", "4 or"),
         ({"schedule": "step", "step_size": 1, "warmup_steps": 29}, 30, "optim.step_size", "fewer"),
     ],
@@ -393,7 +393,7 @@ def test_writable_paths_are_checked_before_a_run(tmp_path):
     with pytest.raises(
         ConfigError,
         match=r"recovery.checkpoint_dir: .* is a file, not a directory; give a writable directory "
-        r"as --checkpoint-dir",
+        r"as recovery.checkpoint_dir",
     ):
         C.check_writable_dir(str(a_file), "recovery.checkpoint_dir", "--checkpoint-dir")
     with pytest.raises(

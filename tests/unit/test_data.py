@@ -324,7 +324,7 @@ def test_bad_parquet_contents_name_the_file(tmp_path, kind, message):
     with pytest.raises(DataError, match=message) as e:
         check_source(cfg)
         load_dataset(cfg, seed=0)
-    assert e.value.path == path and "data.image_shape" not in str(e.value)
+    assert e.value.path == path and "data.image_shape:" not in str(e.value)
 
 
 def test_files_of_different_shapes_are_refused(tmp_path):
@@ -344,14 +344,15 @@ def test_too_many_workers_is_blamed_on_the_worker_count():
         DataError,
         match=r"cluster.num_workers: 1438 training samples cannot fill one batch on each of "
         r"99,999,999 workers; "
-        r"use at most 44 --num-workers at --batch-size 32",
+        r"use at most 44 cluster.num_workers at data.batch_size=32",
     ):
         checked_steps_per_epoch(1438, 99_999_999, 32)
     with pytest.raises(
         DataError,
         match=r"data.batch_size: 1438 training samples cannot fill one batch of 512 on each of 4 "
         r"workers "
-        r"\(359 samples each\); lower --batch-size to at most 359, or use at most 2 --num-workers",
+        r"\(359 samples each\); lower data.batch_size to at most 359, or use at most 2 "
+        r"cluster.num_workers",
     ):
         checked_steps_per_epoch(1438, 4, 512)
 
@@ -361,9 +362,9 @@ def test_too_few_training_samples_after_the_eval_split_is_blamed_on_the_eval_fra
 
     with pytest.raises(
         DataError,
-        match=r"data.eval_fraction: --eval-fraction 0.999 holds out 1,795 of the 1,797 samples, "
-        r"leaving 2: too few for one batch of 32 on each of 2 workers; give an --eval-fraction of "
-        r"at most 0.964",
+        match=r"data.eval_fraction: data.eval_fraction=0.999 holds out 1,795 of the 1,797 samples, "
+        r"leaving 2: too few for one batch of 32 on each of 2 workers; give a "
+        r"data.eval_fraction of at most 0.964",
     ):
         checked_steps_per_epoch(2, 2, 32, (0.999, 1797))
     # at the largest fraction it names, the batches fit

@@ -63,7 +63,7 @@ def test_kills_from_a_comma_list_and_targets_checked():
     check_targets(kills, num_shards=2, num_workers=2, num_nodes=1)
     with pytest.raises(ConfigError, match="index 2 does not exist"):
         check_targets(parse_kills("server:2@step=1"), 2, 2, 1)
-    with pytest.raises(ConfigError, match="--local-nodes"):
+    with pytest.raises(ConfigError, match="cluster.local_nodes=N"):
         check_targets(parse_kills("node:1@step=1"), 2, 2, 1)
 
 
@@ -206,7 +206,8 @@ def test_resume_from_says_what_is_wrong_with_the_directory(tmp_path):
 
     ranges = shard_ranges(12, 2, 12)
     with pytest.raises(
-        DataError, match=r"missing: does not exist; --resume-from takes the --checkpoint-dir"
+        DataError,
+        match=r"missing: does not exist; recovery.resume_from takes the recovery.checkpoint_dir",
     ):
         check_resumable(str(tmp_path / "missing"), ranges)
     (tmp_path / "file").write_text("x")
@@ -235,7 +236,7 @@ def test_resuming_with_another_optimizer_than_the_checkpoints_is_refused(tmp_pat
     for r in ranges:
         save_shard_checkpoint(str(tmp_path), r.index, 6, np.zeros(r.size), sgd.state_dict())
     assert check_resumable(str(tmp_path), ranges, "sgd") == 6
-    with pytest.raises(ConfigError, match="hold sgd's state .*resume with --optimizer sgd") as e:
+    with pytest.raises(ConfigError, match="hold sgd's state .*resume with optim.name='sgd'") as e:
         check_resumable(str(tmp_path), ranges, "adam")
     assert e.value.field == "optim.name"
 

@@ -104,7 +104,7 @@ def test_the_job_client_talks_to_the_address_given_not_ray_address(monkeypatch):
 
 def test_a_ray_client_address_is_refused():
     with pytest.raises(
-        ConfigError, match="--address: 'ray://h:10001' is not the dashboard's HTTP address"
+        ConfigError, match="cluster.address: 'ray://h:10001' is not the dashboard's HTTP address"
     ):
         jobs.resolve_address("ray://h:10001", {})
 
@@ -234,7 +234,7 @@ def test_device_choice_on_a_gpu_torch_cannot_use():
     assert device == "cpu" and "no GPU was assigned" in warning
     device, warning = choose_device("cuda", "auto", False, (0,))
     assert device == "cpu" and "Ray assigned GPU [0]" in warning
-    with pytest.raises(ClusterError, match="set --use-gpu auto"):
+    with pytest.raises(ClusterError, match="set cluster.use_gpu='auto'"):
         choose_device("cuda", "true", False, (0,))
 
 
@@ -350,15 +350,15 @@ def test_an_open_port_that_is_not_ray_is_named(auth_env):
             jobs.check_ray_address(address, "cluster.address", timeout_s=2)
         with pytest.raises(
             ClusterError,
-            match=r"--address 'ray://.*' is not Ray: .*the Ray Client server, ray://HEAD:10001",
+            match=r"cluster.address 'ray://.*' is not Ray: .*the Ray Client server, ray://HEAD:10001",
         ):
             jobs.check_ray_address("ray://" + address, "--address", timeout_s=2)
     with silent_port() as address:
         t0 = time.monotonic()
         with pytest.raises(
             ClusterError,
-            match=r"--address 'ray://.*' accepts connections but nothing answered like Ray within "
-            r"0.5s",
+            match=r"cluster.address 'ray://.*' accepts connections but nothing answered like Ray "
+            r"within 0.5s",
         ):
             jobs.check_ray_address("ray://" + address, "--address", timeout_s=0.5)
         assert time.monotonic() - t0 < 5
@@ -367,9 +367,9 @@ def test_an_open_port_that_is_not_ray_is_named(auth_env):
 def test_address_auto_refuses_to_pick_one_of_several_instances():
     with pytest.raises(
         ClusterError,
-        match=r"--address auto: 2 Ray instances run on this machine \(10.0.0.1:6379, "
+        match=r"cluster.address='auto': 2 Ray instances run on this machine \(10.0.0.1:6379, "
         r"10.0.0.2:6380\); "
-        r"give the one to use as --address HOST:PORT",
+        r"give the one to use as cluster.address=HOST:PORT",
     ):
         jobs.resolve_ray_address(
             "auto", "--address", {}, candidates={"10.0.0.2:6380", "10.0.0.1:6379"}
@@ -384,7 +384,9 @@ def test_address_auto_refuses_to_pick_one_of_several_instances():
         )
         == "h:1"
     )  # as ray.init reads it
-    with pytest.raises(ClusterError, match="--address auto: no Ray instance runs on this machine"):
+    with pytest.raises(
+        ClusterError, match="cluster.address=.auto.: no Ray instance runs on this machine"
+    ):
         jobs.resolve_ray_address("auto", "--address", {}, candidates=set())
     assert jobs.resolve_ray_address("h:1", "--address", {}, candidates={"a:1", "b:2"}) == "h:1"
 

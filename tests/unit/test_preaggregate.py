@@ -176,9 +176,9 @@ def test_auto_preaggregates_where_it_applies_and_sums_the_processes_first_either
 @pytest.mark.parametrize(
     "extra,needle",
     [
-        ({}, "--ranks-per-process above 1"),
+        ({}, "cluster.ranks_per_process above 1"),
         ({"mode": "async", "ranks_per_process": 2}, "each rank's push on its own"),
-        ({"mode": "mixed", "ranks_per_process": 2, "group_size": 4}, "--group-size"),
+        ({"mode": "mixed", "ranks_per_process": 2, "group_size": 4}, "consistency.group_size"),
         (
             {"mode": "mixed", "ranks_per_process": 2, "group_size": 2, "delay_compensation": 0.1},
             "delay compensation",

@@ -268,7 +268,7 @@ def test_ray_dataset_columns_named_for_data_that_has_none_are_refused():
         model=ModelConfig(name="tests.unit.test_task:linear"),
         data=DataConfig(dataset="tests.unit.test_task:data", y_column="label"),
     )
-    with pytest.raises(ConfigError, match="would be ignored; drop --y-column") as e:
+    with pytest.raises(ConfigError, match="would be ignored; drop data.y_column") as e:
         Task.build(c)
     assert e.value.field == "data.y_column"
     with pytest.raises(ConfigError, match="names no column") as e:
@@ -286,7 +286,7 @@ def test_a_batch_of_one_sample_that_the_model_cannot_train_on_names_the_batch_si
     Task.build(cfg(name="tests.unit.test_task:batchnorm"))  # the default batch size trains
     config = cfg(name="tests.unit.test_task:batchnorm")
     config.data.batch_size = 1
-    with pytest.raises(ConfigError, match="give --batch-size 2 or more") as e:
+    with pytest.raises(ConfigError, match="give data.batch_size=2 or more") as e:
         Task.build(config)
     assert e.value.field == "data.batch_size"
     config = cfg(name="tests.unit.test_task:linear")
