@@ -387,20 +387,6 @@ def _exit_on_sigterm(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def json_safe(value):
-    """The summary as strict JSON: NaN and infinities (an accuracy a regression has none of) become
-    null."""
-    import math
-
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
 def _write_summary(summary: dict, path: str) -> None:
     """Write the JSON summary; if that fails after all (checked before training), print it so the
     run's result is not lost."""
@@ -466,7 +452,7 @@ def _train(args: argparse.Namespace) -> int:
 
     progress = None if args.quiet else ProgressBar()
     result = Trainer(cfg, on_progress=progress).fit()
-    summary = json_safe(result.to_dict())
+    summary = result.to_dict()
     if args.output_json:
         _write_summary(summary, args.output_json)
     if args.save_model:

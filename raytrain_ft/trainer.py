@@ -164,6 +164,8 @@ class TrainResult:
         return self.model.state_dict()
 
     def to_dict(self) -> dict[str, Any]:
+        """The run's summary, as the CLI writes it (``--output-json``): strict JSON values, so an
+        accuracy a regression has none of (NaN here) is None."""
         model, self.model = self.model, None
         try:
             d = dataclasses.asdict(self)
@@ -173,7 +175,19 @@ class TrainResult:
         d.pop("final_params")
         d.pop("step_times")
         d.pop("clock_traces")
-        return d
+        return json_safe(d)
+
+
+def json_safe(value):
+    """The summary as strict JSON: NaN and infinities (an accuracy a regression has none of) become
+    null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def lost_updates(applied: dict, cfg: TrainConfig, total_steps: int | None = None) -> dict:

@@ -72,6 +72,9 @@ def test_diabetes_from_ray_datasets_beats_the_mean_exports_and_kills_change_noth
     assert (
         result.eval_metrics["eval_r2"] > 0.25 and result.eval_accuracy != result.eval_accuracy
     )  # NaN: not a classifier
+    summary = result.to_dict()  # the summary the CLI writes: strict JSON, null for no accuracy
+    assert summary["eval_accuracy"] is None and summary["eval_loss"] == result.eval_loss
+    json.dumps(summary, allow_nan=False)
     # the exported state dict, loaded into a fresh instance of the user's model, scores the reported
     # eval_loss
     path = tmp_path / "model.pt"
