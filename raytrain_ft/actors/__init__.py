@@ -1,5 +1,7 @@
 """Ray actors: thin wrappers around the pure modules."""
 
+import os
+
 NAMESPACE = "raytrain_ft"
 """Ray namespace of every named actor of a run (names start with the run id)."""
 
@@ -7,10 +9,12 @@ INLINE_BYTES = 96 * 1024
 """Arrays up to this size travel inside a call: Ray inlines arguments under its 100 KiB
 ``max_direct_call_object_size`` instead of a round trip to the object store (py-spy: ``ray.put`` of
 each ~76 KB push was ~40% of a worker's CPU with 16 ranks x 8 shards)."""
-PARTS_MAX_BYTES = 512 * 1024
+PARTS_MAX_BYTES = int(os.environ.get("RAYTRAIN_FT_PARTS_MAX_BYTES", 512 * 1024))
 """Arrays up to this size go inside the call as several parts of at most INLINE_BYTES (a 320 KB
 array measured 1.9 ms in parts vs 2.3 ms through the object store; at 1.1 MB parts were slower, 3.9
-vs 2.2 ms); larger ones go through the object store."""
+vs 2.2 ms); larger ones go through the object store. The environment variable of the same name
+sets it in every process of a Ray the driver starts (``experiments/transport/parts_limit.py``
+measures the limit both ways)."""
 
 
 def inline_parts(array):
