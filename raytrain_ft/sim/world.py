@@ -94,6 +94,12 @@ the simulator sometimes crashes the server that carried one out before its answe
 WINDOW_NOTES = ("recovery_started", "rereplication_started", "retiring", "recovery_source")
 """Supervisor notes that open a window in which a shard's newest copy may sit on a server being
 replaced: the simulator often crashes something soon after one (``World.inject_in_window``)."""
+SLOW_SHARE = 0.5
+"""The share of schedules whose steps take ``SLOW_COMPUTE_S`` instead of ``SimConfig.compute_s``."""
+SLOW_COMPUTE_S = 0.05
+"""Long enough that 3-6 steps outlast the supervisor's suspicion delay (0.1 s) several times: a
+primary suspected while alive keeps serving while its recovery runs (fenced out, and put back if
+that recovery is abandoned)."""
 REGISTRY_KEY = "registry"
 STARTUP_S = 0.08
 """About when a simulated run's workers start training (servers created, loaded and replicated
@@ -225,6 +231,10 @@ def random_config(rng: random.Random, mode: str) -> SimConfig:
         cfg = dataclasses.replace(cfg, preaggregate=preaggregate)
     if mode == "mixed" and cfg.clip is None and preaggregate > 1:
         cfg = dataclasses.replace(cfg, preaggregate=cfg.group_size)
+    # drawn last too: slow steps, so that a falsely suspected primary still takes pushes when the
+    # supervisor acts on the suspicion (after SUSPECT_AFTER_S) and its recovery fences it
+    if rng.random() < SLOW_SHARE:
+        cfg = dataclasses.replace(cfg, compute_s=SLOW_COMPUTE_S)
     return cfg
 
 
