@@ -352,13 +352,14 @@ def _config(args: argparse.Namespace):
         if args.config:
             raise ConfigError("--config-json", "give --config or --config-json, not both")
         raw = _json_flag("--config-json", args.config_json, "a JSON object of config sections")
-        cfg = config_mod.from_command_line(raw, overrides, source="--config-json")
     else:
         raw = config_mod.load_yaml(args.config) if args.config else {}
-        cfg = config_mod.from_command_line(raw, overrides, source=args.config or "config")
-    # both in one file: epochs counts where it differs from its default (a config `submit` wrote
-    # out in full holds the default beside the steps it runs)
+    # the run's length given twice, checked before the config is built (it refuses steps beside an
+    # epochs other than its default too, in the reader's words rather than these): both in one
+    # file, where epochs counts when it differs from its default (a config `submit` wrote out in
+    # full holds the default beside the steps it runs); --epochs beside steps from anywhere
     given = raw if isinstance(raw, dict) else {}
+    source = args.config or "--config-json"
     if (
         given.get("epochs") not in (None, config_mod.TrainConfig().epochs)
         and given.get("steps") is not None
@@ -366,20 +367,24 @@ def _config(args: argparse.Namespace):
     ):
         raise ConfigError(
             "epochs",
-            f"not used: {args.config or '--config-json'} sets steps: {cfg.steps} too (a run's "
-            "length in steps per worker, which overrides epochs); give one of them",
+            f"not used: {source} sets steps: {given['steps']} too (a run's length in steps per "
+            "worker, which overrides epochs); give one of them",
         )
-    if "epochs" in overrides and cfg.steps is not None:
+    if "epochs" in overrides and (overrides.get("steps") or given.get("steps")) is not None:
         raise ConfigError(
             "--epochs",
             (
                 "not used with --steps"
                 if "steps" in overrides
-                else f"not used: the config sets steps: {cfg.steps}"
+                else f"not used: the config sets steps: {given['steps']}"
             )
             + " (a run's length in steps per worker, which overrides epochs); give one of them",
         )
-    return cfg
+    return config_mod.from_command_line(
+        raw,
+        overrides,
+        source="--config-json" if getattr(args, "config_json", None) else args.config or "config",
+    )
 
 
 def _exit_on_sigterm(signum, frame) -> None:

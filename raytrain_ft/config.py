@@ -863,7 +863,8 @@ class TrainConfig:
     slowest) | mixed (groups of --group-size average synchronously, groups update asynchronously)
     | local_sgd (rounds of --local-steps local steps, one push per round: local SGD / DiLoCo)."""
     epochs: int = 5
-    """Passes over each worker's partition (ignored when steps is set)."""
+    """Passes over each worker's partition; with steps set, it must stay at its default (it would
+    be ignored)."""
     steps: int | None = None
     """Training steps per worker; overrides epochs."""
     seed: int = 0
@@ -881,6 +882,12 @@ class TrainConfig:
         _positive("epochs", self.epochs)
         if self.steps is not None:
             _positive("steps", self.steps)
+            if self.epochs != _defaults(TrainConfig)["epochs"]:  # it would be ignored
+                raise ConfigError(
+                    "epochs",
+                    f"not used: steps is {self.steps} too (a run's length in steps per worker, "
+                    "which overrides epochs); give one of them",
+                )
         if not 0 <= self.seed < 2**64:
             raise ConfigError("seed", f"must be in [0, 2**64), got {self.seed!r}")
         _positive("log_every_s", self.log_every_s)
@@ -1489,6 +1496,8 @@ def from_command_line(
     """The config of a YAML file's or JSON object's sections (``raw``) and the flags given on the
     command line (flag name -> value): a setting the run would ignore is refused when a flag gave
     it, even at its default value (``--optimizer adam --momentum 0.9``)."""
+    if isinstance(raw, dict) and "steps" in flags and "epochs" in raw:  # the flag sets the length
+        raw = {k: v for k, v in raw.items() if k != "epochs"}
     with _flags_given(flags):
         cfg = from_dict(merge_overrides(raw or {}, flags, source), source=source)
     for prefix, name in PYTHON_API_ONLY:

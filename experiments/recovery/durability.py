@@ -57,8 +57,7 @@ def make_config(
         ),
         chaos=ChaosConfig(kill=kill),
         mode=mode,
-        epochs=epochs,
-        steps=steps,
+        **({"epochs": epochs} if steps is None else {"steps": steps}),  # steps: the run's length
         seed=seed,
     )
 

@@ -507,3 +507,26 @@ def test_messages_name_flags_on_the_command_line_and_config_fields_in_python(cap
         "x: give data.batch_size=2 or more, set cluster.overlap_comm=False, and a "
         "data.eval_fraction; drop --output-json"
     )
+
+
+def test_the_run_length_given_twice_in_python_is_refused_and_a_steps_flag_overrides_a_file(
+    tmp_path,
+):
+    """steps overrides epochs: an epochs other than its default beside steps would be ignored."""
+    with pytest.raises(ConfigError) as e:
+        C.TrainConfig(epochs=3, steps=5)
+    assert str(e.value) == (
+        "epochs: not used: steps is 5 too (a run's length in steps per worker, which overrides "
+        "epochs); give one of them"
+    )
+    cfg = C.TrainConfig(steps=5)
+    cfg.epochs = 3  # changed after it was built: checked again when a Trainer takes it
+    with pytest.raises(ConfigError, match="epochs: not used: steps is 5 too"):
+        C.check_again(cfg)
+    # a --steps flag sets the length of a run whose file gives epochs
+    path = tmp_path / "run.yaml"
+    path.write_text("epochs: 3\n")
+    cfg = cli._config(
+        cli.build_parser().parse_args(["train", "--config", str(path), "--steps", "7"])
+    )
+    assert (cfg.steps, cfg.epochs) == (7, C.TrainConfig().epochs)
