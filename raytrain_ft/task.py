@@ -420,6 +420,14 @@ class Task:
                 f"got {type(metrics).__name__}; give a function (output, target) -> dict[str, "
                 "float]",
             )
+        if evaluation is not None and builtin is None and len(evaluation) == 0:
+            # given, but it would evaluate nothing: the summary's eval loss would be NaN
+            field = "eval_data" if train_data is not None else "data.dataset"
+            raise ConfigError(
+                field,
+                "the eval set holds 0 samples, so nothing would be evaluated (the run's eval_loss "
+                "would be NaN); give it samples, or give no eval set",
+            )
         if evaluation is None or len(evaluation) == 0:  # nothing would be evaluated
             ignored = [("metrics", metrics is not None), ("eval_every_s", config.eval_every_s > 0)]
             for field, given in ignored:

@@ -633,3 +633,27 @@ def test_a_file_path_as_an_import_string_and_tensors_as_a_dataset_are_named():
     x, y = data()[0].tensors
     with pytest.raises(ConfigError, match=r"got a tuple of 2 tensors; .*=TensorDataset\(x, y\)"):
         Task.build(api_cfg(), model=linear, train_data=(x, y))
+
+
+def data_with_empty_eval():
+    train, _ = data()
+    x, y = train.tensors
+    return train, TensorDataset(x[:0], y[:0])
+
+
+def test_an_eval_set_of_no_samples_is_refused_naming_where_it_came_from():
+    """It would evaluate nothing: the run's eval_loss was NaN, silently."""
+    train, _ = data()
+    x, y = train.tensors
+    with pytest.raises(ConfigError, match="the eval set holds 0 samples") as e:
+        Task.build(api_cfg(), model=linear, train_data=train, eval_data=TensorDataset(x[:0], y[:0]))
+    assert e.value.field == "eval_data"
+    with pytest.raises(ConfigError, match="the eval set holds 0 samples") as e:
+        Task.build(
+            TrainConfig(
+                model=ModelConfig(name="tests.unit.test_task:linear"),
+                data=DataConfig(dataset="tests.unit.test_task:data_with_empty_eval"),
+            )
+        )
+    assert e.value.field == "data.dataset"
+    Task.build(api_cfg(), model=linear, train_data=train)  # no eval set at all: fine
