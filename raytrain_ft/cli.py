@@ -359,7 +359,7 @@ def _config(args: argparse.Namespace):
     # file, where epochs counts when it differs from its default (a config `submit` wrote out in
     # full holds the default beside the steps it runs); --epochs beside steps from anywhere
     given = raw if isinstance(raw, dict) else {}
-    source = args.config or "--config-json"
+    source = "--config-json" if getattr(args, "config_json", None) else args.config or "config"
     if (
         given.get("epochs") not in (None, config_mod.TrainConfig().epochs)
         and given.get("steps") is not None
@@ -380,11 +380,7 @@ def _config(args: argparse.Namespace):
             )
             + " (a run's length in steps per worker, which overrides epochs); give one of them",
         )
-    return config_mod.from_command_line(
-        raw,
-        overrides,
-        source="--config-json" if getattr(args, "config_json", None) else args.config or "config",
-    )
+    return config_mod.from_command_line(raw, overrides, source=source)
 
 
 def _exit_on_sigterm(signum, frame) -> None:

@@ -44,8 +44,8 @@ _FLAG = re.compile(
 def in_readers_terms(text: str) -> str:
     """``text`` with each setting's flag named by its config field unless the reader is on the
     command line: ``--batch-size 2`` reads ``data.batch_size=2``, ``--optimizer sgd`` reads
-    ``optim.name='sgd'``, ``--momentum`` reads ``optim.momentum``; flags of
-    the CLI alone (``--output-json``) stay."""
+    ``optim.name='sgd'``, ``--momentum`` reads ``optim.momentum``; flags of the CLI alone
+    (``--output-json``) stay."""
     if "--" not in text or _CLI[0] or _in_a_ray_worker():
         return text
     from raytrain_ft.config import flag_fields
@@ -57,14 +57,13 @@ def in_readers_terms(text: str) -> str:
         if known is None:
             return m.group(0)
         field, words = known
-        value = m.group(3)
         said = ("a " if m.group(1) else "") + field
+        value, other = m.group(3), m.group(4)
         if value is None:
             return said
-        if not value[0].islower():  # a number or a placeholder (N, HOST:PORT)
-            return f"{said}={value}" + ("" if m.group(4) is None else f" or {m.group(4)}")
-        other = m.group(4)
         rest = "" if other is None else f" or {words.get(other, other)}"
+        if not value[0].islower():  # a number or a placeholder (N, HOST:PORT)
+            return f"{said}={value}{rest}"
         if value in words:
             return f"{said}={words[value]}{rest}"
         return f"{said} {value}{rest}"  # the sentence goes on: not a value
