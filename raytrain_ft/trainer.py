@@ -996,6 +996,8 @@ class _Run:
         self.kills, self.session, self.start_step = kills, session, start_step
         self.run_id = f"run-{uuid.uuid4().hex[:10]}"
         self.supervisor = None
+        self.keeper = None
+        """The run's ``RefKeeper`` where its task holds object refs (in-memory data)."""
         self.chaos = None
         self.status = None
         self.history: list[dict] = []
@@ -1038,7 +1040,7 @@ class _Run:
 
         from raytrain_ft.actors import NAMESPACE
         from raytrain_ft.actors.supervisor import Supervisor, SupervisorArgs
-        from raytrain_ft.actors.transport import Sealed
+        from raytrain_ft.actors.transport import RefKeeper, Sealed
         from raytrain_ft.recovery.chaos import ChaosRunner
 
         cfg = self.cfg
@@ -1073,6 +1075,19 @@ class _Run:
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
                 ray.get_runtime_context().get_node_id(), soft=False
             )
+        task = Sealed.of(self.task)
+        keeper = None
+        if task.refs:  # in-memory data: its refs kept apart from the supervisor's arguments
+            keeper = f"{self.run_id}/data-refs"
+            placement = {k: v for k, v in options.items() if k == "scheduling_strategy"}
+            self.keeper = (
+                ray.remote(RefKeeper)
+                .options(  # a handle kept: it lives while held
+                    name=keeper, namespace=NAMESPACE, num_cpus=0, max_restarts=0, **placement
+                )
+                .remote(list(task.refs))
+            )
+            task = dataclasses.replace(task, refs=())
         args = SupervisorArgs(
             self.run_id,
             cfg,
@@ -1082,8 +1097,9 @@ class _Run:
             tuple(self.kills),
             device,
             checkpoint_dir,
-            Sealed.of(self.task),
+            task,
             self.start_step,
+            keeper,
         )
         self.supervisor = ray.remote(Supervisor).options(**options).remote(args)
         phase = ray.get(self.supervisor.start.remote())

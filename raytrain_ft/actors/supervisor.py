@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from raytrain_ft.actors import NAMESPACE
 from raytrain_ft.actors.group import ActorGroup, GroupSpec
 from raytrain_ft.actors.metrics import SUPERVISOR_METRICS, Recorder
 from raytrain_ft.actors.transport import Directory, failure_of, send
@@ -130,8 +131,12 @@ class SupervisorArgs:
     device: str
     checkpoint_dir: str | None
     task: object
-    """``task.Task``, sealed (``transport.Sealed``): handed to the workers and servers unopened."""
+    """``task.Task``, sealed (``transport.Sealed``): handed to the workers and servers unopened;
+    without its object refs where ``refs_keeper`` holds them."""
     start_step: int = 0
+    refs_keeper: str | None = None
+    """Ray name of the run's ``transport.RefKeeper``, holding the refs of ``task`` (None: it holds
+    none)."""
 
 
 class Supervisor:
@@ -146,6 +151,12 @@ class Supervisor:
         self._cpu_at_start = time.process_time()
         from raytrain_ft.recovery.chaos import server_hooks
 
+        if args.refs_keeper is not None:  # the task's refs, kept out of the constructor's args
+            keeper = ray.get_actor(args.refs_keeper, namespace=NAMESPACE)
+            # a future, not ray.get: this is an async actor (Ray warns of a blocking get in one),
+            # though no call is served before its constructor returns
+            refs = tuple(keeper.refs.remote().future().result())
+            args = dataclasses.replace(args, task=dataclasses.replace(args.task, refs=refs))
         self.args = args
         cfg, rc = args.config, args.config.recovery
         self.run_id = args.run_id

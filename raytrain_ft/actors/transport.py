@@ -154,6 +154,21 @@ class Sealed:
         return _Unpickler(io.BytesIO(self.payload)).load()
 
 
+class RefKeeper:
+    """Holds the object refs of a run's sealed ``Task`` (its in-memory data) for the run's
+    supervisor. Ray restarts a dead supervisor from its constructor's arguments, and does not pin
+    refs among them for that (ray-project/ray#53727: it logs an error line at every such
+    creation). So the supervisor is created without them and reads them here at each (re)start.
+    This actor is never restarted: it lives where the driver is, as the refs' owner does, and ends
+    with the run's other actors."""
+
+    def __init__(self, refs: list):
+        self._refs = refs  # nested in a list: Ray hands them over as refs, unresolved
+
+    def refs(self) -> list:
+        return self._refs
+
+
 def reply_parts(nbytes: int) -> int:
     """Inline returns a reply carrying ``nbytes`` of parameters is split into: 0 (one return: it
     is inline anyway, or too large and goes through the object store) or 2+ parts of at most
