@@ -1710,7 +1710,8 @@ def test_a_retiring_server_is_in_the_registry_written_before_any_effect():
     reg = _reg(k=1, tweak=tweak)
     sup = SupervisorProtocol(_spec(k=1), shard_ranges(8, 1), lambda s: None, reg)
     sup.view = _view(reg, k=1, silent={"b": 11.0})  # "b" suspected, not known dead
-    effects = sup._replace_holder(1, "server b of slot 1 has not answered", 0.0)
+    # as an entry point carries it out: the registry written once, before every effect
+    effects = sup._write_ahead(sup._replace_holder(1, "server b of slot 1 has not answered", 0.0))
     persisted = Registry.from_json(next(e for e in effects if isinstance(e, Persist)).value)
     assert persisted.slots[1].actor == "sp" and persisted.slots[1].retiring == ["b"]
     assert not [e for e in effects if isinstance(e, Kill)]  # kept, not killed
