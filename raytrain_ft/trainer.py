@@ -496,16 +496,25 @@ def named_ray_address(config: TrainConfig) -> str:
     return config.cluster.address or os.environ.get(RAY_ADDRESS_ENV_VAR, "")
 
 
-def warn_if_short_of_cpus(config: TrainConfig, have: float) -> str | None:
+def warn_if_short_of_cpus(
+    config: TrainConfig, have: float, started_here: bool = False
+) -> str | None:
     """A Ray the run did not start (the Python API's ``ray.init()``, an ``--address``) may lack the
     CPUs its workers ask for: say so at once (an autoscaler may still add them; else the start
-    times out). Returns the warning given."""
+    times out). A Ray this process started itself (``ray.init()`` without an address) gets no
+    nodes from an autoscaler: refused at once. Returns the warning given."""
     from raytrain_ft.actors.supervisor import actor_start_timeout_s
 
     cc = config.cluster
     needed = cc.num_workers * cc.cpus_per_worker
     if have >= needed:
         return None
+    if started_here:
+        raise ClusterError(
+            f"the run's {cc.num_workers} workers ask for {needed:g} CPUs and the Ray this process "
+            f"started (ray.init()) has {have:g}, and no autoscaler adds nodes to it; lower "
+            f"--num-workers or --cpus-per-worker, or start it with ray.init(num_cpus={needed:g})"
+        )
     warning = (
         f"raytrain-ft: warning: the run's {cc.num_workers} workers ask for {needed:g} CPUs and "
         f"this Ray has {have:g}: they wait for an autoscaler to add nodes, and the run fails if "
@@ -514,6 +523,15 @@ def warn_if_short_of_cpus(config: TrainConfig, have: float) -> str | None:
     )
     print(warning, file=sys.stderr, flush=True)
     return warning
+
+
+def ray_started_here() -> bool:
+    """Whether this process started the Ray it is connected to (``ray.init()`` without an address:
+    it runs the head node) rather than joining one."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    return bool(getattr(node, "head", False))
 
 
 def starts_its_own_ray(config: TrainConfig) -> bool:
@@ -1051,7 +1069,9 @@ class _Run:
             )
         nodes = self._node_ids()
         if not self.session.embedded:
-            warn_if_short_of_cpus(cfg, ray.cluster_resources().get("CPU", 0))
+            warn_if_short_of_cpus(
+                cfg, ray.cluster_resources().get("CPU", 0), started_here=ray_started_here()
+            )
         device = "cuda" if self._use_gpu() else "cpu"
         if self.session.outlives_run:
             from raytrain_ft.actors.warm import prune_stale, worker_kind

@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from raytrain_ft.config import DataConfig, ModelConfig, TrainConfig
-from raytrain_ft.errors import ConfigError
+from raytrain_ft.errors import ClusterError, ConfigError
 from raytrain_ft.params import FlatModel, flatten_state, load_flat_state
 from raytrain_ft.task import Task, batch_of, resolve
 
@@ -488,6 +488,12 @@ def test_a_ray_short_of_the_workers_cpus_is_named_at_once(capsys):
     said = warn_if_short_of_cpus(config, 2.0)
     assert said.startswith("raytrain-ft: warning: the run's 3 workers ask for 3 CPUs and this Ray")
     assert capsys.readouterr().err.strip() == said
+    # a Ray this process started with ray.init(): nothing adds nodes to it, so no waiting 180 s
+    with pytest.raises(ClusterError) as e:
+        warn_if_short_of_cpus(config, 2.0, started_here=True)
+    assert "no autoscaler adds nodes to it" in str(e.value)
+    assert "cluster.num_workers" in str(e.value) and "ray.init(num_cpus=3)" in str(e.value)
+    assert warn_if_short_of_cpus(config, 3.0, started_here=True) is None
 
 
 @pytest.mark.parametrize(
