@@ -59,7 +59,10 @@ class ProgressBar:
         self._finished = False
 
     def __call__(self, p) -> None:
-        if self._finished:
+        if self._finished:  # the bar is drawn: a recovery the run's end reports still gets its line
+            for event in p.recoveries[self._recoveries_seen :]:
+                self.stream.write(recovery_line(event) + "\n")
+            self._recoveries_seen = max(self._recoveries_seen, len(p.recoveries))
             return
         line = progress_line(
             p.step,
@@ -529,7 +532,7 @@ def done_lines(brief: dict, summary: dict) -> tuple[str | None, str]:
     return warning, (
         f"done: {done}, {accuracy}, final loss {final}, "
         f"{brief['samples_per_sec']:,.0f} samples/s over {brief['train_time_s']:.1f}s, "
-        f"{len(summary['recoveries'])} recoveries"
+        f"{len(summary['recoveries'])} recover{'y' if len(summary['recoveries']) == 1 else 'ies'}"
     )
 
 

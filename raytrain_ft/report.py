@@ -59,6 +59,8 @@ def recovery_line(event: dict[str, Any]) -> str:
     if role == "worker":
         step = event.get("step")
         return f"recovered: worker {index} died; restarted at step {step} after {took:.3f}s"
+    if role == "supervisor":
+        return "recovered: the supervisor died; Ray restarted it and it read its registry back"
     return f"recovered: {role} {index} ({source}) after {took:.3f}s"
 
 

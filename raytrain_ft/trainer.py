@@ -490,6 +490,41 @@ def ray_session(config: TrainConfig):
         ray.shutdown()
 
 
+RAY_DEATH_LINE = "A worker died or was killed while executing a task by an unexpected system error"
+"""How Ray's driver starts the line it prints (from the raylet) for each worker process that died
+on a signal: it names an OOM kill or ``ray stop --force`` as likely causes."""
+
+
+@contextlib.contextmanager
+def deaths_reported_by_the_run():
+    """While a run trains, drop Ray's line for each of its processes that died: the run reports
+    every death it survived in a line of its own (``recovered: ...``, the summary's ``recoveries``),
+    and a death it cannot survive fails it naming the actor, where Ray's line suggested an OOM kill
+    on every kill of ``--kill``. Other lines pass; the driver prints them as before once the run
+    ends. Ray's printer is a module function its error listener looks up at each message."""
+    import ray._private.worker as ray_worker
+
+    printer = getattr(ray_worker, "print_to_stdstream", None)
+    if printer is None:  # another Ray: nothing to filter
+        yield
+        return
+
+    def without_deaths(data, *args, **kwargs):
+        if data.get("pid") == "raylet":
+            lines = [x for x in data.get("lines", ()) if not str(x).startswith(RAY_DEATH_LINE)]
+            if not lines:
+                return None
+            data = {**data, "lines": lines}
+        return printer(data, *args, **kwargs)
+
+    ray_worker.print_to_stdstream = without_deaths
+    try:
+        yield
+    finally:
+        if ray_worker.print_to_stdstream is without_deaths:
+            ray_worker.print_to_stdstream = printer
+
+
 def named_ray_address(config: TrainConfig) -> str:
     """The Ray the run is told to join: ``cluster.address``, else a job driver's
     ``RAY_ADDRESS``; "" when none is named."""
@@ -846,7 +881,7 @@ class Trainer:
             if self.parts["train_data"] is None:
                 check_source(cfg.data)
             prepared = self._prepare(kills)
-        with ray_session(cfg) as session:
+        with ray_session(cfg) as session, deaths_reported_by_the_run():
             if prepared is None:
                 prepared = self._prepare(kills)
             task, eval_data, model, ranges, total_steps, start_step = prepared

@@ -222,7 +222,9 @@ class ChaosRunner:
             self._killed.add(name)  # targets may name it until the supervisor notices
         record = {"kill": str(k), "at": at, "step": step, "how": how, "target": target}
         self.fired.append(record)
-        logger.warning("[chaos] killed %s (%s) at step %s (%s)", k, target, step, how)
+        logger.warning(
+            "[chaos] killed %s%s at step %s (%s)", k, f" ({target})" if target else "", step, how
+        )
         return record
 
 

@@ -366,6 +366,7 @@ def test_the_done_line_takes_a_run_without_an_eval_set_and_warns_of_a_diverged_o
     brief.update(eval_accuracy=0.5, final_loss=0.25)
     warning, line = cli.done_lines(brief, {"eval_loss": 1.0, "recoveries": [{}]})
     assert warning is None and "eval accuracy 0.5000, final loss 0.2500" in line
+    assert line.endswith(", 1 recovery")
 
 
 def test_simulate_refuses_more_schedules_than_it_could_run(capsys):

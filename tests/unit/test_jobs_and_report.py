@@ -160,6 +160,10 @@ def test_recovery_lines_say_what_died_and_how_it_came_back():
     assert recovery_line(holder).startswith(
         "recovered: replica holder 2 died; rebuilt from its peer's replica, 3 commands replayed;"
     )
+    supervisor = {"role": "supervisor", "index": 0, "source": "rebuilt", "duration_s": 0.0}
+    assert recovery_line(supervisor) == (
+        "recovered: the supervisor died; Ray restarted it and it read its registry back"
+    )
     ckpt = {
         "role": "server",
         "index": 0,
