@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parameter import is_lazy
@@ -309,21 +310,9 @@ class Task:
 
         mc, dc = config.model, config.data
         for name, given in (("train_data", train_data), ("eval_data", eval_data)):
-            if given is not None and not is_ray_dataset(given):
-                if isinstance(given, (tuple, list)) and any(
-                    isinstance(t, torch.Tensor) and t.dim() > 0 for t in given
-                ):  # read as a dataset of len(given) samples, each a whole tensor
-                    raise ConfigError(
-                        name,
-                        f"got a {type(given).__name__} of {len(given)} tensors; give a Dataset "
-                        f"of (x, y) samples: {name}=TensorDataset(x, y)",
-                    )
-                if not hasattr(given, "__len__") or not hasattr(given, "__getitem__"):
-                    raise ConfigError(
-                        name,
-                        f"got {type(given).__name__}; give a map-style torch Dataset of (x, y) "
-                        "pairs, or a ray.data.Dataset",
-                    )
+            wrong = None if given is None else _not_a_dataset(given, f"{name}=TensorDataset(x, y)")
+            if wrong is not None:
+                raise ConfigError(name, f"got {wrong[0]}; {wrong[1]}")
         refuse_overridden(config, model=model, loss=loss, train_data=train_data)
         if eval_data is not None and train_data is None:
             raise ConfigError(
@@ -566,6 +555,18 @@ class Task:
                 f"the model cannot take a batch of the dataset ({describe(x)}): "
                 f"{type(e).__name__}: {e}",
             ) from None
+        if (
+            self.classification
+            and isinstance(out, torch.Tensor)
+            and out.dim() == 2
+            and out.shape[1] == 1
+        ):  # every sample "of class 0", loss 0
+            raise ConfigError(
+                "model.loss",
+                f"cross_entropy needs a logit per class (2 or more), the model gives one value "
+                f"per sample ({describe(out)}); give the model's last layer one output per class, "
+                "or use --loss mse for a regression",
+            )
         try:
             with warnings.catch_warnings(record=True) as said:
                 warnings.simplefilter("always")
@@ -845,15 +846,32 @@ def _call_factory(data: DataSource, flag: str, spec: str) -> tuple:
         raise ConfigError(flag, f"{spec!r} must return (train, eval) datasets: {e}") from None
     except Exception as e:  # noqa: BLE001 -- the user's factory raised
         raise ConfigError(flag, f"{spec!r} raised {type(e).__name__}: {e}") from None
-    if not is_ray_dataset(train) and (
-        not hasattr(train, "__len__") or not hasattr(train, "__getitem__")
-    ):
-        raise ConfigError(
-            flag,
-            f"{spec!r} returned {type(train).__name__} as the training set; give a map-style torch "
-            "Dataset of (x, y), or a ray.data.Dataset",
-        )
+    for which, given in (("training set", train), ("eval set", evaluation)):
+        wrong = None if given is None else _not_a_dataset(given, "return TensorDataset(x, y)")
+        if wrong is not None:
+            raise ConfigError(flag, f"{spec!r} returned {wrong[0]} as the {which}; {wrong[1]}")
     return train, evaluation
+
+
+def _not_a_dataset(given, fix: str) -> tuple[str, str] | None:
+    """(what ``given`` is, what to give instead) where it cannot be a dataset of (x, y) samples;
+    None where it may be one. ``fix`` shows a TensorDataset built from tensors."""
+    if is_ray_dataset(given):
+        return None
+    if isinstance(given, (tuple, list)) and any(
+        isinstance(t, (torch.Tensor, np.ndarray)) and t.ndim > 0 for t in given
+    ):  # read as a dataset of len(given) samples, each a whole array
+        kind = "tensors" if all(isinstance(t, torch.Tensor) for t in given) else "arrays"
+        return (
+            f"a {type(given).__name__} of {len(given)} {kind}",
+            f"give a Dataset of (x, y) samples: {fix}",
+        )
+    if not hasattr(given, "__len__") or not hasattr(given, "__getitem__"):
+        return (
+            type(given).__name__,
+            "give a map-style torch Dataset of (x, y) pairs, or a ray.data.Dataset",
+        )
+    return None
 
 
 def _builtin_data(dc, seed: int) -> tuple[TensorDataset, TensorDataset]:

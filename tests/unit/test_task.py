@@ -91,6 +91,11 @@ def test_a_model_whose_output_does_not_fit_the_loss_fails_before_training():
     assert e.value.field == "model.loss"
     with pytest.raises(ConfigError, match="must return a scalar tensor"):
         Task.build(cfg(name="tests.unit.test_task:linear"), loss=lambda out, y: out)
+    # one output per sample against class targets: cross_entropy would take it while the first
+    # samples are all of class 0, and then fail on a later batch blaming the batch
+    with pytest.raises(ConfigError, match=r"cross_entropy needs a logit per class") as e:
+        Task.build(cfg(name="tests.unit.test_task:regressor"))
+    assert e.value.field == "model.loss" and "loss mse for a regression" in str(e.value)
 
 
 def test_a_loss_without_a_gradient_fails_before_training():
@@ -639,6 +644,31 @@ def test_a_file_path_as_an_import_string_and_tensors_as_a_dataset_are_named():
     x, y = data()[0].tensors
     with pytest.raises(ConfigError, match=r"got a tuple of 2 tensors; .*=TensorDataset\(x, y\)"):
         Task.build(api_cfg(), model=linear, train_data=(x, y))
+    # a dataset factory returning tensors or arrays, not datasets, is named the same way
+    for factory, said in (
+        ("tensors_not_datasets", "returned a tuple of 2 tensors as the training set"),
+        ("arrays_as_eval_set", "returned a tuple of 2 arrays as the eval set"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            Task.build(
+                TrainConfig(
+                    model=ModelConfig(name="tests.unit.test_task:linear"),
+                    data=DataConfig(dataset=f"tests.unit.test_task:{factory}"),
+                )
+            )
+        assert e.value.field == "data.dataset" and said in str(e.value), str(e.value)
+        assert "give a Dataset of (x, y) samples: return TensorDataset(x, y)" in str(e.value)
+
+
+def tensors_not_datasets():
+    train, evaluation = data()
+    return train.tensors, evaluation
+
+
+def arrays_as_eval_set():
+    train, _ = data()
+    x, y = train.tensors
+    return train, (x.numpy(), y.numpy())
 
 
 def data_with_empty_eval():
