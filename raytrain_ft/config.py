@@ -69,6 +69,19 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         )
 
 
+def _open_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """A built-in name, or the user's own as MODULE:ATTR (a dotted name was likely meant as one)."""
+    if ":" in value or value in choices:
+        return
+    module, dot, attr = value.rpartition(".")
+    meant = f" ({module}:{attr}?)" if dot and module and attr.isidentifier() else ""
+    raise ConfigError(
+        name,
+        f"unknown value {_shown(value)}; choose one of {', '.join(choices)}, or your own as "
+        f"MODULE:ATTR{meant}",
+    )
+
+
 def _at_most(name: str, value: float, limit: float, why: str) -> None:
     if value > limit:
         shown = f"{int(limit):,}" if float(limit).is_integer() else f"{limit:g}"
@@ -205,8 +218,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self, "model")
-        if ":" not in self.name:
-            _choice("model.name", self.name, MODELS)
+        _open_choice("model.name", self.name, MODELS)
         if self.kwargs is not None and ":" not in self.name:
             raise ConfigError(
                 "model.kwargs",
@@ -215,8 +227,7 @@ class ModelConfig:
                 "Trainer(model=build), bind them in what you pass: "
                 "model=functools.partial(build, ...)",
             )
-        if ":" not in self.loss:
-            _choice("model.loss", self.loss, LOSSES)
+        _open_choice("model.loss", self.loss, LOSSES)
         refuse_ignored(
             self,
             "model",
@@ -273,8 +284,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self, "data")
-        if ":" not in self.dataset:
-            _choice("data.dataset", self.dataset, DATASETS)
+        _open_choice("data.dataset", self.dataset, DATASETS)
         _positive("data.batch_size", self.batch_size)
         _positive("data.image_size", self.image_size)
         _positive("data.synthetic_samples", self.synthetic_samples)

@@ -692,3 +692,21 @@ def test_model_kwargs_that_json_cannot_carry_are_refused_in_one_line(text):
     assert (
         coerce(yaml.safe_load("a: [1, {b: 2.5}]"), str, "model.kwargs") == '{"a": [1, {"b": 2.5}]}'
     )
+
+
+def test_an_unknown_model_loss_or_dataset_names_the_module_attr_form():
+    """A user's own model, loss or dataset is MODULE:ATTR; a dotted path was most likely meant as
+    one, and the message says which."""
+    for make, field in (
+        (lambda v: C.ModelConfig(name=v), "model.name"),
+        (lambda v: C.ModelConfig(loss=v), "model.loss"),
+        (lambda v: C.DataConfig(dataset=v), "data.dataset"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            make("mymod.build")
+        assert e.value.field == field
+        assert str(e.value).endswith("or your own as MODULE:ATTR (mymod:build?)"), str(e.value)
+        with pytest.raises(ConfigError) as e:
+            make("vgg")
+        assert str(e.value).endswith("or your own as MODULE:ATTR"), str(e.value)
+        make("mymod:build")  # the user's own: looked up when the run starts, not here
