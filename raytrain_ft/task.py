@@ -417,6 +417,19 @@ class Task:
                 "the eval set holds 0 samples, so nothing would be evaluated (the run's eval_loss "
                 "would be NaN); give it samples, or give no eval set",
             )
+        if builtin is None:  # a NaN trains to a NaN loss, which the run could only call divergence
+            api = train_data is not None
+            for which, ds, field in (
+                ("training", train, "train_data" if api else "data.dataset"),
+                ("eval", evaluation, "eval_data" if api else "data.dataset"),
+            ):
+                where = _not_finite_at(ds)
+                if where is not None:
+                    raise ConfigError(
+                        field,
+                        f"the {which} set's {where} holds a NaN or infinite value; give finite "
+                        "numbers (drop or fill such samples)",
+                    )
         if evaluation is None or len(evaluation) == 0:  # nothing would be evaluated
             ignored = [("metrics", metrics is not None), ("eval_every_s", config.eval_every_s > 0)]
             for field, given in ignored:
@@ -851,6 +864,21 @@ def _call_factory(data: DataSource, flag: str, spec: str) -> tuple:
         if wrong is not None:
             raise ConfigError(flag, f"{spec!r} returned {wrong[0]} as the {which}; {wrong[1]}")
     return train, evaluation
+
+
+def _not_finite_at(ds) -> str | None:
+    """Where a TensorDataset (data held in memory, checked whole at no cost worth naming) holds a
+    NaN or an infinity first ("sample 3's x"); None where it holds none, or is another kind of
+    dataset (read sample by sample, not checked here)."""
+    if not isinstance(ds, TensorDataset):
+        return None
+    for i, t in enumerate(ds.tensors):
+        if t.is_floating_point() and t.numel():
+            bad = ~torch.isfinite(t.reshape(len(t), -1)).all(dim=1)
+            if bool(bad.any()):
+                part = ("x", "y")[i] if len(ds.tensors) == 2 else f"tensor {i}"
+                return f"sample {int(bad.nonzero()[0])}'s {part}"
+    return None
 
 
 def _not_a_dataset(given, fix: str) -> tuple[str, str] | None:

@@ -693,3 +693,37 @@ def test_an_eval_set_of_no_samples_is_refused_naming_where_it_came_from():
         )
     assert e.value.field == "data.dataset"
     Task.build(api_cfg(), model=linear, train_data=train)  # no eval set at all: fine
+
+
+def nan_in_eval_set():
+    train, _ = data()
+    x, y = train.tensors
+    x = x.clone()
+    x[5, 2] = float("nan")
+    return train, TensorDataset(x, y)
+
+
+def test_a_nan_or_infinity_in_data_held_in_memory_is_refused_naming_the_sample():
+    """It trained to a NaN loss, and the run's end blamed divergence (lower --lr)."""
+    train, _ = data()
+    x, y = train.tensors
+    for bad, part in ((float("nan"), "x"), (float("inf"), "x")):
+        xb = x.clone()
+        xb[3, 1] = bad
+        with pytest.raises(ConfigError) as e:
+            Task.build(api_cfg(), model=linear, train_data=TensorDataset(xb, y))
+        assert e.value.field == "train_data"
+        assert f"the training set's sample 3's {part} holds a NaN or infinite value" in str(e.value)
+    yf = torch.randn(len(y))
+    yf[7] = float("nan")
+    with pytest.raises(ConfigError, match=r"training set's sample 7's y holds a NaN") as e:
+        Task.build(api_cfg(loss="mse"), model=regressor, train_data=TensorDataset(x, yf))
+    with pytest.raises(ConfigError, match=r"the eval set's sample 5's x holds a NaN") as e:
+        Task.build(
+            TrainConfig(
+                model=ModelConfig(name="tests.unit.test_task:linear"),
+                data=DataConfig(dataset="tests.unit.test_task:nan_in_eval_set"),
+            )
+        )
+    assert e.value.field == "data.dataset"
+    Task.build(api_cfg(), model=linear, train_data=train)  # finite: passes
