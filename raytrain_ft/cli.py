@@ -59,10 +59,12 @@ class ProgressBar:
         self._finished = False
 
     def __call__(self, p) -> None:
-        if self._finished:  # the bar is drawn: a recovery the run's end reports still gets its line
-            for event in p.recoveries[self._recoveries_seen :]:
-                self.stream.write(recovery_line(event) + "\n")
-            self._recoveries_seen = max(self._recoveries_seen, len(p.recoveries))
+        # a recovery gets its line even after the bar is drawn (the run's end may report one)
+        for event in p.recoveries[self._recoveries_seen :]:
+            self.stream.write(("\r\033[K" if self.tty else "") + recovery_line(event) + "\n")
+        self._recoveries_seen = len(p.recoveries)
+        if self._finished:
+            self.stream.flush()
             return
         line = progress_line(
             p.step,
@@ -74,9 +76,6 @@ class ProgressBar:
             self.width,
             p.unit,
         )
-        for event in p.recoveries[self._recoveries_seen :]:
-            self.stream.write(("\r\033[K" if self.tty else "") + recovery_line(event) + "\n")
-        self._recoveries_seen = len(p.recoveries)
         finished = p.step >= p.total_steps
         if self.tty:
             self.stream.write("\r\033[K" + line + ("\n" if finished else ""))

@@ -409,19 +409,20 @@ class Task:
                 f"got {type(metrics).__name__}; give a function (output, target) -> dict[str, "
                 "float]",
             )
+        # the user's data is named as given: the Python API's objects, or the dataset factory
+        api = train_data is not None
+        train_field, eval_field = ("train_data", "eval_data") if api else ("data.dataset",) * 2
         if evaluation is not None and builtin is None and len(evaluation) == 0:
             # given, but it would evaluate nothing: the summary's eval loss would be NaN
-            field = "eval_data" if train_data is not None else "data.dataset"
             raise ConfigError(
-                field,
+                eval_field,
                 "the eval set holds 0 samples, so nothing would be evaluated (the run's eval_loss "
                 "would be NaN); give it samples, or give no eval set",
             )
         if builtin is None:  # a NaN trains to a NaN loss, which the run could only call divergence
-            api = train_data is not None
             for which, ds, field in (
-                ("training", train, "train_data" if api else "data.dataset"),
-                ("eval", evaluation, "eval_data" if api else "data.dataset"),
+                ("training", train, train_field),
+                ("eval", evaluation, eval_field),
             ):
                 where = _not_finite_at(ds)
                 if where is not None:
