@@ -1190,8 +1190,12 @@ def flag_fields() -> dict[str, tuple[str, dict[str, str]]]:
         for t in (hint, *get_args(hint)):
             if get_origin(t) is Literal:
                 words.update(str(a) for a in get_args(t))
-        if f"{sub}.{f.name}" == "model.name":
-            words.update(MODELS)
+        # str fields whose values are names (the built-in choices)
+        words.update(
+            {"model.name": MODELS, "model.loss": LOSSES, "data.dataset": DATASETS}.get(
+                f"{sub}.{f.name}", ()
+            )
+        )
         if hint is bool:  # a Python reader writes True
             words = {"true": "True", "false": "False"}
         else:

@@ -29,6 +29,8 @@ import collections.abc
 import dataclasses
 import functools
 import importlib
+import inspect
+import json
 import os
 import sys
 import warnings
@@ -346,11 +348,16 @@ class Task:
                 TensorDataset(builtin.eval_x, builtin.eval_y),
             )
         if isinstance(model, torch.nn.Module):
+            kind = type(model)
+            spelled = ("nn." if kind.__module__.startswith("torch.nn.") else "") + kind.__name__
+            # the class itself where it builds with no argument; nn.Sequential takes its layers
+            ways = f"model=lambda: {spelled}(...)"
+            if _takes_no_argument(kind):
+                ways = f"model={spelled} or {ways}"
             raise ConfigError(
                 "model",
-                f"got a built {type(model).__name__}; give what builds it, a zero-argument "
-                f"function or class (model={type(model).__name__} or model=lambda: "
-                f"{type(model).__name__}(...)): every process builds its own copy, from the seed",
+                f"got a built {spelled}; give what builds it, a zero-argument function or class "
+                f"({ways}): every process builds its own copy, from the seed",
             )
         if model is not None and not callable(model):
             raise ConfigError(
@@ -377,6 +384,7 @@ class Task:
             kwargs = parse_json(mc.kwargs, "model.kwargs")
             if not isinstance(kwargs, dict):
                 raise ConfigError("model.kwargs", "must be a JSON object of keyword arguments")
+            _check_kwargs(model, kwargs, mc.name)
             model = functools.partial(model, **kwargs)
         if model is None:  # a built-in model sized by the built-in data
             if train_data is not None or is_import_string(dc.dataset):
@@ -865,6 +873,31 @@ def _call_factory(data: DataSource, flag: str, spec: str) -> tuple:
         if wrong is not None:
             raise ConfigError(flag, f"{spec!r} returned {wrong[0]} as the {which}; {wrong[1]}")
     return train, evaluation
+
+
+def _takes_no_argument(builder) -> bool:
+    try:
+        inspect.signature(builder).bind()
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _check_kwargs(builder, kwargs: dict, name: str) -> None:
+    """``--model-kwargs`` the builder's signature cannot take (a misspelt or missing argument),
+    named as that flag's fault before anything is built; a builder with no readable signature
+    is left to fail when called."""
+    try:
+        signature = inspect.signature(builder)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(**kwargs)
+    except TypeError as e:
+        raise ConfigError(
+            "model.kwargs",
+            f"{name} cannot be called with {json.dumps(kwargs)}: {e}; its signature is {signature}",
+        ) from None
 
 
 def _not_finite_at(ds) -> str | None:

@@ -42,6 +42,26 @@ def api_cfg(**model):
     return TrainConfig(model=ModelConfig(**model))
 
 
+def sized(width: int, depth: int = 1):
+    return nn.Sequential(*[nn.Linear(4, width)] + [nn.Linear(width, width)] * (depth - 1))
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ('{"width": 3, "detph": 2}', "unexpected keyword argument 'detph'"),
+        ('{"depth": 2}', "missing a required argument: 'width'"),
+    ],
+)
+def test_model_kwargs_the_builder_cannot_take_name_the_kwargs(kwargs, needle):
+    """A misspelt or missing argument is --model-kwargs' fault, not the model's: named so, with
+    the builder's signature (it read "model.name: building the model raised TypeError")."""
+    with pytest.raises(ConfigError) as e:
+        Task.build(cfg(name="tests.unit.test_task:sized", kwargs=kwargs))
+    assert e.value.field == "model.kwargs", str(e.value)
+    assert needle in str(e.value) and "(width: int, depth: int = 1)" in str(e.value), str(e.value)
+
+
 def test_an_import_string_names_a_factory_and_its_kwargs_are_applied():
     task, train, _ = Task.build(
         cfg(name="torch.nn:Linear", kwargs='{"in_features": 4, "out_features": 3}')
@@ -95,7 +115,7 @@ def test_a_model_whose_output_does_not_fit_the_loss_fails_before_training():
     # samples are all of class 0, and then fail on a later batch blaming the batch
     with pytest.raises(ConfigError, match=r"cross_entropy needs a logit per class") as e:
         Task.build(cfg(name="tests.unit.test_task:regressor"))
-    assert e.value.field == "model.loss" and "loss mse for a regression" in str(e.value)
+    assert e.value.field == "model.loss" and "use model.loss='mse' for a regression" in str(e.value)
 
 
 def test_a_loss_without_a_gradient_fails_before_training():
@@ -439,7 +459,18 @@ def test_values_the_float32_shards_cannot_carry_are_refused():
 @pytest.mark.parametrize(
     "kwargs, field, needle",
     [
-        (dict(model=linear()), "model", "got a built Linear; give what builds it"),
+        (
+            dict(model=linear()),
+            "model",
+            "got a built nn.Linear; give what builds it, a zero-argument function or class "
+            "(model=lambda: nn.Linear(...))",
+        ),
+        (
+            dict(model=_BigIntBuffer()),
+            "model",
+            "got a built _BigIntBuffer; give what builds it, a zero-argument function or class "
+            "(model=_BigIntBuffer or model=lambda: _BigIntBuffer(...))",
+        ),
         (dict(model=5), "model", "got int; give a zero-argument function or class"),
         (dict(model=linear, loss=5), "model.loss", "got int; give a function (output, target)"),
         (
