@@ -38,7 +38,7 @@ from raytrain_ft.errors import (
 )
 from raytrain_ft.jobs import DEFAULT_ADDRESS, SUMMARY_MARKER, check_auth_mode
 from raytrain_ft.recovery.faults import ROLES
-from raytrain_ft.report import progress_line, recovery_line, server_plan_line
+from raytrain_ft.report import is_a_terminal, progress_line, recovery_line, server_plan_line
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -53,7 +53,7 @@ class ProgressBar:
         self.every_s = every_s
         self._last_line_s = 0.0
         self.width = width
-        self.tty = stream.isatty()
+        self.tty = is_a_terminal(stream)
         self._last_decile = -1
         self._recoveries_seen = 0
         self._finished = False
@@ -879,15 +879,40 @@ def _unknown_arguments(parser: argparse.ArgumentParser, command: str, unknown: l
     subparser.error(f"unrecognized arguments: {', '.join(hints) or ' '.join(unknown)}")
 
 
+class _CliLogLine(logging.Formatter):
+    """A logged line as the CLI's own lines read (``raytrain-ft: warning: ...``, where it printed
+    ``2026-11-28 19:15:51,123 WARNING raytrain_ft.recovery.chaos: ...``); another library's names
+    that library; on a terminal it first clears the progress bar's line, redrawn at the next
+    step."""
+
+    def __init__(self, tty: bool):
+        super().__init__()
+        self.tty = tty
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+        ours = record.name == "raytrain_ft" or record.name.startswith("raytrain_ft.")
+        source = "" if ours else f"({record.name}) "
+        clear = "\r\033[K" if self.tty else ""
+        return f"{clear}raytrain-ft: {level}{source}{super().format(record)}"
+
+
+def _log_lines_as_the_cli_speaks() -> None:
+    """What this project logs in this process (a chaos kill, a warning) and other libraries'
+    warnings and errors, on stderr in the CLI's own words."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_CliLogLine(tty=is_a_terminal(sys.stderr)))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    logging.getLogger("raytrain_ft").setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     with cli_surface():
         return _main(argv)
 
 
 def _main(argv: list[str] | None) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    _log_lines_as_the_cli_speaks()
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # the subcommand's own usage, and the flag the user probably meant

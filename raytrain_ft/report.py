@@ -322,3 +322,12 @@ def server_plan_line(plan: dict) -> str:
         f"servers: --num-servers auto chose {plan['chosen']} (predicted exchange per step by "
         f"shard count: {rest})"
     )
+
+
+def is_a_terminal(stream) -> bool:
+    """Whether ``stream`` is a terminal (a replaced stream without ``isatty``, or a closed one, is
+    not)."""
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False

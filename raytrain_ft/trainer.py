@@ -35,6 +35,7 @@ from raytrain_ft.params import (
     shard_ranges,
 )
 from raytrain_ft.recovery.faults import KillSpec, check_kills_of, check_steps
+from raytrain_ft.report import is_a_terminal
 from raytrain_ft.sharding import ServerPlan, choose_num_servers
 
 logger = logging.getLogger(__name__)
@@ -496,32 +497,46 @@ on a signal: it names an OOM kill or ``ray stop --force`` as likely causes."""
 
 
 @contextlib.contextmanager
-def deaths_reported_by_the_run():
-    """While a run trains, drop Ray's line for each of its processes that died: the run reports
-    every death it survived in a line of its own (``recovered: ...``, the summary's ``recoveries``),
-    and a death it cannot survive fails it naming the actor, where Ray's line suggested an OOM kill
-    on every kill of ``--kill``. Other lines pass; the driver prints them as before once the run
-    ends. Ray's printer is a module function its error listener looks up at each message."""
+def ray_lines_as_the_run_reports():
+    """While a run trains, Ray's lines from its processes as this run reports them:
+
+    - drop Ray's line for each of the run's processes that died: the run reports every death it
+      survived in a line of its own (``recovered: ...``, the summary's ``recoveries``), and a death
+      it cannot survive fails it naming the actor, where Ray's line suggested an OOM kill on every
+      kill of ``--kill``;
+    - no colour codes around a line's ``(Supervisor pid=...)`` prefix where the stream goes to a
+      file or a pipe (a job's log, ``2> run.log``), unless ``RAY_COLOR_PREFIX`` says otherwise.
+
+    Other lines pass; the driver prints them as before once the run ends. Ray's printer is a
+    module function its error listener looks up at each message, and reads ``RAY_COLOR_PREFIX``
+    at each line."""
     import ray._private.worker as ray_worker
 
     printer = getattr(ray_worker, "print_to_stdstream", None)
-    if printer is None:  # another Ray: nothing to filter
+    if printer is None:  # another Ray: nothing to change
         yield
         return
 
-    def without_deaths(data, *args, **kwargs):
+    def as_reported(data, *args, **kwargs):
         if data.get("pid") == "raylet":
             lines = [x for x in data.get("lines", ()) if not str(x).startswith(RAY_DEATH_LINE)]
             if not lines:
                 return None
             data = {**data, "lines": lines}
-        return printer(data, *args, **kwargs)
+        sink = sys.stderr if data.get("is_err") else sys.stdout
+        if "RAY_COLOR_PREFIX" in os.environ or is_a_terminal(sink):
+            return printer(data, *args, **kwargs)
+        os.environ["RAY_COLOR_PREFIX"] = "0"  # only Ray's log thread prints these lines
+        try:
+            return printer(data, *args, **kwargs)
+        finally:
+            os.environ.pop("RAY_COLOR_PREFIX", None)
 
-    ray_worker.print_to_stdstream = without_deaths
+    ray_worker.print_to_stdstream = as_reported
     try:
         yield
     finally:
-        if ray_worker.print_to_stdstream is without_deaths:
+        if ray_worker.print_to_stdstream is as_reported:
             ray_worker.print_to_stdstream = printer
 
 
@@ -881,7 +896,7 @@ class Trainer:
             if self.parts["train_data"] is None:
                 check_source(cfg.data)
             prepared = self._prepare(kills)
-        with ray_session(cfg) as session, deaths_reported_by_the_run():
+        with ray_session(cfg) as session, ray_lines_as_the_run_reports():
             if prepared is None:
                 prepared = self._prepare(kills)
             task, eval_data, model, ranges, total_steps, start_step = prepared

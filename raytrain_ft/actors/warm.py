@@ -340,7 +340,7 @@ def release_processes(run_id: str, names: list[str], keep_s: float, timeout_s: f
             if handle is not None and hasattr(handle, "rest"):  # a host of ranks has none
                 pending[handle.rest.remote(keep_s)] = name
         except Exception as e:  # noqa: BLE001 -- not kept (killed by the caller)
-            logger.info("[warm] %s not kept: %s", name, e)
+            logger.debug("[warm] %s not kept: %s", name, e)
     rested: set = set()
     if not pending:
         return rested
@@ -349,7 +349,7 @@ def release_processes(run_id: str, names: list[str], keep_s: float, timeout_s: f
         try:
             rested.add(ray.get(ref))
         except Exception as e:  # noqa: BLE001 -- dead, or busy with something else: killed
-            logger.info("[warm] %s not kept: %s", pending[ref], e)
+            logger.debug("[warm] %s not kept: %s", pending[ref], e)
     if rested and not _AT_EXIT.is_set():
         _AT_EXIT.set()
         atexit.register(end_resting)

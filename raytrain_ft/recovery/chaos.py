@@ -222,7 +222,7 @@ class ChaosRunner:
             self._killed.add(name)  # targets may name it until the supervisor notices
         record = {"kill": str(k), "at": at, "step": step, "how": how, "target": target}
         self.fired.append(record)
-        logger.warning(
+        logger.info(  # an event the user asked for: the CLI shows it, a Python API run logs it
             "[chaos] killed %s%s at step %s (%s)", k, f" ({target})" if target else "", step, how
         )
         return record

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shlex
+import sys
 import time
 
 import pytest
@@ -606,3 +607,48 @@ def test_the_report_of_a_regression_draws_its_eval_loss_and_no_empty_accuracy_pa
     assert set(lines) == {"training loss", "eval loss"}
     assert lines["training loss"].get_marker() == "."  # one point, drawn
     assert "eval loss 1.2500" in fig._suptitle.get_text()
+
+
+def test_cli_log_lines_read_as_the_cli_speaks():
+    """A chaos kill and a warning logged in the CLI's process read ``raytrain-ft: ...``, not
+    ``2026-11-28 19:15:51,123 WARNING raytrain_ft.recovery.chaos: ...``; another library is
+    named; on a terminal the progress bar's line is cleared first."""
+    import logging
+
+    from raytrain_ft.cli import _CliLogLine
+
+    def line(name, level, tty=False):
+        record = logging.LogRecord(name, level, __file__, 1, "[chaos] killed %s", ("x",), None)
+        return _CliLogLine(tty).format(record)
+
+    assert line("raytrain_ft.recovery.chaos", logging.INFO) == "raytrain-ft: [chaos] killed x"
+    assert line("raytrain_ft.trainer", logging.WARNING) == "raytrain-ft: warning: [chaos] killed x"
+    assert line("filelock", logging.ERROR) == "raytrain-ft: error: (filelock) [chaos] killed x"
+    assert line("raytrain_ft", logging.INFO, tty=True) == "\r\033[Kraytrain-ft: [chaos] killed x"
+
+
+def test_ray_lines_of_a_run_drop_its_deaths_and_colour_only_on_a_terminal(monkeypatch):
+    """Ray's line for a killed process is dropped (the run's ``recovered:`` line reports it); a
+    process's line keeps its ``(Supervisor pid=7)`` prefix, without colour codes where stderr is a
+    file; ``RAY_COLOR_PREFIX`` set by the user is obeyed."""
+    import ray._private.worker as ray_worker
+
+    from raytrain_ft.trainer import RAY_DEATH_LINE, ray_lines_as_the_run_reports
+
+    monkeypatch.delenv("RAY_COLOR_PREFIX", raising=False)
+    base = {"ip": "10.0.0.1", "localhost": "10.0.0.1", "is_err": True, "task_name": ""}
+
+    def printed(data) -> str:
+        err = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", err)
+        with ray_lines_as_the_run_reports():
+            ray_worker.print_to_stdstream(data, False)
+        return err.getvalue()
+
+    actor = {**base, "pid": 7, "actor_name": "Supervisor", "lines": ["[supervisor] hello"]}
+    assert printed(actor) == "(Supervisor pid=7) [supervisor] hello\n"
+    death = {**base, "pid": "raylet", "lines": [RAY_DEATH_LINE + ". Some Actor ID"]}
+    assert printed(death) == ""
+    monkeypatch.setenv("RAY_COLOR_PREFIX", "1")
+    assert "\033[" in printed(actor)  # the user's choice
+    assert "RAY_COLOR_PREFIX" in os.environ
