@@ -209,44 +209,6 @@ def test_batchnorm_buffers_are_reconciled_across_workers(ray_local):
     assert np.isfinite(result.final_loss)
 
 
-def test_ranks_sharing_a_process_train_for_real_with_the_same_bits(ray_local):
-    """Real compute with two ranks per process (ranks 0 and 1 in one process, each with its own
-    thread, model and data; rank 2 alone), pre-aggregated: rank 0 pushes the sum of both ranks'
-    gradients and BatchNorm statistics, rank 1 takes its parameters and counters. The result is
-    bitwise the run with a process per rank (with 3 ranks both sum (g0 + g1) + g2), also when
-    rank 1's process is SIGKILLed mid-run: both its ranks are re-created in one new process and
-    resume at one step."""
-    steps = 20
-    cfg = _config(  # a small model with BatchNorm (float statistics and an integer counter)
-        model=ModelConfig(name="tests.integration.test_user_models:Odd", loss="mse"),
-        data=DataConfig(dataset="tests.integration.test_user_models:odd_data", batch_size=16),
-        steps=steps,
-        cluster=ClusterConfig(num_workers=3, num_servers=2),
-    )
-    alone = Trainer(cfg).fit()
-    shared = Trainer(
-        dataclasses.replace(
-            cfg,
-            cluster=dataclasses.replace(cfg.cluster, ranks_per_process=2),
-            chaos=ChaosConfig(kill="worker:1@step=8"),
-        )
-    ).fit()
-    assert [k["kill"] for k in shared.kills] == ["worker:1@step=8"]
-    assert sorted((e["role"], e["index"]) for e in shared.recoveries) == [
-        ("worker", 0),
-        ("worker", 1),
-    ]
-    processes = [w["process"] for w in shared.workers]
-    assert processes[0] == processes[1] != processes[2]
-    assert shared.preaggregated and not alone.preaggregated
-    assert [w["bytes_pushed"] > 0 for w in shared.workers] == [True, False, True]
-    assert shared.params_sha256 == alone.params_sha256
-    assert shared.updates_applied == shared.updates_acknowledged == steps * 2
-    # BatchNorm's step counters: every rank counted every step, the shards averaged them
-    tracked = {k: v for k, v in shared.state_dict().items() if k.endswith("num_batches_tracked")}
-    assert tracked and all(int(v) == steps for v in tracked.values())
-
-
 @pytest.mark.extended
 def test_adam_trains_mlp_and_loss_falls(ray_local):
     cfg = _config(

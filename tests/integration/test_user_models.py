@@ -2,6 +2,7 @@
 the built-in models have (same seed, same hash; a kill changes nothing), BatchNorm-style float
 buffers, an integer buffer, a frozen parameter and one the forward never uses."""
 
+import dataclasses
 import json
 
 import pytest
@@ -11,6 +12,7 @@ from torch import nn
 from examples import diabetes, sequence
 from raytrain_ft import cli
 from raytrain_ft.config import (
+    ChaosConfig,
     ClusterConfig,
     DataConfig,
     ModelConfig,
@@ -179,24 +181,51 @@ def odd_data():
 
 
 @pytest.mark.chaos
-def test_odd_user_model_same_seed_same_hash_and_kills_change_nothing(ray_local):
+def test_odd_user_model_same_hash_with_ranks_sharing_a_process_and_a_server_and_that_process_killed(
+    ray_local,
+):
+    """A model with BatchNorm (float statistics and an integer counter), a frozen parameter and
+    an unused one, 3 workers. Killed run: ranks 0 and 1 share a process (each with its own thread,
+    model and data; rank 2 alone), pre-aggregated -- rank 0 pushes the sum of both ranks'
+    gradients and BatchNorm statistics, rank 1 takes its parameters and counters -- and shard 0's
+    primary, then the shared process, are SIGKILLed mid-run: both ranks are re-created in one new
+    process and resume at one step. It ends bitwise equal to the clean run with a process per rank
+    (with 3 ranks both sum (g0 + g1) + g2)."""
+    steps = 30
     cfg = TrainConfig(
         model=ModelConfig(name="tests.integration.test_user_models:Odd", loss="mse"),
         data=DataConfig(dataset="tests.integration.test_user_models:odd_data", batch_size=16),
-        cluster=ClusterConfig(num_workers=2, num_servers=2),
+        cluster=ClusterConfig(num_workers=3, num_servers=2),
         recovery=RecoveryConfig(snapshot_interval=5, num_spares=0),
         optim=OptimConfig(lr=0.02, momentum=0.9, weight_decay=1e-4),
-        steps=30,
+        steps=steps,
         seed=5,
     )
     clean = Trainer(cfg).fit()
-    cfg.chaos.kill = "server:0@step=8,worker:1@step=16"
-    killed = Trainer(cfg).fit()
-    assert sorted(e["role"] for e in killed.recoveries) == ["server", "worker"]
+    killed = Trainer(
+        dataclasses.replace(
+            cfg,
+            cluster=dataclasses.replace(cfg.cluster, ranks_per_process=2),
+            chaos=ChaosConfig(kill="server:0@step=8,worker:1@step=16"),
+        )
+    ).fit()
+    assert [k["kill"] for k in killed.kills] == ["server:0@step=8", "worker:1@step=16"]
+    assert sorted((e["role"], e["index"]) for e in killed.recoveries) == [
+        ("server", 0),
+        ("worker", 0),
+        ("worker", 1),
+    ]
+    processes = [w["process"] for w in killed.workers]
+    assert processes[0] == processes[1] != processes[2]
+    assert killed.preaggregated and not clean.preaggregated
+    assert [w["bytes_pushed"] > 0 for w in killed.workers] == [True, False, True]
     assert killed.params_sha256 == clean.params_sha256
-    assert (
-        int(killed.model.body[1].num_batches_tracked) == 30
-    )  # the integer buffer travels with the shards (as a float)
+    assert killed.updates_applied == killed.updates_acknowledged == steps * 2
+    # BatchNorm's step counters: every rank counted every step, the shards averaged them; the
+    # integer buffer travels with the shards (as a float)
+    tracked = {k: v for k, v in killed.state_dict().items() if k.endswith("num_batches_tracked")}
+    assert tracked and all(int(v) == steps for v in tracked.values())
+    assert int(killed.model.body[1].num_batches_tracked) == steps
     assert (
         float(killed.model.frozen) == 0.5 and torch.count_nonzero(killed.model.unused) == 0
     )  # weight decay of 0 stays 0
