@@ -111,85 +111,6 @@ def test_train_and_chaos_against_a_real_token_head_say_what_submit_says(head, tm
     jobs.probe_ray(head.gcs_address, "cluster.address", auth=auth, environ={})
 
 
-def test_job_survives_a_chaos_kill_reports_its_summary_and_metrics(head, token_env):
-    """The README walkthrough: submit, kill a server with the chaos CLI, see the recovery in the
-    job's logs."""
-    handle = jobs.submit(_config(epochs=10), address=head.dashboard_url)
-    wait_for(lambda: handle.status() != "PENDING", 120, "the job to start")
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}
-    chaos = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "raytrain_ft.cli",
-            "chaos",
-            "--address",
-            head.gcs_address,
-            "--kill",
-            "server:0@step=40",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert chaos.returncode == 0 and "fired 1 kills" in chaos.stdout, (
-        chaos.stdout + chaos.stderr[-3000:]
-    )
-    seen = {}
-
-    def scraped_all_metrics():
-        series = parse_prometheus(head.scrape())
-        summary_run = jobs.parse_summary(handle.logs())
-        run_ids = {lab.get("run_id") for lab, _ in series.get(prometheus_name("steps"), [])}
-        for run_id in run_ids:
-            if run_id and _metrics_complete(series, run_id):
-                seen["run_id"], seen["series"] = run_id, series
-                return True
-        if summary_run is not None or handle.status() in jobs.TERMINAL_STATES:
-            raise AssertionError(
-                "the job ended before every metric was scraped; last scrape had "
-                f"{sorted(n for n in series if 'raytrain' in n)}"
-            )
-        return False
-
-    wait_for(
-        scraped_all_metrics,
-        240,
-        "every run metric on the head's Prometheus endpoint",
-        interval_s=1.0,
-    )
-    assert handle.wait(timeout_s=240) == "SUCCEEDED", handle.logs()[-3000:]
-    summary = handle.result()
-    assert summary["run_id"] == seen["run_id"]
-    assert summary["steps_completed"] == summary["total_steps"] > 40
-    assert (
-        summary["updates_applied"] == summary["updates_acknowledged"] == 2 * summary["total_steps"]
-    )
-    assert summary["eval_accuracy"] > 0.85
-    [recovery] = summary["recoveries"]
-    assert (
-        recovery["role"] == "server"
-        and recovery["source"] == "replica"
-        and recovery["steps_lost"] == 0
-    )
-    logs = handle.logs()
-    assert "recovered: parameter server 0 died; rebuilt from its peer's replica" in logs
-    # the histograms count every exchange and every update
-    series = seen["series"]
-    steps_metric = _value(series, prometheus_name("steps"), run_id=seen["run_id"])
-    assert 0 < steps_metric <= 2 * summary["total_steps"]
-    assert (
-        _value(
-            series,
-            prometheus_name("exchange_latency_seconds") + "_count",
-            op="push_pull",
-            run_id=seen["run_id"],
-        )
-        >= steps_metric
-    )
-
-
 @pytest.mark.extended
 def test_stop_a_running_job_and_its_actors_go_away(head, token_env):
     handle = jobs.submit(_config(epochs=500), address=head.dashboard_url)
@@ -277,14 +198,17 @@ def test_a_killed_driver_leaves_no_actors_behind(head, tmp_path):
     wait_for(lambda: not _alive_run_actors(head), 60, "the orphaned actors to exit", interval_s=1.0)
 
 
-def test_cli_submit_of_your_own_model_in_its_working_dir_follows_the_log_to_success(
+def test_cli_submit_of_your_own_model_survives_a_chaos_kill_follows_the_log_and_exports_metrics(
     head, token_env, tmp_path
 ):
-    """`raytrain-ft submit --follow` as a user runs it: the model, loss and data named by import
-    strings live in a directory of the user's; the job's working_dir carries it to the cluster,
-    where the driver and every worker import it; the log is tailed to the job's end, and `status`
-    and `logs` answer for it."""
+    """The README walkthrough as a user runs it: `raytrain-ft submit --follow` of a model, loss
+    and data named by import strings that live in a directory of the user's (the job's working_dir
+    carries it to the cluster, where the driver and every worker import it); `raytrain-ft chaos`
+    kills a server while it trains; the tailed log shows the recovery and ends with the job's
+    state; the summary is read back from the log, every run metric from the head's Prometheus
+    endpoint; `status` and `logs` answer for the job."""
     import shutil
+    import threading
 
     workdir = tmp_path / "project"
     shutil.copytree(
@@ -297,7 +221,8 @@ def test_cli_submit_of_your_own_model_in_its_working_dir_follows_the_log_to_succ
         "RAY_API_SERVER_ADDRESS": head.dashboard_url,
     }  # the address as Ray's job CLI reads it
     cli = [sys.executable, "-m", "raytrain_ft.cli"]
-    proc = subprocess.run(
+    steps = 400
+    follow = subprocess.Popen(
         [
             *cli,
             "submit",
@@ -314,32 +239,107 @@ def test_cli_submit_of_your_own_model_in_its_working_dir_follows_the_log_to_succ
             "--num-workers",
             "2",
             "--num-servers",
-            "1",
-            "--num-spares",
-            "0",
+            "2",
             "--steps",
-            "150",
+            str(steps),
             "--seed",
             "3",
+            "--log-every-s",
+            "0.5",
             "--runtime-env-json",
             json.dumps({"working_dir": str(workdir)}),
             "--follow",
         ],
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=300,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    job_id = proc.stdout.split()[1]
-    assert proc.stdout.startswith(f"submitted {job_id} to {head.dashboard_url}")
-    assert "done: 150 steps" in proc.stdout  # the tailed log
-    assert proc.stdout.rstrip().endswith(f"job {job_id}: SUCCEEDED")
-    summary = jobs.parse_summary(proc.stdout)
+    out: list[str] = []
+    err: list[str] = []
+    readers = [
+        threading.Thread(target=lambda s=s, into=into: into.extend(s), daemon=True)
+        for s, into in ((follow.stdout, out), (follow.stderr, err))
+    ]
+    for r in readers:
+        r.start()
+    try:
+        wait_for(lambda: out or follow.poll() is not None, 120, "the job's submission")
+        assert out and out[0].startswith("submitted "), "".join(out + err)[-3000:]
+        job_id = out[0].split()[1]
+        assert out[0] == f"submitted {job_id} to {head.dashboard_url}\n"
+        handle = jobs.attach(job_id, head.dashboard_url)
+        wait_for(lambda: handle.status() != "PENDING", 120, "the job to start")
+        chaos = subprocess.run(
+            [*cli, "chaos", "--address", head.gcs_address, "--kill", "server:0@step=40"],
+            env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert chaos.returncode == 0 and "fired 1 kills" in chaos.stdout, (
+            chaos.stdout + chaos.stderr[-3000:]
+        )
+        seen = {}
+
+        def scraped_all_metrics():
+            series = parse_prometheus(head.scrape())
+            summary_run = jobs.parse_summary(handle.logs())
+            run_ids = {lab.get("run_id") for lab, _ in series.get(prometheus_name("steps"), [])}
+            for run_id in run_ids:
+                if run_id and _metrics_complete(series, run_id):
+                    seen["run_id"], seen["series"] = run_id, series
+                    return True
+            if summary_run is not None or handle.status() in jobs.TERMINAL_STATES:
+                raise AssertionError(
+                    "the job ended before every metric was scraped; last scrape had "
+                    f"{sorted(n for n in series if 'raytrain' in n)}"
+                )
+            return False
+
+        wait_for(
+            scraped_all_metrics,
+            240,
+            "every run metric on the head's Prometheus endpoint",
+            interval_s=1.0,
+        )
+        follow.wait(timeout=300)
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+        follow.wait()
+        for r in readers:
+            r.join(timeout=10)
+    stdout = "".join(out)
+    assert follow.returncode == 0, stdout[-3000:] + "".join(err)[-3000:]
+    assert f"done: {steps} steps" in stdout  # the tailed log
+    assert "recovered: parameter server 0 died; rebuilt from its peer's replica" in stdout
+    assert stdout.rstrip().endswith(f"job {job_id}: SUCCEEDED")
+    summary = jobs.parse_summary(stdout)
+    assert summary == handle.result()
+    print(f"job: {summary['train_time_s']:.1f}s of training, the kill at step 40 of {steps}")
+    assert summary["run_id"] == seen["run_id"]
+    assert summary["steps_completed"] == summary["total_steps"] == steps
+    assert summary["updates_applied"] == summary["updates_acknowledged"] == 2 * steps
+    assert summary["eval_loss"] < 0.8 and summary["eval_accuracy"] is None
+    [recovery] = summary["recoveries"]
     assert (
-        summary["steps_completed"] == 150
-        and summary["eval_loss"] < 0.8
-        and summary["eval_accuracy"] is None
+        recovery["role"] == "server"
+        and recovery["source"] == "replica"
+        and recovery["steps_lost"] == 0
+    )
+    # the histograms count every exchange and every update
+    series = seen["series"]
+    steps_metric = _value(series, prometheus_name("steps"), run_id=seen["run_id"])
+    assert 0 < steps_metric <= 2 * steps
+    assert (
+        _value(
+            series,
+            prometheus_name("exchange_latency_seconds") + "_count",
+            op="push_pull",
+            run_id=seen["run_id"],
+        )
+        >= steps_metric
     )
     status = subprocess.run(
         [*cli, "status", job_id], env=env, capture_output=True, text=True, timeout=60
