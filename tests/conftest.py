@@ -15,8 +15,8 @@ SECOND_STREAM = (
 )
 """Tests that use no Ray of this session (``ray_local``): the unit tests and the simulator start
 none, the CLI and job tests start their own (in a subprocess, or a head of their own). The node
-test's run is a CLI subprocess with its own 3-node cluster too (only its fault-free baseline, ~10 s,
-runs on a session Ray of this stream's worker; it takes ~45 s off the longer stream). With ``-n
+test's run is a CLI subprocess with its own 3-node cluster too (its fault-free baseline's hash is
+read from the other stream, ``RUN_LAST``; it takes ~45 s off the longer stream). With ``-n
 2`` (pyproject's addopts) they run in one pytest worker while the other runs every test on the
 session's Ray, one after another as without xdist. Spreading the Ray tests over both workers
 (xdist's default) measured no gain on two cores; these streams share them better: the second
@@ -33,6 +33,15 @@ def pytest_xdist_make_scheduler(config, log):
             return "second" if nodeid.startswith(SECOND_STREAM) else "session-ray"
 
     return TwoStreams(config, log)
+
+
+RUN_LAST = ("tests/chaos/test_chaos.py::test_kill_a_node_of_three",)
+"""Tests run after every other of their stream: the node test reads the baseline hash the other
+stream's chaos tests computed at their start (it needs no Ray of this stream then)."""
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.nodeid.startswith(RUN_LAST))  # stable: the rest keep order
 
 
 # Ray 2.60 enables token auth by default; the local test clusters opt out explicitly.

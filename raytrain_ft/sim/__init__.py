@@ -12,6 +12,7 @@ for event. ``raytrain-ft simulate`` is the command line.
 
 from __future__ import annotations
 
+import os
 import random
 import time
 import traceback
@@ -127,15 +128,21 @@ def _explore_slice(args) -> Exploration:
     return out
 
 
-def process_pool(processes: int):
+def process_pool(processes: int, niceness: int = 0):
     """Processes for ``explore`` (one pool may serve several explorations: each process imports the
     protocol once). Spawned, not forked: the caller may hold threads (an initialized Ray, gRPC)
     whose locks a forked child inherits held; a child that dies raises BrokenProcessPool instead of
-    leaving the map waiting forever."""
+    leaving the map waiting forever. ``niceness`` is added to each process's (``os.nice``): 15
+    shares the cores equally with Ray's actors, which Ray starts at 15."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+    return ProcessPoolExecutor(
+        processes,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=os.nice if niceness else None,
+        initargs=(niceness,) if niceness else (),
+    )
 
 
 CHUNK = 25
