@@ -20,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from raytrain_ft.consistency import MODES as ALL_MODES
+from raytrain_ft.sim.bugs import can_show
 from raytrain_ft.sim.checker import baseline_hash, check
 from raytrain_ft.sim.world import Violation, World, random_config
 
@@ -69,7 +70,15 @@ class ScheduleResult:
 
 
 def run_schedule(schedule: int, mode: str, bugs=(), trace: bool = False) -> ScheduleResult:
-    cfg = random_config(random.Random(schedule), mode)
+    """One schedule: its configuration and faults drawn from ``schedule`` (a seed). With a bug
+    injected that breaks a rule only some configurations use (``SHOWN_ONLY_IN``), the configuration
+    is drawn again from the same seed's stream until it uses that rule: a schedule that could not
+    show the bug is not run (the same schedule on replay)."""
+    rng = random.Random(schedule)
+    cfg = random_config(rng, mode)
+    shows = can_show(bugs, mode)
+    while shows is not None and not shows(cfg):
+        cfg = random_config(rng, mode)
     world = World(cfg, schedule, faults=True, bugs=bugs, trace=trace)
     try:
         outcome = world.run()

@@ -195,6 +195,30 @@ SHOWN_ONLY_IN = {
 """Bugs in a rule that the simulator's schedules use only in some modes (``random_config``): the
 modes they can show in and the rule they break. Every other bug shows in every mode."""
 
+USES_RULE = {
+    "global clipping": lambda c: c.clip is not None,
+    "pipelined durability": lambda c: c.pipelined,
+    "pre-aggregation": lambda c: c.preaggregate > 1,
+    "relaxed durability": lambda c: c.unlogged > 0,
+}
+"""Whether a schedule's configuration uses a rule of ``SHOWN_ONLY_IN``."""
+
+
+def can_show(bugs, mode: str):
+    """A test of a configuration: whether it uses a rule one of ``bugs`` breaks (``SHOWN_ONLY_IN``)
+    in ``mode``; None where every configuration can show them (a bug of every mode among them,
+    or none of their rules used in ``mode``)."""
+    rules = []
+    for name in bugs:
+        if name not in SHOWN_ONLY_IN:
+            return None
+        modes, rule = SHOWN_ONLY_IN[name]
+        if mode in modes:
+            rules.append(USES_RULE[rule])
+    if not rules:
+        return None
+    return lambda c: any(uses(c) for uses in rules)
+
 
 def refuse_unshowable(bugs, modes) -> None:
     """ValueError for a bug that the explored modes cannot show (no schedule of theirs uses the

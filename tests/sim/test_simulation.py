@@ -16,6 +16,7 @@ from raytrain_ft.sim import (
 from raytrain_ft.sim.bugs import (
     BUGS,
     SHOWN_ONLY_IN,
+    USES_RULE,
     AckBeforeLog,
     DoubleApply,
     VolatileEpochs,
@@ -27,8 +28,8 @@ SCHEDULES_PER_MODE = int(os.environ.get("RAYTRAIN_FT_SIM_SCHEDULES", "1000"))
 """In the default suite (25-50 s on 2 cores); the extended tier runs 10,000 more per mode."""
 VARIANT_SCHEDULES = 4000
 """Each known-bad variant is caught within this many schedules of seed 7 (the latest,
-``relaxed-overrun``, at the 1,827th of its async schedules); an exploration stops at its first
-violation."""
+``eager-retire`` and ``per-rank-start``, at the 447th; a bug in a rule only some configurations use
+is explored in those alone, ``run_schedule``); an exploration stops at its first violation."""
 PROCESSES = os.cpu_count() or 1
 NICENESS = 15
 """The explorations' processes run at the niceness Ray starts its actors at: beside the other
@@ -78,12 +79,7 @@ def test_every_known_bad_variant_is_caught(bug, pool):
 def test_a_bug_shown_only_in_some_modes_is_so_by_the_schedules_of_every_mode():
     """SHOWN_ONLY_IN, judged from the schedules' configurations: a mode it names uses the rule the
     bug breaks in some schedules, any other mode in none (simulate refuses such a pairing)."""
-    uses = {
-        "global clipping": lambda c: c.clip is not None,
-        "pipelined durability": lambda c: c.pipelined,
-        "pre-aggregation": lambda c: c.preaggregate > 1,
-        "relaxed durability": lambda c: c.unlogged > 0,
-    }
+    uses = USES_RULE
     rng = random.Random(3)
     for mode in MODES:
         configs = [random_config(rng, mode) for _ in range(500)]
@@ -100,8 +96,8 @@ def test_bugs_of_one_role_are_combined_not_replaced():
 def test_a_parallel_exploration_stops_where_one_process_would(pool):
     """Spread over processes, an exploration reports the same first violation as one process and
     has run only the schedules up to it (the chunks come back in order)."""
-    one = explore(300, seed=7, bugs=("lone-restart",), processes=1)
-    spread = explore(300, seed=7, bugs=("lone-restart",), processes=PROCESSES, pool=pool)
+    one = explore(300, seed=7, bugs=("last-holder-only",), processes=1)
+    spread = explore(300, seed=7, bugs=("last-holder-only",), processes=PROCESSES, pool=pool)
     assert one.first_violation is not None and one.first_index >= 25  # past the first chunk
     assert spread.first_violation.seed == one.first_violation.seed
     assert spread.schedules == one.schedules == one.first_index + 1
@@ -169,3 +165,23 @@ def test_probe_rounds_keep_their_interval():
     assert outcome.finished
     rounds, interval = world.procs[SUPERVISOR].obj._rounds, world.sup_spec.probe_interval_s
     assert rounds <= 1.1 * outcome.sim_time_s / interval + 5, (rounds, outcome.sim_time_s)
+
+
+def test_a_bug_in_a_rule_is_explored_only_in_schedules_that_use_the_rule():
+    """With such a bug injected, a schedule's configuration is drawn again (from the same seed)
+    until it uses the rule; replayed, the schedule is the same; without the bug, or in a mode
+    where the rule is never used, the configuration is the first drawn."""
+    for i in range(20):
+        shown = run_schedule(7000 + i, "sync", bugs=("per-rank-start",))
+        assert USES_RULE["pre-aggregation"](shown.config)
+        again = run_schedule(7000 + i, "sync", bugs=("per-rank-start",))
+        assert (again.config, again.faults, again.events) == (
+            shown.config,
+            shown.faults,
+            shown.events,
+        )
+    plain = [run_schedule(7000 + i, "sync").config for i in range(20)]
+    assert not all(USES_RULE["pre-aggregation"](c) for c in plain)
+    assert plain[0] == random_config(random.Random(7000), "sync")
+    relaxed = run_schedule(7000, "sync", bugs=("relaxed-overrun",)).config
+    assert relaxed == plain[0]  # sync never uses relaxed durability: nothing to look for
