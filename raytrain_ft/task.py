@@ -352,7 +352,7 @@ class Task:
             spelled = ("nn." if kind.__module__.startswith("torch.nn.") else "") + kind.__name__
             # the class itself where it builds with no argument; nn.Sequential takes its layers
             ways = f"model=lambda: {spelled}(...)"
-            if _takes_no_argument(kind):
+            if _refused_call(kind, {}) is None:
                 ways = f"model={spelled} or {ways}"
             raise ConfigError(
                 "model",
@@ -384,7 +384,12 @@ class Task:
             kwargs = parse_json(mc.kwargs, "model.kwargs")
             if not isinstance(kwargs, dict):
                 raise ConfigError("model.kwargs", "must be a JSON object of keyword arguments")
-            _check_kwargs(model, kwargs, mc.name)
+            refused = _refused_call(model, kwargs)
+            if refused is not None:  # a misspelt or missing argument: named before anything runs
+                raise ConfigError(
+                    "model.kwargs",
+                    f"{mc.name} cannot be called with {json.dumps(kwargs)}: {refused}",
+                )
             model = functools.partial(model, **kwargs)
         if model is None:  # a built-in model sized by the built-in data
             if train_data is not None or is_import_string(dc.dataset):
@@ -875,29 +880,19 @@ def _call_factory(data: DataSource, flag: str, spec: str) -> tuple:
     return train, evaluation
 
 
-def _takes_no_argument(builder) -> bool:
-    try:
-        inspect.signature(builder).bind()
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
-def _check_kwargs(builder, kwargs: dict, name: str) -> None:
-    """``--model-kwargs`` the builder's signature cannot take (a misspelt or missing argument),
-    named as that flag's fault before anything is built; a builder with no readable signature
-    is left to fail when called."""
+def _refused_call(builder, kwargs: dict) -> str | None:
+    """Why ``builder(**kwargs)`` does not fit the builder's signature ("missing a required argument:
+    'width'; its signature is (width: int, depth: int = 1)"); None where it fits, or where the
+    builder has no readable signature (it is left to fail when called)."""
     try:
         signature = inspect.signature(builder)
-    except (TypeError, ValueError):
-        return
+    except (TypeError, ValueError):  # no signature to read
+        return None
     try:
         signature.bind(**kwargs)
     except TypeError as e:
-        raise ConfigError(
-            "model.kwargs",
-            f"{name} cannot be called with {json.dumps(kwargs)}: {e}; its signature is {signature}",
-        ) from None
+        return f"{e}; its signature is {signature}"
+    return None
 
 
 def _not_finite_at(ds) -> str | None:
