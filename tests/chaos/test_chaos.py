@@ -58,17 +58,20 @@ def _config(num_servers=2, kill=None, checkpoint_dir=None, one_kill_at_a_time=Fa
 _baselines: dict[int, str] = {}
 
 
-def baseline_hash(num_servers: int) -> str:
+def baseline_hash(num_servers: int, request=None) -> str:
     """The failure-free run's hash. The optimizer is elementwise and each shard sums the workers'
     gradients in rank order, so the number of shards changes no bit: one run of 2 shards is every
     shard count's baseline (unit-tested without Ray in tests/unit/test_sharding.py). Computed once
     per session: the first pytest worker to need it writes it where the others read it
-    (``shared_baseline``)."""
+    (``shared_baseline``). ``request``: a test without the session's Ray, which gets it only to
+    compute the hash here."""
     if not _baselines:
         shared = _SHARED.get("path")
         if shared is not None and shared.exists():
             _baselines[2] = shared.read_text()
         else:
+            if request is not None:
+                request.getfixturevalue("ray_local")
             result = Trainer(_config(2, num_spares=0)).fit()  # nothing dies: no spare needed
             assert result.recoveries == [] and result.kills == []
             _baselines[2] = result.params_sha256
@@ -90,7 +93,6 @@ def shared_baseline(tmp_path_factory):
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
     _SHARED["path"] = shared / f"chaos-baseline-{STEPS}-steps.sha256"
-    yield
 
 
 def assert_invariants(result, num_servers: int, kills: str, tmp_path, baseline: str):
@@ -181,9 +183,7 @@ def test_kill_a_node_of_three(ledger_dir, tmp_path, request):
     """Via the CLI on 3 simulated nodes (its own Ray, in a subprocess): the node's server and
     workers die together. It runs last in its stream (tests/conftest.py), by when the other stream
     has written the baseline hash; run alone, it starts the session's Ray to compute it."""
-    if not _baselines and not _SHARED["path"].exists():
-        request.getfixturevalue("ray_local")
-    baseline = baseline_hash(3)
+    baseline = baseline_hash(3, request)
     out = tmp_path / "run.json"
     kills = "node:1@step=20"
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
