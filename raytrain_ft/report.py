@@ -38,10 +38,23 @@ def progress_line(
     )
 
 
+def _what_happened(event: dict[str, Any]) -> str:
+    """What happened to the replaced actor (``RecoveryEvent.cause``), as a verb phrase."""
+    cause = event.get("cause", "died")
+    if cause == "silent":
+        fate = "its process was killed" if event["role"] == "worker" else "killed and fenced"
+        return f"stopped answering for {event.get('silent_s') or 0:.1f}s (suspected: {fate})"
+    if cause == "deposed":
+        return "was deposed (a newer copy of its shard serves)"
+    if cause == "rollback":
+        return "was stopped for the rollback to a checkpoint"
+    return "died"
+
+
 def recovery_line(event: dict[str, Any]) -> str:
     """One line saying what failed and how the run survived it."""
     role, index, took = event["role"], event["index"], event.get("duration_s", 0.0)
-    source = event.get("source", "")
+    source, happened = event.get("source", ""), _what_happened(event)
     if source == "replica":
         what = "replica holder" if role == "replica" else "parameter server"
         detail = f"rebuilt from its peer's replica, {event.get('replayed', 0)} commands replayed"
@@ -49,16 +62,16 @@ def recovery_line(event: dict[str, Any]) -> str:
             detail += f", {event.get('steps_lost', 0)} steps lost"
             if event.get("updates_lost"):  # relaxed durability: acknowledged updates it lacked
                 detail += f", {event['updates_lost']} acknowledged updates lost"
-        return f"recovered: {what} {index} died; {detail}; serving again after {took:.3f}s"
+        return f"recovered: {what} {index} {happened}; {detail}; serving again after {took:.3f}s"
     if source == "checkpoint":
         return (
-            f"recovered: parameter server {index} died; all shards rolled back to the checkpoint "
-            f"of step {event.get('step')} "
+            f"recovered: parameter server {index} {happened}; all shards rolled back to the "
+            f"checkpoint of step {event.get('step')} "
             f"({event.get('steps_lost', 0)} steps lost); serving again after {took:.3f}s"
         )
     if role == "worker":
         step = event.get("step")
-        return f"recovered: worker {index} died; restarted at step {step} after {took:.3f}s"
+        return f"recovered: worker {index} {happened}; restarted at step {step} after {took:.3f}s"
     if role == "supervisor":
         return "recovered: the supervisor died; Ray restarted it and it read its registry back"
     return f"recovered: {role} {index} ({source}) after {took:.3f}s"

@@ -217,6 +217,13 @@ class RecoveryEvent:
     updates_lost: int | None = None
     """Server recoveries: acknowledged updates the rebuilt primary lacked for good (relaxed
     durability; 0 with strict), counted at the end of the run from the shards' applied records."""
+    cause: str = "died"
+    """Why the actor was replaced (``View.cause``): died (a call found it dead, or it never
+    started), silent (it had not answered for ``silent_s``: suspected, and killed and fenced though
+    it may have lived), deposed (a newer epoch of its shard serves), rollback (a worker restarted
+    because the run went back to a checkpoint)."""
+    silent_s: float | None = None
+    """cause silent: how long it had not answered when it was replaced."""
 
 
 @dataclass(slots=True)
@@ -406,6 +413,23 @@ class View:
     def describe(self, name: str | None) -> ServerDescription | None:
         a = self.answers.get(name)
         return a if isinstance(a, ServerDescription) else None
+
+    def cause(self, name: str | None) -> dict:
+        """Why ``name``, treated as dead, is replaced: ``{"cause": "died" | "deposed" | "silent"}``,
+        with ``silent_s`` for a silent one (``RecoveryEvent.cause``)."""
+        if self.gone_for_good(name) or self.start_failed(name):
+            return {"cause": "died"}
+        d = self.describe(name)
+        if d is not None and d.deposed:
+            return {"cause": "deposed"}
+        return {"cause": "silent", "silent_s": round(self.silent_s.get(name, 0.0), 3)}
+
+    def why(self, name: str | None) -> str:
+        """``cause`` as the end of a sentence: is dead / was deposed / has not answered for 2.1s."""
+        c = self.cause(name)
+        if c["cause"] == "silent":
+            return f"has not answered for {c['silent_s']:.1f}s"
+        return "was deposed" if c["cause"] == "deposed" else "is dead"
 
     def condition(self, name: str | None, spec: SupervisorSpec) -> str:
         """ok | suspect (silent too long: maybe partitioned, maybe dead) | dead (confirmed, or
@@ -674,16 +698,9 @@ def decide(
         elif slot.phase is SlotPhase.SERVING:
             desc = view.describe(slot.actor)
             if view.dead(slot.actor, spec) or (desc is not None and desc.deposed):
-                why = (
-                    "is dead"
-                    if view.answers.get(slot.actor) is Failure.DEAD
-                    else (
-                        "was deposed"
-                        if desc is not None
-                        else f"has not answered for {view.silent_s.get(slot.actor, 0):.1f}s"
-                    )
+                dead_primaries.append(
+                    (j, f"server {slot.actor} of slot {j} {view.why(slot.actor)}")
                 )
-                dead_primaries.append((j, f"server {slot.actor} of slot {j} {why}"))
     nothing_trained = not any_started(reg)
 
     def condition(name) -> str:
@@ -906,7 +923,11 @@ def decide(
                     )
                 )
                 continue
-            out.append(Decision(Action.CREATE_WORKER, rank, f"worker {rank} ({w.actor}) is dead"))
+            out.append(
+                Decision(
+                    Action.CREATE_WORKER, rank, f"worker {rank} ({w.actor}) {view.why(w.actor)}"
+                )
+            )
             continue
         if status is None:
             continue
@@ -1013,6 +1034,8 @@ class SupervisorProtocol:
         """When the probe round ``view`` comes from started (what happened after it, the view cannot
         show)."""
         self._round_started_at = 0.0
+        self._round_extended = False
+        """The open round's timeout fired late once and was put off (``_on_timer``)."""
         self.history: list[tuple[str, str]] = []
         """(action, reason) of every decision carried out, in order."""
 
@@ -1087,6 +1110,13 @@ class SupervisorProtocol:
             and token[1] == self._rounds
             and self._round is not None
         ):
+            late_s = now - self._round_started_at - self.spec.probe_timeout_s
+            if late_s > self.spec.probe_interval_s and not self._round_extended:
+                # this supervisor was held up itself (a pause, its process starved of CPU): answers
+                # that came meanwhile are still queued behind this timer. They are heard first --
+                # no one is judged silent for the time the supervisor was not listening.
+                self._round_extended = True
+                return [Timer(token, self.spec.probe_interval_s)]
             return self._finish_round(now)  # the silent ones count as unanswered
         if isinstance(token, tuple) and token[0] == "op_timeout" and token[1] in self._ops:
             self._op_dst.pop(token[1], None)
@@ -1166,6 +1196,10 @@ class SupervisorProtocol:
         self._round[cid] = name
         return [Call(cid, name, Describe() if kind == "server" else PollStatus())]
 
+    def _cause(self, name: str | None) -> dict:
+        """``View.cause`` of ``name`` in the view decisions are taken on (fields of its event)."""
+        return self.view.cause(name) if self.view is not None else {}
+
     @property
     def phase(self) -> RunPhase:
         return self.reg.phase
@@ -1187,6 +1221,7 @@ class SupervisorProtocol:
         if self.reg.phase in (RunPhase.DONE, RunPhase.FAILED):
             return []
         self._round, self._answers, self._stale_probes = {}, {}, set()
+        self._round_extended = False
         self._rounds += 1
         self._round_started_at = now
         effects = []
@@ -1385,7 +1420,14 @@ class SupervisorProtocol:
             if old is not None:
                 w.restarts += 1
                 reg.events.append(
-                    RecoveryEvent("worker", d.target, "restart", detected_at=now, actor=old)
+                    RecoveryEvent(
+                        "worker",
+                        d.target,
+                        "restart",
+                        detected_at=now,
+                        actor=old,
+                        **self._cause(old),
+                    )
                 )
             w.actor, w.phase, w.start_step = (
                 self._name(f"worker{d.target}-"),
@@ -1528,7 +1570,14 @@ class SupervisorProtocol:
                 ):  # the new actor lacks what the old one held (I4: re-replicated later)
                     reg.replicated[s] = False
                 reg.events.append(
-                    RecoveryEvent("server", j, "replica", detected_at=now, actor=slot.actor)
+                    RecoveryEvent(
+                        "server",
+                        j,
+                        "replica",
+                        detected_at=now,
+                        actor=slot.actor,
+                        **self._cause(slot.actor),
+                    )
                 )
                 slot.replacing, slot.replacing_epoch = slot.actor, slot.epoch
                 slot.replacing_confirmed = view.condition(slot.actor, self.spec) == "dead"
@@ -1596,7 +1645,15 @@ class SupervisorProtocol:
         for s in replica_shards(j, self.spec.num_shards):
             reg.replicated[s] = False
         reg.events.append(
-            RecoveryEvent("replica", j, "replica", detected_at=now, serving_at=now, actor=old)
+            RecoveryEvent(
+                "replica",
+                j,
+                "replica",
+                detected_at=now,
+                serving_at=now,
+                actor=old,
+                **self._cause(old),
+            )
         )
         retired = self._retire(j, old, reason)  # before the registry is written: it records it
         return [
@@ -1651,6 +1708,7 @@ class SupervisorProtocol:
         reg.server_replacements += 1
         reg.recoveries_started += 1
         effects = [Kill(reg.slots[j].actor, reason)]
+        cause = self._cause(reg.slots[j].actor)
         reg.slots[j].actor = spare
         reached = max(
             (getattr(self.view.status(w.actor), "step", step) for w in reg.workers), default=step
@@ -1664,6 +1722,7 @@ class SupervisorProtocol:
                 actor=None,
                 step=step,
                 steps_lost=max(0, reached - step),
+                **cause,
             )
         )
         for i in range(k):
@@ -1672,7 +1731,9 @@ class SupervisorProtocol:
             if w.actor is not None and w.phase is not WorkerPhase.DONE:
                 effects.append(Kill(w.actor, "the run rolls back to a checkpoint"))
             reg.events.append(
-                RecoveryEvent("worker", rank, "restart", detected_at=now, actor=w.actor)
+                RecoveryEvent(
+                    "worker", rank, "restart", detected_at=now, actor=w.actor, cause="rollback"
+                )
             )
             w.actor, w.phase, w.start_step = None, WorkerPhase.NONE, None
         reg.phase = RunPhase.STARTING

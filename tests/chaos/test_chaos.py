@@ -374,9 +374,15 @@ def test_a_frozen_server_is_replaced_while_alive_and_fenced_when_it_wakes(
             pass
     thread.join(timeout=300)
     result = box["result"]
-    assert [(e["role"], e["index"], e["actor"]) for e in result.recoveries] == [
-        (*replaced, name)
-    ], seen.events if seen else None
+    why = [(e["role"], e["index"], e["cause"], e["silent_s"]) for e in result.recoveries]
+    assert [
+        (e["role"], e["index"], e["actor"], e["cause"])
+        for e in result.recoveries
+        if e["role"] != "worker"
+    ] == [(*replaced, name, "silent")], why
+    # nothing here kills a worker: one is restarted only if it too went silent for 2 s (a loaded
+    # machine; the recovery then covers it as well), never found dead
+    assert all(e["cause"] == "silent" for e in result.recoveries if e["role"] == "worker"), why
     assert seen is not None and min(seen.shard_steps) >= 40, "it trained on while one was stopped"
     assert_invariants(result, num_servers, "", tmp_path, baseline)
 

@@ -176,6 +176,22 @@ def test_recovery_lines_say_what_died_and_how_it_came_back():
     assert "rolled back to the checkpoint of step 20 (7 steps lost)" in recovery_line(ckpt)
     worker = {"role": "worker", "index": 3, "source": "restart", "step": 41, "duration_s": 1.5}
     assert recovery_line(worker) == "recovered: worker 3 died; restarted at step 41 after 1.500s"
+    # suspected, not found dead: the line says so (a loaded machine, a too-short suspect_after_s)
+    silent = {**worker, "cause": "silent", "silent_s": 2.34}
+    assert recovery_line(silent) == (
+        "recovered: worker 3 stopped answering for 2.3s (suspected: its process was killed); "
+        "restarted at step 41 after 1.500s"
+    )
+    assert recovery_line({**replica, "cause": "silent", "silent_s": 10.2}).startswith(
+        "recovered: parameter server 1 stopped answering for 10.2s (suspected: killed and fenced); "
+        "rebuilt from its peer's replica"
+    )
+    assert recovery_line({**replica, "cause": "deposed"}).startswith(
+        "recovered: parameter server 1 was deposed (a newer copy of its shard serves); rebuilt"
+    )
+    assert recovery_line({**worker, "cause": "rollback"}).startswith(
+        "recovered: worker 3 was stopped for the rollback to a checkpoint; restarted at step 41"
+    )
 
 
 def test_progress_line_and_bar_print_each_recovery_once():

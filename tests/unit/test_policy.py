@@ -33,6 +33,7 @@ from raytrain_ft.protocol.messages import (
     SetReplica,
     Start,
     StartFailed,
+    Timer,
 )
 from raytrain_ft.protocol.server import ServerProtocol, ServerSpec
 from raytrain_ft.protocol.supervisor import (
@@ -157,8 +158,7 @@ def _spec(k=2, num_spares=1, **kw):
         total_steps=10,
         num_spares=num_spares,
         max_worker_restarts=2,
-        suspect_after_s=10.0,
-        **kw,
+        **{"suspect_after_s": 10.0, **kw},
     )
 
 
@@ -1752,3 +1752,45 @@ def test_a_load_answered_with_a_start_failure_leaves_the_slot_unserved_and_the_r
     sup._carry_out(d, 0.0)
     assert reg.phase is RunPhase.FAILED and sup.failed_starting
     assert reg.failure == f"server slot 0 failed to start: {why.reason}"
+
+
+@pytest.mark.parametrize("timer_late_s", [0.0, 1.3])
+@pytest.mark.parametrize("workers_answered", [True, False])
+def test_no_one_is_judged_silent_for_the_time_the_supervisor_itself_was_held_up(
+    timer_late_s, workers_answered
+):
+    """The workers answered a probe round while the supervisor's process was held up (a pause, its
+    CPU taken by other processes): their answers wait behind the round's timeout timer, which fires
+    late. The round is put off once so they are heard; it does not restart two live workers
+    (suspect_after_s 2 s, as the frozen-server chaos test runs). A timer on time, or workers that
+    really did not answer, still end the round with them suspected: restarted, the cause
+    ``silent``."""
+    spec = _spec(suspect_after_s=2.0, probe_timeout_s=2.0, probe_interval_s=0.2)
+    reg = _reg()
+    sup = SupervisorProtocol(spec, RANGES[:2], _initial, registry=reg)
+    expected = _view(reg).answers
+
+    def round_at(now) -> dict:
+        return {e.dst: e.cid for e in sup._start_round(now) if isinstance(e, Call)}
+
+    for name, cid in round_at(0.0).items():  # every process heard at t=0.01
+        sup.on_reply(cid, expected[name], 0.01)
+    assert sup._round is None and not reg.events
+    probes = round_at(0.2)
+    for name in ("a", "b", "sp"):
+        sup.on_reply(probes.pop(name), expected[name], 0.21)
+    fired_at = 0.2 + spec.probe_timeout_s + timer_late_s
+    effects = sup.on_timer(("probe_timeout", sup._rounds), fired_at)
+    if workers_answered:  # their answers were queued behind the timer
+        for name, cid in probes.items():
+            effects += sup.on_reply(cid, expected[name], fired_at)
+    if sup._round is not None:  # put off: the timer set again fires
+        (timer,) = [e for e in effects if isinstance(e, Timer)]
+        assert timer.token == ("probe_timeout", sup._rounds)
+        sup.on_timer(timer.token, fired_at + timer.delay_s)
+    restarted = [(e.role, e.index, e.cause) for e in reg.events]
+    if workers_answered and timer_late_s:
+        assert restarted == [] and sup.view.alive("w0") and sup.view.alive("w1")
+    else:
+        assert restarted == [("worker", 0, "silent"), ("worker", 1, "silent")]
+        assert reg.events[0].silent_s >= spec.suspect_after_s
