@@ -10,7 +10,7 @@
             kill actors of a running run
     report  RUN.json [--output PNG]
             plot a run's summary with its recoveries
-    simulate [--schedules N] [--seed S] [--mode M] [--inject-bug B] [--replay SEED]
+    simulate [--schedules N] [--seed S] [--mode M] [--inject-bug B] [--holdups] [--replay SEED]
             explore the recovery protocol without Ray
 
 Exit codes: 0 success, 2 bad input (config, flags, data files, cluster
@@ -248,7 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="switch on a known protocol bug the checker must catch: ack-before-log, no-fencing, "
         "double-apply, per-shard-clip, partial-skip, durable-too-soon, ungrouped-mean, "
         "relaxed-overrun, volatile-epochs, lost-pending-start, per-rank-start, lone-restart, "
-        "eager-retire, last-holder-only, answering-only-abandon",
+        "eager-retire, last-holder-only, answering-only-abandon, no-held-up-grace",
+    )
+    sim.add_argument(
+        "--holdups",
+        action="store_true",
+        help="the faults include the supervisor held up (paused, or starved of CPU) for 120-500 ms "
+        "right after it sent a probe round; no one whose answer waited for it may be replaced as "
+        "silent (on with --inject-bug no-held-up-grace)",
     )
     sim.add_argument(
         "--replay",
@@ -667,7 +674,9 @@ def _simulate(args: argparse.Namespace) -> int:
             raise ConfigError(
                 "--replay", "name the schedule's mode with --mode (the violation line printed it)"
             )
-        r = run_schedule(args.replay, modes[0], tuple(args.inject_bug), trace=True)
+        r = run_schedule(
+            args.replay, modes[0], tuple(args.inject_bug), trace=True, holdups=args.holdups
+        )
         for line in r.trace:
             print(line)
         summary = {
@@ -687,12 +696,14 @@ def _simulate(args: argparse.Namespace) -> int:
         tuple(args.inject_bug),
         stop_at_first=not args.all_violations,
         processes=args.processes,
+        holdups=args.holdups,
     )
     summary = {
         "schedules": ex.schedules,
         "modes": list(modes),
         "seed": args.seed,
         "injected_bugs": args.inject_bug,
+        "holdups": args.holdups,
         "faults": ex.faults,
         "crashes": ex.crashes,
         "events": ex.events,
@@ -702,7 +713,9 @@ def _simulate(args: argparse.Namespace) -> int:
     }
     if ex.first_violation is not None:
         v = ex.first_violation
-        replay = run_schedule(v.seed, v.mode, tuple(args.inject_bug), trace=True)
+        replay = run_schedule(
+            v.seed, v.mode, tuple(args.inject_bug), trace=True, holdups=args.holdups
+        )
         summary.update(
             failing_seed=v.seed,
             failing_mode=v.mode,
@@ -711,7 +724,8 @@ def _simulate(args: argparse.Namespace) -> int:
             violation=[dataclasses.asdict(x) for x in v.violations[:5]],
             trace=replay.trace[-200:],
             replay=f"raytrain-ft simulate --replay {v.seed} --mode {v.mode}"
-            + "".join(f" --inject-bug {b}" for b in args.inject_bug),
+            + "".join(f" --inject-bug {b}" for b in args.inject_bug)
+            + (" --holdups" if args.holdups else ""),
         )
         print(
             f"violation in schedule {v.seed} ({v.mode}): {v.violations[0].kind}: "

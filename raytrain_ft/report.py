@@ -48,6 +48,8 @@ def _what_happened(event: dict[str, Any]) -> str:
         return "was deposed (a newer copy of its shard serves)"
     if cause == "rollback":
         return "was stopped for the rollback to a checkpoint"
+    if cause == "process":
+        return "was re-created with its process (another rank of it was lost)"
     return "died"
 
 

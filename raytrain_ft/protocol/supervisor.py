@@ -221,7 +221,8 @@ class RecoveryEvent:
     """Why the actor was replaced (``View.cause``): died (a call found it dead, or it never
     started), silent (it had not answered for ``silent_s``: suspected, and killed and fenced though
     it may have lived), deposed (a newer epoch of its shard serves), rollback (a worker restarted
-    because the run went back to a checkpoint)."""
+    because the run went back to a checkpoint), process (a rank re-created with the other ranks of
+    its process, one of which died or went silent)."""
     silent_s: float | None = None
     """cause silent: how long it had not answered when it was replaced."""
 
@@ -1034,8 +1035,10 @@ class SupervisorProtocol:
         """When the probe round ``view`` comes from started (what happened after it, the view cannot
         show)."""
         self._round_started_at = 0.0
-        self._round_extended = False
-        """The open round's timeout fired late once and was put off (``_on_timer``)."""
+        self._round_due = 0.0
+        """When the open round's timeout timer is due (``_put_off``)."""
+        self._last_call = False
+        """The open round's timeout has fired once and was set again for one turn (``_put_off``)."""
         self.history: list[tuple[str, str]] = []
         """(action, reason) of every decision carried out, in order."""
 
@@ -1110,18 +1113,25 @@ class SupervisorProtocol:
             and token[1] == self._rounds
             and self._round is not None
         ):
-            late_s = now - self._round_started_at - self.spec.probe_timeout_s
-            if late_s > self.spec.probe_interval_s and not self._round_extended:
-                # this supervisor was held up itself (a pause, its process starved of CPU): answers
-                # that came meanwhile are still queued behind this timer. They are heard first --
-                # no one is judged silent for the time the supervisor was not listening.
-                self._round_extended = True
-                return [Timer(token, self.spec.probe_interval_s)]
+            if self._put_off(now):
+                return [Timer(token, 0.0)]
             return self._finish_round(now)  # the silent ones count as unanswered
         if isinstance(token, tuple) and token[0] == "op_timeout" and token[1] in self._ops:
             self._op_dst.pop(token[1], None)
             return self._op_done(self._ops.pop(token[1]), Failure.UNAVAILABLE, now)
         return []
+
+    def _put_off(self, now: float) -> bool:
+        """Whether the open round's timeout, firing at ``now``, is set again for one turn of the
+        event loop (a last call) instead of ending the round: always the first time, and again
+        whenever it fired late by more than a probe interval. An answer that came while this
+        supervisor was held up itself (a pause, its process starved of CPU) is queued behind the
+        timer that fell due meanwhile: it is heard first -- no one is judged silent for the time
+        the supervisor was not listening."""
+        if self._last_call and now - self._round_due <= self.spec.probe_interval_s:
+            return False
+        self._last_call, self._round_due = True, now
+        return True
 
     def _on_request(self, rid: int, msg, now: float) -> list:
         if isinstance(msg, RouteAfter):
@@ -1221,7 +1231,6 @@ class SupervisorProtocol:
         if self.reg.phase in (RunPhase.DONE, RunPhase.FAILED):
             return []
         self._round, self._answers, self._stale_probes = {}, {}, set()
-        self._round_extended = False
         self._rounds += 1
         self._round_started_at = now
         effects = []
@@ -1233,6 +1242,7 @@ class SupervisorProtocol:
             effects.append(Call(cid, name, Describe() if kind == "server" else PollStatus()))
         if not self._round:
             return self._finish_round(now)
+        self._round_due, self._last_call = now + self.spec.probe_timeout_s, False
         return effects + [Timer(("probe_timeout", self._rounds), self.spec.probe_timeout_s)]
 
     def _finish_round(self, now: float) -> list:
@@ -1426,7 +1436,12 @@ class SupervisorProtocol:
                         "restart",
                         detected_at=now,
                         actor=old,
-                        **self._cause(old),
+                        **(
+                            self._cause(old)
+                            if self.view is None or self.view.dead(old, self.spec)
+                            # pre-aggregation: re-created because another rank of its process was
+                            else {"cause": "process"}
+                        ),
                     )
                 )
             w.actor, w.phase, w.start_step = (

@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from raytrain_ft.consistency import MODES as ALL_MODES
-from raytrain_ft.sim.bugs import can_show
+from raytrain_ft.sim.bugs import SHOWN_ONLY_WITH_HOLDUPS, can_show
 from raytrain_ft.sim.checker import baseline_hash, check
 from raytrain_ft.sim.world import Violation, World, random_config
 
@@ -69,17 +69,21 @@ class ScheduleResult:
     coverage: dict = field(default_factory=dict)
 
 
-def run_schedule(schedule: int, mode: str, bugs=(), trace: bool = False) -> ScheduleResult:
+def run_schedule(
+    schedule: int, mode: str, bugs=(), trace: bool = False, holdups: bool = False
+) -> ScheduleResult:
     """One schedule: its configuration and faults drawn from ``schedule`` (a seed). With a bug
     injected that breaks a rule only some configurations use (``SHOWN_ONLY_IN``), the configuration
     is drawn again from the same seed's stream until it uses that rule: a schedule that could not
-    show the bug is not run (the same schedule on replay)."""
+    show the bug is not run (the same schedule on replay). ``holdups``: the faults include the
+    supervisor held up (``World.holdups``; on for a bug only they can show)."""
     rng = random.Random(schedule)
     cfg = random_config(rng, mode)
     shows = can_show(bugs, mode)
     while shows is not None and not shows(cfg):
         cfg = random_config(rng, mode)
-    world = World(cfg, schedule, faults=True, bugs=bugs, trace=trace)
+    holdups = holdups or bool(SHOWN_ONLY_WITH_HOLDUPS & set(bugs))
+    world = World(cfg, schedule, faults=True, bugs=bugs, trace=trace, holdups=holdups)
     try:
         outcome = world.run()
         baseline = baseline_hash(cfg) if mode == "sync" and not cfg.backup_workers else None
@@ -118,11 +122,11 @@ class Exploration:
 
 
 def _explore_slice(args) -> Exploration:
-    indices, seed, modes, bugs, stop_at_first = args
+    indices, seed, modes, bugs, stop_at_first, holdups = args
     out = Exploration()
     for i in indices:
         mode = modes[i % len(modes)]
-        result = run_schedule(schedule_seed(seed, i), mode, bugs)
+        result = run_schedule(schedule_seed(seed, i), mode, bugs, holdups=holdups)
         out.schedules += 1
         out.faults += len(result.faults)
         out.crashes += sum(("crash" in f) or f.startswith("loss of") for f in result.faults)
@@ -167,6 +171,7 @@ def explore(
     stop_at_first: bool = True,
     processes: int = 1,
     pool=None,
+    holdups: bool = False,
 ) -> Exploration:
     """Run ``schedules`` schedules (mode ``modes[i % len(modes)]`` for the i-th), over ``processes``
     processes (of ``pool`` if given, else started for this call). The schedules go out in chunks of
@@ -176,23 +181,30 @@ def explore(
     t0 = time.perf_counter()
     modes = tuple(modes)
     if processes <= 1 or schedules < 2 * processes:
-        out = _explore_slice((range(schedules), seed, modes, tuple(bugs), stop_at_first))
-    elif pool is None:
-        with process_pool(processes) as own:
-            out = _explore_chunks(
-                own, schedules, seed, modes, tuple(bugs), stop_at_first, processes
-            )
+        out = _explore_slice((range(schedules), seed, modes, tuple(bugs), stop_at_first, holdups))
     else:
-        out = _explore_chunks(pool, schedules, seed, modes, tuple(bugs), stop_at_first, processes)
+        with process_pool(processes) if pool is None else _kept(pool) as chosen:
+            out = _explore_chunks(
+                chosen, schedules, seed, modes, tuple(bugs), stop_at_first, processes, holdups
+            )
     out.seconds = time.perf_counter() - t0
     return out
 
 
-def _explore_chunks(pool, schedules, seed, modes, bugs, stop_at_first, processes) -> Exploration:
+def _kept(pool):
+    """``pool`` as a context that leaves it running (the caller's, for other explorations)."""
+    import contextlib
+
+    return contextlib.nullcontext(pool)
+
+
+def _explore_chunks(
+    pool, schedules, seed, modes, bugs, stop_at_first, processes, holdups
+) -> Exploration:
     from collections import deque
 
     chunks = (
-        (range(a, min(a + CHUNK, schedules)), seed, modes, bugs, stop_at_first)
+        (range(a, min(a + CHUNK, schedules)), seed, modes, bugs, stop_at_first, holdups)
         for a in range(0, schedules, CHUNK)
     )
     in_flight: deque = deque()

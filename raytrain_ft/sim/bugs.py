@@ -166,6 +166,14 @@ class AnsweringOnlyAbandon(SupervisorProtocol):
         )
 
 
+class NoHeldUpGrace(SupervisorProtocol):
+    """A probe round's timeout that fires late (the supervisor itself was held up) ends the round at
+    once: everyone whose answer waits behind the timer is judged silent and replaced."""
+
+    def _put_off(self, now: float) -> bool:
+        return False
+
+
 BUGS = {
     "ack-before-log": ("server", AckBeforeLog),
     "no-fencing": ("server", NoFencing),
@@ -182,7 +190,12 @@ BUGS = {
     "eager-retire": ("supervisor", EagerRetire),
     "last-holder-only": ("supervisor", LastHolderOnly),
     "answering-only-abandon": ("supervisor", AnsweringOnlyAbandon),
+    "no-held-up-grace": ("supervisor", NoHeldUpGrace),
 }
+
+SHOWN_ONLY_WITH_HOLDUPS = frozenset({"no-held-up-grace"})
+"""Bugs that only schedules holding the supervisor up can show (``World(holdups=True)``,
+``simulate --holdups``): injecting one turns the hold-ups on."""
 
 SHOWN_ONLY_IN = {
     "per-shard-clip": (("sync", "mixed"), "global clipping"),

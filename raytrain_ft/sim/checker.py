@@ -91,6 +91,7 @@ def check(world: World, outcome: RunOutcome, baseline_hash: str | None) -> list[
         return [Violation("liveness", f"no live primary serves shards {missing} at the end")]
     out = exactly_once(world, shards)
     out += [Violation("I6", claim) for claim in world.early_acks[:1]]
+    out += [Violation("held-up", what) for what in world.judged_while_held[:1]]
     if baseline_hash is not None and cfg.mode == "sync" and not cfg.backup_workers:
         got = params_hash(shards, cfg.num_shards)
         if got != baseline_hash:

@@ -57,6 +57,7 @@ from raytrain_ft.protocol.messages import (
     Call,
     Create,
     Depose,
+    Describe,
     ExportReplica,
     Failure,
     Fold,
@@ -491,6 +492,7 @@ class World:
         bugs=None,
         trace: bool = False,
         max_time_s: float = 60.0,
+        holdups: bool = False,
     ):
         from raytrain_ft.sim.bugs import protocol_classes
 
@@ -514,6 +516,19 @@ class World:
         """Global clipping: update key -> the factors workers computed for it (the checker's record;
         more than one is a violation)."""
         self.faults_on = faults
+        self.holdups = holdups
+        """Faults include the supervisor held up (its process paused, or starved of CPU) from a
+        probe round it just sent: what comes for it waits until it runs again, and then the timers
+        that fell due meanwhile fire before the answers that came (as its actor's event loop runs
+        them). Drawn only when on: the schedules without hold-ups are the same either way."""
+        self._holdup_s = 0.0
+        """A hold-up drawn, starting with the supervisor's next probe round (0: none)."""
+        self._held_until = 0.0
+        self._held: list = []
+        """Events for the supervisor that came while it was held up, in order."""
+        self.judged_while_held: list[str] = []
+        """Processes replaced as silent while an answer of theirs waited for the held-up supervisor
+        (the checker's record: a violation)."""
         self.faults: list[str] = []
         self.coverage: collections.Counter = collections.Counter()
         """How often the schedule reached each protocol path: every note the processes made (but
@@ -677,6 +692,14 @@ class World:
     # ------------------------------------------------------------------------
 
     def perform(self, proc: Proc, effects: list, crash_at: int | None = None) -> None:
+        if (
+            self._holdup_s
+            and proc.kind == "supervisor"
+            and any(isinstance(e, Call) and isinstance(e.msg, Describe) for e in effects)
+        ):  # a probe round goes out: the supervisor is held up right after it
+            self._held_until = self.now + self._holdup_s
+            self.at(self._holdup_s, "resume")
+            self._holdup_s = 0.0
         for n, eff in enumerate(effects):
             if not proc.alive:
                 return
@@ -806,6 +829,12 @@ class World:
 
     def dispatch(self, event: tuple) -> None:
         kind = event[0]
+        if self.now < self._held_until and _for_supervisor(event):
+            self._held.append(event)
+            return
+        if kind == "resume":
+            self._resume()
+            return
         if kind == "request":
             _, src, src_inc, cid, dst, msg = event
             proc = self.procs.get(dst)
@@ -951,6 +980,26 @@ class World:
 
     # --- faults
     # --------------------------------------------------------------------------------------------
+
+    def _resume(self) -> None:
+        """The held-up supervisor runs again: the timers that fell due first, then the answers and
+        requests that came, in order. Whoever it replaces as silent while an answer of theirs still
+        waits here is recorded (``judged_while_held``)."""
+        self._held_until = 0.0
+        held, self._held = self._held, []
+        if any(e[0] == "reply" for e in held):
+            self.coverage["held_up_answers"] += 1
+        held.sort(key=lambda e: e[0] != "timer")  # stable: each kind keeps its order
+        for n, event in enumerate(held):
+            waiting = {e[5] for e in held[n + 1 :] if e[0] == "reply"}
+            known = len(self._registry().events)
+            self.dispatch(event)
+            self.judged_while_held += [
+                f"{e.actor} was replaced as silent for {e.silent_s}s while its answer waited for "
+                "the held-up supervisor"
+                for e in self._registry().events[known:]
+                if e.cause == "silent" and e.actor in waiting
+            ]
 
     def _registry(self):
         sup = self.procs[SUPERVISOR].obj
@@ -1148,6 +1197,15 @@ class World:
     def inject(self) -> None:
         if self._fault_budget <= 0:
             return
+        if self.holdups and self.rng.random() < 0.3:
+            self._fault_budget -= 1
+            self._holdup_s = self.rng.uniform(0.12, 0.5)  # longer than suspect_after_s
+            self.faults.append(
+                f"the supervisor held up for {self._holdup_s * 1000:.0f}ms from its next probe"
+                " round"
+            )
+            self.log(f"FAULT {self.faults[-1]}")
+            return
         live = [p for p in self.procs.values() if p.alive]
         choice = self.rng.random()
         if choice < 0.12:
@@ -1209,3 +1267,11 @@ class World:
                 kept.append((t, s, event))
         heapq.heapify(kept)
         self._queue = kept
+
+
+def _for_supervisor(event: tuple) -> bool:
+    """Whether ``event`` is delivered to the supervisor (a request to it, an answer, a timer)."""
+    kind = event[0]
+    if kind == "request":
+        return event[4] == SUPERVISOR
+    return kind in ("reply", "failure", "timer") and event[1] == SUPERVISOR

@@ -1754,16 +1754,18 @@ def test_a_load_answered_with_a_start_failure_leaves_the_slot_unserved_and_the_r
     assert reg.failure == f"server slot 0 failed to start: {why.reason}"
 
 
-@pytest.mark.parametrize("timer_late_s", [0.0, 1.3])
-@pytest.mark.parametrize("workers_answered", [True, False])
-def test_no_one_is_judged_silent_for_the_time_the_supervisor_itself_was_held_up(
-    timer_late_s, workers_answered
-):
+@pytest.mark.parametrize(
+    "held_up, answered",
+    [(0, False), (1, True), (2, True), (1, False)],
+    ids=["on-time-silent", "held-up-answered", "held-up-twice-answered", "held-up-silent"],
+)
+def test_no_one_is_judged_silent_for_the_time_the_supervisor_itself_was_held_up(held_up, answered):
     """The workers answered a probe round while the supervisor's process was held up (a pause, its
     CPU taken by other processes): their answers wait behind the round's timeout timer, which fires
-    late. The round is put off once so they are heard; it does not restart two live workers
-    (suspect_after_s 2 s, as the frozen-server chaos test runs). A timer on time, or workers that
-    really did not answer, still end the round with them suspected: restarted, the cause
+    late. The timeout always gets a last call (set again for one turn of the event loop), again
+    each time it fires late, so they are heard: two live workers are not restarted
+    (suspect_after_s 2 s, as the frozen-server chaos test runs). Workers that really did not
+    answer are still suspected when the last call fires on time: restarted, the cause
     ``silent``."""
     spec = _spec(suspect_after_s=2.0, probe_timeout_s=2.0, probe_interval_s=0.2)
     reg = _reg()
@@ -1773,23 +1775,28 @@ def test_no_one_is_judged_silent_for_the_time_the_supervisor_itself_was_held_up(
     def round_at(now) -> dict:
         return {e.dst: e.cid for e in sup._start_round(now) if isinstance(e, Call)}
 
+    def timer_fires(now) -> list:
+        return sup.on_timer(("probe_timeout", sup._rounds), now)
+
     for name, cid in round_at(0.0).items():  # every process heard at t=0.01
         sup.on_reply(cid, expected[name], 0.01)
     assert sup._round is None and not reg.events
     probes = round_at(0.2)
     for name in ("a", "b", "sp"):
         sup.on_reply(probes.pop(name), expected[name], 0.21)
-    fired_at = 0.2 + spec.probe_timeout_s + timer_late_s
-    effects = sup.on_timer(("probe_timeout", sup._rounds), fired_at)
-    if workers_answered:  # their answers were queued behind the timer
+    now = 0.2 + spec.probe_timeout_s
+    # the timeout fires (late if held up), and each last call that fires late is set again
+    for late_s in [1.3] * held_up or [0.0]:
+        now += late_s
+        (last_call,) = [e for e in timer_fires(now) if isinstance(e, Timer)]
+        assert last_call.delay_s == 0.0 and sup._round is not None
+    if answered:  # queued behind the timer: heard before its last call
         for name, cid in probes.items():
-            effects += sup.on_reply(cid, expected[name], fired_at)
-    if sup._round is not None:  # put off: the timer set again fires
-        (timer,) = [e for e in effects if isinstance(e, Timer)]
-        assert timer.token == ("probe_timeout", sup._rounds)
-        sup.on_timer(timer.token, fired_at + timer.delay_s)
+            sup.on_reply(cid, expected[name], now)
+    timer_fires(now)  # the last call, on time
+    assert sup._round is None
     restarted = [(e.role, e.index, e.cause) for e in reg.events]
-    if workers_answered and timer_late_s:
+    if answered:
         assert restarted == [] and sup.view.alive("w0") and sup.view.alive("w1")
     else:
         assert restarted == [("worker", 0, "silent"), ("worker", 1, "silent")]
