@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from raytrain_ft.actors import NAMESPACE
+from raytrain_ft.actors import NAMESPACE, process_address
 from raytrain_ft.actors.group import ActorGroup, GroupSpec
 from raytrain_ft.actors.metrics import SUPERVISOR_METRICS, Recorder
 from raytrain_ft.actors.transport import Directory, failure_of, send
@@ -115,6 +115,8 @@ class SupervisorStatus:
     """CPU seconds of the supervisor's process since it (or its latest restart) started."""
     failed_starting: bool = False
     """The failure is an actor's constructor that raised (a setting to fix), not a failed step."""
+    process: str = ""
+    """NODE_IP:PID of the supervisor's process."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,6 +446,7 @@ class Supervisor:
             self.targets(),
             time.process_time() - self._cpu_at_start,
             self.proto.failed_starting,
+            process_address(),
         )
 
     def targets(self) -> Targets:

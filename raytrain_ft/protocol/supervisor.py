@@ -351,6 +351,9 @@ class SupervisorSpec:
     suspect_after_s: float = 10.0
     """A server that has not answered a probe for this long is replaced as if dead (it is killed and
     fenced)."""
+    timer_slack_s: float = 0.05
+    """A timer that fires later than this after it was due means the supervisor was held up (its
+    event loop is milliseconds late at most otherwise; the simulator's timers are never late)."""
     start_timeout_s: float = 180.0
     """An actor that does not answer this long after it was created ends the run (too few
     resources)."""
@@ -443,6 +446,10 @@ class View:
     def status(self, name: str | None):
         a = self.answers.get(name) if name else None
         return None if a is None or isinstance(a, (Failure, ServerDescription, StartFailed)) else a
+
+
+ROUND_PUT_OFFS = 8
+"""The most times one probe round's timeout is set again because it fired late (``_put_off``)."""
 
 
 def any_started(reg: Registry) -> bool:
@@ -1037,8 +1044,8 @@ class SupervisorProtocol:
         self._round_started_at = 0.0
         self._round_due = 0.0
         """When the open round's timeout timer is due (``_put_off``)."""
-        self._last_call = False
-        """The open round's timeout has fired once and was set again for one turn (``_put_off``)."""
+        self._put_offs = 0
+        """Times the open round's timeout was set again (``_put_off``)."""
         self.history: list[tuple[str, str]] = []
         """(action, reason) of every decision carried out, in order."""
 
@@ -1114,7 +1121,7 @@ class SupervisorProtocol:
             and self._round is not None
         ):
             if self._put_off(now):
-                return [Timer(token, 0.0)]
+                return [Timer(token, self.spec.probe_interval_s)]
             return self._finish_round(now)  # the silent ones count as unanswered
         if isinstance(token, tuple) and token[0] == "op_timeout" and token[1] in self._ops:
             self._op_dst.pop(token[1], None)
@@ -1122,15 +1129,19 @@ class SupervisorProtocol:
         return []
 
     def _put_off(self, now: float) -> bool:
-        """Whether the open round's timeout, firing at ``now``, is set again for one turn of the
-        event loop (a last call) instead of ending the round: always the first time, and again
-        whenever it fired late by more than a probe interval. An answer that came while this
-        supervisor was held up itself (a pause, its process starved of CPU) is queued behind the
-        timer that fell due meanwhile: it is heard first -- no one is judged silent for the time
-        the supervisor was not listening."""
-        if self._last_call and now - self._round_due <= self.spec.probe_interval_s:
+        """Whether the open round's timeout, firing at ``now``, is set again (for a probe
+        interval) instead of ending the round: it fired late (by more than ``timer_slack_s``), so
+        this supervisor was held up itself -- a pause, its process stopped or starved of CPU --
+        and answers that came meanwhile may wait behind the timer (its event loop runs a due
+        timer first) or in Ray's threads, which resume with it. They are heard first: no one is
+        judged silent for the time the supervisor was not listening. Again each time it fires
+        late, up to ``ROUND_PUT_OFFS`` times per round (a supervisor that is always late still
+        decides)."""
+        late_s = now - self._round_due
+        if late_s <= self.spec.timer_slack_s or self._put_offs >= ROUND_PUT_OFFS:
             return False
-        self._last_call, self._round_due = True, now
+        self._put_offs += 1
+        self._round_due = now + self.spec.probe_interval_s
         return True
 
     def _on_request(self, rid: int, msg, now: float) -> list:
@@ -1242,7 +1253,7 @@ class SupervisorProtocol:
             effects.append(Call(cid, name, Describe() if kind == "server" else PollStatus()))
         if not self._round:
             return self._finish_round(now)
-        self._round_due, self._last_call = now + self.spec.probe_timeout_s, False
+        self._round_due, self._put_offs = now + self.spec.probe_timeout_s, 0
         return effects + [Timer(("probe_timeout", self._rounds), self.spec.probe_timeout_s)]
 
     def _finish_round(self, now: float) -> list:

@@ -570,6 +570,7 @@ class World:
             probe_interval_s=0.08,
             probe_timeout_s=0.01,
             suspect_after_s=0.1,
+            timer_slack_s=0.0,
             start_timeout_s=5.0,
             op_timeout_s=0.5,
             max_worker_restarts=100,

@@ -387,6 +387,56 @@ def test_a_frozen_server_is_replaced_while_alive_and_fenced_when_it_wakes(
     assert_invariants(result, num_servers, "", tmp_path, baseline)
 
 
+def test_a_held_up_supervisor_judges_no_one_silent_for_its_own_pause(ray_local, tmp_path):
+    """The supervisor's own process is stopped (SIGSTOP) for 6 s, longer than
+    ``suspect_after_s`` (4 s), while a probe round waits for worker 0 (stopped for 1 s just
+    before, so the round is open; it answers while the supervisor is stopped). When the supervisor
+    runs again, the round's timeout that fell due meanwhile fires before that answer is handled:
+    it is set again, the answer is heard, and nothing is replaced -- the run ends with the
+    failure-free hash. With the round ended at once (``_put_off`` returning False) worker 0 was
+    restarted as silent for ~6.5 s."""
+    import signal
+    import time
+
+    import ray
+    from ray._private.test_utils import wait_for_condition
+
+    baseline = baseline_hash(2)
+    thread, box, supervisor = _train_in_background(_config(2, suspect_after_s=4.0))
+
+    def status():
+        return ray.get(supervisor.status.remote(), timeout=30)
+
+    wait_for_condition(
+        lambda: status().state == "running" and min(status().shard_steps) >= 15,
+        timeout=120,
+        retry_interval_ms=50,
+    )
+    seen = status()
+    worker = int(seen.targets.lookup("worker", 0)[1].rpartition(":")[2])
+    pids = [worker, int(seen.process.rpartition(":")[2])]
+    stopped = []
+    try:  # the durations are the fault itself: what is checked comes after the run
+        os.kill(worker, signal.SIGSTOP)
+        stopped.append(worker)
+        time.sleep(0.5)  # a probe round (every 0.2 s) now waits for worker 0
+        os.kill(pids[1], signal.SIGSTOP)
+        stopped.append(pids[1])
+        time.sleep(0.5)
+        os.kill(worker, signal.SIGCONT)  # it answers; the answer waits for the supervisor
+        stopped.remove(worker)
+        time.sleep(5.5)
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    thread.join(timeout=300)
+    result = box["result"]
+    assert result.recoveries == [], [
+        (e["role"], e["index"], e["cause"], e["silent_s"]) for e in result.recoveries
+    ]
+    assert_invariants(result, 2, "", tmp_path, baseline)
+
+
 @pytest.mark.extended
 def test_a_frozen_worker_process_is_killed_before_its_ranks_are_re_created(ray_local, tmp_path):
     """A suspected-but-alive worker process, for real: both ranks share one process and push as

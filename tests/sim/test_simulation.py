@@ -80,8 +80,8 @@ def test_no_one_is_replaced_as_silent_for_the_time_the_supervisor_was_held_up(po
     """Schedules whose faults include the supervisor held up 120-500 ms (longer than
     ``suspect_after_s``) right after it sent a probe round: the answers that came meanwhile wait
     behind the round's timeout, which fires first when it runs again. No process may be replaced
-    as silent while an answer of its waits there, and every other check holds. (Without the
-    round's last call, ``no-held-up-grace``, the 5th schedule of seed 7 fails.)"""
+    as silent while an answer of its waits there, and every other check holds. (With a late
+    timeout ending the round at once, ``no-held-up-grace``, the 5th schedule of seed 7 fails.)"""
     ex = explore(1000, seed=2026, modes=MODES, processes=PROCESSES, pool=pool, holdups=True)
     v = ex.first_violation
     assert ex.violations == 0, (

@@ -1762,11 +1762,10 @@ def test_a_load_answered_with_a_start_failure_leaves_the_slot_unserved_and_the_r
 def test_no_one_is_judged_silent_for_the_time_the_supervisor_itself_was_held_up(held_up, answered):
     """The workers answered a probe round while the supervisor's process was held up (a pause, its
     CPU taken by other processes): their answers wait behind the round's timeout timer, which fires
-    late. The timeout always gets a last call (set again for one turn of the event loop), again
-    each time it fires late, so they are heard: two live workers are not restarted
-    (suspect_after_s 2 s, as the frozen-server chaos test runs). Workers that really did not
-    answer are still suspected when the last call fires on time: restarted, the cause
-    ``silent``."""
+    late. It is set again for a probe interval, again each time it fires late, so they are heard:
+    two live workers are not restarted (suspect_after_s 2 s, as the frozen-server chaos test
+    runs). Workers that really did not answer are still suspected when the timer fires on time:
+    restarted, the cause ``silent``."""
     spec = _spec(suspect_after_s=2.0, probe_timeout_s=2.0, probe_interval_s=0.2)
     reg = _reg()
     sup = SupervisorProtocol(spec, RANGES[:2], _initial, registry=reg)
@@ -1784,16 +1783,15 @@ def test_no_one_is_judged_silent_for_the_time_the_supervisor_itself_was_held_up(
     probes = round_at(0.2)
     for name in ("a", "b", "sp"):
         sup.on_reply(probes.pop(name), expected[name], 0.21)
-    now = 0.2 + spec.probe_timeout_s
-    # the timeout fires (late if held up), and each last call that fires late is set again
-    for late_s in [1.3] * held_up or [0.0]:
-        now += late_s
-        (last_call,) = [e for e in timer_fires(now) if isinstance(e, Timer)]
-        assert last_call.delay_s == 0.0 and sup._round is not None
-    if answered:  # queued behind the timer: heard before its last call
+    due = 0.2 + spec.probe_timeout_s
+    for _ in range(held_up):  # it fires 1.3 s late: set again, and again if held up again
+        (again,) = [e for e in timer_fires(due + 1.3) if isinstance(e, Timer)]
+        assert again.delay_s == spec.probe_interval_s and sup._round is not None
+        due += 1.3 + again.delay_s
+    if answered:  # queued behind the timer: heard before it fires again
         for name, cid in probes.items():
-            sup.on_reply(cid, expected[name], now)
-    timer_fires(now)  # the last call, on time
+            sup.on_reply(cid, expected[name], due - 0.1)
+    timer_fires(due)  # on time
     assert sup._round is None
     restarted = [(e.role, e.index, e.cause) for e in reg.events]
     if answered:
