@@ -631,7 +631,7 @@ def _simulate(args: argparse.Namespace) -> int:
     import dataclasses
 
     from raytrain_ft.sim import MODES, explore, run_schedule
-    from raytrain_ft.sim.bugs import BUGS, refuse_unshowable
+    from raytrain_ft.sim.bugs import BUGS, SHOWN_ONLY_WITH_HOLDUPS, refuse_unshowable
 
     modes = MODES if args.mode == "all" else (args.mode,)
     if args.mode != "all" and args.mode not in MODES:
@@ -645,6 +645,8 @@ def _simulate(args: argparse.Namespace) -> int:
         refuse_unshowable(args.inject_bug, modes)
     except ValueError as e:
         raise ConfigError("--inject-bug", str(e)) from None
+    # a bug only hold-ups can show turns them on (run_schedule does): say so in the summary
+    holdups = args.holdups or bool(SHOWN_ONLY_WITH_HOLDUPS & set(args.inject_bug))
     if args.schedules is None:
         args.schedules = 20000 if args.long else 1000
     if args.schedules <= 0 or args.processes <= 0:
@@ -682,6 +684,7 @@ def _simulate(args: argparse.Namespace) -> int:
         summary = {
             "replay": args.replay,
             "mode": r.mode,
+            "holdups": holdups,
             "config": dataclasses.asdict(r.config),
             "faults": r.faults,
             "violations": [dataclasses.asdict(v) for v in r.violations],
@@ -703,7 +706,7 @@ def _simulate(args: argparse.Namespace) -> int:
         "modes": list(modes),
         "seed": args.seed,
         "injected_bugs": args.inject_bug,
-        "holdups": args.holdups,
+        "holdups": holdups,
         "faults": ex.faults,
         "crashes": ex.crashes,
         "events": ex.events,

@@ -259,6 +259,20 @@ def test_simulate_replay_says_which_protocol_paths_the_schedule_reached(capsys):
     assert summary["violations"] == [] and summary["reached"]["run_done"] == 1
 
 
+def test_simulate_a_bug_only_holdups_show_turns_them_on_and_its_replay_fails_again(capsys):
+    """``no-held-up-grace`` needs schedules that hold the supervisor up: injecting it turns them on
+    (the summary says so), and the replay line it prints fails the same way."""
+    from raytrain_ft.cli import main
+
+    argv = ["simulate", "--inject-bug", "no-held-up-grace", "--schedules", "50", "--seed", "7"]
+    assert main([*argv, "--processes", "1"]) == 1
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["holdups"] is True and summary["violation"][0]["kind"] == "held-up"
+    assert main(summary["replay"].split()[1:]) == 1
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["holdups"] is True and again["violations"][0] == summary["violation"][0]
+
+
 def test_chaos_random_schedules_that_cannot_run_are_refused_before_connecting(capsys):
     """Nothing listens at the address: each error comes before it is tried."""
     from raytrain_ft.cli import main
