@@ -631,7 +631,7 @@ def _simulate(args: argparse.Namespace) -> int:
     import dataclasses
 
     from raytrain_ft.sim import MODES, explore, run_schedule
-    from raytrain_ft.sim.bugs import BUGS, SHOWN_ONLY_WITH_HOLDUPS, refuse_unshowable
+    from raytrain_ft.sim.bugs import BUGS, refuse_unshowable, with_holdups
 
     modes = MODES if args.mode == "all" else (args.mode,)
     if args.mode != "all" and args.mode not in MODES:
@@ -646,7 +646,7 @@ def _simulate(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise ConfigError("--inject-bug", str(e)) from None
     # a bug only hold-ups can show turns them on (run_schedule does): say so in the summary
-    holdups = args.holdups or bool(SHOWN_ONLY_WITH_HOLDUPS & set(args.inject_bug))
+    holdups = with_holdups(args.inject_bug, args.holdups)
     if args.schedules is None:
         args.schedules = 20000 if args.long else 1000
     if args.schedules <= 0 or args.processes <= 0:

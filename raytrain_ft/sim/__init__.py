@@ -12,6 +12,7 @@ for event. ``raytrain-ft simulate`` is the command line.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import time
@@ -20,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from raytrain_ft.consistency import MODES as ALL_MODES
-from raytrain_ft.sim.bugs import SHOWN_ONLY_WITH_HOLDUPS, can_show
+from raytrain_ft.sim.bugs import can_show, with_holdups
 from raytrain_ft.sim.checker import baseline_hash, check
 from raytrain_ft.sim.world import Violation, World, random_config
 
@@ -82,8 +83,9 @@ def run_schedule(
     shows = can_show(bugs, mode)
     while shows is not None and not shows(cfg):
         cfg = random_config(rng, mode)
-    holdups = holdups or bool(SHOWN_ONLY_WITH_HOLDUPS & set(bugs))
-    world = World(cfg, schedule, faults=True, bugs=bugs, trace=trace, holdups=holdups)
+    world = World(
+        cfg, schedule, faults=True, bugs=bugs, trace=trace, holdups=with_holdups(bugs, holdups)
+    )
     try:
         outcome = world.run()
         baseline = baseline_hash(cfg) if mode == "sync" and not cfg.backup_workers else None
@@ -183,19 +185,13 @@ def explore(
     if processes <= 1 or schedules < 2 * processes:
         out = _explore_slice((range(schedules), seed, modes, tuple(bugs), stop_at_first, holdups))
     else:
-        with process_pool(processes) if pool is None else _kept(pool) as chosen:
+        # a pool given by the caller is left running (for its other explorations)
+        with process_pool(processes) if pool is None else contextlib.nullcontext(pool) as chosen:
             out = _explore_chunks(
                 chosen, schedules, seed, modes, tuple(bugs), stop_at_first, processes, holdups
             )
     out.seconds = time.perf_counter() - t0
     return out
-
-
-def _kept(pool):
-    """``pool`` as a context that leaves it running (the caller's, for other explorations)."""
-    import contextlib
-
-    return contextlib.nullcontext(pool)
 
 
 def _explore_chunks(

@@ -197,6 +197,12 @@ SHOWN_ONLY_WITH_HOLDUPS = frozenset({"no-held-up-grace"})
 """Bugs that only schedules holding the supervisor up can show (``World(holdups=True)``,
 ``simulate --holdups``): injecting one turns the hold-ups on."""
 
+
+def with_holdups(bugs, asked: bool) -> bool:
+    """Whether schedules hold the supervisor up: ``asked`` for, or a bug only they can show."""
+    return asked or bool(SHOWN_ONLY_WITH_HOLDUPS & set(bugs))
+
+
 SHOWN_ONLY_IN = {
     "per-shard-clip": (("sync", "mixed"), "global clipping"),
     "durable-too-soon": (("sync",), "pipelined durability"),
