@@ -591,7 +591,7 @@ def test_a_lossy_codec_restarted_worker_resumes_with_its_residual(ray_local, tmp
     _lossy_codec_hashes["clean"] = clean.params_sha256
     killed = Trainer(_lossy_codec_config("worker:1@step=20")).fit()
     assert [k["kill"] for k in killed.kills] == ["worker:1@step=20"]
-    assert [e["role"] for e in killed.recoveries] == ["worker"]
+    assert [e["role"] for e in killed.recoveries] == ["worker"], killed.recoveries
     assert killed.params_sha256 == clean.params_sha256
     assert all(w["residual_bytes"] > 0 for w in killed.workers)
 
@@ -606,6 +606,6 @@ def test_a_lossy_codec_residual_kept_on_the_worker_changes_the_bits_of_a_killed_
     the check above can fail)."""
     clean = _lossy_codec_hashes.get("clean") or Trainer(_lossy_codec_config()).fit().params_sha256
     local = Trainer(_lossy_codec_config("worker:1@step=20", residual="local")).fit()
-    assert [e["role"] for e in local.recoveries] == ["worker"]
+    assert [e["role"] for e in local.recoveries] == ["worker"], local.recoveries
     assert all(w["residual_bytes"] == 0 for w in local.workers)
     assert local.params_sha256 != clean

@@ -137,7 +137,7 @@ def test_local_sgd_learns_with_one_push_per_round_and_kills_change_no_bit(ray_lo
     assert [w["clipped_updates"] for w in clean.workers] == inner_steps == [66, 66]
     cfg.chaos.kill = "server:0@step=2,worker:1@step=4"  # no spare: the replacement is started
     killed = Trainer(cfg).fit()
-    assert sorted(e["role"] for e in killed.recoveries) == ["server", "worker"]
+    assert sorted(e["role"] for e in killed.recoveries) == ["server", "worker"], killed.recoveries
     assert killed.params_sha256 == clean.params_sha256
     assert_exactly_once(
         killed.applied_counts,
@@ -165,7 +165,7 @@ def test_relaxed_durability_loses_at_most_k_acknowledged_updates_per_primary_kil
         seed=3,
     )
     result = Trainer(cfg).fit()
-    assert [e["role"] for e in result.recoveries] == ["server"]
+    assert [e["role"] for e in result.recoveries] == ["server"], result.recoveries
     assert result.steps_completed == STEPS
     ledger = read_ledgers(os.environ[LEDGER_DIR_ENV_VAR], result.run_id)
     counts = [{int(r): d for r, d in shard.items()} for shard in result.applied_counts]

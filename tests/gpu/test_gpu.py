@@ -81,7 +81,9 @@ def test_a_gpu_run_is_reproducible_and_records_its_device(tmp_path):
 def test_a_worker_and_a_server_kill_on_a_gpu_leave_the_hash_unchanged(tmp_path):
     clean = _train(tmp_path)
     killed = _train(tmp_path, "--kill", "server:0@step=15", "--kill", "worker:0@step=30")
-    assert sorted(e["role"] for e in killed["recoveries"]) == ["server", "worker"]
+    assert sorted(e["role"] for e in killed["recoveries"]) == ["server", "worker"], killed[
+        "recoveries"
+    ]
     assert killed["params_sha256"] == clean["params_sha256"]
     assert {w["device_name"] for w in killed["workers"]} == {clean["workers"][0]["device_name"]}
 
@@ -129,7 +131,9 @@ def test_overlap_and_a_device_codec_on_a_gpu_keep_the_hash_through_kills(tmp_pat
     extra = ("--overlap-comm", "true", "--codec", "topk:0.05", "--codec-residual", "replicated")
     clean = _train(tmp_path, *extra)
     killed = _train(tmp_path, *extra, "--kill", "server:0@step=15", "--kill", "worker:0@step=30")
-    assert sorted(e["role"] for e in killed["recoveries"]) == ["server", "worker"]
+    assert sorted(e["role"] for e in killed["recoveries"]) == ["server", "worker"], killed[
+        "recoveries"
+    ]
     assert killed["params_sha256"] == clean["params_sha256"]
     (worker,) = clean["workers"]
     assert 0 < worker["gpu_compute_s"] <= worker["compute_s"] + worker["wait_s"]
@@ -146,7 +150,9 @@ def test_fp16_with_loss_scaling_and_global_clipping_on_a_gpu_keep_the_hash_throu
     again = _train(tmp_path, *extra)
     assert again["params_sha256"] == clean["params_sha256"]
     killed = _train(tmp_path, *extra, "--kill", "server:0@step=15", "--kill", "worker:0@step=30")
-    assert sorted(e["role"] for e in killed["recoveries"]) == ["server", "worker"]
+    assert sorted(e["role"] for e in killed["recoveries"]) == ["server", "worker"], killed[
+        "recoveries"
+    ]
     assert killed["params_sha256"] == clean["params_sha256"]
     (worker,) = clean["workers"]
     assert worker["loss_scale"] is not None

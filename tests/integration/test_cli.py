@@ -85,7 +85,7 @@ def test_main_job_survives_a_kill_reaches_accuracy_and_writes_summary_and_report
         == summary["updates_acknowledged"]
         == summary["steps_completed"] * 2
     )
-    assert [e["role"] for e in summary["recoveries"]] == ["server"]
+    assert [e["role"] for e in summary["recoveries"]] == ["server"], summary["recoveries"]
     assert summary["config"]["cluster"]["num_servers"] == 2
     assert "step " in proc.stderr and "samples/s" in proc.stderr  # progress lines
     assert "recovered: parameter server 1 died; rebuilt from its peer's replica" in proc.stderr

@@ -171,7 +171,7 @@ def test_global_clipping_matches_clip_grad_norm_and_survives_a_primary_and_a_wor
     )
     assert not torch.allclose(got, unclipped, rtol=1e-3, atol=1e-3)
     killed = Trainer(config("server:0@step=8,worker:1@step=16")).fit()
-    assert sorted(e["role"] for e in killed.recoveries) == ["server", "worker"]
+    assert sorted(e["role"] for e in killed.recoveries) == ["server", "worker"], killed.recoveries
     assert all(k["how"] != "already gone" for k in killed.kills)
     assert_exactly_once(
         killed.applied_counts,

@@ -93,7 +93,9 @@ def test_diabetes_from_ray_datasets_beats_the_mean_exports_and_kills_change_noth
     # object refs (the restarted supervisor reads the data's refs from the run's RefKeeper), so
     # Ray has no restart to warn about (it logs one line per process where such arguments do)
     killed = fit("worker:1@step=100,server:0@step=150,supervisor@step=200")
-    assert sorted(e["role"] for e in killed.recoveries) == ["server", "supervisor", "worker"]
+    assert sorted(e["role"] for e in killed.recoveries) == ["server", "supervisor", "worker"], (
+        killed.recoveries
+    )
     assert killed.params_sha256 == result.params_sha256
     assert "has constructor arguments in the object store" not in capfd.readouterr().err
 
@@ -291,7 +293,7 @@ def test_fp16_skips_overflowed_updates_on_every_shard_and_a_kill_changes_nothing
     # same bits
     killed = fit("server:0@step=8,worker:1@step=22", overlap=True)
     # one recovery each (in either order: on a loaded machine the step-8 kill can land late)
-    assert sorted(e["role"] for e in killed.recoveries) == ["server", "worker"]
+    assert sorted(e["role"] for e in killed.recoveries) == ["server", "worker"], killed.recoveries
     assert killed.params_sha256 == clean.params_sha256
     assert [w["skipped_updates"] for w in killed.workers] == skipped
 

@@ -118,7 +118,7 @@ def test_kills_and_failures_keep_nothing_dead_and_an_unclaimed_process_ends(ray_
     _wait_until(lambda: not _named_actors())
 
     killed = Trainer(_config(kill="server:1@step=4")).fit()
-    assert [e["role"] for e in killed.recoveries] == ["server"]
+    assert [e["role"] for e in killed.recoveries] == ["server"], killed.recoveries
     kept = _resting()
     run = killed.run_id
     # slot 1's primary (server-2) killed, the spare (server-3) took its place, and a new spare was
