@@ -392,9 +392,17 @@ def _config(args: argparse.Namespace):
     return config_mod.from_command_line(raw, overrides, source=source)
 
 
+class Stopped(BaseException):
+    """SIGTERM (a stopped Ray job, ``timeout``, ``kill``) or SIGINT (Ctrl-C): unwind, so that the
+    run's actors are killed and Ray is shut down, then end with one line."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 def _exit_on_sigterm(signum, frame) -> None:
-    # a stopped Ray job gets SIGTERM: unwind so the run's actors are killed and Ray is shut down
-    raise SystemExit(128 + signum)
+    raise Stopped(signum)
 
 
 def _write_summary(summary: dict, path: str) -> None:
@@ -524,13 +532,14 @@ def done_lines(brief: dict, summary: dict) -> tuple[str | None, str]:
         accuracy = "eval loss -"
     final_loss = brief["final_loss"]
     warning = None
-    if final_loss is None and brief["steps_completed"]:
+    config = summary.get("config") or {}
+    simulated = (config.get("cluster") or {}).get("simulate_compute_ms")  # computes no loss
+    if final_loss is None and brief["steps_completed"] and not simulated:
         warning = (
             "raytrain-ft: warning: the training loss is not a finite number at the end (the run "
             "diverged); lower --lr, or clip with --clip-grad-norm"
         )
     final = "-" if final_loss is None else format(final_loss, ".4f")
-    config = summary.get("config") or {}
     done = f"{brief['steps_completed']} steps"
     if config.get("mode") == "local_sgd":  # its steps are rounds of local steps
         h = config["consistency"]["local_steps"]
@@ -745,6 +754,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _chaos(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     from raytrain_ft.recovery.faults import check_live_kills, parse_kills, random_schedule
 
     kills = parse_kills(args.kill, "--kill")
@@ -777,7 +787,7 @@ def _chaos(args: argparse.Namespace) -> int:
                 "node kills need the run's own cluster of simulated nodes: give them to "
                 f"`raytrain-ft train --kill node:I@...`; choose from {', '.join(LIVE_RUN_ROLES)}",
             )
-    from raytrain_ft.jobs import check_ray_address, ray_init_error
+    from raytrain_ft.jobs import check_ray_address, ray_init_error, signal_handlers_kept
 
     address = check_ray_address(args.address, "--address")
     import ray
@@ -785,7 +795,8 @@ def _chaos(args: argparse.Namespace) -> int:
     from raytrain_ft.recovery.chaos import check_kills_against, find_supervisor, run_schedule
 
     try:
-        ray.init(address=address, logging_level=logging.WARNING)
+        with signal_handlers_kept():
+            ray.init(address=address, logging_level=logging.WARNING)
     except Exception as e:  # noqa: BLE001 -- one line naming what to fix
         raise ray_init_error(e, address, "--address") from None
     try:
@@ -964,6 +975,14 @@ def _main(argv: list[str] | None) -> int:
     except RaytrainFTError as e:
         print(f"raytrain-ft: training failed: {e}", file=sys.stderr)
         return EXIT_FAILED
+    except (KeyboardInterrupt, Stopped) as e:  # a second signal while unwinding lands here too
+        signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+        print(
+            f"raytrain-ft: stopped by {signal.Signals(signum).name}"
+            + ("; the run's actors were stopped" if args.command in ("train", "chaos") else ""),
+            file=sys.stderr,
+        )
+        return 128 + signum
     parser.error(f"unknown command {args.command!r}")
     return EXIT_BAD_INPUT
 

@@ -309,6 +309,27 @@ def _flag(field: str) -> str:
     return "--address" if field == "cluster.address" else field
 
 
+@contextlib.contextmanager
+def signal_handlers_kept() -> Iterator[None]:
+    """Around ``ray.init``: the process's Python handler for SIGTERM stays the one that runs.
+    Ray's core worker installs a C-level handler of its own (it prints a stack dump, "*** SIGTERM
+    received ...", and then calls the handler before it); put back in front, the CLI's handler
+    unwinds the run -- its actors stopped, Ray shut down -- without the dump. Only in the main
+    thread, and only a Python handler (a process that left SIGTERM at its default keeps Ray's)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if callable(before):
+            signal.signal(signal.SIGTERM, before)
+
+
 def check_ray_address(address: str, field: str = "--address", timeout_s: float = 5.0) -> str:
     """Check -- in seconds, not Ray's minutes of retries and warnings -- that ``address``
     (``HOST:PORT``, ``ray://HOST:PORT`` or ``auto``, resolved as ``ray.init`` resolves it but

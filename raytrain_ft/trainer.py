@@ -403,7 +403,7 @@ def ray_session(config: TrainConfig):
     import ray
 
     from raytrain_ft.config import check_writable_dir
-    from raytrain_ft.jobs import check_auth_mode, ray_init_error
+    from raytrain_ft.jobs import check_auth_mode, ray_init_error, signal_handlers_kept
 
     cc = config.cluster
     # a run's own files are written on this machine unless it joins a cluster elsewhere: check them
@@ -439,11 +439,12 @@ def ray_session(config: TrainConfig):
             )
             nodes = [cluster.add_node(num_cpus=needed) for _ in range(cc.local_nodes - 1)]
             cluster.wait_for_nodes()
-            ray.init(
-                address=cluster.address,
-                logging_level=logging.WARNING,
-                runtime_env=local_runtime_env(),
-            )
+            with signal_handlers_kept():
+                ray.init(
+                    address=cluster.address,
+                    logging_level=logging.WARNING,
+                    runtime_env=local_runtime_env(),
+                )
         except (ConnectionError, ValueError, RuntimeError, OSError) as e:
             raise ClusterError(
                 f"could not start {cc.local_nodes} simulated nodes: {e}; if the path is too long, "
@@ -473,7 +474,8 @@ def ray_session(config: TrainConfig):
             runtime_env=local_runtime_env(),
         )
     try:
-        ray.init(**kwargs)
+        with signal_handlers_kept():
+            ray.init(**kwargs)
     except Exception as e:  # one line naming what to fix, not Ray's traceback
         if address:
             raise ray_init_error(
@@ -1196,11 +1198,17 @@ class _Run:
         if ready:
             self.status = ray.get(pending)
             self.chaos.targets = self.status.targets
-            for rank, s in enumerate(self.status.workers):
-                if s is not None:
-                    self._latest[rank] = s
-            return None, list(self._latest.values())
-        return pending, self._ask_workers()
+            return None, self._merge(self.status.workers)
+        return pending, self._merge(self._ask_workers())
+
+    def _merge(self, statuses) -> list:
+        """Each rank's latest status, where a restarted rank not started yet (at step 0 until the
+        supervisor tells it where to resume) keeps the status of its last started incarnation:
+        the run's progress does not fall to step 0 while a worker restarts."""
+        for s in statuses:
+            if s is not None and (s.started or s.rank not in self._latest):
+                self._latest[s.rank] = s
+        return list(self._latest.values())
 
     def _ask_workers(self, timeout_s: float = 0.5) -> list:
         """The live workers' statuses, asked directly (not the supervisor's last probe round)."""

@@ -377,6 +377,14 @@ def test_the_done_line_takes_a_run_without_an_eval_set_and_warns_of_a_diverged_o
     warning, line = cli.done_lines(brief, {"eval_loss": None, "recoveries": []})
     assert line == "done: 5 steps, eval loss -, final loss -, 100 samples/s over 1.0s, 0 recoveries"
     assert "diverged" in warning and "--lr" in warning
+    # simulated compute computes no loss: nothing diverged
+    simulated = {
+        "eval_loss": None,
+        "recoveries": [],
+        "config": {"cluster": {"simulate_compute_ms": 5}},
+    }
+    warning, line = cli.done_lines(brief, simulated)
+    assert warning is None and "final loss -" in line
     brief.update(eval_accuracy=0.5, final_loss=0.25)
     warning, line = cli.done_lines(brief, {"eval_loss": 1.0, "recoveries": [{}]})
     assert warning is None and "eval accuracy 0.5000, final loss 0.2500" in line

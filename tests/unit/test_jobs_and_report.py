@@ -668,3 +668,26 @@ def test_ray_lines_of_a_run_drop_its_deaths_and_colour_only_on_a_terminal(monkey
     monkeypatch.setenv("RAY_COLOR_PREFIX", "1")
     assert "\033[" in printed(actor)  # the user's choice
     assert "RAY_COLOR_PREFIX" in os.environ
+
+
+def test_progress_keeps_a_restarting_ranks_last_step_until_the_new_one_is_started():
+    """A restarted rank reports step 0 until the supervisor tells it where to resume; the run's
+    progress (bar, summary history) keeps the rank's last started status meanwhile, so it does not
+    fall to step 0. Once started, the new incarnation's status counts (a checkpoint rollback's
+    lower step included)."""
+    import types
+
+    from raytrain_ft.actors.worker_entry import WorkerStatus
+    from raytrain_ft.trainer import _Run
+
+    def status(rank, step, started=True):
+        return WorkerStatus(rank, step, 110, 0.5, 32 * step, 0.0, 0.0, 0.0, None, False, None,
+                            "cpu", (), "ip:1", 0, started=started)  # fmt: skip
+
+    run = types.SimpleNamespace(_latest={})
+    merge = lambda statuses: [s.step for s in _Run._merge(run, statuses)]  # noqa: E731
+    assert merge([status(0, 0, started=False), status(1, 0, started=False)]) == [0, 0]
+    assert merge([status(0, 59), status(1, 59)]) == [59, 59]
+    assert merge([status(0, 60), status(1, 0, started=False)]) == [60, 59]  # rank 1 restarting
+    assert merge([status(0, 60), None]) == [60, 59]  # rank 1 not answering
+    assert merge([status(0, 61), status(1, 40)]) == [61, 40]  # resumed (here: rolled back)
