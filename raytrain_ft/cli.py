@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--kill",
         action="append",
         default=[],
-        help="ROLE[:INDEX]@step=N or @time=S, ROLE server|replica|worker|supervisor (repeatable)",
+        help=f"ROLE[:INDEX]@step=N or @time=S, ROLE {'|'.join(LIVE_RUN_ROLES)} (repeatable)",
     )
     chaos.add_argument(
         "--random",
@@ -760,6 +760,10 @@ def _chaos(args: argparse.Namespace) -> int:
     kills = parse_kills(args.kill, "--kill")
     if not args.random and not kills:
         raise ConfigError("--kill", "give at least one --kill, or --random")
+    if args.random and kills:
+        raise ConfigError(
+            "--kill", "a schedule is either the --kill list or --random; run chaos once for each"
+        )
     check_live_kills(kills, "--kill")  # before connecting, not after
     if not args.random:  # the random schedule's own settings would be ignored
         for dest, default in RANDOM_DEFAULTS.items():
@@ -800,7 +804,9 @@ def _chaos(args: argparse.Namespace) -> int:
     except Exception as e:  # noqa: BLE001 -- one line naming what to fix
         raise ray_init_error(e, address, "--address") from None
     try:
-        run_id, supervisor = find_supervisor(args.run_id, args.wait_s)
+        run_id, supervisor = find_supervisor(
+            args.run_id, args.wait_s, on_wait=lambda text: print(text, flush=True)
+        )
         try:
             status = ray.get(supervisor.status.remote())
         except ray.exceptions.RayActorError:
@@ -821,7 +827,14 @@ def _chaos(args: argparse.Namespace) -> int:
                 sizes,
                 args.min_gap_s,
             )
-        print(f"chaos against {run_id}: {len(kills)} kills scheduled", flush=True)
+        # which cluster and run: --address auto takes any Ray this machine runs
+        print(
+            f"chaos against {run_id} ({_run_shape(status)}) on the Ray cluster at "
+            f"{ray.get_runtime_context().gcs_address}"
+            + (" (found by --address auto)" if args.address == "auto" else "")
+            + f": {_count(len(kills), 'kill')} scheduled",
+            flush=True,
+        )
         fired = run_schedule(
             supervisor,
             kills,
@@ -833,17 +846,30 @@ def _chaos(args: argparse.Namespace) -> int:
         ray.shutdown()
     if never and not args.random:  # the kills asked for did not happen: not a success
         print(
-            f"raytrain-ft: error: fired {len(fired)} of {len(kills)} kills; the run ended before "
-            f"{', '.join(never)} (give an earlier @step or @time)",
+            f"raytrain-ft: error: fired {len(fired)} of {_count(len(kills), 'kill')}; the run "
+            f"ended before {', '.join(never)} (give an earlier @step or @time)",
             file=sys.stderr,
         )
         return EXIT_FAILED
     print(
-        f"fired {len(fired)} of {len(kills)} kills (the run ended first: {', '.join(never)})"
+        f"fired {len(fired)} of {_count(len(kills), 'kill')} (the run ended first: "
+        f"{', '.join(never)})"
         if never
-        else f"fired {len(fired)} kills"
+        else f"fired {_count(len(fired), 'kill')}"
     )
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 kill``, ``2 kills``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _run_shape(status) -> str:
+    """What a run's supervisor status says of its size, for the line naming the run attacked."""
+    t = status.targets
+    shape = f"{_count(len(t.workers), 'worker')}, {_count(t.num_shards, 'shard')}"
+    return shape + (f", {_count(t.num_spares, 'spare')}" if t.num_spares else "")
 
 
 def _flags_given(parser: argparse.ArgumentParser, command: str, argv: list[str]) -> list[str]:

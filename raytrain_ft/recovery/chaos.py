@@ -228,10 +228,10 @@ class ChaosRunner:
         return record
 
 
-def find_supervisor(run_id: str | None, wait_s: float = 0.0, poll_s: float = 0.5):
+def find_supervisor(run_id: str | None, wait_s: float = 0.0, poll_s: float = 0.5, on_wait=None):
     """The supervisor of ``run_id`` on the connected cluster (the only running run when None),
     waiting up to ``wait_s`` for it to appear (a job submitted a moment ago is still starting its
-    actors)."""
+    actors); ``on_wait(text)`` is told once when it has to wait, and for what."""
     import ray
 
     from raytrain_ft.actors import NAMESPACE
@@ -247,6 +247,13 @@ def find_supervisor(run_id: str | None, wait_s: float = 0.0, poll_s: float = 0.5
         found = (len(runs) == 1) if run_id is None else (run_id in runs)
         if found or (run_id is None and len(runs) > 1) or time.monotonic() >= deadline:
             break
+        if on_wait is not None:
+            which = f"run {run_id}" if run_id else "a run"
+            on_wait(
+                f"waiting up to {wait_s:.0f}s for {which} to start on this cluster (active: "
+                f"{', '.join(runs) or 'none'})"
+            )
+            on_wait = None
         time.sleep(poll_s)
     if run_id is None:
         if len(runs) != 1:

@@ -277,7 +277,7 @@ def test_cli_submit_of_your_own_model_survives_a_chaos_kill_follows_the_log_and_
             text=True,
             timeout=300,
         )
-        assert chaos.returncode == 0 and "fired 1 kills" in chaos.stdout, (
+        assert chaos.returncode == 0 and "fired 1 kill\n" in chaos.stdout, (
             chaos.stdout + chaos.stderr[-3000:]
         )
         seen = {}

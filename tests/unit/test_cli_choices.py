@@ -445,6 +445,8 @@ class _FakeSupervisor:
 def live_run(monkeypatch):
     """``chaos`` against a fake run: Ray's calls answer at once; the schedule fires what
     ``fired`` holds."""
+    import types
+
     import ray
 
     from raytrain_ft import jobs
@@ -455,7 +457,12 @@ def live_run(monkeypatch):
     monkeypatch.setattr(ray, "init", lambda **kw: None)
     monkeypatch.setattr(ray, "shutdown", lambda: None)
     monkeypatch.setattr(ray, "get", lambda ref: ref)
-    monkeypatch.setattr(chaos, "find_supervisor", lambda run_id, wait_s: ("r1", _FakeSupervisor()))
+    monkeypatch.setattr(
+        ray, "get_runtime_context", lambda: types.SimpleNamespace(gcs_address="10.0.0.5:6379")
+    )
+    monkeypatch.setattr(
+        chaos, "find_supervisor", lambda run_id, wait_s, **kw: ("r1", _FakeSupervisor())
+    )
     monkeypatch.setattr(chaos, "run_schedule", lambda supervisor, kills, **kw: list(fired))
     return fired
 
@@ -463,7 +470,7 @@ def live_run(monkeypatch):
 def test_chaos_names_a_kill_the_run_lacks_before_saying_what_is_scheduled(live_run, capsys):
     assert cli.main(["chaos", "--address", "127.0.0.1:1", "--kill", "server:5@step=3"]) == 2
     out = capsys.readouterr()
-    assert "kills scheduled" not in out.out
+    assert "scheduled" not in out.out
     assert "--kill: server:5@step=3: the run has 2 server(s), index 5 does not exist" in out.err
 
 
@@ -471,11 +478,25 @@ def test_chaos_whose_kills_never_fired_fails_and_names_them(live_run, capsys):
     argv = ["chaos", "--address", "127.0.0.1:1", "--kill", "worker:0@step=900"]
     assert cli.main(argv) == 1
     out = capsys.readouterr()
-    assert "1 kills scheduled" in out.out
-    assert "fired 0 of 1 kills; the run ended before worker:0@step=900" in out.err
+    # the line says which run, on which cluster: --address auto takes any Ray this machine runs
+    assert out.out.startswith(
+        "chaos against r1 (2 workers, 2 shards, 1 spare) on the Ray cluster at 10.0.0.5:6379: "
+        "1 kill scheduled\n"
+    )
+    assert "fired 0 of 1 kill; the run ended before worker:0@step=900" in out.err
     live_run.append({"kill": "worker:0@step=900"})
     assert cli.main(argv) == 0
-    assert "fired 1 kills" in capsys.readouterr().out
+    assert capsys.readouterr().out.endswith("fired 1 kill\n")
+    assert cli.main(["chaos", "--kill", "worker:0@step=900"]) == 0
+    assert "10.0.0.5:6379 (found by --address auto): 1 kill" in capsys.readouterr().out
+
+
+def test_chaos_takes_either_a_kill_list_or_a_random_schedule(live_run, capsys):
+    argv = ["chaos", "--address", "127.0.0.1:1", "--kill", "worker:0@step=9", "--random"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("raytrain-ft: error: --kill: a schedule is either the --kill list or ")
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_a_local_sgd_run_counts_rounds_not_steps():
@@ -553,3 +574,21 @@ def test_the_run_length_given_twice_in_python_is_refused_and_a_steps_flag_overri
         cli.build_parser().parse_args(["train", "--config", str(path), "--steps", "7"])
     )
     assert (cfg.steps, cfg.epochs) == (7, C.TrainConfig().epochs)
+
+
+def test_chaos_says_once_that_it_waits_for_a_run_to_start(monkeypatch):
+    """A named run not on the cluster yet (a job still starting): one line says what chaos waits
+    for, and how long; the run found, its supervisor is returned."""
+    import ray
+
+    from raytrain_ft.actors import NAMESPACE
+    from raytrain_ft.recovery.chaos import find_supervisor
+
+    answers = [[], [{"name": "r0/supervisor", "namespace": NAMESPACE}]]
+    answers.append(answers[1] + [{"name": "r9/supervisor", "namespace": NAMESPACE}])
+    monkeypatch.setattr(ray.util, "list_named_actors", lambda all_namespaces: answers.pop(0))
+    monkeypatch.setattr(ray, "get_actor", lambda name, namespace: ("handle", name))
+    said: list = []
+    got = find_supervisor("r9", wait_s=30, poll_s=0, on_wait=said.append)
+    assert got == ("r9", ("handle", "r9/supervisor")) and not answers
+    assert said == ["waiting up to 30s for run r9 to start on this cluster (active: none)"]
