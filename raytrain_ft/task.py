@@ -347,57 +347,8 @@ class Task:
                 TensorDataset(builtin.train_x, builtin.train_y),
                 TensorDataset(builtin.eval_x, builtin.eval_y),
             )
-        if isinstance(model, torch.nn.Module):
-            kind = type(model)
-            spelled = ("nn." if kind.__module__.startswith("torch.nn.") else "") + kind.__name__
-            # the class itself where it builds with no argument; nn.Sequential takes its layers
-            ways = f"model=lambda: {spelled}(...)"
-            if _refused_call(kind, {}) is None:
-                ways = f"model={spelled} or {ways}"
-            raise ConfigError(
-                "model",
-                f"got a built {spelled}; give what builds it, a zero-argument function or class "
-                f"({ways}): every process builds its own copy, from the seed",
-            )
-        if model is not None and not callable(model):
-            raise ConfigError(
-                "model",
-                f"got {type(model).__name__}; give a zero-argument function or class returning an "
-                "nn.Module (a name or MODULE:ATTR goes in ModelConfig(name=...))",
-            )
-        if model is None and is_import_string(mc.name):
-            model = resolve(mc.name, "model.name")
-            if isinstance(model, torch.nn.Module):
-                raise ConfigError(
-                    "model.name",
-                    f"{mc.name!r} is a built {type(model).__name__}; name what builds it, a "
-                    "zero-argument function or class (every process builds its own copy, from the "
-                    "seed)",
-                )
-            if not callable(model):
-                raise ConfigError(
-                    "model.name",
-                    f"{mc.name!r} is not callable; give a zero-argument function or class "
-                    "returning an nn.Module",
-                )
-        if model is not None and mc.kwargs:
-            kwargs = parse_json(mc.kwargs, "model.kwargs")
-            if not isinstance(kwargs, dict):
-                raise ConfigError("model.kwargs", "must be a JSON object of keyword arguments")
-            refused = _refused_call(model, kwargs)
-            if refused is not None:  # a misspelt or missing argument: named before anything runs
-                raise ConfigError(
-                    "model.kwargs",
-                    f"{mc.name} cannot be called with {json.dumps(kwargs)}: {refused}",
-                )
-            model = functools.partial(model, **kwargs)
+        model = model_builder(config, model, train_data)
         if model is None:  # a built-in model sized by the built-in data
-            if train_data is not None or is_import_string(dc.dataset):
-                raise ConfigError(
-                    "model.name",
-                    f"the built-in {mc.name!r} is sized for the built-in datasets; give your own "
-                    "model with your data",
-                )
             model = functools.partial(_builtin_model, mc, builtin.in_shape, builtin.num_classes)
         defaults = DataConfig()
         named = [
@@ -878,6 +829,67 @@ def _call_factory(data: DataSource, flag: str, spec: str) -> tuple:
         if wrong is not None:
             raise ConfigError(flag, f"{spec!r} returned {wrong[0]} as the {which}; {wrong[1]}")
     return train, evaluation
+
+
+def model_builder(config, model=None, train_data=None) -> Callable | None:
+    """What builds the run's model -- the Python API's ``model`` or ``model.name``'s
+    ``MODULE:ATTR``, with ``model.kwargs`` bound -- checked without the data (a built model, a
+    missing module, arguments its signature refuses); None for a built-in model, which the
+    built-in data size (refused with the user's own data). ``Task.build`` calls it, and so does a
+    run whose dataset factory runs only in its Ray session, before that session starts."""
+    mc, dc = config.model, config.data
+    if isinstance(model, torch.nn.Module):
+        kind = type(model)
+        spelled = ("nn." if kind.__module__.startswith("torch.nn.") else "") + kind.__name__
+        # the class itself where it builds with no argument; nn.Sequential takes its layers
+        ways = f"model=lambda: {spelled}(...)"
+        if _refused_call(kind, {}) is None:
+            ways = f"model={spelled} or {ways}"
+        raise ConfigError(
+            "model",
+            f"got a built {spelled}; give what builds it, a zero-argument function or class "
+            f"({ways}): every process builds its own copy, from the seed",
+        )
+    if model is not None and not callable(model):
+        raise ConfigError(
+            "model",
+            f"got {type(model).__name__}; give a zero-argument function or class returning an "
+            "nn.Module (a name or MODULE:ATTR goes in ModelConfig(name=...))",
+        )
+    if model is None and is_import_string(mc.name):
+        model = resolve(mc.name, "model.name")
+        if isinstance(model, torch.nn.Module):
+            raise ConfigError(
+                "model.name",
+                f"{mc.name!r} is a built {type(model).__name__}; name what builds it, a "
+                "zero-argument function or class (every process builds its own copy, from the "
+                "seed)",
+            )
+        if not callable(model):
+            raise ConfigError(
+                "model.name",
+                f"{mc.name!r} is not callable; give a zero-argument function or class "
+                "returning an nn.Module",
+            )
+    if model is not None and mc.kwargs:
+        kwargs = parse_json(mc.kwargs, "model.kwargs")
+        if not isinstance(kwargs, dict):
+            raise ConfigError("model.kwargs", "must be a JSON object of keyword arguments")
+        refused = _refused_call(model, kwargs)
+        if refused is not None:  # a misspelt or missing argument: named before anything runs
+            raise ConfigError(
+                "model.kwargs",
+                f"{mc.name} cannot be called with {json.dumps(kwargs)}: {refused}",
+            )
+        model = functools.partial(model, **kwargs)
+    if model is None:  # a built-in model sized by the built-in data
+        if train_data is not None or is_import_string(dc.dataset):
+            raise ConfigError(
+                "model.name",
+                f"the built-in {mc.name!r} is sized for the built-in datasets; give your own "
+                "model with your data",
+            )
+    return model
 
 
 def _refused_call(builder, kwargs: dict) -> str | None:

@@ -876,7 +876,13 @@ class Trainer:
     def fit(self) -> TrainResult:
         cfg = self.config
         wall_start = time.time()
-        from raytrain_ft.task import dataset_factory, evaluate, is_import_string
+        from raytrain_ft.task import (
+            dataset_factory,
+            evaluate,
+            is_import_string,
+            loss_function,
+            model_builder,
+        )
 
         kills = check_kills_of(cfg)
         server_plan = None
@@ -892,8 +898,11 @@ class Trainer:
             end_resting("worker-")
         if self.parts["train_data"] is None and is_import_string(cfg.data.dataset):
             # the factory may make Ray Datasets, which need Ray: it runs in the run's session
-            # (a typo in the import string still fails before Ray starts)
+            # (a typo in the import string, and what the model and loss settings name, still fail
+            # before Ray starts)
             dataset_factory(cfg.data.dataset)
+            model_builder(cfg, self.parts["model"])
+            loss_function(self.parts["loss"] if self.parts["loss"] is not None else cfg.model.loss)
         else:
             if self.parts["train_data"] is None:
                 check_source(cfg.data)

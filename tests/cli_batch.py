@@ -21,6 +21,16 @@ import sys
 import traceback
 
 
+def ray_sessions(ray_dir: str) -> list[str]:
+    """The Ray sessions started under ``ray_dir`` (``$RAY_TMPDIR``): Ray makes them in its ``ray``
+    folder there (``$RAY_TMPDIR/ray/session_...``)."""
+    found = []
+    for d in (ray_dir, os.path.join(ray_dir, "ray")):
+        if os.path.isdir(d):
+            found += [os.path.join(d, p) for p in os.listdir(d) if p.startswith("session")]
+    return sorted(found)
+
+
 def run(cases: list[list[str]], ray_dir: str) -> list[dict]:
     from raytrain_ft.cli import main
 
@@ -42,7 +52,7 @@ def run(cases: list[list[str]], ray_dir: str) -> list[dict]:
                 "returncode": code,
                 "stdout": out.getvalue(),
                 "stderr": err.getvalue(),
-                "ray_sessions": sorted(p for p in os.listdir(ray_dir) if p.startswith("session")),
+                "ray_sessions": ray_sessions(ray_dir),
             }
         )
     return results

@@ -265,7 +265,29 @@ BAD_INPUTS = [
     (["--config-json", '{"optim":' * 3000 + "1" + "}" * 3000], "--config-json: is nested too"),
     (["--mode", "local_sgd", "--n-fetch", "2"], "consistency.n_fetch: n_push / n_fetch"),
     (["--simulate-compute", "10", "--precision", "bf16"], "model.precision: a simulated step"),
-    (["--dataset", "os:sep"], "data.dataset: 'os:sep' is not callable"),  # Ray started first
+    (["--dataset", "os:sep"], "data.dataset: 'os:sep' is not callable"),
+    # with your own dataset factory (it runs in the run's Ray session): what the model and loss
+    # settings name is still checked before Ray starts (found by a new user's trial)
+    *(
+        (["--dataset", "examples.sequence:data", *args], needle)
+        for args, needle in (
+            (["--model", "nomod:model"], "model.name: cannot import module 'nomod'"),
+            (["--model", "examples.sequence:"], "model.name: 'examples.sequence:' is not MODULE"),
+            (
+                ["--model", "examples.sequence:model", "--model-kwargs", "notjson"],
+                "model.kwargs: is not JSON",
+            ),
+            (
+                ["--model", "examples.sequence:model", "--model-kwargs", '{"hiden": 3}'],
+                'model.kwargs: examples.sequence:model cannot be called with {"hiden": 3}',
+            ),
+            (
+                ["--model", "examples.sequence:model", "--loss", "torch.nn:NoSuchLoss"],
+                "model.loss: module 'torch.nn' has no attribute 'NoSuchLoss'",
+            ),
+            (["--model", "cnn"], "model.name: the built-in 'cnn' is sized for the built-in"),
+        )
+    ),
 ]
 
 
