@@ -241,6 +241,11 @@ class Task:
     data_print: str | None = None
     """A dataset factory's training set as the driver got it (``data_print``): every process that
     calls the factory must get the same (``train_for`` compares)."""
+    model_field: str = "model.name"
+    """The setting messages about the model name: ``model`` where the Python API's ``model=`` gave
+    it, else ``model.name`` (``--model``)."""
+    loss_field: str = "model.loss"
+    """Likewise for the loss: ``loss`` (the Python API's ``loss=``) or ``model.loss``."""
 
     def train_for(self, rank: int) -> Dataset:
         """The training data worker ``rank`` reads its batches from; a factory's must be the
@@ -280,7 +285,7 @@ class Task:
         model = self.model()
         if not isinstance(model, torch.nn.Module):
             raise ConfigError(
-                "model.name",
+                self.model_field,
                 f"the model factory returned {type(model).__name__}, not a torch.nn.Module",
             )
         mine, driver = (model_layout(model), self.layout) if self.layout is not None else ((), ())
@@ -294,7 +299,7 @@ class Task:
                 f"{len(mine)} parameters and buffers here, {len(driver)} on the driver",
             )
             raise ConfigError(
-                "model.name",
+                self.model_field,
                 f"the model built in this process differs from the driver's ({first}); the model "
                 "factory must build the same model in every process (from its arguments and "
                 "torch's seeded generator, not from the host, the time or Python's or NumPy's "
@@ -347,6 +352,10 @@ class Task:
                 TensorDataset(builtin.train_x, builtin.train_y),
                 TensorDataset(builtin.eval_x, builtin.eval_y),
             )
+        fields = {
+            "model_field": "model" if model is not None else "model.name",
+            "loss_field": "loss" if loss is not None else "model.loss",
+        }
         model = model_builder(config, model, train_data)
         if model is None:  # a built-in model sized by the built-in data
             model = functools.partial(_builtin_model, mc, builtin.in_shape, builtin.num_classes)
@@ -366,7 +375,7 @@ class Task:
                 f"{value!r} names a Ray Dataset's column, but the data is no Ray Dataset, so it "
                 f"would be ignored; drop {flag_of(flag)}",
             )
-        loss_fn = loss_function(loss if loss is not None else mc.loss)
+        loss_fn = loss_function(loss if loss is not None else mc.loss, fields["loss_field"])
         if metrics is not None and not callable(metrics):
             raise ConfigError(
                 "metrics",
@@ -411,6 +420,7 @@ class Task:
             metrics,
             classification=is_cross_entropy(loss_fn),
             num_train=len(train) if num_train is None else num_train,
+            **fields,
         )
         # the built-in data are split here: too few training samples is --eval-fraction's doing
         split = builtin is not None and dc.eval_fraction
@@ -478,11 +488,11 @@ class Task:
             raise
         except Exception as e:  # noqa: BLE001
             raise ConfigError(
-                "model.name", f"building the model raised {type(e).__name__}: {e}"
+                self.model_field, f"building the model raised {type(e).__name__}: {e}"
             ) from None
         if any(is_lazy(t) for t in [*model.parameters(), *model.buffers()]):
             raise ConfigError(
-                "model.name",
+                self.model_field,
                 "the model has lazy modules (nn.LazyLinear, nn.LazyConv2d, ...): their parameters "
                 "exist only after a first forward, and every process must start from the same "
                 "values; give their input sizes (nn.Linear, nn.Conv2d)",
@@ -490,7 +500,7 @@ class Task:
         if not any(p.requires_grad for p in model.parameters()):
             empty = not list(model.parameters()) and not list(model.buffers())
             what = "parameters or buffers" if empty else "trainable parameters"
-            raise ConfigError("model.name", f"the model has no {what} to train")
+            raise ConfigError(self.model_field, f"the model has no {what} to train")
         layout = model_layout(model)
         other = [
             (name, t.dtype)
@@ -500,7 +510,7 @@ class Task:
         if other:
             name, dtype = other[0]
             raise ConfigError(
-                "model.name",
+                self.model_field,
                 f"{len(other)} of the model's parameters and buffers are not float32 ({name!r} is "
                 f"{dtype}); the servers keep and update float32 values: build the model in "
                 "float32 and give --precision bf16 or fp16 for lower-precision compute",
@@ -511,7 +521,7 @@ class Task:
             largest = int(b.abs().max())
             if largest > 2**24:
                 raise ConfigError(
-                    "model.name",
+                    self.model_field,
                     f"the buffer {name!r} holds integers beyond 2**24 ({largest}), "
                     "which the float32 values the shards keep cannot carry exactly; keep such "
                     "constants in a plain attribute, not a buffer",
@@ -529,7 +539,7 @@ class Task:
                     "np.float32)",
                 ) from None
             raise ConfigError(
-                "model.name",
+                self.model_field,
                 f"the model cannot take a batch of the dataset ({describe(x)}): "
                 f"{type(e).__name__}: {e}",
             ) from None
@@ -540,7 +550,7 @@ class Task:
             and out.shape[1] == 1
         ):  # every sample "of class 0", loss 0
             raise ConfigError(
-                "model.loss",
+                self.loss_field,
                 f"cross_entropy needs a logit per class (2 or more), the model gives one value "
                 f"per sample ({describe(out)}); give the model's last layer one output per class, "
                 "or use --loss mse for a regression",
@@ -551,7 +561,7 @@ class Task:
                 value = self.loss(out, y)
         except Exception as e:  # noqa: BLE001
             raise ConfigError(
-                "model.loss",
+                self.loss_field,
                 f"the loss cannot take the model's output {describe(out)} and the targets "
                 f"{describe(y)}: "
                 f"{type(e).__name__}: {e}",
@@ -559,7 +569,7 @@ class Task:
         broadcast = [w for w in said if "broadcast" in str(w.message)]
         if broadcast:  # torch's own word that the values would be wrong
             raise ConfigError(
-                "model.loss",
+                self.loss_field,
                 f"the model's output {describe(out)} and the targets {describe(y)} differ in "
                 f"shape, so the loss would compare broadcast values ({broadcast[0].message}); "
                 "make the model's output the targets' shape (e.g. .squeeze(-1)) or the targets "
@@ -567,17 +577,17 @@ class Task:
             )
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             raise ConfigError(
-                "model.loss", f"the loss must return a scalar tensor, got {describe(value)}"
+                self.loss_field, f"the loss must return a scalar tensor, got {describe(value)}"
             )
         if self.classification and (not isinstance(out, torch.Tensor) or out.dim() != 2):
             raise ConfigError(
-                "model.loss",
+                self.loss_field,
                 f"cross_entropy needs class logits [N, C], the model gives {describe(out)}; use "
                 "--loss mse or your own",
             )
         if not value.requires_grad:
             raise ConfigError(
-                "model.loss",
+                self.loss_field,
                 "the loss has no gradient to train on (computed from .item(), from a detached "
                 "tensor, or under torch.no_grad)",
             )
@@ -596,7 +606,7 @@ class Task:
                         f"{str(e).strip()[:200]}); give --batch-size 2 or more",
                     ) from None
                 raise ConfigError(
-                    "model.loss",
+                    self.loss_field,
                     f"the model and loss take samples 0-1 but not a batch of samples 0-{n - 1} "
                     f"(each worker's batch is {batch_size}): {type(e).__name__}: "
                     f"{str(e).strip()[:200]}",

@@ -423,7 +423,7 @@ class Worker:
         clock = _GpuClock(self.device)
         with torch.autocast(self.device.type, dtype=self._amp_dtype, enabled=self._autocast):
             out, loss = self._forward(x, y)
-        with user_code("model.name", lambda: f"backward of step {self._step}'s loss"):
+        with user_code(self.task.model_field, lambda: f"backward of step {self._step}'s loss"):
             scaler.scale(loss).backward()
         scaler.unscale_(inner)
         if self.config.optim.clip_grad_norm is not None:
@@ -508,7 +508,7 @@ class Worker:
         self.flat.stage_buffers()
         scale = self.exchange.loss_scale() if self._fp16 else 1.0
         # with overlap, the pushes its hooks send count as compute here
-        with user_code("model.name", lambda: f"backward of step {self._step}'s loss"):
+        with user_code(self.task.model_field, lambda: f"backward of step {self._step}'s loss"):
             (loss * scale if scale != 1.0 else loss).backward()
         clock.stop()
         self._compute_cpu_s += time.thread_time() - cpu0
@@ -519,12 +519,12 @@ class Worker:
         """The model's output and loss on a batch; what the user's model or loss raise is one line
         naming the field (``user_code``)."""
         with user_code(
-            "model.name",
+            self.task.model_field,
             lambda: f"the model's forward on step {self._step}'s batch ({describe(x)})",
         ):
             out = self.model(x)
         with user_code(
-            "model.loss",
+            self.task.loss_field,
             lambda: f"the loss on the model's output {describe(out)} and the targets {describe(y)}",
         ):
             loss = self.loss_fn(out, y)

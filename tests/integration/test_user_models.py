@@ -342,7 +342,7 @@ def test_the_users_model_failing_on_a_worker_or_differing_on_a_server_fails_in_o
     with pytest.raises(ClusterError) as e:
         Trainer(cfg, model=_differs_in_servers, train_data=fine).fit()
     assert str(e.value).startswith(
-        "server slot 0 failed to start: model.name: the model built in this process differs "
+        "server slot 0 failed to start: model: the model built in this process differs "
         "from the driver's ('0.weight' float32 [32, 4] here, '0.weight' float32 [16, 4] on the "
         "driver)"
     )
