@@ -77,7 +77,7 @@ def parse_kill(text: str, field: str = FIELD) -> KillSpec:
         raise ConfigError(field, f"{text!r}: {value_text!r} is not a finite number")
     if index < 0 or value < 0:
         raise ConfigError(field, f"{text!r}: index and value must be >= 0")
-    if trigger != "time" and not value.is_integer():
+    if trigger != "time" and not value_text.strip().isdigit():  # as --steps takes it: not 1e3
         raise ConfigError(field, f"{text!r}: @{trigger} takes a whole number, got {value_text!r}")
     if trigger in COUNTED_TRIGGERS and value < 1:
         raise ConfigError(
@@ -104,7 +104,11 @@ def parse_kills(texts: str | list[str] | None, field: str = FIELD) -> list[KillS
     for text in texts:
         for part in str(text).split(","):
             if not part.strip():
-                continue
+                raise ConfigError(
+                    field,
+                    f"{str(text)!r}: an empty kill between commas (a stray comma?); give "
+                    "ROLE[:INDEX]@step=N specs separated by single commas",
+                )
             k = parse_kill(part, field)
             if k in kills:
                 raise ConfigError(

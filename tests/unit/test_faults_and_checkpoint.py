@@ -116,6 +116,8 @@ def test_checkpoint_round_trip_and_newest_common_step(tmp_path):
         ("server:0@step=inf", "'inf' is not a finite number"),
         ("worker:1@time=inf", "'inf' is not a finite number"),
         ("server:0@step=2.5", "@step takes a whole number"),
+        ("server:0@step=1e3", "@step takes a whole number, got '1e3'"),  # as --steps refuses it
+        ("server:0@step=20.0", "@step takes a whole number"),
         ("server:0@recovery=0", "@recovery counts from 1"),
         ("replica:0@snapshot=0", "@snapshot counts from 1"),
     ],
@@ -136,6 +138,9 @@ def test_a_kill_given_twice_or_after_the_run_is_an_error():
     assert (
         len(parse_kills(["server:0@step=3", "server:0@step=4,worker:1@step=3"])) == 3
     )  # repeated flag, comma lists
+    for stray in ("server:0@step=3,", "server:0@step=3,,worker:0@step=4", ["server:0@step=3", " "]):
+        with pytest.raises(ConfigError, match="an empty kill between commas"):
+            parse_kills(stray)
     kills = parse_kills("server:0@step=9,worker:0@time=500,server:1@recovery=7")
     check_steps(kills, total_steps=10)  # @time and event counts cannot be known ahead
     with pytest.raises(
