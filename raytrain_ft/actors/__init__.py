@@ -79,6 +79,20 @@ def watch_supervisor(run_id: str, namespace: str, misses_to_exit: int = 2) -> No
         return
     interval_s = float(os.environ.get(ORPHAN_CHECK_ENV_VAR, DEFAULT_ORPHAN_CHECK_S))
     token = _watched[0] = object()  # a later watch (the next run's) ends this one
+    context = ray.get_runtime_context()
+    me = (context.get_actor_name(), context.namespace)
+
+    def gcs_found_me() -> bool:
+        """Whether the GCS finds this very actor by its name: Ray answers "not found" (ValueError)
+        for every lookup error but a timeout, so a lookup of the supervisor that failed counts as
+        its absence only where the same GCS found an actor known to exist."""
+        if not me[0]:
+            return True  # nothing to check against (the actors of a run are named)
+        try:
+            ray.get_actor(me[0], namespace=me[1])
+            return True
+        except Exception:  # noqa: BLE001 -- the GCS cannot say: no verdict this time
+            return False
 
     def loop() -> None:
         misses = 0
@@ -90,6 +104,8 @@ def watch_supervisor(run_id: str, namespace: str, misses_to_exit: int = 2) -> No
                 ray.get_actor(f"{run_id}/supervisor", namespace=namespace)
                 misses = 0
             except ValueError:
+                if not gcs_found_me():
+                    continue
                 misses += 1
                 if misses < misses_to_exit:
                     continue

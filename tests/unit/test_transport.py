@@ -2,6 +2,7 @@
 inline parts."""
 
 import dataclasses
+import time
 
 import numpy as np
 import pytest
@@ -269,3 +270,56 @@ def test_an_incarnation_unfit_after_its_constructor_answers_as_a_constructor_err
     assert ends[0] == BECOME_WAIT_S
     life.rest_over(*ends[1:])
     assert exits == [0]
+
+
+def test_the_orphan_watch_ends_its_process_only_when_the_gcs_that_misses_the_supervisor_finds_it(
+    monkeypatch,
+):
+    """The watch ends a server or worker process whose run's supervisor is gone. Ray answers "not
+    found" for every GCS lookup error but a timeout, so while the GCS errs (the process's own
+    actor not found either) nothing is concluded; once it finds this actor and still not the
+    supervisor, two such misses end the process."""
+    import threading
+    import types
+
+    import ray
+
+    from raytrain_ft import actors
+
+    state = {"gcs_errs": True, "asked": 0}
+    ended = threading.Event()
+
+    def get_actor(name, namespace):
+        if name.endswith("/supervisor"):
+            state["asked"] += 1
+            raise ValueError(f"Failed to look up actor with name '{name}'")
+        if state["gcs_errs"]:
+            raise ValueError(f"Failed to look up actor with name '{name}'")
+        return object()
+
+    release = threading.Event()
+
+    def exit_(code):  # the process would end here; the watch's thread ends once released
+        ended.set()
+        release.wait(10)
+
+    context = types.SimpleNamespace(get_actor_name=lambda: "r1/worker-0", namespace="raytrain_ft")
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: context)
+    monkeypatch.setattr(ray, "get_actor", get_actor)
+    monkeypatch.setattr(actors.os, "_exit", exit_)
+    monkeypatch.setenv(actors.ORPHAN_CHECK_ENV_VAR, "0.001")
+    try:
+        actors.watch_supervisor("r1", "raytrain_ft")
+        deadline = time.monotonic() + 10
+        while state["asked"] < 20 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert state["asked"] >= 20 and not ended.is_set()  # the GCS errs: no verdict
+        state["gcs_errs"] = False
+        assert ended.wait(10)  # the GCS answers and the supervisor is not there: gone
+    finally:
+        actors._watched[0] = None  # this process serves no run: the watch returns
+        release.set()
+        for t in threading.enumerate():
+            if t.name == "orphan-watch":
+                t.join(10)
