@@ -496,6 +496,16 @@ def ray_session(config: TrainConfig):
 RAY_DEATH_LINE = "A worker died or was killed while executing a task by an unexpected system error"
 """How Ray's driver starts the line it prints (from the raylet) for each worker process that died
 on a signal: it names an OOM kill or ``ray stop --force`` as likely causes."""
+ABSL_MUTEX_TRACE = "] RAW: "
+"""What marks abseil's mutex tracing (``[mutex.cc : 452] RAW: Lock blocking 0x55f4... @ ...``),
+which a Ray worker process that loaded two copies of abseil sometimes prints at its start: lines
+of addresses that say nothing to the run's reader."""
+
+
+def ray_noise(line) -> bool:
+    """A line from Ray's processes the run does not pass on (``ray_lines_as_the_run_reports``)."""
+    text = str(line)
+    return text.startswith("[mutex.cc : ") and ABSL_MUTEX_TRACE in text
 
 
 @contextlib.contextmanager
@@ -506,6 +516,7 @@ def ray_lines_as_the_run_reports():
       survived in a line of its own (``recovered: ...``, the summary's ``recoveries``), and a death
       it cannot survive fails it naming the actor, where Ray's line suggested an OOM kill on every
       kill of ``--kill``;
+    - drop abseil's mutex tracing some Ray worker processes print (``ray_noise``);
     - no colour codes around a line's ``(Supervisor pid=...)`` prefix where the stream goes to a
       file or a pipe (a job's log, ``2> run.log``), unless ``RAY_COLOR_PREFIX`` says otherwise.
 
@@ -520,11 +531,15 @@ def ray_lines_as_the_run_reports():
         return
 
     def as_reported(data, *args, **kwargs):
-        if data.get("pid") == "raylet":
-            lines = [x for x in data.get("lines", ()) if not str(x).startswith(RAY_DEATH_LINE)]
-            if not lines:
-                return None
-            data = {**data, "lines": lines}
+        raylet = data.get("pid") == "raylet"
+        lines = [
+            x
+            for x in data.get("lines", ())
+            if not ray_noise(x) and not (raylet and str(x).startswith(RAY_DEATH_LINE))
+        ]
+        if not lines:
+            return None
+        data = {**data, "lines": lines}
         sink = sys.stderr if data.get("is_err") else sys.stdout
         if "RAY_COLOR_PREFIX" in os.environ or is_a_terminal(sink):
             return printer(data, *args, **kwargs)

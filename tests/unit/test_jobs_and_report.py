@@ -665,6 +665,11 @@ def test_ray_lines_of_a_run_drop_its_deaths_and_colour_only_on_a_terminal(monkey
     assert printed(actor) == "(Supervisor pid=7) [supervisor] hello\n"
     death = {**base, "pid": "raylet", "lines": [RAY_DEATH_LINE + ". Some Actor ID"]}
     assert printed(death) == ""
+    # abseil's mutex tracing, which a Ray worker process sometimes prints at its start, is dropped
+    trace = "[mutex.cc : 452] RAW: Lock blocking 0x55f441f03670   @ 0x7f645942b1a2 0x7f64584fb23c"
+    idle = {**base, "pid": 951, "actor_name": "", "lines": [trace, "[worker] a real line"]}
+    assert printed(idle) == "(pid=951) [worker] a real line\n"
+    assert printed({**idle, "lines": [trace]}) == ""
     monkeypatch.setenv("RAY_COLOR_PREFIX", "1")
     assert "\033[" in printed(actor)  # the user's choice
     assert "RAY_COLOR_PREFIX" in os.environ
