@@ -860,6 +860,18 @@ def _chaos(args: argparse.Namespace) -> int:
     return 0
 
 
+def _what_goes_on(args: argparse.Namespace) -> str:
+    """What a command stopped by a signal leaves behind, for the line that says it stopped."""
+    if args.command == "train":  # its actors end with the driver (killed, or the orphan watch)
+        return " (the run's actors are stopped with it)"
+    if args.command == "chaos":
+        return "; the run it attacked goes on"
+    if args.command in ("submit", "logs", "status"):
+        job = getattr(args, "job_id", None) or "JOB_ID"
+        return f"; a submitted job goes on (raytrain-ft stop {job} ends it)"
+    return ""
+
+
 def _count(n: int, noun: str) -> str:
     """``1 kill``, ``2 kills``."""
     return f"{n} {noun}{'' if n == 1 else 's'}"
@@ -1003,11 +1015,8 @@ def _main(argv: list[str] | None) -> int:
         return EXIT_FAILED
     except (KeyboardInterrupt, Stopped) as e:  # a second signal while unwinding lands here too
         signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
-        print(
-            f"raytrain-ft: stopped by {signal.Signals(signum).name}"
-            + ("; the run's actors were stopped" if args.command in ("train", "chaos") else ""),
-            file=sys.stderr,
-        )
+        print(f"raytrain-ft: stopped by {signal.Signals(signum).name}{_what_goes_on(args)}",
+              file=sys.stderr)  # fmt: skip
         return 128 + signum
     parser.error(f"unknown command {args.command!r}")
     return EXIT_BAD_INPUT

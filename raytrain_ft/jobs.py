@@ -312,10 +312,12 @@ def _flag(field: str) -> str:
 @contextlib.contextmanager
 def signal_handlers_kept() -> Iterator[None]:
     """Around ``ray.init``: the process's Python handler for SIGTERM stays the one that runs.
-    Ray's core worker installs a C-level handler of its own (it prints a stack dump, "*** SIGTERM
-    received ...", and then calls the handler before it); put back in front, the CLI's handler
-    unwinds the run -- its actors stopped, Ray shut down -- without the dump. Only in the main
-    thread, and only a Python handler (a process that left SIGTERM at its default keeps Ray's)."""
+    ``ray.init`` sets a Python handler of its own (``sys.exit(15)``) and its core worker a
+    C-level one (it prints a stack dump, "*** SIGTERM received ...", then calls the handler before
+    it); put back in front, the CLI's handler unwinds the run -- its actors stopped, Ray shut down
+    -- without the dump. A SIGTERM during ``ray.init`` itself (Ray's handler then raised
+    ``SystemExit(15)``) goes to the process's handler too. Only in the main thread, and only a
+    Python handler (a process that left SIGTERM at its default keeps Ray's)."""
     import signal
     import threading
 
@@ -325,6 +327,10 @@ def signal_handlers_kept() -> Iterator[None]:
     before = signal.getsignal(signal.SIGTERM)
     try:
         yield
+    except SystemExit as e:
+        if callable(before) and e.code == signal.SIGTERM:
+            before(signal.SIGTERM, None)  # the process's own way to end on SIGTERM
+        raise
     finally:
         if callable(before):
             signal.signal(signal.SIGTERM, before)

@@ -110,9 +110,10 @@ class FlatModel:
                     "zero_grad(set_to_none=True)"
                 )
 
-    def stage_buffers(self) -> None:
+    def stage_buffers(self, field: str = "model.name") -> None:
         """Copy local buffer values (integer ones as float32) into the buffer part of ``flat_grad``
-        for pushing."""
+        for pushing; a buffer the forward replaced is a ConfigError on ``field`` (the setting that
+        gave the model)."""
         for name, owner, attr, tensor in self._bound:
             if owner._buffers.get(attr) is not tensor:
                 from raytrain_ft.errors import ConfigError
@@ -120,7 +121,7 @@ class FlatModel:
                 now = owner._buffers.get(attr)
                 shape = list(now.shape) if isinstance(now, torch.Tensor) else type(now).__name__
                 raise ConfigError(
-                    "model.name",
+                    field,
                     f"the model's forward replaced its buffer {name!r} (now {shape}, was "
                     f"{list(tensor.shape)}) instead of updating it in place; the shards keep every "
                     "buffer at a fixed place and size, so the new value would be lost: update it "

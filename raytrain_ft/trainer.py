@@ -917,7 +917,11 @@ class Trainer:
             # before Ray starts)
             dataset_factory(cfg.data.dataset)
             model_builder(cfg, self.parts["model"])
-            loss_function(self.parts["loss"] if self.parts["loss"] is not None else cfg.model.loss)
+            given = self.parts["loss"]
+            loss_function(
+                given if given is not None else cfg.model.loss,
+                "loss" if given is not None else "model.loss",
+            )
         else:
             if self.parts["train_data"] is None:
                 check_source(cfg.data)

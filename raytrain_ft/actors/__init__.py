@@ -79,8 +79,8 @@ def watch_supervisor(run_id: str, namespace: str, misses_to_exit: int = 2) -> No
         return
     interval_s = float(os.environ.get(ORPHAN_CHECK_ENV_VAR, DEFAULT_ORPHAN_CHECK_S))
     token = _watched[0] = object()  # a later watch (the next run's) ends this one
-    context = ray.get_runtime_context()
-    me = (context.get_actor_name(), context.namespace)
+    # the run's actors are named in ``namespace`` (the runtime context's is the job's)
+    me = (ray.get_runtime_context().get_actor_name(), namespace)
 
     def gcs_found_me() -> bool:
         """Whether the GCS finds this very actor by its name: Ray answers "not found" (ValueError)

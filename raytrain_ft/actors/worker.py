@@ -401,7 +401,7 @@ class Worker:
                     samples += len(y)
                 torch.sub(start, self.flat.flat[:n], out=self.flat.flat_grad[:n])
                 self.flat.flat_grad[:n].div_(inner_lr)
-                self.flat.stage_buffers()
+                self.flat.stage_buffers(self.task.model_field)
                 self.exchange.begin_step(self._step)
                 self.exchange.push_remaining()
                 self.exchange.install_all()
@@ -505,7 +505,7 @@ class Worker:
             out, loss = self._forward(x, y)
         # Buffers are final after forward; they travel in the gradient slot. With overlap,
         # post-accumulate hooks push the shards whose gradients are complete during backward.
-        self.flat.stage_buffers()
+        self.flat.stage_buffers(self.task.model_field)
         scale = self.exchange.loss_scale() if self._fp16 else 1.0
         # with overlap, the pushes its hooks send count as compute here
         with user_code(self.task.model_field, lambda: f"backward of step {self._step}'s loss"):

@@ -250,7 +250,7 @@ def find_supervisor(run_id: str | None, wait_s: float = 0.0, poll_s: float = 0.5
         if on_wait is not None:
             which = f"run {run_id}" if run_id else "a run"
             on_wait(
-                f"waiting up to {wait_s:.0f}s for {which} to start on this cluster (active: "
+                f"waiting up to {wait_s:g}s for {which} to start on this cluster (active: "
                 f"{', '.join(runs) or 'none'})"
             )
             on_wait = None

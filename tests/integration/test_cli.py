@@ -722,3 +722,50 @@ def test_address_auto_with_several_local_instances_is_refused_listing_them(clien
     )
     assert "give the one to use as --address HOST:PORT" in proc.stderr
     assert not any(p.startswith("session") for p in os.listdir(ray_dir))
+
+
+def _processes_under(path: str) -> list[str]:
+    """Command lines of the processes that name ``path`` (a Ray temp dir) in their arguments."""
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # ended meanwhile
+            continue
+        if path in cmd and int(pid) != os.getpid():
+            found.append(cmd[:200])
+    return found
+
+
+def test_sigterm_stops_a_training_run_with_one_line_and_leaves_no_process(cli_env):
+    """SIGTERM (a stopped Ray job, `timeout`, `kill`) ends `train` once it trains: exit 143, one
+    line, neither a traceback nor Ray's stack dump ("*** SIGTERM received"), and none of the
+    run's or its embedded Ray's processes left."""
+    import re
+    import signal
+    import threading
+
+    env, d = cli_env
+    args = ["--steps", "100000", "--num-workers", "1", "--num-servers", "1", "--recovery", "none"]
+    proc = subprocess.Popen(
+        [*CLI, "train", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 180
+    while not any(re.search(r"step [1-9]\d*/", line) for line in err):  # it trains
+        assert proc.poll() is None and time.monotonic() < deadline, "".join(err)[-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(120) == 143
+    reader.join(30)
+    text = "".join(err)
+    assert text.splitlines()[-1] == (
+        "raytrain-ft: stopped by SIGTERM (the run's actors are stopped with it)"
+    ), text[-3000:]
+    assert "SIGTERM received" not in text and "Traceback" not in text, text[-3000:]
+    while _processes_under(d) and time.monotonic() < deadline + 60:
+        time.sleep(0.2)
+    assert not _processes_under(d)

@@ -696,3 +696,67 @@ def test_progress_keeps_a_restarting_ranks_last_step_until_the_new_one_is_starte
     assert merge([status(0, 60), status(1, 0, started=False)]) == [60, 59]  # rank 1 restarting
     assert merge([status(0, 60), None]) == [60, 59]  # rank 1 not answering
     assert merge([status(0, 61), status(1, 40)]) == [61, 40]  # resumed (here: rolled back)
+
+
+class _Ended(BaseException):
+    pass
+
+
+def test_the_process_sigterm_handler_stays_in_front_of_rays_across_ray_init():
+    """``ray.init`` sets its own SIGTERM handler (``sys.exit(15)``); around it the process's
+    handler is put back, and a SIGTERM while ``ray.init`` runs goes to that handler too."""
+    import signal
+
+    from raytrain_ft.jobs import signal_handlers_kept
+
+    def mine(signum, frame):
+        raise _Ended(signum)
+
+    def rays(signum, frame):  # what ray.init installs
+        sys.exit(signum)
+
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        with signal_handlers_kept():
+            signal.signal(signal.SIGTERM, rays)  # ray.init
+        assert signal.getsignal(signal.SIGTERM) is mine
+        with pytest.raises(_Ended):  # a SIGTERM during ray.init
+            with signal_handlers_kept():
+                signal.signal(signal.SIGTERM, rays)
+                signal.raise_signal(signal.SIGTERM)  # delivered before it returns
+        assert signal.getsignal(signal.SIGTERM) is mine
+        with pytest.raises(SystemExit):  # another SystemExit is not a SIGTERM: left alone
+            with signal_handlers_kept():
+                sys.exit(3)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+@pytest.mark.parametrize(
+    "command, raised, code, line",
+    [
+        (["train"], KeyboardInterrupt(), 130, "stopped by SIGINT (the run's actors are stopped"),
+        (["train"], "Stopped", 143, "stopped by SIGTERM (the run's actors are stopped with it)"),
+        (["chaos", "--kill", "server:0@step=3"], KeyboardInterrupt(), 130, "attacked goes on"),
+        (["logs", "raysubmit_1", "--follow"], KeyboardInterrupt(), 130, "stop raysubmit_1 ends"),
+    ],
+)  # fmt: skip
+def test_a_signal_ends_a_command_with_one_line_saying_what_goes_on(
+    monkeypatch, capsys, command, raised, code, line
+):
+    import signal
+
+    from raytrain_ft import cli
+
+    if raised == "Stopped":
+        raised = cli.Stopped(signal.SIGTERM)
+
+    def interrupted(args):
+        raise raised
+
+    for name in ("_train", "_chaos", "_job_command"):
+        monkeypatch.setattr(cli, name, interrupted)
+    monkeypatch.setattr(cli, "check_auth_mode", lambda: None)
+    assert cli.main(command) == code
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("raytrain-ft: stopped by SIG") and line in err[0]

@@ -293,7 +293,7 @@ def test_the_orphan_watch_ends_its_process_only_when_the_gcs_that_misses_the_sup
         if name.endswith("/supervisor"):
             state["asked"] += 1
             raise ValueError(f"Failed to look up actor with name '{name}'")
-        if state["gcs_errs"]:
+        if state["gcs_errs"] or namespace != "raytrain_ft":  # the actors' namespace, not the job's
             raise ValueError(f"Failed to look up actor with name '{name}'")
         return object()
 
@@ -303,7 +303,10 @@ def test_the_orphan_watch_ends_its_process_only_when_the_gcs_that_misses_the_sup
         ended.set()
         release.wait(10)
 
-    context = types.SimpleNamespace(get_actor_name=lambda: "r1/worker-0", namespace="raytrain_ft")
+    # the runtime context's namespace is the job's (an anonymous one), not the actors'
+    context = types.SimpleNamespace(
+        get_actor_name=lambda: "r1/worker-0", namespace="3f6c0ad8-job-namespace"
+    )
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(ray, "get_runtime_context", lambda: context)
     monkeypatch.setattr(ray, "get_actor", get_actor)
