@@ -55,14 +55,18 @@ class ProgressBar:
         self.width = width
         self.tty = is_a_terminal(stream)
         self._last_decile = -1
-        self._recoveries_seen = 0
+        self._recoveries_printed: set = set()
         self._finished = False
 
     def __call__(self, p) -> None:
-        # a recovery gets its line even after the bar is drawn (the run's end may report one)
-        for event in p.recoveries[self._recoveries_seen :]:
-            self.stream.write(("\r\033[K" if self.tty else "") + recovery_line(event) + "\n")
-        self._recoveries_seen = len(p.recoveries)
+        # a recovery gets its line even after the bar is drawn (the run's end may report one);
+        # recoveries come in the order they started, each once it is over: one that started
+        # first and ended later comes before others already printed
+        for event in p.recoveries:
+            key = (event.get("role"), event.get("index"), event.get("detected_at"))
+            if key not in self._recoveries_printed:
+                self._recoveries_printed.add(key)
+                self.stream.write(("\r\033[K" if self.tty else "") + recovery_line(event) + "\n")
         if self._finished:
             self.stream.flush()
             return

@@ -252,6 +252,14 @@ def with_updates_lost(
     return events
 
 
+def final_loss(statuses: list) -> float:
+    """The mean of the ranks' last training losses, over the ranks that trained a step since they
+    last started: a rank killed at the last step and restarted there trains none, and has no loss
+    (NaN: a run that diverged). NaN where no rank trained."""
+    trained = [s.last_loss for s in statuses if s.samples]
+    return float(np.mean(trained)) if trained else math.nan
+
+
 def cpu_per_step(workers: list, servers: list, supervisor_cpu_s: float) -> dict[str, float]:
     """CPU seconds per step of one process of each role, from the workers' statuses, the shards'
     stats and the supervisor's CPU (see ``TrainResult.cpu_per_step``)."""
@@ -496,6 +504,9 @@ def ray_session(config: TrainConfig):
 RAY_DEATH_LINE = "A worker died or was killed while executing a task by an unexpected system error"
 """How Ray's driver starts the line it prints (from the raylet) for each worker process that died
 on a signal: it names an OOM kill or ``ray stop --force`` as likely causes."""
+RAYLET_ENDED_LINE = "Raylet is terminated"
+"""How the raylet's message starts when a node's raylet ended (a node lost, ``--kill node:I``): a
+list of possible causes and the last lines of its log; the run reports the roles it rebuilt."""
 ABSL_MUTEX_TRACE = "] RAW: "
 """What marks abseil's mutex tracing (``[mutex.cc : 452] RAW: Lock blocking 0x55f4... @ ...``),
 which a Ray worker process that loaded two copies of abseil sometimes prints at its start: lines
@@ -515,46 +526,69 @@ def ray_lines_as_the_run_reports():
     - drop Ray's line for each of the run's processes that died: the run reports every death it
       survived in a line of its own (``recovered: ...``, the summary's ``recoveries``), and a death
       it cannot survive fails it naming the actor, where Ray's line suggested an OOM kill on every
-      kill of ``--kill``;
+      kill of ``--kill``; likewise the raylet's message, and the 20 lines of its log it quotes,
+      when a node's raylet ended (``--kill node:I``);
     - drop abseil's mutex tracing some Ray worker processes print (``ray_noise``);
     - no colour codes around a line's ``(Supervisor pid=...)`` prefix where the stream goes to a
       file or a pipe (a job's log, ``2> run.log``), unless ``RAY_COLOR_PREFIX`` says otherwise.
 
-    Other lines pass; the driver prints them as before once the run ends. Ray's printer is a
-    module function its error listener looks up at each message, and reads ``RAY_COLOR_PREFIX``
-    at each line."""
+    Other lines pass; the driver prints them as before once the run ends. Ray prints through two
+    paths, both changed here: its error listener looks its printer up as a module function at each
+    message, and its log thread calls the handler ``ray.init`` registered with the stdstream
+    dispatcher (the processes' own lines); the printer reads ``RAY_COLOR_PREFIX`` at each line."""
+    import threading
+
     import ray._private.worker as ray_worker
+    from ray._private import ray_logging
 
     printer = getattr(ray_worker, "print_to_stdstream", None)
+    dispatcher = getattr(ray_logging, "global_worker_stdstream_dispatcher", None)
     if printer is None:  # another Ray: nothing to change
         yield
         return
+    colour = threading.Lock()  # the two paths print from two threads
 
-    def as_reported(data, *args, **kwargs):
-        raylet = data.get("pid") == "raylet"
-        lines = [
-            x
-            for x in data.get("lines", ())
-            if not ray_noise(x) and not (raylet and str(x).startswith(RAY_DEATH_LINE))
-        ]
-        if not lines:
-            return None
-        data = {**data, "lines": lines}
-        sink = sys.stderr if data.get("is_err") else sys.stdout
-        if "RAY_COLOR_PREFIX" in os.environ or is_a_terminal(sink):
-            return printer(data, *args, **kwargs)
-        os.environ["RAY_COLOR_PREFIX"] = "0"  # only Ray's log thread prints these lines
-        try:
-            return printer(data, *args, **kwargs)
-        finally:
-            os.environ.pop("RAY_COLOR_PREFIX", None)
+    def reported_through(downstream):
+        def as_reported(data, *args, **kwargs):
+            lines = list(data.get("lines", ()))
+            if data.get("pid") == "raylet":
+                if any(str(x).startswith(RAYLET_ENDED_LINE) for x in lines):
+                    return None
+                lines = [x for x in lines if not str(x).startswith(RAY_DEATH_LINE)]
+            lines = [x for x in lines if not ray_noise(x)]
+            if not lines:
+                return None
+            data = {**data, "lines": lines}
+            sink = sys.stderr if data.get("is_err") else sys.stdout
+            if "RAY_COLOR_PREFIX" in os.environ or is_a_terminal(sink):
+                return downstream(data, *args, **kwargs)
+            with colour:
+                os.environ["RAY_COLOR_PREFIX"] = "0"
+                try:
+                    return downstream(data, *args, **kwargs)
+                finally:
+                    os.environ.pop("RAY_COLOR_PREFIX", None)
 
-    ray_worker.print_to_stdstream = as_reported
+        return as_reported
+
+    ours = reported_through(printer)
+    ray_worker.print_to_stdstream = ours
+    handlers = None
+    if dispatcher is not None:
+        with dispatcher._lock:
+            handlers = list(dispatcher.handlers)
+            dispatcher.handlers = [
+                (name, reported_through(h) if name == "ray_print_logs" else h)
+                for name, h in handlers
+            ]
     try:
         yield
     finally:
-        if ray_worker.print_to_stdstream is as_reported:
+        if ray_worker.print_to_stdstream is ours:
             ray_worker.print_to_stdstream = printer
+        if handlers is not None:
+            with dispatcher._lock:
+                dispatcher.handlers = handlers
 
 
 def named_ray_address(config: TrainConfig) -> str:
@@ -986,7 +1020,7 @@ class Trainer:
             warmup_steps_excluded=warmup,
             train_time_s=train_time_s,
             wall_time_s=time.time() - wall_start,
-            final_loss=float(np.mean([s.last_loss for s in statuses])),
+            final_loss=final_loss(statuses),
             eval_accuracy=acc,
             eval_loss=eval_loss,
             params_sha256=params_sha256(torch.from_numpy(final)),

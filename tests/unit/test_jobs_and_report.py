@@ -208,6 +208,19 @@ def test_progress_line_and_bar_print_each_recovery_once():
     text = out.getvalue()
     assert text.count("recovered: worker 0 died") == 1
     assert text.count("step 10/10") == 1  # the final line once, even when the end is reported twice
+    # a worker's recovery that started before a server's and ended after it comes first in the
+    # list once it is over: each still gets its line, once
+    out = io.StringIO()
+    bar = ProgressBar(out)
+    server = {"role": "server", "index": 0, "source": "replica", "detected_at": 2.0}
+    worker = {**event, "index": 1, "detected_at": 1.0}
+    for events in [(server,), (worker, server), (worker, server)]:
+        bar(Progress(5, 10, 0.1, 0.9, 100.0, 1.0, recoveries=events))
+    lines = [line for line in out.getvalue().splitlines() if line.startswith("recovered")]
+    assert [line.split(";")[0] for line in lines] == [
+        "recovered: parameter server 0 died",
+        "recovered: worker 1 died",
+    ]
 
 
 def test_markers_put_kills_and_recoveries_on_the_history_clock():
@@ -670,8 +683,33 @@ def test_ray_lines_of_a_run_drop_its_deaths_and_colour_only_on_a_terminal(monkey
     idle = {**base, "pid": 951, "actor_name": "", "lines": [trace, "[worker] a real line"]}
     assert printed(idle) == "(pid=951) [worker] a real line\n"
     assert printed({**idle, "lines": [trace]}) == ""
+    # a node's raylet ended (--kill node:I): its message and the log lines it quotes are dropped
+    quoted = "    [2026-11-29 01:40:20,466 I 8020 8020] (raylet) accessor.cc:475: Received"
+    ended = {**base, "pid": "raylet", "lines": ["Raylet is terminated. Termination is", quoted]}
+    assert printed(ended) == ""
+    # the processes' own lines come through the handler ray.init registered with the dispatcher
+    import functools
+
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    def logged(data) -> str:
+        err = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", err)
+        dispatcher.add_handler(
+            "ray_print_logs", functools.partial(ray_worker.print_to_stdstream, ignore_prefix=False)
+        )
+        try:
+            with ray_lines_as_the_run_reports():
+                dispatcher.emit(data)
+        finally:
+            dispatcher.remove_handler("ray_print_logs")
+        return err.getvalue()
+
+    assert logged(actor) == "(Supervisor pid=7) [supervisor] hello\n"
+    assert logged(idle) == "(pid=951) [worker] a real line\n"
     monkeypatch.setenv("RAY_COLOR_PREFIX", "1")
     assert "\033[" in printed(actor)  # the user's choice
+    assert "\033[" in logged(actor)
     assert "RAY_COLOR_PREFIX" in os.environ
 
 
@@ -760,3 +798,20 @@ def test_a_signal_ends_a_command_with_one_line_saying_what_goes_on(
     assert cli.main(command) == code
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("raytrain-ft: stopped by SIG") and line in err[0]
+
+
+def test_the_final_loss_leaves_out_a_rank_restarted_at_the_end_with_no_step_trained():
+    """A rank killed at the last step is restarted there and trains nothing: it has no loss, and
+    the run's final loss (and its 'diverged' warning) is the others'; a NaN of a rank that trained
+    still makes it NaN."""
+    import types
+
+    from raytrain_ft.trainer import final_loss
+
+    def rank(loss, samples):
+        return types.SimpleNamespace(last_loss=loss, samples=samples)
+
+    assert final_loss([rank(0.25, 640), rank(math.nan, 0)]) == 0.25
+    assert final_loss([rank(0.25, 640), rank(0.75, 32)]) == 0.5
+    assert math.isnan(final_loss([rank(0.25, 640), rank(math.nan, 32)]))  # it diverged
+    assert math.isnan(final_loss([rank(math.nan, 0)]))
