@@ -520,7 +520,7 @@ def ray_noise(line) -> bool:
 
 
 @contextlib.contextmanager
-def ray_lines_as_the_run_reports():
+def ray_lines_as_the_run_reports(until_shutdown: bool = False):
     """While a run trains, Ray's lines from its processes as this run reports them:
 
     - drop Ray's line for each of the run's processes that died: the run reports every death it
@@ -535,7 +535,10 @@ def ray_lines_as_the_run_reports():
     Other lines pass; the driver prints them as before once the run ends. Ray prints through two
     paths, both changed here: its error listener looks its printer up as a module function at each
     message, and its log thread calls the handler ``ray.init`` registered with the stdstream
-    dispatcher (the processes' own lines); the printer reads ``RAY_COLOR_PREFIX`` at each line."""
+    dispatcher (the processes' own lines); the printer reads ``RAY_COLOR_PREFIX`` at each line.
+    ``until_shutdown`` (a Ray the run started and shuts down): the dispatcher keeps the changed
+    handler, which ``ray.shutdown`` removes, for the lines that come late (a restarted actor's
+    line can come a second after the run's end)."""
     import threading
 
     import ray._private.worker as ray_worker
@@ -586,7 +589,7 @@ def ray_lines_as_the_run_reports():
     finally:
         if ray_worker.print_to_stdstream is ours:
             ray_worker.print_to_stdstream = printer
-        if handlers is not None:
+        if handlers is not None and not until_shutdown:
             with dispatcher._lock:
                 dispatcher.handlers = handlers
 
@@ -960,7 +963,7 @@ class Trainer:
             if self.parts["train_data"] is None:
                 check_source(cfg.data)
             prepared = self._prepare(kills)
-        with ray_session(cfg) as session, ray_lines_as_the_run_reports():
+        with ray_session(cfg) as session, ray_lines_as_the_run_reports(session.embedded):
             if prepared is None:
                 prepared = self._prepare(kills)
             task, eval_data, model, ranges, total_steps, start_step = prepared

@@ -329,3 +329,33 @@ def test_a_live_run_kill_naming_what_the_run_lacks_is_refused(monkeypatch):
         with pytest.raises(ConfigError, match=re.escape(message)) as raised:
             run_schedule(Supervisor, parse_kills(kill))
         assert raised.value.field == "--kill"
+
+
+def test_a_supervisor_kill_waits_for_the_incarnation_after_the_last_kill(monkeypatch):
+    """Two supervisor kills a second apart: the second waits while Ray restarts the supervisor
+    (it would land on no process and count as fired), and fires at the next live incarnation."""
+    import types
+
+    import ray
+
+    from raytrain_ft.recovery.chaos import ChaosRunner
+
+    kills: list = []
+    monkeypatch.setattr(ray, "kill", lambda handle, no_restart: kills.append(no_restart))
+    runner = ChaosRunner(parse_kills("supervisor@step=20,supervisor@step=21"), None)
+    state = {"now": ("ALIVE", 0)}
+    monkeypatch.setattr(runner, "_supervisor_incarnation", lambda: state["now"])
+    runner.tick(20)
+    assert kills == [False] and len(runner.fired) == 1
+    runner.tick(21)  # Ray's GCS has not seen the kill yet: still the incarnation killed
+    state["now"] = ("RESTARTING", 1)
+    runner.tick(22)
+    state["now"] = ("ALIVE", 1)  # the next incarnation
+    assert kills == [False] and len(runner.fired) == 1 and not runner.done
+    runner.tick(23)
+    assert kills == [False, False] and [r["step"] for r in runner.fired] == [20, 23]
+    assert runner.done
+    # where Ray cannot say, a kill goes ahead as before
+    runner = ChaosRunner(parse_kills("supervisor@step=1"), types.SimpleNamespace())
+    runner.tick(1)
+    assert len(runner.fired) == 1

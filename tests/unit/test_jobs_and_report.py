@@ -707,6 +707,20 @@ def test_ray_lines_of_a_run_drop_its_deaths_and_colour_only_on_a_terminal(monkey
 
     assert logged(actor) == "(Supervisor pid=7) [supervisor] hello\n"
     assert logged(idle) == "(pid=951) [worker] a real line\n"
+    # a Ray the run started keeps the changed handler for late lines until ray.shutdown removes it
+    dispatcher.add_handler(
+        "ray_print_logs", functools.partial(ray_worker.print_to_stdstream, ignore_prefix=False)
+    )
+    try:
+        with ray_lines_as_the_run_reports(until_shutdown=True):
+            pass
+        err = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", err)
+        dispatcher.emit(actor)  # a late line
+        assert err.getvalue() == "(Supervisor pid=7) [supervisor] hello\n"
+    finally:
+        dispatcher.remove_handler("ray_print_logs")  # as ray.shutdown does
+    assert not dispatcher.handlers
     monkeypatch.setenv("RAY_COLOR_PREFIX", "1")
     assert "\033[" in printed(actor)  # the user's choice
     assert "\033[" in logged(actor)
