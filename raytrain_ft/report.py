@@ -57,14 +57,22 @@ def recovery_line(event: dict[str, Any]) -> str:
     """One line saying what failed and how the run survived it."""
     role, index, took = event["role"], event["index"], event.get("duration_s", 0.0)
     source, happened = event.get("source", ""), _what_happened(event)
+    if role == "replica":  # a slot that only held replicas (one shard: a dedicated holder)
+        shards = " and ".join(f"shard {s}'s" for s in event.get("rereplicated") or ()) or "its"
+        sent, seen = event.get("replicated_at"), event.get("detected_at")
+        head = f"recovered: replica holder (server slot {index}) {happened}; a spare took its place"
+        if sent is None or seen is None:  # the line comes as the spare takes over
+            return f"{head}, and the replicas it held are being sent to it again"
+        return f"{head}, and {shards} replica was sent to it again after {sent - seen:.3f}s"
     if source == "replica":
-        what = "replica holder" if role == "replica" else "parameter server"
         detail = f"rebuilt from its peer's replica, {event.get('replayed', 0)} commands replayed"
-        if role == "server":
-            detail += f", {event.get('steps_lost', 0)} steps lost"
-            if event.get("updates_lost"):  # relaxed durability: acknowledged updates it lacked
-                detail += f", {event['updates_lost']} acknowledged updates lost"
-        return f"recovered: {what} {index} {happened}; {detail}; serving again after {took:.3f}s"
+        detail += f", {event.get('steps_lost', 0)} steps lost"
+        if event.get("updates_lost"):  # relaxed durability: acknowledged updates it lacked
+            detail += f", {event['updates_lost']} acknowledged updates lost"
+        return (
+            f"recovered: parameter server {index} {happened}; {detail}; serving again after "
+            f"{took:.3f}s"
+        )
     if source == "checkpoint":
         return (
             f"recovered: parameter server {index} {happened}; all shards rolled back to the "

@@ -157,9 +157,14 @@ def test_recovery_lines_say_what_died_and_how_it_came_back():
     )
     relaxed = {**replica, "updates_lost": 2}  # --durability relaxed:K
     assert "0 steps lost, 2 acknowledged updates lost; serving" in recovery_line(relaxed)
-    holder = {**replica, "role": "replica", "index": 2}
-    assert recovery_line(holder).startswith(
-        "recovered: replica holder 2 died; rebuilt from its peer's replica, 3 commands replayed;"
+    # a dedicated holder's slot (one shard): a spare takes it and the primary sends its replica
+    holder = {**replica, "role": "replica", "index": 1, "rereplicated": [0], "detected_at": 10.0}
+    assert recovery_line({**holder, "replicated_at": 10.282}) == (
+        "recovered: replica holder (server slot 1) died; a spare took its place, and shard 0's "
+        "replica was sent to it again after 0.282s"
+    )
+    assert recovery_line({**holder, "replicated_at": None}).endswith(
+        "a spare took its place, and the replicas it held are being sent to it again"
     )
     supervisor = {"role": "supervisor", "index": 0, "source": "rebuilt", "duration_s": 0.0}
     assert recovery_line(supervisor) == (
