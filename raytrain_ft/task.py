@@ -114,6 +114,12 @@ def resolve(spec: str, flag: str) -> Any:
     return obj
 
 
+def loss_spec(config, loss=None) -> tuple:
+    """The run's loss and the setting that names it in messages: the Python API's ``loss=``
+    (``loss``) where given, else the config's ``model.loss``."""
+    return (loss, "loss") if loss is not None else (config.model.loss, "model.loss")
+
+
 def loss_function(spec: str | Callable, flag: str = "model.loss") -> Callable:
     if not isinstance(spec, str) and not callable(spec):
         raise ConfigError(
@@ -352,10 +358,9 @@ class Task:
                 TensorDataset(builtin.train_x, builtin.train_y),
                 TensorDataset(builtin.eval_x, builtin.eval_y),
             )
-        fields = {
-            "model_field": "model" if model is not None else "model.name",
-            "loss_field": "loss" if loss is not None else "model.loss",
-        }
+        loss_named, loss_field = loss_spec(config, loss)
+        model_field = "model" if model is not None else "model.name"
+        fields = {"model_field": model_field, "loss_field": loss_field}
         model = model_builder(config, model, train_data)
         if model is None:  # a built-in model sized by the built-in data
             model = functools.partial(_builtin_model, mc, builtin.in_shape, builtin.num_classes)
@@ -375,7 +380,7 @@ class Task:
                 f"{value!r} names a Ray Dataset's column, but the data is no Ray Dataset, so it "
                 f"would be ignored; drop {flag_of(flag)}",
             )
-        loss_fn = loss_function(loss if loss is not None else mc.loss, fields["loss_field"])
+        loss_fn = loss_function(loss_named, loss_field)
         if metrics is not None and not callable(metrics):
             raise ConfigError(
                 "metrics",

@@ -933,6 +933,7 @@ class Trainer:
             evaluate,
             is_import_string,
             loss_function,
+            loss_spec,
             model_builder,
         )
 
@@ -954,11 +955,7 @@ class Trainer:
             # before Ray starts)
             dataset_factory(cfg.data.dataset)
             model_builder(cfg, self.parts["model"])
-            given = self.parts["loss"]
-            loss_function(
-                given if given is not None else cfg.model.loss,
-                "loss" if given is not None else "model.loss",
-            )
+            loss_function(*loss_spec(cfg, self.parts["loss"]))
         else:
             if self.parts["train_data"] is None:
                 check_source(cfg.data)
