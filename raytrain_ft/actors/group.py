@@ -52,8 +52,6 @@ class GroupSpec:
     server_run: object
     """``actors.server.ServerRun``."""
     device: str = "cpu"
-    slot_faults: tuple = ()
-    """Per slot: the ``recovery.chaos.FaultHook`` its first actor carries (None: none)."""
 
 
 class ActorGroup:
@@ -62,7 +60,6 @@ class ActorGroup:
         self.directory = directory
         self._hosts: dict[int, tuple] = {}
         """ranks_per_process > 1: per group of ranks, (its host actor, the ranks it was given)."""
-        self._faulted: set[int] = set()
         self._named_hosts: dict[str, object] = {}
         """Pre-aggregation: processes by the name the supervisor gave them."""
 
@@ -90,23 +87,11 @@ class ActorGroup:
             logger.warning("[supervisor] could not create %s: %s", e.name, error)
 
     def _create_server(self, e: Create) -> None:
-        import dataclasses
-
         import ray
 
         from raytrain_ft.actors.server import ParameterServer
 
         run = self.spec.server_run
-        faults = (
-            self.spec.slot_faults[e.slot]
-            if e.slot is not None and e.slot < len(self.spec.slot_faults)
-            else None
-        )
-        if (
-            faults is not None and e.slot not in self._faulted
-        ):  # only a slot's first actor carries @snapshot kills
-            self._faulted.add(e.slot)
-            run = dataclasses.replace(run, faults=faults)
         node = e.node if e.node in self._alive_nodes() else None
         if self._claim_warm(e, "server", node, (e.name, self.spec.server_spec, run)):
             return

@@ -151,7 +151,7 @@ class Supervisor:
         from raytrain_ft.recovery.policy import unlogged_allowed
 
         self._cpu_at_start = time.process_time()
-        from raytrain_ft.recovery.chaos import server_hooks
+        from raytrain_ft.recovery.chaos import server_hook
 
         if args.refs_keeper is not None:  # the task's refs, kept out of the constructor's args
             keeper = ray.get_actor(args.refs_keeper, namespace=NAMESPACE)
@@ -201,9 +201,9 @@ class Supervisor:
             cfg.cluster.metrics,
             task=args.task,
             seed=cfg.seed,
+            faults=server_hook(self.run_id, args.kills),
         )
         self.directory = Directory(self.run_id)
-        hooks = server_hooks(self.run_id, args.kills, len(args.ranges) if k > 1 else 2, k)
         self.group = ActorGroup(
             GroupSpec(
                 self.run_id,
@@ -213,7 +213,6 @@ class Supervisor:
                 server_spec,
                 server_run,
                 args.device,
-                hooks,
             ),
             self.directory,
         )

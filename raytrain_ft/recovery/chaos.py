@@ -40,6 +40,19 @@ def record_kill(run_id: str, spec: str, how: str, target: str = "") -> None:
     )
 
 
+def claim_kill(run_id: str, spec: str, how: str) -> bool:
+    """Record ``spec`` as fired unless a record of it is there already; whether this call
+    recorded it. Atomic in the GCS: of the processes that reach a kill's event -- a server and
+    the one that replaced it, a supervisor and its restarted incarnation -- exactly one fires it."""
+    from ray.experimental import internal_kv
+
+    record = {"kill": spec, "at": time.time(), "how": how, "target": ""}
+    existed = internal_kv._internal_kv_put(
+        f"{fault_key(run_id)}{spec}", json.dumps(record).encode(), overwrite=False
+    )
+    return not existed
+
+
 def kills_recorded(run_id: str) -> list[dict]:
     from ray.experimental import internal_kv
 
@@ -51,12 +64,18 @@ def kills_recorded(run_id: str) -> list[dict]:
 
 class FaultHook:
     """Kills that fire on protocol events inside the run. A server's hook kills its own process
-    (SIGKILL); the supervisor's calls ``kill(role, index, replacement)`` for the target."""
+    (SIGKILL); the supervisor's calls ``kill(role, index, replacement)`` for the target. Every
+    process that may reach a kill's event carries it (every server carries every ``@snapshot``
+    kill: ``server:I`` fires in whichever server sends shard I's N-th snapshot first, the slot's
+    first actor or the spare that replaced it); ``claim`` makes each kill fire once across them
+    all, and across a supervisor's restarts."""
 
-    def __init__(self, run_id: str, kills: tuple[KillSpec, ...], kill=None):
+    def __init__(self, run_id: str, kills: tuple[KillSpec, ...], kill=None, claim=None, die=None):
         self.run_id = run_id
         self.pending = list(kills)
         self.kill = kill
+        self.claim = claim or claim_kill
+        self.die = die or (lambda: os.kill(os.getpid(), signal.SIGKILL))
 
     def on_note(self, note) -> None:
         f = note.fields
@@ -64,12 +83,15 @@ class FaultHook:
             if not self._matches(k, note.event, f):
                 continue
             self.pending.remove(k)
-            if (
-                self.kill is None or k.role == "supervisor"
-            ):  # on itself: record first, the process is gone after the signal
-                record_kill(self.run_id, str(k), f"SIGKILL (self, {note.event})")
+            on_itself = self.kill is None or k.role == "supervisor"
+            how = f"SIGKILL (self, {note.event})" if on_itself else f"firing at {note.event}"
+            if not self.claim(self.run_id, str(k), how):  # recorded first: the process may go
+                logger.info("fault injection: %s fired already in another process", k)
+                continue
+            if on_itself:
                 logger.warning("fault injection: %s -- dying at %s %s", k, note.event, f)
-                os.kill(os.getpid(), signal.SIGKILL)
+                self.die()
+                return
             how, target = self.kill(k, f)
             record_kill(self.run_id, str(k), how, target)
             logger.warning("fault injection: killed %s (%s) at %s %s", k, target, note.event, f)
@@ -96,24 +118,11 @@ class FaultHook:
         return False
 
 
-def server_hooks(run_id: str, kills, num_slots: int, num_shards: int) -> tuple:
-    """Per slot: the hook its first actor carries (@snapshot kills of the shard it serves or
-    holds)."""
-    from raytrain_ft.protocol.supervisor import primary_shard, replica_slot
-
-    out = []
-    for slot in range(num_slots):
-        mine = tuple(
-            k
-            for k in kills
-            if k.trigger == "snapshot"
-            and (
-                (k.role == "server" and primary_shard(slot, num_shards) == k.index)
-                or (k.role == "replica" and replica_slot(k.index, num_shards) == slot)
-            )
-        )
-        out.append(FaultHook(run_id, mine) if mine else None)
-    return tuple(out)
+def server_hook(run_id: str, kills) -> FaultHook | None:
+    """The hook every server of the run carries: the ``@snapshot`` kills (each matches the shard
+    it names on the event; ``FaultHook`` fires it once)."""
+    mine = tuple(k for k in kills if k.trigger == "snapshot")
+    return FaultHook(run_id, mine) if mine else None
 
 
 class ChaosRunner:

@@ -175,8 +175,12 @@ def test_the_dedicated_holder_of_a_single_shard_then_the_primary_mid_snapshot(ra
 
 
 def test_a_primary_mid_snapshot_and_a_holder_while_it_installs_one(ray_local, tmp_path):
-    result = _run(tmp_path, 2, "server:0@snapshot=2,replica:0@snapshot=4")
-    assert _roles(result) == [("server", 0), ("server", 1)]
+    """Snapshots every 10 updates. Shard 0's primary dies right after sending its 2nd; slot 1
+    (shard 1's primary, holding shard 0's replica) is killed at step 25, after receiving 2, and the
+    spare that takes its place dies right after receiving its own 3rd: a @snapshot kill fires in
+    whichever server reaches it, not only in a slot's first actor."""
+    result = _run(tmp_path, 2, "server:0@snapshot=2,replica:0@step=25,replica:0@snapshot=3")
+    assert _roles(result) == [("server", 0), ("server", 1), ("server", 1)], result.recoveries
 
 
 def test_kill_a_node_of_three(ledger_dir, tmp_path, request):

@@ -359,3 +359,61 @@ def test_a_supervisor_kill_waits_for_the_incarnation_after_the_last_kill(monkeyp
     runner = ChaosRunner(parse_kills("supervisor@step=1"), types.SimpleNamespace())
     runner.tick(1)
     assert len(runner.fired) == 1
+
+
+def test_a_snapshot_kill_fires_once_in_whichever_server_reaches_it_first():
+    """Every server carries every @snapshot kill; the claim (the GCS's put-if-absent in a run)
+    lets exactly one process fire each. The slot's first actor never reaching its event (it was
+    replaced before) must not keep the kill from firing in its replacement, and neither a
+    replacement nor a restarted process fires a kill again."""
+    from raytrain_ft.protocol.messages import Note
+    from raytrain_ft.recovery.chaos import FaultHook, server_hook
+
+    claimed: set[str] = set()  # the GCS's records of fired kills
+    died: list[str] = []
+
+    def put_if_absent(run_id, spec, how):
+        fresh = spec not in claimed
+        claimed.add(spec)
+        return fresh
+
+    def server(name):
+        hook = server_hook("r", parse_kills("replica:0@snapshot=2,server:1@snapshot=1"))
+        return FaultHook(
+            "r", tuple(hook.pending), claim=put_if_absent, die=lambda: died.append(name)
+        )
+
+    first, replacement, later = server("holder-1"), server("holder-2"), server("holder-3")
+    first.on_note(Note("snapshot_received", {"shard": 0, "n": 1, "seq": 5}))
+    assert died == []  # its 1st snapshot of shard 0; then it is replaced
+    replacement.on_note(Note("snapshot_received", {"shard": 1, "n": 2, "seq": 9}))
+    assert died == []  # another shard's
+    replacement.on_note(Note("snapshot_received", {"shard": 0, "n": 1, "seq": 12}))
+    replacement.on_note(Note("snapshot_received", {"shard": 0, "n": 2, "seq": 20}))
+    assert died == ["holder-2"]
+    later.on_note(Note("snapshot_received", {"shard": 0, "n": 2, "seq": 30}))
+    assert died == ["holder-2"]  # claimed already: never twice
+    later.on_note(Note("snapshot_sent", {"shard": 1, "n": 1, "seq": 31}))
+    assert died == ["holder-2", "holder-3"] and claimed == {
+        "replica:0@snapshot=2",
+        "server:1@snapshot=1",
+    }
+
+
+def test_a_supervisor_fired_kill_is_claimed_before_it_fires(monkeypatch):
+    from raytrain_ft.protocol.messages import Note
+    from raytrain_ft.recovery import chaos
+
+    records, kills = [], []
+    monkeypatch.setattr(chaos, "record_kill", lambda *a: records.append(a))
+    taken = {"server:0@recovery=1"}  # an earlier incarnation fired it
+    hook = chaos.FaultHook(
+        "r",
+        tuple(parse_kills("server:0@recovery=1,worker:1@recovery=2")),
+        kill=lambda k, f: kills.append(str(k)) or ("SIGKILL", "worker-7"),
+        claim=lambda run_id, spec, how: spec not in taken and not taken.add(spec),
+    )
+    hook.on_note(Note("recovery_started", {"n": 1, "shard": 0, "spare": "server-4"}))
+    hook.on_note(Note("recovery_started", {"n": 2, "shard": 1, "spare": "server-5"}))
+    assert kills == ["worker:1@recovery=2"]
+    assert records == [("r", "worker:1@recovery=2", "SIGKILL", "worker-7")]
