@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -461,7 +462,7 @@ def ray_session(config: TrainConfig):
         try:
             yield Session(cluster, nodes, embedded=True)
         finally:
-            ray.shutdown()
+            shutdown_ray()
             cluster.shutdown()
         return
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
@@ -498,7 +499,7 @@ def ray_session(config: TrainConfig):
     try:
         yield Session(embedded=not address)
     finally:
-        ray.shutdown()
+        shutdown_ray()
 
 
 RAY_DEATH_LINE = "A worker died or was killed while executing a task by an unexpected system error"
@@ -539,7 +540,6 @@ def ray_lines_as_the_run_reports(until_shutdown: bool = False):
     ``until_shutdown`` (a Ray the run started and shuts down): the dispatcher keeps the changed
     handler, which ``ray.shutdown`` removes, for the lines that come late (a restarted actor's
     line can come a second after the run's end)."""
-    import threading
 
     import ray._private.worker as ray_worker
     from ray._private import ray_logging
@@ -549,7 +549,6 @@ def ray_lines_as_the_run_reports(until_shutdown: bool = False):
     if printer is None:  # another Ray: nothing to change
         yield
         return
-    colour = threading.Lock()  # the two paths print from two threads
 
     def reported_through(downstream):
         def as_reported(data, *args, **kwargs):
@@ -563,14 +562,8 @@ def ray_lines_as_the_run_reports(until_shutdown: bool = False):
                 return None
             data = {**data, "lines": lines}
             sink = sys.stderr if data.get("is_err") else sys.stdout
-            if "RAY_COLOR_PREFIX" in os.environ or is_a_terminal(sink):
+            with plain_unless_a_terminal(sink):
                 return downstream(data, *args, **kwargs)
-            with colour:
-                os.environ["RAY_COLOR_PREFIX"] = "0"
-                try:
-                    return downstream(data, *args, **kwargs)
-                finally:
-                    os.environ.pop("RAY_COLOR_PREFIX", None)
 
         return as_reported
 
@@ -592,6 +585,51 @@ def ray_lines_as_the_run_reports(until_shutdown: bool = False):
         if handlers is not None and not until_shutdown:
             with dispatcher._lock:
                 dispatcher.handlers = handlers
+
+
+_COLOUR = threading.Lock()
+"""Ray prints from two threads (its error listener, its log thread) and at ``ray.shutdown``."""
+
+
+@contextlib.contextmanager
+def plain_unless_a_terminal(sink):
+    """Ray's printer without colour codes around a line's prefix while it prints to ``sink``,
+    unless ``sink`` is a terminal or the user set ``RAY_COLOR_PREFIX`` (Ray reads it at each
+    line)."""
+    if "RAY_COLOR_PREFIX" in os.environ or is_a_terminal(sink):
+        yield
+        return
+    with _COLOUR:
+        os.environ["RAY_COLOR_PREFIX"] = "0"
+        try:
+            yield
+        finally:
+            os.environ.pop("RAY_COLOR_PREFIX", None)
+
+
+def shutdown_ray() -> None:
+    """``ray.shutdown()``, printing the lines Ray's deduplicator still holds as the run's other
+    lines are printed: ``ray.shutdown`` flushes them through Ray's ``print_worker_logs``, not
+    through the printers ``ray_lines_as_the_run_reports`` changed (a repeated line held back
+    during the run kept its colour codes in a file)."""
+    import ray
+    import ray._private.worker as ray_worker
+
+    printer = getattr(ray_worker, "print_worker_logs", None)
+    if printer is None:  # another Ray
+        ray.shutdown()
+        return
+
+    def plain(data, print_file, *args, **kwargs):
+        with plain_unless_a_terminal(print_file):
+            return printer(data, print_file, *args, **kwargs)
+
+    ray_worker.print_worker_logs = plain
+    try:
+        ray.shutdown()
+    finally:
+        if ray_worker.print_worker_logs is plain:
+            ray_worker.print_worker_logs = printer
 
 
 def named_ray_address(config: TrainConfig) -> str:

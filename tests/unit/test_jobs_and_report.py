@@ -726,7 +726,24 @@ def test_ray_lines_of_a_run_drop_its_deaths_and_colour_only_on_a_terminal(monkey
     finally:
         dispatcher.remove_handler("ray_print_logs")  # as ray.shutdown does
     assert not dispatcher.handlers
+    # a line Ray's deduplicator held back is printed by ray.shutdown, through print_worker_logs
+    import ray
+
+    from raytrain_ft.trainer import shutdown_ray
+
+    def flushed() -> str:
+        err = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", err)
+        monkeypatch.setattr(
+            ray, "shutdown", lambda: ray_worker.print_worker_logs(actor, sys.stderr)
+        )
+        shutdown_ray()
+        return err.getvalue()
+
+    assert flushed() == "(Supervisor pid=7) [supervisor] hello\n"
+    assert "RAY_COLOR_PREFIX" not in os.environ
     monkeypatch.setenv("RAY_COLOR_PREFIX", "1")
+    assert "\033[" in flushed()
     assert "\033[" in printed(actor)  # the user's choice
     assert "\033[" in logged(actor)
     assert "RAY_COLOR_PREFIX" in os.environ
