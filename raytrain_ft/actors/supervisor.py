@@ -368,6 +368,11 @@ class Supervisor:
             "retiring",
         ):
             logger.info("[supervisor] %s %s", e.event, e.fields)
+        elif e.event == "spare_lost":  # no recovery: it served nothing; the user should know
+            logger.warning(
+                "[supervisor] %s; a new warm spare is started in its place (it served nothing)",
+                e.fields["reason"],
+            )
         self.faults.on_note(e)
 
     def _record_events(self) -> None:

@@ -856,7 +856,7 @@ def decide(
     spares_alive = 0
     for name in reg.spares:
         if view.dead(name, spec):
-            out.append(Decision(Action.DROP_SPARE, name, f"spare {name} is dead"))
+            out.append(Decision(Action.DROP_SPARE, name, f"spare {name} {view.why(name)}"))
         else:
             spares_alive += 1
     # a recovery takes a spare: with fewer warm spares than recoveries waiting (num_spares 0, or
@@ -1430,9 +1430,14 @@ class SupervisorProtocol:
             reg.spares.append(name)
             return [self._persist(), Create(name, "server", node=self._spare_node())]
         if a is Action.DROP_SPARE:
-            if d.target in reg.spares:  # (a recovery decided earlier this round may have taken it)
-                reg.spares.remove(d.target)
-            return [self._persist(), Kill(d.target, d.reason)]
+            if d.target not in reg.spares:  # a recovery decided earlier this round took it
+                return [Kill(d.target, d.reason)]
+            reg.spares.remove(d.target)
+            return [
+                self._persist(),
+                Kill(d.target, d.reason),
+                Note("spare_lost", {"actor": d.target, "reason": d.reason}),
+            ]
         if a is Action.KILL_WORKER:
             return [Kill(reg.workers[d.target].actor, d.reason)]
         if a is Action.CREATE_WORKER:

@@ -1799,3 +1799,35 @@ def test_no_one_is_judged_silent_for_the_time_the_supervisor_itself_was_held_up(
     else:
         assert restarted == [("worker", 0, "silent"), ("worker", 1, "silent")]
         assert reg.events[0].silent_s >= spec.suspect_after_s
+
+
+def test_a_lost_spare_is_noted_with_why_and_replaced():
+    """A spare serves nothing, so its loss is no recovery; the supervisor still says it lost one
+    and why (the actor logs the note as a warning), and starts another."""
+    from raytrain_ft.protocol.messages import Note
+
+    spec = _spec()
+    reg = _reg()
+    sup = SupervisorProtocol(spec, shard_ranges(8, 2), lambda s: None, reg)
+    (spare,) = reg.spares
+    for answers, silent, why in (
+        ({spare: DEAD}, {}, f"spare {spare} is dead"),
+        ({}, {spare: 11.0}, f"spare {spare} has not answered for 11.0s"),
+    ):
+        sup.view = _view(reg, answers=answers, silent=silent)
+        decided = decide(reg, sup.view, frozenset(), spec, 0.0)
+        assert [(d.action, d.target) for d in decided] == [
+            (A.DROP_SPARE, spare),
+            (A.CREATE_SPARE, None),
+        ]
+        effects = sup._carry_out(decided[0], 0.0)
+        notes = [e for e in effects if isinstance(e, Note)]
+        assert [(n.event, n.fields) for n in notes] == [
+            ("spare_lost", {"actor": spare, "reason": why})
+        ]
+        assert spare not in reg.spares
+        reg.spares.append(spare)
+        # taken by a recovery decided earlier in the round: no loss to report
+        reg.spares.remove(spare)
+        assert not [e for e in sup._carry_out(decided[0], 0.0) if isinstance(e, Note)]
+        reg.spares.append(spare)
