@@ -1493,15 +1493,20 @@ class SupervisorProtocol:
             w.phase = WorkerPhase.RUNNING if a is Action.MARK_RUNNING else WorkerPhase.DONE
             # a restarted rank trains again (or, started at its last step, is done at once): its
             # recovery is over
+            recorded = False
             for e in reversed(reg.events):
                 if e.role == "worker" and e.index == d.target and e.serving_at is None:
                     e.serving_at, e.step = now, w.start_step
+                    recorded = True
                     break
             if reg.phase is RunPhase.STARTING and all(
                 x.phase in (WorkerPhase.RUNNING, WorkerPhase.DONE) for x in reg.workers
             ):
                 reg.phase = RunPhase.RUNNING
-            return []  # re-derived from the next probe if lost
+            # the phases are derived again from the next probe if lost, but not when a recovery
+            # ended: a restarted supervisor would date it at its own first probe, its downtime
+            # counted as the worker's
+            return [self._persist()] if recorded else []
         raise AssertionError(a)
 
     def _load(self, j: int) -> list:
