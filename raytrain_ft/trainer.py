@@ -508,10 +508,21 @@ on a signal: it names an OOM kill or ``ray stop --force`` as likely causes."""
 RAYLET_ENDED_LINE = "Raylet is terminated"
 """How the raylet's message starts when a node's raylet ended (a node lost, ``--kill node:I``): a
 list of possible causes and the last lines of its log; the run reports the roles it rebuilt."""
+SUPERVISOR_RETRY_LINE = ("Task Supervisor.", "so the task will be retried")
+"""How Ray's line starts, and what it says, for a call to the supervisor that met it dead and is
+sent again to its next incarnation (the supervisor's calls are retried without limit): the run
+reports the supervisor's restart in its own line."""
 ABSL_MUTEX_TRACE = "] RAW: "
 """What marks abseil's mutex tracing (``[mutex.cc : 452] RAW: Lock blocking 0x55f4... @ ...``),
 which a Ray worker process that loaded two copies of abseil sometimes prints at its start: lines
 of addresses that say nothing to the run's reader."""
+
+
+def survived_death(line: str) -> bool:
+    """A raylet's line about a process of the run that died, which the run reports itself: Ray's
+    line for a dead worker process, or a call to the supervisor retried after its death."""
+    head, retried = SUPERVISOR_RETRY_LINE
+    return line.startswith(RAY_DEATH_LINE) or (line.startswith(head) and retried in line)
 
 
 def ray_noise(line) -> bool:
@@ -524,7 +535,8 @@ def ray_noise(line) -> bool:
 def ray_lines_as_the_run_reports(until_shutdown: bool = False):
     """While a run trains, Ray's lines from its processes as this run reports them:
 
-    - drop Ray's line for each of the run's processes that died: the run reports every death it
+    - drop Ray's line for each of the run's processes that died, and for each call to the
+      supervisor Ray sent again to its next incarnation: the run reports every death it
       survived in a line of its own (``recovered: ...``, the summary's ``recoveries``), and a death
       it cannot survive fails it naming the actor, where Ray's line suggested an OOM kill on every
       kill of ``--kill``; likewise the raylet's message, and the 20 lines of its log it quotes,
@@ -556,7 +568,7 @@ def ray_lines_as_the_run_reports(until_shutdown: bool = False):
             if data.get("pid") == "raylet":
                 if any(str(x).startswith(RAYLET_ENDED_LINE) for x in lines):
                     return None
-                lines = [x for x in lines if not str(x).startswith(RAY_DEATH_LINE)]
+                lines = [x for x in lines if not survived_death(str(x))]
             lines = [x for x in lines if not ray_noise(x)]
             if not lines:
                 return None

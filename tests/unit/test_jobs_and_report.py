@@ -683,6 +683,13 @@ def test_ray_lines_of_a_run_drop_its_deaths_and_colour_only_on_a_terminal(monkey
     assert printed(actor) == "(Supervisor pid=7) [supervisor] hello\n"
     death = {**base, "pid": "raylet", "lines": [RAY_DEATH_LINE + ". Some Actor ID"]}
     assert printed(death) == ""
+    retried = (
+        "Task Supervisor.deliver failed. There are infinite retries remaining, so the task will be "
+        "retried. Error: The actor is temporarily unavailable: RpcError: RPC error: Socket closed"
+    )
+    assert printed({**death, "lines": [retried]}) == ""
+    other = "Task Trainer.fit failed. There are 0 retries remaining. Error: boom"
+    assert printed({**death, "lines": [other]}) == f"(raylet) {other}\n"
     # abseil's mutex tracing, which a Ray worker process sometimes prints at its start, is dropped
     trace = "[mutex.cc : 452] RAW: Lock blocking 0x55f441f03670   @ 0x7f645942b1a2 0x7f64584fb23c"
     idle = {**base, "pid": 951, "actor_name": "", "lines": [trace, "[worker] a real line"]}
