@@ -1021,6 +1021,14 @@ class Trainer:
                     cfg, cluster=dataclasses.replace(cfg.cluster, num_servers=server_plan.chosen)
                 )
                 ranges = self._shards(model, server_plan.chosen)
+            if start_step:
+                logger.info(
+                    "resuming from the checkpoints of step %d in %s: steps %d to %d left",
+                    start_step,
+                    cfg.recovery.resume_from,
+                    start_step + 1,
+                    total_steps,
+                )
             run = _Run(
                 cfg,
                 ranges,

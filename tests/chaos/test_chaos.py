@@ -10,6 +10,7 @@ to a directory show recovery still reads none of them). I4 no open window: every
 """
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -515,7 +516,7 @@ def test_soak_thirty_random_kills(ray_local, tmp_path):
     assert result.replicas_match == [True, True]
 
 
-def test_resume_after_losing_the_whole_cluster(ray_local, tmp_path):
+def test_resume_after_losing_the_whole_cluster(ray_local, tmp_path, caplog):
     """Checkpoint files exist for this: a new run picks up at the newest complete step and ends the
     same."""
     checkpoints = tmp_path / "checkpoints"
@@ -526,11 +527,20 @@ def test_resume_after_losing_the_whole_cluster(ray_local, tmp_path):
     for path in checkpoints.iterdir():  # the cluster was lost after step 30
         if int(path.stem.split("-step-")[1]) > 30:
             path.unlink()
-    resumed = Trainer(
-        _config(
-            2, checkpoint_dir=str(tmp_path / "after"), resume_from=str(checkpoints), num_spares=0
-        )
-    ).fit()
+    with caplog.at_level(logging.INFO, logger="raytrain_ft.trainer"):
+        resumed = Trainer(
+            _config(
+                2,
+                checkpoint_dir=str(tmp_path / "after"),
+                resume_from=str(checkpoints),
+                num_spares=0,
+            )
+        ).fit()
+    # the run says where it resumed
+    assert (
+        f"resuming from the checkpoints of step 30 in {checkpoints}: steps 31 to {STEPS} left"
+        in (caplog.text)
+    )
     assert resumed.params_sha256 == full.params_sha256
     assert (
         resumed.steps_completed == STEPS
