@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import sys
 import threading
 import time
@@ -525,6 +526,36 @@ def survived_death(line: str) -> bool:
     return line.startswith(RAY_DEATH_LINE) or (line.startswith(head) and retried in line)
 
 
+NODE_LOST = re.compile(
+    r"The node with node id: (?P<id>\w+) and address: (?P<address>\S+)(?: and node name: "
+    r"\S+)? has been marked dead because the detector has missed too many heartbeats"
+)
+"""Ray's message (from the GCS, through the raylet) for a node it stopped hearing from: a list of
+possible causes follows, the second on a line of its own (``NODE_LOST_CAUSES``)."""
+NODE_LOST_CAUSES = "\t(2) raylet has lagging heartbeats"
+
+
+def raylet_lines(lines: list) -> list:
+    """The raylet's lines of a batch as the run reports them: none when a node's raylet ended
+    (``RAYLET_ENDED_LINE``: its causes and 20 lines of its log), a node Ray stopped hearing from
+    in one line of the run's, without Ray's list of causes; no line for a death the run reports
+    itself (``survived_death``)."""
+    if any(str(x).startswith(RAYLET_ENDED_LINE) for x in lines):
+        return []
+    out = []
+    for x in lines:
+        text = str(x)
+        lost = NODE_LOST.match(text)
+        if lost:
+            out.append(
+                f"node {lost['address']} ({lost['id'][:12]}) is lost: Ray stopped hearing from "
+                "it; the run replaces the servers and workers it hosted"
+            )
+        elif not (survived_death(text) or text.startswith(NODE_LOST_CAUSES)):
+            out.append(x)
+    return out
+
+
 def ray_noise(line) -> bool:
     """A line from Ray's processes the run does not pass on (``ray_lines_as_the_run_reports``)."""
     text = str(line)
@@ -566,9 +597,7 @@ def ray_lines_as_the_run_reports(until_shutdown: bool = False):
         def as_reported(data, *args, **kwargs):
             lines = list(data.get("lines", ()))
             if data.get("pid") == "raylet":
-                if any(str(x).startswith(RAYLET_ENDED_LINE) for x in lines):
-                    return None
-                lines = [x for x in lines if not survived_death(str(x))]
+                lines = raylet_lines(lines)
             lines = [x for x in lines if not ray_noise(x)]
             if not lines:
                 return None

@@ -699,6 +699,22 @@ def test_ray_lines_of_a_run_drop_its_deaths_and_colour_only_on_a_terminal(monkey
     quoted = "    [2026-11-29 01:40:20,466 I 8020 8020] (raylet) accessor.cc:475: Received"
     ended = {**base, "pid": "raylet", "lines": ["Raylet is terminated. Termination is", quoted]}
     assert printed(ended) == ""
+    # a node Ray stopped hearing from: one line of the run's, without Ray's list of causes
+    lost = {
+        **base,
+        "pid": "raylet",
+        "lines": [
+            "The node with node id: 9763aa5a4c27ca22b44fd373a481a6bf883459790ab95a4183966d22 and "
+            "address: 192.0.2.2 and node name: 192.0.2.2 has been marked dead because the detector "
+            "has missed too many heartbeats from it. This can happen when a \t(1) raylet crashes "
+            "unexpectedly (OOM, etc.) ",
+            "\t(2) raylet has lagging heartbeats due to slow network or busy workload.",
+        ],
+    }
+    assert printed(lost) == (
+        "(raylet) node 192.0.2.2 (9763aa5a4c27) is lost: Ray stopped hearing from it; the run "
+        "replaces the servers and workers it hosted\n"
+    )
     # the processes' own lines come through the handler ray.init registered with the dispatcher
     import functools
 
