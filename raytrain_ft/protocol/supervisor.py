@@ -1023,6 +1023,10 @@ class SupervisorProtocol:
         """cid -> name of probes answered after their round was over."""
         self._soon_pending = False
         self._again = False
+        self._spare_wanted_since: dict[int, float] = {}
+        """Slot -> when a replacement was first decided for it and no spare was there to take
+        (``--num-spares 0``, or more deaths than spares): its recovery is dated from then, the
+        wait for a new spare's process included. Dropped once a round no longer decides it."""
         self._probe_timers = 0
         """Probe timers set and not fired yet. A round's end sets the next only when none is: a
         round started otherwise (a look-again, a worker's failure report, the actor's heartbeat)
@@ -1273,13 +1277,15 @@ class SupervisorProtocol:
         )
         self._learn(self.view)
         effects = []
-        for d in self.decide(
+        decided = self.decide(
             self.reg,
             self.view,
             frozenset((op[0], op[1]) for op in self._ops.values()),
             self.spec,
             now,
-        ):
+        )
+        self._keep_spare_waits(decided)
+        for d in decided:
             effects += self._carry_out(d, now)
             if self.reg.phase is RunPhase.FAILED:
                 break
@@ -1292,6 +1298,13 @@ class SupervisorProtocol:
                 self._probe_timers += 1
                 effects.append(Timer("probe", self.spec.probe_interval_s))
         return effects
+
+    def _keep_spare_waits(self, decided: list) -> None:
+        """Forget when a slot began waiting for a spare once a round decides no replacement of it
+        (its server answered again, or the wait ended otherwise)."""
+        wanted = {d.target for d in decided if d.action in (Action.RECOVER, Action.REPLACE_HOLDER)}
+        for j in [j for j in self._spare_wanted_since if j not in wanted]:
+            del self._spare_wanted_since[j]
 
     def _learn(self, view: View) -> None:
         """Bookkeeping from descriptions: the newest checkpoint step per shard (the file
@@ -1596,8 +1609,10 @@ class SupervisorProtocol:
             return [self._persist(), *calls]
         if slot.phase is SlotPhase.SERVING or view.dead(slot.actor, self.spec):
             spare = self._take_spare(self._peer_nodes(j))
-            if spare is None:
-                return []  # CREATE_SPARE makes one; the next round uses it
+            if spare is None:  # CREATE_SPARE makes one; the next round uses it
+                if slot.phase is SlotPhase.SERVING:
+                    self._spare_wanted_since.setdefault(j, now)
+                return []
             if slot.phase is SlotPhase.SERVING:
                 reg.server_replacements += 1
                 reg.recoveries_started += 1
@@ -1610,7 +1625,7 @@ class SupervisorProtocol:
                         "server",
                         j,
                         "replica",
-                        detected_at=now,
+                        detected_at=self._spare_wanted_since.pop(j, now),
                         actor=slot.actor,
                         **self._cause(slot.actor),
                     )
@@ -1673,6 +1688,7 @@ class SupervisorProtocol:
         reg = self.reg
         spare = self._take_spare(set())
         if spare is None:
+            self._spare_wanted_since.setdefault(j, now)
             return []
         reg.server_replacements += 1
         reg.recoveries_started += 1
@@ -1685,7 +1701,7 @@ class SupervisorProtocol:
                 "replica",
                 j,
                 "replica",
-                detected_at=now,
+                detected_at=self._spare_wanted_since.pop(j, now),
                 serving_at=now,
                 actor=old,
                 **self._cause(old),

@@ -1850,3 +1850,31 @@ def test_a_worker_recovery_ends_in_the_persisted_registry():
     assert event.serving_at == 13.0
     # a rank that was never restarted: nothing to record, no write
     assert sup._write_ahead(sup._carry_out(Decision(A.MARK_RUNNING, 0, "t"), 14.0)) == []
+
+
+def test_a_recovery_waiting_for_a_spare_is_dated_from_when_it_was_decided():
+    """With no warm spare (``--num-spares 0``) a dead primary waits for one to be started: its
+    recovery counts that wait (it was dated when a spare was there, the wait left out: "serving
+    again after 0.044s" for a shard down ~3 s). A wait the next round no longer decides (the
+    server answered again) is forgotten."""
+    spec = _spec(num_spares=0)
+    reg = _reg(spares=())
+    sup = SupervisorProtocol(spec, shard_ranges(8, 2), lambda s: None, reg)
+
+    def round_at(now, answers):
+        sup.view = _view(reg, answers=answers)
+        decided = decide(reg, sup.view, frozenset(), spec, now)
+        sup._keep_spare_waits(decided)
+        for d in decided:
+            sup._carry_out(d, now)
+        return [(d.action, d.target) for d in decided]
+
+    assert round_at(1.0, {"a": DEAD}) == [(A.RECOVER, 0), (A.CREATE_SPARE, None)]
+    assert not [e for e in reg.events if e.role == "server"]  # no spare yet: waits
+    round_at(3.0, {"a": DEAD})  # the spare started meanwhile: taken now
+    (event,) = [e for e in reg.events if e.role == "server"]
+    assert event.detected_at == 1.0 and event.actor == "a"
+    # a slot whose server answers again before a spare comes: its wait is forgotten
+    sup._spare_wanted_since[1] = 0.5
+    sup._keep_spare_waits([])
+    assert sup._spare_wanted_since == {}
