@@ -1496,7 +1496,10 @@ class _Run:
         from raytrain_ft.recovery.chaos import kills_recorded
 
         inside = kills_recorded(self.run_id)
-        return sorted(self.chaos.fired + inside, key=lambda k: k["at"]) if self.chaos else inside
+        if self.chaos is None:
+            return inside
+        self.chaos.tell_inside(final=True)
+        return sorted(self.chaos.fired + inside, key=lambda k: k["at"])
 
     def shutdown(self) -> None:
         """End the run's actors; after a run that ended well, in a Ray that outlives it, its

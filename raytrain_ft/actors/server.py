@@ -247,7 +247,7 @@ class ParameterServer:
         elif e.event in ("deposed", "primary_recovered", "replica_installed", "holder_lost"):
             logger.info("[server %s] %s %s", self.name, e.event, f)
         if self.run.faults is not None:
-            self.run.faults.on_note(e)
+            self.run.faults.on_note(e, self.name)
 
     def _read_checkpoint(self, m: Load) -> Load:
         from raytrain_ft.recovery.checkpoint import load_shard_checkpoint, shard_checkpoint_path

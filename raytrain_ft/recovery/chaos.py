@@ -40,13 +40,17 @@ def record_kill(run_id: str, spec: str, how: str, target: str = "") -> None:
     )
 
 
-def claim_kill(run_id: str, spec: str, how: str) -> bool:
+FIRING = "firing at"
+"""How a kill the supervisor fires on another process is recorded while it fires (claimed)."""
+
+
+def claim_kill(run_id: str, spec: str, how: str, target: str = "") -> bool:
     """Record ``spec`` as fired unless a record of it is there already; whether this call
     recorded it. Atomic in the GCS: of the processes that reach a kill's event -- a server and
     the one that replaced it, a supervisor and its restarted incarnation -- exactly one fires it."""
     from ray.experimental import internal_kv
 
-    record = {"kill": spec, "at": time.time(), "how": how, "target": ""}
+    record = {"kill": spec, "at": time.time(), "how": how, "target": target}
     existed = internal_kv._internal_kv_put(
         f"{fault_key(run_id)}{spec}", json.dumps(record).encode(), overwrite=False
     )
@@ -77,24 +81,27 @@ class FaultHook:
         self.claim = claim or claim_kill
         self.die = die or (lambda: os.kill(os.getpid(), signal.SIGKILL))
 
-    def on_note(self, note) -> None:
+    def on_note(self, note, who: str = "") -> None:
+        """``who``: the process's own name (a server's: its target when it kills itself)."""
         f = note.fields
         for k in list(self.pending):
             if not self._matches(k, note.event, f):
                 continue
             self.pending.remove(k)
             on_itself = self.kill is None or k.role == "supervisor"
-            how = f"SIGKILL (self, {note.event})" if on_itself else f"firing at {note.event}"
-            if not self.claim(self.run_id, str(k), how):  # recorded first: the process may go
+            how = f"SIGKILL of itself at {note.event}" if on_itself else f"{FIRING} {note.event}"
+            if not self.claim(
+                self.run_id, str(k), how, who if on_itself else ""
+            ):  # recorded first: the process may go
                 logger.info("fault injection: %s fired already in another process", k)
                 continue
             if on_itself:
-                logger.warning("fault injection: %s -- dying at %s %s", k, note.event, f)
+                logger.info("fault injection: %s -- dying at %s %s", k, note.event, f)
                 self.die()
                 return
             how, target = self.kill(k, f)
             record_kill(self.run_id, str(k), how, target)
-            logger.warning("fault injection: killed %s (%s) at %s %s", k, target, note.event, f)
+            logger.info("fault injection: killed %s (%s) at %s %s", k, target, note.event, f)
 
     @staticmethod
     def _matches(k: KillSpec, event: str, f: dict) -> bool:
@@ -123,6 +130,10 @@ def server_hook(run_id: str, kills) -> FaultHook | None:
     it names on the event; ``FaultHook`` fires it once)."""
     mine = tuple(k for k in kills if k.trigger == "snapshot")
     return FaultHook(run_id, mine) if mine else None
+
+
+INSIDE_LOOK_S = 0.5
+"""How often the driver looks for kills fired inside the run (one read of Ray's internal KV)."""
 
 
 class ChaosRunner:
@@ -160,6 +171,10 @@ class ChaosRunner:
         self._killed: set[str] = set()
         self._supervisor_restarts_killed: int | None = None
         """Ray's restart count of the supervisor incarnation the last supervisor kill hit."""
+        self._inside = {str(k) for k in kills if k.trigger not in ("step", "time")}
+        """Kills that fire inside the run (``FaultHook``), not yet told: the driver says each
+        once its record appears, in the same line as its own kills'."""
+        self._next_look = 0.0
 
     def _supervisor_incarnation(self) -> tuple[str, int] | None:
         """The supervisor actor's state in Ray's GCS (ALIVE, RESTARTING, ...) and its restart
@@ -181,9 +196,29 @@ class ChaosRunner:
         """A ``@step`` kill is still to fire (the driver then reads the workers' steps directly)."""
         return any(k.trigger == "step" for k in self.pending)
 
+    def tell_inside(self, final: bool = False) -> None:
+        """Say each kill fired inside the run once its record appears (looked for every
+        INSIDE_LOOK_S; ``final``: at the run's end, whatever the time)."""
+        now = time.time()
+        if not self._inside or (not final and now < self._next_look):
+            return
+        self._next_look = now + INSIDE_LOOK_S
+        try:
+            records = kills_recorded(self.run_id)
+        except Exception:  # noqa: BLE001 -- the GCS did not answer: asked again next time
+            return
+        for r in sorted(records, key=lambda r: r["at"]):
+            if r["how"].startswith(FIRING) and not final:
+                continue  # claimed, not fired yet: its record is written again once it has
+            if r["kill"] in self._inside:
+                self._inside.discard(r["kill"])
+                target = f" ({r['target']})" if r.get("target") else ""
+                logger.info("[chaos] killed %s%s (%s)", r["kill"], target, r["how"])
+
     def tick(self, step: int, events: int = 0) -> None:
         """Fire what is due at ``step`` / now; ``events`` is the run's recovery-event count (for
-        one_at_a_time)."""
+        one_at_a_time). Say the kills fired inside the run since the last look."""
+        self.tell_inside()
         elapsed = time.time() - self.started_at
         if self._awaiting is not None:
             count, deadline = self._awaiting

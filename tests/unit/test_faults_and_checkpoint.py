@@ -372,7 +372,7 @@ def test_a_snapshot_kill_fires_once_in_whichever_server_reaches_it_first():
     claimed: set[str] = set()  # the GCS's records of fired kills
     died: list[str] = []
 
-    def put_if_absent(run_id, spec, how):
+    def put_if_absent(run_id, spec, how, target):
         fresh = spec not in claimed
         claimed.add(spec)
         return fresh
@@ -411,9 +411,66 @@ def test_a_supervisor_fired_kill_is_claimed_before_it_fires(monkeypatch):
         "r",
         tuple(parse_kills("server:0@recovery=1,worker:1@recovery=2")),
         kill=lambda k, f: kills.append(str(k)) or ("SIGKILL", "worker-7"),
-        claim=lambda run_id, spec, how: spec not in taken and not taken.add(spec),
+        claim=lambda run_id, spec, how, target: spec not in taken and not taken.add(spec),
     )
     hook.on_note(Note("recovery_started", {"n": 1, "shard": 0, "spare": "server-4"}))
     hook.on_note(Note("recovery_started", {"n": 2, "shard": 1, "spare": "server-5"}))
     assert kills == ["worker:1@recovery=2"]
     assert records == [("r", "worker:1@recovery=2", "SIGKILL", "worker-7")]
+
+
+def test_the_driver_tells_each_kill_fired_inside_the_run_once(monkeypatch, caplog):
+    """@snapshot / @recovery / @rereplication kills fire inside the run's processes; the driver
+    says each in the same line as its own kills', once its record is there -- not while the
+    supervisor has only claimed it (its target is not known yet), unless the run has ended."""
+    import logging
+
+    from raytrain_ft.recovery import chaos
+
+    records: list[dict] = []
+    monkeypatch.setattr(chaos, "kills_recorded", lambda run_id: list(records))
+    monkeypatch.setattr(chaos, "INSIDE_LOOK_S", 0.0)
+    kills = parse_kills("server:0@step=5,replica:0@snapshot=2,worker:1@recovery=1")
+    runner = chaos.ChaosRunner(kills, supervisor_handle=None, run_id="r")
+
+    def told() -> list[str]:
+        lines = [r.getMessage() for r in caplog.records if r.name == chaos.__name__]
+        caplog.clear()
+        return lines
+
+    with caplog.at_level(logging.INFO, logger=chaos.__name__):
+        runner.tell_inside()
+        assert told() == []
+        records.append(
+            {
+                "kill": "replica:0@snapshot=2",
+                "at": 2.0,
+                "how": "SIGKILL of itself at snapshot_received",
+                "target": "run-x/server-2",
+            }
+        )
+        records.append(
+            {
+                "kill": "worker:1@recovery=1",
+                "at": 3.0,
+                "how": "firing at recovery_started",
+                "target": "",
+            }
+        )
+        runner.tell_inside()
+        assert told() == [
+            "[chaos] killed replica:0@snapshot=2 (run-x/server-2) (SIGKILL of itself at "
+            "snapshot_received)"
+        ]
+        runner.tell_inside()
+        assert told() == []  # once
+        records[1] = {**records[1], "how": "SIGKILL", "target": "run-x/worker1-3"}
+        runner.tell_inside()
+        assert told() == ["[chaos] killed worker:1@recovery=1 (run-x/worker1-3) (SIGKILL)"]
+        # a claim never completed (its supervisor died firing it) is told at the run's end
+        runner = chaos.ChaosRunner(kills, supervisor_handle=None, run_id="r")
+        records[:] = [{**records[1], "how": "firing at recovery_started", "target": ""}]
+        runner.tell_inside()
+        assert told() == []
+        runner.tell_inside(final=True)
+        assert told() == ["[chaos] killed worker:1@recovery=1 (firing at recovery_started)"]
