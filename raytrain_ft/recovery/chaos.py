@@ -31,13 +31,18 @@ def fault_key(run_id: str) -> str:
     return f"raytrain_ft/{run_id}/kill/"
 
 
-def record_kill(run_id: str, spec: str, how: str, target: str = "") -> None:
+def _put_record(run_id: str, spec: str, how: str, target: str, overwrite: bool) -> bool:
+    """Write a kill's record; whether one was there already."""
     from ray.experimental import internal_kv
 
     record = {"kill": spec, "at": time.time(), "how": how, "target": target}
-    internal_kv._internal_kv_put(
-        f"{fault_key(run_id)}{spec}", json.dumps(record).encode(), overwrite=True
+    return internal_kv._internal_kv_put(
+        f"{fault_key(run_id)}{spec}", json.dumps(record).encode(), overwrite=overwrite
     )
+
+
+def record_kill(run_id: str, spec: str, how: str, target: str = "") -> None:
+    _put_record(run_id, spec, how, target, overwrite=True)
 
 
 FIRING = "firing at"
@@ -48,13 +53,7 @@ def claim_kill(run_id: str, spec: str, how: str, target: str = "") -> bool:
     """Record ``spec`` as fired unless a record of it is there already; whether this call
     recorded it. Atomic in the GCS: of the processes that reach a kill's event -- a server and
     the one that replaced it, a supervisor and its restarted incarnation -- exactly one fires it."""
-    from ray.experimental import internal_kv
-
-    record = {"kill": spec, "at": time.time(), "how": how, "target": target}
-    existed = internal_kv._internal_kv_put(
-        f"{fault_key(run_id)}{spec}", json.dumps(record).encode(), overwrite=False
-    )
-    return not existed
+    return not _put_record(run_id, spec, how, target, overwrite=False)
 
 
 def kills_recorded(run_id: str) -> list[dict]:
