@@ -1498,7 +1498,7 @@ class _Run:
         inside = kills_recorded(self.run_id)
         if self.chaos is None:
             return inside
-        self.chaos.tell_inside(final=True)
+        self.chaos.tell_inside(final=True, records=inside)
         return sorted(self.chaos.fired + inside, key=lambda k: k["at"])
 
     def shutdown(self) -> None:

@@ -195,17 +195,19 @@ class ChaosRunner:
         """A ``@step`` kill is still to fire (the driver then reads the workers' steps directly)."""
         return any(k.trigger == "step" for k in self.pending)
 
-    def tell_inside(self, final: bool = False) -> None:
+    def tell_inside(self, final: bool = False, records: list[dict] | None = None) -> None:
         """Say each kill fired inside the run once its record appears (looked for every
-        INSIDE_LOOK_S; ``final``: at the run's end, whatever the time)."""
+        INSIDE_LOOK_S; ``final``: at the run's end, whatever the time, from ``records`` when the
+        caller has just read them)."""
         now = time.time()
         if not self._inside or (not final and now < self._next_look):
             return
         self._next_look = now + INSIDE_LOOK_S
-        try:
-            records = kills_recorded(self.run_id)
-        except Exception:  # noqa: BLE001 -- the GCS did not answer: asked again next time
-            return
+        if records is None:
+            try:
+                records = kills_recorded(self.run_id)
+            except Exception:  # noqa: BLE001 -- the GCS did not answer: asked again next time
+                return
         for r in sorted(records, key=lambda r: r["at"]):
             if r["how"].startswith(FIRING) and not final:
                 continue  # claimed, not fired yet: its record is written again once it has
