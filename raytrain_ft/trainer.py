@@ -1081,6 +1081,8 @@ class Trainer:
                 kills_fired = run.kills_fired()
                 run.ended_well = True
             finally:
+                if not run.ended_well:
+                    run.tell_kills_of_a_failed_run()
                 run.shutdown()
         final, stats, step_times = end["params"], end["stats"], end["step_end_times"]
         final = np.require(final, requirements="W")  # an object-store view is read-only
@@ -1500,6 +1502,17 @@ class _Run:
             return inside
         self.chaos.tell_inside(final=True, records=inside)
         return sorted(self.chaos.fired + inside, key=lambda k: k["at"])
+
+    def tell_kills_of_a_failed_run(self) -> None:
+        """Say the kills fired inside a run that failed, as a run that ended well does: the
+        failure may be theirs. Nothing where Ray's KV does not answer (the failure's own message
+        follows)."""
+        if self.chaos is None:
+            return
+        try:
+            self.chaos.tell_inside(final=True)
+        except Exception:  # noqa: BLE001 -- the run's failure is the message that matters
+            logger.debug("kills fired inside the failed run not told", exc_info=True)
 
     def shutdown(self) -> None:
         """End the run's actors; after a run that ended well, in a Ray that outlives it, its

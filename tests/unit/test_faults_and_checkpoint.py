@@ -474,3 +474,31 @@ def test_the_driver_tells_each_kill_fired_inside_the_run_once(monkeypatch, caplo
         assert told() == []
         runner.tell_inside(final=True)
         assert told() == ["[chaos] killed worker:1@recovery=1 (firing at recovery_started)"]
+
+
+def test_a_failed_run_tells_the_kills_fired_inside_it(monkeypatch, caplog):
+    """A run that fails says the kills fired inside it before its failure's message, as a run
+    that ended well does; a KV that does not answer leaves the failure's message alone."""
+    import logging
+
+    from raytrain_ft import trainer
+    from raytrain_ft.recovery import chaos
+
+    records = [{"kill": "replica:0@snapshot=2", "at": 2.0, "how": "SIGKILL", "target": "s-2"}]
+    monkeypatch.setattr(chaos, "kills_recorded", lambda run_id: list(records))
+    run = trainer._Run.__new__(trainer._Run)
+    run.chaos = None
+    run.tell_kills_of_a_failed_run()  # no kills asked for: nothing to tell
+    run.chaos = chaos.ChaosRunner(parse_kills("replica:0@snapshot=2"), None, run_id="r")
+    with caplog.at_level(logging.INFO, logger=chaos.__name__):
+        run.tell_kills_of_a_failed_run()
+    assert [r.getMessage() for r in caplog.records] == [
+        "[chaos] killed replica:0@snapshot=2 (s-2) (SIGKILL)"
+    ]
+
+    def no_answer(run_id):
+        raise ConnectionError("the GCS is gone")
+
+    monkeypatch.setattr(chaos, "kills_recorded", no_answer)
+    run.chaos = chaos.ChaosRunner(parse_kills("replica:0@snapshot=2"), None, run_id="r")
+    run.tell_kills_of_a_failed_run()
