@@ -523,27 +523,57 @@ def read_final(run_id: str, names: FinalNames, ranges, optim, total_steps: int) 
     each replica replayed equals its primary."""
     import ray
 
+    from raytrain_ft.errors import TrainingError
     from raytrain_ft.recovery.replay import replay
+    from raytrain_ft.shard import ShardStats
 
     directory = Directory(run_id)
-    finals = ray.get([directory.handle(n).final.remote() for n in names.primaries])
-    params = [f[0] for f in finals]
-    replicas_match = []
-    if names.holders:
-        exports = ray.get(
-            [send(directory.handle(h), InspectReplica(i)) for i, h in enumerate(names.holders)]
-        )
-        for i, (ex, f) in enumerate(zip(exports, finals)):
-            if not isinstance(ex, Exported):
-                replicas_match.append(False)
-                continue
-            rebuilt = replay(ex.snapshot, list(ex.entries), ranges[i], optim, total_steps).state
-            replicas_match.append(
-                bool(np.array_equal(rebuilt.params_copy(), params[i]))
-                and rebuilt.applied_copy() == f[2]
-                and rebuilt.clocks == f[3]
-                and _same_state(rebuilt.optimizer.state_dict(), f[4])
+    finals = _answers(directory, names.primaries, lambda h, i: h.final.remote())
+    exports = _answers(directory, names.holders, lambda h, i: send(h, InspectReplica(i)))
+    rebuilt = {
+        i: replay(ex.snapshot, list(ex.entries), ranges[i], optim, total_steps).state
+        for i, ex in enumerate(exports)
+        if isinstance(ex, Exported)
+    }
+    finals_read = list(finals)
+    for i, f in enumerate(finals):
+        if f is not None:
+            continue
+        # the primary died after the run ended (before its state was read): its replica holds
+        # every acknowledged update, as for a recovery
+        if i not in rebuilt:
+            raise TrainingError(
+                f"shard {i} is lost after training ended: its primary {names.primaries[i]} died "
+                "before the run's end state was read, and no replica of it could be read"
+                + (f" (holder {names.holders[i]})" if names.holders else " (--recovery none)")
             )
+        logger.warning(
+            "[driver] the primary of shard %d (%s) died after training ended; its end state is "
+            "rebuilt from its replica on %s",
+            i,
+            names.primaries[i],
+            names.holders[i],
+        )
+        state = rebuilt.pop(i)
+        finals[i] = (
+            state.params_copy(),
+            ShardStats(i, state.seq, state.updates_applied, 0, ranges[i].size),
+            state.applied_copy(),
+            dict(state.clocks),
+            state.optimizer.state_dict(),
+        )
+    params = [f[0] for f in finals]
+    # I4: each replica replayed equals its primary (None: one of the two was gone at the end; a
+    # replica its holder would not export does not match)
+    replicas_match = [
+        (None if exports[i] is None or finals_read[i] is None else False)
+        if i not in rebuilt
+        else bool(np.array_equal(rebuilt[i].params_copy(), params[i]))
+        and rebuilt[i].applied_copy() == f[2]
+        and rebuilt[i].clocks == f[3]
+        and _same_state(rebuilt[i].optimizer.state_dict(), f[4])
+        for i, f in zip(range(len(names.holders)), finals)
+    ]
     times = []
     for name in names.workers:
         handle = directory.handle(name) if name else None
@@ -559,6 +589,26 @@ def read_final(run_id: str, names: FinalNames, ranges, optim, total_steps: int) 
         "replicas_match": replicas_match,
         "supervisor_imported_torch": names.supervisor_imported_torch,
     }
+
+
+def _answers(directory: Directory, names: tuple, ask) -> list:
+    """``ask(handle, i)`` of each named actor, gathered; None where the actor is gone (dead, or
+    its process lost with a node) or answered with a failure."""
+    import ray
+
+    calls = [
+        ask(handle, i) if (handle := directory.handle(name)) is not None else None
+        for i, name in enumerate(names)
+    ]
+    out = []
+    for call in calls:
+        try:
+            out.append(ray.get(call) if call is not None else None)
+        except Exception as e:  # noqa: BLE001 -- Ray's errors of a gone actor; others raise
+            if failure_of(e) is None:
+                raise
+            out.append(None)
+    return out
 
 
 def _status(answer):

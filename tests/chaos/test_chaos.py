@@ -279,6 +279,39 @@ def test_without_copies_a_server_death_fails_with_a_clear_message(ray_local, tmp
         Trainer(_config(2, kill="server:1@step=10", mode="none")).fit()
 
 
+@pytest.mark.parametrize("mode", ["replica", "none"])
+def test_a_primary_dead_after_training_ended_is_read_from_its_replica(
+    ray_local, tmp_path, monkeypatch, mode
+):
+    """Shard 0's primary (also the holder of shard 1's replica) is SIGKILLed after the workers
+    finished, just before the driver reads the end state: shard 0's end state is rebuilt from its
+    replica, and the run ends with the failure-free hash; without copies, one line says the shard
+    is lost."""
+    import ray
+
+    from raytrain_ft.actors import supervisor
+    from raytrain_ft.actors.transport import Directory
+    from raytrain_ft.errors import TrainingError
+
+    read_final = supervisor.read_final
+
+    def killed_first(run_id, names, *args):
+        handle = Directory(run_id).handle(names.primaries[0])
+        ray.kill(getattr(handle, "actor", handle), no_restart=True)  # a warm process's own
+        return read_final(run_id, names, *args)
+
+    monkeypatch.setattr(supervisor, "read_final", killed_first)
+    if mode == "none":
+        with pytest.raises(TrainingError, match="shard 0 is lost after training ended"):
+            Trainer(_config(2, mode="none")).fit()
+        return
+    baseline = baseline_hash(2)
+    result = Trainer(_config(2)).fit()
+    assert result.params_sha256 == baseline
+    assert result.updates_acknowledged == result.updates_applied == 2 * STEPS
+    assert result.replicas_match == [None, None]  # shard 0's primary and shard 1's holder gone
+
+
 def _train_in_background(cfg):
     """Start ``Trainer(cfg).fit()`` in a thread, as a job would run it, and wait until its
     supervisor can be found. Returns (thread, box: "result" once it ends, supervisor handle)."""
