@@ -26,6 +26,7 @@ from torch.utils.data import TensorDataset, default_collate
 
 from raytrain_ft.config import DataConfig, flag_of, parse_image_shape
 from raytrain_ft.errors import ConfigError, DataError
+from raytrain_ft.rng import DATA, drawn_for
 
 IMAGE_SHAPE_METADATA_KEY = b"raytrain_ft.image_shape"
 MAX_CLASSES = 10_000
@@ -550,8 +551,11 @@ class BatchStream:
     def _make(self, step: int) -> tuple:
         epoch, s = divmod(step, self._spe)
         indices = batch_indices(self._part, self.seed, epoch, self.rank, s, self.batch_size)
+        # the user's __getitem__ may draw (augmentation): from generators seeded for this batch
+        draws = not isinstance(self.dataset, (TensorDataset, ColumnsDataset))
         try:
-            batch = batch_of(self.dataset, indices)
+            with drawn_for(self.seed, self.rank, step, DATA) if draws else contextlib.nullcontext():
+                batch = batch_of(self.dataset, indices)
         except Exception as e:  # the user's dataset: one line naming the step and its samples
             shown = ", ".join(str(int(i)) for i in indices[:8])
             more = ", ..." if len(indices) > 8 else ""

@@ -55,6 +55,7 @@ from raytrain_ft.data import (
     ray_dataset_tensors,
 )
 from raytrain_ft.errors import ConfigError, RaytrainFTError
+from raytrain_ft.rng import seeded
 
 BUILTIN_LOSSES = ("cross_entropy", "mse")
 
@@ -286,9 +287,9 @@ class Task:
 
     def build_model(self, seed: int) -> torch.nn.Module:
         """The model every copy starts from: built right after seeding, so every process gets the
-        same values."""
-        torch.manual_seed(seed)
-        model = self.model()
+        same values (torch's, NumPy's and Python's generators are seeded)."""
+        with seeded(seed):
+            model = self.model()
         if not isinstance(model, torch.nn.Module):
             raise ConfigError(
                 self.model_field,
@@ -299,6 +300,8 @@ class Task:
             first = next(
                 (
                     f"{a[0]!r} {a[2]} {list(a[1])} here, {b[0]!r} {b[2]} {list(b[1])} on the driver"
+                    if a[:3] != b[:3]
+                    else f"{a[0]!r} holds other values here than on the driver"
                     for a, b in zip(mine, driver)
                     if a != b
                 ),
@@ -308,8 +311,8 @@ class Task:
                 self.model_field,
                 f"the model built in this process differs from the driver's ({first}); the model "
                 "factory must build the same model in every process (from its arguments and "
-                "torch's seeded generator, not from the host, the time or Python's or NumPy's "
-                "random)",
+                "the generators it is given seeded (torch's, NumPy's, Python's random), not from "
+                "the host, the time or a generator of its own)",
             )
         return model
 
@@ -671,7 +674,8 @@ def refuse_overridden(config, **given) -> None:
 
 
 def data_print(ds: Dataset) -> str:
-    """A fingerprint of a dataset: its length and up to 8 samples spread over it."""
+    """A fingerprint of a dataset: its length and up to 8 samples spread over it (read with the
+    generators seeded)."""
     import hashlib
 
     import numpy as np
@@ -680,17 +684,27 @@ def data_print(ds: Dataset) -> str:
     h = hashlib.sha256(str(n).encode())
     if n:
         indices = sorted({int(i) for i in np.linspace(0, n - 1, num=min(n, 8))})
-        for part in batch_of(ds, indices):
+        with seeded(0):  # samples a dataset draws (augmentation) draw alike in every process
+            batch = batch_of(ds, indices)
+        for part in batch:
             map_tensors(part, lambda t: h.update(t.detach().cpu().float().numpy().tobytes()))
     return h.hexdigest()
 
 
 def model_layout(model: torch.nn.Module) -> tuple:
-    """(name, shape, dtype) of every parameter and buffer, in order."""
+    """(name, shape, dtype, digest of the values) of every parameter and buffer, in order."""
     return tuple(
-        (name, tuple(t.shape), str(t.dtype).removeprefix("torch."))
+        (name, tuple(t.shape), str(t.dtype).removeprefix("torch."), _digest(t))
         for name, t in [*model.named_parameters(), *model.named_buffers()]
     )
+
+
+def _digest(t: torch.Tensor) -> str:
+    """A hash of a tensor's bytes: copies that hold other values differ."""
+    import hashlib
+
+    raw = t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy()
+    return hashlib.blake2b(raw, digest_size=8).hexdigest()
 
 
 def describe(x) -> str:

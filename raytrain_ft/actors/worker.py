@@ -27,6 +27,7 @@ from raytrain_ft.errors import RaytrainFTError
 from raytrain_ft.optim import clip_in_place
 from raytrain_ft.params import FlatModel, ShardRange, overlapping_shards
 from raytrain_ft.recovery.faults import parse_slow
+from raytrain_ft.rng import COMPUTE, drawn_for
 from raytrain_ft.task import Task, correct, describe, to_device, user_code
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,8 @@ class Worker:
         self.name, self.rank = name, rank
         self.group = group
         """Pre-aggregation: the ranks of this process that send one push for all of them."""
+        self._shares_process = config.cluster.ranks_per_process > 1
+        """Other ranks' training threads may run in this process (``rng``'s lock is theirs too)."""
         self.config = config
         self.node_id, self.gpu_ids = _placement()
         device, warning = choose_device(
@@ -393,11 +396,11 @@ class Worker:
                 # redoes its round bit for bit)
                 scaler = torch.amp.GradScaler(self.device.type, enabled=self._fp16)
                 samples = 0
-                for _ in round_span(self._step, c.local_steps, total):
+                for local_step in round_span(self._step, c.local_steps, total):
                     x, y = stream.next()
                     if self._slow_s:
                         time.sleep(self._slow_s)
-                    loss = self._local_step(x, y, inner, scaler)
+                    loss = self._local_step(x, y, inner, scaler, local_step)
                     samples += len(y)
                 torch.sub(start, self.flat.flat[:n], out=self.flat.flat_grad[:n])
                 self.flat.flat_grad[:n].div_(inner_lr)
@@ -415,16 +418,19 @@ class Worker:
         y: torch.Tensor,
         inner: torch.optim.Optimizer,
         scaler: torch.amp.GradScaler,
+        local_step: int,
     ) -> float:
-        """local_sgd: one forward/backward and one step of the round's local optimizer."""
+        """local_sgd: one forward/backward and one step of the round's local optimizer
+        (``local_step``: the batch's index, what its draws are seeded for)."""
         cpu0 = time.thread_time()
         x, y = to_device(x, self.device), to_device(y, self.device)
         self.flat.zero_grad()
         clock = _GpuClock(self.device)
-        with torch.autocast(self.device.type, dtype=self._amp_dtype, enabled=self._autocast):
-            out, loss = self._forward(x, y)
-        with user_code(self.task.model_field, lambda: f"backward of step {self._step}'s loss"):
-            scaler.scale(loss).backward()
+        with drawn_for(self.config.seed, self.rank, local_step, COMPUTE):
+            with torch.autocast(self.device.type, dtype=self._amp_dtype, enabled=self._autocast):
+                out, loss = self._forward(x, y)
+            with user_code(self.task.model_field, lambda: f"backward of step {self._step}'s loss"):
+                scaler.scale(loss).backward()
         scaler.unscale_(inner)
         if self.config.optim.clip_grad_norm is not None:
             self._clipped_local += clip_in_place(
@@ -498,18 +504,22 @@ class Worker:
         if self.exchange.pushed_last:
             self.flat.zero_grad()
         self.exchange.begin_step(self._step, push, fetch)
+        if self._shares_process:  # nothing waited for in the block below: another rank may hold
+            self.exchange.install_all()  # the answer's other half and wait for the generators
         clock = _GpuClock(self.device)
-        # forward installs shards as it needs them; bf16 computes under autocast, parameters and
-        # gradients stay float32
-        with torch.autocast(self.device.type, dtype=self._amp_dtype, enabled=self._autocast):
-            out, loss = self._forward(x, y)
-        # Buffers are final after forward; they travel in the gradient slot. With overlap,
-        # post-accumulate hooks push the shards whose gradients are complete during backward.
-        self.flat.stage_buffers(self.task.model_field)
-        scale = self.exchange.loss_scale() if self._fp16 else 1.0
-        # with overlap, the pushes its hooks send count as compute here
-        with user_code(self.task.model_field, lambda: f"backward of step {self._step}'s loss"):
-            (loss * scale if scale != 1.0 else loss).backward()
+        # dropout and the like draw from generators seeded for (seed, rank, step)
+        with drawn_for(self.config.seed, self.rank, self._step, COMPUTE):
+            # forward installs shards as it needs them; bf16 computes under autocast, parameters
+            # and gradients stay float32
+            with torch.autocast(self.device.type, dtype=self._amp_dtype, enabled=self._autocast):
+                out, loss = self._forward(x, y)
+            # Buffers are final after forward; they travel in the gradient slot. With overlap,
+            # post-accumulate hooks push the shards whose gradients are complete during backward.
+            self.flat.stage_buffers(self.task.model_field)
+            scale = self.exchange.loss_scale() if self._fp16 else 1.0
+            # with overlap, the pushes its hooks send count as compute here
+            with user_code(self.task.model_field, lambda: f"backward of step {self._step}'s loss"):
+                (loss * scale if scale != 1.0 else loss).backward()
         clock.stop()
         self._compute_cpu_s += time.thread_time() - cpu0
         self._push_step()

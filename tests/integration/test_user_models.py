@@ -4,7 +4,9 @@ buffers, an integer buffer, a frozen parameter and one the forward never uses.""
 
 import dataclasses
 import json
+import random
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -151,13 +153,13 @@ def test_a_transformer_through_the_cli_with_import_strings(ray_local, tmp_path, 
 
 
 class Odd(nn.Module):
-    """BatchNorm (float buffers + an integer one), a frozen parameter, and a parameter the forward
-    never uses."""
+    """BatchNorm (float buffers + an integer one), dropout, a frozen parameter, and a parameter
+    the forward never uses."""
 
     def __init__(self):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 1)
+            nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 1)
         )
         self.frozen = nn.Parameter(torch.full((1,), 0.5), requires_grad=False)
         self.unused = nn.Parameter(torch.zeros(4))
@@ -177,22 +179,40 @@ class OneWeight(nn.Module):
         return x.flatten(1)[:, :10] * self.w
 
 
+class Jittered(torch.utils.data.Dataset):
+    """Training samples with noise drawn in ``__getitem__`` from torch's, NumPy's and Python's
+    global generators (augmentation)."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        numpy_noise = torch.from_numpy(np.random.standard_normal(x.shape).astype(np.float32))
+        return x + 0.01 * torch.randn_like(x) + 0.01 * numpy_noise + 0.01 * random.random(), y
+
+
 def odd_data():
     train, held_out = diabetes.data()
-    return train, held_out
+    return Jittered(train), held_out
 
 
 @pytest.mark.chaos
 def test_odd_user_model_same_hash_with_ranks_sharing_a_process_and_a_server_and_that_process_killed(
     ray_local,
 ):
-    """A model with BatchNorm (float statistics and an integer counter), a frozen parameter and
-    an unused one, 3 workers. Killed run: ranks 0 and 1 share a process (each with its own thread,
-    model and data; rank 2 alone), pre-aggregated -- rank 0 pushes the sum of both ranks'
+    """A model with BatchNorm (float statistics and an integer counter), dropout, a frozen
+    parameter and an unused one, trained on samples its dataset jitters with torch's, NumPy's and
+    Python's generators, 3 workers. Killed run: ranks 0 and 1 share a process (each with its own
+    thread, model and data; rank 2 alone), pre-aggregated -- rank 0 pushes the sum of both ranks'
     gradients and BatchNorm statistics, rank 1 takes its parameters and counters -- and shard 0's
     primary, then the shared process, are SIGKILLed mid-run: both ranks are re-created in one new
     process and resume at one step. It ends bitwise equal to the clean run with a process per rank
-    (with 3 ranks both sum (g0 + g1) + g2)."""
+    (with 3 ranks both sum (g0 + g1) + g2): dropout and the jitter draw per (seed, rank, step),
+    whichever thread or process draws them and whenever."""
     steps = 30
     cfg = TrainConfig(
         model=ModelConfig(name="tests.integration.test_user_models:Odd", loss="mse"),

@@ -401,3 +401,60 @@ def test_a_presplit_part_is_shuffled_whole_by_its_rank_each_epoch():
     a = epochs(1)
     assert all(sorted(e) == list(range(20)) for e in a) and a[0] != a[1]
     assert epochs(1) == a and epochs(2) != a
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """Samples with noise drawn in ``__getitem__`` from torch's, NumPy's and Python's generators."""
+
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        import random
+
+        noise = torch.randn(3) + float(np.random.standard_normal()) + random.random()
+        return torch.full((3,), float(i)) + noise, i % 2
+
+
+def test_a_batch_drawn_by_the_users_dataset_is_a_pure_function_of_seed_rank_and_step():
+    """A rank's batch draws the same augmentation whether it was prefetched or not, whether the
+    stream started at step 0 or resumed at the step (a restarted rank), and whatever another
+    thread draws meanwhile (a training thread's dropout, another rank's stream)."""
+    import threading
+
+    from raytrain_ft.rng import COMPUTE, drawn_for
+
+    def stream(start: int, prefetch: int, rank: int = 1) -> BatchStream:
+        return BatchStream(
+            _Augmented(),
+            seed=3,
+            rank=rank,
+            num_workers=2,
+            batch_size=4,
+            start_step=start,
+            end_step=12,
+            prefetch=prefetch,
+        )
+
+    stop = threading.Event()
+
+    def other_thread():  # draws as a training thread does: dropout in forward and backward
+        while not stop.is_set():
+            with drawn_for(3, 0, 0, COMPUTE):
+                torch.rand(100), np.random.random(), __import__("random").random()
+
+    noise = threading.Thread(target=other_thread, daemon=True)
+    noise.start()
+    try:
+        whole = stream(0, prefetch=2)
+        batches = [whole.next()[0] for _ in range(12)]
+        inline = stream(0, prefetch=0)
+        assert all(torch.equal(inline.next()[0], b) for b in batches)
+        resumed = stream(7, prefetch=2)
+        assert all(torch.equal(resumed.next()[0], b) for b in batches[7:])
+        other_rank = stream(0, prefetch=2, rank=0)
+        assert not torch.equal(other_rank.next()[0], batches[0])  # another rank draws other noise
+        assert not torch.equal(batches[0], batches[1])
+    finally:
+        stop.set()
+        noise.join()

@@ -1,6 +1,7 @@
 """Your own model, loss and data: resolved and checked on the driver before anything starts (no
 Ray)."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -9,7 +10,7 @@ from torch.utils.data import TensorDataset
 from raytrain_ft.config import DataConfig, ModelConfig, TrainConfig
 from raytrain_ft.errors import ClusterError, ConfigError
 from raytrain_ft.params import FlatModel, flatten_state, load_flat_state
-from raytrain_ft.task import Task, batch_of, resolve
+from raytrain_ft.task import Task, batch_of, model_layout, resolve
 
 
 def linear():
@@ -63,13 +64,12 @@ def test_model_kwargs_the_builder_cannot_take_name_the_kwargs(kwargs, needle):
 
 
 def test_an_import_string_names_a_factory_and_its_kwargs_are_applied():
-    task, train, _ = Task.build(
-        cfg(name="torch.nn:Linear", kwargs='{"in_features": 4, "out_features": 3}')
-    )
-    model = task.build_model(seed=1)
+    config = cfg(name="torch.nn:Linear", kwargs='{"in_features": 4, "out_features": 3}')
+    task, train, _ = Task.build(config)
+    model = task.build_model(seed=config.seed)
     assert isinstance(model, nn.Linear) and model.out_features == 3 and len(train) == 16
     assert torch.equal(
-        task.build_model(seed=1).weight, model.weight
+        task.build_model(seed=config.seed).weight, model.weight
     )  # seeded: every copy starts the same
 
 
@@ -353,12 +353,53 @@ def growing():
 
 def test_a_process_that_builds_another_model_than_the_driver_is_refused():
     task, _, _ = Task.build(cfg(name="tests.unit.test_task:linear"))
-    assert task.layout == (("weight", (3, 4), "float32"), ("bias", (3,), "float32"))
+    assert [entry[:3] for entry in task.layout] == [
+        ("weight", (3, 4), "float32"),
+        ("bias", (3,), "float32"),
+    ]
     task.build_model(0)  # the same model: accepted
     odd = Task(growing, task.loss, task.data, layout=task.layout)
     with pytest.raises(ConfigError, match="differs from the driver's .*'0.weight'") as e:
         odd.build_model(0)
     assert e.value.field == "model.name"
+
+
+def test_a_process_whose_model_holds_other_values_than_the_driver_is_refused():
+    """Shapes alike, values not (a frozen projection drawn from a generator of the factory's own,
+    or from the clock): each process would train another model than the driver evaluates."""
+    import time
+
+    def own_generator():
+        model = nn.Linear(4, 3)
+        gen = np.random.default_rng(time.perf_counter_ns())
+        with torch.no_grad():
+            model.weight.copy_(torch.from_numpy(gen.standard_normal((3, 4)).astype(np.float32)))
+        model.weight.requires_grad_(False)
+        return model
+
+    task = Task(own_generator, None, None)
+    task = Task(own_generator, None, None, layout=model_layout(task.build_model(0)))
+    with pytest.raises(ConfigError, match="'weight' holds other values here than on the driver"):
+        task.build_model(0)
+
+
+def test_a_factory_drawing_from_numpy_or_python_random_builds_the_same_model_everywhere():
+    """NumPy's and Python's global generators are seeded with torch's before the factory runs."""
+    import random
+
+    def drawn():
+        model = nn.Linear(4, 3)
+        with torch.no_grad():
+            model.weight.copy_(torch.from_numpy(np.random.randn(3, 4).astype(np.float32)))
+            model.bias.fill_(random.random())
+        return model
+
+    first = Task(drawn, None, None).build_model(0)
+    task = Task(drawn, None, None, layout=model_layout(first))
+    np.random.seed(1)
+    random.seed(1)
+    again = task.build_model(0)  # whatever the generators held before: the same values
+    assert torch.equal(again.weight, first.weight) and torch.equal(again.bias, first.bias)
 
 
 def test_one_hot_and_soft_targets_score_accuracy_as_class_indices_do():
