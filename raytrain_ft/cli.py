@@ -26,12 +26,14 @@ import math
 import os
 import signal
 import sys
+import warnings
 
 from raytrain_ft import config as config_mod
 from raytrain_ft.errors import (
     ClusterError,
     ConfigError,
     DataError,
+    DivergedWarning,
     JobError,
     RaytrainFTError,
     cli_surface,
@@ -473,7 +475,9 @@ def _train(args: argparse.Namespace) -> int:
     from raytrain_ft.trainer import Trainer
 
     progress = None if args.quiet else ProgressBar()
-    result = Trainer(cfg, on_progress=progress).fit()
+    with warnings.catch_warnings():  # said below, with the flags to change
+        warnings.simplefilter("ignore", DivergedWarning)
+        result = Trainer(cfg, on_progress=progress).fit()
     summary = result.to_dict()
     if args.output_json:
         _write_summary(summary, args.output_json)

@@ -607,6 +607,13 @@ class ClusterConfig:
             "a simulated step waits at most an hour",
         )
         _positive("cluster.ranks_per_process", self.ranks_per_process)
+        if self.ranks_per_process > self.num_workers:
+            raise ConfigError(
+                "cluster.ranks_per_process",
+                f"{self.ranks_per_process} ranks per process, but the run has "
+                f"{self.num_workers} workers (ranks); give --ranks-per-process at most "
+                f"{self.num_workers}, or more --num-workers",
+            )
         _non_negative("cluster.keep_warm_s", self.keep_warm_s)
         _at_most("cluster.keep_warm_s", self.keep_warm_s, 3600.0, "keep processes at most an hour")
         if self.push_thread != "auto" and not self.overlap_comm:

@@ -125,6 +125,10 @@ class TrainingError(RaytrainFTError):
     """
 
 
+class DivergedWarning(RuntimeWarning):
+    """The training loss was not a finite number at the end of a run (``Trainer.fit``)."""
+
+
 class JobError(RaytrainFTError):
     """A submitted job failed, timed out, or cannot be found.
 

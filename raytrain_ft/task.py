@@ -129,9 +129,9 @@ def loss_function(spec: str | Callable, flag: str = "model.loss") -> Callable:
             "nn.Module loss, cross_entropy, mse or MODULE:ATTR",
         )
     if isinstance(spec, type):
-        return _loss_instance(spec, flag)
+        return _no_parameters(_loss_instance(spec, flag), flag)
     if callable(spec):
-        return spec
+        return _no_parameters(spec, flag)
     if spec == "cross_entropy":
         return F.cross_entropy
     if spec == "mse":
@@ -139,13 +139,29 @@ def loss_function(spec: str | Callable, flag: str = "model.loss") -> Callable:
     if is_import_string(spec):
         fn = resolve(spec, flag)
         if isinstance(fn, type):
-            return _loss_instance(fn, flag)
+            return _no_parameters(_loss_instance(fn, flag), flag)
         if not callable(fn):
             raise ConfigError(
                 flag, f"{spec!r} is not callable; give a function (output, target) -> scalar tensor"
             )
-        return fn
+        return _no_parameters(fn, flag)
     raise ConfigError(flag, f"unknown loss {spec!r}; choose cross_entropy, mse, or MODULE:ATTR")
+
+
+def _no_parameters(loss: Callable, flag: str) -> Callable:
+    """``loss``, unless it is a module with trainable parameters: only the model's parameters
+    live on the shards, so the loss's would never be trained."""
+    if isinstance(loss, torch.nn.Module):
+        names = [n for n, p in loss.named_parameters() if p.requires_grad]
+        if names:
+            raise ConfigError(
+                flag,
+                f"the loss module has trainable parameters ({', '.join(names[:4])}) that no "
+                "update would train: only the model's parameters are trained; move them into the "
+                "model (its forward can return what the loss needs), or freeze them "
+                "(requires_grad=False)",
+            )
+    return loss
 
 
 def _loss_instance(cls: type, flag: str) -> Callable:
@@ -283,7 +299,23 @@ class Task:
             return self
         import ray
 
-        return dataclasses.replace(self, data=DataSource(ref=ray.put(self.data.objects)))
+        try:
+            ref = ray.put(self.data.objects)
+        except Exception as e:  # noqa: BLE001 -- named where it is a dataset Ray cannot pickle
+            for name, part in zip(("train_data", "eval_data"), self.data.objects):
+                check_sendable(name, part)
+            raise e from None
+        return dataclasses.replace(self, data=DataSource(ref=ref))
+
+    def check_sendable(self) -> None:
+        """The model factory, loss and metrics travel to the workers by Ray's pickling: one that
+        cannot be pickled fails here, naming its field."""
+        for field, obj in (
+            (self.model_field, self.model),
+            (self.loss_field, self.loss),
+            ("metrics", self.metrics),
+        ):
+            check_sendable(field, obj)
 
     def build_model(self, seed: int) -> torch.nn.Module:
         """The model every copy starts from: built right after seeding, so every process gets the
@@ -446,6 +478,7 @@ class Task:
             evaluation=evaluation,
             batch_size=dc.batch_size,
         )
+        task.check_sendable()
         made_here = data.factory is not None  # every worker calls the factory again
         return (
             dataclasses.replace(
@@ -475,6 +508,15 @@ class Task:
                 field, f"the training set has {len(train)} samples{why}; it needs at least 2"
             )
         first = None if isinstance(train, TensorDataset) else _first_sample(train)
+        if isinstance(train, TensorDataset) and len(train.tensors) < 2:
+            first = train[0][0]
+        if isinstance(first, (torch.Tensor, np.ndarray)):  # it would unpack into rows
+            raise ConfigError(
+                "data.dataset",
+                f"a sample is one {'tensor' if isinstance(first, torch.Tensor) else 'array'} "
+                f"({describe(first)}), not an (x, y) pair; "
+                "return (x, y) from the dataset's __getitem__, or give TensorDataset(x, y)",
+            )
         if isinstance(first, collections.abc.Mapping):  # it would unpack into its keys
             raise ConfigError(
                 "data.dataset",
@@ -599,6 +641,13 @@ class Task:
                 "the loss has no gradient to train on (computed from .item(), from a detached "
                 "tensor, or under torch.no_grad)",
             )
+        if not bool(torch.isfinite(value.detach())):
+            raise ConfigError(
+                self.loss_field,
+                f"the loss of the model's output on training samples 0-1 is {value.item()} at the "
+                "initial parameters: its gradient would turn every parameter into nan; check the "
+                "loss function and the samples (nan or inf values)",
+            )
         n = min(batch_size, len(train), BATCH_CHECKED)
         if n != 2:  # shapes can fit at 2 samples only (an output [2, 2] against targets [2])
             try:
@@ -710,6 +759,8 @@ def _digest(t: torch.Tensor) -> str:
 def describe(x) -> str:
     if isinstance(x, torch.Tensor):
         return f"{x.dtype} {list(x.shape)}"
+    if isinstance(x, np.ndarray):
+        return f"{x.dtype} {list(x.shape)}"
     if isinstance(x, dict):
         return "{" + ", ".join(f"{k}: {describe(v)}" for k, v in x.items()) + "}"
     return type(x).__name__
@@ -812,6 +863,24 @@ def _metrics_of(metrics: Callable, out, y, where: str) -> dict[str, float]:
         return {str(name): float(value) for name, value in values.items()}
     except Exception as e:  # noqa: BLE001 -- the user's function
         raise ConfigError("metrics", f"{where}: {_said(e)}") from None
+
+
+def check_sendable(field: str, obj) -> None:
+    """One line naming ``field`` where Ray cannot pickle ``obj`` to send it to the workers."""
+    if obj is None:
+        return
+    from ray import cloudpickle
+
+    try:
+        cloudpickle.dumps(obj)
+    except Exception as e:  # noqa: BLE001 -- whatever pickling raises
+        raise ConfigError(
+            field,
+            f"cannot be sent to the workers: pickling it raised {type(e).__name__}: "
+            f"{str(e).strip()[:200]}; keep locks, open files, sockets and threads out of what it "
+            "holds or refers to (create them inside the factory or __getitem__), or name an "
+            "importable MODULE:ATTR",
+        ) from None
 
 
 def _first_sample(ds):
@@ -956,6 +1025,12 @@ def _not_a_dataset(given, fix: str) -> tuple[str, str] | None:
     None where it may be one. ``fix`` shows a TensorDataset built from tensors."""
     if is_ray_dataset(given):
         return None
+    if isinstance(given, (torch.Tensor, np.ndarray)):  # its rows would be read as samples
+        return (
+            f"{'a tensor' if isinstance(given, torch.Tensor) else 'a NumPy array'} "
+            f"({describe(given)})",
+            f"give a Dataset of (x, y) samples: {fix}",
+        )
     if isinstance(given, (tuple, list)) and any(
         isinstance(t, (torch.Tensor, np.ndarray)) and t.ndim > 0 for t in given
     ):  # read as a dataset of len(given) samples, each a whole array

@@ -476,7 +476,7 @@ def ray_session(config: TrainConfig):
         kwargs["address"] = address
     else:
         if cc.use_gpu == "true":  # no autoscaler adds GPUs to a Ray started here: say so before it
-            check_gpus(cc.num_workers, local_gpus(), embedded=True)
+            check_gpus(cc.num_workers, local_gpus(), started_here=True)
         check_embedded_memory(config, available_memory())
         kwargs.update(
             num_cpus=max(os.cpu_count() or 1, needed),
@@ -819,15 +819,17 @@ def local_gpus() -> float:
         return float(torch.cuda.device_count())
 
 
-def check_gpus(num_workers: int, have: float, embedded: bool) -> None:
-    """use_gpu=true: a Ray started here cannot get more GPUs (one line, exit 2); a cluster may (an
-    autoscaler adds GPU nodes for the waiting workers), so it is told and waited for."""
+def check_gpus(num_workers: int, have: float, started_here: bool) -> None:
+    """use_gpu=true: a Ray started here (the run's own, or the driver's ``ray.init()`` without an
+    address) cannot get more GPUs (one line, exit 2); a cluster may (an autoscaler adds GPU nodes
+    for the waiting workers), so it is told and waited for."""
     if have >= num_workers:
         return
-    if embedded:
+    if started_here:
         raise ClusterError(
             f"cluster.use_gpu=true asks for {num_workers} GPUs, this machine has {have:g}; "
-            "set --use-gpu auto or false, or run on a cluster with GPU nodes (--address)"
+            "set --use-gpu auto or false, or run on a cluster with GPU nodes (--address); no "
+            "autoscaler adds GPUs to a Ray started here"
         )
     logger.warning(
         "cluster.use_gpu=true: the workers ask for %d GPUs, the cluster has %g now; waiting for "
@@ -1101,6 +1103,20 @@ class Trainer:
         acked = [max(s.acked_per_shard[i] for s in statuses) for i in range(len(ranges))]
         warmup = min(5, total_steps // 4)
         steady = steady_throughput(step_times, cfg.data.batch_size, warmup)
+        trained_loss = final_loss(statuses)
+        trained = any(s.samples for s in statuses) and not cfg.cluster.simulate_compute_ms
+        if trained and not math.isfinite(trained_loss):
+            import warnings
+
+            from raytrain_ft.errors import DivergedWarning
+
+            warnings.warn(
+                f"the training loss is {trained_loss} at the end of the run (it diverged, or "
+                "the loss is not a number): the parameters are not finite either; lower "
+                "optim.lr, or clip with optim.clip_grad_norm",
+                DivergedWarning,
+                stacklevel=2,
+            )
         return TrainResult(
             steps_completed=min(s.step for s in statuses),
             total_steps=total_steps,
@@ -1109,7 +1125,7 @@ class Trainer:
             warmup_steps_excluded=warmup,
             train_time_s=train_time_s,
             wall_time_s=time.time() - wall_start,
-            final_loss=final_loss(statuses),
+            final_loss=trained_loss,
             eval_accuracy=acc,
             eval_loss=eval_loss,
             params_sha256=params_sha256(torch.from_numpy(final)),
@@ -1239,7 +1255,11 @@ class _Run:
             return False
         have = ray.cluster_resources().get("GPU", 0)
         if mode == "true":
-            check_gpus(self.cfg.cluster.num_workers, have, self.session.embedded)
+            check_gpus(
+                self.cfg.cluster.num_workers,
+                have,
+                self.session.embedded or ray_started_here(),
+            )
             return True
         return have >= self.cfg.cluster.num_workers
 

@@ -366,3 +366,60 @@ def test_the_users_model_failing_on_a_worker_or_differing_on_a_server_fails_in_o
         "from the driver's ('0.weight' float32 [32, 4] here, '0.weight' float32 [16, 4] on the "
         "driver)"
     )
+
+
+def test_gpus_asked_of_a_ray_the_driver_started_without_them_fail_at_once(ray_local):
+    """``ray.init()`` in the driver (no address) starts a Ray no autoscaler adds GPU nodes to: a
+    run asking for GPUs fails at once with one line instead of waiting for the start timeout."""
+    import time
+
+    import torch
+
+    from raytrain_ft.errors import ClusterError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    cfg = _cfg(5)
+    cfg.cluster.use_gpu = "true"
+    t0 = time.monotonic()
+    with pytest.raises(ClusterError, match="asks for 2 GPUs, this machine has 0; set cluster.use"):
+        Trainer(
+            cfg, model=lambda: nn.Linear(10, 1), loss="mse", train_data=diabetes.data()[0]
+        ).fit()
+    assert time.monotonic() - t0 < 60
+
+
+def test_a_run_that_diverges_warns_through_the_python_api(ray_local):
+    """The CLI said so at the end; a Python API run ended with nan parameters in silence."""
+    from raytrain_ft.errors import DivergedWarning
+
+    cfg = _cfg(20, optim=OptimConfig(lr=1e6, momentum=0.0))
+    with pytest.warns(DivergedWarning, match="the training loss is nan at the end of the run"):
+        result = Trainer(
+            cfg, model=lambda: nn.Linear(10, 1), loss="mse", train_data=diabetes.data()[0]
+        ).fit()
+    assert result.final_loss != result.final_loss  # nan
+
+
+class _LockedSet(torch.utils.data.Dataset):
+    """A dataset holding a lock: Ray cannot pickle it into its object store."""
+
+    def __init__(self):
+        import threading
+
+        self.base, self.lock = diabetes.data()[0], threading.Lock()
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        return self.base[i]
+
+
+def test_a_dataset_ray_cannot_pickle_is_named(ray_local):
+    """Ray's own message is a 1,500-character serialization report naming neither argument."""
+    from raytrain_ft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot be sent to the workers: pickling it raised") as e:
+        Trainer(_cfg(5), model=lambda: nn.Linear(10, 1), loss="mse", train_data=_LockedSet()).fit()
+    assert e.value.field == "train_data" and len(str(e.value)) < 600

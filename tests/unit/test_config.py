@@ -81,6 +81,7 @@ def test_defaults_validate():
             "cluster.preaggregate",
         ),
         ({"ranks_per_process": "0", "simulate_compute_ms": "50"}, "cluster.ranks_per_process"),
+        ({"ranks_per_process": "3", "num_workers": "2"}, "cluster.ranks_per_process"),
         # settings the dataset, model, recovery mode or overlap would ignore
         ({"dataset": "cifar10", "data_path": "/d", "image_size": "32"}, "data.image_size"),
         ({"synthetic_samples": "100"}, "data.synthetic_samples"),

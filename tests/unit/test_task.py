@@ -1,6 +1,8 @@
 """Your own model, loss and data: resolved and checked on the driver before anything starts (no
 Ray)."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -799,3 +801,98 @@ def test_a_nan_or_infinity_in_data_held_in_memory_is_refused_naming_the_sample()
         )
     assert e.value.field == "data.dataset"
     Task.build(api_cfg(), model=linear, train_data=train)  # finite: passes
+
+
+class _OnlyInputs(torch.utils.data.Dataset):
+    """Samples without targets: one tensor each."""
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        return torch.full((4,), float(i))
+
+
+@pytest.mark.parametrize(
+    "train, needle",
+    [
+        (_OnlyInputs(), "a sample is one tensor (torch.float32 [4]), not an (x, y) pair"),
+        (TensorDataset(torch.randn(16, 4)), "a sample is one tensor (torch.float32 [4])"),
+        (torch.randn(16, 4), "train_data: got a tensor (torch.float32 [16, 4]); give a Dataset"),
+        (np.zeros((16, 4)), "train_data: got a NumPy array (float64 [16, 4]); give a Dataset"),
+    ],
+)
+def test_samples_without_targets_are_named_as_the_datasets_fault_not_the_losses(train, needle):
+    """Two one-tensor samples stack into a [2, 4] batch that unpacks into (x, y): the check blamed
+    the loss for the shapes that gave."""
+    with pytest.raises(ConfigError, match=re.escape(needle)) as e:
+        Task.build(api_cfg(), model=linear, train_data=train)
+    assert e.value.field in ("data.dataset", "train_data")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_loss_that_is_not_finite_at_the_start_is_refused(bad):
+    """Trained on, it turned every parameter into nan without a word."""
+
+    def loss(out, y):
+        return out.sum() * 0.0 + bad
+
+    with pytest.raises(
+        ConfigError, match="the loss of the model's output on training samples"
+    ) as e:
+        Task.build(api_cfg(), model=linear, loss=loss, train_data=data()[0])
+    assert e.value.field == "loss"
+
+
+def test_a_model_or_metrics_ray_cannot_pickle_is_named_before_anything_starts():
+    """A factory or metrics function referring to a lock failed in Ray's pickling with a
+    message naming neither."""
+    import threading
+
+    lock = threading.Lock()
+
+    def locked_model():
+        with lock:
+            return linear()
+
+    with pytest.raises(ConfigError, match="cannot be sent to the workers: pickling it raised") as e:
+        Task.build(api_cfg(), model=locked_model, train_data=data()[0])
+    assert e.value.field == "model" and "lock" in e.value.message
+
+    def locked_metrics(out, y):
+        with lock:
+            return {"n": float(len(y))}
+
+    with pytest.raises(ConfigError, match="cannot be sent to the workers") as e:
+        Task.build(
+            api_cfg(),
+            model=linear,
+            train_data=data()[0],
+            eval_data=data()[0],
+            metrics=locked_metrics,
+        )
+    assert e.value.field == "metrics"
+
+
+class _LearnedVarianceLoss(nn.Module):
+    """A loss with a parameter of its own (a learned log-variance)."""
+
+    def __init__(self):
+        super().__init__()
+        self.logvar = nn.Parameter(torch.zeros(()))
+
+    def forward(self, out, y):
+        return ((out.float().mean(1) - y.float()) ** 2 * torch.exp(-self.logvar)).mean()
+
+
+def test_a_loss_with_trainable_parameters_is_refused():
+    """Its parameters stayed at their initial values without a word: only the model's are
+    sharded and updated."""
+    for loss in (_LearnedVarianceLoss(), _LearnedVarianceLoss):
+        with pytest.raises(
+            ConfigError, match=r"trainable parameters \(logvar\) that no update"
+        ) as e:
+            Task.build(api_cfg(), model=linear, loss=loss, train_data=data()[0])
+        assert e.value.field == "loss"
+    frozen = _LearnedVarianceLoss().requires_grad_(False)  # a constant: fine
+    Task.build(api_cfg(), model=linear, loss=frozen, train_data=data()[0])
