@@ -15,11 +15,14 @@ process (the worker installs the shards' answers before it enters, where ranks s
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import threading
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 COMPUTE = 0xC0DE
 """Purpose of a step's forward and backward."""
@@ -53,3 +56,74 @@ def seeded(seed: int):
 def drawn_for(seed: int, rank: int, step: int, purpose: int):
     """Hold the process's generators, seeded for ``(seed, rank, step, purpose)``, for the block."""
     return seeded(step_seed(seed, rank, step, purpose))
+
+
+PROBE_EVERY = 64
+"""Ranks sharing a process whose model drew nothing so far compute side by side; every this
+many steps a rank's step is computed alone again, to see whether the model draws now."""
+
+
+def _states() -> tuple:
+    """What the process's generators hold now (compared, not used)."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+    numpy_state = np.random.get_state()
+    return (
+        torch.get_rng_state(),
+        cuda,
+        numpy_state[1].tobytes() + bytes(str(numpy_state[2:]), "ascii"),
+        random.getstate(),
+    )
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return (
+        torch.equal(a[0], b[0])
+        and len(a[1]) == len(b[1])
+        and all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
+        and a[2:] == b[2:]
+    )
+
+
+class SharedDraws:
+    """Ranks sharing a process (``--ranks-per-process``): whether their steps must hold the
+    generators one at a time. Only a model that draws needs it; holding them costs the ranks'
+    parallel compute. So a rank's steps are computed alone (held, reseeded, and watched for
+    draws) until one is seen to draw nothing; then the ranks compute side by side, without
+    touching the generators, and every ``PROBE_EVERY``-th step is computed alone and watched
+    again. A model seen drawing is held for the rest of the run (and a warning says when it began
+    to draw after steps computed side by side, which may not repeat bit for bit)."""
+
+    def __init__(self) -> None:
+        self.draws: bool | None = None
+        """None: not known yet; False: no draw seen; True: a step drew."""
+        self.began_late: tuple[int, int] | None = None
+        """(rank, step) of a draw first seen after steps computed side by side."""
+
+    @contextlib.contextmanager
+    def step(self, seed: int, rank: int, step: int):
+        if self.draws is False and step % PROBE_EVERY:
+            yield  # side by side: nothing drawn, nothing to hold
+            return
+        with drawn_for(seed, rank, step, COMPUTE):
+            before = _states()
+            yield
+            drew = not _same(before, _states())
+        if drew and self.draws is False:
+            self.began_late = (rank, step)
+            logger.warning(
+                "[worker/%d] the model drew random numbers at step %d and at none of the steps "
+                "checked before; the ranks of this process compute one at a time from now on "
+                "(steps since step %d, computed side by side, may not repeat bit for bit)",
+                rank,
+                step,
+                step - PROBE_EVERY,
+            )
+        self.draws = bool(self.draws) or drew
+
+
+_SHARED: dict[str, SharedDraws] = {}
+
+
+def shared_draws(run_id: str) -> SharedDraws:
+    """The one ``SharedDraws`` of this process for run ``run_id`` (its ranks share it)."""
+    return _SHARED.setdefault(run_id, SharedDraws())

@@ -27,7 +27,7 @@ from raytrain_ft.errors import RaytrainFTError
 from raytrain_ft.optim import clip_in_place
 from raytrain_ft.params import FlatModel, ShardRange, overlapping_shards
 from raytrain_ft.recovery.faults import parse_slow
-from raytrain_ft.rng import COMPUTE, drawn_for
+from raytrain_ft.rng import COMPUTE, drawn_for, shared_draws
 from raytrain_ft.task import Task, correct, describe, to_device, user_code
 
 logger = logging.getLogger(__name__)
@@ -91,6 +91,7 @@ class Worker:
         """Pre-aggregation: the ranks of this process that send one push for all of them."""
         self._shares_process = config.cluster.ranks_per_process > 1
         """Other ranks' training threads may run in this process (``rng``'s lock is theirs too)."""
+        self._shared_draws = shared_draws(run_id) if self._shares_process else None
         self.config = config
         self.node_id, self.gpu_ids = _placement()
         device, warning = choose_device(
@@ -426,7 +427,7 @@ class Worker:
         x, y = to_device(x, self.device), to_device(y, self.device)
         self.flat.zero_grad()
         clock = _GpuClock(self.device)
-        with drawn_for(self.config.seed, self.rank, local_step, COMPUTE):
+        with self._draws(local_step):
             with torch.autocast(self.device.type, dtype=self._amp_dtype, enabled=self._autocast):
                 out, loss = self._forward(x, y)
             with user_code(self.task.model_field, lambda: f"backward of step {self._step}'s loss"):
@@ -508,7 +509,7 @@ class Worker:
             self.exchange.install_all()  # the answer's other half and wait for the generators
         clock = _GpuClock(self.device)
         # dropout and the like draw from generators seeded for (seed, rank, step)
-        with drawn_for(self.config.seed, self.rank, self._step, COMPUTE):
+        with self._draws(self._step):
             # forward installs shards as it needs them; bf16 computes under autocast, parameters
             # and gradients stay float32
             with torch.autocast(self.device.type, dtype=self._amp_dtype, enabled=self._autocast):
@@ -524,6 +525,14 @@ class Worker:
         self._compute_cpu_s += time.thread_time() - cpu0
         self._push_step()
         return self._loss_and_accuracy(loss, out, y, clock)
+
+    def _draws(self, step: int):
+        """The block of ``step``'s forward and backward: its draws from generators seeded for
+        ``(seed, rank, step)``, held alone (``rng``; ranks sharing a process whose model draws
+        nothing compute side by side)."""
+        if self._shared_draws is None:
+            return drawn_for(self.config.seed, self.rank, step, COMPUTE)
+        return self._shared_draws.step(self.config.seed, self.rank, step)
 
     def _forward(self, x, y) -> tuple:
         """The model's output and loss on a batch; what the user's model or loss raise is one line
