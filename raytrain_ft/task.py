@@ -477,6 +477,7 @@ class Task:
             held_out=split or None,
             evaluation=evaluation,
             batch_size=dc.batch_size,
+            fields=(train_field, eval_field),
         )
         task.check_sendable()
         made_here = data.factory is not None  # every worker calls the factory again
@@ -495,13 +496,14 @@ class Task:
         held_out: float | None = None,
         evaluation: Dataset | None = None,
         batch_size: int = 2,
+        fields: tuple[str, str] = ("data.dataset", "data.dataset"),
     ) -> tuple:
         """One forward, loss and gradient on two training samples (and a forward on one where each
         worker's batch is one sample), and an evaluation of two eval samples: a model, loss,
         metrics or dataset that do not fit each other fails here, on the driver, with the flag to
         fix, not after training. Returns the model's layout (``model_layout``)."""
         if len(train) < 2:
-            field, why = "data.dataset", ""
+            field, why = fields[0], ""
             if held_out:
                 field, why = "data.eval_fraction", f" after --eval-fraction {held_out} held out"
             raise ConfigError(
@@ -512,14 +514,14 @@ class Task:
             first = train[0][0]
         if isinstance(first, (torch.Tensor, np.ndarray)):  # it would unpack into rows
             raise ConfigError(
-                "data.dataset",
+                fields[0],
                 f"a sample is one {'tensor' if isinstance(first, torch.Tensor) else 'array'} "
                 f"({describe(first)}), not an (x, y) pair; "
                 "return (x, y) from the dataset's __getitem__, or give TensorDataset(x, y)",
             )
         if isinstance(first, collections.abc.Mapping):  # it would unpack into its keys
             raise ConfigError(
-                "data.dataset",
+                fields[0],
                 f"a sample is a {type(first).__name__} (keys {', '.join(map(repr, first))}); a "
                 "sample must be an (x, y) pair: return e.g. (sample['x'], sample['y']) from the "
                 "dataset's __getitem__ (x itself may be a dict of tensors)",
@@ -528,7 +530,7 @@ class Task:
             x, y = batch_of(train, [0, 1])
         except Exception as e:  # noqa: BLE001 -- the user's dataset raised
             raise ConfigError(
-                "data.dataset",
+                fields[0],
                 f"reading samples 0 and 1 raised {type(e).__name__}: {e}; a sample must be an (x, "
                 "y) pair",
             ) from None
@@ -583,7 +585,7 @@ class Task:
             map_tensors(x, lambda t: t.dtype == torch.float64 and doubles.append(describe(t)))
             if doubles:
                 raise ConfigError(
-                    "data.dataset",
+                    fields[0],
                     f"the samples are float64 ({doubles[0]}) and the model float32 "
                     f"({type(e).__name__}: {e}); give float32 samples (.float(), "
                     "np.float32)",
@@ -676,7 +678,7 @@ class Task:
                 if e.field == "metrics":
                     raise
                 raise ConfigError(
-                    "data.dataset",
+                    fields[1],
                     f"the eval set does not fit the model and loss ({e.message}); the training "
                     "set does",
                 ) from None

@@ -896,3 +896,19 @@ def test_a_loss_with_trainable_parameters_is_refused():
         assert e.value.field == "loss"
     frozen = _LearnedVarianceLoss().requires_grad_(False)  # a constant: fine
     Task.build(api_cfg(), model=linear, loss=frozen, train_data=data()[0])
+
+
+def test_the_python_apis_datasets_are_named_as_given():
+    """train_data= and eval_data= mistakes name those arguments, not the config's data.dataset."""
+    train, _ = data()
+    wide = TensorDataset(torch.randn(8, 5), torch.randint(0, 3, (8,)))
+    with pytest.raises(ConfigError, match="the eval set does not fit the model") as e:
+        Task.build(api_cfg(), model=linear, train_data=train, eval_data=wide)
+    assert e.value.field == "eval_data"
+    with pytest.raises(ConfigError, match="the samples are float64") as e:
+        Task.build(
+            api_cfg(),
+            model=linear,
+            train_data=TensorDataset(train.tensors[0].double(), train.tensors[1]),
+        )
+    assert e.value.field == "train_data"
