@@ -35,11 +35,12 @@ from raytrain_ft.errors import (
     DataError,
     DivergedWarning,
     JobError,
+    KillsNotFiredWarning,
     RaytrainFTError,
     cli_surface,
 )
 from raytrain_ft.jobs import DEFAULT_ADDRESS, SUMMARY_MARKER, check_auth_mode
-from raytrain_ft.recovery.faults import ROLES
+from raytrain_ft.recovery.faults import ROLES, never_fired
 from raytrain_ft.report import is_a_terminal, progress_line, recovery_line, server_plan_line
 
 EXIT_BAD_INPUT = 2
@@ -477,6 +478,7 @@ def _train(args: argparse.Namespace) -> int:
     progress = None if args.quiet else ProgressBar()
     with warnings.catch_warnings():  # said below, with the flags to change
         warnings.simplefilter("ignore", DivergedWarning)
+        warnings.simplefilter("ignore", KillsNotFiredWarning)
         result = Trainer(cfg, on_progress=progress).fit()
     summary = result.to_dict()
     if args.output_json:
@@ -557,12 +559,6 @@ def done_lines(brief: dict, summary: dict) -> tuple[str | None, str]:
         f"{brief['samples_per_sec']:,.0f} samples/s over {brief['train_time_s']:.1f}s, "
         f"{len(summary['recoveries'])} recover{'y' if len(summary['recoveries']) == 1 else 'ies'}"
     )
-
-
-def never_fired(kills: list[str], fired: list[dict]) -> list[str]:
-    """The kills (as written) no record of ``fired`` names."""
-    done = {record["kill"] for record in fired}
-    return [k for k in kills if k not in done]
 
 
 def _kill_texts(kill) -> list[str]:
@@ -948,7 +944,12 @@ def _unknown_arguments(parser: argparse.ArgumentParser, command: str, unknown: l
             continue
         # --STEPS, --num_workers, -steps: the flag as it is spelled here
         spelled = "--" + flag.lstrip("-").lower().replace("_", "-")
-        close = [spelled] if spelled in known else difflib.get_close_matches(spelled, known, n=1)
+        swapped = [k for k in known if sorted(k) == sorted(spelled)]  # --modle: --model
+        close = (
+            [spelled]
+            if spelled in known
+            else swapped or difflib.get_close_matches(spelled, known, n=1)
+        )
         hints.append(f"{flag} (did you mean {close[0]}?)" if close else flag)
     subparser.error(f"unrecognized arguments: {', '.join(hints) or ' '.join(unknown)}")
 

@@ -1490,8 +1490,13 @@ def merge_overrides(
 
 
 def load(config_path: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """A YAML file's config with ``overrides`` (flag names, ``{"lr": 0.1}``) applied; a ``steps``
+    override sets the run's length over the file's ``epochs``, as ``--steps`` does."""
     raw = load_yaml(config_path) if config_path else {}
-    return from_dict(merge_overrides(raw, overrides or {}), source=config_path or "config")
+    overrides = overrides or {}
+    if "steps" in overrides and "epochs" in raw:
+        raw = {k: v for k, v in raw.items() if k != "epochs"}
+    return from_dict(merge_overrides(raw, overrides), source=config_path or "config")
 
 
 def check_again(cfg: TrainConfig) -> None:

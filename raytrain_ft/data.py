@@ -698,15 +698,26 @@ def check_ray_columns(ds, cfg: DataConfig, what: str) -> None:
 
 
 def _column_tensor(values: list, column: str, flag: str) -> torch.Tensor:
-    a = np.concatenate(values) if values else np.zeros(0, dtype=np.float32)
+    ragged = ConfigError(
+        flag,
+        f"Ray Dataset column {column!r} holds values of different shapes or non-numbers; "
+        "every row needs a number or an array of one shape",
+    )
+    try:
+        a = np.concatenate(values) if values else np.zeros(0, dtype=np.float32)
+    except ValueError:  # blocks of rows of different shapes
+        raise ragged from None
     if a.dtype == object:
-        raise ConfigError(
-            flag,
-            f"Ray Dataset column {column!r} holds values of different shapes or non-numbers; "
-            "every row needs a number or an array of one shape",
-        )
+        raise ragged
     if np.issubdtype(a.dtype, np.floating):
         a = a.astype(np.float32, copy=False)  # the models' dtype (float64 from pandas, say)
+        if not np.isfinite(a).all():  # it would train to a nan loss, seen only as divergence
+            row = int(np.flatnonzero(~np.isfinite(a.reshape(len(a), -1)).all(axis=1))[0])
+            raise ConfigError(
+                flag,
+                f"Ray Dataset column {column!r} holds a value that is not finite (nan or inf) in "
+                f"row {row} of the part read here; drop or fill such rows before training",
+            )
     elif np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_:
         a = a.astype(np.int64, copy=False)
     else:

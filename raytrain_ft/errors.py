@@ -129,6 +129,10 @@ class DivergedWarning(RuntimeWarning):
     """The training loss was not a finite number at the end of a run (``Trainer.fit``)."""
 
 
+class KillsNotFiredWarning(UserWarning):
+    """Kills a run was given (``chaos.kill``) that never fired: the run tested nothing for them."""
+
+
 class JobError(RaytrainFTError):
     """A submitted job failed, timed out, or cannot be found.
 

@@ -17,6 +17,7 @@ import re
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,10 +25,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from raytrain_ft.config import TrainConfig, check_again, check_schedule, flag_of
+from raytrain_ft.config import TrainConfig, check_again, check_schedule, flag_of, is_set
 from raytrain_ft.consistency import local_rounds, merge_histograms
 from raytrain_ft.data import Dataset, check_source, checked_steps_per_epoch
-from raytrain_ft.errors import ClusterError, ConfigError, TrainingError
+from raytrain_ft.errors import (
+    ClusterError,
+    ConfigError,
+    DivergedWarning,
+    KillsNotFiredWarning,
+    TrainingError,
+)
 from raytrain_ft.models import build_model
 from raytrain_ft.params import (
     flatten_state,
@@ -36,7 +43,7 @@ from raytrain_ft.params import (
     params_sha256,
     shard_ranges,
 )
-from raytrain_ft.recovery.faults import KillSpec, check_kills_of, check_steps
+from raytrain_ft.recovery.faults import KillSpec, check_kills_of, check_steps, never_fired
 from raytrain_ft.report import is_a_terminal
 from raytrain_ft.sharding import ServerPlan, choose_num_servers
 
@@ -846,6 +853,24 @@ def local_runtime_env() -> dict:
     return {"env_vars": {"PYTHONPATH": path}}
 
 
+def check_checkpoint_interval(cfg: TrainConfig, total_steps: int) -> None:
+    """A checkpoint interval given that is no shorter than the run writes no checkpoint but step
+    0's: a restore (or a resume) would start the run again."""
+    rc = cfg.recovery
+    writes = rc.mode == "checkpoint" or rc.checkpoint_dir is not None
+    if (
+        writes
+        and rc.checkpoint_interval >= total_steps
+        and is_set(rc, "recovery", "checkpoint_interval")
+    ):
+        raise ConfigError(
+            "recovery.checkpoint_interval",
+            f"{rc.checkpoint_interval} steps between checkpoints, and the run has {total_steps}: "
+            "no checkpoint but step 0's would be written; give --checkpoint-interval below "
+            f"{total_steps}",
+        )
+
+
 def check_resumable(directory: str, ranges, optimizer: str | None = None) -> int:
     """The step a run resumes at from ``directory``; DataError when it holds no usable complete
     checkpoint."""
@@ -854,6 +879,7 @@ def check_resumable(directory: str, ranges, optimizer: str | None = None) -> int
         latest_common_step,
         load_shard_checkpoint,
         shard_checkpoint_path,
+        shards_by_step,
     )
 
     if not os.path.exists(directory):
@@ -868,6 +894,15 @@ def check_resumable(directory: str, ranges, optimizer: str | None = None) -> int
         )
     step = latest_common_step(directory, len(ranges))
     if step is None:
+        written = shards_by_step(directory)
+        newest = max(written, default=None)
+        if newest is not None and len(written[newest]) != len(ranges):
+            raise ConfigError(
+                "cluster.num_servers",
+                f"the checkpoints in {directory} were written by {len(written[newest])} shards "
+                f"(step {newest}, the newest), this run has {len(ranges)}; resume with "
+                f"--num-servers {len(written[newest])}",
+            )
         raise DataError(
             directory,
             f"no step has a checkpoint file for each of the {len(ranges)} shards; check "
@@ -969,6 +1004,7 @@ class Trainer:
         total_steps = total_steps_for(cfg, task.num_train)
         check_steps(kills, total_steps)
         check_schedule(cfg.optim, total_steps)
+        check_checkpoint_interval(cfg, total_steps)
         n = cfg.cluster.num_servers
         if starts_its_own_ray(cfg):  # before the shard count is judged against the model's size
             check_embedded_memory(cfg, available_memory())
@@ -1103,13 +1139,18 @@ class Trainer:
         acked = [max(s.acked_per_shard[i] for s in statuses) for i in range(len(ranges))]
         warmup = min(5, total_steps // 4)
         steady = steady_throughput(step_times, cfg.data.batch_size, warmup)
+        never = never_fired([str(k) for k in kills], kills_fired)
+        if never:  # e.g. @recovery=N with fewer recoveries, @time=S past the run's end
+            warnings.warn(
+                f"{len(never)} kill(s) never fired (the run ended first, nothing triggered them, "
+                "no live actor played the role from when they came due, or on_progress held up "
+                f"the driver that fires them): {', '.join(never)}",
+                KillsNotFiredWarning,
+                stacklevel=2,
+            )
         trained_loss = final_loss(statuses)
         trained = any(s.samples for s in statuses) and not cfg.cluster.simulate_compute_ms
         if trained and not math.isfinite(trained_loss):
-            import warnings
-
-            from raytrain_ft.errors import DivergedWarning
-
             warnings.warn(
                 f"the training loss is {trained_loss} at the end of the run (it diverged, or "
                 "the loss is not a number): the parameters are not finite either; lower "

@@ -101,7 +101,12 @@ class Worker:
             # a fresh process's global RNG state, for every later incarnation: user data code
             # that draws from it before the model is seeded gets the same numbers in both
             self._rng = torch.random.get_rng_state()
-        self._become(name, rank, config, task, *args)
+        from raytrain_ft.errors import RaytrainFTError
+
+        try:
+            self._become(name, rank, config, task, *args)
+        except RaytrainFTError as e:  # a setting to fix: Ray logs its one line, not the frames
+            raise e.with_traceback(None) from None
 
     @property
     def name(self) -> str | None:

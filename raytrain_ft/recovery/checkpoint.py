@@ -60,14 +60,19 @@ def load_shard_checkpoint(path: str) -> tuple[np.ndarray, int, dict, int, dict]:
     )
 
 
+def shards_by_step(directory: str) -> dict[int, set[int]]:
+    """{step: the shards with a checkpoint file of it} in ``directory`` (empty when none)."""
+    steps: dict[int, set[int]] = {}
+    if os.path.isdir(directory):
+        for name in os.listdir(directory):
+            m = _NAME.match(name)
+            if m:
+                steps.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
+    return steps
+
+
 def latest_common_step(directory: str, num_shards: int) -> int | None:
     """Newest step for which every shard has a checkpoint file (None when there is none)."""
-    if not os.path.isdir(directory):
-        return None
-    steps: dict[int, set[int]] = {}
-    for name in os.listdir(directory):
-        m = _NAME.match(name)
-        if m:
-            steps.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
-    common = [s for s, shards in steps.items() if len(shards) == num_shards]
+    steps = shards_by_step(directory)
+    common = [s for s, shards in steps.items() if shards == set(range(num_shards))]
     return max(common) if common else None

@@ -48,6 +48,12 @@ class KillSpec:
         return f"{self.role}:{self.index}@{self.trigger}={value}"
 
 
+def never_fired(kills: list[str], fired: list[dict]) -> list[str]:
+    """The kills (as written) no record of ``fired`` names."""
+    done = {record["kill"] for record in fired}
+    return [k for k in kills if k not in done]
+
+
 def parse_kill(text: str, field: str = FIELD) -> KillSpec:
     """Parse ``ROLE[:INDEX]@TRIGGER=VALUE`` (e.g. ``server:1@step=40``, ``node:2@time=5``)."""
     usage = (

@@ -423,3 +423,16 @@ def test_a_dataset_ray_cannot_pickle_is_named(ray_local):
     with pytest.raises(ConfigError, match="cannot be sent to the workers: pickling it raised") as e:
         Trainer(_cfg(5), model=lambda: nn.Linear(10, 1), loss="mse", train_data=_LockedSet()).fit()
     assert e.value.field == "train_data" and len(str(e.value)) < 600
+
+
+def test_kills_that_never_fired_are_warned_of_through_the_python_api(ray_local):
+    """Only the CLI said so: a run asked to kill, asserting the killed run's hash, could pass
+    with nothing killed."""
+    from raytrain_ft.errors import KillsNotFiredWarning
+
+    cfg = _cfg(5, chaos=ChaosConfig(kill="worker:1@time=100"))
+    with pytest.warns(KillsNotFiredWarning, match=r"1 kill\(s\) never fired .*: worker:1@time=100"):
+        result = Trainer(
+            cfg, model=lambda: nn.Linear(10, 1), loss="mse", train_data=diabetes.data()[0]
+        ).fit()
+    assert result.kills == [] and result.recoveries == []

@@ -101,6 +101,7 @@ def test_every_documented_kill_form_is_accepted(kill):
     "argv, said",
     [
         (["train", "--push-thred", "true"], "--push-thred (did you mean --push-thread?)"),
+        (["train", "--modle", "cnn"], "--modle (did you mean --model?)"),
         (["train", "--lr=0.1", "--epocs", "2"], "--epocs (did you mean --epochs?)"),
         (["simulate", "--schedulez", "3"], "--schedulez (did you mean --schedules?)"),
         # no abbreviations: a prefix is refused naming the flag, not read as it

@@ -711,3 +711,12 @@ def test_an_unknown_model_loss_or_dataset_names_the_module_attr_form():
             make("vgg")
         assert str(e.value).endswith("or your own as MODULE:ATTR"), str(e.value)
         make("mymod:build")  # the user's own: looked up when the run starts, not here
+
+
+def test_load_takes_a_steps_override_over_the_files_epochs(tmp_path):
+    """As --config run.yaml --steps 20 does: the override sets the run's length."""
+    path = tmp_path / "run.yaml"
+    path.write_text("epochs: 3\noptim:\n  lr: 0.1\n")
+    cfg = C.load(str(path), {"steps": 30})
+    assert cfg.steps == 30 and cfg.optim.lr == 0.1
+    assert C.load(str(path)).epochs == 3

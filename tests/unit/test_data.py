@@ -14,7 +14,7 @@ from raytrain_ft.data import (
     steps_per_epoch,
     write_parquet,
 )
-from raytrain_ft.errors import DataError
+from raytrain_ft.errors import ConfigError, DataError
 
 
 def test_partitions_are_disjoint_and_cover():
@@ -458,3 +458,28 @@ def test_a_batch_drawn_by_the_users_dataset_is_a_pure_function_of_seed_rank_and_
     finally:
         stop.set()
         noise.join()
+
+
+def test_ray_dataset_rows_of_other_shapes_or_not_finite_name_the_column_flag():
+    """Blocks of rows of different shapes raised numpy's concatenate error on the worker (30 lines
+    of traceback naming no flag); a nan trained on and was reported as divergence."""
+    from raytrain_ft.data import _tensors_of
+
+    cfg = DataConfig(x_columns="a", y_column="y")
+    y = np.zeros(2, dtype=np.float32)
+    ragged = [
+        {"a": np.zeros((2, 3), np.float32), "y": y},
+        {"a": np.zeros((2, 5), np.float32), "y": y},
+    ]
+    with pytest.raises(ConfigError, match="column 'a' holds values of different shapes") as e:
+        _tensors_of(ragged, cfg)
+    assert e.value.field == "data.x_columns"
+    nan = np.zeros((2, 3), np.float32)
+    nan[1, 2] = np.nan
+    with pytest.raises(
+        ConfigError, match=r"column 'a' holds a value that is not finite .* row 3"
+    ) as e:
+        _tensors_of([{"a": np.zeros((2, 3), np.float32), "y": y}, {"a": nan, "y": y}], cfg)
+    assert e.value.field == "data.x_columns"
+    ds = _tensors_of([{"a": np.ones((2, 3), np.float64), "y": y}], cfg)
+    assert ds.tensors[0].dtype == torch.float32 and len(ds) == 2

@@ -224,6 +224,13 @@ def test_resume_from_says_what_is_wrong_with_the_directory(tmp_path):
     (tmp_path / "shard-1-step-4.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(DataError, match=r"shard-0-step-4.pt: is not a readable checkpoint"):
         check_resumable(str(tmp_path), ranges)
+    # written by 2 shards, resumed with 1: the count to give (it said no step had files)
+    from raytrain_ft.errors import ConfigError
+
+    with pytest.raises(
+        ConfigError, match=r"written by 2 shards \(step 4, the newest\), this run has 1"
+    ):
+        check_resumable(str(tmp_path), shard_ranges(12, 1, 12))
 
 
 def test_resuming_with_another_optimizer_than_the_checkpoints_is_refused(tmp_path):
@@ -502,3 +509,18 @@ def test_a_failed_run_tells_the_kills_fired_inside_it(monkeypatch, caplog):
     monkeypatch.setattr(chaos, "kills_recorded", no_answer)
     run.chaos = chaos.ChaosRunner(parse_kills("replica:0@snapshot=2"), None, run_id="r")
     run.tell_kills_of_a_failed_run()
+
+
+def test_a_checkpoint_interval_as_long_as_the_run_is_refused():
+    """It wrote step 0's files only: a restore or a resume started the run again, silently."""
+    from raytrain_ft.config import RecoveryConfig, TrainConfig
+    from raytrain_ft.errors import ConfigError
+    from raytrain_ft.trainer import check_checkpoint_interval
+
+    cfg = TrainConfig(recovery=RecoveryConfig(mode="checkpoint", checkpoint_interval=100), steps=40)
+    with pytest.raises(ConfigError, match="100 steps between checkpoints, and the run has 40"):
+        check_checkpoint_interval(cfg, 40)
+    check_checkpoint_interval(cfg, 101)
+    check_checkpoint_interval(
+        TrainConfig(recovery=RecoveryConfig(mode="checkpoint")), 10
+    )  # default
