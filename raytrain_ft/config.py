@@ -1526,6 +1526,18 @@ def from_command_line(
         raw = {k: v for k, v in raw.items() if k != "epochs"}
     with _flags_given(flags):
         cfg = from_dict(merge_overrides(raw or {}, flags, source), source=source)
+        defaults = _defaults(cfg.data)
+        if ":" not in cfg.data.dataset and (  # a built-in dataset: no Ray Dataset's columns to
+            cfg.data.x_columns == defaults["x_columns"]  # name (a value other than the default
+            and cfg.data.y_column == defaults["y_column"]  # is refused where the data is known)
+        ):
+            refuse_ignored(
+                cfg.data,
+                "data",
+                "--dataset",
+                cfg.data.dataset,
+                ((("x_columns", "y_column"), ("MODULE:ATTR returning Ray Datasets",)),),
+            )
     for prefix, name in PYTHON_API_ONLY:
         if is_set(getattr(cfg, prefix), prefix, name):
             raise ConfigError(

@@ -720,3 +720,16 @@ def test_load_takes_a_steps_override_over_the_files_epochs(tmp_path):
     cfg = C.load(str(path), {"steps": 30})
     assert cfg.steps == 30 and cfg.optim.lr == 0.1
     assert C.load(str(path)).epochs == 3
+
+
+def test_ray_dataset_column_flags_with_a_built_in_dataset_are_refused_even_at_their_default():
+    """--x-columns x trained on digits in silence (its value is the default); another value was
+    refused."""
+    for flags in (
+        {"x_columns": "x"},
+        {"y_column": "y"},
+        {"x_columns": "x", "dataset": "synthetic"},
+    ):
+        with pytest.raises(ConfigError, match="returning Ray Datasets, not"):
+            C.from_command_line({}, flags)
+    assert C.from_command_line({}, {"x_columns": "a", "dataset": "mod:data"}).data.x_columns == "a"
