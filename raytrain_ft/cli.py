@@ -568,6 +568,7 @@ def _kill_texts(kill) -> list[str]:
 
 
 def _submit(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # --follow: one line, the job goes on
     from raytrain_ft import jobs
     from raytrain_ft.recovery.faults import check_kills_of
 
@@ -592,6 +593,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _job_command(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # logs --follow: one line, the job goes on
     from raytrain_ft import jobs
 
     handle = jobs.attach(args.job_id, args.dashboard)
@@ -864,6 +866,20 @@ def _chaos(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop_signal_of(error: BaseException) -> int | None:
+    """The signal that stopped the command, where ``error`` is its doing: ``Stopped``, Ctrl-C, or
+    a ``SystemError`` Ray's C code turned one raised inside it into (the cause or context keeps
+    it); None for any other error."""
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, Stopped):
+            return error.signum
+        if isinstance(error, KeyboardInterrupt):
+            return signal.SIGINT
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
+
+
 def _what_goes_on(args: argparse.Namespace) -> str:
     """What a command stopped by a signal leaves behind, for the line that says it stopped."""
     if args.command == "train":  # its actors end with the driver (killed, or the orphan watch)
@@ -1022,8 +1038,11 @@ def _main(argv: list[str] | None) -> int:
     except RaytrainFTError as e:
         print(f"raytrain-ft: training failed: {e}", file=sys.stderr)
         return EXIT_FAILED
-    except (KeyboardInterrupt, Stopped) as e:  # a second signal while unwinding lands here too
-        signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+    except (KeyboardInterrupt, Stopped, SystemError) as e:  # a second signal while unwinding too
+        stopped = _stop_signal_of(e)
+        if stopped is None:  # a SystemError of something else
+            raise
+        signum = stopped
         print(f"raytrain-ft: stopped by {signal.Signals(signum).name}{_what_goes_on(args)}",
               file=sys.stderr)  # fmt: skip
         return 128 + signum

@@ -399,10 +399,14 @@ def job_config(config: TrainConfig) -> dict[str, Any]:
 
 
 def entrypoint(config: TrainConfig, python: str = "python") -> str:
-    """The shell command the job runs on the head node."""
+    """The shell command the job runs on the head node. ``exec``: the driver replaces the shell
+    Ray starts the command in, so the job's stop signals the driver itself (a shell that forks it,
+    as dash does, let a stop sent while the driver was being forked miss it: the job read STOPPED
+    while the run trained on)."""
     config_json = json.dumps(job_config(config), separators=(",", ":"))
     return (
-        f"{python} -m raytrain_ft.cli train --emit-summary --config-json {shlex.quote(config_json)}"
+        f"exec {python} -m raytrain_ft.cli train --emit-summary --config-json "
+        f"{shlex.quote(config_json)}"
     )
 
 
@@ -512,16 +516,22 @@ class JobHandle:
         """Log chunks as the job writes them, until it ends."""
         import asyncio
 
+        self.status()  # a job the cluster does not know: one line (the log stream says 404)
         loop = asyncio.new_event_loop()
         agen = self._client.tail_job_logs(self.job_id)
+        interrupted = False
         try:
             while True:
                 try:
                     yield loop.run_until_complete(agen.__anext__())
                 except StopAsyncIteration:
                     return
+                except BaseException:  # Ctrl-C, a stop signal: the generator is mid-step
+                    interrupted = True
+                    raise
         finally:
-            loop.run_until_complete(agen.aclose())
+            if not interrupted:  # closing a generator interrupted mid-step raises RuntimeError
+                loop.run_until_complete(agen.aclose())
             loop.close()
 
     def stop(self) -> bool:

@@ -593,3 +593,22 @@ def test_chaos_says_once_that_it_waits_for_a_run_to_start(monkeypatch):
     got = find_supervisor("r9", wait_s=30, poll_s=0, on_wait=said.append)
     assert got == ("r9", ("handle", "r9/supervisor")) and not answers
     assert said == ["waiting up to 30s for run r9 to start on this cluster (active: none)"]
+
+
+def test_a_stop_signal_ray_turned_into_a_system_error_is_still_the_stop():
+    """SIGTERM while the driver waited in Ray's C code for the supervisor's start surfaced as
+    "SystemError: ... returned a result with an exception set": a traceback, exit 1."""
+    import signal
+
+    from raytrain_ft.cli import Stopped, _stop_signal_of
+
+    try:
+        try:
+            raise Stopped(signal.SIGTERM)
+        except Stopped:
+            raise SystemError("<built-in method __new__> returned a result with an exception set")  # noqa: B904 -- as Ray raises it
+    except SystemError as e:
+        wrapped = e
+    assert _stop_signal_of(wrapped) == signal.SIGTERM
+    assert _stop_signal_of(KeyboardInterrupt()) == signal.SIGINT
+    assert _stop_signal_of(SystemError("another")) is None

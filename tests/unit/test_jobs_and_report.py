@@ -117,7 +117,8 @@ def test_entrypoint_carries_the_config_and_joins_the_cluster():
         chaos=ChaosConfig(kill="server:0@step=5"),
     )
     argv = shlex.split(jobs.entrypoint(cfg))
-    assert argv[:5] == ["python", "-m", "raytrain_ft.cli", "train", "--emit-summary"]
+    # exec: the driver replaces Ray's shell, so a job's stop signals the driver itself
+    assert argv[:6] == ["exec", "python", "-m", "raytrain_ft.cli", "train", "--emit-summary"]
     raw = json.loads(argv[argv.index("--config-json") + 1])
     back = from_dict(raw)
     assert back.cluster.num_workers == 3 and back.epochs == 7 and back.cluster.address is None
@@ -874,3 +875,36 @@ def test_the_final_loss_leaves_out_a_rank_restarted_at_the_end_with_no_step_trai
     assert final_loss([rank(0.25, 640), rank(0.75, 32)]) == 0.5
     assert math.isnan(final_loss([rank(0.25, 640), rank(math.nan, 32)]))  # it diverged
     assert math.isnan(final_loss([rank(math.nan, 0)]))
+
+
+def test_tailing_an_unknown_job_is_one_line_and_an_interrupted_tail_closes_quietly():
+    """tail() went straight to the log stream: a 404 handshake traceback. Ctrl-C while the stream
+    waited then raised "aclose(): asynchronous generator is already running"."""
+    import asyncio
+
+    from raytrain_ft.errors import JobError
+
+    def interrupt():
+        raise KeyboardInterrupt
+
+    class Client:
+        def __init__(self, known, interrupted=False):
+            self.known, self.interrupted = known, interrupted
+
+        def get_job_status(self, job_id):
+            if not self.known:
+                raise RuntimeError(f"Job {job_id} does not exist")
+            return type("Status", (), {"value": "RUNNING"})()
+
+        async def tail_job_logs(self, job_id):
+            yield "a"
+            if self.interrupted:  # Ctrl-C lands while the stream waits for the next chunk
+                asyncio.get_running_loop().call_soon(interrupt)
+                await asyncio.sleep(5)
+            yield "b"
+
+    with pytest.raises(JobError, match="no job 'raysubmit_x' on the cluster"):
+        next(jobs.JobHandle("raysubmit_x", "http://h:8265", Client(False)).tail())
+    assert list(jobs.JobHandle("raysubmit_x", "http://h:8265", Client(True)).tail()) == ["a", "b"]
+    with pytest.raises(KeyboardInterrupt):
+        list(jobs.JobHandle("raysubmit_x", "http://h:8265", Client(True, True)).tail())
