@@ -570,10 +570,8 @@ def _kill_texts(kill) -> list[str]:
 def _submit(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # --follow: one line, the job goes on
     from raytrain_ft import jobs
-    from raytrain_ft.recovery.faults import check_kills_of
 
     cfg = _config(args)
-    check_kills_of(cfg)  # here, not on the cluster after the job started
     runtime_env = (
         _json_flag("--runtime-env-json", args.runtime_env_json, "a JSON object (a Ray runtime_env)")
         if args.runtime_env_json
@@ -586,9 +584,11 @@ def _submit(args: argparse.Namespace) -> int:
         print(f"  status:  raytrain-ft status {handle.job_id} --address {handle.address}")
         print(f"  stop:    raytrain-ft stop {handle.job_id} --address {handle.address}")
         return 0
-    jobs.print_chunks(handle.tail())
+    logged = jobs.print_chunks(handle.tail())
     status = handle.wait()
-    print(f"job {handle.job_id}: {status}")
+    # a job that failed before its driver wrote a line (its runtime_env, say): Ray's reason
+    message = handle.info()["message"] if status == "FAILED" and not logged else None
+    print(f"job {handle.job_id}: {status}" + (f": {message.strip()}" if message else ""))
     return 0 if status == "SUCCEEDED" else EXIT_FAILED
 
 

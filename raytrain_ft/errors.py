@@ -45,7 +45,7 @@ def in_readers_terms(text: str) -> str:
     """``text`` with each setting's flag named by its config field unless the reader is on the
     command line: ``--batch-size 2`` reads ``data.batch_size=2``, ``--optimizer sgd`` reads
     ``optim.name='sgd'``, ``--momentum`` reads ``optim.momentum``; flags of the CLI alone
-    (``--output-json``) stay."""
+    (``--output-json``) stay, and so does a command quoted in backticks (run as written)."""
     if "--" not in text or _CLI[0] or _in_a_ray_worker():
         return text
     from raytrain_ft.config import flag_fields
@@ -68,7 +68,8 @@ def in_readers_terms(text: str) -> str:
             return f"{said}={words[value]}{rest}"
         return f"{said} {value}{rest}"  # the sentence goes on: not a value
 
-    return _FLAG.sub(named, text)
+    parts = text.split("`")  # odd parts are quoted commands
+    return "`".join(p if i % 2 else _FLAG.sub(named, p) for i, p in enumerate(parts))
 
 
 class RaytrainFTError(Exception):

@@ -585,6 +585,9 @@ def submit(
     ``RAY_API_SERVER_ADDRESS``, ``RAY_ADDRESS`` or http://127.0.0.1:8265). ``runtime_env`` is Ray's
     (e.g. ``{"pip": [...]}`` or ``{"working_dir": "."}`` when the cluster's nodes lack this
     package)."""
+    from raytrain_ft.recovery.faults import check_kills_of
+
+    check_kills_of(config)  # here, not on the cluster after the job started
     address = resolve_address(address)
     client = _client(address)
     command = entrypoint(config)
@@ -597,6 +600,11 @@ def submit(
             entrypoint_num_cpus=entrypoint_num_cpus,
         )
     except Exception as e:  # noqa: BLE001
+        if job_id and "already exists" in str(e):  # the server's 500 carries its traceback
+            raise JobError(
+                f"a job with id {job_id!r} already exists on the cluster at {address}; give "
+                "another --job-id, or none (Ray then makes one)"
+            ) from None
         raise _cluster_error(e, address, find_token()) from None
     return JobHandle(submitted, address, client)
 
@@ -606,7 +614,11 @@ def attach(job_id: str, address: str | None = None) -> JobHandle:
     return JobHandle(job_id, resolve_address(address))
 
 
-def print_chunks(chunks: Iterator[str], stream=sys.stdout) -> None:
+def print_chunks(chunks: Iterator[str], stream=sys.stdout) -> int:
+    """Write the chunks as they come; how many characters were written."""
+    written = 0
     for chunk in chunks:
         stream.write(chunk)
         stream.flush()
+        written += len(chunk)
+    return written

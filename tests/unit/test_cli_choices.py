@@ -612,3 +612,12 @@ def test_a_stop_signal_ray_turned_into_a_system_error_is_still_the_stop():
     assert _stop_signal_of(wrapped) == signal.SIGTERM
     assert _stop_signal_of(KeyboardInterrupt()) == signal.SIGINT
     assert _stop_signal_of(SystemError("another")) is None
+
+
+def test_a_command_quoted_in_a_message_keeps_its_flags_in_python():
+    """`ray job list --address URL` read "ray job list cluster.address URL" in the Python API."""
+    from raytrain_ft.errors import JobError
+
+    said = str(JobError("no job 'x'; list them with `ray job list --address http://h:8265`"))
+    assert said.endswith("`ray job list --address http://h:8265`")
+    assert str(JobError("fix --batch-size 0")) == "fix data.batch_size=0"

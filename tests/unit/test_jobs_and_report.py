@@ -908,3 +908,28 @@ def test_tailing_an_unknown_job_is_one_line_and_an_interrupted_tail_closes_quiet
     assert list(jobs.JobHandle("raysubmit_x", "http://h:8265", Client(True)).tail()) == ["a", "b"]
     with pytest.raises(KeyboardInterrupt):
         list(jobs.JobHandle("raysubmit_x", "http://h:8265", Client(True, True)).tail())
+
+
+def test_submit_checks_kills_before_the_cluster_and_names_a_job_id_taken(monkeypatch):
+    """jobs.submit let a kill past the run's end through (the job failed 7 s later), and a
+    --job-id taken came back as the job server's 17-line traceback."""
+    from raytrain_ft.errors import JobError
+
+    class Client:
+        def submit_job(self, **kw):
+            raise RuntimeError(
+                "Request failed with status code 500: Traceback ...\nValueError: Job with "
+                f"submission_id {kw['submission_id']} already exists."
+            )
+
+    def no_cluster(address):
+        raise AssertionError("contacted the cluster")
+
+    monkeypatch.setattr(jobs, "_client", no_cluster)
+    with pytest.raises(ConfigError, match="the run ends after step 20"):
+        jobs.submit(
+            TrainConfig(steps=20, chaos=ChaosConfig(kill="server:0@step=50")), "http://h:8265"
+        )
+    monkeypatch.setattr(jobs, "_client", lambda address: Client())
+    with pytest.raises(JobError, match="a job with id 'myjob1' already exists on the cluster"):
+        jobs.submit(TrainConfig(steps=20), "http://h:8265", job_id="myjob1")
