@@ -122,6 +122,10 @@ def loss_spec(config, loss=None) -> tuple:
 
 
 def loss_function(spec: str | Callable, flag: str = "model.loss") -> Callable:
+    return _no_parameters(_loss_of(spec, flag), flag)
+
+
+def _loss_of(spec: str | Callable, flag: str) -> Callable:
     if not isinstance(spec, str) and not callable(spec):
         raise ConfigError(
             flag,
@@ -129,9 +133,9 @@ def loss_function(spec: str | Callable, flag: str = "model.loss") -> Callable:
             "nn.Module loss, cross_entropy, mse or MODULE:ATTR",
         )
     if isinstance(spec, type):
-        return _no_parameters(_loss_instance(spec, flag), flag)
+        return _loss_instance(spec, flag)
     if callable(spec):
-        return _no_parameters(spec, flag)
+        return spec
     if spec == "cross_entropy":
         return F.cross_entropy
     if spec == "mse":
@@ -139,12 +143,12 @@ def loss_function(spec: str | Callable, flag: str = "model.loss") -> Callable:
     if is_import_string(spec):
         fn = resolve(spec, flag)
         if isinstance(fn, type):
-            return _no_parameters(_loss_instance(fn, flag), flag)
+            return _loss_instance(fn, flag)
         if not callable(fn):
             raise ConfigError(
                 flag, f"{spec!r} is not callable; give a function (output, target) -> scalar tensor"
             )
-        return _no_parameters(fn, flag)
+        return fn
     raise ConfigError(flag, f"unknown loss {spec!r}; choose cross_entropy, mse, or MODULE:ATTR")
 
 
