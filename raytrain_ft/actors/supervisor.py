@@ -535,10 +535,8 @@ def read_final(run_id: str, names: FinalNames, ranges, optim, total_steps: int) 
         for i, ex in enumerate(exports)
         if isinstance(ex, Exported)
     }
-    finals_read = list(finals)
-    for i, f in enumerate(finals):
-        if f is not None:
-            continue
+    gone = [i for i, f in enumerate(finals) if f is None]
+    for i in gone:
         # the primary died after the run ended (before its state was read): its replica holds
         # every acknowledged update, as for a recovery
         if i not in rebuilt:
@@ -554,7 +552,7 @@ def read_final(run_id: str, names: FinalNames, ranges, optim, total_steps: int) 
             names.primaries[i],
             names.holders[i],
         )
-        state = rebuilt.pop(i)
+        state = rebuilt[i]
         finals[i] = (
             state.params_copy(),
             ShardStats(i, state.seq, state.updates_applied, 0, ranges[i].size),
@@ -566,9 +564,10 @@ def read_final(run_id: str, names: FinalNames, ranges, optim, total_steps: int) 
     # I4: each replica replayed equals its primary (None: one of the two was gone at the end; a
     # replica its holder would not export does not match)
     replicas_match = [
-        (None if exports[i] is None or finals_read[i] is None else False)
-        if i not in rebuilt
-        else bool(np.array_equal(rebuilt[i].params_copy(), params[i]))
+        None
+        if i in gone or exports[i] is None
+        else i in rebuilt
+        and bool(np.array_equal(rebuilt[i].params_copy(), params[i]))
         and rebuilt[i].applied_copy() == f[2]
         and rebuilt[i].clocks == f[3]
         and _same_state(rebuilt[i].optimizer.state_dict(), f[4])
